@@ -1,0 +1,307 @@
+//! The HTTP client for TarsPay: signs each call, sends it with bounded timeouts over a reused
+//! connection pool, reads a size-limited answer and unwraps the `{code,msg,data}` envelope.
+
+use super::error::{GatewayError, snippet};
+use super::keys::PrivateKey;
+use super::params::Params;
+use super::paths;
+use super::signing::RequestSigner;
+use super::types::{
+    Balance, CreateDeposit, CreatePayout, DepositCreated, OrderInfo, OrderRef, PayoutAccepted,
+    PayoutProof,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::error::Error as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const HEADER_API_KEY: &str = "X-API-KEY";
+pub const HEADER_NONCE: &str = "X-API-NONCE";
+pub const HEADER_SIGNATURE: &str = "X-API-SIGNATURE";
+pub const CONTENT_TYPE: &str = "application/json;charset=utf-8";
+
+/// What the client needs to know about the merchant and the network.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// e.g. `https://payment.tarspay.com`; paths are appended to it.
+    pub base_url: String,
+    pub mch_no: String,
+    pub private_key: PrivateKey,
+    pub connect_timeout: Duration,
+    /// Whole-call bound: connect, send, wait, read.
+    pub request_timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientBuildError(String);
+
+/// A signed TarsPay client for one merchant. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct TarsPayClient {
+    http: reqwest::Client,
+    base_url: String,
+    mch_no: String,
+    signer: RequestSigner,
+    max_response_bytes: usize,
+    last_nonce: std::sync::Arc<AtomicU64>,
+}
+
+impl TarsPayClient {
+    pub fn new(settings: ClientSettings) -> Result<Self, ClientBuildError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .https_only(false)
+            .build()
+            .map_err(|err| ClientBuildError(err.to_string()))?;
+        Ok(Self {
+            http,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            mch_no: settings.mch_no,
+            signer: RequestSigner::new(settings.private_key),
+            max_response_bytes: settings.max_response_bytes,
+            last_nonce: Default::default(),
+        })
+    }
+
+    pub fn mch_no(&self) -> &str {
+        &self.mch_no
+    }
+
+    /// The merchant's `X-API-KEY`.
+    pub fn api_key(&self) -> &str {
+        self.signer.api_key()
+    }
+
+    pub async fn create_payout(
+        &self,
+        request: &CreatePayout,
+    ) -> Result<PayoutAccepted, GatewayError> {
+        self.call(paths::CREATE_PAYOUT, request.params(&self.mch_no))
+            .await
+    }
+
+    pub async fn query_payout(&self, order: &OrderRef) -> Result<OrderInfo, GatewayError> {
+        self.call(paths::QUERY_PAYOUT, order.params(&self.mch_no))
+            .await
+    }
+
+    pub async fn create_deposit(
+        &self,
+        request: &CreateDeposit,
+    ) -> Result<DepositCreated, GatewayError> {
+        self.call(paths::CREATE_DEPOSIT, request.params(&self.mch_no))
+            .await
+    }
+
+    pub async fn query_deposit(&self, order: &OrderRef) -> Result<OrderInfo, GatewayError> {
+        self.call(paths::QUERY_DEPOSIT, order.params(&self.mch_no))
+            .await
+    }
+
+    pub async fn balance(&self) -> Result<Balance, GatewayError> {
+        let mut params = Params::new();
+        params.insert("mchNo", self.mch_no.as_str());
+        self.call(paths::BALANCE, params).await
+    }
+
+    pub async fn payout_proof(&self, order: &OrderRef) -> Result<PayoutProof, GatewayError> {
+        self.call(paths::PAYOUT_PROOF, order.params(&self.mch_no))
+            .await
+    }
+
+    /// Milliseconds since the epoch, strictly increasing per client so two calls in the same
+    /// millisecond never share a nonce.
+    fn next_nonce(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let mut last = self.last_nonce.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_nonce.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Signs and sends one call, then decodes the envelope's `data` as `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        params: Params,
+    ) -> Result<T, GatewayError> {
+        let nonce = self.next_nonce().to_string();
+        let headers = self.signer.sign(path, &nonce, &params);
+        let response = self
+            .http
+            .post(format!("{}{}", self.base_url, path))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(HEADER_API_KEY, headers.api_key)
+            .header(HEADER_NONCE, headers.nonce)
+            .header(HEADER_SIGNATURE, headers.signature)
+            .body(params.to_json_body())
+            .send()
+            .await
+            .map_err(|err| transport_error(path, &err))?;
+        let status = response.status();
+        let body = read_limited(path, response, self.max_response_bytes).await?;
+        if !status.is_success() {
+            return Err(GatewayError::Http {
+                endpoint: path,
+                status: status.as_u16(),
+                snippet: snippet(&body),
+            });
+        }
+        decode_envelope(path, &body)
+    }
+}
+
+/// reqwest with rustls needs a process-wide crypto provider; installing twice is harmless.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The error and its causes on one line ("error sending request: connection reset …").
+fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn transport_error(endpoint: &'static str, err: &reqwest::Error) -> GatewayError {
+    let reason = describe(err);
+    if err.is_connect() || err.is_builder() {
+        GatewayError::Unreachable { endpoint, reason }
+    } else {
+        GatewayError::Ambiguous {
+            endpoint,
+            reason,
+            timed_out: err.is_timeout(),
+        }
+    }
+}
+
+async fn read_limited(
+    endpoint: &'static str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, GatewayError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(GatewayError::TooLarge { endpoint, limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| transport_error(endpoint, &err))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(GatewayError::TooLarge { endpoint, limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `{"code": 0, "msg": "...", "data": {...}}`; `code` may arrive as a number or a string.
+fn decode_envelope<T: DeserializeOwned>(
+    endpoint: &'static str,
+    body: &[u8],
+) -> Result<T, GatewayError> {
+    let decode_error = |reason: String| GatewayError::Decode {
+        endpoint,
+        reason,
+        snippet: snippet(body),
+    };
+    let envelope: Value =
+        serde_json::from_slice(body).map_err(|err| decode_error(format!("not JSON ({err})")))?;
+    let Value::Object(mut envelope) = envelope else {
+        return Err(decode_error("not a JSON object".into()));
+    };
+    let code = match envelope.get("code") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| decode_error("no integer `code` field".into()))?;
+    let msg = match envelope.get("msg") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    };
+    if code != 0 {
+        return Err(GatewayError::Gateway {
+            endpoint,
+            code,
+            msg,
+        });
+    }
+    let data = envelope.remove("data").unwrap_or(Value::Null);
+    if data.is_null() {
+        return Err(decode_error("code 0 without `data`".into()));
+    }
+    serde_json::from_value(data).map_err(|err| decode_error(format!("unexpected `data`: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_decoding() {
+        let ok: Balance = decode_envelope(
+            "/b",
+            br#"{"code":0,"msg":"SUCCESS","data":{"mchNo":"M1","availableAmount":"10.50","frozenAmount":"0"}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.available_amount, "10.50");
+
+        let err = decode_envelope::<Balance>("/b", br#"{"code":"5003008","msg":"sign error"}"#)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            GatewayError::Gateway {
+                endpoint: "/b",
+                code: 5003008,
+                msg: "sign error".into()
+            }
+        );
+
+        for (body, needle) in [
+            (&b"<html>bad gateway</html>"[..], "not JSON"),
+            (b"[1,2]", "not a JSON object"),
+            (b"{\"msg\":\"x\"}", "no integer `code`"),
+            (b"{\"code\":0,\"msg\":\"ok\"}", "without `data`"),
+            (
+                b"{\"code\":0,\"data\":{\"mchNo\":\"M1\"}}",
+                "unexpected `data`",
+            ),
+        ] {
+            let err = decode_envelope::<Balance>("/b", body).unwrap_err();
+            assert!(matches!(err, GatewayError::Decode { .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+    }
+}

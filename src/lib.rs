@@ -1,0 +1,10 @@
+//! tarspay-worker: moves money through the TarsPay payment gateway without losing or doubling
+//! a payout. See `ARCHITECTURE.md` for the map of this crate.
+
+pub mod config;
+pub mod gateway;
+pub mod money;
+pub mod payout;
+pub mod sandbox;
+pub mod secret;
+pub mod telemetry;

@@ -1,0 +1,526 @@
+//! What a producer may ask to pay out, and the per-currency rules that check it before anything
+//! is queued. Every problem is reported with the field it concerns and the rule it broke.
+
+use crate::gateway::types::CreatePayout;
+use crate::money::{Amount, AmountError};
+use regex::Regex;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest accepted `mchOrderNo`; TarsPay does not publish a limit, 64 is generous for ids.
+pub const MAX_ORDER_NO_LEN: usize = 64;
+/// Longest accepted beneficiary field value.
+pub const MAX_FIELD_LEN: usize = 256;
+/// Fields a producer must not set: they come from the worker's settings.
+pub const RESERVED_FIELDS: &[&str] = &["mchNo", "notifyUrl"];
+
+/// One currency's payout rules, as written in settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurrencyRule {
+    pub country: String,
+    /// Accepted wayCodes; empty when TarsPay publishes no closed list.
+    #[serde(default)]
+    pub way_codes: Vec<String>,
+    #[serde(default)]
+    pub min: Option<String>,
+    #[serde(default)]
+    pub max: Option<String>,
+    #[serde(default)]
+    pub whole_numbers: bool,
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldRule {
+    #[serde(default)]
+    pub required: bool,
+    /// A regular expression the whole value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// The rule in words, for error messages.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+struct CompiledField {
+    required: bool,
+    pattern: Option<Regex>,
+    rule: String,
+}
+
+struct CompiledRule {
+    way_codes: Vec<String>,
+    min: Option<Decimal>,
+    max: Option<Decimal>,
+    whole_numbers: bool,
+    fields: BTreeMap<String, CompiledField>,
+}
+
+/// All currency rules, compiled once.
+pub struct PayoutRules {
+    currencies: BTreeMap<String, CompiledRule>,
+}
+
+impl fmt::Debug for PayoutRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PayoutRules")
+            .field("currencies", &self.currencies.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn parse_limit(text: &Option<String>, which: &str) -> Result<Option<Decimal>, String> {
+    text.as_deref()
+        .map(|t| Decimal::from_str(t).map_err(|_| format!("{which} {t:?} is not a decimal number")))
+        .transpose()
+}
+
+impl PayoutRules {
+    /// Compiles settings; the error names the currency and what is wrong with its rule.
+    pub fn compile(rules: &BTreeMap<String, CurrencyRule>) -> Result<Self, (String, String)> {
+        let mut currencies = BTreeMap::new();
+        for (currency, rule) in rules {
+            let fail = |reason: String| (currency.clone(), reason);
+            let mut fields = BTreeMap::new();
+            for (name, field) in &rule.fields {
+                let pattern = field
+                    .pattern
+                    .as_deref()
+                    .map(|p| {
+                        Regex::new(p)
+                            .map_err(|err| fail(format!("field {name}: bad pattern: {err}")))
+                    })
+                    .transpose()?;
+                let rule_text = field
+                    .rule
+                    .clone()
+                    .or_else(|| field.pattern.as_ref().map(|p| format!("must match {p}")))
+                    .unwrap_or_default();
+                fields.insert(
+                    name.clone(),
+                    CompiledField {
+                        required: field.required,
+                        pattern,
+                        rule: rule_text,
+                    },
+                );
+            }
+            currencies.insert(
+                currency.clone(),
+                CompiledRule {
+                    way_codes: rule.way_codes.clone(),
+                    min: parse_limit(&rule.min, "min").map_err(fail)?,
+                    max: parse_limit(&rule.max, "max").map_err(fail)?,
+                    whole_numbers: rule.whole_numbers,
+                    fields,
+                },
+            );
+        }
+        Ok(Self { currencies })
+    }
+
+    pub fn currencies(&self) -> impl Iterator<Item = &str> {
+        self.currencies.keys().map(String::as_str)
+    }
+
+    /// Checks a payout given as a JSON object (an API body, a line of a JSON-lines file).
+    pub fn validate_json(&self, value: &Value) -> Result<PayoutRequest, ValidationErrors> {
+        match value {
+            Value::Object(map) => self.validate_object(map),
+            _ => Err(ValidationErrors(vec![FieldError::new(
+                "(body)",
+                "must be a JSON object",
+            )])),
+        }
+    }
+
+    pub fn validate_object(
+        &self,
+        map: &Map<String, Value>,
+    ) -> Result<PayoutRequest, ValidationErrors> {
+        let mut errors: Vec<FieldError> = Vec::new();
+        let mut text_fields = BTreeMap::new();
+        for (key, value) in map {
+            match value {
+                Value::String(text) => {
+                    text_fields.insert(key.clone(), text.clone());
+                }
+                Value::Null => {}
+                _ if key == "amount" => {
+                    errors.push(FieldError::new(key, AmountError::NotAString.to_string()))
+                }
+                _ => errors.push(FieldError::new(key, "must be a JSON string")),
+            }
+        }
+        match self.validate_fields(text_fields) {
+            Ok(request) if errors.is_empty() => Ok(request),
+            Ok(_) => Err(ValidationErrors(errors)),
+            Err(ValidationErrors(more)) => {
+                // A field with the wrong JSON type is already reported; "is required" would
+                // only repeat it.
+                let wrong_type: Vec<String> = errors.iter().map(|e| e.field.clone()).collect();
+                errors.extend(more.into_iter().filter(|e| !wrong_type.contains(&e.field)));
+                errors.sort_by(|a, b| a.field.cmp(&b.field));
+                Err(ValidationErrors(errors))
+            }
+        }
+    }
+
+    /// Checks a payout given as text fields (a CSV row, parsed JSON). Reports every problem.
+    pub fn validate_fields(
+        &self,
+        mut fields: BTreeMap<String, String>,
+    ) -> Result<PayoutRequest, ValidationErrors> {
+        let mut errors = Vec::new();
+        let mut take = |name: &str, errors: &mut Vec<FieldError>| match fields.remove(name) {
+            Some(value) if !value.trim().is_empty() => Some(value),
+            _ => {
+                errors.push(FieldError::new(name, "is required"));
+                None
+            }
+        };
+        let mch_order_no = take("mchOrderNo", &mut errors);
+        let amount_text = take("amount", &mut errors);
+        let currency = take("currency", &mut errors);
+        let way_code = take("wayCode", &mut errors);
+
+        if let Some(id) = &mch_order_no {
+            let valid_chars = id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if id.len() > MAX_ORDER_NO_LEN || !valid_chars {
+                errors.push(FieldError::new(
+                    "mchOrderNo",
+                    format!("must be 1-{MAX_ORDER_NO_LEN} characters of A-Z, a-z, 0-9, '-' or '_'"),
+                ));
+            }
+        }
+        let amount = amount_text.and_then(|text| match Amount::parse(&text) {
+            Ok(amount) => Some(amount),
+            Err(err) => {
+                errors.push(FieldError::new("amount", err.to_string()));
+                None
+            }
+        });
+        let rule = currency
+            .as_ref()
+            .and_then(|code| match self.currencies.get(code) {
+                Some(rule) => Some(rule),
+                None => {
+                    let known: Vec<&str> = self.currencies().collect();
+                    errors.push(FieldError::new(
+                        "currency",
+                        format!(
+                            "{code:?} is not a supported currency (supported: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                    None
+                }
+            });
+
+        let mut extras = BTreeMap::new();
+        for (key, value) in fields {
+            if RESERVED_FIELDS.contains(&key.as_str()) {
+                errors.push(FieldError::new(
+                    &key,
+                    "is set from the worker's settings; do not send it",
+                ));
+                continue;
+            }
+            let valid_name = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                errors.push(FieldError::new(
+                    &key,
+                    "is not a valid field name (a letter, then letters, digits or '_')",
+                ));
+                continue;
+            }
+            if value.len() > MAX_FIELD_LEN {
+                errors.push(FieldError::new(
+                    &key,
+                    format!("is longer than {MAX_FIELD_LEN} bytes"),
+                ));
+                continue;
+            }
+            // Empty optional fields are dropped: empty fields are never sent.
+            if !value.trim().is_empty() {
+                extras.insert(key, value);
+            }
+        }
+
+        if let (Some(rule), Some(currency)) = (rule, &currency) {
+            if let Some(way_code) = &way_code
+                && !rule.way_codes.is_empty()
+                && !rule.way_codes.contains(way_code)
+            {
+                errors.push(FieldError::new(
+                    "wayCode",
+                    format!(
+                        "{way_code:?} is not a payout wayCode for {currency} (allowed: {})",
+                        rule.way_codes.join(", ")
+                    ),
+                ));
+            }
+            if let Some(amount) = &amount {
+                if rule.whole_numbers && !amount.is_whole() {
+                    errors.push(FieldError::new(
+                        "amount",
+                        format!("must be a whole number for {currency}"),
+                    ));
+                }
+                if let Some(min) = rule.min
+                    && amount.value() < min
+                {
+                    errors.push(FieldError::new(
+                        "amount",
+                        format!("must be at least {min} {currency}"),
+                    ));
+                }
+                if let Some(max) = rule.max
+                    && amount.value() > max
+                {
+                    errors.push(FieldError::new(
+                        "amount",
+                        format!("must be at most {max} {currency}"),
+                    ));
+                }
+            }
+            for (name, field) in &rule.fields {
+                match extras.get(name) {
+                    None if field.required => errors.push(FieldError::new(
+                        name,
+                        format!("is required for {currency} payouts"),
+                    )),
+                    Some(value) if field.pattern.as_ref().is_some_and(|p| !p.is_match(value)) => {
+                        errors.push(FieldError::new(name, format!("must be {}", field.rule)))
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        match (mch_order_no, amount, currency, way_code) {
+            (Some(mch_order_no), Some(amount), Some(currency), Some(way_code))
+                if errors.is_empty() =>
+            {
+                Ok(PayoutRequest {
+                    mch_order_no,
+                    amount,
+                    currency,
+                    way_code,
+                    fields: extras,
+                })
+            }
+            _ => {
+                errors.sort_by(|a, b| a.field.cmp(&b.field));
+                Err(ValidationErrors(errors))
+            }
+        }
+    }
+}
+
+/// A payout that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PayoutRequest {
+    pub mch_order_no: String,
+    pub amount: Amount,
+    pub currency: String,
+    pub way_code: String,
+    /// Beneficiary fields and merchant extras, passed through unchanged.
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, String>,
+}
+
+impl PayoutRequest {
+    pub fn to_create(&self, notify_url: &str) -> CreatePayout {
+        CreatePayout {
+            mch_order_no: self.mch_order_no.clone(),
+            way_code: self.way_code.clone(),
+            amount: self.amount.clone(),
+            currency: self.currency.clone(),
+            notify_url: notify_url.to_owned(),
+            fields: self.fields.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub rule: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, rule: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            rule: rule.into(),
+        }
+    }
+}
+
+/// Every problem found in one payout, sorted by field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", error.field, error.rule)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use serde_json::json;
+
+    fn rules() -> PayoutRules {
+        Settings::load_with_env(None, [("", ""); 0])
+            .unwrap()
+            .payout_rules()
+            .unwrap()
+    }
+
+    fn fields_of(errors: &ValidationErrors) -> Vec<&str> {
+        errors.0.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    fn india() -> Value {
+        json!({"mchOrderNo": "PAY-1", "amount": "150.50", "currency": "INR", "wayCode": "UPI",
+               "customerName": "Asha", "customerEmail": "asha@example.in", "customerContact": "9876543210",
+               "ifsc": "HDFC0001234", "someMerchantField": "kept"})
+    }
+
+    #[test]
+    fn valid_payouts_pass_with_extras_kept() {
+        let request = rules().validate_json(&india()).unwrap();
+        assert_eq!(request.amount.as_str(), "150.50");
+        assert_eq!(
+            request.fields.get("someMerchantField").map(String::as_str),
+            Some("kept")
+        );
+        let bd = json!({"mchOrderNo": "B1", "amount": "500", "currency": "BDT", "wayCode": "EWALLET_BKASH", "walletId": "01712345678"});
+        assert!(rules().validate_json(&bd).is_ok());
+        let ke = json!({"mchOrderNo": "K1", "amount": "1000.00", "currency": "KES", "wayCode": "EWALLET_MPESA",
+                        "customerContact": "254712345678", "customerName": "Wanjiru", "customerEmail": "w@example.ke"});
+        assert!(rules().validate_json(&ke).is_ok(), "100.00 is whole");
+        let my =
+            json!({"mchOrderNo": "M1", "amount": "75.20", "currency": "MYR", "wayCode": "MAYBANK"});
+        assert!(
+            rules().validate_json(&my).is_ok(),
+            "open wayCode list passes through"
+        );
+    }
+
+    #[test]
+    fn every_field_error_is_reported_at_once() {
+        let errors = rules()
+            .validate_json(&json!({"amount": 100, "currency": "XXX", "notifyUrl": "http://x"}))
+            .unwrap_err();
+        assert_eq!(
+            fields_of(&errors),
+            vec!["amount", "currency", "mchOrderNo", "notifyUrl", "wayCode"]
+        );
+        assert!(errors.to_string().contains("not a number"), "{errors}");
+    }
+
+    #[test]
+    fn each_rule_names_field_and_rule() {
+        let cases: Vec<(Value, &str, &str)> = vec![
+            (json!({"amount": "-5"}), "amount", "negative"),
+            (json!({"amount": "0"}), "amount", "greater than zero"),
+            (json!({"amount": "12.345"}), "amount", "decimal places"),
+            (json!({"amount": "99"}), "amount", "at least 100"),
+            (json!({"amount": "50001"}), "amount", "at most 50000"),
+            (
+                json!({"wayCode": "PAYTM"}),
+                "wayCode",
+                "not a payout wayCode for INR",
+            ),
+            (
+                json!({"customerName": ""}),
+                "customerName",
+                "required for INR",
+            ),
+            (json!({"customerEmail": "nope"}), "customerEmail", "e-mail"),
+            (json!({"ifsc": "SHORT"}), "ifsc", "11 letters"),
+            (
+                json!({"mchOrderNo": "has space"}),
+                "mchOrderNo",
+                "characters of",
+            ),
+            (json!({"mchOrderNo": "x".repeat(65)}), "mchOrderNo", "1-64"),
+            (
+                json!({"bad-name": "v"}),
+                "bad-name",
+                "not a valid field name",
+            ),
+            (
+                json!({"customerContact": 9876543210u64}),
+                "customerContact",
+                "JSON string",
+            ),
+            (json!({"mchNo": "M1234567890"}), "mchNo", "settings"),
+        ];
+        for (patch, field, needle) in cases {
+            let mut body = india();
+            for (key, value) in patch.as_object().unwrap() {
+                body[key] = value.clone();
+            }
+            let errors = rules().validate_json(&body).unwrap_err();
+            let hit = errors
+                .0
+                .iter()
+                .find(|e| e.field == field)
+                .unwrap_or_else(|| panic!("{field}: {errors}"));
+            assert!(hit.rule.contains(needle), "{field}: {}", hit.rule);
+        }
+    }
+
+    #[test]
+    fn whole_number_currencies_and_country_fields() {
+        let bd = json!({"mchOrderNo": "B1", "amount": "500.50", "currency": "BDT", "wayCode": "EWALLET_NAGAD", "walletId": "1712345678"});
+        let errors = rules().validate_json(&bd).unwrap_err();
+        assert_eq!(fields_of(&errors), vec!["amount", "walletId"]);
+        let ke = json!({"mchOrderNo": "K1", "amount": "100", "currency": "KES", "wayCode": "EWALLET_MPESA",
+                        "customerContact": "+254712345678", "customerName": "W", "customerEmail": "w@x.ke"});
+        let errors = rules().validate_json(&ke).unwrap_err();
+        assert!(errors.0[0].rule.contains("no +"), "{errors}");
+        let pk =
+            json!({"mchOrderNo": "P1", "amount": "10.5", "currency": "PKR", "wayCode": "jazzcash"});
+        assert!(
+            rules()
+                .validate_json(&pk)
+                .unwrap_err()
+                .to_string()
+                .contains("whole number for PKR")
+        );
+    }
+
+    #[test]
+    fn to_create_carries_everything() {
+        let request = rules().validate_json(&india()).unwrap();
+        let create = request.to_create("https://m.example/notify");
+        let params = create.params("M1234567890");
+        assert_eq!(params.get("ifsc"), Some("HDFC0001234"));
+        assert_eq!(params.get("notifyUrl"), Some("https://m.example/notify"));
+        assert_eq!(params.get("wayCode"), Some("UPI"));
+    }
+}
