@@ -1,0 +1,532 @@
+//! The sandbox's HTTP side: its own accept loop (so a fault can drop a connection without an
+//! answer), signature checks exactly as TarsPay documents them, the six API endpoints, and the
+//! `/sandbox/…` report and control endpoints.
+
+use super::Shared;
+use super::book::{InsertError, NewOrder, OrderKind, insert_order};
+use super::rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, SandboxMerchant};
+use crate::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
+use crate::gateway::keys::PublicKey;
+use crate::gateway::params::Params;
+use crate::gateway::paths;
+use crate::gateway::signing::{string_to_sign, verify_message};
+use crate::money::Amount;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tower::ServiceExt;
+
+/// Lets a handler close its own connection without answering.
+#[derive(Clone)]
+struct ConnectionKill(Arc<Notify>);
+
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let router = routes(shared.clone());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "sandbox accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        shared
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kill = Arc::new(Notify::new());
+        let router = router.clone();
+        let connection_kill = ConnectionKill(kill.clone());
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(connection_kill.clone());
+                router.clone().oneshot(request)
+            },
+        );
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            // Dropping the connection future closes the socket with no answer sent.
+            tokio::select! {
+                _ = connection => {}
+                _ = kill.notified() => {}
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+}
+
+fn routes(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(paths::CREATE_PAYOUT, post(api))
+        .route(paths::QUERY_PAYOUT, post(api))
+        .route(paths::CREATE_DEPOSIT, post(api))
+        .route(paths::QUERY_DEPOSIT, post(api))
+        .route(paths::BALANCE, post(api))
+        .route(paths::PAYOUT_PROOF, post(api))
+        .route("/sandbox/info", get(info))
+        .route("/sandbox/orders", get(orders))
+        .route("/sandbox/orders/{mch_order_no}", get(order))
+        .route("/sandbox/faults", put(set_faults))
+        .route("/sandbox/outcomes", put(set_outcomes))
+        .route("/sandbox/merchants", post(add_merchant))
+        .with_state(shared)
+}
+
+fn envelope_ok(data: Value) -> Response {
+    axum::Json(json!({"code": 0, "msg": "SUCCESS", "data": data})).into_response()
+}
+
+fn refuse_response(code: i64, msg: String) -> Response {
+    envelope_err(code, msg).into_response()
+}
+
+/// A TarsPay error answer: an envelope with a non-zero code.
+struct Refusal {
+    code: i64,
+    msg: String,
+}
+
+fn envelope_err(code: i64, msg: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        msg: msg.into(),
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        axum::Json(json!({"code": self.code, "msg": self.msg})).into_response()
+    }
+}
+
+/// A call whose signature checked out.
+struct SignedCall {
+    mch_no: String,
+    fields: Map<String, Value>,
+}
+
+impl SignedCall {
+    fn text(&self, field: &str) -> Option<String> {
+        match self.fields.get(field)? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    fn required(&self, field: &str) -> Result<String, Refusal> {
+        self.text(field)
+            .ok_or_else(|| envelope_err(5003001, format!("missing parameter: {field}")))
+    }
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Header checks, then the signature over `POST|path|nonce|PARAMS`, then the merchant.
+fn authenticate(
+    shared: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<SignedCall, Refusal> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| envelope_err(5003001, format!("missing header {name}")))
+    };
+    let api_key = header(HEADER_API_KEY)?;
+    let nonce = header(HEADER_NONCE)?;
+    let signature = header(HEADER_SIGNATURE)?;
+    let nonce_millis: u64 = nonce
+        .parse()
+        .map_err(|_| envelope_err(5003001, "X-API-NONCE must be Unix time in milliseconds"))?;
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return Err(envelope_err(5003001, "request body must be a JSON object"));
+    };
+    let Some(mch_no) = shared.book().merchant_for_key(api_key).map(str::to_owned) else {
+        return Err(envelope_err(5003002, "merchant or API key does not exist"));
+    };
+    let public_key = PublicKey::from_hex(api_key)
+        .map_err(|_| envelope_err(5003002, "merchant or API key does not exist"))?;
+    let message = string_to_sign(path, nonce, &Params::from_json_object(&fields));
+    if !verify_message(&public_key, message.as_bytes(), signature) {
+        return Err(envelope_err(5003008, "signature error"));
+    }
+    let window = shared.config().nonce_window.as_millis() as u64;
+    if now_millis().abs_diff(nonce_millis) > window {
+        return Err(envelope_err(
+            5003008,
+            "signature error: nonce outside the accepted window",
+        ));
+    }
+    let call = SignedCall { mch_no, fields };
+    if call.text("mchNo").as_deref() != Some(call.mch_no.as_str()) {
+        return Err(envelope_err(5003002, "mchNo does not match the API key"));
+    }
+    Ok(call)
+}
+
+fn endpoint_of(path: &str) -> Option<Endpoint> {
+    Some(match path {
+        paths::CREATE_PAYOUT => Endpoint::CreatePayout,
+        paths::QUERY_PAYOUT => Endpoint::QueryPayout,
+        paths::CREATE_DEPOSIT => Endpoint::CreateDeposit,
+        paths::QUERY_DEPOSIT => Endpoint::QueryDeposit,
+        paths::BALANCE => Endpoint::Balance,
+        paths::PAYOUT_PROOF => Endpoint::PayoutProof,
+        _ => return None,
+    })
+}
+
+/// The first fault rule that matches this call and still has uses left.
+fn pick_fault(shared: &Shared, endpoint: Endpoint, mch_order_no: &str) -> Option<FaultAction> {
+    let rules: Vec<FaultRule> = shared.config().faults.clone();
+    let mut book = shared.book();
+    rules.into_iter().enumerate().find_map(|(index, rule)| {
+        let applies = (rule.endpoint == endpoint || rule.endpoint == Endpoint::Any)
+            && mch_order_no.starts_with(&rule.prefix)
+            && book.take_fault(index, mch_order_no, rule.times);
+        applies.then_some(rule.action)
+    })
+}
+
+const BAD_GATEWAY_PAGE: &str = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>";
+
+async fn api(
+    State(shared): State<Arc<Shared>>,
+    axum::Extension(kill): axum::Extension<ConnectionKill>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let limit = shared.config().max_body_bytes;
+    if body.len() > limit {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+    }
+    let path = uri.path().to_owned();
+    let Some(endpoint) = endpoint_of(&path) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    // Spawned so the call completes (and commits) even if the client goes away mid-way,
+    // as a real server would.
+    let task = tokio::spawn(async move {
+        let call = match authenticate(&shared, &path, &headers, &body) {
+            Ok(call) => call,
+            Err(refusal) => return Some(refusal.into_response()),
+        };
+        let order_no = call.text("mchOrderNo").unwrap_or_default();
+        if matches!(endpoint, Endpoint::CreatePayout | Endpoint::CreateDeposit) {
+            shared.book().count_create(&order_no);
+        }
+        let Some(fault) = pick_fault(&shared, endpoint, &order_no) else {
+            return Some(handle(&shared, endpoint, &call));
+        };
+        tracing::debug!(?fault, order_no, "sandbox injects a fault");
+        match fault {
+            FaultAction::Code { code, msg } => Some(refuse_response(
+                code,
+                msg.unwrap_or_else(|| {
+                    crate::gateway::codes::known(code)
+                        .map_or("error", |c| c.meaning)
+                        .to_owned()
+                }),
+            )),
+            FaultAction::Latency { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some(handle(&shared, endpoint, &call))
+            }
+            FaultAction::Slow { ms } => {
+                let response = handle(&shared, endpoint, &call);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some(response)
+            }
+            FaultAction::CommitThenDrop => {
+                handle(&shared, endpoint, &call);
+                None
+            }
+            FaultAction::Drop => None,
+            FaultAction::Http {
+                status,
+                commit,
+                body,
+            } => {
+                if commit {
+                    handle(&shared, endpoint, &call);
+                }
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                Some(
+                    (
+                        status,
+                        Html(body.unwrap_or_else(|| BAD_GATEWAY_PAGE.to_owned())),
+                    )
+                        .into_response(),
+                )
+            }
+            FaultAction::Raw { body } => Some((StatusCode::OK, body).into_response()),
+            FaultAction::Oversize { bytes } => {
+                let padding = "x".repeat(bytes);
+                Some(envelope_ok(json!({"padding": padding})))
+            }
+        }
+    });
+    match task.await {
+        Ok(Some(response)) => response,
+        Ok(None) | Err(_) => {
+            kill.0.notify_one();
+            std::future::pending::<Response>().await
+        }
+    }
+}
+
+/// The documented behaviour of each endpoint.
+fn handle(shared: &Arc<Shared>, endpoint: Endpoint, call: &SignedCall) -> Response {
+    let result = match endpoint {
+        Endpoint::CreatePayout => create_order(shared, call, OrderKind::Payout),
+        Endpoint::CreateDeposit => create_order(shared, call, OrderKind::Deposit),
+        Endpoint::QueryPayout => query_order(shared, call, OrderKind::Payout),
+        Endpoint::QueryDeposit => query_order(shared, call, OrderKind::Deposit),
+        Endpoint::Balance => balance(shared, call),
+        Endpoint::PayoutProof => payout_proof(shared, call),
+        Endpoint::Any => Err(envelope_err(-1, "system error")),
+    };
+    match result {
+        Ok(data) => envelope_ok(data),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// Currencies whose amounts must be whole numbers.
+const WHOLE_NUMBER_CURRENCIES: &[&str] = &["BDT", "PKR", "KES"];
+
+fn create_order(
+    shared: &Arc<Shared>,
+    call: &SignedCall,
+    kind: OrderKind,
+) -> Result<Value, Refusal> {
+    let mch_order_no = call.required("mchOrderNo")?;
+    call.required("wayCode")?;
+    let amount_text = call.required("amount")?;
+    let currency = call.required("currency")?;
+    let notify_url = call.required("notifyUrl")?;
+    let amount =
+        Amount::parse(&amount_text).map_err(|_| envelope_err(500321, "amount format incorrect"))?;
+    if WHOLE_NUMBER_CURRENCIES.contains(&currency.as_str()) && !amount.is_whole() {
+        return Err(envelope_err(
+            500321,
+            "amount format incorrect: whole numbers only",
+        ));
+    }
+    if !(notify_url.starts_with("http://") || notify_url.starts_with("https://")) {
+        return Err(envelope_err(5003012, "URL format error"));
+    }
+    let view = insert_order(
+        shared,
+        NewOrder {
+            kind,
+            mch_no: call.mch_no.clone(),
+            mch_order_no,
+            amount: amount.value(),
+            amount_text,
+            currency,
+            notify_url: Some(notify_url),
+        },
+    )
+    .map_err(|err| match err {
+        InsertError::Duplicate => envelope_err(5003011, "merchant order number already exists"),
+        InsertError::InsufficientBalance => envelope_err(5004006, "merchant balance insufficient"),
+    })?;
+    let mut data = json!({
+        "payOrderId": view.pay_order_id,
+        "mchOrderNo": view.mch_order_no,
+        "orderState": view.state,
+    });
+    if kind == OrderKind::Deposit {
+        data["payUrl"] = json!(format!(
+            "https://sandbox.invalid/cashier/{}",
+            view.pay_order_id
+        ));
+        data["payData"] = json!(format!("sandbox-va-{}", view.pay_order_id));
+        data["expiredTime"] = json!(now_millis() / 1000 + 900);
+    }
+    Ok(data)
+}
+
+fn find_order(shared: &Shared, call: &SignedCall, kind: OrderKind) -> Option<super::OrderView> {
+    let book = shared.book();
+    let view = match (call.text("mchOrderNo"), call.text("payOrderId")) {
+        (Some(id), _) => book.view(&id),
+        (None, Some(pay_id)) => book.views().into_iter().find(|v| v.pay_order_id == pay_id),
+        (None, None) => None,
+    }?;
+    (view.kind == kind && view.mch_no == call.mch_no).then_some(view)
+}
+
+fn query_order(shared: &Arc<Shared>, call: &SignedCall, kind: OrderKind) -> Result<Value, Refusal> {
+    if call.text("mchOrderNo").is_none() && call.text("payOrderId").is_none() {
+        return Err(envelope_err(
+            5003001,
+            "missing parameter: mchOrderNo or payOrderId",
+        ));
+    }
+    let (not_found_code, not_found_msg) = match kind {
+        OrderKind::Payout => (5003020, "failed to query pay-out order"),
+        OrderKind::Deposit => (5003018, "failed to query pay-in order"),
+    };
+    let view = find_order(shared, call, kind)
+        .ok_or_else(|| envelope_err(not_found_code, not_found_msg))?;
+    Ok(json!({
+        "payOrderId": view.pay_order_id,
+        "mchNo": view.mch_no,
+        "mchOrderNo": view.mch_order_no,
+        "orderAmount": view.amount,
+        "payAmount": view.pay_amount,
+        "fee": view.fee,
+        "currency": view.currency,
+        "state": view.state,
+    }))
+}
+
+fn balance(shared: &Arc<Shared>, call: &SignedCall) -> Result<Value, Refusal> {
+    let (available, frozen) = shared
+        .book()
+        .balance(&call.mch_no)
+        .ok_or_else(|| envelope_err(500326, "balance query error"))?;
+    Ok(json!({
+        "mchNo": call.mch_no,
+        "availableAmount": available.to_string(),
+        "frozenAmount": frozen.to_string(),
+    }))
+}
+
+fn payout_proof(shared: &Arc<Shared>, call: &SignedCall) -> Result<Value, Refusal> {
+    if call.text("mchOrderNo").is_none() && call.text("payOrderId").is_none() {
+        return Err(envelope_err(
+            5003001,
+            "missing parameter: mchOrderNo or payOrderId",
+        ));
+    }
+    let view = find_order(shared, call, OrderKind::Payout)
+        .ok_or_else(|| envelope_err(5003020, "failed to query pay-out order"))?;
+    if view.state != 2 {
+        return Err(envelope_err(5003010, "order status error"));
+    }
+    Ok(json!({
+        "payOrderId": view.pay_order_id,
+        "mchOrderNo": view.mch_order_no,
+        "proofUrl": format!("https://sandbox.invalid/proof/{}.pdf", view.pay_order_id),
+    }))
+}
+
+async fn info(State(shared): State<Arc<Shared>>) -> Response {
+    let config = shared.config();
+    let merchants: Vec<Value> = config
+        .merchants
+        .iter()
+        .map(|m| json!({"mchNo": m.mch_no, "publicKey": m.public_key.to_hex()}))
+        .collect();
+    axum::Json(json!({
+        "systemPublicKey": config.system_key.public_key().to_hex(),
+        "merchants": merchants,
+        "finalAfterMs": config.final_after.as_millis() as u64,
+    }))
+    .into_response()
+}
+
+async fn orders(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.book().views()).into_response()
+}
+
+async fn order(State(shared): State<Arc<Shared>>, Path(mch_order_no): Path<String>) -> Response {
+    match shared.book().view(&mch_order_no) {
+        Some(view) => axum::Json(view).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such order").into_response(),
+    }
+}
+
+async fn set_faults(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(faults): axum::Json<Vec<FaultRule>>,
+) -> Response {
+    shared.config().faults = faults;
+    shared.book().reset_fault_counts();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn set_outcomes(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(outcomes): axum::Json<Vec<OutcomeRule>>,
+) -> Response {
+    shared.config().outcomes = outcomes;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewMerchant {
+    mch_no: String,
+    public_key: String,
+    #[serde(default)]
+    balance: Option<String>,
+}
+
+async fn add_merchant(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(new): axum::Json<NewMerchant>,
+) -> Response {
+    let Ok(public_key) = PublicKey::from_hex(&new.public_key) else {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "publicKey is not a secp256k1 public key",
+        )
+            .into_response();
+    };
+    let balance = match new.balance.as_deref().map(Decimal::from_str).transpose() {
+        Ok(balance) => balance.unwrap_or(Decimal::from(1_000_000_000u64)),
+        Err(_) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "balance must be a decimal string",
+            )
+                .into_response();
+        }
+    };
+    let merchant = SandboxMerchant {
+        mch_no: new.mch_no,
+        public_key,
+        balance,
+    };
+    shared.book().add_merchant(&merchant);
+    shared.config().merchants.push(merchant);
+    StatusCode::NO_CONTENT.into_response()
+}

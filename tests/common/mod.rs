@@ -1,0 +1,75 @@
+//! Test harness: a sandbox on a free loopback port with one registered merchant, and a signed
+//! client for that merchant (zero2prod's `spawn_app`, for the gateway).
+#![allow(dead_code)]
+
+use std::time::Duration;
+use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
+use tarspay_worker::sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
+
+pub const MCH_NO: &str = "M1234567890";
+
+pub struct TestGateway {
+    pub sandbox: Sandbox,
+    pub client: TarsPayClient,
+    pub key: PrivateKey,
+}
+
+pub fn merchant(key: &PrivateKey, balance: u64) -> SandboxMerchant {
+    SandboxMerchant {
+        mch_no: MCH_NO.into(),
+        public_key: key.public_key(),
+        balance: balance.into(),
+    }
+}
+
+pub fn client_for(url: &str, key: &PrivateKey, request_timeout: Duration) -> TarsPayClient {
+    TarsPayClient::new(ClientSettings {
+        base_url: url.to_owned(),
+        mch_no: MCH_NO.into(),
+        private_key: key.clone(),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout,
+        max_response_bytes: 64 * 1024,
+    })
+    .unwrap()
+}
+
+/// A sandbox whose orders turn final after `final_after`, without callbacks unless the
+/// config says otherwise.
+pub async fn spawn_gateway(change: impl FnOnce(&mut SandboxConfig)) -> TestGateway {
+    let key = PrivateKey::generate();
+    let mut config = SandboxConfig {
+        merchants: vec![merchant(&key, 1_000_000)],
+        final_after: Duration::from_millis(300),
+        callbacks: false,
+        ..SandboxConfig::default()
+    };
+    change(&mut config);
+    let sandbox = Sandbox::start(config, "127.0.0.1:0").await.unwrap();
+    let client = client_for(&sandbox.url(), &key, Duration::from_secs(5));
+    TestGateway {
+        sandbox,
+        client,
+        key,
+    }
+}
+
+/// Polls `check` until it returns Some, or panics after a generous hang guard (not a speed
+/// assertion: only a hung test trips it).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

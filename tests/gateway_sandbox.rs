@@ -1,0 +1,752 @@
+//! The TarsPay client against the sandbox over real HTTP on loopback: every endpoint, the
+//! documented error codes, and every injected fault.
+
+mod common;
+
+use common::{MCH_NO, client_for, eventually, spawn_gateway};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
+use tarspay_worker::gateway::params::Params;
+use tarspay_worker::gateway::signing::RequestSigner;
+use tarspay_worker::gateway::types::{CreateDeposit, CreatePayout, OrderRef};
+use tarspay_worker::gateway::{CodeTable, ErrorClass, GatewayError, OrderState, PrivateKey, paths};
+use tarspay_worker::money::Amount;
+use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
+
+fn payout(id: &str, amount: &str) -> CreatePayout {
+    CreatePayout {
+        mch_order_no: id.into(),
+        way_code: "UPI".into(),
+        amount: Amount::parse(amount).unwrap(),
+        currency: "INR".into(),
+        notify_url: "http://127.0.0.1:9/notify".into(),
+        fields: BTreeMap::from([("customerName".to_string(), "Asha".to_string())]),
+    }
+}
+
+fn fault(prefix: &str, endpoint: Endpoint, times: Option<u32>, action: FaultAction) -> FaultRule {
+    FaultRule {
+        prefix: prefix.into(),
+        endpoint,
+        times,
+        action,
+    }
+}
+
+fn by_id(id: &str) -> OrderRef {
+    OrderRef::MchOrderNo(id.into())
+}
+
+#[tokio::test]
+async fn payout_lifecycle_and_balance() {
+    let gw = spawn_gateway(|c| {
+        c.outcomes = vec![OutcomeRule {
+            prefix: "REJ".into(),
+            state: 8,
+            final_after_ms: None,
+        }];
+    })
+    .await;
+    let before = gw.client.balance().await.unwrap();
+    assert_eq!(before.available_amount, "1000000");
+    assert_eq!(before.mch_no.as_deref(), Some(MCH_NO));
+
+    let accepted = gw
+        .client
+        .create_payout(&payout("OK-1", "150.25"))
+        .await
+        .unwrap();
+    assert_eq!(accepted.mch_order_no, "OK-1");
+    assert!(
+        accepted.pay_order_id.starts_with('P') && accepted.pay_order_id.len() == 20,
+        "{}",
+        accepted.pay_order_id
+    );
+
+    let during = gw.client.balance().await.unwrap();
+    assert_eq!(during.available_amount, "999849.75");
+    assert_eq!(during.frozen_amount.as_deref(), Some("150.25"));
+    let first = gw.client.query_payout(&by_id("OK-1")).await.unwrap();
+    assert!(
+        !first.state.is_final(),
+        "fresh order is not final yet: {:?}",
+        first.state
+    );
+    assert_eq!(first.order_amount.as_deref(), Some("150.25"));
+
+    let done = eventually("payout success", || async {
+        let info = gw.client.query_payout(&by_id("OK-1")).await.unwrap();
+        info.state.is_final().then_some(info)
+    })
+    .await;
+    assert_eq!(done.state, OrderState::Success);
+    assert_eq!(done.pay_amount.as_deref(), Some("150.25"));
+    let by_pay_id = gw
+        .client
+        .query_payout(&OrderRef::PayOrderId(accepted.pay_order_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(by_pay_id.mch_order_no, "OK-1");
+    let proof = gw.client.payout_proof(&by_id("OK-1")).await.unwrap();
+    assert_eq!(
+        proof.pay_order_id.as_deref(),
+        Some(accepted.pay_order_id.as_str())
+    );
+    assert!(proof.other.contains_key("proofUrl"));
+
+    // A rejected payout gives the money back.
+    gw.client
+        .create_payout(&payout("REJ-1", "100"))
+        .await
+        .unwrap();
+    let rejected = eventually("payout rejected", || async {
+        let info = gw.client.query_payout(&by_id("REJ-1")).await.unwrap();
+        info.state.is_final().then_some(info)
+    })
+    .await;
+    assert_eq!(rejected.state, OrderState::Rejected);
+    let after = gw.client.balance().await.unwrap();
+    assert_eq!(after.available_amount, "999849.75");
+    assert_eq!(after.frozen_amount.as_deref(), Some("0"));
+    let err = gw.client.payout_proof(&by_id("REJ-1")).await.unwrap_err();
+    assert_eq!(err.code(), Some(5003010));
+}
+
+#[tokio::test]
+async fn deposit_lifecycle_with_chosen_final_states() {
+    let gw = spawn_gateway(|c| {
+        c.outcomes = vec![
+            OutcomeRule {
+                prefix: "EXP".into(),
+                state: 6,
+                final_after_ms: None,
+            },
+            OutcomeRule {
+                prefix: "PART".into(),
+                state: 9,
+                final_after_ms: None,
+            },
+        ];
+    })
+    .await;
+    for (id, expected, paid) in [
+        ("DEP-1", OrderState::Success, "200"),
+        ("EXP-1", OrderState::Expired, "0"),
+        ("PART-1", OrderState::Partial, "100"),
+    ] {
+        let created = gw
+            .client
+            .create_deposit(&CreateDeposit {
+                mch_order_no: id.into(),
+                way_code: "CASHIER".into(),
+                amount: Amount::parse("200").unwrap(),
+                currency: "MYR".into(),
+                notify_url: "http://127.0.0.1:9/notify".into(),
+                fields: BTreeMap::from([(
+                    "returnUrl".to_string(),
+                    "https://m.example/return".to_string(),
+                )]),
+            })
+            .await
+            .unwrap();
+        assert_eq!(created.mch_order_no, id);
+        assert!(created.pay_url.is_some() && created.expired_time.is_some());
+        let info = eventually("deposit final", || async {
+            let info = gw.client.query_deposit(&by_id(id)).await.unwrap();
+            info.state.is_final().then_some(info)
+        })
+        .await;
+        assert_eq!(info.state, expected, "{id}");
+        assert_eq!(info.pay_amount.as_deref(), Some(paid), "{id}");
+    }
+    // A deposit is not a payout.
+    assert_eq!(
+        gw.client
+            .query_payout(&by_id("DEP-1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003020)
+    );
+    // Deposits leave the payout balance alone.
+    assert_eq!(
+        gw.client.balance().await.unwrap().available_amount,
+        "1000000"
+    );
+}
+
+#[tokio::test]
+async fn documented_error_codes() {
+    let gw = spawn_gateway(|c| c.merchants[0].balance = 500u64.into()).await;
+    let table = CodeTable::default();
+
+    gw.client
+        .create_payout(&payout("DUP-1", "100"))
+        .await
+        .unwrap();
+    let duplicate = gw
+        .client
+        .create_payout(&payout("DUP-1", "100"))
+        .await
+        .unwrap_err();
+    assert_eq!(duplicate.code(), Some(5003011));
+    assert_eq!(duplicate.class(&table), ErrorClass::Reconcile);
+    assert_eq!(gw.sandbox.create_attempts("DUP-1"), 2);
+    assert_eq!(gw.sandbox.orders().len(), 1);
+
+    let short = gw
+        .client
+        .create_payout(&payout("BIG-1", "401"))
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), Some(5004006));
+    assert_eq!(short.class(&table), ErrorClass::Terminal);
+
+    let missing = gw.client.query_payout(&by_id("NOPE")).await.unwrap_err();
+    assert_eq!(missing.code(), Some(5003020));
+    assert_eq!(
+        gw.client
+            .query_deposit(&by_id("NOPE"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003018)
+    );
+
+    // Unknown merchant key.
+    let stranger = client_for(
+        &gw.sandbox.url(),
+        &PrivateKey::generate(),
+        Duration::from_secs(5),
+    );
+    let unknown = stranger.balance().await.unwrap_err();
+    assert_eq!(unknown.code(), Some(5003002));
+
+    // Missing parameter and bad amount, through a correctly signed call.
+    let mut params = Params::new();
+    for (k, v) in [
+        ("mchNo", MCH_NO),
+        ("mchOrderNo", "RAW-1"),
+        ("amount", "100"),
+        ("currency", "INR"),
+        ("notifyUrl", "http://x/n"),
+    ] {
+        params.insert(k, v);
+    }
+    let err = gw
+        .client
+        .call::<serde_json::Value>(paths::CREATE_PAYOUT, params.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(5003001));
+    assert!(err.to_string().contains("wayCode"), "{err}");
+    params.insert("wayCode", "UPI");
+    params.insert("amount", "1e3");
+    assert_eq!(
+        gw.client
+            .call::<serde_json::Value>(paths::CREATE_PAYOUT, params.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Some(500321)
+    );
+    params.insert("amount", "100");
+    params.insert("currency", "KES");
+    params.insert("amount", "100.5");
+    assert_eq!(
+        gw.client
+            .call::<serde_json::Value>(paths::CREATE_PAYOUT, params.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Some(500321)
+    );
+    params.insert("amount", "100");
+    params.insert("notifyUrl", "ftp://x/n");
+    assert_eq!(
+        gw.client
+            .call::<serde_json::Value>(paths::CREATE_PAYOUT, params)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003012)
+    );
+    assert_eq!(
+        gw.sandbox.orders().len(),
+        1,
+        "no rejected call created an order"
+    );
+}
+
+/// Sends a hand-made request so headers and body can be tampered with.
+async fn raw_call(
+    url: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> serde_json::Value {
+    let mut request = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json;charset=utf-8");
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    request
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn signature_checks_refuse_tampering() {
+    let gw = spawn_gateway(|_| {}).await;
+    let signer = RequestSigner::new(gw.key.clone());
+    let mut params = Params::new();
+    params.insert("mchNo", MCH_NO);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let signed = signer.sign(paths::BALANCE, &now, &params);
+    let headers = |sig: &str, nonce: &str| {
+        vec![
+            (HEADER_API_KEY, signed.api_key.clone()),
+            (HEADER_NONCE, nonce.to_owned()),
+            (HEADER_SIGNATURE, sig.to_owned()),
+        ]
+    };
+    let url = gw.sandbox.url();
+    let good = raw_call(
+        &url,
+        paths::BALANCE,
+        &headers(&signed.signature, &now),
+        params.to_json_body(),
+    )
+    .await;
+    assert_eq!(good["code"], 0, "{good}");
+
+    // The same signature over a different body, path or nonce is refused.
+    let mut other = params.clone();
+    other.insert("extra", "1");
+    let tampered_body = raw_call(
+        &url,
+        paths::BALANCE,
+        &headers(&signed.signature, &now),
+        other.to_json_body(),
+    )
+    .await;
+    assert_eq!(tampered_body["code"], 5003008);
+    let other_path = raw_call(
+        &url,
+        paths::QUERY_PAYOUT,
+        &headers(&signed.signature, &now),
+        params.to_json_body(),
+    )
+    .await;
+    assert_eq!(other_path["code"], 5003008);
+    let later = (now.parse::<u64>().unwrap() + 1).to_string();
+    let other_nonce = raw_call(
+        &url,
+        paths::BALANCE,
+        &headers(&signed.signature, &later),
+        params.to_json_body(),
+    )
+    .await;
+    assert_eq!(other_nonce["code"], 5003008);
+
+    // A stale nonce is refused even when correctly signed.
+    let stale = "1704180814988";
+    let old = signer.sign(paths::BALANCE, stale, &params);
+    let refused = raw_call(
+        &url,
+        paths::BALANCE,
+        &headers(&old.signature, stale),
+        params.to_json_body(),
+    )
+    .await;
+    assert_eq!(refused["code"], 5003008);
+
+    // Missing headers.
+    let no_sig = raw_call(
+        &url,
+        paths::BALANCE,
+        &[
+            (HEADER_API_KEY, signed.api_key.clone()),
+            (HEADER_NONCE, now.clone()),
+        ],
+        params.to_json_body(),
+    )
+    .await;
+    assert_eq!(no_sig["code"], 5003001);
+    // mchNo that does not belong to the key.
+    let mut wrong = Params::new();
+    wrong.insert("mchNo", "M9999999999");
+    let wrong_sig = signer.sign(paths::BALANCE, &now, &wrong);
+    let mismatch = raw_call(
+        &url,
+        paths::BALANCE,
+        &headers(&wrong_sig.signature, &now),
+        wrong.to_json_body(),
+    )
+    .await;
+    assert_eq!(mismatch["code"], 5003002);
+}
+
+#[tokio::test]
+async fn retryable_codes_apply_per_order_for_the_given_times() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "SYS",
+                Endpoint::CreatePayout,
+                Some(2),
+                FaultAction::Code {
+                    code: -1,
+                    msg: None,
+                },
+            ),
+            fault(
+                "RCE",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Code {
+                    code: 500323,
+                    msg: Some("remote client error".into()),
+                },
+            ),
+            fault(
+                "SIG",
+                Endpoint::CreatePayout,
+                None,
+                FaultAction::Code {
+                    code: 5003008,
+                    msg: None,
+                },
+            ),
+        ];
+    })
+    .await;
+    let table = CodeTable::default();
+    for attempt in 0..2 {
+        let err = gw
+            .client
+            .create_payout(&payout("SYS-1", "100"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(-1), "attempt {attempt}");
+        assert_eq!(err.class(&table), ErrorClass::Retryable);
+        assert!(!err.is_ambiguous());
+    }
+    gw.client
+        .create_payout(&payout("SYS-1", "100"))
+        .await
+        .unwrap();
+    // Counters are per order: another SYS order sees its own two faults.
+    assert_eq!(
+        gw.client
+            .create_payout(&payout("SYS-2", "100"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(-1)
+    );
+
+    let rce = gw
+        .client
+        .create_payout(&payout("RCE-1", "100"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        rce,
+        GatewayError::Gateway {
+            endpoint: paths::CREATE_PAYOUT,
+            code: 500323,
+            msg: "remote client error".into()
+        }
+    );
+    gw.client
+        .create_payout(&payout("RCE-1", "100"))
+        .await
+        .unwrap();
+
+    for _ in 0..3 {
+        let sig = gw
+            .client
+            .create_payout(&payout("SIG-1", "100"))
+            .await
+            .unwrap_err();
+        assert_eq!(sig.code(), Some(5003008));
+        assert_eq!(sig.class(&table), ErrorClass::Terminal);
+    }
+    assert!(gw.sandbox.order("SIG-1").is_none());
+    assert_eq!(gw.sandbox.create_attempts("SIG-1"), 3);
+}
+
+#[tokio::test]
+async fn commit_then_drop_is_ambiguous_and_the_order_exists() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "CTD",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::CommitThenDrop,
+            ),
+            fault("DROP", Endpoint::CreatePayout, Some(1), FaultAction::Drop),
+        ];
+    })
+    .await;
+    let err = gw
+        .client
+        .create_payout(&payout("CTD-1", "100"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GatewayError::Ambiguous {
+                timed_out: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_ambiguous());
+    assert!(
+        gw.sandbox.order("CTD-1").is_some(),
+        "the gateway committed before dropping"
+    );
+    // Reconciling: the query finds it; a re-send of the same create is refused as a duplicate.
+    assert_eq!(
+        gw.client
+            .query_payout(&by_id("CTD-1"))
+            .await
+            .unwrap()
+            .mch_order_no,
+        "CTD-1"
+    );
+    assert_eq!(
+        gw.client
+            .create_payout(&payout("CTD-1", "100"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003011)
+    );
+    assert_eq!(gw.sandbox.orders().len(), 1);
+
+    let err = gw
+        .client
+        .create_payout(&payout("DROP-1", "100"))
+        .await
+        .unwrap_err();
+    assert!(err.is_ambiguous(), "{err:?}");
+    assert!(
+        gw.sandbox.order("DROP-1").is_none(),
+        "dropped before handling: no order"
+    );
+    assert_eq!(
+        gw.client
+            .query_payout(&by_id("DROP-1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003020)
+    );
+    gw.client
+        .create_payout(&payout("DROP-1", "100"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn slow_answer_beyond_the_client_timeout_after_commit() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "SLOW",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Slow { ms: 3_000 },
+            ),
+            fault(
+                "LAT",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Latency { ms: 50 },
+            ),
+        ];
+    })
+    .await;
+    let impatient = client_for(&gw.sandbox.url(), &gw.key, Duration::from_millis(300));
+    let err = impatient
+        .create_payout(&payout("SLOW-1", "100"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GatewayError::Ambiguous {
+                timed_out: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), "timeout");
+    assert!(gw.sandbox.order("SLOW-1").is_some());
+    // Latency within the timeout is just a slower success.
+    gw.client
+        .create_payout(&payout("LAT-1", "100"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn http_errors_bad_envelopes_and_oversized_answers() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "B502",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Http {
+                    status: 502,
+                    commit: false,
+                    body: None,
+                },
+            ),
+            fault(
+                "C502",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Http {
+                    status: 502,
+                    commit: true,
+                    body: None,
+                },
+            ),
+            fault(
+                "E404",
+                Endpoint::QueryPayout,
+                Some(1),
+                FaultAction::Http {
+                    status: 404,
+                    commit: false,
+                    body: Some("not here".into()),
+                },
+            ),
+            fault(
+                "HTML",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Raw {
+                    body: "<html>maintenance</html>".into(),
+                },
+            ),
+            fault(
+                "NODATA",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"msg":"SUCCESS"}"#.into(),
+                },
+            ),
+            fault(
+                "BADDATA",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"data":{"state":"x","mchOrderNo":"B"}}"#.into(),
+                },
+            ),
+            fault(
+                "BIG",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Oversize { bytes: 200_000 },
+            ),
+        ];
+    })
+    .await;
+    let table = CodeTable::default();
+    let bad_gateway = gw
+        .client
+        .create_payout(&payout("B502-1", "100"))
+        .await
+        .unwrap_err();
+    match &bad_gateway {
+        GatewayError::Http {
+            status, snippet, ..
+        } => {
+            assert_eq!(*status, 502);
+            assert!(snippet.contains("502 Bad Gateway"), "{snippet}");
+        }
+        other => panic!("expected Http, got {other:?}"),
+    }
+    assert!(bad_gateway.is_ambiguous());
+    assert_eq!(bad_gateway.class(&table), ErrorClass::Retryable);
+    assert!(gw.sandbox.order("B502-1").is_none());
+    gw.client
+        .create_payout(&payout("C502-1", "100"))
+        .await
+        .unwrap_err();
+    assert!(
+        gw.sandbox.order("C502-1").is_some(),
+        "a 502 after commit leaves the order"
+    );
+
+    let not_found = gw.client.query_payout(&by_id("E404-1")).await.unwrap_err();
+    assert!(matches!(not_found, GatewayError::Http { status: 404, .. }));
+    assert!(!not_found.is_ambiguous());
+    for (id, needle) in [
+        ("HTML-1", "not JSON"),
+        ("NODATA-1", "without `data`"),
+        ("BADDATA-1", "unexpected `data`"),
+    ] {
+        let err = gw.client.query_payout(&by_id(id)).await.unwrap_err();
+        assert!(matches!(err, GatewayError::Decode { .. }), "{id}: {err:?}");
+        assert!(err.to_string().contains(needle), "{id}: {err}");
+    }
+    let big = gw.client.query_payout(&by_id("BIG-1")).await.unwrap_err();
+    assert_eq!(
+        big,
+        GatewayError::TooLarge {
+            endpoint: paths::QUERY_PAYOUT,
+            limit: 64 * 1024
+        }
+    );
+}
+
+#[tokio::test]
+async fn unreachable_gateway_is_not_ambiguous() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let client = client_for(&url, &PrivateKey::generate(), Duration::from_secs(2));
+    let err = client.balance().await.unwrap_err();
+    assert!(matches!(err, GatewayError::Unreachable { .. }), "{err:?}");
+    assert!(!err.is_ambiguous());
+    assert_eq!(err.class(&CodeTable::default()), ErrorClass::Retryable);
+}
+
+#[tokio::test]
+async fn connections_are_reused() {
+    let gw = spawn_gateway(|_| {}).await;
+    for _ in 0..20 {
+        gw.client.balance().await.unwrap();
+    }
+    let clone = gw.client.clone();
+    clone.balance().await.unwrap();
+    assert_eq!(
+        gw.sandbox.connections_accepted(),
+        1,
+        "sequential calls, clones included, share one pooled connection"
+    );
+}
