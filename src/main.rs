@@ -10,7 +10,7 @@ use tarspay_worker::config::Settings;
 use tarspay_worker::gateway::callback::verify_callback;
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::signing::{sign_message, string_to_sign, verify_message};
-use tarspay_worker::gateway::{PublicKey, TarsPayClient};
+use tarspay_worker::gateway::{PrivateKey, PublicKey, TarsPayClient};
 use tarspay_worker::sandbox::{FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant};
 use tarspay_worker::{demo, telemetry};
 
@@ -72,6 +72,10 @@ struct SandboxArgs {
     /// Do not send callbacks.
     #[arg(long)]
     no_callbacks: bool,
+    /// File with the sandbox's own system private key (hex) that signs its callbacks; the
+    /// default is a published development key.
+    #[arg(long, value_name = "FILE")]
+    system_key_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -241,6 +245,9 @@ async fn run_sandbox(settings: &Settings, args: SandboxArgs) -> Result<ExitCode>
         callbacks: !args.no_callbacks,
         ..SandboxConfig::default()
     };
+    if let Some(path) = &args.system_key_file {
+        config.system_key = PrivateKey::from_file(path).context("--system-key-file")?;
+    }
     for spec in &args.merchants {
         config.merchants.push(parse_merchant(spec)?);
     }
