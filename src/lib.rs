@@ -4,6 +4,7 @@
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod ledger;
 pub mod money;
 pub mod payout;
 pub mod sandbox;

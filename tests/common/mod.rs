@@ -2,6 +2,8 @@
 //! client for that merchant (zero2prod's `spawn_app`, for the gateway).
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::time::Duration;
 use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
 use tarspay_worker::sandbox::{Sandbox, SandboxConfig, SandboxMerchant};

@@ -1,0 +1,445 @@
+//! The order ledger: one Redis hash per order, the source of truth for where each payout
+//! stands, and the outcome stream applications consume. Every change is one Lua script
+//! (compare-and-set on the phase); reaching a final phase appends the order's one outcome in
+//! the same script. Redis only: no HTTP here.
+
+mod outcome;
+mod phase;
+mod scripts;
+
+pub use outcome::Outcome;
+pub use phase::Phase;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("ledger record {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+/// Key layout: every key of a ledger shares the hash tag `{prefix:ledger}`, so the scripts
+/// that touch an order and the outcome stream run on one Redis Cluster slot.
+#[derive(Debug, Clone)]
+pub struct LedgerKeys {
+    base: String,
+}
+
+impl LedgerKeys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            base: format!("{{{prefix}:ledger}}"),
+        }
+    }
+
+    pub fn order(&self, mch_order_no: &str) -> String {
+        format!("{}:order:{mch_order_no}", self.base)
+    }
+
+    pub fn batch(&self, batch_id: &str) -> String {
+        format!("{}:batch:{batch_id}", self.base)
+    }
+
+    pub fn outcomes(&self) -> String {
+        format!("{}:outcomes", self.base)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderKind {
+    Payout,
+    Deposit,
+}
+
+impl OrderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Payout => "payout",
+            Self::Deposit => "deposit",
+        }
+    }
+}
+
+/// What a producer registers.
+#[derive(Debug, Clone)]
+pub struct NewOrder<'a> {
+    pub mch_order_no: &'a str,
+    pub kind: OrderKind,
+    /// Identifies the request body, so a re-submission can be told apart from a clash.
+    pub fingerprint: &'a str,
+    pub amount: &'a str,
+    pub currency: &'a str,
+    /// The request as JSON, so any worker can rebuild the same create.
+    pub request: &'a str,
+    pub batch_id: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    Created,
+    /// The mchOrderNo was already registered; `same_request` tells a re-submission of the same
+    /// body from a different payout under a reused number.
+    Exists {
+        phase: Phase,
+        same_request: bool,
+    },
+}
+
+/// The answer to "may I send the create now?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitTicket {
+    /// The lease is yours. `previous` is `Unknown` when an earlier create's fate is not known
+    /// (then query before creating). `attempt` counts creates tried, this one included.
+    Go {
+        previous: Phase,
+        attempt: u32,
+    },
+    /// Another worker holds a live lease; try again after this long.
+    Busy {
+        retry_in: Duration,
+    },
+    /// The gateway already holds the order; nothing to create.
+    Accepted,
+    /// Already final; nothing to do.
+    Final(Phase),
+    Missing,
+}
+
+/// How an order ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FinalResult {
+    pub gateway_state: Option<i64>,
+    pub pay_order_id: Option<String>,
+    pub fee: Option<String>,
+    pub code: Option<i64>,
+    pub msg: Option<String>,
+}
+
+/// One order's ledger record, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderRecord {
+    pub mch_order_no: String,
+    pub kind: String,
+    pub phase: Phase,
+    pub amount: String,
+    pub currency: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pay_order_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_state: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fee: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_msg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    pub stuck: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    #[serde(skip)]
+    pub fingerprint: String,
+    #[serde(skip)]
+    pub request: String,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    conn: ConnectionManager,
+    keys: LedgerKeys,
+    /// Approximate cap on the outcome stream (0 = unbounded).
+    outcome_max_len: u64,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("keys", &self.keys).finish()
+    }
+}
+
+fn text(value: Option<&String>) -> Option<String> {
+    value.filter(|v| !v.is_empty()).cloned()
+}
+
+fn number<T: std::str::FromStr>(value: Option<&String>) -> Option<T> {
+    value.and_then(|v| v.parse().ok())
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Ledger {
+    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            keys: LedgerKeys::new(prefix),
+            outcome_max_len: 0,
+        }
+    }
+
+    pub fn with_outcome_max_len(mut self, max_len: u64) -> Self {
+        self.outcome_max_len = max_len;
+        self
+    }
+
+    pub fn keys(&self) -> &LedgerKeys {
+        &self.keys
+    }
+
+    pub async fn register(&self, order: &NewOrder<'_>) -> Result<Registered, LedgerError> {
+        self.register_as(order, Phase::Queued).await
+    }
+
+    /// Registers an order the merchant created itself (a deposit to follow), already accepted.
+    pub async fn register_accepted(&self, order: &NewOrder<'_>) -> Result<Registered, LedgerError> {
+        self.register_as(order, Phase::Accepted).await
+    }
+
+    async fn register_as(
+        &self,
+        order: &NewOrder<'_>,
+        initial: Phase,
+    ) -> Result<Registered, LedgerError> {
+        let batch = order.batch_id.unwrap_or_default();
+        let reply: Vec<String> = scripts::REGISTER
+            .key(self.keys.order(order.mch_order_no))
+            .key(self.keys.batch(batch))
+            .arg(order.mch_order_no)
+            .arg(order.kind.as_str())
+            .arg(order.fingerprint)
+            .arg(order.amount)
+            .arg(order.currency)
+            .arg(order.request)
+            .arg(batch)
+            .arg(initial.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let corrupt = |reason: &str| LedgerError::Corrupt {
+            id: order.mch_order_no.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match reply.as_slice() {
+            [verdict, _, _] if verdict == "created" => Ok(Registered::Created),
+            [verdict, phase, fingerprint] if verdict == "exists" => Ok(Registered::Exists {
+                phase: phase.parse().map_err(|e: String| corrupt(&e))?,
+                same_request: fingerprint == order.fingerprint,
+            }),
+            _ => Err(corrupt("unexpected reply from register")),
+        }
+    }
+
+    /// Takes the `submitting` lease for `lease` (longer than one gateway call).
+    pub async fn begin_submit(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<SubmitTicket, LedgerError> {
+        let reply: Vec<String> = scripts::BEGIN_SUBMIT
+            .key(self.keys.order(mch_order_no))
+            .arg(token)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let corrupt = |reason: String| LedgerError::Corrupt {
+            id: mch_order_no.to_owned(),
+            reason,
+        };
+        Ok(match reply.as_slice() {
+            [verdict, previous, attempt] if verdict == "go" => SubmitTicket::Go {
+                previous: previous.parse().map_err(corrupt)?,
+                attempt: attempt.parse().unwrap_or(1),
+            },
+            [verdict, ms] if verdict == "busy" => SubmitTicket::Busy {
+                retry_in: Duration::from_millis(ms.parse().unwrap_or(1000)),
+            },
+            [verdict] if verdict == "accepted" => SubmitTicket::Accepted,
+            [verdict, phase] if verdict == "final" => {
+                SubmitTicket::Final(phase.parse().map_err(corrupt)?)
+            }
+            [verdict] if verdict == "missing" => SubmitTicket::Missing,
+            other => {
+                return Err(corrupt(format!(
+                    "unexpected reply from begin_submit: {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// Records that the gateway holds the order. False if the order is already final.
+    pub async fn accept(
+        &self,
+        mch_order_no: &str,
+        pay_order_id: Option<&str>,
+    ) -> Result<bool, LedgerError> {
+        let changed: i64 = scripts::ACCEPT
+            .key(self.keys.order(mch_order_no))
+            .arg(pay_order_id.unwrap_or_default())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).
+    /// False if `token` no longer holds the lease.
+    pub async fn release(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        next: Phase,
+        code: Option<i64>,
+        msg: &str,
+    ) -> Result<bool, LedgerError> {
+        let changed: i64 = scripts::RELEASE
+            .key(self.keys.order(mch_order_no))
+            .arg(token)
+            .arg(next.as_str())
+            .arg(code.map(|c| c.to_string()).unwrap_or_default())
+            .arg(msg)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// The one terminal transition: true when this call finalised the order and appended its
+    /// outcome; false when it was already final (the caller's result is dropped).
+    pub async fn finalize(
+        &self,
+        mch_order_no: &str,
+        phase: Phase,
+        result: &FinalResult,
+    ) -> Result<bool, LedgerError> {
+        debug_assert!(phase.is_final());
+        let changed: i64 = scripts::FINALIZE
+            .key(self.keys.order(mch_order_no))
+            .key(self.keys.outcomes())
+            .arg(phase.as_str())
+            .arg(
+                result
+                    .gateway_state
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(result.pay_order_id.as_deref().unwrap_or_default())
+            .arg(result.fee.as_deref().unwrap_or_default())
+            .arg(result.code.map(|c| c.to_string()).unwrap_or_default())
+            .arg(result.msg.as_deref().unwrap_or_default())
+            .arg(rfc3339_now())
+            .arg(self.outcome_max_len)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if changed < 0 {
+            return Err(LedgerError::Corrupt {
+                id: mch_order_no.to_owned(),
+                reason: "finalize on an order that is not in the ledger".into(),
+            });
+        }
+        Ok(changed == 1)
+    }
+
+    pub async fn mark_stuck(&self, mch_order_no: &str) -> Result<bool, LedgerError> {
+        let changed: i64 = scripts::MARK_STUCK
+            .key(self.keys.order(mch_order_no))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(changed == 1)
+    }
+
+    pub async fn get(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
+        let fields: HashMap<String, String> = self
+            .conn
+            .clone()
+            .hgetall(self.keys.order(mch_order_no))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let phase = fields
+            .get("phase")
+            .ok_or("no phase")
+            .and_then(|p| p.parse::<Phase>().map_err(|_| "bad phase"))
+            .map_err(|reason| LedgerError::Corrupt {
+                id: mch_order_no.to_owned(),
+                reason: reason.to_owned(),
+            })?;
+        Ok(Some(OrderRecord {
+            mch_order_no: mch_order_no.to_owned(),
+            kind: fields.get("kind").cloned().unwrap_or_default(),
+            phase,
+            amount: fields.get("amount").cloned().unwrap_or_default(),
+            currency: fields.get("currency").cloned().unwrap_or_default(),
+            attempts: number(fields.get("attempts")).unwrap_or(0),
+            pay_order_id: text(fields.get("payOrderId")),
+            gateway_state: number(fields.get("gatewayState")),
+            fee: text(fields.get("fee")),
+            last_code: number(fields.get("lastCode")),
+            last_msg: text(fields.get("lastMsg")),
+            batch_id: text(fields.get("batchId")),
+            stuck: fields.get("stuck").is_some_and(|v| v == "1"),
+            created_at_ms: number(fields.get("createdAt")).unwrap_or(0),
+            updated_at_ms: number(fields.get("updatedAt")).unwrap_or(0),
+            finished_at_ms: number(fields.get("finishedAt")),
+            fingerprint: fields.get("fingerprint").cloned().unwrap_or_default(),
+            request: fields.get("request").cloned().unwrap_or_default(),
+        }))
+    }
+
+    /// Members of a batch (their mchOrderNos).
+    pub async fn batch_members(&self, batch_id: &str) -> Result<Vec<String>, LedgerError> {
+        Ok(self
+            .conn
+            .clone()
+            .smembers(self.keys.batch(batch_id))
+            .await?)
+    }
+
+    /// Outcomes after stream id `after` ("0" for the start), at most `count`.
+    pub async fn outcomes_after(
+        &self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Outcome)>, LedgerError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys.outcomes())
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(outcome::parse_range(reply))
+    }
+
+    pub async fn outcome_count(&self) -> Result<u64, LedgerError> {
+        Ok(self.conn.clone().xlen(self.keys.outcomes()).await?)
+    }
+}
+
+/// The final phases as the Lua prelude lists them (so a test can hold Rust and Lua together).
+#[cfg(test)]
+pub(crate) fn scripts_final_list() -> Vec<&'static str> {
+    let start = scripts::PRELUDE
+        .find("local FINAL = {")
+        .map_or(0, |i| i + 15);
+    let end = scripts::PRELUDE[start..]
+        .find('}')
+        .map_or(start, |i| start + i);
+    scripts::PRELUDE[start..end]
+        .split(',')
+        .filter_map(|item| item.trim().strip_suffix("=true"))
+        .collect()
+}

@@ -1,0 +1,73 @@
+//! The outcome stream's entries: one per order, written by the ledger's final transition.
+//! The field names are a contract with consuming applications.
+
+use redis::Value;
+use redis::streams::StreamRangeReply;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// How one order ended. Absent values are `None` (empty in the stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// `payout` or `deposit`.
+    pub kind: String,
+    pub mch_order_no: String,
+    /// `succeeded`, `failed`, `rejected`, `refunded`, `conflict`; deposits also `expired`, `partial`.
+    pub status: String,
+    /// TarsPay's final `state`, when the gateway reported one.
+    pub gateway_state: Option<i64>,
+    pub pay_order_id: Option<String>,
+    pub amount: String,
+    pub currency: String,
+    pub fee: Option<String>,
+    /// The gateway code (and message) that decided a failure.
+    pub code: Option<i64>,
+    pub msg: Option<String>,
+    pub attempts: u32,
+    pub batch_id: Option<String>,
+    /// RFC 3339, when the outcome was recorded.
+    pub at: String,
+}
+
+fn field(map: &HashMap<String, Value>, name: &str) -> Option<String> {
+    match map.get(name)? {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+    .filter(|text| !text.is_empty())
+}
+
+impl Outcome {
+    pub(crate) fn from_fields(map: &HashMap<String, Value>) -> Self {
+        Self {
+            kind: field(map, "kind").unwrap_or_default(),
+            mch_order_no: field(map, "mchOrderNo").unwrap_or_default(),
+            status: field(map, "status").unwrap_or_default(),
+            gateway_state: field(map, "gatewayState").and_then(|v| v.parse().ok()),
+            pay_order_id: field(map, "payOrderId"),
+            amount: field(map, "amount").unwrap_or_default(),
+            currency: field(map, "currency").unwrap_or_default(),
+            fee: field(map, "fee"),
+            code: field(map, "code").and_then(|v| v.parse().ok()),
+            msg: field(map, "msg"),
+            attempts: field(map, "attempts")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            batch_id: field(map, "batchId"),
+            at: field(map, "at").unwrap_or_default(),
+        }
+    }
+}
+
+pub(crate) fn parse_range(range: StreamRangeReply) -> Vec<(String, Outcome)> {
+    range
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let outcome = Outcome::from_fields(&entry.map);
+            (entry.id, outcome)
+        })
+        .collect()
+}

@@ -1,0 +1,297 @@
+//! The order ledger against a real redis-server: registration, the submit lease, the one
+//! final transition and its one outcome.
+
+mod common;
+
+use common::redis_server::RedisServer;
+use std::time::Duration;
+use tarspay_worker::ledger::{
+    FinalResult, Ledger, NewOrder, OrderKind, Phase, Registered, SubmitTicket,
+};
+
+fn order<'a>(id: &'a str, fingerprint: &'a str) -> NewOrder<'a> {
+    NewOrder {
+        mch_order_no: id,
+        kind: OrderKind::Payout,
+        fingerprint,
+        amount: "150.50",
+        currency: "INR",
+        request: "{}",
+        batch_id: Some("B1"),
+    }
+}
+
+async fn ledger(server: &RedisServer) -> Ledger {
+    Ledger::new(server.conn().await, "ltest")
+}
+
+#[tokio::test]
+async fn register_is_refused_once_the_number_exists() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    assert_eq!(
+        ledger.register(&order("A-1", "f1")).await.unwrap(),
+        Registered::Created
+    );
+    assert_eq!(
+        ledger.register(&order("A-1", "f1")).await.unwrap(),
+        Registered::Exists {
+            phase: Phase::Queued,
+            same_request: true
+        }
+    );
+    assert_eq!(
+        ledger.register(&order("A-1", "other")).await.unwrap(),
+        Registered::Exists {
+            phase: Phase::Queued,
+            same_request: false
+        }
+    );
+    let record = ledger.get("A-1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.phase, record.amount.as_str(), record.attempts),
+        (Phase::Queued, "150.50", 0)
+    );
+    assert_eq!(record.batch_id.as_deref(), Some("B1"));
+    assert_eq!(
+        ledger.batch_members("B1").await.unwrap(),
+        vec!["A-1".to_string()]
+    );
+    assert!(ledger.get("nope").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_submit_lease_admits_one_holder() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("L-1", "f")).await.unwrap();
+    let first = ledger
+        .begin_submit("L-1", "t1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        SubmitTicket::Go {
+            previous: Phase::Queued,
+            attempt: 1
+        }
+    );
+    match ledger
+        .begin_submit("L-1", "t2", Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        SubmitTicket::Busy { retry_in } => assert!(retry_in <= Duration::from_secs(30)),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    // Only the holder can give the lease back.
+    assert!(
+        !ledger
+            .release("L-1", "t2", Phase::Queued, Some(-1), "x")
+            .await
+            .unwrap()
+    );
+    assert!(
+        ledger
+            .release("L-1", "t1", Phase::Queued, Some(-1), "system error")
+            .await
+            .unwrap()
+    );
+    let record = ledger.get("L-1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.phase, record.last_code, record.last_msg.as_deref()),
+        (Phase::Queued, Some(-1), Some("system error"))
+    );
+    assert_eq!(
+        ledger
+            .begin_submit("L-1", "t3", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Go {
+            previous: Phase::Queued,
+            attempt: 2
+        }
+    );
+    assert!(
+        ledger
+            .release("L-1", "t3", Phase::Unknown, None, "timeout")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ledger
+            .begin_submit("L-1", "t4", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Go {
+            previous: Phase::Unknown,
+            attempt: 3
+        }
+    );
+    assert!(ledger.accept("L-1", Some("P1")).await.unwrap());
+    assert_eq!(
+        ledger
+            .begin_submit("L-1", "t5", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Accepted
+    );
+    assert_eq!(
+        ledger
+            .begin_submit("missing", "t", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        SubmitTicket::Missing
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_means_the_create_may_have_happened() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("E-1", "f")).await.unwrap();
+    ledger
+        .begin_submit("E-1", "dead-worker", Duration::from_millis(50))
+        .await
+        .unwrap();
+    // Waiting past the lease is all that matters here, however fast the machine is.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        ledger
+            .begin_submit("E-1", "live-worker", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Go {
+            previous: Phase::Unknown,
+            attempt: 2
+        }
+    );
+    // The dead worker's late release changes nothing.
+    assert!(
+        !ledger
+            .release("E-1", "dead-worker", Phase::Queued, None, "")
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn finalize_emits_exactly_one_outcome_whoever_races() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("F-1", "f")).await.unwrap();
+    ledger
+        .begin_submit("F-1", "t", Duration::from_secs(30))
+        .await
+        .unwrap();
+    ledger.accept("F-1", Some("P123")).await.unwrap();
+
+    let mut racers = Vec::new();
+    for i in 0..40 {
+        let ledger = ledger.clone();
+        racers.push(tokio::spawn(async move {
+            let (phase, state) = if i % 2 == 0 {
+                (Phase::Succeeded, 2)
+            } else {
+                (Phase::Failed, 3)
+            };
+            ledger
+                .finalize(
+                    "F-1",
+                    phase,
+                    &FinalResult {
+                        gateway_state: Some(state),
+                        fee: Some("1.50".into()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for racer in racers {
+        winners += usize::from(racer.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+    let outcomes = ledger.outcomes_after("0", 10).await.unwrap();
+    let (_, outcome) = &outcomes[0];
+    let record = ledger.get("F-1").await.unwrap().unwrap();
+    assert_eq!(
+        outcome.status,
+        record.phase.as_str(),
+        "the ledger and the outcome agree"
+    );
+    assert_eq!(outcome.kind, "payout");
+    assert_eq!(outcome.mch_order_no, "F-1");
+    assert_eq!(outcome.pay_order_id.as_deref(), Some("P123"));
+    assert_eq!(
+        (outcome.amount.as_str(), outcome.currency.as_str()),
+        ("150.50", "INR")
+    );
+    assert_eq!(outcome.fee.as_deref(), Some("1.50"));
+    assert_eq!(outcome.attempts, 1);
+    assert_eq!(outcome.batch_id.as_deref(), Some("B1"));
+    assert!(
+        outcome.at.ends_with('Z') && outcome.at.contains('T'),
+        "{}",
+        outcome.at
+    );
+
+    // Final never changes.
+    assert!(!ledger.accept("F-1", Some("P999")).await.unwrap());
+    assert!(!ledger.mark_stuck("F-1").await.unwrap());
+    assert!(matches!(
+        ledger
+            .begin_submit("F-1", "t", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        SubmitTicket::Final(_)
+    ));
+    assert_eq!(
+        ledger.get("F-1").await.unwrap().unwrap().phase,
+        record.phase
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn outcomes_page_in_order_and_stuck_orders_are_flagged() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    for i in 0..5 {
+        let id = format!("P-{i}");
+        ledger.register(&order(&id, "f")).await.unwrap();
+        ledger
+            .finalize(
+                &id,
+                Phase::Rejected,
+                &FinalResult {
+                    gateway_state: Some(8),
+                    code: None,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let first = ledger.outcomes_after("0", 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    let rest = ledger.outcomes_after(&first[2].0, 10).await.unwrap();
+    let ids: Vec<String> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|(_, o)| o.mch_order_no.clone())
+        .collect();
+    assert_eq!(ids, vec!["P-0", "P-1", "P-2", "P-3", "P-4"]);
+
+    ledger.register(&order("S-1", "f")).await.unwrap();
+    assert!(ledger.mark_stuck("S-1").await.unwrap());
+    assert!(ledger.get("S-1").await.unwrap().unwrap().stuck);
+    ledger
+        .finalize("S-1", Phase::Succeeded, &FinalResult::default())
+        .await
+        .unwrap();
+    assert!(!ledger.get("S-1").await.unwrap().unwrap().stuck);
+}
