@@ -4,6 +4,7 @@
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod jobs;
 pub mod ledger;
 pub mod money;
 pub mod payout;

@@ -46,6 +46,11 @@ impl LedgerKeys {
         format!("{}:batch:{batch_id}", self.base)
     }
 
+    /// Orders whose creates failed with auth-class codes since the last accepted create.
+    pub fn guard(&self) -> String {
+        format!("{}:guard", self.base)
+    }
+
     pub fn outcomes(&self) -> String {
         format!("{}:outcomes", self.base)
     }
@@ -288,6 +293,7 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let changed: i64 = scripts::ACCEPT
             .key(self.keys.order(mch_order_no))
+            .key(self.keys.guard())
             .arg(pay_order_id.unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await?;

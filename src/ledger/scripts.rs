@@ -68,7 +68,8 @@ return {'go', previous, tostring(attempts)}
 });
 
 /// The gateway accepted the create (or a query found the order in a non-final state).
-/// KEYS: order. ARGV: payOrderId. Returns 1 if recorded, 0 if the order is already final.
+/// KEYS: order, systemic-guard set (an accepted create proves the key works: reset it).
+/// ARGV: payOrderId. Returns 1 if recorded, 0 if the order is already final.
 pub static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -77,6 +78,7 @@ if not phase or FINAL[phase] then return 0 end
 redis.call('HSET', KEYS[1], 'phase', 'accepted', 'updatedAt', now_ms())
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'payOrderId', ARGV[1]) end
 redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil')
+redis.call('DEL', KEYS[2])
 return 1
 "#,
     )

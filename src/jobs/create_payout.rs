@@ -1,0 +1,172 @@
+//! create-payout: send the create for one order at most once at a time, under the ledger's
+//! submit lease, and record what the gateway said. The mchOrderNo never changes; an order
+//! whose create may have reached the gateway is looked up before anything is sent again.
+
+use super::reconcile::{Lookup, adopt, lookup};
+use super::{JobContext, JobError, Step, full_jitter};
+use crate::gateway::codes::is_auth_class;
+use crate::gateway::{ErrorClass, GatewayError};
+use crate::ledger::{FinalResult, OrderRecord, Phase, SubmitTicket};
+use crate::payout::PayoutRequest;
+use std::time::Duration;
+
+/// A fresh token per run: the lease belongs to this run, not to the worker process.
+fn lease_token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<Step, JobError> {
+    let token = lease_token();
+    let (previous, attempt) = match ctx
+        .ledger
+        .begin_submit(mch_order_no, &token, ctx.lease)
+        .await?
+    {
+        SubmitTicket::Go { previous, attempt } => (previous, attempt),
+        SubmitTicket::Accepted => return Ok(Step::Poll(ctx.poll.first_delay)),
+        SubmitTicket::Final(_) => return Ok(Step::Done),
+        // Another run holds the lease (a redelivery while the first still runs).
+        SubmitTicket::Busy { retry_in } => {
+            return Ok(Step::RetryAfter(retry_in + Duration::from_millis(100)));
+        }
+        SubmitTicket::Missing => {
+            tracing::warn!(
+                mch_order_no,
+                "create-payout job for an order the ledger does not hold"
+            );
+            return Ok(Step::Done);
+        }
+    };
+    let record = ctx
+        .ledger
+        .get(mch_order_no)
+        .await?
+        .ok_or_else(|| JobError::BadRecord {
+            id: mch_order_no.to_owned(),
+            reason: "vanished while leased".into(),
+        })?;
+    let request: PayoutRequest =
+        serde_json::from_str(&record.request).map_err(|err| JobError::BadRecord {
+            id: mch_order_no.to_owned(),
+            reason: err.to_string(),
+        })?;
+
+    if previous == Phase::Unknown {
+        // An earlier create may have reached the gateway: ask before sending another.
+        match lookup(ctx, &record).await {
+            Lookup::Found(info) => return adopt(ctx, &record, &info).await,
+            Lookup::NotFound => {}
+            Lookup::Failed(err) => {
+                return retry(ctx, &record, &token, Phase::Unknown, attempt, &err).await;
+            }
+        }
+    }
+
+    tracing::debug!(mch_order_no, attempt, "sending create");
+    match ctx
+        .client
+        .create_payout(&request.to_create(&ctx.notify_url))
+        .await
+    {
+        Ok(accepted) => {
+            ctx.ledger
+                .accept(mch_order_no, Some(&accepted.pay_order_id))
+                .await?;
+            Ok(Step::Poll(ctx.poll.first_delay))
+        }
+        Err(err) => create_failed(ctx, &record, &token, attempt, err).await,
+    }
+}
+
+async fn create_failed(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    token: &str,
+    attempt: u32,
+    err: GatewayError,
+) -> Result<Step, JobError> {
+    let id = record.mch_order_no.as_str();
+    if let Some(code) = err.code()
+        && is_auth_class(code)
+    {
+        ctx.guard.record_auth_failure(id, code).await?;
+    }
+    let class = err.class(&ctx.codes);
+    tracing::info!(mch_order_no = id, attempt, error = %err, ?class, "create failed");
+    if class == ErrorClass::Reconcile {
+        // The gateway says the number exists: find out whether it is this payout.
+        return match lookup(ctx, record).await {
+            Lookup::Found(info) => adopt(ctx, record, &info).await,
+            Lookup::NotFound => retry(ctx, record, token, Phase::Unknown, attempt, &err).await,
+            Lookup::Failed(query_err) => {
+                retry(ctx, record, token, Phase::Unknown, attempt, &query_err).await
+            }
+        };
+    }
+    if class == ErrorClass::Terminal && !err.is_ambiguous() {
+        fail(ctx, id, &err).await?;
+        return Ok(Step::Done);
+    }
+    let next = if err.is_ambiguous() {
+        Phase::Unknown
+    } else {
+        Phase::Queued
+    };
+    retry(ctx, record, token, next, attempt, &err).await
+}
+
+/// Retry the same create later, or, once attempts are used up, settle the order by a query:
+/// it fails only if the gateway confirms it holds no such order.
+async fn retry(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    token: &str,
+    next: Phase,
+    attempt: u32,
+    err: &GatewayError,
+) -> Result<Step, JobError> {
+    let id = record.mch_order_no.as_str();
+    if attempt >= ctx.retry.max_attempts {
+        match lookup(ctx, record).await {
+            Lookup::Found(info) => return adopt(ctx, record, &info).await,
+            Lookup::NotFound => {
+                fail(ctx, id, err).await?;
+                return Ok(Step::Done);
+            }
+            // Cannot even ask: the order stays unknown and is tried again at the longest wait.
+            Lookup::Failed(_) => {
+                ctx.ledger
+                    .release(id, token, Phase::Unknown, err.code(), &err.to_string())
+                    .await?;
+                return Ok(Step::RetryAfter(ctx.retry.max_delay));
+            }
+        }
+    }
+    ctx.ledger
+        .release(id, token, next, err.code(), &err.to_string())
+        .await?;
+    Ok(Step::RetryAfter(full_jitter(
+        ctx.retry.base_delay,
+        ctx.retry.max_delay,
+        attempt,
+    )))
+}
+
+async fn fail(ctx: &JobContext, id: &str, err: &GatewayError) -> Result<(), JobError> {
+    let msg = match err {
+        GatewayError::Gateway { msg, .. } => msg.clone(),
+        other => other.to_string(),
+    };
+    ctx.ledger
+        .finalize(
+            id,
+            Phase::Failed,
+            &FinalResult {
+                code: err.code(),
+                msg: Some(msg),
+                ..FinalResult::default()
+            },
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! The systemic guard: when creates for several *different* orders fail in a row with
+//! auth-class codes (bad key, unbound IP, disabled merchant…), every further create would
+//! fail the same way, so the queue must pause instead of burning a payroll. The count lives in
+//! Redis so all workers share it; any accepted create resets it (the ledger's accept script
+//! clears the same key).
+
+use super::JobError;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use std::sync::LazyLock;
+
+static RECORD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 1 end
+return 0
+"#,
+    )
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardVerdict {
+    Continue,
+    Pause,
+}
+
+#[derive(Clone)]
+pub struct SystemicGuard {
+    conn: ConnectionManager,
+    key: String,
+    pause_key: String,
+    threshold: u32,
+}
+
+impl SystemicGuard {
+    /// `key` is the ledger's guard key ([`crate::ledger::LedgerKeys::guard`]); `pause_key` is
+    /// the payout queue's pause flag, which every worker reads.
+    pub fn new(conn: ConnectionManager, key: String, pause_key: String, threshold: u32) -> Self {
+        Self {
+            conn,
+            key,
+            pause_key,
+            threshold: threshold.max(1),
+        }
+    }
+
+    /// Counts an auth-class failure of `mch_order_no`; `Pause` once enough different orders
+    /// failed with no success in between.
+    pub async fn record_auth_failure(
+        &self,
+        mch_order_no: &str,
+        code: i64,
+    ) -> Result<GuardVerdict, JobError> {
+        let tripped: i64 = RECORD
+            .key(&self.key)
+            .arg(mch_order_no)
+            .arg(self.threshold)
+            .arg(3_600_000)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|err| JobError::Guard(err.to_string()))?;
+        if tripped == 1 {
+            // Pause first, then start the count afresh for after the resume.
+            let mut conn = self.conn.clone();
+            redis::pipe()
+                .set(&self.pause_key, 1)
+                .ignore()
+                .del(&self.key)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|err| JobError::Guard(err.to_string()))?;
+            tracing::error!(
+                code,
+                threshold = self.threshold,
+                "auth-class failures across orders: pausing the queue"
+            );
+            Ok(GuardVerdict::Pause)
+        } else {
+            Ok(GuardVerdict::Continue)
+        }
+    }
+}

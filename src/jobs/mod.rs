@@ -1,0 +1,108 @@
+//! The two payout jobs and what they share. They join the gateway (HTTP) and the ledger
+//! (Redis): each run reads the ledger, makes at most one gateway call that could create money
+//! movement, records the result with one ledger transition, and says what should happen next
+//! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement, a delayed retry or a
+//! follow-up job.
+
+mod backoff;
+mod create_payout;
+mod guard;
+mod poll_status;
+mod reconcile;
+
+pub use backoff::full_jitter;
+pub use create_payout::run_create_payout;
+pub use guard::{GuardVerdict, SystemicGuard};
+pub use poll_status::run_poll_status;
+
+use crate::gateway::{CodeTable, TarsPayClient};
+use crate::ledger::{Ledger, LedgerError, OrderKind};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A job on the payout queue. Both carry only the order number: everything else is read from
+/// the ledger, so a redelivered or stale job can never carry a different payout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "job", rename_all = "snake_case")]
+pub enum PayoutJob {
+    CreatePayout {
+        #[serde(rename = "mchOrderNo")]
+        mch_order_no: String,
+    },
+    PollStatus {
+        #[serde(rename = "mchOrderNo")]
+        mch_order_no: String,
+        kind: OrderKind,
+    },
+}
+
+impl PayoutJob {
+    pub fn mch_order_no(&self) -> &str {
+        match self {
+            Self::CreatePayout { mch_order_no } | Self::PollStatus { mch_order_no, .. } => {
+                mch_order_no
+            }
+        }
+    }
+
+    /// The queue's unique key: at most one waiting job of each kind per order.
+    pub fn unique_key(&self) -> String {
+        match self {
+            Self::CreatePayout { mch_order_no } => format!("create:{mch_order_no}"),
+            Self::PollStatus { mch_order_no, .. } => format!("poll:{mch_order_no}"),
+        }
+    }
+}
+
+/// What the queue should do after a job ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Finished; acknowledge.
+    Done,
+    /// Run this job again after the delay.
+    RetryAfter(Duration),
+    /// Finished; follow the order with a poll-status job after the delay.
+    Poll(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// First retry waits up to this (full jitter), doubling per attempt.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Creates tried before a retryable failure becomes final.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PollPolicy {
+    pub first_delay: Duration,
+    /// Polling interval cap.
+    pub max_interval: Duration,
+    /// After this long without a final state the order is flagged stuck (and still polled).
+    pub deadline: Duration,
+}
+
+/// Everything a job run needs; cheap to clone.
+#[derive(Clone)]
+pub struct JobContext {
+    pub ledger: Ledger,
+    pub client: TarsPayClient,
+    pub codes: CodeTable,
+    pub notify_url: String,
+    pub retry: RetryPolicy,
+    pub poll: PollPolicy,
+    /// How long a create may hold the submit lease: longer than one gateway call.
+    pub lease: Duration,
+    pub guard: SystemicGuard,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("order {id}: stored request is unreadable: {reason}")]
+    BadRecord { id: String, reason: String },
+    #[error("systemic guard: {0}")]
+    Guard(String),
+}

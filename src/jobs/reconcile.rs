@@ -1,0 +1,118 @@
+//! Adopting what the gateway says about an order: used when a create's fate is unknown, when a
+//! create is refused as a duplicate (5003011), and by polling.
+
+use super::{JobContext, JobError, Step};
+use crate::gateway::types::{OrderInfo, OrderRef};
+use crate::gateway::{GatewayError, OrderState};
+use crate::ledger::{FinalResult, OrderKind, OrderRecord, Phase};
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+/// What a query told us.
+pub(super) enum Lookup {
+    Found(OrderInfo),
+    /// The gateway says it has no such order (5003020 / 5003018).
+    NotFound,
+    Failed(GatewayError),
+}
+
+pub(super) async fn lookup(ctx: &JobContext, record: &OrderRecord) -> Lookup {
+    let order = OrderRef::MchOrderNo(record.mch_order_no.clone());
+    let (result, not_found) = if record.kind == OrderKind::Deposit.as_str() {
+        (ctx.client.query_deposit(&order).await, 5003018)
+    } else {
+        (ctx.client.query_payout(&order).await, 5003020)
+    };
+    match result {
+        Ok(info) => Lookup::Found(info),
+        Err(err) if err.code() == Some(not_found) => Lookup::NotFound,
+        Err(err) => Lookup::Failed(err),
+    }
+}
+
+fn same_money(ours: &str, theirs: Option<&str>) -> bool {
+    match (Decimal::from_str(ours), theirs.map(Decimal::from_str)) {
+        (Ok(a), Some(Ok(b))) => a == b,
+        // The gateway did not say: nothing contradicts us.
+        (_, None) => true,
+        _ => false,
+    }
+}
+
+/// The gateway holds an order under our number: take its state if it is the same payout,
+/// otherwise the number clashes with a different order (`conflict`, final).
+pub(super) async fn adopt(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    info: &OrderInfo,
+) -> Result<Step, JobError> {
+    let id = &record.mch_order_no;
+    let same_currency = info
+        .currency
+        .as_deref()
+        .is_none_or(|c| c == record.currency);
+    if !same_currency || !same_money(&record.amount, info.order_amount.as_deref()) {
+        let msg = format!(
+            "the gateway holds {id} for {} {}, not {} {}",
+            info.order_amount.as_deref().unwrap_or("?"),
+            info.currency.as_deref().unwrap_or("?"),
+            record.amount,
+            record.currency
+        );
+        tracing::warn!(mch_order_no = %id, %msg, "order number conflict");
+        ctx.ledger
+            .finalize(
+                id,
+                Phase::Conflict,
+                &FinalResult {
+                    gateway_state: Some(info.state.code()),
+                    pay_order_id: info.pay_order_id.clone(),
+                    code: Some(crate::gateway::codes::DUPLICATE_ORDER),
+                    msg: Some(msg),
+                    ..FinalResult::default()
+                },
+            )
+            .await?;
+        return Ok(Step::Done);
+    }
+    if finish_if_final(ctx, record, info).await? {
+        return Ok(Step::Done);
+    }
+    ctx.ledger.accept(id, info.pay_order_id.as_deref()).await?;
+    Ok(Step::Poll(ctx.poll.first_delay))
+}
+
+/// Applies a final gateway state through the one terminal transition. True when the state
+/// was final (whether or not this call was the one that recorded it).
+pub(super) async fn finish_if_final(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    info: &OrderInfo,
+) -> Result<bool, JobError> {
+    let Some(phase) = Phase::from_gateway(info.state) else {
+        return Ok(false);
+    };
+    let failed = matches!(info.state, OrderState::Failure | OrderState::Rejected);
+    let recorded = ctx
+        .ledger
+        .finalize(
+            &record.mch_order_no,
+            phase,
+            &FinalResult {
+                gateway_state: Some(info.state.code()),
+                pay_order_id: info.pay_order_id.clone(),
+                fee: info.fee.clone(),
+                code: None,
+                msg: if failed {
+                    info.fail_reason.clone()
+                } else {
+                    None
+                },
+            },
+        )
+        .await?;
+    if recorded {
+        tracing::info!(mch_order_no = %record.mch_order_no, status = %phase, "order final");
+    }
+    Ok(true)
+}
