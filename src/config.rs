@@ -65,6 +65,30 @@ pub struct Settings {
     pub system_public_key: String,
     #[serde(deserialize_with = "lenient_string")]
     pub redis_url: String,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub concurrency: u64,
+    #[serde(deserialize_with = "lenient_string")]
+    pub queue_prefix: String,
+    #[serde(deserialize_with = "duration")]
+    pub retry_base_delay: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max_delay: Duration,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub retry_max_attempts: u64,
+    #[serde(deserialize_with = "duration")]
+    pub poll_first_delay: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub poll_max_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub poll_deadline: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub orphan_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub guard_auth_failures: u64,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub outcome_max_len: u64,
     pub gateway: GatewayTuning,
     #[serde(default)]
     pub codes: BTreeMap<String, ErrorClass>,
@@ -208,6 +232,50 @@ impl Settings {
                 "must be greater than zero",
             ));
         }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(invalid("concurrency", "must be between 1 and 10000"));
+        }
+        if self.queue_prefix.is_empty()
+            || !self
+                .queue_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err(invalid(
+                "queue_prefix",
+                "must be non-empty letters, digits, '-', '_', '.' or ':' (no braces: they are the hash tag)",
+            ));
+        }
+        for (key, value) in [
+            ("retry_base_delay", self.retry_base_delay),
+            ("retry_max_delay", self.retry_max_delay),
+            ("poll_first_delay", self.poll_first_delay),
+            ("poll_max_interval", self.poll_max_interval),
+            ("poll_deadline", self.poll_deadline),
+            ("orphan_timeout", self.orphan_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        if self.retry_max_delay < self.retry_base_delay {
+            return Err(invalid(
+                "retry_max_delay",
+                "must not be shorter than retry_base_delay",
+            ));
+        }
+        if self.retry_max_attempts == 0 || self.retry_max_attempts > 1000 {
+            return Err(invalid("retry_max_attempts", "must be between 1 and 1000"));
+        }
+        if self.orphan_timeout <= self.gateway.request_timeout {
+            return Err(invalid(
+                "orphan_timeout",
+                "must be longer than gateway.request_timeout, or live jobs would be taken over",
+            ));
+        }
+        if self.guard_auth_failures == 0 {
+            return Err(invalid("guard_auth_failures", "must be at least 1"));
+        }
         if self.gateway.max_response_bytes < 1024 {
             return Err(invalid(
                 "gateway.max_response_bytes",
@@ -282,6 +350,11 @@ impl Settings {
             request_timeout: self.gateway.request_timeout,
             max_response_bytes: self.gateway.max_response_bytes as usize,
         })
+    }
+
+    /// How long a create holds the submit lease: one whole gateway call plus a margin.
+    pub fn submit_lease(&self) -> Duration {
+        self.gateway.request_timeout + Duration::from_secs(10)
     }
 
     pub fn code_table(&self) -> Result<CodeTable, ConfigError> {
@@ -407,6 +480,12 @@ mod tests {
                 ("TARSPAY_PRIVATE_KEY", key.as_str()),
                 ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "1500ms"),
                 ("TARSPAY_CODES__5003013", "retryable"),
+                ("TARSPAY_CONCURRENCY", "8"),
+                ("TARSPAY_RETRY_BASE_DELAY", "250ms"),
+                ("TARSPAY_RETRY_MAX_ATTEMPTS", "3"),
+                ("TARSPAY_POLL_FIRST_DELAY", "1s"),
+                ("TARSPAY_ORPHAN_TIMEOUT", "2m"),
+                ("TARSPAY_QUEUE_PREFIX", "acme-payouts"),
             ],
         )
         .unwrap();
@@ -448,6 +527,21 @@ mod tests {
                 "TARSPAY_GATEWAY__CONNECT_TIMEOUT",
             ),
             ("TARSPAY_CODES__ABC", "retryable", "TARSPAY_CODES__ABC"),
+            ("TARSPAY_CONCURRENCY", "0", "TARSPAY_CONCURRENCY"),
+            ("TARSPAY_CONCURRENCY", "many", "TARSPAY_CONCURRENCY"),
+            ("TARSPAY_RETRY_BASE_DELAY", "0s", "TARSPAY_RETRY_BASE_DELAY"),
+            (
+                "TARSPAY_RETRY_MAX_ATTEMPTS",
+                "0",
+                "TARSPAY_RETRY_MAX_ATTEMPTS",
+            ),
+            (
+                "TARSPAY_POLL_FIRST_DELAY",
+                "later",
+                "TARSPAY_POLL_FIRST_DELAY",
+            ),
+            ("TARSPAY_ORPHAN_TIMEOUT", "5s", "TARSPAY_ORPHAN_TIMEOUT"),
+            ("TARSPAY_QUEUE_PREFIX", "a{b}", "TARSPAY_QUEUE_PREFIX"),
         ];
         for (var, value, expected) in cases {
             let err = Settings::load_with_env(None, [(var, value)])
