@@ -6,8 +6,10 @@ mod common;
 use common::redis_server::RedisServer;
 use std::time::Duration;
 use tarspay_worker::ledger::{
-    FinalResult, Ledger, NewOrder, OrderKind, Phase, Registered, SubmitTicket,
+    FinalResult, Ledger, LedgerKeys, NewOrder, OrderKind, Phase, Registered, SubmitTicket,
 };
+
+const PAUSED: &str = "{ltest:payouts}:paused";
 
 fn order<'a>(id: &'a str, fingerprint: &'a str) -> NewOrder<'a> {
     NewOrder {
@@ -22,7 +24,10 @@ fn order<'a>(id: &'a str, fingerprint: &'a str) -> NewOrder<'a> {
 }
 
 async fn ledger(server: &RedisServer) -> Ledger {
-    Ledger::new(server.conn().await, "ltest")
+    Ledger::new(
+        server.conn().await,
+        LedgerKeys::new("{ltest:payouts}", PAUSED),
+    )
 }
 
 #[tokio::test]
@@ -294,4 +299,42 @@ async fn outcomes_page_in_order_and_stuck_orders_are_flagged() {
         .await
         .unwrap();
     assert!(!ledger.get("S-1").await.unwrap().unwrap().stuck);
+}
+
+#[tokio::test]
+async fn nothing_is_submitted_while_the_queue_is_paused() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("PZ-1", "f")).await.unwrap();
+    let mut conn = server.conn().await;
+    redis::cmd("SET")
+        .arg(PAUSED)
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger
+            .begin_submit("PZ-1", "t", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Paused
+    );
+    assert_eq!(
+        ledger.get("PZ-1").await.unwrap().unwrap().phase,
+        Phase::Queued,
+        "a paused check changes nothing"
+    );
+    redis::cmd("DEL")
+        .arg(PAUSED)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        ledger
+            .begin_submit("PZ-1", "t", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Go { .. }
+    ));
 }

@@ -10,6 +10,9 @@ use crate::ledger::{FinalResult, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use std::time::Duration;
 
+/// How often a job held back by a pause looks again.
+const PAUSED_RECHECK: Duration = Duration::from_secs(1);
+
 /// A fresh token per run: the lease belongs to this run, not to the worker process.
 fn lease_token() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -29,6 +32,9 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         SubmitTicket::Busy { retry_in } => {
             return Ok(Step::RetryAfter(retry_in + Duration::from_millis(100)));
         }
+        // Checked in the same script as the lease, so even jobs a worker fetched before the
+        // pause send nothing.
+        SubmitTicket::Paused => return Ok(Step::RetryAfter(PAUSED_RECHECK)),
         SubmitTicket::Missing => {
             tracing::warn!(
                 mch_order_no,

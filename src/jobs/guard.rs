@@ -14,7 +14,12 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| {
         r#"
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  -- Pause, and start the count afresh for after the resume.
+  redis.call('SET', KEYS[2], '1')
+  redis.call('DEL', KEYS[1])
+  return 1
+end
 return 0
 "#,
     )
@@ -36,7 +41,7 @@ pub struct SystemicGuard {
 
 impl SystemicGuard {
     /// `key` is the ledger's guard key ([`crate::ledger::LedgerKeys::guard`]); `pause_key` is
-    /// the payout queue's pause flag, which every worker reads.
+    /// the payout queue's pause flag, which every worker reads (same hash tag).
     pub fn new(conn: ConnectionManager, key: String, pause_key: String, threshold: u32) -> Self {
         Self {
             conn,
@@ -55,6 +60,7 @@ impl SystemicGuard {
     ) -> Result<GuardVerdict, JobError> {
         let tripped: i64 = RECORD
             .key(&self.key)
+            .key(&self.pause_key)
             .arg(mch_order_no)
             .arg(self.threshold)
             .arg(3_600_000)
@@ -62,16 +68,6 @@ impl SystemicGuard {
             .await
             .map_err(|err| JobError::Guard(err.to_string()))?;
         if tripped == 1 {
-            // Pause first, then start the count afresh for after the resume.
-            let mut conn = self.conn.clone();
-            redis::pipe()
-                .set(&self.pause_key, 1)
-                .ignore()
-                .del(&self.key)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|err| JobError::Guard(err.to_string()))?;
             tracing::error!(
                 code,
                 threshold = self.threshold,

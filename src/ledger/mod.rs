@@ -24,18 +24,28 @@ pub enum LedgerError {
     Corrupt { id: String, reason: String },
 }
 
-/// Key layout: every key of a ledger shares the hash tag `{prefix:ledger}`, so the scripts
-/// that touch an order and the outcome stream run on one Redis Cluster slot.
+/// Key layout. The ledger lives in its queue's partition: every key shares the queue's hash
+/// tag (e.g. `{tarspay:payouts}`), so one script can check the queue's pause flag, change an
+/// order and append its outcome on one Redis Cluster slot.
 #[derive(Debug, Clone)]
 pub struct LedgerKeys {
     base: String,
+    paused: String,
 }
 
 impl LedgerKeys {
-    pub fn new(prefix: &str) -> Self {
+    /// `tag` is the partition's hash tag with braces (`{prefix:queue}`); `paused` is the
+    /// queue's pause flag, which must carry the same tag.
+    pub fn new(tag: &str, paused: &str) -> Self {
         Self {
-            base: format!("{{{prefix}:ledger}}"),
+            base: tag.to_owned(),
+            paused: paused.to_owned(),
         }
+    }
+
+    /// The queue's pause flag: while it exists no create is sent.
+    pub fn paused(&self) -> &str {
+        &self.paused
     }
 
     pub fn order(&self, mch_order_no: &str) -> String {
@@ -110,6 +120,8 @@ pub enum SubmitTicket {
     Busy {
         retry_in: Duration,
     },
+    /// The queue is paused (by an operator or the systemic guard): send nothing now.
+    Paused,
     /// The gateway already holds the order; nothing to create.
     Accepted,
     /// Already final; nothing to do.
@@ -188,10 +200,10 @@ pub fn rfc3339_now() -> String {
 }
 
 impl Ledger {
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: ConnectionManager, keys: LedgerKeys) -> Self {
         Self {
             conn,
-            keys: LedgerKeys::new(prefix),
+            keys,
             outcome_max_len: 0,
         }
     }
@@ -256,6 +268,7 @@ impl Ledger {
     ) -> Result<SubmitTicket, LedgerError> {
         let reply: Vec<String> = scripts::BEGIN_SUBMIT
             .key(self.keys.order(mch_order_no))
+            .key(self.keys.paused())
             .arg(token)
             .arg(lease.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
@@ -273,6 +286,7 @@ impl Ledger {
                 retry_in: Duration::from_millis(ms.parse().unwrap_or(1000)),
             },
             [verdict] if verdict == "accepted" => SubmitTicket::Accepted,
+            [verdict] if verdict == "paused" => SubmitTicket::Paused,
             [verdict, phase] if verdict == "final" => {
                 SubmitTicket::Final(phase.parse().map_err(corrupt)?)
             }

@@ -40,8 +40,8 @@ return {'created', ARGV[8], ARGV[3]}
     )
 });
 
-/// Takes the `submitting` lease. KEYS: order. ARGV: lease token, lease ms.
-/// Returns {"go", previous phase, attempts} | {"busy", ms left} | {"accepted"} |
+/// Takes the `submitting` lease. KEYS: order, queue pause flag. ARGV: lease token, lease ms.
+/// Returns {"go", previous phase, attempts} | {"busy", ms left} | {"paused"} | {"accepted"} |
 /// {"final", phase} | {"missing"}. A `submitting` order whose lease ran out was left by a
 /// worker that died mid-call: it comes back as previous phase "unknown".
 pub static BEGIN_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
@@ -52,6 +52,7 @@ local phase = h[1]
 if not phase then return {'missing'} end
 if FINAL[phase] then return {'final', phase} end
 if phase == 'accepted' then return {'accepted'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'paused'} end
 local now = now_ms()
 local previous = phase
 if phase == 'submitting' then
