@@ -2,6 +2,7 @@
 //! dispatches.
 
 mod demo;
+mod payouts;
 mod sandbox;
 mod tools;
 
@@ -38,6 +39,23 @@ pub enum Command {
     Verify(tools::VerifyArgs),
     /// Query the merchant balance at the gateway.
     Balance,
+    /// Run the payout worker pool (SIGTERM/SIGINT: stop fetching, finish in-flight work).
+    Worker(payouts::WorkerArgs),
+    /// Queue payouts from a JSON-lines file (or - for stdin).
+    Enqueue(payouts::EnqueueArgs),
+    /// Show one payout's ledger record.
+    Status(payouts::StatusArgs),
+    /// Print outcomes from the start of the outcome stream.
+    Outcomes(payouts::OutcomesArgs),
+    /// Show the payout queue's numbers (waiting, pending, delayed, dead, workers).
+    Queue,
+    /// Stop every worker from sending creates.
+    Pause,
+    /// Let workers continue after a pause (an operator's or the systemic guard's).
+    Resume,
+    /// Jobs that were given up.
+    #[command(subcommand)]
+    Dead(payouts::DeadCommand),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -51,6 +69,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Sign(args) => tools::sign(&settings, args),
             Command::Verify(args) => tools::verify(args),
             Command::Balance => tools::balance(&settings).await,
+            Command::Worker(args) => payouts::run_worker(&settings, args).await,
+            Command::Enqueue(args) => payouts::enqueue(&settings, args).await,
+            Command::Status(args) => payouts::status(&settings, args).await,
+            Command::Outcomes(args) => payouts::outcomes(&settings, args).await,
+            Command::Queue => payouts::queue_stats(&settings).await,
+            Command::Pause => payouts::pause(&settings, true).await,
+            Command::Resume => payouts::pause(&settings, false).await,
+            Command::Dead(command) => payouts::dead(&settings, command).await,
         }
     })
 }

@@ -2,6 +2,7 @@
 //! client for that merchant (zero2prod's `spawn_app`, for the gateway).
 #![allow(dead_code)]
 
+pub mod app;
 pub mod redis_server;
 
 use std::time::Duration;

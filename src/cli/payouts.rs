@@ -1,0 +1,265 @@
+//! The payout commands: `worker`, `enqueue`, `status`, `outcomes`, `queue` (stats), `pause`,
+//! `resume`, `dead list|retry`.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tarspay_worker::config::Settings;
+use tarspay_worker::ledger::Outcome;
+use tarspay_worker::producer::{Enqueued, ProducerError};
+use tarspay_worker::worker::{self, Deployment};
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Payouts in flight at once in this process (default: the `concurrency` setting,
+    /// TARSPAY_CONCURRENCY).
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct EnqueueArgs {
+    /// JSON lines, one payout per line (without mchNo and notifyUrl, which come from the
+    /// settings); `-` reads stdin.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tag every payout with this batch id.
+    #[arg(long)]
+    batch: Option<String>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The payout's mchOrderNo.
+    id: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct OutcomesArgs {
+    /// One JSON object per line with the outcome fields.
+    #[arg(long)]
+    json: bool,
+    /// Keep waiting for new outcomes.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Subcommand)]
+pub enum DeadCommand {
+    /// List jobs that were given up (oldest first).
+    List,
+    /// Put a dead job back on the queue.
+    Retry { id: String },
+}
+
+pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCode> {
+    let concurrency = args
+        .concurrency
+        .unwrap_or(settings.concurrency as usize)
+        .max(1);
+    worker::run(settings, concurrency, super::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode> {
+    // Fail before reading anything if the worker could not use these payouts.
+    settings.notify_url()?;
+    let deployment = Deployment::connect(settings).await?;
+    let producer = deployment.producer(settings)?;
+    let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut bad_lines = 0;
+    for (index, line) in reader.lines().enumerate() {
+        let number = index + 1;
+        let line = line.with_context(|| format!("cannot read line {number}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(value) => value,
+            Err(err) => {
+                println!("line {number}: invalid JSON: {err}");
+                bad_lines += 1;
+                continue;
+            }
+        };
+        match producer.enqueue_json(&value, args.batch.as_deref()).await {
+            Ok(Enqueued::Queued) => println!(
+                "queued {}",
+                value["mchOrderNo"].as_str().unwrap_or_default()
+            ),
+            Ok(Enqueued::Exists {
+                record,
+                same_request,
+            }) => {
+                let note = if same_request {
+                    ""
+                } else {
+                    " (with a different body: not queued)"
+                };
+                println!("exists {} {}{note}", record.mch_order_no, record.phase);
+            }
+            Err(ProducerError::Invalid(errors)) => {
+                println!("line {number}: {errors}");
+                bad_lines += 1;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(if bad_lines == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub async fn status(settings: &Settings, args: StatusArgs) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    let Some(record) = deployment.ledger.get(&args.id).await? else {
+        eprintln!("no order {}", args.id);
+        return Ok(ExitCode::from(1));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&record)?);
+    } else {
+        println!("mchOrderNo   {}", record.mch_order_no);
+        println!(
+            "phase        {}{}",
+            record.phase,
+            if record.stuck {
+                " (stuck past the polling deadline)"
+            } else {
+                ""
+            }
+        );
+        println!("amount       {} {}", record.amount, record.currency);
+        println!("attempts     {}", record.attempts);
+        if let Some(id) = &record.pay_order_id {
+            println!("payOrderId   {id}");
+        }
+        if let Some(code) = record.last_code {
+            println!(
+                "last code    {code} {}",
+                record.last_msg.as_deref().unwrap_or_default()
+            );
+        } else if let Some(msg) = &record.last_msg {
+            println!("last error   {msg}");
+        }
+        if let Some(batch) = &record.batch_id {
+            println!("batch        {batch}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(outcome)?);
+    } else {
+        let code = outcome
+            .code
+            .map(|c| format!(" code={c}"))
+            .unwrap_or_default();
+        println!(
+            "{} {} {} {} attempts={}{code} at={}",
+            outcome.mch_order_no,
+            outcome.status,
+            outcome.amount,
+            outcome.currency,
+            outcome.attempts,
+            outcome.at
+        );
+    }
+    Ok(())
+}
+
+pub async fn outcomes(settings: &Settings, args: OutcomesArgs) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    let mut last = "0".to_owned();
+    loop {
+        let page = deployment.ledger.outcomes_after(&last, 500).await?;
+        for (id, outcome) in &page {
+            print_outcome(outcome, args.json)?;
+            last.clone_from(id);
+        }
+        if page.is_empty() {
+            if !args.follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+pub async fn queue_stats(settings: &Settings) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    let stats = deployment.queue.stats().await?;
+    println!("waiting  {}", stats.waiting);
+    println!("pending  {}", stats.pending);
+    println!("delayed  {}", stats.delayed);
+    println!("dead     {}", stats.dead);
+    println!(
+        "oldest   {}",
+        stats
+            .oldest_job_age
+            .map(|a| format!("{}s", a.as_secs()))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("workers  {}", stats.workers_alive);
+    println!("paused   {}", stats.paused);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn pause(settings: &Settings, paused: bool) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    if paused {
+        deployment.queue.pause().await?;
+        println!("paused: workers stop fetching within a second; running jobs finish");
+    } else {
+        deployment.queue.resume().await?;
+        println!("resumed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    match command {
+        DeadCommand::List => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = deployment.queue.list_dead(after.as_deref(), 200).await?;
+                for job in &page {
+                    println!(
+                        "{} attempts={} reason={} job={}",
+                        job.dead_id,
+                        job.attempts.unwrap_or(0),
+                        job.reason,
+                        job.payload
+                    );
+                }
+                match page.last() {
+                    Some(job) => after = Some(job.dead_id.clone()),
+                    None => break,
+                }
+            }
+        }
+        DeadCommand::Retry { id } => {
+            if !deployment.queue.requeue_dead(&id).await? {
+                bail!("no dead job {id}");
+            }
+            println!("requeued {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,191 @@
+//! The producer: validates a payout, registers it in the ledger (refused if its mchOrderNo
+//! exists) and queues its create-payout job. Nothing is queued for input that fails
+//! validation.
+
+use crate::jobs::PayoutJob;
+use crate::ledger::{Ledger, LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
+use crate::payout::{PayoutRequest, PayoutRules, ValidationErrors};
+use crate::queue::{JobOptions, QueueError, RedisQueue};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
+/// own ceiling only catches a job that keeps crashing its worker.
+pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    #[error("invalid payout: {0}")]
+    Invalid(#[from] ValidationErrors),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// What happened to one enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// New order, create-payout job queued.
+    Queued,
+    /// The mchOrderNo was already registered: its current record. `same_request` is false when
+    /// the earlier payout under this number had a different body.
+    Exists {
+        record: Box<OrderRecord>,
+        same_request: bool,
+    },
+}
+
+#[derive(Clone)]
+pub struct Producer {
+    ledger: Ledger,
+    queue: RedisQueue<PayoutJob>,
+    rules: Arc<PayoutRules>,
+}
+
+/// Identifies a payout's content: SHA-256 of its canonical JSON (sorted keys).
+pub fn fingerprint(request: &PayoutRequest) -> String {
+    let value = serde_json::to_value(request).unwrap_or(Value::Null);
+    let canonical = crate::gateway::callback::sorted_compact_json(&value);
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+impl Producer {
+    pub fn new(ledger: Ledger, queue: RedisQueue<PayoutJob>, rules: Arc<PayoutRules>) -> Self {
+        Self {
+            ledger,
+            queue,
+            rules,
+        }
+    }
+
+    pub fn rules(&self) -> &PayoutRules {
+        &self.rules
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Validates a payout given as JSON, then enqueues it.
+    pub async fn enqueue_json(
+        &self,
+        value: &Value,
+        batch_id: Option<&str>,
+    ) -> Result<Enqueued, ProducerError> {
+        let request = self.rules.validate_json(value)?;
+        self.enqueue(&request, batch_id).await
+    }
+
+    /// Registers and queues an already validated payout. Safe to repeat: a second call for
+    /// the same mchOrderNo queues nothing new (it only re-queues a registered order whose job
+    /// was lost before it was queued).
+    pub async fn enqueue(
+        &self,
+        request: &PayoutRequest,
+        batch_id: Option<&str>,
+    ) -> Result<Enqueued, ProducerError> {
+        let fingerprint = fingerprint(request);
+        let body = serde_json::to_string(request).unwrap_or_default();
+        let registered = self
+            .ledger
+            .register(&NewOrder {
+                mch_order_no: &request.mch_order_no,
+                kind: OrderKind::Payout,
+                fingerprint: &fingerprint,
+                amount: request.amount.as_str(),
+                currency: &request.currency,
+                request: &body,
+                batch_id,
+            })
+            .await?;
+        match registered {
+            Registered::Created => {
+                self.queue_create(&request.mch_order_no).await?;
+                Ok(Enqueued::Queued)
+            }
+            Registered::Exists {
+                phase,
+                same_request,
+            } => {
+                if phase == Phase::Queued && same_request {
+                    // A crash between register and enqueue leaves a queued order without a
+                    // job; the unique key makes this a no-op when the job exists.
+                    self.queue_create(&request.mch_order_no).await?;
+                }
+                let record = self
+                    .ledger
+                    .get(&request.mch_order_no)
+                    .await?
+                    .ok_or_else(|| LedgerError::Corrupt {
+                        id: request.mch_order_no.clone(),
+                        reason: "registered but unreadable".into(),
+                    })?;
+                Ok(Enqueued::Exists {
+                    record: Box::new(record),
+                    same_request,
+                })
+            }
+        }
+    }
+
+    async fn queue_create(&self, mch_order_no: &str) -> Result<(), QueueError> {
+        let job = PayoutJob::CreatePayout {
+            mch_order_no: mch_order_no.to_owned(),
+        };
+        let options = JobOptions {
+            unique_key: Some(job.unique_key()),
+            max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
+            ..JobOptions::default()
+        };
+        self.queue.enqueue_with(&job, options).await?;
+        Ok(())
+    }
+
+    /// Follows a deposit the merchant created itself: registers it as accepted and polls it.
+    pub async fn track_deposit(
+        &self,
+        mch_order_no: &str,
+        amount: &str,
+        currency: &str,
+    ) -> Result<Enqueued, ProducerError> {
+        let registered = self
+            .ledger
+            .register_accepted(&NewOrder {
+                mch_order_no,
+                kind: OrderKind::Deposit,
+                fingerprint: "",
+                amount,
+                currency,
+                request: "",
+                batch_id: None,
+            })
+            .await?;
+        if registered == Registered::Created {
+            let job = PayoutJob::PollStatus {
+                mch_order_no: mch_order_no.to_owned(),
+                kind: OrderKind::Deposit,
+            };
+            let options = JobOptions {
+                unique_key: Some(job.unique_key()),
+                max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
+                ..JobOptions::default()
+            };
+            self.queue.enqueue_with(&job, options).await?;
+            return Ok(Enqueued::Queued);
+        }
+        let record = self
+            .ledger
+            .get(mch_order_no)
+            .await?
+            .ok_or_else(|| LedgerError::Corrupt {
+                id: mch_order_no.to_owned(),
+                reason: "registered but unreadable".into(),
+            })?;
+        Ok(Enqueued::Exists {
+            record: Box::new(record),
+            same_request: true,
+        })
+    }
+}

@@ -1,0 +1,90 @@
+//! Tunables of one queue. Defaults suit payouts: a few seconds of orphan timeout would re-run
+//! live work too eagerly, so it defaults to 30 s and busy workers renew their entries.
+
+use std::time::Duration;
+
+/// Configuration of one queue (shared by producers and workers).
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Key prefix; the hash tag of every key is `{prefix:queue}`.
+    pub prefix: String,
+    /// Queue (job kind) name.
+    pub queue: String,
+    /// A pending entry idle longer than this belongs to a dead worker and is claimed.
+    pub orphan_timeout: Duration,
+    /// How many fetched-but-not-started jobs a worker may hold (also the XREADGROUP COUNT).
+    pub prefetch: usize,
+    /// XREADGROUP BLOCK time; bounds how late a worker sees pause, delays and orphans.
+    pub block: Duration,
+    /// How often a worker promotes due delayed jobs into the stream.
+    pub promote_interval: Duration,
+    /// Delayed jobs moved per Lua call (bounded so 100,000 due jobs never make a huge reply).
+    pub promote_chunk: usize,
+    /// How often a worker re-reads the pause flag (at most one second by contract).
+    pub pause_check_interval: Duration,
+    /// Heartbeat and renewal period of a worker.
+    pub heartbeat_interval: Duration,
+    /// A worker unseen for this long is not counted as alive.
+    pub worker_ttl: Duration,
+    /// Hard ceiling on attempts of a job unless the job carries its own.
+    pub max_attempts: u32,
+    /// Base of the exponential backoff (full jitter) used for errors that carry no delay.
+    pub retry_base: Duration,
+    /// Cap of that backoff.
+    pub retry_max: Duration,
+    /// Approximate length cap of the dead stream (oldest dead entries are trimmed first).
+    pub dead_max_len: usize,
+    /// Redis response timeout of non-blocking commands.
+    pub response_timeout: Duration,
+    /// Redis connection timeout.
+    pub connection_timeout: Duration,
+    /// Most settlements (acks, retries, deaths) written by one Lua call.
+    pub settle_batch: usize,
+    /// Jobs per Lua call when enqueueing in bulk.
+    pub enqueue_chunk: usize,
+}
+
+impl QueueConfig {
+    /// Defaults for the queue `queue` under the prefix `tarspay`.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            prefix: "tarspay".to_owned(),
+            queue: queue.into(),
+            orphan_timeout: Duration::from_secs(30),
+            prefetch: 100,
+            block: Duration::from_millis(500),
+            promote_interval: Duration::from_millis(500),
+            promote_chunk: 500,
+            pause_check_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(5),
+            worker_ttl: Duration::from_secs(30),
+            max_attempts: 10,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            dead_max_len: 100_000,
+            response_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(5),
+            settle_batch: 256,
+            enqueue_chunk: 500,
+        }
+    }
+
+    /// Sets the key prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the orphan timeout and keeps the renewal period well below it.
+    pub fn with_orphan_timeout(mut self, timeout: Duration) -> Self {
+        self.orphan_timeout = timeout;
+        self.heartbeat_interval = self.heartbeat_interval.min(timeout / 4);
+        self.worker_ttl = self.worker_ttl.max(timeout);
+        self
+    }
+
+    /// How often a worker looks for orphaned entries.
+    pub(crate) fn claim_interval(&self) -> Duration {
+        (self.orphan_timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(10))
+    }
+}

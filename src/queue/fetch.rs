@@ -1,0 +1,281 @@
+//! The fetch loop of one worker: pause check, promotion of due jobs, claiming of orphans, and
+//! batched `XREADGROUP` into a bounded buffer that apalis drains. Errors back off and retry; the
+//! loop only ends when the worker stops.
+
+use apalis::prelude::{Task, TaskBuilder, TaskId};
+use redis::Value;
+use redis::aio::ConnectionManager;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::backend::Delivery;
+use crate::queue::backoff::redis_backoff;
+use crate::queue::entries::{RawEntry, parse_entry, parse_read_reply, text};
+use crate::queue::envelope::Envelope;
+use crate::queue::settle::{SettleHandle, Settlement};
+use crate::queue::storage::Shared;
+use crate::queue::{QueueError, scripts};
+
+pub(crate) struct Fetcher<T> {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) consumer: String,
+    pub(crate) tx: mpsc::Sender<Task<T>>,
+    pub(crate) settle: SettleHandle,
+    pub(crate) stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Schedule {
+    paused: bool,
+    pause_checked: Option<Instant>,
+    promoted: Option<Instant>,
+    claimed: Option<Instant>,
+    claim_cursor: Option<String>,
+}
+
+fn due(last: Option<Instant>, every: Duration) -> bool {
+    last.is_none_or(|at| at.elapsed() >= every)
+}
+
+impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
+    pub(crate) async fn run(self) {
+        // The blocking read gets its own connection so it never delays acks or renewals.
+        let mut blocking = match Shared::manager(
+            &self.shared.client,
+            &self.shared.config,
+            self.shared.config.block,
+        ) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the fetch connection; worker fetches nothing");
+                return;
+            }
+        };
+        let mut schedule = Schedule::default();
+        let mut backoff = redis_backoff();
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                permit = self.tx.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            // Only this loop sends, so everything up to the free capacity fits without waiting.
+            let room = self.tx.capacity() + 1;
+            match self.step(&mut blocking, &mut schedule, room).await {
+                Ok(tasks) => {
+                    backoff = redis_backoff();
+                    let mut tasks = tasks.into_iter();
+                    if let Some(first) = tasks.next() {
+                        permit.send(first);
+                    }
+                    for task in tasks {
+                        if self.tx.try_send(task).is_err() {
+                            tracing::warn!(
+                                "fetch buffer refused a job; it will be claimed again later"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    if matches!(&e, QueueError::Redis(r) if r.code() == Some("NOGROUP")) {
+                        // The group vanished (e.g. Redis restarted without persistence).
+                        let _ = self.shared.ensure_group().await;
+                    }
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(2));
+                    tracing::warn!(error = %e, ?wait, "fetching jobs failed; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn step(
+        &self,
+        blocking: &mut ConnectionManager,
+        schedule: &mut Schedule,
+        room: usize,
+    ) -> Result<Vec<Task<T>>, QueueError> {
+        let config = &self.shared.config;
+        if due(schedule.pause_checked, config.pause_check_interval) {
+            let mut conn = self.shared.conn.clone();
+            schedule.paused = redis::cmd("EXISTS")
+                .arg(&self.shared.keys.paused)
+                .query_async(&mut conn)
+                .await?;
+            schedule.pause_checked = Some(Instant::now());
+        }
+        if schedule.paused {
+            tokio::select! {
+                _ = self.stop.cancelled() => {}
+                _ = tokio::time::sleep(config.pause_check_interval) => {}
+            }
+            return Ok(Vec::new());
+        }
+        if due(schedule.promoted, config.promote_interval) {
+            self.shared.promote_due().await?;
+            schedule.promoted = Some(Instant::now());
+        }
+        if due(schedule.claimed, config.claim_interval()) {
+            let (claimed, cursor) = self
+                .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
+                .await?;
+            // A full scan ends when the cursor wraps to 0-0; until then keep scanning next step.
+            if cursor == "0-0" {
+                schedule.claimed = Some(Instant::now());
+                schedule.claim_cursor = None;
+            } else {
+                schedule.claim_cursor = Some(cursor);
+            }
+            if !claimed.is_empty() {
+                tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
+                return Ok(self.decode_all(claimed));
+            }
+        }
+        let keys = &self.shared.keys;
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&keys.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(room)
+            .arg("BLOCK")
+            .arg(config.block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&keys.stream)
+            .arg(">")
+            .query_async(blocking)
+            .await?;
+        let entries = parse_read_reply(&reply)?;
+        Ok(self.decode_all(entries.into_iter().map(|e| (e, 1)).collect()))
+    }
+
+    /// `XAUTOCLAIM` entries idle longer than the orphan timeout, with their delivery counts.
+    async fn claim_orphans(
+        &self,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(Vec<(RawEntry, u32)>, String), QueueError> {
+        let mut conn = self.shared.conn.clone();
+        let reply: Value = scripts::CLAIM
+            .key(&self.shared.keys.stream)
+            .arg(&self.shared.keys.group)
+            .arg(&self.consumer)
+            .arg(self.shared.config.orphan_timeout.as_millis() as u64)
+            .arg(cursor)
+            .arg(count)
+            .invoke_async(&mut conn)
+            .await?;
+        let bad = || QueueError::Protocol(format!("claim reply: {reply:?}"));
+        let Value::Array(items) = &reply else {
+            return Err(bad());
+        };
+        let next = items.first().and_then(text).ok_or_else(bad)?;
+        let mut claimed = Vec::new();
+        for item in items.iter().skip(1) {
+            let Value::Array(parts) = item else {
+                return Err(bad());
+            };
+            let entry = parse_entry(&Value::Array(parts.iter().take(2).cloned().collect()))?;
+            let deliveries = parts
+                .get(2)
+                .and_then(text)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            claimed.push((entry, deliveries));
+        }
+        Ok((claimed, next))
+    }
+
+    fn decode_all(&self, entries: Vec<(RawEntry, u32)>) -> Vec<Task<T>> {
+        entries
+            .into_iter()
+            .filter_map(|(entry, deliveries)| self.decode(entry, deliveries))
+            .collect()
+    }
+
+    /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
+    /// redeliveries) and returns `None`.
+    fn decode(&self, entry: RawEntry, deliveries: u32) -> Option<Task<T>> {
+        let Some(stored) = entry.field("e") else {
+            self.bury(
+                &entry.id,
+                "entry has no job field".into(),
+                format!("{:?}", entry.fields),
+            );
+            return None;
+        };
+        let mut envelope = match Envelope::decode(stored) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.bury(
+                    &entry.id,
+                    format!("undecodable job envelope: {e}"),
+                    stored.to_owned(),
+                );
+                return None;
+            }
+        };
+        // Deliveries beyond the first mean earlier holders died mid-job: those count as attempts.
+        let attempts_before = envelope
+            .attempts
+            .saturating_add(deliveries.saturating_sub(1));
+        let max_attempts = envelope
+            .max_attempts
+            .unwrap_or(self.shared.config.max_attempts);
+        if attempts_before >= max_attempts {
+            envelope.attempts = attempts_before;
+            let text = envelope.encode().unwrap_or_else(|_| stored.to_owned());
+            self.bury(
+                &entry.id,
+                format!("attempts exhausted: {attempts_before} of {max_attempts} made (workers lost mid-job)"),
+                text,
+            );
+            return None;
+        }
+        let args: T = match serde_json::from_str(envelope.payload.get()) {
+            Ok(args) => args,
+            Err(e) => {
+                self.bury(
+                    &entry.id,
+                    format!("undecodable job: {e}"),
+                    stored.to_owned(),
+                );
+                return None;
+            }
+        };
+        let job_id = envelope.id.clone();
+        let delivery = Delivery::new(entry.id, envelope, attempts_before, max_attempts);
+        Some(
+            TaskBuilder::new(args)
+                .task_id(TaskId::from_string(job_id))
+                .attempt(attempts_before as usize)
+                .data(delivery)
+                .build(),
+        )
+    }
+
+    fn bury(&self, entry_id: &str, reason: String, envelope: String) {
+        tracing::warn!(entry_id, %reason, "moving job to the dead stream");
+        let settlement = Settlement::Dead {
+            entry_id: entry_id.to_owned(),
+            reason,
+            envelope,
+        };
+        if self.settle.settle_detached(settlement).is_err() {
+            tracing::warn!(
+                entry_id,
+                "settler stopped; the job will be claimed again later"
+            );
+        }
+    }
+}

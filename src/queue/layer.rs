@@ -1,0 +1,155 @@
+//! The backend's layer: runs outside the user's middleware, turns the handler's result into a
+//! settlement (done / retry after a delay / dead) and waits until Redis has it, so a job is
+//! acknowledged only after its handler's effect is committed.
+
+use apalis::prelude::{AbortError, BoxDynError, DeferredError, RetryAfterError, Task};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+use crate::queue::QueueConfig;
+use crate::queue::backend::Delivery;
+use crate::queue::backoff::job_retry_delay;
+use crate::queue::envelope::now_ms;
+use crate::queue::settle::{SettleHandle, Settlement};
+
+/// Defaults for errors that carry no decision of their own.
+#[derive(Debug, Clone, Copy)]
+struct RetryDefaults {
+    base: Duration,
+    max: Duration,
+}
+
+/// Layer that settles each job after the inner service returns.
+#[derive(Debug, Clone)]
+pub struct SettleLayer {
+    settle: SettleHandle,
+    defaults: RetryDefaults,
+}
+
+impl SettleLayer {
+    pub(crate) fn new(settle: SettleHandle, config: &QueueConfig) -> Self {
+        Self {
+            settle,
+            defaults: RetryDefaults {
+                base: config.retry_base,
+                max: config.retry_max,
+            },
+        }
+    }
+}
+
+impl<S> Layer<S> for SettleLayer {
+    type Service = SettleService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SettleService {
+            inner,
+            settle: self.settle.clone(),
+            defaults: self.defaults,
+        }
+    }
+}
+
+/// Service produced by [`SettleLayer`].
+#[derive(Debug, Clone)]
+pub struct SettleService<S> {
+    inner: S,
+    settle: SettleHandle,
+    defaults: RetryDefaults,
+}
+
+impl<S, T> Service<Task<T>> for SettleService<S>
+where
+    S: Service<Task<T>>,
+    S::Error: Into<BoxDynError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxDynError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<T>) -> Self::Future {
+        let delivery = task.data().get::<Delivery>().cloned();
+        let attempt = task.raw_attempt().clone();
+        let settle = self.settle.clone();
+        let defaults = self.defaults;
+        let fut = self.inner.call(task);
+        async move {
+            let result = fut.await.map_err(Into::into);
+            if let Some(delivery) = delivery {
+                // The lifecycle layer has counted this attempt (and any in-process retries).
+                let attempts = u32::try_from(attempt.current()).unwrap_or(u32::MAX);
+                let settlement = decide(&result, &delivery, attempts, defaults);
+                if let Err(e) = settle.settle(settlement).await {
+                    tracing::error!(error = %e, job_id = delivery.job_id(), "job outcome not written; it will run again");
+                }
+            }
+            result
+        }
+        .boxed()
+    }
+}
+
+fn decide<R>(
+    result: &Result<R, BoxDynError>,
+    delivery: &Delivery,
+    attempts: u32,
+    defaults: RetryDefaults,
+) -> Settlement {
+    let entry_id = delivery.entry_id().to_owned();
+    let error = match result {
+        Ok(_) => {
+            return Settlement::Done {
+                entry_id,
+                unique: delivery.unique_key().map(str::to_owned),
+                job_id: delivery.job_id().to_owned(),
+            };
+        }
+        Err(error) => error,
+    };
+    let mut envelope = delivery.envelope().clone();
+    envelope.attempts = attempts;
+    let stored = || {
+        envelope
+            .encode()
+            .unwrap_or_else(|_| delivery.payload_json().to_owned())
+    };
+    if error.downcast_ref::<AbortError>().is_some() {
+        return Settlement::Dead {
+            entry_id,
+            reason: format!("given up after {attempts} attempts: {error}"),
+            envelope: stored(),
+        };
+    }
+    if attempts >= delivery.max_attempts() {
+        return Settlement::Dead {
+            entry_id,
+            reason: format!(
+                "attempts exhausted ({attempts} of {}): {error}",
+                delivery.max_attempts()
+            ),
+            envelope: stored(),
+        };
+    }
+    let delay = if let Some(retry) = error.downcast_ref::<RetryAfterError>() {
+        retry.get_duration()
+    } else if error.downcast_ref::<DeferredError>().is_some() {
+        Duration::ZERO
+    } else {
+        job_retry_delay(attempts, defaults.base, defaults.max)
+    };
+    tracing::debug!(job_id = delivery.job_id(), attempts, ?delay, %error, "job will be retried");
+    Settlement::Retry {
+        entry_id,
+        run_at_ms: now_ms() + delay.as_millis() as u64,
+        envelope: stored(),
+    }
+}

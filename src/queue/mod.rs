@@ -1,0 +1,95 @@
+//! Job storage on Redis Streams, run by apalis 1.0 workers.
+//!
+//! # Model
+//! * One Redis Stream per queue with one consumer group. Workers fetch in batches
+//!   (`XREADGROUP COUNT n BLOCK ms`); an entry stays in the group's pending list (PEL) until the
+//!   handler's outcome is written, then it is acknowledged **and deleted** (`XACK` + `XDEL`), so
+//!   the stream holds only waiting and running jobs.
+//! * Delayed jobs (enqueued with a delay, retries) wait in a sorted set and are promoted into the
+//!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]).
+//! * A worker that dies leaves entries in the PEL; entries idle longer than
+//!   [`QueueConfig::orphan_timeout`] are taken over with `XAUTOCLAIM` by live workers. A live
+//!   worker renews its own entries (`XCLAIM … JUSTID`, which resets the idle time without counting
+//!   a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never robbed.
+//! * Delivery is at least once. Effects must be idempotent (the payout ledger makes them so).
+//!
+//! # Handler contract (the retry policy belongs to the job)
+//! The handler's result decides what happens to the job, in the backend's layer, after every
+//! inner middleware (including apalis' in-process `retry`) is done:
+//! * `Ok(_)` — done: acknowledged and deleted; its unique key is released.
+//! * `Err(RetryAfterError::new(e, d))` — retried after `d`.
+//! * `Err(AbortError::new(e))` — given up: moved to the dead stream with the reason. A panic caught
+//!   by apalis' `catch_panic` becomes an `AbortError` too.
+//! * `Err(DeferredError)` — retried immediately.
+//! * any other error — retried after an exponential backoff with full jitter
+//!   ([`QueueConfig::retry_base`], [`QueueConfig::retry_max`]).
+//!
+//! Every retry is bounded by the job's `max_attempts` ([`JobOptions::max_attempts`], default
+//! [`QueueConfig::max_attempts`]); an exhausted job goes to the dead stream. Attempts are counted
+//! durably: the envelope carries the attempts already made, and a crash redelivery adds the
+//! stream's delivery count, so a job that kills its worker every time also ends up dead. The
+//! handler sees the current attempt (1-based) through apalis' `Attempt` extractor, and the stored
+//! delivery through `Data<Delivery>`.
+//!
+//! Jobs that cannot be decoded into the job type go to the dead stream at once; the worker keeps
+//! going. Dead jobs can be listed, re-enqueued ([`RedisQueue::requeue_dead`]) or deleted.
+//!
+//! # Failure handling
+//! Redis errors, stalls beyond [`QueueConfig::response_timeout`] and restarts never end a worker:
+//! every loop backs off (backon, jittered exponential, capped at 2 s) and continues on a
+//! `ConnectionManager` that reconnects by itself. The blocking fetch runs on its own connection.
+//! Handlers must not block the async runtime (use `spawn_blocking`), or renewals stall too.
+//!
+//! # Keys
+//! All keys of a queue share the hash tag `{prefix:queue}` ([`QueueKeys`]); scripts only touch
+//! keys of one queue, so the code runs unchanged on Redis Cluster.
+
+mod backend;
+mod backoff;
+mod config;
+mod dead;
+mod delay;
+mod entries;
+mod envelope;
+mod fetch;
+mod keys;
+mod layer;
+mod pause;
+mod renew;
+mod scripts;
+mod settle;
+mod stats;
+mod storage;
+mod worker_id;
+
+pub use backend::Delivery;
+pub use config::QueueConfig;
+pub use dead::DeadJob;
+pub use keys::QueueKeys;
+pub use layer::{SettleLayer, SettleService};
+pub use stats::QueueStats;
+pub use storage::{Enqueued, JobOptions, RedisQueue};
+pub use worker_id::worker_identity;
+
+/// Errors at the queue's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis refused a command or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A job could not be serialized.
+    #[error("job encoding failed: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A stored job could not be parsed.
+    #[error("stored job is not valid: {0}")]
+    Decode(#[source] serde_json::Error),
+    /// Redis answered with a shape this code does not expect.
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+    /// The configuration is unusable.
+    #[error("invalid queue configuration: {0}")]
+    InvalidConfig(String),
+    /// The worker's settlement task is gone (the worker is shutting down).
+    #[error("worker settlement task stopped")]
+    SettlerStopped,
+}

@@ -1,0 +1,134 @@
+//! Liveness of one worker: heartbeat (for "workers alive"), renewal of its own pending entries
+//! (so a busy worker is never taken for dead), and removal of consumers long gone.
+
+use redis::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::entries::text;
+use crate::queue::envelope::now_ms;
+use crate::queue::storage::Shared;
+use crate::queue::{QueueError, scripts};
+
+/// Entries renewed per Lua call.
+const RENEW_CHUNK: usize = 500;
+/// Stale consumers are looked for every this many heartbeats.
+const CLEANUP_EVERY: u64 = 12;
+
+pub(crate) async fn run_renewer(shared: Arc<Shared>, consumer: String, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for beat in 0u64.. {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Failures are retried on the next tick; the interval is a quarter of the orphan
+        // timeout, so a few lost beats do not cost the worker its jobs.
+        if let Err(e) = heartbeat(&shared, &consumer).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        if let Err(e) = renew_own_entries(&shared, &consumer).await {
+            tracing::warn!(error = %e, "renewing in-flight jobs failed");
+        }
+        if beat % CLEANUP_EVERY == 0
+            && let Err(e) = remove_stale_consumers(&shared, &consumer).await
+        {
+            tracing::warn!(error = %e, "removing stale consumers failed");
+        }
+    }
+}
+
+async fn heartbeat(shared: &Shared, consumer: &str) -> Result<(), QueueError> {
+    let mut conn = shared.conn.clone();
+    let _: () = redis::cmd("ZADD")
+        .arg(&shared.keys.workers)
+        .arg(now_ms())
+        .arg(consumer)
+        .query_async(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Resets the idle time of this consumer's entries idle for more than half a heartbeat.
+pub(crate) async fn renew_own_entries(shared: &Shared, consumer: &str) -> Result<u64, QueueError> {
+    let mut conn = shared.conn.clone();
+    let min_idle = (shared.config.heartbeat_interval / 2).as_millis() as u64;
+    let mut start = "-".to_owned();
+    let mut renewed = 0u64;
+    loop {
+        let (n, last): (u64, String) = scripts::RENEW
+            .key(&shared.keys.stream)
+            .arg(&shared.keys.group)
+            .arg(consumer)
+            .arg(min_idle)
+            .arg(&start)
+            .arg(RENEW_CHUNK)
+            .invoke_async(&mut conn)
+            .await?;
+        renewed += n;
+        if n < RENEW_CHUNK as u64 {
+            return Ok(renewed);
+        }
+        start = format!("({last}");
+    }
+}
+
+/// Deletes consumers with nothing pending that have been idle far longer than any live worker
+/// can be, and forgets their heartbeats; every process start adds a consumer, so without this
+/// the group's consumer list would grow for ever.
+async fn remove_stale_consumers(shared: &Shared, me: &str) -> Result<(), QueueError> {
+    let stale_after = (shared.config.worker_ttl * 4).max(Duration::from_secs(60));
+    let mut conn = shared.conn.clone();
+    let reply: Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&shared.keys.stream)
+        .arg(&shared.keys.group)
+        .query_async(&mut conn)
+        .await?;
+    let Value::Array(consumers) = reply else {
+        return Ok(());
+    };
+    for info in consumers {
+        let fields: Vec<(String, Value)> = match info {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|p| Some((text(p.first()?)?, p.get(1)?.clone())))
+                .collect(),
+            Value::Map(pairs) => pairs
+                .into_iter()
+                .filter_map(|(k, v)| Some((text(&k)?, v)))
+                .collect(),
+            _ => continue,
+        };
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| text(v))
+        };
+        let (Some(name), Some(pending), Some(idle)) = (get("name"), get("pending"), get("idle"))
+        else {
+            continue;
+        };
+        let idle_ms: u64 = idle.parse().unwrap_or(0);
+        if name != me && pending == "0" && idle_ms > stale_after.as_millis() as u64 {
+            let _: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&shared.keys.stream)
+                .arg(&shared.keys.group)
+                .arg(&name)
+                .query_async(&mut conn)
+                .await?;
+        }
+    }
+    let forget_before = now_ms().saturating_sub(stale_after.as_millis() as u64);
+    let _: i64 = redis::cmd("ZREMRANGEBYSCORE")
+        .arg(&shared.keys.workers)
+        .arg("-inf")
+        .arg(forget_before)
+        .query_async(&mut conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Lua scripts. Each touches the keys of one queue only (one hash tag), and every loop is bounded
+//! by its caller's chunk size, so no script builds a huge reply or a huge `unpack`.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Enqueue a chunk of jobs. KEYS: stream, delayed, unique.
+/// ARGV: now_ms, then per job: run_at_ms, unique_key ("" = none), job_id, envelope.
+/// Returns one string per job: "" if enqueued, else the id of the job holding the unique key.
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV, 4 do
+  local run_at, ukey, job_id, env = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local holder = false
+  if ukey ~= '' then
+    if redis.call('HSETNX', KEYS[3], ukey, job_id) == 0 then
+      holder = redis.call('HGET', KEYS[3], ukey)
+    end
+  end
+  if holder then
+    out[#out + 1] = holder
+  else
+    if run_at > now then
+      redis.call('ZADD', KEYS[2], run_at, env)
+    else
+      redis.call('XADD', KEYS[1], '*', 'e', env)
+    end
+    out[#out + 1] = ''
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Move due delayed jobs into the stream, at most ARGV[2] per call. KEYS: delayed, stream.
+/// ARGV: now_ms, limit. Returns how many were moved.
+pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, env in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'e', env)
+  redis.call('ZREM', KEYS[1], env)
+end
+return #due
+"#,
+    )
+});
+
+/// Settle a batch of finished deliveries. KEYS: stream, delayed, dead, unique.
+/// ARGV: group, now_ms, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
+///   kind "a" (done):  a = unique key or "", b = job id
+///   kind "r" (retry): a = run_at_ms, b = new envelope
+///   kind "d" (dead):  a = reason, b = envelope, c = worker
+/// A retry or death is written only if this call acknowledged the entry, so a job delivered
+/// twice is never retried or buried twice. Settled entries are deleted from the stream.
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local group, now, dead_max = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local done = {}
+local settled = 0
+for i = 4, #ARGV, 5 do
+  local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if kind == 'a' then
+    done[#done + 1] = id
+    if a ~= '' and redis.call('HGET', KEYS[4], a) == b then
+      redis.call('HDEL', KEYS[4], a)
+    end
+  else
+    if redis.call('XACK', KEYS[1], group, id) == 1 then
+      settled = settled + 1
+      if kind == 'r' then
+        if tonumber(a) > now then
+          redis.call('ZADD', KEYS[2], a, b)
+        else
+          redis.call('XADD', KEYS[1], '*', 'e', b)
+        end
+      else
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_max, '*',
+          'e', b, 'reason', a, 'worker', c, 'at', ARGV[2])
+      end
+    end
+    redis.call('XDEL', KEYS[1], id)
+  end
+end
+if #done > 0 then
+  settled = settled + redis.call('XACK', KEYS[1], group, unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
+end
+return settled
+"#,
+    )
+});
+
+/// Claim orphaned entries and report their delivery counts. KEYS: stream.
+/// ARGV: group, consumer, min_idle_ms, cursor, count.
+/// Returns {next_cursor, {id, fields, delivery_count}...}.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local out = {r[1]}
+for _, e in ipairs(r[2]) do
+  if e[2] then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local count = 1
+    if p[1] then count = p[1][4] end
+    out[#out + 1] = {e[1], e[2], count}
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Reset the idle time of this consumer's own pending entries, so a live but busy worker is
+/// never taken for dead. KEYS: stream. ARGV: group, consumer, min_idle_ms, start, count.
+/// Returns {renewed, last_id}.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5], ARGV[2])
+if #p == 0 then return {0, ''} end
+local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for _, e in ipairs(p) do args[#args + 1] = e[1] end
+args[#args + 1] = 'JUSTID'
+redis.call(unpack(args))
+return {#p, p[#p][1]}
+"#,
+    )
+});
+
+/// Give fetched but never started entries back to the queue (worker shutdown).
+/// KEYS: stream. ARGV: group, entry ids... Returns how many were re-added.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #e == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Move one dead job back to the stream, once. KEYS: dead, stream. ARGV: dead_id, envelope.
+pub static REQUEUE_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Delete one dead job and release its unique key. KEYS: dead, unique.
+/// ARGV: dead_id, unique_key ("" = none), job_id.
+pub static DELETE_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  if ARGV[2] ~= '' and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+  end
+  return 1
+end
+return 0
+"#,
+    )
+});

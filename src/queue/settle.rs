@@ -1,0 +1,186 @@
+//! Writing handler outcomes to Redis: acknowledgements, retries and deaths are batched into one
+//! Lua call (up to `settle_batch` per call), and each caller waits until its outcome is durable.
+
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::queue::backoff::redis_backoff;
+use crate::queue::envelope::now_ms;
+use crate::queue::storage::Shared;
+use crate::queue::{QueueError, scripts};
+
+/// What to do with one delivered entry.
+#[derive(Debug, Clone)]
+pub(crate) enum Settlement {
+    /// Done: acknowledge, delete, release the unique key.
+    Done {
+        entry_id: String,
+        unique: Option<String>,
+        job_id: String,
+    },
+    /// Acknowledge and put the job (with its new attempt count) back after a delay.
+    Retry {
+        entry_id: String,
+        run_at_ms: u64,
+        envelope: String,
+    },
+    /// Acknowledge and move the job to the dead stream.
+    Dead {
+        entry_id: String,
+        reason: String,
+        envelope: String,
+    },
+}
+
+pub(crate) struct Request {
+    settlement: Option<Settlement>,
+    reply: Option<oneshot::Sender<()>>,
+}
+
+/// Sends settlements to the worker's settler task.
+#[derive(Clone, Debug)]
+pub(crate) struct SettleHandle {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl SettleHandle {
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// Queues a settlement and waits until it is written.
+    pub(crate) async fn settle(&self, settlement: Settlement) -> Result<(), QueueError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Request {
+                settlement: Some(settlement),
+                reply: Some(reply),
+            })
+            .map_err(|_| QueueError::SettlerStopped)?;
+        done.await.map_err(|_| QueueError::SettlerStopped)
+    }
+
+    /// Queues a settlement without waiting for it.
+    pub(crate) fn settle_detached(&self, settlement: Settlement) -> Result<(), QueueError> {
+        self.tx
+            .send(Request {
+                settlement: Some(settlement),
+                reply: None,
+            })
+            .map_err(|_| QueueError::SettlerStopped)
+    }
+
+    /// Waits until everything queued before this call is written.
+    pub(crate) async fn flush(&self) -> Result<(), QueueError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Request {
+                settlement: None,
+                reply: Some(reply),
+            })
+            .map_err(|_| QueueError::SettlerStopped)?;
+        done.await.map_err(|_| QueueError::SettlerStopped)
+    }
+}
+
+/// The settler task: drains the channel in batches and writes each batch, retrying on Redis
+/// failures until it succeeds (an outcome is never dropped while the process lives).
+pub(crate) async fn run_settler(
+    shared: Arc<Shared>,
+    consumer: String,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
+    let max = shared.config.settle_batch;
+    let mut batch: Vec<Settlement> = Vec::with_capacity(max);
+    let mut replies = Vec::with_capacity(max);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            if let Some(settlement) = request.settlement {
+                batch.push(settlement);
+            }
+            if let Some(reply) = request.reply {
+                replies.push(reply);
+            }
+            if batch.len() < max {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            write_until_done(&shared, &consumer, &batch).await;
+        }
+        for reply in replies.drain(..) {
+            let _ = reply.send(());
+        }
+        batch.clear();
+    }
+}
+
+async fn write_until_done(shared: &Shared, consumer: &str, batch: &[Settlement]) {
+    let mut backoff = redis_backoff();
+    loop {
+        match write_batch(shared, consumer, batch).await {
+            Ok(()) => return,
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));
+                tracing::warn!(error = %e, ?wait, jobs = batch.len(), "settling jobs failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    shared: &Shared,
+    consumer: &str,
+    batch: &[Settlement],
+) -> Result<(), QueueError> {
+    let keys = &shared.keys;
+    let mut invocation = scripts::SETTLE.prepare_invoke();
+    invocation
+        .key(&keys.stream)
+        .key(&keys.delayed)
+        .key(&keys.dead)
+        .key(&keys.unique)
+        .arg(&keys.group)
+        .arg(now_ms())
+        .arg(shared.config.dead_max_len);
+    for settlement in batch {
+        match settlement {
+            Settlement::Done {
+                entry_id,
+                unique,
+                job_id,
+            } => invocation
+                .arg("a")
+                .arg(entry_id)
+                .arg(unique.as_deref().unwrap_or(""))
+                .arg(job_id)
+                .arg(""),
+            Settlement::Retry {
+                entry_id,
+                run_at_ms,
+                envelope,
+            } => invocation
+                .arg("r")
+                .arg(entry_id)
+                .arg(*run_at_ms)
+                .arg(envelope)
+                .arg(""),
+            Settlement::Dead {
+                entry_id,
+                reason,
+                envelope,
+            } => invocation
+                .arg("d")
+                .arg(entry_id)
+                .arg(reason)
+                .arg(envelope)
+                .arg(consumer),
+        };
+    }
+    let mut conn = shared.conn.clone();
+    let _settled: i64 = invocation.invoke_async(&mut conn).await?;
+    Ok(())
+}

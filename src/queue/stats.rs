@@ -1,0 +1,119 @@
+//! Introspection: real numbers read from Redis in one round trip.
+
+use redis::Value;
+use std::time::Duration;
+
+use crate::queue::envelope::now_ms;
+use crate::queue::{QueueError, RedisQueue};
+
+/// A snapshot of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Jobs in the stream not yet delivered to any worker.
+    pub waiting: u64,
+    /// Jobs delivered and not yet settled (running, prefetched, or orphaned).
+    pub pending: u64,
+    /// Jobs waiting for their due time (delays and retries).
+    pub delayed: u64,
+    /// Jobs in the dead stream.
+    pub dead: u64,
+    /// Age of the oldest job in the stream (waiting or pending), if any.
+    pub oldest_job_age: Option<Duration>,
+    /// Workers that sent a heartbeat within `worker_ttl`.
+    pub workers_alive: u64,
+    /// Whether the queue is paused.
+    pub paused: bool,
+}
+
+impl QueueStats {
+    /// Jobs in the stream (waiting + pending).
+    pub fn depth(&self) -> u64 {
+        self.waiting + self.pending
+    }
+}
+
+impl<T> RedisQueue<T> {
+    /// Reads depth, pending, delayed, dead, oldest age and live workers.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let keys = &self.shared.keys;
+        let now = now_ms();
+        let alive_since = now.saturating_sub(self.shared.config.worker_ttl.as_millis() as u64);
+        let mut conn = self.shared.conn.clone();
+        let (stream_len, pending, delayed, dead, oldest, alive, paused): (
+            u64,
+            Value,
+            u64,
+            u64,
+            Value,
+            u64,
+            bool,
+        ) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&keys.stream)
+            .cmd("XPENDING")
+            .arg(&keys.stream)
+            .arg(&keys.group)
+            .cmd("ZCARD")
+            .arg(&keys.delayed)
+            .cmd("XLEN")
+            .arg(&keys.dead)
+            .cmd("XRANGE")
+            .arg(&keys.stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("ZCOUNT")
+            .arg(&keys.workers)
+            .arg(alive_since)
+            .arg("+inf")
+            .cmd("EXISTS")
+            .arg(&keys.paused)
+            .query_async(&mut conn)
+            .await?;
+        let pending = pending_count(&pending)?;
+        Ok(QueueStats {
+            // Acknowledged entries are deleted, so the stream holds waiting + pending only.
+            waiting: stream_len.saturating_sub(pending),
+            pending,
+            delayed,
+            dead,
+            oldest_job_age: oldest_entry_ms(&oldest)
+                .map(|ms| Duration::from_millis(now.saturating_sub(ms))),
+            workers_alive: alive,
+            paused,
+        })
+    }
+}
+
+/// First element of the `XPENDING key group` summary.
+fn pending_count(summary: &Value) -> Result<u64, QueueError> {
+    match summary {
+        Value::Array(items) => match items.first() {
+            Some(Value::Int(n)) => Ok((*n).max(0) as u64),
+            _ => Err(QueueError::Protocol(format!(
+                "XPENDING summary: {summary:?}"
+            ))),
+        },
+        _ => Err(QueueError::Protocol(format!(
+            "XPENDING summary: {summary:?}"
+        ))),
+    }
+}
+
+/// Millisecond part of the id of the single entry returned by `XRANGE … COUNT 1`.
+fn oldest_entry_ms(reply: &Value) -> Option<u64> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Some(Value::Array(entry)) = entries.first() else {
+        return None;
+    };
+    let id: String = redis::from_redis_value_ref(entry.first()?).ok()?;
+    entry_id_ms(&id)
+}
+
+/// The time part of a stream entry id (`<ms>-<seq>`).
+pub(crate) fn entry_id_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}

@@ -1,0 +1,303 @@
+//! The queue handle: connection, enqueue (single and bulk), and the shared state every worker of
+//! this handle uses.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::queue::backend::WorkerRuntime;
+use crate::queue::envelope::{Envelope, new_job_id, now_ms};
+use crate::queue::{QueueConfig, QueueError, QueueKeys, scripts};
+
+/// Options of one enqueued job.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// Run no earlier than this far in the future.
+    pub delay: Option<Duration>,
+    /// While a job with this key is queued, delayed, running or dead, another enqueue with the
+    /// same key is refused as [`Enqueued::Duplicate`]. Released when the job is done.
+    pub unique_key: Option<String>,
+    /// Hard ceiling on attempts (default [`QueueConfig::max_attempts`]).
+    pub max_attempts: Option<u32>,
+    /// Job id to use instead of a generated one.
+    pub job_id: Option<String>,
+}
+
+impl JobOptions {
+    /// Options with a delay.
+    pub fn delayed(delay: Duration) -> Self {
+        Self {
+            delay: Some(delay),
+            ..Self::default()
+        }
+    }
+
+    /// Options with a unique key.
+    pub fn unique(key: impl Into<String>) -> Self {
+        Self {
+            unique_key: Some(key.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// Result of enqueueing one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Stored (in the stream, or in the delayed set if it has a delay).
+    Queued { job_id: String },
+    /// Refused: the unique key is held by the job `held_by`.
+    Duplicate { held_by: String },
+}
+
+impl Enqueued {
+    /// True for [`Enqueued::Duplicate`].
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Self::Duplicate { .. })
+    }
+}
+
+/// State shared by every clone of a queue handle.
+pub(crate) struct Shared {
+    pub(crate) client: redis::Client,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) keys: QueueKeys,
+    pub(crate) config: QueueConfig,
+}
+
+impl Shared {
+    /// A `ConnectionManager` that reconnects by itself; `extra` lengthens the response timeout
+    /// for blocking commands.
+    pub(crate) fn manager(
+        client: &redis::Client,
+        config: &QueueConfig,
+        extra: Duration,
+    ) -> Result<ConnectionManager, QueueError> {
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout + extra))
+            .set_connection_timeout(Some(config.connection_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(3);
+        Ok(ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            manager_config,
+        )?)
+    }
+
+    /// Creates the consumer group (from the start of the stream) if it is missing.
+    pub(crate) async fn ensure_group(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.stream)
+            .arg(&self.keys.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A queue of jobs of type `T` on Redis Streams.
+///
+/// Clone it freely: clones share the connection. Passed to apalis' `WorkerBuilder::backend`, each
+/// clone becomes one worker (one consumer in the group, see [`crate::queue`]).
+pub struct RedisQueue<T> {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) runtime: Option<WorkerRuntime<T>>,
+    pub(crate) _job: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for RedisQueue<T> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            runtime: None,
+            _job: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for RedisQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("keys", &self.shared.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> RedisQueue<T> {
+    /// Connects to `redis_url` and makes sure the consumer group exists.
+    pub async fn connect(redis_url: &str, config: QueueConfig) -> Result<Self, QueueError> {
+        let client = redis::Client::open(redis_url)?;
+        Self::from_client(client, config).await
+    }
+
+    /// Like [`RedisQueue::connect`] with a ready client.
+    pub async fn from_client(
+        client: redis::Client,
+        config: QueueConfig,
+    ) -> Result<Self, QueueError> {
+        if config.prefetch == 0 || config.promote_chunk == 0 || config.settle_batch == 0 {
+            return Err(QueueError::InvalidConfig(
+                "prefetch, promote_chunk and settle_batch must be positive".into(),
+            ));
+        }
+        let keys = QueueKeys::new(&config.prefix, &config.queue)?;
+        let conn = Shared::manager(&client, &config, Duration::ZERO)?;
+        let shared = Shared {
+            client,
+            conn,
+            keys,
+            config,
+        };
+        shared.ensure_group().await?;
+        Ok(Self {
+            shared: Arc::new(shared),
+            runtime: None,
+            _job: PhantomData,
+        })
+    }
+
+    /// The keys of this queue.
+    pub fn keys(&self) -> &QueueKeys {
+        &self.shared.keys
+    }
+
+    /// The configuration of this queue.
+    pub fn config(&self) -> &QueueConfig {
+        &self.shared.config
+    }
+
+    /// A connection to the queue's Redis (reconnecting), e.g. for the caller's own bookkeeping.
+    pub fn connection(&self) -> ConnectionManager {
+        self.shared.conn.clone()
+    }
+}
+
+impl<T: Serialize> RedisQueue<T> {
+    /// Enqueues one job to run now.
+    pub async fn enqueue(&self, job: &T) -> Result<Enqueued, QueueError> {
+        self.enqueue_with(job, JobOptions::default()).await
+    }
+
+    /// Enqueues one job with options (delay, unique key, attempts ceiling).
+    pub async fn enqueue_with(&self, job: &T, options: JobOptions) -> Result<Enqueued, QueueError> {
+        let mut out = self.enqueue_bulk_with([(job, options)]).await?;
+        out.pop()
+            .ok_or_else(|| QueueError::Protocol("enqueue returned no result".into()))
+    }
+
+    /// Enqueues many jobs to run now; one round trip per [`QueueConfig::enqueue_chunk`] jobs.
+    pub async fn enqueue_bulk<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = &'a T>,
+    ) -> Result<Vec<Enqueued>, QueueError>
+    where
+        T: 'a,
+    {
+        self.enqueue_bulk_with(jobs.into_iter().map(|job| (job, JobOptions::default())))
+            .await
+    }
+
+    /// Enqueues many jobs with their options; results are in input order. Chunks already written
+    /// stay written if a later chunk fails.
+    pub async fn enqueue_bulk_with<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = (&'a T, JobOptions)>,
+    ) -> Result<Vec<Enqueued>, QueueError>
+    where
+        T: 'a,
+    {
+        let chunk_size = self.shared.config.enqueue_chunk.max(1);
+        let mut results = Vec::new();
+        let mut chunk = Vec::with_capacity(chunk_size);
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            chunk.clear();
+            chunk.extend(jobs.by_ref().take(chunk_size));
+            let prepared = chunk
+                .iter()
+                .map(|(job, options)| self.prepare(job, options))
+                .collect::<Result<Vec<_>, _>>()?;
+            results.extend(self.write_chunk(prepared).await?);
+        }
+        Ok(results)
+    }
+
+    fn prepare(&self, job: &T, options: &JobOptions) -> Result<PreparedJob, QueueError> {
+        let payload = serde_json::to_string(job).map_err(QueueError::Encode)?;
+        let payload = RawValue::from_string(payload).map_err(QueueError::Encode)?;
+        let id = options.job_id.clone().unwrap_or_else(new_job_id);
+        let envelope = Envelope::new(
+            id.clone(),
+            payload,
+            options.unique_key.clone(),
+            options.max_attempts,
+        );
+        let run_at_ms = options
+            .delay
+            .filter(|d| !d.is_zero())
+            .map(|d| envelope.enqueued_at_ms + d.as_millis() as u64)
+            .unwrap_or(0);
+        Ok(PreparedJob {
+            text: envelope.encode()?,
+            id,
+            unique: options.unique_key.clone().unwrap_or_default(),
+            run_at_ms,
+        })
+    }
+
+    async fn write_chunk(&self, jobs: Vec<PreparedJob>) -> Result<Vec<Enqueued>, QueueError> {
+        let keys = &self.shared.keys;
+        let mut invocation = scripts::ENQUEUE.prepare_invoke();
+        invocation
+            .key(&keys.stream)
+            .key(&keys.delayed)
+            .key(&keys.unique)
+            .arg(now_ms());
+        for job in &jobs {
+            invocation
+                .arg(job.run_at_ms)
+                .arg(&job.unique)
+                .arg(&job.id)
+                .arg(&job.text);
+        }
+        let mut conn = self.shared.conn.clone();
+        let holders: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        if holders.len() != jobs.len() {
+            return Err(QueueError::Protocol(format!(
+                "enqueue answered {} results for {} jobs",
+                holders.len(),
+                jobs.len()
+            )));
+        }
+        Ok(jobs
+            .into_iter()
+            .zip(holders)
+            .map(|(job, holder)| {
+                if holder.is_empty() {
+                    Enqueued::Queued { job_id: job.id }
+                } else {
+                    Enqueued::Duplicate { held_by: holder }
+                }
+            })
+            .collect())
+    }
+}
+
+struct PreparedJob {
+    text: String,
+    id: String,
+    unique: String,
+    run_at_ms: u64,
+}

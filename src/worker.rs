@@ -1,0 +1,195 @@
+//! The payout worker pool: an apalis worker on the payout queue whose handler runs the
+//! create-payout and poll-status jobs and turns their [`Step`] into the queue's language
+//! (acknowledge, retry after a delay, or follow up with a poll).
+
+use crate::config::{ConfigError, Settings};
+use crate::gateway::TarsPayClient;
+use crate::gateway::client::ClientBuildError;
+use crate::jobs::{
+    JobContext, JobError, PayoutJob, PollPolicy, RetryPolicy, Step, SystemicGuard,
+    run_create_payout, run_poll_status,
+};
+use crate::ledger::{Ledger, LedgerKeys};
+use crate::producer::{PAYOUT_JOB_MAX_ATTEMPTS, Producer};
+use crate::queue::{JobOptions, QueueConfig, QueueError, RedisQueue};
+use apalis::prelude::*;
+use std::future::Future;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// The queue every payout job goes through.
+pub const PAYOUT_QUEUE: &str = "payouts";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("worker stopped: {0}")]
+    Runtime(String),
+}
+
+/// The payout queue's settings, from the worker settings.
+pub fn queue_config(settings: &Settings) -> QueueConfig {
+    QueueConfig::new(PAYOUT_QUEUE)
+        .with_prefix(&settings.queue_prefix)
+        .with_orphan_timeout(settings.orphan_timeout)
+}
+
+/// Connected handles on one deployment's Redis: the payout queue and the ledger.
+#[derive(Clone)]
+pub struct Deployment {
+    pub queue: RedisQueue<PayoutJob>,
+    pub ledger: Ledger,
+}
+
+impl Deployment {
+    pub async fn connect(settings: &Settings) -> Result<Self, WorkerError> {
+        let queue = RedisQueue::connect(&settings.redis_url, queue_config(settings)).await?;
+        // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
+        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.queue_prefix);
+        let keys = LedgerKeys::new(&tag, &queue.keys().paused);
+        let ledger =
+            Ledger::new(queue.connection(), keys).with_outcome_max_len(settings.outcome_max_len);
+        Ok(Self { queue, ledger })
+    }
+
+    pub fn producer(&self, settings: &Settings) -> Result<Producer, ConfigError> {
+        Ok(Producer::new(
+            self.ledger.clone(),
+            self.queue.clone(),
+            Arc::new(settings.payout_rules()?),
+        ))
+    }
+
+    pub fn job_context(&self, settings: &Settings) -> Result<JobContext, WorkerError> {
+        let client = TarsPayClient::new(settings.client_settings()?)?;
+        Ok(JobContext {
+            ledger: self.ledger.clone(),
+            client,
+            codes: settings.code_table()?,
+            notify_url: settings.notify_url()?.to_owned(),
+            retry: RetryPolicy {
+                base_delay: settings.retry_base_delay,
+                max_delay: settings.retry_max_delay,
+                max_attempts: settings.retry_max_attempts as u32,
+            },
+            poll: PollPolicy {
+                first_delay: settings.poll_first_delay,
+                max_interval: settings.poll_max_interval,
+                deadline: settings.poll_deadline,
+            },
+            lease: settings.submit_lease(),
+            guard: SystemicGuard::new(
+                self.queue.connection(),
+                self.ledger.keys().guard(),
+                self.queue.keys().paused.clone(),
+                settings.guard_auth_failures as u32,
+            ),
+        })
+    }
+}
+
+/// What every handler invocation shares.
+#[derive(Clone)]
+struct Shared {
+    ctx: JobContext,
+    queue: RedisQueue<PayoutJob>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Later(&'static str);
+
+async fn handle(
+    job: PayoutJob,
+    shared: Data<Arc<Shared>>,
+    attempt: Attempt,
+) -> Result<(), BoxDynError> {
+    let span =
+        tracing::info_span!("job", mch_order_no = %job.mch_order_no(), attempt = attempt.current());
+    async move {
+        let step = match &job {
+            PayoutJob::CreatePayout { mch_order_no } => {
+                run_create_payout(&shared.ctx, mch_order_no).await
+            }
+            PayoutJob::PollStatus { mch_order_no, .. } => {
+                run_poll_status(&shared.ctx, mch_order_no, attempt.current().max(1) as u32).await
+            }
+        };
+        let step = match step {
+            Ok(step) => step,
+            // Retrying cannot fix a record that does not parse: give the job up (dead stream).
+            Err(err @ JobError::BadRecord { .. }) => return Err(AbortError::new(err).into()),
+            Err(err) => return Err(err.into()),
+        };
+        match step {
+            Step::Done => Ok(()),
+            Step::RetryAfter(delay) => {
+                Err(RetryAfterError::new(Later("not final yet"), delay).into())
+            }
+            Step::Poll(delay) => {
+                let PayoutJob::CreatePayout { mch_order_no } = &job else {
+                    return Ok(());
+                };
+                let poll = PayoutJob::PollStatus {
+                    mch_order_no: mch_order_no.clone(),
+                    kind: crate::ledger::OrderKind::Payout,
+                };
+                let options = JobOptions {
+                    delay: Some(delay),
+                    unique_key: Some(poll.unique_key()),
+                    max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
+                    ..JobOptions::default()
+                };
+                shared.queue.enqueue_with(&poll, options).await?;
+                Ok(())
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the payout worker pool until `shutdown` resolves; then stops fetching and gives
+/// in-flight jobs `settings.shutdown_grace` to finish. Jobs still running after that stay in
+/// the queue's pending list and are taken over by other workers after the orphan timeout.
+pub async fn run(
+    settings: &Settings,
+    concurrency: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let deployment = Deployment::connect(settings).await?;
+    let shared = Arc::new(Shared {
+        ctx: deployment.job_context(settings)?,
+        queue: deployment.queue.clone(),
+    });
+    tracing::info!(concurrency, "payout worker starting");
+    let worker = WorkerBuilder::new(PAYOUT_QUEUE)
+        .backend(deployment.queue.clone())
+        .data(shared)
+        .concurrency(concurrency)
+        .build(handle);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+        Ok::<(), std::io::Error>(())
+    };
+    let grace = settings.shutdown_grace;
+    let deadline = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new jobs, waiting for in-flight ones");
+        let _ = stop_tx.send(());
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = worker.run_until(stop) => result.map_err(|err| WorkerError::Runtime(err.to_string())),
+        _ = deadline => {
+            tracing::warn!(grace_s = grace.as_secs(), "grace period over; unfinished jobs are left to other workers");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The payout commands as a user runs them: enqueue from a JSON-lines file, a worker process,
+//! status, outcomes, queue numbers, pause/resume, dead jobs.
+
+mod common;
+
+use common::app::{BIN, spawn_app};
+use std::process::Command;
+use tarspay_worker::jobs::PayoutJob;
+use tarspay_worker::ledger::{NewOrder, OrderKind};
+
+fn command(app: &common::app::TestApp) -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TARSPAY_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_work_and_read_back_from_the_command_line() {
+    let app = spawn_app(false, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payouts.jsonl");
+    std::fs::write(
+        &file,
+        [
+            r#"{"mchOrderNo":"C-1","amount":"100","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+            r#"{"mchOrderNo":"C-2","amount":"500","currency":"BDT","wayCode":"EWALLET_BKASH","walletId":"01712345678"}"#,
+            "",
+            r#"{"mchOrderNo":"C-3","amount":"12.5","currency":"KES","wayCode":"EWALLET_MPESA"}"#,
+            r#"{"mchOrderNo": "C-4", "amount": "#,
+            r#"{"mchOrderNo":"C-1","amount":"100","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run(command(&app).args(["enqueue", "--file"]).arg(&file));
+    assert_eq!(code, 1, "a bad line makes the exit code 1: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "queued C-1");
+    assert_eq!(lines[1], "queued C-2");
+    assert!(
+        lines[2].starts_with("line 4: ")
+            && lines[2].contains("amount: must be a whole number for KES"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[2].contains("customerContact: is required for KES payouts"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[3].starts_with("line 5: invalid JSON"), "{}", lines[3]);
+    assert_eq!(lines[4], "exists C-1 queued");
+    assert!(
+        app.deployment.ledger.get("C-3").await.unwrap().is_none(),
+        "the bad line queued nothing"
+    );
+
+    let (code, out, _) = run(command(&app).arg("queue"));
+    assert_eq!(code, 0);
+    assert!(out.contains("waiting  2"), "{out}");
+
+    let mut worker = app.worker_process(4);
+    app.wait_outcomes(2).await;
+    assert_eq!(
+        worker.terminate(),
+        Some(0),
+        "SIGTERM ends the worker cleanly"
+    );
+
+    let (code, out, _) = run(command(&app).args(["outcomes", "--json"]));
+    assert_eq!(code, 0);
+    let outcomes: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 2);
+    for outcome in &outcomes {
+        for field in [
+            "kind",
+            "mchOrderNo",
+            "status",
+            "gatewayState",
+            "payOrderId",
+            "amount",
+            "currency",
+            "fee",
+            "code",
+            "msg",
+            "attempts",
+            "batchId",
+            "at",
+        ] {
+            assert!(outcome.get(field).is_some(), "{field} in {outcome}");
+        }
+        assert_eq!(outcome["status"], "succeeded");
+    }
+    let (_, human, _) = run(command(&app).arg("outcomes"));
+    assert!(human.contains("C-2 succeeded 500 BDT"), "{human}");
+
+    let (code, out, _) = run(command(&app).args(["status", "C-1", "--json"]));
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["phase"], "succeeded");
+    assert_eq!(status["amount"], "100");
+    let (code, out, _) = run(command(&app).args(["status", "C-1"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("phase        succeeded"), "{out}");
+    let (code, _, err) = run(command(&app).args(["status", "NOPE"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("no order NOPE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_dead_jobs() {
+    let app = spawn_app(false, |_| {}).await;
+    let (code, out, _) = run(command(&app).arg("pause"));
+    assert_eq!(code, 0, "{out}");
+    assert!(app.deployment.queue.is_paused().await.unwrap());
+    let (_, out, _) = run(command(&app).arg("queue"));
+    assert!(out.contains("paused   true"), "{out}");
+    let (code, _, _) = run(command(&app).arg("resume"));
+    assert_eq!(code, 0);
+    assert!(!app.deployment.queue.is_paused().await.unwrap());
+
+    // A job that cannot be decoded goes to the dead stream; so does a create whose stored
+    // request is unreadable (given up at once). Both are listed; the second can be requeued.
+    let mut conn = app.redis.conn().await;
+    let stream = app.deployment.queue.keys().stream.clone();
+    redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("e")
+        .arg("not a job")
+        .query_async::<String>(&mut conn)
+        .await
+        .unwrap();
+    app.deployment
+        .ledger
+        .register(&NewOrder {
+            mch_order_no: "BROKEN-1",
+            kind: OrderKind::Payout,
+            fingerprint: "f",
+            amount: "1",
+            currency: "INR",
+            request: "not json",
+            batch_id: None,
+        })
+        .await
+        .unwrap();
+    app.deployment
+        .queue
+        .enqueue(&PayoutJob::CreatePayout {
+            mch_order_no: "BROKEN-1".into(),
+        })
+        .await
+        .unwrap();
+    let worker = app.pool(1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while app.deployment.queue.dead_count().await.unwrap() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs never reached the dead stream"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+    let (code, out, _) = run(command(&app).args(["dead", "list"]));
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let broken = lines.iter().find(|l| l.contains("BROKEN-1")).unwrap();
+    assert!(broken.contains("unreadable"), "{broken}");
+    let (code, _, err) = run(command(&app).args(["dead", "retry", "0-1"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("no dead job 0-1"), "{err}");
+    let dead_id = broken.split_whitespace().next().unwrap().to_owned();
+    let (code, out, err) = run(command(&app).args(["dead", "retry", &dead_id]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requeued"));
+    assert_eq!(app.deployment.queue.dead_count().await.unwrap(), 1);
+    assert_eq!(app.deployment.queue.stats().await.unwrap().waiting, 1);
+}

@@ -1,0 +1,242 @@
+//! `spawn_app` for payouts: a private redis-server, an in-process sandbox, settings pointing at
+//! both, and worker pools in-process or as real `tarspay-worker worker` processes.
+
+use super::redis_server::RedisServer;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tarspay_worker::config::Settings;
+use tarspay_worker::gateway::PrivateKey;
+use tarspay_worker::ledger::Outcome;
+use tarspay_worker::producer::Producer;
+use tarspay_worker::sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
+use tarspay_worker::worker::Deployment;
+
+pub const MCH_NO: &str = "M1234567890";
+pub const BIN: &str = env!("CARGO_BIN_EXE_tarspay-worker");
+
+pub struct TestApp {
+    pub redis: RedisServer,
+    pub sandbox: Sandbox,
+    pub key: PrivateKey,
+    /// The TARSPAY_* variables every worker of this app uses.
+    pub env: Vec<(String, String)>,
+    pub settings: Settings,
+    pub deployment: Deployment,
+    pub producer: Producer,
+}
+
+/// Short timers so retries, polls and takeovers happen in seconds.
+pub async fn spawn_app(appendonly: bool, change: impl FnOnce(&mut SandboxConfig)) -> TestApp {
+    spawn_app_with(appendonly, change, &[]).await
+}
+
+pub async fn spawn_app_with(
+    appendonly: bool,
+    change: impl FnOnce(&mut SandboxConfig),
+    extra_env: &[(&str, &str)],
+) -> TestApp {
+    let redis = RedisServer::start(appendonly);
+    let key = PrivateKey::generate();
+    let mut config = SandboxConfig {
+        merchants: vec![SandboxMerchant {
+            mch_no: MCH_NO.into(),
+            public_key: key.public_key(),
+            balance: 1_000_000_000u64.into(),
+        }],
+        final_after: Duration::from_millis(200),
+        callbacks: false,
+        ..SandboxConfig::default()
+    };
+    change(&mut config);
+    let sandbox = Sandbox::start(config, "127.0.0.1:0").await.unwrap();
+    let mut env: Vec<(String, String)> = [
+        ("TARSPAY_REDIS_URL", redis.url()),
+        ("TARSPAY_GATEWAY_URL", sandbox.url()),
+        ("TARSPAY_MCH_NO", MCH_NO.to_owned()),
+        ("TARSPAY_PRIVATE_KEY", key.expose_hex()),
+        (
+            "TARSPAY_NOTIFY_URL",
+            "http://127.0.0.1:9/tarspay/notify".to_owned(),
+        ),
+        ("TARSPAY_QUEUE_PREFIX", "apptest".to_owned()),
+        ("TARSPAY_RETRY_BASE_DELAY", "50ms".to_owned()),
+        ("TARSPAY_RETRY_MAX_DELAY", "300ms".to_owned()),
+        ("TARSPAY_RETRY_MAX_ATTEMPTS", "5".to_owned()),
+        ("TARSPAY_POLL_FIRST_DELAY", "100ms".to_owned()),
+        ("TARSPAY_POLL_MAX_INTERVAL", "300ms".to_owned()),
+        ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "1s".to_owned()),
+        ("TARSPAY_ORPHAN_TIMEOUT", "3s".to_owned()),
+        ("TARSPAY_SHUTDOWN_GRACE", "2s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra_env {
+        env.retain(|(name, _)| name != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    let settings = Settings::load_with_env(None, env.clone()).unwrap();
+    let deployment = Deployment::connect(&settings).await.unwrap();
+    let producer = deployment.producer(&settings).unwrap();
+    TestApp {
+        redis,
+        sandbox,
+        key,
+        env,
+        settings,
+        deployment,
+        producer,
+    }
+}
+
+/// An in-process worker pool; stops when dropped or on `stop()`.
+pub struct InProcessPool {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessPool {
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), handle).await;
+        }
+    }
+}
+
+impl Drop for InProcessPool {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+impl TestApp {
+    pub fn pool(&self, concurrency: usize) -> InProcessPool {
+        let settings = self.settings.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(err) = tarspay_worker::worker::run(&settings, concurrency, shutdown).await {
+                eprintln!("worker pool ended: {err}");
+            }
+        });
+        InProcessPool {
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    /// A `tarspay-worker worker` process with this app's settings.
+    pub fn worker_process(&self, concurrency: usize) -> WorkerProcess {
+        let mut command = Command::new(BIN);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("TARSPAY_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command.env(
+            "RUST_LOG",
+            std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        let child = command
+            .args(["worker", "--concurrency", &concurrency.to_string()])
+            .stdout(Stdio::null())
+            .stderr(if std::env::var("WORKER_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("spawn tarspay-worker worker");
+        WorkerProcess(Some(child))
+    }
+
+    pub async fn enqueue(&self, payout: serde_json::Value) {
+        self.producer.enqueue_json(&payout, None).await.unwrap();
+    }
+
+    pub async fn outcomes(&self) -> Vec<Outcome> {
+        let mut all = Vec::new();
+        let mut last = "0".to_owned();
+        loop {
+            let page = self
+                .deployment
+                .ledger
+                .outcomes_after(&last, 1000)
+                .await
+                .unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            last = page.last().unwrap().0.clone();
+            all.extend(page.into_iter().map(|(_, o)| o));
+        }
+    }
+
+    /// Waits (hang guard only) until `n` outcomes exist, then returns them by mchOrderNo,
+    /// asserting no order has two.
+    pub async fn wait_outcomes(&self, n: usize) -> HashMap<String, Outcome> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let count = self.deployment.ledger.outcome_count().await.unwrap_or(0) as usize;
+            if count >= n {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out: {count} of {n} outcomes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let outcomes = self.outcomes().await;
+        let mut by_id = HashMap::new();
+        for outcome in outcomes {
+            let id = outcome.mch_order_no.clone();
+            assert!(
+                by_id.insert(id.clone(), outcome).is_none(),
+                "two outcomes for {id}"
+            );
+        }
+        by_id
+    }
+}
+
+/// A worker process, SIGKILLed on drop.
+pub struct WorkerProcess(Option<Child>);
+
+impl WorkerProcess {
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.0.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().ok()?.code()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An Indian payout with this id and amount.
+pub fn inr(id: &str, amount: &str) -> serde_json::Value {
+    serde_json::json!({"mchOrderNo": id, "amount": amount, "currency": "INR", "wayCode": "UPI",
+        "customerName": "Asha", "customerEmail": "asha@example.in", "customerContact": "9876543210"})
+}

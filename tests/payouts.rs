@@ -1,0 +1,542 @@
+//! Payouts end to end: producer → ledger → queue → worker → sandbox (over HTTP) → outcome
+//! stream, against a real redis-server. Each test asserts the one rule: at most one order per
+//! mchOrderNo at the gateway, exactly one outcome per payout.
+
+mod common;
+
+use common::app::{MCH_NO, inr, spawn_app, spawn_app_with};
+use std::time::Duration;
+use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
+use tarspay_worker::ledger::{FinalResult, Phase};
+use tarspay_worker::producer::Enqueued;
+use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
+
+fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
+    FaultRule {
+        prefix: prefix.into(),
+        endpoint: Endpoint::CreatePayout,
+        times,
+        action,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_one_order_one_outcome_each() {
+    let app = spawn_app(false, |_| {}).await;
+    for i in 0..30 {
+        app.enqueue(inr(&format!("OK-{i}"), "150.50")).await;
+    }
+    let pool = app.pool(8);
+    let outcomes = app.wait_outcomes(30).await;
+    pool.stop().await;
+    for (id, outcome) in &outcomes {
+        assert_eq!(outcome.status, "succeeded", "{id}");
+        assert_eq!(outcome.kind, "payout");
+        assert_eq!(outcome.gateway_state, Some(2));
+        assert_eq!(
+            (outcome.amount.as_str(), outcome.currency.as_str()),
+            ("150.50", "INR")
+        );
+        assert_eq!(outcome.attempts, 1);
+        assert!(
+            outcome
+                .pay_order_id
+                .as_deref()
+                .is_some_and(|p| p.starts_with('P'))
+        );
+        assert_eq!(app.sandbox.create_attempts(id), 1);
+    }
+    assert_eq!(app.sandbox.orders().len(), 30);
+    let record = app.deployment.ledger.get("OK-0").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_class() {
+    let app = spawn_app(false, |c| {
+        c.faults = vec![
+            fault(
+                "SYS",
+                Some(2),
+                FaultAction::Code {
+                    code: -1,
+                    msg: None,
+                },
+            ),
+            fault(
+                "RCE",
+                Some(1),
+                FaultAction::Code {
+                    code: 500323,
+                    msg: None,
+                },
+            ),
+            fault(
+                "WAY",
+                None,
+                FaultAction::Code {
+                    code: 5003009,
+                    msg: Some("wayCode not supported".into()),
+                },
+            ),
+            fault(
+                "DOWN",
+                None,
+                FaultAction::Code {
+                    code: -1,
+                    msg: Some("system busy".into()),
+                },
+            ),
+            fault(
+                "HTML",
+                Some(1),
+                FaultAction::Http {
+                    status: 502,
+                    commit: false,
+                    body: None,
+                },
+            ),
+        ];
+        c.outcomes = vec![
+            OutcomeRule {
+                prefix: "REJ".into(),
+                state: 8,
+                final_after_ms: None,
+            },
+            OutcomeRule {
+                prefix: "FAIL".into(),
+                state: 3,
+                final_after_ms: None,
+            },
+        ];
+    })
+    .await;
+    for id in [
+        "SYS-1", "RCE-1", "WAY-1", "DOWN-1", "HTML-1", "REJ-1", "FAIL-1",
+    ] {
+        app.enqueue(inr(id, "100")).await;
+    }
+    let pool = app.pool(4);
+    let outcomes = app.wait_outcomes(7).await;
+    pool.stop().await;
+
+    // Retryable: the same create again, then success.
+    assert_eq!(
+        (
+            outcomes["SYS-1"].status.as_str(),
+            outcomes["SYS-1"].attempts
+        ),
+        ("succeeded", 3)
+    );
+    assert_eq!(
+        (
+            outcomes["RCE-1"].status.as_str(),
+            outcomes["RCE-1"].attempts
+        ),
+        ("succeeded", 2)
+    );
+    assert_eq!(app.sandbox.create_attempts("SYS-1"), 3);
+    // A 502 without commit: looked up (not found), created again under the same number.
+    assert_eq!(outcomes["HTML-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("HTML-1"), 2);
+    // Terminal: failed at once with the gateway's code and message.
+    let way = &outcomes["WAY-1"];
+    assert_eq!(
+        (
+            way.status.as_str(),
+            way.code,
+            way.msg.as_deref(),
+            way.attempts
+        ),
+        ("failed", Some(5003009), Some("wayCode not supported"), 1)
+    );
+    assert_eq!(app.sandbox.create_attempts("WAY-1"), 1);
+    // Retryable until the bound (5), then failed with the last code, after a lookup.
+    let down = &outcomes["DOWN-1"];
+    assert_eq!(
+        (down.status.as_str(), down.code, down.attempts),
+        ("failed", Some(-1), 5)
+    );
+    assert_eq!(app.sandbox.create_attempts("DOWN-1"), 5);
+    // Gateway final states.
+    assert_eq!(
+        (
+            outcomes["REJ-1"].status.as_str(),
+            outcomes["REJ-1"].gateway_state
+        ),
+        ("rejected", Some(8))
+    );
+    assert_eq!(
+        (
+            outcomes["FAIL-1"].status.as_str(),
+            outcomes["FAIL-1"].gateway_state
+        ),
+        ("failed", Some(3))
+    );
+    for id in ["SYS-1", "RCE-1", "HTML-1", "REJ-1", "FAIL-1"] {
+        assert!(app.sandbox.order(id).is_some(), "{id}");
+    }
+    for id in ["WAY-1", "DOWN-1"] {
+        assert!(app.sandbox.order(id).is_none(), "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_then_drop_and_slow_answers_create_exactly_one_order() {
+    let app = spawn_app(false, |c| {
+        c.faults = vec![
+            fault("CTD", Some(1), FaultAction::CommitThenDrop),
+            // Longer than the 1 s client timeout: the gateway commits, the worker times out.
+            fault("SLOW", Some(1), FaultAction::Slow { ms: 2_500 }),
+            fault(
+                "C502",
+                Some(1),
+                FaultAction::Http {
+                    status: 502,
+                    commit: true,
+                    body: None,
+                },
+            ),
+        ];
+    })
+    .await;
+    for id in ["CTD-1", "SLOW-1", "C502-1"] {
+        app.enqueue(inr(id, "100")).await;
+    }
+    let pool = app.pool(4);
+    let outcomes = app.wait_outcomes(3).await;
+    pool.stop().await;
+    for id in ["CTD-1", "SLOW-1", "C502-1"] {
+        assert_eq!(outcomes[id].status, "succeeded", "{id}");
+        assert_eq!(
+            app.sandbox.create_attempts(id),
+            1,
+            "{id}: found by a query, never sent again"
+        );
+        assert_eq!(
+            outcomes[id].pay_order_id.as_deref(),
+            Some(app.sandbox.order(id).unwrap().pay_order_id.as_str())
+        );
+    }
+    assert_eq!(app.sandbox.orders().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_order_is_adopted_and_a_different_one_is_a_conflict() {
+    let app = spawn_app(false, |_| {}).await;
+    assert!(app.sandbox.insert_payout(MCH_NO, "SAME-1", "100.00", "INR"));
+    assert!(app.sandbox.insert_payout(MCH_NO, "DIFF-1", "999", "INR"));
+    app.enqueue(inr("SAME-1", "100")).await;
+    app.enqueue(inr("DIFF-1", "100")).await;
+    let pool = app.pool(2);
+    let outcomes = app.wait_outcomes(2).await;
+    pool.stop().await;
+    assert_eq!(outcomes["SAME-1"].status, "succeeded");
+    assert_eq!(
+        outcomes["SAME-1"].pay_order_id.as_deref(),
+        Some(app.sandbox.order("SAME-1").unwrap().pay_order_id.as_str())
+    );
+    let conflict = &outcomes["DIFF-1"];
+    assert_eq!(
+        (conflict.status.as_str(), conflict.code),
+        ("conflict", Some(5003011))
+    );
+    assert!(
+        conflict.msg.as_deref().unwrap().contains("999"),
+        "{conflict:?}"
+    );
+    assert_eq!(app.sandbox.orders().len(), 2, "nothing new was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_refuses_bad_input_and_reports_existing_orders() {
+    let app = spawn_app(false, |_| {}).await;
+    let bad = serde_json::json!({"mchOrderNo": "B-1", "amount": "-5", "currency": "INR", "wayCode": "UPI"});
+    let err = app.producer.enqueue_json(&bad, None).await.unwrap_err();
+    assert!(
+        err.to_string().contains("amount: must not be negative"),
+        "{err}"
+    );
+    assert!(
+        app.deployment.ledger.get("B-1").await.unwrap().is_none(),
+        "nothing registered"
+    );
+    assert_eq!(
+        app.deployment.queue.stats().await.unwrap().depth(),
+        0,
+        "nothing queued"
+    );
+
+    assert_eq!(
+        app.producer
+            .enqueue_json(&inr("E-1", "100"), None)
+            .await
+            .unwrap(),
+        Enqueued::Queued
+    );
+    match app
+        .producer
+        .enqueue_json(&inr("E-1", "100"), None)
+        .await
+        .unwrap()
+    {
+        Enqueued::Exists {
+            record,
+            same_request,
+        } => assert!(same_request && record.phase == Phase::Queued),
+        other => panic!("{other:?}"),
+    }
+    match app
+        .producer
+        .enqueue_json(&inr("E-1", "200"), None)
+        .await
+        .unwrap()
+    {
+        Enqueued::Exists { same_request, .. } => assert!(!same_request),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        app.deployment.queue.stats().await.unwrap().depth(),
+        1,
+        "one job for E-1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runs_holding_the_same_create_send_one_create() {
+    // The first run's create is slow (the gateway commits, then answers after 600 ms, within
+    // the 1 s timeout); a redelivered copy of the job runs meanwhile.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![fault("DUP", Some(1), FaultAction::Slow { ms: 600 })]
+    })
+    .await;
+    app.enqueue(inr("DUP-1", "100")).await;
+    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    let first = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { run_create_payout(&ctx, "DUP-1").await.unwrap() })
+    };
+    // Wait until the first run holds the lease.
+    loop {
+        if app
+            .deployment
+            .ledger
+            .get("DUP-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase
+            == Phase::Submitting
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = run_create_payout(&ctx, "DUP-1").await.unwrap();
+    assert!(
+        matches!(second, Step::RetryAfter(_)),
+        "the second holder backs off: {second:?}"
+    );
+    assert!(matches!(first.await.unwrap(), Step::Poll(_)));
+    // The copy, run again later, sees the order accepted and only polls.
+    assert!(matches!(
+        run_create_payout(&ctx, "DUP-1").await.unwrap(),
+        Step::Poll(_)
+    ));
+    assert_eq!(app.sandbox.create_attempts("DUP-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
+    let app = spawn_app(false, |c| c.final_after = Duration::from_millis(50)).await;
+    app.enqueue(inr("RACE-1", "100")).await;
+    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    assert!(matches!(
+        run_create_payout(&ctx, "RACE-1").await.unwrap(),
+        Step::Poll(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut racers = Vec::new();
+    for i in 0..10 {
+        let ctx = ctx.clone();
+        racers.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                run_poll_status(&ctx, "RACE-1", 1)
+                    .await
+                    .map(|_| ())
+                    .unwrap();
+            } else {
+                // What a verified callback does: the same terminal transition.
+                ctx.ledger
+                    .finalize(
+                        "RACE-1",
+                        Phase::Succeeded,
+                        &FinalResult {
+                            gateway_state: Some(2),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for racer in racers {
+        racer.await.unwrap();
+    }
+    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(
+        app.deployment
+            .ledger
+            .get("RACE-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        Phase::Succeeded
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemic_guard_pauses_and_resume_continues() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![fault(
+                "K",
+                None,
+                FaultAction::Code {
+                    code: 5003007,
+                    msg: Some("IP error".into()),
+                },
+            )]
+        },
+        &[("TARSPAY_GUARD_AUTH_FAILURES", "3")],
+    )
+    .await;
+    for i in 0..8 {
+        app.enqueue(inr(&format!("K-{i}"), "100")).await;
+    }
+    let pool = app.pool(1);
+    app.wait_outcomes(3).await;
+    // The third auth failure paused the queue: nothing else is sent.
+    let stats_wait = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !app.deployment.queue.is_paused().await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < stats_wait,
+            "queue never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent: u32 = (0..8)
+        .map(|i| app.sandbox.create_attempts(&format!("K-{i}")))
+        .sum();
+    assert!(
+        sent <= 4,
+        "at most the threshold plus one in flight were sent, got {sent}"
+    );
+    let outcomes_while_paused = app.deployment.ledger.outcome_count().await.unwrap();
+    assert!(outcomes_while_paused <= 4);
+
+    // The operator fixes the IP binding and resumes: the rest are paid.
+    app.sandbox.set_faults(vec![]);
+    app.deployment.queue.resume().await.unwrap();
+    let outcomes = app.wait_outcomes(8).await;
+    pool.stop().await;
+    let succeeded = outcomes
+        .values()
+        .filter(|o| o.status == "succeeded")
+        .count();
+    let failed: Vec<_> = outcomes.values().filter(|o| o.status == "failed").collect();
+    assert_eq!(succeeded + failed.len(), 8);
+    assert!(failed.iter().all(|o| o.code == Some(5003007)));
+    assert_eq!(failed.len() as u64, outcomes_while_paused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_create_each_order_once() {
+    let app = spawn_app(false, |_| {}).await;
+    for i in 0..200 {
+        app.enqueue(inr(&format!("MP-{i}"), "120")).await;
+    }
+    let mut a = app.worker_process(16);
+    let mut b = app.worker_process(16);
+    let outcomes = app.wait_outcomes(200).await;
+    assert_eq!(a.terminate(), Some(0));
+    assert_eq!(b.terminate(), Some(0));
+    assert!(outcomes.values().all(|o| o.status == "succeeded"));
+    for i in 0..200 {
+        assert_eq!(app.sandbox.create_attempts(&format!("MP-{i}")), 1);
+    }
+    assert_eq!(app.sandbox.orders().len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_worker_is_replaced_and_no_order_is_created_twice() {
+    // Every create takes 300 ms at the gateway, so the kill lands mid-batch with creates in flight.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![FaultRule {
+            prefix: "KILL".into(),
+            endpoint: Endpoint::CreatePayout,
+            times: None,
+            action: FaultAction::Latency { ms: 300 },
+        }];
+    })
+    .await;
+    for i in 0..120 {
+        app.enqueue(inr(&format!("KILL-{i}"), "100")).await;
+    }
+    let mut doomed = app.worker_process(16);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.sandbox.orders().len() < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first worker made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.kill();
+    let finished_before = app.deployment.ledger.outcome_count().await.unwrap();
+    assert!(finished_before < 120, "the kill happened mid-batch");
+    let _rescuer = app.worker_process(16);
+    let outcomes = app.wait_outcomes(120).await;
+    assert!(
+        outcomes.values().all(|o| o.status == "succeeded"),
+        "{:?}",
+        outcomes.values().find(|o| o.status != "succeeded")
+    );
+    for i in 0..120 {
+        assert_eq!(
+            app.sandbox.create_attempts(&format!("KILL-{i}")),
+            1,
+            "KILL-{i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_run_loses_nothing() {
+    let mut app = spawn_app(true, |c| c.final_after = Duration::from_millis(300)).await;
+    for i in 0..100 {
+        app.enqueue(inr(&format!("RR-{i}"), "100")).await;
+    }
+    let _worker = app.worker_process(8);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.sandbox.orders().len() < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress before the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.redis.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.redis.restart();
+    let outcomes = app.wait_outcomes(100).await;
+    assert!(outcomes.values().all(|o| o.status == "succeeded"));
+    assert_eq!(app.sandbox.orders().len(), 100);
+    for i in 0..100 {
+        assert_eq!(app.sandbox.create_attempts(&format!("RR-{i}")), 1, "RR-{i}");
+    }
+}
