@@ -89,6 +89,22 @@ pub struct Settings {
     pub guard_auth_failures: u64,
     #[serde(deserialize_with = "lenient_u64")]
     pub outcome_max_len: u64,
+    #[serde(deserialize_with = "lenient_string")]
+    pub listen: String,
+    #[serde(default)]
+    pub api_token: Option<Secret>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub api_auth_disabled: bool,
+    #[serde(deserialize_with = "lenient_string")]
+    pub callback_path: String,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub max_body_bytes: u64,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub max_batch_bytes: u64,
+    #[serde(default, deserialize_with = "optional_string")]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
     pub gateway: GatewayTuning,
     #[serde(default)]
     pub codes: BTreeMap<String, ErrorClass>,
@@ -276,6 +292,34 @@ impl Settings {
         if self.guard_auth_failures == 0 {
             return Err(invalid("guard_auth_failures", "must be at least 1"));
         }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "listen",
+                "must be an IP address and port such as 127.0.0.1:8080",
+            ));
+        }
+        if !self.callback_path.starts_with('/') || self.callback_path.starts_with("/v1/") {
+            return Err(invalid(
+                "callback_path",
+                "must start with '/' and must not be under /v1/",
+            ));
+        }
+        if self.max_body_bytes < 1024 || self.max_batch_bytes < self.max_body_bytes {
+            return Err(invalid(
+                "max_body_bytes",
+                "must be at least 1024, and max_batch_bytes at least max_body_bytes",
+            ));
+        }
+        if let Some(url) = &self.webhook_url {
+            check_http_url("webhook_url", url)?;
+            if self.webhook_secret.as_ref().is_none_or(Secret::is_empty) {
+                return Err(ConfigError::Missing {
+                    key: "webhook_secret",
+                    env: env_name("webhook_secret"),
+                    purpose: "to sign outcome webhooks when webhook_url is set",
+                });
+            }
+        }
         if self.gateway.max_response_bytes < 1024 {
             return Err(invalid(
                 "gateway.max_response_bytes",
@@ -357,6 +401,19 @@ impl Settings {
         self.gateway.request_timeout + Duration::from_secs(10)
     }
 
+    /// The API token, or `None` when auth is explicitly disabled; an error when neither.
+    pub fn api_token(&self) -> Result<Option<Secret>, ConfigError> {
+        match (&self.api_token, self.api_auth_disabled) {
+            (Some(token), _) if !token.is_empty() => Ok(Some(token.clone())),
+            (_, true) => Ok(None),
+            _ => Err(ConfigError::Missing {
+                key: "api_token",
+                env: env_name("api_token"),
+                purpose: "for the HTTP API (or set TARSPAY_API_AUTH_DISABLED=true to run it without auth)",
+            }),
+        }
+    }
+
     pub fn code_table(&self) -> Result<CodeTable, ConfigError> {
         let mut overrides = HashMap::new();
         for (code, class) in &self.codes {
@@ -430,6 +487,17 @@ pub fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Stri
         Scalar::Uint(n) => n.to_string(),
         Scalar::Bool(b) => b.to_string(),
     })
+}
+
+pub fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    let text = lenient_string(deserializer)?;
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(serde::de::Error::custom(format!(
+            "expected true or false, got {text:?}"
+        ))),
+    }
 }
 
 /// An unset or empty value is `None` (so `TARSPAY_NOTIFY_URL=` clears a file's value).
@@ -542,6 +610,18 @@ mod tests {
             ),
             ("TARSPAY_ORPHAN_TIMEOUT", "5s", "TARSPAY_ORPHAN_TIMEOUT"),
             ("TARSPAY_QUEUE_PREFIX", "a{b}", "TARSPAY_QUEUE_PREFIX"),
+            ("TARSPAY_LISTEN", "localhost", "TARSPAY_LISTEN"),
+            (
+                "TARSPAY_API_AUTH_DISABLED",
+                "maybe",
+                "TARSPAY_API_AUTH_DISABLED",
+            ),
+            ("TARSPAY_CALLBACK_PATH", "notify", "TARSPAY_CALLBACK_PATH"),
+            (
+                "TARSPAY_WEBHOOK_URL",
+                "https://app.example/hook",
+                "TARSPAY_WEBHOOK_SECRET",
+            ),
         ];
         for (var, value, expected) in cases {
             let err = Settings::load_with_env(None, [(var, value)])
@@ -564,6 +644,31 @@ mod tests {
         );
         let err = settings.notify_url().unwrap_err().to_string();
         assert!(err.contains("TARSPAY_NOTIFY_URL"), "{err}");
+    }
+
+    #[test]
+    fn the_api_needs_a_token_or_an_explicit_opt_out() {
+        let none = Settings::load_with_env(None, [("", ""); 0]).unwrap();
+        let err = none.api_token().unwrap_err().to_string();
+        assert!(
+            err.contains("TARSPAY_API_TOKEN") && err.contains("TARSPAY_API_AUTH_DISABLED"),
+            "{err}"
+        );
+        let off = Settings::load_with_env(None, [("TARSPAY_API_AUTH_DISABLED", "true")]).unwrap();
+        assert!(off.api_token().unwrap().is_none());
+        let on =
+            Settings::load_with_env(None, [("TARSPAY_API_TOKEN", "12345678901234567890")]).unwrap();
+        assert!(
+            on.api_token()
+                .unwrap()
+                .unwrap()
+                .matches("12345678901234567890"),
+            "digits-only tokens stay text"
+        );
+        assert!(
+            !format!("{on:?}").contains("12345678901234567890"),
+            "Debug never shows the token"
+        );
     }
 
     #[test]

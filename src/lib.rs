@@ -1,16 +1,19 @@
 //! tarspay-worker: moves money through the TarsPay payment gateway without losing or doubling
 //! a payout. See `ARCHITECTURE.md` for the map of this crate.
 
+pub mod batch;
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod jobs;
 pub mod ledger;
+pub mod metrics;
 pub mod money;
 pub mod payout;
 pub mod producer;
 pub mod queue;
 pub mod sandbox;
 pub mod secret;
+pub mod server;
 pub mod telemetry;
 pub mod worker;

@@ -37,6 +37,18 @@ pub enum Enqueued {
     },
 }
 
+/// What a batch enqueue did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchEnqueued {
+    pub batch_id: String,
+    pub queued: usize,
+    /// Already registered with the same body (a re-run): not queued again.
+    pub existing: usize,
+    /// Already registered with a different body: not queued.
+    pub conflicting: Vec<String>,
+}
+
 #[derive(Clone)]
 pub struct Producer {
     ledger: Ledger,
@@ -130,6 +142,32 @@ impl Producer {
         }
     }
 
+    /// Enqueues validated payouts under one batch id. Rows whose mchOrderNo already exists are
+    /// not queued again (a re-run pays no one twice); they are counted in `existing`.
+    pub async fn enqueue_batch(
+        &self,
+        requests: &[PayoutRequest],
+        batch_id: &str,
+    ) -> Result<BatchEnqueued, ProducerError> {
+        let mut result = BatchEnqueued {
+            batch_id: batch_id.to_owned(),
+            ..BatchEnqueued::default()
+        };
+        for request in requests {
+            match self.enqueue(request, Some(batch_id)).await? {
+                Enqueued::Queued => result.queued += 1,
+                Enqueued::Exists {
+                    same_request: true, ..
+                } => result.existing += 1,
+                Enqueued::Exists {
+                    same_request: false,
+                    ..
+                } => result.conflicting.push(request.mch_order_no.clone()),
+            }
+        }
+        Ok(result)
+    }
+
     async fn queue_create(&self, mch_order_no: &str) -> Result<(), QueueError> {
         let job = PayoutJob::CreatePayout {
             mch_order_no: mch_order_no.to_owned(),
@@ -166,6 +204,7 @@ impl Producer {
             let job = PayoutJob::PollStatus {
                 mch_order_no: mch_order_no.to_owned(),
                 kind: OrderKind::Deposit,
+                once: false,
             };
             let options = JobOptions {
                 unique_key: Some(job.unique_key()),

@@ -111,13 +111,29 @@ async fn handle(
 ) -> Result<(), BoxDynError> {
     let span =
         tracing::info_span!("job", mch_order_no = %job.mch_order_no(), attempt = attempt.current());
-    async move {
+    let kind = match &job {
+        PayoutJob::CreatePayout { .. } => "create_payout",
+        PayoutJob::PollStatus { .. } => "poll_status",
+    };
+    let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
+    in_flight.increment(1.0);
+    let result: Result<(), BoxDynError> = async move {
         let step = match &job {
             PayoutJob::CreatePayout { mch_order_no } => {
                 run_create_payout(&shared.ctx, mch_order_no).await
             }
-            PayoutJob::PollStatus { mch_order_no, .. } => {
-                run_poll_status(&shared.ctx, mch_order_no, attempt.current().max(1) as u32).await
+            PayoutJob::PollStatus {
+                mch_order_no, once, ..
+            } => {
+                let step =
+                    run_poll_status(&shared.ctx, mch_order_no, attempt.current().max(1) as u32)
+                        .await;
+                // A one-off look never reschedules itself.
+                if *once {
+                    step.map(|_| Step::Done)
+                } else {
+                    step
+                }
             }
         };
         let step = match step {
@@ -138,6 +154,7 @@ async fn handle(
                 let poll = PayoutJob::PollStatus {
                     mch_order_no: mch_order_no.clone(),
                     kind: crate::ledger::OrderKind::Payout,
+                    once: false,
                 };
                 let options = JobOptions {
                     delay: Some(delay),
@@ -151,7 +168,15 @@ async fn handle(
         }
     }
     .instrument(span)
-    .await
+    .await;
+    in_flight.decrement(1.0);
+    let label = match &result {
+        Ok(()) => "done",
+        Err(err) if err.is::<RetryAfterError>() => "retry",
+        Err(_) => "error",
+    };
+    metrics::counter!(crate::metrics::JOBS, "kind" => kind, "result" => label).increment(1);
+    result
 }
 
 /// Runs the payout worker pool until `shutdown` resolves; then stops fetching and gives

@@ -138,8 +138,29 @@ impl TarsPayClient {
         }
     }
 
-    /// Signs and sends one call, then decodes the envelope's `data` as `T`.
+    /// Signs and sends one call, then decodes the envelope's `data` as `T`. Records the
+    /// call's latency and outcome code as metrics.
     pub async fn call<T: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        params: Params,
+    ) -> Result<T, GatewayError> {
+        let started = std::time::Instant::now();
+        let result = self.send(path, params).await;
+        metrics::histogram!(crate::metrics::GATEWAY_LATENCY, "endpoint" => path)
+            .record(started.elapsed().as_secs_f64());
+        let code = match &result {
+            Ok(_) => "0".to_owned(),
+            Err(err) => err
+                .code()
+                .map_or_else(|| err.kind().to_owned(), |c| c.to_string()),
+        };
+        metrics::counter!(crate::metrics::GATEWAY_CODES, "endpoint" => path, "code" => code)
+            .increment(1);
+        result
+    }
+
+    async fn send<T: DeserializeOwned>(
         &self,
         path: &'static str,
         params: Params,

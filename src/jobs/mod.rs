@@ -33,6 +33,10 @@ pub enum PayoutJob {
         #[serde(rename = "mchOrderNo")]
         mch_order_no: String,
         kind: OrderKind,
+        /// A single look (e.g. prompted by an untrusted callback); regular polling goes on in
+        /// the order's own poll job.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        once: bool,
     },
 }
 
@@ -49,7 +53,16 @@ impl PayoutJob {
     pub fn unique_key(&self) -> String {
         match self {
             Self::CreatePayout { mch_order_no } => format!("create:{mch_order_no}"),
-            Self::PollStatus { mch_order_no, .. } => format!("poll:{mch_order_no}"),
+            Self::PollStatus {
+                mch_order_no,
+                once: false,
+                ..
+            } => format!("poll:{mch_order_no}"),
+            Self::PollStatus {
+                mch_order_no,
+                once: true,
+                ..
+            } => format!("poll-once:{mch_order_no}"),
         }
     }
 }

@@ -13,7 +13,7 @@ pub use phase::Phase;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,11 @@ impl LedgerKeys {
     /// Orders whose creates failed with auth-class codes since the last accepted create.
     pub fn guard(&self) -> String {
         format!("{}:guard", self.base)
+    }
+
+    /// Orders flagged stuck past the polling deadline and not final yet.
+    pub fn stuck(&self) -> String {
+        format!("{}:stuck", self.base)
     }
 
     pub fn outcomes(&self) -> String {
@@ -170,6 +175,35 @@ pub struct OrderRecord {
     pub fingerprint: String,
     #[serde(skip)]
     pub request: String,
+}
+
+/// Where a batch stands: per phase, how many orders and how much money per currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSummary {
+    pub batch_id: String,
+    pub total: usize,
+    pub phases: BTreeMap<String, PhaseTotals>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PhaseTotals {
+    pub count: usize,
+    /// Currency → sum, as decimal text.
+    #[serde(serialize_with = "decimal_map")]
+    pub amounts: BTreeMap<String, rust_decimal::Decimal>,
+}
+
+fn decimal_map<S: serde::Serializer>(
+    map: &BTreeMap<String, rust_decimal::Decimal>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut out = s.serialize_map(Some(map.len()))?;
+    for (currency, value) in map {
+        out.serialize_entry(currency, &value.to_string())?;
+    }
+    out.end()
 }
 
 #[derive(Clone)]
@@ -347,6 +381,7 @@ impl Ledger {
         let changed: i64 = scripts::FINALIZE
             .key(self.keys.order(mch_order_no))
             .key(self.keys.outcomes())
+            .key(self.keys.stuck())
             .arg(phase.as_str())
             .arg(
                 result
@@ -368,12 +403,16 @@ impl Ledger {
                 reason: "finalize on an order that is not in the ledger".into(),
             });
         }
+        if changed == 1 {
+            metrics::counter!(crate::metrics::OUTCOMES, "status" => phase.as_str()).increment(1);
+        }
         Ok(changed == 1)
     }
 
     pub async fn mark_stuck(&self, mch_order_no: &str) -> Result<bool, LedgerError> {
         let changed: i64 = scripts::MARK_STUCK
             .key(self.keys.order(mch_order_no))
+            .key(self.keys.stuck())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(changed == 1)
@@ -442,6 +481,53 @@ impl Ledger {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(outcome::parse_range(reply))
+    }
+
+    pub async fn stuck_count(&self) -> Result<u64, LedgerError> {
+        Ok(self.conn.clone().scard(self.keys.stuck()).await?)
+    }
+
+    /// Round trip to Redis, for health checks.
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Counts and amount totals per phase (and currency) of a batch's orders.
+    pub async fn batch_summary(&self, batch_id: &str) -> Result<BatchSummary, LedgerError> {
+        let members = self.batch_members(batch_id).await?;
+        let mut summary = BatchSummary {
+            batch_id: batch_id.to_owned(),
+            total: members.len(),
+            phases: BTreeMap::new(),
+        };
+        for chunk in members.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.keys.order(id))
+                    .arg("phase")
+                    .arg("amount")
+                    .arg("currency");
+            }
+            let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
+                pipe.query_async(&mut self.conn.clone()).await?;
+            for (phase, amount, currency) in rows {
+                let entry = summary
+                    .phases
+                    .entry(phase.unwrap_or_else(|| "missing".into()))
+                    .or_default();
+                entry.count += 1;
+                if let (Some(amount), Some(currency)) = (amount, currency)
+                    && let Ok(value) = rust_decimal::Decimal::from_str_exact(&amount)
+                {
+                    *entry.amounts.entry(currency).or_default() += value;
+                }
+            }
+        }
+        Ok(summary)
     }
 
     pub async fn outcome_count(&self) -> Result<u64, LedgerError> {

@@ -99,7 +99,7 @@ return 1
     )
 });
 
-/// The one terminal transition. KEYS: order, outcome stream. ARGV: phase, gatewayState,
+/// The one terminal transition. KEYS: order, outcome stream, stuck set. ARGV: phase, gatewayState,
 /// payOrderId, fee, code, msg, at (RFC 3339), stream max length (0 = unbounded).
 /// Returns 1 when this call finalised the order (and appended its one outcome), 0 when it
 /// was already final, -1 when the order does not exist.
@@ -116,6 +116,7 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'phase', ARGV[1], 'gatewayState', ARGV[2], 'payOrderId', pay_order_id,
   'fee', ARGV[4], 'lastCode', ARGV[5], 'lastMsg', ARGV[6], 'finishedAt', now, 'updatedAt', now)
 redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil', 'stuck')
+redis.call('SREM', KEYS[3], h[3] or '')
 local fields = {'kind', h[2] or '', 'mchOrderNo', h[3] or '', 'status', ARGV[1],
   'gatewayState', ARGV[2], 'payOrderId', pay_order_id, 'amount', h[4] or '', 'currency', h[5] or '',
   'fee', ARGV[4], 'code', ARGV[5], 'msg', ARGV[6], 'attempts', h[6] or '0', 'batchId', h[7] or '',
@@ -130,13 +131,14 @@ return 1
     )
 });
 
-/// Flags a non-final order as stuck past the polling deadline. KEYS: order.
+/// Flags a non-final order as stuck past the polling deadline. KEYS: order, stuck set.
 pub static MARK_STUCK: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local phase = redis.call('HGET', KEYS[1], 'phase')
 if not phase or FINAL[phase] then return 0 end
 redis.call('HSET', KEYS[1], 'stuck', '1')
+redis.call('SADD', KEYS[2], redis.call('HGET', KEYS[1], 'mchOrderNo') or '')
 return 1
 "#,
     )

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::envelope::Envelope;
 use crate::queue::fetch::Fetcher;
+use crate::queue::inflight::InFlight;
 use crate::queue::renew::run_renewer;
 use crate::queue::settle::{Request, SettleHandle, run_settler};
 use crate::queue::storage::Shared;
@@ -92,12 +93,13 @@ pub(crate) struct WorkerRuntime<T> {
     settle_rx: Option<mpsc::UnboundedReceiver<Request>>,
     tx: Option<mpsc::Sender<Task<T>>>,
     rx: Option<mpsc::Receiver<Task<T>>>,
+    inflight: InFlight,
     stop: CancellationToken,
     fetcher: Option<JoinHandle<()>>,
     renewer: Option<JoinHandle<()>>,
     started: bool,
-    /// Behind a mutex only so the queue handle is `Sync` (handlers share it); it is only
-    /// touched through `&mut self`.
+    /// Behind a mutex only so the queue handle is `Sync` (handlers share it to enqueue);
+    /// it is only touched through `&mut self`.
     closing: std::sync::Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
@@ -111,6 +113,7 @@ impl<T> WorkerRuntime<T> {
             settle_rx: Some(settle_rx),
             tx: Some(tx),
             rx: Some(rx),
+            inflight: InFlight::default(),
             stop: CancellationToken::new(),
             fetcher: None,
             renewer: None,
@@ -118,6 +121,14 @@ impl<T> WorkerRuntime<T> {
             closing: std::sync::Mutex::new(None),
         }
     }
+}
+
+/// The close future, reached through `&mut` (no locking happens).
+fn closing_slot<T>(runtime: &mut WorkerRuntime<T>) -> &mut Option<BoxFuture<'static, ()>> {
+    runtime
+        .closing
+        .get_mut()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<T> Drop for WorkerRuntime<T> {
@@ -151,6 +162,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             tokio::spawn(run_settler(
                 Arc::clone(&shared),
                 runtime.consumer.clone(),
+                runtime.inflight.clone(),
                 settle_rx,
             ));
         }
@@ -160,6 +172,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                 consumer: runtime.consumer.clone(),
                 tx,
                 settle: runtime.settle.clone(),
+                inflight: runtime.inflight.clone(),
                 stop: runtime.stop.clone(),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));
@@ -167,6 +180,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
         runtime.renewer = Some(tokio::spawn(run_renewer(
             shared,
             runtime.consumer.clone(),
+            runtime.inflight.clone(),
             runtime.stop.clone(),
         )));
     }
@@ -280,22 +294,14 @@ impl<T: DeserializeOwned + Send + 'static> Backend for RedisQueue<T> {
         cx: &mut Context<'_>,
         _worker: &WorkerContext,
     ) -> Poll<Result<(), Self::Error>> {
-        if self
-            .runtime
-            .as_mut()
-            .is_some_and(|r| r.closing.get_mut().map_or(true, |c| c.is_none()))
-        {
+        let idle = |r: &mut WorkerRuntime<T>| closing_slot(r).is_none();
+        if self.runtime.as_mut().is_some_and(idle) {
             let closing = self.close_future();
             if let Some(runtime) = self.runtime.as_mut() {
-                *runtime.closing.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(closing);
+                *closing_slot(runtime) = Some(closing);
             }
         }
-        match self.runtime.as_mut().and_then(|r| {
-            r.closing
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-        }) {
+        match self.runtime.as_mut().and_then(|r| closing_slot(r).as_mut()) {
             Some(closing) => closing.poll_unpin(cx).map(Ok),
             None => Poll::Ready(Ok(())),
         }

@@ -15,6 +15,7 @@ use crate::queue::backend::Delivery;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::entries::{RawEntry, parse_entry, parse_read_reply, text};
 use crate::queue::envelope::Envelope;
+use crate::queue::inflight::InFlight;
 use crate::queue::settle::{SettleHandle, Settlement};
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
@@ -24,6 +25,7 @@ pub(crate) struct Fetcher<T> {
     pub(crate) consumer: String,
     pub(crate) tx: mpsc::Sender<Task<T>>,
     pub(crate) settle: SettleHandle,
+    pub(crate) inflight: InFlight,
     pub(crate) stop: CancellationToken,
 }
 
@@ -197,6 +199,9 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     }
 
     fn decode_all(&self, entries: Vec<(RawEntry, u32)>) -> Vec<Task<T>> {
+        // Held from here until settled: renewed while this worker lives.
+        self.inflight
+            .add(entries.iter().map(|(entry, _)| entry.id.as_str()));
         entries
             .into_iter()
             .filter_map(|(entry, deliveries)| self.decode(entry, deliveries))

@@ -9,8 +9,10 @@
 //!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]).
 //! * A worker that dies leaves entries in the PEL; entries idle longer than
 //!   [`QueueConfig::orphan_timeout`] are taken over with `XAUTOCLAIM` by live workers. A live
-//!   worker renews its own entries (`XCLAIM … JUSTID`, which resets the idle time without counting
-//!   a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never robbed.
+//!   worker renews the entries it holds (`XCLAIM … JUSTID`, which resets the idle time without
+//!   counting a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never
+//!   robbed. Entries assigned by a fetch whose reply was lost are not renewed, so they are
+//!   recovered like orphans.
 //! * Delivery is at least once. Effects must be idempotent (the payout ledger makes them so).
 //!
 //! # Handler contract (the retry policy belongs to the job)
@@ -52,6 +54,7 @@ mod delay;
 mod entries;
 mod envelope;
 mod fetch;
+mod inflight;
 mod keys;
 mod layer;
 mod pause;

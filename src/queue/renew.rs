@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::queue::entries::text;
 use crate::queue::envelope::now_ms;
+use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
 
@@ -16,7 +17,12 @@ const RENEW_CHUNK: usize = 500;
 /// Stale consumers are looked for every this many heartbeats.
 const CLEANUP_EVERY: u64 = 12;
 
-pub(crate) async fn run_renewer(shared: Arc<Shared>, consumer: String, stop: CancellationToken) {
+pub(crate) async fn run_renewer(
+    shared: Arc<Shared>,
+    consumer: String,
+    inflight: InFlight,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for beat in 0u64.. {
@@ -29,7 +35,7 @@ pub(crate) async fn run_renewer(shared: Arc<Shared>, consumer: String, stop: Can
         if let Err(e) = heartbeat(&shared, &consumer).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
-        if let Err(e) = renew_own_entries(&shared, &consumer).await {
+        if let Err(e) = renew_held_entries(&shared, &consumer, &inflight).await {
             tracing::warn!(error = %e, "renewing in-flight jobs failed");
         }
         if beat % CLEANUP_EVERY == 0
@@ -51,28 +57,27 @@ async fn heartbeat(shared: &Shared, consumer: &str) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// Resets the idle time of this consumer's entries idle for more than half a heartbeat.
-pub(crate) async fn renew_own_entries(shared: &Shared, consumer: &str) -> Result<u64, QueueError> {
+/// Resets the idle time of the entries this worker holds.
+pub(crate) async fn renew_held_entries(
+    shared: &Shared,
+    consumer: &str,
+    inflight: &InFlight,
+) -> Result<u64, QueueError> {
     let mut conn = shared.conn.clone();
-    let min_idle = (shared.config.heartbeat_interval / 2).as_millis() as u64;
-    let mut start = "-".to_owned();
     let mut renewed = 0u64;
-    loop {
-        let (n, last): (u64, String) = scripts::RENEW
+    for chunk in inflight.snapshot().chunks(RENEW_CHUNK) {
+        let mut invocation = scripts::RENEW.prepare_invoke();
+        invocation
             .key(&shared.keys.stream)
             .arg(&shared.keys.group)
-            .arg(consumer)
-            .arg(min_idle)
-            .arg(&start)
-            .arg(RENEW_CHUNK)
-            .invoke_async(&mut conn)
-            .await?;
-        renewed += n;
-        if n < RENEW_CHUNK as u64 {
-            return Ok(renewed);
+            .arg(consumer);
+        for id in chunk {
+            invocation.arg(id);
         }
-        start = format!("({last}");
+        let n: u64 = invocation.invoke_async(&mut conn).await?;
+        renewed += n;
     }
+    Ok(renewed)
 }
 
 /// Deletes consumers with nothing pending that have been idle far longer than any live worker

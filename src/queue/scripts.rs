@@ -118,19 +118,22 @@ return out
     )
 });
 
-/// Reset the idle time of this consumer's own pending entries, so a live but busy worker is
-/// never taken for dead. KEYS: stream. ARGV: group, consumer, min_idle_ms, start, count.
-/// Returns {renewed, last_id}.
+/// Reset the idle time of entries this worker holds, so a live but busy worker is never taken
+/// for dead. Only entries still owned by this consumer are touched (one taken over meanwhile is
+/// left to its new owner). `XCLAIM … JUSTID` does not count a delivery.
+/// KEYS: stream. ARGV: group, consumer, entry ids... Returns how many were renewed.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5], ARGV[2])
-if #p == 0 then return {0, ''} end
 local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for _, e in ipairs(p) do args[#args + 1] = e[1] end
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
+end
+if #args == 5 then return 0 end
 args[#args + 1] = 'JUSTID'
 redis.call(unpack(args))
-return {#p, p[#p][1]}
+return #args - 6
 "#,
     )
 });

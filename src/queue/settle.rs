@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::backoff::redis_backoff;
 use crate::queue::envelope::now_ms;
+use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
 
@@ -30,6 +31,16 @@ pub(crate) enum Settlement {
         reason: String,
         envelope: String,
     },
+}
+
+impl Settlement {
+    pub(crate) fn entry_id(&self) -> &str {
+        match self {
+            Self::Done { entry_id, .. }
+            | Self::Retry { entry_id, .. }
+            | Self::Dead { entry_id, .. } => entry_id,
+        }
+    }
 }
 
 pub(crate) struct Request {
@@ -89,6 +100,7 @@ impl SettleHandle {
 pub(crate) async fn run_settler(
     shared: Arc<Shared>,
     consumer: String,
+    inflight: InFlight,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) {
     let max = shared.config.settle_batch;
@@ -109,6 +121,7 @@ pub(crate) async fn run_settler(
         }
         if !batch.is_empty() {
             write_until_done(&shared, &consumer, &batch).await;
+            inflight.remove(batch.iter().map(Settlement::entry_id));
         }
         for reply in replies.drain(..) {
             let _ = reply.send(());

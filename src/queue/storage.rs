@@ -147,9 +147,25 @@ impl<T> RedisQueue<T> {
         client: redis::Client,
         config: QueueConfig,
     ) -> Result<Self, QueueError> {
-        if config.prefetch == 0 || config.promote_chunk == 0 || config.settle_batch == 0 {
+        // Upper bounds keep every Lua `unpack` and reply small (Lua's stack limit is ~8,000).
+        let bounded = [
+            ("prefetch", config.prefetch, 10_000),
+            ("promote_chunk", config.promote_chunk, 5_000),
+            ("settle_batch", config.settle_batch, 1_000),
+            ("enqueue_chunk", config.enqueue_chunk, 5_000),
+        ];
+        for (name, value, max) in bounded {
+            if value == 0 || value > max {
+                return Err(QueueError::InvalidConfig(format!(
+                    "{name} must be between 1 and {max}, got {value}"
+                )));
+            }
+        }
+        if config.heartbeat_interval.is_zero()
+            || config.heartbeat_interval * 2 > config.orphan_timeout
+        {
             return Err(QueueError::InvalidConfig(
-                "prefetch, promote_chunk and settle_batch must be positive".into(),
+                "heartbeat_interval must be positive and at most half the orphan_timeout".into(),
             ));
         }
         let keys = QueueKeys::new(&config.prefix, &config.queue)?;

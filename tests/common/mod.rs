@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod queue;
 pub mod redis_server;
 
 use std::time::Duration;

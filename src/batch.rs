@@ -1,0 +1,207 @@
+//! Batches of payouts (payroll files, `POST /v1/batches`): a CSV with a header row or a JSON
+//! array. Every row is validated before anything is queued, and every bad row is reported
+//! with its line number, so one upload either queues all its payouts or none.
+
+use crate::payout::{FieldError, PayoutRequest, PayoutRules};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// Most rows accepted in one batch.
+pub const MAX_ROWS: usize = 100_000;
+
+/// One bad row: its line (CSV: the file line, header = 1; JSON: the array position, from 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RowError {
+    pub line: u64,
+    pub errors: Vec<FieldError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BatchError {
+    #[error("the batch is unreadable: {reason}")]
+    Unreadable { reason: String },
+    #[error("the batch has no rows")]
+    Empty,
+    #[error("the batch has more than {max} rows")]
+    TooLarge { max: usize },
+    #[error("{} bad row(s), first on line {}", rows.len(), rows.first().map_or(0, |r| r.line))]
+    BadRows { rows: Vec<RowError> },
+}
+
+/// Validates rows given as (line, fields); collects every problem, including an mchOrderNo
+/// repeated within the batch.
+fn validate_rows(
+    rules: &PayoutRules,
+    rows: impl IntoIterator<Item = (u64, Result<BTreeMap<String, String>, Vec<FieldError>>)>,
+) -> Result<Vec<PayoutRequest>, BatchError> {
+    let mut valid = Vec::new();
+    let mut bad = Vec::new();
+    let mut first_seen: HashMap<String, u64> = HashMap::new();
+    for (line, fields) in rows {
+        if valid.len() + bad.len() >= MAX_ROWS {
+            return Err(BatchError::TooLarge { max: MAX_ROWS });
+        }
+        let result = fields.and_then(|fields| rules.validate_fields(fields).map_err(|e| e.0));
+        match result {
+            Ok(request) => match first_seen.get(&request.mch_order_no) {
+                Some(first) => bad.push(RowError {
+                    line,
+                    errors: vec![FieldError::new(
+                        "mchOrderNo",
+                        format!("appears again in this batch (first on line {first})"),
+                    )],
+                }),
+                None => {
+                    first_seen.insert(request.mch_order_no.clone(), line);
+                    valid.push(request);
+                }
+            },
+            Err(errors) => bad.push(RowError { line, errors }),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(BatchError::BadRows { rows: bad });
+    }
+    if valid.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    Ok(valid)
+}
+
+/// A CSV with a header row naming the fields (`mchOrderNo,amount,currency,wayCode,…`).
+/// Empty cells are left out.
+pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>, BatchError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let headers = reader
+        .headers()
+        .map_err(|err| BatchError::Unreadable {
+            reason: err.to_string(),
+        })?
+        .clone();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        match record {
+            Ok(record) => {
+                let line = record.position().map_or(0, |p| p.line());
+                let fields = headers
+                    .iter()
+                    .zip(record.iter())
+                    .filter(|(_, value)| !value.is_empty())
+                    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                    .collect();
+                rows.push((line, Ok(fields)));
+            }
+            Err(err) => {
+                let line = err.position().map_or(0, |p| p.line());
+                rows.push((
+                    line,
+                    Err(vec![FieldError::new(
+                        "(row)",
+                        format!("unreadable CSV: {err}"),
+                    )]),
+                ));
+            }
+        }
+    }
+    validate_rows(rules, rows)
+}
+
+/// A JSON array of payout objects.
+pub fn parse_json(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>, BatchError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|err| BatchError::Unreadable {
+            reason: format!("malformed JSON: {err}"),
+        })?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(BatchError::Unreadable {
+            reason: "expected a JSON array of payouts".into(),
+        });
+    };
+    let rows = items.iter().enumerate().map(|(index, item)| {
+        let line = index as u64 + 1;
+        let fields = match item {
+            serde_json::Value::Object(map) => {
+                let mut fields = BTreeMap::new();
+                let mut errors = Vec::new();
+                for (key, value) in map {
+                    match value {
+                        serde_json::Value::String(text) => {
+                            fields.insert(key.clone(), text.clone());
+                        }
+                        serde_json::Value::Null => {}
+                        _ => errors.push(FieldError::new(key, "must be a JSON string")),
+                    }
+                }
+                if errors.is_empty() {
+                    Ok(fields)
+                } else {
+                    Err(errors)
+                }
+            }
+            _ => Err(vec![FieldError::new("(row)", "must be a JSON object")]),
+        };
+        (line, fields)
+    });
+    validate_rows(rules, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn rules() -> PayoutRules {
+        Settings::load_with_env(None, [("", ""); 0])
+            .unwrap()
+            .payout_rules()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_clean_csv_parses_with_empty_cells_dropped() {
+        let csv = "mchOrderNo,amount,currency,wayCode,walletId,customerName\nB-1,500,BDT,EWALLET_BKASH,01712345678,\nB-2,600,BDT,EWALLET_NAGAD,01712345679,Rahim\n";
+        let rows = parse_csv(&rules(), csv.as_bytes()).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(!rows[0].fields.contains_key("customerName"));
+        assert_eq!(rows[1].fields["customerName"], "Rahim");
+    }
+
+    #[test]
+    fn every_bad_row_is_reported_with_its_line() {
+        let csv = "mchOrderNo,amount,currency,wayCode,walletId\nB-1,500,BDT,EWALLET_BKASH,01712345678\nB-2,-5,BDT,EWALLET_BKASH,01712345678\nB-3,500,XXX,EWALLET_BKASH,01712345678\nB-1,500,BDT,EWALLET_BKASH,01712345678\nB-5,500,BDT,EWALLET_BKASH,123\n";
+        let Err(BatchError::BadRows { rows }) = parse_csv(&rules(), csv.as_bytes()) else {
+            panic!("expected bad rows");
+        };
+        let lines: Vec<u64> = rows.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![3, 4, 5, 6]);
+        assert_eq!(rows[0].errors[0].field, "amount");
+        assert_eq!(rows[1].errors[0].field, "currency");
+        assert!(rows[2].errors[0].rule.contains("first on line 2"));
+        assert_eq!(rows[3].errors[0].field, "walletId");
+    }
+
+    #[test]
+    fn json_arrays_and_unreadable_input() {
+        let json = r#"[{"mchOrderNo":"J-1","amount":"75.20","currency":"MYR","wayCode":"CIMB"}, {"mchOrderNo":"J-2","amount":75}, 7]"#;
+        let Err(BatchError::BadRows { rows }) = parse_json(&rules(), json.as_bytes()) else {
+            panic!("expected bad rows");
+        };
+        assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(matches!(
+            parse_json(&rules(), b"{}"),
+            Err(BatchError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            parse_json(&rules(), b"[1,"),
+            Err(BatchError::Unreadable { .. })
+        ));
+        assert_eq!(parse_json(&rules(), b"[]"), Err(BatchError::Empty));
+        assert_eq!(
+            parse_csv(&rules(), b"mchOrderNo,amount\n"),
+            Err(BatchError::Empty)
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Metric names and the Prometheus recorder. Code records through the `metrics` facade; the
+//! server renders the text format at `/metrics`.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const JOBS: &str = "tarspay_jobs_total";
+pub const GATEWAY_LATENCY: &str = "tarspay_gateway_latency_seconds";
+pub const GATEWAY_CODES: &str = "tarspay_gateway_codes_total";
+pub const CREATE_RETRIES: &str = "tarspay_create_retries_total";
+pub const OUTCOMES: &str = "tarspay_outcomes_total";
+pub const CALLBACKS: &str = "tarspay_callbacks_total";
+pub const WEBHOOKS: &str = "tarspay_webhook_deliveries_total";
+pub const IN_FLIGHT: &str = "tarspay_jobs_in_flight";
+pub const QUEUE_WAITING: &str = "tarspay_queue_waiting";
+pub const QUEUE_PENDING: &str = "tarspay_queue_pending";
+pub const QUEUE_DELAYED: &str = "tarspay_queue_delayed";
+pub const QUEUE_DEAD: &str = "tarspay_queue_dead";
+pub const QUEUE_OLDEST_AGE: &str = "tarspay_queue_oldest_job_age_seconds";
+pub const QUEUE_PAUSED: &str = "tarspay_queue_paused";
+pub const WORKERS_ALIVE: &str = "tarspay_workers_alive";
+pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(GATEWAY_LATENCY.to_owned()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); ours still renders its own.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Sums the values of counter `name` grouped by one label, from rendered Prometheus text.
+/// Used by the demo's summary.
+pub fn counter_by_label(rendered: &str, name: &str, label: &str) -> Vec<(String, u64)> {
+    let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+    for line in rendered.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let key = format!("{label}=\"");
+        let Some(start) = labels.find(&key) else {
+            continue;
+        };
+        let tail = &labels[start + key.len()..];
+        let Some(end) = tail.find('"') else { continue };
+        let count = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        *totals.entry(tail[..end].to_owned()).or_default() += count;
+    }
+    totals.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_read_back_by_label() {
+        let text = "# TYPE x counter\ntarspay_create_retries_total{code=\"-1\"} 10\ntarspay_create_retries_total{code=\"500323\",endpoint=\"/a\"} 4\ntarspay_create_retries_total{endpoint=\"/b\",code=\"500323\"} 2\nother{code=\"1\"} 9\n";
+        assert_eq!(
+            super::counter_by_label(text, super::CREATE_RETRIES, "code"),
+            vec![("-1".to_owned(), 10), ("500323".to_owned(), 6)]
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! The callback receiver. A callback that verifies with TarsPay's system key and reports a
+//! final state goes through the ledger's one terminal transition (whichever of callback and
+//! poll comes first wins; the other changes nothing). A callback that does not verify is not
+//! trusted: it only schedules an immediate status query. `OK` is answered only after the
+//! effect is recorded in Redis; if Redis is down the answer is 503, so TarsPay resends.
+
+use super::AppState;
+use crate::gateway::callback::{
+    BizType, Callback, CallbackError, HEADER_SIGNATURE, parse_callback, verify_callback,
+};
+use crate::jobs::PayoutJob;
+use crate::ledger::{FinalResult, OrderKind, OrderRecord, Phase};
+use crate::producer::PAYOUT_JOB_MAX_ATTEMPTS;
+use crate::queue::JobOptions;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rust_decimal::Decimal;
+use std::str::FromStr;
+use std::sync::Arc;
+
+fn reply(status: StatusCode, text: &str) -> Response {
+    (status, text.to_owned()).into_response()
+}
+
+fn unavailable(err: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %err, "callback not recorded: Redis unavailable");
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not recorded, please resend",
+    )
+}
+
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let callback = match parse_callback(&body) {
+        Ok(callback) => callback,
+        Err(err @ CallbackError::NotAnObject) => {
+            metrics::counter!(crate::metrics::CALLBACKS, "result" => "malformed").increment(1);
+            return reply(StatusCode::BAD_REQUEST, &err.to_string());
+        }
+        Err(err) => {
+            metrics::counter!(crate::metrics::CALLBACKS, "result" => "malformed").increment(1);
+            return reply(StatusCode::UNPROCESSABLE_ENTITY, &err.to_string());
+        }
+    };
+    let id = callback.mch_order_no.clone();
+    let verified = headers
+        .get(HEADER_SIGNATURE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|signature| verify_callback(&state.system_key, &body, signature).is_some());
+    let record = match state.deployment.ledger.get(&id).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            // Nothing of ours to apply it to or to query for.
+            tracing::warn!(mch_order_no = %id, verified, "callback for an order this ledger does not hold");
+            metrics::counter!(crate::metrics::CALLBACKS, "result" => "unknown_order").increment(1);
+            return reply(StatusCode::OK, "OK");
+        }
+        Err(err) => return unavailable(err),
+    };
+    let trusted = verified && matches_record(&callback, &record);
+    if !trusted {
+        tracing::warn!(mch_order_no = %id, verified, "untrusted callback: scheduling a status query");
+        metrics::counter!(crate::metrics::CALLBACKS, "result" => "untrusted").increment(1);
+        return match schedule_query(&state, &record).await {
+            Ok(()) => reply(StatusCode::OK, "OK"),
+            Err(err) => unavailable(err),
+        };
+    }
+    metrics::counter!(crate::metrics::CALLBACKS, "result" => "verified").increment(1);
+    let Some(phase) = Phase::from_gateway(callback.state) else {
+        // Not final: nothing to record; polling follows the order.
+        return reply(StatusCode::OK, "OK");
+    };
+    let failed = matches!(phase, Phase::Failed | Phase::Rejected);
+    let result = FinalResult {
+        gateway_state: Some(callback.state.code()),
+        pay_order_id: callback.pay_order_id.clone(),
+        fee: callback.fee.clone(),
+        code: None,
+        msg: if failed {
+            callback.fail_reason.clone()
+        } else {
+            None
+        },
+    };
+    match state.deployment.ledger.finalize(&id, phase, &result).await {
+        Ok(applied) => {
+            tracing::info!(mch_order_no = %id, status = %phase, applied, "verified callback");
+            reply(StatusCode::OK, "OK")
+        }
+        Err(err) => unavailable(err),
+    }
+}
+
+/// A signed callback is applied only to the order it describes: same kind, and the same
+/// amount and currency when it states them. Anything else is checked by a query instead.
+fn matches_record(callback: &Callback, record: &OrderRecord) -> bool {
+    let kind = match callback.biz_type {
+        BizType::Payout => OrderKind::Payout,
+        BizType::Deposit => OrderKind::Deposit,
+    };
+    let same_currency = callback
+        .currency
+        .as_deref()
+        .is_none_or(|c| c == record.currency);
+    let same_amount = match (
+        callback.order_amount.as_deref(),
+        Decimal::from_str(&record.amount),
+    ) {
+        (Some(theirs), Ok(ours)) => Decimal::from_str(theirs).is_ok_and(|t| t == ours),
+        (None, _) => true,
+        (Some(_), Err(_)) => false,
+    };
+    record.kind == kind.as_str() && same_currency && same_amount
+}
+
+async fn schedule_query(
+    state: &AppState,
+    record: &OrderRecord,
+) -> Result<(), crate::queue::QueueError> {
+    if record.phase.is_final() {
+        return Ok(());
+    }
+    let kind = if record.kind == OrderKind::Deposit.as_str() {
+        OrderKind::Deposit
+    } else {
+        OrderKind::Payout
+    };
+    let job = PayoutJob::PollStatus {
+        mch_order_no: record.mch_order_no.clone(),
+        kind,
+        once: true,
+    };
+    // Its own unique key: a regular poll may be waiting minutes away.
+    let options = JobOptions {
+        unique_key: Some(job.unique_key()),
+        max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
+        ..JobOptions::default()
+    };
+    state.deployment.queue.enqueue_with(&job, options).await?;
+    Ok(())
+}
