@@ -4,6 +4,7 @@
 mod demo;
 mod payouts;
 mod sandbox;
+mod serve;
 mod tools;
 
 use anyhow::{Context, Result};
@@ -53,6 +54,8 @@ pub enum Command {
     Pause,
     /// Let workers continue after a pause (an operator's or the systemic guard's).
     Resume,
+    /// Serve the callback receiver and the HTTP API (TARSPAY_LISTEN).
+    Serve,
     /// Jobs that were given up.
     #[command(subcommand)]
     Dead(payouts::DeadCommand),
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Pause => payouts::pause(&settings, true).await,
             Command::Resume => payouts::pause(&settings, false).await,
             Command::Dead(command) => payouts::dead(&settings, command).await,
+            Command::Serve => serve::run(&settings).await,
         }
     })
 }

@@ -159,6 +159,25 @@ impl TestApp {
         WorkerProcess(Some(child))
     }
 
+    /// Serves the callback receiver and the API on `listener` until the returned sender is
+    /// dropped or fired.
+    pub fn serve_on(&self, listener: tokio::net::TcpListener) -> tokio::sync::oneshot::Sender<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = self.settings.clone();
+        let deployment = self.deployment.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(err) =
+                tarspay_worker::server::serve(&settings, deployment, listener, shutdown).await
+            {
+                eprintln!("server ended: {err}");
+            }
+        });
+        stop
+    }
+
     pub async fn enqueue(&self, payout: serde_json::Value) {
         self.producer.enqueue_json(&payout, None).await.unwrap();
     }

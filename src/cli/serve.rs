@@ -1,0 +1,22 @@
+//! `serve`: the callback receiver and the HTTP API.
+
+use anyhow::{Context, Result};
+use std::process::ExitCode;
+use tarspay_worker::config::Settings;
+use tarspay_worker::worker::Deployment;
+
+pub async fn run(settings: &Settings) -> Result<ExitCode> {
+    // Refuse to start without a token (or an explicit opt-out) before binding anything.
+    settings.api_token()?;
+    let deployment = Deployment::connect(settings).await?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (TARSPAY_LISTEN)", settings.listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "listening on http://{addr} (callbacks at {})",
+        settings.callback_path
+    );
+    tarspay_worker::server::serve(settings, deployment, listener, super::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
