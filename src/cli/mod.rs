@@ -3,6 +3,7 @@
 
 mod demo;
 mod payouts;
+mod payroll;
 mod sandbox;
 mod serve;
 mod tools;
@@ -56,6 +57,8 @@ pub enum Command {
     Resume,
     /// Serve the callback receiver and the HTTP API (TARSPAY_LISTEN).
     Serve,
+    /// Pay a payroll CSV as one batch and follow it to the end.
+    Payroll(payroll::PayrollArgs),
     /// Jobs that were given up.
     #[command(subcommand)]
     Dead(payouts::DeadCommand),
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Resume => payouts::pause(&settings, false).await,
             Command::Dead(command) => payouts::dead(&settings, command).await,
             Command::Serve => serve::run(&settings).await,
+            Command::Payroll(args) => payroll::run(&settings, args).await,
         }
     })
 }

@@ -1,0 +1,231 @@
+//! `payroll FILE.csv`: validate every row, check the balance, enqueue as one batch, follow it
+//! to the end with a progress bar, print a summary and write a results CSV.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tarspay_worker::batch::{self, BatchError};
+use tarspay_worker::config::Settings;
+use tarspay_worker::gateway::TarsPayClient;
+use tarspay_worker::ledger::{BatchSummary, Ledger, Phase};
+use tarspay_worker::payout::PayoutRequest;
+use tarspay_worker::worker::Deployment;
+
+#[derive(Args)]
+pub struct PayrollArgs {
+    /// CSV with a header row: mchOrderNo,amount,currency,wayCode and beneficiary columns.
+    file: PathBuf,
+    /// Enqueue even if the merchant balance does not cover the batch (or cannot be read).
+    #[arg(long)]
+    force: bool,
+    /// Enqueue and return without following the batch.
+    #[arg(long)]
+    detach: bool,
+    /// Where to write one result row per payout (default: FILE.results.csv).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// Batch id (default: derived from the file's content, so a re-run is the same batch).
+    #[arg(long)]
+    batch_id: Option<String>,
+}
+
+pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
+    let bytes = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let rules = settings.payout_rules()?;
+    let requests = match batch::parse_csv(&rules, &bytes) {
+        Ok(requests) => requests,
+        Err(BatchError::BadRows { rows }) => {
+            for row in &rows {
+                let problems: Vec<String> = row
+                    .errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.rule))
+                    .collect();
+                println!("line {}: {}", row.line, problems.join("; "));
+            }
+            println!("{} bad row(s): nothing was queued", rows.len());
+            return Ok(ExitCode::from(1));
+        }
+        Err(other) => bail!("{}: {other}", args.file.display()),
+    };
+    let batch_id = args
+        .batch_id
+        .clone()
+        .unwrap_or_else(|| format!("payroll-{}", &hex::encode(Sha256::digest(&bytes))[..16]));
+    let deployment = Deployment::connect(settings).await?;
+
+    // Only payouts not queued before need money now (a re-run needs none).
+    let mut new_total: BTreeMap<String, Decimal> = BTreeMap::new();
+    for request in &requests {
+        if deployment
+            .ledger
+            .get(&request.mch_order_no)
+            .await?
+            .is_none()
+        {
+            *new_total.entry(request.currency.clone()).or_default() += request.amount.value();
+        }
+    }
+    if !new_total.is_empty()
+        && let Err(reason) = check_balance(settings, &new_total).await
+    {
+        if !args.force {
+            println!("refused: {reason}; nothing was queued (use --force to enqueue anyway)");
+            return Ok(ExitCode::from(1));
+        }
+        println!("warning: {reason}; enqueuing anyway (--force)");
+    }
+
+    let producer = deployment.producer(settings)?;
+    let result = producer.enqueue_batch(&requests, &batch_id).await?;
+    println!(
+        "batch {}: {} queued, {} already queued (not paid again), {} conflicting",
+        result.batch_id,
+        result.queued,
+        result.existing,
+        result.conflicting.len()
+    );
+    for id in &result.conflicting {
+        println!("  conflicting: {id} exists with a different body; not queued");
+    }
+    if args.detach {
+        println!("follow it with: tarspay-worker status ID, or GET /v1/batches/{batch_id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let summary = follow(&deployment.ledger, &batch_id, requests.len()).await?;
+    print_summary(&summary);
+    let results_path = args.results.clone().unwrap_or_else(|| {
+        let mut path = args.file.clone().into_os_string();
+        path.push(".results.csv");
+        PathBuf::from(path)
+    });
+    write_results(&deployment.ledger, &requests, &results_path).await?;
+    println!("results: {}", results_path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The balance API reports one available amount; compare it with the new payouts' total.
+async fn check_balance(
+    settings: &Settings,
+    totals: &BTreeMap<String, Decimal>,
+) -> Result<(), String> {
+    let client = TarsPayClient::new(settings.client_settings().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let balance = client
+        .balance()
+        .await
+        .map_err(|err| format!("cannot read the balance ({err})"))?;
+    let available: Decimal = balance
+        .available_amount
+        .parse()
+        .map_err(|_| format!("unreadable balance {:?}", balance.available_amount))?;
+    let needed: Decimal = totals.values().copied().sum();
+    let described: Vec<String> = totals.iter().map(|(c, v)| format!("{v} {c}")).collect();
+    if available < needed {
+        return Err(format!(
+            "available balance {available} does not cover the batch total {}",
+            described.join(" + ")
+        ));
+    }
+    Ok(())
+}
+
+fn final_count(summary: &BatchSummary) -> usize {
+    summary
+        .phases
+        .iter()
+        .filter(|(phase, _)| phase.parse::<Phase>().is_ok_and(Phase::is_final))
+        .map(|(_, totals)| totals.count)
+        .sum()
+}
+
+async fn follow(ledger: &Ledger, batch_id: &str, total: usize) -> Result<BatchSummary> {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} final  {msg}  {per_sec}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    loop {
+        let summary = ledger.batch_summary(batch_id).await?;
+        let done = final_count(&summary);
+        let count = |phase: &str| summary.phases.get(phase).map_or(0, |t| t.count);
+        let failed = count("failed") + count("rejected") + count("conflict");
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "succeeded {}  failed {failed}  in flight {}",
+            count("succeeded"),
+            total - done
+        ));
+        if done >= total {
+            bar.finish();
+            return Ok(summary);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn print_summary(summary: &BatchSummary) {
+    println!("{:<12} {:>7}  amounts", "status", "count");
+    for (phase, totals) in &summary.phases {
+        let amounts: Vec<String> = totals
+            .amounts
+            .iter()
+            .map(|(c, v)| format!("{v} {c}"))
+            .collect();
+        println!("{phase:<12} {:>7}  {}", totals.count, amounts.join(", "));
+    }
+    println!("{:<12} {:>7}", "total", summary.total);
+}
+
+async fn write_results(ledger: &Ledger, requests: &[PayoutRequest], path: &PathBuf) -> Result<()> {
+    let mut writer =
+        csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    writer.write_record([
+        "mchOrderNo",
+        "status",
+        "amount",
+        "currency",
+        "payOrderId",
+        "code",
+        "msg",
+        "attempts",
+    ])?;
+    for request in requests {
+        let record = ledger.get(&request.mch_order_no).await?;
+        let (status, pay_order_id, code, msg, attempts) = match &record {
+            Some(r) => (
+                r.phase.to_string(),
+                r.pay_order_id.clone().unwrap_or_default(),
+                r.last_code.map(|c| c.to_string()).unwrap_or_default(),
+                r.last_msg.clone().unwrap_or_default(),
+                r.attempts.to_string(),
+            ),
+            None => (
+                "missing".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                "0".into(),
+            ),
+        };
+        writer.write_record([
+            request.mch_order_no.as_str(),
+            &status,
+            request.amount.as_str(),
+            &request.currency,
+            &pay_order_id,
+            &code,
+            &msg,
+            &attempts,
+        ])?;
+    }
+    writer.flush()?;
+    Ok(())
+}
