@@ -1,23 +1,20 @@
-//! The demo: a sample payroll paid through an in-process sandbox with a realistic mix of
-//! faults and final states, then a summary. Needs no settings, no Redis and no merchant
-//! account.
-//!
-//! This is the gateway-level demo: each payout is created, reconciled and polled inline by
-//! the code below, which follows the same rules the queued jobs will (same mchOrderNo on every
-//! retry; ambiguous creates are resolved by a query, never by a new number).
+//! The demo, the README's main command: a sample payroll paid end to end through the real
+//! pipeline (producer → ledger → Redis Streams queue → worker pool → signed calls to an
+//! in-process sandbox → signed callbacks to the in-process receiver → outcome stream), with a
+//! realistic mix of faults and final states. It needs no settings and no merchant account;
+//! Redis comes from `TARSPAY_REDIS_URL`, else 127.0.0.1:6379, else a private redis-server.
+//! Everything it writes to a shared Redis lives under its own prefix and is deleted at the end.
 
 use crate::config::{ConfigError, Settings};
-use crate::gateway::codes::ErrorClass;
-use crate::gateway::types::OrderRef;
-use crate::gateway::{
-    ClientSettings, CodeTable, GatewayError, OrderState, PrivateKey, TarsPayClient,
-};
-use crate::payout::PayoutRequest;
+use crate::gateway::PrivateKey;
+use crate::ledger::Phase;
+use crate::local_redis::{self, LocalRedis, LocalRedisError};
+use crate::sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
 use crate::sandbox::{
     Endpoint, FaultAction, FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant,
 };
-use backon::BackoffBuilder;
-use futures::StreamExt;
+use crate::worker::{Deployment, WorkerError};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,8 +26,10 @@ pub const DEMO_MCH_NO: &str = "M0000000001";
 pub struct DemoOptions {
     pub payouts: usize,
     pub concurrency: usize,
-    /// Print a progress line to stderr every second.
+    /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Redis to use; `None` tries 127.0.0.1:6379, then a private redis-server.
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,26 +39,32 @@ pub enum DemoError {
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
-    Client(#[from] crate::gateway::client::ClientBuildError),
+    Worker(#[from] WorkerError),
+    #[error(
+        "no Redis answered at {tried} and no private one could be started: {source}. Start one (apt-get install redis-server && redis-server, or docker run -p 6379:6379 redis:7) or set TARSPAY_REDIS_URL"
+    )]
+    NoRedis {
+        tried: String,
+        source: LocalRedisError,
+    },
     #[error("sample payout {0} is invalid: {1}")]
     Sample(String, crate::payout::ValidationErrors),
+    #[error("demo step failed: {0}")]
+    Step(String),
 }
 
 /// What the demo measured.
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
     pub payouts: usize,
-    /// Final status → count ("succeeded", "failed", "rejected", …).
+    pub redis: String,
+    /// Final status → count.
     pub by_status: BTreeMap<String, usize>,
-    /// Gateway code or transport kind → retries it caused.
-    pub retries_by_code: BTreeMap<String, usize>,
-    /// Ambiguous creates (timeout, dropped connection, 5xx) settled by a query that found the
-    /// order, so it was not sent again.
-    pub reconciled: usize,
-    /// Orders the sandbox holds at the end (at most one per `mchOrderNo`).
+    /// Gateway code or transport failure → creates retried because of it.
+    pub retries_by_code: Vec<(String, u64)>,
     pub gateway_orders: usize,
-    /// Create calls that reached the sandbox, retries and re-sends included.
     pub create_calls: u32,
+    pub callbacks_acknowledged: usize,
     pub elapsed: Duration,
     pub latency_p50: Duration,
     pub latency_p99: Duration,
@@ -73,7 +78,7 @@ impl DemoSummary {
 
 impl fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "payouts: {}", self.payouts)?;
+        writeln!(f, "payouts: {} (Redis: {})", self.payouts, self.redis)?;
         writeln!(f, "outcomes by status:")?;
         for (status, count) in &self.by_status {
             writeln!(f, "  {status:<12} {count}")?;
@@ -87,14 +92,10 @@ impl fmt::Display for DemoSummary {
         }
         writeln!(
             f,
-            "ambiguous creates settled by a query: {}",
-            self.reconciled
-        )?;
-        writeln!(
-            f,
             "gateway orders: {} from {} create calls (one order per mchOrderNo, never a new number)",
             self.gateway_orders, self.create_calls
         )?;
+        writeln!(f, "callbacks acknowledged: {}", self.callbacks_acknowledged)?;
         writeln!(
             f,
             "throughput: {:.1} payouts/s over {:.2}s",
@@ -103,21 +104,23 @@ impl fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "latency create->final: p50 {} ms, p99 {} ms",
+            "latency enqueue->outcome: p50 {} ms, p99 {} ms",
             self.latency_p50.as_millis(),
             self.latency_p99.as_millis()
         )
     }
 }
 
-/// The sample payroll: four countries, and prefixes that steer the sandbox into faults and
-/// final states (see [`demo_sandbox_config`]).
+/// The sample payroll: four countries; prefixes steer the sandbox into faults and final states
+/// (see [`demo_sandbox_config`]): per 20 payouts one each of `-1`, `500323` (twice), a dropped
+/// connection after commit, a 502 page, an answer slower than the client's timeout, a
+/// rejection and a failure.
 pub fn sample_payroll(count: usize) -> Vec<serde_json::Value> {
     (0..count)
         .map(|i| {
-            // About 1 in 20 of each kind of trouble; the rest are plain.
             let prefix = match i % 20 {
                 3 => "SYS",
+                5 => "SLOW",
                 7 => "RCE",
                 11 => "DROP",
                 13 => "BAD",
@@ -154,8 +157,9 @@ pub fn demo_sandbox_config(merchant_key: &PrivateKey) -> SandboxConfig {
             public_key: merchant_key.public_key(),
             balance: 1_000_000_000u64.into(),
         }],
-        final_after: Duration::from_millis(200),
-        callbacks: false,
+        final_after: Duration::from_millis(300),
+        callbacks: true,
+        callback_retry_delay: Duration::from_millis(200),
         faults: vec![
             fault(
                 "SYS-",
@@ -183,6 +187,7 @@ pub fn demo_sandbox_config(merchant_key: &PrivateKey) -> SandboxConfig {
                     body: None,
                 },
             ),
+            fault("SLOW-", 1, FaultAction::Slow { ms: 3_000 }),
         ],
         outcomes: vec![
             OutcomeRule {
@@ -200,22 +205,61 @@ pub fn demo_sandbox_config(merchant_key: &PrivateKey) -> SandboxConfig {
     }
 }
 
+/// Finds a Redis: the given URL, else 127.0.0.1:6379, else a private one (kept alive by the
+/// returned guard).
+fn find_redis(url: Option<String>) -> Result<(String, Option<LocalRedis>), DemoError> {
+    let tried = url.unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned());
+    if local_redis::answers(&tried) {
+        return Ok((tried, None));
+    }
+    match LocalRedis::start(false) {
+        Ok(local) => Ok((local.url().to_owned(), Some(local))),
+        Err(source) => Err(DemoError::NoRedis { tried, source }),
+    }
+}
+
 /// Runs the demo end to end and returns its summary.
 pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
-    let settings = Settings::load_with_env(None, [("", ""); 0])?;
-    let rules = settings.payout_rules()?;
-    let table = settings.code_table()?;
+    let (redis_url, _private_redis) = find_redis(options.redis_url.clone())?;
+    let metrics = crate::metrics::install();
     let key = PrivateKey::generate();
     let sandbox = Sandbox::start(demo_sandbox_config(&key), "127.0.0.1:0").await?;
-    let client = TarsPayClient::new(ClientSettings {
-        base_url: sandbox.url(),
-        mch_no: DEMO_MCH_NO.into(),
-        private_key: key,
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(5),
-        max_response_bytes: 1 << 20,
-    })?;
-    let mut payroll = Vec::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| DemoError::Step(format!("cannot bind the callback receiver: {e}")))?;
+    let receiver = listener
+        .local_addr()
+        .map_err(|e| DemoError::Step(e.to_string()))?;
+    let prefix = format!("tarspay-demo-{:08x}", rand::random::<u32>());
+    let system_public = PrivateKey::from_hex(SANDBOX_SYSTEM_PRIVATE_KEY)
+        .map_err(|e| DemoError::Step(e.to_string()))?
+        .public_key()
+        .to_hex();
+    let env = [
+        ("TARSPAY_REDIS_URL", redis_url.clone()),
+        ("TARSPAY_GATEWAY_URL", sandbox.url()),
+        ("TARSPAY_MCH_NO", DEMO_MCH_NO.to_owned()),
+        ("TARSPAY_PRIVATE_KEY", key.expose_hex()),
+        (
+            "TARSPAY_NOTIFY_URL",
+            format!("http://{receiver}/tarspay/notify"),
+        ),
+        ("TARSPAY_SYSTEM_PUBLIC_KEY", system_public),
+        ("TARSPAY_QUEUE_PREFIX", prefix.clone()),
+        ("TARSPAY_API_AUTH_DISABLED", "true".to_owned()),
+        ("TARSPAY_RETRY_BASE_DELAY", "100ms".to_owned()),
+        ("TARSPAY_RETRY_MAX_DELAY", "1s".to_owned()),
+        ("TARSPAY_POLL_FIRST_DELAY", "1s".to_owned()),
+        ("TARSPAY_POLL_MAX_INTERVAL", "2s".to_owned()),
+        ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "2s".to_owned()),
+        ("TARSPAY_ORPHAN_TIMEOUT", "20s".to_owned()),
+        ("TARSPAY_SHUTDOWN_GRACE", "2s".to_owned()),
+    ];
+    let settings = Settings::load_with_env(None, env)?;
+    let deployment = Deployment::connect(&settings).await?;
+    let producer = deployment.producer(&settings)?;
+    let rules = producer.rules();
+    let mut payroll = Vec::with_capacity(options.payouts);
     for row in sample_payroll(options.payouts) {
         let id = row["mchOrderNo"].as_str().unwrap_or_default().to_owned();
         payroll.push(
@@ -225,33 +269,137 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         );
     }
 
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let settings = settings.clone();
+        let deployment = deployment.clone();
+        async move {
+            let shutdown = async move {
+                let _ = server_stopped.await;
+            };
+            crate::server::serve(&settings, deployment, listener, shutdown).await
+        }
+    });
+    let (stop_workers, workers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let workers = tokio::spawn({
+        let settings = settings.clone();
+        let concurrency = options.concurrency.max(1);
+        async move {
+            let shutdown = async move {
+                let _ = workers_stopped.await;
+            };
+            crate::worker::run(&settings, concurrency, shutdown).await
+        }
+    });
+
     let started = Instant::now();
-    let notify_url = format!("{}/demo/notify", sandbox.url());
-    let mut results = futures::stream::iter(payroll)
-        .map(|request| pay_one(&client, &table, request, &notify_url))
-        .buffer_unordered(options.concurrency.max(1));
+    let batch_id = "demo";
+    producer
+        .enqueue_batch(&payroll, batch_id)
+        .await
+        .map_err(|e| DemoError::Step(e.to_string()))?;
+    follow(&deployment, batch_id, options.payouts, options.progress).await?;
+    let elapsed = started.elapsed();
+
+    let _ = stop_workers.send(());
+    let _ = stop_server.send(());
+    let _ = workers.await;
+    let _ = server.await;
+
+    let mut summary = summarize(&deployment, &payroll, elapsed).await?;
+    summary.payouts = options.payouts;
+    summary.redis = if _private_redis.is_some() {
+        format!("private redis-server at {redis_url}")
+    } else {
+        redis_url
+    };
+    let rendered = metrics.render();
+    summary.retries_by_code =
+        crate::metrics::counter_by_label(&rendered, crate::metrics::CREATE_RETRIES, "code");
+    let orders = sandbox.orders();
+    summary.gateway_orders = orders.len();
+    summary.create_calls = orders.iter().map(|o| o.create_attempts).sum();
+    summary.callbacks_acknowledged = orders.iter().filter(|o| o.callback_acknowledged).count();
+    cleanup(&deployment, &prefix).await;
+    Ok(summary)
+}
+
+async fn follow(
+    deployment: &Deployment,
+    batch_id: &str,
+    total: usize,
+    progress: bool,
+) -> Result<(), DemoError> {
+    let bar = if progress {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} final  {msg}  {per_sec}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let summary = deployment
+            .ledger
+            .batch_summary(batch_id)
+            .await
+            .map_err(|e| DemoError::Step(e.to_string()))?;
+        let count = |phase: &str| summary.phases.get(phase).map_or(0, |t| t.count);
+        let done: usize = summary
+            .phases
+            .iter()
+            .filter(|(phase, _)| phase.parse::<Phase>().is_ok_and(Phase::is_final))
+            .map(|(_, t)| t.count)
+            .sum();
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "succeeded {}  failed {}  in flight {}",
+            count("succeeded"),
+            count("failed") + count("rejected") + count("conflict"),
+            total - done
+        ));
+        if done >= total {
+            bar.finish();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Step(format!(
+                "only {done} of {total} payouts final after 10 minutes"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn summarize(
+    deployment: &Deployment,
+    payroll: &[crate::payout::PayoutRequest],
+    elapsed: Duration,
+) -> Result<DemoSummary, DemoError> {
     let mut summary = DemoSummary {
-        payouts: options.payouts,
+        elapsed,
         ..DemoSummary::default()
     };
-    let mut latencies = Vec::with_capacity(options.payouts);
-    let mut last_report = Instant::now();
-    while let Some(result) = results.next().await {
+    let mut latencies = Vec::with_capacity(payroll.len());
+    for request in payroll {
+        let record = deployment
+            .ledger
+            .get(&request.mch_order_no)
+            .await
+            .map_err(|e| DemoError::Step(e.to_string()))?
+            .ok_or_else(|| DemoError::Step(format!("{} vanished", request.mch_order_no)))?;
         *summary
             .by_status
-            .entry(result.status.to_owned())
+            .entry(record.phase.to_string())
             .or_default() += 1;
-        for code in result.retries {
-            *summary.retries_by_code.entry(code).or_default() += 1;
-        }
-        summary.reconciled += usize::from(result.reconciled);
-        latencies.push(result.latency);
-        if options.progress && last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            eprintln!("  {}/{} final", latencies.len(), options.payouts);
+        if let Some(finished) = record.finished_at_ms {
+            latencies.push(Duration::from_millis(
+                finished.saturating_sub(record.created_at_ms),
+            ));
         }
     }
-    summary.elapsed = started.elapsed();
     latencies.sort_unstable();
     let percentile = |p: f64| {
         latencies
@@ -261,87 +409,33 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
     };
     summary.latency_p50 = percentile(0.50);
     summary.latency_p99 = percentile(0.99);
-    let orders = sandbox.orders();
-    summary.gateway_orders = orders.len();
-    summary.create_calls = orders.iter().map(|order| order.create_attempts).sum();
     Ok(summary)
 }
 
-struct PayoutResult {
-    status: &'static str,
-    retries: Vec<String>,
-    reconciled: bool,
-    latency: Duration,
-}
-
-fn status_of(state: OrderState) -> &'static str {
-    match state {
-        OrderState::Success => "succeeded",
-        OrderState::Failure => "failed",
-        OrderState::Rejected => "rejected",
-        OrderState::Refund => "refunded",
-        _ => "unknown",
-    }
-}
-
-/// Create (same mchOrderNo on every try), reconcile ambiguity by a query, then poll to final.
-async fn pay_one(
-    client: &TarsPayClient,
-    table: &CodeTable,
-    request: PayoutRequest,
-    notify_url: &str,
-) -> PayoutResult {
-    let started = Instant::now();
-    let create = request.to_create(notify_url);
-    let order = OrderRef::MchOrderNo(request.mch_order_no.clone());
-    let mut retries = Vec::new();
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(20))
-        .with_max_delay(Duration::from_secs(1))
-        .with_max_times(6)
-        .with_jitter()
-        .build();
-    let mut reconciled = false;
-    let finish = |status, retries, reconciled| PayoutResult {
-        status,
-        retries,
-        reconciled,
-        latency: started.elapsed(),
-    };
+/// Deletes the demo's keys (all under its own prefix's hash tag).
+async fn cleanup(deployment: &Deployment, prefix: &str) {
+    let mut conn = deployment.queue.connection();
+    let pattern = format!("{{{prefix}:*");
+    let mut cursor: u64 = 0;
     loop {
-        let error = match client.create_payout(&create).await {
-            Ok(_) => break,
-            Err(err) => err,
-        };
-        let class = error.class(table);
-        if error.is_ambiguous() || class == ErrorClass::Reconcile {
-            // The order may exist: ask before creating again.
-            if client.query_payout(&order).await.is_ok() {
-                reconciled = true;
-                break;
-            }
-        } else if class == ErrorClass::Terminal {
-            return finish("failed", retries, reconciled);
+        let reply: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await;
+        let Ok((next, keys)) = reply else { return };
+        if !keys.is_empty() {
+            let _ = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await;
         }
-        retries.push(retry_label(&error));
-        match backoff.next() {
-            Some(delay) => tokio::time::sleep(delay).await,
-            None => return finish("failed", retries, reconciled),
+        if next == 0 {
+            return;
         }
-    }
-    loop {
-        if let Ok(info) = client.query_payout(&order).await
-            && info.state.is_final()
-        {
-            return finish(status_of(info.state), retries, reconciled);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn retry_label(error: &GatewayError) -> String {
-    match error.code() {
-        Some(code) => code.to_string(),
-        None => error.kind().to_owned(),
+        cursor = next;
     }
 }

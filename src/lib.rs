@@ -7,6 +7,7 @@ pub mod demo;
 pub mod gateway;
 pub mod jobs;
 pub mod ledger;
+pub mod local_redis;
 pub mod metrics;
 pub mod money;
 pub mod payout;

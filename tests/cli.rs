@@ -262,29 +262,76 @@ fn sandbox_runs_as_its_own_process_and_balance_works_against_it() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+fn count(out: &str, label: &str) -> usize {
+    out.lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix(label)
+                .map(|rest| rest.trim().parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn demo_runs_to_completion_with_a_small_payroll() {
-    let (code, out, err) = run(command().args(["demo", "--payouts", "60", "--concurrency", "16"]));
+    let redis = common::redis_server::RedisServer::start(false);
+    let (code, out, err) = run(command().env("TARSPAY_REDIS_URL", redis.url()).args([
+        "demo",
+        "--payouts",
+        "60",
+        "--concurrency",
+        "16",
+    ]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("payouts: 60"), "{out}");
-    let count = |label: &str| -> usize {
-        out.lines()
-            .find_map(|line| {
-                line.trim()
-                    .strip_prefix(label)
-                    .map(|rest| rest.trim().parse().unwrap())
-            })
-            .unwrap_or(0)
-    };
     // The sample's prefixes decide each outcome: 3 of 60 rejected, 3 failed, the rest succeed.
-    assert_eq!(count("rejected"), 3, "{out}");
-    assert_eq!(count("failed"), 3, "{out}");
-    assert_eq!(count("succeeded"), 54, "{out}");
-    assert_eq!(count("-1"), 3, "{out}");
-    assert_eq!(count("500323"), 6, "{out}");
+    assert_eq!(count(&out, "rejected"), 3, "{out}");
+    assert_eq!(count(&out, "failed"), 3, "{out}");
+    assert_eq!(count(&out, "succeeded"), 54, "{out}");
+    // Retries by code: -1 once for 3 orders, 500323 twice for 3, and one each of the
+    // ambiguous kinds, which are then settled by a query.
+    assert_eq!(count(&out, "-1"), 3, "{out}");
+    assert_eq!(count(&out, "500323"), 6, "{out}");
+    assert_eq!(count(&out, "connection_lost"), 3, "{out}");
+    assert_eq!(count(&out, "http_status"), 3, "{out}");
+    assert_eq!(count(&out, "timeout"), 3, "{out}");
     assert!(
-        out.contains("ambiguous creates settled by a query: 3"),
+        out.contains("gateway orders: 60 from 72 create calls"),
         "{out}"
     );
-    assert!(out.contains("gateway orders: 60 from"), "{out}");
+    assert!(out.contains("callbacks acknowledged: 60"), "{out}");
+    // Nothing is left behind in the Redis it used.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[test]
+fn demo_starts_a_private_redis_when_none_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("redis://{}/", listener.local_addr().unwrap());
+    drop(listener);
+    let (code, out, err) =
+        run(command()
+            .env("TARSPAY_REDIS_URL", &dead)
+            .args(["demo", "--payouts", "20"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("private redis-server at"), "{out}");
+    assert_eq!(count(&out, "succeeded"), 18, "{out}");
+}
+
+#[test]
+fn demo_without_any_redis_says_how_to_get_one() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("redis://{}/", listener.local_addr().unwrap());
+    drop(listener);
+    let (code, _, err) = run(command()
+        .env("TARSPAY_REDIS_URL", &dead)
+        .env("PATH", "/nonexistent")
+        .args(["demo", "--payouts", "5"]));
+    assert_eq!(code, 2);
+    assert!(err.contains(&dead), "{err}");
+    assert!(err.contains("apt-get install redis-server"), "{err}");
+    assert!(err.contains("TARSPAY_REDIS_URL"), "{err}");
 }

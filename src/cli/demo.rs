@@ -16,10 +16,14 @@ pub struct DemoArgs {
 }
 
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let redis_url = std::env::var("TARSPAY_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
     let summary = demo::run(demo::DemoOptions {
         payouts: args.payouts,
         concurrency: args.concurrency,
         progress: true,
+        redis_url,
     })
     .await?;
     print!("{summary}");

@@ -66,7 +66,12 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log);
+    let mut log = settings.log.clone();
+    if matches!(cli.command, Command::Demo(_)) {
+        // The demo's own output is the summary; per-payout logs would drown it.
+        log.filter = "warn".to_owned();
+    }
+    telemetry::init(&log);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {

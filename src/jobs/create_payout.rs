@@ -151,6 +151,10 @@ async fn retry(
     ctx.ledger
         .release(id, token, next, err.code(), &err.to_string())
         .await?;
+    let label = err
+        .code()
+        .map_or_else(|| err.kind().to_owned(), |c| c.to_string());
+    metrics::counter!(crate::metrics::CREATE_RETRIES, "code" => label).increment(1);
     Ok(Step::RetryAfter(full_jitter(
         ctx.retry.base_delay,
         ctx.retry.max_delay,
