@@ -1,0 +1,177 @@
+//! The docker-compose topology as plain processes: a sandbox process, a `serve` process (API and
+//! callback receiver), three `worker` processes, all on one redis-server; payouts enter through
+//! the HTTP API and each ends with exactly one outcome, finalised by signed callbacks.
+
+mod common;
+
+use common::app::BIN;
+use common::redis_server::RedisServer;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tarspay_worker::gateway::PrivateKey;
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(env: &[(String, String)], args: &[&str]) -> Process {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TARSPAY_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    command
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    Process(command.spawn().expect("spawn tarspay-worker"))
+}
+
+/// Reads the process's first stdout line.
+fn first_line(process: &mut Process) -> String {
+    let mut line = String::new();
+    BufReader::new(process.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_serve_three_workers_and_a_sandbox_as_processes() {
+    let redis = RedisServer::start(true);
+    let key = PrivateKey::generate();
+    let merchant = vec![
+        ("TARSPAY_MCH_NO".to_owned(), "M1234567890".to_owned()),
+        ("TARSPAY_PRIVATE_KEY".to_owned(), key.expose_hex()),
+    ];
+    let mut sandbox = spawn(
+        &merchant,
+        &[
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--final-after",
+            "200ms",
+        ],
+    );
+    let gateway = first_line(&mut sandbox)
+        .strip_prefix("sandbox listening on ")
+        .unwrap()
+        .to_owned();
+    let system_key = first_line(&mut sandbox)
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let port = free_port();
+    let token = "topology-token-123";
+    let mut env = merchant.clone();
+    for (k, v) in [
+        ("TARSPAY_REDIS_URL", redis.url()),
+        ("TARSPAY_GATEWAY_URL", gateway.clone()),
+        (
+            "TARSPAY_NOTIFY_URL",
+            format!("http://127.0.0.1:{port}/tarspay/notify"),
+        ),
+        ("TARSPAY_SYSTEM_PUBLIC_KEY", system_key),
+        ("TARSPAY_LISTEN", format!("127.0.0.1:{port}")),
+        ("TARSPAY_API_TOKEN", token.to_owned()),
+        // Polls far away: outcomes come from the signed callbacks.
+        ("TARSPAY_POLL_FIRST_DELAY", "30s".to_owned()),
+    ] {
+        env.push((k.to_owned(), v));
+    }
+    let mut serve = spawn(&env, &["serve"]);
+    assert!(first_line(&mut serve).starts_with("listening on"));
+    let _workers: Vec<Process> = (0..3)
+        .map(|_| spawn(&env, &["worker", "--concurrency", "8"]))
+        .collect();
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let api = format!("http://127.0.0.1:{port}");
+    for i in 0..60 {
+        let payout = serde_json::json!({"mchOrderNo": format!("T-{i}"), "amount": "500", "currency": "BDT",
+            "wayCode": "EWALLET_BKASH", "walletId": "01712345678"});
+        let status = http
+            .post(format!("{api}/v1/payouts"))
+            .bearer_auth(token)
+            .json(&payout)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, reqwest::StatusCode::CREATED);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut done = 0;
+        for i in 0..60 {
+            let body: serde_json::Value = http
+                .get(format!("{api}/v1/payouts/T-{i}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            done += usize::from(body["phase"] == "succeeded");
+        }
+        if done == 60 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of 60 succeeded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One outcome each, in the stream the applications read.
+    let mut conn = redis.conn().await;
+    let outcomes: u64 = redis::cmd("XLEN")
+        .arg("{tarspay:payouts}:outcomes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, 60);
+    // Each order exactly once at the gateway.
+    let orders: Vec<serde_json::Value> = http
+        .get(format!("{gateway}/sandbox/orders"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(orders.len(), 60);
+    assert!(
+        orders
+            .iter()
+            .all(|o| o["createAttempts"] == 1 && o["callbackAcknowledged"] == true)
+    );
+    let health: serde_json::Value = http
+        .get(format!("{api}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["workersAlive"], 3);
+}
