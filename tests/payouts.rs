@@ -540,3 +540,53 @@ async fn a_redis_restart_mid_run_loses_nothing() {
         assert_eq!(app.sandbox.create_attempts(&format!("RR-{i}")), 1, "RR-{i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
+    use std::collections::BTreeMap;
+    use tarspay_worker::gateway::types::CreateDeposit;
+    use tarspay_worker::money::Amount;
+    let app = spawn_app(false, |c| {
+        c.outcomes = vec![OutcomeRule {
+            prefix: "EXP".into(),
+            state: 6,
+            final_after_ms: None,
+        }];
+    })
+    .await;
+    let client = app.deployment.job_context(&app.settings).unwrap().client;
+    for id in ["DEP-1", "EXP-1"] {
+        client
+            .create_deposit(&CreateDeposit {
+                mch_order_no: id.into(),
+                way_code: "CASHIER".into(),
+                amount: Amount::parse("250").unwrap(),
+                currency: "MYR".into(),
+                notify_url: "http://127.0.0.1:9/n".into(),
+                fields: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            app.producer.track_deposit(id, "250", "MYR").await.unwrap(),
+            Enqueued::Queued
+        );
+    }
+    let pool = app.pool(2);
+    let outcomes = app.wait_outcomes(2).await;
+    pool.stop().await;
+    assert_eq!(
+        (
+            outcomes["DEP-1"].kind.as_str(),
+            outcomes["DEP-1"].status.as_str()
+        ),
+        ("deposit", "succeeded")
+    );
+    assert_eq!(
+        (
+            outcomes["EXP-1"].status.as_str(),
+            outcomes["EXP-1"].gateway_state
+        ),
+        ("expired", Some(6))
+    );
+}

@@ -45,6 +45,8 @@ pub enum Command {
     Worker(payouts::WorkerArgs),
     /// Queue payouts from a JSON-lines file (or - for stdin).
     Enqueue(payouts::EnqueueArgs),
+    /// Follow a deposit you created at TarsPay until its outcome.
+    FollowDeposit(payouts::FollowDepositArgs),
     /// Show one payout's ledger record.
     Status(payouts::StatusArgs),
     /// Print outcomes from the start of the outcome stream.
@@ -83,6 +85,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Worker(args) => payouts::run_worker(&settings, args).await,
             Command::Enqueue(args) => payouts::enqueue(&settings, args).await,
             Command::Status(args) => payouts::status(&settings, args).await,
+            Command::FollowDeposit(args) => payouts::follow_deposit(&settings, args).await,
             Command::Outcomes(args) => payouts::outcomes(&settings, args).await,
             Command::Queue => payouts::queue_stats(&settings).await,
             Command::Pause => payouts::pause(&settings, true).await,

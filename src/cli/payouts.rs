@@ -49,6 +49,17 @@ pub struct OutcomesArgs {
     follow: bool,
 }
 
+#[derive(Args)]
+pub struct FollowDepositArgs {
+    /// The deposit's mchOrderNo (created by you at TarsPay).
+    id: String,
+    /// Its amount, as created (decimal string).
+    #[arg(long)]
+    amount: String,
+    #[arg(long)]
+    currency: String,
+}
+
 #[derive(Subcommand)]
 pub enum DeadCommand {
     /// List jobs that were given up (oldest first).
@@ -121,6 +132,25 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Follows a deposit created outside this worker: polled (`/api/payInInfo`) to its outcome.
+pub async fn follow_deposit(settings: &Settings, args: FollowDepositArgs) -> Result<ExitCode> {
+    if let Err(err) = tarspay_worker::money::Amount::parse(&args.amount) {
+        bail!("--amount: {err}");
+    }
+    let deployment = Deployment::connect(settings).await?;
+    let producer = deployment.producer(settings)?;
+    match producer
+        .track_deposit(&args.id, &args.amount, &args.currency)
+        .await?
+    {
+        Enqueued::Queued => println!("following {}", args.id),
+        Enqueued::Exists { record, .. } => {
+            println!("exists {} {}", record.mch_order_no, record.phase)
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn status(settings: &Settings, args: StatusArgs) -> Result<ExitCode> {
