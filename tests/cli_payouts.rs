@@ -64,7 +64,7 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
         lines[2]
     );
     assert!(lines[3].starts_with("line 5: invalid JSON"), "{}", lines[3]);
-    assert_eq!(lines[4], "exists C-1 queued");
+    assert_eq!(lines[4], "exists C-1");
     assert!(
         app.deployment.ledger.get("C-3").await.unwrap().is_none(),
         "the bad line queued nothing"

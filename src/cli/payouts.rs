@@ -113,12 +113,13 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
                 record,
                 same_request,
             }) => {
-                let note = if same_request {
-                    ""
-                } else {
-                    " (with a different body: not queued)"
-                };
-                println!("exists {} {}{note}", record.mch_order_no, record.phase);
+                println!("exists {}", record.mch_order_no);
+                if !same_request {
+                    eprintln!(
+                        "line {number}: {} exists with a different body; this line was not queued",
+                        record.mch_order_no
+                    );
+                }
             }
             Err(ProducerError::Invalid(errors)) => {
                 println!("line {number}: {errors}");
