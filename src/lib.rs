@@ -17,4 +17,5 @@ pub mod sandbox;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

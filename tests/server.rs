@@ -582,3 +582,78 @@ async fn sandbox_callbacks_finalise_payouts_before_any_poll() {
         assert!(view.callback_acknowledged, "the sandbox read OK");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_posts_each_outcome_as_a_signed_webhook() {
+    use std::sync::{Arc, Mutex};
+    type Seen = Arc<Mutex<Vec<(String, String, String, String)>>>;
+    let seen: Seen = Arc::default();
+    let receiver = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<Seen>,
+                 headers: axum::http::HeaderMap,
+                 body: String| async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    seen.lock().unwrap().push((
+                        header("webhook-id"),
+                        header("webhook-timestamp"),
+                        header("webhook-signature"),
+                        body,
+                    ));
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let s = served(
+        |_| {},
+        &[
+            ("TARSPAY_WEBHOOK_URL", hook.as_str()),
+            ("TARSPAY_WEBHOOK_SECRET", secret),
+        ],
+    )
+    .await;
+    for i in 0..5 {
+        s.app.enqueue(inr(&format!("WH-{i}"), "100")).await;
+    }
+    let pool = s.app.pool(4);
+    s.app.wait_outcomes(5).await;
+    pool.stop().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.lock().unwrap().len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhooks not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap();
+    for (id, timestamp, signature, body) in seen.lock().unwrap().iter() {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(signature, &expected, "independent HMAC check");
+        let outcome: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(outcome["status"], "succeeded");
+        assert!(id.starts_with("msg_"));
+    }
+}

@@ -198,6 +198,11 @@ impl<T> RedisQueue<T> {
     pub fn connection(&self) -> ConnectionManager {
         self.shared.conn.clone()
     }
+
+    /// The Redis client, for components that need connections of their own (blocking reads).
+    pub fn client(&self) -> &redis::Client {
+        &self.shared.client
+    }
 }
 
 impl<T: Serialize> RedisQueue<T> {
