@@ -590,3 +590,57 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
         ("expired", Some(6))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
+    // Each create takes 700 ms at the gateway, so SIGTERM lands with creates in flight.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![FaultRule {
+            prefix: "TERM".into(),
+            endpoint: Endpoint::CreatePayout,
+            times: None,
+            action: FaultAction::Latency { ms: 700 },
+        }];
+    })
+    .await;
+    for i in 0..40 {
+        app.enqueue(inr(&format!("TERM-{i}"), "100")).await;
+    }
+    let mut first = app.worker_process(4);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (0..40)
+        .map(|i| app.sandbox.create_attempts(&format!("TERM-{i}")))
+        .sum::<u32>()
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no create started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        first.terminate(),
+        Some(0),
+        "a clean exit within the grace period"
+    );
+    // Every create that reached the gateway was recorded: nothing was left mid-call.
+    for i in 0..40 {
+        let id = format!("TERM-{i}");
+        let phase = app.deployment.ledger.get(&id).await.unwrap().unwrap().phase;
+        assert_ne!(
+            phase,
+            Phase::Submitting,
+            "{id} left holding the submit lease"
+        );
+        if app.sandbox.order(&id).is_some() {
+            assert!(
+                phase == Phase::Accepted || phase.is_final(),
+                "{id}: {phase}"
+            );
+        }
+    }
+    let _second = app.worker_process(8);
+    let outcomes = app.wait_outcomes(40).await;
+    assert!(outcomes.values().all(|o| o.status == "succeeded"));
+    for i in 0..40 {
+        assert_eq!(app.sandbox.create_attempts(&format!("TERM-{i}")), 1);
+    }
+}
