@@ -750,3 +750,54 @@ async fn connections_are_reused() {
         "sequential calls, clones included, share one pooled connection"
     );
 }
+
+#[tokio::test]
+async fn codes_on_error_statuses_decide_and_redirects_are_not_followed() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "C400",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Http {
+                    status: 400,
+                    commit: false,
+                    body: Some(
+                        r#"{"code":5003011,"msg":"merchant order number already exists"}"#.into(),
+                    ),
+                },
+            ),
+            fault(
+                "R302",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Http {
+                    status: 302,
+                    commit: false,
+                    body: Some(String::new()),
+                },
+            ),
+        ];
+    })
+    .await;
+    let coded = gw
+        .client
+        .create_payout(&payout("C400-1", "100"))
+        .await
+        .unwrap_err();
+    assert_eq!(coded.code(), Some(5003011), "{coded:?}");
+    assert_eq!(coded.class(&CodeTable::default()), ErrorClass::Reconcile);
+    let redirected = gw
+        .client
+        .create_payout(&payout("R302-1", "100"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(redirected, GatewayError::Http { status: 302, .. }),
+        "{redirected:?}"
+    );
+    assert_eq!(
+        redirected.class(&CodeTable::default()),
+        ErrorClass::Retryable
+    );
+}

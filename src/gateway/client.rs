@@ -58,6 +58,9 @@ impl TarsPayClient {
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
             .https_only(false)
+            // A redirect would turn the signed POST into a body-less GET; treat 3xx as an
+            // answer (an HTTP error), never follow it.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|err| ClientBuildError(err.to_string()))?;
         Ok(Self {
@@ -181,10 +184,16 @@ impl TarsPayClient {
         let status = response.status();
         let body = read_limited(path, response, self.max_response_bytes).await?;
         if !status.is_success() {
-            return Err(GatewayError::Http {
-                endpoint: path,
-                status: status.as_u16(),
-                snippet: snippet(&body),
+            // A gateway may carry its error code on a non-2xx status: a code in the envelope
+            // (5003011 above all) decides, not the status. Only a body that is no envelope
+            // (a proxy's 502 page) is an HTTP error.
+            return Err(match decode_envelope::<Value>(path, &body) {
+                Err(coded @ GatewayError::Gateway { .. }) => coded,
+                _ => GatewayError::Http {
+                    endpoint: path,
+                    status: status.as_u16(),
+                    snippet: snippet(&body),
+                },
             });
         }
         decode_envelope(path, &body)

@@ -75,12 +75,15 @@ impl GatewayError {
         }
     }
 
-    /// How a worker should treat this failure. Transport trouble, 5xx, 408 and 429 are
-    /// retryable; other 4xx statuses are terminal; gateway codes follow the code table.
+    /// How a worker should treat this failure. Transport trouble, 5xx, 3xx (a misrouted
+    /// request), 408 and 429 are retryable; other 4xx statuses are terminal; gateway codes follow
+    /// the code table.
     pub fn class(&self, table: &CodeTable) -> ErrorClass {
         match self {
             Self::Gateway { code, .. } => table.classify(*code),
-            Self::Http { status, .. } if *status >= 500 || *status == 408 || *status == 429 => {
+            Self::Http { status, .. }
+                if *status >= 500 || (300..400).contains(status) || *status == 408 || *status == 429 =>
+            {
                 ErrorClass::Retryable
             }
             Self::Http { .. } => ErrorClass::Terminal,
