@@ -393,11 +393,15 @@ async fn pause_resume_health_metrics_and_the_document() {
     assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
-/// A callback body for an order, signed (or not) by `key`.
+/// A callback body for an order, as TarsPay would send it for our merchant.
 fn callback_body(id: &str, amount: &str, state: i64) -> String {
+    callback_body_for("M1234567890", id, amount, state)
+}
+
+fn callback_body_for(mch_no: &str, id: &str, amount: &str, state: i64) -> String {
     sorted_compact_json(
-        &json!({"bizType": 2, "payOrderId": "P0000000000000000001", "mchNo": "M1234567890",
-        "mchOrderNo": id, "orderAmount": amount, "payAmount": amount, "currency": "INR", "state": state, "fee": "0"}),
+        &json!({"bizType": 2, "mchNo": mch_no, "mchOrderNo": id, "orderAmount": amount,
+        "payAmount": amount, "currency": "INR", "state": state, "fee": "0"}),
     )
 }
 
@@ -492,6 +496,35 @@ async fn forged_and_unsigned_callbacks_only_schedule_a_query() {
     s.callback(
         &other_amount,
         Some(&sign_callback(&system_key(), other_amount.as_bytes())),
+    )
+    .await;
+    assert_eq!(
+        s.app
+            .deployment
+            .ledger
+            .get("CB-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        Phase::Accepted
+    );
+
+    // Signed by TarsPay but about another merchant's order under the same number.
+    let other_merchant = callback_body_for("M9999999999", "CB-2", "100", 3);
+    s.callback(
+        &other_merchant,
+        Some(&sign_callback(&system_key(), other_merchant.as_bytes())),
+    )
+    .await;
+    // Signed, ours, but naming a different payOrderId than the one the gateway gave us.
+    let other_order = sorted_compact_json(
+        &json!({"bizType": 2, "mchNo": "M1234567890", "mchOrderNo": "CB-2",
+        "payOrderId": "P9999999999999999999", "orderAmount": "100", "currency": "INR", "state": 3}),
+    );
+    s.callback(
+        &other_order,
+        Some(&sign_callback(&system_key(), other_order.as_bytes())),
     )
     .await;
     assert_eq!(

@@ -63,7 +63,7 @@ pub async fn receive(
         }
         Err(err) => return unavailable(err),
     };
-    let trusted = verified && matches_record(&callback, &record);
+    let trusted = verified && matches_record(&callback, &record, state.mch_no.as_deref());
     if !trusted {
         tracing::warn!(mch_order_no = %id, verified, "untrusted callback: scheduling a status query");
         metrics::counter!(crate::metrics::CALLBACKS, "result" => "untrusted").increment(1);
@@ -98,9 +98,19 @@ pub async fn receive(
     }
 }
 
-/// A signed callback is applied only to the order it describes: same kind, and the same
-/// amount and currency when it states them. Anything else is checked by a query instead.
-fn matches_record(callback: &Callback, record: &OrderRecord) -> bool {
+/// A signed callback is applied only to the order it describes: our merchant (TarsPay's key
+/// signs callbacks of every merchant, and another merchant may reuse our order numbers), the
+/// same kind, the same payOrderId once we know it, and the same amount and currency. Anything
+/// else is checked by a query instead.
+fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str>) -> bool {
+    let ours = matches!((callback.mch_no.as_deref(), mch_no), (Some(theirs), Some(ours)) if theirs == ours);
+    let same_order = match (
+        callback.pay_order_id.as_deref(),
+        record.pay_order_id.as_deref(),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => true,
+    };
     let kind = match callback.biz_type {
         BizType::Payout => OrderKind::Payout,
         BizType::Deposit => OrderKind::Deposit,
@@ -117,7 +127,7 @@ fn matches_record(callback: &Callback, record: &OrderRecord) -> bool {
         (None, _) => true,
         (Some(_), Err(_)) => false,
     };
-    record.kind == kind.as_str() && same_currency && same_amount
+    ours && same_order && record.kind == kind.as_str() && same_currency && same_amount
 }
 
 async fn schedule_query(

@@ -25,6 +25,9 @@ pub struct AppState {
     pub deployment: Deployment,
     pub producer: Producer,
     pub system_key: PublicKey,
+    /// Our merchant number: TarsPay's system key signs every merchant's callbacks, so a
+    /// callback counts only if it is about our merchant.
+    pub mch_no: Option<String>,
     pub api_token: Option<Secret>,
     pub metrics: PrometheusHandle,
     pub max_batch_bytes: usize,
@@ -36,6 +39,7 @@ impl AppState {
             producer: deployment.producer(settings)?,
             deployment,
             system_key: settings.system_public_key()?,
+            mch_no: settings.mch_no.clone(),
             api_token: settings.api_token()?,
             metrics: crate::metrics::install(),
             max_batch_bytes: settings.max_batch_bytes as usize,
