@@ -396,9 +396,10 @@ impl Settings {
         })
     }
 
-    /// How long a create holds the submit lease: one whole gateway call plus a margin.
+    /// How long a create holds the submit lease: one run makes at most three gateway calls
+    /// (lookup, create, lookup), plus a margin.
     pub fn submit_lease(&self) -> Duration {
-        self.gateway.request_timeout + Duration::from_secs(10)
+        self.gateway.request_timeout * 3 + Duration::from_secs(10)
     }
 
     /// The API token, or `None` when auth is explicitly disabled; an error when neither.

@@ -338,3 +338,43 @@ async fn nothing_is_submitted_while_the_queue_is_paused() {
         SubmitTicket::Go { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("LL-1", "f")).await.unwrap();
+    ledger
+        .begin_submit("LL-1", "old-run", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        ledger
+            .release("LL-1", "old-run", Phase::Unknown, None, "timeout")
+            .await
+            .unwrap()
+    );
+    assert!(ledger.get("LL-1").await.unwrap().unwrap().ambiguous);
+    ledger
+        .begin_submit("LL-1", "new-run", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let failed = FinalResult {
+        code: Some(5004006),
+        ..Default::default()
+    };
+    assert!(
+        !ledger
+            .finalize_leased("LL-1", "old-run", Phase::Failed, &failed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 0);
+    assert!(
+        ledger
+            .finalize_leased("LL-1", "new-run", Phase::Failed, &failed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+}

@@ -418,8 +418,7 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
         app.enqueue(inr(&format!("K-{i}"), "100")).await;
     }
     let pool = app.pool(1);
-    app.wait_outcomes(3).await;
-    // The third auth failure paused the queue: nothing else is sent.
+    // The third auth failure pauses the queue; from then on nothing is sent or burned.
     let stats_wait = tokio::time::Instant::now() + Duration::from_secs(60);
     while !app.deployment.queue.is_paused().await.unwrap() {
         assert!(
@@ -432,26 +431,139 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
     let sent: u32 = (0..8)
         .map(|i| app.sandbox.create_attempts(&format!("K-{i}")))
         .sum();
-    assert!(
-        sent <= 4,
-        "at most the threshold plus one in flight were sent, got {sent}"
+    assert_eq!(sent, 3, "the threshold's creates, then nothing");
+    assert_eq!(
+        app.deployment.ledger.outcome_count().await.unwrap(),
+        2,
+        "the two before the threshold failed; the one that tripped it is held"
     );
-    let outcomes_while_paused = app.deployment.ledger.outcome_count().await.unwrap();
-    assert!(outcomes_while_paused <= 4);
 
-    // The operator fixes the IP binding and resumes: the rest are paid.
+    // The operator fixes the IP binding and resumes: the rest are paid, the held one too.
     app.sandbox.set_faults(vec![]);
     app.deployment.queue.resume().await.unwrap();
     let outcomes = app.wait_outcomes(8).await;
     pool.stop().await;
-    let succeeded = outcomes
-        .values()
-        .filter(|o| o.status == "succeeded")
-        .count();
     let failed: Vec<_> = outcomes.values().filter(|o| o.status == "failed").collect();
-    assert_eq!(succeeded + failed.len(), 8);
+    assert_eq!(failed.len(), 2);
     assert!(failed.iter().all(|o| o.code == Some(5003007)));
-    assert_eq!(failed.len() as u64, outcomes_while_paused);
+    assert_eq!(
+        outcomes
+            .values()
+            .filter(|o| o.status == "succeeded")
+            .count(),
+        6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![fault(
+                "G",
+                None,
+                FaultAction::Code {
+                    code: 5003008,
+                    msg: None,
+                },
+            )]
+        },
+        &[("TARSPAY_GUARD_AUTH_FAILURES", "2")],
+    )
+    .await;
+    for i in 0..6 {
+        app.enqueue(inr(&format!("G-{i}"), "100")).await;
+    }
+    let pool = app.pool(1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !app.deployment.queue.is_paused().await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "queue never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent_before: u32 = (0..6)
+        .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
+        .sum();
+    // Resumed while the key is still bad: the very next failure pauses again, burning nothing.
+    app.deployment.queue.resume().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent: u32 = (0..6)
+            .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
+            .sum();
+        if sent > sent_before && app.deployment.queue.is_paused().await.unwrap() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no second pause");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pool.stop().await;
+    assert_eq!(
+        app.deployment.ledger.outcome_count().await.unwrap(),
+        1,
+        "only the first order failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
+    // Every create is dropped unanswered: the gateway may or may not hold the order.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![fault("AMB", None, FaultAction::Drop)]
+    })
+    .await;
+    app.enqueue(inr("AMB-1", "100")).await;
+    let pool = app.pool(1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let record = app.deployment.ledger.get("AMB-1").await.unwrap().unwrap();
+        if record.attempts >= 7 {
+            assert!(record.ambiguous);
+            assert!(!record.phase.is_final(), "{record:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempts stalled at {}",
+            record.attempts
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.deployment.ledger.outcome_count().await.unwrap(),
+        0,
+        "past max attempts, still no `failed`"
+    );
+    // Once the gateway answers, the same number goes through.
+    app.sandbox.set_faults(vec![]);
+    let outcomes = app.wait_outcomes(1).await;
+    pool.stop().await;
+    assert_eq!(outcomes["AMB-1"].status, "succeeded");
+    assert_eq!(app.sandbox.orders().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_code_after_the_order_was_created_is_checked_not_believed() {
+    // The gateway creates the order but answers "channel error": a query finds it.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![fault(
+            "CH",
+            Some(1),
+            FaultAction::Http {
+                status: 200,
+                commit: true,
+                body: Some(r#"{"code":5003013,"msg":"channel error"}"#.into()),
+            },
+        )]
+    })
+    .await;
+    app.enqueue(inr("CH-1", "100")).await;
+    let pool = app.pool(1);
+    let outcomes = app.wait_outcomes(1).await;
+    pool.stop().await;
+    assert_eq!(outcomes["CH-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("CH-1"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

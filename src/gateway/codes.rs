@@ -89,6 +89,16 @@ pub fn is_auth_class(code: i64) -> bool {
     (5003002..=5003008).contains(&code) || code == 5003014
 }
 
+/// Refusals that prove the gateway created nothing: the request was rejected before an order
+/// could exist (parameters, format, credentials, signature, balance). Any other terminal
+/// answer to a create is checked with a query before the payout is failed.
+pub fn refused_before_creating(code: i64) -> bool {
+    matches!(
+        code,
+        5003001..=5003009 | 5003012 | 5003014 | 5003015 | 5004006 | 500321 | 500322 | 500327
+    )
+}
+
 /// The classification in force: the defaults above plus overrides from settings.
 #[derive(Debug, Clone, Default)]
 pub struct CodeTable {

@@ -2,9 +2,10 @@
 //! submit lease, and record what the gateway said. The mchOrderNo never changes; an order
 //! whose create may have reached the gateway is looked up before anything is sent again.
 
+use super::GuardVerdict;
 use super::reconcile::{Lookup, adopt, lookup};
 use super::{JobContext, JobError, Step, full_jitter};
-use crate::gateway::codes::is_auth_class;
+use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ledger::{FinalResult, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
@@ -20,11 +21,12 @@ fn lease_token() -> String {
 
 pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<Step, JobError> {
     let token = lease_token();
-    let (previous, attempt) = match ctx
+    // The lease and the record come back from one script: one round trip.
+    let (ticket, record) = ctx
         .ledger
-        .begin_submit(mch_order_no, &token, ctx.lease)
-        .await?
-    {
+        .begin_submit_with_record(mch_order_no, &token, ctx.lease)
+        .await?;
+    let (previous, attempt) = match ticket {
         SubmitTicket::Go { previous, attempt } => (previous, attempt),
         SubmitTicket::Accepted => return Ok(Step::Poll(ctx.poll.first_delay)),
         SubmitTicket::Final(_) => return Ok(Step::Done),
@@ -43,14 +45,10 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
             return Ok(Step::Done);
         }
     };
-    let record = ctx
-        .ledger
-        .get(mch_order_no)
-        .await?
-        .ok_or_else(|| JobError::BadRecord {
-            id: mch_order_no.to_owned(),
-            reason: "vanished while leased".into(),
-        })?;
+    let record = record.ok_or_else(|| JobError::BadRecord {
+        id: mch_order_no.to_owned(),
+        reason: "vanished while leased".into(),
+    })?;
     let request: PayoutRequest =
         serde_json::from_str(&record.request).map_err(|err| JobError::BadRecord {
             id: mch_order_no.to_owned(),
@@ -92,13 +90,19 @@ async fn create_failed(
     err: GatewayError,
 ) -> Result<Step, JobError> {
     let id = record.mch_order_no.as_str();
-    if let Some(code) = err.code()
-        && is_auth_class(code)
-    {
-        ctx.guard.record_auth_failure(id, code).await?;
-    }
     let class = err.class(&ctx.codes);
     tracing::info!(mch_order_no = id, attempt, error = %err, ?class, "create failed");
+    if let Some(code) = err.code()
+        && is_auth_class(code)
+        && ctx.guard.record_auth_failure(id, code).await? == GuardVerdict::Pause
+    {
+        // Systemic (bad key, unbound IP): the queue is paused; hold this order for the
+        // resume instead of burning it.
+        ctx.ledger
+            .release(id, token, Phase::Queued, err.code(), &err.to_string())
+            .await?;
+        return Ok(Step::RetryAfter(PAUSED_RECHECK));
+    }
     if class == ErrorClass::Reconcile {
         // The gateway says the number exists: find out whether it is this payout.
         return match lookup(ctx, record).await {
@@ -110,8 +114,12 @@ async fn create_failed(
         };
     }
     if class == ErrorClass::Terminal && !err.is_ambiguous() {
-        fail(ctx, id, &err).await?;
-        return Ok(Step::Done);
+        // A refusal that proves nothing was created fails the payout now; any other terminal
+        // answer is checked against the gateway first.
+        if err.code().is_some_and(refused_before_creating) {
+            return fail(ctx, id, token, &err).await;
+        }
+        return settle_by_lookup(ctx, record, token, &err).await;
     }
     let next = if err.is_ambiguous() {
         Phase::Unknown
@@ -121,8 +129,7 @@ async fn create_failed(
     retry(ctx, record, token, next, attempt, &err).await
 }
 
-/// Retry the same create later, or, once attempts are used up, settle the order by a query:
-/// it fails only if the gateway confirms it holds no such order.
+/// Retry the same create later; once attempts are used up, settle the order by a query.
 async fn retry(
     ctx: &JobContext,
     record: &OrderRecord,
@@ -131,23 +138,16 @@ async fn retry(
     attempt: u32,
     err: &GatewayError,
 ) -> Result<Step, JobError> {
-    let id = record.mch_order_no.as_str();
     if attempt >= ctx.retry.max_attempts {
-        match lookup(ctx, record).await {
-            Lookup::Found(info) => return adopt(ctx, record, &info).await,
-            Lookup::NotFound => {
-                fail(ctx, id, err).await?;
-                return Ok(Step::Done);
-            }
-            // Cannot even ask: the order stays unknown and is tried again at the longest wait.
-            Lookup::Failed(_) => {
-                ctx.ledger
-                    .release(id, token, Phase::Unknown, err.code(), &err.to_string())
-                    .await?;
-                return Ok(Step::RetryAfter(ctx.retry.max_delay));
-            }
+        if next == Phase::Unknown || record.ambiguous {
+            // Some create may be at the gateway: failing now could pay the beneficiary under
+            // a `failed` outcome. Keep settling it at the longest wait (each try looks it up
+            // and re-sends the same mchOrderNo, which the gateway refuses if it holds it).
+            return keep_settling(ctx, record, token, err).await;
         }
+        return settle_by_lookup(ctx, record, token, err).await;
     }
+    let id = record.mch_order_no.as_str();
     ctx.ledger
         .release(id, token, next, err.code(), &err.to_string())
         .await?;
@@ -162,21 +162,76 @@ async fn retry(
     )))
 }
 
-async fn fail(ctx: &JobContext, id: &str, err: &GatewayError) -> Result<(), JobError> {
+/// Fails the payout only if the gateway confirms it holds no such order and no create of it
+/// was ever ambiguous; adopts the order if it exists.
+async fn settle_by_lookup(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    token: &str,
+    err: &GatewayError,
+) -> Result<Step, JobError> {
+    match lookup(ctx, record).await {
+        Lookup::Found(info) => adopt(ctx, record, &info).await,
+        Lookup::NotFound if !record.ambiguous => fail(ctx, &record.mch_order_no, token, err).await,
+        Lookup::NotFound | Lookup::Failed(_) => keep_settling(ctx, record, token, err).await,
+    }
+}
+
+/// The order stays `unknown` and is tried again at the longest wait; past the polling
+/// deadline it is reported stuck.
+async fn keep_settling(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    token: &str,
+    err: &GatewayError,
+) -> Result<Step, JobError> {
+    let id = record.mch_order_no.as_str();
+    ctx.ledger
+        .release(id, token, Phase::Unknown, err.code(), &err.to_string())
+        .await?;
+    let age = Duration::from_millis(now_ms().saturating_sub(record.created_at_ms));
+    if age > ctx.poll.deadline && !record.stuck {
+        ctx.ledger.mark_stuck(id).await?;
+        tracing::warn!(
+            mch_order_no = id,
+            "order unsettled past the deadline: needs a look"
+        );
+    }
+    Ok(Step::RetryAfter(ctx.retry.max_delay))
+}
+
+/// Records the final `failed` outcome, but only while this run still holds the lease.
+async fn fail(
+    ctx: &JobContext,
+    id: &str,
+    token: &str,
+    err: &GatewayError,
+) -> Result<Step, JobError> {
     let msg = match err {
         GatewayError::Gateway { msg, .. } => msg.clone(),
         other => other.to_string(),
     };
-    ctx.ledger
-        .finalize(
-            id,
-            Phase::Failed,
-            &FinalResult {
-                code: err.code(),
-                msg: Some(msg),
-                ..FinalResult::default()
-            },
-        )
-        .await?;
-    Ok(())
+    let result = FinalResult {
+        code: err.code(),
+        msg: Some(msg),
+        ..FinalResult::default()
+    };
+    if !ctx
+        .ledger
+        .finalize_leased(id, token, Phase::Failed, &result)
+        .await?
+    {
+        tracing::warn!(
+            mch_order_no = id,
+            "not failed: another run owns the order now"
+        );
+    }
+    Ok(Step::Done)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }

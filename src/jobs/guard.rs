@@ -15,9 +15,9 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| {
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  -- Pause, and start the count afresh for after the resume.
+  -- Pause. The count stays until a create is accepted (ACCEPT clears it), so after a resume
+  -- with the fault still there the first failure pauses again and burns no order.
   redis.call('SET', KEYS[2], '1')
-  redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
@@ -51,8 +51,9 @@ impl SystemicGuard {
         }
     }
 
-    /// Counts an auth-class failure of `mch_order_no`; `Pause` once enough different orders
-    /// failed with no success in between.
+    /// Counts an auth-class failure of `mch_order_no`; `Pause` (the queue is now paused) once
+    /// enough different orders failed with no accepted create in between. The orders before
+    /// that fail; from the pause on, the caller holds the order for the resume instead.
     pub async fn record_auth_failure(
         &self,
         mch_order_no: &str,

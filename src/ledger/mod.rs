@@ -167,6 +167,9 @@ pub struct OrderRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
     pub stuck: bool,
+    /// A create of this order may have reached the gateway without an answer; it is never
+    /// failed on a lookup alone.
+    pub ambiguous: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -231,6 +234,45 @@ fn number<T: std::str::FromStr>(value: Option<&String>) -> Option<T> {
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// An order record from its hash fields; `None` for no fields (no such order).
+fn record_from_fields(
+    mch_order_no: &str,
+    fields: &HashMap<String, String>,
+) -> Result<Option<OrderRecord>, LedgerError> {
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let phase = fields
+        .get("phase")
+        .ok_or("no phase")
+        .and_then(|p| p.parse::<Phase>().map_err(|_| "bad phase"))
+        .map_err(|reason| LedgerError::Corrupt {
+            id: mch_order_no.to_owned(),
+            reason: reason.to_owned(),
+        })?;
+    Ok(Some(OrderRecord {
+        mch_order_no: mch_order_no.to_owned(),
+        kind: fields.get("kind").cloned().unwrap_or_default(),
+        phase,
+        amount: fields.get("amount").cloned().unwrap_or_default(),
+        currency: fields.get("currency").cloned().unwrap_or_default(),
+        attempts: number(fields.get("attempts")).unwrap_or(0),
+        pay_order_id: text(fields.get("payOrderId")),
+        gateway_state: number(fields.get("gatewayState")),
+        fee: text(fields.get("fee")),
+        last_code: number(fields.get("lastCode")),
+        last_msg: text(fields.get("lastMsg")),
+        batch_id: text(fields.get("batchId")),
+        stuck: fields.get("stuck").is_some_and(|v| v == "1"),
+        ambiguous: fields.get("ambiguous").is_some_and(|v| v == "1"),
+        created_at_ms: number(fields.get("createdAt")).unwrap_or(0),
+        updated_at_ms: number(fields.get("updatedAt")).unwrap_or(0),
+        finished_at_ms: number(fields.get("finishedAt")),
+        fingerprint: fields.get("fingerprint").cloned().unwrap_or_default(),
+        request: fields.get("request").cloned().unwrap_or_default(),
+    }))
 }
 
 impl Ledger {
@@ -300,6 +342,20 @@ impl Ledger {
         token: &str,
         lease: Duration,
     ) -> Result<SubmitTicket, LedgerError> {
+        Ok(self
+            .begin_submit_with_record(mch_order_no, token, lease)
+            .await?
+            .0)
+    }
+
+    /// [`Ledger::begin_submit`], and with [`SubmitTicket::Go`] the order's record as it is
+    /// now (read by the same script: one round trip instead of two).
+    pub async fn begin_submit_with_record(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<(SubmitTicket, Option<OrderRecord>), LedgerError> {
         let reply: Vec<String> = scripts::BEGIN_SUBMIT
             .key(self.keys.order(mch_order_no))
             .key(self.keys.paused())
@@ -312,19 +368,31 @@ impl Ledger {
             reason,
         };
         Ok(match reply.as_slice() {
-            [verdict, previous, attempt] if verdict == "go" => SubmitTicket::Go {
-                previous: previous.parse().map_err(corrupt)?,
-                attempt: attempt.parse().unwrap_or(1),
-            },
-            [verdict, ms] if verdict == "busy" => SubmitTicket::Busy {
-                retry_in: Duration::from_millis(ms.parse().unwrap_or(1000)),
-            },
-            [verdict] if verdict == "accepted" => SubmitTicket::Accepted,
-            [verdict] if verdict == "paused" => SubmitTicket::Paused,
-            [verdict, phase] if verdict == "final" => {
-                SubmitTicket::Final(phase.parse().map_err(corrupt)?)
+            [verdict, previous, attempt, fields @ ..] if verdict == "go" => {
+                let fields: HashMap<String, String> = fields
+                    .chunks_exact(2)
+                    .map(|pair| (pair[0].clone(), pair[1].clone()))
+                    .collect();
+                (
+                    SubmitTicket::Go {
+                        previous: previous.parse().map_err(corrupt)?,
+                        attempt: attempt.parse().unwrap_or(1),
+                    },
+                    record_from_fields(mch_order_no, &fields)?,
+                )
             }
-            [verdict] if verdict == "missing" => SubmitTicket::Missing,
+            [verdict, ms] if verdict == "busy" => (
+                SubmitTicket::Busy {
+                    retry_in: Duration::from_millis(ms.parse().unwrap_or(1000)),
+                },
+                None,
+            ),
+            [verdict] if verdict == "accepted" => (SubmitTicket::Accepted, None),
+            [verdict] if verdict == "paused" => (SubmitTicket::Paused, None),
+            [verdict, phase] if verdict == "final" => {
+                (SubmitTicket::Final(phase.parse().map_err(corrupt)?), None)
+            }
+            [verdict] if verdict == "missing" => (SubmitTicket::Missing, None),
             other => {
                 return Err(corrupt(format!(
                     "unexpected reply from begin_submit: {other:?}"
@@ -377,6 +445,29 @@ impl Ledger {
         phase: Phase,
         result: &FinalResult,
     ) -> Result<bool, LedgerError> {
+        self.finalize_as(mch_order_no, phase, result, "").await
+    }
+
+    /// [`Ledger::finalize`] for a decision the caller made itself (a create it gives up on):
+    /// applied only while `token` still holds the submit lease, so a run that lost its lease
+    /// can never finalise an order another run is creating. False when not applied.
+    pub async fn finalize_leased(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        phase: Phase,
+        result: &FinalResult,
+    ) -> Result<bool, LedgerError> {
+        self.finalize_as(mch_order_no, phase, result, token).await
+    }
+
+    async fn finalize_as(
+        &self,
+        mch_order_no: &str,
+        phase: Phase,
+        result: &FinalResult,
+        token: &str,
+    ) -> Result<bool, LedgerError> {
         debug_assert!(phase.is_final());
         let changed: i64 = scripts::FINALIZE
             .key(self.keys.order(mch_order_no))
@@ -395,6 +486,7 @@ impl Ledger {
             .arg(result.msg.as_deref().unwrap_or_default())
             .arg(rfc3339_now())
             .arg(self.outcome_max_len)
+            .arg(token)
             .invoke_async(&mut self.conn.clone())
             .await?;
         if changed < 0 {
@@ -424,37 +516,7 @@ impl Ledger {
             .clone()
             .hgetall(self.keys.order(mch_order_no))
             .await?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let phase = fields
-            .get("phase")
-            .ok_or("no phase")
-            .and_then(|p| p.parse::<Phase>().map_err(|_| "bad phase"))
-            .map_err(|reason| LedgerError::Corrupt {
-                id: mch_order_no.to_owned(),
-                reason: reason.to_owned(),
-            })?;
-        Ok(Some(OrderRecord {
-            mch_order_no: mch_order_no.to_owned(),
-            kind: fields.get("kind").cloned().unwrap_or_default(),
-            phase,
-            amount: fields.get("amount").cloned().unwrap_or_default(),
-            currency: fields.get("currency").cloned().unwrap_or_default(),
-            attempts: number(fields.get("attempts")).unwrap_or(0),
-            pay_order_id: text(fields.get("payOrderId")),
-            gateway_state: number(fields.get("gatewayState")),
-            fee: text(fields.get("fee")),
-            last_code: number(fields.get("lastCode")),
-            last_msg: text(fields.get("lastMsg")),
-            batch_id: text(fields.get("batchId")),
-            stuck: fields.get("stuck").is_some_and(|v| v == "1"),
-            created_at_ms: number(fields.get("createdAt")).unwrap_or(0),
-            updated_at_ms: number(fields.get("updatedAt")).unwrap_or(0),
-            finished_at_ms: number(fields.get("finishedAt")),
-            fingerprint: fields.get("fingerprint").cloned().unwrap_or_default(),
-            request: fields.get("request").cloned().unwrap_or_default(),
-        }))
+        record_from_fields(mch_order_no, &fields)
     }
 
     /// Members of a batch (their mchOrderNos).

@@ -41,9 +41,10 @@ return {'created', ARGV[8], ARGV[3]}
 });
 
 /// Takes the `submitting` lease. KEYS: order, queue pause flag. ARGV: lease token, lease ms.
-/// Returns {"go", previous phase, attempts} | {"busy", ms left} | {"paused"} | {"accepted"} |
-/// {"final", phase} | {"missing"}. A `submitting` order whose lease ran out was left by a
-/// worker that died mid-call: it comes back as previous phase "unknown".
+/// Returns {"go", previous phase, attempts, field, value, …} (the order's hash after the
+/// change, so the create needs no second round trip to read it) | {"busy", ms left} |
+/// {"paused"} | {"accepted"} | {"final", phase} | {"missing"}. A `submitting` order whose lease
+/// ran out was left by a worker that died mid-call: it comes back as previous phase "unknown".
 pub static BEGIN_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -63,7 +64,9 @@ end
 local attempts = tonumber(h[3] or '0') + 1
 redis.call('HSET', KEYS[1], 'phase', 'submitting', 'leaseOwner', ARGV[1],
   'leaseUntil', now + tonumber(ARGV[2]), 'attempts', attempts, 'updatedAt', now)
-return {'go', previous, tostring(attempts)}
+local reply = {'go', previous, tostring(attempts)}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do reply[#reply + 1] = v end
+return reply
 "#,
     )
 });
@@ -93,6 +96,10 @@ pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 local h = redis.call('HMGET', KEYS[1], 'phase', 'leaseOwner')
 if h[1] ~= 'submitting' or h[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'phase', ARGV[2], 'lastCode', ARGV[3], 'lastMsg', ARGV[4], 'updatedAt', now_ms())
+if ARGV[2] == 'unknown' then
+  -- Some create may have reached the gateway: never fail this order on a lookup alone.
+  redis.call('HSET', KEYS[1], 'ambiguous', '1')
+end
 redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil')
 return 1
 "#,
@@ -100,16 +107,19 @@ return 1
 });
 
 /// The one terminal transition. KEYS: order, outcome stream, stuck set. ARGV: phase, gatewayState,
-/// payOrderId, fee, code, msg, at (RFC 3339), stream max length (0 = unbounded).
-/// Returns 1 when this call finalised the order (and appended its one outcome), 0 when it
-/// was already final, -1 when the order does not exist.
+/// payOrderId, fee, code, msg, at (RFC 3339), stream max length (0 = unbounded), lease token
+/// ("" when the gateway itself reported the final state; otherwise the caller must still hold
+/// the submit lease). Returns 1 when this call finalised the order (and appended its one
+/// outcome), 0 when it was already final, -1 when the order does not exist, 2 when the caller
+/// no longer holds the lease (another run owns the order now).
 pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local h = redis.call('HMGET', KEYS[1], 'phase', 'kind', 'mchOrderNo', 'amount', 'currency',
-  'attempts', 'batchId', 'payOrderId')
+  'attempts', 'batchId', 'payOrderId', 'leaseOwner')
 if not h[1] then return -1 end
 if FINAL[h[1]] then return 0 end
+if ARGV[9] ~= '' and (h[1] ~= 'submitting' or h[9] ~= ARGV[9]) then return 2 end
 local pay_order_id = ARGV[3]
 if pay_order_id == '' then pay_order_id = h[8] or '' end
 local now = now_ms()
