@@ -2,6 +2,7 @@
 //! a payout. See `ARCHITECTURE.md` for the map of this crate.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod gateway;

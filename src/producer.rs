@@ -90,9 +90,8 @@ impl Producer {
         self.enqueue(&request, batch_id).await
     }
 
-    /// Registers and queues an already validated payout. Safe to repeat: a second call for
-    /// the same mchOrderNo queues nothing new (it only re-queues a registered order whose job
-    /// was lost before it was queued).
+    /// Registers and queues an already validated payout, in one atomic step. Safe to repeat:
+    /// a second call for the same mchOrderNo queues nothing and reports the order.
     pub async fn enqueue(
         &self,
         request: &PayoutRequest,
@@ -100,46 +99,19 @@ impl Producer {
     ) -> Result<Enqueued, ProducerError> {
         let fingerprint = fingerprint(request);
         let body = serde_json::to_string(request).unwrap_or_default();
-        let registered = self
-            .ledger
-            .register(&NewOrder {
-                mch_order_no: &request.mch_order_no,
-                kind: OrderKind::Payout,
-                fingerprint: &fingerprint,
-                amount: request.amount.as_str(),
-                currency: &request.currency,
-                request: &body,
-                batch_id,
-            })
-            .await?;
-        match registered {
-            Registered::Created => {
-                self.queue_create(&request.mch_order_no).await?;
-                Ok(Enqueued::Queued)
-            }
-            Registered::Exists {
-                phase,
-                same_request,
-            } => {
-                if phase == Phase::Queued && same_request {
-                    // A crash between register and enqueue leaves a queued order without a
-                    // job; the unique key makes this a no-op when the job exists.
-                    self.queue_create(&request.mch_order_no).await?;
-                }
-                let record = self
-                    .ledger
-                    .get(&request.mch_order_no)
-                    .await?
-                    .ok_or_else(|| LedgerError::Corrupt {
-                        id: request.mch_order_no.clone(),
-                        reason: "registered but unreadable".into(),
-                    })?;
-                Ok(Enqueued::Exists {
-                    record: Box::new(record),
-                    same_request,
-                })
-            }
-        }
+        let order = NewOrder {
+            mch_order_no: &request.mch_order_no,
+            kind: OrderKind::Payout,
+            fingerprint: &fingerprint,
+            amount: request.amount.as_str(),
+            currency: &request.currency,
+            request: &body,
+            batch_id,
+        };
+        let job = PayoutJob::CreatePayout {
+            mch_order_no: request.mch_order_no.clone(),
+        };
+        self.register(&order, Phase::Queued, &job).await
     }
 
     /// Enqueues validated payouts under one batch id. Rows whose mchOrderNo already exists are
@@ -168,17 +140,37 @@ impl Producer {
         Ok(result)
     }
 
-    async fn queue_create(&self, mch_order_no: &str) -> Result<(), QueueError> {
-        let job = PayoutJob::CreatePayout {
-            mch_order_no: mch_order_no.to_owned(),
-        };
+    async fn register(
+        &self,
+        order: &NewOrder<'_>,
+        initial: Phase,
+        job: &PayoutJob,
+    ) -> Result<Enqueued, ProducerError> {
         let options = JobOptions {
             unique_key: Some(job.unique_key()),
             max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
-        self.queue.enqueue_with(&job, options).await?;
-        Ok(())
+        let prepared = self.queue.prepare(job, &options)?;
+        match self
+            .ledger
+            .register_with_job(order, initial, &prepared, self.queue.keys())
+            .await?
+        {
+            Registered::Created => Ok(Enqueued::Queued),
+            Registered::Exists { same_request, .. } => {
+                let record = self.ledger.get(order.mch_order_no).await?.ok_or_else(|| {
+                    LedgerError::Corrupt {
+                        id: order.mch_order_no.to_owned(),
+                        reason: "registered but unreadable".into(),
+                    }
+                })?;
+                Ok(Enqueued::Exists {
+                    record: Box::new(record),
+                    same_request,
+                })
+            }
+        }
     }
 
     /// Follows a deposit the merchant created itself: registers it as accepted and polls it.
@@ -188,43 +180,20 @@ impl Producer {
         amount: &str,
         currency: &str,
     ) -> Result<Enqueued, ProducerError> {
-        let registered = self
-            .ledger
-            .register_accepted(&NewOrder {
-                mch_order_no,
-                kind: OrderKind::Deposit,
-                fingerprint: "",
-                amount,
-                currency,
-                request: "",
-                batch_id: None,
-            })
-            .await?;
-        if registered == Registered::Created {
-            let job = PayoutJob::PollStatus {
-                mch_order_no: mch_order_no.to_owned(),
-                kind: OrderKind::Deposit,
-                once: false,
-            };
-            let options = JobOptions {
-                unique_key: Some(job.unique_key()),
-                max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
-                ..JobOptions::default()
-            };
-            self.queue.enqueue_with(&job, options).await?;
-            return Ok(Enqueued::Queued);
-        }
-        let record = self
-            .ledger
-            .get(mch_order_no)
-            .await?
-            .ok_or_else(|| LedgerError::Corrupt {
-                id: mch_order_no.to_owned(),
-                reason: "registered but unreadable".into(),
-            })?;
-        Ok(Enqueued::Exists {
-            record: Box::new(record),
-            same_request: true,
-        })
+        let order = NewOrder {
+            mch_order_no,
+            kind: OrderKind::Deposit,
+            fingerprint: "",
+            amount,
+            currency,
+            request: "",
+            batch_id: None,
+        };
+        let job = PayoutJob::PollStatus {
+            mch_order_no: mch_order_no.to_owned(),
+            kind: OrderKind::Deposit,
+            once: false,
+        };
+        self.register(&order, Phase::Accepted, &job).await
     }
 }

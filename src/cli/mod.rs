@@ -1,6 +1,7 @@
 //! Subcommands. Each module holds one family; this one parses arguments, loads settings and
 //! dispatches.
 
+mod bench;
 mod demo;
 mod payouts;
 mod payroll;
@@ -64,6 +65,8 @@ pub enum Command {
     /// Jobs that were given up.
     #[command(subcommand)]
     Dead(payouts::DeadCommand),
+    /// Benchmarks: queue, e2e, cost or backlog; one JSON line per result.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Pause => payouts::pause(&settings, true).await,
             Command::Resume => payouts::pause(&settings, false).await,
             Command::Dead(command) => payouts::dead(&settings, command).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Serve => serve::run(&settings).await,
             Command::Payroll(args) => payroll::run(&settings, args).await,
         }

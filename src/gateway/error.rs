@@ -82,7 +82,10 @@ impl GatewayError {
         match self {
             Self::Gateway { code, .. } => table.classify(*code),
             Self::Http { status, .. }
-                if *status >= 500 || (300..400).contains(status) || *status == 408 || *status == 429 =>
+                if *status >= 500
+                    || (300..400).contains(status)
+                    || *status == 408
+                    || *status == 429 =>
             {
                 ErrorClass::Retryable
             }

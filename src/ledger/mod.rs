@@ -10,6 +10,7 @@ mod scripts;
 pub use outcome::Outcome;
 pub use phase::Phase;
 
+use crate::queue::{PreparedJob, QueueKeys};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -293,24 +294,48 @@ impl Ledger {
         &self.keys
     }
 
+    /// Registers an order without a job (the caller queues work some other way).
     pub async fn register(&self, order: &NewOrder<'_>) -> Result<Registered, LedgerError> {
-        self.register_as(order, Phase::Queued).await
+        self.register_as(order, Phase::Queued, None).await
     }
 
-    /// Registers an order the merchant created itself (a deposit to follow), already accepted.
-    pub async fn register_accepted(&self, order: &NewOrder<'_>) -> Result<Registered, LedgerError> {
-        self.register_as(order, Phase::Accepted).await
+    /// Registers an order and, only if it is new, queues its first job in the same atomic
+    /// step: a crash can never leave a registered order without work. `initial` is `Queued`
+    /// for payouts to create, `Accepted` for orders the merchant created itself (deposits to
+    /// follow).
+    pub async fn register_with_job(
+        &self,
+        order: &NewOrder<'_>,
+        initial: Phase,
+        job: &PreparedJob,
+        queue: &QueueKeys,
+    ) -> Result<Registered, LedgerError> {
+        self.register_as(order, initial, Some((job, queue))).await
     }
 
     async fn register_as(
         &self,
         order: &NewOrder<'_>,
         initial: Phase,
+        job: Option<(&PreparedJob, &QueueKeys)>,
     ) -> Result<Registered, LedgerError> {
         let batch = order.batch_id.unwrap_or_default();
-        let reply: Vec<String> = scripts::REGISTER
+        let mut invocation = scripts::REGISTER.prepare_invoke();
+        invocation
             .key(self.keys.order(order.mch_order_no))
-            .key(self.keys.batch(batch))
+            .key(self.keys.batch(batch));
+        match job {
+            Some((_, queue)) => invocation
+                .key(&queue.stream)
+                .key(&queue.delayed)
+                .key(&queue.unique),
+            // Unused without a job, but declared so the script's keys stay in one slot.
+            None => invocation
+                .key(self.keys.order(order.mch_order_no))
+                .key(self.keys.order(order.mch_order_no))
+                .key(self.keys.order(order.mch_order_no)),
+        };
+        let reply: Vec<String> = invocation
             .arg(order.mch_order_no)
             .arg(order.kind.as_str())
             .arg(order.fingerprint)
@@ -319,6 +344,11 @@ impl Ledger {
             .arg(order.request)
             .arg(batch)
             .arg(initial.as_str())
+            .arg(crate::queue::now_ms())
+            .arg(job.map_or(0, |(j, _)| j.run_at_ms))
+            .arg(job.map_or("", |(j, _)| j.unique.as_str()))
+            .arg(job.map_or("", |(j, _)| j.id.as_str()))
+            .arg(job.map_or("", |(j, _)| j.text.as_str()))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let corrupt = |reason: &str| LedgerError::Corrupt {

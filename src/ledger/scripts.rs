@@ -18,11 +18,15 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}\n{body}"))
 }
 
-/// KEYS: order, batch set. ARGV: mchOrderNo, kind, fingerprint, amount, currency, request,
-/// batchId, initial phase.
+/// KEYS: order, batch set, and the partition's queue stream, delayed set and unique hash.
+/// ARGV: mchOrderNo, kind, fingerprint, amount, currency, request, batchId, initial phase, then
+/// the order's first job (now_ms, run_at_ms, unique key, job id, envelope; envelope "" for
+/// none), queued in the same step, so an order can never be registered without its job.
 /// Returns {"created", phase, fingerprint} or {"exists", phase, fingerprint}.
 pub static REGISTER: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    script(&format!(
+        "{}{}",
+        crate::queue::ENQUEUE_ONE,
         r#"
 local existing = redis.call('HMGET', KEYS[1], 'phase', 'fingerprint')
 if existing[1] then
@@ -35,9 +39,12 @@ redis.call('HSET', KEYS[1], 'mchOrderNo', ARGV[1], 'kind', ARGV[2], 'fingerprint
 if ARGV[7] ~= '' then
   redis.call('SADD', KEYS[2], ARGV[1])
 end
+if ARGV[13] ~= '' then
+  enqueue_one(KEYS[3], KEYS[4], KEYS[5], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13])
+end
 return {'created', ARGV[8], ARGV[3]}
-"#,
-    )
+"#
+    ))
 });
 
 /// Takes the `submitting` lease. KEYS: order, queue pause flag. ARGV: lease token, lease ms.

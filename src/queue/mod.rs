@@ -68,10 +68,12 @@ mod worker_id;
 pub use backend::Delivery;
 pub use config::QueueConfig;
 pub use dead::DeadJob;
+pub(crate) use envelope::now_ms;
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService};
+pub(crate) use scripts::ENQUEUE_ONE;
 pub use stats::QueueStats;
-pub use storage::{Enqueued, JobOptions, RedisQueue};
+pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
 pub use worker_id::worker_identity;
 
 /// Errors at the queue's boundary.

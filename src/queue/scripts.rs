@@ -4,36 +4,39 @@
 use redis::Script;
 use std::sync::LazyLock;
 
+/// Lua function that enqueues one prepared job; shared with scripts of other modules that
+/// enqueue in the same step as their own change (the ledger's REGISTER), on the same slot.
+/// Returns "" if enqueued, else the id of the job holding the unique key.
+pub(crate) const ENQUEUE_ONE: &str = r#"
+local function enqueue_one(stream, delayed, unique, now, run_at, ukey, job_id, env)
+  if ukey ~= '' and redis.call('HSETNX', unique, ukey, job_id) == 0 then
+    return redis.call('HGET', unique, ukey)
+  end
+  if run_at > now then
+    redis.call('ZADD', delayed, run_at, env)
+  else
+    redis.call('XADD', stream, '*', 'e', env)
+  end
+  return ''
+end
+"#;
+
 /// Enqueue a chunk of jobs. KEYS: stream, delayed, unique.
 /// ARGV: now_ms, then per job: run_at_ms, unique_key ("" = none), job_id, envelope.
 /// Returns one string per job: "" if enqueued, else the id of the job holding the unique key.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{ENQUEUE_ONE}{}",
         r#"
 local now = tonumber(ARGV[1])
 local out = {}
 for i = 2, #ARGV, 4 do
-  local run_at, ukey, job_id, env = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local holder = false
-  if ukey ~= '' then
-    if redis.call('HSETNX', KEYS[3], ukey, job_id) == 0 then
-      holder = redis.call('HGET', KEYS[3], ukey)
-    end
-  end
-  if holder then
-    out[#out + 1] = holder
-  else
-    if run_at > now then
-      redis.call('ZADD', KEYS[2], run_at, env)
-    else
-      redis.call('XADD', KEYS[1], '*', 'e', env)
-    end
-    out[#out + 1] = ''
-  end
+  out[#out + 1] = enqueue_one(KEYS[1], KEYS[2], KEYS[3], now,
+    tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// Move due delayed jobs into the stream, at most ARGV[2] per call. KEYS: delayed, stream.

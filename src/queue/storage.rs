@@ -255,7 +255,9 @@ impl<T: Serialize> RedisQueue<T> {
         Ok(results)
     }
 
-    fn prepare(&self, job: &T, options: &JobOptions) -> Result<PreparedJob, QueueError> {
+    /// Encodes a job for a script that enqueues it together with its own change
+    /// (`scripts::ENQUEUE_ONE`), so both happen in one atomic step.
+    pub fn prepare(&self, job: &T, options: &JobOptions) -> Result<PreparedJob, QueueError> {
         let payload = serde_json::to_string(job).map_err(QueueError::Encode)?;
         let payload = RawValue::from_string(payload).map_err(QueueError::Encode)?;
         let id = options.job_id.clone().unwrap_or_else(new_job_id);
@@ -316,9 +318,16 @@ impl<T: Serialize> RedisQueue<T> {
     }
 }
 
-struct PreparedJob {
-    text: String,
-    id: String,
-    unique: String,
-    run_at_ms: u64,
+/// A job encoded for storage, ready to be written by a script (see [`RedisQueue::prepare`]).
+pub struct PreparedJob {
+    pub(crate) text: String,
+    pub(crate) id: String,
+    pub(crate) unique: String,
+    pub(crate) run_at_ms: u64,
+}
+
+impl PreparedJob {
+    pub fn job_id(&self) -> &str {
+        &self.id
+    }
 }

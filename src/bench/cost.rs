@@ -1,0 +1,155 @@
+//! `bench cost`: what one payout costs, measured on one worker process with N (default
+//! 10,000) payouts in flight at once.
+//!
+//! * Redis commands per payout, from enqueue to outcome: commands sent by clients (read from
+//!   `MONITOR`, the bench's own observer connection excluded; one Lua script is one command)
+//!   and every command the server ran including those inside scripts (`INFO commandstats`).
+//!   No hot-path call uses MULTI or a pipeline, so each client command is one round trip;
+//!   batched calls (fetch, acknowledgement, promotion) serve many payouts per round trip.
+//! * Peak RSS of the worker process (`VmHWM`) and its RSS at the end (`VmRSS`).
+//! * CPU time per payout of the worker, the sandbox and Redis (`/proc/PID/stat`).
+//!
+//! To hold every payout in flight at once, the sandbox finalises orders 5 s after create and
+//! the first poll waits 6 s; each payout then takes exactly one create and one poll.
+
+use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
+use super::shared::{
+    MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, proc_cpu_seconds,
+    proc_status_kib, round,
+};
+use super::{BenchError, BenchOptions, Report};
+use serde_json::{Map, Value, json};
+use std::time::Duration;
+
+pub const DEFAULT_N: u64 = 10_000;
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), BenchError> {
+    let n = options.n.unwrap_or(DEFAULT_N).max(1);
+    let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+    let timers = PipelineTimers {
+        final_after: "5s",
+        poll_first_delay: "6s",
+        poll_max_interval: "10s",
+    };
+    let pipeline = Pipeline::start(
+        options.redis_url.as_deref(),
+        "cost",
+        1,
+        concurrency,
+        &timers,
+    )
+    .await?;
+    let result = measure(&pipeline, n).await;
+    pipeline.finish().await?;
+    let mut line = result?;
+    line.insert("concurrency".into(), json!(concurrency));
+    line.insert("sandbox_final_after".into(), json!(timers.final_after));
+    line.insert("poll_first_delay".into(), json!(timers.poll_first_delay));
+    report(Value::Object(line));
+    Ok(())
+}
+
+async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, BenchError> {
+    let mut tail = pipeline.tail().await?;
+    let mut stats_conn = pipeline.target.connection().await?;
+    let observers = vec![
+        tail.client_addr().await?,
+        client_addr(&mut stats_conn).await?,
+    ];
+    let monitor = match monitor_addr(&pipeline.target.url) {
+        Some(addr) if pipeline.target.is_private() => {
+            Some(MonitorCounter::start(&addr, observers)?)
+        }
+        // On a shared server other clients' commands would be counted too.
+        _ => None,
+    };
+    let stats_before = commandstats(&mut stats_conn).await?;
+    let worker_pid = pipeline
+        .worker_pids()
+        .first()
+        .copied()
+        .ok_or_else(|| BenchError::Setup("no worker process".into()))?;
+    let redis_pid = pipeline.target.redis_pid();
+    let cpu_before = pipeline.cpu_seconds();
+    let redis_cpu_before = redis_pid.and_then(proc_cpu_seconds);
+    let tail_calls_before = tail.calls;
+
+    let run = drive(pipeline, &mut tail, "COST", n, None).await?;
+    // Let the last acknowledgements land before reading the counters.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let cpu_after = pipeline.cpu_seconds();
+    let redis_cpu_after = redis_pid.and_then(proc_cpu_seconds);
+    let stats_after = commandstats(&mut stats_conn).await?;
+    let monitor = monitor.map(MonitorCounter::stop);
+    let peak_rss_kib = proc_status_kib(worker_pid, "VmHWM");
+    let end_rss_kib = proc_status_kib(worker_pid, "VmRSS");
+    check_one_rule(pipeline, &[&run]).await?;
+
+    // Server-wide counts include the observers: drop INFO and the outcome reader's pages.
+    let tail_pages = tail.calls - tail_calls_before;
+    let delta = commandstats_delta(&stats_before, &stats_after);
+    let all_calls: u64 = delta
+        .iter()
+        .map(|(name, calls)| match name.as_str() {
+            "info" => 0,
+            "xrange" => calls.saturating_sub(tail_pages),
+            _ => *calls,
+        })
+        .sum();
+    let per = |x: f64| round(x / n as f64, 2);
+    let mut line = Map::new();
+    line.insert("bench".into(), json!("cost"));
+    line.insert("n".into(), json!(n));
+    line.insert("workers".into(), json!(1));
+    line.insert("peak_in_flight".into(), json!(run.peak_in_flight));
+    match &monitor {
+        Some(counts) => {
+            let client = counts.client_total() as f64;
+            line.insert("redis_cmds_per_payout".into(), json!(per(client)));
+            line.insert("round_trips_per_payout".into(), json!(per(client)));
+            let by_command: Map<String, Value> = counts
+                .client
+                .iter()
+                .map(|(name, calls)| (name.clone(), json!(per(*calls as f64))))
+                .collect();
+            line.insert("redis_cmds_by_name".into(), Value::Object(by_command));
+        }
+        None => {
+            line.insert("redis_cmds_per_payout".into(), Value::Null);
+            line.insert("round_trips_per_payout".into(), Value::Null);
+        }
+    }
+    line.insert(
+        "redis_calls_incl_lua_per_payout".into(),
+        json!(per(all_calls as f64)),
+    );
+    line.insert(
+        "worker_peak_rss_mib".into(),
+        json!(peak_rss_kib.map(|k| round(k as f64 / 1024.0, 1))),
+    );
+    line.insert(
+        "worker_end_rss_mib".into(),
+        json!(end_rss_kib.map(|k| round(k as f64 / 1024.0, 1))),
+    );
+    line.insert(
+        "cpu_ms_per_payout_worker".into(),
+        json!(per((cpu_after.0 - cpu_before.0) * 1000.0)),
+    );
+    line.insert(
+        "cpu_ms_per_payout_sandbox".into(),
+        json!(per((cpu_after.1 - cpu_before.1) * 1000.0)),
+    );
+    if let (Some(before), Some(after)) = (redis_cpu_before, redis_cpu_after) {
+        line.insert(
+            "cpu_ms_per_payout_redis".into(),
+            json!(per((after - before) * 1000.0)),
+        );
+    }
+    line.insert(
+        "note".into(),
+        json!("redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip (no MULTI or pipelines on the hot path)"),
+    );
+    Ok(line)
+}

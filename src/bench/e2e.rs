@@ -1,0 +1,462 @@
+//! `bench e2e`: payouts from enqueue to final outcome through `tarspay-worker worker`
+//! processes, against `tarspay-worker sandbox` as its own process: real signing on every call
+//! the worker makes and real verification on every call the sandbox receives.
+//!
+//! The sandbox finalises orders 100 ms after create and the first poll waits 150 ms (the
+//! production default is 2 s), so the run measures the pipeline rather than timers. The
+//! latency of one payout still includes that poll delay and the queue's promotion interval
+//! of delayed jobs (up to 500 ms); the JSON line says so.
+
+use super::shared::{
+    ChildProcess, RedisTarget, SandboxProcess, client_addr, latency_summary, now_us,
+    proc_cpu_seconds, round,
+};
+use super::{BenchError, BenchOptions, Report};
+use crate::config::Settings;
+use crate::gateway::PrivateKey;
+use crate::ledger::{Ledger, LedgerKeys, Outcome};
+use crate::producer::Producer;
+use crate::worker::{Deployment, PAYOUT_QUEUE};
+use futures::StreamExt;
+use serde_json::json;
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_N: u64 = 20_000;
+pub const DEFAULT_CONCURRENCY: usize = 64;
+pub const MCH_NO: &str = "M1234567890";
+/// Enqueue calls in flight from the bench process.
+const ENQUEUE_PARALLEL: usize = 64;
+
+/// Timers of one pipeline run.
+#[derive(Debug, Clone)]
+pub struct PipelineTimers {
+    /// `--final-after` of the sandbox.
+    pub final_after: &'static str,
+    pub poll_first_delay: &'static str,
+    pub poll_max_interval: &'static str,
+}
+
+impl Default for PipelineTimers {
+    fn default() -> Self {
+        Self {
+            final_after: "100ms",
+            poll_first_delay: "150ms",
+            poll_max_interval: "500ms",
+        }
+    }
+}
+
+/// Redis, the sandbox process, worker processes, and a producer in this process.
+pub struct Pipeline {
+    pub target: RedisTarget,
+    pub sandbox: SandboxProcess,
+    pub workers: Vec<ChildProcess>,
+    /// The TARSPAY_* variables of every worker.
+    pub env: Vec<(String, String)>,
+    pub settings: Settings,
+    pub deployment: Deployment,
+    pub producer: Producer,
+    concurrency: usize,
+}
+
+impl Pipeline {
+    pub async fn start(
+        redis_url: Option<&str>,
+        name: &str,
+        workers: usize,
+        concurrency: usize,
+        timers: &PipelineTimers,
+    ) -> Result<Self, BenchError> {
+        let target = RedisTarget::new(redis_url, name)?;
+        let key = PrivateKey::generate();
+        let merchant_env = vec![
+            ("TARSPAY_MCH_NO".to_owned(), MCH_NO.to_owned()),
+            ("TARSPAY_PRIVATE_KEY".to_owned(), key.expose_hex()),
+            ("TARSPAY_LOG__FILTER".to_owned(), "warn".to_owned()),
+        ];
+        let sandbox = SandboxProcess::spawn(timers.final_after, &[], &merchant_env)?;
+        let mut env = merchant_env;
+        env.extend(
+            [
+                ("TARSPAY_REDIS_URL", target.url.clone()),
+                ("TARSPAY_GATEWAY_URL", sandbox.url.clone()),
+                (
+                    "TARSPAY_NOTIFY_URL",
+                    "http://127.0.0.1:9/tarspay/notify".to_owned(),
+                ),
+                ("TARSPAY_QUEUE_PREFIX", target.prefix.clone()),
+                (
+                    "TARSPAY_POLL_FIRST_DELAY",
+                    timers.poll_first_delay.to_owned(),
+                ),
+                (
+                    "TARSPAY_POLL_MAX_INTERVAL",
+                    timers.poll_max_interval.to_owned(),
+                ),
+                ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "10s".to_owned()),
+                ("TARSPAY_ORPHAN_TIMEOUT", "30s".to_owned()),
+                ("TARSPAY_SHUTDOWN_GRACE", "2s".to_owned()),
+                ("TARSPAY_CONCURRENCY", concurrency.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        let settings = Settings::load_with_env(None, env.clone())?;
+        let deployment = Deployment::connect(&settings)
+            .await
+            .map_err(|err| BenchError::Setup(err.to_string()))?;
+        let producer = deployment.producer(&settings)?;
+        let mut pipeline = Self {
+            target,
+            sandbox,
+            workers: Vec::new(),
+            env,
+            settings,
+            deployment,
+            producer,
+            concurrency,
+        };
+        for _ in 0..workers {
+            pipeline.spawn_worker()?;
+        }
+        pipeline.wait_workers_alive(workers as u64).await?;
+        Ok(pipeline)
+    }
+
+    /// Starts one more `tarspay-worker worker` process.
+    pub fn spawn_worker(&mut self) -> Result<(), BenchError> {
+        let concurrency = self.concurrency.to_string();
+        let worker = ChildProcess::spawn(
+            "worker",
+            &["worker", "--concurrency", &concurrency],
+            &self.env,
+            Stdio::null(),
+        )?;
+        self.workers.push(worker);
+        Ok(())
+    }
+
+    /// Waits until `k` workers heartbeat (hang guard only).
+    pub async fn wait_workers_alive(&mut self, k: u64) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.deployment.queue.stats().await?.workers_alive >= k {
+                return Ok(());
+            }
+            if self.workers.iter_mut().any(|w| !w.is_running()) {
+                return Err(BenchError::Setup("a worker process exited".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Timeout(format!("{k} workers to start")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(ChildProcess::pid).collect()
+    }
+
+    /// A reader of the outcome stream on its own connection.
+    pub async fn tail(&self) -> Result<OutcomeTail, BenchError> {
+        let client = redis::Client::open(self.target.url.as_str())?;
+        let conn = redis::aio::ConnectionManager::new(client).await?;
+        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", self.target.prefix);
+        let keys = LedgerKeys::new(&tag, &self.deployment.queue.keys().paused);
+        Ok(OutcomeTail {
+            ledger: Ledger::new(conn.clone(), keys),
+            conn,
+            last: "0".to_owned(),
+            calls: 0,
+        })
+    }
+
+    /// CPU seconds used so far by the workers and by the sandbox.
+    pub fn cpu_seconds(&self) -> (f64, f64) {
+        let workers = self
+            .worker_pids()
+            .into_iter()
+            .filter_map(proc_cpu_seconds)
+            .sum();
+        let sandbox = self
+            .sandbox
+            .process
+            .pid()
+            .and_then(proc_cpu_seconds)
+            .unwrap_or(0.0);
+        (workers, sandbox)
+    }
+
+    /// Stops the processes and removes this run's keys from a shared Redis.
+    pub async fn finish(mut self) -> Result<(), BenchError> {
+        for worker in &mut self.workers {
+            worker.kill();
+        }
+        self.sandbox.process.kill();
+        self.target.cleanup().await
+    }
+}
+
+/// Reads the outcome stream from the start, page by page.
+pub struct OutcomeTail {
+    pub ledger: Ledger,
+    conn: redis::aio::ConnectionManager,
+    last: String,
+    /// Redis calls made by this reader (to subtract from server-wide counts).
+    pub calls: u64,
+}
+
+impl OutcomeTail {
+    pub async fn next_page(&mut self) -> Result<Vec<Outcome>, BenchError> {
+        self.calls += 1;
+        let page = self.ledger.outcomes_after(&self.last, 1000).await?;
+        if let Some((id, _)) = page.last() {
+            self.last = id.clone();
+        }
+        Ok(page.into_iter().map(|(_, outcome)| outcome).collect())
+    }
+
+    /// The address Redis sees for this reader's connection (`CLIENT INFO` addr=…).
+    pub async fn client_addr(&mut self) -> Result<String, BenchError> {
+        self.calls += 1;
+        client_addr(&mut self.conn).await
+    }
+}
+
+/// An Indian payout of 100 INR.
+pub fn payout(id: &str) -> serde_json::Value {
+    json!({"mchOrderNo": id, "amount": "100", "currency": "INR", "wayCode": "UPI",
+        "customerName": "Asha", "customerEmail": "asha@example.in", "customerContact": "9876543210"})
+}
+
+/// What one run through the pipeline measured.
+#[derive(Debug, Clone)]
+pub struct PipelineRun {
+    pub n: u64,
+    /// First enqueue to last outcome.
+    pub elapsed: Duration,
+    pub enqueue_elapsed: Duration,
+    /// Enqueue to outcome, ms: p50, p99, max.
+    pub latency_ms: (f64, f64, f64),
+    /// Most payouts enqueued and not yet final at one time (sampled per outcome page).
+    pub peak_in_flight: u64,
+    pub outcomes: HashMap<String, Outcome>,
+}
+
+/// Enqueues `n` payouts `{prefix}-{i}` while reading outcomes, until every payout has one:
+/// as fast as 64 calls in flight allow (`rate` None, a payroll arriving at once), or paced at
+/// `rate` payouts per second. Fails on a second outcome for any payout.
+pub async fn drive(
+    pipeline: &Pipeline,
+    tail: &mut OutcomeTail,
+    id_prefix: &str,
+    n: u64,
+    rate: Option<f64>,
+) -> Result<PipelineRun, BenchError> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{id_prefix}-{i:07}")).collect();
+    let enqueued_at: Vec<std::sync::atomic::AtomicU64> = (0..n)
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    let enqueued_count = std::sync::atomic::AtomicU64::new(0);
+    let started = Instant::now();
+    let enqueue = async {
+        let results = futures::stream::iter(ids.iter().enumerate())
+            .map(|(i, id)| {
+                let producer = &pipeline.producer;
+                let enqueued_at = &enqueued_at;
+                let enqueued_count = &enqueued_count;
+                async move {
+                    if let Some(rate) = rate {
+                        let due = started + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    enqueued_at[i].store(now_us(), std::sync::atomic::Ordering::Relaxed);
+                    let result = producer.enqueue_json(&payout(id), None).await;
+                    enqueued_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    result
+                }
+            })
+            .buffer_unordered(ENQUEUE_PARALLEL)
+            .collect::<Vec<_>>()
+            .await;
+        let elapsed = started.elapsed();
+        for result in results {
+            match result? {
+                crate::producer::Enqueued::Queued => {}
+                other => {
+                    return Err(BenchError::Check(format!("payout not queued: {other:?}")));
+                }
+            }
+        }
+        Ok::<Duration, BenchError>(elapsed)
+    };
+    let collect = async {
+        let mut outcomes: HashMap<String, Outcome> = HashMap::with_capacity(n as usize);
+        let mut latencies = Vec::with_capacity(n as usize);
+        let mut peak_in_flight = 0u64;
+        let mut idle_since = Instant::now();
+        while (outcomes.len() as u64) < n {
+            let page = tail.next_page().await?;
+            let seen = now_us();
+            let in_flight = enqueued_count
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(outcomes.len() as u64);
+            peak_in_flight = peak_in_flight.max(in_flight);
+            if page.is_empty() {
+                // A hang guard, not a speed check: no outcome for two minutes.
+                if idle_since.elapsed() > Duration::from_secs(120) {
+                    return Err(BenchError::Timeout(format!(
+                        "{} of {n} outcomes",
+                        outcomes.len()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            idle_since = Instant::now();
+            for outcome in page {
+                let index = outcome
+                    .mch_order_no
+                    .rsplit('-')
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .filter(|&i| i < n as usize)
+                    .ok_or_else(|| {
+                        BenchError::Check(format!("outcome for {}", outcome.mch_order_no))
+                    })?;
+                let at = enqueued_at[index].load(std::sync::atomic::Ordering::Relaxed);
+                latencies.push(seen.saturating_sub(at) as f64 / 1000.0);
+                let id = outcome.mch_order_no.clone();
+                if outcomes.insert(id.clone(), outcome).is_some() {
+                    return Err(BenchError::Check(format!("two outcomes for {id}")));
+                }
+            }
+        }
+        Ok::<_, BenchError>((outcomes, latencies, peak_in_flight, started.elapsed()))
+    };
+    let (enqueue_elapsed, collected) = tokio::join!(enqueue, collect);
+    let enqueue_elapsed = enqueue_elapsed?;
+    let (outcomes, mut latencies, peak_in_flight, elapsed) = collected?;
+    Ok(PipelineRun {
+        n,
+        elapsed,
+        enqueue_elapsed,
+        latency_ms: latency_summary(&mut latencies),
+        peak_in_flight,
+        outcomes,
+    })
+}
+
+/// Every outcome succeeded, and the sandbox holds exactly one order per payout, each created
+/// by a single create call.
+pub async fn check_one_rule(pipeline: &Pipeline, runs: &[&PipelineRun]) -> Result<(), BenchError> {
+    let mut outcomes = runs.iter().flat_map(|run| run.outcomes.values());
+    if let Some(bad) = outcomes.find(|o| o.status != "succeeded") {
+        return Err(BenchError::Check(format!(
+            "a payout did not succeed: {bad:?}"
+        )));
+    }
+    let payouts: u64 = runs.iter().map(|run| run.n).sum();
+    let orders = pipeline.sandbox.orders().await?;
+    if orders.len() as u64 != payouts {
+        return Err(BenchError::Check(format!(
+            "the sandbox holds {} orders for {payouts} payouts",
+            orders.len()
+        )));
+    }
+    let resent = orders
+        .iter()
+        .filter(|o| o["createAttempts"].as_u64() != Some(1))
+        .count();
+    if resent > 0 {
+        return Err(BenchError::Check(format!(
+            "{resent} orders saw more than one create"
+        )));
+    }
+    Ok(())
+}
+
+/// Offered load of the paced run, payouts per second: well under capacity, so its latency is
+/// the pipeline's own rather than time spent queued behind a burst.
+pub const PACED_RATE: f64 = 1_000.0;
+
+pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), BenchError> {
+    let n = options.n.unwrap_or(DEFAULT_N).max(1);
+    let paced_n = (n / 4).clamp(1, 5_000);
+    let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+    let timers = PipelineTimers::default();
+    for workers in [1usize, 3] {
+        let pipeline = Pipeline::start(
+            options.redis_url.as_deref(),
+            &format!("e2e{workers}"),
+            workers,
+            concurrency,
+            &timers,
+        )
+        .await?;
+        let result = async {
+            let mut tail = pipeline.tail().await?;
+            let redis_cpu = || pipeline.target.redis_pid().and_then(proc_cpu_seconds);
+            let cpu_before = (pipeline.cpu_seconds(), redis_cpu());
+            let burst = drive(&pipeline, &mut tail, &format!("E2E{workers}"), n, None).await?;
+            let cpu_after = (pipeline.cpu_seconds(), redis_cpu());
+            let paced = drive(
+                &pipeline,
+                &mut tail,
+                &format!("PACED{workers}"),
+                paced_n,
+                Some(PACED_RATE),
+            )
+            .await?;
+            check_one_rule(&pipeline, &[&burst, &paced]).await?;
+            Ok::<_, BenchError>((burst, paced, cpu_before, cpu_after))
+        }
+        .await;
+        pipeline.finish().await?;
+        let (run, paced, cpu_before, cpu_after) = result?;
+        let per_payout_ms =
+            |before: f64, after: f64| round((after - before) * 1000.0 / n as f64, 3);
+        report(json!({
+            "bench": "e2e",
+            "mode": "burst",
+            "n": n,
+            "workers": workers,
+            "concurrency": concurrency,
+            "payouts_per_s": round(n as f64 / run.elapsed.as_secs_f64(), 0),
+            "p50_ms": round(run.latency_ms.0, 1),
+            "p99_ms": round(run.latency_ms.1, 1),
+            "max_ms": round(run.latency_ms.2, 1),
+            "elapsed_s": round(run.elapsed.as_secs_f64(), 3),
+            "enqueue_per_s": round(n as f64 / run.enqueue_elapsed.as_secs_f64(), 0),
+            "cpu_ms_per_payout_workers": per_payout_ms(cpu_before.0.0, cpu_after.0.0),
+            "cpu_ms_per_payout_sandbox": per_payout_ms(cpu_before.0.1, cpu_after.0.1),
+            "cpu_ms_per_payout_redis": cpu_before
+                .1
+                .zip(cpu_after.1)
+                .map(|(before, after)| per_payout_ms(before, after)),
+            "sandbox_final_after": timers.final_after,
+            "poll_first_delay": timers.poll_first_delay,
+            "note": "all N enqueued at once (a payroll): latency includes waiting behind the burst; timers lowered so the pipeline dominates throughput (production poll_first_delay is 2s)",
+            "redis_private": options.redis_url.is_none(),
+        }));
+        report(json!({
+            "bench": "e2e",
+            "mode": "paced",
+            "n": paced_n,
+            "workers": workers,
+            "concurrency": concurrency,
+            "offered_per_s": PACED_RATE,
+            "payouts_per_s": round(paced_n as f64 / paced.elapsed.as_secs_f64(), 0),
+            "p50_ms": round(paced.latency_ms.0, 1),
+            "p99_ms": round(paced.latency_ms.1, 1),
+            "max_ms": round(paced.latency_ms.2, 1),
+            "sandbox_final_after": timers.final_after,
+            "poll_first_delay": timers.poll_first_delay,
+            "note": "latency floor: create, 100ms to final at the sandbox, the 150ms poll delay and up to 500ms until the worker promotes the delayed poll job",
+            "redis_private": options.redis_url.is_none(),
+        }));
+    }
+    Ok(())
+}

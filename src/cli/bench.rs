@@ -1,0 +1,77 @@
+//! `bench <queue|e2e|cost|backlog>`: runs a benchmark from `tarspay_worker::bench` and prints
+//! one JSON line per result.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use std::io::Write;
+use std::process::ExitCode;
+use tarspay_worker::bench::{self, BenchOptions};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Which {
+    /// No-op jobs through the queue and an apalis worker (default N 100,000).
+    Queue,
+    /// Payouts through worker processes against the sandbox process, 1 and 3 workers
+    /// (default N 20,000).
+    E2e,
+    /// Redis commands, worker memory and CPU per payout (default N 10,000 in flight).
+    Cost,
+    /// Throughput with N jobs already waiting vs an empty queue (default N 100,000).
+    Backlog,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    which: Which,
+    /// Redis to use, under a unique key prefix that is removed afterwards; without it the
+    /// bench starts its own redis-server on a free port.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// Jobs or payouts per run.
+    #[arg(short = 'n', long = "n")]
+    n: Option<u64>,
+    /// Jobs in flight per worker process.
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    let options = BenchOptions {
+        redis_url: args.redis_url,
+        n: args.n,
+        concurrency: args.concurrency,
+    };
+    let mut print = |line: serde_json::Value| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", leading_keys_first(line));
+        let _ = out.flush();
+    };
+    match args.which {
+        Which::Queue => bench::queue::run(&options, &mut print).await?,
+        Which::E2e => bench::e2e::run(&options, &mut print).await?,
+        Which::Cost => bench::cost::run(&options, &mut print).await?,
+        Which::Backlog => bench::backlog::run(&options, &mut print).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON line with `bench`, `mode`, `n`, `workers` and `concurrency` first (serde_json sorts the
+/// rest by name), so lines read well one under another.
+fn leading_keys_first(line: serde_json::Value) -> String {
+    let serde_json::Value::Object(mut map) = line else {
+        return line.to_string();
+    };
+    let mut fields = Vec::with_capacity(map.len());
+    for key in ["bench", "mode", "n", "workers", "concurrency"] {
+        if let Some(value) = map.remove(key) {
+            fields.push((key.to_owned(), value));
+        }
+    }
+    fields.extend(map);
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(key, value)| format!("{}:{value}", serde_json::Value::from(key.as_str())))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
