@@ -56,7 +56,8 @@ return #due
 
 /// Settle a batch of finished deliveries. KEYS: stream, delayed, dead, unique.
 /// ARGV: group, now_ms, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
-///   kind "a" (done):  a = unique key or "", b = job id
+///   kind "a" (done):  a = unique key or "", b = job id (the key is released only by the
+///                     call that acknowledges the entry)
 ///   kind "r" (retry): a = run_at_ms, b = new envelope
 ///   kind "d" (dead):  a = reason, b = envelope, c = worker
 /// A retry or death is written only if this call acknowledged the entry, so a job delivered
@@ -69,11 +70,18 @@ local done = {}
 local settled = 0
 for i = 4, #ARGV, 5 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if kind == 'a' then
+  if kind == 'a' and a == '' then
     done[#done + 1] = id
-    if a ~= '' and redis.call('HGET', KEYS[4], a) == b then
-      redis.call('HDEL', KEYS[4], a)
+  elseif kind == 'a' then
+    -- Release the unique key only if this call acknowledged the entry: a stale run finishing
+    -- after its job was claimed and re-queued elsewhere must not free the live copy's key.
+    if redis.call('XACK', KEYS[1], group, id) == 1 then
+      settled = settled + 1
+      if redis.call('HGET', KEYS[4], a) == b then
+        redis.call('HDEL', KEYS[4], a)
+      end
     end
+    redis.call('XDEL', KEYS[1], id)
   else
     if redis.call('XACK', KEYS[1], group, id) == 1 then
       settled = settled + 1
