@@ -1,8 +1,7 @@
-//! A large backlog enqueued before any worker starts drains completely, and 100,000 jobs due at
-//! the same moment are promoted in bounded chunks.
-//!
-//! Default sizes keep the debug-mode suite short; set `QUEUE_BACKLOG_JOBS=100000` (or run the
-//! ignored test) for the full size.
+//! A backlog of 100,000 jobs enqueued before any worker starts drains completely, and 100,000
+//! jobs due at the same moment are promoted in bounded chunks. `QUEUE_BACKLOG_JOBS` changes the
+//! backlog's size. (Throughput with the backlog vs an empty queue is `tarspay-worker bench
+//! backlog`: speed is measured by benchmarks, not tests.)
 
 mod common;
 
@@ -14,7 +13,7 @@ fn backlog_size() -> u64 {
     std::env::var("QUEUE_BACKLOG_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(100_000)
 }
 
 async fn drain_backlog(n: u64) {
@@ -54,12 +53,6 @@ async fn drain_backlog(n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_enqueued_before_workers_drains_completely() {
     drain_backlog(backlog_size()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "100,000 jobs through a debug build; run with --ignored or --release"]
-async fn hundred_thousand_backlog_drains_completely() {
-    drain_backlog(100_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

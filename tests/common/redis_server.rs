@@ -81,9 +81,14 @@ impl RedisServer {
         self.launch();
     }
 
+    /// A reconnecting connection with a generous response timeout: tests read large hashes on
+    /// a busy 2-core machine, and a timeout there would be a false failure.
     pub async fn conn(&self) -> redis::aio::ConnectionManager {
         let client = redis::Client::open(self.url()).expect("client");
-        redis::aio::ConnectionManager::new(client)
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)))
+            .set_connection_timeout(Some(std::time::Duration::from_secs(10)));
+        redis::aio::ConnectionManager::new_with_config(client, config)
             .await
             .expect("connect")
     }
