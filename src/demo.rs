@@ -415,27 +415,7 @@ async fn summarize(
 /// Deletes the demo's keys (all under its own prefix's hash tag).
 async fn cleanup(deployment: &Deployment, prefix: &str) {
     let mut conn = deployment.queue.connection();
-    let pattern = format!("{{{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let reply: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await;
-        let Ok((next, keys)) = reply else { return };
-        if !keys.is_empty() {
-            let _ = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async::<()>(&mut conn)
-                .await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
+    if let Err(err) = crate::local_redis::delete_prefix(&mut conn, prefix).await {
+        tracing::warn!(error = %err, prefix, "could not delete the demo's keys");
     }
 }

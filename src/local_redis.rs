@@ -88,3 +88,33 @@ pub fn answers(url: &str) -> bool {
     };
     redis::cmd("PING").query::<String>(&mut conn).is_ok()
 }
+
+/// Deletes every key of a deployment prefix (all carry the hash tag `{prefix:…}`), in SCAN
+/// pages: the demo and the benches clean up after themselves in a shared Redis.
+pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    prefix: &str,
+) -> Result<(), redis::RedisError> {
+    let pattern = format!("{{{prefix}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<i64>(conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

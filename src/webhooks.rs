@@ -47,7 +47,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -385,15 +384,7 @@ fn unix_now() -> u64 {
 
 /// A reqwest error and its causes on one line, without the URL.
 fn describe(err: reqwest::Error) -> String {
-    let err = err.without_url();
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    crate::gateway::error::error_chain(&err.without_url())
 }
 
 impl Deliverer {

@@ -67,28 +67,8 @@ impl RedisTarget {
             return Ok(());
         }
         let mut conn = self.connection().await?;
-        let pattern = format!("{{{}:*", self.prefix);
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        crate::local_redis::delete_prefix(&mut conn, &self.prefix).await?;
+        Ok(())
     }
 }
 

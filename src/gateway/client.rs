@@ -12,7 +12,6 @@ use super::types::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::error::Error as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -205,20 +204,8 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The error and its causes on one line ("error sending request: connection reset …").
-fn describe(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn transport_error(endpoint: &'static str, err: &reqwest::Error) -> GatewayError {
-    let reason = describe(err);
+    let reason = super::error::error_chain(err);
     if err.is_connect() || err.is_builder() {
         GatewayError::Unreachable { endpoint, reason }
     } else {

@@ -113,6 +113,18 @@ impl GatewayError {
     }
 }
 
+/// An error and its causes on one line ("error sending request: connection reset …").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The first characters of a body, on one line, for error messages.
 pub(crate) fn snippet(body: &[u8]) -> String {
     const MAX: usize = 160;
