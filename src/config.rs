@@ -49,7 +49,8 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `Debug` is written by hand: URLs may carry credentials (`redis://:password@host`).
+#[derive(Clone, Deserialize)]
 pub struct Settings {
     #[serde(deserialize_with = "lenient_string")]
     pub gateway_url: String,
@@ -112,6 +113,38 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub currencies: BTreeMap<String, CurrencyRule>,
+}
+
+/// A URL with any `user:password@` part replaced, for printing.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("[redacted]");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "[unparseable url]".to_owned(),
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("gateway_url", &redact_url(&self.gateway_url))
+            .field("mch_no", &self.mch_no)
+            .field("private_key", &self.private_key)
+            .field("private_key_file", &self.private_key_file)
+            .field("notify_url", &self.notify_url.as_deref().map(redact_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("queue_prefix", &self.queue_prefix)
+            .field("concurrency", &self.concurrency)
+            .field("listen", &self.listen)
+            .field("api_token", &self.api_token)
+            .field("webhook_url", &self.webhook_url.as_deref().map(redact_url))
+            .field("webhook_secret", &self.webhook_secret)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_system_key() -> String {
@@ -670,6 +703,27 @@ mod tests {
             !format!("{on:?}").contains("12345678901234567890"),
             "Debug never shows the token"
         );
+    }
+
+    #[test]
+    fn debug_output_hides_credentials_in_urls_and_secrets() {
+        let settings = Settings::load_with_env(
+            None,
+            [
+                (
+                    "TARSPAY_REDIS_URL",
+                    "redis://:s3cretpw@redis.internal:6379/0",
+                ),
+                ("TARSPAY_API_TOKEN", "tok-abcdef-123456"),
+                ("TARSPAY_PRIVATE_KEY", &"2".repeat(64)),
+            ],
+        )
+        .unwrap();
+        let debug = format!("{settings:?}");
+        for secret in ["s3cretpw", "tok-abcdef-123456", &"2".repeat(64)] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(debug.contains("redis.internal"), "{debug}");
     }
 
     #[test]
