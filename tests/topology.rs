@@ -36,13 +36,20 @@ fn spawn(env: &[(String, String)], args: &[&str]) -> Process {
     Process(command.spawn().expect("spawn tarspay-worker"))
 }
 
-/// Reads the process's first stdout line.
-fn first_line(process: &mut Process) -> String {
-    let mut line = String::new();
-    BufReader::new(process.0.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    line.trim().to_owned()
+/// Reads the next `n` stdout lines through one reader (a reader per line could swallow the
+/// next line into a buffer that is then dropped).
+fn read_lines(process: &mut Process, n: usize) -> Vec<String> {
+    let mut reader = BufReader::new(process.0.stdout.take().expect("stdout piped"));
+    let lines = (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            line.trim().to_owned()
+        })
+        .collect();
+    // Keep draining in the background so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    lines
 }
 
 fn free_port() -> u16 {
@@ -71,15 +78,12 @@ async fn api_serve_three_workers_and_a_sandbox_as_processes() {
             "200ms",
         ],
     );
-    let gateway = first_line(&mut sandbox)
+    let lines = read_lines(&mut sandbox, 2);
+    let gateway = lines[0]
         .strip_prefix("sandbox listening on ")
         .unwrap()
         .to_owned();
-    let system_key = first_line(&mut sandbox)
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let system_key = lines[1].rsplit(' ').next().unwrap().to_owned();
 
     let port = free_port();
     let token = "topology-token-123";
@@ -100,7 +104,7 @@ async fn api_serve_three_workers_and_a_sandbox_as_processes() {
         env.push((k.to_owned(), v));
     }
     let mut serve = spawn(&env, &["serve"]);
-    assert!(first_line(&mut serve).starts_with("listening on"));
+    assert!(read_lines(&mut serve, 1)[0].starts_with("listening on"));
     let _workers: Vec<Process> = (0..3)
         .map(|_| spawn(&env, &["worker", "--concurrency", "8"]))
         .collect();
