@@ -286,7 +286,10 @@ async fn raw_call(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> serde_json::Value {
-    let mut request = reqwest::Client::new()
+    let mut request = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
         .post(format!("{url}{path}"))
         .header("content-type", "application/json;charset=utf-8");
     for (name, value) in headers {

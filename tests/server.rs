@@ -45,7 +45,10 @@ async fn served(
     Served {
         app,
         url,
-        http: reqwest::Client::new(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
         _stop: stop,
     }
 }

@@ -110,7 +110,11 @@ async fn api_serve_three_workers_and_a_sandbox_as_processes() {
         .collect();
 
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
+    // Bounded calls: a hung process must fail the test, not stall it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let api = format!("http://127.0.0.1:{port}");
     for i in 0..60 {
         let payout = serde_json::json!({"mchOrderNo": format!("T-{i}"), "amount": "500", "currency": "BDT",
