@@ -304,11 +304,16 @@ async fn producer_refuses_bad_input_and_reports_existing_orders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runs_holding_the_same_create_send_one_create() {
-    // The first run's create is slow (the gateway commits, then answers after 600 ms, within
-    // the 1 s timeout); a redelivered copy of the job runs meanwhile.
-    let app = spawn_app(false, |c| {
-        c.faults = vec![fault("DUP", Some(1), FaultAction::Slow { ms: 600 })]
-    })
+    // The first run's create is slow (the gateway commits, then answers after 600 ms, well
+    // within a 20 s timeout even on a loaded machine); a redelivered copy runs meanwhile.
+    let app = spawn_app_with(
+        false,
+        |c| c.faults = vec![fault("DUP", Some(1), FaultAction::Slow { ms: 600 })],
+        &[
+            ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "20s"),
+            ("TARSPAY_ORPHAN_TIMEOUT", "60s"),
+        ],
+    )
     .await;
     app.enqueue(inr("DUP-1", "100")).await;
     let ctx = app.deployment.job_context(&app.settings).unwrap();
@@ -705,15 +710,20 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
-    // Each create takes 700 ms at the gateway, so SIGTERM lands with creates in flight.
-    let app = spawn_app(false, |c| {
-        c.faults = vec![FaultRule {
-            prefix: "TERM".into(),
-            endpoint: Endpoint::CreatePayout,
-            times: None,
-            action: FaultAction::Latency { ms: 700 },
-        }];
-    })
+    // Each create takes 700 ms at the gateway, so SIGTERM lands with creates in flight. The
+    // grace period is far longer than that, so even a loaded machine finishes them in it.
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![FaultRule {
+                prefix: "TERM".into(),
+                endpoint: Endpoint::CreatePayout,
+                times: None,
+                action: FaultAction::Latency { ms: 700 },
+            }];
+        },
+        &[("TARSPAY_SHUTDOWN_GRACE", "30s")],
+    )
     .await;
     for i in 0..40 {
         app.enqueue(inr(&format!("TERM-{i}"), "100")).await;
