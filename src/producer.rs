@@ -6,6 +6,7 @@ use crate::jobs::PayoutJob;
 use crate::ledger::{Ledger, LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
 use crate::payout::{PayoutRequest, PayoutRules, ValidationErrors};
 use crate::queue::{JobOptions, QueueError, RedisQueue};
+use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use std::sync::Arc;
 /// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
 /// own ceiling only catches a job that keeps crashing its worker.
 pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
+
+/// Rows of a batch registered concurrently.
+const REGISTRATIONS_IN_FLIGHT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
@@ -125,8 +129,16 @@ impl Producer {
             batch_id: batch_id.to_owned(),
             ..BatchEnqueued::default()
         };
-        for request in requests {
-            match self.enqueue(request, Some(batch_id)).await? {
+        // Registrations in flight together share the ledger's script calls (group commit);
+        // results come back in row order.
+        let pending: Vec<_> = requests
+            .iter()
+            .map(|request| self.enqueue(request, Some(batch_id)))
+            .collect();
+        let mut registrations = futures::stream::iter(pending).buffered(REGISTRATIONS_IN_FLIGHT);
+        let mut rows = requests.iter();
+        while let (Some(registered), Some(request)) = (registrations.next().await, rows.next()) {
+            match registered? {
                 Enqueued::Queued => result.queued += 1,
                 Enqueued::Exists {
                     same_request: true, ..
@@ -147,14 +159,14 @@ impl Producer {
         job: &PayoutJob,
     ) -> Result<Enqueued, ProducerError> {
         let options = JobOptions {
-            unique_key: Some(job.unique_key()),
+            unique_key: job.unique_key(),
             max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
         let prepared = self.queue.prepare(job, &options)?;
         match self
             .ledger
-            .register_with_job(order, initial, &prepared, self.queue.keys())
+            .register_with_job(order, initial, &prepared)
             .await?
         {
             Registered::Created => Ok(Enqueued::Queued),

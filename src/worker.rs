@@ -10,8 +10,8 @@ use crate::jobs::{
     run_create_payout, run_poll_status,
 };
 use crate::ledger::{Ledger, LedgerKeys};
-use crate::producer::{PAYOUT_JOB_MAX_ATTEMPTS, Producer};
-use crate::queue::{JobOptions, QueueConfig, QueueError, RedisQueue};
+use crate::producer::Producer;
+use crate::queue::{QueueConfig, QueueError, RedisQueue};
 use apalis::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ impl Deployment {
         let queue = RedisQueue::connect(&settings.redis_url, queue_config(settings)).await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
         let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.queue_prefix);
-        let keys = LedgerKeys::new(&tag, &queue.keys().paused);
+        let keys = LedgerKeys::new(&tag, queue.keys());
         let ledger =
             Ledger::new(queue.connection(), keys).with_outcome_max_len(settings.outcome_max_len);
         Ok(Self { queue, ledger })
@@ -89,6 +89,7 @@ impl Deployment {
                 self.queue.keys().paused.clone(),
                 settings.guard_auth_failures as u32,
             ),
+            queue: self.queue.clone(),
         })
     }
 }
@@ -97,7 +98,6 @@ impl Deployment {
 #[derive(Clone)]
 struct Shared {
     ctx: JobContext,
-    queue: RedisQueue<PayoutJob>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,24 +147,6 @@ async fn handle(
             Step::RetryAfter(delay) => {
                 Err(RetryAfterError::new(Later("not final yet"), delay).into())
             }
-            Step::Poll(delay) => {
-                let PayoutJob::CreatePayout { mch_order_no } = &job else {
-                    return Ok(());
-                };
-                let poll = PayoutJob::PollStatus {
-                    mch_order_no: mch_order_no.clone(),
-                    kind: crate::ledger::OrderKind::Payout,
-                    once: false,
-                };
-                let options = JobOptions {
-                    delay: Some(delay),
-                    unique_key: Some(poll.unique_key()),
-                    max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
-                    ..JobOptions::default()
-                };
-                shared.queue.enqueue_with(&poll, options).await?;
-                Ok(())
-            }
         }
     }
     .instrument(span)
@@ -190,7 +172,6 @@ pub async fn run(
     let deployment = Deployment::connect(settings).await?;
     let shared = Arc::new(Shared {
         ctx: deployment.job_context(settings)?,
-        queue: deployment.queue.clone(),
     });
     tracing::info!(concurrency, "payout worker starting");
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)

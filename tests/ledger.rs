@@ -6,8 +6,10 @@ mod common;
 use common::redis_server::RedisServer;
 use std::time::Duration;
 use tarspay_worker::ledger::{
-    FinalResult, Ledger, LedgerKeys, NewOrder, OrderKind, Phase, Registered, SubmitTicket,
+    FinalResult, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase, Registered,
+    SubmitTicket,
 };
+use tarspay_worker::queue::QueueKeys;
 
 const PAUSED: &str = "{ltest:payouts}:paused";
 
@@ -23,11 +25,21 @@ fn order<'a>(id: &'a str, fingerprint: &'a str) -> NewOrder<'a> {
     }
 }
 
+fn queue_keys() -> QueueKeys {
+    let keys = QueueKeys::new("ltest", "payouts").unwrap();
+    assert_eq!(keys.paused, PAUSED);
+    keys
+}
+
 async fn ledger(server: &RedisServer) -> Ledger {
     Ledger::new(
         server.conn().await,
-        LedgerKeys::new("{ltest:payouts}", PAUSED),
+        LedgerKeys::new("{ltest:payouts}", &queue_keys()),
     )
+}
+
+async fn record(ledger: &Ledger, id: &str) -> OrderRecord {
+    ledger.get(id).await.unwrap().unwrap()
 }
 
 #[tokio::test]
@@ -133,7 +145,7 @@ async fn the_submit_lease_admits_one_holder() {
             attempt: 3
         }
     );
-    assert!(ledger.accept("L-1", Some("P1")).await.unwrap());
+    assert!(ledger.accept("L-1", Some("P1"), None).await.unwrap());
     assert_eq!(
         ledger
             .begin_submit("L-1", "t5", Duration::from_secs(30))
@@ -189,11 +201,13 @@ async fn finalize_emits_exactly_one_outcome_whoever_races() {
         .begin_submit("F-1", "t", Duration::from_secs(30))
         .await
         .unwrap();
-    ledger.accept("F-1", Some("P123")).await.unwrap();
+    ledger.accept("F-1", Some("P123"), None).await.unwrap();
+    let seen = record(&ledger, "F-1").await;
 
     let mut racers = Vec::new();
     for i in 0..40 {
         let ledger = ledger.clone();
+        let seen = seen.clone();
         racers.push(tokio::spawn(async move {
             let (phase, state) = if i % 2 == 0 {
                 (Phase::Succeeded, 2)
@@ -202,7 +216,7 @@ async fn finalize_emits_exactly_one_outcome_whoever_races() {
             };
             ledger
                 .finalize(
-                    "F-1",
+                    &seen,
                     phase,
                     &FinalResult {
                         gateway_state: Some(state),
@@ -245,7 +259,7 @@ async fn finalize_emits_exactly_one_outcome_whoever_races() {
     );
 
     // Final never changes.
-    assert!(!ledger.accept("F-1", Some("P999")).await.unwrap());
+    assert!(!ledger.accept("F-1", Some("P999"), None).await.unwrap());
     assert!(!ledger.mark_stuck("F-1").await.unwrap());
     assert!(matches!(
         ledger
@@ -254,9 +268,10 @@ async fn finalize_emits_exactly_one_outcome_whoever_races() {
             .unwrap(),
         SubmitTicket::Final(_)
     ));
+    let after = ledger.get("F-1").await.unwrap().unwrap();
     assert_eq!(
-        ledger.get("F-1").await.unwrap().unwrap().phase,
-        record.phase
+        (after.phase, after.pay_order_id.as_deref()),
+        (record.phase, Some("P123"))
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 }
@@ -270,7 +285,7 @@ async fn outcomes_page_in_order_and_stuck_orders_are_flagged() {
         ledger.register(&order(&id, "f")).await.unwrap();
         ledger
             .finalize(
-                &id,
+                &record(&ledger, &id).await,
                 Phase::Rejected,
                 &FinalResult {
                     gateway_state: Some(8),
@@ -294,11 +309,30 @@ async fn outcomes_page_in_order_and_stuck_orders_are_flagged() {
     ledger.register(&order("S-1", "f")).await.unwrap();
     assert!(ledger.mark_stuck("S-1").await.unwrap());
     assert!(ledger.get("S-1").await.unwrap().unwrap().stuck);
+    assert_eq!(ledger.stuck_count().await.unwrap(), 1);
     ledger
-        .finalize("S-1", Phase::Succeeded, &FinalResult::default())
+        .finalize(
+            &record(&ledger, "S-1").await,
+            Phase::Succeeded,
+            &FinalResult::default(),
+        )
         .await
         .unwrap();
     assert!(!ledger.get("S-1").await.unwrap().unwrap().stuck);
+    assert_eq!(ledger.stuck_count().await.unwrap(), 0);
+
+    // Flagged after the finaliser read it: the stale member is pruned when counted.
+    ledger.register(&order("S-2", "f")).await.unwrap();
+    let before_flag = record(&ledger, "S-2").await;
+    assert!(ledger.mark_stuck("S-2").await.unwrap());
+    assert!(
+        ledger
+            .finalize(&before_flag, Phase::Succeeded, &FinalResult::default())
+            .await
+            .unwrap()
+    );
+    assert!(!record(&ledger, "S-2").await.stuck);
+    assert_eq!(ledger.stuck_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -363,16 +397,17 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
         code: Some(5004006),
         ..Default::default()
     };
+    let seen = record(&ledger, "LL-1").await;
     assert!(
         !ledger
-            .finalize_leased("LL-1", "old-run", Phase::Failed, &failed)
+            .finalize_leased(&seen, "old-run", Phase::Failed, &failed)
             .await
             .unwrap()
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 0);
     assert!(
         ledger
-            .finalize_leased("LL-1", "new-run", Phase::Failed, &failed)
+            .finalize_leased(&seen, "new-run", Phase::Failed, &failed)
             .await
             .unwrap()
     );

@@ -342,13 +342,16 @@ async fn two_runs_holding_the_same_create_send_one_create() {
         matches!(second, Step::RetryAfter(_)),
         "the second holder backs off: {second:?}"
     );
-    assert!(matches!(first.await.unwrap(), Step::Poll(_)));
-    // The copy, run again later, sees the order accepted and only polls.
-    assert!(matches!(
-        run_create_payout(&ctx, "DUP-1").await.unwrap(),
-        Step::Poll(_)
-    ));
+    assert_eq!(first.await.unwrap(), Step::Done);
+    // The copy, run again later, sees the order accepted: nothing to send, and no second
+    // poll job (the one poll job was queued with the acceptance).
+    assert_eq!(run_create_payout(&ctx, "DUP-1").await.unwrap(), Step::Done);
     assert_eq!(app.sandbox.create_attempts("DUP-1"), 1);
+    assert_eq!(
+        app.deployment.queue.stats().await.unwrap().delayed,
+        1,
+        "one poll job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,14 +359,13 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
     let app = spawn_app(false, |c| c.final_after = Duration::from_millis(50)).await;
     app.enqueue(inr("RACE-1", "100")).await;
     let ctx = app.deployment.job_context(&app.settings).unwrap();
-    assert!(matches!(
-        run_create_payout(&ctx, "RACE-1").await.unwrap(),
-        Step::Poll(_)
-    ));
+    assert_eq!(run_create_payout(&ctx, "RACE-1").await.unwrap(), Step::Done);
     tokio::time::sleep(Duration::from_millis(150)).await;
+    let seen = app.deployment.ledger.get("RACE-1").await.unwrap().unwrap();
     let mut racers = Vec::new();
     for i in 0..10 {
         let ctx = ctx.clone();
+        let seen = seen.clone();
         racers.push(tokio::spawn(async move {
             if i % 2 == 0 {
                 run_poll_status(&ctx, "RACE-1", 1)
@@ -374,7 +376,7 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
                 // What a verified callback does: the same terminal transition.
                 ctx.ledger
                     .finalize(
-                        "RACE-1",
+                        &seen,
                         Phase::Succeeded,
                         &FinalResult {
                             gateway_state: Some(2),

@@ -280,7 +280,11 @@ async fn finalize(app: &TestApp, id: &str) {
     };
     assert!(
         ledger
-            .finalize(id, Phase::Succeeded, &result)
+            .finalize(
+                &ledger.get(id).await.unwrap().unwrap(),
+                Phase::Succeeded,
+                &result,
+            )
             .await
             .unwrap()
     );
@@ -647,9 +651,10 @@ async fn a_redis_restart_does_not_end_delivery() {
         eventually("finalized", || {
             let (app, id) = (&app, id.clone());
             async move {
-                app.deployment
-                    .ledger
-                    .finalize(&id, Phase::Failed, &FinalResult::default())
+                let ledger = &app.deployment.ledger;
+                let record = ledger.get(&id).await.ok()??;
+                ledger
+                    .finalize(&record, Phase::Failed, &FinalResult::default())
                     .await
                     .ok()
             }

@@ -14,8 +14,8 @@
 
 use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
 use super::shared::{
-    MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, proc_cpu_seconds,
-    proc_status_kib, round,
+    MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, payout_calls,
+    proc_cpu_seconds, proc_status_kib, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use serde_json::{Map, Value, json};
@@ -90,14 +90,7 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
     // Server-wide counts include the observers: drop INFO and the outcome reader's pages.
     let tail_pages = tail.calls - tail_calls_before;
     let delta = commandstats_delta(&stats_before, &stats_after);
-    let all_calls: u64 = delta
-        .iter()
-        .map(|(name, calls)| match name.as_str() {
-            "info" => 0,
-            "xrange" => calls.saturating_sub(tail_pages),
-            _ => *calls,
-        })
-        .sum();
+    let all_calls = payout_calls(&delta, tail_pages);
     let per = |x: f64| round(x / n as f64, 2);
     let mut line = Map::new();
     line.insert("bench".into(), json!("cost"));
@@ -124,6 +117,23 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
     line.insert(
         "redis_calls_incl_lua_per_payout".into(),
         json!(per(all_calls as f64)),
+    );
+    let by_name_incl_lua: Map<String, Value> = delta
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .map(|(name, calls)| {
+            let calls = if name == "xrange" {
+                calls.saturating_sub(tail_pages)
+            } else {
+                *calls
+            };
+            (name.to_uppercase(), json!(per(calls as f64)))
+        })
+        .filter(|(_, per_payout)| per_payout.as_f64().is_some_and(|v| v > 0.0))
+        .collect();
+    line.insert(
+        "redis_calls_incl_lua_by_name".into(),
+        Value::Object(by_name_incl_lua),
     );
     line.insert(
         "worker_peak_rss_mib".into(),

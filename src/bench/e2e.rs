@@ -8,8 +8,8 @@
 //! of delayed jobs (up to 500 ms); the JSON line says so.
 
 use super::shared::{
-    ChildProcess, RedisTarget, SandboxProcess, client_addr, latency_summary, now_us,
-    proc_cpu_seconds, round,
+    ChildProcess, RedisTarget, SandboxProcess, client_addr, commandstats, commandstats_delta,
+    latency_summary, now_us, payout_calls, proc_cpu_seconds, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use crate::config::Settings;
@@ -164,7 +164,7 @@ impl Pipeline {
         let client = redis::Client::open(self.target.url.as_str())?;
         let conn = redis::aio::ConnectionManager::new(client).await?;
         let tag = format!("{{{}:{PAYOUT_QUEUE}}}", self.target.prefix);
-        let keys = LedgerKeys::new(&tag, &self.deployment.queue.keys().paused);
+        let keys = LedgerKeys::new(&tag, self.deployment.queue.keys());
         Ok(OutcomeTail {
             ledger: Ledger::new(conn.clone(), keys),
             conn,
@@ -382,6 +382,9 @@ pub async fn check_one_rule(pipeline: &Pipeline, runs: &[&PipelineRun]) -> Resul
 /// the pipeline's own rather than time spent queued behind a burst.
 pub const PACED_RATE: f64 = 1_000.0;
 
+/// `INFO commandstats`: command name → calls.
+type CommandCounts = Vec<(String, u64)>;
+
 pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), BenchError> {
     let n = options.n.unwrap_or(DEFAULT_N).max(1);
     let paced_n = (n / 4).clamp(1, 5_000);
@@ -398,10 +401,36 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
         .await?;
         let result = async {
             let mut tail = pipeline.tail().await?;
+            let mut stats = pipeline.target.connection().await?;
+            // Commands per payout, Lua-run ones included; only meaningful on a private server.
+            let mut calls_per_payout =
+                async |tail: &OutcomeTail,
+                       before: &[(String, u64)],
+                       pages_before: u64,
+                       payouts: u64|
+                       -> Result<(Option<f64>, CommandCounts), BenchError> {
+                    // Let the last acknowledgements land first.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let after = commandstats(&mut stats).await?;
+                    let calls = payout_calls(
+                        &commandstats_delta(before, &after),
+                        tail.calls - pages_before,
+                    );
+                    let per = pipeline
+                        .target
+                        .is_private()
+                        .then(|| round(calls as f64 / payouts as f64, 2));
+                    Ok((per, after))
+                };
             let redis_cpu = || pipeline.target.redis_pid().and_then(proc_cpu_seconds);
+            let stats_start = commandstats(&mut pipeline.target.connection().await?).await?;
+            let pages_start = tail.calls;
             let cpu_before = (pipeline.cpu_seconds(), redis_cpu());
             let burst = drive(&pipeline, &mut tail, &format!("E2E{workers}"), n, None).await?;
             let cpu_after = (pipeline.cpu_seconds(), redis_cpu());
+            let (burst_calls, stats_mid) =
+                calls_per_payout(&tail, &stats_start, pages_start, n).await?;
+            let pages_mid = tail.calls;
             let paced = drive(
                 &pipeline,
                 &mut tail,
@@ -410,12 +439,20 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
                 Some(PACED_RATE),
             )
             .await?;
+            let (paced_calls, _) = calls_per_payout(&tail, &stats_mid, pages_mid, paced_n).await?;
             check_one_rule(&pipeline, &[&burst, &paced]).await?;
-            Ok::<_, BenchError>((burst, paced, cpu_before, cpu_after))
+            Ok::<_, BenchError>((
+                burst,
+                paced,
+                cpu_before,
+                cpu_after,
+                burst_calls,
+                paced_calls,
+            ))
         }
         .await;
         pipeline.finish().await?;
-        let (run, paced, cpu_before, cpu_after) = result?;
+        let (run, paced, cpu_before, cpu_after, burst_calls, paced_calls) = result?;
         let per_payout_ms =
             |before: f64, after: f64| round((after - before) * 1000.0 / n as f64, 3);
         report(json!({
@@ -436,6 +473,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
                 .1
                 .zip(cpu_after.1)
                 .map(|(before, after)| per_payout_ms(before, after)),
+            "redis_calls_incl_lua_per_payout": burst_calls,
             "sandbox_final_after": timers.final_after,
             "poll_first_delay": timers.poll_first_delay,
             "note": "all N enqueued at once (a payroll): latency includes waiting behind the burst; timers lowered so the pipeline dominates throughput (production poll_first_delay is 2s)",
@@ -452,6 +490,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             "p50_ms": round(paced.latency_ms.0, 1),
             "p99_ms": round(paced.latency_ms.1, 1),
             "max_ms": round(paced.latency_ms.2, 1),
+            "redis_calls_incl_lua_per_payout": paced_calls,
             "sandbox_final_after": timers.final_after,
             "poll_first_delay": timers.poll_first_delay,
             "note": "latency floor: create, 100ms to final at the sandbox, the 150ms poll delay and up to 500ms until the worker promotes the delayed poll job",

@@ -83,6 +83,19 @@ pub async fn commandstats<C: redis::aio::ConnectionLike + Send>(
     Ok(parse_commandstats(&info))
 }
 
+/// Server-wide calls (Lua-run commands included) in `delta`, without the bench's own: its
+/// `INFO` reads and the outcome reader's `tail_pages` `XRANGE` pages.
+pub fn payout_calls(delta: &[(String, u64)], tail_pages: u64) -> u64 {
+    delta
+        .iter()
+        .map(|(name, calls)| match name.as_str() {
+            "info" => 0,
+            "xrange" => calls.saturating_sub(tail_pages),
+            _ => *calls,
+        })
+        .sum()
+}
+
 /// The address Redis sees for this connection (`CLIENT INFO` addr=…), as MONITOR prints it.
 pub async fn client_addr<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,

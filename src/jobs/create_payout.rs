@@ -28,7 +28,8 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         .await?;
     let (previous, attempt) = match ticket {
         SubmitTicket::Go { previous, attempt } => (previous, attempt),
-        SubmitTicket::Accepted => return Ok(Step::Poll(ctx.poll.first_delay)),
+        // Its poll job was queued with the acceptance.
+        SubmitTicket::Accepted => return Ok(Step::Done),
         SubmitTicket::Final(_) => return Ok(Step::Done),
         // Another run holds the lease (a redelivery while the first still runs).
         SubmitTicket::Busy { retry_in } => {
@@ -73,10 +74,11 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         .await
     {
         Ok(accepted) => {
+            let poll = ctx.poll_job(&record)?;
             ctx.ledger
-                .accept(mch_order_no, Some(&accepted.pay_order_id))
+                .accept(mch_order_no, Some(&accepted.pay_order_id), Some(&poll))
                 .await?;
-            Ok(Step::Poll(ctx.poll.first_delay))
+            Ok(Step::Done)
         }
         Err(err) => create_failed(ctx, &record, &token, attempt, err).await,
     }
@@ -117,7 +119,7 @@ async fn create_failed(
         // A refusal that proves nothing was created fails the payout now; any other terminal
         // answer is checked against the gateway first.
         if err.code().is_some_and(refused_before_creating) {
-            return fail(ctx, id, token, &err).await;
+            return fail(ctx, record, token, &err).await;
         }
         return settle_by_lookup(ctx, record, token, &err).await;
     }
@@ -172,7 +174,7 @@ async fn settle_by_lookup(
 ) -> Result<Step, JobError> {
     match lookup(ctx, record).await {
         Lookup::Found(info) => adopt(ctx, record, &info).await,
-        Lookup::NotFound if !record.ambiguous => fail(ctx, &record.mch_order_no, token, err).await,
+        Lookup::NotFound if !record.ambiguous => fail(ctx, record, token, err).await,
         Lookup::NotFound | Lookup::Failed(_) => keep_settling(ctx, record, token, err).await,
     }
 }
@@ -203,10 +205,11 @@ async fn keep_settling(
 /// Records the final `failed` outcome, but only while this run still holds the lease.
 async fn fail(
     ctx: &JobContext,
-    id: &str,
+    record: &OrderRecord,
     token: &str,
     err: &GatewayError,
 ) -> Result<Step, JobError> {
+    let id = record.mch_order_no.as_str();
     let msg = match err {
         GatewayError::Gateway { msg, .. } => msg.clone(),
         other => other.to_string(),
@@ -218,7 +221,7 @@ async fn fail(
     };
     if !ctx
         .ledger
-        .finalize_leased(id, token, Phase::Failed, &result)
+        .finalize_leased(record, token, Phase::Failed, &result)
         .await?
     {
         tracing::warn!(

@@ -16,7 +16,8 @@ pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
 
 use crate::gateway::{CodeTable, TarsPayClient};
-use crate::ledger::{Ledger, LedgerError, OrderKind};
+use crate::ledger::{Ledger, LedgerError, OrderKind, OrderRecord};
+use crate::queue::{JobOptions, PreparedJob, QueueError, RedisQueue};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -49,33 +50,30 @@ impl PayoutJob {
         }
     }
 
-    /// The queue's unique key: at most one waiting job of each kind per order.
-    pub fn unique_key(&self) -> String {
+    /// The queue's unique key, for the jobs that need one. An order's create job and its
+    /// regular poll job are queued by the ledger's registration and acceptance, each of
+    /// which happens once per order, so they need none (and save its Redis work); a one-off
+    /// look can be asked for any number of times, so at most one waits per order.
+    pub fn unique_key(&self) -> Option<String> {
         match self {
-            Self::CreatePayout { mch_order_no } => format!("create:{mch_order_no}"),
-            Self::PollStatus {
-                mch_order_no,
-                once: false,
-                ..
-            } => format!("poll:{mch_order_no}"),
             Self::PollStatus {
                 mch_order_no,
                 once: true,
                 ..
-            } => format!("poll-once:{mch_order_no}"),
+            } => Some(format!("poll-once:{mch_order_no}")),
+            Self::CreatePayout { .. } | Self::PollStatus { once: false, .. } => None,
         }
     }
 }
 
-/// What the queue should do after a job ran.
+/// What the queue should do after a job ran. (An accepted order's poll job is queued by the
+/// ledger's acceptance itself, see [`JobContext::poll_job`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Finished; acknowledge.
     Done,
     /// Run this job again after the delay.
     RetryAfter(Duration),
-    /// Finished; follow the order with a poll-status job after the delay.
-    Poll(Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +106,31 @@ pub struct JobContext {
     /// How long a create may hold the submit lease: longer than one gateway call.
     pub lease: Duration,
     pub guard: SystemicGuard,
+    /// The payout queue, for follow-up jobs the ledger queues atomically.
+    pub queue: RedisQueue<PayoutJob>,
+}
+
+impl JobContext {
+    /// The order's regular poll job, first run after `poll.first_delay`; the ledger queues
+    /// it in the same step as the acceptance.
+    pub fn poll_job(&self, record: &OrderRecord) -> Result<PreparedJob, JobError> {
+        let kind = if record.kind == OrderKind::Deposit.as_str() {
+            OrderKind::Deposit
+        } else {
+            OrderKind::Payout
+        };
+        let job = PayoutJob::PollStatus {
+            mch_order_no: record.mch_order_no.clone(),
+            kind,
+            once: false,
+        };
+        let options = JobOptions {
+            delay: Some(self.poll.first_delay),
+            max_attempts: Some(crate::producer::PAYOUT_JOB_MAX_ATTEMPTS),
+            ..JobOptions::default()
+        };
+        Ok(self.queue.prepare(&job, &options)?)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,4 +141,6 @@ pub enum JobError {
     BadRecord { id: String, reason: String },
     #[error("systemic guard: {0}")]
     Guard(String),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }

@@ -62,7 +62,7 @@ pub(super) async fn adopt(
         tracing::warn!(mch_order_no = %id, %msg, "order number conflict");
         ctx.ledger
             .finalize(
-                id,
+                record,
                 Phase::Conflict,
                 &FinalResult {
                     gateway_state: Some(info.state.code()),
@@ -78,8 +78,11 @@ pub(super) async fn adopt(
     if finish_if_final(ctx, record, info).await? {
         return Ok(Step::Done);
     }
-    ctx.ledger.accept(id, info.pay_order_id.as_deref()).await?;
-    Ok(Step::Poll(ctx.poll.first_delay))
+    let poll = ctx.poll_job(record)?;
+    ctx.ledger
+        .accept(id, info.pay_order_id.as_deref(), Some(&poll))
+        .await?;
+    Ok(Step::Done)
 }
 
 /// Applies a final gateway state through the one terminal transition. True when the state
@@ -96,7 +99,7 @@ pub(super) async fn finish_if_final(
     let recorded = ctx
         .ledger
         .finalize(
-            &record.mch_order_no,
+            record,
             phase,
             &FinalResult {
                 gateway_state: Some(info.state.code()),

@@ -1,8 +1,13 @@
 //! The order ledger: one Redis hash per order, the source of truth for where each payout
-//! stands, and the outcome stream applications consume. Every change is one Lua script
-//! (compare-and-set on the phase); reaching a final phase appends the order's one outcome in
-//! the same script. Redis only: no HTTP here.
+//! stands, and the outcome stream applications consume. Every change is an atomic operation
+//! of the ledger's batch script (see `scripts` for the record's layout: write-once milestones
+//! and working fields); reaching a final phase appends the order's one outcome in the same
+//! step. Concurrent changes share one script call (`batcher`). Redis only: no HTTP here.
+//!
+//! Records are never deleted while the service runs; callers that finalise pass the record
+//! they read, whose registration part never changes.
 
+mod batcher;
 mod outcome;
 mod phase;
 mod scripts;
@@ -11,7 +16,9 @@ pub use outcome::Outcome;
 pub use phase::Phase;
 
 use crate::queue::{PreparedJob, QueueKeys};
+use batcher::{Batcher, Op};
 use redis::AsyncCommands;
+use redis::Value;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -31,22 +38,35 @@ pub enum LedgerError {
 #[derive(Debug, Clone)]
 pub struct LedgerKeys {
     base: String,
-    paused: String,
+    queue: QueueKeys,
 }
 
 impl LedgerKeys {
-    /// `tag` is the partition's hash tag with braces (`{prefix:queue}`); `paused` is the
-    /// queue's pause flag, which must carry the same tag.
-    pub fn new(tag: &str, paused: &str) -> Self {
+    /// `tag` is the partition's hash tag with braces (`{prefix:queue}`); `queue` is the payout
+    /// queue's layout (its pause flag, and where follow-up jobs go), under the same tag.
+    pub fn new(tag: &str, queue: &QueueKeys) -> Self {
         Self {
             base: tag.to_owned(),
-            paused: paused.to_owned(),
+            queue: queue.clone(),
         }
     }
 
     /// The queue's pause flag: while it exists no create is sent.
     pub fn paused(&self) -> &str {
-        &self.paused
+        &self.queue.paused
+    }
+
+    /// The batch script's leading keys, in its order.
+    fn shared(&self) -> Vec<String> {
+        vec![
+            self.queue.paused.clone(),
+            self.guard(),
+            self.outcomes(),
+            self.stuck(),
+            self.queue.stream.clone(),
+            self.queue.delayed.clone(),
+            self.queue.unique.clone(),
+        ]
     }
 
     pub fn order(&self, mch_order_no: &str) -> String {
@@ -214,6 +234,7 @@ fn decimal_map<S: serde::Serializer>(
 pub struct Ledger {
     conn: ConnectionManager,
     keys: LedgerKeys,
+    batcher: Batcher,
     /// Approximate cap on the outcome stream (0 = unbounded).
     outcome_max_len: u64,
 }
@@ -222,6 +243,39 @@ impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger").field("keys", &self.keys).finish()
     }
+}
+
+/// The registration milestone (`req`): what never changes after the order is registered.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Registration {
+    mch_order_no: String,
+    kind: String,
+    fingerprint: String,
+    amount: String,
+    currency: String,
+    request: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    batch_id: String,
+    created_at: u64,
+}
+
+/// The acceptance milestone (`accepted`): the gateway holds the order.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Acceptance {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pay_order_id: String,
+    at: u64,
+}
+
+/// The final milestone (`final`): the order's outcome, as appended to the outcome stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Finished {
+    #[serde(flatten)]
+    outcome: Outcome,
+    finished_at: u64,
 }
 
 fn text(value: Option<&String>) -> Option<String> {
@@ -237,6 +291,50 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+fn milestone<T: serde::de::DeserializeOwned>(
+    mch_order_no: &str,
+    name: &str,
+    value: Option<&String>,
+) -> Result<Option<T>, LedgerError> {
+    value
+        .map(|json| {
+            serde_json::from_str(json).map_err(|err| LedgerError::Corrupt {
+                id: mch_order_no.to_owned(),
+                reason: format!("{name}: {err}"),
+            })
+        })
+        .transpose()
+}
+
+/// An order's phase from its milestones and working phase: `final` outranks `accepted`,
+/// which outranks `phase` (absent = queued).
+fn effective_phase(
+    mch_order_no: &str,
+    working: Option<&String>,
+    accepted: bool,
+    finished: Option<&Finished>,
+) -> Result<Phase, LedgerError> {
+    let corrupt = |reason: String| LedgerError::Corrupt {
+        id: mch_order_no.to_owned(),
+        reason,
+    };
+    if let Some(finished) = finished {
+        let phase: Phase = finished.outcome.status.parse().map_err(corrupt)?;
+        return if phase.is_final() {
+            Ok(phase)
+        } else {
+            Err(corrupt(format!("final status {phase} is not final")))
+        };
+    }
+    if accepted {
+        return Ok(Phase::Accepted);
+    }
+    match working {
+        Some(phase) => phase.parse().map_err(corrupt),
+        None => Ok(Phase::Queued),
+    }
+}
+
 /// An order record from its hash fields; `None` for no fields (no such order).
 fn record_from_fields(
     mch_order_no: &str,
@@ -245,42 +343,126 @@ fn record_from_fields(
     if fields.is_empty() {
         return Ok(None);
     }
-    let phase = fields
-        .get("phase")
-        .ok_or("no phase")
-        .and_then(|p| p.parse::<Phase>().map_err(|_| "bad phase"))
-        .map_err(|reason| LedgerError::Corrupt {
+    let registration: Registration = milestone(mch_order_no, "req", fields.get("req"))?
+        .ok_or_else(|| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
-            reason: reason.to_owned(),
+            reason: "no registration".into(),
         })?;
+    let accepted: Option<Acceptance> = milestone(mch_order_no, "accepted", fields.get("accepted"))?;
+    let finished: Option<Finished> = milestone(mch_order_no, "final", fields.get("final"))?;
+    let phase = effective_phase(
+        mch_order_no,
+        fields.get("phase"),
+        accepted.is_some(),
+        finished.as_ref(),
+    )?;
+    let updated_at_ms = [
+        number(fields.get("updatedAt")),
+        accepted.as_ref().map(|a| a.at),
+        finished.as_ref().map(|f| f.finished_at),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(registration.created_at);
+    let outcome = finished.as_ref().map(|f| &f.outcome);
     Ok(Some(OrderRecord {
         mch_order_no: mch_order_no.to_owned(),
-        kind: fields.get("kind").cloned().unwrap_or_default(),
+        kind: registration.kind,
         phase,
-        amount: fields.get("amount").cloned().unwrap_or_default(),
-        currency: fields.get("currency").cloned().unwrap_or_default(),
+        amount: registration.amount,
+        currency: registration.currency,
         attempts: number(fields.get("attempts")).unwrap_or(0),
-        pay_order_id: text(fields.get("payOrderId")),
-        gateway_state: number(fields.get("gatewayState")),
-        fee: text(fields.get("fee")),
-        last_code: number(fields.get("lastCode")),
-        last_msg: text(fields.get("lastMsg")),
-        batch_id: text(fields.get("batchId")),
-        stuck: fields.get("stuck").is_some_and(|v| v == "1"),
+        pay_order_id: outcome.and_then(|o| o.pay_order_id.clone()).or_else(|| {
+            accepted
+                .as_ref()
+                .map(|a| a.pay_order_id.clone())
+                .filter(|id| !id.is_empty())
+        }),
+        gateway_state: outcome.and_then(|o| o.gateway_state),
+        fee: outcome.and_then(|o| o.fee.clone()),
+        last_code: match outcome {
+            Some(o) => o.code,
+            None => number(fields.get("lastCode")),
+        },
+        last_msg: match outcome {
+            Some(o) => o.msg.clone(),
+            None => text(fields.get("lastMsg")),
+        },
+        batch_id: Some(registration.batch_id).filter(|b| !b.is_empty()),
+        stuck: finished.is_none() && fields.get("stuck").is_some_and(|v| v == "1"),
         ambiguous: fields.get("ambiguous").is_some_and(|v| v == "1"),
-        created_at_ms: number(fields.get("createdAt")).unwrap_or(0),
-        updated_at_ms: number(fields.get("updatedAt")).unwrap_or(0),
-        finished_at_ms: number(fields.get("finishedAt")),
-        fingerprint: fields.get("fingerprint").cloned().unwrap_or_default(),
-        request: fields.get("request").cloned().unwrap_or_default(),
+        created_at_ms: registration.created_at,
+        updated_at_ms,
+        finished_at_ms: finished.as_ref().map(|f| f.finished_at),
+        fingerprint: registration.fingerprint,
+        request: registration.request,
     }))
 }
 
+/// The outcome stream's fields for `outcome` (the contract in [`Outcome`]).
+fn outcome_fields(outcome: &Outcome) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    let num = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+    vec![
+        ("kind", outcome.kind.clone()),
+        ("mchOrderNo", outcome.mch_order_no.clone()),
+        ("status", outcome.status.clone()),
+        ("gatewayState", num(outcome.gateway_state)),
+        ("payOrderId", opt(&outcome.pay_order_id)),
+        ("amount", outcome.amount.clone()),
+        ("currency", outcome.currency.clone()),
+        ("fee", opt(&outcome.fee)),
+        ("code", num(outcome.code)),
+        ("msg", opt(&outcome.msg)),
+        ("attempts", outcome.attempts.to_string()),
+        ("batchId", opt(&outcome.batch_id)),
+        ("at", outcome.at.clone()),
+    ]
+}
+
+/// Appends a follow-up job's four script arguments (none: an empty envelope).
+fn with_job(op: Op, job: Option<&PreparedJob>) -> Op {
+    match job {
+        Some(job) => op
+            .arg(job.run_at_ms)
+            .arg(&job.unique)
+            .arg(&job.id)
+            .arg(&job.text),
+        None => op.arg(0).arg("").arg("").arg(""),
+    }
+}
+
+fn as_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn as_strings(value: Value) -> Option<Vec<String>> {
+    match value {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                Value::SimpleString(text) => Some(text),
+                Value::Int(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
 impl Ledger {
+    /// Starts the ledger's batching task on the current tokio runtime.
     pub fn new(conn: ConnectionManager, keys: LedgerKeys) -> Self {
+        let batcher = Batcher::start(conn.clone(), keys.shared());
         Self {
             conn,
             keys,
+            batcher,
             outcome_max_len: 0,
         }
     }
@@ -294,6 +476,18 @@ impl Ledger {
         &self.keys
     }
 
+    fn op(&self, kind: &'static str, mch_order_no: &str) -> Op {
+        Op::new(kind, self.keys.order(mch_order_no), None)
+    }
+
+    async fn apply_int(&self, op: Op, what: &str, id: &str) -> Result<i64, LedgerError> {
+        let reply = self.batcher.apply(op).await?;
+        as_int(&reply).ok_or_else(|| LedgerError::Corrupt {
+            id: id.to_owned(),
+            reason: format!("unexpected reply from {what}: {reply:?}"),
+        })
+    }
+
     /// Registers an order without a job (the caller queues work some other way).
     pub async fn register(&self, order: &NewOrder<'_>) -> Result<Registered, LedgerError> {
         self.register_as(order, Phase::Queued, None).await
@@ -302,66 +496,80 @@ impl Ledger {
     /// Registers an order and, only if it is new, queues its first job in the same atomic
     /// step: a crash can never leave a registered order without work. `initial` is `Queued`
     /// for payouts to create, `Accepted` for orders the merchant created itself (deposits to
-    /// follow).
+    /// follow). A registration is idempotent by mchOrderNo, so the job needs no unique key.
     pub async fn register_with_job(
         &self,
         order: &NewOrder<'_>,
         initial: Phase,
         job: &PreparedJob,
-        queue: &QueueKeys,
     ) -> Result<Registered, LedgerError> {
-        self.register_as(order, initial, Some((job, queue))).await
+        self.register_as(order, initial, Some(job)).await
     }
 
     async fn register_as(
         &self,
         order: &NewOrder<'_>,
         initial: Phase,
-        job: Option<(&PreparedJob, &QueueKeys)>,
+        job: Option<&PreparedJob>,
     ) -> Result<Registered, LedgerError> {
+        let id = order.mch_order_no;
         let batch = order.batch_id.unwrap_or_default();
-        let mut invocation = scripts::REGISTER.prepare_invoke();
-        invocation
-            .key(self.keys.order(order.mch_order_no))
-            .key(self.keys.batch(batch));
-        match job {
-            Some((_, queue)) => invocation
-                .key(&queue.stream)
-                .key(&queue.delayed)
-                .key(&queue.unique),
-            // Unused without a job, but declared so the script's keys stay in one slot.
-            None => invocation
-                .key(self.keys.order(order.mch_order_no))
-                .key(self.keys.order(order.mch_order_no))
-                .key(self.keys.order(order.mch_order_no)),
+        let now = crate::queue::now_ms();
+        let registration = Registration {
+            mch_order_no: id.to_owned(),
+            kind: order.kind.as_str().to_owned(),
+            fingerprint: order.fingerprint.to_owned(),
+            amount: order.amount.to_owned(),
+            currency: order.currency.to_owned(),
+            request: order.request.to_owned(),
+            batch_id: batch.to_owned(),
+            created_at: now,
         };
-        let reply: Vec<String> = invocation
-            .arg(order.mch_order_no)
-            .arg(order.kind.as_str())
-            .arg(order.fingerprint)
-            .arg(order.amount)
-            .arg(order.currency)
-            .arg(order.request)
+        let corrupt = |reason: String| LedgerError::Corrupt {
+            id: id.to_owned(),
+            reason,
+        };
+        let accepted = match initial {
+            Phase::Queued => String::new(),
+            Phase::Accepted => serde_json::to_string(&Acceptance {
+                pay_order_id: String::new(),
+                at: now,
+            })
+            .map_err(|e| corrupt(e.to_string()))?,
+            other => return Err(corrupt(format!("cannot register as {other}"))),
+        };
+        let aux = (!batch.is_empty()).then(|| self.keys.batch(batch));
+        let op = Op::new("R", self.keys.order(id), aux)
+            .arg(serde_json::to_string(&registration).map_err(|e| corrupt(e.to_string()))?)
             .arg(batch)
-            .arg(initial.as_str())
-            .arg(crate::queue::now_ms())
-            .arg(job.map_or(0, |(j, _)| j.run_at_ms))
-            .arg(job.map_or("", |(j, _)| j.unique.as_str()))
-            .arg(job.map_or("", |(j, _)| j.id.as_str()))
-            .arg(job.map_or("", |(j, _)| j.text.as_str()))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let corrupt = |reason: &str| LedgerError::Corrupt {
-            id: order.mch_order_no.to_owned(),
-            reason: reason.to_owned(),
-        };
+            .arg(id)
+            .arg(accepted);
+        let reply = self.batcher.apply(with_job(op, job)).await?;
+        let reply =
+            as_strings(reply).ok_or_else(|| corrupt("unexpected reply from register".into()))?;
         match reply.as_slice() {
-            [verdict, _, _] if verdict == "created" => Ok(Registered::Created),
-            [verdict, phase, fingerprint] if verdict == "exists" => Ok(Registered::Exists {
-                phase: phase.parse().map_err(|e: String| corrupt(&e))?,
-                same_request: fingerprint == order.fingerprint,
-            }),
-            _ => Err(corrupt("unexpected reply from register")),
+            [verdict] if verdict == "created" => Ok(Registered::Created),
+            [verdict, req, phase, accepted, finished] if verdict == "exists" => {
+                let fields: HashMap<String, String> = [
+                    ("req", req),
+                    ("phase", phase),
+                    ("accepted", accepted),
+                    ("final", finished),
+                ]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect();
+                let record = record_from_fields(id, &fields)?
+                    .ok_or_else(|| corrupt("registered without a record".into()))?;
+                Ok(Registered::Exists {
+                    phase: record.phase,
+                    same_request: record.fingerprint == order.fingerprint,
+                })
+            }
+            other => Err(corrupt(format!(
+                "unexpected reply from register: {other:?}"
+            ))),
         }
     }
 
@@ -379,24 +587,23 @@ impl Ledger {
     }
 
     /// [`Ledger::begin_submit`], and with [`SubmitTicket::Go`] the order's record as it is
-    /// now (read by the same script: one round trip instead of two).
+    /// now (read by the same operation).
     pub async fn begin_submit_with_record(
         &self,
         mch_order_no: &str,
         token: &str,
         lease: Duration,
     ) -> Result<(SubmitTicket, Option<OrderRecord>), LedgerError> {
-        let reply: Vec<String> = scripts::BEGIN_SUBMIT
-            .key(self.keys.order(mch_order_no))
-            .key(self.keys.paused())
+        let op = self
+            .op("B", mch_order_no)
             .arg(token)
-            .arg(lease.as_millis() as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(lease.as_millis() as u64);
         let corrupt = |reason: String| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason,
         };
+        let reply = as_strings(self.batcher.apply(op).await?)
+            .ok_or_else(|| corrupt("unexpected reply from begin_submit".into()))?;
         Ok(match reply.as_slice() {
             [verdict, previous, attempt, fields @ ..] if verdict == "go" => {
                 let fields: HashMap<String, String> = fields
@@ -419,8 +626,11 @@ impl Ledger {
             ),
             [verdict] if verdict == "accepted" => (SubmitTicket::Accepted, None),
             [verdict] if verdict == "paused" => (SubmitTicket::Paused, None),
-            [verdict, phase] if verdict == "final" => {
-                (SubmitTicket::Final(phase.parse().map_err(corrupt)?), None)
+            [verdict, finished] if verdict == "final" => {
+                let finished: Finished =
+                    serde_json::from_str(finished).map_err(|e| corrupt(format!("final: {e}")))?;
+                let phase = effective_phase(mch_order_no, None, false, Some(&finished))?;
+                (SubmitTicket::Final(phase), None)
             }
             [verdict] if verdict == "missing" => (SubmitTicket::Missing, None),
             other => {
@@ -431,19 +641,26 @@ impl Ledger {
         })
     }
 
-    /// Records that the gateway holds the order. False if the order is already final.
+    /// Records that the gateway holds the order and, in the same step, queues `poll` (the
+    /// order's one regular poll job: it is born with the acceptance, so it needs no unique
+    /// key). False when the order was already accepted (nothing queued then). Accepting a
+    /// final order changes nothing it reports: `final` outranks `accepted`.
     pub async fn accept(
         &self,
         mch_order_no: &str,
         pay_order_id: Option<&str>,
+        poll: Option<&PreparedJob>,
     ) -> Result<bool, LedgerError> {
-        let changed: i64 = scripts::ACCEPT
-            .key(self.keys.order(mch_order_no))
-            .key(self.keys.guard())
-            .arg(pay_order_id.unwrap_or_default())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(changed == 1)
+        let acceptance = Acceptance {
+            pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
+            at: crate::queue::now_ms(),
+        };
+        let json = serde_json::to_string(&acceptance).map_err(|e| LedgerError::Corrupt {
+            id: mch_order_no.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let op = with_job(self.op("A", mch_order_no).arg(json), poll);
+        Ok(self.apply_int(op, "accept", mch_order_no).await? == 1)
     }
 
     /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).
@@ -456,26 +673,25 @@ impl Ledger {
         code: Option<i64>,
         msg: &str,
     ) -> Result<bool, LedgerError> {
-        let changed: i64 = scripts::RELEASE
-            .key(self.keys.order(mch_order_no))
+        let op = self
+            .op("X", mch_order_no)
             .arg(token)
             .arg(next.as_str())
             .arg(code.map(|c| c.to_string()).unwrap_or_default())
-            .arg(msg)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(changed == 1)
+            .arg(msg);
+        Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
     }
 
     /// The one terminal transition: true when this call finalised the order and appended its
-    /// outcome; false when it was already final (the caller's result is dropped).
+    /// outcome; false when it was already final (the caller's result is dropped). `record` is
+    /// the order as the caller read it: the outcome's registration part comes from it.
     pub async fn finalize(
         &self,
-        mch_order_no: &str,
+        record: &OrderRecord,
         phase: Phase,
         result: &FinalResult,
     ) -> Result<bool, LedgerError> {
-        self.finalize_as(mch_order_no, phase, result, "").await
+        self.finalize_as(record, phase, result, "").await
     }
 
     /// [`Ledger::finalize`] for a decision the caller made itself (a create it gives up on):
@@ -483,48 +699,60 @@ impl Ledger {
     /// can never finalise an order another run is creating. False when not applied.
     pub async fn finalize_leased(
         &self,
-        mch_order_no: &str,
+        record: &OrderRecord,
         token: &str,
         phase: Phase,
         result: &FinalResult,
     ) -> Result<bool, LedgerError> {
-        self.finalize_as(mch_order_no, phase, result, token).await
+        self.finalize_as(record, phase, result, token).await
     }
 
     async fn finalize_as(
         &self,
-        mch_order_no: &str,
+        record: &OrderRecord,
         phase: Phase,
         result: &FinalResult,
         token: &str,
     ) -> Result<bool, LedgerError> {
         debug_assert!(phase.is_final());
-        let changed: i64 = scripts::FINALIZE
-            .key(self.keys.order(mch_order_no))
-            .key(self.keys.outcomes())
-            .key(self.keys.stuck())
-            .arg(phase.as_str())
-            .arg(
-                result
-                    .gateway_state
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(result.pay_order_id.as_deref().unwrap_or_default())
-            .arg(result.fee.as_deref().unwrap_or_default())
-            .arg(result.code.map(|c| c.to_string()).unwrap_or_default())
-            .arg(result.msg.as_deref().unwrap_or_default())
-            .arg(rfc3339_now())
-            .arg(self.outcome_max_len)
+        let id = record.mch_order_no.as_str();
+        let finished = Finished {
+            outcome: Outcome {
+                kind: record.kind.clone(),
+                mch_order_no: id.to_owned(),
+                status: phase.as_str().to_owned(),
+                gateway_state: result.gateway_state,
+                pay_order_id: result
+                    .pay_order_id
+                    .clone()
+                    .filter(|p| !p.is_empty())
+                    .or_else(|| record.pay_order_id.clone()),
+                amount: record.amount.clone(),
+                currency: record.currency.clone(),
+                fee: result.fee.clone().filter(|f| !f.is_empty()),
+                code: result.code,
+                msg: result.msg.clone().filter(|m| !m.is_empty()),
+                attempts: record.attempts,
+                batch_id: record.batch_id.clone(),
+                at: rfc3339_now(),
+            },
+            finished_at: crate::queue::now_ms(),
+        };
+        let json = serde_json::to_string(&finished).map_err(|e| LedgerError::Corrupt {
+            id: id.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut op = self
+            .op("F", id)
+            .arg(json)
             .arg(token)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        if changed < 0 {
-            return Err(LedgerError::Corrupt {
-                id: mch_order_no.to_owned(),
-                reason: "finalize on an order that is not in the ledger".into(),
-            });
+            .arg(id)
+            .arg(if record.stuck { "1" } else { "" })
+            .arg(self.outcome_max_len);
+        for (name, value) in outcome_fields(&finished.outcome) {
+            op = op.arg(name).arg(value);
         }
+        let changed = self.apply_int(op, "finalize", id).await?;
         if changed == 1 {
             metrics::counter!(crate::metrics::OUTCOMES, "status" => phase.as_str()).increment(1);
         }
@@ -532,14 +760,9 @@ impl Ledger {
     }
 
     pub async fn mark_stuck(&self, mch_order_no: &str) -> Result<bool, LedgerError> {
-        let changed: i64 = scripts::MARK_STUCK
-            .key(self.keys.order(mch_order_no))
-            .key(self.keys.stuck())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(changed == 1)
+        let op = self.op("S", mch_order_no).arg(mch_order_no);
+        Ok(self.apply_int(op, "mark_stuck", mch_order_no).await? == 1)
     }
-
     pub async fn get(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
         let fields: HashMap<String, String> = self
             .conn
@@ -575,8 +798,22 @@ impl Ledger {
         Ok(outcome::parse_range(reply))
     }
 
+    /// Orders flagged stuck and not final. The set can briefly hold an order that was
+    /// finalised by a caller that had read it just before it was flagged; such members are
+    /// pruned here.
     pub async fn stuck_count(&self) -> Result<u64, LedgerError> {
-        Ok(self.conn.clone().scard(self.keys.stuck()).await?)
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn.smembers(self.keys.stuck()).await?;
+        let mut stuck = 0;
+        for id in members {
+            let finished: bool = conn.hexists(self.keys.order(&id), "final").await?;
+            if finished {
+                let _: i64 = conn.srem(self.keys.stuck(), &id).await?;
+            } else {
+                stuck += 1;
+            }
+        }
+        Ok(stuck)
     }
 
     /// Round trip to Redis, for health checks.
@@ -600,22 +837,28 @@ impl Ledger {
             for id in chunk {
                 pipe.cmd("HMGET")
                     .arg(self.keys.order(id))
+                    .arg("req")
                     .arg("phase")
-                    .arg("amount")
-                    .arg("currency");
+                    .arg("accepted")
+                    .arg("final");
             }
-            let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
-                pipe.query_async(&mut self.conn.clone()).await?;
-            for (phase, amount, currency) in rows {
-                let entry = summary
-                    .phases
-                    .entry(phase.unwrap_or_else(|| "missing".into()))
-                    .or_default();
+            let rows: Vec<[Option<String>; 4]> = pipe.query_async(&mut self.conn.clone()).await?;
+            for (id, row) in chunk.iter().zip(rows) {
+                let fields: HashMap<String, String> = ["req", "phase", "accepted", "final"]
+                    .into_iter()
+                    .zip(row)
+                    .filter_map(|(name, value)| Some((name.to_owned(), value?)))
+                    .collect();
+                let record = record_from_fields(id, &fields)?;
+                let phase = record
+                    .as_ref()
+                    .map_or_else(|| "missing".to_owned(), |r| r.phase.as_str().to_owned());
+                let entry = summary.phases.entry(phase).or_default();
                 entry.count += 1;
-                if let (Some(amount), Some(currency)) = (amount, currency)
-                    && let Ok(value) = rust_decimal::Decimal::from_str_exact(&amount)
+                if let Some(record) = record
+                    && let Ok(value) = rust_decimal::Decimal::from_str_exact(&record.amount)
                 {
-                    *entry.amounts.entry(currency).or_default() += value;
+                    *entry.amounts.entry(record.currency).or_default() += value;
                 }
             }
         }
@@ -625,19 +868,4 @@ impl Ledger {
     pub async fn outcome_count(&self) -> Result<u64, LedgerError> {
         Ok(self.conn.clone().xlen(self.keys.outcomes()).await?)
     }
-}
-
-/// The final phases as the Lua prelude lists them (so a test can hold Rust and Lua together).
-#[cfg(test)]
-pub(crate) fn scripts_final_list() -> Vec<&'static str> {
-    let start = scripts::PRELUDE
-        .find("local FINAL = {")
-        .map_or(0, |i| i + 15);
-    let end = scripts::PRELUDE[start..]
-        .find('}')
-        .map_or(start, |i| start + i);
-    scripts::PRELUDE[start..end]
-        .split(',')
-        .filter_map(|item| item.trim().strip_suffix("=true"))
-        .collect()
 }

@@ -1,162 +1,178 @@
-//! The ledger's Lua scripts. Each is one atomic compare-and-set on one order's hash (plus, for
-//! a final transition, one append to the outcome stream in the same slot). Leases use the
-//! Redis server's clock (`TIME`), so workers' clocks never decide who may create.
+//! The ledger's one Lua script. It applies a batch of independent operations (one per
+//! caller, see `batcher`), each an atomic change of one order's hash; a whole batch is one
+//! `EVALSHA`, and the server clock and the pause flag are read at most once per batch.
+//!
+//! An order's milestones are write-once fields, set with `HSETNX` so that the first writer
+//! wins without a read: `req` (the registration), `accepted` (the gateway holds the order)
+//! and `final` (how it ended; its one outcome is appended in the same step). The working
+//! fields (`phase` = queued | submitting | unknown, the lease, `attempts`, the last error) only
+//! matter while neither milestone after `req` is set: `final` outranks `accepted`, which
+//! outranks `phase`.
+//!
+//! Leases use the Redis server's clock (`TIME`), so workers' clocks never decide who may
+//! create; the other timestamps are informational and come from the caller.
 
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Shared by every script: which phases never change again.
-pub(crate) const PRELUDE: &str = r#"
-local FINAL = {succeeded=true, failed=true, rejected=true, refunded=true, conflict=true, expired=true, partial=true}
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"#;
+/// Shared keys, before the two keys each operation brings (its order hash and an auxiliary
+/// key: the batch set for a registration, otherwise the order hash again).
+pub(crate) const SHARED_KEYS: usize = 7;
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
-}
-
-/// KEYS: order, batch set, and the partition's queue stream, delayed set and unique hash.
-/// ARGV: mchOrderNo, kind, fingerprint, amount, currency, request, batchId, initial phase, then
-/// the order's first job (now_ms, run_at_ms, unique key, job id, envelope; envelope "" for
-/// none), queued in the same step, so an order can never be registered without its job.
-/// Returns {"created", phase, fingerprint} or {"exists", phase, fingerprint}.
-pub static REGISTER: LazyLock<Script> = LazyLock::new(|| {
-    script(&format!(
+/// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
+/// and unique hash; then per operation its order key and auxiliary key.
+/// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments.
+/// Returns one reply per operation, in order.
+pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
         "{}{}",
         crate::queue::ENQUEUE_ONE,
         r#"
-local existing = redis.call('HMGET', KEYS[1], 'phase', 'fingerprint')
-if existing[1] then
-  return {'exists', existing[1], existing[2] or ''}
+local now = tonumber(ARGV[1])
+local server_now = nil
+local function lease_clock()
+  if not server_now then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return server_now
 end
-local now = now_ms()
-redis.call('HSET', KEYS[1], 'mchOrderNo', ARGV[1], 'kind', ARGV[2], 'fingerprint', ARGV[3],
-  'amount', ARGV[4], 'currency', ARGV[5], 'request', ARGV[6], 'batchId', ARGV[7],
-  'phase', ARGV[8], 'attempts', 0, 'createdAt', now, 'updatedAt', now)
-if ARGV[7] ~= '' then
-  redis.call('SADD', KEYS[2], ARGV[1])
+local paused = nil
+local function is_paused()
+  if paused == nil then paused = redis.call('EXISTS', KEYS[1]) == 1 end
+  return paused
 end
-if ARGV[13] ~= '' then
-  enqueue_one(KEYS[3], KEYS[4], KEYS[5], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13])
+local guard_cleared = false
+
+local function enqueue(a, at)
+  if a[at + 3] ~= '' then
+    enqueue_one(KEYS[5], KEYS[6], KEYS[7], now, tonumber(a[at]), a[at + 1], a[at + 2], a[at + 3])
+  end
 end
-return {'created', ARGV[8], ARGV[3]}
+
+-- req_json, batchId, mchOrderNo, accepted_json ('' unless registered as accepted),
+-- then the first job: run_at_ms, unique key, job id, envelope ('' for none).
+local function register(order, batch, a)
+  if redis.call('HSETNX', order, 'req', a[1]) == 0 then
+    local h = redis.call('HMGET', order, 'req', 'phase', 'accepted', 'final')
+    return {'exists', h[1] or '', h[2] or '', h[3] or '', h[4] or ''}
+  end
+  if a[4] ~= '' then redis.call('HSET', order, 'accepted', a[4]) end
+  if a[2] ~= '' then redis.call('SADD', batch, a[3]) end
+  enqueue(a, 5)
+  return {'created'}
+end
+
+-- lease token, lease ms. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
+-- {'paused'} | {'accepted'} | {'final', final_json} | {'missing'}
+local function begin_submit(order, a)
+  local flat = redis.call('HGETALL', order)
+  if #flat == 0 then return {'missing'} end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  if h.final then return {'final', h.final} end
+  if h.accepted then return {'accepted'} end
+  if is_paused() then return {'paused'} end
+  local clock = lease_clock()
+  local previous = h.phase or 'queued'
+  if previous == 'submitting' then
+    local lease_until = tonumber(h.leaseUntil or '0')
+    if lease_until > clock then return {'busy', tostring(lease_until - clock)} end
+    -- The holder died mid-call: its create may have reached the gateway.
+    previous = 'unknown'
+  end
+  h.phase = 'submitting'
+  h.leaseOwner = a[1]
+  h.leaseUntil = tostring(clock + tonumber(a[2]))
+  h.attempts = tostring(tonumber(h.attempts or '0') + 1)
+  h.updatedAt = tostring(now)
+  redis.call('HSET', order, 'phase', h.phase, 'leaseOwner', h.leaseOwner,
+    'leaseUntil', h.leaseUntil, 'attempts', h.attempts, 'updatedAt', h.updatedAt)
+  local reply = {'go', previous, h.attempts}
+  for k, v in pairs(h) do
+    reply[#reply + 1] = k
+    reply[#reply + 1] = v
+  end
+  return reply
+end
+
+-- accepted_json, then the poll job (as in register). 1 when recorded (and the poll queued).
+local function accept(order, a)
+  if not guard_cleared then
+    -- An accepted create proves the merchant's key works: the guard's count starts over.
+    redis.call('DEL', KEYS[2])
+    guard_cleared = true
+  end
+  if redis.call('HSETNX', order, 'accepted', a[1]) == 0 then return 0 end
+  enqueue(a, 2)
+  return 1
+end
+
+-- final_json, lease token ('' when the gateway reported the state), mchOrderNo, stuck flag
+-- ('1' when the caller saw the order stuck), outcome stream max length (0 = unbounded), then
+-- the outcome's fields. 1 finalised (one outcome appended) | 0 already final | 2 the caller
+-- no longer holds the lease.
+local function finalize(order, a)
+  if a[2] ~= '' then
+    local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted')
+    if h[3] then return 0 end
+    if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
+  end
+  if redis.call('HSETNX', order, 'final', a[1]) == 0 then return 0 end
+  if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
+  local fields = {}
+  for i = 6, #a do fields[#fields + 1] = a[i] end
+  if tonumber(a[5]) > 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', a[5], '*', unpack(fields))
+  else
+    redis.call('XADD', KEYS[3], '*', unpack(fields))
+  end
+  return 1
+end
+
+-- lease token, next phase (queued | unknown), code, msg. Only the lease holder may do this.
+local function release(order, a)
+  local h = redis.call('HMGET', order, 'phase', 'leaseOwner')
+  if h[1] ~= 'submitting' or h[2] ~= a[1] then return 0 end
+  local fields = {'phase', a[2], 'lastCode', a[3], 'lastMsg', a[4], 'updatedAt', now}
+  if a[2] == 'unknown' then
+    -- Some create may have reached the gateway: never fail this order on a lookup alone.
+    fields[#fields + 1] = 'ambiguous'
+    fields[#fields + 1] = '1'
+  end
+  redis.call('HSET', order, unpack(fields))
+  return 1
+end
+
+-- mchOrderNo. 1 when flagged.
+local function mark_stuck(order, a)
+  local h = redis.call('HMGET', order, 'req', 'final')
+  if not h[1] or h[2] then return 0 end
+  redis.call('HSET', order, 'stuck', '1')
+  redis.call('SADD', KEYS[4], a[1])
+  return 1
+end
+
+local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck}
+local out = {}
+local at = 2
+local op = 0
+while at <= #ARGV do
+  local kind, n = ARGV[at], tonumber(ARGV[at + 1])
+  local a = {}
+  for i = 1, n do a[i] = ARGV[at + 1 + i] end
+  local order = KEYS[8 + op * 2]
+  local aux = KEYS[9 + op * 2]
+  local run = ops[kind]
+  if kind == 'R' then
+    out[#out + 1] = run(order, aux, a)
+  else
+    out[#out + 1] = run(order, a)
+  end
+  at = at + 2 + n
+  op = op + 1
+end
+return out
 "#
     ))
-});
-
-/// Takes the `submitting` lease. KEYS: order, queue pause flag. ARGV: lease token, lease ms.
-/// Returns {"go", previous phase, attempts, field, value, …} (the order's hash after the
-/// change, so the create needs no second round trip to read it) | {"busy", ms left} |
-/// {"paused"} | {"accepted"} | {"final", phase} | {"missing"}. A `submitting` order whose lease
-/// ran out was left by a worker that died mid-call: it comes back as previous phase "unknown".
-pub static BEGIN_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local h = redis.call('HMGET', KEYS[1], 'phase', 'leaseUntil', 'attempts')
-local phase = h[1]
-if not phase then return {'missing'} end
-if FINAL[phase] then return {'final', phase} end
-if phase == 'accepted' then return {'accepted'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'paused'} end
-local now = now_ms()
-local previous = phase
-if phase == 'submitting' then
-  local lease_until = tonumber(h[2] or '0')
-  if lease_until > now then return {'busy', tostring(lease_until - now)} end
-  previous = 'unknown'
-end
-local attempts = tonumber(h[3] or '0') + 1
-redis.call('HSET', KEYS[1], 'phase', 'submitting', 'leaseOwner', ARGV[1],
-  'leaseUntil', now + tonumber(ARGV[2]), 'attempts', attempts, 'updatedAt', now)
-local reply = {'go', previous, tostring(attempts)}
-for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do reply[#reply + 1] = v end
-return reply
-"#,
-    )
-});
-
-/// The gateway accepted the create (or a query found the order in a non-final state).
-/// KEYS: order, systemic-guard set (an accepted create proves the key works: reset it).
-/// ARGV: payOrderId. Returns 1 if recorded, 0 if the order is already final.
-pub static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local phase = redis.call('HGET', KEYS[1], 'phase')
-if not phase or FINAL[phase] then return 0 end
-redis.call('HSET', KEYS[1], 'phase', 'accepted', 'updatedAt', now_ms())
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'payOrderId', ARGV[1]) end
-redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil')
-redis.call('DEL', KEYS[2])
-return 1
-"#,
-    )
-});
-
-/// Gives the lease back after a failed call. KEYS: order. ARGV: lease token, next phase
-/// ("queued" or "unknown"), code, msg. Only the lease holder may do this.
-pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local h = redis.call('HMGET', KEYS[1], 'phase', 'leaseOwner')
-if h[1] ~= 'submitting' or h[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'phase', ARGV[2], 'lastCode', ARGV[3], 'lastMsg', ARGV[4], 'updatedAt', now_ms())
-if ARGV[2] == 'unknown' then
-  -- Some create may have reached the gateway: never fail this order on a lookup alone.
-  redis.call('HSET', KEYS[1], 'ambiguous', '1')
-end
-redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil')
-return 1
-"#,
-    )
-});
-
-/// The one terminal transition. KEYS: order, outcome stream, stuck set. ARGV: phase, gatewayState,
-/// payOrderId, fee, code, msg, at (RFC 3339), stream max length (0 = unbounded), lease token
-/// ("" when the gateway itself reported the final state; otherwise the caller must still hold
-/// the submit lease). Returns 1 when this call finalised the order (and appended its one
-/// outcome), 0 when it was already final, -1 when the order does not exist, 2 when the caller
-/// no longer holds the lease (another run owns the order now).
-pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local h = redis.call('HMGET', KEYS[1], 'phase', 'kind', 'mchOrderNo', 'amount', 'currency',
-  'attempts', 'batchId', 'payOrderId', 'leaseOwner')
-if not h[1] then return -1 end
-if FINAL[h[1]] then return 0 end
-if ARGV[9] ~= '' and (h[1] ~= 'submitting' or h[9] ~= ARGV[9]) then return 2 end
-local pay_order_id = ARGV[3]
-if pay_order_id == '' then pay_order_id = h[8] or '' end
-local now = now_ms()
-redis.call('HSET', KEYS[1], 'phase', ARGV[1], 'gatewayState', ARGV[2], 'payOrderId', pay_order_id,
-  'fee', ARGV[4], 'lastCode', ARGV[5], 'lastMsg', ARGV[6], 'finishedAt', now, 'updatedAt', now)
-redis.call('HDEL', KEYS[1], 'leaseOwner', 'leaseUntil', 'stuck')
-redis.call('SREM', KEYS[3], h[3] or '')
-local fields = {'kind', h[2] or '', 'mchOrderNo', h[3] or '', 'status', ARGV[1],
-  'gatewayState', ARGV[2], 'payOrderId', pay_order_id, 'amount', h[4] or '', 'currency', h[5] or '',
-  'fee', ARGV[4], 'code', ARGV[5], 'msg', ARGV[6], 'attempts', h[6] or '0', 'batchId', h[7] or '',
-  'at', ARGV[7]}
-if tonumber(ARGV[8]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
-else
-  redis.call('XADD', KEYS[2], '*', unpack(fields))
-end
-return 1
-"#,
-    )
-});
-
-/// Flags a non-final order as stuck past the polling deadline. KEYS: order, stuck set.
-pub static MARK_STUCK: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local phase = redis.call('HGET', KEYS[1], 'phase')
-if not phase or FINAL[phase] then return 0 end
-redis.call('HSET', KEYS[1], 'stuck', '1')
-redis.call('SADD', KEYS[2], redis.call('HGET', KEYS[1], 'mchOrderNo') or '')
-return 1
-"#,
-    )
 });

@@ -47,7 +47,10 @@ pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, env in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'e', env)
-  redis.call('ZREM', KEYS[1], env)
+end
+if #due > 0 then
+  -- One removal for the whole chunk (the limit bounds the unpack).
+  redis.call('ZREM', KEYS[1], unpack(due))
 end
 return #due
 "#,

@@ -89,7 +89,12 @@ pub async fn receive(
             None
         },
     };
-    match state.deployment.ledger.finalize(&id, phase, &result).await {
+    match state
+        .deployment
+        .ledger
+        .finalize(&record, phase, &result)
+        .await
+    {
         Ok(applied) => {
             tracing::info!(mch_order_no = %id, status = %phase, applied, "verified callback");
             reply(StatusCode::OK, "OK")
@@ -149,7 +154,7 @@ async fn schedule_query(
     };
     // Its own unique key: a regular poll may be waiting minutes away.
     let options = JobOptions {
-        unique_key: Some(job.unique_key()),
+        unique_key: job.unique_key(),
         max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
         ..JobOptions::default()
     };

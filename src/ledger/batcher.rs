@@ -1,0 +1,132 @@
+//! Group commit for ledger changes: operations from concurrent callers are applied by one
+//! `EVALSHA` of the batch script while the previous batch is in flight, so a busy worker pays
+//! one script call, one clock read and one pause check per batch instead of per operation. An
+//! idle one pays no extra latency: a lone operation is sent at once.
+//!
+//! Operations in a batch are independent (different orders or not), each atomic; the batch is
+//! atomic as a whole too. A failed call fails every operation of the batch; each caller
+//! decides, exactly as with a lone script, whether to retry (every operation is safe to repeat:
+//! a repeated milestone is refused by its write-once field).
+
+use super::scripts::BATCH;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Value};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations one script call applies.
+const MAX_BATCH: usize = 128;
+
+pub(crate) struct Op {
+    /// One letter, see the script's `ops` table.
+    pub kind: &'static str,
+    pub order_key: String,
+    /// The batch set for a registration; otherwise the order key again.
+    pub aux_key: String,
+    pub args: Vec<String>,
+    reply: oneshot::Sender<Result<Value, RedisError>>,
+}
+
+impl Op {
+    pub fn new(kind: &'static str, order_key: String, aux_key: Option<String>) -> Self {
+        let (reply, _) = oneshot::channel();
+        Self {
+            kind,
+            aux_key: aux_key.unwrap_or_else(|| order_key.clone()),
+            order_key,
+            args: Vec::new(),
+            reply,
+        }
+    }
+
+    pub fn arg(mut self, value: impl ToString) -> Self {
+        self.args.push(value.to_string());
+        self
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl Batcher {
+    /// Starts the batching task on the current tokio runtime; it ends when the last handle is
+    /// dropped. `shared_keys` are the script's leading keys, in its order.
+    pub fn start(conn: ConnectionManager, shared_keys: Vec<String>) -> Self {
+        debug_assert_eq!(shared_keys.len(), super::scripts::SHARED_KEYS);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(conn, shared_keys, rx));
+        Self { tx }
+    }
+
+    /// Applies one operation (in some batch) and returns its reply.
+    pub async fn apply(&self, mut op: Op) -> Result<Value, RedisError> {
+        let (reply, answer) = oneshot::channel();
+        op.reply = reply;
+        let stopped = || RedisError::from((redis::ErrorKind::Io, "ledger batcher stopped"));
+        self.tx.send(op).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(
+    conn: ConnectionManager,
+    shared_keys: Vec<String>,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+) {
+    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = apply_batch(&conn, &shared_keys, &batch).await;
+        match result {
+            Ok(replies) if replies.len() == batch.len() => {
+                for (op, reply) in batch.drain(..).zip(replies) {
+                    let _ = op.reply.send(Ok(reply));
+                }
+            }
+            Ok(replies) => {
+                let err = RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "ledger batch answered with the wrong number of replies",
+                    format!("{} for {} operations", replies.len(), batch.len()),
+                ));
+                for op in batch.drain(..) {
+                    let _ = op.reply.send(Err(err.clone()));
+                }
+            }
+            Err(err) => {
+                for op in batch.drain(..) {
+                    let _ = op.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn apply_batch(
+    conn: &ConnectionManager,
+    shared_keys: &[String],
+    batch: &[Op],
+) -> Result<Vec<Value>, RedisError> {
+    let mut invocation = BATCH.prepare_invoke();
+    for key in shared_keys {
+        invocation.key(key);
+    }
+    for op in batch {
+        invocation.key(&op.order_key).key(&op.aux_key);
+    }
+    invocation.arg(crate::queue::now_ms());
+    for op in batch {
+        invocation.arg(op.kind).arg(op.args.len());
+        for arg in &op.args {
+            invocation.arg(arg);
+        }
+    }
+    invocation.invoke_async(&mut conn.clone()).await
+}
