@@ -413,3 +413,120 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
+    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
+        &server.url(),
+        QueueConfig::new("payouts").with_prefix("ltest"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(queue.keys(), &queue_keys());
+    let poll = |n: u32| {
+        queue
+            .prepare(
+                &serde_json::json!({"poll": n}),
+                &JobOptions {
+                    delay: Some(Duration::from_secs(60)),
+                    ..JobOptions::default()
+                },
+            )
+            .unwrap()
+    };
+
+    ledger.register(&order("AC-1", "f")).await.unwrap();
+    assert!(
+        ledger
+            .accept("AC-1", Some("P1"), Some(&poll(1)))
+            .await
+            .unwrap()
+    );
+    // A second acceptance (a redelivered create, a reconcile) changes nothing, queues nothing.
+    assert!(
+        !ledger
+            .accept("AC-1", Some("P2"), Some(&poll(2)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(queue.stats().await.unwrap().delayed, 1);
+    let accepted = record(&ledger, "AC-1").await;
+    assert_eq!(
+        (accepted.phase, accepted.pay_order_id.as_deref()),
+        (Phase::Accepted, Some("P1"))
+    );
+
+    // Finalised before any acceptance: a late acceptance leaves it final.
+    ledger.register(&order("AC-2", "f")).await.unwrap();
+    let seen = record(&ledger, "AC-2").await;
+    assert!(
+        ledger
+            .finalize(&seen, Phase::Rejected, &FinalResult::default())
+            .await
+            .unwrap()
+    );
+    ledger.accept("AC-2", Some("P3"), None).await.unwrap();
+    assert_eq!(record(&ledger, "AC-2").await.phase, Phase::Rejected);
+    assert_eq!(
+        ledger.register(&order("AC-2", "f")).await.unwrap(),
+        Registered::Exists {
+            phase: Phase::Rejected,
+            same_request: true
+        }
+    );
+}
+
+#[tokio::test]
+async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let mut conn = server.conn().await;
+    let evalsha_calls = async |conn: &mut redis::aio::ConnectionManager| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let before = evalsha_calls(&mut conn).await;
+    // 300 registrations at once, every third one a number registered twice.
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every third one reuses the number before it for a different request: whichever
+            // of the two lands first is created, the other is a clash.
+            let (id, fingerprint) = if i % 3 == 2 {
+                (format!("G-{}", i - 1), "other")
+            } else {
+                (format!("G-{i}"), "f")
+            };
+            ledger.register(&order(&id, fingerprint)).await.unwrap()
+        }));
+    }
+    let mut created = 0;
+    let mut clashes = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Registered::Created => created += 1,
+            Registered::Exists {
+                same_request: false,
+                ..
+            } => clashes += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((created, clashes), (200, 100));
+    let calls = evalsha_calls(&mut conn).await - before;
+    assert!(
+        calls < 300,
+        "300 concurrent changes took {calls} script calls"
+    );
+}

@@ -1,9 +1,9 @@
 //! The fault-injection soak: payouts through 3 worker processes while, at seeded random
-//! moments, workers are SIGKILLed and restarted and Redis (AOF on) is restarted; the sandbox
-//! injects `-1`, `500323`, commit-then-drop, 502s (with and without commit), timeouts after
-//! commit, slow answers and failing queries on a share of the orders; and the callbacks it
-//! sends reach the receiver (`tarspay_worker::server`) through a relay that also replays them
-//! duplicated, shuffled and preceded by stale "processing" callbacks.
+//! moments, workers are SIGKILLed and restarted and Redis (AOF on) is SIGKILLed and
+//! restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with and without
+//! commit), timeouts after commit, slow answers and failing queries on a share of the orders;
+//! and the callbacks it sends reach the receiver (`tarspay_worker::server`) through a relay
+//! that also replays them duplicated, shuffled and preceded by stale "processing" callbacks.
 //!
 //! At the end it asserts the one rule: the sandbox holds at most one order per payout and none
 //! under any other number, each accepted create made exactly one order, every payout has
@@ -247,7 +247,7 @@ impl SoakPlan {
 enum Chaos {
     /// SIGKILL worker `index`, start a new one after `down`.
     KillWorker { index: usize, down: Duration },
-    /// Stop Redis (everything written is in the AOF), start it again after `down`.
+    /// SIGKILL Redis (every acknowledged write is in the AOF), start it again after `down`.
     RestartRedis { down: Duration },
 }
 
@@ -389,7 +389,8 @@ impl Soak {
                 self.workers[index] = self.app.worker_process(WORKER_CONCURRENCY);
             }
             Chaos::RestartRedis { down } => {
-                self.app.redis.stop();
+                // A crash, not a clean shutdown: AOF with fsync on every write must suffice.
+                self.app.redis.crash();
                 tokio::time::sleep(down).await;
                 tokio::task::block_in_place(|| self.app.redis.restart());
             }

@@ -869,3 +869,76 @@ impl Ledger {
         Ok(self.conn.clone().xlen(self.keys.outcomes()).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    const REQ: &str = r#"{"mchOrderNo":"A","kind":"payout","fingerprint":"fp","amount":"10.50","currency":"INR","request":"{}","batchId":"B","createdAt":5}"#;
+    const FINAL: &str = r#"{"kind":"payout","mchOrderNo":"A","status":"succeeded","gatewayState":2,"payOrderId":"P9","amount":"10.50","currency":"INR","fee":"0.10","code":null,"msg":null,"attempts":1,"batchId":"B","at":"2026-01-01T00:00:00.000Z","finishedAt":30}"#;
+
+    #[test]
+    fn final_outranks_accepted_which_outranks_the_working_phase() {
+        let working = fields(&[("req", REQ), ("phase", "submitting"), ("updatedAt", "7")]);
+        let record = record_from_fields("A", &working).unwrap().unwrap();
+        assert_eq!(record.phase, Phase::Submitting);
+        assert_eq!((record.created_at_ms, record.updated_at_ms), (5, 7));
+        assert_eq!(record.batch_id.as_deref(), Some("B"));
+
+        let mut accepted = working.clone();
+        accepted.insert("accepted".into(), r#"{"payOrderId":"P1","at":20}"#.into());
+        accepted.insert("stuck".into(), "1".into());
+        let record = record_from_fields("A", &accepted).unwrap().unwrap();
+        assert_eq!(
+            (record.phase, record.pay_order_id.as_deref(), record.stuck),
+            (Phase::Accepted, Some("P1"), true)
+        );
+        assert_eq!(record.updated_at_ms, 20);
+
+        let mut finished = accepted.clone();
+        finished.insert("final".into(), FINAL.into());
+        let record = record_from_fields("A", &finished).unwrap().unwrap();
+        assert_eq!(record.phase, Phase::Succeeded);
+        assert_eq!(record.pay_order_id.as_deref(), Some("P9"));
+        assert_eq!(record.gateway_state, Some(2));
+        assert_eq!(record.fee.as_deref(), Some("0.10"));
+        assert_eq!(record.finished_at_ms, Some(30));
+        assert!(!record.stuck, "a final order is not stuck");
+
+        let queued = fields(&[("req", REQ)]);
+        assert_eq!(
+            record_from_fields("A", &queued).unwrap().unwrap().phase,
+            Phase::Queued
+        );
+    }
+
+    #[test]
+    fn unreadable_records_are_reported_not_guessed() {
+        assert!(record_from_fields("A", &HashMap::new()).unwrap().is_none());
+        for broken in [
+            fields(&[("phase", "queued")]),
+            fields(&[("req", "{")]),
+            fields(&[("req", REQ), ("phase", "flying")]),
+            fields(&[("req", REQ), ("accepted", "[]")]),
+            fields(&[
+                ("req", REQ),
+                ("final", &FINAL.replace("succeeded", "accepted")),
+            ]),
+        ] {
+            assert!(
+                matches!(
+                    record_from_fields("A", &broken),
+                    Err(LedgerError::Corrupt { .. })
+                ),
+                "{broken:?}"
+            );
+        }
+    }
+}

@@ -81,6 +81,16 @@ impl RedisServer {
         self.launch();
     }
 
+    /// SIGKILL: a crash, with no shutdown save. With AOF and `appendfsync always`, every
+    /// acknowledged write survives it. `restart` starts the server again.
+    #[allow(dead_code)]
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// A reconnecting connection with a generous response timeout: tests read large hashes on
     /// a busy 2-core machine, and a timeout there would be a false failure.
     pub async fn conn(&self) -> redis::aio::ConnectionManager {
