@@ -20,6 +20,9 @@ pub const QUEUE_OLDEST_AGE: &str = "tarspay_queue_oldest_job_age_seconds";
 pub const QUEUE_PAUSED: &str = "tarspay_queue_paused";
 pub const WORKERS_ALIVE: &str = "tarspay_workers_alive";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
+/// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
+/// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.
+pub const ACCEPTED_AFTER_FAILED: &str = "tarspay_accepted_after_failed_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

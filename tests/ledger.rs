@@ -183,6 +183,8 @@ async fn an_expired_lease_means_the_create_may_have_happened() {
             attempt: 2
         }
     );
+    // Its create may have reached the gateway: never failed on a lookup alone from now on.
+    assert!(record(&ledger, "E-1").await.ambiguous);
     // The dead worker's late release changes nothing.
     assert!(
         !ledger
@@ -529,4 +531,67 @@ async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
         calls < 300,
         "300 concurrent changes took {calls} script calls"
     );
+}
+
+#[tokio::test]
+async fn one_failing_operation_does_not_fail_the_others_in_its_batch() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let mut conn = server.conn().await;
+    // A key of the wrong type where an order hash should be.
+    let _: () = redis::AsyncCommands::set(&mut conn, "{ltest:payouts}:order:BAD", "x")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = if i == 25 {
+                "BAD".to_owned()
+            } else {
+                format!("OK-{i}")
+            };
+            (id.clone(), ledger.register(&order(&id, "f")).await)
+        }));
+    }
+    for task in tasks {
+        let (id, registered) = task.await.unwrap();
+        if id == "BAD" {
+            let err = registered.expect_err("a string is not an order");
+            assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        } else {
+            assert_eq!(registered.unwrap(), Registered::Created, "{id}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_acceptance_after_our_own_failure_is_kept_visible() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("LATE-1", "f")).await.unwrap();
+    ledger
+        .begin_submit("LATE-1", "run", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let seen = record(&ledger, "LATE-1").await;
+    let failed = FinalResult {
+        code: Some(5004006),
+        ..Default::default()
+    };
+    assert!(
+        ledger
+            .finalize_leased(&seen, "run", Phase::Failed, &failed)
+            .await
+            .unwrap()
+    );
+    // A run that outlived its lease comes back with an accepted create.
+    ledger.accept("LATE-1", Some("P-LATE"), None).await.unwrap();
+    let after = record(&ledger, "LATE-1").await;
+    assert_eq!(
+        (after.phase, after.gateway_state, after.accepted),
+        (Phase::Failed, None, true),
+        "the outcome stands and the acceptance is on record"
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 }

@@ -768,3 +768,53 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
         assert_eq!(app.sandbox.create_attempts(&format!("TERM-{i}")), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acceptance_after_we_failed_the_order_raises_the_alarm() {
+    let metrics = tarspay_worker::metrics::install();
+    let app = spawn_app(false, |_| {}).await;
+    app.enqueue(inr("LATE-1", "100")).await;
+    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    let ledger = &app.deployment.ledger;
+    // One run fails the order itself while holding the lease...
+    ledger
+        .begin_submit("LATE-1", "run-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let seen = ledger.get("LATE-1").await.unwrap().unwrap();
+    let failed = FinalResult {
+        code: Some(5004006),
+        ..Default::default()
+    };
+    assert!(
+        ledger
+            .finalize_leased(&seen, "run-a", Phase::Failed, &failed)
+            .await
+            .unwrap()
+    );
+    // ...and a run that outlived its lease records the gateway's acceptance afterwards.
+    let poll = ctx.poll_job(&seen).unwrap();
+    ledger
+        .accept("LATE-1", Some("P-LATE"), Some(&poll))
+        .await
+        .unwrap();
+    let alarms = || {
+        metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("tarspay_accepted_after_failed_total "))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    let before = alarms();
+    assert_eq!(
+        run_poll_status(&ctx, "LATE-1", 1).await.unwrap(),
+        Step::Done
+    );
+    assert_eq!(alarms(), before + 1, "the alarm counter moved");
+    // The one outcome stands.
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(
+        ledger.get("LATE-1").await.unwrap().unwrap().phase,
+        Phase::Failed
+    );
+}

@@ -16,6 +16,15 @@ pub async fn run_poll_status(
     let Some(record) = ctx.ledger.get(mch_order_no).await? else {
         return Ok(Step::Done);
     };
+    if record.phase == Phase::Failed && record.gateway_state.is_none() && record.accepted {
+        // We failed it ourselves, yet an acceptance was recorded (its poll job is this one): a
+        // create outlived its lease. The outcome stands; a person must reconcile the money.
+        tracing::error!(
+            mch_order_no,
+            "order failed by us was accepted by the gateway afterwards: reconcile by hand"
+        );
+        metrics::counter!(crate::metrics::ACCEPTED_AFTER_FAILED).increment(1);
+    }
     // Only accepted orders are polled; a create still in flight owns the others.
     if record.phase != Phase::Accepted {
         return Ok(Step::Done);

@@ -3,10 +3,11 @@
 //! one script call, one clock read and one pause check per batch instead of per operation. An
 //! idle one pays no extra latency: a lone operation is sent at once.
 //!
-//! Operations in a batch are independent (different orders or not), each atomic; the batch is
-//! atomic as a whole too. A failed call fails every operation of the batch; each caller
-//! decides, exactly as with a lone script, whether to retry (every operation is safe to repeat:
-//! a repeated milestone is refused by its write-once field).
+//! Operations in a batch are independent (different orders or not); the batch runs atomically.
+//! An operation that raises an error (a key of the wrong type) answers its own caller with it,
+//! and the rest of the batch goes on; a failed call (connection lost) fails every operation of
+//! the batch. Each caller decides, exactly as with a lone script, whether to retry: every
+//! operation is safe to repeat (a repeated milestone is refused by its write-once field).
 
 use super::scripts::BATCH;
 use redis::aio::ConnectionManager;
@@ -87,7 +88,7 @@ async fn run(
         match result {
             Ok(replies) if replies.len() == batch.len() => {
                 for (op, reply) in batch.drain(..).zip(replies) {
-                    let _ = op.reply.send(Ok(reply));
+                    let _ = op.reply.send(operation_result(reply));
                 }
             }
             Ok(replies) => {
@@ -107,6 +108,22 @@ async fn run(
             }
         }
     }
+}
+
+/// One operation's reply; `{'!error', message}` when it raised an error (its effects so far
+/// stay; the other operations of the batch were not affected).
+fn operation_result(reply: Value) -> Result<Value, RedisError> {
+    if let Value::Array(items) = &reply
+        && let [Value::BulkString(marker), Value::BulkString(message)] = items.as_slice()
+        && marker.as_slice() == b"!error"
+    {
+        return Err(RedisError::from((
+            redis::ErrorKind::Extension,
+            "ledger operation failed",
+            String::from_utf8_lossy(message).into_owned(),
+        )));
+    }
+    Ok(reply)
 }
 
 async fn apply_batch(

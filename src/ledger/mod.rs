@@ -191,6 +191,10 @@ pub struct OrderRecord {
     /// A create of this order may have reached the gateway without an answer; it is never
     /// failed on a lookup alone.
     pub ambiguous: bool,
+    /// The acceptance milestone is set (the gateway held the order at some point), whatever
+    /// the phase is now.
+    #[serde(skip)]
+    pub accepted: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -392,6 +396,7 @@ fn record_from_fields(
         batch_id: Some(registration.batch_id).filter(|b| !b.is_empty()),
         stuck: finished.is_none() && fields.get("stuck").is_some_and(|v| v == "1"),
         ambiguous: fields.get("ambiguous").is_some_and(|v| v == "1"),
+        accepted: accepted.is_some(),
         created_at_ms: registration.created_at,
         updated_at_ms,
         finished_at_ms: finished.as_ref().map(|f| f.finished_at),

@@ -78,8 +78,10 @@ local function begin_submit(order, a)
   if previous == 'submitting' then
     local lease_until = tonumber(h.leaseUntil or '0')
     if lease_until > clock then return {'busy', tostring(lease_until - clock)} end
-    -- The holder died mid-call: its create may have reached the gateway.
+    -- The holder died mid-call: its create may have reached the gateway, so the order may
+    -- never be failed on a lookup alone from now on.
     previous = 'unknown'
+    h.ambiguous = '1'
   end
   h.phase = 'submitting'
   h.leaseOwner = a[1]
@@ -87,7 +89,8 @@ local function begin_submit(order, a)
   h.attempts = tostring(tonumber(h.attempts or '0') + 1)
   h.updatedAt = tostring(now)
   redis.call('HSET', order, 'phase', h.phase, 'leaseOwner', h.leaseOwner,
-    'leaseUntil', h.leaseUntil, 'attempts', h.attempts, 'updatedAt', h.updatedAt)
+    'leaseUntil', h.leaseUntil, 'attempts', h.attempts, 'updatedAt', h.updatedAt,
+    'ambiguous', h.ambiguous or '')
   local reply = {'go', previous, h.attempts}
   for k, v in pairs(h) do
     reply[#reply + 1] = k
@@ -154,6 +157,22 @@ local function mark_stuck(order, a)
 end
 
 local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck}
+-- One operation's error (a key of the wrong type, an unknown kind) is its caller's answer,
+-- {'!error', message} (as data: an error reply nested in the batch's array would fail the
+-- whole reply client-side); the other operations of the batch go on.
+local function guarded(kind, order, aux, a)
+  local run = ops[kind]
+  if not run then return {'!error', 'unknown ledger operation ' .. tostring(kind)} end
+  local ok, reply
+  if kind == 'R' then
+    ok, reply = pcall(run, order, aux, a)
+  else
+    ok, reply = pcall(run, order, a)
+  end
+  if ok then return reply end
+  if type(reply) == 'table' and reply.err then return {'!error', reply.err} end
+  return {'!error', tostring(reply)}
+end
 local out = {}
 local at = 2
 local op = 0
@@ -161,14 +180,7 @@ while at <= #ARGV do
   local kind, n = ARGV[at], tonumber(ARGV[at + 1])
   local a = {}
   for i = 1, n do a[i] = ARGV[at + 1 + i] end
-  local order = KEYS[8 + op * 2]
-  local aux = KEYS[9 + op * 2]
-  local run = ops[kind]
-  if kind == 'R' then
-    out[#out + 1] = run(order, aux, a)
-  else
-    out[#out + 1] = run(order, a)
-  end
+  out[#out + 1] = guarded(kind, KEYS[8 + op * 2], KEYS[9 + op * 2], a)
   at = at + 2 + n
   op = op + 1
 end

@@ -199,3 +199,95 @@ return 0
 "#,
     )
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_redis::LocalRedis;
+    use redis::AsyncCommands;
+
+    const STREAM: &str = "{t:q}:stream";
+    const DELAYED: &str = "{t:q}:delayed";
+    const DEAD: &str = "{t:q}:dead";
+    const UNIQUE: &str = "{t:q}:unique";
+
+    async fn settle(conn: &mut redis::aio::MultiplexedConnection, op: [&str; 5]) -> i64 {
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(STREAM)
+            .key(DELAYED)
+            .key(DEAD)
+            .key(UNIQUE)
+            .arg("g")
+            .arg(crate::queue::now_ms())
+            .arg(100);
+        for value in op {
+            invocation.arg(value);
+        }
+        invocation.invoke_async(conn).await.unwrap()
+    }
+
+    async fn read(conn: &mut redis::aio::MultiplexedConnection, consumer: &str) -> String {
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query_async(conn)
+            .await
+            .unwrap();
+        reply.keys[0].ids[0].id.clone()
+    }
+
+    /// A run that lost its entry (claimed by another worker, retried as a new entry) and
+    /// finishes late must not free the unique key the live copy still holds.
+    #[tokio::test]
+    async fn a_stale_done_never_frees_the_live_copys_unique_key() {
+        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(STREAM)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = conn.hset(UNIQUE, "K", "J").await.unwrap();
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
+        let first = read(&mut conn, "stale").await;
+
+        // Another worker takes the entry over and retries it now, as a new entry.
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(STREAM)
+            .arg("g")
+            .arg("live")
+            .arg(0)
+            .arg(&first)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(settle(&mut conn, ["r", &first, "0", "v2", ""]).await, 1);
+        let second = read(&mut conn, "live").await;
+        assert_ne!(first, second);
+
+        // The stale run reports done for the entry it once held: nothing is acknowledged,
+        // and the key stays with the live copy.
+        assert_eq!(settle(&mut conn, ["a", &first, "K", "J", ""]).await, 0);
+        let holder: Option<String> = conn.hget(UNIQUE, "K").await.unwrap();
+        assert_eq!(holder.as_deref(), Some("J"));
+
+        // The live copy's own done releases it.
+        assert_eq!(settle(&mut conn, ["a", &second, "K", "J", ""]).await, 1);
+        let holder: Option<String> = conn.hget(UNIQUE, "K").await.unwrap();
+        assert_eq!(holder, None);
+        let left: u64 = conn.xlen(STREAM).await.unwrap();
+        assert_eq!(left, 0);
+    }
+}
