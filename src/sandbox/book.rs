@@ -3,7 +3,7 @@
 
 use super::rules::SandboxMerchant;
 use super::{Shared, callbacks};
-use crate::gateway::OrderState;
+use crate::gateway::{OrderState, PublicKey};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -81,8 +81,9 @@ pub struct OrderView {
 #[derive(Default)]
 pub(crate) struct Book {
     accounts: HashMap<String, Account>,
-    /// `X-API-KEY` hex → merchant number.
-    keys: HashMap<String, String>,
+    /// `X-API-KEY` hex → merchant number and the parsed key (parsed once: decompressing a
+    /// point costs a square root, which every call would otherwise pay).
+    keys: HashMap<String, (String, PublicKey)>,
     /// Keyed by `mchOrderNo` (the sandbox holds one namespace for all its merchants).
     orders: HashMap<String, Order>,
     create_attempts: HashMap<String, u32>,
@@ -108,8 +109,10 @@ pub(crate) enum InsertError {
 
 impl Book {
     pub(crate) fn add_merchant(&mut self, merchant: &SandboxMerchant) {
-        self.keys
-            .insert(merchant.public_key.to_hex(), merchant.mch_no.clone());
+        self.keys.insert(
+            merchant.public_key.to_hex(),
+            (merchant.mch_no.clone(), merchant.public_key),
+        );
         self.accounts
             .entry(merchant.mch_no.clone())
             .or_insert(Account {
@@ -118,10 +121,10 @@ impl Book {
             });
     }
 
-    pub(crate) fn merchant_for_key(&self, api_key: &str) -> Option<&str> {
+    pub(crate) fn merchant_for_key(&self, api_key: &str) -> Option<(&str, &PublicKey)> {
         self.keys
             .get(&api_key.to_ascii_lowercase())
-            .map(String::as_str)
+            .map(|(mch_no, key)| (mch_no.as_str(), key))
     }
 
     pub(crate) fn balance(&self, mch_no: &str) -> Option<(Decimal, Decimal)> {

@@ -174,11 +174,13 @@ fn authenticate(
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return Err(envelope_err(5003001, "request body must be a JSON object"));
     };
-    let Some(mch_no) = shared.book().merchant_for_key(api_key).map(str::to_owned) else {
+    let Some((mch_no, public_key)) = shared
+        .book()
+        .merchant_for_key(api_key)
+        .map(|(mch_no, key)| (mch_no.to_owned(), *key))
+    else {
         return Err(envelope_err(5003002, "merchant or API key does not exist"));
     };
-    let public_key = PublicKey::from_hex(api_key)
-        .map_err(|_| envelope_err(5003002, "merchant or API key does not exist"))?;
     let message = string_to_sign(path, nonce, &Params::from_json_object(&fields));
     if !verify_message(&public_key, message.as_bytes(), signature) {
         return Err(envelope_err(5003008, "signature error"));
