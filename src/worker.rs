@@ -1,6 +1,6 @@
 //! The payout worker pool: an apalis worker on the payout queue whose handler runs the
 //! create-payout and poll-status jobs and turns their [`Step`] into the queue's language
-//! (acknowledge, retry after a delay, or follow up with a poll).
+//! (acknowledge, or retry after a delay; an accepted order's poll job is queued by the ledger).
 
 use crate::config::{ConfigError, Settings};
 use crate::gateway::TarsPayClient;

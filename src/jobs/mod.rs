@@ -1,8 +1,8 @@
 //! The two payout jobs and what they share. They join the gateway (HTTP) and the ledger
 //! (Redis): each run reads the ledger, makes at most one gateway call that could create money
 //! movement, records the result with one ledger transition, and says what should happen next
-//! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement, a delayed retry or a
-//! follow-up job.
+//! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement or a delayed retry; the
+//! follow-up poll job is queued by the ledger's acceptance itself.
 
 mod backoff;
 mod create_payout;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Most operations one script call applies.
 const MAX_BATCH: usize = 128;
 
+/// One ledger operation: what the batch script is told to do for one caller.
 pub(crate) struct Op {
     /// One letter, see the script's `ops` table.
     pub kind: &'static str,
@@ -24,18 +25,21 @@ pub(crate) struct Op {
     /// The batch set for a registration; otherwise the order key again.
     pub aux_key: String,
     pub args: Vec<String>,
+}
+
+/// An operation waiting for its batch, and where its reply goes.
+struct Pending {
+    op: Op,
     reply: oneshot::Sender<Result<Value, RedisError>>,
 }
 
 impl Op {
     pub fn new(kind: &'static str, order_key: String, aux_key: Option<String>) -> Self {
-        let (reply, _) = oneshot::channel();
         Self {
             kind,
             aux_key: aux_key.unwrap_or_else(|| order_key.clone()),
             order_key,
             args: Vec::new(),
-            reply,
         }
     }
 
@@ -47,7 +51,7 @@ impl Op {
 
 #[derive(Clone)]
 pub(crate) struct Batcher {
-    tx: mpsc::UnboundedSender<Op>,
+    tx: mpsc::UnboundedSender<Pending>,
 }
 
 impl Batcher {
@@ -61,11 +65,10 @@ impl Batcher {
     }
 
     /// Applies one operation (in some batch) and returns its reply.
-    pub async fn apply(&self, mut op: Op) -> Result<Value, RedisError> {
+    pub async fn apply(&self, op: Op) -> Result<Value, RedisError> {
         let (reply, answer) = oneshot::channel();
-        op.reply = reply;
         let stopped = || RedisError::from((redis::ErrorKind::Io, "ledger batcher stopped"));
-        self.tx.send(op).map_err(|_| stopped())?;
+        self.tx.send(Pending { op, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -73,22 +76,21 @@ impl Batcher {
 async fn run(
     conn: ConnectionManager,
     shared_keys: Vec<String>,
-    mut rx: mpsc::UnboundedReceiver<Op>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
-    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(pending) => batch.push(pending),
                 Err(_) => break,
             }
         }
-        let result = apply_batch(&conn, &shared_keys, &batch).await;
-        match result {
+        match apply_batch(&conn, &shared_keys, &batch).await {
             Ok(replies) if replies.len() == batch.len() => {
-                for (op, reply) in batch.drain(..).zip(replies) {
-                    let _ = op.reply.send(operation_result(reply));
+                for (pending, reply) in batch.drain(..).zip(replies) {
+                    let _ = pending.reply.send(operation_result(reply));
                 }
             }
             Ok(replies) => {
@@ -97,13 +99,13 @@ async fn run(
                     "ledger batch answered with the wrong number of replies",
                     format!("{} for {} operations", replies.len(), batch.len()),
                 ));
-                for op in batch.drain(..) {
-                    let _ = op.reply.send(Err(err.clone()));
+                for pending in batch.drain(..) {
+                    let _ = pending.reply.send(Err(err.clone()));
                 }
             }
             Err(err) => {
-                for op in batch.drain(..) {
-                    let _ = op.reply.send(Err(err.clone()));
+                for pending in batch.drain(..) {
+                    let _ = pending.reply.send(Err(err.clone()));
                 }
             }
         }
@@ -129,17 +131,17 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
 async fn apply_batch(
     conn: &ConnectionManager,
     shared_keys: &[String],
-    batch: &[Op],
+    batch: &[Pending],
 ) -> Result<Vec<Value>, RedisError> {
     let mut invocation = BATCH.prepare_invoke();
     for key in shared_keys {
         invocation.key(key);
     }
-    for op in batch {
+    for Pending { op, .. } in batch {
         invocation.key(&op.order_key).key(&op.aux_key);
     }
     invocation.arg(crate::queue::now_ms());
-    for op in batch {
+    for Pending { op, .. } in batch {
         invocation.arg(op.kind).arg(op.args.len());
         for arg in &op.args {
             invocation.arg(arg);
