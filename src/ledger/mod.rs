@@ -461,7 +461,9 @@ fn as_strings(value: Value) -> Option<Vec<String>> {
 }
 
 impl Ledger {
-    /// Starts the ledger's batching task on the current tokio runtime.
+    /// Starts the ledger's batching task on the current tokio runtime (so it must be called
+    /// inside one; it panics otherwise). The task ends when the last clone is dropped; used
+    /// after its runtime is gone, every operation fails with "ledger batcher stopped".
     pub fn new(conn: ConnectionManager, keys: LedgerKeys) -> Self {
         let batcher = Batcher::start(conn.clone(), keys.shared());
         Self {
