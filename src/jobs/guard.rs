@@ -15,8 +15,9 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| {
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  -- Pause. The count stays until a create is accepted (ACCEPT clears it), so after a resume
-  -- with the fault still there the first failure pauses again and burns no order.
+  -- Pause. The count stays until a create is accepted (the ledger's accept clears it), so
+  -- after a resume with the fault still there the first failure pauses again and burns no
+  -- order.
   redis.call('SET', KEYS[2], '1')
   return 1
 end
