@@ -15,7 +15,7 @@
 use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
 use super::shared::{
     MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, payout_calls,
-    proc_cpu_seconds, proc_status_kib, round,
+    payout_calls_by_name, proc_cpu_seconds, proc_status_kib, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use serde_json::{Map, Value, json};
@@ -118,17 +118,8 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
         "redis_calls_incl_lua_per_payout".into(),
         json!(per(all_calls as f64)),
     );
-    let by_name_incl_lua: Map<String, Value> = delta
-        .iter()
-        .filter(|(name, _)| name.as_str() != "info")
-        .map(|(name, calls)| {
-            let calls = if name == "xrange" {
-                calls.saturating_sub(tail_pages)
-            } else {
-                *calls
-            };
-            (name.to_uppercase(), json!(per(calls as f64)))
-        })
+    let by_name_incl_lua: Map<String, Value> = payout_calls_by_name(&delta, tail_pages)
+        .map(|(name, calls)| (name.to_uppercase(), json!(per(calls as f64))))
         .filter(|(_, per_payout)| per_payout.as_f64().is_some_and(|v| v > 0.0))
         .collect();
     line.insert(

@@ -83,16 +83,26 @@ pub async fn commandstats<C: redis::aio::ConnectionLike + Send>(
     Ok(parse_commandstats(&info))
 }
 
-/// Server-wide calls (Lua-run commands included) in `delta`, without the bench's own: its
-/// `INFO` reads and the outcome reader's `tail_pages` `XRANGE` pages.
-pub fn payout_calls(delta: &[(String, u64)], tail_pages: u64) -> u64 {
-    delta
-        .iter()
-        .map(|(name, calls)| match name.as_str() {
+/// Server-wide calls per command (Lua-run commands included) in `delta`, without the bench's
+/// own: its `INFO` reads and the outcome reader's `tail_pages` `XRANGE` pages.
+pub fn payout_calls_by_name(
+    delta: &[(String, u64)],
+    tail_pages: u64,
+) -> impl Iterator<Item = (&str, u64)> {
+    delta.iter().map(move |(name, calls)| {
+        let calls = match name.as_str() {
             "info" => 0,
             "xrange" => calls.saturating_sub(tail_pages),
             _ => *calls,
-        })
+        };
+        (name.as_str(), calls)
+    })
+}
+
+/// The sum of [`payout_calls_by_name`].
+pub fn payout_calls(delta: &[(String, u64)], tail_pages: u64) -> u64 {
+    payout_calls_by_name(delta, tail_pages)
+        .map(|(_, calls)| calls)
         .sum()
 }
 

@@ -50,6 +50,20 @@ impl PayoutJob {
         }
     }
 
+    /// A poll-status job for `record` (payout or deposit); `once` for a single look.
+    pub fn poll(record: &OrderRecord, once: bool) -> Self {
+        let kind = if record.kind == OrderKind::Deposit.as_str() {
+            OrderKind::Deposit
+        } else {
+            OrderKind::Payout
+        };
+        Self::PollStatus {
+            mch_order_no: record.mch_order_no.clone(),
+            kind,
+            once,
+        }
+    }
+
     /// The queue's unique key, for the jobs that need one. An order's create job and its
     /// regular poll job are queued by the ledger's registration and acceptance, each of
     /// which happens once per order, so they need none (and save its Redis work); a one-off
@@ -114,16 +128,7 @@ impl JobContext {
     /// The order's regular poll job, first run after `poll.first_delay`; the ledger queues
     /// it in the same step as the acceptance.
     pub fn poll_job(&self, record: &OrderRecord) -> Result<PreparedJob, JobError> {
-        let kind = if record.kind == OrderKind::Deposit.as_str() {
-            OrderKind::Deposit
-        } else {
-            OrderKind::Payout
-        };
-        let job = PayoutJob::PollStatus {
-            mch_order_no: record.mch_order_no.clone(),
-            kind,
-            once: false,
-        };
+        let job = PayoutJob::poll(record, false);
         let options = JobOptions {
             delay: Some(self.poll.first_delay),
             max_attempts: Some(crate::producer::PAYOUT_JOB_MAX_ATTEMPTS),

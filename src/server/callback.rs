@@ -142,16 +142,7 @@ async fn schedule_query(
     if record.phase.is_final() {
         return Ok(());
     }
-    let kind = if record.kind == OrderKind::Deposit.as_str() {
-        OrderKind::Deposit
-    } else {
-        OrderKind::Payout
-    };
-    let job = PayoutJob::PollStatus {
-        mch_order_no: record.mch_order_no.clone(),
-        kind,
-        once: true,
-    };
+    let job = PayoutJob::poll(record, true);
     // Its own unique key: a regular poll may be waiting minutes away.
     let options = JobOptions {
         unique_key: job.unique_key(),
