@@ -82,6 +82,13 @@ pub struct Settings {
     pub poll_max_interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub poll_deadline: Duration,
+    /// How long the gateway must keep saying "no such order" (at least twice) before an order
+    /// some create of which may exist can be failed.
+    #[serde(deserialize_with = "duration")]
+    pub settle_window: Duration,
+    /// How often a worker's lifeline sweeps the ledger for orders without work.
+    #[serde(deserialize_with = "duration")]
+    pub lifeline_interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub orphan_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -301,6 +308,8 @@ impl Settings {
             ("poll_first_delay", self.poll_first_delay),
             ("poll_max_interval", self.poll_max_interval),
             ("poll_deadline", self.poll_deadline),
+            ("settle_window", self.settle_window),
+            ("lifeline_interval", self.lifeline_interval),
             ("orphan_timeout", self.orphan_timeout),
         ] {
             if value.is_zero() {

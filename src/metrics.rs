@@ -24,6 +24,14 @@ pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.
 pub const ACCEPTED_AFTER_FAILED: &str = "tarspay_accepted_after_failed_total";
 
+/// Verified gateway states that contradicted a recorded final status (`status` = the new
+/// one). Each is an outcome entry with `event = correction`: money moved unlike we said.
+pub const OUTCOME_CORRECTIONS: &str = "tarspay_outcome_corrections_total";
+/// Orders the last lifeline sweep found without work (no job waiting, running or delayed).
+pub const ORDERS_WITHOUT_WORK: &str = "tarspay_orders_without_work";
+/// Jobs the lifeline queued for orders that had lost theirs.
+pub const LIFELINE_REPAIRS: &str = "tarspay_lifeline_repairs_total";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.

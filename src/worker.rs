@@ -83,6 +83,7 @@ impl Deployment {
                 deadline: settings.poll_deadline,
             },
             lease: settings.submit_lease(),
+            settle_window: settings.settle_window,
             guard: SystemicGuard::new(
                 self.queue.connection(),
                 self.ledger.keys().guard(),
@@ -125,15 +126,8 @@ async fn handle(
             PayoutJob::PollStatus {
                 mch_order_no, once, ..
             } => {
-                let step =
-                    run_poll_status(&shared.ctx, mch_order_no, attempt.current().max(1) as u32)
-                        .await;
-                // A one-off look never reschedules itself.
-                if *once {
-                    step.map(|_| Step::Done)
-                } else {
-                    step
-                }
+                let attempt = attempt.current().max(1) as u32;
+                run_poll_status(&shared.ctx, mch_order_no, attempt, *once).await
             }
         };
         let step = match step {

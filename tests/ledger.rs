@@ -6,8 +6,8 @@ mod common;
 use common::redis_server::RedisServer;
 use std::time::Duration;
 use tarspay_worker::ledger::{
-    FinalResult, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase, Registered,
-    SubmitTicket,
+    FinalResult, Finalized, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase,
+    Registered, SubmitTicket,
 };
 use tarspay_worker::queue::QueueKeys;
 
@@ -104,13 +104,13 @@ async fn the_submit_lease_admits_one_holder() {
     // Only the holder can give the lease back.
     assert!(
         !ledger
-            .release("L-1", "t2", Phase::Queued, Some(-1), "x")
+            .release("L-1", "t2", Phase::Queued, false, Some(-1), "x")
             .await
             .unwrap()
     );
     assert!(
         ledger
-            .release("L-1", "t1", Phase::Queued, Some(-1), "system error")
+            .release("L-1", "t1", Phase::Queued, false, Some(-1), "system error")
             .await
             .unwrap()
     );
@@ -131,7 +131,7 @@ async fn the_submit_lease_admits_one_holder() {
     );
     assert!(
         ledger
-            .release("L-1", "t3", Phase::Unknown, None, "timeout")
+            .release("L-1", "t3", Phase::Unknown, true, None, "timeout")
             .await
             .unwrap()
     );
@@ -188,7 +188,7 @@ async fn an_expired_lease_means_the_create_may_have_happened() {
     // The dead worker's late release changes nothing.
     assert!(
         !ledger
-            .release("E-1", "dead-worker", Phase::Queued, None, "")
+            .release("E-1", "dead-worker", Phase::Queued, false, None, "")
             .await
             .unwrap()
     );
@@ -386,7 +386,7 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
         .unwrap();
     assert!(
         ledger
-            .release("LL-1", "old-run", Phase::Unknown, None, "timeout")
+            .release("LL-1", "old-run", Phase::Unknown, true, None, "timeout")
             .await
             .unwrap()
     );
@@ -400,18 +400,78 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
         ..Default::default()
     };
     let seen = record(&ledger, "LL-1").await;
+    let window = Duration::from_secs(3600);
+    assert_eq!(
+        ledger
+            .finalize_leased(&seen, "old-run", Phase::Failed, &failed, window)
+            .await
+            .unwrap(),
+        Finalized::LeaseLost
+    );
+    // The holder may not fail an order that may exist until the gateway's absence is
+    // proven: twice, over the settle window.
+    assert_eq!(
+        ledger
+            .finalize_leased(&seen, "new-run", Phase::Failed, &failed, window)
+            .await
+            .unwrap(),
+        Finalized::MayExist
+    );
+    assert_eq!(ledger.note_absent("LL-1", "old-run").await.unwrap(), None);
+    let first = ledger
+        .note_absent("LL-1", "new-run")
+        .await
+        .unwrap()
+        .unwrap();
+    let second = ledger
+        .note_absent("LL-1", "new-run")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.lookups, second.lookups), (1, 2));
+    assert_eq!(first.since_ms, second.since_ms, "one streak");
+    assert!(!second.proven(window) && second.proven(Duration::ZERO));
+    assert_eq!(
+        ledger
+            .finalize_leased(&seen, "new-run", Phase::Failed, &failed, window)
+            .await
+            .unwrap(),
+        Finalized::MayExist,
+        "two lookups, but not over the window"
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 0);
+    // A create that may have landed after the streak began starts it over.
     assert!(
-        !ledger
-            .finalize_leased(&seen, "old-run", Phase::Failed, &failed)
+        ledger
+            .release("LL-1", "new-run", Phase::Unknown, true, None, "timeout")
             .await
             .unwrap()
     );
-    assert_eq!(ledger.outcome_count().await.unwrap(), 0);
-    assert!(
+    ledger
+        .begin_submit("LL-1", "third-run", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let restarted = ledger
+        .note_absent("LL-1", "third-run")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restarted.lookups, 1);
+    assert_eq!(
         ledger
-            .finalize_leased(&seen, "new-run", Phase::Failed, &failed)
+            .finalize_leased(&seen, "third-run", Phase::Failed, &failed, Duration::ZERO)
             .await
-            .unwrap()
+            .unwrap(),
+        Finalized::MayExist,
+        "one lookup is not a streak"
+    );
+    ledger.note_absent("LL-1", "third-run").await.unwrap();
+    assert_eq!(
+        ledger
+            .finalize_leased(&seen, "third-run", Phase::Failed, &failed, Duration::ZERO)
+            .await
+            .unwrap(),
+        Finalized::Recorded
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 }
@@ -579,11 +639,12 @@ async fn an_acceptance_after_our_own_failure_is_kept_visible() {
         code: Some(5004006),
         ..Default::default()
     };
-    assert!(
+    assert_eq!(
         ledger
-            .finalize_leased(&seen, "run", Phase::Failed, &failed)
+            .finalize_leased(&seen, "run", Phase::Failed, &failed, Duration::ZERO)
             .await
-            .unwrap()
+            .unwrap(),
+        Finalized::Recorded
     );
     // A run that outlived its lease comes back with an accepted create.
     ledger.accept("LATE-1", Some("P-LATE"), None).await.unwrap();

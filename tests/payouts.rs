@@ -7,7 +7,7 @@ mod common;
 use common::app::{MCH_NO, inr, spawn_app, spawn_app_with};
 use std::time::Duration;
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
-use tarspay_worker::ledger::{FinalResult, Phase};
+use tarspay_worker::ledger::{FinalResult, Finalized, Phase};
 use tarspay_worker::producer::Enqueued;
 use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 
@@ -151,12 +151,12 @@ async fn each_error_class() {
         ("failed", Some(5003009), Some("wayCode not supported"), 1)
     );
     assert_eq!(app.sandbox.create_attempts("WAY-1"), 1);
-    // Retryable until the bound (5), then failed with the last code, after a lookup.
+    // Retryable until the bound (5 creates). `-1` does not prove that nothing was created,
+    // so the order is failed (with the last code) only after the gateway said "no such
+    // order" twice over the settle window: lookup-only runs after the fifth create.
     let down = &outcomes["DOWN-1"];
-    assert_eq!(
-        (down.status.as_str(), down.code, down.attempts),
-        ("failed", Some(-1), 5)
-    );
+    assert_eq!((down.status.as_str(), down.code), ("failed", Some(-1)));
+    assert!(down.attempts >= 7, "{down:?}");
     assert_eq!(app.sandbox.create_attempts("DOWN-1"), 5);
     // Gateway final states.
     assert_eq!(
@@ -368,7 +368,7 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
         let seen = seen.clone();
         racers.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                run_poll_status(&ctx, "RACE-1", 1)
+                run_poll_status(&ctx, "RACE-1", 1, false)
                     .await
                     .map(|_| ())
                     .unwrap();
@@ -515,10 +515,13 @@ async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
-    // Every create is dropped unanswered: the gateway may or may not hold the order.
-    let app = spawn_app(false, |c| {
-        c.faults = vec![fault("AMB", None, FaultAction::Drop)]
-    })
+    // Every create is dropped unanswered: the gateway may or may not hold the order. The
+    // settle window is long, so its absence is never proven here.
+    let app = spawn_app_with(
+        false,
+        |c| c.faults = vec![fault("AMB", None, FaultAction::Drop)],
+        &[("TARSPAY_SETTLE_WINDOW", "1h")],
+    )
     .await;
     app.enqueue(inr("AMB-1", "100")).await;
     let pool = app.pool(1);
@@ -542,11 +545,15 @@ async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
         0,
         "past max attempts, still no `failed`"
     );
-    // Once the gateway answers, the same number goes through.
-    app.sandbox.set_faults(vec![]);
+    // Past the attempts no create is sent again: only lookups settle it. Once the gateway
+    // shows the order (as if a dropped create had landed), it is adopted.
+    let creates = app.sandbox.create_attempts("AMB-1");
+    assert_eq!(creates, 5, "no create past the retry bound");
+    assert!(app.sandbox.insert_payout(MCH_NO, "AMB-1", "100", "INR"));
     let outcomes = app.wait_outcomes(1).await;
     pool.stop().await;
     assert_eq!(outcomes["AMB-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("AMB-1"), creates);
     assert_eq!(app.sandbox.orders().len(), 1);
 }
 
@@ -770,7 +777,7 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acceptance_after_we_failed_the_order_raises_the_alarm() {
+async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correction() {
     let metrics = tarspay_worker::metrics::install();
     let app = spawn_app(false, |_| {}).await;
     app.enqueue(inr("LATE-1", "100")).await;
@@ -786,13 +793,16 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm() {
         code: Some(5004006),
         ..Default::default()
     };
-    assert!(
+    assert_eq!(
         ledger
-            .finalize_leased(&seen, "run-a", Phase::Failed, &failed)
+            .finalize_leased(&seen, "run-a", Phase::Failed, &failed, Duration::ZERO)
             .await
-            .unwrap()
+            .unwrap(),
+        Finalized::Recorded
     );
-    // ...and a run that outlived its lease records the gateway's acceptance afterwards.
+    // ...and a run that outlived its lease records the gateway's acceptance afterwards: the
+    // gateway holds the order and pays it.
+    assert!(app.sandbox.insert_payout(MCH_NO, "LATE-1", "100", "INR"));
     let poll = ctx.poll_job(&seen).unwrap();
     ledger
         .accept("LATE-1", Some("P-LATE"), Some(&poll))
@@ -806,15 +816,47 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm() {
             .map_or(0, |n| n.trim().parse::<u64>().unwrap())
     };
     let before = alarms();
+    // The order's poll job follows it until the gateway says how it ended.
+    let mut attempt = 1;
+    while run_poll_status(&ctx, "LATE-1", attempt, false)
+        .await
+        .unwrap()
+        != Step::Done
+    {
+        assert!(attempt < 200, "the gateway never finished LATE-1");
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(alarms(), before + 1, "the alarm counter moved once");
+    // The first outcome stands, and one correction says the payout was made.
+    let outcomes = app.outcomes().await;
+    let events: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.event.as_str(),
+                o.status.as_str(),
+                o.previous_status.as_deref(),
+            )
+        })
+        .collect();
     assert_eq!(
-        run_poll_status(&ctx, "LATE-1", 1).await.unwrap(),
-        Step::Done
+        events,
+        [
+            ("final", "failed", None),
+            ("correction", "succeeded", Some("failed"))
+        ]
     );
-    assert_eq!(alarms(), before + 1, "the alarm counter moved");
-    // The one outcome stands.
-    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
-    assert_eq!(
-        ledger.get("LATE-1").await.unwrap().unwrap().phase,
-        Phase::Failed
-    );
+    let record = ledger.get("LATE-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Failed);
+    assert_eq!(record.corrections.len(), 1);
+    assert_eq!(record.corrections[0].status, "succeeded");
+    // Polls and looks repeat it: nothing more is appended.
+    for once in [false, true] {
+        assert_eq!(
+            run_poll_status(&ctx, "LATE-1", 1, once).await.unwrap(),
+            Step::Done
+        );
+    }
+    assert_eq!(ledger.outcome_count().await.unwrap(), 2);
 }

@@ -1,18 +1,29 @@
 //! create-payout: send the create for one order at most once at a time, under the ledger's
 //! submit lease, and record what the gateway said. The mchOrderNo never changes; an order
 //! whose create may have reached the gateway is looked up before anything is sent again.
+//!
+//! Never fail what may exist: once any create of an order may have reached the gateway (a
+//! timeout, a dropped answer, 5xx, `-1`, any code that is not a refusal before creating),
+//! the order is *ambiguous* for good. It is then failed only when the gateway has said "no
+//! such order" at least twice over the settle window with no possibly-landed create in
+//! between (the ledger enforces this in the same step as the failure); a refusal of a later
+//! create (say 5004006 from a gateway that checks the balance before duplicates) proves
+//! nothing about the first one.
 
 use super::GuardVerdict;
 use super::reconcile::{Lookup, adopt, lookup};
 use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
-use crate::ledger::{FinalResult, OrderRecord, Phase, SubmitTicket};
+use crate::ledger::{FinalResult, Finalized, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use std::time::Duration;
 
 /// How often a job held back by a pause looks again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(1);
+/// How soon a run that lost the lease to another run looks at the order again: it never
+/// reports as done work it did not finish.
+const LEASE_LOST_RECHECK: Duration = Duration::from_secs(1);
 
 /// A fresh token per run: the lease belongs to this run, not to the worker process.
 fn lease_token() -> String {
@@ -55,15 +66,32 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
             id: mch_order_no.to_owned(),
             reason: err.to_string(),
         })?;
+    let run = Run {
+        ctx,
+        record: &record,
+        token: &token,
+        attempt,
+        may_exist: previous == Phase::Unknown || record.ambiguous,
+    };
 
-    if previous == Phase::Unknown {
+    let mut absent_proven = false;
+    if run.may_exist {
         // An earlier create may have reached the gateway: ask before sending another.
         match lookup(ctx, &record).await {
             Lookup::Found(info) => return adopt(ctx, &record, &info).await,
-            Lookup::NotFound => {}
-            Lookup::Failed(err) => {
-                return retry(ctx, &record, &token, Phase::Unknown, attempt, &err).await;
+            Lookup::NotFound => match ctx.ledger.note_absent(mch_order_no, &token).await? {
+                Some(absence) => absent_proven = absence.proven(ctx.settle_window),
+                None => return Ok(Step::RetryAfter(LEASE_LOST_RECHECK)),
+            },
+            Lookup::Failed(err) => return run.retry(&err, false).await,
+        }
+        if attempt > ctx.retry.max_attempts {
+            // Attempts are used up: only the gateway's word settles it now, and no further
+            // create is sent (a refusal of it would prove nothing).
+            if absent_proven {
+                return run.fail(record.last_code, record.last_msg.clone()).await;
             }
+            return run.keep_settling(false).await;
         }
     }
 
@@ -80,161 +108,252 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
                 .await?;
             Ok(Step::Done)
         }
-        Err(err) => create_failed(ctx, &record, &token, attempt, err).await,
+        Err(err) => run.create_failed(err, absent_proven).await,
     }
 }
 
-async fn create_failed(
-    ctx: &JobContext,
-    record: &OrderRecord,
-    token: &str,
-    attempt: u32,
-    err: GatewayError,
-) -> Result<Step, JobError> {
-    let id = record.mch_order_no.as_str();
-    let class = err.class(&ctx.codes);
-    tracing::info!(mch_order_no = id, attempt, error = %err, ?class, "create failed");
-    if let Some(code) = err.code()
-        && is_auth_class(code)
-        && ctx.guard.record_auth_failure(id, code).await? == GuardVerdict::Pause
-    {
-        // Systemic (bad key, unbound IP): the queue is paused; hold this order for the
-        // resume instead of burning it.
-        ctx.ledger
-            .release(id, token, Phase::Queued, err.code(), &err.to_string())
-            .await?;
-        return Ok(Step::RetryAfter(PAUSED_RECHECK));
+/// Whether a create that failed this way may have created the order. Only a transport
+/// failure before sending, an HTTP refusal (4xx) or a code that refuses before creating
+/// (validation, auth, balance) proves it did not: `-1` ("system error") and any other code
+/// may come after the gateway stored the order.
+fn may_have_created(err: &GatewayError) -> bool {
+    match err {
+        GatewayError::Gateway { code, .. } => !refused_before_creating(*code),
+        other => other.is_ambiguous(),
     }
-    if class == ErrorClass::Reconcile {
-        // The gateway says the number exists: find out whether it is this payout.
-        return match lookup(ctx, record).await {
-            Lookup::Found(info) => adopt(ctx, record, &info).await,
-            Lookup::NotFound => retry(ctx, record, token, Phase::Unknown, attempt, &err).await,
-            Lookup::Failed(query_err) => {
-                retry(ctx, record, token, Phase::Unknown, attempt, &query_err).await
+}
+
+/// One run of an order's create job: it holds the submit lease under `token`.
+struct Run<'a> {
+    ctx: &'a JobContext,
+    record: &'a OrderRecord,
+    token: &'a str,
+    attempt: u32,
+    /// Some earlier create of this order may exist at the gateway.
+    may_exist: bool,
+}
+
+impl Run<'_> {
+    fn id(&self) -> &str {
+        &self.record.mch_order_no
+    }
+
+    async fn create_failed(
+        &self,
+        err: GatewayError,
+        absent_proven: bool,
+    ) -> Result<Step, JobError> {
+        let ctx = self.ctx;
+        let id = self.id();
+        let class = err.class(&ctx.codes);
+        let created = may_have_created(&err);
+        tracing::info!(mch_order_no = id, attempt = self.attempt, error = %err, ?class, created, "create failed");
+        if let Some(code) = err.code()
+            && is_auth_class(code)
+            && ctx.guard.record_auth_failure(id, code).await? == GuardVerdict::Pause
+        {
+            // Systemic (bad key, unbound IP): the queue is paused; hold this order for the
+            // resume instead of burning it.
+            ctx.ledger
+                .release(
+                    id,
+                    self.token,
+                    self.next_phase(false),
+                    false,
+                    err.code(),
+                    &err.to_string(),
+                )
+                .await?;
+            return Ok(Step::RetryAfter(PAUSED_RECHECK));
+        }
+        if class == ErrorClass::Reconcile {
+            // The gateway says the number exists: find out whether it is this payout. A
+            // lookup that does not find it yet is lag, not absence.
+            return match lookup(ctx, self.record).await {
+                Lookup::Found(info) => adopt(ctx, self.record, &info).await,
+                Lookup::NotFound => self.retry(&err, true).await,
+                Lookup::Failed(query_err) => self.retry(&query_err, true).await,
+            };
+        }
+        if !created && err.code().is_some_and(refused_before_creating) {
+            // A refusal fails the payout only if no create of it may exist, or the gateway
+            // has proven it holds none; otherwise it proves nothing about the earlier create.
+            if !self.may_exist || absent_proven {
+                return self.fail(err.code(), Some(gateway_msg(&err))).await;
             }
+            return self.keep_settling_or_retry(&err).await;
+        }
+        if class == ErrorClass::Terminal {
+            // Terminal but not a refusal before creating: check it against the gateway.
+            return self.settle_by_lookup(&err, created).await;
+        }
+        self.retry(&err, created).await
+    }
+
+    fn next_phase(&self, created: bool) -> Phase {
+        if self.may_exist || created {
+            Phase::Unknown
+        } else {
+            Phase::Queued
+        }
+    }
+
+    /// Retry the same create later; once attempts are used up, settle the order by queries.
+    async fn retry(&self, err: &GatewayError, created: bool) -> Result<Step, JobError> {
+        let ctx = self.ctx;
+        if self.attempt >= ctx.retry.max_attempts {
+            if self.may_exist || created {
+                // Some create may be at the gateway: failing now could pay the beneficiary
+                // under a `failed` outcome. Only lookups settle it from now on.
+                return self
+                    .release_and_wait(err, created, ctx.retry.max_delay)
+                    .await;
+            }
+            return self.settle_by_lookup(err, false).await;
+        }
+        ctx.ledger
+            .release(
+                self.id(),
+                self.token,
+                self.next_phase(created),
+                created,
+                err.code(),
+                &err.to_string(),
+            )
+            .await?;
+        let label = err
+            .code()
+            .map_or_else(|| err.kind().to_owned(), |c| c.to_string());
+        metrics::counter!(crate::metrics::CREATE_RETRIES, "code" => label).increment(1);
+        Ok(Step::RetryAfter(full_jitter(
+            ctx.retry.base_delay,
+            ctx.retry.max_delay,
+            self.attempt,
+        )))
+    }
+
+    /// A refusal of a create of an order that may exist: wait for the gateway to settle it
+    /// (the next run looks it up first), keeping the record's last error.
+    async fn keep_settling_or_retry(&self, err: &GatewayError) -> Result<Step, JobError> {
+        let wait = if self.attempt >= self.ctx.retry.max_attempts {
+            self.ctx.retry.max_delay
+        } else {
+            full_jitter(
+                self.ctx.retry.base_delay,
+                self.ctx.retry.max_delay,
+                self.attempt,
+            )
         };
+        self.release_and_wait(err, false, wait).await
     }
-    if class == ErrorClass::Terminal && !err.is_ambiguous() {
-        // A refusal that proves nothing was created fails the payout now; any other terminal
-        // answer is checked against the gateway first.
-        if err.code().is_some_and(refused_before_creating) {
-            return fail(ctx, record, token, &err).await;
+
+    /// Fails the payout only if the gateway confirms it holds no such order and no create of
+    /// it may exist; adopts the order if it exists; otherwise keeps settling.
+    async fn settle_by_lookup(&self, err: &GatewayError, created: bool) -> Result<Step, JobError> {
+        match lookup(self.ctx, self.record).await {
+            Lookup::Found(info) => adopt(self.ctx, self.record, &info).await,
+            Lookup::NotFound if !self.may_exist && !created => {
+                self.fail(err.code(), Some(gateway_msg(err))).await
+            }
+            Lookup::NotFound | Lookup::Failed(_) => {
+                self.release_and_wait(err, created, self.ctx.retry.max_delay)
+                    .await
+            }
         }
-        return settle_by_lookup(ctx, record, token, &err).await;
     }
-    let next = if err.is_ambiguous() {
-        Phase::Unknown
-    } else {
-        Phase::Queued
-    };
-    retry(ctx, record, token, next, attempt, &err).await
-}
 
-/// Retry the same create later; once attempts are used up, settle the order by a query.
-async fn retry(
-    ctx: &JobContext,
-    record: &OrderRecord,
-    token: &str,
-    next: Phase,
-    attempt: u32,
-    err: &GatewayError,
-) -> Result<Step, JobError> {
-    if attempt >= ctx.retry.max_attempts {
-        if next == Phase::Unknown || record.ambiguous {
-            // Some create may be at the gateway: failing now could pay the beneficiary under
-            // a `failed` outcome. Keep settling it at the longest wait (each try looks it up
-            // and re-sends the same mchOrderNo, which the gateway refuses if it holds it).
-            return keep_settling(ctx, record, token, err).await;
+    async fn release_and_wait(
+        &self,
+        err: &GatewayError,
+        created: bool,
+        wait: Duration,
+    ) -> Result<Step, JobError> {
+        self.ctx
+            .ledger
+            .release(
+                self.id(),
+                self.token,
+                Phase::Unknown,
+                created,
+                err.code(),
+                &err.to_string(),
+            )
+            .await?;
+        self.flag_if_overdue().await?;
+        Ok(Step::RetryAfter(wait))
+    }
+
+    /// The order stays `unknown` (its last error kept) and is looked up again at the
+    /// longest wait; past the polling deadline it is reported stuck.
+    async fn keep_settling(&self, created: bool) -> Result<Step, JobError> {
+        let record = self.record;
+        self.ctx
+            .ledger
+            .release(
+                self.id(),
+                self.token,
+                Phase::Unknown,
+                created,
+                record.last_code,
+                record.last_msg.as_deref().unwrap_or_default(),
+            )
+            .await?;
+        self.flag_if_overdue().await?;
+        Ok(Step::RetryAfter(self.ctx.retry.max_delay))
+    }
+
+    async fn flag_if_overdue(&self) -> Result<(), JobError> {
+        let record = self.record;
+        let age =
+            Duration::from_millis(crate::queue::now_ms().saturating_sub(record.created_at_ms));
+        if age > self.ctx.poll.deadline && !record.stuck {
+            self.ctx.ledger.mark_stuck(self.id()).await?;
+            tracing::warn!(
+                mch_order_no = self.id(),
+                "order unsettled past the deadline: needs a look"
+            );
         }
-        return settle_by_lookup(ctx, record, token, err).await;
+        Ok(())
     }
-    let id = record.mch_order_no.as_str();
-    ctx.ledger
-        .release(id, token, next, err.code(), &err.to_string())
-        .await?;
-    let label = err
-        .code()
-        .map_or_else(|| err.kind().to_owned(), |c| c.to_string());
-    metrics::counter!(crate::metrics::CREATE_RETRIES, "code" => label).increment(1);
-    Ok(Step::RetryAfter(full_jitter(
-        ctx.retry.base_delay,
-        ctx.retry.max_delay,
-        attempt,
-    )))
+
+    /// Records the final `failed` outcome, but only while this run still holds the lease
+    /// (and, for an order that may exist, once its absence is proven: the ledger checks).
+    async fn fail(&self, code: Option<i64>, msg: Option<String>) -> Result<Step, JobError> {
+        let result = FinalResult {
+            code,
+            msg,
+            ..FinalResult::default()
+        };
+        match self
+            .ctx
+            .ledger
+            .finalize_leased(
+                self.record,
+                self.token,
+                Phase::Failed,
+                &result,
+                self.ctx.settle_window,
+            )
+            .await?
+        {
+            Finalized::Recorded | Finalized::Unchanged | Finalized::Corrected => Ok(Step::Done),
+            Finalized::LeaseLost => {
+                // Not ours any more: look again soon rather than report the work as done.
+                tracing::warn!(
+                    mch_order_no = self.id(),
+                    "not failed: another run owns the order now"
+                );
+                Ok(Step::RetryAfter(LEASE_LOST_RECHECK))
+            }
+            Finalized::MayExist => self.keep_settling(false).await,
+        }
+    }
 }
 
-/// Fails the payout only if the gateway confirms it holds no such order and no create of it
-/// was ever ambiguous; adopts the order if it exists.
-async fn settle_by_lookup(
-    ctx: &JobContext,
-    record: &OrderRecord,
-    token: &str,
-    err: &GatewayError,
-) -> Result<Step, JobError> {
-    match lookup(ctx, record).await {
-        Lookup::Found(info) => adopt(ctx, record, &info).await,
-        Lookup::NotFound if !record.ambiguous => fail(ctx, record, token, err).await,
-        Lookup::NotFound | Lookup::Failed(_) => keep_settling(ctx, record, token, err).await,
-    }
-}
-
-/// The order stays `unknown` and is tried again at the longest wait; past the polling
-/// deadline it is reported stuck.
-async fn keep_settling(
-    ctx: &JobContext,
-    record: &OrderRecord,
-    token: &str,
-    err: &GatewayError,
-) -> Result<Step, JobError> {
-    let id = record.mch_order_no.as_str();
-    ctx.ledger
-        .release(id, token, Phase::Unknown, err.code(), &err.to_string())
-        .await?;
-    let age = Duration::from_millis(now_ms().saturating_sub(record.created_at_ms));
-    if age > ctx.poll.deadline && !record.stuck {
-        ctx.ledger.mark_stuck(id).await?;
-        tracing::warn!(
-            mch_order_no = id,
-            "order unsettled past the deadline: needs a look"
-        );
-    }
-    Ok(Step::RetryAfter(ctx.retry.max_delay))
-}
-
-/// Records the final `failed` outcome, but only while this run still holds the lease.
-async fn fail(
-    ctx: &JobContext,
-    record: &OrderRecord,
-    token: &str,
-    err: &GatewayError,
-) -> Result<Step, JobError> {
-    let id = record.mch_order_no.as_str();
-    let msg = match err {
+/// The gateway's own message for a code, or the error's text.
+fn gateway_msg(err: &GatewayError) -> String {
+    match err {
         GatewayError::Gateway { msg, .. } => msg.clone(),
         other => other.to_string(),
-    };
-    let result = FinalResult {
-        code: err.code(),
-        msg: Some(msg),
-        ..FinalResult::default()
-    };
-    if !ctx
-        .ledger
-        .finalize_leased(record, token, Phase::Failed, &result)
-        .await?
-    {
-        tracing::warn!(
-            mch_order_no = id,
-            "not failed: another run owns the order now"
-        );
     }
-    Ok(Step::Done)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }

@@ -119,6 +119,9 @@ pub struct JobContext {
     pub poll: PollPolicy,
     /// How long a create may hold the submit lease: longer than one gateway call.
     pub lease: Duration,
+    /// How long the gateway must keep saying "no such order" before an order that may exist
+    /// can be failed.
+    pub settle_window: Duration,
     pub guard: SystemicGuard,
     /// The payout queue, for follow-up jobs the ledger queues atomically.
     pub queue: RedisQueue<PayoutJob>,

@@ -5,28 +5,37 @@
 use super::reconcile::{Lookup, finish_if_final, lookup};
 use super::{JobContext, JobError, Step};
 use crate::ledger::Phase;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-/// `attempt` is this poll's number for the order (1 for the first).
+/// `attempt` is this poll's number for the order (1 for the first); `once` for a single look
+/// (e.g. prompted by an untrusted callback).
 pub async fn run_poll_status(
     ctx: &JobContext,
     mch_order_no: &str,
     attempt: u32,
+    once: bool,
 ) -> Result<Step, JobError> {
     let Some(record) = ctx.ledger.get(mch_order_no).await? else {
         return Ok(Step::Done);
     };
-    if record.phase == Phase::Failed && record.gateway_state.is_none() && record.accepted {
-        // We failed it ourselves, yet an acceptance was recorded (its poll job is this one): a
-        // create outlived its lease. The outcome stands; a person must reconcile the money.
+    // We failed it ourselves, yet an acceptance was recorded (its poll job is this one): a
+    // create outlived its lease. The outcome stands until the gateway says how the order
+    // ended; then a correction tells the application.
+    let failed_by_us_then_accepted =
+        record.phase == Phase::Failed && record.gateway_state.is_none() && record.accepted;
+    if failed_by_us_then_accepted && record.corrections.is_empty() && attempt == 1 && !once {
         tracing::error!(
             mch_order_no,
-            "order failed by us was accepted by the gateway afterwards: reconcile by hand"
+            "order failed by us was accepted by the gateway afterwards: following it for a correction"
         );
         metrics::counter!(crate::metrics::ACCEPTED_AFTER_FAILED).increment(1);
     }
-    // Only accepted orders are polled; a create still in flight owns the others.
-    if record.phase != Phase::Accepted {
+    let follow = record.phase == Phase::Accepted
+        || (failed_by_us_then_accepted && record.corrections.is_empty())
+        // A single look at a final order may find that the gateway says otherwise.
+        || (once && record.phase.is_final());
+    // Otherwise a create still in flight owns the order, or it is settled.
+    if !follow {
         return Ok(Step::Done);
     }
     match lookup(ctx, &record).await {
@@ -40,12 +49,11 @@ pub async fn run_poll_status(
         }
         Lookup::Failed(err) => tracing::info!(mch_order_no, error = %err, "status query failed"),
     }
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    let age = Duration::from_millis(now_ms.saturating_sub(record.created_at_ms));
-    if age > ctx.poll.deadline && !record.stuck {
+    if once {
+        return Ok(Step::Done);
+    }
+    let age = Duration::from_millis(crate::queue::now_ms().saturating_sub(record.created_at_ms));
+    if age > ctx.poll.deadline && !record.stuck && !record.phase.is_final() {
         ctx.ledger.mark_stuck(mch_order_no).await?;
         tracing::warn!(
             mch_order_no,

@@ -4,7 +4,7 @@
 use super::{JobContext, JobError, Step};
 use crate::gateway::types::{OrderInfo, OrderRef};
 use crate::gateway::{GatewayError, OrderState};
-use crate::ledger::{FinalResult, OrderKind, OrderRecord, Phase};
+use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase};
 use rust_decimal::Decimal;
 use std::str::FromStr;
 
@@ -85,8 +85,9 @@ pub(super) async fn adopt(
     Ok(Step::Done)
 }
 
-/// Applies a final gateway state through the one terminal transition. True when the state
-/// was final (whether or not this call was the one that recorded it).
+/// Applies a final gateway state through the one terminal transition (or, for an order
+/// already final with another status, as a correction). True when the state was final
+/// (whether or not this call was the one that recorded it).
 pub(super) async fn finish_if_final(
     ctx: &JobContext,
     record: &OrderRecord,
@@ -95,27 +96,28 @@ pub(super) async fn finish_if_final(
     let Some(phase) = Phase::from_gateway(info.state) else {
         return Ok(false);
     };
-    let failed = matches!(info.state, OrderState::Failure | OrderState::Rejected);
-    let recorded = ctx
+    let applied = ctx
         .ledger
-        .finalize(
-            record,
-            phase,
-            &FinalResult {
-                gateway_state: Some(info.state.code()),
-                pay_order_id: info.pay_order_id.clone(),
-                fee: info.fee.clone(),
-                code: None,
-                msg: if failed {
-                    info.fail_reason.clone()
-                } else {
-                    None
-                },
-            },
-        )
+        .apply_gateway_final(record, phase, &gateway_result(info))
         .await?;
-    if recorded {
+    if applied == Finalized::Recorded {
         tracing::info!(mch_order_no = %record.mch_order_no, status = %phase, "order final");
     }
     Ok(true)
+}
+
+/// What a final gateway answer says, as the outcome carries it.
+fn gateway_result(info: &OrderInfo) -> FinalResult {
+    let failed = matches!(info.state, OrderState::Failure | OrderState::Rejected);
+    FinalResult {
+        gateway_state: Some(info.state.code()),
+        pay_order_id: info.pay_order_id.clone(),
+        fee: info.fee.clone(),
+        code: None,
+        msg: if failed {
+            info.fail_reason.clone()
+        } else {
+            None
+        },
+    }
 }

@@ -155,6 +155,38 @@ pub enum SubmitTicket {
     Missing,
 }
 
+/// What a final transition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finalized {
+    /// The order is final now; its one `final` outcome was appended.
+    Recorded,
+    /// Nothing changed: already final with this status (or this correction was made).
+    Unchanged,
+    /// Already final with another status: one `correction` entry was appended.
+    Corrected,
+    /// The caller no longer holds the submit lease (another run owns the order).
+    LeaseLost,
+    /// A create of the order may exist and the gateway's absence is not proven over the
+    /// settle window: it may not be failed yet.
+    MayExist,
+}
+
+/// The gateway's "no such order" streak since the last create that may have created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Absence {
+    pub since_ms: u64,
+    pub lookups: u32,
+    /// The Redis server's clock when the streak was extended.
+    pub now_ms: u64,
+}
+
+impl Absence {
+    /// Repeated, and over at least `window`.
+    pub fn proven(&self, window: Duration) -> bool {
+        self.lookups >= 2 && self.now_ms.saturating_sub(self.since_ms) >= window.as_millis() as u64
+    }
+}
+
 /// How an order ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FinalResult {
@@ -199,6 +231,10 @@ pub struct OrderRecord {
     pub updated_at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// Verified gateway states that contradicted the final status, oldest first (each is an
+    /// outcome entry with `event = correction`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub corrections: Vec<Outcome>,
     #[serde(skip)]
     pub fingerprint: String,
     #[serde(skip)]
@@ -232,6 +268,21 @@ fn decimal_map<S: serde::Serializer>(
         out.serialize_entry(currency, &value.to_string())?;
     }
     out.end()
+}
+
+/// Who decides a final state, which sets what the ledger checks before applying it.
+#[derive(Debug, Clone, Copy)]
+enum Decider<'a> {
+    /// Our own decision that needs no lease.
+    Us,
+    /// The gateway reported it: may correct an earlier final status.
+    Gateway,
+    /// A create run giving up: only while it holds the lease, and only once an order that
+    /// may exist is proven absent.
+    LeaseHolder {
+        token: &'a str,
+        settle_window: Duration,
+    },
 }
 
 #[derive(Clone)]
@@ -370,6 +421,20 @@ fn record_from_fields(
     .max()
     .unwrap_or(registration.created_at);
     let outcome = finished.as_ref().map(|f| &f.outcome);
+    let mut corrections = Vec::new();
+    for (name, value) in fields {
+        if name.starts_with("corr:") {
+            let correction: Finished =
+                milestone(mch_order_no, name, Some(value))?.ok_or_else(|| {
+                    LedgerError::Corrupt {
+                        id: mch_order_no.to_owned(),
+                        reason: format!("{name} is empty"),
+                    }
+                })?;
+            corrections.push((correction.finished_at, correction.outcome));
+        }
+    }
+    corrections.sort_by_key(|(at, _)| *at);
     Ok(Some(OrderRecord {
         mch_order_no: mch_order_no.to_owned(),
         kind: registration.kind,
@@ -400,6 +465,7 @@ fn record_from_fields(
         created_at_ms: registration.created_at,
         updated_at_ms,
         finished_at_ms: finished.as_ref().map(|f| f.finished_at),
+        corrections: corrections.into_iter().map(|(_, o)| o).collect(),
         fingerprint: registration.fingerprint,
         request: registration.request,
     }))
@@ -409,7 +475,10 @@ fn record_from_fields(
 fn outcome_fields(outcome: &Outcome) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let num = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+    // `event` and `previousStatus` lead: the ledger script rewrites them for a correction.
     vec![
+        ("event", outcome.event.clone()),
+        ("previousStatus", opt(&outcome.previous_status)),
         ("kind", outcome.kind.clone()),
         ("mchOrderNo", outcome.mch_order_no.clone()),
         ("status", outcome.status.clone()),
@@ -671,12 +740,15 @@ impl Ledger {
     }
 
     /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).
-    /// False if `token` no longer holds the lease.
+    /// `may_exist` when this run's create may have created the order: the order is marked
+    /// ambiguous for good and any absence streak starts over. False if `token` no longer
+    /// holds the lease.
     pub async fn release(
         &self,
         mch_order_no: &str,
         token: &str,
         next: Phase,
+        may_exist: bool,
         code: Option<i64>,
         msg: &str,
     ) -> Result<bool, LedgerError> {
@@ -685,33 +757,101 @@ impl Ledger {
             .arg(token)
             .arg(next.as_str())
             .arg(code.map(|c| c.to_string()).unwrap_or_default())
-            .arg(msg);
+            .arg(msg)
+            .arg(if may_exist { "1" } else { "" });
         Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
     }
 
-    /// The one terminal transition: true when this call finalised the order and appended its
-    /// outcome; false when it was already final (the caller's result is dropped). `record` is
-    /// the order as the caller read it: the outcome's registration part comes from it.
+    /// Records that the gateway said it has no such order (lease holder only); `None` when
+    /// `token` no longer holds the lease.
+    pub async fn note_absent(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+    ) -> Result<Option<Absence>, LedgerError> {
+        let op = self.op("N", mch_order_no).arg(token);
+        let reply = as_strings(self.batcher.apply(op).await?);
+        let parse = |v: &String| v.parse::<u64>().ok();
+        match reply.as_deref() {
+            Some([]) => Ok(None),
+            Some([since, lookups, now]) => match (parse(since), parse(lookups), parse(now)) {
+                (Some(since_ms), Some(lookups), Some(now_ms)) => Ok(Some(Absence {
+                    since_ms,
+                    lookups: u32::try_from(lookups).unwrap_or(u32::MAX),
+                    now_ms,
+                })),
+                _ => Err(self.unexpected(mch_order_no, "note_absent")),
+            },
+            _ => Err(self.unexpected(mch_order_no, "note_absent")),
+        }
+    }
+
+    fn unexpected(&self, id: &str, what: &str) -> LedgerError {
+        LedgerError::Corrupt {
+            id: id.to_owned(),
+            reason: format!("unexpected reply from {what}"),
+        }
+    }
+
+    /// The one terminal transition, for a decision of ours that needs no lease (e.g. a
+    /// number clash): true when this call finalised the order and appended its outcome;
+    /// false when it was already final (the caller's result is dropped). `record` is the
+    /// order as the caller read it: the outcome's registration part comes from it.
     pub async fn finalize(
         &self,
         record: &OrderRecord,
         phase: Phase,
         result: &FinalResult,
     ) -> Result<bool, LedgerError> {
-        self.finalize_as(record, phase, result, "").await
+        Ok(self.finalize_as(record, phase, result, Decider::Us).await? == Finalized::Recorded)
+    }
+
+    /// A final state the gateway reported (a verified callback, a query): it finalises the
+    /// order, or, if the order is already final with another status, appends one
+    /// `correction` entry per new status.
+    pub async fn apply_gateway_final(
+        &self,
+        record: &OrderRecord,
+        phase: Phase,
+        result: &FinalResult,
+    ) -> Result<Finalized, LedgerError> {
+        let applied = self
+            .finalize_as(record, phase, result, Decider::Gateway)
+            .await?;
+        if applied == Finalized::Corrected {
+            metrics::counter!(crate::metrics::OUTCOME_CORRECTIONS, "status" => phase.as_str())
+                .increment(1);
+            tracing::error!(
+                mch_order_no = %record.mch_order_no,
+                status = %phase,
+                "the gateway contradicts the recorded outcome: correction appended"
+            );
+        }
+        Ok(applied)
     }
 
     /// [`Ledger::finalize`] for a decision the caller made itself (a create it gives up on):
     /// applied only while `token` still holds the submit lease, so a run that lost its lease
-    /// can never finalise an order another run is creating. False when not applied.
+    /// can never finalise an order another run is creating; and for an order some create of
+    /// which may exist, only once the gateway's absence is proven over `settle_window`.
     pub async fn finalize_leased(
         &self,
         record: &OrderRecord,
         token: &str,
         phase: Phase,
         result: &FinalResult,
-    ) -> Result<bool, LedgerError> {
-        self.finalize_as(record, phase, result, token).await
+        settle_window: Duration,
+    ) -> Result<Finalized, LedgerError> {
+        self.finalize_as(
+            record,
+            phase,
+            result,
+            Decider::LeaseHolder {
+                token,
+                settle_window,
+            },
+        )
+        .await
     }
 
     async fn finalize_as(
@@ -719,12 +859,14 @@ impl Ledger {
         record: &OrderRecord,
         phase: Phase,
         result: &FinalResult,
-        token: &str,
-    ) -> Result<bool, LedgerError> {
+        decider: Decider<'_>,
+    ) -> Result<Finalized, LedgerError> {
         debug_assert!(phase.is_final());
         let id = record.mch_order_no.as_str();
         let finished = Finished {
             outcome: Outcome {
+                event: outcome::FINAL_EVENT.to_owned(),
+                previous_status: None,
                 kind: record.kind.clone(),
                 mch_order_no: id.to_owned(),
                 status: phase.as_str().to_owned(),
@@ -749,21 +891,44 @@ impl Ledger {
             id: id.to_owned(),
             reason: e.to_string(),
         })?;
+        let (token, mode, window) = match decider {
+            Decider::Us => ("", "", 0),
+            Decider::Gateway => ("", "g", 0),
+            Decider::LeaseHolder {
+                token,
+                settle_window,
+            } => (token, "", settle_window.as_millis() as u64),
+        };
         let mut op = self
             .op("F", id)
             .arg(json)
             .arg(token)
             .arg(id)
             .arg(if record.stuck { "1" } else { "" })
-            .arg(self.outcome_max_len);
+            .arg(self.outcome_max_len)
+            .arg(mode)
+            .arg(window)
+            .arg(phase.as_str());
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
-        let changed = self.apply_int(op, "finalize", id).await?;
-        if changed == 1 {
+        let applied = match self.apply_int(op, "finalize", id).await? {
+            1 => Finalized::Recorded,
+            0 => Finalized::Unchanged,
+            2 => Finalized::LeaseLost,
+            3 => Finalized::Corrected,
+            4 => Finalized::MayExist,
+            other => {
+                return Err(LedgerError::Corrupt {
+                    id: id.to_owned(),
+                    reason: format!("unexpected reply from finalize: {other}"),
+                });
+            }
+        };
+        if applied == Finalized::Recorded {
             metrics::counter!(crate::metrics::OUTCOMES, "status" => phase.as_str()).increment(1);
         }
-        Ok(changed == 1)
+        Ok(applied)
     }
 
     pub async fn mark_stuck(&self, mch_order_no: &str) -> Result<bool, LedgerError> {

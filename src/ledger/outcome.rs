@@ -1,4 +1,5 @@
-//! The outcome stream's entries: one per order, written by the ledger's final transition.
+//! The outcome stream's entries: one `final` per order, written by the ledger's final
+//! transition, and rare `correction`s when the gateway later contradicts it.
 //! The field names are a contract with consuming applications.
 
 use redis::Value;
@@ -10,6 +11,13 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Outcome {
+    /// `final` for the order's first entry (exactly one per order); `correction` when a
+    /// verified gateway state later contradicts it (at most one per order and new status).
+    #[serde(default = "final_event")]
+    pub event: String,
+    /// With `correction`: the status this entry supersedes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_status: Option<String>,
     /// `payout` or `deposit`.
     pub kind: String,
     pub mch_order_no: String,
@@ -30,6 +38,21 @@ pub struct Outcome {
     pub at: String,
 }
 
+/// The event of an order's first outcome entry.
+pub const FINAL_EVENT: &str = "final";
+/// The event of an entry that contradicts the recorded final status.
+pub const CORRECTION_EVENT: &str = "correction";
+
+fn final_event() -> String {
+    FINAL_EVENT.to_owned()
+}
+
+impl Outcome {
+    pub fn is_correction(&self) -> bool {
+        self.event == CORRECTION_EVENT
+    }
+}
+
 fn field(map: &HashMap<String, Value>, name: &str) -> Option<String> {
     match map.get(name)? {
         Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
@@ -42,6 +65,9 @@ fn field(map: &HashMap<String, Value>, name: &str) -> Option<String> {
 impl Outcome {
     pub(crate) fn from_fields(map: &HashMap<String, Value>) -> Self {
         Self {
+            // Entries written before corrections existed have no event: they are finals.
+            event: field(map, "event").unwrap_or_else(final_event),
+            previous_status: field(map, "previousStatus"),
             kind: field(map, "kind").unwrap_or_default(),
             mch_order_no: field(map, "mchOrderNo").unwrap_or_default(),
             status: field(map, "status").unwrap_or_default(),

@@ -57,9 +57,18 @@ local function register(order, batch, a)
     local h = redis.call('HMGET', order, 'req', 'phase', 'accepted', 'final')
     return {'exists', h[1] or '', h[2] or '', h[3] or '', h[4] or ''}
   end
-  if a[4] ~= '' then redis.call('HSET', order, 'accepted', a[4]) end
-  if a[2] ~= '' then redis.call('SADD', batch, a[3]) end
-  enqueue(a, 5)
+  -- Everything after the write-once claim is undone if a later write fails (e.g. OOM), so
+  -- an order is never registered without its job.
+  local ok, err = pcall(function()
+    if a[4] ~= '' then redis.call('HSET', order, 'accepted', a[4]) end
+    if a[2] ~= '' then redis.call('SADD', batch, a[3]) end
+    enqueue(a, 5)
+  end)
+  if not ok then
+    redis.call('DEL', order)
+    if a[2] ~= '' then redis.call('SREM', batch, a[3]) end
+    error(err)
+  end
   return {'created'}
 end
 
@@ -82,6 +91,10 @@ local function begin_submit(order, a)
     -- never be failed on a lookup alone from now on.
     previous = 'unknown'
     h.ambiguous = '1'
+    -- Its create may have landed after any absence seen so far: the streak starts over.
+    redis.call('HDEL', order, 'absentSince', 'absentLookups')
+    h.absentSince = nil
+    h.absentLookups = nil
   end
   h.phase = 'submitting'
   h.leaseOwner = a[1]
@@ -112,39 +125,95 @@ local function accept(order, a)
 end
 
 -- final_json, lease token ('' when the gateway reported the state), mchOrderNo, stuck flag
--- ('1' when the caller saw the order stuck), outcome stream max length (0 = unbounded), then
--- the outcome's fields. 1 finalised (one outcome appended) | 0 already final | 2 the caller
--- no longer holds the lease.
+-- ('1' when the caller saw the order stuck), outcome stream max length (0 = unbounded),
+-- mode ('g' = a state the gateway reported, which may correct an earlier final status),
+-- settle window ms (leased decisions on an ambiguous order), the new status, then the
+-- outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
+-- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
+-- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
+-- not proven over the settle window.
+local function append_outcome(fields, max_len)
+  if tonumber(max_len) > 0 then
+    return redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', max_len, '*', unpack(fields))
+  end
+  return redis.pcall('XADD', KEYS[3], '*', unpack(fields))
+end
 local function finalize(order, a)
   if a[2] ~= '' then
-    local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted')
+    local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
+      'ambiguous', 'absentSince', 'absentLookups')
     if h[3] then return 0 end
     if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
+    if h[5] == '1' then
+      -- Some create may exist: only the gateway's repeated "no such order" over the settle
+      -- window lets us fail it.
+      local since = tonumber(h[6] or '')
+      if not since or tonumber(h[7] or '0') < 2
+        or lease_clock() - since < tonumber(a[7]) then
+        return 4
+      end
+    end
   end
-  if redis.call('HSETNX', order, 'final', a[1]) == 0 then return 0 end
-  if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
   local fields = {}
-  for i = 6, #a do fields[#fields + 1] = a[i] end
-  if tonumber(a[5]) > 0 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', a[5], '*', unpack(fields))
-  else
-    redis.call('XADD', KEYS[3], '*', unpack(fields))
+  for i = 9, #a do fields[#fields + 1] = a[i] end
+  if redis.call('HSETNX', order, 'final', a[1]) == 0 then
+    if a[6] ~= 'g' then return 0 end
+    -- Already final: a verified gateway state that says otherwise is news, once per state.
+    local h = redis.call('HMGET', order, 'final', 'status')
+    local recorded = cjson.decode(h[1]).status
+    if a[8] == recorded or redis.call('HEXISTS', order, 'corr:' .. a[8]) == 1 then
+      return 0
+    end
+    fields[2] = 'correction'
+    fields[4] = h[2] or recorded
+    local added = append_outcome(fields, a[5])
+    if type(added) == 'table' and added.err then return {'!error', added.err} end
+    local kept = cjson.decode(a[1])
+    kept.event = 'correction'
+    kept.previousStatus = fields[4]
+    redis.call('HSET', order, 'corr:' .. a[8], cjson.encode(kept), 'status', a[8])
+    return 3
   end
+  local added = append_outcome(fields, a[5])
+  if type(added) == 'table' and added.err then
+    -- No final order without its outcome: undo the claim.
+    redis.call('HDEL', order, 'final')
+    return {'!error', added.err}
+  end
+  if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
   return 1
 end
 
--- lease token, next phase (queued | unknown), code, msg. Only the lease holder may do this.
+-- lease token, next phase (queued | unknown), code, msg, '1' when this run's create may
+-- have created the order. Only the lease holder may do this.
 local function release(order, a)
   local h = redis.call('HMGET', order, 'phase', 'leaseOwner')
   if h[1] ~= 'submitting' or h[2] ~= a[1] then return 0 end
   local fields = {'phase', a[2], 'lastCode', a[3], 'lastMsg', a[4], 'updatedAt', now}
-  if a[2] == 'unknown' then
-    -- Some create may have reached the gateway: never fail this order on a lookup alone.
+  if a[5] == '1' then
+    -- Some create may have reached the gateway: never fail this order on a lookup alone,
+    -- and any absence seen before this create proves nothing now.
     fields[#fields + 1] = 'ambiguous'
     fields[#fields + 1] = '1'
+    redis.call('HDEL', order, 'absentSince', 'absentLookups')
   end
   redis.call('HSET', order, unpack(fields))
   return 1
+end
+
+-- lease token. The gateway said it has no such order: extend the absence streak.
+-- {since_ms, lookups, server_now_ms} | {} when the caller no longer holds the lease.
+local function note_absent(order, a)
+  local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'absentSince')
+  if h[1] ~= 'submitting' or h[2] ~= a[1] then return {} end
+  local clock = lease_clock()
+  local since = h[3]
+  if not since then
+    since = tostring(clock)
+    redis.call('HSET', order, 'absentSince', since)
+  end
+  local lookups = redis.call('HINCRBY', order, 'absentLookups', 1)
+  return {since, tostring(lookups), tostring(clock)}
 end
 
 -- mchOrderNo. 1 when flagged.
@@ -156,7 +225,8 @@ local function mark_stuck(order, a)
   return 1
 end
 
-local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck}
+local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck,
+  N = note_absent}
 -- One operation's error (a key of the wrong type, an unknown kind) is its caller's answer,
 -- {'!error', message} (as data: an error reply nested in the batch's array would fail the
 -- whole reply client-side); the other operations of the batch go on.

@@ -92,11 +92,11 @@ pub async fn receive(
     match state
         .deployment
         .ledger
-        .finalize(&record, phase, &result)
+        .apply_gateway_final(&record, phase, &result)
         .await
     {
         Ok(applied) => {
-            tracing::info!(mch_order_no = %id, status = %phase, applied, "verified callback");
+            tracing::info!(mch_order_no = %id, status = %phase, ?applied, "verified callback");
             reply(StatusCode::OK, "OK")
         }
         Err(err) => unavailable(err),
@@ -139,9 +139,8 @@ async fn schedule_query(
     state: &AppState,
     record: &OrderRecord,
 ) -> Result<(), crate::queue::QueueError> {
-    if record.phase.is_final() {
-        return Ok(());
-    }
+    // Even for a final order: the query may find that the gateway now says otherwise (a
+    // refund, a late payment), which is a correction.
     let job = PayoutJob::poll(record, true);
     // Its own unique key: a regular poll may be waiting minutes away.
     let options = JobOptions {

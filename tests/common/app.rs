@@ -67,6 +67,7 @@ pub async fn spawn_app_with(
         ("TARSPAY_POLL_MAX_INTERVAL", "300ms".to_owned()),
         ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "1s".to_owned()),
         ("TARSPAY_ORPHAN_TIMEOUT", "3s".to_owned()),
+        ("TARSPAY_SETTLE_WINDOW", "1s".to_owned()),
         ("TARSPAY_SHUTDOWN_GRACE", "2s".to_owned()),
     ]
     .into_iter()
