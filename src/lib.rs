@@ -1,6 +1,7 @@
 //! tarspay-worker: moves money through the TarsPay payment gateway without losing or doubling
 //! a payout. See `ARCHITECTURE.md` for the map of this crate.
 
+pub mod audit;
 pub mod batch;
 pub mod bench;
 pub mod config;

@@ -178,18 +178,38 @@ pub async fn run(
         let _ = stop_rx.await;
         Ok::<(), std::io::Error>(())
     };
+    // The lifeline sweeps for orders without work (one worker at a time, see `audit`).
+    let lifeline_stop = tokio_util::sync::CancellationToken::new();
+    let lifeline = crate::audit::Lifeline::new(
+        deployment.ledger.clone(),
+        deployment.queue.clone(),
+        settings.lifeline_interval,
+    );
+    let lifeline_task = tokio::spawn(lifeline.run(lifeline_stop.clone().cancelled_owned()));
+    let _stop_lifeline = lifeline_stop.clone().drop_guard();
     let grace = settings.shutdown_grace;
     let deadline = async move {
         shutdown.await;
+        lifeline_stop.cancel();
         tracing::info!("shutting down: no new jobs, waiting for in-flight ones");
         let _ = stop_tx.send(());
         tokio::time::sleep(grace).await;
     };
+    let _lifeline_task = AbortOnDrop(lifeline_task);
     tokio::select! {
         result = worker.run_until(stop) => result.map_err(|err| WorkerError::Runtime(err.to_string())),
         _ = deadline => {
             tracing::warn!(grace_s = grace.as_secs(), "grace period over; unfinished jobs are left to other workers");
             Ok(())
         }
+    }
+}
+
+/// Ends a background task when the pool that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

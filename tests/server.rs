@@ -454,19 +454,78 @@ async fn verified_callbacks_finalise_once_and_replays_change_nothing() {
     for (status, text) in futures::future::join_all(sends).await {
         assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
     }
-    // A later, different signed state cannot change a final order.
-    let failed = callback_body("CB-1", "100", 3);
-    s.callback(
-        &failed,
-        Some(&sign_callback(&system_key(), failed.as_bytes())),
-    )
-    .await;
     assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 1);
     let outcome = &s.app.outcomes().await[0];
     assert_eq!(
-        (outcome.status.as_str(), outcome.gateway_state),
-        ("succeeded", Some(2))
+        (
+            outcome.event.as_str(),
+            outcome.status.as_str(),
+            outcome.gateway_state
+        ),
+        ("final", "succeeded", Some(2))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_later_refunded_is_one_correction_however_often_it_is_told() {
+    let s = served(|c| c.final_after = Duration::from_secs(3600), &[]).await;
+    accepted_order(&s, "RF-1").await;
+    let paid = callback_body("RF-1", "100", 2);
+    let paid_sig = sign_callback(&system_key(), paid.as_bytes());
+    s.callback(&paid, Some(&paid_sig)).await;
+    // The gateway refunds it (2 -> 5) and tells us again and again, concurrently, and
+    // replays the old success in between.
+    let refunded = callback_body("RF-1", "100", 5);
+    let refund_sig = sign_callback(&system_key(), refunded.as_bytes());
+    let mut sends = Vec::new();
+    for i in 0..10 {
+        if i % 3 == 0 {
+            sends.push(s.callback(&paid, Some(&paid_sig)));
+        }
+        sends.push(s.callback(&refunded, Some(&refund_sig)));
+    }
+    for (status, text) in futures::future::join_all(sends).await {
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
+    }
+    let outcomes = s.app.outcomes().await;
+    let events: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.event.as_str(),
+                o.status.as_str(),
+                o.previous_status.as_deref(),
+                o.gateway_state,
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("final", "succeeded", None, Some(2)),
+            ("correction", "refunded", Some("succeeded"), Some(5)),
+        ]
+    );
+    // The record keeps its final status and shows the correction, in the API too.
+    let record = s.app.deployment.ledger.get("RF-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Succeeded);
+    assert_eq!(record.corrections.len(), 1);
+    let shown: serde_json::Value = s
+        .get("/v1/payouts/RF-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["corrections"][0]["status"], "refunded");
+    assert_eq!(shown["corrections"][0]["previousStatus"], "succeeded");
+    assert_eq!(shown["corrections"][0]["event"], "correction");
+    // An unsigned claim of yet another state is only a reason to look (which finds the
+    // sandbox's state): no further entry.
+    let forged = callback_body("RF-1", "100", 3);
+    s.callback(&forged, None).await;
+    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! Subcommands. Each module holds one family; this one parses arguments, loads settings and
 //! dispatches.
 
+mod audit;
 mod bench;
 mod demo;
 mod payouts;
@@ -62,6 +63,9 @@ pub enum Command {
     Serve,
     /// Pay a payroll CSV as one batch and follow it to the end.
     Payroll(payroll::PayrollArgs),
+    /// Check the deployment's invariants (every open order has one job, every final one
+    /// outcome): exit 0 when they hold, 1 with the violations listed.
+    Audit(audit::AuditArgs),
     /// Jobs that were given up.
     #[command(subcommand)]
     Dead(payouts::DeadCommand),
@@ -94,6 +98,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Command::Pause => payouts::pause(&settings, true).await,
             Command::Resume => payouts::pause(&settings, false).await,
             Command::Dead(command) => payouts::dead(&settings, command).await,
+            Command::Audit(args) => audit::run(&settings, args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Serve => serve::run(&settings).await,
             Command::Payroll(args) => payroll::run(&settings, args).await,

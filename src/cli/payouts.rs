@@ -189,6 +189,17 @@ pub async fn status(settings: &Settings, args: StatusArgs) -> Result<ExitCode> {
         if let Some(batch) = &record.batch_id {
             println!("batch        {batch}");
         }
+        if record.ambiguous && !record.phase.is_final() {
+            println!("ambiguous    a create may have reached the gateway: only it settles this");
+        }
+        for correction in &record.corrections {
+            println!(
+                "CORRECTION   the gateway now says {} (was {}) at {}",
+                correction.status,
+                correction.previous_status.as_deref().unwrap_or("?"),
+                correction.at
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -201,8 +212,16 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
             .code
             .map(|c| format!(" code={c}"))
             .unwrap_or_default();
+        let event = if outcome.is_correction() {
+            format!(
+                " CORRECTION (was {})",
+                outcome.previous_status.as_deref().unwrap_or("?")
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{} {} {} {} attempts={}{code} at={}",
+            "{} {}{event} {} {} attempts={}{code} at={}",
             outcome.mch_order_no,
             outcome.status,
             outcome.amount,

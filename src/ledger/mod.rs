@@ -90,6 +90,11 @@ impl LedgerKeys {
     pub fn outcomes(&self) -> String {
         format!("{}:outcomes", self.base)
     }
+
+    /// Held by the worker running this interval's lifeline sweep.
+    pub fn lifeline(&self) -> String {
+        format!("{}:lifeline", self.base)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

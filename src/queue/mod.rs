@@ -68,7 +68,7 @@ mod worker_id;
 pub use backend::Delivery;
 pub use config::QueueConfig;
 pub use dead::DeadJob;
-pub(crate) use envelope::now_ms;
+pub(crate) use envelope::{Envelope, now_ms};
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService};
 pub(crate) use scripts::ENQUEUE_ONE;

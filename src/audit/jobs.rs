@@ -1,0 +1,150 @@
+//! A snapshot of the payout queue's jobs, by order: the stream (waiting and in flight), the
+//! delayed set and the dead stream.
+//!
+//! Jobs move while they are read (promotion: delayed → stream; retries: stream → delayed or
+//! a new stream entry). The stream is read in id order, then the delayed set, then the
+//! stream again from where the first read ended, so a job promoted or re-added meanwhile is
+//! still seen; a job seen twice is counted once (a job keeps its id across retries).
+
+use super::{AuditError, Pace};
+use crate::jobs::PayoutJob;
+use crate::queue::{Envelope, QueueKeys};
+use redis::aio::ConnectionManager;
+use std::collections::{HashMap, HashSet};
+
+/// One job, as the audit sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobView {
+    pub id: String,
+    pub job: PayoutJob,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct JobIndex {
+    /// Waiting, in flight or delayed jobs by mchOrderNo.
+    pub live: HashMap<String, Vec<JobView>>,
+    /// Dead jobs by mchOrderNo.
+    pub dead: HashMap<String, usize>,
+    /// Entries whose envelope or job does not decode.
+    pub undecodable: u64,
+    seen: HashSet<String>,
+}
+
+impl JobIndex {
+    fn add(&mut self, text: &str, dead: bool) {
+        let decoded = Envelope::decode(text).ok().and_then(|envelope| {
+            let job = serde_json::from_str::<PayoutJob>(envelope.payload.get()).ok()?;
+            Some((envelope.id, job))
+        });
+        let Some((id, job)) = decoded else {
+            self.undecodable += 1;
+            return;
+        };
+        let order = job.mch_order_no().to_owned();
+        if dead {
+            *self.dead.entry(order).or_default() += 1;
+        } else if self.seen.insert(id.clone()) {
+            self.live
+                .entry(order)
+                .or_default()
+                .push(JobView { id, job });
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.values().map(Vec::len).sum()
+    }
+
+    pub fn dead_count(&self) -> usize {
+        self.dead.values().sum()
+    }
+}
+
+pub(crate) async fn snapshot(
+    conn: &ConnectionManager,
+    keys: &QueueKeys,
+    pace: Pace,
+) -> Result<JobIndex, AuditError> {
+    let mut conn = conn.clone();
+    let mut index = JobIndex::default();
+    let last = read_stream(&mut conn, &keys.stream, "-", pace, &mut index, false).await?;
+    read_delayed(&mut conn, &keys.delayed, pace, &mut index).await?;
+    if let Some(last) = last {
+        read_stream(
+            &mut conn,
+            &keys.stream,
+            &format!("({last}"),
+            pace,
+            &mut index,
+            false,
+        )
+        .await?;
+    }
+    read_stream(&mut conn, &keys.dead, "-", pace, &mut index, true).await?;
+    Ok(index)
+}
+
+/// Reads a stream from `start` to its end; returns the last id read.
+async fn read_stream(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    start: &str,
+    pace: Pace,
+    index: &mut JobIndex,
+    dead: bool,
+) -> Result<Option<String>, AuditError> {
+    let mut start = start.to_owned();
+    let mut last = None;
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(pace.chunk)
+            .query_async(conn)
+            .await?;
+        let n = page.ids.len();
+        for entry in page.ids {
+            match entry.map.get("e") {
+                Some(redis::Value::BulkString(bytes)) => {
+                    index.add(&String::from_utf8_lossy(bytes), dead);
+                }
+                _ => index.undecodable += 1,
+            }
+            start = format!("({}", entry.id);
+            last = Some(entry.id);
+        }
+        pace.after(n).await;
+        if n < pace.chunk {
+            return Ok(last);
+        }
+    }
+}
+
+async fn read_delayed(
+    conn: &mut ConnectionManager,
+    delayed: &str,
+    pace: Pace,
+    index: &mut JobIndex,
+) -> Result<(), AuditError> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(delayed)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(pace.chunk)
+            .query_async(conn)
+            .await?;
+        // Members and scores alternate.
+        for member in page.iter().step_by(2) {
+            index.add(member, false);
+        }
+        pace.after(page.len() / 2).await;
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,187 @@
+//! Reading orders (SCAN over the ledger's order hashes) and the outcome stream.
+
+use super::{AuditError, Pace};
+use crate::ledger::LedgerKeys;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use std::collections::HashMap;
+
+/// What the audit needs of one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OrderView {
+    pub id: String,
+    /// The recorded final status, when final.
+    pub final_status: Option<String>,
+    pub finished_at_ms: Option<u64>,
+    pub accepted: bool,
+    /// The working phase (queued, submitting, unknown), before acceptance.
+    pub phase: String,
+    pub stuck: bool,
+    /// Changes whenever a create run moves the order; compared before a repair.
+    pub updated_at: String,
+}
+
+impl OrderView {
+    /// The phase as `status` shows it.
+    pub fn shown_phase(&self) -> String {
+        match (&self.final_status, self.accepted) {
+            (Some(status), _) => status.clone(),
+            (None, true) => "accepted".to_owned(),
+            (None, false) => self.phase.clone(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FinalPart {
+    status: String,
+    #[serde(default)]
+    finished_at: u64,
+}
+
+const FIELDS: [&str; 5] = ["final", "accepted", "phase", "stuck", "updatedAt"];
+
+/// Every order hash of the ledger, read chunk by chunk.
+pub(crate) async fn scan(
+    conn: &ConnectionManager,
+    keys: &LedgerKeys,
+    pace: Pace,
+) -> Result<Vec<OrderView>, AuditError> {
+    let prefix = keys.order("");
+    let pattern = format!("{}*", glob_escape(&prefix));
+    let mut conn = conn.clone();
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(pace.chunk)
+            .query_async(&mut conn)
+            .await?;
+        if !found.is_empty() {
+            out.extend(read(&mut conn, &prefix, &found).await?);
+        }
+        pace.after(pace.chunk).await;
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(out)
+}
+
+/// The views of these orders now (an order deleted meanwhile is left out).
+pub(crate) async fn reread(
+    conn: &ConnectionManager,
+    keys: &LedgerKeys,
+    ids: &[String],
+) -> Result<Vec<OrderView>, AuditError> {
+    let prefix = keys.order("");
+    let found: Vec<String> = ids.iter().map(|id| keys.order(id)).collect();
+    read(&mut conn.clone(), &prefix, &found).await
+}
+
+async fn read(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+    order_keys: &[String],
+) -> Result<Vec<OrderView>, AuditError> {
+    let mut pipe = redis::pipe();
+    for key in order_keys {
+        pipe.cmd("HMGET").arg(key).arg(&FIELDS[..]);
+    }
+    let rows: Vec<[Option<String>; 5]> = pipe.query_async(conn).await?;
+    Ok(order_keys
+        .iter()
+        .zip(rows)
+        .filter_map(|(key, [finished, accepted, phase, stuck, updated])| {
+            let id = key.strip_prefix(prefix)?.to_owned();
+            let finished: Option<FinalPart> =
+                finished.and_then(|json| serde_json::from_str(&json).ok());
+            Some(OrderView {
+                id,
+                final_status: finished.as_ref().map(|f| f.status.clone()),
+                finished_at_ms: finished.as_ref().map(|f| f.finished_at),
+                accepted: accepted.is_some(),
+                // A registered order no run has touched yet has no working phase: queued.
+                phase: phase.unwrap_or_else(|| "queued".to_owned()),
+                stuck: stuck.as_deref() == Some("1"),
+                updated_at: updated.unwrap_or_default(),
+            })
+        })
+        .collect())
+}
+
+/// `final` entries per order, and the time of the stream's oldest entry (ms; entries older
+/// than it were trimmed away).
+#[derive(Debug, Default)]
+pub(crate) struct OutcomeEntries {
+    pub finals: HashMap<String, usize>,
+    pub oldest_ms: Option<u64>,
+    pub total: u64,
+}
+
+pub(crate) async fn outcome_entries(
+    conn: &ConnectionManager,
+    keys: &LedgerKeys,
+    pace: Pace,
+) -> Result<OutcomeEntries, AuditError> {
+    let mut conn = conn.clone();
+    let mut entries = OutcomeEntries::default();
+    let mut start = "-".to_owned();
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(keys.outcomes())
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(pace.chunk)
+            .query_async(&mut conn)
+            .await?;
+        let Some(last) = page.ids.last() else {
+            break;
+        };
+        start = format!("({}", last.id);
+        let done = page.ids.len() < pace.chunk;
+        for entry in page.ids {
+            if entries.oldest_ms.is_none() {
+                entries.oldest_ms = entry.id.split('-').next().and_then(|ms| ms.parse().ok());
+            }
+            entries.total += 1;
+            let text = |name: &str| match entry.map.get(name) {
+                Some(redis::Value::BulkString(bytes)) => {
+                    Some(String::from_utf8_lossy(bytes).into_owned())
+                }
+                _ => None,
+            };
+            // Entries written before corrections existed carry no event: finals.
+            let event = text("event").unwrap_or_else(|| "final".to_owned());
+            if event == "final"
+                && let Some(id) = text("mchOrderNo")
+            {
+                *entries.finals.entry(id).or_default() += 1;
+            }
+        }
+        pace.after(pace.chunk).await;
+        if done {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+/// `text` with Redis glob's special characters escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

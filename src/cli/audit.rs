@@ -1,0 +1,55 @@
+//! `audit`: check a deployment's invariants; exit 0 when they hold, 1 with the violations.
+
+use anyhow::Result;
+use clap::Args;
+use std::process::ExitCode;
+use std::time::Duration;
+use tarspay_worker::audit::{Auditor, Pace};
+use tarspay_worker::config::Settings;
+use tarspay_worker::worker::Deployment;
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// A violation must still be there this much later (jobs move while they are read).
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
+    confirm: Duration,
+}
+
+pub async fn run(settings: &Settings, args: AuditArgs) -> Result<ExitCode> {
+    let deployment = Deployment::connect(settings).await?;
+    let auditor = Auditor::new(
+        deployment.queue.connection(),
+        deployment.ledger.keys().clone(),
+        deployment.queue.keys().clone(),
+        Pace::FULL,
+    );
+    let report = auditor.audit(args.confirm).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("orders        {}", report.orders);
+        for (phase, count) in &report.phases {
+            println!("  {phase:<12}{count}");
+        }
+        println!("stuck         {}", report.stuck);
+        println!("live jobs     {}", report.live_jobs);
+        println!("dead jobs     {}", report.dead_jobs);
+        println!("outcomes      {}", report.outcome_entries);
+        if report.holds() {
+            println!("invariants hold");
+        } else {
+            println!("{} violation(s):", report.violations.len());
+            for violation in &report.violations {
+                println!("  {violation}");
+            }
+        }
+    }
+    Ok(if report.holds() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
