@@ -233,6 +233,17 @@ impl TestApp {
 pub struct WorkerProcess(Option<Child>);
 
 impl WorkerProcess {
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`) to the running process.
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.0 {
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{name} failed");
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
@@ -252,6 +263,32 @@ impl WorkerProcess {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl TestApp {
+    /// Runs `tarspay-worker audit --json` against this app; its exit code and report.
+    pub fn audit(&self) -> (i32, serde_json::Value) {
+        let mut command = Command::new(BIN);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("TARSPAY_") {
+                command.env_remove(name);
+            }
+        }
+        let output = command
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "warn")
+            .args(["audit", "--json", "--confirm", "500ms"])
+            .output()
+            .expect("run tarspay-worker audit");
+        let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+            panic!(
+                "audit printed no report ({err}): {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap_or(-1), report)
     }
 }
 
