@@ -656,3 +656,70 @@ async fn an_acceptance_after_our_own_failure_is_kept_visible() {
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 }
+
+/// A write that fails after the write-once claim (here: the outcome stream or the job
+/// stream is of the wrong type, as an OOM or a misconfiguration would make it fail) undoes
+/// the claim: never a final order without its outcome, never an order without its job.
+#[tokio::test]
+async fn a_failed_outcome_or_job_write_undoes_the_claim() {
+    use redis::AsyncCommands;
+    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let mut conn = server.conn().await;
+    let keys = LedgerKeys::new("{ltest:payouts}", &queue_keys());
+
+    ledger.register(&order("XF-1", "f")).await.unwrap();
+    let seen = record(&ledger, "XF-1").await;
+    let _: () = conn.set(keys.outcomes(), "not a stream").await.unwrap();
+    assert!(
+        ledger
+            .finalize(&seen, Phase::Succeeded, &FinalResult::default())
+            .await
+            .is_err()
+    );
+    assert!(!record(&ledger, "XF-1").await.phase.is_final());
+    let _: () = conn.del(keys.outcomes()).await.unwrap();
+    assert!(
+        ledger
+            .finalize(&seen, Phase::Succeeded, &FinalResult::default())
+            .await
+            .unwrap()
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+
+    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
+        &server.url(),
+        QueueConfig::new("payouts").with_prefix("ltest"),
+    )
+    .await
+    .unwrap();
+    let job = queue
+        .prepare(&serde_json::json!({"create": 1}), &JobOptions::default())
+        .unwrap();
+    let stream = queue.keys().stream.clone();
+    let _: () = conn.del(&stream).await.unwrap();
+    let _: () = conn.set(&stream, "not a stream").await.unwrap();
+    assert!(
+        ledger
+            .register_with_job(&order("XR-1", "f"), Phase::Queued, &job)
+            .await
+            .is_err()
+    );
+    assert!(ledger.get("XR-1").await.unwrap().is_none(), "not registered");
+    assert!(
+        !ledger
+            .batch_members("B1")
+            .await
+            .unwrap()
+            .contains(&"XR-1".to_string())
+    );
+    let _: () = conn.del(&stream).await.unwrap();
+    assert_eq!(
+        ledger
+            .register_with_job(&order("XR-1", "f"), Phase::Queued, &job)
+            .await
+            .unwrap(),
+        Registered::Created
+    );
+}

@@ -148,8 +148,12 @@ impl Run<'_> {
         let class = err.class(&ctx.codes);
         let created = may_have_created(&err);
         tracing::info!(mch_order_no = id, attempt = self.attempt, error = %err, ?class, created, "create failed");
+        // A gateway may check the key before the duplicate number: an auth-class refusal of
+        // a create whose order may already exist says nothing sure about the key, so it
+        // does not count towards pausing every payout.
         if let Some(code) = err.code()
             && is_auth_class(code)
+            && !self.may_exist
             && ctx.guard.record_auth_failure(id, code).await? == GuardVerdict::Pause
         {
             // Systemic (bad key, unbound IP): the queue is paused; hold this order for the
