@@ -706,7 +706,10 @@ async fn a_failed_outcome_or_job_write_undoes_the_claim() {
             .await
             .is_err()
     );
-    assert!(ledger.get("XR-1").await.unwrap().is_none(), "not registered");
+    assert!(
+        ledger.get("XR-1").await.unwrap().is_none(),
+        "not registered"
+    );
     assert!(
         !ledger
             .batch_members("B1")
