@@ -13,6 +13,15 @@
 //!   counting a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never
 //!   robbed. Entries assigned by a fetch whose reply was lost are not renewed, so they are
 //!   recovered like orphans.
+//! * **A settlement applies only while its worker still holds the entry.** An outcome (done,
+//!   retry, dead) and a shutdown give-back are written only if the entry is still pending *and*
+//!   owned by the settling consumer (`XPENDING id id 1`, checked inside the same script). A
+//!   worker that stalled past the orphan timeout (GC pause, swap, SIGSTOP, a frozen VM) and lost
+//!   the entry to another worker has its settlement dropped without `XACK`/`XDEL`, counted in
+//!   `tarspay_queue_stale_settlements_total` and logged (warn, with the job id): the new holder
+//!   settles the entry, so its retry or death is never lost. The stalled run's effects still
+//!   happened, which delivery-at-least-once already allows. A unique key is released only by
+//!   the call that acknowledged the entry.
 //! * Delivery is at least once. Effects must be idempotent (the payout ledger makes them so).
 //!
 //! # Handler contract (the retry policy belongs to the job)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::backoff::redis_backoff;
-use crate::queue::envelope::now_ms;
+use crate::queue::envelope::{Envelope, now_ms};
 use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
@@ -34,6 +34,25 @@ pub(crate) enum Settlement {
 }
 
 impl Settlement {
+    /// The job id, if known (a buried entry may not decode).
+    pub(crate) fn job_id(&self) -> Option<String> {
+        match self {
+            Self::Done { job_id, .. } => Some(job_id.clone()),
+            Self::Retry { envelope, .. } | Self::Dead { envelope, .. } => {
+                Envelope::decode(envelope).ok().map(|e| e.id)
+            }
+        }
+    }
+
+    /// "done", "retry" or "dead", for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Done { .. } => "done",
+            Self::Retry { .. } => "retry",
+            Self::Dead { .. } => "dead",
+        }
+    }
+
     pub(crate) fn entry_id(&self) -> &str {
         match self {
             Self::Done { entry_id, .. }
@@ -157,6 +176,7 @@ async fn write_batch(
         .key(&keys.dead)
         .key(&keys.unique)
         .arg(&keys.group)
+        .arg(consumer)
         .arg(now_ms())
         .arg(shared.config.dead_max_len);
     for settlement in batch {
@@ -194,6 +214,27 @@ async fn write_batch(
         };
     }
     let mut conn = shared.conn.clone();
-    let _settled: i64 = invocation.invoke_async(&mut conn).await?;
+    let (_settled, stale): (i64, Vec<String>) = invocation.invoke_async(&mut conn).await?;
+    if !stale.is_empty() {
+        report_stale(consumer, batch, &stale);
+    }
     Ok(())
+}
+
+/// Settlements dropped because this worker no longer owns their entries: it stalled past the
+/// orphan timeout and another worker took them over (that worker settles them).
+fn report_stale(consumer: &str, batch: &[Settlement], stale: &[String]) {
+    metrics::counter!(crate::metrics::QUEUE_STALE_SETTLEMENTS).increment(stale.len() as u64);
+    for entry_id in stale {
+        let settlement = batch.iter().find(|s| s.entry_id() == entry_id);
+        let job_id = settlement.and_then(Settlement::job_id).unwrap_or_default();
+        let outcome = settlement.map(Settlement::kind).unwrap_or("unknown");
+        tracing::warn!(
+            %job_id,
+            %entry_id,
+            outcome,
+            consumer,
+            "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it"
+        );
+    }
 }
