@@ -4,9 +4,20 @@
 use redis::Script;
 use std::sync::LazyLock;
 
+/// Lua: the Redis server's clock in ms. Every due time of the queue is on this clock, so a
+/// worker or producer whose own clock is off never makes a job run early or late.
+const SERVER_NOW: &str = r#"
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"#;
+
 /// Lua function that enqueues one prepared job; shared with scripts of other modules that
 /// enqueue in the same step as their own change (the ledger's REGISTER), on the same slot.
-/// Returns "" if enqueued, else the id of the job holding the unique key.
+/// Returns "" if enqueued, else the id of the job holding the unique key. `now` and `run_at`
+/// must be on one clock: the queue's own ENQUEUE passes the server's `TIME`; other callers pass
+/// `crate::queue::now_ms()` (the process' estimate of the server's clock).
 pub(crate) const ENQUEUE_ONE: &str = r#"
 local function enqueue_one(stream, delayed, unique, now, run_at, ukey, job_id, env)
   if ukey ~= '' and redis.call('HSETNX', unique, ukey, job_id) == 0 then
@@ -22,29 +33,35 @@ end
 "#;
 
 /// Enqueue a chunk of jobs. KEYS: stream, delayed, unique.
-/// ARGV: now_ms, then per job: run_at_ms, unique_key ("" = none), job_id, envelope.
+/// ARGV: per job: delay_ms (0 = now), unique_key ("" = none), job_id, envelope. A delayed job is
+/// due at the server's `TIME` plus its delay, whatever the producer's clock says.
 /// Returns one string per job: "" if enqueued, else the id of the job holding the unique key.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{ENQUEUE_ONE}{}",
+        "{SERVER_NOW}{ENQUEUE_ONE}{}",
         r#"
-local now = tonumber(ARGV[1])
+local now = server_now()
 local out = {}
-for i = 2, #ARGV, 4 do
+for i = 1, #ARGV, 4 do
+  local delay = tonumber(ARGV[i])
+  local run_at = 0
+  if delay > 0 then run_at = now + delay end
   out[#out + 1] = enqueue_one(KEYS[1], KEYS[2], KEYS[3], now,
-    tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    run_at, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
 return out
 "#
     ))
 });
 
-/// Move due delayed jobs into the stream, at most ARGV[2] per call. KEYS: delayed, stream.
-/// ARGV: now_ms, limit. Returns how many were moved.
+/// Move delayed jobs due by the server's clock (`TIME`) into the stream, at most ARGV[1] per
+/// call. KEYS: delayed, stream. ARGV: limit. Returns how many were moved.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{SERVER_NOW}{}",
         r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0,
+  tonumber(ARGV[1]))
 for _, env in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'e', env)
 end
@@ -53,14 +70,15 @@ if #due > 0 then
   redis.call('ZREM', KEYS[1], unpack(due))
 end
 return #due
-"#,
-    )
+"#
+    ))
 });
 
 /// Settle a batch of finished deliveries. KEYS: stream, delayed, dead, unique.
-/// ARGV: group, consumer, now_ms, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
+/// ARGV: group, consumer, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
 ///   kind "a" (done):  a = unique key or "", b = job id
-///   kind "r" (retry): a = run_at_ms, b = new envelope
+///   kind "r" (retry): a = delay_ms (due at the server's `TIME` plus it; 0 = now), b = new
+///                     envelope
 ///   kind "d" (dead):  a = reason, b = envelope, c = worker
 /// An op is applied only if its entry is still pending **and owned by `consumer`**: a worker that
 /// stalled past the orphan timeout and lost the entry to another worker must not acknowledge or
@@ -70,9 +88,11 @@ return #due
 /// Settled entries are deleted from the stream.
 /// Returns {settled, {stale entry ids...}}.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{SERVER_NOW}{}",
         r#"
-local group, consumer, now, dead_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
+local now = server_now()
 local seen = {}
 local function owned(id)
   -- An id twice in one batch: only its first op may apply.
@@ -84,7 +104,7 @@ end
 local done = {}
 local stale = {}
 local settled = 0
-for i = 5, #ARGV, 5 do
+for i = 4, #ARGV, 5 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if not owned(id) then
     stale[#stale + 1] = id
@@ -102,14 +122,15 @@ for i = 5, #ARGV, 5 do
     if redis.call('XACK', KEYS[1], group, id) == 1 then
       settled = settled + 1
       if kind == 'r' then
-        if tonumber(a) > now then
-          redis.call('ZADD', KEYS[2], a, b)
+        local delay = tonumber(a)
+        if delay > 0 then
+          redis.call('ZADD', KEYS[2], now + delay, b)
         else
           redis.call('XADD', KEYS[1], '*', 'e', b)
         end
       else
         redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_max, '*',
-          'e', b, 'reason', a, 'worker', c, 'at', ARGV[3])
+          'e', b, 'reason', a, 'worker', c, 'at', now)
       end
     end
     redis.call('XDEL', KEYS[1], id)
@@ -120,8 +141,8 @@ if #done > 0 then
   redis.call('XDEL', KEYS[1], unpack(done))
 end
 return {settled, stale}
-"#,
-    )
+"#
+    ))
 });
 
 /// Claim orphaned entries and report their delivery counts. KEYS: stream.
@@ -245,7 +266,6 @@ mod tests {
             .key(UNIQUE)
             .arg("g")
             .arg(consumer)
-            .arg(crate::queue::now_ms())
             .arg(100);
         for value in op {
             invocation.arg(value);
@@ -410,9 +430,8 @@ mod tests {
             settle(&mut conn, "a", ["a", &later, "", "J2", ""]).await,
             (0, vec![later.clone()])
         );
-        let run_at = (crate::queue::now_ms() + 60_000).to_string();
         assert_eq!(
-            settle(&mut conn, "b", ["r", &later, &run_at, "w2", ""]).await,
+            settle(&mut conn, "b", ["r", &later, "60000", "w2", ""]).await,
             (1, vec![])
         );
         let delayed: Vec<String> = conn.zrange(DELAYED, 0, -1).await.unwrap();
@@ -459,7 +478,6 @@ mod tests {
             .key(UNIQUE)
             .arg("g")
             .arg("a")
-            .arg(crate::queue::now_ms())
             .arg(100);
         for value in ["r", &entry, "0", "v2", ""] {
             invocation.arg(value);

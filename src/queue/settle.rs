@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::backoff::redis_backoff;
-use crate::queue::envelope::{Envelope, now_ms};
+use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
@@ -19,10 +19,11 @@ pub(crate) enum Settlement {
         unique: Option<String>,
         job_id: String,
     },
-    /// Acknowledge and put the job (with its new attempt count) back after a delay.
+    /// Acknowledge and put the job (with its new attempt count) back after a delay, measured
+    /// from the moment Redis writes it, on the server's clock.
     Retry {
         entry_id: String,
-        run_at_ms: u64,
+        delay_ms: u64,
         envelope: String,
     },
     /// Acknowledge and move the job to the dead stream.
@@ -177,7 +178,6 @@ async fn write_batch(
         .key(&keys.unique)
         .arg(&keys.group)
         .arg(consumer)
-        .arg(now_ms())
         .arg(shared.config.dead_max_len);
     for settlement in batch {
         match settlement {
@@ -193,12 +193,12 @@ async fn write_batch(
                 .arg(""),
             Settlement::Retry {
                 entry_id,
-                run_at_ms,
+                delay_ms,
                 envelope,
             } => invocation
                 .arg("r")
                 .arg(entry_id)
-                .arg(*run_at_ms)
+                .arg(*delay_ms)
                 .arg(envelope)
                 .arg(""),
             Settlement::Dead {
