@@ -163,7 +163,20 @@ impl WorkerProcess {
         concurrency: usize,
         orphan_timeout: &str,
     ) -> Self {
+        Self::spawn_with_env(server, queue, concurrency, orphan_timeout, &[])
+    }
+
+    /// Like [`WorkerProcess::spawn`], with extra environment variables (e.g. `LD_PRELOAD` of
+    /// libfaketime, for a worker whose wall clock is off).
+    pub fn spawn_with_env(
+        server: &RedisServer,
+        queue: &str,
+        concurrency: usize,
+        orphan_timeout: &str,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_queue_worker"))
+            .envs(envs.iter().copied())
             .arg(server.url())
             .arg(queue)
             .args(["--concurrency", &concurrency.to_string()])
