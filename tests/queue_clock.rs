@@ -102,8 +102,8 @@ async fn skewed_workers_run_nothing_early_or_late_and_burn_no_attempts() {
         ]
     };
     let workers = [
-        WorkerProcess::spawn_with_env(&server, name, 8, "10s", &skewed("+10m")),
-        WorkerProcess::spawn_with_env(&server, name, 8, "10s", &skewed("-10m")),
+        WorkerProcess::spawn_with_env(&server, name, 8, "10s", &skewed("+10m"), None),
+        WorkerProcess::spawn_with_env(&server, name, 8, "10s", &skewed("-10m"), None),
         WorkerProcess::spawn(&server, name, 8, "10s"),
     ];
     // The skew is really in effect in the worker processes.

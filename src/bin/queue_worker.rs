@@ -13,6 +13,10 @@
 //! after recording this attempt's start in the hash `<prefix>:<queue>:spawned`). At start the
 //! process writes its local wall clock to the hash `<prefix>:<queue>:local_clock` under its pid,
 //! so a test can check that a skewed clock (faketime) is really in effect.
+//!
+//! For the takeover tests, `takeover` 1 (retry) or 2 (give up): only the first attempt sleeps
+//! `sleep_ms`; the second waits until the key `<prefix>:<queue>:go:<n>` exists, then fails with
+//! `RetryAfterError(0)` (1) or `AbortError` (2); the third succeeds.
 
 use apalis::prelude::*;
 use redis::aio::ConnectionManager;
@@ -35,6 +39,8 @@ struct TestJob {
     retry_ms: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     spawn_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    takeover: u8,
 }
 
 fn is_zero<T: Default + PartialEq>(value: &T) -> bool {
@@ -81,8 +87,26 @@ async fn handle(
         .arg(std::process::id())
         .invoke_async(&mut conn)
         .await?;
-    if job.sleep_ms > 0 {
+    if job.sleep_ms > 0 && (job.takeover == 0 || attempt.current() == 1) {
         tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
+    }
+    if job.takeover > 0 && attempt.current() == 2 {
+        let go = format!(
+            "{}:go:{}",
+            recorder.starts.trim_end_matches(":starts"),
+            job.n
+        );
+        loop {
+            let open: bool = redis::cmd("EXISTS").arg(&go).query_async(&mut conn).await?;
+            if open {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if job.takeover == 2 {
+            return Err(AbortError::new("given up by the new holder").into());
+        }
+        return Err(RetryAfterError::new("retry by the new holder", Duration::ZERO).into());
     }
     if attempt.current() <= job.retries as usize {
         return Err(RetryAfterError::new("not yet", Duration::from_millis(job.retry_ms)).into());
