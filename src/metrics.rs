@@ -19,6 +19,10 @@ pub const QUEUE_DEAD: &str = "tarspay_queue_dead";
 pub const QUEUE_OLDEST_AGE: &str = "tarspay_queue_oldest_job_age_seconds";
 pub const QUEUE_PAUSED: &str = "tarspay_queue_paused";
 pub const WORKERS_ALIVE: &str = "tarspay_workers_alive";
+/// Settlements a worker dropped because the entry had been taken over by another worker (the
+/// first one stalled past the orphan timeout); the new holder settles it. Not an error by itself;
+/// a steady rise means workers stall (GC, swap, SIGSTOP, VM pauses) or the orphan timeout is short.
+pub const QUEUE_STALE_SETTLEMENTS: &str = "tarspay_queue_stale_settlements_total";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
 /// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.

@@ -210,7 +210,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     }
                 }
             }
-            release_unstarted(&shared, &unstarted).await;
+            release_unstarted(&shared, &consumer, &unstarted).await;
             if let Err(e) = settle.flush().await {
                 tracing::warn!(error = %e, "flushing settlements at shutdown failed");
             }
@@ -234,13 +234,16 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
 
 /// Gives prefetched jobs back so other workers need not wait for the orphan timeout. A few
 /// tries only: if Redis is away, they are claimed as orphans later, which is still safe.
-async fn release_unstarted(shared: &Shared, ids: &[String]) {
+async fn release_unstarted(shared: &Shared, consumer: &str, ids: &[String]) {
     let mut backoff = redis_backoff().take(5);
     for chunk in ids.chunks(shared.config.settle_batch) {
         loop {
             let mut conn = shared.conn.clone();
             let mut invocation = scripts::RELEASE.prepare_invoke();
-            invocation.key(&shared.keys.stream).arg(&shared.keys.group);
+            invocation
+                .key(&shared.keys.stream)
+                .arg(&shared.keys.group)
+                .arg(consumer);
             for id in chunk {
                 invocation.arg(id);
             }

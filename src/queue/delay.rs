@@ -1,11 +1,10 @@
 //! Promotion of due delayed jobs into the stream, in bounded chunks.
 
-use crate::queue::envelope::now_ms;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, RedisQueue, scripts};
 
 impl Shared {
-    /// Moves every job due now from the delayed set to the stream, `promote_chunk` per Lua call,
+    /// Moves every job due now (by the Redis server's clock) from the delayed set to the stream, `promote_chunk` per Lua call,
     /// so 100,000 due jobs are many small atomic steps rather than one huge one.
     pub(crate) async fn promote_due(&self) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
@@ -15,7 +14,6 @@ impl Shared {
             let n: u64 = scripts::PROMOTE
                 .key(&self.keys.delayed)
                 .key(&self.keys.stream)
-                .arg(now_ms())
                 .arg(chunk)
                 .invoke_async(&mut conn)
                 .await?;

@@ -5,9 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::queue::QueueError;
+use crate::queue::clock::now_ms;
 
 /// Job envelope as stored in Redis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,7 +23,7 @@ pub struct Envelope {
     /// Unique key held by this job, if any.
     #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
     pub unique: Option<String>,
-    /// Enqueue time, ms since the epoch.
+    /// Enqueue time, ms since the epoch on the Redis server's clock (estimated).
     #[serde(rename = "t", default)]
     pub enqueued_at_ms: u64,
     /// The job itself.
@@ -58,14 +58,6 @@ impl Envelope {
     pub fn encode(&self) -> Result<String, QueueError> {
         serde_json::to_string(self).map_err(QueueError::Encode)
     }
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A new job id: time-ordered and random enough to be unique across processes.

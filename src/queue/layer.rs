@@ -12,7 +12,6 @@ use tower::{Layer, Service};
 use crate::queue::QueueConfig;
 use crate::queue::backend::Delivery;
 use crate::queue::backoff::job_retry_delay;
-use crate::queue::envelope::now_ms;
 use crate::queue::settle::{SettleHandle, Settlement};
 
 /// Defaults for errors that carry no decision of their own.
@@ -149,7 +148,7 @@ fn decide<R>(
     tracing::debug!(job_id = delivery.job_id(), attempts, ?delay, %error, "job will be retried");
     Settlement::Retry {
         entry_id,
-        run_at_ms: now_ms() + delay.as_millis() as u64,
+        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         envelope: stored(),
     }
 }

@@ -13,7 +13,33 @@
 //!   counting a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never
 //!   robbed. Entries assigned by a fetch whose reply was lost are not renewed, so they are
 //!   recovered like orphans.
+//! * **A settlement applies only while its worker still holds the entry.** An outcome (done,
+//!   retry, dead) and a shutdown give-back are written only if the entry is still pending *and*
+//!   owned by the settling consumer (`XPENDING id id 1`, checked inside the same script). A
+//!   worker that stalled past the orphan timeout (GC pause, swap, SIGSTOP, a frozen VM) and lost
+//!   the entry to another worker has its settlement dropped without `XACK`/`XDEL`, counted in
+//!   `tarspay_queue_stale_settlements_total` and logged (warn, with the job id): the new holder
+//!   settles the entry, so its retry or death is never lost. The stalled run's effects still
+//!   happened, which delivery-at-least-once already allows. A unique key is released only by
+//!   the call that acknowledged the entry.
 //! * Delivery is at least once. Effects must be idempotent (the payout ledger makes them so).
+//!
+//! # Time: the Redis server's clock
+//! Every due time is on the Redis server's clock, so a host whose clock is minutes off (±10 min
+//! is tested with faketime) runs nothing early or late and burns no attempts:
+//! * Decided by Redis itself, exactly: promotion of delayed jobs (`PROMOTE` compares scores with
+//!   `TIME`), the due time of a retry (`SETTLE` is given the delay and adds it to `TIME`) and of
+//!   a job enqueued with a delay through [`RedisQueue`] (`ENQUEUE` likewise). A job therefore
+//!   never starts before the server's time at its enqueue or failure plus its delay.
+//! * Computed in Rust with `crate::queue::now_ms()`: the server's time as last sampled with
+//!   `TIME` plus the local *monotonic* time since (the local wall clock is never used once a
+//!   queue has connected). Sampled at connect and every 30 s while a queue handle lives. Its
+//!   error is at most half the round trip of the sample in use (a slower sample does not replace
+//!   a faster one for up to 5 min) plus the monotonic clock's drift since the sample (typically
+//!   under 0.01 %, i.e. < 30 ms over 5 min). Used for heartbeats, stats, envelope and job-id
+//!   timestamps, and by other modules that enqueue in their own scripts through `ENQUEUE_ONE`
+//!   with `now_ms()` as its `now` and [`PreparedJob`]'s `run_at_ms` (the ledger): those due
+//!   times carry this error bound, since both sides come from the same estimate.
 //!
 //! # Handler contract (the retry policy belongs to the job)
 //! The handler's result decides what happens to the job, in the backend's layer, after every
@@ -48,6 +74,7 @@
 
 mod backend;
 mod backoff;
+mod clock;
 mod config;
 mod dead;
 mod delay;
@@ -66,9 +93,10 @@ mod storage;
 mod worker_id;
 
 pub use backend::Delivery;
+pub(crate) use clock::now_ms;
 pub use config::QueueConfig;
 pub use dead::DeadJob;
-pub(crate) use envelope::{Envelope, now_ms};
+pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService};
 pub(crate) use scripts::ENQUEUE_ONE;

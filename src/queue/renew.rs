@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::queue::clock::now_ms;
 use crate::queue::entries::text;
-use crate::queue::envelope::now_ms;
 use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};

@@ -4,9 +4,20 @@
 use redis::Script;
 use std::sync::LazyLock;
 
+/// Lua: the Redis server's clock in ms. Every due time of the queue is on this clock, so a
+/// worker or producer whose own clock is off never makes a job run early or late.
+const SERVER_NOW: &str = r#"
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"#;
+
 /// Lua function that enqueues one prepared job; shared with scripts of other modules that
 /// enqueue in the same step as their own change (the ledger's REGISTER), on the same slot.
-/// Returns "" if enqueued, else the id of the job holding the unique key.
+/// Returns "" if enqueued, else the id of the job holding the unique key. `now` and `run_at`
+/// must be on one clock: the queue's own ENQUEUE passes the server's `TIME`; other callers pass
+/// `crate::queue::now_ms()` (the process' estimate of the server's clock).
 pub(crate) const ENQUEUE_ONE: &str = r#"
 local function enqueue_one(stream, delayed, unique, now, run_at, ukey, job_id, env)
   if ukey ~= '' and redis.call('HSETNX', unique, ukey, job_id) == 0 then
@@ -22,29 +33,35 @@ end
 "#;
 
 /// Enqueue a chunk of jobs. KEYS: stream, delayed, unique.
-/// ARGV: now_ms, then per job: run_at_ms, unique_key ("" = none), job_id, envelope.
+/// ARGV: per job: delay_ms (0 = now), unique_key ("" = none), job_id, envelope. A delayed job is
+/// due at the server's `TIME` plus its delay, whatever the producer's clock says.
 /// Returns one string per job: "" if enqueued, else the id of the job holding the unique key.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{ENQUEUE_ONE}{}",
+        "{SERVER_NOW}{ENQUEUE_ONE}{}",
         r#"
-local now = tonumber(ARGV[1])
+local now = server_now()
 local out = {}
-for i = 2, #ARGV, 4 do
+for i = 1, #ARGV, 4 do
+  local delay = tonumber(ARGV[i])
+  local run_at = 0
+  if delay > 0 then run_at = now + delay end
   out[#out + 1] = enqueue_one(KEYS[1], KEYS[2], KEYS[3], now,
-    tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    run_at, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
 return out
 "#
     ))
 });
 
-/// Move due delayed jobs into the stream, at most ARGV[2] per call. KEYS: delayed, stream.
-/// ARGV: now_ms, limit. Returns how many were moved.
+/// Move delayed jobs due by the server's clock (`TIME`) into the stream, at most ARGV[1] per
+/// call. KEYS: delayed, stream. ARGV: limit. Returns how many were moved.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{SERVER_NOW}{}",
         r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0,
+  tonumber(ARGV[1]))
 for _, env in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'e', env)
 end
@@ -53,31 +70,47 @@ if #due > 0 then
   redis.call('ZREM', KEYS[1], unpack(due))
 end
 return #due
-"#,
-    )
+"#
+    ))
 });
 
 /// Settle a batch of finished deliveries. KEYS: stream, delayed, dead, unique.
-/// ARGV: group, now_ms, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
-///   kind "a" (done):  a = unique key or "", b = job id (the key is released only by the
-///                     call that acknowledges the entry)
-///   kind "r" (retry): a = run_at_ms, b = new envelope
+/// ARGV: group, consumer, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
+///   kind "a" (done):  a = unique key or "", b = job id
+///   kind "r" (retry): a = delay_ms (due at the server's `TIME` plus it; 0 = now), b = new
+///                     envelope
 ///   kind "d" (dead):  a = reason, b = envelope, c = worker
-/// A retry or death is written only if this call acknowledged the entry, so a job delivered
-/// twice is never retried or buried twice. Settled entries are deleted from the stream.
+/// An op is applied only if its entry is still pending **and owned by `consumer`**: a worker that
+/// stalled past the orphan timeout and lost the entry to another worker must not acknowledge or
+/// delete it (XACK ignores the consumer), or the new owner's retry or death would be dropped and
+/// the job lost. Such a stale op is dropped untouched (the owner settles the entry). A retry or
+/// death is written, and a unique key released, only by the call that acknowledged the entry.
+/// Settled entries are deleted from the stream.
+/// Returns {settled, {stale entry ids...}}.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{SERVER_NOW}{}",
         r#"
-local group, now, dead_max = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
+local now = server_now()
+local seen = {}
+local function owned(id)
+  -- An id twice in one batch: only its first op may apply.
+  if seen[id] then return false end
+  seen[id] = true
+  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
 local done = {}
+local stale = {}
 local settled = 0
 for i = 4, #ARGV, 5 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if kind == 'a' and a == '' then
+  if not owned(id) then
+    stale[#stale + 1] = id
+  elseif kind == 'a' and a == '' then
     done[#done + 1] = id
   elseif kind == 'a' then
-    -- Release the unique key only if this call acknowledged the entry: a stale run finishing
-    -- after its job was claimed and re-queued elsewhere must not free the live copy's key.
     if redis.call('XACK', KEYS[1], group, id) == 1 then
       settled = settled + 1
       if redis.call('HGET', KEYS[4], a) == b then
@@ -89,14 +122,15 @@ for i = 4, #ARGV, 5 do
     if redis.call('XACK', KEYS[1], group, id) == 1 then
       settled = settled + 1
       if kind == 'r' then
-        if tonumber(a) > now then
-          redis.call('ZADD', KEYS[2], a, b)
+        local delay = tonumber(a)
+        if delay > 0 then
+          redis.call('ZADD', KEYS[2], now + delay, b)
         else
           redis.call('XADD', KEYS[1], '*', 'e', b)
         end
       else
         redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_max, '*',
-          'e', b, 'reason', a, 'worker', c, 'at', ARGV[2])
+          'e', b, 'reason', a, 'worker', c, 'at', now)
       end
     end
     redis.call('XDEL', KEYS[1], id)
@@ -106,9 +140,9 @@ if #done > 0 then
   settled = settled + redis.call('XACK', KEYS[1], group, unpack(done))
   redis.call('XDEL', KEYS[1], unpack(done))
 end
-return settled
-"#,
-    )
+return {settled, stale}
+"#
+    ))
 });
 
 /// Claim orphaned entries and report their delivery counts. KEYS: stream.
@@ -152,18 +186,24 @@ return #args - 6
     )
 });
 
-/// Give fetched but never started entries back to the queue (worker shutdown).
-/// KEYS: stream. ARGV: group, entry ids... Returns how many were re-added.
+/// Give fetched but never started entries back to the queue (worker shutdown). Only entries
+/// still owned by `consumer` are given back: one taken over meanwhile (this worker stalled past
+/// the orphan timeout) belongs to its new owner, and re-adding it would run it twice and drop the
+/// owner's settlement. KEYS: stream. ARGV: group, consumer, entry ids... Returns how many were
+/// re-added.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local n = 0
-for i = 2, #ARGV do
-  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #e == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    n = n + 1
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+    if #e == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+      redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+      redis.call('XDEL', KEYS[1], ARGV[i])
+      n = n + 1
+    end
   end
 end
 return n
@@ -205,13 +245,19 @@ mod tests {
     use super::*;
     use crate::local_redis::LocalRedis;
     use redis::AsyncCommands;
+    use redis::aio::MultiplexedConnection;
 
     const STREAM: &str = "{t:q}:stream";
     const DELAYED: &str = "{t:q}:delayed";
     const DEAD: &str = "{t:q}:dead";
     const UNIQUE: &str = "{t:q}:unique";
 
-    async fn settle(conn: &mut redis::aio::MultiplexedConnection, op: [&str; 5]) -> i64 {
+    /// Settles one op as `consumer`: (settled, stale entry ids).
+    async fn settle(
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        op: [&str; 5],
+    ) -> (i64, Vec<String>) {
         let mut invocation = SETTLE.prepare_invoke();
         invocation
             .key(STREAM)
@@ -219,7 +265,7 @@ mod tests {
             .key(DEAD)
             .key(UNIQUE)
             .arg("g")
-            .arg(crate::queue::now_ms())
+            .arg(consumer)
             .arg(100);
         for value in op {
             invocation.arg(value);
@@ -227,7 +273,23 @@ mod tests {
         invocation.invoke_async(conn).await.unwrap()
     }
 
-    async fn read(conn: &mut redis::aio::MultiplexedConnection, consumer: &str) -> String {
+    async fn setup() -> (LocalRedis, MultiplexedConnection) {
+        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(STREAM)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (redis, conn)
+    }
+
+    async fn read(conn: &mut MultiplexedConnection, consumer: &str) -> String {
         let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg("g")
@@ -243,51 +305,222 @@ mod tests {
         reply.keys[0].ids[0].id.clone()
     }
 
+    /// What a live worker's orphan recovery does once the holder stalled past the timeout.
+    async fn autoclaim(conn: &mut MultiplexedConnection, consumer: &str) {
+        let _: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(STREAM)
+            .arg("g")
+            .arg(consumer)
+            .arg(0)
+            .arg("0-0")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    /// The consumer holding `id` in the group's pending list, if it is pending.
+    async fn owner(conn: &mut MultiplexedConnection, id: &str) -> Option<String> {
+        let reply: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg("g")
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(conn)
+            .await
+            .unwrap();
+        reply.into_iter().next().map(|(_, consumer, _, _)| consumer)
+    }
+
+    async fn entry_exists(conn: &mut MultiplexedConnection, id: &str) -> bool {
+        let found: Vec<redis::Value> = conn.xrange(STREAM, id, id).await.unwrap();
+        found.len() == 1
+    }
+
     /// A run that lost its entry (claimed by another worker, retried as a new entry) and
     /// finishes late must not free the unique key the live copy still holds.
     #[tokio::test]
     async fn a_stale_done_never_frees_the_live_copys_unique_key() {
-        let redis = LocalRedis::start(false).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(STREAM)
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let (_redis, mut conn) = setup().await;
         let _: () = conn.hset(UNIQUE, "K", "J").await.unwrap();
         let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
         let first = read(&mut conn, "stale").await;
 
         // Another worker takes the entry over and retries it now, as a new entry.
-        let _: redis::Value = redis::cmd("XCLAIM")
-            .arg(STREAM)
-            .arg("g")
-            .arg("live")
-            .arg(0)
-            .arg(&first)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(settle(&mut conn, ["r", &first, "0", "v2", ""]).await, 1);
+        autoclaim(&mut conn, "live").await;
+        assert_eq!(
+            settle(&mut conn, "live", ["r", &first, "0", "v2", ""]).await,
+            (1, vec![])
+        );
         let second = read(&mut conn, "live").await;
         assert_ne!(first, second);
 
         // The stale run reports done for the entry it once held: nothing is acknowledged,
         // and the key stays with the live copy.
-        assert_eq!(settle(&mut conn, ["a", &first, "K", "J", ""]).await, 0);
+        assert_eq!(
+            settle(&mut conn, "stale", ["a", &first, "K", "J", ""]).await,
+            (0, vec![first.clone()])
+        );
         let holder: Option<String> = conn.hget(UNIQUE, "K").await.unwrap();
         assert_eq!(holder.as_deref(), Some("J"));
 
         // The live copy's own done releases it.
-        assert_eq!(settle(&mut conn, ["a", &second, "K", "J", ""]).await, 1);
+        assert_eq!(
+            settle(&mut conn, "live", ["a", &second, "K", "J", ""]).await,
+            (1, vec![])
+        );
         let holder: Option<String> = conn.hget(UNIQUE, "K").await.unwrap();
         assert_eq!(holder, None);
         let left: u64 = conn.xlen(STREAM).await.unwrap();
         assert_eq!(left, 0);
+    }
+
+    /// The gray failure: A holds E and freezes past the orphan timeout, B takes E over and runs
+    /// it, A wakes and reports done. A's done must not acknowledge or delete E (XACK ignores the
+    /// consumer), or B's retry would find nothing to acknowledge and the job would be lost.
+    #[tokio::test]
+    async fn a_stale_done_after_a_takeover_leaves_the_entry_to_its_new_owner_who_retries_it() {
+        let (_redis, mut conn) = setup().await;
+        let _: () = conn.hset(UNIQUE, "K", "J").await.unwrap();
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
+        let entry = read(&mut conn, "a").await;
+        autoclaim(&mut conn, "b").await;
+        assert_eq!(owner(&mut conn, &entry).await.as_deref(), Some("b"));
+
+        // A's done (with its unique key) is dropped: the entry stays, still B's, key held.
+        assert_eq!(
+            settle(&mut conn, "a", ["a", &entry, "K", "J", ""]).await,
+            (0, vec![entry.clone()])
+        );
+        assert!(entry_exists(&mut conn, &entry).await, "A's done deleted E");
+        assert_eq!(owner(&mut conn, &entry).await.as_deref(), Some("b"));
+        let holder: Option<String> = conn.hget(UNIQUE, "K").await.unwrap();
+        assert_eq!(holder.as_deref(), Some("J"));
+        // So are A's retry and death for it: no second copy of the job appears.
+        assert_eq!(
+            settle(&mut conn, "a", ["r", &entry, "0", "dup", ""]).await,
+            (0, vec![entry.clone()])
+        );
+        assert_eq!(
+            settle(&mut conn, "a", ["d", &entry, "why", "dup", "a"]).await,
+            (0, vec![entry.clone()])
+        );
+        let len: u64 = conn.xlen(STREAM).await.unwrap();
+        assert_eq!(len, 1);
+        let dead: u64 = conn.xlen(DEAD).await.unwrap();
+        assert_eq!(dead, 0);
+
+        // B's retry is kept: E is acknowledged and deleted, the retry is queued ...
+        assert_eq!(
+            settle(&mut conn, "b", ["r", &entry, "0", "v2", ""]).await,
+            (1, vec![])
+        );
+        assert!(!entry_exists(&mut conn, &entry).await);
+        // ... and runs: the next fetch delivers the retried job.
+        let retried = read(&mut conn, "b").await;
+        let fields: Vec<(String, Vec<(String, String)>)> =
+            conn.xrange(STREAM, &retried, &retried).await.unwrap();
+        assert_eq!(fields[0].1, vec![("e".to_owned(), "v2".to_owned())]);
+
+        // A delayed retry after a takeover is kept the same way.
+        let _: String = conn.xadd(STREAM, "*", &[("e", "w1")]).await.unwrap();
+        let later = read(&mut conn, "a").await;
+        autoclaim(&mut conn, "b").await;
+        assert_eq!(
+            settle(&mut conn, "a", ["a", &later, "", "J2", ""]).await,
+            (0, vec![later.clone()])
+        );
+        assert_eq!(
+            settle(&mut conn, "b", ["r", &later, "60000", "w2", ""]).await,
+            (1, vec![])
+        );
+        let delayed: Vec<String> = conn.zrange(DELAYED, 0, -1).await.unwrap();
+        assert_eq!(delayed, vec!["w2".to_owned()]);
+    }
+
+    /// The same takeover, where the new owner gives the job up: it reaches the dead stream.
+    #[tokio::test]
+    async fn a_stale_done_after_a_takeover_does_not_stop_the_new_owner_burying_the_job() {
+        let (_redis, mut conn) = setup().await;
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
+        let entry = read(&mut conn, "a").await;
+        autoclaim(&mut conn, "b").await;
+        assert_eq!(
+            settle(&mut conn, "a", ["a", &entry, "", "J", ""]).await,
+            (0, vec![entry.clone()])
+        );
+        assert!(entry_exists(&mut conn, &entry).await, "A's done deleted E");
+        assert_eq!(
+            settle(&mut conn, "b", ["d", &entry, "gave up", "v2", "b"]).await,
+            (1, vec![])
+        );
+        let dead: Vec<(String, Vec<(String, String)>)> = conn.xrange(DEAD, "-", "+").await.unwrap();
+        assert_eq!(dead.len(), 1);
+        let fields: std::collections::HashMap<_, _> = dead[0].1.iter().cloned().collect();
+        assert_eq!(fields["e"], "v2");
+        assert_eq!(fields["reason"], "gave up");
+        assert_eq!(fields["worker"], "b");
+        let len: u64 = conn.xlen(STREAM).await.unwrap();
+        assert_eq!(len, 0);
+    }
+
+    /// Two ops for one entry in one batch: only the first applies.
+    #[tokio::test]
+    async fn one_entry_settled_twice_in_a_batch_is_applied_once() {
+        let (_redis, mut conn) = setup().await;
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
+        let entry = read(&mut conn, "a").await;
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(STREAM)
+            .key(DELAYED)
+            .key(DEAD)
+            .key(UNIQUE)
+            .arg("g")
+            .arg("a")
+            .arg(100);
+        for value in ["r", &entry, "0", "v2", ""] {
+            invocation.arg(value);
+        }
+        for value in ["d", &entry, "why", "v3", "a"] {
+            invocation.arg(value);
+        }
+        let reply: (i64, Vec<String>) = invocation.invoke_async(&mut conn).await.unwrap();
+        assert_eq!(reply, (1, vec![entry]));
+        let len: u64 = conn.xlen(STREAM).await.unwrap();
+        assert_eq!(len, 1, "the retry");
+        let dead: u64 = conn.xlen(DEAD).await.unwrap();
+        assert_eq!(dead, 0);
+    }
+
+    /// A stalled worker shutting down must not give back an entry another worker took over.
+    #[tokio::test]
+    async fn release_gives_back_only_entries_still_owned() {
+        let (_redis, mut conn) = setup().await;
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
+        let _: String = conn.xadd(STREAM, "*", &[("e", "v2")]).await.unwrap();
+        let taken = read(&mut conn, "a").await;
+        autoclaim(&mut conn, "b").await;
+        let kept = read(&mut conn, "a").await;
+
+        let released: i64 = RELEASE
+            .key(STREAM)
+            .arg("g")
+            .arg("a")
+            .arg(&taken)
+            .arg(&kept)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(released, 1);
+        assert!(entry_exists(&mut conn, &taken).await);
+        assert_eq!(owner(&mut conn, &taken).await.as_deref(), Some("b"));
+        assert!(!entry_exists(&mut conn, &kept).await);
+        assert_eq!(owner(&mut conn, &kept).await, None);
+        // The given-back job is waiting for any worker.
+        let again = read(&mut conn, "c").await;
+        let fields: Vec<(String, Vec<(String, String)>)> =
+            conn.xrange(STREAM, &again, &again).await.unwrap();
+        assert_eq!(fields[0].1, vec![("e".to_owned(), "v2".to_owned())]);
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::backoff::redis_backoff;
-use crate::queue::envelope::now_ms;
+use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::storage::Shared;
 use crate::queue::{QueueError, scripts};
@@ -19,10 +19,11 @@ pub(crate) enum Settlement {
         unique: Option<String>,
         job_id: String,
     },
-    /// Acknowledge and put the job (with its new attempt count) back after a delay.
+    /// Acknowledge and put the job (with its new attempt count) back after a delay, measured
+    /// from the moment Redis writes it, on the server's clock.
     Retry {
         entry_id: String,
-        run_at_ms: u64,
+        delay_ms: u64,
         envelope: String,
     },
     /// Acknowledge and move the job to the dead stream.
@@ -34,6 +35,25 @@ pub(crate) enum Settlement {
 }
 
 impl Settlement {
+    /// The job id, if known (a buried entry may not decode).
+    pub(crate) fn job_id(&self) -> Option<String> {
+        match self {
+            Self::Done { job_id, .. } => Some(job_id.clone()),
+            Self::Retry { envelope, .. } | Self::Dead { envelope, .. } => {
+                Envelope::decode(envelope).ok().map(|e| e.id)
+            }
+        }
+    }
+
+    /// "done", "retry" or "dead", for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Done { .. } => "done",
+            Self::Retry { .. } => "retry",
+            Self::Dead { .. } => "dead",
+        }
+    }
+
     pub(crate) fn entry_id(&self) -> &str {
         match self {
             Self::Done { entry_id, .. }
@@ -157,7 +177,7 @@ async fn write_batch(
         .key(&keys.dead)
         .key(&keys.unique)
         .arg(&keys.group)
-        .arg(now_ms())
+        .arg(consumer)
         .arg(shared.config.dead_max_len);
     for settlement in batch {
         match settlement {
@@ -173,12 +193,12 @@ async fn write_batch(
                 .arg(""),
             Settlement::Retry {
                 entry_id,
-                run_at_ms,
+                delay_ms,
                 envelope,
             } => invocation
                 .arg("r")
                 .arg(entry_id)
-                .arg(*run_at_ms)
+                .arg(*delay_ms)
                 .arg(envelope)
                 .arg(""),
             Settlement::Dead {
@@ -194,6 +214,27 @@ async fn write_batch(
         };
     }
     let mut conn = shared.conn.clone();
-    let _settled: i64 = invocation.invoke_async(&mut conn).await?;
+    let (_settled, stale): (i64, Vec<String>) = invocation.invoke_async(&mut conn).await?;
+    if !stale.is_empty() {
+        report_stale(consumer, batch, &stale);
+    }
     Ok(())
+}
+
+/// Settlements dropped because this worker no longer owns their entries: it stalled past the
+/// orphan timeout and another worker took them over (that worker settles them).
+fn report_stale(consumer: &str, batch: &[Settlement], stale: &[String]) {
+    metrics::counter!(crate::metrics::QUEUE_STALE_SETTLEMENTS).increment(stale.len() as u64);
+    for entry_id in stale {
+        let settlement = batch.iter().find(|s| s.entry_id() == entry_id);
+        let job_id = settlement.and_then(Settlement::job_id).unwrap_or_default();
+        let outcome = settlement.map(Settlement::kind).unwrap_or("unknown");
+        tracing::warn!(
+            %job_id,
+            %entry_id,
+            outcome,
+            consumer,
+            "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it"
+        );
+    }
 }

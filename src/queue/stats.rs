@@ -3,7 +3,7 @@
 use redis::Value;
 use std::time::Duration;
 
-use crate::queue::envelope::now_ms;
+use crate::queue::clock::now_ms;
 use crate::queue::{QueueError, RedisQueue};
 
 /// A snapshot of one queue.

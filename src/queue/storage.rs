@@ -5,11 +5,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::queue::backend::WorkerRuntime;
-use crate::queue::envelope::{Envelope, new_job_id, now_ms};
+use crate::queue::clock;
+use crate::queue::envelope::{Envelope, new_job_id};
 use crate::queue::{QueueConfig, QueueError, QueueKeys, scripts};
 
 /// Options of one enqueued job.
@@ -107,6 +108,20 @@ impl Shared {
     }
 }
 
+/// Samples the server's clock every [`clock::REFRESH_INTERVAL`] while the queue handle lives.
+async fn refresh_clock(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(clock::REFRESH_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut conn = shared.conn.clone();
+        if let Err(e) = clock::sync(&mut conn).await {
+            tracing::debug!(error = %e, "sampling the redis server's clock failed; keeping the last sample");
+        }
+    }
+}
+
 /// A queue of jobs of type `T` on Redis Streams.
 ///
 /// Clone it freely: clones share the connection. Passed to apalis' `WorkerBuilder::backend`, each
@@ -177,8 +192,19 @@ impl<T> RedisQueue<T> {
             config,
         };
         shared.ensure_group().await?;
+        let mut conn = shared.conn.clone();
+        clock::sync(&mut conn).await?;
+        let offset = clock::local_offset_ms();
+        if offset.unsigned_abs() > 1_000 {
+            tracing::warn!(
+                offset_ms = offset,
+                "this host's clock differs from the Redis server's; the queue uses the server's"
+            );
+        }
+        let shared = Arc::new(shared);
+        tokio::spawn(refresh_clock(Arc::downgrade(&shared)));
         Ok(Self {
-            shared: Arc::new(shared),
+            shared,
             runtime: None,
             _job: PhantomData,
         })
@@ -267,16 +293,23 @@ impl<T: Serialize> RedisQueue<T> {
             options.unique_key.clone(),
             options.max_attempts,
         );
-        let run_at_ms = options
+        let delay_ms = options
             .delay
-            .filter(|d| !d.is_zero())
-            .map(|d| envelope.enqueued_at_ms + d.as_millis() as u64)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
+        // For scripts of other modules that compare it with `crate::queue::now_ms()`; the
+        // queue's own enqueue passes the delay and Redis adds it to its own clock.
+        let run_at_ms = if delay_ms > 0 {
+            envelope.enqueued_at_ms.saturating_add(delay_ms)
+        } else {
+            0
+        };
         Ok(PreparedJob {
             text: envelope.encode()?,
             id,
             unique: options.unique_key.clone().unwrap_or_default(),
             run_at_ms,
+            delay_ms,
         })
     }
 
@@ -286,11 +319,10 @@ impl<T: Serialize> RedisQueue<T> {
         invocation
             .key(&keys.stream)
             .key(&keys.delayed)
-            .key(&keys.unique)
-            .arg(now_ms());
+            .key(&keys.unique);
         for job in &jobs {
             invocation
-                .arg(job.run_at_ms)
+                .arg(job.delay_ms)
                 .arg(&job.unique)
                 .arg(&job.id)
                 .arg(&job.text);
@@ -323,7 +355,11 @@ pub struct PreparedJob {
     pub(crate) text: String,
     pub(crate) id: String,
     pub(crate) unique: String,
+    /// Due time on the server's clock as estimated by this process (`crate::queue::now_ms()`),
+    /// 0 = now. For scripts that pass `now_ms()` as ENQUEUE_ONE's `now`.
     pub(crate) run_at_ms: u64,
+    /// The delay itself (0 = now): the queue's own enqueue adds it to the server's `TIME`.
+    pub(crate) delay_ms: u64,
 }
 
 impl PreparedJob {

@@ -163,14 +163,32 @@ impl WorkerProcess {
         concurrency: usize,
         orphan_timeout: &str,
     ) -> Self {
+        Self::spawn_with_env(server, queue, concurrency, orphan_timeout, &[], None)
+    }
+
+    /// Like [`WorkerProcess::spawn`], with extra environment variables (e.g. `LD_PRELOAD` of
+    /// libfaketime, for a worker whose wall clock is off) and its stderr (warn logs) to `log`.
+    pub fn spawn_with_env(
+        server: &RedisServer,
+        queue: &str,
+        concurrency: usize,
+        orphan_timeout: &str,
+        envs: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("worker log file")),
+            None => worker_log(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_queue_worker"))
+            .envs(envs.iter().copied())
             .arg(server.url())
             .arg(queue)
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--orphan-timeout", orphan_timeout])
             .args(["--prefix", PREFIX])
             .stdout(Stdio::piped())
-            .stderr(worker_log())
+            .stderr(stderr)
             .spawn()
             .expect("spawn queue_worker");
         let stdout = child.stdout.take().expect("stdout");
@@ -180,6 +198,15 @@ impl WorkerProcess {
             .expect("read ready");
         assert_eq!(line.trim(), "ready", "worker did not start");
         Self { child: Some(child) }
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to the worker.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,160 @@
+//! A worker frozen (SIGSTOP) past the orphan timeout loses its job to another worker; when it
+//! wakes and reports the job done, that stale outcome is dropped, and the new holder's retry
+//! or death decides what happens to the job (nothing is lost).
+
+mod common;
+
+use common::queue::*;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tarspay_worker::queue::{Enqueued, RedisQueue};
+
+/// The job of the `queue_worker` binary, with its takeover field.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TakeoverJob {
+    n: u64,
+    sleep_ms: u64,
+    /// 1: the second attempt (the new holder's) retries; 2: it gives up.
+    takeover: u8,
+}
+
+async fn attempts_started(conn: &mut redis::aio::ConnectionManager, name: &str, n: u64) -> u64 {
+    counts(conn, &started_key(name))
+        .await
+        .get(&n)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Runs the takeover and returns (queue, log of the frozen worker, job id); the new holder is
+/// waiting for the go signal when this returns, and the frozen worker's stale "done" has been
+/// dropped.
+async fn freeze_and_take_over(
+    server: &RedisServer,
+    name: &str,
+    takeover: u8,
+    log: &std::path::Path,
+) -> (
+    RedisQueue<TakeoverJob>,
+    WorkerProcess,
+    WorkerProcess,
+    String,
+) {
+    let queue: RedisQueue<TakeoverJob> = RedisQueue::connect(&server.url(), config(name))
+        .await
+        .unwrap();
+    let mut conn = server.conn().await;
+    let frozen = WorkerProcess::spawn_with_env(server, name, 1, "2s", &[], Some(log));
+    let job = TakeoverJob {
+        n: 1,
+        sleep_ms: 3_000,
+        takeover,
+    };
+    let Enqueued::Queued { job_id } = queue.enqueue(&job).await.unwrap() else {
+        panic!("not queued");
+    };
+    wait_until(
+        "the first worker started the job",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            async move { attempts_started(&mut conn, name, 1).await == 1 }
+        },
+    )
+    .await;
+    frozen.signal("STOP");
+
+    // The job's entry idles past the orphan timeout; a live worker takes it over.
+    let holder = WorkerProcess::spawn(server, name, 1, "2s");
+    wait_until(
+        "the new holder started the job",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            async move { attempts_started(&mut conn, name, 1).await == 2 }
+        },
+    )
+    .await;
+
+    // The frozen worker wakes, finishes its run and reports done: dropped as stale.
+    frozen.signal("CONT");
+    let id = job_id.clone();
+    wait_until(
+        "the woken worker reported its stale settlement",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let seen = text
+                .lines()
+                .any(|l| l.contains("stale settlement dropped") && l.contains(id.as_str()));
+            async move { seen }
+        },
+    )
+    .await;
+    let processed = counts(&mut conn, &processed_key(name)).await;
+    assert_eq!(
+        processed.get(&1),
+        Some(&1),
+        "the woken worker's run finished"
+    );
+    // The entry is still there and still the new holder's.
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.dead), (1, 0), "{stats:?}");
+    (queue, frozen, holder, job_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_workers_done_does_not_drop_the_new_holders_retry() {
+    let server = RedisServer::start(false);
+    let name = "takeover_retry";
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("frozen.log");
+    let (queue, _frozen, _holder, _) = freeze_and_take_over(&server, name, 1, &log).await;
+    let mut conn = server.conn().await;
+
+    // The new holder retries: the retry is kept and runs (third attempt succeeds).
+    let _: () = conn.set(format!("{PREFIX}:{name}:go:1"), 1).await.unwrap();
+    wait_until("the retried job ran", Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        async move { counts(&mut conn, &processed_key(name)).await.get(&1) == Some(&2) }
+    })
+    .await;
+    assert_eq!(attempts_started(&mut conn, name, 1).await, 3);
+    let q = queue.clone();
+    wait_until("the queue is empty", Duration::from_secs(60), || {
+        let q = q.clone();
+        async move {
+            let s = q.stats().await.unwrap();
+            s.depth() == 0 && s.delayed == 0
+        }
+    })
+    .await;
+    assert_eq!(queue.stats().await.unwrap().dead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_workers_done_does_not_drop_the_new_holders_burial() {
+    let server = RedisServer::start(false);
+    let name = "takeover_dead";
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("frozen.log");
+    let (queue, _frozen, _holder, job_id) = freeze_and_take_over(&server, name, 2, &log).await;
+    let mut conn = server.conn().await;
+
+    // The new holder gives up: the job reaches the dead stream.
+    let _: () = conn.set(format!("{PREFIX}:{name}:go:1"), 1).await.unwrap();
+    let q = queue.clone();
+    wait_until("the job is dead", Duration::from_secs(60), || {
+        let q = q.clone();
+        async move { q.stats().await.unwrap().dead == 1 }
+    })
+    .await;
+    let dead = queue.list_dead(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].job_id.as_deref(), Some(job_id.as_str()));
+    assert!(dead[0].reason.contains("given up"), "{}", dead[0].reason);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(stats.depth(), 0, "{stats:?}");
+    assert_eq!(attempts_started(&mut conn, name, 1).await, 2);
+}
