@@ -934,3 +934,35 @@ async fn a_repeated_create_can_be_refused_before_the_duplicate_check() {
     );
     assert_eq!(gw.sandbox.orders().len(), 4);
 }
+
+#[tokio::test]
+async fn amounts_sent_as_json_numbers_keep_their_exact_text() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "NUM",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"msg":"SUCCESS","data":{"mchOrderNo":"NUM-1","payOrderId":"P1681112064487976961","orderAmount":100.10,"payAmount":100.10,"fee":1.50,"currency":"INR","state":2}}"#.into(),
+                },
+            ),
+            fault(
+                "",
+                Endpoint::Balance,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"msg":"SUCCESS","data":{"availableAmount":2500.50,"frozenAmount":0.00}}"#.into(),
+                },
+            ),
+        ];
+    })
+    .await;
+    let info = gw.client.query_payout(&by_id("NUM-1")).await.unwrap();
+    assert_eq!(info.order_amount.as_deref(), Some("100.10"));
+    assert_eq!(info.pay_amount.as_deref(), Some("100.10"));
+    assert_eq!(info.fee.as_deref(), Some("1.50"));
+    let balance = gw.client.balance().await.unwrap();
+    assert_eq!(balance.available_amount, "2500.50");
+    assert_eq!(balance.frozen_amount.as_deref(), Some("0.00"));
+}
