@@ -54,7 +54,7 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
     assert_eq!(lines[1], "queued C-2");
     assert!(
         lines[2].starts_with("line 4: ")
-            && lines[2].contains("amount: must be a whole number for KES"),
+            && lines[2].contains("amount: KES takes whole numbers: no decimal point"),
         "{}",
         lines[2]
     );
