@@ -66,6 +66,9 @@ pub struct Settings {
     pub system_public_key: String,
     #[serde(deserialize_with = "lenient_string")]
     pub redis_url: String,
+    /// Run on a Redis that may drop acknowledged writes (no AOF, evicting policy).
+    #[serde(deserialize_with = "lenient_bool")]
+    pub redis_unsafe: bool,
     #[serde(deserialize_with = "lenient_u64")]
     pub concurrency: u64,
     #[serde(deserialize_with = "lenient_string")]
@@ -144,6 +147,7 @@ impl std::fmt::Debug for Settings {
             .field("private_key_file", &self.private_key_file)
             .field("notify_url", &self.notify_url.as_deref().map(redact_url))
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_unsafe", &self.redis_unsafe)
             .field("queue_prefix", &self.queue_prefix)
             .field("concurrency", &self.concurrency)
             .field("listen", &self.listen)

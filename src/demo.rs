@@ -79,6 +79,10 @@ impl DemoSummary {
 impl fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "payouts: {} (Redis: {})", self.payouts, self.redis)?;
+        writeln!(
+            f,
+            "redis safety: skipped (TARSPAY_REDIS_UNSAFE=true) - a demo on a throwaway prefix; `worker` and `serve` refuse a Redis without AOF or with eviction"
+        )?;
         writeln!(f, "outcomes by status:")?;
         for (status, count) in &self.by_status {
             writeln!(f, "  {status:<12} {count}")?;
@@ -247,6 +251,8 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         ("TARSPAY_SYSTEM_PUBLIC_KEY", system_public),
         ("TARSPAY_QUEUE_PREFIX", prefix.clone()),
         ("TARSPAY_API_AUTH_DISABLED", "true".to_owned()),
+        // A demo on a throwaway prefix: the dev Redis on 6379 usually has no AOF.
+        ("TARSPAY_REDIS_UNSAFE", "true".to_owned()),
         ("TARSPAY_RETRY_BASE_DELAY", "100ms".to_owned()),
         ("TARSPAY_RETRY_MAX_DELAY", "1s".to_owned()),
         ("TARSPAY_POLL_FIRST_DELAY", "1s".to_owned()),

@@ -15,6 +15,7 @@ pub mod money;
 pub mod payout;
 pub mod producer;
 pub mod queue;
+pub mod redis_safety;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

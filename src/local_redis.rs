@@ -40,6 +40,7 @@ impl LocalRedis {
                 "",
             ])
             .args(["--appendonly", if appendonly { "yes" } else { "no" }])
+            .args(["--maxmemory-policy", "noeviction"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())

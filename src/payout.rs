@@ -271,10 +271,12 @@ impl PayoutRules {
                 ));
             }
             if let Some(amount) = &amount {
-                if rule.whole_numbers && !amount.is_whole() {
+                // Any decimal point, even "100.00": the gateway's rule is whole numbers, and
+                // whether it reads "100.00" as one is not documented, so it is never sent.
+                if rule.whole_numbers && amount.as_str().contains('.') {
                     errors.push(FieldError::new(
                         "amount",
-                        format!("must be a whole number for {currency}"),
+                        format!("{currency} takes whole numbers: no decimal point"),
                     ));
                 }
                 if let Some(min) = rule.min
@@ -418,9 +420,9 @@ mod tests {
         );
         let bd = json!({"mchOrderNo": "B1", "amount": "500", "currency": "BDT", "wayCode": "EWALLET_BKASH", "walletId": "01712345678"});
         assert!(rules().validate_json(&bd).is_ok());
-        let ke = json!({"mchOrderNo": "K1", "amount": "1000.00", "currency": "KES", "wayCode": "EWALLET_MPESA",
+        let ke = json!({"mchOrderNo": "K1", "amount": "1000", "currency": "KES", "wayCode": "EWALLET_MPESA",
                         "customerContact": "254712345678", "customerName": "Wanjiru", "customerEmail": "w@example.ke"});
-        assert!(rules().validate_json(&ke).is_ok(), "100.00 is whole");
+        assert!(rules().validate_json(&ke).is_ok());
         let my =
             json!({"mchOrderNo": "M1", "amount": "75.20", "currency": "MYR", "wayCode": "MAYBANK"});
         assert!(
@@ -510,7 +512,38 @@ mod tests {
                 .validate_json(&pk)
                 .unwrap_err()
                 .to_string()
-                .contains("whole number for PKR")
+                .contains("PKR takes whole numbers: no decimal point")
+        );
+    }
+
+    #[test]
+    fn whole_number_currencies_refuse_any_decimal_point() {
+        let base = json!({"mchOrderNo": "B1", "currency": "BDT", "wayCode": "EWALLET_BKASH", "walletId": "01712345678"});
+        for amount in ["100.00", "100.0", "500.50"] {
+            let mut body = base.clone();
+            body["amount"] = json!(amount);
+            let errors = rules().validate_json(&body).unwrap_err();
+            assert_eq!(
+                errors.0,
+                vec![FieldError::new(
+                    "amount",
+                    "BDT takes whole numbers: no decimal point"
+                )],
+                "{amount}"
+            );
+        }
+        let ke = json!({"mchOrderNo": "K1", "amount": "1000.00", "currency": "KES", "wayCode": "EWALLET_MPESA",
+                        "customerContact": "254712345678", "customerName": "W", "customerEmail": "w@example.ke"});
+        assert_eq!(
+            rules().validate_json(&ke).unwrap_err().to_string(),
+            "amount: KES takes whole numbers: no decimal point"
+        );
+        // Other currencies keep their decimals.
+        let mut inr = india();
+        inr["amount"] = json!("150.00");
+        assert_eq!(
+            rules().validate_json(&inr).unwrap().amount.as_str(),
+            "150.00"
         );
     }
 

@@ -28,6 +28,8 @@ pub enum WorkerError {
     Client(#[from] ClientBuildError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error(transparent)]
+    Redis(#[from] crate::redis_safety::RedisSafetyError),
     #[error("worker stopped: {0}")]
     Runtime(String),
 }
@@ -163,6 +165,7 @@ pub async fn run(
     concurrency: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    crate::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
     let shared = Arc::new(Shared {
         ctx: deployment.job_context(settings)?,

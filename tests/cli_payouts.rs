@@ -4,6 +4,7 @@
 mod common;
 
 use common::app::{BIN, spawn_app};
+use common::redis_server::RedisServer;
 use std::process::Command;
 use tarspay_worker::jobs::PayoutJob;
 use tarspay_worker::ledger::{NewOrder, OrderKind};
@@ -54,7 +55,7 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
     assert_eq!(lines[1], "queued C-2");
     assert!(
         lines[2].starts_with("line 4: ")
-            && lines[2].contains("amount: must be a whole number for KES"),
+            && lines[2].contains("amount: KES takes whole numbers: no decimal point"),
         "{}",
         lines[2]
     );
@@ -194,4 +195,121 @@ async fn pause_resume_and_dead_jobs() {
     assert!(out.contains("requeued"));
     assert_eq!(app.deployment.queue.dead_count().await.unwrap(), 1);
     assert_eq!(app.deployment.queue.stats().await.unwrap().waiting, 1);
+}
+
+/// `tarspay-worker worker` against `redis_url`, stderr captured.
+fn worker_on(app: &common::app::TestApp, redis_url: &str, unsafe_ok: bool) -> std::process::Child {
+    let mut command = command(app);
+    command
+        .env("TARSPAY_REDIS_URL", redis_url)
+        .args(["worker", "--concurrency", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if unsafe_ok {
+        command.env("TARSPAY_REDIS_UNSAFE", "true");
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits for the process to end by itself (hang guard, not a speed assertion).
+fn exit_code_within(child: &mut std::process::Child, secs: u64) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
+
+/// SIGTERM, then everything the process wrote to stderr.
+fn stop_and_read_stderr(child: std::process::Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Waits until a worker registered itself in the Redis at `redis_url`: it started.
+async fn wait_worker_alive(app: &common::app::TestApp, redis_url: &str) {
+    let mut env = app.env.clone();
+    env.retain(|(k, _)| k != "TARSPAY_REDIS_URL");
+    env.push(("TARSPAY_REDIS_URL".into(), redis_url.to_owned()));
+    let settings = tarspay_worker::config::Settings::load_with_env(None, env).unwrap();
+    let deployment = tarspay_worker::worker::Deployment::connect(&settings)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while deployment.queue.stats().await.unwrap().workers_alive == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_refuses_a_redis_that_may_drop_acknowledged_writes() {
+    let app = spawn_app(false, |_| {}).await;
+    for (extra, needle) in [
+        (&["--appendonly", "no"][..], "appendonly is no"),
+        (
+            &["--maxmemory-policy", "allkeys-lru"][..],
+            "maxmemory-policy is allkeys-lru",
+        ),
+    ] {
+        let redis = RedisServer::start_with(false, extra);
+        let mut child = worker_on(&app, &redis.url(), false);
+        let code = exit_code_within(&mut child, 60);
+        let err = stop_and_read_stderr(child);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "refused with a non-zero exit: {code:?} {err}"
+        );
+        assert!(err.contains("refusing to start"), "{err}");
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains("TARSPAY_REDIS_UNSAFE=true"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runs_on_an_unsafe_redis_only_when_told_and_says_so() {
+    let app = spawn_app(false, |_| {}).await;
+    let redis = RedisServer::start_with(false, &["--appendonly", "no"]);
+    let mut child = worker_on(&app, &redis.url(), true);
+    wait_worker_alive(&app, &redis.url()).await;
+    assert_eq!(child.try_wait().unwrap(), None, "still running");
+    let err = stop_and_read_stderr(child);
+    assert!(err.contains("appendonly is no"), "{err}");
+    assert!(
+        err.contains("running anyway (redis_unsafe = true)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_starts_on_aof_with_noeviction_and_warns_where_config_is_refused() {
+    let app = spawn_app(false, |_| {}).await;
+    // The app's own Redis: AOF (fsync every second) and noeviction. Starts; the lazy fsync is
+    // only a warning naming what a crash can lose.
+    let mut child = worker_on(&app, &app.redis.url(), false);
+    wait_worker_alive(&app, &app.redis.url()).await;
+    assert_eq!(child.try_wait().unwrap(), None, "still running");
+    let err = stop_and_read_stderr(child);
+    assert!(err.contains("appendfsync is everysec"), "{err}");
+    assert!(!err.contains("refusing"), "{err}");
+
+    // A managed Redis that does not allow CONFIG: warn what could not be checked, run.
+    let managed = RedisServer::start_with(false, &["--rename-command", "CONFIG", ""]);
+    let mut child = worker_on(&app, &managed.url(), false);
+    wait_worker_alive(&app, &managed.url()).await;
+    assert_eq!(child.try_wait().unwrap(), None, "still running");
+    let err = stop_and_read_stderr(child);
+    assert!(
+        err.contains("cannot read Redis persistence and eviction settings"),
+        "{err}"
+    );
 }

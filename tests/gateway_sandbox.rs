@@ -804,3 +804,165 @@ async fn codes_on_error_statuses_decide_and_redirects_are_not_followed() {
         ErrorClass::Retryable
     );
 }
+
+#[tokio::test]
+async fn lagging_lookups_miss_a_fresh_order_until_the_lag_is_over() {
+    let lag = Duration::from_millis(1_500);
+    let gw = spawn_gateway(|c| {
+        c.final_after = Duration::from_secs(30);
+        c.faults = vec![fault(
+            "LAG",
+            Endpoint::QueryPayout,
+            None,
+            FaultAction::LookupLag {
+                ms: lag.as_millis() as u64,
+            },
+        )];
+    })
+    .await;
+    let started = std::time::Instant::now();
+    gw.client
+        .create_payout(&payout("LAG-1", "100"))
+        .await
+        .unwrap();
+    assert!(gw.sandbox.order("LAG-1").is_some(), "the create committed");
+    let missed = gw.client.query_payout(&by_id("LAG-1")).await.unwrap_err();
+    assert_eq!(
+        missed,
+        GatewayError::Gateway {
+            endpoint: paths::QUERY_PAYOUT,
+            code: 5003020,
+            msg: "failed to query pay-out order".into()
+        },
+        "answered as for an unknown order"
+    );
+    // Other orders are found at once.
+    gw.client
+        .create_payout(&payout("NOW-1", "100"))
+        .await
+        .unwrap();
+    assert_eq!(
+        gw.client
+            .query_payout(&by_id("NOW-1"))
+            .await
+            .unwrap()
+            .mch_order_no,
+        "NOW-1"
+    );
+    // The lag ends: the order is found, and not before the lag was over.
+    let found = eventually("lookup after the lag", || async {
+        gw.client.query_payout(&by_id("LAG-1")).await.ok()
+    })
+    .await;
+    assert!(
+        started.elapsed() >= lag,
+        "found after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(found.mch_order_no, "LAG-1");
+    assert_eq!(found.order_amount.as_deref(), Some("100"));
+    assert_eq!(gw.sandbox.create_attempts("LAG-1"), 1);
+}
+
+#[tokio::test]
+async fn a_repeated_create_can_be_refused_before_the_duplicate_check() {
+    let refuse = |prefix: &str, code: i64| {
+        fault(
+            prefix,
+            Endpoint::CreatePayout,
+            None,
+            FaultAction::RefuseRepeat { code, msg: None },
+        )
+    };
+    let gw = spawn_gateway(|c| {
+        c.final_after = Duration::from_secs(30);
+        c.faults = vec![
+            refuse("BAL", 5004006),
+            refuse("EXP", 5003006),
+            refuse("IP", 5003007),
+        ];
+    })
+    .await;
+    let table = CodeTable::default();
+    for (id, code, msg) in [
+        ("BAL-1", 5004006, "merchant balance insufficient"),
+        ("EXP-1", 5003006, "API key expired"),
+        ("IP-1", 5003007, "IP error"),
+    ] {
+        // A first create is handled as usual.
+        let accepted = gw.client.create_payout(&payout(id, "100")).await.unwrap();
+        let held = gw.sandbox.order(id).unwrap();
+        let balance = gw.client.balance().await.unwrap();
+        let err = gw
+            .client
+            .create_payout(&payout(id, "100"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(code), "{id}: {err:?}");
+        assert!(err.to_string().contains(msg), "{id}: {err}");
+        assert_eq!(err.class(&table), ErrorClass::Terminal, "{id}");
+        // The held order is untouched: same order, same money.
+        let after = gw.sandbox.order(id).unwrap();
+        assert_eq!(after.pay_order_id, accepted.pay_order_id, "{id}");
+        assert_eq!(
+            (after.amount.as_str(), after.state),
+            (held.amount.as_str(), held.state)
+        );
+        assert_eq!(gw.client.balance().await.unwrap(), balance, "{id}");
+        assert_eq!(gw.sandbox.create_attempts(id), 2, "{id}");
+        assert_eq!(
+            gw.client
+                .query_payout(&by_id(id))
+                .await
+                .unwrap()
+                .pay_order_id,
+            Some(accepted.pay_order_id)
+        );
+    }
+    // Without the rule a repeat is the documented duplicate.
+    gw.client
+        .create_payout(&payout("DUP-1", "100"))
+        .await
+        .unwrap();
+    assert_eq!(
+        gw.client
+            .create_payout(&payout("DUP-1", "100"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003011)
+    );
+    assert_eq!(gw.sandbox.orders().len(), 4);
+}
+
+#[tokio::test]
+async fn amounts_sent_as_json_numbers_keep_their_exact_text() {
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "NUM",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"msg":"SUCCESS","data":{"mchOrderNo":"NUM-1","payOrderId":"P1681112064487976961","orderAmount":100.10,"payAmount":100.10,"fee":1.50,"currency":"INR","state":2}}"#.into(),
+                },
+            ),
+            fault(
+                "",
+                Endpoint::Balance,
+                None,
+                FaultAction::Raw {
+                    body: r#"{"code":0,"msg":"SUCCESS","data":{"availableAmount":2500.50,"frozenAmount":0.00}}"#.into(),
+                },
+            ),
+        ];
+    })
+    .await;
+    let info = gw.client.query_payout(&by_id("NUM-1")).await.unwrap();
+    assert_eq!(info.order_amount.as_deref(), Some("100.10"));
+    assert_eq!(info.pay_amount.as_deref(), Some("100.10"));
+    assert_eq!(info.fee.as_deref(), Some("1.50"));
+    let balance = gw.client.balance().await.unwrap();
+    assert_eq!(balance.available_amount, "2500.50");
+    assert_eq!(balance.frozen_amount.as_deref(), Some("0.00"));
+}

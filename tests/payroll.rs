@@ -128,3 +128,81 @@ async fn a_payroll_runs_to_the_end_and_a_rerun_pays_no_one_twice() {
     }
     assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balance_is_checked_per_currency_never_summed_across_currencies() {
+    // 600 BDT and 500 INR each fit in 1000; their sum would not, but it is no amount at all.
+    let app = spawn_app(false, |c| c.merchants[0].balance = 1000u64.into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mixed.csv");
+    std::fs::write(
+        &file,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         MX-1,600,BDT,EWALLET_BKASH,01712345678,,,\n\
+         MX-2,500,INR,UPI,,Asha,asha@example.in,9876543210\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &file).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("covers each currency's new total: 600 BDT, 500 INR"),
+        "{out}"
+    );
+    assert!(out.contains("2 queued"), "{out}");
+
+    // One currency over the balance: refused, naming that currency's total only.
+    let over = dir.path().join("over.csv");
+    std::fs::write(
+        &over,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         OV-1,700,BDT,EWALLET_BKASH,01712345678,,,\n\
+         OV-2,700,BDT,EWALLET_NAGAD,01712345679,,,\n\
+         OV-3,150,INR,UPI,,Asha,asha@example.in,9876543210\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &over).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("does not cover the batch total of 1400 BDT (each currency"),
+        "{out}"
+    );
+    assert!(!out.contains("INR"), "INR is covered: {out}");
+    assert!(app.deployment.ledger.get("OV-3").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_batch_id_with_more_members_than_the_file_is_followed_to_the_end() {
+    let app = spawn_app(false, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.csv");
+    std::fs::write(&first, GOOD).unwrap();
+    let second = dir.path().join("second.csv");
+    std::fs::write(
+        &second,
+        "mchOrderNo,amount,currency,wayCode,walletId\nPR-9,400,BDT,EWALLET_BKASH,01712345671\n",
+    )
+    .unwrap();
+    let pool = app.pool(4);
+    let (code, out) = payroll(&app, &["--batch-id", "NOV"], &first).await;
+    assert_eq!(code, 0, "{out}");
+    // The batch now holds 4 final orders, the file 1: following it must not underflow.
+    let (code, out) = payroll(&app, &["--batch-id", "NOV"], &second).await;
+    pool.stop().await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 queued, 0 already queued"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("total") && l.trim_end().ends_with(" 5")),
+        "the whole batch is summarised: {out}"
+    );
+    assert_eq!(
+        app.deployment
+            .ledger
+            .get("PR-9")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        tarspay_worker::ledger::Phase::Succeeded
+    );
+}

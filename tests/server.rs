@@ -224,6 +224,28 @@ async fn create_payout_is_idempotent_201_200_409_422() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_number_currency_refuses_a_decimal_point_and_queues_nothing() {
+    let s = served(|_| {}, &[]).await;
+    let response = s
+        .post("/v1/payouts")
+        .json(
+            &json!({"mchOrderNo": "BD-1", "amount": "100.00", "currency": "BDT",
+                      "wayCode": "EWALLET_BKASH", "walletId": "01712345678"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["errors"],
+        json!([{"field": "amount", "rule": "BDT takes whole numbers: no decimal point"}])
+    );
+    assert!(s.app.deployment.ledger.get("BD-1").await.unwrap().is_none());
+    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_bad_rows_queues_nothing_and_names_every_bad_line() {
     let s = served(|_| {}, &[]).await;
     let csv = "mchOrderNo,amount,currency,wayCode,walletId\nB-1,500,BDT,EWALLET_BKASH,01712345678\nB-2,500.5,BDT,EWALLET_BKASH,01712345678\nB-3,500,BDT,EWALLET_BKASH,01712345678\nB-4,500,BDT,PAYPAL,01712345678\n";

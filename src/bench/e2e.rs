@@ -87,6 +87,8 @@ impl Pipeline {
                     "http://127.0.0.1:9/tarspay/notify".to_owned(),
                 ),
                 ("TARSPAY_QUEUE_PREFIX", target.prefix.clone()),
+                // Benchmarks run on throwaway data, on the documented (AOF-less) set-up.
+                ("TARSPAY_REDIS_UNSAFE", "true".to_owned()),
                 (
                     "TARSPAY_POLL_FIRST_DELAY",
                     timers.poll_first_delay.to_owned(),

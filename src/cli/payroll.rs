@@ -73,14 +73,15 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
             *new_total.entry(request.currency.clone()).or_default() += request.amount.value();
         }
     }
-    if !new_total.is_empty()
-        && let Err(reason) = check_balance(settings, &new_total).await
-    {
-        if !args.force {
-            println!("refused: {reason}; nothing was queued (use --force to enqueue anyway)");
-            return Ok(ExitCode::from(1));
+    if !new_total.is_empty() {
+        match check_balance(settings, &new_total).await {
+            Ok(report) => println!("{report}"),
+            Err(reason) if !args.force => {
+                println!("refused: {reason}; nothing was queued (use --force to enqueue anyway)");
+                return Ok(ExitCode::from(1));
+            }
+            Err(reason) => println!("warning: {reason}; enqueuing anyway (--force)"),
         }
-        println!("warning: {reason}; enqueuing anyway (--force)");
     }
 
     let producer = deployment.producer(settings)?;
@@ -99,7 +100,7 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
         println!("follow it with: tarspay-worker status ID, or GET /v1/batches/{batch_id}");
         return Ok(ExitCode::SUCCESS);
     }
-    let summary = follow(&deployment.ledger, &batch_id, requests.len()).await?;
+    let summary = follow(&deployment.ledger, &batch_id).await?;
     print_summary(&summary);
     let results_path = args.results.clone().unwrap_or_else(|| {
         let mut path = args.file.clone().into_os_string();
@@ -111,11 +112,13 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The balance API reports one available amount; compare it with the new payouts' total.
+/// The balance answer is one available amount that names no currency (one merchant account
+/// at the gateway), so each currency's new total is compared with it on its own: amounts of
+/// different currencies are never added. Ok is the per-currency report.
 async fn check_balance(
     settings: &Settings,
     totals: &BTreeMap<String, Decimal>,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let client = TarsPayClient::new(settings.client_settings().map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     let balance = client
@@ -126,15 +129,30 @@ async fn check_balance(
         .available_amount
         .parse()
         .map_err(|_| format!("unreadable balance {:?}", balance.available_amount))?;
-    let needed: Decimal = totals.values().copied().sum();
-    let described: Vec<String> = totals.iter().map(|(c, v)| format!("{v} {c}")).collect();
-    if available < needed {
+    balance_verdict(available, totals)
+}
+
+fn balance_verdict(
+    available: Decimal,
+    totals: &BTreeMap<String, Decimal>,
+) -> Result<String, String> {
+    let describe = |(currency, total): (&String, &Decimal)| format!("{total} {currency}");
+    let short: Vec<String> = totals
+        .iter()
+        .filter(|(_, total)| **total > available)
+        .map(describe)
+        .collect();
+    if !short.is_empty() {
         return Err(format!(
-            "available balance {available} does not cover the batch total {}",
-            described.join(" + ")
+            "available balance {available} does not cover the batch total of {} (each currency compared on its own)",
+            short.join(", ")
         ));
     }
-    Ok(())
+    let all: Vec<String> = totals.iter().map(describe).collect();
+    Ok(format!(
+        "balance: available {available} covers each currency's new total: {}",
+        all.join(", ")
+    ))
 }
 
 fn final_count(summary: &BatchSummary) -> usize {
@@ -146,14 +164,18 @@ fn final_count(summary: &BatchSummary) -> usize {
         .sum()
 }
 
-async fn follow(ledger: &Ledger, batch_id: &str, total: usize) -> Result<BatchSummary> {
-    let bar = ProgressBar::new(total as u64);
+/// Follows every member of the batch: a reused `--batch-id` may hold more orders than this
+/// file, and they are all in the summary.
+async fn follow(ledger: &Ledger, batch_id: &str) -> Result<BatchSummary> {
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} final  {msg}  {per_sec}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     loop {
         let summary = ledger.batch_summary(batch_id).await?;
+        let total = summary.total;
+        bar.set_length(total as u64);
         let done = final_count(&summary);
         let count = |phase: &str| summary.phases.get(phase).map_or(0, |t| t.count);
         let failed = count("failed") + count("rejected") + count("conflict");
@@ -161,7 +183,7 @@ async fn follow(ledger: &Ledger, batch_id: &str, total: usize) -> Result<BatchSu
         bar.set_message(format!(
             "succeeded {}  failed {failed}  in flight {}",
             count("succeeded"),
-            total - done
+            total.saturating_sub(done)
         ));
         if done >= total {
             bar.finish();
@@ -228,4 +250,28 @@ async fn write_results(ledger: &Ledger, requests: &[PayoutRequest], path: &PathB
     }
     writer.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(entries: &[(&str, u64)]) -> BTreeMap<String, Decimal> {
+        entries
+            .iter()
+            .map(|(c, v)| ((*c).to_owned(), Decimal::from(*v)))
+            .collect()
+    }
+
+    #[test]
+    fn currencies_are_compared_one_by_one_never_added() {
+        let available = Decimal::from(1000);
+        // 600 BDT + 500 INR is not 1100 of anything.
+        let report = balance_verdict(available, &totals(&[("BDT", 600), ("INR", 500)])).unwrap();
+        assert!(report.contains("600 BDT, 500 INR"), "{report}");
+        let refused =
+            balance_verdict(available, &totals(&[("BDT", 1500), ("INR", 500)])).unwrap_err();
+        assert!(refused.contains("batch total of 1500 BDT"), "{refused}");
+        assert!(!refused.contains("INR"), "INR is covered: {refused}");
+    }
 }

@@ -8,6 +8,7 @@ use tarspay_worker::worker::Deployment;
 pub async fn run(settings: &Settings) -> Result<ExitCode> {
     // Refuse to start without a token (or an explicit opt-out) before binding anything.
     settings.api_token()?;
+    tarspay_worker::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await

@@ -218,6 +218,16 @@ mod tests {
     }
 
     #[test]
+    fn numeric_amounts_keep_their_text_in_fields_and_in_the_signed_form() {
+        let body = br#"{"bizType":2,"fee":1.50,"mchOrderNo":"A","orderAmount":100.10,"state":2}"#;
+        let callback = parse_callback(body).unwrap();
+        assert_eq!(callback.order_amount.as_deref(), Some("100.10"));
+        assert_eq!(callback.fee.as_deref(), Some("1.50"));
+        let value: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(sorted_compact_json(&value).as_bytes(), &body[..]);
+    }
+
+    #[test]
     fn parse_reports_missing_and_bad_fields() {
         let callback = parse_callback(BODY.as_bytes()).unwrap();
         assert_eq!(callback.biz_type, BizType::Payout);

@@ -321,4 +321,25 @@ mod tests {
             assert!(err.to_string().contains(needle), "{err}");
         }
     }
+
+    /// A gateway that sends amounts as JSON numbers: the text is kept digit for digit
+    /// (serde_json's `arbitrary_precision`), never rounded through f64.
+    #[test]
+    fn amounts_sent_as_numbers_keep_their_exact_text() {
+        let info: crate::gateway::types::OrderInfo = decode_envelope(
+            "/q",
+            br#"{"code":0,"msg":"SUCCESS","data":{"mchOrderNo":"A","orderAmount":100.10,"payAmount":100.10,"fee":1.50,"state":2,"currency":"INR"}}"#,
+        )
+        .unwrap();
+        assert_eq!(info.order_amount.as_deref(), Some("100.10"));
+        assert_eq!(info.pay_amount.as_deref(), Some("100.10"));
+        assert_eq!(info.fee.as_deref(), Some("1.50"));
+        let balance: Balance = decode_envelope(
+            "/b",
+            br#"{"code":0,"data":{"availableAmount":12345678901234567.80,"frozenAmount":0.10}}"#,
+        )
+        .unwrap();
+        assert_eq!(balance.available_amount, "12345678901234567.80");
+        assert_eq!(balance.frozen_amount.as_deref(), Some("0.10"));
+    }
 }

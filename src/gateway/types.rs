@@ -229,7 +229,8 @@ pub struct PayoutProof {
     pub other: Map<String, Value>,
 }
 
-/// A string, or a number kept as its exact JSON text (never through f64 arithmetic).
+/// A string, or a number kept as its exact JSON text: serde_json's `arbitrary_precision`
+/// (Cargo.toml) stores a number's digits as written, so `100.10` stays `"100.10"`.
 fn value_text(value: Value) -> Option<String> {
     match value {
         Value::String(text) => Some(text),
@@ -292,6 +293,17 @@ mod tests {
         let info: OrderInfo = serde_json::from_value(data).unwrap();
         assert_eq!(info.order_amount.as_deref(), Some("100.25"));
         assert_eq!(info.state, OrderState::Success);
+    }
+
+    #[test]
+    fn numbers_from_the_wire_keep_trailing_zeros() {
+        let info: OrderInfo = serde_json::from_str(
+            r#"{"mchOrderNo":"A","orderAmount":100.10,"payAmount":0.00,"fee":1.50,"state":1}"#,
+        )
+        .unwrap();
+        assert_eq!(info.order_amount.as_deref(), Some("100.10"));
+        assert_eq!(info.pay_amount.as_deref(), Some("0.00"));
+        assert_eq!(info.fee.as_deref(), Some("1.50"));
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::sync::LazyLock;
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+-- No expiry: failures count until an accepted create clears the key, however far apart
+-- they are (an idle night between two failures does not make the key work again).
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   -- Pause. The count stays until a create is accepted (the ledger's accept clears it), so
   -- after a resume with the fault still there the first failure pauses again and burns no
@@ -65,7 +66,6 @@ impl SystemicGuard {
             .key(&self.pause_key)
             .arg(mch_order_no)
             .arg(self.threshold)
-            .arg(3_600_000)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|err| JobError::Guard(err.to_string()))?;
@@ -79,5 +79,50 @@ impl SystemicGuard {
         } else {
             Ok(GuardVerdict::Continue)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_redis::LocalRedis;
+
+    /// The count lasts until an accepted create clears it: no TTL on the key.
+    #[tokio::test]
+    async fn the_count_survives_until_an_accept_clears_it() {
+        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let conn = ConnectionManager::new(client).await.unwrap();
+        let guard =
+            SystemicGuard::new(conn.clone(), "{t:p}:guard".into(), "{t:p}:paused".into(), 3);
+        for order in ["A", "B"] {
+            assert_eq!(
+                guard.record_auth_failure(order, 5003007).await.unwrap(),
+                GuardVerdict::Continue
+            );
+        }
+        let mut conn = conn;
+        let count: i64 = redis::cmd("SCARD")
+            .arg("{t:p}:guard")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg("{t:p}:guard")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(count, 2);
+        assert_eq!(ttl, -1, "the count must not expire");
+        assert_eq!(
+            guard.record_auth_failure("C", 5003007).await.unwrap(),
+            GuardVerdict::Pause
+        );
+        let paused: Option<String> = redis::cmd("GET")
+            .arg("{t:p}:paused")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(paused.as_deref(), Some("1"));
     }
 }

@@ -163,6 +163,11 @@ impl Book {
         true
     }
 
+    /// How long ago the order with this `mchOrderNo` was created; `None` if there is none.
+    pub(crate) fn age(&self, mch_order_no: &str) -> Option<Duration> {
+        self.orders.get(mch_order_no).map(|o| o.created.elapsed())
+    }
+
     pub(crate) fn reset_fault_counts(&mut self) {
         self.fault_counts.clear();
     }

@@ -66,6 +66,38 @@ pub enum FaultAction {
     Raw { body: String },
     /// Answer 200 with a valid-looking envelope of this many bytes.
     Oversize { bytes: usize },
+    /// Queries only: for `ms` after an order was created, a lookup of it answers "no such
+    /// order" (5003020 for payouts, 5003018 for deposits), as a gateway whose reads lag its
+    /// writes. After that the order is found. Unknown orders are answered as usual.
+    LookupLag { ms: u64 },
+    /// Creates only: a create for an `mchOrderNo` the sandbox already holds is answered with
+    /// this code (e.g. 5004006, 5003006, 5003007) instead of 5003011, as a gateway that checks
+    /// balance or key before duplicates. The held order is unaffected; a first create is
+    /// handled as usual.
+    RefuseRepeat {
+        code: i64,
+        #[serde(default)]
+        msg: Option<String>,
+    },
+}
+
+impl FaultAction {
+    /// Whether this action applies to this call; a rule that does not apply is skipped (and
+    /// uses none of its `times`), so it never shadows a later rule. `age` is how long ago the
+    /// sandbox created the call's order, `None` if it holds none.
+    pub(crate) fn applies(&self, endpoint: Endpoint, age: Option<Duration>) -> bool {
+        match self {
+            Self::LookupLag { ms } => {
+                matches!(endpoint, Endpoint::QueryPayout | Endpoint::QueryDeposit)
+                    && age.is_some_and(|age| age < Duration::from_millis(*ms))
+            }
+            Self::RefuseRepeat { .. } => {
+                matches!(endpoint, Endpoint::CreatePayout | Endpoint::CreateDeposit)
+                    && age.is_some()
+            }
+            _ => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,5 +205,48 @@ impl SandboxConfig {
                 )
             })
             .unwrap_or((default, self.final_after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gray_failure_rules_read_from_json() {
+        let rules: Vec<FaultRule> = serde_json::from_str(
+            r#"[{"prefix": "LAG-", "endpoint": "query_payout", "action": "lookup_lag", "ms": 2000},
+                {"prefix": "BAL-", "endpoint": "create_payout", "action": "refuse_repeat", "code": 5004006}]"#,
+        )
+        .unwrap();
+        assert_eq!(rules[0].action, FaultAction::LookupLag { ms: 2000 });
+        assert_eq!(
+            rules[1].action,
+            FaultAction::RefuseRepeat {
+                code: 5004006,
+                msg: None
+            }
+        );
+    }
+
+    #[test]
+    fn conditional_actions_apply_only_where_they_mean_something() {
+        let lag = FaultAction::LookupLag { ms: 1000 };
+        let young = Some(Duration::from_millis(10));
+        let old = Some(Duration::from_millis(1000));
+        assert!(lag.applies(Endpoint::QueryPayout, young));
+        assert!(!lag.applies(Endpoint::QueryPayout, old), "the lag is over");
+        assert!(!lag.applies(Endpoint::QueryPayout, None), "unknown order");
+        assert!(!lag.applies(Endpoint::CreatePayout, young));
+        let repeat = FaultAction::RefuseRepeat {
+            code: 5003007,
+            msg: None,
+        };
+        assert!(repeat.applies(Endpoint::CreatePayout, old));
+        assert!(
+            !repeat.applies(Endpoint::CreatePayout, None),
+            "first create"
+        );
+        assert!(!repeat.applies(Endpoint::QueryPayout, old));
     }
 }

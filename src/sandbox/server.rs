@@ -215,9 +215,11 @@ fn endpoint_of(path: &str) -> Option<Endpoint> {
 fn pick_fault(shared: &Shared, endpoint: Endpoint, mch_order_no: &str) -> Option<FaultAction> {
     let rules: Vec<FaultRule> = shared.config().faults.clone();
     let mut book = shared.book();
+    let age = book.age(mch_order_no);
     rules.into_iter().enumerate().find_map(|(index, rule)| {
         let applies = (rule.endpoint == endpoint || rule.endpoint == Endpoint::Any)
             && mch_order_no.starts_with(&rule.prefix)
+            && rule.action.applies(endpoint, age)
             && book.take_fault(index, mch_order_no, rule.times);
         applies.then_some(rule.action)
     })
@@ -256,14 +258,16 @@ async fn api(
         };
         tracing::debug!(?fault, order_no, "sandbox injects a fault");
         match fault {
-            FaultAction::Code { code, msg } => Some(refuse_response(
-                code,
-                msg.unwrap_or_else(|| {
-                    crate::gateway::codes::known(code)
-                        .map_or("error", |c| c.meaning)
-                        .to_owned()
-                }),
-            )),
+            FaultAction::Code { code, msg } | FaultAction::RefuseRepeat { code, msg } => {
+                Some(refuse_response(
+                    code,
+                    msg.unwrap_or_else(|| {
+                        crate::gateway::codes::known(code)
+                            .map_or("error", |c| c.meaning)
+                            .to_owned()
+                    }),
+                ))
+            }
             FaultAction::Latency { ms } => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Some(handle(&shared, endpoint, &call))
@@ -299,6 +303,16 @@ async fn api(
             FaultAction::Oversize { bytes } => {
                 let padding = "x".repeat(bytes);
                 Some(envelope_ok(json!({"padding": padding})))
+            }
+            // Only picked for a query of an order younger than the lag: answer as for an
+            // order the gateway does not have.
+            FaultAction::LookupLag { .. } => {
+                let kind = match endpoint {
+                    Endpoint::QueryDeposit => OrderKind::Deposit,
+                    _ => OrderKind::Payout,
+                };
+                let (code, msg) = not_found(kind);
+                Some(refuse_response(code, msg.to_owned()))
             }
         }
     });
@@ -394,6 +408,14 @@ fn find_order(shared: &Shared, call: &SignedCall, kind: OrderKind) -> Option<sup
     (view.kind == kind && view.mch_no == call.mch_no).then_some(view)
 }
 
+/// What a query answers for an order the gateway does not have.
+fn not_found(kind: OrderKind) -> (i64, &'static str) {
+    match kind {
+        OrderKind::Payout => (5003020, "failed to query pay-out order"),
+        OrderKind::Deposit => (5003018, "failed to query pay-in order"),
+    }
+}
+
 fn query_order(shared: &Arc<Shared>, call: &SignedCall, kind: OrderKind) -> Result<Value, Refusal> {
     if call.text("mchOrderNo").is_none() && call.text("payOrderId").is_none() {
         return Err(envelope_err(
@@ -401,10 +423,7 @@ fn query_order(shared: &Arc<Shared>, call: &SignedCall, kind: OrderKind) -> Resu
             "missing parameter: mchOrderNo or payOrderId",
         ));
     }
-    let (not_found_code, not_found_msg) = match kind {
-        OrderKind::Payout => (5003020, "failed to query pay-out order"),
-        OrderKind::Deposit => (5003018, "failed to query pay-in order"),
-    };
+    let (not_found_code, not_found_msg) = not_found(kind);
     let view = find_order(shared, call, kind)
         .ok_or_else(|| envelope_err(not_found_code, not_found_msg))?;
     Ok(json!({

@@ -11,6 +11,7 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     appendonly: bool,
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -19,13 +20,21 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
-    /// Starts redis-server; `appendonly` turns on AOF (fsync on every write) for restart tests.
+    /// Starts redis-server with AOF and noeviction, as `worker` and `serve` require.
+    /// `appendonly` means fsync on every write (restart and crash tests); otherwise AOF
+    /// fsyncs every second, which is cheaper and only warned about.
     pub fn start(appendonly: bool) -> Self {
+        Self::start_with(appendonly, &[])
+    }
+
+    /// `start`, then these `--name value` settings (later ones win), e.g. AOF off.
+    pub fn start_with(appendonly: bool, extra: &[&str]) -> Self {
         let mut server = Self {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             appendonly,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         server.launch();
         server
@@ -37,8 +46,17 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--save", ""])
-            .args(["--appendonly", if self.appendonly { "yes" } else { "no" }])
-            .args(["--appendfsync", "always"])
+            .args(["--appendonly", "yes"])
+            .args([
+                "--appendfsync",
+                if self.appendonly {
+                    "always"
+                } else {
+                    "everysec"
+                },
+            ])
+            .args(["--maxmemory-policy", "noeviction"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
