@@ -134,3 +134,116 @@ async fn a_worker_frozen_mid_create_past_its_lease_and_takeover_breaks_nothing()
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
     assert_eq!(report["liveJobs"], 0, "{report}");
 }
+
+fn rule(prefix: &str, endpoint: Endpoint, times: Option<u32>, action: FaultAction) -> FaultRule {
+    FaultRule {
+        prefix: prefix.into(),
+        endpoint,
+        times,
+        action,
+    }
+}
+
+/// A gateway that loses the answer to a committed create, whose lookups lag its writes, and
+/// that refuses a repeated create for balance, key or IP before its duplicate check: no order
+/// the gateway holds is ever reported `failed`. Orders it never got are failed, but only once
+/// its "no such order" was repeated over the settle window, and a first create refused
+/// outright still fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_lookups_and_refused_repeats_never_fail_an_order_the_gateway_holds() {
+    use Endpoint::{CreatePayout, QueryPayout};
+    let refusal = |code: i64| FaultAction::RefuseRepeat { code, msg: None };
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.final_after = Duration::from_millis(300);
+            let mut faults = Vec::new();
+            for prefix in ["LAG", "BAL", "KEY", "IP"] {
+                faults.push(rule(
+                    prefix,
+                    CreatePayout,
+                    Some(1),
+                    FaultAction::CommitThenDrop,
+                ));
+                faults.push(rule(
+                    prefix,
+                    QueryPayout,
+                    None,
+                    FaultAction::LookupLag { ms: 1_500 },
+                ));
+            }
+            faults.push(rule("BAL", CreatePayout, None, refusal(5004006)));
+            faults.push(rule("KEY", CreatePayout, None, refusal(5003006)));
+            faults.push(rule("IP", CreatePayout, None, refusal(5003007)));
+            // Never reaches the gateway, every time: only repeated absence may fail it.
+            faults.push(rule("GONE", CreatePayout, None, FaultAction::Drop));
+            // A first create refused for balance: nothing can exist, failed at once.
+            faults.push(rule(
+                "POOR",
+                CreatePayout,
+                None,
+                FaultAction::Code {
+                    code: 5004006,
+                    msg: Some("balance insufficient".into()),
+                },
+            ));
+            c.faults = faults;
+        },
+        &[("TARSPAY_SETTLE_WINDOW", "3s")],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for prefix in ["LAG", "BAL", "KEY", "IP", "GONE", "POOR"] {
+        for i in 0..3 {
+            let id = format!("{prefix}-{i}");
+            app.enqueue(inr(&id, "100")).await;
+            ids.push(id);
+        }
+    }
+    let pool = app.pool(8);
+    let outcomes = app.wait_outcomes(ids.len()).await;
+    pool.stop().await;
+
+    for id in &ids {
+        let outcome = &outcomes[id];
+        match app.sandbox.order(id) {
+            Some(held) => {
+                assert_eq!(outcome.status, "succeeded", "{id} is held: {outcome:?}");
+                assert_eq!(outcome.gateway_state, Some(held.state), "{id}");
+                assert_eq!(
+                    outcome.pay_order_id.as_deref(),
+                    Some(held.pay_order_id.as_str())
+                );
+            }
+            None => assert_eq!(outcome.status, "failed", "{id}: {outcome:?}"),
+        }
+    }
+    for prefix in ["LAG", "BAL", "KEY", "IP"] {
+        for i in 0..3 {
+            assert!(app.sandbox.order(&format!("{prefix}-{i}")).is_some());
+        }
+    }
+    for i in 0..3 {
+        let gone = &outcomes[&format!("GONE-{i}")];
+        assert!(app.sandbox.order(&format!("GONE-{i}")).is_none());
+        let record = app
+            .deployment
+            .ledger
+            .get(&format!("GONE-{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(record.ambiguous, "dropped creates may have landed");
+        assert!(gone.attempts > 5, "lookups after the last create: {gone:?}");
+        assert_eq!(app.sandbox.create_attempts(&format!("GONE-{i}")), 5);
+        let poor = &outcomes[&format!("POOR-{i}")];
+        assert_eq!(
+            (poor.status.as_str(), poor.code, poor.attempts),
+            ("failed", Some(5004006), 1)
+        );
+    }
+    // Nothing was paused by the key and IP refusals of repeats.
+    assert!(!app.deployment.queue.stats().await.unwrap().paused);
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}

@@ -4,13 +4,13 @@
 
 mod common;
 
+use common::faketime::libfaketime;
+
 use common::queue::*;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tarspay_worker::queue::{JobOptions, RedisQueue};
 
@@ -27,31 +27,6 @@ struct ClockJob {
 /// Job number offset of the jobs a `spawn_ms` job enqueues (as in `queue_worker`).
 const SPAWN_OFFSET: u64 = 1_000_000;
 const TEN_MINUTES_MS: i64 = 600_000;
-
-/// The library the `faketime` command preloads. The workers are started with it preloaded
-/// directly (what `faketime` does), because the `faketime` command forks: its pid would not be
-/// the worker's, and killing it would leave the worker running.
-fn libfaketime() -> Option<PathBuf> {
-    let works = Command::new("faketime")
-        .args(["-f", "+0", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
-        return None;
-    }
-    let dirs = std::fs::read_dir("/usr/lib")
-        .ok()?
-        .flatten()
-        .map(|e| e.path());
-    ["/usr/lib", "/usr/local/lib"]
-        .into_iter()
-        .map(PathBuf::from)
-        .chain(dirs)
-        .map(|dir| dir.join("faketime/libfaketime.so.1"))
-        .find(|lib| lib.is_file())
-}
 
 async fn server_ms(conn: &mut ConnectionManager) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();

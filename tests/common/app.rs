@@ -136,6 +136,12 @@ impl TestApp {
 
     /// A `tarspay-worker worker` process with this app's settings.
     pub fn worker_process(&self, concurrency: usize) -> WorkerProcess {
+        self.worker_process_with(concurrency, &[])
+    }
+
+    /// [`TestApp::worker_process`] with extra environment variables (e.g. libfaketime's, for
+    /// a worker whose wall clock is off).
+    pub fn worker_process_with(&self, concurrency: usize, extra: &[(&str, &str)]) -> WorkerProcess {
         let mut command = Command::new(BIN);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("TARSPAY_") {
@@ -143,6 +149,7 @@ impl TestApp {
             }
         }
         command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command.envs(extra.iter().copied());
         command.env(
             "RUST_LOG",
             std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
