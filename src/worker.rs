@@ -68,7 +68,10 @@ impl Deployment {
     }
 
     pub fn job_context(&self, settings: &Settings) -> Result<JobContext, WorkerError> {
-        let client = TarsPayClient::new(settings.client_settings()?)?;
+        // Nonces on the Redis server's clock: a worker whose own clock is off would sign
+        // nonces the gateway refuses (as signature errors, which would pause every payout).
+        let client =
+            TarsPayClient::new(settings.client_settings()?)?.with_clock(crate::queue::now_ms);
         Ok(JobContext {
             ledger: self.ledger.clone(),
             client,

@@ -247,3 +247,60 @@ async fn lagging_lookups_and_refused_repeats_never_fail_an_order_the_gateway_hol
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }
+
+/// Workers whose wall clocks are ten minutes fast and slow (libfaketime) pay like the others:
+/// their nonces come from the Redis server's clock (a gateway refuses nonces far from its own
+/// as signature errors, which would trip the systemic guard), and their retries and polls are
+/// due on the server's clock (no attempt burned early).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_with_skewed_clocks_pay_like_the_others() {
+    let Some(lib) = common::faketime::libfaketime() else {
+        eprintln!("SKIPPED: faketime is not installed (.ci/run installs it)");
+        return;
+    };
+    let lib = lib.display().to_string();
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![rule(
+                "SYS",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Code {
+                    code: -1,
+                    msg: None,
+                },
+            )]
+        },
+        &[],
+    )
+    .await;
+    let skew = |offset: &'static str| {
+        [
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ]
+    };
+    let fast = app.worker_process_with(4, &skew("+10m"));
+    let slow = app.worker_process_with(4, &skew("-10m"));
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        for prefix in ["OK", "SYS"] {
+            let id = format!("{prefix}-{i}");
+            app.enqueue(inr(&id, "100")).await;
+            ids.push(id);
+        }
+    }
+    let outcomes = app.wait_outcomes(ids.len()).await;
+    drop((fast, slow));
+    for id in &ids {
+        assert_eq!(outcomes[id].status, "succeeded", "{id}: {:?}", outcomes[id]);
+        let expected = if id.starts_with("SYS") { 2 } else { 1 };
+        assert_eq!(app.sandbox.create_attempts(id), expected, "{id}");
+        assert_eq!(outcomes[id].attempts, expected, "{id}: no attempt burned");
+    }
+    assert!(!app.deployment.queue.stats().await.unwrap().paused);
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}

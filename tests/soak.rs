@@ -1,19 +1,22 @@
-//! The fault-injection soak: payouts through 3 worker processes while, at seeded random
-//! moments, workers are SIGKILLed and restarted and Redis (AOF on) is SIGKILLed and
-//! restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with and without
-//! commit), timeouts after commit, slow answers and failing queries on a share of the orders;
-//! and the callbacks it sends reach the receiver (`tarspay_worker::server`) through a relay
-//! that also replays them duplicated, shuffled and preceded by stale "processing" callbacks.
+//! The fault-injection soak: payouts through 3 worker processes (one with its wall clock ten
+//! minutes fast, through libfaketime) while, at seeded random moments, workers are SIGKILLed
+//! and restarted, frozen (SIGSTOP) past the orphan timeout and resumed, and Redis (AOF on) is
+//! SIGKILLed and restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
+//! and without commit), timeouts after commit, slow answers, failing queries, lookups that lag
+//! the create and repeated creates refused for balance before the duplicate check on a share
+//! of the orders; and the callbacks it sends reach the receiver (`tarspay_worker::server`)
+//! through a relay that also replays them duplicated, shuffled and preceded by stale
+//! "processing" callbacks. `tarspay-worker audit` must pass after every round.
 //!
 //! At the end it asserts the one rule: the sandbox holds at most one order per payout and none
 //! under any other number, each accepted create made exactly one order, every payout has
 //! exactly one outcome that matches the sandbox's final state (and the merchant's balance
 //! matches the succeeded payouts), and nothing is left in flight.
 //!
-//! CI mode (plain `cargo test`): 1,200 payouts, 3 worker kills and 1 Redis restart.
+//! CI mode (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 freeze and 1 Redis restart.
 //! `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600` keeps running rounds
-//! (each with its own faults) until that much time has passed, `SOAK_KILLS` and
-//! `SOAK_REDIS_RESTARTS` set the faults per round, `SOAK_SEED` replays a run (the seed is
+//! (each with its own faults) until that much time has passed, `SOAK_KILLS`, `SOAK_FREEZES`
+//! and `SOAK_REDIS_RESTARTS` set the faults per round, `SOAK_SEED` replays a run (the seed is
 //! printed first). All timing checks are hang guards, never speed assertions.
 
 mod common;
@@ -24,6 +27,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::app::{MCH_NO, TestApp, WorkerProcess, inr, spawn_app_with};
+use common::faketime::libfaketime;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -48,6 +52,9 @@ struct Category {
     prefix: &'static str,
     weight: u32,
     refusals: u32,
+    /// Repeated creates of an order the gateway already holds are refused (5003011, or a
+    /// balance refusal before the duplicate check), so any number of creates may arrive.
+    repeats: bool,
 }
 
 const CATEGORIES: &[Category] = &[
@@ -56,65 +63,92 @@ const CATEGORIES: &[Category] = &[
         prefix: "OK",
         weight: 55,
         refusals: 0,
+        repeats: false,
     },
     // -1 twice, then accepted.
     Category {
         prefix: "SYS",
         weight: 5,
         refusals: 2,
+        repeats: false,
     },
     // 500323 (gateway busy) once.
     Category {
         prefix: "RCE",
         weight: 5,
         refusals: 1,
+        repeats: false,
     },
     // The gateway commits, then closes the connection without answering.
     Category {
         prefix: "CTD",
         weight: 5,
         refusals: 0,
+        repeats: false,
     },
     // A 502 page, nothing created.
     Category {
         prefix: "B502",
         weight: 4,
         refusals: 1,
+        repeats: false,
     },
     // A 502 page after the order was created.
     Category {
         prefix: "C502",
         weight: 4,
         refusals: 0,
+        repeats: false,
     },
     // Commits, then answers after the client's 1 s timeout.
     Category {
         prefix: "SLOW",
         weight: 3,
         refusals: 0,
+        repeats: false,
     },
     // Every call to the gateway answered 150 ms late.
     Category {
         prefix: "LAT",
         weight: 5,
         refusals: 0,
+        repeats: false,
     },
     // The first two status queries get a 502.
     Category {
         prefix: "QX",
         weight: 4,
         refusals: 0,
+        repeats: false,
+    },
+    // Commit-then-drop, then lookups answer "no such order" for 1.5 s: the create is sent
+    // again and refused as a duplicate.
+    Category {
+        prefix: "LAG",
+        weight: 4,
+        refusals: 0,
+        repeats: true,
+    },
+    // The same, at a gateway that refuses the repeated create for balance (5004006) before
+    // it checks for duplicates.
+    Category {
+        prefix: "BAL",
+        weight: 4,
+        refusals: 0,
+        repeats: true,
     },
     // Final states other than success.
     Category {
         prefix: "REJ",
         weight: 5,
         refusals: 0,
+        repeats: false,
     },
     Category {
         prefix: "FAIL",
         weight: 5,
         refusals: 0,
+        repeats: false,
     },
 ];
 
@@ -184,6 +218,29 @@ fn fault_rules() -> Vec<FaultRule> {
             FaultAction::Slow { ms: 1_500 },
         ),
         fault("LAT", Any, None, FaultAction::Latency { ms: 150 }),
+        fault("LAG", CreatePayout, Some(1), FaultAction::CommitThenDrop),
+        fault(
+            "LAG",
+            QueryPayout,
+            None,
+            FaultAction::LookupLag { ms: 1_500 },
+        ),
+        fault("BAL", CreatePayout, Some(1), FaultAction::CommitThenDrop),
+        fault(
+            "BAL",
+            QueryPayout,
+            None,
+            FaultAction::LookupLag { ms: 1_500 },
+        ),
+        fault(
+            "BAL",
+            CreatePayout,
+            None,
+            FaultAction::RefuseRepeat {
+                code: 5004006,
+                msg: Some("merchant balance insufficient".into()),
+            },
+        ),
         fault(
             "QX",
             QueryPayout,
@@ -222,6 +279,7 @@ struct SoakPlan {
     /// Keep running rounds until this much time has passed (one round when absent).
     seconds: Option<u64>,
     kills_per_round: usize,
+    freezes_per_round: usize,
     redis_restarts_per_round: usize,
 }
 
@@ -238,6 +296,7 @@ impl SoakPlan {
             payouts_per_round: env_u64("SOAK_PAYOUTS").unwrap_or(1_200) as usize,
             seconds: env_u64("SOAK_SECONDS"),
             kills_per_round: env_u64("SOAK_KILLS").unwrap_or(3) as usize,
+            freezes_per_round: env_u64("SOAK_FREEZES").unwrap_or(1) as usize,
             redis_restarts_per_round: env_u64("SOAK_REDIS_RESTARTS").unwrap_or(1) as usize,
         }
     }
@@ -247,6 +306,9 @@ impl SoakPlan {
 enum Chaos {
     /// SIGKILL worker `index`, start a new one after `down`.
     KillWorker { index: usize, down: Duration },
+    /// SIGSTOP worker `index` (longer than the orphan timeout, sometimes than the submit
+    /// lease too), then SIGCONT: it wakes up and carries on with its stale runs.
+    FreezeWorker { index: usize, frozen: Duration },
     /// SIGKILL Redis (every acknowledged write is in the AOF), start it again after `down`.
     RestartRedis { down: Duration },
 }
@@ -260,6 +322,16 @@ fn plan_round(rng: &mut StdRng, plan: &SoakPlan) -> Vec<(f64, Chaos)> {
             Chaos::KillWorker {
                 index: rng.random_range(0..WORKERS),
                 down: Duration::from_millis(rng.random_range(100..1_500)),
+            },
+        ));
+    }
+    for _ in 0..plan.freezes_per_round {
+        events.push((
+            rng.random_range(0.05..0.8),
+            Chaos::FreezeWorker {
+                index: rng.random_range(0..WORKERS),
+                // Orphan timeout 3 s; submit lease 13 s.
+                frozen: Duration::from_millis(rng.random_range(3_500..15_000)),
             },
         ));
     }
@@ -373,6 +445,8 @@ struct Soak {
     app: TestApp,
     relay: Arc<Relay>,
     workers: Vec<WorkerProcess>,
+    /// libfaketime's variables for worker 0 (its wall clock ten minutes fast), if available.
+    skewed: Vec<(String, String)>,
     events_done: Vec<String>,
 }
 
@@ -381,12 +455,29 @@ impl Soak {
         self.app.deployment.ledger.outcome_count().await.ok()
     }
 
+    fn start_worker(&self, index: usize) -> WorkerProcess {
+        let env: Vec<(&str, &str)> = if index == 0 {
+            self.skewed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.app.worker_process_with(WORKER_CONCURRENCY, &env)
+    }
+
     async fn run_chaos(&mut self, event: Chaos) {
         match event {
             Chaos::KillWorker { index, down } => {
                 self.workers[index].kill();
                 tokio::time::sleep(down).await;
-                self.workers[index] = self.app.worker_process(WORKER_CONCURRENCY);
+                self.workers[index] = self.start_worker(index);
+            }
+            Chaos::FreezeWorker { index, frozen } => {
+                self.workers[index].signal("STOP");
+                tokio::time::sleep(frozen).await;
+                self.workers[index].signal("CONT");
             }
             Chaos::RestartRedis { down } => {
                 // A crash, not a clean shutdown: AOF with fsync on every write must suffice.
@@ -436,6 +527,7 @@ impl Soak {
         ids.extend(round_ids.iter().cloned());
         let mut pending = events.into_iter().peekable();
         let deadline = Instant::now() + Duration::from_secs(900);
+        let mut last_report = Instant::now();
         loop {
             let created = self.app.sandbox.orders().len() - before_orders;
             let progress = created as f64 / round_ids.len() as f64;
@@ -445,6 +537,14 @@ impl Soak {
             if pending.peek().is_none()
                 && self.outcome_count().await.unwrap_or(0) >= expected_outcomes
             {
+                // The invariants hold between rounds, with workers still running.
+                let (code, report) = tokio::task::block_in_place(|| self.app.audit());
+                assert_eq!(
+                    code, 0,
+                    "audit after round {round} (seed {}): {report}",
+                    plan.seed
+                );
+                println!("round {round}: audit clean: {}", report["phases"]);
                 return;
             }
             assert!(
@@ -454,6 +554,14 @@ impl Soak {
                 self.outcome_count().await,
                 pending.collect::<Vec<_>>()
             );
+            if last_report.elapsed() > Duration::from_secs(10) {
+                last_report = Instant::now();
+                println!(
+                    "round {round}: {created} orders created, {:?} of {expected_outcomes} outcomes, {:?}",
+                    self.outcome_count().await,
+                    self.app.deployment.queue.stats().await.ok()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -505,6 +613,8 @@ async fn soak_with_faults_keeps_the_one_rule() {
             ("TARSPAY_SYSTEM_PUBLIC_KEY", system_public.as_str()),
             ("TARSPAY_API_AUTH_DISABLED", "true"),
             ("TARSPAY_RETRY_MAX_ATTEMPTS", "8"),
+            // Longer than the sandbox's lookup lag (1.5 s) by a margin.
+            ("TARSPAY_SETTLE_WINDOW", "10s"),
         ],
     )
     .await;
@@ -565,15 +675,26 @@ async fn soak_with_faults_keeps_the_one_rule() {
         })
     };
 
-    let workers = (0..WORKERS)
-        .map(|_| app.worker_process(WORKER_CONCURRENCY))
-        .collect();
+    // Worker 0's wall clock runs ten minutes fast: due times are on Redis' clock.
+    let skewed = match libfaketime() {
+        Some(lib) => vec![
+            ("LD_PRELOAD".to_owned(), lib.display().to_string()),
+            ("FAKETIME".to_owned(), "+10m".to_owned()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+        ],
+        None => {
+            println!("faketime is not installed: no skewed worker in this run");
+            Vec::new()
+        }
+    };
     let mut soak = Soak {
         app,
         relay,
-        workers,
+        workers: Vec::new(),
+        skewed,
         events_done: Vec::new(),
     };
+    soak.workers = (0..WORKERS).map(|i| soak.start_worker(i)).collect();
     let started = Instant::now();
     let mut ids = Vec::new();
     let mut round = 0;
@@ -687,12 +808,16 @@ async fn soak_with_faults_keeps_the_one_rule() {
                 assert_eq!(outcome.amount, AMOUNT, "{id}");
                 // Every create the sandbox accepted made this one order; any other create was
                 // refused without creating anything.
-                assert_eq!(
-                    attempts,
-                    category.refusals + 1,
-                    "{id}: creates seen by the sandbox (seed {})",
-                    plan.seed
-                );
+                if category.repeats {
+                    assert!(attempts >= 1, "{id}");
+                } else {
+                    assert_eq!(
+                        attempts,
+                        category.refusals + 1,
+                        "{id}: creates seen by the sandbox (seed {})",
+                        plan.seed
+                    );
+                }
                 if outcome.status == "succeeded" {
                     succeeded += 1;
                 }
@@ -746,8 +871,13 @@ async fn soak_with_faults_keeps_the_one_rule() {
         );
     }
 
+    // And the auditor agrees, after the last replays.
+    let (code, report) = tokio::task::block_in_place(|| app.audit());
+    assert_eq!(code, 0, "final audit (seed {}): {report}", plan.seed);
+
     // The chaos happened, and callbacks were exercised.
-    let planned = round * (plan.kills_per_round + plan.redis_restarts_per_round);
+    let planned =
+        round * (plan.kills_per_round + plan.freezes_per_round + plan.redis_restarts_per_round);
     assert_eq!(soak.events_done.len(), planned, "{:?}", soak.events_done);
     let (forwarded, duplicates, stale) = (
         soak.relay.forwarded.load(Ordering::Relaxed),

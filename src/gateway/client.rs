@@ -46,6 +46,17 @@ pub struct TarsPayClient {
     signer: RequestSigner,
     max_response_bytes: usize,
     last_nonce: std::sync::Arc<AtomicU64>,
+    /// Milliseconds since the epoch for nonces: the gateway refuses a nonce far from its own
+    /// clock, so a host whose clock is off should pass a better one (see [`Self::with_clock`]).
+    clock: fn() -> u64,
+}
+
+/// The host's wall clock, in milliseconds since the epoch.
+pub fn system_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 impl TarsPayClient {
@@ -69,7 +80,16 @@ impl TarsPayClient {
             signer: RequestSigner::new(settings.private_key),
             max_response_bytes: settings.max_response_bytes,
             last_nonce: Default::default(),
+            clock: system_clock_ms,
         })
+    }
+
+    /// Takes nonces from `clock` instead of the host's wall clock (workers pass their
+    /// estimate of the Redis server's clock, so a host whose clock is minutes off still
+    /// signs nonces the gateway accepts).
+    pub fn with_clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn mch_no(&self) -> &str {
@@ -121,10 +141,7 @@ impl TarsPayClient {
     /// Milliseconds since the epoch, strictly increasing per client so two calls in the same
     /// millisecond never share a nonce.
     fn next_nonce(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let now = (self.clock)();
         let mut last = self.last_nonce.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
