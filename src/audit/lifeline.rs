@@ -1,4 +1,5 @@
-//! The lifeline: a worker's periodic sweep that gives an order without work a new job.
+//! The lifeline: a worker's periodic sweep that gives an order without work a new job (not
+//! one whose job was given up into the dead stream: that stays an operator's decision).
 //!
 //! One sweep per interval for the whole deployment: a worker sweeps only while it holds a
 //! lock key that expires after the interval. An order is repaired only if two reads, a
@@ -31,6 +32,19 @@ if h[2] then accepted = '1' end
 if accepted ~= ARGV[1] or (h[3] or '') ~= ARGV[2] then return 0 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
 return 1
+"#,
+    )
+});
+
+/// KEYS: the lifeline lock. ARGV: owner, ms. Extends the lock only for its owner: a sweep
+/// that outlived its interval (another worker may be sweeping now) repairs nothing.
+static STILL_MINE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 "#,
     )
 });
@@ -126,7 +140,29 @@ impl Lifeline {
                 .filter(|now| candidates.contains(now))
                 .collect();
             sweep.without_work = still.len();
+            let mine: i64 = STILL_MINE
+                .key(self.ledger.keys().lifeline())
+                .arg(&self.owner)
+                .arg(self.interval.as_millis().max(1) as u64)
+                .invoke_async(&mut self.queue.connection())
+                .await?;
+            if mine != 1 {
+                tracing::warn!("lifeline sweep outlived its interval: repairing nothing this time");
+                metrics::gauge!(crate::metrics::ORDERS_WITHOUT_WORK).set(sweep.without_work as f64);
+                return Ok(sweep);
+            }
             for order in still {
+                // A job in the dead stream was given up on purpose (exhausted, unreadable):
+                // that is for an operator (`dead retry`), and the audit keeps showing it.
+                let dead = again.jobs.dead.get(&order.id).copied().unwrap_or(0);
+                if dead > 0 {
+                    tracing::warn!(
+                        mch_order_no = %order.id,
+                        dead,
+                        "order's only job is dead: retry or settle it by hand"
+                    );
+                    continue;
+                }
                 if self.repair(order).await? {
                     sweep.repaired += 1;
                 }
