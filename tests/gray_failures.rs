@@ -81,6 +81,61 @@ async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it()
     assert_eq!(report["outcomeEntries"], 3);
 }
 
+/// An order whose only job was given up into the dead stream is an operator's call: the
+/// audit reports it, the lifeline leaves it, and `dead retry` brings it home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_job_is_dead_is_reported_not_repaired() {
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1s")]).await;
+    app.enqueue(inr("DEAD-1", "100")).await;
+    // Bury the job by hand, as an exhausted one would be.
+    let keys = app.deployment.queue.keys().clone();
+    let mut conn = app.deployment.queue.connection();
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(&keys.stream).await.unwrap();
+    assert_eq!(entries.ids.len(), 1);
+    let entry = &entries.ids[0];
+    let Some(redis::Value::BulkString(envelope)) = entry.map.get("e") else {
+        panic!("no envelope in {entry:?}");
+    };
+    let _: String = conn
+        .xadd(
+            &keys.dead,
+            "*",
+            &[
+                ("e", envelope.as_slice()),
+                ("reason", b"attempts exhausted (test)".as_slice()),
+                ("worker", b"test".as_slice()),
+                ("at", b"0".as_slice()),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: i64 = conn.xdel(&keys.stream, &[&entry.id]).await.unwrap();
+
+    let (code, report) = app.audit();
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["violations"][0]["violation"], "order_without_work");
+    assert_eq!(report["violations"][0]["deadJobs"], 1, "{report}");
+
+    let pool = app.pool(2);
+    // Several sweep intervals pass: nothing is re-queued behind the operator's back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 0);
+    assert_eq!(app.deployment.queue.stats().await.unwrap().dead, 1);
+    let dead = app.deployment.queue.list_dead(None, 10).await.unwrap();
+    assert!(
+        app.deployment
+            .queue
+            .requeue_dead(&dead[0].dead_id)
+            .await
+            .unwrap()
+    );
+    let outcomes = app.wait_outcomes(1).await;
+    pool.stop().await;
+    assert_eq!(outcomes["DEAD-1"].status, "succeeded");
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_mid_create_past_its_lease_and_takeover_breaks_nothing() {
     // FRZ-1's create is committed by the gateway, whose answer then takes 800 ms: the worker
