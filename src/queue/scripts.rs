@@ -94,10 +94,34 @@ pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
 local now = server_now()
 local seen = {}
+-- With several ops, one XPENDING over the batch's id range, filtered to this consumer,
+-- answers ownership for all of them (a worker holds at most a few hundred entries).
+local mine = nil
+if #ARGV >= 13 then
+  local function key(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms or '0'), tonumber(seq or '0')
+  end
+  local function less(x, y)
+    local xm, xs = key(x)
+    local ym, ys = key(y)
+    return xm < ym or (xm == ym and xs < ys)
+  end
+  local low, high = ARGV[5], ARGV[5]
+  for i = 9, #ARGV, 5 do
+    if less(ARGV[i + 1], low) then low = ARGV[i + 1] end
+    if less(high, ARGV[i + 1]) then high = ARGV[i + 1] end
+  end
+  mine = {}
+  for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, low, high, 100000, consumer)) do
+    mine[p[1]] = true
+  end
+end
 local function owned(id)
   -- An id twice in one batch: only its first op may apply.
   if seen[id] then return false end
   seen[id] = true
+  if mine then return mine[id] == true end
   local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
   return p[1] ~= nil and p[1][2] == consumer
 end
@@ -491,6 +515,65 @@ mod tests {
         assert_eq!(len, 1, "the retry");
         let dead: u64 = conn.xlen(DEAD).await.unwrap();
         assert_eq!(dead, 0);
+    }
+
+    /// A batch of several ops answers ownership with one ranged XPENDING: ops on entries
+    /// this consumer owns apply, an entry taken over in the middle of the range is left to
+    /// its new owner, and an entry already acknowledged is dropped.
+    #[tokio::test]
+    async fn a_batch_settles_exactly_the_entries_its_consumer_owns() {
+        let (_redis, mut conn) = setup().await;
+        let mut ids = Vec::new();
+        for value in ["v1", "v2", "v3", "v4"] {
+            let _: String = conn.xadd(STREAM, "*", &[("e", value)]).await.unwrap();
+            ids.push(read(&mut conn, "a").await);
+        }
+        // The second entry is taken over by b; the fourth was already settled by a.
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(STREAM)
+            .arg("g")
+            .arg("b")
+            .arg(0)
+            .arg(&ids[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            settle(&mut conn, "a", ["a", &ids[3], "", "j4", ""]).await.0,
+            1
+        );
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(STREAM)
+            .key(DELAYED)
+            .key(DEAD)
+            .key(UNIQUE)
+            .arg("g")
+            .arg("a")
+            .arg(100);
+        // Out of id order on purpose: the range is computed, not assumed.
+        for op in [
+            ["r", ids[2].as_str(), "60000", "v3-retry", ""],
+            ["a", ids[0].as_str(), "", "j1", ""],
+            ["a", ids[1].as_str(), "", "j2", ""],
+            ["a", ids[3].as_str(), "", "j4", ""],
+        ] {
+            for value in op {
+                invocation.arg(value);
+            }
+        }
+        let (settled, mut stale): (i64, Vec<String>) =
+            invocation.invoke_async(&mut conn).await.unwrap();
+        stale.sort();
+        let mut expected = vec![ids[1].clone(), ids[3].clone()];
+        expected.sort();
+        assert_eq!((settled, stale), (2, expected));
+        assert!(!entry_exists(&mut conn, &ids[0]).await);
+        assert!(!entry_exists(&mut conn, &ids[2]).await);
+        assert!(entry_exists(&mut conn, &ids[1]).await, "left to b");
+        assert_eq!(owner(&mut conn, &ids[1]).await.as_deref(), Some("b"));
+        let delayed: u64 = conn.zcard(DELAYED).await.unwrap();
+        assert_eq!(delayed, 1, "a's retry of its own entry");
     }
 
     /// A stalled worker shutting down must not give back an entry another worker took over.
