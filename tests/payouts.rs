@@ -246,6 +246,17 @@ async fn an_existing_order_is_adopted_and_a_different_one_is_a_conflict() {
         "{conflict:?}"
     );
     assert_eq!(app.sandbox.orders().len(), 2, "nothing new was created");
+    // The other order's final state is never a correction of ours, and a final order's
+    // looks (an untrusted callback asks for one) find nothing to change.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    for id in ["DIFF-1", "SAME-1"] {
+        assert_eq!(
+            run_poll_status(&ctx, id, 1, true).await.unwrap(),
+            Step::Done
+        );
+    }
+    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

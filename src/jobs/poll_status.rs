@@ -33,7 +33,7 @@ pub async fn run_poll_status(
     let follow = record.phase == Phase::Accepted
         || (failed_by_us_then_accepted && record.corrections.is_empty())
         // A single look at a final order may find that the gateway says otherwise.
-        || (once && record.phase.is_final());
+        || (once && record.phase.is_final() && record.phase != Phase::Conflict);
     // Otherwise a create still in flight owns the order, or it is settled.
     if !follow {
         return Ok(Step::Done);

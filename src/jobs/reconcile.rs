@@ -39,6 +39,16 @@ fn same_money(ours: &str, theirs: Option<&str>) -> bool {
     }
 }
 
+/// Whether the gateway's order under our number is this payout (same currency and amount,
+/// where the gateway says).
+fn same_order(record: &OrderRecord, info: &OrderInfo) -> bool {
+    let same_currency = info
+        .currency
+        .as_deref()
+        .is_none_or(|c| c == record.currency);
+    same_currency && same_money(&record.amount, info.order_amount.as_deref())
+}
+
 /// The gateway holds an order under our number: take its state if it is the same payout,
 /// otherwise the number clashes with a different order (`conflict`, final).
 pub(super) async fn adopt(
@@ -47,11 +57,7 @@ pub(super) async fn adopt(
     info: &OrderInfo,
 ) -> Result<Step, JobError> {
     let id = &record.mch_order_no;
-    let same_currency = info
-        .currency
-        .as_deref()
-        .is_none_or(|c| c == record.currency);
-    if !same_currency || !same_money(&record.amount, info.order_amount.as_deref()) {
+    if !same_order(record, info) {
         let msg = format!(
             "the gateway holds {id} for {} {}, not {} {}",
             info.order_amount.as_deref().unwrap_or("?"),
@@ -96,6 +102,12 @@ pub(super) async fn finish_if_final(
     let Some(phase) = Phase::from_gateway(info.state) else {
         return Ok(false);
     };
+    if record.phase == Phase::Conflict || !same_order(record, info) {
+        // Another order holds our number: its state says nothing about this payout (an
+        // accepted one is polled on, and flagged stuck past the deadline).
+        tracing::warn!(mch_order_no = %record.mch_order_no, "gateway state of a different order under our number: ignored");
+        return Ok(false);
+    }
     let applied = ctx
         .ledger
         .apply_gateway_final(record, phase, &gateway_result(info))
