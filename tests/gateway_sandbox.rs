@@ -253,15 +253,18 @@ async fn documented_error_codes() {
     );
     params.insert("amount", "100");
     params.insert("currency", "KES");
-    params.insert("amount", "100.5");
-    assert_eq!(
-        gw.client
-            .call::<serde_json::Value>(paths::CREATE_PAYOUT, params.clone())
-            .await
-            .unwrap_err()
-            .code(),
-        Some(500321)
-    );
+    for fraction in ["100.5", "100.00"] {
+        params.insert("amount", fraction);
+        assert_eq!(
+            gw.client
+                .call::<serde_json::Value>(paths::CREATE_PAYOUT, params.clone())
+                .await
+                .unwrap_err()
+                .code(),
+            Some(500321),
+            "{fraction}"
+        );
+    }
     params.insert("amount", "100");
     params.insert("notifyUrl", "ftp://x/n");
     assert_eq!(

@@ -357,7 +357,10 @@ fn create_order(
     let notify_url = call.required("notifyUrl")?;
     let amount =
         Amount::parse(&amount_text).map_err(|_| envelope_err(500321, "amount format incorrect"))?;
-    if WHOLE_NUMBER_CURRENCIES.contains(&currency.as_str()) && !amount.is_whole() {
+    // Strict like a gateway may be: "100.00" is refused too, not only "100.50".
+    if WHOLE_NUMBER_CURRENCIES.contains(&currency.as_str())
+        && (!amount.is_whole() || amount_text.contains('.'))
+    {
         return Err(envelope_err(
             500321,
             "amount format incorrect: whole numbers only",
