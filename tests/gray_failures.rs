@@ -81,6 +81,48 @@ async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it()
     assert_eq!(report["outcomeEntries"], 3);
 }
 
+/// What the lifeline does inside a worker process is visible at that worker's `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1s")]).await;
+    app.enqueue(inr("LOST-9", "100")).await;
+    let keys = app.deployment.queue.keys().clone();
+    let mut conn = app.deployment.queue.connection();
+    let _: i64 = conn.del(&keys.stream).await.unwrap();
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let worker = app.worker_process_with(2, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["LOST-9"].status, "succeeded");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut text = String::new();
+    eventually(
+        "the worker's metrics",
+        Duration::from_secs(30),
+        async || {
+            text = match http.get(format!("http://{addr}/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            text.contains("tarspay_lifeline_repairs_total")
+        },
+    )
+    .await;
+    drop(worker);
+    assert!(
+        text.lines()
+            .any(|l| l == "tarspay_lifeline_repairs_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("tarspay_orders_without_work"), "{text}");
+    assert!(text.contains("tarspay_jobs_total"), "{text}");
+}
+
 /// An order whose only job was given up into the dead stream is an operator's call: the
 /// audit reports it, the lifeline leaves it, and `dead retry` brings it home.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,10 @@ pub struct WorkerArgs {
     /// TARSPAY_CONCURRENCY).
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Serve this process' Prometheus metrics (jobs, gateway calls, retries, outcomes,
+    /// corrections, lifeline repairs, stale settlements) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", env = "TARSPAY_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -73,8 +77,42 @@ pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCod
         .concurrency
         .unwrap_or(settings.concurrency as usize)
         .max(1);
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr).await?;
+    }
     worker::run(settings, concurrency, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A worker's own `/metrics`: what happens inside worker processes is counted there, not in
+/// `serve`.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
+    let handle = tarspay_worker::metrics::install();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    tracing::info!(%addr, "worker metrics at /metrics");
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, router).await {
+            tracing::error!(error = %err, "worker metrics server stopped");
+        }
+    });
+    Ok(())
 }
 
 pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode> {
