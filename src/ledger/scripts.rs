@@ -9,8 +9,14 @@
 //! matter while neither milestone after `req` is set: `final` outranks `accepted`, which
 //! outranks `phase`.
 //!
-//! Leases use the Redis server's clock (`TIME`), so workers' clocks never decide who may
-//! create; the other timestamps are informational and come from the caller.
+//! Besides: `ambiguous` (some create may have landed: set once, never cleared), the absence
+//! streak `absentSince`/`absentLookups` (the gateway's "no such order" since the last create
+//! that may have landed), and, for a final order the gateway later contradicts, one
+//! write-once `corr:<status>` per new status plus the latest `status`.
+//!
+//! Leases and absence streaks use the Redis server's clock (`TIME`), so workers' clocks never
+//! decide who may create or when an order may fail; the other timestamps come from the
+//! caller's estimate of the server's clock (`queue::now_ms`).
 
 use redis::Script;
 use std::sync::LazyLock;
