@@ -91,7 +91,7 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
             if absent_proven {
                 return run.fail(record.last_code, record.last_msg.clone()).await;
             }
-            return run.keep_settling(false).await;
+            return run.keep_settling().await;
         }
     }
 
@@ -272,38 +272,32 @@ impl Run<'_> {
         created: bool,
         wait: Duration,
     ) -> Result<Step, JobError> {
-        self.ctx
-            .ledger
-            .release(
-                self.id(),
-                self.token,
-                Phase::Unknown,
-                created,
-                err.code(),
-                &err.to_string(),
-            )
-            .await?;
-        self.flag_if_overdue().await?;
-        Ok(Step::RetryAfter(wait))
+        self.hold(created, err.code(), &err.to_string(), wait).await
     }
 
     /// The order stays `unknown` (its last error kept) and is looked up again at the
     /// longest wait; past the polling deadline it is reported stuck.
-    async fn keep_settling(&self, created: bool) -> Result<Step, JobError> {
+    async fn keep_settling(&self) -> Result<Step, JobError> {
         let record = self.record;
+        let msg = record.last_msg.as_deref().unwrap_or_default();
+        self.hold(false, record.last_code, msg, self.ctx.retry.max_delay)
+            .await
+    }
+
+    /// Gives the lease back with the order `unknown`, and runs again after `wait`.
+    async fn hold(
+        &self,
+        created: bool,
+        code: Option<i64>,
+        msg: &str,
+        wait: Duration,
+    ) -> Result<Step, JobError> {
         self.ctx
             .ledger
-            .release(
-                self.id(),
-                self.token,
-                Phase::Unknown,
-                created,
-                record.last_code,
-                record.last_msg.as_deref().unwrap_or_default(),
-            )
+            .release(self.id(), self.token, Phase::Unknown, created, code, msg)
             .await?;
         self.flag_if_overdue().await?;
-        Ok(Step::RetryAfter(self.ctx.retry.max_delay))
+        Ok(Step::RetryAfter(wait))
     }
 
     async fn flag_if_overdue(&self) -> Result<(), JobError> {
@@ -349,7 +343,7 @@ impl Run<'_> {
                 );
                 Ok(Step::RetryAfter(LEASE_LOST_RECHECK))
             }
-            Finalized::MayExist => self.keep_settling(false).await,
+            Finalized::MayExist => self.keep_settling().await,
         }
     }
 }
