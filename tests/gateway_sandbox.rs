@@ -12,7 +12,7 @@ use tarspay_worker::gateway::signing::RequestSigner;
 use tarspay_worker::gateway::types::{CreateDeposit, CreatePayout, OrderRef};
 use tarspay_worker::gateway::{CodeTable, ErrorClass, GatewayError, OrderState, PrivateKey, paths};
 use tarspay_worker::money::Amount;
-use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
+use tarspay_worker::sandbox::{Endpoint, FaultAction, OutcomeRule};
 
 fn payout(id: &str, amount: &str) -> CreatePayout {
     CreatePayout {
@@ -25,14 +25,7 @@ fn payout(id: &str, amount: &str) -> CreatePayout {
     }
 }
 
-fn fault(prefix: &str, endpoint: Endpoint, times: Option<u32>, action: FaultAction) -> FaultRule {
-    FaultRule {
-        prefix: prefix.into(),
-        endpoint,
-        times,
-        action,
-    }
-}
+use common::fault_rule as fault;
 
 fn by_id(id: &str) -> OrderRef {
     OrderRef::MchOrderNo(id.into())

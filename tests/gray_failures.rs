@@ -4,18 +4,10 @@
 mod common;
 
 use common::app::{inr, spawn_app_with};
+use common::{eventually, fault_rule};
 use redis::AsyncCommands;
 use std::time::Duration;
-use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule};
-
-/// Polls `check` until it is true (hang guard only: never a timing assertion).
-async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use tarspay_worker::sandbox::{Endpoint, FaultAction};
 
 fn violations(report: &serde_json::Value) -> Vec<String> {
     report["violations"]
@@ -100,18 +92,14 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut text = String::new();
-    eventually(
-        "the worker's metrics",
-        Duration::from_secs(30),
-        async || {
-            text = match http.get(format!("http://{addr}/metrics")).send().await {
-                Ok(response) => response.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            text.contains("tarspay_lifeline_repairs_total")
-        },
-    )
+    let text = eventually("the worker's metrics", || async {
+        let text = match http.get(format!("http://{addr}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        text.contains("tarspay_lifeline_repairs_total")
+            .then_some(text)
+    })
     .await;
     drop(worker);
     assert!(
@@ -186,23 +174,21 @@ async fn a_worker_frozen_mid_create_past_its_lease_and_takeover_breaks_nothing()
     let app = spawn_app_with(
         false,
         |c| {
-            c.faults = vec![FaultRule {
-                prefix: "FRZ".into(),
-                endpoint: Endpoint::CreatePayout,
-                times: Some(1),
-                action: FaultAction::Slow { ms: 800 },
-            }]
+            c.faults = vec![fault_rule(
+                "FRZ",
+                Endpoint::CreatePayout,
+                Some(1),
+                FaultAction::Slow { ms: 800 },
+            )]
         },
         &[],
     )
     .await;
     let frozen = app.worker_process(4);
     app.enqueue(inr("FRZ-1", "100")).await;
-    eventually(
-        "the gateway holds FRZ-1",
-        Duration::from_secs(60),
-        async || app.sandbox.order("FRZ-1").is_some(),
-    )
+    eventually("the gateway holds FRZ-1", || async {
+        app.sandbox.order("FRZ-1").is_some().then_some(())
+    })
     .await;
     frozen.signal("STOP");
     for i in 0..5 {
@@ -232,15 +218,6 @@ async fn a_worker_frozen_mid_create_past_its_lease_and_takeover_breaks_nothing()
     assert_eq!(report["liveJobs"], 0, "{report}");
 }
 
-fn rule(prefix: &str, endpoint: Endpoint, times: Option<u32>, action: FaultAction) -> FaultRule {
-    FaultRule {
-        prefix: prefix.into(),
-        endpoint,
-        times,
-        action,
-    }
-}
-
 /// A gateway that loses the answer to a committed create, whose lookups lag its writes, and
 /// that refuses a repeated create for balance, key or IP before its duplicate check: no order
 /// the gateway holds is ever reported `failed`. Orders it never got are failed, but only once
@@ -256,26 +233,26 @@ async fn lagging_lookups_and_refused_repeats_never_fail_an_order_the_gateway_hol
             c.final_after = Duration::from_millis(300);
             let mut faults = Vec::new();
             for prefix in ["LAG", "BAL", "KEY", "IP"] {
-                faults.push(rule(
+                faults.push(fault_rule(
                     prefix,
                     CreatePayout,
                     Some(1),
                     FaultAction::CommitThenDrop,
                 ));
-                faults.push(rule(
+                faults.push(fault_rule(
                     prefix,
                     QueryPayout,
                     None,
                     FaultAction::LookupLag { ms: 1_500 },
                 ));
             }
-            faults.push(rule("BAL", CreatePayout, None, refusal(5004006)));
-            faults.push(rule("KEY", CreatePayout, None, refusal(5003006)));
-            faults.push(rule("IP", CreatePayout, None, refusal(5003007)));
+            faults.push(fault_rule("BAL", CreatePayout, None, refusal(5004006)));
+            faults.push(fault_rule("KEY", CreatePayout, None, refusal(5003006)));
+            faults.push(fault_rule("IP", CreatePayout, None, refusal(5003007)));
             // Never reaches the gateway, every time: only repeated absence may fail it.
-            faults.push(rule("GONE", CreatePayout, None, FaultAction::Drop));
+            faults.push(fault_rule("GONE", CreatePayout, None, FaultAction::Drop));
             // A first create refused for balance: nothing can exist, failed at once.
-            faults.push(rule(
+            faults.push(fault_rule(
                 "POOR",
                 CreatePayout,
                 None,
@@ -359,7 +336,7 @@ async fn workers_with_skewed_clocks_pay_like_the_others() {
     let app = spawn_app_with(
         false,
         |c| {
-            c.faults = vec![rule(
+            c.faults = vec![fault_rule(
                 "SYS",
                 Endpoint::CreatePayout,
                 Some(1),

@@ -12,12 +12,7 @@ use tarspay_worker::producer::Enqueued;
 use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 
 fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
-    FaultRule {
-        prefix: prefix.into(),
-        endpoint: Endpoint::CreatePayout,
-        times,
-        action,
-    }
+    common::fault_rule(prefix, Endpoint::CreatePayout, times, action)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

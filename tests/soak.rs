@@ -161,12 +161,7 @@ fn category_of(id: &str) -> &'static Category {
 }
 
 fn fault(prefix: &str, endpoint: Endpoint, times: Option<u32>, action: FaultAction) -> FaultRule {
-    FaultRule {
-        prefix: format!("{prefix}-"),
-        endpoint,
-        times,
-        action,
-    }
+    common::fault_rule(&format!("{prefix}-"), endpoint, times, action)
 }
 
 fn fault_rules() -> Vec<FaultRule> {

@@ -276,11 +276,11 @@ mod tests {
     const DEAD: &str = "{t:q}:dead";
     const UNIQUE: &str = "{t:q}:unique";
 
-    /// Settles one op as `consumer`: (settled, stale entry ids).
-    async fn settle(
+    /// Settles `ops` in one call as `consumer`: (settled, stale entry ids).
+    async fn settle_batch(
         conn: &mut MultiplexedConnection,
         consumer: &str,
-        op: [&str; 5],
+        ops: &[[&str; 5]],
     ) -> (i64, Vec<String>) {
         let mut invocation = SETTLE.prepare_invoke();
         invocation
@@ -291,10 +291,19 @@ mod tests {
             .arg("g")
             .arg(consumer)
             .arg(100);
-        for value in op {
-            invocation.arg(value);
+        for value in ops.iter().flatten() {
+            invocation.arg(*value);
         }
         invocation.invoke_async(conn).await.unwrap()
+    }
+
+    /// Settles one op as `consumer`.
+    async fn settle(
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        op: [&str; 5],
+    ) -> (i64, Vec<String>) {
+        settle_batch(conn, consumer, &[op]).await
     }
 
     async fn setup() -> (LocalRedis, MultiplexedConnection) {
@@ -494,22 +503,15 @@ mod tests {
         let (_redis, mut conn) = setup().await;
         let _: String = conn.xadd(STREAM, "*", &[("e", "v1")]).await.unwrap();
         let entry = read(&mut conn, "a").await;
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation
-            .key(STREAM)
-            .key(DELAYED)
-            .key(DEAD)
-            .key(UNIQUE)
-            .arg("g")
-            .arg("a")
-            .arg(100);
-        for value in ["r", &entry, "0", "v2", ""] {
-            invocation.arg(value);
-        }
-        for value in ["d", &entry, "why", "v3", "a"] {
-            invocation.arg(value);
-        }
-        let reply: (i64, Vec<String>) = invocation.invoke_async(&mut conn).await.unwrap();
+        let reply = settle_batch(
+            &mut conn,
+            "a",
+            &[
+                ["r", &entry, "0", "v2", ""],
+                ["d", &entry, "why", "v3", "a"],
+            ],
+        )
+        .await;
         assert_eq!(reply, (1, vec![entry]));
         let len: u64 = conn.xlen(STREAM).await.unwrap();
         assert_eq!(len, 1, "the retry");
@@ -542,28 +544,18 @@ mod tests {
             settle(&mut conn, "a", ["a", &ids[3], "", "j4", ""]).await.0,
             1
         );
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation
-            .key(STREAM)
-            .key(DELAYED)
-            .key(DEAD)
-            .key(UNIQUE)
-            .arg("g")
-            .arg("a")
-            .arg(100);
         // Out of id order on purpose: the range is computed, not assumed.
-        for op in [
-            ["r", ids[2].as_str(), "60000", "v3-retry", ""],
-            ["a", ids[0].as_str(), "", "j1", ""],
-            ["a", ids[1].as_str(), "", "j2", ""],
-            ["a", ids[3].as_str(), "", "j4", ""],
-        ] {
-            for value in op {
-                invocation.arg(value);
-            }
-        }
-        let (settled, mut stale): (i64, Vec<String>) =
-            invocation.invoke_async(&mut conn).await.unwrap();
+        let (settled, mut stale) = settle_batch(
+            &mut conn,
+            "a",
+            &[
+                ["r", ids[2].as_str(), "60000", "v3-retry", ""],
+                ["a", ids[0].as_str(), "", "j1", ""],
+                ["a", ids[1].as_str(), "", "j2", ""],
+                ["a", ids[3].as_str(), "", "j4", ""],
+            ],
+        )
+        .await;
         stale.sort();
         let mut expected = vec![ids[1].clone(), ids[3].clone()];
         expected.sort();

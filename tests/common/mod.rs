@@ -9,7 +9,9 @@ pub mod redis_server;
 
 use std::time::Duration;
 use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
-use tarspay_worker::sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
+use tarspay_worker::sandbox::{
+    Endpoint, FaultAction, FaultRule, Sandbox, SandboxConfig, SandboxMerchant,
+};
 
 pub const MCH_NO: &str = "M1234567890";
 
@@ -76,5 +78,20 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A sandbox fault rule for orders whose `mchOrderNo` starts with `prefix`.
+pub fn fault_rule(
+    prefix: &str,
+    endpoint: Endpoint,
+    times: Option<u32>,
+    action: FaultAction,
+) -> FaultRule {
+    FaultRule {
+        prefix: prefix.into(),
+        endpoint,
+        times,
+        action,
     }
 }
