@@ -192,7 +192,6 @@ pub async fn run(
         settings.lifeline_interval,
     );
     let lifeline_task = tokio::spawn(lifeline.run(lifeline_stop.clone().cancelled_owned()));
-    let _stop_lifeline = lifeline_stop.clone().drop_guard();
     let grace = settings.shutdown_grace;
     let deadline = async move {
         shutdown.await;

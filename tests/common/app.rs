@@ -142,13 +142,7 @@ impl TestApp {
     /// [`TestApp::worker_process`] with extra environment variables (e.g. libfaketime's, for
     /// a worker whose wall clock is off).
     pub fn worker_process_with(&self, concurrency: usize, extra: &[(&str, &str)]) -> WorkerProcess {
-        let mut command = Command::new(BIN);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TARSPAY_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut command = self.command();
         command.envs(extra.iter().copied());
         command.env(
             "RUST_LOG",
@@ -274,16 +268,23 @@ impl Drop for WorkerProcess {
 }
 
 impl TestApp {
-    /// Runs `tarspay-worker audit --json` against this app; its exit code and report.
-    pub fn audit(&self) -> (i32, serde_json::Value) {
+    /// The `tarspay-worker` binary with exactly this app's TARSPAY_* settings (none of the
+    /// caller's own).
+    fn command(&self) -> Command {
         let mut command = Command::new(BIN);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("TARSPAY_") {
                 command.env_remove(name);
             }
         }
-        let output = command
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+
+    /// Runs `tarspay-worker audit --json` against this app; its exit code and report.
+    pub fn audit(&self) -> (i32, serde_json::Value) {
+        let output = self
+            .command()
             .env("RUST_LOG", "warn")
             .args(["audit", "--json", "--confirm", "500ms"])
             .output()
