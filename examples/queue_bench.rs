@@ -7,7 +7,7 @@
 //! one); with it, keys go under a unique prefix that is removed afterwards. Prints one JSON line
 //! per result.
 
-use tarspay_worker::bench::{BenchOptions, backlog, queue};
+use tarspay_dev::bench::{BenchOptions, backlog, queue};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

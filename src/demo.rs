@@ -5,20 +5,20 @@
 //! Redis comes from `TARSPAY_REDIS_URL`, else 127.0.0.1:6379, else a private redis-server.
 //! Everything it writes to a shared Redis lives under its own prefix and is deleted at the end.
 
-use crate::config::{ConfigError, Settings};
-use crate::gateway::PrivateKey;
-use crate::ledger::Phase;
-use crate::local_redis::{self, LocalRedis, LocalRedisError};
-use crate::sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
-use crate::sandbox::{
-    Endpoint, FaultAction, FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant,
-};
-use crate::worker::{Deployment, WorkerError};
 use indicatif::{ProgressBar, ProgressStyle};
+use local_redis::{self, LocalRedis, LocalRedisError};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
+use tarspay_sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
+use tarspay_sandbox::{
+    Endpoint, FaultAction, FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant,
+};
+use tarspay_worker::config::{ConfigError, Settings};
+use tarspay_worker::gateway::PrivateKey;
+use tarspay_worker::ledger::Phase;
+use tarspay_worker::worker::{Deployment, WorkerError};
 
 pub const DEMO_MCH_NO: &str = "M0000000001";
 
@@ -37,7 +37,7 @@ pub enum DemoError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Sandbox(#[from] crate::sandbox::SandboxError),
+    Sandbox(#[from] tarspay_sandbox::SandboxError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
     #[error(
@@ -48,7 +48,7 @@ pub enum DemoError {
         source: LocalRedisError,
     },
     #[error("sample payout {0} is invalid: {1}")]
-    Sample(String, crate::payout::ValidationErrors),
+    Sample(String, tarspay_worker::payout::ValidationErrors),
     #[error("demo step failed: {0}")]
     Step(String),
 }
@@ -216,7 +216,7 @@ fn find_redis(url: Option<String>) -> Result<(String, Option<LocalRedis>), DemoE
     if local_redis::answers(&tried) {
         return Ok((tried, None));
     }
-    match LocalRedis::start(false) {
+    match LocalRedis::start(local_redis::Durability::Off) {
         Ok(local) => Ok((local.url().to_owned(), Some(local))),
         Err(source) => Err(DemoError::NoRedis { tried, source }),
     }
@@ -225,7 +225,7 @@ fn find_redis(url: Option<String>) -> Result<(String, Option<LocalRedis>), DemoE
 /// Runs the demo end to end and returns its summary.
 pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
     let (redis_url, _private_redis) = find_redis(options.redis_url.clone())?;
-    let metrics = crate::metrics::install();
+    let metrics = tarspay_worker::metrics::install();
     let key = PrivateKey::generate();
     let sandbox = Sandbox::start(demo_sandbox_config(&key), "127.0.0.1:0").await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -283,7 +283,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
             let shutdown = async move {
                 let _ = server_stopped.await;
             };
-            crate::server::serve(&settings, deployment, listener, shutdown).await
+            tarspay_worker::server::serve(&settings, deployment, listener, shutdown).await
         }
     });
     let (stop_workers, workers_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -294,7 +294,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
             let shutdown = async move {
                 let _ = workers_stopped.await;
             };
-            crate::worker::run(&settings, concurrency, shutdown).await
+            tarspay_worker::worker::run(&settings, concurrency, shutdown).await
         }
     });
 
@@ -320,8 +320,11 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         redis_url
     };
     let rendered = metrics.render();
-    summary.retries_by_code =
-        crate::metrics::counter_by_label(&rendered, crate::metrics::CREATE_RETRIES, "code");
+    summary.retries_by_code = tarspay_worker::metrics::counter_by_label(
+        &rendered,
+        tarspay_worker::metrics::CREATE_RETRIES,
+        "code",
+    );
     let orders = sandbox.orders();
     summary.gateway_orders = orders.len();
     summary.create_calls = orders.iter().map(|o| o.create_attempts).sum();
@@ -381,7 +384,7 @@ async fn follow(
 
 async fn summarize(
     deployment: &Deployment,
-    payroll: &[crate::payout::PayoutRequest],
+    payroll: &[tarspay_worker::payout::PayoutRequest],
     elapsed: Duration,
 ) -> Result<DemoSummary, DemoError> {
     let mut summary = DemoSummary {
@@ -421,7 +424,7 @@ async fn summarize(
 /// Deletes the demo's keys (all under its own prefix's hash tag).
 async fn cleanup(deployment: &Deployment, prefix: &str) {
     let mut conn = deployment.queue.connection();
-    if let Err(err) = crate::local_redis::delete_prefix(&mut conn, prefix).await {
+    if let Err(err) = local_redis::delete_prefix(&mut conn, prefix).await {
         tracing::warn!(error = %err, prefix, "could not delete the demo's keys");
     }
 }

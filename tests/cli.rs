@@ -9,7 +9,7 @@ use std::time::Duration;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::gateway::callback::sign_callback;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tarspay-worker");
+const BIN: &str = env!("CARGO_BIN_EXE_tarspay-dev");
 
 /// The binary with a clean environment: no TARSPAY_* leaks in from the developer's shell.
 fn command() -> Command {

@@ -6,13 +6,13 @@ mod common;
 use common::{MCH_NO, client_for, eventually, spawn_gateway};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tarspay_sandbox::{Endpoint, FaultAction, OutcomeRule};
 use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::signing::RequestSigner;
 use tarspay_worker::gateway::types::{CreateDeposit, CreatePayout, OrderRef};
 use tarspay_worker::gateway::{CodeTable, ErrorClass, GatewayError, OrderState, PrivateKey, paths};
 use tarspay_worker::money::Amount;
-use tarspay_worker::sandbox::{Endpoint, FaultAction, OutcomeRule};
 
 fn payout(id: &str, amount: &str) -> CreatePayout {
     CreatePayout {

@@ -7,7 +7,7 @@ use common::app::{inr, spawn_app_with};
 use common::{eventually, fault_rule};
 use redis::AsyncCommands;
 use std::time::Duration;
-use tarspay_worker::sandbox::{Endpoint, FaultAction};
+use tarspay_sandbox::{Endpoint, FaultAction};
 
 fn violations(report: &serde_json::Value) -> Vec<String> {
     report["violations"]

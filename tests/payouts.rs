@@ -6,10 +6,10 @@ mod common;
 
 use common::app::{MCH_NO, inr, spawn_app, spawn_app_with};
 use std::time::Duration;
+use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
 use tarspay_worker::ledger::{FinalResult, Finalized, Phase};
 use tarspay_worker::producer::Enqueued;
-use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 
 fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
     common::fault_rule(prefix, Endpoint::CreatePayout, times, action)

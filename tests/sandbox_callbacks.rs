@@ -12,13 +12,13 @@ use common::{eventually, spawn_gateway};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tarspay_sandbox::OutcomeRule;
 use tarspay_worker::gateway::callback::{
     BizType, HEADER_SIGNATURE, parse_callback, verify_callback,
 };
 use tarspay_worker::gateway::types::CreatePayout;
 use tarspay_worker::gateway::{OrderState, PrivateKey};
 use tarspay_worker::money::Amount;
-use tarspay_worker::sandbox::OutcomeRule;
 
 #[derive(Default)]
 struct Received {

@@ -8,10 +8,10 @@ use common::app::{TestApp, inr, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
+use tarspay_sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::gateway::callback::{HEADER_SIGNATURE, sign_callback, sorted_compact_json};
 use tarspay_worker::ledger::Phase;
-use tarspay_worker::sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -27,7 +27,7 @@ fn system_key() -> PrivateKey {
 }
 
 async fn served(
-    change: impl FnOnce(&mut tarspay_worker::sandbox::SandboxConfig),
+    change: impl FnOnce(&mut tarspay_sandbox::SandboxConfig),
     extra: &[(&str, &str)],
 ) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

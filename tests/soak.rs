@@ -34,11 +34,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tarspay_sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
+use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 use tarspay_worker::gateway::callback::{HEADER_SIGNATURE, sign_callback, sorted_compact_json};
 use tarspay_worker::gateway::{OrderState, PrivateKey};
 use tarspay_worker::ledger::Outcome;
-use tarspay_worker::sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
-use tarspay_worker::sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 
 const WORKERS: usize = 3;
 const WORKER_CONCURRENCY: usize = 16;
@@ -580,7 +580,7 @@ async fn soak_with_faults_keeps_the_one_rule() {
         plan.seed, plan.seed, plan.payouts_per_round, plan.seconds
     );
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    tarspay_worker::gateway::install_crypto_provider();
     let system_key =
         PrivateKey::from_hex(SANDBOX_SYSTEM_PRIVATE_KEY).expect("the sandbox's published key");
 

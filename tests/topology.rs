@@ -109,7 +109,7 @@ async fn api_serve_three_workers_and_a_sandbox_as_processes() {
         .map(|_| spawn(&env, &["worker", "--concurrency", "8"]))
         .collect();
 
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    tarspay_worker::gateway::install_crypto_provider();
     // Bounded calls: a hung process must fail the test, not stall it.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

@@ -12,16 +12,16 @@ use super::shared::{
     latency_summary, now_us, payout_calls, proc_cpu_seconds, round,
 };
 use super::{BenchError, BenchOptions, Report};
-use crate::config::Settings;
-use crate::gateway::PrivateKey;
-use crate::ledger::{Ledger, LedgerKeys, Outcome};
-use crate::producer::Producer;
-use crate::worker::{Deployment, PAYOUT_QUEUE};
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tarspay_worker::config::Settings;
+use tarspay_worker::gateway::PrivateKey;
+use tarspay_worker::ledger::{Ledger, LedgerKeys, Outcome};
+use tarspay_worker::producer::Producer;
+use tarspay_worker::worker::{Deployment, PAYOUT_QUEUE};
 
 pub const DEFAULT_N: u64 = 20_000;
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -286,7 +286,7 @@ pub async fn drive(
         let elapsed = started.elapsed();
         for result in results {
             match result? {
-                crate::producer::Enqueued::Queued => {}
+                tarspay_worker::producer::Enqueued::Queued => {}
                 other => {
                     return Err(BenchError::Check(format!("payout not queued: {other:?}")));
                 }

@@ -6,7 +6,7 @@
 //! * [`cost`]: Redis commands, memory and CPU per payout.
 //! * [`backlog`]: throughput with a large backlog waiting vs an empty queue.
 //!
-//! Without a Redis URL a bench starts its own `redis-server` ([`crate::local_redis::LocalRedis`]); with one it
+//! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]); with one it
 //! writes only under a unique key prefix and removes those keys at the end.
 
 pub mod backlog;
@@ -24,13 +24,13 @@ pub enum BenchError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
-    Queue(#[from] crate::queue::QueueError),
+    Queue(#[from] tarspay_worker::queue::QueueError),
     #[error(transparent)]
-    Ledger(#[from] crate::ledger::LedgerError),
+    Ledger(#[from] tarspay_worker::ledger::LedgerError),
     #[error(transparent)]
-    Producer(#[from] crate::producer::ProducerError),
+    Producer(#[from] tarspay_worker::producer::ProducerError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] tarspay_worker::config::ConfigError),
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("bench run went wrong: {0}")]

@@ -12,13 +12,13 @@ use super::shared::{
     RedisTarget, commandstats, commandstats_delta, latency_summary, now_us, round,
 };
 use super::{BenchError, BenchOptions, Report};
-use crate::queue::{QueueConfig, RedisQueue};
 use apalis::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tarspay_worker::queue::{QueueConfig, RedisQueue};
 use tokio::sync::Notify;
 
 pub const DEFAULT_N: u64 = 100_000;

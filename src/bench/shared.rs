@@ -3,7 +3,7 @@
 //! processes of this binary.
 
 use super::BenchError;
-use crate::local_redis::LocalRedis;
+use local_redis::LocalRedis;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -36,8 +36,8 @@ impl RedisTarget {
                 own: None,
             }),
             None => {
-                let own =
-                    LocalRedis::start(false).map_err(|err| BenchError::Setup(err.to_string()))?;
+                let own = LocalRedis::start(local_redis::Durability::Off)
+                    .map_err(|err| BenchError::Setup(err.to_string()))?;
                 Ok(Self {
                     url: own.url().to_owned(),
                     prefix,
@@ -67,7 +67,7 @@ impl RedisTarget {
             return Ok(());
         }
         let mut conn = self.connection().await?;
-        crate::local_redis::delete_prefix(&mut conn, &self.prefix).await?;
+        local_redis::delete_prefix(&mut conn, &self.prefix).await?;
         Ok(())
     }
 }
@@ -497,7 +497,7 @@ impl SandboxProcess {
 
     /// `GET /sandbox/orders`: every order the sandbox holds.
     pub async fn orders(&self) -> Result<Vec<serde_json::Value>, BenchError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        tarspay_worker::gateway::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()

@@ -168,8 +168,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--concurrency" => parsed.concurrency = value.parse().map_err(|e| format!("{e}"))?,
             "--orphan-timeout" => {
-                parsed.orphan_timeout =
-                    humantime::parse_duration(&value).map_err(|e| format!("{e}"))?
+                parsed.orphan_timeout = tarspay_worker::config::parse_duration(&value)?
             }
             "--prefix" => parsed.prefix = value,
             other => return Err(format!("unknown flag {other}")),

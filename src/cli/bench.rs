@@ -1,11 +1,11 @@
-//! `bench <queue|e2e|cost|backlog>`: runs a benchmark from `tarspay_worker::bench` and prints
+//! `bench <queue|e2e|cost|backlog>`: runs a benchmark from `tarspay_dev::bench` and prints
 //! one JSON line per result.
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::process::ExitCode;
-use tarspay_worker::bench::{self, BenchOptions};
+use tarspay_dev::bench::{self, BenchOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Which {

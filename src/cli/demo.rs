@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
-use tarspay_worker::demo;
+use tarspay_dev::demo;
 
 #[derive(Args)]
 pub struct DemoArgs {

@@ -5,15 +5,15 @@ use super::redis_server::RedisServer;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use tarspay_sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
 use tarspay_worker::config::Settings;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ledger::Outcome;
 use tarspay_worker::producer::Producer;
-use tarspay_worker::sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
 use tarspay_worker::worker::Deployment;
 
 pub const MCH_NO: &str = "M1234567890";
-pub const BIN: &str = env!("CARGO_BIN_EXE_tarspay-worker");
+pub const BIN: &str = env!("CARGO_BIN_EXE_tarspay-dev");
 
 pub struct TestApp {
     pub redis: RedisServer,

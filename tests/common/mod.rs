@@ -8,10 +8,8 @@ pub mod queue;
 pub mod redis_server;
 
 use std::time::Duration;
+use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, Sandbox, SandboxConfig, SandboxMerchant};
 use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
-use tarspay_worker::sandbox::{
-    Endpoint, FaultAction, FaultRule, Sandbox, SandboxConfig, SandboxMerchant,
-};
 
 pub const MCH_NO: &str = "M1234567890";
 

@@ -1,112 +1,57 @@
-//! A redis-server owned by one test: a free port, a temporary directory, killed on drop. The
-//! shared Redis on 6379 is never touched.
+//! A redis-server owned by one test (`local_redis::LocalRedis`: a free port, a temporary
+//! directory, killed on drop), always with AOF and noeviction as `worker` and `serve` require.
+//! The shared Redis on 6379 is never touched.
 
-use std::net::TcpListener;
+use local_redis::{Durability, LocalRedis};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 pub struct RedisServer {
-    child: Option<Child>,
+    server: LocalRedis,
     pub port: u16,
-    dir: tempfile::TempDir,
-    appendonly: bool,
-    extra: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 impl RedisServer {
-    /// Starts redis-server with AOF and noeviction, as `worker` and `serve` require.
-    /// `appendonly` means fsync on every write (restart and crash tests); otherwise AOF
-    /// fsyncs every second, which is cheaper and only warned about.
-    pub fn start(appendonly: bool) -> Self {
-        Self::start_with(appendonly, &[])
+    /// `fsync_always`: fsync on every write (restart and crash tests); otherwise AOF fsyncs
+    /// every second, which is cheaper and only warned about.
+    pub fn start(fsync_always: bool) -> Self {
+        Self::start_with(fsync_always, &[])
     }
 
     /// `start`, then these `--name value` settings (later ones win), e.g. AOF off.
-    pub fn start_with(appendonly: bool, extra: &[&str]) -> Self {
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            appendonly,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+    pub fn start_with(fsync_always: bool, extra: &[&str]) -> Self {
+        let durability = if fsync_always {
+            Durability::AofAlways
+        } else {
+            Durability::AofEverySec
         };
-        server.launch();
-        server
-    }
-
-    fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(["--save", ""])
-            .args(["--appendonly", "yes"])
-            .args([
-                "--appendfsync",
-                if self.appendonly {
-                    "always"
-                } else {
-                    "everysec"
-                },
-            ])
-            .args(["--maxmemory-policy", "noeviction"])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH (apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(client) = redis::Client::open(self.url())
-                && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let server = LocalRedis::start_with(durability, extra).expect("start redis-server");
+        let port = server.port();
+        Self { server, port }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        self.server.url().to_owned()
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.server.dir()
     }
 
     /// SIGTERM: with AOF, everything written so far survives.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
+        self.server.stop();
     }
 
     /// Starts again on the same port and directory.
     pub fn restart(&mut self) {
-        self.stop();
-        self.launch();
+        self.server.restart().expect("restart redis-server");
     }
 
     /// SIGKILL: a crash, with no shutdown save. With AOF and `appendfsync always`, every
     /// acknowledged write survives it. `restart` starts the server again.
     #[allow(dead_code)]
     pub fn crash(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.crash();
     }
 
     /// A reconnecting connection with a generous response timeout: tests read large hashes on
@@ -119,14 +64,5 @@ impl RedisServer {
         redis::aio::ConnectionManager::new_with_config(client, config)
             .await
             .expect("connect")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

@@ -1,12 +1,13 @@
-//! `sandbox`: the simulated TarsPay as its own process.
+//! The sandbox as its own process: arguments and start-up, shared by the `tarspay-sandbox`
+//! binary and the workspace's `tarspay-dev sandbox`.
 
+use crate::{FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tarspay_worker::config::Settings;
 use tarspay_worker::gateway::{PrivateKey, PublicKey};
-use tarspay_worker::sandbox::{FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant};
 
 #[derive(Args)]
 pub struct SandboxArgs {
@@ -17,7 +18,7 @@ pub struct SandboxArgs {
     #[arg(long = "merchant", value_name = "MCH_NO=KEY[:BALANCE]")]
     merchants: Vec<String>,
     /// Time from create to final state, e.g. 500ms.
-    #[arg(long, default_value = "500ms", value_parser = super::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = tarspay_worker::config::parse_duration)]
     final_after: std::time::Duration,
     /// JSON file with an array of fault rules.
     #[arg(long, value_name = "FILE")]
@@ -86,6 +87,6 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
         sandbox.system_public_key()
     );
     println!("{merchants} merchant(s) registered; add more with POST /sandbox/merchants");
-    super::shutdown_signal().await;
+    tarspay_worker::shutdown::signal().await;
     Ok(ExitCode::SUCCESS)
 }

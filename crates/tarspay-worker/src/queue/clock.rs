@@ -104,11 +104,11 @@ pub(crate) fn local_offset_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local_redis::LocalRedis;
+    use local_redis::LocalRedis;
 
     #[tokio::test]
     async fn now_follows_the_servers_time() {
-        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
         let client = redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         sync(&mut conn).await.unwrap();

@@ -1,16 +1,16 @@
 //! The payout commands: `worker`, `enqueue`, `status`, `outcomes`, `queue` (stats), `pause`,
 //! `resume`, `dead list|retry`.
 
+use crate::config::Settings;
+use crate::ledger::Outcome;
+use crate::producer::{Enqueued, ProducerError};
+use crate::worker::{self, Deployment};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tarspay_worker::config::Settings;
-use tarspay_worker::ledger::Outcome;
-use tarspay_worker::producer::{Enqueued, ProducerError};
-use tarspay_worker::worker::{self, Deployment};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -80,14 +80,14 @@ pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCod
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr).await?;
     }
-    worker::run(settings, concurrency, super::shutdown_signal()).await?;
+    worker::run(settings, concurrency, crate::shutdown::signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// A worker's own `/metrics`: what happens inside worker processes is counted there, not in
 /// `serve`.
 async fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
-    let handle = tarspay_worker::metrics::install();
+    let handle = crate::metrics::install();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for metrics"))?;
@@ -175,7 +175,7 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
 
 /// Follows a deposit created outside this worker: polled (`/api/payInInfo`) to its outcome.
 pub async fn follow_deposit(settings: &Settings, args: FollowDepositArgs) -> Result<ExitCode> {
-    if let Err(err) = tarspay_worker::money::Amount::parse(&args.amount) {
+    if let Err(err) = crate::money::Amount::parse(&args.amount) {
         bail!("--amount: {err}");
     }
     let deployment = Deployment::connect(settings).await?;

@@ -1,15 +1,15 @@
 //! Gateway tools: `sign`, `verify` and `balance`.
 
+use crate::config::Settings;
+use crate::gateway::callback::verify_callback;
+use crate::gateway::params::Params;
+use crate::gateway::signing::{sign_message, string_to_sign, verify_message};
+use crate::gateway::{PublicKey, TarsPayClient};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tarspay_worker::config::Settings;
-use tarspay_worker::gateway::callback::verify_callback;
-use tarspay_worker::gateway::params::Params;
-use tarspay_worker::gateway::signing::{sign_message, string_to_sign, verify_message};
-use tarspay_worker::gateway::{PublicKey, TarsPayClient};
 
 #[derive(Args)]
 pub struct SignArgs {

@@ -3,10 +3,11 @@
 //! injected per order. Tests, the demo and benchmarks run against it; it is never "the gateway".
 //!
 //! Start it in-process with [`Sandbox::start`], or as a process with
-//! `tarspay-worker sandbox --listen ADDR`. It reports what it saw under `/sandbox/…`.
+//! `tarspay-sandbox --listen ADDR` (or `cargo run -- sandbox` in the workspace). It reports what it saw under `/sandbox/…`.
 
 mod book;
 mod callbacks;
+pub mod cli;
 pub mod rules;
 mod server;
 
@@ -74,7 +75,7 @@ impl Sandbox {
             addr: "listener".into(),
             source,
         })?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        tarspay_worker::gateway::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(config.callback_timeout)
             .build()
@@ -107,7 +108,7 @@ impl Sandbox {
         format!("http://{}", self.addr)
     }
 
-    pub fn system_public_key(&self) -> crate::gateway::PublicKey {
+    pub fn system_public_key(&self) -> tarspay_worker::gateway::PublicKey {
         self.shared.config().system_key.public_key()
     }
 
@@ -168,7 +169,7 @@ impl Sandbox {
         amount: &str,
         currency: &str,
     ) -> bool {
-        let Ok(amount) = crate::money::Amount::parse(amount) else {
+        let Ok(amount) = tarspay_worker::money::Amount::parse(amount) else {
             return false;
         };
         book::insert_order(

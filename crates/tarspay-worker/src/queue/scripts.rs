@@ -267,7 +267,7 @@ return 0
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local_redis::LocalRedis;
+    use local_redis::LocalRedis;
     use redis::AsyncCommands;
     use redis::aio::MultiplexedConnection;
 
@@ -307,7 +307,7 @@ mod tests {
     }
 
     async fn setup() -> (LocalRedis, MultiplexedConnection) {
-        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
         let client = redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("XGROUP")

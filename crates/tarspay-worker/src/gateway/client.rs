@@ -217,7 +217,7 @@ impl TarsPayClient {
 }
 
 /// reqwest with rustls needs a process-wide crypto provider; installing twice is harmless.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

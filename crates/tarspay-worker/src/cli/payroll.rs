@@ -1,6 +1,12 @@
 //! `payroll FILE.csv`: validate every row, check the balance, enqueue as one batch, follow it
 //! to the end with a progress bar, print a summary and write a results CSV.
 
+use crate::batch::{self, BatchError};
+use crate::config::Settings;
+use crate::gateway::TarsPayClient;
+use crate::ledger::{BatchSummary, Ledger, Phase};
+use crate::payout::PayoutRequest;
+use crate::worker::Deployment;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,12 +16,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tarspay_worker::batch::{self, BatchError};
-use tarspay_worker::config::Settings;
-use tarspay_worker::gateway::TarsPayClient;
-use tarspay_worker::ledger::{BatchSummary, Ledger, Phase};
-use tarspay_worker::payout::PayoutRequest;
-use tarspay_worker::worker::Deployment;
 
 #[derive(Args)]
 pub struct PayrollArgs {

@@ -2,9 +2,9 @@
 //! does (up to 16 sends).
 
 use super::Shared;
-use crate::gateway::callback::{HEADER_SIGNATURE, sign_callback, sorted_compact_json};
 use serde_json::{Value, json};
 use std::sync::Arc;
+use tarspay_worker::gateway::callback::{HEADER_SIGNATURE, sign_callback, sorted_compact_json};
 
 /// The callback body for an order: compact JSON, keys sorted.
 pub(crate) fn body_for(shared: &Shared, mch_order_no: &str) -> Option<String> {

@@ -11,7 +11,7 @@ pub mod params;
 pub mod signing;
 pub mod types;
 
-pub use client::{ClientSettings, TarsPayClient};
+pub use client::{ClientSettings, TarsPayClient, install_crypto_provider};
 pub use codes::{CodeTable, ErrorClass, OrderState};
 pub use error::GatewayError;
 pub use keys::{KeyError, PrivateKey, PublicKey};

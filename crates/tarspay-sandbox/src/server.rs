@@ -5,12 +5,6 @@
 use super::Shared;
 use super::book::{InsertError, NewOrder, OrderKind, insert_order};
 use super::rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, SandboxMerchant};
-use crate::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
-use crate::gateway::keys::PublicKey;
-use crate::gateway::params::Params;
-use crate::gateway::paths;
-use crate::gateway::signing::{string_to_sign, verify_message};
-use crate::money::Amount;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -25,6 +19,12 @@ use serde_json::{Map, Value, json};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
+use tarspay_worker::gateway::keys::PublicKey;
+use tarspay_worker::gateway::params::Params;
+use tarspay_worker::gateway::paths;
+use tarspay_worker::gateway::signing::{string_to_sign, verify_message};
+use tarspay_worker::money::Amount;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
@@ -262,7 +262,7 @@ async fn api(
                 Some(refuse_response(
                     code,
                     msg.unwrap_or_else(|| {
-                        crate::gateway::codes::known(code)
+                        tarspay_worker::gateway::codes::known(code)
                             .map_or("error", |c| c.meaning)
                             .to_owned()
                     }),

@@ -1,14 +1,14 @@
 //! `serve`: the callback receiver and the HTTP API.
 
+use crate::config::Settings;
+use crate::worker::Deployment;
 use anyhow::{Context, Result};
 use std::process::ExitCode;
-use tarspay_worker::config::Settings;
-use tarspay_worker::worker::Deployment;
 
 pub async fn run(settings: &Settings) -> Result<ExitCode> {
     // Refuse to start without a token (or an explicit opt-out) before binding anything.
     settings.api_token()?;
-    tarspay_worker::redis_safety::ensure(settings).await?;
+    crate::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -18,6 +18,6 @@ pub async fn run(settings: &Settings) -> Result<ExitCode> {
         "listening on http://{addr} (callbacks at {})",
         settings.callback_path
     );
-    tarspay_worker::server::serve(settings, deployment, listener, super::shutdown_signal()).await?;
+    crate::server::serve(settings, deployment, listener, crate::shutdown::signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

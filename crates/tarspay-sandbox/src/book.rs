@@ -3,12 +3,12 @@
 
 use super::rules::SandboxMerchant;
 use super::{Shared, callbacks};
-use crate::gateway::{OrderState, PublicKey};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tarspay_worker::gateway::{OrderState, PublicKey};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,12 +1,12 @@
 //! `audit`: check a deployment's invariants; exit 0 when they hold, 1 with the violations.
 
+use crate::audit::{Auditor, Pace};
+use crate::config::Settings;
+use crate::worker::Deployment;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
 use std::time::Duration;
-use tarspay_worker::audit::{Auditor, Pace};
-use tarspay_worker::config::Settings;
-use tarspay_worker::worker::Deployment;
 
 #[derive(Args)]
 pub struct AuditArgs {

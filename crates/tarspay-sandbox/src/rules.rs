@@ -2,11 +2,11 @@
 //! order reaches, and the faults to inject. All of it deterministic, chosen per order by a
 //! prefix of its `mchOrderNo`.
 
-use crate::gateway::OrderState;
-use crate::gateway::keys::{PrivateKey, PublicKey};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use tarspay_worker::gateway::OrderState;
+use tarspay_worker::gateway::keys::{PrivateKey, PublicKey};
 
 /// A key pair for the sandbox's own "system" signatures on callbacks. It is published on
 /// purpose: it protects nothing but sandbox traffic.

@@ -85,12 +85,12 @@ impl SystemicGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local_redis::LocalRedis;
+    use local_redis::LocalRedis;
 
     /// The count lasts until an accepted create clears it: no TTL on the key.
     #[tokio::test]
     async fn the_count_survives_until_an_accept_clears_it() {
-        let redis = LocalRedis::start(false).expect("redis-server on PATH");
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
         let client = redis::Client::open(redis.url()).unwrap();
         let conn = ConnectionManager::new(client).await.unwrap();
         let guard =

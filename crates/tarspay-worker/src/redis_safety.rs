@@ -184,7 +184,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_real_redis_without_aof_is_reported() {
-        let redis = crate::local_redis::LocalRedis::start(false).expect("redis-server on PATH");
+        let redis = local_redis::LocalRedis::start(local_redis::Durability::Off)
+            .expect("redis-server on PATH");
         let client = redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let safety = inspect(&mut conn).await.unwrap();

@@ -1,0 +1,183 @@
+//! A private `redis-server` in a temporary directory on a free loopback port, for the demo, the
+//! benchmarks and the tests (never the shared Redis). Killed, and its directory removed, on
+//! drop. Tests also stop it gracefully, crash it and restart it on the same port and directory.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRedisError {
+    #[error(
+        "redis-server is not on PATH ({0}); install it (Debian/Ubuntu: apt-get install redis-server, macOS: brew install redis) or point TARSPAY_REDIS_URL at a Redis"
+    )]
+    NotInstalled(String),
+    #[error("cannot prepare a private redis-server: {0}")]
+    Setup(String),
+    #[error("the private redis-server did not answer within 20 s")]
+    NoAnswer,
+}
+
+/// What the server keeps on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Nothing (the demo and benches: a scratch Redis).
+    Off,
+    /// AOF, fsynced every second: what `worker` accepts, with a warning.
+    AofEverySec,
+    /// AOF, fsynced on every write: every acknowledged write survives a crash.
+    AofAlways,
+}
+
+pub struct LocalRedis {
+    child: Option<Child>,
+    port: u16,
+    url: String,
+    durability: Durability,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl LocalRedis {
+    /// Starts redis-server (always with `noeviction`) and waits until it answers.
+    pub fn start(durability: Durability) -> Result<Self, LocalRedisError> {
+        Self::start_with(durability, &[])
+    }
+
+    /// `start`, then these `--name value` settings (later ones win).
+    pub fn start_with(durability: Durability, extra: &[&str]) -> Result<Self, LocalRedisError> {
+        let dir = tempfile::tempdir().map_err(|e| LocalRedisError::Setup(e.to_string()))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| LocalRedisError::Setup(e.to_string()))?
+            .port();
+        let mut local = Self {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}/"),
+            durability,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            dir,
+        };
+        local.launch()?;
+        Ok(local)
+    }
+
+    fn launch(&mut self) -> Result<(), LocalRedisError> {
+        let (appendonly, fsync) = match self.durability {
+            Durability::Off => ("no", "everysec"),
+            Durability::AofEverySec => ("yes", "everysec"),
+            Durability::AofAlways => ("yes", "always"),
+        };
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", ""])
+            .args(["--appendonly", appendonly, "--appendfsync", fsync])
+            .args(["--maxmemory-policy", "noeviction"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| LocalRedisError::NotInstalled(e.to_string()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if answers(&self.url) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.crash();
+        Err(LocalRedisError::NoAnswer)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id while it runs (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGTERM and wait: with AOF, everything written so far survives.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: a crash, with no shutdown save.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (gracefully) and starts again on the same port and directory.
+    pub fn restart(&mut self) -> Result<(), LocalRedisError> {
+        self.stop();
+        self.launch()
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// True when a Redis at `url` answers PING within about a second.
+pub fn answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        return false;
+    };
+    redis::cmd("PING").query::<String>(&mut conn).is_ok()
+}
+
+/// Deletes every key of a deployment prefix (all carry the hash tag `{prefix:…}`), in SCAN
+/// pages: the demo and the benches clean up after themselves in a shared Redis.
+pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    prefix: &str,
+) -> Result<(), redis::RedisError> {
+    let pattern = format!("{{{prefix}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<i64>(conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,99 @@
+//! Subcommands. Each module holds one family; this one parses arguments, loads settings and
+//! dispatches.
+
+mod audit;
+mod payouts;
+mod payroll;
+mod serve;
+mod tools;
+
+use crate::config::Settings;
+use crate::telemetry;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "tarspay-worker",
+    version,
+    about = "Payouts through TarsPay that are never lost or doubled"
+)]
+pub struct Cli {
+    /// Settings file (TOML) layered over the built-in defaults; TARSPAY_* variables win over it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the string to sign and the signature for a request body.
+    Sign(tools::SignArgs),
+    /// Check a TarsPay signature: prints `valid` (exit 0) or `invalid` (exit 1).
+    Verify(tools::VerifyArgs),
+    /// Query the merchant balance at the gateway.
+    Balance,
+    /// Run the payout worker pool (SIGTERM/SIGINT: stop fetching, finish in-flight work).
+    Worker(payouts::WorkerArgs),
+    /// Queue payouts from a JSON-lines file (or - for stdin).
+    Enqueue(payouts::EnqueueArgs),
+    /// Follow a deposit you created at TarsPay until its outcome.
+    FollowDeposit(payouts::FollowDepositArgs),
+    /// Show one payout's ledger record.
+    Status(payouts::StatusArgs),
+    /// Print outcomes from the start of the outcome stream.
+    Outcomes(payouts::OutcomesArgs),
+    /// Show the payout queue's numbers (waiting, pending, delayed, dead, workers).
+    Queue,
+    /// Stop every worker from sending creates.
+    Pause,
+    /// Let workers continue after a pause (an operator's or the systemic guard's).
+    Resume,
+    /// Serve the callback receiver and the HTTP API (TARSPAY_LISTEN).
+    Serve,
+    /// Pay a payroll CSV as one batch and follow it to the end.
+    Payroll(payroll::PayrollArgs),
+    /// Check the deployment's invariants (every open order has one job, every final one
+    /// outcome): exit 0 when they hold, 1 with the violations listed.
+    Audit(audit::AuditArgs),
+    /// Jobs that were given up.
+    #[command(subcommand)]
+    Dead(payouts::DeadCommand),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(run_command(&settings, cli.command))
+}
+
+/// Runs one command with loaded settings (and logging set up): the `tarspay-worker` binary's
+/// dispatch, shared with the developer's binary, which adds the demo, sandbox and benches.
+pub async fn run_command(settings: &Settings, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Sign(args) => tools::sign(settings, args),
+        Command::Verify(args) => tools::verify(args),
+        Command::Balance => tools::balance(settings).await,
+        Command::Worker(args) => payouts::run_worker(settings, args).await,
+        Command::Enqueue(args) => payouts::enqueue(settings, args).await,
+        Command::Status(args) => payouts::status(settings, args).await,
+        Command::FollowDeposit(args) => payouts::follow_deposit(settings, args).await,
+        Command::Outcomes(args) => payouts::outcomes(settings, args).await,
+        Command::Queue => payouts::queue_stats(settings).await,
+        Command::Pause => payouts::pause(settings, true).await,
+        Command::Resume => payouts::pause(settings, false).await,
+        Command::Dead(command) => payouts::dead(settings, command).await,
+        Command::Audit(args) => audit::run(settings, args).await,
+        Command::Serve => serve::run(settings).await,
+        Command::Payroll(args) => payroll::run(settings, args).await,
+    }
+}
+
+/// clap's value parser for durations (`500ms`, `2s`, `5m`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(text)
+}
