@@ -1,7 +1,8 @@
-//! A backlog of 100,000 jobs enqueued before any worker starts drains completely, and 100,000
-//! jobs due at the same moment are promoted in bounded chunks. `QUEUE_BACKLOG_JOBS` changes the
-//! backlog's size. (Throughput with the backlog vs an empty queue is `tarspay-worker bench
-//! backlog`: speed is measured by benchmarks, not tests.)
+//! A backlog enqueued before any worker starts drains completely, and jobs all due at the same
+//! moment are promoted in bounded chunks. `QUEUE_BACKLOG_JOBS` and `QUEUE_DUE_JOBS` change
+//! the sizes (10,000 and 20,000 by default; 100,000 each with `TARSPAY_TEST_TIER=long`).
+//! Throughput with a backlog vs an empty queue is `tarspay-dev bench backlog`: speed is
+//! measured by benchmarks, not tests.
 
 mod common;
 
@@ -9,11 +10,9 @@ use common::queue::*;
 use std::time::Duration;
 use tarspay_worker::queue::JobOptions;
 
+/// 10,000 in the default tier, 100,000 in the long one (`common::tiered`).
 fn backlog_size() -> u64 {
-    std::env::var("QUEUE_BACKLOG_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
+    common::tiered("QUEUE_BACKLOG_JOBS", 10_000, 100_000)
 }
 
 async fn drain_backlog(n: u64) {
@@ -56,8 +55,9 @@ async fn backlog_enqueued_before_workers_drains_completely() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_thousand_due_jobs_are_promoted_in_chunks() {
-    let n = 100_000u64;
+async fn due_jobs_all_at_once_are_promoted_in_chunks() {
+    // 20,000 by default (40 promotion steps of 500), 100,000 in the long tier.
+    let n = common::tiered("QUEUE_DUE_JOBS", 20_000, 100_000);
     let server = RedisServer::start(false);
     let mut config = config("due");
     config.promote_chunk = 500;

@@ -13,7 +13,8 @@
 //! exactly one outcome that matches the sandbox's final state (and the merchant's balance
 //! matches the succeeded payouts), and nothing is left in flight.
 //!
-//! CI mode (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 freeze and 1 Redis restart.
+//! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 freeze and 1 Redis
+//! restart. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of 5,000 for 10 minutes.
 //! `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600` keeps running rounds
 //! (each with its own faults) until that much time has passed, `SOAK_KILLS`, `SOAK_FREEZES`
 //! and `SOAK_REDIS_RESTARTS` set the faults per round, `SOAK_SEED` replays a run (the seed is
@@ -288,8 +289,8 @@ impl SoakPlan {
         });
         Self {
             seed,
-            payouts_per_round: env_u64("SOAK_PAYOUTS").unwrap_or(1_200) as usize,
-            seconds: env_u64("SOAK_SECONDS"),
+            payouts_per_round: common::tiered("SOAK_PAYOUTS", 1_200, 5_000) as usize,
+            seconds: Some(common::tiered("SOAK_SECONDS", 0, 600)).filter(|s| *s > 0),
             kills_per_round: env_u64("SOAK_KILLS").unwrap_or(3) as usize,
             freezes_per_round: env_u64("SOAK_FREEZES").unwrap_or(1) as usize,
             redis_restarts_per_round: env_u64("SOAK_REDIS_RESTARTS").unwrap_or(1) as usize,

@@ -13,6 +13,21 @@ use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
 
 pub const MCH_NO: &str = "M1234567890";
 
+/// Tests come in two tiers. The default (`cargo test`, the README's and CI's command) keeps a
+/// developer's loop to minutes; `TARSPAY_TEST_TIER=long` (see `.ci/long`) runs the long soak
+/// and the 100,000-job drains. Returns `long` in the long tier, `quick` otherwise; an explicit
+/// `var` (a number) wins over both.
+pub fn tiered(var: &str, quick: u64, long: u64) -> u64 {
+    if let Some(value) = std::env::var(var).ok().and_then(|v| v.trim().parse().ok()) {
+        return value;
+    }
+    if std::env::var("TARSPAY_TEST_TIER").is_ok_and(|tier| tier == "long") {
+        long
+    } else {
+        quick
+    }
+}
+
 pub struct TestGateway {
     pub sandbox: Sandbox,
     pub client: TarsPayClient,
