@@ -19,6 +19,7 @@ pub mod redis_safety;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod strict_json;
 pub mod telemetry;
 pub mod webhooks;
 pub mod worker;
