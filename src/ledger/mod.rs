@@ -998,8 +998,8 @@ impl Ledger {
     }
 
     /// Members of the stuck set, read-only and O(1) (SCARD): for gauges. Finalising a stuck
-    /// order removes it, so this over-counts only orders finished by a racing writer, which
-    /// [`Ledger::stuck_count`] prunes.
+    /// order removes it, so this over-counts only an order flagged stuck after its finaliser
+    /// read it (rare; [`Ledger::stuck_count`] counts exactly and prunes those).
     pub async fn stuck_len(&self) -> Result<u64, LedgerError> {
         Ok(self.conn.clone().scard(self.keys.stuck()).await?)
     }
