@@ -10,6 +10,7 @@ use std::time::Duration;
 use tarspay_worker::config::Settings;
 use tarspay_worker::ledger::Outcome;
 use tarspay_worker::producer::{Enqueued, ProducerError};
+use tarspay_worker::strict_json::StrictJsonError;
 use tarspay_worker::worker::{self, Deployment};
 
 #[derive(Args)]
@@ -134,10 +135,15 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = match serde_json::from_str(&line) {
+        // Strict: a line repeating a key ("amount" twice) must not pay the last copy.
+        let value = match tarspay_worker::strict_json::parse(line.as_bytes()) {
             Ok(value) => value,
             Err(err) => {
-                println!("line {number}: invalid JSON: {err}");
+                let reason = match err {
+                    StrictJsonError::Malformed(reason) => reason,
+                    duplicate => duplicate.to_string(),
+                };
+                println!("line {number}: invalid JSON: {reason}");
                 bad_lines += 1;
                 continue;
             }
