@@ -44,6 +44,7 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
             r#"{"mchOrderNo":"C-3","amount":"12.5","currency":"KES","wayCode":"EWALLET_MPESA"}"#,
             r#"{"mchOrderNo": "C-4", "amount": "#,
             r#"{"mchOrderNo":"C-1","amount":"100","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+            r#"{"mchOrderNo":"C-5","amount":"100","amount":"45000","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
         ]
         .join("\n"),
     )
@@ -66,6 +67,12 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
     );
     assert!(lines[3].starts_with("line 5: invalid JSON"), "{}", lines[3]);
     assert_eq!(lines[4], "exists C-1");
+    assert!(
+        lines[5].starts_with("line 7: invalid JSON: duplicate key \"amount\""),
+        "{}",
+        lines[5]
+    );
+    assert!(app.deployment.ledger.get("C-5").await.unwrap().is_none());
     assert!(
         app.deployment.ledger.get("C-3").await.unwrap().is_none(),
         "the bad line queued nothing"

@@ -66,6 +66,12 @@ impl Served {
             .bearer_auth(TOKEN)
     }
 
+    /// The text of a route that needs no token.
+    async fn public_text(&self, path: &str) -> String {
+        let response = self.http.get(format!("{}{path}", self.url)).send().await;
+        response.unwrap().text().await.unwrap()
+    }
+
     async fn callback(&self, body: &str, signature: Option<&str>) -> (StatusCode, String) {
         let mut request = self
             .http
@@ -356,15 +362,7 @@ async fn pause_resume_health_metrics_and_the_document() {
         .await
         .unwrap();
     assert_eq!(health["redis"], "ok");
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.public_text("/metrics").await;
     for name in [
         "tarspay_queue_waiting",
         "tarspay_queue_paused",
@@ -382,30 +380,9 @@ async fn pause_resume_health_metrics_and_the_document() {
         .json()
         .await
         .unwrap();
-    assert_eq!(
-        document,
-        serde_json::from_str::<Value>(tarspay_worker::server::OPENAPI_JSON).unwrap()
-    );
-    // Every documented route is served (none answers 404/405).
-    for (method, path) in tarspay_worker::server::ROUTES {
-        let path = path.replace("{mchOrderNo}", "X").replace("{batchId}", "X");
-        let request = match *method {
-            "get" => s.get(&path),
-            _ => s
-                .post(&path)
-                .header("content-type", "application/json")
-                .body("{}"),
-        };
-        let status = request.send().await.unwrap().status();
-        assert!(
-            status != StatusCode::METHOD_NOT_ALLOWED,
-            "{method} {path}: {status}"
-        );
-        assert!(
-            status != StatusCode::NOT_FOUND || path.contains("/X"),
-            "{method} {path}: {status}"
-        );
-    }
+    let derived = tarspay_worker::server::openapi("/tarspay/notify");
+    assert_eq!(document, serde_json::to_value(&derived).unwrap());
+    assert_routes_are_exactly_the_documented_ones(&s, &document).await;
     // With Redis gone, health says so.
     let mut s = s;
     s.app.redis.stop();
@@ -416,6 +393,51 @@ async fn pause_resume_health_metrics_and_the_document() {
         .await
         .unwrap();
     assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A fixed message: Redis' own error text (addresses, OS errors) stays in the log.
+    let down: Value = down.json().await.unwrap();
+    assert_eq!(
+        down,
+        json!({"redis": "down", "error": "Redis unavailable; details are in the server log"})
+    );
+}
+
+/// Every documented (method, path) is served (never 404 for a route, never 405), and every
+/// other method on a documented path is 405: the router has exactly the document's routes.
+async fn assert_routes_are_exactly_the_documented_ones(s: &Served, document: &Value) {
+    const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+    let paths = document["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 10, "{:?}", paths.keys().collect::<Vec<_>>());
+    for (path, item) in paths {
+        let url = format!(
+            "{}{}",
+            s.url,
+            path.replace("{mchOrderNo}", "X").replace("{batchId}", "X")
+        );
+        for method in METHODS {
+            let documented = item.get(method).is_some();
+            let status = s
+                .http
+                .request(method.to_uppercase().parse().unwrap(), &url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if documented {
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                let operation = item[method]["operationId"].as_str().unwrap();
+                assert!(
+                    status != StatusCode::NOT_FOUND
+                        || ["getPayout", "getBatch"].contains(&operation),
+                    "{method} {path}: {status}"
+                );
+            } else {
+                assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            }
+        }
+    }
 }
 
 /// A callback body for an order, as TarsPay would send it for our merchant.
@@ -772,5 +794,328 @@ async fn serve_posts_each_outcome_as_a_signed_webhook() {
         let outcome: Value = serde_json::from_str(body).unwrap();
         assert_eq!(outcome["status"], "succeeded");
         assert!(id.starts_with("msg_"));
+    }
+}
+
+/// Posts `body` as JSON to `path` with the token; the status and the parsed answer.
+async fn post_json(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
+    let response = s
+        .post(path)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_json_key_is_refused_everywhere_naming_it_and_nothing_is_queued() {
+    let s = served(|_| {}, &[]).await;
+    let amount_twice = r#"{"mchOrderNo":"DUP-1","amount":"100","amount":"45000","currency":"INR","wayCode":"UPI","customerName":"Asha","customerEmail":"asha@example.in","customerContact":"9876543210"}"#;
+    let number_twice = r#"{"mchOrderNo":"DUP-2","mchOrderNo":"DUP-3","amount":"100","currency":"INR","wayCode":"UPI","customerName":"Asha","customerEmail":"asha@example.in","customerContact":"9876543210"}"#;
+    for (body, key) in [(amount_twice, "amount"), (number_twice, "mchOrderNo")] {
+        let (status, answer) = post_json(&s, "/v1/payouts", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("duplicate key \"{key}\"")),
+            "{message}"
+        );
+    }
+    let (status, answer) = post_json(&s, "/v1/batches", &format!("[{amount_twice}]")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key \"amount\" in the object at $[0]"),
+        "{answer}"
+    );
+    // A signed callback repeating `state` is refused too, not read as whichever copy wins.
+    let callback = r#"{"bizType":2,"currency":"INR","mchNo":"M1234567890","mchOrderNo":"DUP-1","orderAmount":"100","state":3,"state":2}"#;
+    let signature = sign_callback(&system_key(), callback.as_bytes());
+    let (status, text) = s.callback(callback, Some(&signature)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("duplicate key \"state\""), "{text}");
+    for id in ["DUP-1", "DUP-2", "DUP-3"] {
+        assert!(
+            s.app.deployment.ledger.get(id).await.unwrap().is_none(),
+            "{id}"
+        );
+    }
+    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_routes_require_a_json_content_type() {
+    let s = served(|_| {}, &[]).await;
+    let body = inr("CT-1", "100").to_string();
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        for path in ["/v1/payouts", "/v1/batches"] {
+            let mut request = s.post(path).body(body.clone());
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{path} with {content_type:?}"
+            );
+            let answer: Value = response.json().await.unwrap();
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("content-type: must be")
+            );
+        }
+    }
+    assert!(s.app.deployment.ledger.get("CT-1").await.unwrap().is_none());
+    // Parameters and case do not matter.
+    let json = s
+        .post("/v1/payouts")
+        .header("content-type", "Application/JSON; charset=utf-8");
+    let status = json.body(body).send().await.unwrap().status();
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_amount_written_differently_is_the_same_payout() {
+    let s = served(|_| {}, &[]).await;
+    let (status, _) = post_json(&s, "/v1/payouts", &inr("NUM-1", "100").to_string()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, answer) = post_json(&s, "/v1/payouts", &inr("NUM-1", "100.00").to_string()).await;
+    assert_eq!((status, &answer["amount"]), (StatusCode::OK, &json!("100")));
+    let (status, answer) = post_json(&s, "/v1/payouts", &inr("NUM-1", "100.01").to_string()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["current"]["amount"], "100");
+    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_row_that_conflicts_answers_409_naming_it_like_the_single_route() {
+    let s = served(|_| {}, &[]).await;
+    let (status, _) = post_json(&s, "/v1/payouts", &inr("BC-1", "100").to_string()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Only row conflicts: 409, as POST /v1/payouts would answer for it.
+    let only = json!([inr("BC-1", "200")]).to_string();
+    let (status, answer) = post_json(&s, "/v1/batches?batchId=conflict-1", &only).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["conflicting"], json!(["BC-1"]));
+    assert_eq!(
+        (answer["queued"].as_u64(), answer["existing"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let (status, _) = post_json(&s, "/v1/payouts", &inr("BC-1", "200").to_string()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // A conflicting row among new ones: the others are queued, the conflict is named.
+    let mixed = json!([inr("BC-1", "200"), inr("BC-2", "100")]).to_string();
+    let (status, answer) = post_json(&s, "/v1/batches?batchId=conflict-2", &mixed).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(
+        (answer["queued"].as_u64(), &answer["conflicting"]),
+        (Some(1), &json!(["BC-1"]))
+    );
+    let record = s.app.deployment.ledger.get("BC-1").await.unwrap().unwrap();
+    assert_eq!(record.amount, "100", "the conflicting row changed nothing");
+    // The same rows again (the same payouts) are not a conflict: 201, nothing new.
+    let same = json!([inr("BC-1", "100.00"), inr("BC-2", "100")]).to_string();
+    let (status, answer) = post_json(&s, "/v1/batches?batchId=conflict-2", &same).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(
+        (answer["queued"].as_u64(), answer["existing"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_callback_for_an_order_never_sent_only_schedules_a_query() {
+    let s = served(|_| {}, &[]).await;
+    s.app.enqueue(inr("NS-1", "100")).await;
+    let waiting_before = s.app.deployment.queue.stats().await.unwrap().waiting;
+    let body = callback_body("NS-1", "100", 3);
+    let signature = sign_callback(&system_key(), body.as_bytes());
+    let (status, text) = s.callback(&body, Some(&signature)).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
+    let record = s.app.deployment.ledger.get("NS-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Queued, "not applied as the outcome");
+    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 0);
+    assert_eq!(
+        s.app.deployment.queue.stats().await.unwrap().waiting,
+        waiting_before + 1,
+        "a one-off status query is queued instead"
+    );
+}
+
+/// A raw connection: writes `request`, then reads until the server answers and closes, or
+/// `within` passes (then `None`).
+async fn raw_exchange(url: &str, request: &[u8], within: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut answer)).await;
+    read.ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_requests_are_cut_off_over_raw_tcp() {
+    let s = served(
+        |_| {},
+        &[
+            ("TARSPAY_HEADER_READ_TIMEOUT", "1s"),
+            ("TARSPAY_BODY_READ_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let within = Duration::from_secs(10);
+    // Half a request head: the connection is closed once the header timeout passes.
+    let started = std::time::Instant::now();
+    let half = raw_exchange(
+        &s.url,
+        b"POST /tarspay/notify HTTP/1.1\r\nHost: x\r\n",
+        within,
+    )
+    .await;
+    assert!(
+        half.is_some(),
+        "a half-sent head must not hold the connection"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // 10 MB announced, 2 bytes sent: 413 at once, on the public callback path and the API.
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    for (path, auth) in [("/tarspay/notify", ""), ("/v1/payouts", auth.as_str())] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{{}}"
+        );
+        let started = std::time::Instant::now();
+        let answer = raw_exchange(&s.url, request.as_bytes(), within)
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path}: not refused before reading"
+        );
+    }
+    // A body that stops short of its Content-Length: 408 after the body timeout.
+    let request = "POST /tarspay/notify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"bizType\"";
+    let answer = raw_exchange(&s.url, request.as_bytes(), within)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("x-request-id"), "{answer}");
+    // The server still serves.
+    let health = s.http.get(format!("{}/healthz", s.url)).send().await;
+    assert_eq!(health.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id_the_callers_when_sane() {
+    let s = served(|_| {}, &[]).await;
+    let id_of = |response: &reqwest::Response| {
+        response.headers()[tarspay_worker::server::REQUEST_ID_HEADER]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let url = format!("{}/healthz", s.url);
+    let mine = s
+        .http
+        .get(&url)
+        .header("x-request-id", "order-run-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&mine), "order-run-42");
+    let generated = s.http.get(&url).send().await.unwrap();
+    let other = s.http.get(&url).send().await.unwrap();
+    assert_eq!(id_of(&generated).len(), 32);
+    assert_ne!(id_of(&generated), id_of(&other));
+    for insane in ["has space", &"x".repeat(65)] {
+        let replaced = s
+            .http
+            .get(&url)
+            .header("x-request-id", insane)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(id_of(&replaced), insane);
+        assert_eq!(id_of(&replaced).len(), 32);
+    }
+    // Refusals carry one too (the token check runs inside the request's span).
+    let refused = s
+        .http
+        .get(format!("{}/v1/payouts/X", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(id_of(&refused).len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scrapes_send_redis_nothing() {
+    let s = served(|_| {}, &[]).await;
+    let mut redis = s.app.redis.conn().await;
+    // A large stuck set (of orders that finished meanwhile) costs a scrape nothing more, and
+    // is not pruned by one: the scrape reads nothing.
+    let stuck: Vec<String> = (0..5_000).map(|i| format!("S-{i}")).collect();
+    let _: () = redis::cmd("SADD")
+        .arg(s.app.deployment.ledger.keys().stuck())
+        .arg(&stuck)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let scrapes = 50;
+    for _ in 0..scrapes {
+        let text = s.public_text("/metrics").await;
+        assert!(text.contains("tarspay_queue_waiting"));
+    }
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let calls = |line: &str| -> u64 {
+        line.split("calls=")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let total: u64 = info
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info"))
+        .map(calls)
+        .sum();
+    // At most a background refresh or two (one pipeline each) ran meanwhile; not one per scrape.
+    assert!(
+        total < scrapes,
+        "{total} commands for {scrapes} scrapes:\n{info}"
+    );
+    for write in [
+        "cmdstat_srem",
+        "cmdstat_hset",
+        "cmdstat_del",
+        "cmdstat_evalsha",
+    ] {
+        assert!(!info.contains(write), "a scrape wrote to Redis:\n{info}");
     }
 }

@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 pub const MAX_ROWS: usize = 100_000;
 
 /// One bad row: its line (CSV: the file line, header = 1; JSON: the array position, from 1).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RowError {
     pub line: u64,
     pub errors: Vec<FieldError>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BatchError {
     #[error("the batch is unreadable: {reason}")]
@@ -111,10 +111,10 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
 
 /// A JSON array of payout objects.
 pub fn parse_json(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>, BatchError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|err| BatchError::Unreadable {
-            reason: format!("malformed JSON: {err}"),
-        })?;
+    // Strict: a row repeating a key ("amount" twice) must not pay whichever copy came last.
+    let value = crate::strict_json::parse(bytes).map_err(|err| BatchError::Unreadable {
+        reason: err.to_string(),
+    })?;
     let serde_json::Value::Array(items) = value else {
         return Err(BatchError::Unreadable {
             reason: "expected a JSON array of payouts".into(),
@@ -199,6 +199,11 @@ mod tests {
             Err(BatchError::Unreadable { .. })
         ));
         assert_eq!(parse_json(&rules(), b"[]"), Err(BatchError::Empty));
+        let repeated = br#"[{"mchOrderNo":"J-1","amount":"100","amount":"45000","currency":"MYR","wayCode":"CIMB"}]"#;
+        let Err(BatchError::Unreadable { reason }) = parse_json(&rules(), repeated) else {
+            panic!("a repeated key must make the batch unreadable");
+        };
+        assert!(reason.contains(r#"duplicate key "amount""#), "{reason}");
         assert_eq!(
             parse_csv(&rules(), b"mchOrderNo,amount\n"),
             Err(BatchError::Empty)

@@ -112,6 +112,12 @@ pub struct Settings {
     pub max_body_bytes: u64,
     #[serde(deserialize_with = "lenient_u64")]
     pub max_batch_bytes: u64,
+    /// `serve`: a client must send its request head within this, and its body within
+    /// `body_read_timeout` of the head, or the connection is answered (408) and closed.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
     #[serde(default, deserialize_with = "optional_string")]
     pub webhook_url: Option<String>,
     #[serde(default)]
@@ -315,6 +321,8 @@ impl Settings {
             ("settle_window", self.settle_window),
             ("lifeline_interval", self.lifeline_interval),
             ("orphan_timeout", self.orphan_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));

@@ -17,6 +17,7 @@ pub mod queue;
 pub mod redis_safety;
 pub mod secret;
 pub mod server;
+pub mod strict_json;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhooks;

@@ -135,10 +135,49 @@ impl<'de> Deserialize<'de> for Amount {
     }
 }
 
+/// What [`Amount::parse`] accepts, as a JSON Schema pattern: a positive decimal (`"0"` and
+/// `"0.00"` are refused), no leading zero, at most 15 digits before the point and 2 after.
+pub const AMOUNT_PATTERN: &str = r"^([1-9][0-9]{0,14}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?))$";
+
+impl utoipa::PartialSchema for Amount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(AMOUNT_PATTERN))
+            .description(Some(
+                "A positive amount in major units, as a decimal string (never a JSON number). \
+                 Whole-number currencies (BDT, PKR, KES) take no decimal point, not even .00.",
+            ))
+            .examples(["100", "150.50"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Amount {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_schema_pattern_accepts_exactly_what_parse_accepts(text in "-?[0-9]{0,17}(\\.[0-9]{0,3})?") {
+            let pattern = regex::Regex::new(AMOUNT_PATTERN).unwrap();
+            prop_assert_eq!(pattern.is_match(&text), Amount::parse(&text).is_ok(), "{}", text);
+        }
+    }
+
+    #[test]
+    fn the_schema_pattern_refuses_zero() {
+        let pattern = regex::Regex::new(AMOUNT_PATTERN).unwrap();
+        for zero in ["0", "0.0", "0.00", "00"] {
+            assert!(!pattern.is_match(zero), "{zero}");
+        }
+        for positive in ["0.01", "0.5", "1", "100.00"] {
+            assert!(pattern.is_match(positive), "{positive}");
+        }
+    }
 
     #[test]
     fn accepts_plain_decimals_and_keeps_the_text() {

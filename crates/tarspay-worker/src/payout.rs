@@ -331,12 +331,18 @@ impl PayoutRules {
 }
 
 /// A payout that passed validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Payout)]
 pub struct PayoutRequest {
+    /// Your order id: the payout's idempotency key for life.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     pub mch_order_no: String,
     pub amount: Amount,
+    /// A currency of the worker's payout rules (`[currencies.*]` in settings).
+    #[schema(examples("INR", "BDT", "KES", "MYR", "PHP", "PKR"))]
     pub currency: String,
+    #[schema(examples("UPI", "EWALLET_BKASH", "EWALLET_MPESA"))]
     pub way_code: String,
     /// Beneficiary fields and merchant extras, passed through unchanged.
     #[serde(flatten)]
@@ -356,7 +362,7 @@ impl PayoutRequest {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub rule: String,

@@ -42,7 +42,7 @@ pub enum Enqueued {
 }
 
 /// What a batch enqueue did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchEnqueued {
     pub batch_id: String,
@@ -65,6 +65,23 @@ pub fn fingerprint(request: &PayoutRequest) -> String {
     let value = serde_json::to_value(request).unwrap_or(Value::Null);
     let canonical = crate::gateway::callback::sorted_compact_json(&value);
     hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+/// Whether two registered payout bodies ask for the same payout: every field equal, the
+/// amounts equal as numbers. Anything unreadable (a deposit's empty body) is not the same.
+pub fn same_payout(stored: &str, new: &str) -> bool {
+    let parsed = (
+        serde_json::from_str::<PayoutRequest>(stored),
+        serde_json::from_str::<PayoutRequest>(new),
+    );
+    let (Ok(stored), Ok(new)) = parsed else {
+        return false;
+    };
+    stored.amount.value() == new.amount.value()
+        && PayoutRequest {
+            amount: new.amount.clone(),
+            ..stored
+        } == new
 }
 
 impl Producer {
@@ -177,6 +194,8 @@ impl Producer {
                         reason: "registered but unreadable".into(),
                     }
                 })?;
+                // The fingerprint compares text; "100" and "100.00" are one payout.
+                let same_request = same_request || same_payout(&record.request, order.request);
                 Ok(Enqueued::Exists {
                     record: Box::new(record),
                     same_request,
@@ -207,5 +226,24 @@ impl Producer {
             once: false,
         };
         self.register(&order, Phase::Accepted, &job).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_payout;
+
+    #[test]
+    fn amounts_compare_as_numbers_and_every_other_field_as_text() {
+        let body = |amount: &str, name: &str| {
+            format!(
+                r#"{{"mchOrderNo":"X","amount":"{amount}","currency":"INR","wayCode":"UPI","customerName":"{name}"}}"#
+            )
+        };
+        assert!(same_payout(&body("100", "Asha"), &body("100.00", "Asha")));
+        assert!(same_payout(&body("150.5", "Asha"), &body("150.50", "Asha")));
+        assert!(!same_payout(&body("100", "Asha"), &body("100.01", "Asha")));
+        assert!(!same_payout(&body("100", "Asha"), &body("100", "Ravi")));
+        assert!(!same_payout("", &body("100", "Asha")));
     }
 }

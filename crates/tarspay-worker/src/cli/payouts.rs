@@ -11,6 +11,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use crate::strict_json::StrictJsonError;
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -134,10 +135,15 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = match serde_json::from_str(&line) {
+        // Strict: a line repeating a key ("amount" twice) must not pay the last copy.
+        let value = match crate::strict_json::parse(line.as_bytes()) {
             Ok(value) => value,
             Err(err) => {
-                println!("line {number}: invalid JSON: {err}");
+                let reason = match err {
+                    StrictJsonError::Malformed(reason) => reason,
+                    duplicate => duplicate.to_string(),
+                };
+                println!("line {number}: invalid JSON: {reason}");
                 bad_lines += 1;
                 continue;
             }

@@ -203,10 +203,13 @@ pub struct FinalResult {
 }
 
 /// One order's ledger record, as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = PayoutStatus)]
 pub struct OrderRecord {
     pub mch_order_no: String,
+    /// `payout`, or `deposit` for followed deposits.
+    #[schema(example = "payout")]
     pub kind: String,
     pub phase: Phase,
     pub amount: String,
@@ -247,7 +250,7 @@ pub struct OrderRecord {
 }
 
 /// Where a batch stands: per phase, how many orders and how much money per currency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSummary {
     pub batch_id: String,
@@ -255,11 +258,12 @@ pub struct BatchSummary {
     pub phases: BTreeMap<String, PhaseTotals>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PhaseTotals {
     pub count: usize,
     /// Currency → sum, as decimal text.
     #[serde(serialize_with = "decimal_map")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub amounts: BTreeMap<String, rust_decimal::Decimal>,
 }
 
@@ -991,6 +995,13 @@ impl Ledger {
             }
         }
         Ok(stuck)
+    }
+
+    /// Members of the stuck set, read-only and O(1) (SCARD): for gauges. Finalising a stuck
+    /// order removes it, so this over-counts only an order flagged stuck after its finaliser
+    /// read it (rare; [`Ledger::stuck_count`] counts exactly and prunes those).
+    pub async fn stuck_len(&self) -> Result<u64, LedgerError> {
+        Ok(self.conn.clone().scard(self.keys.stuck()).await?)
     }
 
     /// Round trip to Redis, for health checks.

@@ -1,8 +1,12 @@
 //! The callback receiver. A callback that verifies with TarsPay's system key and reports a
 //! final state goes through the ledger's one terminal transition (whichever of callback and
 //! poll comes first wins; the other changes nothing). A callback that does not verify is not
-//! trusted: it only schedules an immediate status query. `OK` is answered only after the
-//! effect is recorded in Redis; if Redis is down the answer is 503, so TarsPay resends.
+//! trusted: it only schedules an immediate status query, and so does a verified callback for
+//! an order we never sent a create for (only our create can make it exist under our merchant:
+//! anything else is for the create run and a lookup to settle). `OK` is answered only after
+//! the effect is recorded in Redis; if Redis is down the answer is 503, so TarsPay resends.
+//! Any content type is read (TarsPay does not document its header; refusing would only make
+//! it resend), but the body is strict JSON.
 
 use super::AppState;
 use crate::gateway::callback::{
@@ -32,11 +36,33 @@ fn unavailable(err: impl std::fmt::Display) -> Response {
     )
 }
 
+/// The documented path; `server::routes` serves it at the configured `callback_path`.
+pub const DOCUMENTED_PATH: &str = "/tarspay/notify";
+
+/// TarsPay callback receiver (served at `callback_path`).
+#[utoipa::path(
+    post, path = "/tarspay/notify", operation_id = "tarspayCallback", tag = "callbacks", security(),
+    params(("X-RESP-SIGNATURE" = Option<String>, Header, description = "TarsPay's signature of the body")),
+    request_body(content = super::openapi::CallbackNotice, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Plain text OK: recorded; or, if untrusted or about an order never sent, a status query was queued", body = String, content_type = "text/plain"),
+        (status = 400, description = "Not a JSON object, or a key repeated", body = String, content_type = "text/plain"),
+        (status = 422, description = "A required field is missing or invalid", body = String, content_type = "text/plain"),
+        (status = 503, description = "Not recorded (Redis unavailable): TarsPay resends", body = String, content_type = "text/plain"),
+    )
+)]
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // A repeated key would let whichever copy the parser keeps decide the outcome.
+    if let Err(err @ crate::strict_json::StrictJsonError::DuplicateKey { .. }) =
+        crate::strict_json::parse(&body)
+    {
+        metrics::counter!(crate::metrics::CALLBACKS, "result" => "malformed").increment(1);
+        return reply(StatusCode::BAD_REQUEST, &err.to_string());
+    }
     let callback = match parse_callback(&body) {
         Ok(callback) => callback,
         Err(err @ CallbackError::NotAnObject) => {
@@ -64,9 +90,15 @@ pub async fn receive(
         Err(err) => return unavailable(err),
     };
     let trusted = verified && matches_record(&callback, &record, state.mch_no.as_deref());
-    if !trusted {
-        tracing::warn!(mch_order_no = %id, verified, "untrusted callback: scheduling a status query");
-        metrics::counter!(crate::metrics::CALLBACKS, "result" => "untrusted").increment(1);
+    // An order never sent is not an outcome of ours (yet): the create run and a lookup decide.
+    let query_instead = match (trusted, never_sent(&record)) {
+        (false, _) => Some("untrusted"),
+        (true, true) => Some("never_sent"),
+        (true, false) => None,
+    };
+    if let Some(result) = query_instead {
+        tracing::warn!(mch_order_no = %id, verified, result, "callback not applied: scheduling a status query");
+        metrics::counter!(crate::metrics::CALLBACKS, "result" => result).increment(1);
         return match schedule_query(&state, &record).await {
             Ok(()) => reply(StatusCode::OK, "OK"),
             Err(err) => unavailable(err),
@@ -101,6 +133,15 @@ pub async fn receive(
         }
         Err(err) => unavailable(err),
     }
+}
+
+/// A payout no create was ever sent for: the submit step counts every create before sending
+/// it, so no attempts and no acceptance means the gateway cannot hold it from us.
+fn never_sent(record: &OrderRecord) -> bool {
+    record.kind == OrderKind::Payout.as_str()
+        && record.attempts == 0
+        && !record.accepted
+        && !record.phase.is_final()
 }
 
 /// A signed callback is applied only to the order it describes: our merchant (TarsPay's key

@@ -2,23 +2,30 @@
 
 mod api;
 mod auth;
+mod body;
 mod callback;
+mod gauges;
+mod listener;
 mod openapi;
+mod request_id;
 
-pub use openapi::{OPENAPI_JSON, ROUTES};
+pub use body::BodyLimit;
+pub use request_id::HEADER as REQUEST_ID_HEADER;
 
 use crate::config::{ConfigError, Settings};
 use crate::gateway::PublicKey;
 use crate::producer::Producer;
 use crate::secret::Secret;
 use crate::worker::Deployment;
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 /// Shared by every request.
 pub struct AppState {
@@ -30,7 +37,6 @@ pub struct AppState {
     pub mch_no: Option<String>,
     pub api_token: Option<Secret>,
     pub metrics: PrometheusHandle,
-    pub max_batch_bytes: usize,
 }
 
 impl AppState {
@@ -42,34 +48,94 @@ impl AppState {
             mch_no: settings.mch_no.clone(),
             api_token: settings.api_token()?,
             metrics: crate::metrics::install(),
-            max_batch_bytes: settings.max_batch_bytes as usize,
         })
     }
 }
 
-/// Every route; the API under `/v1` behind the bearer token.
-pub fn router(state: Arc<AppState>, callback_path: &str, max_body_bytes: usize) -> Router {
-    let api = Router::new()
-        .route("/v1/payouts", post(api::create_payout))
-        .route("/v1/payouts/{mch_order_no}", get(api::get_payout))
-        .route(
-            "/v1/batches",
-            post(api::create_batch).layer(DefaultBodyLimit::max(state.max_batch_bytes)),
-        )
-        .route("/v1/batches/{batch_id}", get(api::get_batch))
-        .route("/v1/queue/pause", post(api::pause))
-        .route("/v1/queue/resume", post(api::resume))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ));
-    Router::new()
+/// Where a request's body is bounded: batches are larger than everything else.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub body: BodyLimit,
+    pub batch: BodyLimit,
+}
+
+impl Limits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let limit = |max_bytes: u64| BodyLimit {
+            max_bytes: max_bytes as usize,
+            read_timeout: settings.body_read_timeout,
+        };
+        Self {
+            body: limit(settings.max_body_bytes),
+            batch: limit(settings.max_batch_bytes),
+        }
+    }
+}
+
+type Routes = OpenApiRouter<Arc<AppState>>;
+
+/// Every route, each registered with its OpenAPI operation (this is the only place routes
+/// are added): the `/v1` API, and the public routes (callback, health, metrics, document).
+fn routes(limits: Limits, callback_path: &str) -> (Routes, Routes) {
+    let bounded = |limit: BodyLimit| axum::middleware::from_fn_with_state(limit, body::read_within);
+    let api = OpenApiRouter::new()
+        .routes(routes!(api::create_payout).layer(bounded(limits.body)))
+        .routes(routes!(api::get_payout))
+        .routes(routes!(api::create_batch).layer(bounded(limits.batch)))
+        .routes(routes!(api::get_batch))
+        .routes(routes!(api::pause))
+        .routes(routes!(api::resume));
+    let (schemas, mut paths, method_router) = routes!(callback::receive);
+    if let Some(item) = paths.paths.remove(callback::DOCUMENTED_PATH) {
+        paths.paths.insert(callback_path.to_owned(), item);
+    }
+    let public = OpenApiRouter::new()
+        .routes((schemas, paths, method_router).layer(bounded(limits.body)))
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::metrics))
+        .routes(routes!(openapi::document));
+    (api, public)
+}
+
+/// The OpenAPI document of the router [`router`] builds for `callback_path`.
+pub fn openapi(callback_path: &str) -> utoipa::openapi::OpenApi {
+    let limits = BodyLimit {
+        max_bytes: 0,
+        read_timeout: Duration::ZERO,
+    };
+    let (api, public) = routes(
+        Limits {
+            body: limits,
+            batch: limits,
+        },
+        callback_path,
+    );
+    assemble(api, public).1
+}
+
+/// The router and its document, from the same registrations.
+fn assemble(api: Routes, public: Routes) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    let (router, mut document) = OpenApiRouter::with_openapi(openapi::base())
         .merge(api)
-        .route(callback_path, post(callback::receive))
-        .route("/healthz", get(api::healthz))
-        .route("/metrics", get(api::metrics))
-        .route("/openapi.json", get(openapi::document))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .merge(public)
+        .split_for_parts();
+    openapi::add_common_answers(&mut document);
+    (router, document)
+}
+
+/// Every route; the API under `/v1` behind the bearer token; a request id and span on all.
+pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Router {
+    let (api, public) = routes(limits, callback_path);
+    let api = api.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_token,
+    ));
+    let (router, document) = assemble(api, public);
+    router
+        .layer(Extension(openapi::Document::new(&document)))
+        // Bodies are bounded per route by `body`; this is a backstop for the extractors.
+        .layer(DefaultBodyLimit::max(limits.batch.max_bytes))
+        .layer(axum::middleware::from_fn(request_id::trace))
         .with_state(state)
 }
 
@@ -84,10 +150,11 @@ pub async fn serve(
     let app = router(
         Arc::new(state),
         &settings.callback_path,
-        settings.max_body_bytes as usize,
+        Limits::from_settings(settings),
     );
-    // One shutdown signal for the server and the webhook deliverer.
+    // One shutdown signal for the server, the gauges and the webhook deliverer.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let gauges = tokio::spawn(gauges::run(deployment.clone(), stopped.clone()));
     let webhooks = match (&settings.webhook_url, &settings.webhook_secret) {
         (Some(url), Some(secret)) => {
             let (url, secret) = (url.clone(), secret.clone());
@@ -103,14 +170,44 @@ pub async fn serve(
         }
         _ => None,
     };
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        })
-        .await;
+    listener::run(listener, app, settings.header_read_timeout, async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    })
+    .await;
+    let _ = gauges.await;
     if let Some(webhooks) = webhooks {
         let _ = webhooks.await;
     }
-    result
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callback_is_documented_at_its_configured_path() {
+        let document = openapi("/hooks/tarspay");
+        assert!(document.paths.paths.contains_key("/hooks/tarspay"));
+        assert!(!document.paths.paths.contains_key(callback::DOCUMENTED_PATH));
+    }
+
+    #[test]
+    fn the_committed_document_is_the_derived_one() {
+        let derived = openapi(callback::DOCUMENTED_PATH)
+            .to_pretty_json()
+            .expect("the document serialises");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/server/openapi.json");
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, format!("{derived}\n"))
+                .expect("src/server/openapi.json is writable");
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            committed.trim_end(),
+            derived,
+            "src/server/openapi.json is stale: regenerate with UPDATE_OPENAPI=1 cargo test --lib openapi"
+        );
+    }
 }
