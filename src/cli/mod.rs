@@ -53,7 +53,7 @@ pub enum Command {
     Status(payouts::StatusArgs),
     /// Print outcomes from the start of the outcome stream.
     Outcomes(payouts::OutcomesArgs),
-    /// Show the payout queue's numbers (waiting, pending, delayed, dead, workers).
+    /// Show the payout and webhook queues' numbers (waiting, pending, delayed, dead, workers).
     Queue,
     /// Stop every worker from sending creates.
     Pause,

@@ -86,31 +86,7 @@ pub async fn serve(
         &settings.callback_path,
         settings.max_body_bytes as usize,
     );
-    // One shutdown signal for the server and the webhook deliverer.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let webhooks = match (&settings.webhook_url, &settings.webhook_secret) {
-        (Some(url), Some(secret)) => {
-            let (url, secret) = (url.clone(), secret.clone());
-            let mut stopped = stopped.clone();
-            Some(tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                };
-                if let Err(err) = crate::webhooks::run(&deployment, &url, &secret, shutdown).await {
-                    tracing::error!(error = %err, "outcome webhooks not started");
-                }
-            }))
-        }
-        _ => None,
-    };
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        })
-        .await;
-    if let Some(webhooks) = webhooks {
-        let _ = webhooks.await;
-    }
-    result
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
