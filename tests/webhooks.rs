@@ -844,3 +844,31 @@ async fn outcomes_appended_while_webhooks_are_off_get_no_delivery() {
     assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 1);
     assert_eq!(undelivered(&app).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_deliveries_pause_and_resume_on_their_own_from_the_cli() {
+    let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    let (code, _, err) = run(app.command().args(["pause", "--queue", "webhooks"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(app.deployment.webhooks.is_paused().await.unwrap());
+    assert!(
+        !app.deployment.queue.is_paused().await.unwrap(),
+        "payouts go on"
+    );
+    let (_, out, _) = run(app.command().arg("queue"));
+    assert!(out.contains("webhooks paused   true"), "{out}");
+
+    finalize(&app, "PAUSED-1").await;
+    let pool = app.pool(2);
+    // Past several pause checks (every 500 ms): nothing was sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(receiver.requests().is_empty());
+    assert_eq!(undelivered(&app).await, 1);
+
+    let (code, _, err) = run(app.command().args(["resume", "--queue", "webhooks"]));
+    assert_eq!(code, 0, "{err}");
+    wait_all_delivered(&app, &receiver).await;
+    pool.stop().await;
+    assert_eq!(receiver.delivered_to("PAUSED-1"), 1);
+}

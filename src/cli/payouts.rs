@@ -80,7 +80,14 @@ pub enum DeadCommand {
     },
 }
 
-/// Which queue a `dead` command works on.
+#[derive(Args)]
+pub struct QueueArgs {
+    /// The queue to pause or resume.
+    #[arg(long, value_enum, default_value_t = QueueName::Payouts)]
+    queue: QueueName,
+}
+
+/// Which queue a `pause`, `resume` or `dead` command works on.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum QueueName {
     /// Create-payout and poll-status jobs.
@@ -333,16 +340,24 @@ fn print_stats(label: &str, stats: &QueueStats) {
     }
 }
 
-pub async fn pause(settings: &Settings, paused: bool) -> Result<ExitCode> {
+pub async fn pause(settings: &Settings, paused: bool, args: QueueArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    if paused {
-        deployment.queue.pause().await?;
-        println!("paused: workers stop fetching within a second; running jobs finish");
-    } else {
-        deployment.queue.resume().await?;
-        println!("resumed");
+    match args.queue {
+        QueueName::Payouts => set_paused(&deployment.queue, paused).await?,
+        QueueName::Webhooks => set_paused(&deployment.webhooks, paused).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn set_paused<T>(queue: &RedisQueue<T>, paused: bool) -> Result<()> {
+    if paused {
+        queue.pause().await?;
+        println!("paused: workers stop fetching within a second; running jobs finish");
+    } else {
+        queue.resume().await?;
+        println!("resumed");
+    }
+    Ok(())
 }
 
 pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode> {

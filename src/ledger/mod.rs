@@ -569,7 +569,8 @@ impl Ledger {
         }
     }
 
-    /// Queues a webhook delivery (prepared by `jobs`) with every outcome this handle appends.
+    /// Queues a webhook delivery (prepared by `jobs`, see `crate::webhooks::job_preparer`) with
+    /// every outcome (final or correction) this handle appends, in the same atomic step.
     pub fn with_webhook_jobs(mut self, jobs: WebhookJobs) -> Self {
         self.webhook_jobs = Some(jobs);
         self

@@ -140,6 +140,8 @@ end
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
 -- not proven over the settle window.
+-- The delivery job learns its outcome's id here (cjson keeps the envelope's 13-digit ms
+-- timestamp exact: it prints 14 significant digits).
 local function queue_webhook(envelope, outcome_id)
   local job = cjson.decode(envelope)
   job.p.outcome = outcome_id
