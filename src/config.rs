@@ -678,6 +678,16 @@ mod tests {
             ),
             ("TARSPAY_CALLBACK_PATH", "notify", "TARSPAY_CALLBACK_PATH"),
             (
+                "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
+                "0",
+                "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
+            ),
+            (
+                "TARSPAY_WEBHOOK_RETRY_MAX_DELAY",
+                "0s",
+                "TARSPAY_WEBHOOK_RETRY_MAX_DELAY",
+            ),
+            (
                 "TARSPAY_WEBHOOK_URL",
                 "https://app.example/hook",
                 "TARSPAY_WEBHOOK_SECRET",
