@@ -723,7 +723,7 @@ async fn sandbox_callbacks_finalise_payouts_before_any_poll() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_posts_each_outcome_as_a_signed_webhook() {
+async fn outcomes_of_a_served_deployment_are_posted_as_signed_webhooks_by_workers() {
     use std::sync::{Arc, Mutex};
     type Seen = Arc<Mutex<Vec<(String, String, String, String)>>>;
     let seen: Seen = Arc::default();
@@ -767,9 +767,9 @@ async fn serve_posts_each_outcome_as_a_signed_webhook() {
     for i in 0..5 {
         s.app.enqueue(inr(&format!("WH-{i}"), "100")).await;
     }
+    // Deliveries are jobs the workers run (not `serve`).
     let pool = s.app.pool(4);
     s.app.wait_outcomes(5).await;
-    pool.stop().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while seen.lock().unwrap().len() < 5 {
         assert!(
@@ -778,6 +778,7 @@ async fn serve_posts_each_outcome_as_a_signed_webhook() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    pool.stop().await;
     use base64::Engine;
     use hmac::{KeyInit, Mac};
     let key = base64::engine::general_purpose::STANDARD
@@ -791,8 +792,9 @@ async fn serve_posts_each_outcome_as_a_signed_webhook() {
             base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
         );
         assert_eq!(signature, &expected, "independent HMAC check");
-        let outcome: Value = serde_json::from_str(body).unwrap();
-        assert_eq!(outcome["status"], "succeeded");
+        let message: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(message["type"], "payout.succeeded");
+        assert_eq!(message["data"]["status"], "succeeded");
         assert!(id.starts_with("msg_"));
     }
 }

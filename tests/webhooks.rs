@@ -1,6 +1,8 @@
-//! Outcome webhooks against a real redis-server and a real HTTP receiver on loopback: every
-//! outcome arrives, failures are retried with the same `webhook-id` until a 2xx, signatures
-//! verify with an independent HMAC implementation, and a deliverer that is stopped or crashes
+//! Outcome webhooks against a real redis-server and a real HTTP receiver on loopback. Deliveries
+//! are jobs of the `webhooks` queue, queued with each outcome and run by worker pools: every
+//! outcome arrives in Standard Webhooks' envelope, failures are retried with the same
+//! `webhook-id` until a 2xx or the retry bound (then dead, and retried from the CLI), signatures
+//! verify with an independent HMAC implementation, and a worker that is stopped or killed
 //! mid-way leaves nothing behind for the next one.
 
 mod common;
@@ -12,7 +14,7 @@ use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use common::app::{TestApp, inr, spawn_app};
+use common::app::{TestApp, inr, spawn_app, spawn_app_with};
 use common::eventually;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -22,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tarspay_worker::ledger::{FinalResult, NewOrder, OrderKind, Outcome, Phase};
 use tarspay_worker::secret::Secret;
-use tarspay_worker::webhooks::{WebhookError, WebhookOptions, WebhookSigner, run_with};
+use tarspay_worker::webhooks::WebhookSigner;
 use tokio::task::JoinHandle;
 
 /// `whsec_` + base64 of 24 random-looking bytes, as Standard Webhooks tools issue them.
@@ -76,7 +78,7 @@ async fn receive(
     let id = header("webhook-id");
     let mch_order_no = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["mchOrderNo"].as_str().map(str::to_owned))
+        .and_then(|v| v["data"]["mchOrderNo"].as_str().map(str::to_owned))
         .unwrap_or_default();
     let mut requests = state.requests.lock().unwrap();
     let earlier = requests.iter().filter(|r| r.id == id).count();
@@ -131,6 +133,14 @@ impl Receiver {
 
     fn requests(&self) -> Vec<Received> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// 2xx answers for this order.
+    fn delivered_to(&self, mch_order_no: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.mch_order_no == mch_order_no && r.status == 200)
+            .count()
     }
 
     fn set_fail_prefix(&self, prefix: Option<&str>) {
@@ -204,119 +214,79 @@ fn verifies_request(secret: &str, request: &Received) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deliverers and outcomes.
+// Apps with webhooks, outcomes and the webhook queue.
 
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    handle: JoinHandle<Result<(), WebhookError>>,
+/// An app whose settings send webhooks to `receiver`: every outcome its ledger appends gets a
+/// delivery job, and its worker pools deliver them. Retries are quick (at most 200 ms apart)
+/// and, unless `extra` says otherwise, practically unbounded.
+async fn app_with_webhooks(
+    receiver: &Receiver,
+    secret: &str,
+    appendonly: bool,
+    extra: &[(&str, &str)],
+) -> TestApp {
+    let mut env = vec![
+        ("TARSPAY_WEBHOOK_URL", receiver.url.as_str()),
+        ("TARSPAY_WEBHOOK_SECRET", secret),
+        ("TARSPAY_WEBHOOK_RETRY_MAX_DELAY", "200ms"),
+        ("TARSPAY_WEBHOOK_MAX_ATTEMPTS", "1000"),
+    ];
+    env.extend_from_slice(extra);
+    spawn_app_with(appendonly, |_| {}, &env).await
 }
 
-fn start(app: &TestApp, url: &str, secret: &str, options: WebhookOptions) -> Running {
-    let deployment = app.deployment.clone();
-    let url = url.to_owned();
-    let secret = Secret::new(secret);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        run_with(&deployment, &url, &secret, options, shutdown).await
-    });
-    Running { stop, handle }
-}
-
-impl Running {
-    /// Graceful stop; the hang guard is generous, not a speed assertion.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(60), self.handle)
-            .await
-            .expect("the deliverer stops")
-            .unwrap()
-            .unwrap();
-    }
-
-    /// A crash: the task is dropped where it stands, nothing is handed back.
-    async fn crash(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
+fn registration(id: &str) -> NewOrder<'_> {
+    NewOrder {
+        mch_order_no: id,
+        kind: OrderKind::Payout,
+        fingerprint: "f",
+        amount: "100.00",
+        currency: "INR",
+        request: "{}",
+        batch_id: Some("B-1"),
     }
 }
 
-/// Short timers; `claim_idle` decides how soon a dead consumer's outcomes are taken over.
-fn fast(claim_idle: Duration) -> WebhookOptions {
-    WebhookOptions {
-        max_in_flight: 4,
-        block: Duration::from_millis(200),
-        claim_idle,
-        claim_interval: Duration::from_millis(200),
-        retry_min_delay: Duration::from_millis(20),
-        retry_max_delay: Duration::from_millis(200),
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: claim_idle.min(Duration::from_secs(10)) / 2,
-        ..WebhookOptions::default()
+fn succeeded(id: &str) -> FinalResult {
+    FinalResult {
+        gateway_state: Some(2),
+        pay_order_id: Some(format!("P{id}")),
+        fee: Some("1.00".into()),
+        ..FinalResult::default()
     }
 }
 
 async fn finalize(app: &TestApp, id: &str) {
     let ledger = &app.deployment.ledger;
-    ledger
-        .register(&NewOrder {
-            mch_order_no: id,
-            kind: OrderKind::Payout,
-            fingerprint: "f",
-            amount: "100.00",
-            currency: "INR",
-            request: "{}",
-            batch_id: Some("B-1"),
-        })
-        .await
-        .unwrap();
-    let result = FinalResult {
-        gateway_state: Some(2),
-        pay_order_id: Some(format!("P{id}")),
-        fee: Some("1.00".into()),
-        ..FinalResult::default()
-    };
+    ledger.register(&registration(id)).await.unwrap();
+    let record = ledger.get(id).await.unwrap().unwrap();
     assert!(
         ledger
-            .finalize(
-                &ledger.get(id).await.unwrap().unwrap(),
-                Phase::Succeeded,
-                &result,
-            )
+            .finalize(&record, Phase::Succeeded, &succeeded(id))
             .await
             .unwrap()
     );
 }
 
-/// Every outcome in the stream: webhook-id → outcome.
+/// Every outcome in the stream: webhook-id → outcome. (Read again until a connection that
+/// saw a Redis restart has reconnected.)
 async fn stream(app: &TestApp) -> BTreeMap<String, Outcome> {
-    app.deployment
-        .ledger
-        .outcomes_after("0", 10_000)
-        .await
-        .unwrap()
-        .into_iter()
+    let page = eventually("outcomes read", || async {
+        app.deployment.ledger.outcomes_after("0", 10_000).await.ok()
+    })
+    .await;
+    page.into_iter()
         .map(|(id, outcome)| (format!("msg_{id}"), outcome))
         .collect()
 }
 
-/// Entries of the `webhooks` group not acknowledged yet.
-async fn pending(app: &TestApp) -> u64 {
-    let reply: redis::Value = redis::cmd("XPENDING")
-        .arg(app.deployment.ledger.keys().outcomes())
-        .arg("webhooks")
-        .query_async(&mut app.redis.conn().await)
-        .await
-        .unwrap();
-    match reply {
-        redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n as u64,
-            other => panic!("XPENDING count: {other:?}"),
-        },
-        other => panic!("XPENDING: {other:?}"),
-    }
+/// Delivery jobs not settled yet (waiting, running or waiting for a retry).
+async fn undelivered(app: &TestApp) -> u64 {
+    let stats = eventually("webhook queue stats read", || async {
+        app.deployment.webhooks.stats().await.ok()
+    })
+    .await;
+    stats.depth() + stats.delayed
 }
 
 async fn wait_all_delivered(app: &TestApp, receiver: &Receiver) {
@@ -325,6 +295,10 @@ async fn wait_all_delivered(app: &TestApp, receiver: &Receiver) {
         let delivered: BTreeSet<String> = receiver.delivered().into_keys().collect();
         let done = expected.is_subset(&delivered);
         async move { done.then_some(()) }
+    })
+    .await;
+    eventually("every delivery job settled", || async {
+        (undelivered(app).await == 0).then_some(())
     })
     .await;
 }
@@ -336,33 +310,43 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+/// The Standard Webhooks envelope as a receiver reads it.
+#[derive(Debug, serde::Deserialize)]
+struct Message {
+    #[serde(rename = "type")]
+    event: String,
+    timestamp: String,
+    data: Outcome,
+}
+
+fn run(command: &mut std::process::Command) -> (i32, String, String) {
+    let output = command.env("RUST_LOG", "warn").output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_is_delivered_signed_and_retried_with_the_same_id_until_2xx() {
-    let app = spawn_app(false, |_| {}).await;
     // Five requests fail whatever they carry, and every webhook-id fails its first two tries.
     let receiver = Receiver::start(5, 2, None).await;
-
-    // Outcomes written before the deliverer ever ran are delivered too …
-    for i in 0..5 {
-        app.enqueue(inr(&format!("EARLY-{i}"), "150.50")).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    assert_eq!(
+        app.deployment.webhooks.keys(),
+        &app.deployment.ledger.keys().webhooks(),
+        "the ledger queues where the workers read"
+    );
+    for i in 0..10 {
+        app.enqueue(inr(&format!("PAY-{i}"), "150.50")).await;
     }
     let pool = app.pool(4);
-    app.wait_outcomes(5).await;
-    let deliverer = start(&app, &receiver.url, WHSEC, fast(Duration::from_secs(600)));
-    // … and so are those written while it runs.
-    for i in 0..5 {
-        app.enqueue(inr(&format!("LATE-{i}"), "250")).await;
-    }
     app.wait_outcomes(10).await;
-    pool.stop().await;
     wait_all_delivered(&app, &receiver).await;
-    eventually("all acknowledged", || async {
-        (pending(&app).await == 0).then_some(())
-    })
-    .await;
-    deliverer.stop().await;
+    pool.stop().await;
 
     let outcomes = stream(&app).await;
     assert_eq!(outcomes.len(), 10);
@@ -382,11 +366,16 @@ async fn every_outcome_is_delivered_signed_and_retried_with_the_same_id_until_2x
         assert!(verifies_request(WHSEC, request), "{request:?}");
         let timestamp: i64 = request.timestamp.parse().unwrap();
         assert!((timestamp - unix_now()).abs() < 3600, "Unix seconds");
-        // The body is the stream's outcome, camelCase, on every attempt.
-        let body: Outcome = serde_json::from_slice(&request.body).unwrap();
-        assert_eq!(&body, &outcomes[&request.id]);
+        // The body is Standard Webhooks' envelope around the stream's outcome.
+        let message: Message = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(message.event, "payout.succeeded");
+        assert_eq!(&message.data, &outcomes[&request.id]);
+        assert_eq!(
+            message.timestamp, message.data.at,
+            "RFC 3339, when recorded"
+        );
         let json: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-        assert!(json.get("mchOrderNo").is_some() && json.get("payOrderId").is_some());
+        assert_eq!(json["data"]["amount"], "150.50", "money stays text");
     }
     // Retried until 2xx, the same webhook-id and body on every retry.
     for (id, outcome) in &outcomes {
@@ -404,14 +393,14 @@ async fn every_outcome_is_delivered_signed_and_retried_with_the_same_id_until_2x
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_verify_independently_and_tampering_does_not() {
-    let app = spawn_app(false, |_| {}).await;
     let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, PLAIN, false, &[]).await;
     for id in ["SIG-1", "SIG-2", "SIG-3"] {
         finalize(&app, id).await;
     }
-    let deliverer = start(&app, &receiver.url, PLAIN, fast(Duration::from_secs(600)));
+    let pool = app.pool(2);
     wait_all_delivered(&app, &receiver).await;
-    deliverer.stop().await;
+    pool.stop().await;
 
     let library = WebhookSigner::new(&Secret::new(PLAIN)).unwrap();
     let requests = receiver.requests();
@@ -470,51 +459,36 @@ async fn signatures_verify_independently_and_tampering_does_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_deliverer_hands_back_what_it_had_not_delivered() {
-    let app = spawn_app(false, |_| {}).await;
+async fn a_stopped_pool_leaves_undelivered_outcomes_to_the_next() {
     // HELD-* outcomes are refused until the receiver "recovers".
     let receiver = Receiver::start(0, 0, Some("HELD")).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     for i in 0..5 {
         finalize(&app, &format!("OK-{i}")).await;
         finalize(&app, &format!("HELD-{i}")).await;
     }
-    // A long claim_idle: the next deliverer can only get the held outcomes at once because
-    // the first one hands them back on shutdown.
-    let options = WebhookOptions {
-        max_in_flight: 8,
-        ..fast(Duration::from_secs(600))
-    };
-    let first = start(&app, &receiver.url, WHSEC, options.clone());
+    let first = app.pool(2);
     eventually("OK delivered, HELD retried", || {
         let ok = (0..5).all(|i| receiver.attempts_of(&format!("OK-{i}")) == 1);
         let retried = (0..5).all(|i| receiver.attempts_of(&format!("HELD-{i}")) >= 2);
-        let app = &app;
-        async move { (ok && retried && pending(app).await == 5).then_some(()) }
+        async move { (ok && retried).then_some(()) }
     })
     .await;
     first.stop().await;
-    assert_eq!(
-        pending(&app).await,
-        5,
-        "the held outcomes stay unacknowledged"
-    );
+    assert_eq!(undelivered(&app).await, 5, "the held outcomes stay queued");
 
-    // Written while no deliverer runs: never skipped.
+    // Written while no worker runs: queued all the same.
     for i in 0..3 {
         finalize(&app, &format!("GAP-{i}")).await;
     }
     receiver.set_fail_prefix(None);
-    let second = start(&app, &receiver.url, WHSEC, options);
+    let second = app.pool(2);
     wait_all_delivered(&app, &receiver).await;
-    eventually("all acknowledged", || async {
-        (pending(&app).await == 0).then_some(())
-    })
-    .await;
     second.stop().await;
 
     let delivered = receiver.delivered();
     assert_eq!(delivered.len(), 13);
-    // Acknowledged outcomes were not sent again by the second deliverer.
+    // Delivered outcomes were not sent again by the second pool.
     for i in 0..5 {
         assert_eq!(receiver.attempts_of(&format!("OK-{i}")), 1);
     }
@@ -528,99 +502,84 @@ async fn a_stopped_deliverer_hands_back_what_it_had_not_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_deliverers_outcomes_are_taken_over() {
-    let app = spawn_app(false, |_| {}).await;
+async fn a_killed_workers_deliveries_are_taken_over() {
     let receiver = Receiver::start(0, 0, Some("")).await; // down for everything
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     for i in 0..6 {
         finalize(&app, &format!("C-{i}")).await;
     }
-    // At most four in flight: four outcomes are taken and retried, two wait unread.
-    let options = fast(Duration::from_secs(3));
-    assert_eq!(options.max_in_flight, 4);
-    let doomed = start(&app, &receiver.url, WHSEC, options.clone());
-    eventually("four outcomes retried", || {
-        let tried = receiver
-            .ids_by_order()
-            .keys()
-            .filter(|order| receiver.attempts_of(order) >= 2)
+    let mut doomed = app.worker_process(2);
+    eventually("every outcome tried twice", || {
+        let tried = (0..6)
+            .filter(|i| receiver.attempts_of(&format!("C-{i}")) >= 2)
             .count();
-        async move { (tried >= 4).then_some(()) }
+        async move { (tried == 6).then_some(()) }
     })
     .await;
-    doomed.crash().await;
-    assert_eq!(
-        receiver.ids_by_order().len(),
-        4,
-        "never more than four at once"
-    );
-    assert_eq!(pending(&app).await, 4, "the dead consumer holds them");
+    doomed.kill();
     for i in 6..8 {
         finalize(&app, &format!("C-{i}")).await;
     }
 
     receiver.set_fail_prefix(None);
-    let rescuer = start(&app, &receiver.url, WHSEC, options);
+    let rescuer = app.pool(2);
     wait_all_delivered(&app, &receiver).await;
-    eventually("all acknowledged", || async {
-        (pending(&app).await == 0).then_some(())
-    })
-    .await;
     rescuer.stop().await;
 
     let delivered = receiver.delivered();
     assert_eq!(delivered.len(), 8);
+    assert!(delivered.values().all(|&n| n == 1), "{delivered:?}");
     for (order, ids) in receiver.ids_by_order() {
         assert_eq!(ids.len(), 1, "{order} was sent under {ids:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_settings_are_refused_without_echoing_them() {
+async fn malformed_webhook_settings_stop_worker_and_serve_at_start_naming_the_setting() {
     let app = spawn_app(false, |_| {}).await;
-    let options = fast(Duration::from_secs(600));
-    let never = std::future::pending::<()>;
-    let bad_secret = run_with(
-        &app.deployment,
-        "http://127.0.0.1:9/",
-        &Secret::new("whsec_%%%hunter2%%%"),
-        options.clone(),
-        never(),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(bad_secret, WebhookError::Secret(_)));
-    assert!(!bad_secret.to_string().contains("hunter2"));
-    for url in ["ftp://example.com/", "not a url", "http://user:hunter2@/"] {
-        let err = run_with(
-            &app.deployment,
-            url,
-            &Secret::new(PLAIN),
-            options.clone(),
-            never(),
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, WebhookError::Url), "{url}: {err}");
-        assert!(!err.to_string().contains("hunter2"));
+    let cases = [
+        (
+            "http://127.0.0.1:9/hook",
+            "whsec_%%%hunter2%%%",
+            "TARSPAY_WEBHOOK_SECRET",
+        ),
+        ("ftp://hunter2.example/", "plain", "TARSPAY_WEBHOOK_URL"),
+        ("http://user:hunter2@/", "plain", "TARSPAY_WEBHOOK_URL"),
+    ];
+    for (url, secret, named) in cases {
+        for args in [&["worker"][..], &["serve"][..]] {
+            let mut command = app.command();
+            command
+                .env("TARSPAY_WEBHOOK_URL", url)
+                .env("TARSPAY_WEBHOOK_SECRET", secret)
+                .env("TARSPAY_API_AUTH_DISABLED", "true")
+                .env("TARSPAY_LISTEN", "127.0.0.1:0")
+                .args(args);
+            let (code, out, err) = run(&mut command);
+            assert_ne!(code, 0, "{args:?} {url}: started anyway: {out}{err}");
+            assert!(err.contains(named), "{args:?} {url}: {err}");
+            assert!(!err.contains("hunter2"), "{args:?} {url}: {err}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_does_not_end_delivery() {
-    let mut app = spawn_app(true, |_| {}).await; // append-only: the stream and group survive
     let receiver = Receiver::start(0, 0, Some("HELD")).await;
+    // Append-only: the queue's stream and group survive.
+    let mut app = app_with_webhooks(&receiver, WHSEC, true, &[]).await;
     for i in 0..3 {
         finalize(&app, &format!("BEFORE-{i}")).await;
     }
     finalize(&app, "HELD-1").await;
-    let deliverer = start(&app, &receiver.url, WHSEC, fast(Duration::from_secs(600)));
+    let pool = app.pool(2);
     eventually("first outcomes delivered", || {
         let done = receiver.delivered().len() == 3 && receiver.attempts_of("HELD-1") >= 2;
         async move { done.then_some(()) }
     })
     .await;
 
-    // Down for a while (the blocking read, renewals and retries all see errors), then back.
+    // Down for a while (fetches, renewals and settlements all see errors), then back.
     app.redis.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     app.redis.restart();
@@ -631,19 +590,7 @@ async fn a_redis_restart_does_not_end_delivery() {
         eventually("ledger reachable again", || {
             let (app, id) = (&app, id.clone());
             async move {
-                let registered = app
-                    .deployment
-                    .ledger
-                    .register(&NewOrder {
-                        mch_order_no: &id,
-                        kind: OrderKind::Payout,
-                        fingerprint: "f",
-                        amount: "100.00",
-                        currency: "INR",
-                        request: "{}",
-                        batch_id: None,
-                    })
-                    .await;
+                let registered = app.deployment.ledger.register(&registration(&id)).await;
                 registered.ok()
             }
         })
@@ -662,11 +609,7 @@ async fn a_redis_restart_does_not_end_delivery() {
         .await;
     }
     wait_all_delivered(&app, &receiver).await;
-    eventually("all acknowledged", || async {
-        (pending(&app).await == 0).then_some(())
-    })
-    .await;
-    deliverer.stop().await;
+    pool.stop().await;
     assert_eq!(stream(&app).await.len(), 7);
     for (order, ids) in receiver.ids_by_order() {
         assert_eq!(ids.len(), 1, "{order} was sent under {ids:?}");
@@ -674,20 +617,15 @@ async fn a_redis_restart_does_not_end_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_deliverers_share_the_stream_without_doubling() {
-    let app = spawn_app(false, |_| {}).await;
+async fn two_pools_share_the_deliveries_without_doubling() {
     let receiver = Receiver::start(6, 0, None).await;
-    let options = fast(Duration::from_secs(600));
-    let one = start(&app, &receiver.url, WHSEC, options.clone());
-    let two = start(&app, &receiver.url, WHSEC, options);
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    let one = app.pool(2);
+    let two = app.pool(2);
     for i in 0..30 {
         finalize(&app, &format!("PAIR-{i}")).await;
     }
     wait_all_delivered(&app, &receiver).await;
-    eventually("all acknowledged", || async {
-        (pending(&app).await == 0).then_some(())
-    })
-    .await;
     one.stop().await;
     two.stop().await;
     let delivered = receiver.delivered();
@@ -696,4 +634,241 @@ async fn two_deliverers_share_the_stream_without_doubling() {
         delivered.values().all(|&n| n == 1),
         "each outcome answered 2xx once: {delivered:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_always_fails_sends_deliveries_to_the_dead_stream_and_the_cli_retries_them()
+{
+    let receiver = Receiver::start(0, 0, Some("")).await; // 503 for everything
+    let app = app_with_webhooks(
+        &receiver,
+        WHSEC,
+        false,
+        &[("TARSPAY_WEBHOOK_MAX_ATTEMPTS", "3")],
+    )
+    .await;
+    finalize(&app, "DEAD-1").await;
+    finalize(&app, "DEAD-2").await;
+    let pool = app.pool(2);
+    eventually("both deliveries dead", || async {
+        (app.deployment.webhooks.dead_count().await.unwrap() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.attempts_of("DEAD-1"), 3, "the retry bound");
+    assert_eq!(receiver.attempts_of("DEAD-2"), 3, "the retry bound");
+    assert_eq!(receiver.delivered().len(), 0);
+    assert_eq!(undelivered(&app).await, 0, "nothing left to retry");
+    // The payout queue's dead stream is not where they went.
+    assert_eq!(app.deployment.queue.dead_count().await.unwrap(), 0);
+
+    let (code, out, err) = run(app.command().arg("queue"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("webhooks dead     2"), "{out}");
+    let (code, out, err) = run(app.command().args(["dead", "list", "--queue", "webhooks"]));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines.iter().all(|l| l.contains("attempts=3")), "{out}");
+    assert!(lines.iter().all(|l| l.contains("HTTP 503")), "{out}");
+    let (_, payouts_dead, _) = run(app.command().args(["dead", "list"]));
+    assert!(payouts_dead.trim().is_empty(), "{payouts_dead}");
+
+    // The receiver is fixed; one delivery is retried by hand and delivered exactly once.
+    receiver.set_fail_prefix(None);
+    let first_id = receiver
+        .ids_by_order()
+        .remove("DEAD-1")
+        .and_then(|ids| ids.into_iter().next())
+        .unwrap();
+    let outcome_id = first_id.trim_start_matches("msg_");
+    let dead_id = lines
+        .iter()
+        .find(|l| l.contains(outcome_id))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (code, _, err) = run(app
+        .command()
+        .args(["dead", "retry", "--queue", "webhooks", "0-1"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("no dead job 0-1"), "{err}");
+    let (code, out, err) = run(app
+        .command()
+        .args(["dead", "retry", "--queue", "webhooks", &dead_id]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requeued"), "{out}");
+    eventually("the retried delivery arrives", || {
+        let done = receiver.delivered_to("DEAD-1") == 1;
+        async move { done.then_some(()) }
+    })
+    .await;
+    eventually("settled", || async {
+        (undelivered(&app).await == 0).then_some(())
+    })
+    .await;
+    pool.stop().await;
+    assert_eq!(receiver.delivered_to("DEAD-1"), 1, "exactly once");
+    assert_eq!(receiver.delivered_to("DEAD-2"), 0, "still dead");
+    assert_eq!(app.deployment.webhooks.dead_count().await.unwrap(), 1);
+    let ids = receiver.ids_by_order();
+    assert_eq!(
+        ids["DEAD-1"].len(),
+        1,
+        "the same webhook-id after the dead retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_is_delivered_with_a_type_of_its_own() {
+    let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    finalize(&app, "CORR-1").await;
+    let ledger = &app.deployment.ledger;
+    let record = ledger.get("CORR-1").await.unwrap().unwrap();
+    ledger
+        .apply_gateway_final(&record, Phase::Refunded, &succeeded("CORR-1"))
+        .await
+        .unwrap();
+    let pool = app.pool(2);
+    wait_all_delivered(&app, &receiver).await;
+    pool.stop().await;
+    let mut messages: Vec<Message> = receiver
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    messages.sort_by_key(|m| m.data.is_correction());
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0].event, "payout.succeeded");
+    assert_eq!(messages[1].event, "payout.corrected");
+    assert_eq!(messages[1].data.status, "refunded");
+    assert_eq!(
+        messages[1].data.previous_status.as_deref(),
+        Some("succeeded")
+    );
+    assert_eq!(
+        receiver.delivered().len(),
+        2,
+        "two outcomes, two webhook-ids"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_gone_from_the_stream_is_a_dead_delivery_not_a_retry_loop() {
+    let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    finalize(&app, "GONE-1").await;
+    let (entry, _) = app
+        .deployment
+        .ledger
+        .outcomes_after("0", 10)
+        .await
+        .unwrap()
+        .remove(0);
+    let _: u64 = redis::cmd("XDEL")
+        .arg(app.deployment.ledger.keys().outcomes())
+        .arg(&entry)
+        .query_async(&mut app.redis.conn().await)
+        .await
+        .unwrap();
+    let pool = app.pool(1);
+    eventually("dead", || async {
+        (app.deployment.webhooks.dead_count().await.unwrap() == 1).then_some(())
+    })
+    .await;
+    pool.stop().await;
+    let dead = app.deployment.webhooks.list_dead(None, 10).await.unwrap();
+    assert!(
+        dead[0].reason.contains("no longer in the outcome stream"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0].attempts, Some(1), "given up at once");
+    assert!(receiver.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_and_its_delivery_are_written_together_or_not_at_all() {
+    let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    let ledger = &app.deployment.ledger;
+    ledger.register(&registration("ATOM-1")).await.unwrap();
+    let record = ledger.get("ATOM-1").await.unwrap().unwrap();
+    // The delivery cannot be written (its stream key holds a string): nothing is.
+    let webhook_stream = app.deployment.webhooks.keys().stream.clone();
+    let mut conn = app.redis.conn().await;
+    let _: () = redis::cmd("RENAME")
+        .arg(&webhook_stream)
+        .arg("parked")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&webhook_stream)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let refused = ledger
+        .finalize(&record, Phase::Succeeded, &succeeded("ATOM-1"))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        ledger.outcome_count().await.unwrap(),
+        0,
+        "no outcome without its delivery"
+    );
+    let record = ledger.get("ATOM-1").await.unwrap().unwrap();
+    assert!(!record.phase.is_final(), "{:?}", record.phase);
+
+    // Repaired: the same finalize now writes both.
+    let _: () = redis::cmd("RENAME")
+        .arg("parked")
+        .arg(&webhook_stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ledger
+            .finalize(&record, Phase::Succeeded, &succeeded("ATOM-1"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(undelivered(&app).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_appended_while_webhooks_are_off_get_no_delivery() {
+    let app = spawn_app(false, |_| {}).await;
+    finalize(&app, "OFF-1").await;
+    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(undelivered(&app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_deliveries_pause_and_resume_on_their_own_from_the_cli() {
+    let receiver = Receiver::start(0, 0, None).await;
+    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
+    let (code, _, err) = run(app.command().args(["pause", "--queue", "webhooks"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(app.deployment.webhooks.is_paused().await.unwrap());
+    assert!(
+        !app.deployment.queue.is_paused().await.unwrap(),
+        "payouts go on"
+    );
+    let (_, out, _) = run(app.command().arg("queue"));
+    assert!(out.contains("webhooks paused   true"), "{out}");
+
+    finalize(&app, "PAUSED-1").await;
+    let pool = app.pool(2);
+    // Past several pause checks (every 500 ms): nothing was sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(receiver.requests().is_empty());
+    assert_eq!(undelivered(&app).await, 1);
+
+    let (code, _, err) = run(app.command().args(["resume", "--queue", "webhooks"]));
+    assert_eq!(code, 0, "{err}");
+    wait_all_delivered(&app, &receiver).await;
+    pool.stop().await;
+    assert_eq!(receiver.delivered_to("PAUSED-1"), 1);
 }

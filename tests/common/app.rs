@@ -270,7 +270,7 @@ impl Drop for WorkerProcess {
 impl TestApp {
     /// The `tarspay-worker` binary with exactly this app's TARSPAY_* settings (none of the
     /// caller's own).
-    fn command(&self) -> Command {
+    pub fn command(&self) -> Command {
         let mut command = Command::new(BIN);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("TARSPAY_") {

@@ -122,6 +122,12 @@ pub struct Settings {
     pub webhook_url: Option<String>,
     #[serde(default)]
     pub webhook_secret: Option<Secret>,
+    /// Attempts of one webhook delivery before it goes to the webhook queue's dead stream.
+    #[serde(deserialize_with = "lenient_u64")]
+    pub webhook_max_attempts: u64,
+    /// Cap of the webhook retries' backoff (exponential from 1 s, full jitter).
+    #[serde(deserialize_with = "duration")]
+    pub webhook_retry_max_delay: Duration,
     pub gateway: GatewayTuning,
     #[serde(default)]
     pub codes: BTreeMap<String, ErrorClass>,
@@ -323,6 +329,7 @@ impl Settings {
             ("orphan_timeout", self.orphan_timeout),
             ("header_read_timeout", self.header_read_timeout),
             ("body_read_timeout", self.body_read_timeout),
+            ("webhook_retry_max_delay", self.webhook_retry_max_delay),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
@@ -341,6 +348,12 @@ impl Settings {
             return Err(invalid(
                 "orphan_timeout",
                 "must be longer than gateway.request_timeout, or live jobs would be taken over",
+            ));
+        }
+        if self.webhook_max_attempts == 0 || self.webhook_max_attempts > 1000 {
+            return Err(invalid(
+                "webhook_max_attempts",
+                "must be between 1 and 1000",
             ));
         }
         if self.guard_auth_failures == 0 {
@@ -672,6 +685,16 @@ mod tests {
                 "TARSPAY_API_AUTH_DISABLED",
             ),
             ("TARSPAY_CALLBACK_PATH", "notify", "TARSPAY_CALLBACK_PATH"),
+            (
+                "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
+                "0",
+                "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
+            ),
+            (
+                "TARSPAY_WEBHOOK_RETRY_MAX_DELAY",
+                "0s",
+                "TARSPAY_WEBHOOK_RETRY_MAX_DELAY",
+            ),
             (
                 "TARSPAY_WEBHOOK_URL",
                 "https://app.example/hook",

@@ -1,6 +1,7 @@
 //! The payout worker pool: an apalis worker on the payout queue whose handler runs the
 //! create-payout and poll-status jobs and turns their [`Step`] into the queue's language
-//! (acknowledge, or retry after a delay; an accepted order's poll job is queued by the ledger).
+//! (acknowledge, or retry after a delay; an accepted order's poll job is queued by the ledger),
+//! and, when webhooks are configured, a second apalis worker on the webhook queue.
 
 use crate::config::{ConfigError, Settings};
 use crate::gateway::TarsPayClient;
@@ -9,9 +10,10 @@ use crate::jobs::{
     JobContext, JobError, PayoutJob, PollPolicy, RetryPolicy, Step, SystemicGuard,
     run_create_payout, run_poll_status,
 };
-use crate::ledger::{Ledger, LedgerKeys};
+use crate::ledger::{Ledger, LedgerKeys, WEBHOOK_QUEUE};
 use crate::producer::Producer;
 use crate::queue::{QueueConfig, QueueError, RedisQueue};
+use crate::webhooks::{DeliverWebhook, Deliverer, WebhookError, WebhookSettings};
 use apalis::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +21,8 @@ use tracing::Instrument;
 
 /// The queue every payout job goes through.
 pub const PAYOUT_QUEUE: &str = "payouts";
+/// Webhook deliveries in flight at once per worker process.
+const WEBHOOK_CONCURRENCY: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -30,6 +34,8 @@ pub enum WorkerError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Redis(#[from] crate::redis_safety::RedisSafetyError),
+    #[error(transparent)]
+    Webhooks(#[from] WebhookError),
     #[error("worker stopped: {0}")]
     Runtime(String),
 }
@@ -41,22 +47,50 @@ pub fn queue_config(settings: &Settings) -> QueueConfig {
         .with_orphan_timeout(settings.orphan_timeout)
 }
 
-/// Connected handles on one deployment's Redis: the payout queue and the ledger.
+/// The webhook queue's settings: nested in the payout queue's partition, where the ledger
+/// queues deliveries; retries bounded by the webhook settings.
+pub fn webhook_queue_config(settings: &Settings) -> QueueConfig {
+    let mut config = QueueConfig::new(WEBHOOK_QUEUE)
+        .with_prefix(&settings.queue_prefix)
+        .within(PAYOUT_QUEUE)
+        .with_orphan_timeout(settings.orphan_timeout);
+    config.max_attempts = u32::try_from(settings.webhook_max_attempts).unwrap_or(u32::MAX);
+    config.retry_max = settings.webhook_retry_max_delay;
+    config.retry_base = config.retry_base.min(config.retry_max);
+    config
+}
+
+/// Connected handles on one deployment's Redis: the payout queue, the ledger and the webhook
+/// queue.
 #[derive(Clone)]
 pub struct Deployment {
     pub queue: RedisQueue<PayoutJob>,
     pub ledger: Ledger,
+    pub webhooks: RedisQueue<DeliverWebhook>,
 }
 
 impl Deployment {
+    /// Refuses malformed webhook settings before connecting. With webhooks configured, every
+    /// outcome this deployment's ledger appends gets its delivery job in the same step.
     pub async fn connect(settings: &Settings) -> Result<Self, WorkerError> {
+        let webhook_settings = WebhookSettings::from_settings(settings)?;
         let queue = RedisQueue::connect(&settings.redis_url, queue_config(settings)).await?;
+        let webhooks =
+            RedisQueue::from_client(queue.client().clone(), webhook_queue_config(settings)).await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
         let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.queue_prefix);
         let keys = LedgerKeys::new(&tag, queue.keys());
-        let ledger =
+        debug_assert_eq!(&keys.webhooks(), webhooks.keys());
+        let mut ledger =
             Ledger::new(queue.connection(), keys).with_outcome_max_len(settings.outcome_max_len);
-        Ok(Self { queue, ledger })
+        if webhook_settings.is_some() {
+            ledger = ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone()));
+        }
+        Ok(Self {
+            queue,
+            ledger,
+            webhooks,
+        })
     }
 
     pub fn producer(&self, settings: &Settings) -> Result<Producer, ConfigError> {
@@ -179,10 +213,36 @@ pub async fn run(
         .data(shared)
         .concurrency(concurrency)
         .build(handle);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = stop_rx.await;
+    let deliveries = match WebhookSettings::from_settings(settings)? {
+        Some(webhooks) => {
+            tracing::info!(host = %webhooks.host(), "webhook worker starting");
+            let deliverer = Deliverer::new(
+                webhooks,
+                &deployment.ledger,
+                deployment.webhooks.connection(),
+            )?;
+            Some(
+                WorkerBuilder::new(WEBHOOK_QUEUE)
+                    .backend(deployment.webhooks.clone())
+                    .data(Arc::new(deliverer))
+                    .concurrency(WEBHOOK_CONCURRENCY)
+                    .build(crate::webhooks::handle),
+            )
+        }
+        None => None,
+    };
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let stopped = |token: tokio_util::sync::CancellationToken| async move {
+        token.cancelled().await;
         Ok::<(), std::io::Error>(())
+    };
+    let payouts = worker.run_until(stopped(stop_workers.clone()));
+    let webhooks_stop = stopped(stop_workers.clone());
+    let webhooks = async {
+        match deliveries {
+            Some(worker) => worker.run_until(webhooks_stop).await,
+            None => Ok(()),
+        }
     };
     // The lifeline sweeps for orders without work (one worker at a time, see `audit`).
     let lifeline_stop = tokio_util::sync::CancellationToken::new();
@@ -197,12 +257,14 @@ pub async fn run(
         shutdown.await;
         lifeline_stop.cancel();
         tracing::info!("shutting down: no new jobs, waiting for in-flight ones");
-        let _ = stop_tx.send(());
+        stop_workers.cancel();
         tokio::time::sleep(grace).await;
     };
     let _lifeline_task = AbortOnDrop(lifeline_task);
     tokio::select! {
-        result = worker.run_until(stop) => result.map_err(|err| WorkerError::Runtime(err.to_string())),
+        result = async { tokio::try_join!(payouts, webhooks) } => result
+            .map(|_| ())
+            .map_err(|err| WorkerError::Runtime(err.to_string())),
         _ = deadline => {
             tracing::warn!(grace_s = grace.as_secs(), "grace period over; unfinished jobs are left to other workers");
             Ok(())

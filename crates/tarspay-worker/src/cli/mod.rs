@@ -46,12 +46,12 @@ pub enum Command {
     Status(payouts::StatusArgs),
     /// Print outcomes from the start of the outcome stream.
     Outcomes(payouts::OutcomesArgs),
-    /// Show the payout queue's numbers (waiting, pending, delayed, dead, workers).
+    /// Show the payout and webhook queues' numbers (waiting, pending, delayed, dead, workers).
     Queue,
-    /// Stop every worker from sending creates.
-    Pause,
+    /// Stop every worker from sending creates (`--queue webhooks`: from delivering webhooks).
+    Pause(payouts::QueueArgs),
     /// Let workers continue after a pause (an operator's or the systemic guard's).
-    Resume,
+    Resume(payouts::QueueArgs),
     /// Serve the callback receiver and the HTTP API (TARSPAY_LISTEN).
     Serve,
     /// Pay a payroll CSV as one batch and follow it to the end.
@@ -84,8 +84,8 @@ pub async fn run_command(settings: &Settings, command: Command) -> Result<ExitCo
         Command::FollowDeposit(args) => payouts::follow_deposit(settings, args).await,
         Command::Outcomes(args) => payouts::outcomes(settings, args).await,
         Command::Queue => payouts::queue_stats(settings).await,
-        Command::Pause => payouts::pause(settings, true).await,
-        Command::Resume => payouts::pause(settings, false).await,
+        Command::Pause(args) => payouts::pause(settings, true, args).await,
+        Command::Resume(args) => payouts::pause(settings, false, args).await,
         Command::Dead(command) => payouts::dead(settings, command).await,
         Command::Audit(args) => audit::run(settings, args).await,
         Command::Serve => serve::run(settings).await,

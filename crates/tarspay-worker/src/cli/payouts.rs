@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use crate::strict_json::StrictJsonError;
+use crate::queue::{QueueStats, RedisQueue};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -68,9 +69,32 @@ pub struct FollowDepositArgs {
 #[derive(Subcommand)]
 pub enum DeadCommand {
     /// List jobs that were given up (oldest first).
-    List,
+    List {
+        #[arg(long, value_enum, default_value_t = QueueName::Payouts)]
+        queue: QueueName,
+    },
     /// Put a dead job back on the queue.
-    Retry { id: String },
+    Retry {
+        id: String,
+        #[arg(long, value_enum, default_value_t = QueueName::Payouts)]
+        queue: QueueName,
+    },
+}
+
+#[derive(Args)]
+pub struct QueueArgs {
+    /// The queue to pause or resume.
+    #[arg(long, value_enum, default_value_t = QueueName::Payouts)]
+    queue: QueueName,
+}
+
+/// Which queue a `pause`, `resume` or `dead` command works on.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum QueueName {
+    /// Create-payout and poll-status jobs.
+    Payouts,
+    /// Outcome webhook deliveries.
+    Webhooks,
 }
 
 pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCode> {
@@ -297,63 +321,88 @@ pub async fn outcomes(settings: &Settings, args: OutcomesArgs) -> Result<ExitCod
 
 pub async fn queue_stats(settings: &Settings) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    let stats = deployment.queue.stats().await?;
-    println!("waiting  {}", stats.waiting);
-    println!("pending  {}", stats.pending);
-    println!("delayed  {}", stats.delayed);
-    println!("dead     {}", stats.dead);
-    println!(
-        "oldest   {}",
-        stats
-            .oldest_job_age
-            .map(|a| format!("{}s", a.as_secs()))
-            .unwrap_or_else(|| "-".into())
-    );
-    println!("workers  {}", stats.workers_alive);
-    println!("paused   {}", stats.paused);
+    print_stats("", &deployment.queue.stats().await?);
+    println!();
+    print_stats("webhooks ", &deployment.webhooks.stats().await?);
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn pause(settings: &Settings, paused: bool) -> Result<ExitCode> {
+fn print_stats(label: &str, stats: &QueueStats) {
+    let oldest = stats
+        .oldest_job_age
+        .map(|a| format!("{}s", a.as_secs()))
+        .unwrap_or_else(|| "-".into());
+    let lines = [
+        ("waiting", stats.waiting.to_string()),
+        ("pending", stats.pending.to_string()),
+        ("delayed", stats.delayed.to_string()),
+        ("dead", stats.dead.to_string()),
+        ("oldest", oldest),
+        ("workers", stats.workers_alive.to_string()),
+        ("paused", stats.paused.to_string()),
+    ];
+    for (name, value) in lines {
+        println!("{label}{name:<8} {value}");
+    }
+}
+
+pub async fn pause(settings: &Settings, paused: bool, args: QueueArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    if paused {
-        deployment.queue.pause().await?;
-        println!("paused: workers stop fetching within a second; running jobs finish");
-    } else {
-        deployment.queue.resume().await?;
-        println!("resumed");
+    match args.queue {
+        QueueName::Payouts => set_paused(&deployment.queue, paused).await?,
+        QueueName::Webhooks => set_paused(&deployment.webhooks, paused).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn set_paused<T>(queue: &RedisQueue<T>, paused: bool) -> Result<()> {
+    if paused {
+        queue.pause().await?;
+        println!("paused: workers stop fetching within a second; running jobs finish");
+    } else {
+        queue.resume().await?;
+        println!("resumed");
+    }
+    Ok(())
 }
 
 pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
     match command {
-        DeadCommand::List => {
-            let mut after: Option<String> = None;
-            loop {
-                let page = deployment.queue.list_dead(after.as_deref(), 200).await?;
-                for job in &page {
-                    println!(
-                        "{} attempts={} reason={} job={}",
-                        job.dead_id,
-                        job.attempts.unwrap_or(0),
-                        job.reason,
-                        job.payload
-                    );
-                }
-                match page.last() {
-                    Some(job) => after = Some(job.dead_id.clone()),
-                    None => break,
-                }
-            }
-        }
-        DeadCommand::Retry { id } => {
-            if !deployment.queue.requeue_dead(&id).await? {
+        DeadCommand::List { queue } => match queue {
+            QueueName::Payouts => list_dead(&deployment.queue).await?,
+            QueueName::Webhooks => list_dead(&deployment.webhooks).await?,
+        },
+        DeadCommand::Retry { id, queue } => {
+            let requeued = match queue {
+                QueueName::Payouts => deployment.queue.requeue_dead(&id).await?,
+                QueueName::Webhooks => deployment.webhooks.requeue_dead(&id).await?,
+            };
+            if !requeued {
                 bail!("no dead job {id}");
             }
             println!("requeued {id}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn list_dead<T>(queue: &RedisQueue<T>) -> Result<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = queue.list_dead(after.as_deref(), 200).await?;
+        for job in &page {
+            println!(
+                "{} attempts={} reason={} job={}",
+                job.dead_id,
+                job.attempts.unwrap_or(0),
+                job.reason,
+                job.payload
+            );
+        }
+        match page.last() {
+            Some(job) => after = Some(job.dead_id.clone()),
+            None => return Ok(()),
+        }
+    }
 }

@@ -32,6 +32,13 @@ pub enum LedgerError {
     Corrupt { id: String, reason: String },
 }
 
+/// The queue of webhook deliveries (its keys are nested in the ledger's partition).
+pub const WEBHOOK_QUEUE: &str = "webhooks";
+
+/// Prepares one webhook delivery job; the ledger's finalize tells it which outcome it carries.
+pub type WebhookJobs =
+    std::sync::Arc<dyn Fn() -> Result<PreparedJob, crate::queue::QueueError> + Send + Sync>;
+
 /// Key layout. The ledger lives in its queue's partition: every key shares the queue's hash
 /// tag (e.g. `{tarspay:payouts}`), so one script can check the queue's pause flag, change an
 /// order and append its outcome on one Redis Cluster slot.
@@ -56,8 +63,15 @@ impl LedgerKeys {
         &self.queue.paused
     }
 
+    /// The webhook deliveries' queue: in this partition, so finalize can queue an outcome's
+    /// delivery in the step that appends it.
+    pub fn webhooks(&self) -> QueueKeys {
+        QueueKeys::under(&format!("{}:{WEBHOOK_QUEUE}", self.base))
+    }
+
     /// The batch script's leading keys, in its order.
     fn shared(&self) -> Vec<String> {
+        let webhooks = self.webhooks();
         vec![
             self.queue.paused.clone(),
             self.guard(),
@@ -66,6 +80,9 @@ impl LedgerKeys {
             self.queue.stream.clone(),
             self.queue.delayed.clone(),
             self.queue.unique.clone(),
+            webhooks.stream,
+            webhooks.delayed,
+            webhooks.unique,
         ]
     }
 
@@ -301,6 +318,9 @@ pub struct Ledger {
     batcher: Batcher,
     /// Approximate cap on the outcome stream (0 = unbounded).
     outcome_max_len: u64,
+    /// Set when this process' settings configure webhooks: every appended outcome gets its
+    /// delivery job in the same step.
+    webhook_jobs: Option<WebhookJobs>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -549,7 +569,15 @@ impl Ledger {
             keys,
             batcher,
             outcome_max_len: 0,
+            webhook_jobs: None,
         }
+    }
+
+    /// Queues a webhook delivery (prepared by `jobs`, see `crate::webhooks::job_preparer`) with
+    /// every outcome (final or correction) this handle appends, in the same atomic step.
+    pub fn with_webhook_jobs(mut self, jobs: WebhookJobs) -> Self {
+        self.webhook_jobs = Some(jobs);
+        self
     }
 
     pub fn with_outcome_max_len(mut self, max_len: u64) -> Self {
@@ -908,6 +936,17 @@ impl Ledger {
                 settle_window,
             } => (token, "", settle_window.as_millis() as u64),
         };
+        let webhook = match &self.webhook_jobs {
+            Some(prepare) => {
+                prepare()
+                    .map_err(|e| LedgerError::Corrupt {
+                        id: id.to_owned(),
+                        reason: format!("cannot prepare the webhook job: {e}"),
+                    })?
+                    .text
+            }
+            None => String::new(),
+        };
         let mut op = self
             .op("F", id)
             .arg(json)
@@ -917,7 +956,8 @@ impl Ledger {
             .arg(self.outcome_max_len)
             .arg(mode)
             .arg(window)
-            .arg(phase.as_str());
+            .arg(phase.as_str())
+            .arg(webhook);
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }

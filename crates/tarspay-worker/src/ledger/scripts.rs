@@ -23,10 +23,11 @@ use std::sync::LazyLock;
 
 /// Shared keys, before the two keys each operation brings (its order hash and an auxiliary
 /// key: the batch set for a registration, otherwise the order hash again).
-pub(crate) const SHARED_KEYS: usize = 7;
+pub(crate) const SHARED_KEYS: usize = 10;
 
 /// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
-/// and unique hash; then per operation its order key and auxiliary key.
+/// and unique hash, the webhook queue's stream, delayed set and unique hash; then per
+/// operation its order key and auxiliary key.
 /// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments.
 /// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
@@ -133,16 +134,37 @@ end
 -- final_json, lease token ('' when the gateway reported the state), mchOrderNo, stuck flag
 -- ('1' when the caller saw the order stuck), outcome stream max length (0 = unbounded),
 -- mode ('g' = a state the gateway reported, which may correct an earlier final status),
--- settle window ms (leased decisions on an ambiguous order), the new status, then the
+-- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
+-- delivery job's envelope ('' when the caller's settings have no webhooks), then the
 -- outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
 -- not proven over the settle window.
-local function append_outcome(fields, max_len)
+-- The delivery job learns its outcome's id here (cjson keeps the envelope's 13-digit ms
+-- timestamp exact: it prints 14 significant digits).
+local function queue_webhook(envelope, outcome_id)
+  local job = cjson.decode(envelope)
+  job.p.outcome = outcome_id
+  enqueue_one(KEYS[8], KEYS[9], KEYS[10], now, 0, '', job.id, cjson.encode(job))
+end
+-- The outcome and its webhook delivery, both or neither: {err = ...} when either failed.
+local function append_outcome(fields, max_len, webhook)
+  local added
   if tonumber(max_len) > 0 then
-    return redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', max_len, '*', unpack(fields))
+    added = redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', max_len, '*', unpack(fields))
+  else
+    added = redis.pcall('XADD', KEYS[3], '*', unpack(fields))
   end
-  return redis.pcall('XADD', KEYS[3], '*', unpack(fields))
+  if type(added) == 'table' and added.err then return added end
+  if webhook ~= '' then
+    local ok, err = pcall(queue_webhook, webhook, added)
+    if not ok then
+      redis.call('XDEL', KEYS[3], added)
+      if type(err) == 'table' and err.err then return err end
+      return {err = tostring(err)}
+    end
+  end
+  return added
 end
 local function finalize(order, a)
   if a[2] ~= '' then
@@ -161,7 +183,7 @@ local function finalize(order, a)
     end
   end
   local fields = {}
-  for i = 9, #a do fields[#fields + 1] = a[i] end
+  for i = 10, #a do fields[#fields + 1] = a[i] end
   if redis.call('HSETNX', order, 'final', a[1]) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
@@ -172,7 +194,7 @@ local function finalize(order, a)
     end
     fields[2] = 'correction'
     fields[4] = h[2] or recorded
-    local added = append_outcome(fields, a[5])
+    local added = append_outcome(fields, a[5], a[9])
     if type(added) == 'table' and added.err then return {'!error', added.err} end
     local kept = cjson.decode(a[1])
     kept.event = 'correction'
@@ -180,9 +202,9 @@ local function finalize(order, a)
     redis.call('HSET', order, 'corr:' .. a[8], cjson.encode(kept), 'status', a[8])
     return 3
   end
-  local added = append_outcome(fields, a[5])
+  local added = append_outcome(fields, a[5], a[9])
   if type(added) == 'table' and added.err then
-    -- No final order without its outcome: undo the claim.
+    -- No final order without its outcome (and its webhook): undo the claim.
     redis.call('HDEL', order, 'final')
     return {'!error', added.err}
   end
@@ -256,7 +278,7 @@ while at <= #ARGV do
   local kind, n = ARGV[at], tonumber(ARGV[at + 1])
   local a = {}
   for i = 1, n do a[i] = ARGV[at + 1 + i] end
-  out[#out + 1] = guarded(kind, KEYS[8 + op * 2], KEYS[9 + op * 2], a)
+  out[#out + 1] = guarded(kind, KEYS[11 + op * 2], KEYS[12 + op * 2], a)
   at = at + 2 + n
   op = op + 1
 end

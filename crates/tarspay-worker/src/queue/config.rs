@@ -10,6 +10,9 @@ pub struct QueueConfig {
     pub prefix: String,
     /// Queue (job kind) name.
     pub queue: String,
+    /// Another queue whose partition (hash tag) this one lives in, if any (see
+    /// [`crate::queue::QueueKeys::nested`]).
+    pub partition: Option<String>,
     /// A pending entry idle longer than this belongs to a dead worker and is claimed.
     pub orphan_timeout: Duration,
     /// How many fetched-but-not-started jobs a worker may hold (also the XREADGROUP COUNT).
@@ -50,6 +53,7 @@ impl QueueConfig {
         Self {
             prefix: "tarspay".to_owned(),
             queue: queue.into(),
+            partition: None,
             orphan_timeout: Duration::from_secs(30),
             prefetch: 100,
             block: Duration::from_millis(500),
@@ -73,6 +77,22 @@ impl QueueConfig {
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
+    }
+
+    /// Puts this queue's keys in the partition of the queue `partition`.
+    pub fn within(mut self, partition: impl Into<String>) -> Self {
+        self.partition = Some(partition.into());
+        self
+    }
+
+    /// The key layout this configuration names.
+    pub fn keys(&self) -> Result<crate::queue::QueueKeys, crate::queue::QueueError> {
+        match &self.partition {
+            Some(partition) => {
+                crate::queue::QueueKeys::nested(&self.prefix, partition, &self.queue)
+            }
+            None => crate::queue::QueueKeys::new(&self.prefix, &self.queue),
+        }
     }
 
     /// Sets the orphan timeout and keeps the renewal period well below it.

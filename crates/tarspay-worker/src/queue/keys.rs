@@ -28,24 +28,45 @@ impl QueueKeys {
     /// Builds the key layout; `prefix` and `queue` must not contain braces (they would break the
     /// hash tag) and must not be empty.
     pub fn new(prefix: &str, queue: &str) -> Result<Self, QueueError> {
-        for (what, value) in [("prefix", prefix), ("queue", queue)] {
-            if value.is_empty() || value.contains(['{', '}']) {
-                return Err(QueueError::InvalidConfig(format!(
-                    "{what} must be non-empty and must not contain '{{' or '}}': {value:?}"
-                )));
-            }
-        }
-        let tag = format!("{{{prefix}:{queue}}}");
-        Ok(Self {
-            stream: format!("{tag}:stream"),
-            delayed: format!("{tag}:delayed"),
-            dead: format!("{tag}:dead"),
-            unique: format!("{tag}:unique"),
-            paused: format!("{tag}:paused"),
-            workers: format!("{tag}:workers"),
-            group: "workers".to_owned(),
-        })
+        check_names(&[("prefix", prefix), ("queue", queue)])?;
+        Ok(Self::under(&format!("{{{prefix}:{queue}}}")))
     }
+
+    /// The layout of queue `queue` inside another queue's partition (hash tag
+    /// `{prefix:partition}`), so one script can write both queues' keys (the ledger queues
+    /// webhook deliveries in the step that appends an outcome).
+    pub fn nested(prefix: &str, partition: &str, queue: &str) -> Result<Self, QueueError> {
+        check_names(&[
+            ("prefix", prefix),
+            ("partition", partition),
+            ("queue", queue),
+        ])?;
+        Ok(Self::under(&format!("{{{prefix}:{partition}}}:{queue}")))
+    }
+
+    /// Every key under `base`, which starts with the hash tag.
+    pub(crate) fn under(base: &str) -> Self {
+        Self {
+            stream: format!("{base}:stream"),
+            delayed: format!("{base}:delayed"),
+            dead: format!("{base}:dead"),
+            unique: format!("{base}:unique"),
+            paused: format!("{base}:paused"),
+            workers: format!("{base}:workers"),
+            group: "workers".to_owned(),
+        }
+    }
+}
+
+fn check_names(names: &[(&str, &str)]) -> Result<(), QueueError> {
+    for (what, value) in names {
+        if value.is_empty() || value.contains(['{', '}']) {
+            return Err(QueueError::InvalidConfig(format!(
+                "{what} must be non-empty and must not contain '{{' or '}}': {value:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -71,5 +92,16 @@ mod tests {
     fn braces_are_refused() {
         assert!(QueueKeys::new("tp", "a}b").is_err());
         assert!(QueueKeys::new("", "q").is_err());
+        assert!(QueueKeys::nested("tp", "pay{outs", "webhooks").is_err());
+    }
+
+    #[test]
+    fn a_nested_queue_shares_its_partitions_tag_with_keys_of_its_own() {
+        let outer = QueueKeys::new("tp", "payouts").unwrap();
+        let inner = QueueKeys::nested("tp", "payouts", "webhooks").unwrap();
+        assert_eq!(inner.stream, "{tp:payouts}:webhooks:stream");
+        assert_eq!(inner.dead, "{tp:payouts}:webhooks:dead");
+        assert_ne!(inner.paused, outer.paused);
+        assert_ne!(inner.workers, outer.workers);
     }
 }

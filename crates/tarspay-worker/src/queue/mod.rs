@@ -69,8 +69,9 @@
 //! Handlers must not block the async runtime (use `spawn_blocking`), or renewals stall too.
 //!
 //! # Keys
-//! All keys of a queue share the hash tag `{prefix:queue}` ([`QueueKeys`]); scripts only touch
-//! keys of one queue, so the code runs unchanged on Redis Cluster.
+//! All keys of a queue share the hash tag `{prefix:queue}` ([`QueueKeys`]), or, for a queue
+//! nested in another's partition ([`QueueConfig::within`]), that queue's tag; scripts only touch
+//! keys of one tag, so the code runs unchanged on Redis Cluster.
 
 mod backend;
 mod backoff;

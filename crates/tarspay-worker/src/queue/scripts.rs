@@ -14,7 +14,8 @@ end
 "#;
 
 /// Lua function that enqueues one prepared job; shared with scripts of other modules that
-/// enqueue in the same step as their own change (the ledger's REGISTER), on the same slot.
+/// enqueue in the same step as their own change (the ledger's register, accept and finalize),
+/// on the same slot.
 /// Returns "" if enqueued, else the id of the job holding the unique key. `now` and `run_at`
 /// must be on one clock: the queue's own ENQUEUE passes the server's `TIME`; other callers pass
 /// `crate::queue::now_ms()` (the process' estimate of the server's clock).

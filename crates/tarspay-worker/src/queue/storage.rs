@@ -183,7 +183,7 @@ impl<T> RedisQueue<T> {
                 "heartbeat_interval must be positive and at most half the orphan_timeout".into(),
             ));
         }
-        let keys = QueueKeys::new(&config.prefix, &config.queue)?;
+        let keys = config.keys()?;
         let conn = Shared::manager(&client, &config, Duration::ZERO)?;
         let shared = Shared {
             client,

@@ -152,33 +152,15 @@ pub async fn serve(
         &settings.callback_path,
         Limits::from_settings(settings),
     );
-    // One shutdown signal for the server, the gauges and the webhook deliverer.
+    // One shutdown signal for the server and the gauges. (Webhooks are delivered by workers.)
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let gauges = tokio::spawn(gauges::run(deployment.clone(), stopped.clone()));
-    let webhooks = match (&settings.webhook_url, &settings.webhook_secret) {
-        (Some(url), Some(secret)) => {
-            let (url, secret) = (url.clone(), secret.clone());
-            let mut stopped = stopped.clone();
-            Some(tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                };
-                if let Err(err) = crate::webhooks::run(&deployment, &url, &secret, shutdown).await {
-                    tracing::error!(error = %err, "outcome webhooks not started");
-                }
-            }))
-        }
-        _ => None,
-    };
+    let gauges = tokio::spawn(gauges::run(deployment, stopped));
     listener::run(listener, app, settings.header_read_timeout, async move {
         shutdown.await;
         let _ = stop.send(true);
     })
     .await;
     let _ = gauges.await;
-    if let Some(webhooks) = webhooks {
-        let _ = webhooks.await;
-    }
     Ok(())
 }
 
