@@ -153,11 +153,10 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
-    fn rules() -> PayoutRules {
+    fn rules() -> std::sync::Arc<PayoutRules> {
         Settings::load_with_env(None, [("", ""); 0])
             .unwrap()
             .payout_rules()
-            .unwrap()
     }
 
     #[test]

@@ -50,7 +50,8 @@ pub struct Deployment {
 
 impl Deployment {
     pub async fn connect(settings: &Settings) -> Result<Self, WorkerError> {
-        let queue = RedisQueue::connect(&settings.redis_url, queue_config(settings)).await?;
+        let queue =
+            RedisQueue::connect(settings.redis_url.as_str(), queue_config(settings)).await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
         let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.queue_prefix);
         let keys = LedgerKeys::new(&tag, queue.keys());
@@ -63,7 +64,7 @@ impl Deployment {
         Ok(Producer::new(
             self.ledger.clone(),
             self.queue.clone(),
-            Arc::new(settings.payout_rules()?),
+            settings.payout_rules(),
         ))
     }
 
@@ -75,7 +76,7 @@ impl Deployment {
         Ok(JobContext {
             ledger: self.ledger.clone(),
             client,
-            codes: settings.code_table()?,
+            codes: settings.code_table().clone(),
             notify_url: settings.notify_url()?.to_owned(),
             retry: RetryPolicy {
                 base_delay: settings.retry_base_delay,

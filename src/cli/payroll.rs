@@ -38,7 +38,7 @@ pub struct PayrollArgs {
 pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let rules = settings.payout_rules()?;
+    let rules = settings.payout_rules();
     let requests = match batch::parse_csv(&rules, &bytes) {
         Ok(requests) => requests,
         Err(BatchError::BadRows { rows }) => {

@@ -38,7 +38,7 @@ impl AppState {
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
-            system_key: settings.system_public_key()?,
+            system_key: settings.system_public_key(),
             mch_no: settings.mch_no.clone(),
             api_token: settings.api_token()?,
             metrics: crate::metrics::install(),
@@ -90,7 +90,7 @@ pub async fn serve(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let webhooks = match (&settings.webhook_url, &settings.webhook_secret) {
         (Some(url), Some(secret)) => {
-            let (url, secret) = (url.clone(), secret.clone());
+            let (url, secret) = (url.as_str().to_owned(), secret.clone());
             let mut stopped = stopped.clone();
             Some(tokio::spawn(async move {
                 let shutdown = async move {
