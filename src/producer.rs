@@ -3,6 +3,8 @@
 //! validation.
 
 use crate::jobs::PayoutJob;
+// Re-exported where callers have always found it; it belongs to the job type.
+pub use crate::jobs::PAYOUT_JOB_MAX_ATTEMPTS;
 use crate::ledger::{Ledger, LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
 use crate::payout::{PayoutRequest, PayoutRules, ValidationErrors};
 use crate::queue::{JobOptions, QueueError, RedisQueue};
@@ -10,10 +12,6 @@ use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-
-/// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
-/// own ceiling only catches a job that keeps crashing its worker.
-pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
 
 /// Rows of a batch registered concurrently.
 const REGISTRATIONS_IN_FLIGHT: usize = 64;

@@ -21,6 +21,10 @@ use crate::queue::{JobOptions, PreparedJob, QueueError, RedisQueue};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
+/// own ceiling only catches a job that keeps crashing its worker.
+pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
+
 /// A job on the payout queue. Both carry only the order number: everything else is read from
 /// the ledger, so a redelivered or stale job can never carry a different payout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,7 +138,7 @@ impl JobContext {
         let job = PayoutJob::poll(record, false);
         let options = JobOptions {
             delay: Some(self.poll.first_delay),
-            max_attempts: Some(crate::producer::PAYOUT_JOB_MAX_ATTEMPTS),
+            max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
         Ok(self.queue.prepare(&job, &options)?)
