@@ -589,6 +589,11 @@ mod tests {
                 "TARSPAY_CURRENCIES__INR",
             ),
             ("TARSPAY_MAX_BODY_BYTES", "10", "TARSPAY_MAX_BODY_BYTES"),
+            (
+                "TARSPAY_CURRENCIES__ABCD__COUNTRY",
+                "Nowhere",
+                "TARSPAY_CURRENCIES__ABCD",
+            ),
         ];
         for (var, value, expected) in cases {
             let err = Settings::load_with_env(None, [(var, value)])

@@ -7,6 +7,7 @@
 
 use crate::config::{ConfigError, Settings};
 use crate::gateway::PrivateKey;
+use crate::ids::BatchId;
 use crate::ledger::Phase;
 use crate::local_redis::{self, LocalRedis, LocalRedisError};
 use crate::sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
@@ -299,9 +300,11 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
     });
 
     let started = Instant::now();
-    let batch_id = "demo";
+    // Named for its payouts, so the same demo run is the same batch.
+    let batch = BatchId::of_content("demo", &options.payouts.to_le_bytes());
+    let batch_id = batch.as_str();
     producer
-        .enqueue_batch(&payroll, batch_id)
+        .enqueue_batch(&payroll, &batch)
         .await
         .map_err(|e| DemoError::Step(e.to_string()))?;
     follow(&deployment, batch_id, options.payouts, options.progress).await?;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod ids;
 pub mod jobs;
 pub mod ledger;
 pub mod local_redis;

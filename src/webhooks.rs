@@ -872,7 +872,9 @@ fn parse_entry(value: &Value) -> Result<Entry, redis::RedisError> {
     };
     let outcome = fields
         .filter(|fields| !fields.is_empty())
-        .map(|fields| Outcome::from_fields(&fields));
+        .map(|fields| Outcome::from_fields(&fields))
+        .transpose()
+        .map_err(|reason| protocol(&format!("outcome entry ({reason})"), value))?;
     Ok(Entry { id, outcome })
 }
 
@@ -1053,6 +1055,10 @@ mod tests {
             bulk("payout"),
             bulk("mchOrderNo"),
             bulk("A-1"),
+            bulk("status"),
+            bulk("succeeded"),
+            bulk("currency"),
+            bulk("INR"),
             bulk("attempts"),
             bulk("2"),
         ]);

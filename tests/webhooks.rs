@@ -262,13 +262,13 @@ async fn finalize(app: &TestApp, id: &str) {
     let ledger = &app.deployment.ledger;
     ledger
         .register(&NewOrder {
-            mch_order_no: id,
+            mch_order_no: &id.parse().unwrap(),
             kind: OrderKind::Payout,
             fingerprint: "f",
             amount: "100.00",
-            currency: "INR",
+            currency: &"INR".parse().unwrap(),
             request: "{}",
-            batch_id: Some("B-1"),
+            batch_id: Some(&"B-1".parse().unwrap()),
         })
         .await
         .unwrap();
@@ -635,11 +635,11 @@ async fn a_redis_restart_does_not_end_delivery() {
                     .deployment
                     .ledger
                     .register(&NewOrder {
-                        mch_order_no: &id,
+                        mch_order_no: &id.parse().unwrap(),
                         kind: OrderKind::Payout,
                         fingerprint: "f",
                         amount: "100.00",
-                        currency: "INR",
+                        currency: &"INR".parse().unwrap(),
                         request: "{}",
                         batch_id: None,
                     })

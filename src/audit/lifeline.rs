@@ -179,7 +179,7 @@ impl Lifeline {
             PayoutJob::poll(&record, false)
         } else {
             PayoutJob::CreatePayout {
-                mch_order_no: order.id.clone(),
+                mch_order_no: record.mch_order_no.clone(),
             }
         };
         let options = JobOptions {

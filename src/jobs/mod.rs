@@ -16,6 +16,7 @@ pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
 
 use crate::gateway::{CodeTable, TarsPayClient};
+use crate::ids::MchOrderNo;
 use crate::ledger::{Ledger, LedgerError, OrderKind, OrderRecord};
 use crate::queue::{JobOptions, PreparedJob, QueueError, RedisQueue};
 use serde::{Deserialize, Serialize};
@@ -32,11 +33,11 @@ pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
 pub enum PayoutJob {
     CreatePayout {
         #[serde(rename = "mchOrderNo")]
-        mch_order_no: String,
+        mch_order_no: MchOrderNo,
     },
     PollStatus {
         #[serde(rename = "mchOrderNo")]
-        mch_order_no: String,
+        mch_order_no: MchOrderNo,
         kind: OrderKind,
         /// A single look (e.g. prompted by an untrusted callback); regular polling goes on in
         /// the order's own poll job.
@@ -46,7 +47,7 @@ pub enum PayoutJob {
 }
 
 impl PayoutJob {
-    pub fn mch_order_no(&self) -> &str {
+    pub fn mch_order_no(&self) -> &MchOrderNo {
         match self {
             Self::CreatePayout { mch_order_no } | Self::PollStatus { mch_order_no, .. } => {
                 mch_order_no
@@ -56,14 +57,9 @@ impl PayoutJob {
 
     /// A poll-status job for `record` (payout or deposit); `once` for a single look.
     pub fn poll(record: &OrderRecord, once: bool) -> Self {
-        let kind = if record.kind == OrderKind::Deposit.as_str() {
-            OrderKind::Deposit
-        } else {
-            OrderKind::Payout
-        };
         Self::PollStatus {
             mch_order_no: record.mch_order_no.clone(),
-            kind,
+            kind: record.kind,
             once,
         }
     }

@@ -2,6 +2,7 @@
 
 use super::AppState;
 use crate::batch::{self, BatchError};
+use crate::ids::BatchId;
 use crate::producer::{Enqueued, ProducerError};
 use axum::Json;
 use axum::body::Bytes;
@@ -107,15 +108,15 @@ pub async fn create_batch(
                 .into_response();
         }
     };
-    let batch_id = match query.batch_id {
-        Some(id) if valid_batch_id(&id) => id,
-        Some(_) => {
+    let batch_id = match query.batch_id.as_deref().map(BatchId::parse) {
+        Some(Ok(id)) => id,
+        Some(Err(err)) => {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "batchId must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'",
+                format!("{} {err}", err.field),
             );
         }
-        None => format!("b-{:016x}", rand::random::<u64>()),
+        None => BatchId::random(),
     };
     match state.producer.enqueue_batch(&requests, &batch_id).await {
         Ok(result) => (StatusCode::CREATED, Json(result)).into_response(),
@@ -124,14 +125,6 @@ pub async fn create_batch(
         }
         Err(err) => internal(err),
     }
-}
-
-pub fn valid_batch_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 pub async fn get_batch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {

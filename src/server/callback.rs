@@ -132,7 +132,7 @@ fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str
         (None, _) => true,
         (Some(_), Err(_)) => false,
     };
-    ours && same_order && record.kind == kind.as_str() && same_currency && same_amount
+    ours && same_order && record.kind == kind && same_currency && same_amount
 }
 
 async fn schedule_query(
