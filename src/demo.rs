@@ -17,6 +17,7 @@ use tarspay_sandbox::{
 };
 use tarspay_worker::config::{ConfigError, Settings};
 use tarspay_worker::gateway::PrivateKey;
+use tarspay_worker::ids::BatchId;
 use tarspay_worker::ledger::Phase;
 use tarspay_worker::worker::{Deployment, WorkerError};
 
@@ -299,9 +300,11 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
     });
 
     let started = Instant::now();
-    let batch_id = "demo";
+    // Named for its payouts, so the same demo run is the same batch.
+    let batch = BatchId::of_content("demo", &options.payouts.to_le_bytes());
+    let batch_id = batch.as_str();
     producer
-        .enqueue_batch(&payroll, batch_id)
+        .enqueue_batch(&payroll, &batch)
         .await
         .map_err(|e| DemoError::Step(e.to_string()))?;
     follow(&deployment, batch_id, options.payouts, options.progress).await?;

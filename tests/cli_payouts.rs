@@ -30,6 +30,60 @@ fn run(command: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Ids, currencies and amounts given as arguments are checked by their types' rules before
+/// the command does anything (no settings, Redis or gateway are needed to refuse them).
+#[test]
+fn arguments_are_checked_by_the_domain_rules_where_they_enter() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["enqueue", "--file", "-", "--batch", "a b"],
+            "--batch",
+            "must be 1-64 characters",
+        ),
+        (
+            &[
+                "follow-deposit",
+                "D 1",
+                "--amount",
+                "100",
+                "--currency",
+                "INR",
+            ],
+            "<ID>",
+            "must be 1-64 characters",
+        ),
+        (
+            &[
+                "follow-deposit",
+                "D-1",
+                "--amount",
+                "100",
+                "--currency",
+                "inr",
+            ],
+            "--currency",
+            "three capital letters",
+        ),
+        (
+            &[
+                "follow-deposit",
+                "D-1",
+                "--amount",
+                "1.234",
+                "--currency",
+                "INR",
+            ],
+            "--amount",
+            "decimal places",
+        ),
+    ];
+    for (args, names, rule) in cases {
+        let (code, _, err) = run(Command::new(BIN).args(*args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(names) && err.contains(rule), "{args:?}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_work_and_read_back_from_the_command_line() {
     let app = spawn_app(false, |_| {}).await;
@@ -160,11 +214,11 @@ async fn pause_resume_and_dead_jobs() {
     app.deployment
         .ledger
         .register(&NewOrder {
-            mch_order_no: "BROKEN-1",
+            mch_order_no: &"BROKEN-1".parse().unwrap(),
             kind: OrderKind::Payout,
             fingerprint: "f",
             amount: "1",
-            currency: "INR",
+            currency: &"INR".parse().unwrap(),
             request: "not json",
             batch_id: None,
         })
@@ -173,7 +227,7 @@ async fn pause_resume_and_dead_jobs() {
     app.deployment
         .queue
         .enqueue(&PayoutJob::CreatePayout {
-            mch_order_no: "BROKEN-1".into(),
+            mch_order_no: "BROKEN-1".parse().unwrap(),
         })
         .await
         .unwrap();

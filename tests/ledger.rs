@@ -13,15 +13,23 @@ use tarspay_worker::queue::QueueKeys;
 
 const PAUSED: &str = "{ltest:payouts}:paused";
 
-fn order<'a>(id: &'a str, fingerprint: &'a str) -> NewOrder<'a> {
+/// A checked value that lives as long as the test process (test orders borrow them).
+fn typed<T: std::str::FromStr>(text: &str) -> &'static T
+where
+    T::Err: std::fmt::Debug,
+{
+    Box::leak(Box::new(text.parse().unwrap()))
+}
+
+fn order<'a>(id: &str, fingerprint: &'a str) -> NewOrder<'a> {
     NewOrder {
-        mch_order_no: id,
+        mch_order_no: typed(id),
         kind: OrderKind::Payout,
         fingerprint,
         amount: "150.50",
-        currency: "INR",
+        currency: typed("INR"),
         request: "{}",
-        batch_id: Some("B1"),
+        batch_id: Some(typed("B1")),
     }
 }
 
@@ -244,7 +252,7 @@ async fn finalize_emits_exactly_one_outcome_whoever_races() {
         record.phase.as_str(),
         "the ledger and the outcome agree"
     );
-    assert_eq!(outcome.kind, "payout");
+    assert_eq!(outcome.kind, OrderKind::Payout);
     assert_eq!(outcome.mch_order_no, "F-1");
     assert_eq!(outcome.pay_order_id.as_deref(), Some("P123"));
     assert_eq!(
@@ -304,7 +312,7 @@ async fn outcomes_page_in_order_and_stuck_orders_are_flagged() {
     let ids: Vec<String> = first
         .iter()
         .chain(rest.iter())
-        .map(|(_, o)| o.mch_order_no.clone())
+        .map(|(_, o)| o.mch_order_no.to_string())
         .collect();
     assert_eq!(ids, vec!["P-0", "P-1", "P-2", "P-3", "P-4"]);
 

@@ -8,7 +8,7 @@ use common::app::{MCH_NO, inr, spawn_app, spawn_app_with};
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
-use tarspay_worker::ledger::{FinalResult, Finalized, Phase};
+use tarspay_worker::ledger::{FinalResult, Finalized, OrderKind, Phase};
 use tarspay_worker::producer::Enqueued;
 
 fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
@@ -26,7 +26,7 @@ async fn happy_path_one_order_one_outcome_each() {
     pool.stop().await;
     for (id, outcome) in &outcomes {
         assert_eq!(outcome.status, "succeeded", "{id}");
-        assert_eq!(outcome.kind, "payout");
+        assert_eq!(outcome.kind, OrderKind::Payout);
         assert_eq!(outcome.gateway_state, Some(2));
         assert_eq!(
             (outcome.amount.as_str(), outcome.currency.as_str()),
@@ -700,7 +700,14 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
             .await
             .unwrap();
         assert_eq!(
-            app.producer.track_deposit(id, "250", "MYR").await.unwrap(),
+            app.producer
+                .track_deposit(
+                    &id.parse().unwrap(),
+                    &Amount::parse("250").unwrap(),
+                    &"MYR".parse().unwrap()
+                )
+                .await
+                .unwrap(),
             Enqueued::Queued
         );
     }
@@ -842,7 +849,7 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correcti
             (
                 o.event.as_str(),
                 o.status.as_str(),
-                o.previous_status.as_deref(),
+                o.previous_status.map(|s| s.as_str()),
             )
         })
         .collect();

@@ -7,6 +7,14 @@ use common::app::{BIN, TestApp, spawn_app};
 use std::path::Path;
 
 async fn payroll(app: &TestApp, args: &[&str], file: &Path) -> (i32, String) {
+    let output = payroll_output(app, args, file).await;
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+async fn payroll_output(app: &TestApp, args: &[&str], file: &Path) -> std::process::Output {
     let mut command = tokio::process::Command::new(BIN);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("TARSPAY_") {
@@ -19,14 +27,10 @@ async fn payroll(app: &TestApp, args: &[&str], file: &Path) -> (i32, String) {
         .arg("payroll")
         .arg(file)
         .args(args);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
+    tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
         .await
         .expect("payroll finished")
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+        .unwrap()
 }
 
 const GOOD: &str = "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
@@ -52,6 +56,45 @@ async fn bad_rows_are_all_reported_and_nothing_is_queued() {
         "{out}"
     );
     assert!(app.deployment.ledger.get("A-1").await.unwrap().is_none());
+}
+
+/// The CLI checks a batch id by the HTTP API's rule (it becomes part of Redis keys and of
+/// `GET /v1/batches/{batchId}`), before reading the file or queuing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_id_is_checked_by_the_api_rule_and_a_bad_one_queues_nothing() {
+    let app = spawn_app(false, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payroll.csv");
+    std::fs::write(&file, GOOD).unwrap();
+    let too_long = "N".repeat(65);
+    for bad in ["nov 2026", "nov/2026", "{nov}", too_long.as_str()] {
+        let output = payroll_output(&app, &["--detach", "--force", "--batch-id", bad], &file).await;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("--batch-id")
+                && err.contains("must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"),
+            "{bad}: {err}"
+        );
+    }
+    assert!(app.deployment.ledger.get("PR-1").await.unwrap().is_none());
+    assert_eq!(
+        app.deployment
+            .ledger
+            .batch_summary("nov 2026")
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    let (code, out) = payroll(
+        &app,
+        &["--detach", "--force", "--batch-id", "nov-2026_a"],
+        &file,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("batch nov-2026_a: 4 queued"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -538,7 +538,7 @@ async fn a_success_later_refunded_is_one_correction_however_often_it_is_told() {
             (
                 o.event.as_str(),
                 o.status.as_str(),
-                o.previous_status.as_deref(),
+                o.previous_status.map(|s| s.as_str()),
                 o.gateway_state,
             )
         })

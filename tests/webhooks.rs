@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tarspay_worker::ids::{BatchId, Currency, MchOrderNo};
 use tarspay_worker::ledger::{FinalResult, NewOrder, OrderKind, Outcome, Phase};
 use tarspay_worker::secret::Secret;
 use tarspay_worker::webhooks::WebhookSigner;
@@ -235,15 +236,32 @@ async fn app_with_webhooks(
     spawn_app_with(appendonly, |_| {}, &env).await
 }
 
-fn registration(id: &str) -> NewOrder<'_> {
-    NewOrder {
-        mch_order_no: id,
-        kind: OrderKind::Payout,
-        fingerprint: "f",
-        amount: "100.00",
-        currency: "INR",
-        request: "{}",
-        batch_id: Some("B-1"),
+/// The typed values a registration borrows.
+struct Registration {
+    mch_order_no: MchOrderNo,
+    currency: Currency,
+    batch_id: BatchId,
+}
+
+fn registration(id: &str) -> Registration {
+    Registration {
+        mch_order_no: id.parse().unwrap(),
+        currency: "INR".parse().unwrap(),
+        batch_id: "B-1".parse().unwrap(),
+    }
+}
+
+impl Registration {
+    fn order(&self) -> NewOrder<'_> {
+        NewOrder {
+            mch_order_no: &self.mch_order_no,
+            kind: OrderKind::Payout,
+            fingerprint: "f",
+            amount: "100.00",
+            currency: &self.currency,
+            request: "{}",
+            batch_id: Some(&self.batch_id),
+        }
     }
 }
 
@@ -258,7 +276,7 @@ fn succeeded(id: &str) -> FinalResult {
 
 async fn finalize(app: &TestApp, id: &str) {
     let ledger = &app.deployment.ledger;
-    ledger.register(&registration(id)).await.unwrap();
+    ledger.register(&registration(id).order()).await.unwrap();
     let record = ledger.get(id).await.unwrap().unwrap();
     assert!(
         ledger
@@ -590,7 +608,11 @@ async fn a_redis_restart_does_not_end_delivery() {
         eventually("ledger reachable again", || {
             let (app, id) = (&app, id.clone());
             async move {
-                let registered = app.deployment.ledger.register(&registration(&id)).await;
+                let registered = app
+                    .deployment
+                    .ledger
+                    .register(&registration(&id).order())
+                    .await;
                 registered.ok()
             }
         })
@@ -743,7 +765,7 @@ async fn a_correction_is_delivered_with_a_type_of_its_own() {
     assert_eq!(messages[1].event, "payout.corrected");
     assert_eq!(messages[1].data.status, "refunded");
     assert_eq!(
-        messages[1].data.previous_status.as_deref(),
+        messages[1].data.previous_status.map(|s| s.as_str()),
         Some("succeeded")
     );
     assert_eq!(
@@ -791,7 +813,10 @@ async fn an_outcome_and_its_delivery_are_written_together_or_not_at_all() {
     let receiver = Receiver::start(0, 0, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     let ledger = &app.deployment.ledger;
-    ledger.register(&registration("ATOM-1")).await.unwrap();
+    ledger
+        .register(&registration("ATOM-1").order())
+        .await
+        .unwrap();
     let record = ledger.get("ATOM-1").await.unwrap().unwrap();
     // The delivery cannot be written (its stream key holds a string): nothing is.
     let webhook_stream = app.deployment.webhooks.keys().stream.clone();

@@ -330,7 +330,7 @@ pub async fn drive(
                     })?;
                 let at = enqueued_at[index].load(std::sync::atomic::Ordering::Relaxed);
                 latencies.push(seen.saturating_sub(at) as f64 / 1000.0);
-                let id = outcome.mch_order_no.clone();
+                let id = outcome.mch_order_no.to_string();
                 if outcomes.insert(id.clone(), outcome).is_some() {
                     return Err(BenchError::Check(format!("two outcomes for {id}")));
                 }

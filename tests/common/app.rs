@@ -220,7 +220,7 @@ impl TestApp {
         let outcomes = self.outcomes().await;
         let mut by_id = HashMap::new();
         for outcome in outcomes {
-            let id = outcome.mch_order_no.clone();
+            let id = outcome.mch_order_no.to_string();
             assert!(
                 by_id.insert(id.clone(), outcome).is_none(),
                 "two outcomes for {id}"

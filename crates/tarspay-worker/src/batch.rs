@@ -2,6 +2,7 @@
 //! array. Every row is validated before anything is queued, and every bad row is reported
 //! with its line number, so one upload either queues all its payouts or none.
 
+use crate::ids::MchOrderNo;
 use crate::payout::{FieldError, PayoutRequest, PayoutRules};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +38,7 @@ fn validate_rows(
 ) -> Result<Vec<PayoutRequest>, BatchError> {
     let mut valid = Vec::new();
     let mut bad = Vec::new();
-    let mut first_seen: HashMap<String, u64> = HashMap::new();
+    let mut first_seen: HashMap<MchOrderNo, u64> = HashMap::new();
     for (line, fields) in rows {
         if valid.len() + bad.len() >= MAX_ROWS {
             return Err(BatchError::TooLarge { max: MAX_ROWS });
@@ -153,11 +154,10 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
-    fn rules() -> PayoutRules {
+    fn rules() -> std::sync::Arc<PayoutRules> {
         Settings::load_with_env(None, [("", ""); 0])
             .unwrap()
             .payout_rules()
-            .unwrap()
     }
 
     #[test]

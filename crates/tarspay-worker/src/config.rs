@@ -1,17 +1,26 @@
 //! Settings: the embedded `config/default.toml`, then an optional file, then `TARSPAY_*`
-//! environment variables. Anything missing or malformed fails at start-up with the setting's
-//! name and its environment variable, never its value.
+//! environment variables, parsed once at load into typed values (keys, code table, payout
+//! rules, URLs, durations), so no accessor parses again. Anything malformed fails at load
+//! with the setting's name and its environment variable, never its value.
 
-use crate::gateway::codes::{CodeTable, ErrorClass};
+mod raw;
+mod url;
+
+pub use raw::{GatewayTuning, LogFormat, LogSettings, parse_duration};
+pub use url::{HttpUrl, RedisUrl, redact_url};
+
+use crate::gateway::ClientSettings;
+use crate::gateway::codes::CodeTable;
 use crate::gateway::keys::{PrivateKey, PublicKey};
-use crate::gateway::{ClientSettings, TARSPAY_SYSTEM_PUBLIC_KEY};
-use crate::payout::{CurrencyRule, PayoutRules};
+use crate::payout::PayoutRules;
 use crate::secret::Secret;
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
-use serde::{Deserialize, Deserializer};
-use std::collections::{BTreeMap, HashMap};
+use raw::RawSettings;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The defaults shipped inside the binary, so it runs with no files around it.
@@ -49,171 +58,77 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// `Debug` is written by hand: URLs may carry credentials (`redis://:password@host`).
-#[derive(Clone, Deserialize)]
+/// Every setting, parsed. `Debug` is written by hand: it shows no secret, and URLs only
+/// without credentials (`redis://:password@host`).
+#[derive(Clone)]
 pub struct Settings {
-    #[serde(deserialize_with = "lenient_string")]
-    pub gateway_url: String,
-    #[serde(default, deserialize_with = "optional_string")]
+    pub gateway_url: HttpUrl,
+    /// "M" + 10 digits, checked.
     pub mch_no: Option<String>,
-    #[serde(default)]
-    pub private_key: Option<Secret>,
-    #[serde(default, deserialize_with = "optional_string")]
-    pub private_key_file: Option<String>,
-    #[serde(default, deserialize_with = "optional_string")]
-    pub notify_url: Option<String>,
-    #[serde(default = "default_system_key", deserialize_with = "lenient_string")]
-    pub system_public_key: String,
-    #[serde(deserialize_with = "lenient_string")]
-    pub redis_url: String,
+    /// From `private_key` or `private_key_file` (at most one of them may be set).
+    private_key: Option<PrivateKey>,
+    pub notify_url: Option<HttpUrl>,
+    pub system_public_key: PublicKey,
+    pub redis_url: RedisUrl,
     /// Run on a Redis that may drop acknowledged writes (no AOF, evicting policy).
-    #[serde(deserialize_with = "lenient_bool")]
     pub redis_unsafe: bool,
-    #[serde(deserialize_with = "lenient_u64")]
     pub concurrency: u64,
-    #[serde(deserialize_with = "lenient_string")]
     pub queue_prefix: String,
-    #[serde(deserialize_with = "duration")]
     pub retry_base_delay: Duration,
-    #[serde(deserialize_with = "duration")]
     pub retry_max_delay: Duration,
-    #[serde(deserialize_with = "lenient_u64")]
     pub retry_max_attempts: u64,
-    #[serde(deserialize_with = "duration")]
     pub poll_first_delay: Duration,
-    #[serde(deserialize_with = "duration")]
     pub poll_max_interval: Duration,
-    #[serde(deserialize_with = "duration")]
     pub poll_deadline: Duration,
     /// How long the gateway must keep saying "no such order" (at least twice) before an order
     /// some create of which may exist can be failed.
-    #[serde(deserialize_with = "duration")]
     pub settle_window: Duration,
     /// How often a worker's lifeline sweeps the ledger for orders without work.
-    #[serde(deserialize_with = "duration")]
     pub lifeline_interval: Duration,
-    #[serde(deserialize_with = "duration")]
     pub orphan_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
-    #[serde(deserialize_with = "lenient_u64")]
     pub guard_auth_failures: u64,
-    #[serde(deserialize_with = "lenient_u64")]
     pub outcome_max_len: u64,
-    #[serde(deserialize_with = "lenient_string")]
-    pub listen: String,
-    #[serde(default)]
+    pub listen: SocketAddr,
     pub api_token: Option<Secret>,
-    #[serde(deserialize_with = "lenient_bool")]
     pub api_auth_disabled: bool,
-    #[serde(deserialize_with = "lenient_string")]
     pub callback_path: String,
-    #[serde(deserialize_with = "lenient_u64")]
     pub max_body_bytes: u64,
-    #[serde(deserialize_with = "lenient_u64")]
     pub max_batch_bytes: u64,
     /// `serve`: a client must send its request head within this, and its body within
     /// `body_read_timeout` of the head, or the connection is answered (408) and closed.
-    #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
     pub body_read_timeout: Duration,
-    #[serde(default, deserialize_with = "optional_string")]
-    pub webhook_url: Option<String>,
-    #[serde(default)]
+    pub webhook_url: Option<HttpUrl>,
     pub webhook_secret: Option<Secret>,
     /// Attempts of one webhook delivery before it goes to the webhook queue's dead stream.
-    #[serde(deserialize_with = "lenient_u64")]
     pub webhook_max_attempts: u64,
     /// Cap of the webhook retries' backoff (exponential from 1 s, full jitter).
-    #[serde(deserialize_with = "duration")]
     pub webhook_retry_max_delay: Duration,
     pub gateway: GatewayTuning,
-    #[serde(default)]
-    pub codes: BTreeMap<String, ErrorClass>,
-    #[serde(default)]
+    codes: CodeTable,
     pub log: LogSettings,
-    #[serde(default)]
-    pub currencies: BTreeMap<String, CurrencyRule>,
-}
-
-/// A URL with any `user:password@` part replaced, for printing.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-            let _ = parsed.set_username("[redacted]");
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "[unparseable url]".to_owned(),
-    }
+    payout_rules: Arc<PayoutRules>,
 }
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("gateway_url", &redact_url(&self.gateway_url))
+            .field("gateway_url", &self.gateway_url)
             .field("mch_no", &self.mch_no)
             .field("private_key", &self.private_key)
-            .field("private_key_file", &self.private_key_file)
-            .field("notify_url", &self.notify_url.as_deref().map(redact_url))
-            .field("redis_url", &redact_url(&self.redis_url))
+            .field("notify_url", &self.notify_url)
+            .field("redis_url", &self.redis_url)
             .field("redis_unsafe", &self.redis_unsafe)
             .field("queue_prefix", &self.queue_prefix)
             .field("concurrency", &self.concurrency)
             .field("listen", &self.listen)
             .field("api_token", &self.api_token)
-            .field("webhook_url", &self.webhook_url.as_deref().map(redact_url))
+            .field("webhook_url", &self.webhook_url)
             .field("webhook_secret", &self.webhook_secret)
+            .field("payout_rules", &self.payout_rules)
             .finish_non_exhaustive()
     }
-}
-
-fn default_system_key() -> String {
-    TARSPAY_SYSTEM_PUBLIC_KEY.to_owned()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct GatewayTuning {
-    #[serde(deserialize_with = "duration")]
-    pub connect_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
-    pub request_timeout: Duration,
-    #[serde(deserialize_with = "lenient_u64")]
-    pub max_response_bytes: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct LogSettings {
-    #[serde(default = "default_log_format")]
-    pub format: LogFormat,
-    #[serde(default = "default_log_filter", deserialize_with = "lenient_string")]
-    pub filter: String,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: default_log_format(),
-            filter: default_log_filter(),
-        }
-    }
-}
-
-fn default_log_format() -> LogFormat {
-    LogFormat::Human
-}
-
-fn default_log_filter() -> String {
-    "info".to_owned()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
 }
 
 /// The merchant identity needed to call the gateway, checked.
@@ -263,161 +178,100 @@ impl Settings {
                 figment = figment.merge(Serialized::default(&path, value.as_ref()));
             }
         }
-        Self::finish(figment)
+        let raw: RawSettings = figment.extract().map_err(describe_figment_error)?;
+        Self::from_raw(raw)
     }
 
-    fn finish(figment: Figment) -> Result<Self, ConfigError> {
-        let settings: Settings = figment.extract().map_err(describe_figment_error)?;
-        settings.validate()?;
-        Ok(settings)
-    }
-
-    /// Checks every setting that has a value; required-ness is checked by the command that
-    /// needs the setting ([`Settings::merchant`], …).
-    fn validate(&self) -> Result<(), ConfigError> {
-        check_http_url("gateway_url", &self.gateway_url)?;
-        if let Some(url) = &self.notify_url {
-            check_http_url("notify_url", url)?;
-        }
-        if let Some(mch_no) = &self.mch_no {
+    /// Parses and checks every setting that has a value; required-ness is checked by the
+    /// command that needs the setting ([`Settings::merchant`], …).
+    fn from_raw(raw: RawSettings) -> Result<Self, ConfigError> {
+        let http_url = |key: &str, text: &str| HttpUrl::parse(text).map_err(|r| invalid(key, r));
+        let gateway_url = http_url("gateway_url", &raw.gateway_url)?;
+        let notify_url = raw
+            .notify_url
+            .as_deref()
+            .map(|text| http_url("notify_url", text))
+            .transpose()?;
+        let webhook_url = raw
+            .webhook_url
+            .as_deref()
+            .map(|text| http_url("webhook_url", text))
+            .transpose()?;
+        if let Some(mch_no) = &raw.mch_no {
             check_mch_no(mch_no)?;
         }
-        self.system_public_key()?;
-        if !(self.redis_url.starts_with("redis://")
-            || self.redis_url.starts_with("rediss://")
-            || self.redis_url.starts_with("unix://"))
-        {
-            return Err(invalid(
-                "redis_url",
-                "must start with redis://, rediss:// or unix://",
-            ));
-        }
-        if self.gateway.connect_timeout.is_zero() {
-            return Err(invalid(
-                "gateway.connect_timeout",
-                "must be greater than zero",
-            ));
-        }
-        if self.gateway.request_timeout.is_zero() {
-            return Err(invalid(
-                "gateway.request_timeout",
-                "must be greater than zero",
-            ));
-        }
-        if self.concurrency == 0 || self.concurrency > 10_000 {
-            return Err(invalid("concurrency", "must be between 1 and 10000"));
-        }
-        if self.queue_prefix.is_empty()
-            || !self
-                .queue_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-        {
-            return Err(invalid(
-                "queue_prefix",
-                "must be non-empty letters, digits, '-', '_', '.' or ':' (no braces: they are the hash tag)",
-            ));
-        }
-        for (key, value) in [
-            ("retry_base_delay", self.retry_base_delay),
-            ("retry_max_delay", self.retry_max_delay),
-            ("poll_first_delay", self.poll_first_delay),
-            ("poll_max_interval", self.poll_max_interval),
-            ("poll_deadline", self.poll_deadline),
-            ("settle_window", self.settle_window),
-            ("lifeline_interval", self.lifeline_interval),
-            ("orphan_timeout", self.orphan_timeout),
-            ("header_read_timeout", self.header_read_timeout),
-            ("body_read_timeout", self.body_read_timeout),
-            ("webhook_retry_max_delay", self.webhook_retry_max_delay),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(key, "must be greater than zero"));
-            }
-        }
-        if self.retry_max_delay < self.retry_base_delay {
-            return Err(invalid(
-                "retry_max_delay",
-                "must not be shorter than retry_base_delay",
-            ));
-        }
-        if self.retry_max_attempts == 0 || self.retry_max_attempts > 1000 {
-            return Err(invalid("retry_max_attempts", "must be between 1 and 1000"));
-        }
-        if self.orphan_timeout <= self.gateway.request_timeout {
-            return Err(invalid(
-                "orphan_timeout",
-                "must be longer than gateway.request_timeout, or live jobs would be taken over",
-            ));
-        }
-        if self.webhook_max_attempts == 0 || self.webhook_max_attempts > 1000 {
-            return Err(invalid(
-                "webhook_max_attempts",
-                "must be between 1 and 1000",
-            ));
-        }
-        if self.guard_auth_failures == 0 {
-            return Err(invalid("guard_auth_failures", "must be at least 1"));
-        }
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
+        let system_public_key = PublicKey::from_hex(&raw.system_public_key)
+            .map_err(|err| invalid("system_public_key", err.to_string()))?;
+        let redis_url = RedisUrl::parse(&raw.redis_url).map_err(|r| invalid("redis_url", r))?;
+        let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
                 "listen",
                 "must be an IP address and port such as 127.0.0.1:8080",
-            ));
+            )
+        })?;
+        check_ranges(&raw)?;
+        if webhook_url.is_some() && raw.webhook_secret.as_ref().is_none_or(Secret::is_empty) {
+            return Err(ConfigError::Missing {
+                key: "webhook_secret",
+                env: env_name("webhook_secret"),
+                purpose: "to sign outcome webhooks when webhook_url is set",
+            });
         }
-        if !self.callback_path.starts_with('/') || self.callback_path.starts_with("/v1/") {
-            return Err(invalid(
-                "callback_path",
-                "must start with '/' and must not be under /v1/",
-            ));
-        }
-        if self.max_body_bytes < 1024 || self.max_batch_bytes < self.max_body_bytes {
-            return Err(invalid(
-                "max_body_bytes",
-                "must be at least 1024, and max_batch_bytes at least max_body_bytes",
-            ));
-        }
-        if let Some(url) = &self.webhook_url {
-            check_http_url("webhook_url", url)?;
-            if self.webhook_secret.as_ref().is_none_or(Secret::is_empty) {
-                return Err(ConfigError::Missing {
-                    key: "webhook_secret",
-                    env: env_name("webhook_secret"),
-                    purpose: "to sign outcome webhooks when webhook_url is set",
-                });
-            }
-        }
-        if self.gateway.max_response_bytes < 1024 {
-            return Err(invalid(
-                "gateway.max_response_bytes",
-                "must be at least 1024",
-            ));
-        }
-        self.code_table()?;
-        self.payout_rules()?;
-        if self.private_key.is_some() || self.private_key_file.is_some() {
-            self.private_key()?;
-        }
-        Ok(())
+        let codes = parse_codes(&raw)?;
+        let payout_rules = PayoutRules::compile(&raw.currencies)
+            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))?;
+        let private_key = parse_private_key(&raw)?;
+        Ok(Self {
+            gateway_url,
+            mch_no: raw.mch_no,
+            private_key,
+            notify_url,
+            system_public_key,
+            redis_url,
+            redis_unsafe: raw.redis_unsafe,
+            concurrency: raw.concurrency,
+            queue_prefix: raw.queue_prefix,
+            retry_base_delay: raw.retry_base_delay,
+            retry_max_delay: raw.retry_max_delay,
+            retry_max_attempts: raw.retry_max_attempts,
+            poll_first_delay: raw.poll_first_delay,
+            poll_max_interval: raw.poll_max_interval,
+            poll_deadline: raw.poll_deadline,
+            settle_window: raw.settle_window,
+            lifeline_interval: raw.lifeline_interval,
+            orphan_timeout: raw.orphan_timeout,
+            shutdown_grace: raw.shutdown_grace,
+            guard_auth_failures: raw.guard_auth_failures,
+            outcome_max_len: raw.outcome_max_len,
+            listen,
+            api_token: raw.api_token,
+            api_auth_disabled: raw.api_auth_disabled,
+            callback_path: raw.callback_path,
+            max_body_bytes: raw.max_body_bytes,
+            max_batch_bytes: raw.max_batch_bytes,
+            header_read_timeout: raw.header_read_timeout,
+            body_read_timeout: raw.body_read_timeout,
+            webhook_url,
+            webhook_secret: raw.webhook_secret,
+            webhook_max_attempts: raw.webhook_max_attempts,
+            webhook_retry_max_delay: raw.webhook_retry_max_delay,
+            gateway: raw.gateway,
+            codes,
+            log: raw.log,
+            payout_rules: Arc::new(payout_rules),
+        })
     }
 
-    pub fn system_public_key(&self) -> Result<PublicKey, ConfigError> {
-        PublicKey::from_hex(&self.system_public_key)
-            .map_err(|err| invalid("system_public_key", err.to_string()))
+    /// TarsPay's key that signs callbacks.
+    pub fn system_public_key(&self) -> PublicKey {
+        self.system_public_key
     }
 
-    /// The merchant key from `private_key` or `private_key_file` (exactly one of them).
+    /// The merchant key from `private_key` or `private_key_file`.
     pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
-        match (&self.private_key, &self.private_key_file) {
-            (Some(_), Some(_)) => Err(invalid(
-                "private_key",
-                "set either private_key (TARSPAY_PRIVATE_KEY) or private_key_file (TARSPAY_PRIVATE_KEY_FILE), not both",
-            )),
-            (Some(hex), None) => PrivateKey::from_hex(hex.expose())
-                .map_err(|err| invalid("private_key", err.to_string())),
-            (None, Some(path)) => PrivateKey::from_file(Path::new(path))
-                .map_err(|err| invalid("private_key_file", err.to_string())),
-            (None, None) => Err(ConfigError::Missing {
+        self.private_key
+            .clone()
+            .ok_or_else(|| ConfigError::Missing {
                 key: "private_key",
                 env: format!(
                     "{} or {}",
@@ -425,8 +279,7 @@ impl Settings {
                     env_name("private_key_file")
                 ),
                 purpose: "to sign gateway calls",
-            }),
-        }
+            })
     }
 
     pub fn merchant(&self) -> Result<Merchant, ConfigError> {
@@ -441,9 +294,11 @@ impl Settings {
         })
     }
 
+    /// The notifyUrl of every order, as written in the settings.
     pub fn notify_url(&self) -> Result<&str, ConfigError> {
         self.notify_url
-            .as_deref()
+            .as_ref()
+            .map(HttpUrl::as_str)
             .ok_or_else(|| ConfigError::Missing {
                 key: "notify_url",
                 env: env_name("notify_url"),
@@ -454,7 +309,7 @@ impl Settings {
     pub fn client_settings(&self) -> Result<ClientSettings, ConfigError> {
         let merchant = self.merchant()?;
         Ok(ClientSettings {
-            base_url: self.gateway_url.clone(),
+            base_url: self.gateway_url.as_str().to_owned(),
             mch_no: merchant.mch_no,
             private_key: merchant.private_key,
             connect_timeout: self.gateway.connect_timeout,
@@ -482,23 +337,136 @@ impl Settings {
         }
     }
 
-    pub fn code_table(&self) -> Result<CodeTable, ConfigError> {
-        let mut overrides = HashMap::new();
-        for (code, class) in &self.codes {
-            let parsed: i64 = code.trim().parse().map_err(|_| {
-                invalid(
-                    &format!("codes.{code}"),
-                    "the key must be an integer gateway code",
-                )
-            })?;
-            overrides.insert(parsed, *class);
-        }
-        Ok(CodeTable::with_overrides(overrides))
+    /// The gateway code table with the settings' overrides.
+    pub fn code_table(&self) -> &CodeTable {
+        &self.codes
     }
 
-    pub fn payout_rules(&self) -> Result<PayoutRules, ConfigError> {
-        PayoutRules::compile(&self.currencies)
-            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))
+    /// The per-currency payout rules, compiled at load.
+    pub fn payout_rules(&self) -> Arc<PayoutRules> {
+        Arc::clone(&self.payout_rules)
+    }
+}
+
+/// The checks of plain numbers, durations and names that need no parsing of their own.
+fn check_ranges(raw: &RawSettings) -> Result<(), ConfigError> {
+    if raw.gateway.connect_timeout.is_zero() {
+        return Err(invalid(
+            "gateway.connect_timeout",
+            "must be greater than zero",
+        ));
+    }
+    if raw.gateway.request_timeout.is_zero() {
+        return Err(invalid(
+            "gateway.request_timeout",
+            "must be greater than zero",
+        ));
+    }
+    if raw.concurrency == 0 || raw.concurrency > 10_000 {
+        return Err(invalid("concurrency", "must be between 1 and 10000"));
+    }
+    if raw.queue_prefix.is_empty()
+        || !raw
+            .queue_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(invalid(
+            "queue_prefix",
+            "must be non-empty letters, digits, '-', '_', '.' or ':' (no braces: they are the hash tag)",
+        ));
+    }
+    for (key, value) in [
+        ("retry_base_delay", raw.retry_base_delay),
+        ("retry_max_delay", raw.retry_max_delay),
+        ("poll_first_delay", raw.poll_first_delay),
+        ("poll_max_interval", raw.poll_max_interval),
+        ("poll_deadline", raw.poll_deadline),
+        ("settle_window", raw.settle_window),
+        ("lifeline_interval", raw.lifeline_interval),
+        ("orphan_timeout", raw.orphan_timeout),
+        ("header_read_timeout", raw.header_read_timeout),
+        ("body_read_timeout", raw.body_read_timeout),
+        ("webhook_retry_max_delay", raw.webhook_retry_max_delay),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be greater than zero"));
+        }
+    }
+    if raw.retry_max_delay < raw.retry_base_delay {
+        return Err(invalid(
+            "retry_max_delay",
+            "must not be shorter than retry_base_delay",
+        ));
+    }
+    if raw.retry_max_attempts == 0 || raw.retry_max_attempts > 1000 {
+        return Err(invalid("retry_max_attempts", "must be between 1 and 1000"));
+    }
+    if raw.webhook_max_attempts == 0 || raw.webhook_max_attempts > 1000 {
+        return Err(invalid(
+            "webhook_max_attempts",
+            "must be between 1 and 1000",
+        ));
+    }
+    if raw.orphan_timeout <= raw.gateway.request_timeout {
+        return Err(invalid(
+            "orphan_timeout",
+            "must be longer than gateway.request_timeout, or live jobs would be taken over",
+        ));
+    }
+    if raw.guard_auth_failures == 0 {
+        return Err(invalid("guard_auth_failures", "must be at least 1"));
+    }
+    if !raw.callback_path.starts_with('/') || raw.callback_path.starts_with("/v1/") {
+        return Err(invalid(
+            "callback_path",
+            "must start with '/' and must not be under /v1/",
+        ));
+    }
+    if raw.max_body_bytes < 1024 || raw.max_batch_bytes < raw.max_body_bytes {
+        return Err(invalid(
+            "max_body_bytes",
+            "must be at least 1024, and max_batch_bytes at least max_body_bytes",
+        ));
+    }
+    if raw.gateway.max_response_bytes < 1024 {
+        return Err(invalid(
+            "gateway.max_response_bytes",
+            "must be at least 1024",
+        ));
+    }
+    Ok(())
+}
+
+/// `codes.<integer>` overrides of the built-in code classes.
+fn parse_codes(raw: &RawSettings) -> Result<CodeTable, ConfigError> {
+    let mut overrides = HashMap::new();
+    for (code, class) in &raw.codes {
+        let parsed: i64 = code.trim().parse().map_err(|_| {
+            invalid(
+                &format!("codes.{code}"),
+                "the key must be an integer gateway code",
+            )
+        })?;
+        overrides.insert(parsed, *class);
+    }
+    Ok(CodeTable::with_overrides(overrides))
+}
+
+/// The merchant key, read once: from `private_key` or `private_key_file`, never both.
+fn parse_private_key(raw: &RawSettings) -> Result<Option<PrivateKey>, ConfigError> {
+    match (&raw.private_key, &raw.private_key_file) {
+        (Some(_), Some(_)) => Err(invalid(
+            "private_key",
+            "set either private_key (TARSPAY_PRIVATE_KEY) or private_key_file (TARSPAY_PRIVATE_KEY_FILE), not both",
+        )),
+        (Some(hex), None) => PrivateKey::from_hex(hex.expose())
+            .map(Some)
+            .map_err(|err| invalid("private_key", err.to_string())),
+        (None, Some(path)) => PrivateKey::from_file(Path::new(path))
+            .map(Some)
+            .map_err(|err| invalid("private_key_file", err.to_string())),
+        (None, None) => Ok(None),
     }
 }
 
@@ -510,13 +478,6 @@ pub fn check_mch_no(mch_no: &str) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(invalid("mch_no", "must be \"M\" followed by 10 digits"))
-    }
-}
-
-fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
-    match reqwest::Url::parse(value) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
-        _ => Err(invalid(key, "must be an absolute http:// or https:// URL")),
     }
 }
 
@@ -539,70 +500,17 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
     ConfigError::Load(messages.join("; "))
 }
 
-/// Accepts a string or a scalar written without quotes (TOML numbers, environment values).
-pub fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Int(i64),
-        Uint(u64),
-        Bool(bool),
-    }
-    Ok(match Scalar::deserialize(deserializer)? {
-        Scalar::Text(text) => text,
-        Scalar::Int(n) => n.to_string(),
-        Scalar::Uint(n) => n.to_string(),
-        Scalar::Bool(b) => b.to_string(),
-    })
-}
-
-pub fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    let text = lenient_string(deserializer)?;
-    match text.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" | "" => Ok(false),
-        _ => Err(serde::de::Error::custom(format!(
-            "expected true or false, got {text:?}"
-        ))),
-    }
-}
-
-/// An unset or empty value is `None` (so `TARSPAY_NOTIFY_URL=` clears a file's value).
-fn optional_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
-    let text = lenient_string(deserializer)?;
-    Ok((!text.trim().is_empty()).then_some(text))
-}
-
-pub fn lenient_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    let text = lenient_string(deserializer)?;
-    text.trim()
-        .parse()
-        .map_err(|_| serde::de::Error::custom(format!("expected a whole number, got {text:?}")))
-}
-
-/// Durations as text: "500ms", "2s", "5m".
-pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = lenient_string(deserializer)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|_| {
-        format!("expected a duration such as \"500ms\", \"2s\" or \"5m\", got {text:?}")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::ErrorClass;
 
     #[test]
     fn embedded_defaults_load() {
         let settings = Settings::load_with_env(None, [("", ""); 0]).unwrap();
         assert_eq!(settings.gateway_url, "https://payment.tarspay.com");
         assert_eq!(settings.gateway.request_timeout, Duration::from_secs(30));
-        assert!(settings.currencies.contains_key("INR"));
+        assert!(settings.payout_rules().currencies().any(|c| c == "INR"));
         assert!(settings.merchant().is_err());
     }
 
@@ -631,7 +539,7 @@ mod tests {
         );
         assert_eq!(settings.merchant().unwrap().private_key.expose_hex(), key);
         assert_eq!(
-            settings.code_table().unwrap().classify(5003013),
+            settings.code_table().classify(5003013),
             ErrorClass::Retryable
         );
         assert_eq!(
@@ -686,6 +594,23 @@ mod tests {
             ),
             ("TARSPAY_CALLBACK_PATH", "notify", "TARSPAY_CALLBACK_PATH"),
             (
+                "TARSPAY_WEBHOOK_URL",
+                "https://app.example/hook",
+                "TARSPAY_WEBHOOK_SECRET",
+            ),
+            ("TARSPAY_WEBHOOK_URL", "hook", "TARSPAY_WEBHOOK_URL"),
+            (
+                "TARSPAY_PRIVATE_KEY_FILE",
+                "/nonexistent/key",
+                "TARSPAY_PRIVATE_KEY_FILE",
+            ),
+            (
+                "TARSPAY_CURRENCIES__INR__MIN",
+                "a lot",
+                "TARSPAY_CURRENCIES__INR",
+            ),
+            ("TARSPAY_MAX_BODY_BYTES", "10", "TARSPAY_MAX_BODY_BYTES"),
+            (
                 "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
                 "0",
                 "TARSPAY_WEBHOOK_MAX_ATTEMPTS",
@@ -696,9 +621,14 @@ mod tests {
                 "TARSPAY_WEBHOOK_RETRY_MAX_DELAY",
             ),
             (
-                "TARSPAY_WEBHOOK_URL",
-                "https://app.example/hook",
-                "TARSPAY_WEBHOOK_SECRET",
+                "TARSPAY_HEADER_READ_TIMEOUT",
+                "0s",
+                "TARSPAY_HEADER_READ_TIMEOUT",
+            ),
+            (
+                "TARSPAY_CURRENCIES__ABCD__COUNTRY",
+                "Nowhere",
+                "TARSPAY_CURRENCIES__ABCD",
             ),
         ];
         for (var, value, expected) in cases {
@@ -710,6 +640,48 @@ mod tests {
                 assert!(!err.contains(value), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn a_key_and_a_key_file_together_are_refused_without_the_key() {
+        let key = "3".repeat(64);
+        let err = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_PRIVATE_KEY", key.as_str()),
+                ("TARSPAY_PRIVATE_KEY_FILE", "/run/secrets/key"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("TARSPAY_PRIVATE_KEY_FILE"), "{err}");
+        assert!(!err.contains(&key), "{err}");
+    }
+
+    #[test]
+    fn values_are_parsed_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let key = PrivateKey::generate();
+        std::fs::write(&path, format!("{}\n", key.expose_hex())).unwrap();
+        let settings = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_PRIVATE_KEY_FILE", path.to_str().unwrap()),
+                ("TARSPAY_LISTEN", "0.0.0.0:9000"),
+                ("TARSPAY_NOTIFY_URL", "https://merchant.example"),
+            ],
+        )
+        .unwrap();
+        // The file is read once: removing it later changes nothing.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            settings.private_key().unwrap().expose_hex(),
+            key.expose_hex()
+        );
+        assert_eq!(settings.listen.port(), 9000);
+        // The notifyUrl is sent (and signed) as written, not normalised to a trailing '/'.
+        assert_eq!(settings.notify_url().unwrap(), "https://merchant.example");
     }
 
     #[test]
@@ -760,11 +732,24 @@ mod tests {
                 ),
                 ("TARSPAY_API_TOKEN", "tok-abcdef-123456"),
                 ("TARSPAY_PRIVATE_KEY", &"2".repeat(64)),
+                ("TARSPAY_WEBHOOK_URL", "https://hook:hookpw@app.example/h"),
+                ("TARSPAY_WEBHOOK_SECRET", "whsec-value-987"),
+                (
+                    "TARSPAY_NOTIFY_URL",
+                    "https://n:notifypw@merchant.example/n",
+                ),
             ],
         )
         .unwrap();
         let debug = format!("{settings:?}");
-        for secret in ["s3cretpw", "tok-abcdef-123456", &"2".repeat(64)] {
+        for secret in [
+            "s3cretpw",
+            "tok-abcdef-123456",
+            &"2".repeat(64),
+            "hookpw",
+            "whsec-value-987",
+            "notifypw",
+        ] {
             assert!(!debug.contains(secret), "{debug}");
         }
         assert!(debug.contains("redis.internal"), "{debug}");

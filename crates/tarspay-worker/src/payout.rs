@@ -2,6 +2,7 @@
 //! is queued. Every problem is reported with the field it concerns and the rule it broke.
 
 use crate::gateway::types::CreatePayout;
+use crate::ids::{Currency, MchOrderNo};
 use crate::money::{Amount, AmountError};
 use regex::Regex;
 use rust_decimal::Decimal;
@@ -11,8 +12,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-/// Longest accepted `mchOrderNo`; TarsPay does not publish a limit, 64 is generous for ids.
-pub const MAX_ORDER_NO_LEN: usize = 64;
 /// Longest accepted beneficiary field value.
 pub const MAX_FIELD_LEN: usize = 256;
 /// Fields a producer must not set: they come from the worker's settings.
@@ -65,7 +64,7 @@ struct CompiledRule {
 
 /// All currency rules, compiled once.
 pub struct PayoutRules {
-    currencies: BTreeMap<String, CompiledRule>,
+    currencies: BTreeMap<Currency, CompiledRule>,
 }
 
 impl fmt::Debug for PayoutRules {
@@ -88,6 +87,7 @@ impl PayoutRules {
         let mut currencies = BTreeMap::new();
         for (currency, rule) in rules {
             let fail = |reason: String| (currency.clone(), reason);
+            let code = Currency::parse(currency).map_err(|err| fail(format!("the key {err}")))?;
             let mut fields = BTreeMap::new();
             for (name, field) in &rule.fields {
                 let pattern = field
@@ -113,7 +113,7 @@ impl PayoutRules {
                 );
             }
             currencies.insert(
-                currency.clone(),
+                code,
                 CompiledRule {
                     way_codes: rule.way_codes.clone(),
                     min: parse_limit(&rule.min, "min").map_err(fail)?,
@@ -127,7 +127,7 @@ impl PayoutRules {
     }
 
     pub fn currencies(&self) -> impl Iterator<Item = &str> {
-        self.currencies.keys().map(String::as_str)
+        self.currencies.keys().map(Currency::as_str)
     }
 
     /// Checks a payout given as a JSON object (an API body, a line of a JSON-lines file).
@@ -191,17 +191,13 @@ impl PayoutRules {
         let currency = take("currency", &mut errors);
         let way_code = take("wayCode", &mut errors);
 
-        if let Some(id) = &mch_order_no {
-            let valid_chars = id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if id.len() > MAX_ORDER_NO_LEN || !valid_chars {
-                errors.push(FieldError::new(
-                    "mchOrderNo",
-                    format!("must be 1-{MAX_ORDER_NO_LEN} characters of A-Z, a-z, 0-9, '-' or '_'"),
-                ));
+        let mch_order_no = mch_order_no.and_then(|id| match MchOrderNo::parse(&id) {
+            Ok(id) => Some(id),
+            Err(err) => {
+                errors.push(FieldError::new(err.field, err.to_string()));
+                None
             }
-        }
+        });
         let amount = amount_text.and_then(|text| match Amount::parse(&text) {
             Ok(amount) => Some(amount),
             Err(err) => {
@@ -209,22 +205,24 @@ impl PayoutRules {
                 None
             }
         });
-        let rule = currency
-            .as_ref()
-            .and_then(|code| match self.currencies.get(code) {
-                Some(rule) => Some(rule),
-                None => {
-                    let known: Vec<&str> = self.currencies().collect();
-                    errors.push(FieldError::new(
-                        "currency",
-                        format!(
-                            "{code:?} is not a supported currency (supported: {})",
-                            known.join(", ")
-                        ),
-                    ));
-                    None
-                }
-            });
+        // A supported currency is a key of the rules, so it is a checked `Currency` already.
+        let known =
+            currency
+                .as_ref()
+                .and_then(|code| match self.currencies.get_key_value(code.as_str()) {
+                    Some(found) => Some(found),
+                    None => {
+                        let known: Vec<&str> = self.currencies().collect();
+                        errors.push(FieldError::new(
+                            "currency",
+                            format!(
+                                "{code:?} is not a supported currency (supported: {})",
+                                known.join(", ")
+                            ),
+                        ));
+                        None
+                    }
+                });
 
         let mut extras = BTreeMap::new();
         for (key, value) in fields {
@@ -257,7 +255,8 @@ impl PayoutRules {
             }
         }
 
-        if let (Some(rule), Some(currency)) = (rule, &currency) {
+        let currency = known.map(|(code, _)| code.clone());
+        if let (Some((_, rule)), Some(currency)) = (known, &currency) {
             if let Some(way_code) = &way_code
                 && !rule.way_codes.is_empty()
                 && !rule.way_codes.contains(way_code)
@@ -336,12 +335,12 @@ impl PayoutRules {
 #[schema(as = Payout)]
 pub struct PayoutRequest {
     /// Your order id: the payout's idempotency key for life.
-    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
-    pub mch_order_no: String,
+    #[schema(value_type = String, pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    pub mch_order_no: MchOrderNo,
     pub amount: Amount,
     /// A currency of the worker's payout rules (`[currencies.*]` in settings).
-    #[schema(examples("INR", "BDT", "KES", "MYR", "PHP", "PKR"))]
-    pub currency: String,
+    #[schema(value_type = String, examples("INR", "BDT", "KES", "MYR", "PHP", "PKR"))]
+    pub currency: Currency,
     #[schema(examples("UPI", "EWALLET_BKASH", "EWALLET_MPESA"))]
     pub way_code: String,
     /// Beneficiary fields and merchant extras, passed through unchanged.
@@ -352,10 +351,10 @@ pub struct PayoutRequest {
 impl PayoutRequest {
     pub fn to_create(&self, notify_url: &str) -> CreatePayout {
         CreatePayout {
-            mch_order_no: self.mch_order_no.clone(),
+            mch_order_no: self.mch_order_no.to_string(),
             way_code: self.way_code.clone(),
             amount: self.amount.clone(),
-            currency: self.currency.clone(),
+            currency: self.currency.to_string(),
             notify_url: notify_url.to_owned(),
             fields: self.fields.clone(),
         }
@@ -396,14 +395,17 @@ impl fmt::Display for ValidationErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Settings;
+    use figment::Figment;
+    use figment::providers::{Format, Toml};
     use serde_json::json;
 
+    /// The shipped rules, read straight from the defaults (settings depend on this module).
     fn rules() -> PayoutRules {
-        Settings::load_with_env(None, [("", ""); 0])
-            .unwrap()
-            .payout_rules()
-            .unwrap()
+        let shipped: BTreeMap<String, CurrencyRule> =
+            Figment::from(Toml::string(include_str!("../config/default.toml")))
+                .extract_inner("currencies")
+                .unwrap();
+        PayoutRules::compile(&shipped).unwrap()
     }
 
     fn fields_of(errors: &ValidationErrors) -> Vec<&str> {

@@ -3,17 +3,17 @@
 //! validation.
 
 use crate::jobs::PayoutJob;
+// Re-exported where callers have always found it; it belongs to the job type.
+use crate::ids::{BatchId, Currency, MchOrderNo};
+pub use crate::jobs::PAYOUT_JOB_MAX_ATTEMPTS;
 use crate::ledger::{Ledger, LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
+use crate::money::Amount;
 use crate::payout::{PayoutRequest, PayoutRules, ValidationErrors};
 use crate::queue::{JobOptions, QueueError, RedisQueue};
 use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-
-/// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
-/// own ceiling only catches a job that keeps crashing its worker.
-pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
 
 /// Rows of a batch registered concurrently.
 const REGISTRATIONS_IN_FLIGHT: usize = 64;
@@ -42,15 +42,15 @@ pub enum Enqueued {
 }
 
 /// What a batch enqueue did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchEnqueued {
-    pub batch_id: String,
+    pub batch_id: BatchId,
     pub queued: usize,
     /// Already registered with the same body (a re-run): not queued again.
     pub existing: usize,
     /// Already registered with a different body: not queued.
-    pub conflicting: Vec<String>,
+    pub conflicting: Vec<MchOrderNo>,
 }
 
 #[derive(Clone)]
@@ -105,7 +105,7 @@ impl Producer {
     pub async fn enqueue_json(
         &self,
         value: &Value,
-        batch_id: Option<&str>,
+        batch_id: Option<&BatchId>,
     ) -> Result<Enqueued, ProducerError> {
         let request = self.rules.validate_json(value)?;
         self.enqueue(&request, batch_id).await
@@ -116,7 +116,7 @@ impl Producer {
     pub async fn enqueue(
         &self,
         request: &PayoutRequest,
-        batch_id: Option<&str>,
+        batch_id: Option<&BatchId>,
     ) -> Result<Enqueued, ProducerError> {
         let fingerprint = fingerprint(request);
         let body = serde_json::to_string(request).unwrap_or_default();
@@ -140,11 +140,13 @@ impl Producer {
     pub async fn enqueue_batch(
         &self,
         requests: &[PayoutRequest],
-        batch_id: &str,
+        batch_id: &BatchId,
     ) -> Result<BatchEnqueued, ProducerError> {
         let mut result = BatchEnqueued {
-            batch_id: batch_id.to_owned(),
-            ..BatchEnqueued::default()
+            batch_id: batch_id.clone(),
+            conflicting: Vec::new(),
+            queued: 0,
+            existing: 0,
         };
         // Registrations in flight together share the ledger's script calls (group commit);
         // results come back in row order.
@@ -190,7 +192,7 @@ impl Producer {
             Registered::Exists { same_request, .. } => {
                 let record = self.ledger.get(order.mch_order_no).await?.ok_or_else(|| {
                     LedgerError::Corrupt {
-                        id: order.mch_order_no.to_owned(),
+                        id: order.mch_order_no.to_string(),
                         reason: "registered but unreadable".into(),
                     }
                 })?;
@@ -207,21 +209,21 @@ impl Producer {
     /// Follows a deposit the merchant created itself: registers it as accepted and polls it.
     pub async fn track_deposit(
         &self,
-        mch_order_no: &str,
-        amount: &str,
-        currency: &str,
+        mch_order_no: &MchOrderNo,
+        amount: &Amount,
+        currency: &Currency,
     ) -> Result<Enqueued, ProducerError> {
         let order = NewOrder {
             mch_order_no,
             kind: OrderKind::Deposit,
             fingerprint: "",
-            amount,
+            amount: amount.as_str(),
             currency,
             request: "",
             batch_id: None,
         };
         let job = PayoutJob::PollStatus {
-            mch_order_no: mch_order_no.to_owned(),
+            mch_order_no: mch_order_no.clone(),
             kind: OrderKind::Deposit,
             once: false,
         };

@@ -1,6 +1,5 @@
 //! A string that must never be printed: API tokens, webhook secrets, raw key material.
 
-use serde::{Deserialize, Deserializer};
 use std::fmt;
 use subtle::ConstantTimeEq;
 
@@ -38,12 +37,6 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        crate::config::lenient_string(deserializer).map(Secret)
     }
 }
 

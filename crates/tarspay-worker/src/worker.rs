@@ -74,7 +74,8 @@ impl Deployment {
     /// outcome this deployment's ledger appends gets its delivery job in the same step.
     pub async fn connect(settings: &Settings) -> Result<Self, WorkerError> {
         let webhook_settings = WebhookSettings::from_settings(settings)?;
-        let queue = RedisQueue::connect(&settings.redis_url, queue_config(settings)).await?;
+        let queue =
+            RedisQueue::connect(settings.redis_url.as_str(), queue_config(settings)).await?;
         let webhooks =
             RedisQueue::from_client(queue.client().clone(), webhook_queue_config(settings)).await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
@@ -97,7 +98,7 @@ impl Deployment {
         Ok(Producer::new(
             self.ledger.clone(),
             self.queue.clone(),
-            Arc::new(settings.payout_rules()?),
+            settings.payout_rules(),
         ))
     }
 
@@ -109,7 +110,7 @@ impl Deployment {
         Ok(JobContext {
             ledger: self.ledger.clone(),
             client,
-            codes: settings.code_table()?,
+            codes: settings.code_table().clone(),
             notify_url: settings.notify_url()?.to_owned(),
             retry: RetryPolicy {
                 base_delay: settings.retry_base_delay,

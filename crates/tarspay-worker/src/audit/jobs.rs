@@ -40,7 +40,7 @@ impl JobIndex {
             self.undecodable += 1;
             return;
         };
-        let order = job.mch_order_no().to_owned();
+        let order = job.mch_order_no().to_string();
         if dead {
             *self.dead.entry(order).or_default() += 1;
         } else if self.seen.insert(id.clone()) {

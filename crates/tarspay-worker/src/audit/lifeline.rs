@@ -11,9 +11,8 @@
 use super::orders::{self, OrderView};
 use super::report::Pass;
 use super::{AuditError, Auditor, Pace, jobs};
-use crate::jobs::PayoutJob;
+use crate::jobs::{PAYOUT_JOB_MAX_ATTEMPTS, PayoutJob};
 use crate::ledger::Ledger;
-use crate::producer::PAYOUT_JOB_MAX_ATTEMPTS;
 use crate::queue::{JobOptions, RedisQueue};
 use redis::Script;
 use std::sync::LazyLock;
@@ -180,7 +179,7 @@ impl Lifeline {
             PayoutJob::poll(&record, false)
         } else {
             PayoutJob::CreatePayout {
-                mch_order_no: order.id.clone(),
+                mch_order_no: record.mch_order_no.clone(),
             }
         };
         let options = JobOptions {

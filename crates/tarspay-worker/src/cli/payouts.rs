@@ -2,8 +2,13 @@
 //! `resume`, `dead list|retry`.
 
 use crate::config::Settings;
+use crate::ids::{BatchId, Currency, MchOrderNo};
 use crate::ledger::Outcome;
+use crate::ledger::OutcomeStatus;
+use crate::money::Amount;
 use crate::producer::{Enqueued, ProducerError};
+use crate::queue::{QueueStats, RedisQueue};
+use crate::strict_json::StrictJsonError;
 use crate::worker::{self, Deployment};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -11,8 +16,6 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use crate::strict_json::StrictJsonError;
-use crate::queue::{QueueStats, RedisQueue};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -32,9 +35,9 @@ pub struct EnqueueArgs {
     /// settings); `-` reads stdin.
     #[arg(long)]
     file: PathBuf,
-    /// Tag every payout with this batch id.
+    /// Tag every payout with this batch id (1-64 of A-Z, a-z, 0-9, '-', '_').
     #[arg(long)]
-    batch: Option<String>,
+    batch: Option<BatchId>,
 }
 
 #[derive(Args)]
@@ -58,12 +61,12 @@ pub struct OutcomesArgs {
 #[derive(Args)]
 pub struct FollowDepositArgs {
     /// The deposit's mchOrderNo (created by you at TarsPay).
-    id: String,
+    id: MchOrderNo,
     /// Its amount, as created (decimal string).
     #[arg(long)]
-    amount: String,
+    amount: Amount,
     #[arg(long)]
-    currency: String,
+    currency: Currency,
 }
 
 #[derive(Subcommand)]
@@ -172,7 +175,7 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
                 continue;
             }
         };
-        match producer.enqueue_json(&value, args.batch.as_deref()).await {
+        match producer.enqueue_json(&value, args.batch.as_ref()).await {
             Ok(Enqueued::Queued) => println!(
                 "queued {}",
                 value["mchOrderNo"].as_str().unwrap_or_default()
@@ -205,9 +208,6 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
 
 /// Follows a deposit created outside this worker: polled (`/api/payInInfo`) to its outcome.
 pub async fn follow_deposit(settings: &Settings, args: FollowDepositArgs) -> Result<ExitCode> {
-    if let Err(err) = crate::money::Amount::parse(&args.amount) {
-        bail!("--amount: {err}");
-    }
     let deployment = Deployment::connect(settings).await?;
     let producer = deployment.producer(settings)?;
     match producer
@@ -264,7 +264,9 @@ pub async fn status(settings: &Settings, args: StatusArgs) -> Result<ExitCode> {
             println!(
                 "CORRECTION   the gateway now says {} (was {}) at {}",
                 correction.status,
-                correction.previous_status.as_deref().unwrap_or("?"),
+                correction
+                    .previous_status
+                    .map_or("?", OutcomeStatus::as_str),
                 correction.at
             );
         }
@@ -283,7 +285,7 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
         let event = if outcome.is_correction() {
             format!(
                 " CORRECTION (was {})",
-                outcome.previous_status.as_deref().unwrap_or("?")
+                outcome.previous_status.map_or("?", OutcomeStatus::as_str)
             )
         } else {
             String::new()

@@ -4,6 +4,7 @@
 use crate::batch::{self, BatchError};
 use crate::config::Settings;
 use crate::gateway::TarsPayClient;
+use crate::ids::BatchId;
 use crate::ledger::{BatchSummary, Ledger, Phase};
 use crate::payout::PayoutRequest;
 use crate::worker::Deployment;
@@ -11,7 +12,6 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rust_decimal::Decimal;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,15 +30,16 @@ pub struct PayrollArgs {
     /// Where to write one result row per payout (default: FILE.results.csv).
     #[arg(long)]
     results: Option<PathBuf>,
-    /// Batch id (default: derived from the file's content, so a re-run is the same batch).
+    /// Batch id, by the HTTP API's rule: 1-64 of A-Z, a-z, 0-9, '-', '_' (default: derived
+    /// from the file's content, so a re-run is the same batch).
     #[arg(long)]
-    batch_id: Option<String>,
+    batch_id: Option<BatchId>,
 }
 
 pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let rules = settings.payout_rules()?;
+    let rules = settings.payout_rules();
     let requests = match batch::parse_csv(&rules, &bytes) {
         Ok(requests) => requests,
         Err(BatchError::BadRows { rows }) => {
@@ -58,7 +59,7 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     let batch_id = args
         .batch_id
         .clone()
-        .unwrap_or_else(|| format!("payroll-{}", &hex::encode(Sha256::digest(&bytes))[..16]));
+        .unwrap_or_else(|| BatchId::of_content("payroll", &bytes));
     let deployment = Deployment::connect(settings).await?;
 
     // Only payouts not queued before need money now (a re-run needs none).
@@ -70,7 +71,7 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
             .await?
             .is_none()
         {
-            *new_total.entry(request.currency.clone()).or_default() += request.amount.value();
+            *new_total.entry(request.currency.to_string()).or_default() += request.amount.value();
         }
     }
     if !new_total.is_empty() {

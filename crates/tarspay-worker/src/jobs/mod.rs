@@ -16,10 +16,15 @@ pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
 
 use crate::gateway::{CodeTable, TarsPayClient};
+use crate::ids::MchOrderNo;
 use crate::ledger::{Ledger, LedgerError, OrderKind, OrderRecord};
 use crate::queue::{JobOptions, PreparedJob, QueueError, RedisQueue};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// Jobs of the payout queue retry on their own terms (the ledger bounds creates); the queue's
+/// own ceiling only catches a job that keeps crashing its worker.
+pub const PAYOUT_JOB_MAX_ATTEMPTS: u32 = 10_000;
 
 /// A job on the payout queue. Both carry only the order number: everything else is read from
 /// the ledger, so a redelivered or stale job can never carry a different payout.
@@ -28,11 +33,11 @@ use std::time::Duration;
 pub enum PayoutJob {
     CreatePayout {
         #[serde(rename = "mchOrderNo")]
-        mch_order_no: String,
+        mch_order_no: MchOrderNo,
     },
     PollStatus {
         #[serde(rename = "mchOrderNo")]
-        mch_order_no: String,
+        mch_order_no: MchOrderNo,
         kind: OrderKind,
         /// A single look (e.g. prompted by an untrusted callback); regular polling goes on in
         /// the order's own poll job.
@@ -42,7 +47,7 @@ pub enum PayoutJob {
 }
 
 impl PayoutJob {
-    pub fn mch_order_no(&self) -> &str {
+    pub fn mch_order_no(&self) -> &MchOrderNo {
         match self {
             Self::CreatePayout { mch_order_no } | Self::PollStatus { mch_order_no, .. } => {
                 mch_order_no
@@ -52,14 +57,9 @@ impl PayoutJob {
 
     /// A poll-status job for `record` (payout or deposit); `once` for a single look.
     pub fn poll(record: &OrderRecord, once: bool) -> Self {
-        let kind = if record.kind == OrderKind::Deposit.as_str() {
-            OrderKind::Deposit
-        } else {
-            OrderKind::Payout
-        };
         Self::PollStatus {
             mch_order_no: record.mch_order_no.clone(),
-            kind,
+            kind: record.kind,
             once,
         }
     }
@@ -134,7 +134,7 @@ impl JobContext {
         let job = PayoutJob::poll(record, false);
         let options = JobOptions {
             delay: Some(self.poll.first_delay),
-            max_attempts: Some(crate::producer::PAYOUT_JOB_MAX_ATTEMPTS),
+            max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
         Ok(self.queue.prepare(&job, &options)?)

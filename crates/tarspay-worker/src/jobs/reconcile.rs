@@ -17,8 +17,8 @@ pub(super) enum Lookup {
 }
 
 pub(super) async fn lookup(ctx: &JobContext, record: &OrderRecord) -> Lookup {
-    let order = OrderRef::MchOrderNo(record.mch_order_no.clone());
-    let (result, not_found) = if record.kind == OrderKind::Deposit.as_str() {
+    let order = OrderRef::MchOrderNo(record.mch_order_no.to_string());
+    let (result, not_found) = if record.kind == OrderKind::Deposit {
         (ctx.client.query_deposit(&order).await, 5003018)
     } else {
         (ctx.client.query_payout(&order).await, 5003020)

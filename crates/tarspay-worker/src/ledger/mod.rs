@@ -12,9 +12,10 @@ mod outcome;
 mod phase;
 mod scripts;
 
-pub use outcome::Outcome;
+pub use outcome::{Outcome, OutcomeEvent, OutcomeStatus};
 pub use phase::Phase;
 
+use crate::ids::{BatchId, Currency, MchOrderNo};
 use crate::queue::{PreparedJob, QueueKeys};
 use batcher::{Batcher, Op};
 use redis::AsyncCommands;
@@ -130,18 +131,34 @@ impl OrderKind {
     }
 }
 
+impl std::fmt::Display for OrderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OrderKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        [Self::Payout, Self::Deposit]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+            .ok_or_else(|| format!("unknown order kind {text:?}"))
+    }
+}
+
 /// What a producer registers.
 #[derive(Debug, Clone)]
 pub struct NewOrder<'a> {
-    pub mch_order_no: &'a str,
+    pub mch_order_no: &'a MchOrderNo,
     pub kind: OrderKind,
     /// Identifies the request body, so a re-submission can be told apart from a clash.
     pub fingerprint: &'a str,
     pub amount: &'a str,
-    pub currency: &'a str,
+    pub currency: &'a Currency,
     /// The request as JSON, so any worker can rebuild the same create.
     pub request: &'a str,
-    pub batch_id: Option<&'a str>,
+    pub batch_id: Option<&'a BatchId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,13 +241,14 @@ pub struct FinalResult {
 #[serde(rename_all = "camelCase")]
 #[schema(as = PayoutStatus)]
 pub struct OrderRecord {
-    pub mch_order_no: String,
+    #[schema(value_type = String)]
+    pub mch_order_no: MchOrderNo,
     /// `payout`, or `deposit` for followed deposits.
-    #[schema(example = "payout")]
-    pub kind: String,
+    #[schema(value_type = String, example = "payout")]
+    pub kind: OrderKind,
     pub phase: Phase,
     pub amount: String,
-    pub currency: String,
+    pub currency: Currency,
     pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pay_order_id: Option<String>,
@@ -243,7 +261,7 @@ pub struct OrderRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_msg: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch_id: Option<String>,
+    pub batch_id: Option<BatchId>,
     pub stuck: bool,
     /// A create of this order may have reached the gateway without an answer; it is never
     /// failed on a lookup alone.
@@ -333,14 +351,14 @@ impl std::fmt::Debug for Ledger {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Registration {
-    mch_order_no: String,
-    kind: String,
+    mch_order_no: MchOrderNo,
+    kind: OrderKind,
     fingerprint: String,
     amount: String,
-    currency: String,
+    currency: Currency,
     request: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    batch_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch_id: Option<BatchId>,
     created_at: u64,
 }
 
@@ -403,12 +421,7 @@ fn effective_phase(
         reason,
     };
     if let Some(finished) = finished {
-        let phase: Phase = finished.outcome.status.parse().map_err(corrupt)?;
-        return if phase.is_final() {
-            Ok(phase)
-        } else {
-            Err(corrupt(format!("final status {phase} is not final")))
-        };
+        return Ok(finished.outcome.status.into());
     }
     if accepted {
         return Ok(Phase::Accepted);
@@ -465,7 +478,7 @@ fn record_from_fields(
     }
     corrections.sort_by_key(|(at, _)| *at);
     Ok(Some(OrderRecord {
-        mch_order_no: mch_order_no.to_owned(),
+        mch_order_no: registration.mch_order_no,
         kind: registration.kind,
         phase,
         amount: registration.amount,
@@ -487,7 +500,7 @@ fn record_from_fields(
             Some(o) => o.msg.clone(),
             None => text(fields.get("lastMsg")),
         },
-        batch_id: Some(registration.batch_id).filter(|b| !b.is_empty()),
+        batch_id: registration.batch_id,
         stuck: finished.is_none() && fields.get("stuck").is_some_and(|v| v == "1"),
         ambiguous: fields.get("ambiguous").is_some_and(|v| v == "1"),
         accepted: accepted.is_some(),
@@ -504,22 +517,25 @@ fn record_from_fields(
 fn outcome_fields(outcome: &Outcome) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let num = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+    fn opt_text<T: std::fmt::Display>(value: &Option<T>) -> String {
+        value.as_ref().map(T::to_string).unwrap_or_default()
+    }
     // `event` and `previousStatus` lead: the ledger script rewrites them for a correction.
     vec![
-        ("event", outcome.event.clone()),
-        ("previousStatus", opt(&outcome.previous_status)),
-        ("kind", outcome.kind.clone()),
-        ("mchOrderNo", outcome.mch_order_no.clone()),
-        ("status", outcome.status.clone()),
+        ("event", outcome.event.to_string()),
+        ("previousStatus", opt_text(&outcome.previous_status)),
+        ("kind", outcome.kind.to_string()),
+        ("mchOrderNo", outcome.mch_order_no.to_string()),
+        ("status", outcome.status.to_string()),
         ("gatewayState", num(outcome.gateway_state)),
         ("payOrderId", opt(&outcome.pay_order_id)),
         ("amount", outcome.amount.clone()),
-        ("currency", outcome.currency.clone()),
+        ("currency", outcome.currency.to_string()),
         ("fee", opt(&outcome.fee)),
         ("code", num(outcome.code)),
         ("msg", opt(&outcome.msg)),
         ("attempts", outcome.attempts.to_string()),
-        ("batchId", opt(&outcome.batch_id)),
+        ("batchId", opt_text(&outcome.batch_id)),
         ("at", outcome.at.clone()),
     ]
 }
@@ -625,17 +641,17 @@ impl Ledger {
         initial: Phase,
         job: Option<&PreparedJob>,
     ) -> Result<Registered, LedgerError> {
-        let id = order.mch_order_no;
-        let batch = order.batch_id.unwrap_or_default();
+        let id = order.mch_order_no.as_str();
+        let batch = order.batch_id.map_or("", BatchId::as_str);
         let now = crate::queue::now_ms();
         let registration = Registration {
-            mch_order_no: id.to_owned(),
-            kind: order.kind.as_str().to_owned(),
+            mch_order_no: order.mch_order_no.clone(),
+            kind: order.kind,
             fingerprint: order.fingerprint.to_owned(),
             amount: order.amount.to_owned(),
-            currency: order.currency.to_owned(),
+            currency: order.currency.clone(),
             request: order.request.to_owned(),
-            batch_id: batch.to_owned(),
+            batch_id: order.batch_id.cloned(),
             created_at: now,
         };
         let corrupt = |reason: String| LedgerError::Corrupt {
@@ -902,11 +918,14 @@ impl Ledger {
         let id = record.mch_order_no.as_str();
         let finished = Finished {
             outcome: Outcome {
-                event: outcome::FINAL_EVENT.to_owned(),
+                event: OutcomeEvent::Final,
                 previous_status: None,
-                kind: record.kind.clone(),
-                mch_order_no: id.to_owned(),
-                status: phase.as_str().to_owned(),
+                kind: record.kind,
+                mch_order_no: record.mch_order_no.clone(),
+                status: OutcomeStatus::from_phase(phase).ok_or_else(|| LedgerError::Corrupt {
+                    id: id.to_owned(),
+                    reason: format!("{phase} is not a final phase"),
+                })?,
                 gateway_state: result.gateway_state,
                 pay_order_id: result
                     .pay_order_id
@@ -1016,7 +1035,7 @@ impl Ledger {
             .arg(count)
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(outcome::parse_range(reply))
+        outcome::parse_range(reply)
     }
 
     /// Orders flagged stuck and not final. The set can briefly hold an order that was
@@ -1086,7 +1105,7 @@ impl Ledger {
                 if let Some(record) = record
                     && let Ok(value) = rust_decimal::Decimal::from_str_exact(&record.amount)
                 {
-                    *entry.amounts.entry(record.currency).or_default() += value;
+                    *entry.amounts.entry(record.currency.into()).or_default() += value;
                 }
             }
         }

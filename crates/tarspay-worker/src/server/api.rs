@@ -4,6 +4,7 @@
 use super::AppState;
 use super::openapi::{BatchRefused, Conflict, ErrorBody, Health, Invalid, QueueState};
 use crate::batch::{self, BatchError};
+use crate::ids::BatchId;
 use crate::ledger::{BatchSummary, OrderRecord};
 use crate::payout::PayoutRequest;
 use crate::producer::{BatchEnqueued, Enqueued, ProducerError};
@@ -173,15 +174,13 @@ pub async fn create_batch(
             return (status, Json(BatchRefused::new(err))).into_response();
         }
     };
-    let batch_id = match query.batch_id {
-        Some(id) if valid_batch_id(&id) => id,
-        Some(_) => {
-            let refused = BatchRefused::request(
-                "batchId must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'",
-            );
+    let batch_id = match query.batch_id.as_deref().map(BatchId::parse) {
+        Some(Ok(id)) => id,
+        Some(Err(err)) => {
+            let refused = BatchRefused::request(format!("{} {err}", err.field));
             return (StatusCode::UNPROCESSABLE_ENTITY, Json(refused)).into_response();
         }
-        None => format!("b-{:016x}", rand::random::<u64>()),
+        None => BatchId::random(),
     };
     match state.producer.enqueue_batch(&requests, &batch_id).await {
         Ok(result) if result.conflicting.is_empty() => {
@@ -195,14 +194,6 @@ pub async fn create_batch(
         }
         Err(err) => internal(err),
     }
-}
-
-pub fn valid_batch_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Counts and amount totals per phase.

@@ -138,7 +138,7 @@ pub async fn receive(
 /// A payout no create was ever sent for: the submit step counts every create before sending
 /// it, so no attempts and no acceptance means the gateway cannot hold it from us.
 fn never_sent(record: &OrderRecord) -> bool {
-    record.kind == OrderKind::Payout.as_str()
+    record.kind == OrderKind::Payout
         && record.attempts == 0
         && !record.accepted
         && !record.phase.is_final()
@@ -173,7 +173,7 @@ fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str
         (None, _) => true,
         (Some(_), Err(_)) => false,
     };
-    ours && same_order && record.kind == kind.as_str() && same_currency && same_amount
+    ours && same_order && record.kind == kind && same_currency && same_amount
 }
 
 async fn schedule_query(

@@ -44,7 +44,7 @@ impl AppState {
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
-            system_key: settings.system_public_key()?,
+            system_key: settings.system_public_key(),
             mch_no: settings.mch_no.clone(),
             api_token: settings.api_token()?,
             metrics: crate::metrics::install(),

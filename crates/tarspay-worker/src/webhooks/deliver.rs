@@ -38,6 +38,10 @@ pub enum DeliveryError {
     Redis(#[from] redis::RedisError),
     #[error("cannot encode the outcome: {0}")]
     Encode(#[from] serde_json::Error),
+    /// An outcome entry that does not parse: only our own script writes them, so this is a
+    /// bug or a tampered stream; retrying cannot help.
+    #[error("outcome {id} is malformed: {reason}")]
+    Corrupt { id: String, reason: String },
     /// The receiver answered something other than 2xx, or could not be reached.
     #[error("receiver: {0}")]
     Receiver(String),
@@ -85,10 +89,15 @@ impl Deliverer {
             .arg(entry_id)
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(range
+        range
             .ids
             .first()
-            .map(|entry| Outcome::from_fields(&entry.map)))
+            .map(|entry| Outcome::from_fields(&entry.map))
+            .transpose()
+            .map_err(|reason| DeliveryError::Corrupt {
+                id: entry_id.to_owned(),
+                reason,
+            })
     }
 
     /// One attempt: `Ok` after a 2xx.

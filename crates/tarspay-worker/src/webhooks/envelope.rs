@@ -55,15 +55,15 @@ mod tests {
 
     fn outcome(event: &str, status: &str) -> Outcome {
         Outcome {
-            event: event.into(),
-            previous_status: (event == "correction").then(|| "succeeded".into()),
-            kind: "payout".into(),
-            mch_order_no: "A-1".into(),
-            status: status.into(),
+            event: event.parse().unwrap(),
+            previous_status: (event == "correction").then(|| "succeeded".parse().unwrap()),
+            kind: "payout".parse().unwrap(),
+            mch_order_no: "A-1".parse().unwrap(),
+            status: status.parse().unwrap(),
             gateway_state: Some(2),
             pay_order_id: Some("P1".into()),
             amount: "100.50".into(),
-            currency: "INR".into(),
+            currency: "INR".parse().unwrap(),
             fee: None,
             code: None,
             msg: None,

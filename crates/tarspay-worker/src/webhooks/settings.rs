@@ -34,7 +34,7 @@ impl WebhookSettings {
         let Some(url) = &settings.webhook_url else {
             return Ok(None);
         };
-        let url = reqwest::Url::parse(url).map_err(|_| WebhookError::Url)?;
+        let url = reqwest::Url::parse(url.as_str()).map_err(|_| WebhookError::Url)?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(WebhookError::Url);
         }
