@@ -11,132 +11,15 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::queue::backoff::redis_backoff;
-use crate::queue::envelope::Envelope;
+use crate::queue::delivery::Delivery;
 use crate::queue::fetch::Fetcher;
-use crate::queue::inflight::InFlight;
 use crate::queue::renew::run_renewer;
-use crate::queue::settle::{Request, SettleHandle, run_settler};
-use crate::queue::storage::Shared;
-use crate::queue::{QueueConfig, QueueError, RedisQueue, SettleLayer, scripts, worker_identity};
-
-/// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
-#[derive(Debug, Clone)]
-pub struct Delivery(Arc<DeliveryInner>);
-
-#[derive(Debug)]
-struct DeliveryInner {
-    entry_id: String,
-    envelope: Envelope,
-    attempts_before: u32,
-    max_attempts: u32,
-}
-
-impl Delivery {
-    pub(crate) fn new(
-        entry_id: String,
-        envelope: Envelope,
-        attempts_before: u32,
-        max_attempts: u32,
-    ) -> Self {
-        Self(Arc::new(DeliveryInner {
-            entry_id,
-            envelope,
-            attempts_before,
-            max_attempts,
-        }))
-    }
-
-    /// The job id given at enqueue.
-    pub fn job_id(&self) -> &str {
-        &self.0.envelope.id
-    }
-
-    /// The stream entry id of this delivery.
-    pub fn entry_id(&self) -> &str {
-        &self.0.entry_id
-    }
-
-    /// Attempts made before this one (retries and crash redeliveries).
-    pub fn attempts_before(&self) -> u32 {
-        self.0.attempts_before
-    }
-
-    /// The job's ceiling on attempts.
-    pub fn max_attempts(&self) -> u32 {
-        self.0.max_attempts
-    }
-
-    /// The unique key the job holds, if any.
-    pub fn unique_key(&self) -> Option<&str> {
-        self.0.envelope.unique.as_deref()
-    }
-
-    /// The job's stored JSON.
-    pub fn payload_json(&self) -> &str {
-        self.0.envelope.payload.get()
-    }
-
-    pub(crate) fn envelope(&self) -> &Envelope {
-        &self.0.envelope
-    }
-}
-
-/// Per-worker state, created when apalis asks for the backend's middleware.
-pub(crate) struct WorkerRuntime<T> {
-    consumer: String,
-    settle: SettleHandle,
-    settle_rx: Option<mpsc::UnboundedReceiver<Request>>,
-    tx: Option<mpsc::Sender<Task<T>>>,
-    rx: Option<mpsc::Receiver<Task<T>>>,
-    inflight: InFlight,
-    stop: CancellationToken,
-    fetcher: Option<JoinHandle<()>>,
-    renewer: Option<JoinHandle<()>>,
-    started: bool,
-    /// Behind a mutex only so the queue handle is `Sync` (handlers share it to enqueue);
-    /// it is only touched through `&mut self`.
-    closing: std::sync::Mutex<Option<BoxFuture<'static, ()>>>,
-}
-
-impl<T> WorkerRuntime<T> {
-    fn new(worker_name: &str, prefetch: usize) -> Self {
-        let (settle, settle_rx) = SettleHandle::channel();
-        let (tx, rx) = mpsc::channel(prefetch);
-        Self {
-            consumer: worker_identity(worker_name),
-            settle,
-            settle_rx: Some(settle_rx),
-            tx: Some(tx),
-            rx: Some(rx),
-            inflight: InFlight::default(),
-            stop: CancellationToken::new(),
-            fetcher: None,
-            renewer: None,
-            started: false,
-            closing: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-/// The close future, reached through `&mut` (no locking happens).
-fn closing_slot<T>(runtime: &mut WorkerRuntime<T>) -> &mut Option<BoxFuture<'static, ()>> {
-    runtime
-        .closing
-        .get_mut()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl<T> Drop for WorkerRuntime<T> {
-    fn drop(&mut self) {
-        // A worker dropped without a graceful close must not leave loops running.
-        self.stop.cancel();
-    }
-}
+use crate::queue::runtime::{WorkerRuntime, closing_slot};
+use crate::queue::settle::run_settler;
+use crate::queue::shared::Shared;
+use crate::queue::{QueueConfig, QueueError, RedisQueue, SettleLayer, scripts};
 
 impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
     fn runtime(&mut self, worker: &WorkerContext) -> &mut WorkerRuntime<T> {

@@ -1,6 +1,6 @@
 //! Promotion of due delayed jobs into the stream, in bounded chunks.
 
-use crate::queue::storage::Shared;
+use crate::queue::shared::Shared;
 use crate::queue::{QueueError, RedisQueue, scripts};
 
 impl Shared {

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::backend::Delivery;
 use crate::queue::backoff::redis_backoff;
+use crate::queue::delivery::Delivery;
 use crate::queue::entries::{RawEntry, parse_entry, parse_read_reply, text};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::settle::{SettleHandle, Settlement};
-use crate::queue::storage::Shared;
+use crate::queue::shared::Shared;
 use crate::queue::{QueueError, scripts};
 
 pub(crate) struct Fetcher<T> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tower::{Layer, Service};
 
 use crate::queue::QueueConfig;
-use crate::queue::backend::Delivery;
 use crate::queue::backoff::job_retry_delay;
+use crate::queue::delivery::Delivery;
 use crate::queue::settle::{SettleHandle, Settlement};
 
 /// Defaults for errors that carry no decision of their own.

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::queue::clock::now_ms;
 use crate::queue::entries::text;
 use crate::queue::inflight::InFlight;
-use crate::queue::storage::Shared;
+use crate::queue::shared::Shared;
 use crate::queue::{QueueError, scripts};
 
 /// Entries renewed per Lua call.

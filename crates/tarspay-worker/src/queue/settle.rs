@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::queue::backoff::redis_backoff;
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
-use crate::queue::storage::Shared;
+use crate::queue::shared::Shared;
 use crate::queue::{QueueError, scripts};
 
 /// What to do with one delivered entry.

@@ -1,16 +1,17 @@
 //! The queue handle: connection, enqueue (single and bulk), and the shared state every worker of
 //! this handle uses.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::marker::PhantomData;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::queue::backend::WorkerRuntime;
 use crate::queue::clock;
 use crate::queue::envelope::{Envelope, new_job_id};
+use crate::queue::runtime::WorkerRuntime;
+use crate::queue::shared::{Shared, refresh_clock};
 use crate::queue::{QueueConfig, QueueError, QueueKeys, scripts};
 
 /// Options of one enqueued job.
@@ -58,67 +59,6 @@ impl Enqueued {
     /// True for [`Enqueued::Duplicate`].
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Self::Duplicate { .. })
-    }
-}
-
-/// State shared by every clone of a queue handle.
-pub(crate) struct Shared {
-    pub(crate) client: redis::Client,
-    pub(crate) conn: ConnectionManager,
-    pub(crate) keys: QueueKeys,
-    pub(crate) config: QueueConfig,
-}
-
-impl Shared {
-    /// A `ConnectionManager` that reconnects by itself; `extra` lengthens the response timeout
-    /// for blocking commands.
-    pub(crate) fn manager(
-        client: &redis::Client,
-        config: &QueueConfig,
-        extra: Duration,
-    ) -> Result<ConnectionManager, QueueError> {
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout + extra))
-            .set_connection_timeout(Some(config.connection_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(3);
-        Ok(ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            manager_config,
-        )?)
-    }
-
-    /// Creates the consumer group (from the start of the stream) if it is missing.
-    pub(crate) async fn ensure_group(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.keys.stream)
-            .arg(&self.keys.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// Samples the server's clock every [`clock::REFRESH_INTERVAL`] while the queue handle lives.
-async fn refresh_clock(shared: Weak<Shared>) {
-    loop {
-        tokio::time::sleep(clock::REFRESH_INTERVAL).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let mut conn = shared.conn.clone();
-        if let Err(e) = clock::sync(&mut conn).await {
-            tracing::debug!(error = %e, "sampling the redis server's clock failed; keeping the last sample");
-        }
     }
 }
 
