@@ -307,11 +307,7 @@ async fn signature_checks_refuse_tampering() {
     let signer = RequestSigner::new(gw.key.clone());
     let mut params = Params::new();
     params.insert("mchNo", MCH_NO);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
+    let now = tarspay_worker::wall_clock::now_ms().to_string();
     let signed = signer.sign(paths::BALANCE, &now, &params);
     let headers = |sig: &str, nonce: &str| {
         vec![

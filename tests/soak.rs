@@ -282,10 +282,7 @@ struct SoakPlan {
 impl SoakPlan {
     fn from_env() -> Self {
         let seed = env_u64("SOAK_SEED").unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(42)
+            tarspay_worker::wall_clock::since_epoch().as_nanos() as u64
         });
         Self {
             seed,

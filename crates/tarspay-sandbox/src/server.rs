@@ -18,12 +18,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
 use tarspay_worker::gateway::keys::PublicKey;
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::paths;
 use tarspay_worker::gateway::signing::{string_to_sign, verify_message};
+use tarspay_worker::wall_clock::now_ms;
 use tarspay_worker::money::Amount;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -143,13 +144,6 @@ impl SignedCall {
     }
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// Header checks, then the signature over `POST|path|nonce|PARAMS`, then the merchant.
 fn authenticate(
     shared: &Shared,
@@ -186,7 +180,7 @@ fn authenticate(
         return Err(envelope_err(5003008, "signature error"));
     }
     let window = shared.config().nonce_window.as_millis() as u64;
-    if now_millis().abs_diff(nonce_millis) > window {
+    if now_ms().abs_diff(nonce_millis) > window {
         return Err(envelope_err(
             5003008,
             "signature error: nonce outside the accepted window",
@@ -396,7 +390,7 @@ fn create_order(
             view.pay_order_id
         ));
         data["payData"] = json!(format!("sandbox-va-{}", view.pay_order_id));
-        data["expiredTime"] = json!(now_millis() / 1000 + 900);
+        data["expiredTime"] = json!(now_ms() / 1000 + 900);
     }
     Ok(data)
 }
