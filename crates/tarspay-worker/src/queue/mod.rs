@@ -94,6 +94,7 @@ mod storage;
 mod worker_id;
 
 pub use backend::Delivery;
+pub use backoff::{full_jitter, random_up_to};
 pub(crate) use clock::now_ms;
 pub use config::QueueConfig;
 pub use dead::DeadJob;
