@@ -24,8 +24,8 @@ use tarspay_worker::gateway::keys::PublicKey;
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::paths;
 use tarspay_worker::gateway::signing::{string_to_sign, verify_message};
-use tarspay_worker::wall_clock::now_ms;
 use tarspay_worker::money::Amount;
+use tarspay_worker::wall_clock::now_ms;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
@@ -131,11 +131,7 @@ struct SignedCall {
 
 impl SignedCall {
     fn text(&self, field: &str) -> Option<String> {
-        match self.fields.get(field)? {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
+        Params::json_field(&self.fields, field)
     }
 
     fn required(&self, field: &str) -> Result<String, Refusal> {
