@@ -79,7 +79,7 @@ mod clock;
 mod config;
 mod dead;
 mod delay;
-mod entries;
+pub(crate) mod entries;
 mod envelope;
 mod fetch;
 mod inflight;
