@@ -4,6 +4,8 @@
 use crate::config::Settings;
 use crate::ledger::Outcome;
 use crate::producer::{Enqueued, ProducerError};
+use crate::queue::{QueueStats, RedisQueue};
+use crate::strict_json::StrictJsonError;
 use crate::worker::{self, Deployment};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -11,8 +13,6 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use crate::strict_json::StrictJsonError;
-use crate::queue::{QueueStats, RedisQueue};
 
 #[derive(Args)]
 pub struct WorkerArgs {
