@@ -65,14 +65,7 @@ pub(crate) async fn renew_held_entries(
     let mut conn = shared.conn.clone();
     let mut renewed = 0u64;
     for chunk in inflight.snapshot().chunks(RENEW_CHUNK) {
-        let mut invocation = scripts::RENEW.prepare_invoke();
-        invocation
-            .key(&shared.keys.stream)
-            .arg(&shared.keys.group)
-            .arg(consumer);
-        for id in chunk {
-            invocation.arg(id);
-        }
+        let invocation = shared.held_entries_call(&scripts::RENEW, consumer, chunk);
         let n: u64 = invocation.invoke_async(&mut conn).await?;
         renewed += n;
     }
