@@ -101,37 +101,25 @@ fn sign_then_verify_round_trip_with_key_from_env_and_file() {
     assert!(!out.contains(&key.expose_hex()) && !err.contains(&key.expose_hex()));
 
     let public = key.public_key().to_hex();
-    let (code, out, _) = run(command()
-        .args([
-            "verify",
-            "--public-key",
-            &public,
-            "--signature",
-            signature,
-            "--path",
-            "/api/payOutInfo",
-            "--nonce",
-            "1700000000000",
-            "--body",
-        ])
-        .arg(&body));
+    let verify = || {
+        let mut verify = command();
+        verify
+            .args(["verify", "--public-key", &public, "--signature", signature])
+            .args([
+                "--path",
+                "/api/payOutInfo",
+                "--nonce",
+                "1700000000000",
+                "--body",
+            ]);
+        verify
+    };
+    let (code, out, _) = run(verify().arg(&body));
     assert_eq!((code, out.trim()), (0, "valid"));
 
     // Same signature read from stdin as the body.
-    let mut child = command()
-        .args([
-            "verify",
-            "--public-key",
-            &public,
-            "--signature",
-            signature,
-            "--path",
-            "/api/payOutInfo",
-            "--nonce",
-            "1700000000000",
-            "--body",
-            "-",
-        ])
+    let mut child = verify()
+        .arg("-")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
