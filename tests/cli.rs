@@ -101,37 +101,25 @@ fn sign_then_verify_round_trip_with_key_from_env_and_file() {
     assert!(!out.contains(&key.expose_hex()) && !err.contains(&key.expose_hex()));
 
     let public = key.public_key().to_hex();
-    let (code, out, _) = run(command()
-        .args([
-            "verify",
-            "--public-key",
-            &public,
-            "--signature",
-            signature,
-            "--path",
-            "/api/payOutInfo",
-            "--nonce",
-            "1700000000000",
-            "--body",
-        ])
-        .arg(&body));
+    let verify = || {
+        let mut verify = command();
+        verify
+            .args(["verify", "--public-key", &public, "--signature", signature])
+            .args([
+                "--path",
+                "/api/payOutInfo",
+                "--nonce",
+                "1700000000000",
+                "--body",
+            ]);
+        verify
+    };
+    let (code, out, _) = run(verify().arg(&body));
     assert_eq!((code, out.trim()), (0, "valid"));
 
     // Same signature read from stdin as the body.
-    let mut child = command()
-        .args([
-            "verify",
-            "--public-key",
-            &public,
-            "--signature",
-            signature,
-            "--path",
-            "/api/payOutInfo",
-            "--nonce",
-            "1700000000000",
-            "--body",
-            "-",
-        ])
+    let mut child = verify()
+        .arg("-")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -157,31 +145,16 @@ fn verify_callback_mode() {
     let system = PrivateKey::generate();
     let signature = sign_callback(&system, text.as_bytes());
     let public = system.public_key().to_hex();
-    let (code, out, _) = run(command()
-        .args([
-            "verify",
-            "--callback",
-            "--public-key",
-            &public,
-            "--signature",
-            &signature,
-            "--body",
-        ])
-        .arg(&body));
-    assert_eq!((code, out.trim()), (0, "valid"));
+    let verify = |key: &str| {
+        let (code, out, _) = run(command()
+            .args(["verify", "--callback", "--public-key", key])
+            .args(["--signature", &signature, "--body"])
+            .arg(&body));
+        (code, out.trim().to_owned())
+    };
+    assert_eq!(verify(&public), (0, "valid".to_owned()));
     let other = PrivateKey::generate().public_key().to_hex();
-    let (code, out, _) = run(command()
-        .args([
-            "verify",
-            "--callback",
-            "--public-key",
-            &other,
-            "--signature",
-            &signature,
-            "--body",
-        ])
-        .arg(&body));
-    assert_eq!((code, out.trim()), (1, "invalid"));
+    assert_eq!(verify(&other), (1, "invalid".to_owned()));
 }
 
 #[test]

@@ -232,14 +232,10 @@ async fn pause_resume_and_dead_jobs() {
         .await
         .unwrap();
     let worker = app.pool(1);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while app.deployment.queue.dead_count().await.unwrap() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "jobs never reached the dead stream"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    common::eventually("both jobs in the dead stream", || async {
+        (app.deployment.queue.dead_count().await.unwrap() >= 2).then_some(())
+    })
+    .await;
     worker.stop().await;
     let (code, out, _) = run(command(&app).args(["dead", "list"]));
     assert_eq!(code, 0);
@@ -302,14 +298,10 @@ async fn wait_worker_alive(app: &common::app::TestApp, redis_url: &str) {
     let deployment = tarspay_worker::worker::Deployment::connect(&settings)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while deployment.queue.stats().await.unwrap().workers_alive == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    common::eventually("the worker to start", || async {
+        (deployment.queue.stats().await.unwrap().workers_alive > 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{MCH_NO, client_for, eventually, spawn_gateway};
+use common::{MCH_NO, client_for, eventually, outcome_rule, spawn_gateway};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tarspay_sandbox::{Endpoint, FaultAction, OutcomeRule};
+use tarspay_sandbox::{Endpoint, FaultAction};
 use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::signing::RequestSigner;
@@ -34,11 +34,7 @@ fn by_id(id: &str) -> OrderRef {
 #[tokio::test]
 async fn payout_lifecycle_and_balance() {
     let gw = spawn_gateway(|c| {
-        c.outcomes = vec![OutcomeRule {
-            prefix: "REJ".into(),
-            state: 8,
-            final_after_ms: None,
-        }];
+        c.outcomes = vec![outcome_rule("REJ", 8)];
     })
     .await;
     let before = gw.client.balance().await.unwrap();
@@ -109,18 +105,7 @@ async fn payout_lifecycle_and_balance() {
 #[tokio::test]
 async fn deposit_lifecycle_with_chosen_final_states() {
     let gw = spawn_gateway(|c| {
-        c.outcomes = vec![
-            OutcomeRule {
-                prefix: "EXP".into(),
-                state: 6,
-                final_after_ms: None,
-            },
-            OutcomeRule {
-                prefix: "PART".into(),
-                state: 9,
-                final_after_ms: None,
-            },
-        ];
+        c.outcomes = vec![outcome_rule("EXP", 6), outcome_rule("PART", 9)];
     })
     .await;
     for (id, expected, paid) in [
@@ -307,11 +292,7 @@ async fn signature_checks_refuse_tampering() {
     let signer = RequestSigner::new(gw.key.clone());
     let mut params = Params::new();
     params.insert("mchNo", MCH_NO);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
+    let now = tarspay_worker::wall_clock::now_ms().to_string();
     let signed = signer.sign(paths::BALANCE, &now, &params);
     let headers = |sig: &str, nonce: &str| {
         vec![

@@ -4,9 +4,10 @@
 
 mod common;
 
-use common::app::{MCH_NO, inr, spawn_app, spawn_app_with};
+use common::app::{MCH_NO, TestApp, inr, spawn_app, spawn_app_with};
+use common::{eventually, outcome_rule, poll};
 use std::time::Duration;
-use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, OutcomeRule};
+use tarspay_sandbox::{Endpoint, FaultAction, FaultRule};
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
 use tarspay_worker::ledger::{FinalResult, Finalized, OrderKind, Phase};
 use tarspay_worker::producer::Enqueued;
@@ -92,18 +93,7 @@ async fn each_error_class() {
                 },
             ),
         ];
-        c.outcomes = vec![
-            OutcomeRule {
-                prefix: "REJ".into(),
-                state: 8,
-                final_after_ms: None,
-            },
-            OutcomeRule {
-                prefix: "FAIL".into(),
-                state: 3,
-                final_after_ms: None,
-            },
-        ];
+        c.outcomes = vec![outcome_rule("REJ", 8), outcome_rule("FAIL", 3)];
     })
     .await;
     for id in [
@@ -328,21 +318,19 @@ async fn two_runs_holding_the_same_create_send_one_create() {
         tokio::spawn(async move { run_create_payout(&ctx, "DUP-1").await.unwrap() })
     };
     // Wait until the first run holds the lease.
-    loop {
-        if app
-            .deployment
-            .ledger
-            .get("DUP-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase
-            == Phase::Submitting
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let every = Duration::from_millis(5);
+    poll(
+        "the first run's lease",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let record = app.deployment.ledger.get("DUP-1").await.unwrap().unwrap();
+            (record.phase == Phase::Submitting)
+                .then_some(())
+                .ok_or(format!("({:?})", record.phase))
+        },
+    )
+    .await;
     let second = run_create_payout(&ctx, "DUP-1").await.unwrap();
     assert!(
         matches!(second, Step::RetryAfter(_)),
@@ -410,6 +398,19 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
     );
 }
 
+/// Waits (hang guard only) until the systemic guard paused the payout queue.
+async fn wait_paused(app: &TestApp) {
+    eventually("the queue to pause", || async {
+        app.deployment
+            .queue
+            .is_paused()
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_systemic_guard_pauses_and_resume_continues() {
     let app = spawn_app_with(
@@ -432,14 +433,7 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
     }
     let pool = app.pool(1);
     // The third auth failure pauses the queue; from then on nothing is sent or burned.
-    let stats_wait = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !app.deployment.queue.is_paused().await.unwrap() {
-        assert!(
-            tokio::time::Instant::now() < stats_wait,
-            "queue never paused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_paused(&app).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent: u32 = (0..8)
         .map(|i| app.sandbox.create_attempts(&format!("K-{i}")))
@@ -489,27 +483,19 @@ async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
         app.enqueue(inr(&format!("G-{i}"), "100")).await;
     }
     let pool = app.pool(1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !app.deployment.queue.is_paused().await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "queue never paused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_paused(&app).await;
     let sent_before: u32 = (0..6)
         .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
         .sum();
     // Resumed while the key is still bad: the very next failure pauses again, burning nothing.
     app.deployment.queue.resume().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually("a second pause", || async {
         let sent: u32 = (0..6)
             .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
             .sum();
-        if sent > sent_before && app.deployment.queue.is_paused().await.unwrap() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no second pause");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (sent > sent_before && app.deployment.queue.is_paused().await.unwrap()).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pool.stop().await;
     assert_eq!(
@@ -531,21 +517,17 @@ async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
     .await;
     app.enqueue(inr("AMB-1", "100")).await;
     let pool = app.pool(1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let every = Duration::from_millis(50);
+    let record = poll("7 attempts", Duration::from_secs(60), every, || async {
         let record = app.deployment.ledger.get("AMB-1").await.unwrap().unwrap();
-        if record.attempts >= 7 {
-            assert!(record.ambiguous);
-            assert!(!record.phase.is_final(), "{record:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "attempts stalled at {}",
-            record.attempts
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let attempts = record.attempts;
+        (attempts >= 7)
+            .then_some(record)
+            .ok_or(format!("(stalled at {attempts})"))
+    })
+    .await;
+    assert!(record.ambiguous);
+    assert!(!record.phase.is_final(), "{record:?}");
     assert_eq!(
         app.deployment.ledger.outcome_count().await.unwrap(),
         0,
@@ -620,14 +602,10 @@ async fn a_sigkilled_worker_is_replaced_and_no_order_is_created_twice() {
         app.enqueue(inr(&format!("KILL-{i}"), "100")).await;
     }
     let mut doomed = app.worker_process(16);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.sandbox.orders().len() < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "first worker made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the first worker's progress", || async {
+        (app.sandbox.orders().len() >= 20).then_some(())
+    })
+    .await;
     doomed.kill();
     let finished_before = app.deployment.ledger.outcome_count().await.unwrap();
     assert!(finished_before < 120, "the kill happened mid-batch");
@@ -654,14 +632,10 @@ async fn a_redis_restart_mid_run_loses_nothing() {
         app.enqueue(inr(&format!("RR-{i}"), "100")).await;
     }
     let _worker = app.worker_process(8);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.sandbox.orders().len() < 10 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress before the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("progress before the restart", || async {
+        (app.sandbox.orders().len() >= 10).then_some(())
+    })
+    .await;
     app.redis.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     app.redis.restart();
@@ -679,11 +653,7 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
     use tarspay_worker::gateway::types::CreateDeposit;
     use tarspay_worker::money::Amount;
     let app = spawn_app(false, |c| {
-        c.outcomes = vec![OutcomeRule {
-            prefix: "EXP".into(),
-            state: 6,
-            final_after_ms: None,
-        }];
+        c.outcomes = vec![outcome_rule("EXP", 6)];
     })
     .await;
     let client = app.deployment.job_context(&app.settings).unwrap().client;
@@ -751,15 +721,13 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
         app.enqueue(inr(&format!("TERM-{i}"), "100")).await;
     }
     let mut first = app.worker_process(4);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while (0..40)
-        .map(|i| app.sandbox.create_attempts(&format!("TERM-{i}")))
-        .sum::<u32>()
-        == 0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no create started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("a create to start", || async {
+        let sent: u32 = (0..40)
+            .map(|i| app.sandbox.create_attempts(&format!("TERM-{i}")))
+            .sum();
+        (sent > 0).then_some(())
+    })
+    .await;
     assert_eq!(
         first.terminate(),
         Some(0),

@@ -118,11 +118,7 @@ async fn the_balance_must_cover_the_batch_unless_forced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payroll_runs_to_the_end_and_a_rerun_pays_no_one_twice() {
     let app = spawn_app(false, |c| {
-        c.outcomes = vec![tarspay_sandbox::OutcomeRule {
-            prefix: "REJ".into(),
-            state: 8,
-            final_after_ms: None,
-        }];
+        c.outcomes = vec![common::outcome_rule("REJ", 8)];
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

@@ -7,8 +7,9 @@ use common::queue::*;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tarspay_worker::queue::{Delivery, Enqueued, JobOptions, RedisQueue};
+use tarspay_worker::wall_clock::now_ms;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Mode {
@@ -34,13 +35,6 @@ struct Flaky {
 struct Recorder {
     conn: ConnectionManager,
     queue: String,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 async fn flaky(

@@ -8,11 +8,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use common::{eventually, spawn_gateway};
+use common::{eventually, outcome_rule, spawn_gateway};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tarspay_sandbox::OutcomeRule;
 use tarspay_worker::gateway::callback::{
     BizType, HEADER_SIGNATURE, parse_callback, verify_callback,
 };
@@ -62,11 +61,7 @@ async fn callbacks_are_signed_and_resent_until_ok() {
         c.callbacks = true;
         c.callback_retry_delay = Duration::from_millis(20);
         c.final_after = Duration::from_millis(50);
-        c.outcomes = vec![OutcomeRule {
-            prefix: "FAIL".into(),
-            state: 3,
-            final_after_ms: None,
-        }];
+        c.outcomes = vec![outcome_rule("FAIL", 3)];
     })
     .await;
     let system_key = gw.sandbox.system_public_key();

@@ -84,6 +84,18 @@ impl Served {
         let response = request.send().await.unwrap();
         (response.status(), response.text().await.unwrap())
     }
+
+    /// `body` signed with TarsPay's (the sandbox's) system key, as the gateway sends it.
+    async fn signed_callback(&self, body: &str) -> (StatusCode, String) {
+        let signature = sign_callback(&system_key(), body.as_bytes());
+        self.callback(body, Some(&signature)).await
+    }
+
+    /// The ledger's phase of an order that exists.
+    async fn phase(&self, id: &str) -> Phase {
+        let record = self.app.deployment.ledger.get(id).await.unwrap();
+        record.expect("the order exists").phase
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,17 +470,7 @@ async fn accepted_order(s: &Served, id: &str) {
     tarspay_worker::jobs::run_create_payout(&ctx, id)
         .await
         .unwrap();
-    assert_eq!(
-        s.app
-            .deployment
-            .ledger
-            .get(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        Phase::Accepted
-    );
+    assert_eq!(s.phase(id).await, Phase::Accepted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,17 +481,7 @@ async fn verified_callbacks_finalise_once_and_replays_change_nothing() {
     let signature = sign_callback(&system_key(), body.as_bytes());
     let (status, text) = s.callback(&body, Some(&signature)).await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
-    assert_eq!(
-        s.app
-            .deployment
-            .ledger
-            .get("CB-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        Phase::Succeeded
-    );
+    assert_eq!(s.phase("CB-1").await, Phase::Succeeded);
     // Replays and concurrent duplicates: still one outcome.
     let mut sends = Vec::new();
     for _ in 0..8 {
@@ -599,51 +591,19 @@ async fn forged_and_unsigned_callbacks_only_schedule_a_query() {
 
     // A correctly signed callback whose amount differs from ours is not trusted either.
     let other_amount = callback_body("CB-2", "999", 2);
-    s.callback(
-        &other_amount,
-        Some(&sign_callback(&system_key(), other_amount.as_bytes())),
-    )
-    .await;
-    assert_eq!(
-        s.app
-            .deployment
-            .ledger
-            .get("CB-2")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        Phase::Accepted
-    );
+    s.signed_callback(&other_amount).await;
+    assert_eq!(s.phase("CB-2").await, Phase::Accepted);
 
     // Signed by TarsPay but about another merchant's order under the same number.
     let other_merchant = callback_body_for("M9999999999", "CB-2", "100", 3);
-    s.callback(
-        &other_merchant,
-        Some(&sign_callback(&system_key(), other_merchant.as_bytes())),
-    )
-    .await;
+    s.signed_callback(&other_merchant).await;
     // Signed, ours, but naming a different payOrderId than the one the gateway gave us.
     let other_order = sorted_compact_json(
         &json!({"bizType": 2, "mchNo": "M1234567890", "mchOrderNo": "CB-2",
         "payOrderId": "P9999999999999999999", "orderAmount": "100", "currency": "INR", "state": 3}),
     );
-    s.callback(
-        &other_order,
-        Some(&sign_callback(&system_key(), other_order.as_bytes())),
-    )
-    .await;
-    assert_eq!(
-        s.app
-            .deployment
-            .ledger
-            .get("CB-2")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        Phase::Accepted
-    );
+    s.signed_callback(&other_order).await;
+    assert_eq!(s.phase("CB-2").await, Phase::Accepted);
 
     // Unknown orders: acknowledged, nothing recorded.
     let unknown = callback_body("NOT-OURS", "100", 2);
@@ -770,14 +730,10 @@ async fn outcomes_of_a_served_deployment_are_posted_as_signed_webhooks_by_worker
     // Deliveries are jobs the workers run (not `serve`).
     let pool = s.app.pool(4);
     s.app.wait_outcomes(5).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.lock().unwrap().len() < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "webhooks not delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually("five webhooks delivered", || async {
+        (seen.lock().unwrap().len() >= 5).then_some(())
+    })
+    .await;
     pool.stop().await;
     use base64::Engine;
     use hmac::{KeyInit, Mac};

@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::app::{MCH_NO, TestApp, WorkerProcess, inr, spawn_app_with};
 use common::faketime::libfaketime;
+use common::outcome_rule;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -251,18 +252,7 @@ fn fault_rules() -> Vec<FaultRule> {
 }
 
 fn outcome_rules() -> Vec<OutcomeRule> {
-    vec![
-        OutcomeRule {
-            prefix: "REJ-".into(),
-            state: 8,
-            final_after_ms: None,
-        },
-        OutcomeRule {
-            prefix: "FAIL-".into(),
-            state: 3,
-            final_after_ms: None,
-        },
-    ]
+    vec![outcome_rule("REJ-", 8), outcome_rule("FAIL-", 3)]
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -281,12 +271,8 @@ struct SoakPlan {
 
 impl SoakPlan {
     fn from_env() -> Self {
-        let seed = env_u64("SOAK_SEED").unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(42)
-        });
+        let seed = env_u64("SOAK_SEED")
+            .unwrap_or_else(|| tarspay_worker::wall_clock::since_epoch().as_nanos() as u64);
         Self {
             seed,
             payouts_per_round: common::tiered("SOAK_PAYOUTS", 1_200, 5_000) as usize,
@@ -714,19 +700,18 @@ async fn soak_with_faults_keeps_the_one_rule() {
     let app = &soak.app;
 
     // Nothing left in flight: the queue drains (hang guard only).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let stats = loop {
+    let what = format!("the queue to drain (seed {})", plan.seed);
+    let every = Duration::from_millis(50);
+    let stats = common::poll(&what, Duration::from_secs(120), every, || async {
         let stats = app.deployment.queue.stats().await.expect("queue stats");
-        if stats.depth() == 0 && stats.delayed == 0 {
-            break stats;
+        let drained = stats.depth() == 0 && stats.delayed == 0;
+        if drained {
+            Ok(stats)
+        } else {
+            Err(format!("{stats:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "hang guard: queue not drained (seed {}): {stats:?}",
-            plan.seed
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(stats.dead, 0, "no job was given up (seed {})", plan.seed);
     assert!(!stats.paused, "the guard never paused the queue");
 

@@ -21,10 +21,11 @@ use sha2::Sha256;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tarspay_worker::ids::{BatchId, Currency, MchOrderNo};
 use tarspay_worker::ledger::{FinalResult, NewOrder, OrderKind, Outcome, Phase};
 use tarspay_worker::secret::Secret;
+use tarspay_worker::wall_clock;
 use tarspay_worker::webhooks::WebhookSigner;
 use tokio::task::JoinHandle;
 
@@ -321,13 +322,6 @@ async fn wait_all_delivered(app: &TestApp, receiver: &Receiver) {
     .await;
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// The Standard Webhooks envelope as a receiver reads it.
 #[derive(Debug, serde::Deserialize)]
 struct Message {
@@ -383,7 +377,10 @@ async fn every_outcome_is_delivered_signed_and_retried_with_the_same_id_until_2x
         assert_eq!(request.content_type, "application/json");
         assert!(verifies_request(WHSEC, request), "{request:?}");
         let timestamp: i64 = request.timestamp.parse().unwrap();
-        assert!((timestamp - unix_now()).abs() < 3600, "Unix seconds");
+        assert!(
+            (timestamp - wall_clock::since_epoch().as_secs() as i64).abs() < 3600,
+            "Unix seconds"
+        );
         // The body is Standard Webhooks' envelope around the stream's outcome.
         let message: Message = serde_json::from_slice(&request.body).unwrap();
         assert_eq!(message.event, "payout.succeeded");

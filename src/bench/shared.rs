@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Where a bench writes: its own server, or the caller's Redis under a key prefix no one else
 /// uses (removed again at the end).
@@ -326,10 +326,7 @@ pub fn latency_summary(values: &mut [f64]) -> (f64, f64, f64) {
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    tarspay_worker::wall_clock::since_epoch().as_micros() as u64
 }
 
 /// Rounds to `digits` decimals for the JSON lines.

@@ -22,7 +22,7 @@ use apalis::prelude::*;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
 
 /// Job number offset of jobs enqueued by a job with `spawn_ms`.
@@ -199,10 +199,7 @@ async fn main() -> Result<(), BoxDynError> {
         starts: format!("{}:{}:starts", args.prefix, args.queue),
         spawned: format!("{}:{}:spawned", args.prefix, args.queue),
     };
-    let local_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let local_ms = tarspay_worker::wall_clock::now_ms();
     let mut conn = queue.connection();
     let _: i64 = redis::cmd("HSET")
         .arg(format!("{}:{}:local_clock", args.prefix, args.queue))

@@ -205,18 +205,14 @@ impl TestApp {
     /// Waits (hang guard only) until `n` outcomes exist, then returns them by mchOrderNo,
     /// asserting no order has two.
     pub async fn wait_outcomes(&self, n: usize) -> HashMap<String, Outcome> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
+        let every = Duration::from_millis(50);
+        super::poll("the outcomes", Duration::from_secs(120), every, || async {
             let count = self.deployment.ledger.outcome_count().await.unwrap_or(0) as usize;
-            if count >= n {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out: {count} of {n} outcomes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            (count >= n)
+                .then_some(())
+                .ok_or(format!("({count} of {n})"))
+        })
+        .await;
         let outcomes = self.outcomes().await;
         let mut by_id = HashMap::new();
         for outcome in outcomes {

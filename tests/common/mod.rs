@@ -8,7 +8,9 @@ pub mod queue;
 pub mod redis_server;
 
 use std::time::Duration;
-use tarspay_sandbox::{Endpoint, FaultAction, FaultRule, Sandbox, SandboxConfig, SandboxMerchant};
+use tarspay_sandbox::{
+    Endpoint, FaultAction, FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant,
+};
 use tarspay_worker::gateway::{ClientSettings, PrivateKey, TarsPayClient};
 
 pub const MCH_NO: &str = "M1234567890";
@@ -81,16 +83,43 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let every = Duration::from_millis(20);
+    poll(what, Duration::from_secs(60), every, || {
+        let checked = check();
+        async move { checked.await.ok_or_else(String::new) }
+    })
+    .await
+}
+
+/// The one polling loop of the tests: runs `check` every `every` until it answers `Ok`; past
+/// `limit` panics naming `what` and what the last `Err` said (a hang guard, not a speed
+/// assertion).
+pub async fn poll<T, F, Fut>(what: &str, limit: Duration, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(value) = check().await {
-            return value;
-        }
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out waiting for {what} {last}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A sandbox rule: orders whose `mchOrderNo` starts with `prefix` end in `state` at the
+/// sandbox's usual time.
+pub fn outcome_rule(prefix: &str, state: i64) -> OutcomeRule {
+    OutcomeRule {
+        prefix: prefix.into(),
+        state,
+        final_after_ms: None,
     }
 }
 

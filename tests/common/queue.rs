@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tarspay_worker::queue::{QueueConfig, RedisQueue};
 
 pub const PREFIX: &str = "qtest";
@@ -105,37 +105,29 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::poll(what, limit, Duration::from_millis(100), || {
+        let checked = check();
+        async move { checked.await.then_some(()).ok_or_else(String::new) }
+    })
+    .await
 }
 
 /// Waits until `key` holds `n` distinct jobs. Uses a fresh connection per check so the
 /// harness itself never depends on reconnect logic under test.
 pub async fn wait_for_distinct(server_url: &str, key: &str, n: u64, limit: Duration) {
-    let deadline = Instant::now() + limit;
     let client = redis::Client::open(server_url).expect("client");
-    let mut last = 0;
-    loop {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-            && let Ok(len) = conn.hlen::<_, u64>(key).await
-        {
-            last = len;
-            if len >= n {
-                return;
-            }
+    let what = format!("{n} distinct jobs in {key}");
+    super::poll(&what, limit, Duration::from_millis(100), || async {
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return Err("(Redis unreachable)".to_owned());
+        };
+        match conn.hlen::<_, u64>(key).await {
+            Ok(len) if len >= n => Ok(()),
+            Ok(len) => Err(format!("(saw {len})")),
+            Err(e) => Err(format!("({e})")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} distinct jobs in {key}; saw {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// Worker stderr goes to the file named by `QUEUE_WORKER_LOGFILE` (appending), else nowhere.

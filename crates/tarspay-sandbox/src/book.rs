@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tarspay_worker::gateway::{OrderState, PublicKey};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -211,10 +211,7 @@ impl Book {
     /// "P" + 19 digits, like TarsPay's payOrderId.
     fn next_pay_order_id(&mut self) -> String {
         self.pay_order_seq += 1;
-        let millis = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let millis = tarspay_worker::wall_clock::now_ms();
         format!(
             "P{:013}{:06}",
             millis % 10u64.pow(13),

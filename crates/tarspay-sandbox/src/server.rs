@@ -18,13 +18,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
 use tarspay_worker::gateway::keys::PublicKey;
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::paths;
 use tarspay_worker::gateway::signing::{string_to_sign, verify_message};
 use tarspay_worker::money::Amount;
+use tarspay_worker::wall_clock::now_ms;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
@@ -130,24 +131,13 @@ struct SignedCall {
 
 impl SignedCall {
     fn text(&self, field: &str) -> Option<String> {
-        match self.fields.get(field)? {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
+        Params::json_field(&self.fields, field)
     }
 
     fn required(&self, field: &str) -> Result<String, Refusal> {
         self.text(field)
             .ok_or_else(|| envelope_err(5003001, format!("missing parameter: {field}")))
     }
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Header checks, then the signature over `POST|path|nonce|PARAMS`, then the merchant.
@@ -186,7 +176,7 @@ fn authenticate(
         return Err(envelope_err(5003008, "signature error"));
     }
     let window = shared.config().nonce_window.as_millis() as u64;
-    if now_millis().abs_diff(nonce_millis) > window {
+    if now_ms().abs_diff(nonce_millis) > window {
         return Err(envelope_err(
             5003008,
             "signature error: nonce outside the accepted window",
@@ -396,7 +386,7 @@ fn create_order(
             view.pay_order_id
         ));
         data["payData"] = json!(format!("sandbox-va-{}", view.pay_order_id));
-        data["expiredTime"] = json!(now_millis() / 1000 + 900);
+        data["expiredTime"] = json!(now_ms() / 1000 + 900);
     }
     Ok(data)
 }

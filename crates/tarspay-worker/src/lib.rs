@@ -21,5 +21,6 @@ pub mod server;
 pub mod shutdown;
 pub mod strict_json;
 pub mod telemetry;
+pub mod wall_clock;
 pub mod webhooks;
 pub mod worker;

@@ -6,10 +6,12 @@
 //! stream again from where the first read ended, so a job promoted or re-added meanwhile is
 //! still seen; a job seen twice is counted once (a job keeps its id across retries).
 
-use super::{AuditError, Pace};
+use super::{AuditError, Pace, read_stream};
 use crate::jobs::PayoutJob;
+use crate::queue::entries::field;
 use crate::queue::{Envelope, QueueKeys};
 use redis::aio::ConnectionManager;
+use redis::streams::StreamId;
 use std::collections::{HashMap, HashSet};
 
 /// One job, as the audit sees it.
@@ -51,6 +53,14 @@ impl JobIndex {
         }
     }
 
+    /// Adds each stream entry's stored job (its `e` field).
+    fn adder(&mut self, dead: bool) -> impl FnMut(&StreamId) + '_ {
+        move |entry| match field(&entry.map, "e") {
+            Some(stored) => self.add(&stored, dead),
+            None => self.undecodable += 1,
+        }
+    }
+
     pub fn live_count(&self) -> usize {
         self.live.values().map(Vec::len).sum()
     }
@@ -67,59 +77,15 @@ pub(crate) async fn snapshot(
 ) -> Result<JobIndex, AuditError> {
     let mut conn = conn.clone();
     let mut index = JobIndex::default();
-    let last = read_stream(&mut conn, &keys.stream, "-", pace, &mut index, false).await?;
+    let stream = &keys.stream;
+    let last = read_stream(&mut conn, stream, "-", pace, index.adder(false)).await?;
     read_delayed(&mut conn, &keys.delayed, pace, &mut index).await?;
     if let Some(last) = last {
-        read_stream(
-            &mut conn,
-            &keys.stream,
-            &format!("({last}"),
-            pace,
-            &mut index,
-            false,
-        )
-        .await?;
+        let after = format!("({last}");
+        read_stream(&mut conn, stream, &after, pace, index.adder(false)).await?;
     }
-    read_stream(&mut conn, &keys.dead, "-", pace, &mut index, true).await?;
+    read_stream(&mut conn, &keys.dead, "-", pace, index.adder(true)).await?;
     Ok(index)
-}
-
-/// Reads a stream from `start` to its end; returns the last id read.
-async fn read_stream(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    start: &str,
-    pace: Pace,
-    index: &mut JobIndex,
-    dead: bool,
-) -> Result<Option<String>, AuditError> {
-    let mut start = start.to_owned();
-    let mut last = None;
-    loop {
-        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(pace.chunk)
-            .query_async(conn)
-            .await?;
-        let n = page.ids.len();
-        for entry in page.ids {
-            match entry.map.get("e") {
-                Some(redis::Value::BulkString(bytes)) => {
-                    index.add(&String::from_utf8_lossy(bytes), dead);
-                }
-                _ => index.undecodable += 1,
-            }
-            start = format!("({}", entry.id);
-            last = Some(entry.id);
-        }
-        pace.after(n).await;
-        if n < pace.chunk {
-            return Ok(last);
-        }
-    }
 }
 
 async fn read_delayed(

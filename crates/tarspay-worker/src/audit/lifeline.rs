@@ -88,10 +88,10 @@ impl Lifeline {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            let jitter = self.interval.mul_f64(rand::random::<f64>() * 0.5);
+            let pause = self.interval / 2 + crate::queue::random_up_to(self.interval / 2);
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(self.interval / 2 + jitter) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             match self.sweep().await {
                 Ok(sweep) if sweep.ran => {

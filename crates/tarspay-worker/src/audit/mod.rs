@@ -20,6 +20,7 @@ pub use report::{AuditReport, Violation};
 use crate::ledger::LedgerKeys;
 use crate::queue::QueueKeys;
 use redis::aio::ConnectionManager;
+use redis::streams::{StreamId, StreamRangeReply};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,39 @@ impl Pace {
         if self.per_second > 0 && items > 0 {
             let secs = items as f64 / self.per_second as f64;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        }
+    }
+}
+
+/// Reads `stream` from `start` (an `XRANGE` bound) to its end in paced chunks, handing each
+/// entry to `each`; returns the last id read.
+async fn read_stream(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    start: &str,
+    pace: Pace,
+    mut each: impl FnMut(&StreamId),
+) -> Result<Option<String>, AuditError> {
+    let mut start = start.to_owned();
+    let mut last = None;
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(pace.chunk)
+            .query_async(conn)
+            .await?;
+        let n = page.ids.len();
+        for entry in page.ids {
+            each(&entry);
+            start = format!("({}", entry.id);
+            last = Some(entry.id);
+        }
+        pace.after(n).await;
+        if n < pace.chunk {
+            return Ok(last);
         }
     }
 }

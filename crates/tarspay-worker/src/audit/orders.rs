@@ -1,7 +1,8 @@
 //! Reading orders (SCAN over the ledger's order hashes) and the outcome stream.
 
-use super::{AuditError, Pace};
+use super::{AuditError, Pace, read_stream};
 use crate::ledger::LedgerKeys;
+use crate::queue::entries::{entry_id_ms, field};
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -132,45 +133,21 @@ pub(crate) async fn outcome_entries(
 ) -> Result<OutcomeEntries, AuditError> {
     let mut conn = conn.clone();
     let mut entries = OutcomeEntries::default();
-    let mut start = "-".to_owned();
-    loop {
-        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(keys.outcomes())
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(pace.chunk)
-            .query_async(&mut conn)
-            .await?;
-        let Some(last) = page.ids.last() else {
-            break;
-        };
-        start = format!("({}", last.id);
-        let done = page.ids.len() < pace.chunk;
-        for entry in page.ids {
-            if entries.oldest_ms.is_none() {
-                entries.oldest_ms = entry.id.split('-').next().and_then(|ms| ms.parse().ok());
-            }
-            entries.total += 1;
-            let text = |name: &str| match entry.map.get(name) {
-                Some(redis::Value::BulkString(bytes)) => {
-                    Some(String::from_utf8_lossy(bytes).into_owned())
-                }
-                _ => None,
-            };
-            // Entries written before corrections existed carry no event: finals.
-            let event = text("event").unwrap_or_else(|| "final".to_owned());
-            if event == "final"
-                && let Some(id) = text("mchOrderNo")
-            {
-                *entries.finals.entry(id).or_default() += 1;
-            }
+    read_stream(&mut conn, &keys.outcomes(), "-", pace, |entry| {
+        if entries.oldest_ms.is_none() {
+            entries.oldest_ms = entry_id_ms(&entry.id);
         }
-        pace.after(pace.chunk).await;
-        if done {
-            break;
+        entries.total += 1;
+        let text = |name: &str| field(&entry.map, name);
+        // Entries written before corrections existed carry no event: finals.
+        let event = text("event").unwrap_or_else(|| "final".to_owned());
+        if event == "final"
+            && let Some(id) = text("mchOrderNo")
+        {
+            *entries.finals.entry(id).or_default() += 1;
         }
-    }
+    })
+    .await?;
     Ok(entries)
 }
 

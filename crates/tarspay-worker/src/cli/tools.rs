@@ -90,12 +90,7 @@ pub fn sign(settings: &Settings, args: SignArgs) -> Result<ExitCode> {
     let params = body_params(&read_body(&args.body)?)?;
     let nonce = args
         .nonce
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default()
-        })
+        .unwrap_or_else(crate::wall_clock::now_ms)
         .to_string();
     let message = string_to_sign(&args.path, &nonce, &params);
     println!("{message}");

@@ -120,19 +120,11 @@ pub enum CallbackError {
     },
 }
 
-fn field_text(map: &serde_json::Map<String, Value>, field: &str) -> Option<String> {
-    match map.get(field)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 fn field_int(
     map: &serde_json::Map<String, Value>,
     field: &'static str,
 ) -> Result<i64, CallbackError> {
-    let text = field_text(map, field).ok_or(CallbackError::Missing(field))?;
+    let text = Params::json_field(map, field).ok_or(CallbackError::Missing(field))?;
     text.trim().parse().map_err(|_| CallbackError::Invalid {
         field,
         reason: "must be an integer",
@@ -155,15 +147,16 @@ pub fn parse_callback(body: &[u8]) -> Result<Callback, CallbackError> {
     };
     Ok(Callback {
         biz_type,
-        pay_order_id: field_text(&map, "payOrderId"),
-        mch_no: field_text(&map, "mchNo"),
-        mch_order_no: field_text(&map, "mchOrderNo").ok_or(CallbackError::Missing("mchOrderNo"))?,
-        order_amount: field_text(&map, "orderAmount"),
-        pay_amount: field_text(&map, "payAmount"),
-        currency: field_text(&map, "currency"),
+        pay_order_id: Params::json_field(&map, "payOrderId"),
+        mch_no: Params::json_field(&map, "mchNo"),
+        mch_order_no: Params::json_field(&map, "mchOrderNo")
+            .ok_or(CallbackError::Missing("mchOrderNo"))?,
+        order_amount: Params::json_field(&map, "orderAmount"),
+        pay_amount: Params::json_field(&map, "payAmount"),
+        currency: Params::json_field(&map, "currency"),
         state: OrderState::from(field_int(&map, "state")?),
-        fee: field_text(&map, "fee"),
-        fail_reason: field_text(&map, "failReason"),
+        fee: Params::json_field(&map, "fee"),
+        fail_reason: Params::json_field(&map, "failReason"),
     })
 }
 

@@ -13,7 +13,7 @@ use super::types::{
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub const HEADER_API_KEY: &str = "X-API-KEY";
 pub const HEADER_NONCE: &str = "X-API-NONCE";
@@ -51,14 +51,6 @@ pub struct TarsPayClient {
     clock: fn() -> u64,
 }
 
-/// The host's wall clock, in milliseconds since the epoch.
-pub fn system_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 impl TarsPayClient {
     pub fn new(settings: ClientSettings) -> Result<Self, ClientBuildError> {
         install_crypto_provider();
@@ -80,7 +72,7 @@ impl TarsPayClient {
             signer: RequestSigner::new(settings.private_key),
             max_response_bytes: settings.max_response_bytes,
             last_nonce: Default::default(),
-            clock: system_clock_ms,
+            clock: crate::wall_clock::now_ms,
         })
     }
 

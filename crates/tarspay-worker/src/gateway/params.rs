@@ -53,6 +53,16 @@ impl Params {
         params
     }
 
+    /// The text of one field of a JSON object as PARAMS would carry it: a non-empty string, or
+    /// a number's exact JSON text; `None` for anything else (absent, empty, null, nested).
+    pub fn json_field(map: &Map<String, Value>, field: &str) -> Option<String> {
+        match map.get(field)? {
+            Value::String(text) if !text.is_empty() => Some(text.clone()),
+            Value::Number(number) => Some(number.to_string()),
+            _ => None,
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }

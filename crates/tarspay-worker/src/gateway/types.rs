@@ -7,6 +7,8 @@ use super::params::Params;
 use crate::money::Amount;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+// Every `Option` field of a response is left out when absent (never sent as `null`).
+use serde_with::skip_serializing_none;
 use std::collections::BTreeMap;
 
 /// Create a withdraw (payout) order.
@@ -105,6 +107,7 @@ impl OrderRef {
 }
 
 /// `code 0` on create payout: accepted, not paid. The outcome comes later.
+#[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PayoutAccepted {
@@ -112,14 +115,11 @@ pub struct PayoutAccepted {
     pub pay_order_id: String,
     #[serde(deserialize_with = "text")]
     pub mch_order_no: String,
-    #[serde(
-        default,
-        deserialize_with = "optional_state",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_state")]
     pub order_state: Option<OrderState>,
 }
 
+#[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DepositCreated {
@@ -127,74 +127,39 @@ pub struct DepositCreated {
     pub pay_order_id: String,
     #[serde(deserialize_with = "text")]
     pub mch_order_no: String,
-    #[serde(
-        default,
-        deserialize_with = "optional_state",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_state")]
     pub order_state: Option<OrderState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub pay_url: Option<String>,
     /// VA number, QR content or wallet deep link; its shape varies by channel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub pay_data: Option<Value>,
-    #[serde(
-        default,
-        deserialize_with = "optional_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_i64")]
     pub expired_time: Option<i64>,
 }
 
 /// Query payout / query deposit answer. Amounts stay strings exactly as the gateway sent them.
+#[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderInfo {
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub pay_order_id: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub mch_no: Option<String>,
     #[serde(deserialize_with = "text")]
     pub mch_order_no: String,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub order_amount: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub pay_amount: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub fee: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub currency: Option<String>,
     #[serde(deserialize_with = "state")]
     pub state: OrderState,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub fail_reason: Option<String>,
 }
 
@@ -210,20 +175,13 @@ pub struct Balance {
 }
 
 /// Payout proof (Brazil). Only the order ids are documented; everything else is kept as sent.
+#[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PayoutProof {
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub pay_order_id: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "optional_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "optional_text")]
     pub mch_order_no: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
@@ -304,6 +262,20 @@ mod tests {
         assert_eq!(info.order_amount.as_deref(), Some("100.10"));
         assert_eq!(info.pay_amount.as_deref(), Some("0.00"));
         assert_eq!(info.fee.as_deref(), Some("1.50"));
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_not_sent_as_null() {
+        let info: OrderInfo = serde_json::from_str(r#"{"mchOrderNo":"A","state":2}"#).unwrap();
+        let sent = serde_json::to_value(&info).unwrap();
+        assert_eq!(sent, serde_json::json!({"mchOrderNo": "A", "state": 2}));
+        let accepted: PayoutAccepted =
+            serde_json::from_str(r#"{"payOrderId":"P1","mchOrderNo":"A"}"#).unwrap();
+        let sent = serde_json::to_value(&accepted).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"payOrderId": "P1", "mchOrderNo": "A"})
+        );
     }
 
     #[test]

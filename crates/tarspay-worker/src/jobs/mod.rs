@@ -4,13 +4,12 @@
 //! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement or a delayed retry; the
 //! follow-up poll job is queued by the ledger's acceptance itself.
 
-mod backoff;
 mod create_payout;
 mod guard;
 mod poll_status;
 mod reconcile;
 
-pub use backoff::full_jitter;
+pub use crate::queue::full_jitter;
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;

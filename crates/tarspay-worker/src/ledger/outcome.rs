@@ -158,12 +158,7 @@ impl Outcome {
 }
 
 fn field(map: &HashMap<String, Value>, name: &str) -> Option<String> {
-    match map.get(name)? {
-        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    }
-    .filter(|text| !text.is_empty())
+    crate::queue::entries::field(map, name).filter(|text| !text.is_empty())
 }
 
 /// A required field, parsed; the error names the field.

@@ -122,14 +122,7 @@ async fn release_unstarted(shared: &Shared, consumer: &str, ids: &[String]) {
     for chunk in ids.chunks(shared.config.settle_batch) {
         loop {
             let mut conn = shared.conn.clone();
-            let mut invocation = scripts::RELEASE.prepare_invoke();
-            invocation
-                .key(&shared.keys.stream)
-                .arg(&shared.keys.group)
-                .arg(consumer);
-            for id in chunk {
-                invocation.arg(id);
-            }
+            let invocation = shared.held_entries_call(&scripts::RELEASE, consumer, chunk);
             let released: Result<i64, _> = invocation.invoke_async(&mut conn).await;
             match released {
                 Ok(_) => break,

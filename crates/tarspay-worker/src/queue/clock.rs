@@ -19,9 +19,10 @@
 
 use redis::aio::ConnectionLike;
 use std::sync::RwLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::queue::QueueError;
+use crate::wall_clock::now_ms as local_ms;
 
 /// How often a live queue handle samples the server's clock again.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
@@ -53,16 +54,9 @@ pub fn now_ms() -> u64 {
             let elapsed = Instant::now().saturating_duration_since(sample.at);
             (sample.server_us + elapsed.as_micros() as u64) / 1000
         }
+        // Only for the time before the first sample.
         None => local_ms(),
     }
-}
-
-/// The local wall clock (0 if it is before 1970). Only for the time before the first sample.
-fn local_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Reads `TIME` and records it as the process' estimate of the server's clock (see the

@@ -1,9 +1,9 @@
 //! The dead stream: jobs that were given up, exhausted their attempts, or could not be decoded.
 //! Entries keep the job's stored form byte for byte, so they can be re-enqueued.
 
-use redis::Value;
+use redis::streams::{StreamId, StreamRangeReply};
 
-use crate::queue::entries::{RawEntry, parse_entries};
+use crate::queue::entries::field;
 use crate::queue::envelope::Envelope;
 use crate::queue::{QueueError, RedisQueue, scripts};
 
@@ -29,19 +29,17 @@ pub struct DeadJob {
 }
 
 impl DeadJob {
-    fn from_entry(entry: &RawEntry) -> Self {
-        let stored = entry.field("e").unwrap_or_default().to_owned();
+    fn from_entry(entry: &StreamId) -> Self {
+        let text = |name: &str| field(&entry.map, name).unwrap_or_default();
+        let stored = text("e");
         let envelope = Envelope::decode(&stored).ok();
         Self {
             dead_id: entry.id.clone(),
             job_id: envelope.as_ref().map(|e| e.id.clone()),
             attempts: envelope.as_ref().map(|e| e.attempts),
-            reason: entry.field("reason").unwrap_or_default().to_owned(),
-            worker: entry.field("worker").unwrap_or_default().to_owned(),
-            died_at_ms: entry
-                .field("at")
-                .and_then(|at| at.parse().ok())
-                .unwrap_or(0),
+            reason: text("reason"),
+            worker: text("worker"),
+            died_at_ms: text("at").parse().unwrap_or(0),
             payload: envelope
                 .as_ref()
                 .map_or_else(|| stored.clone(), |e| e.payload.get().to_owned()),
@@ -59,7 +57,7 @@ impl<T> RedisQueue<T> {
     ) -> Result<Vec<DeadJob>, QueueError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let mut conn = self.shared.conn.clone();
-        let reply: Value = redis::cmd("XRANGE")
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(&self.shared.keys.dead)
             .arg(start)
             .arg("+")
@@ -67,10 +65,7 @@ impl<T> RedisQueue<T> {
             .arg(count)
             .query_async(&mut conn)
             .await?;
-        Ok(parse_entries(&reply)?
-            .iter()
-            .map(DeadJob::from_entry)
-            .collect())
+        Ok(reply.ids.iter().map(DeadJob::from_entry).collect())
     }
 
     /// Number of dead jobs.
@@ -84,13 +79,13 @@ impl<T> RedisQueue<T> {
 
     async fn dead_job(&self, dead_id: &str) -> Result<Option<DeadJob>, QueueError> {
         let mut conn = self.shared.conn.clone();
-        let reply: Value = redis::cmd("XRANGE")
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(&self.shared.keys.dead)
             .arg(dead_id)
             .arg(dead_id)
             .query_async(&mut conn)
             .await?;
-        Ok(parse_entries(&reply)?.first().map(DeadJob::from_entry))
+        Ok(reply.ids.first().map(DeadJob::from_entry))
     }
 
     /// Moves a dead job back to the stream with its attempts reset. Returns false if no such dead

@@ -1,28 +1,16 @@
-//! Parsing of raw stream entries (`[id, [field, value, ...]]`), shared by fetch, claim and the
-//! dead-job listing.
+//! Reading stream entries, in one place for the queue, the ledger's outcome stream and the
+//! auditor. An entry is the `redis` crate's [`StreamId`] (id and fields), parsed by the crate
+//! from `XREADGROUP` / `XRANGE` replies; this module adds reading a field as text and the one
+//! reply the crate does not know (the CLAIM script's, which carries delivery counts).
 
 use redis::Value;
+use redis::streams::StreamId;
+use std::collections::HashMap;
 
 use crate::queue::QueueError;
 
-/// One stream entry with its fields as text.
-#[derive(Debug, Clone)]
-pub(crate) struct RawEntry {
-    pub(crate) id: String,
-    pub(crate) fields: Vec<(String, String)>,
-}
-
-impl RawEntry {
-    /// The value of `name`, if present.
-    pub(crate) fn field(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Text of a bulk or simple string reply.
+/// Text of a bulk, simple or verbatim string, or an integer (bytes that are not UTF-8 are
+/// replaced, not refused: a stored job that does not decode is reported, never dropped).
 pub(crate) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
@@ -33,50 +21,87 @@ pub(crate) fn text(value: &Value) -> Option<String> {
     }
 }
 
-/// Parses `[id, [field, value, ...]]`.
-pub(crate) fn parse_entry(value: &Value) -> Result<RawEntry, QueueError> {
-    let bad = || QueueError::Protocol(format!("stream entry: {value:?}"));
-    let Value::Array(parts) = value else {
+/// The field `name` of an entry's fields as text, if present.
+pub(crate) fn field(fields: &HashMap<String, Value>, name: &str) -> Option<String> {
+    text(fields.get(name)?)
+}
+
+/// The time part of a stream entry id (`<ms>-<seq>`).
+pub(crate) fn entry_id_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+/// The CLAIM script's reply: `[next cursor, [id, fields, deliveries], …]`.
+pub(crate) fn parse_claimed(reply: &Value) -> Result<(Vec<StreamId>, String), QueueError> {
+    let bad = || QueueError::Protocol(format!("claim reply: {reply:?}"));
+    let Value::Array(items) = reply else {
         return Err(bad());
     };
-    let id = parts.first().and_then(text).ok_or_else(bad)?;
-    let fields = match parts.get(1) {
-        Some(Value::Array(flat)) => flat
-            .chunks(2)
-            .filter_map(|pair| Some((text(pair.first()?)?, text(pair.get(1)?)?)))
-            .collect(),
-        Some(Value::Map(pairs)) => pairs
-            .iter()
-            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
-            .collect(),
-        // A deleted entry still listed in a pending list has no fields.
-        Some(Value::Nil) | None => Vec::new(),
-        _ => return Err(bad()),
-    };
-    Ok(RawEntry { id, fields })
+    let next = items.first().and_then(text).ok_or_else(bad)?;
+    let claimed = items
+        .iter()
+        .skip(1)
+        .map(|item| {
+            let (id, map, deliveries): (String, HashMap<String, Value>, Option<usize>) =
+                redis::from_redis_value_ref(item).map_err(|_| bad())?;
+            Ok(StreamId {
+                id,
+                map,
+                milliseconds_elapsed_from_delivery: None,
+                delivered_count: deliveries,
+            })
+        })
+        .collect::<Result<_, QueueError>>()?;
+    Ok((claimed, next))
 }
 
-/// Parses an array of entries (`XRANGE` reply).
-pub(crate) fn parse_entries(value: &Value) -> Result<Vec<RawEntry>, QueueError> {
-    match value {
-        Value::Array(items) => items.iter().map(parse_entry).collect(),
-        Value::Nil => Ok(Vec::new()),
-        _ => Err(QueueError::Protocol(format!("stream entries: {value:?}"))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
     }
-}
 
-/// Parses an `XREADGROUP` reply for a single stream (`[[key, entries]]`, or a RESP3 map).
-pub(crate) fn parse_read_reply(value: &Value) -> Result<Vec<RawEntry>, QueueError> {
-    match value {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(streams) => match streams.first() {
-            Some(Value::Array(pair)) => pair.get(1).map_or(Ok(Vec::new()), parse_entries),
-            None => Ok(Vec::new()),
-            _ => Err(QueueError::Protocol(format!("XREADGROUP: {value:?}"))),
-        },
-        Value::Map(streams) => streams
-            .first()
-            .map_or(Ok(Vec::new()), |(_, entries)| parse_entries(entries)),
-        _ => Err(QueueError::Protocol(format!("XREADGROUP: {value:?}"))),
+    #[test]
+    fn claimed_entries_keep_fields_and_delivery_counts() {
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![
+                bulk("5-1"),
+                Value::Array(vec![bulk("e"), bulk("{}")]),
+                Value::Int(3),
+            ]),
+        ]);
+        let (entries, next) = parse_claimed(&reply).unwrap();
+        assert_eq!(next, "0-0");
+        assert_eq!(entries[0].id, "5-1");
+        assert_eq!(field(&entries[0].map, "e").as_deref(), Some("{}"));
+        assert_eq!(entries[0].delivered_count, Some(3));
+        assert_eq!(entry_id_ms(&entries[0].id), Some(5));
+    }
+
+    #[test]
+    fn a_malformed_claim_reply_is_a_protocol_error() {
+        for reply in [
+            Value::Int(1),
+            Value::Array(vec![bulk("0-0"), Value::Int(7)]),
+        ] {
+            assert!(matches!(
+                parse_claimed(&reply),
+                Err(QueueError::Protocol(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn fields_read_as_lossy_text() {
+        let map = HashMap::from([
+            ("n".to_owned(), Value::Int(4)),
+            ("b".to_owned(), Value::BulkString(vec![b'a', 0xff])),
+        ]);
+        assert_eq!(field(&map, "n").as_deref(), Some("4"));
+        assert_eq!(field(&map, "b").as_deref(), Some("a\u{fffd}"));
+        assert_eq!(field(&map, "missing"), None);
     }
 }

@@ -5,6 +5,7 @@
 use apalis::prelude::{Task, TaskBuilder, TaskId};
 use redis::Value;
 use redis::aio::ConnectionManager;
+use redis::streams::{StreamId, StreamReadReply};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
-use crate::queue::entries::{RawEntry, parse_entry, parse_read_reply, text};
+use crate::queue::entries::{field, parse_claimed};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::settle::{SettleHandle, Settlement};
@@ -144,7 +145,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
         }
         let keys = &self.shared.keys;
-        let reply: Value = redis::cmd("XREADGROUP")
+        let reply: StreamReadReply = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&keys.group)
             .arg(&self.consumer)
@@ -157,8 +158,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(">")
             .query_async(blocking)
             .await?;
-        let entries = parse_read_reply(&reply)?;
-        Ok(self.decode_all(entries.into_iter().map(|e| (e, 1)).collect()))
+        let entries = reply.keys.into_iter().flat_map(|stream| stream.ids);
+        Ok(self.decode_all(entries.collect()))
     }
 
     /// `XAUTOCLAIM` entries idle longer than the orphan timeout, with their delivery counts.
@@ -166,7 +167,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         &self,
         cursor: &str,
         count: usize,
-    ) -> Result<(Vec<(RawEntry, u32)>, String), QueueError> {
+    ) -> Result<(Vec<StreamId>, String), QueueError> {
         let mut conn = self.shared.conn.clone();
         let reply: Value = scripts::CLAIM
             .key(&self.shared.keys.stream)
@@ -177,49 +178,33 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(count)
             .invoke_async(&mut conn)
             .await?;
-        let bad = || QueueError::Protocol(format!("claim reply: {reply:?}"));
-        let Value::Array(items) = &reply else {
-            return Err(bad());
-        };
-        let next = items.first().and_then(text).ok_or_else(bad)?;
-        let mut claimed = Vec::new();
-        for item in items.iter().skip(1) {
-            let Value::Array(parts) = item else {
-                return Err(bad());
-            };
-            let entry = parse_entry(&Value::Array(parts.iter().take(2).cloned().collect()))?;
-            let deliveries = parts
-                .get(2)
-                .and_then(text)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(1);
-            claimed.push((entry, deliveries));
-        }
-        Ok((claimed, next))
+        parse_claimed(&reply)
     }
 
-    fn decode_all(&self, entries: Vec<(RawEntry, u32)>) -> Vec<Task<T>> {
+    fn decode_all(&self, entries: Vec<StreamId>) -> Vec<Task<T>> {
         // Held from here until settled: renewed while this worker lives.
         self.inflight
-            .add(entries.iter().map(|(entry, _)| entry.id.as_str()));
+            .add(entries.iter().map(|entry| entry.id.as_str()));
         entries
             .into_iter()
-            .filter_map(|(entry, deliveries)| self.decode(entry, deliveries))
+            .filter_map(|entry| self.decode(entry))
             .collect()
     }
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(&self, entry: RawEntry, deliveries: u32) -> Option<Task<T>> {
-        let Some(stored) = entry.field("e") else {
+    fn decode(&self, entry: StreamId) -> Option<Task<T>> {
+        // A fresh read is the first delivery; claimed entries carry their count.
+        let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
+        let Some(stored) = field(&entry.map, "e") else {
             self.bury(
                 &entry.id,
                 "entry has no job field".into(),
-                format!("{:?}", entry.fields),
+                format!("{:?}", entry.map),
             );
             return None;
         };
-        let mut envelope = match Envelope::decode(stored) {
+        let mut envelope = match Envelope::decode(&stored) {
             Ok(envelope) => envelope,
             Err(e) => {
                 self.bury(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tower::{Layer, Service};
 
 use crate::queue::QueueConfig;
-use crate::queue::backoff::job_retry_delay;
+use crate::queue::backoff::full_jitter;
 use crate::queue::delivery::Delivery;
 use crate::queue::settle::{SettleHandle, Settlement};
 
@@ -143,7 +143,7 @@ fn decide<R>(
     } else if error.downcast_ref::<DeferredError>().is_some() {
         Duration::ZERO
     } else {
-        job_retry_delay(attempts, defaults.base, defaults.max)
+        full_jitter(defaults.base, defaults.max, attempts)
     };
     tracing::debug!(job_id = delivery.job_id(), attempts, ?delay, %error, "job will be retried");
     Settlement::Retry {

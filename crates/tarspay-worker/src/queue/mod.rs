@@ -80,7 +80,7 @@ mod config;
 mod dead;
 mod delay;
 mod delivery;
-mod entries;
+pub(crate) mod entries;
 mod envelope;
 mod fetch;
 mod inflight;
@@ -96,6 +96,7 @@ mod stats;
 mod storage;
 mod worker_id;
 
+pub use backoff::{full_jitter, random_up_to};
 pub(crate) use clock::now_ms;
 pub use config::QueueConfig;
 pub use dead::DeadJob;

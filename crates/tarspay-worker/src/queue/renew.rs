@@ -1,13 +1,12 @@
 //! Liveness of one worker: heartbeat (for "workers alive"), renewal of its own pending entries
 //! (so a busy worker is never taken for dead), and removal of consumers long gone.
 
-use redis::Value;
+use redis::streams::StreamInfoConsumersReply;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::clock::now_ms;
-use crate::queue::entries::text;
 use crate::queue::inflight::InFlight;
 use crate::queue::shared::Shared;
 use crate::queue::{QueueError, scripts};
@@ -66,14 +65,7 @@ pub(crate) async fn renew_held_entries(
     let mut conn = shared.conn.clone();
     let mut renewed = 0u64;
     for chunk in inflight.snapshot().chunks(RENEW_CHUNK) {
-        let mut invocation = scripts::RENEW.prepare_invoke();
-        invocation
-            .key(&shared.keys.stream)
-            .arg(&shared.keys.group)
-            .arg(consumer);
-        for id in chunk {
-            invocation.arg(id);
-        }
+        let invocation = shared.held_entries_call(&scripts::RENEW, consumer, chunk);
         let n: u64 = invocation.invoke_async(&mut conn).await?;
         renewed += n;
     }
@@ -86,39 +78,15 @@ pub(crate) async fn renew_held_entries(
 async fn remove_stale_consumers(shared: &Shared, me: &str) -> Result<(), QueueError> {
     let stale_after = (shared.config.worker_ttl * 4).max(Duration::from_secs(60));
     let mut conn = shared.conn.clone();
-    let reply: Value = redis::cmd("XINFO")
+    let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
         .arg("CONSUMERS")
         .arg(&shared.keys.stream)
         .arg(&shared.keys.group)
         .query_async(&mut conn)
         .await?;
-    let Value::Array(consumers) = reply else {
-        return Ok(());
-    };
-    for info in consumers {
-        let fields: Vec<(String, Value)> = match info {
-            Value::Array(flat) => flat
-                .chunks(2)
-                .filter_map(|p| Some((text(p.first()?)?, p.get(1)?.clone())))
-                .collect(),
-            Value::Map(pairs) => pairs
-                .into_iter()
-                .filter_map(|(k, v)| Some((text(&k)?, v)))
-                .collect(),
-            _ => continue,
-        };
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| text(v))
-        };
-        let (Some(name), Some(pending), Some(idle)) = (get("name"), get("pending"), get("idle"))
-        else {
-            continue;
-        };
-        let idle_ms: u64 = idle.parse().unwrap_or(0);
-        if name != me && pending == "0" && idle_ms > stale_after.as_millis() as u64 {
+    for consumer in reply.consumers {
+        let name = consumer.name;
+        if name != me && consumer.pending == 0 && consumer.idle as u128 > stale_after.as_millis() {
             let _: i64 = redis::cmd("XGROUP")
                 .arg("DELCONSUMER")
                 .arg(&shared.keys.stream)

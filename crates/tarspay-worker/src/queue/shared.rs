@@ -36,6 +36,23 @@ impl Shared {
         )?)
     }
 
+    /// A call of `script` (RELEASE, RENEW: `KEYS[1]` the stream, then group, consumer and
+    /// entry ids) over the entries `ids` held by `consumer`.
+    pub(crate) fn held_entries_call<'s>(
+        &self,
+        script: &'s redis::Script,
+        consumer: &str,
+        ids: &[String],
+    ) -> redis::ScriptInvocation<'s> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.keys.stream)
+            .arg(&self.keys.group)
+            .arg(consumer)
+            .arg(ids);
+        invocation
+    }
+
     /// Creates the consumer group (from the start of the stream) if it is missing.
     pub(crate) async fn ensure_group(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();

@@ -1,9 +1,11 @@
 //! Introspection: real numbers read from Redis in one round trip.
 
 use redis::Value;
+use redis::streams::StreamRangeReply;
 use std::time::Duration;
 
 use crate::queue::clock::now_ms;
+use crate::queue::entries::entry_id_ms;
 use crate::queue::{QueueError, RedisQueue};
 
 /// A snapshot of one queue.
@@ -44,7 +46,7 @@ impl<T> RedisQueue<T> {
             Value,
             u64,
             u64,
-            Value,
+            StreamRangeReply,
             u64,
             bool,
         ) = redis::pipe()
@@ -78,7 +80,8 @@ impl<T> RedisQueue<T> {
             pending,
             delayed,
             dead,
-            oldest_job_age: oldest_entry_ms(&oldest)
+            oldest_job_age: (oldest.ids.first())
+                .and_then(|entry| entry_id_ms(&entry.id))
                 .map(|ms| Duration::from_millis(now.saturating_sub(ms))),
             workers_alive: alive,
             paused,
@@ -99,21 +102,4 @@ fn pending_count(summary: &Value) -> Result<u64, QueueError> {
             "XPENDING summary: {summary:?}"
         ))),
     }
-}
-
-/// Millisecond part of the id of the single entry returned by `XRANGE … COUNT 1`.
-fn oldest_entry_ms(reply: &Value) -> Option<u64> {
-    let Value::Array(entries) = reply else {
-        return None;
-    };
-    let Some(Value::Array(entry)) = entries.first() else {
-        return None;
-    };
-    let id: String = redis::from_redis_value_ref(entry.first()?).ok()?;
-    entry_id_ms(&id)
-}
-
-/// The time part of a stream entry id (`<ms>-<seq>`).
-pub(crate) fn entry_id_ms(id: &str) -> Option<u64> {
-    id.split('-').next()?.parse().ok()
 }

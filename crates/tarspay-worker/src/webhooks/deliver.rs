@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::Instrument;
 
 /// Deliver the outcome stored under this entry id of the outcome stream.
@@ -107,9 +107,7 @@ impl Deliverer {
             .await?
             .ok_or_else(|| DeliveryError::Gone(job.outcome.clone()))?;
         let message = WebhookMessage::new(&job.outcome, &outcome)?;
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let timestamp = crate::wall_clock::since_epoch().as_secs();
         let mut request = self
             .http
             .post(self.settings.url.clone())
