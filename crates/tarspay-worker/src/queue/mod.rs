@@ -99,7 +99,7 @@ pub use config::QueueConfig;
 pub use dead::DeadJob;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
-pub use layer::{SettleLayer, SettleService};
+pub use layer::{SettleLayer, SettleService, record_job};
 pub(crate) use scripts::ENQUEUE_ONE;
 pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
