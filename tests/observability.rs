@@ -240,3 +240,22 @@ async fn gateway_span_records_the_code_of_a_failed_call() {
         }
     }
 }
+
+/// A malformed endpoint stops the command at start, naming the variable without its value
+/// (an endpoint may carry credentials).
+#[test]
+fn malformed_otlp_endpoint_stops_the_command_naming_the_variable() {
+    let output = std::process::Command::new(common::app::BIN)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:s3cret@[bad")
+        .env("TARSPAY_REDIS_URL", "redis://127.0.0.1:1")
+        .arg("queue")
+        .output()
+        .expect("run tarspay-dev queue");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("span export cannot start: OTEL_EXPORTER_OTLP_ENDPOINT is invalid"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}

@@ -17,12 +17,9 @@ type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    /// The endpoint variables are the user's own text; the reason names what is wrong.
-    #[error("span export cannot start ({variable}): {reason}")]
-    Otlp {
-        variable: &'static str,
-        reason: String,
-    },
+    /// Names the variable, never its value: an endpoint or header may carry credentials.
+    #[error("span export cannot start: {variable} is invalid ({reason})")]
+    Otlp { variable: String, reason: String },
 }
 
 /// Keeps span export running; [`Telemetry::shutdown`] (or dropping it) sends the spans still
@@ -132,10 +129,7 @@ fn export_layer(variable: &'static str) -> Result<(Option<BoxedLayer>, Telemetry
         .with_http()
         .with_protocol(Protocol::HttpBinary)
         .build()
-        .map_err(|err| TelemetryError::Otlp {
-            variable,
-            reason: err.to_string(),
-        })?;
+        .map_err(|err| build_error(variable, err))?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(SERVICE_NAME);
@@ -154,6 +148,32 @@ fn export_layer(variable: &'static str) -> Result<(Option<BoxedLayer>, Telemetry
             provider: Some(provider),
         },
     ))
+}
+
+/// The exporter's configuration errors quote the value; keep only the variable they name.
+#[cfg(feature = "otlp")]
+fn build_error(
+    endpoint_variable: &'static str,
+    err: opentelemetry_otlp::ExporterBuildError,
+) -> TelemetryError {
+    use opentelemetry_otlp::ExporterBuildError;
+    match err {
+        ExporterBuildError::InvalidConfiguration(message) => TelemetryError::Otlp {
+            variable: message
+                .split(':')
+                .next()
+                .filter(|name| name.starts_with("OTEL_"))
+                .unwrap_or(endpoint_variable)
+                .to_owned(),
+            reason: "value not shown; an endpoint is an absolute http(s) URL, \
+                     e.g. http://127.0.0.1:4318"
+                .to_owned(),
+        },
+        other => TelemetryError::Otlp {
+            variable: endpoint_variable.to_owned(),
+            reason: other.to_string(),
+        },
+    }
 }
 
 /// `service.name` when `OTEL_SERVICE_NAME` is not set.
