@@ -115,6 +115,8 @@ async fn worker_exports_job_and_gateway_spans_over_otlp_and_flushes_them_on_shut
     assert_eq!(job_attrs.get("queue").map(String::as_str), Some("payouts"));
     assert!(job_attrs.get("id").is_some_and(|id| !id.is_empty()));
     assert_eq!(job_attrs.get("attempt").map(String::as_str), Some("1"));
+    // The order's poll job ran in a span of its own kind.
+    find("job", Some("poll_status"));
     let (call, call_attrs) = find("gateway.call", None);
     assert_eq!(call_attrs.get("code").map(String::as_str), Some("0"));
     assert!(call_attrs.contains_key("latency_ms"), "{call_attrs:?}");
