@@ -53,9 +53,9 @@ fn run(args: DevCli) -> anyhow::Result<ExitCode> {
         // The demo's own output is the summary; per-payout logs would drown it.
         log.filter = "warn".to_owned();
     }
-    telemetry::init(&log);
+    let telemetry = telemetry::init(&log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match args.command {
             DevCommand::Demo(args) => cli::demo::run(args).await,
             DevCommand::Sandbox(args) => tarspay_sandbox::cli::run(&settings, args).await,
@@ -64,5 +64,9 @@ fn run(args: DevCli) -> anyhow::Result<ExitCode> {
                 tarspay_worker::cli::run_command(&settings, command).await
             }
         }
-    })
+    });
+    // Spans still batched are sent now, outside the runtime (the exporter blocks).
+    drop(runtime);
+    telemetry.shutdown();
+    result
 }

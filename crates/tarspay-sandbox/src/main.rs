@@ -24,7 +24,8 @@ fn main() -> ExitCode {
     let args = Cli::parse();
     let run = || -> anyhow::Result<ExitCode> {
         let settings = Settings::load(args.config.as_deref())?;
-        tarspay_worker::telemetry::init(&settings.log);
+        // Declared before the runtime so it is dropped (flushing spans) after it.
+        let _telemetry = tarspay_worker::telemetry::init(&settings.log)?;
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(cli::run(&settings, args.sandbox))
     };

@@ -17,7 +17,6 @@ use crate::webhooks::{DeliverWebhook, Deliverer, WebhookError, WebhookSettings};
 use apalis::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// The queue every payout job goes through.
 pub const PAYOUT_QUEUE: &str = "payouts";
@@ -150,12 +149,12 @@ async fn handle(
     shared: Data<Arc<Shared>>,
     attempt: Attempt,
 ) -> Result<(), BoxDynError> {
-    let span =
-        tracing::info_span!("job", mch_order_no = %job.mch_order_no(), attempt = attempt.current());
     let kind = match &job {
         PayoutJob::CreatePayout { .. } => "create_payout",
         PayoutJob::PollStatus { .. } => "poll_status",
     };
+    // The queue's `job` span (id, attempt) is current here; gateway calls nest under it.
+    crate::queue::record_job(kind, Some(job.mch_order_no()));
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let result: Result<(), BoxDynError> = async move {
@@ -183,7 +182,6 @@ async fn handle(
             }
         }
     }
-    .instrument(span)
     .await;
     in_flight.decrement(1.0);
     let label = match &result {

@@ -66,9 +66,13 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log);
+    let telemetry = telemetry::init(&settings.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(run_command(&settings, cli.command))
+    let result = runtime.block_on(run_command(&settings, cli.command));
+    // Spans still batched are sent now, outside the runtime (the exporter blocks).
+    drop(runtime);
+    telemetry.shutdown();
+    result
 }
 
 /// Runs one command with loaded settings (and logging set up): the `tarspay-worker` binary's

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 
 pub const HEADER_API_KEY: &str = "X-API-KEY";
 pub const HEADER_NONCE: &str = "X-API-NONCE";
@@ -149,23 +150,34 @@ impl TarsPayClient {
         }
     }
 
-    /// Signs and sends one call, then decodes the envelope's `data` as `T`. Records the
-    /// call's latency and outcome code as metrics.
+    /// Signs and sends one call, then decodes the envelope's `data` as `T`. Runs in a
+    /// `gateway.call` span (endpoint, mchOrderNo, code, latency) and records the call's latency
+    /// and outcome code as metrics. Only those fields are recorded: never a key, a signature
+    /// or a beneficiary field.
     pub async fn call<T: DeserializeOwned>(
         &self,
         path: &'static str,
         params: Params,
     ) -> Result<T, GatewayError> {
+        let span = tracing::info_span!(
+            "gateway.call",
+            endpoint = path,
+            mch_order_no = params.get("mchOrderNo"),
+            code = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        );
         let started = std::time::Instant::now();
-        let result = self.send(path, params).await;
+        let result = self.send(path, params).instrument(span.clone()).await;
+        let latency = started.elapsed();
         metrics::histogram!(crate::metrics::GATEWAY_LATENCY, "endpoint" => path)
-            .record(started.elapsed().as_secs_f64());
-        let code = match &result {
-            Ok(_) => "0".to_owned(),
-            Err(err) => err
-                .code()
-                .map_or_else(|| err.kind().to_owned(), |c| c.to_string()),
-        };
+            .record(latency.as_secs_f64());
+        let code = call_code(&result);
+        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        span.record("code", code.as_str());
+        span.record("latency_ms", latency_ms);
+        span.in_scope(
+            || tracing::debug!(endpoint = path, code = %code, latency_ms, "gateway call"),
+        );
         metrics::counter!(crate::metrics::GATEWAY_CODES, "endpoint" => path, "code" => code)
             .increment(1);
         result
@@ -205,6 +217,17 @@ impl TarsPayClient {
             });
         }
         decode_envelope(path, &body)
+    }
+}
+
+/// A call's outcome as one label: `0`, the gateway's code, or the failure's kind
+/// (`timeout`, `unreachable`, `http_status`, …).
+fn call_code<T>(result: &Result<T, GatewayError>) -> String {
+    match result {
+        Ok(_) => "0".to_owned(),
+        Err(err) => err
+            .code()
+            .map_or_else(|| err.kind().to_owned(), |c| c.to_string()),
     }
 }
 

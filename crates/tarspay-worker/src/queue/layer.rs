@@ -1,13 +1,16 @@
 //! The backend's layer: runs outside the user's middleware, turns the handler's result into a
 //! settlement (done / retry after a delay / dead) and waits until Redis has it, so a job is
-//! acknowledged only after its handler's effect is committed.
+//! acknowledged only after its handler's effect is committed. Each execution, settlement
+//! included, runs in a `job` span (see [`job_span`]).
 
 use apalis::prelude::{AbortError, BoxDynError, DeferredError, RetryAfterError, Task};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use crate::queue::QueueConfig;
 use crate::queue::backoff::full_jitter;
@@ -26,6 +29,7 @@ struct RetryDefaults {
 pub struct SettleLayer {
     settle: SettleHandle,
     defaults: RetryDefaults,
+    queue: Arc<str>,
 }
 
 impl SettleLayer {
@@ -36,6 +40,7 @@ impl SettleLayer {
                 base: config.retry_base,
                 max: config.retry_max,
             },
+            queue: config.queue.as_str().into(),
         }
     }
 }
@@ -48,6 +53,7 @@ impl<S> Layer<S> for SettleLayer {
             inner,
             settle: self.settle.clone(),
             defaults: self.defaults,
+            queue: self.queue.clone(),
         }
     }
 }
@@ -58,6 +64,7 @@ pub struct SettleService<S> {
     inner: S,
     settle: SettleHandle,
     defaults: RetryDefaults,
+    queue: Arc<str>,
 }
 
 impl<S, T> Service<Task<T>> for SettleService<S>
@@ -80,7 +87,8 @@ where
         let attempt = task.raw_attempt().clone();
         let settle = self.settle.clone();
         let defaults = self.defaults;
-        let fut = self.inner.call(task);
+        let span = job_span(&self.queue, delivery.as_ref());
+        let fut = span.in_scope(|| self.inner.call(task));
         async move {
             let result = fut.await.map_err(Into::into);
             if let Some(delivery) = delivery {
@@ -93,7 +101,32 @@ where
             }
             result
         }
+        .instrument(span)
         .boxed()
+    }
+}
+
+/// The span one execution runs in: `queue`, `id` (the job id given at enqueue), `entry` (the
+/// stream entry delivered), `attempt` (1 for the first, counting crashed deliveries). The
+/// handler knows its job and records `kind` and `mch_order_no` with [`record_job`].
+fn job_span(queue: &str, delivery: Option<&Delivery>) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        queue,
+        kind = tracing::field::Empty,
+        id = delivery.map(Delivery::job_id),
+        entry = delivery.map(Delivery::entry_id),
+        mch_order_no = tracing::field::Empty,
+        attempt = delivery.map(|d| d.attempts_before().saturating_add(1)),
+    )
+}
+
+/// Records the job's kind and order number on the `job` span the handler runs in.
+pub fn record_job(kind: &'static str, mch_order_no: Option<&str>) {
+    let span = tracing::Span::current();
+    span.record("kind", kind);
+    if let Some(mch_order_no) = mch_order_no {
+        span.record("mch_order_no", mch_order_no);
     }
 }
 

@@ -103,7 +103,7 @@ pub use dead::DeadJob;
 pub use delivery::Delivery;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
-pub use layer::{SettleLayer, SettleService};
+pub use layer::{SettleLayer, SettleService, record_job};
 pub(crate) use scripts::ENQUEUE_ONE;
 pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};

@@ -140,6 +140,7 @@ pub async fn handle(
     deliverer: Data<Arc<Deliverer>>,
     attempt: Attempt,
 ) -> Result<(), BoxDynError> {
+    crate::queue::record_job("deliver_webhook", None);
     let span = tracing::info_span!(
         "webhook",
         webhook_id = %super::webhook_id(&job.outcome),
