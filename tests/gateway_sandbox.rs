@@ -943,3 +943,36 @@ async fn amounts_sent_as_json_numbers_keep_their_exact_text() {
     assert_eq!(balance.available_amount, "2500.50");
     assert_eq!(balance.frozen_amount.as_deref(), Some("0.00"));
 }
+
+/// A create is sent only if the whole call can finish before the caller's deadline (the end of
+/// its submit lease): a worker that stalled past its lease gets `NotSent`, and the gateway sees
+/// nothing, so it cannot double a create another worker has taken over.
+#[tokio::test]
+async fn a_create_past_its_deadline_is_not_sent() {
+    let gw = spawn_gateway(|_| {}).await;
+    let request_timeout = Duration::from_secs(5);
+    let client = client_for(&gw.sandbox.url(), &gw.key, request_timeout);
+
+    // The lease ends sooner than a whole call could take: refused before it leaves.
+    let too_late = std::time::Instant::now() + request_timeout - Duration::from_millis(1);
+    let err = client
+        .create_payout_within(&payout("LEASE-1", "100"), too_late)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GatewayError::NotSent { .. }), "{err:?}");
+    assert!(
+        !err.is_ambiguous(),
+        "nothing was sent, so nothing may exist"
+    );
+    assert_eq!(err.kind(), "not_sent");
+    assert_eq!(gw.sandbox.create_attempts("LEASE-1"), 0);
+    assert!(gw.sandbox.orders().is_empty());
+
+    // With time to spare it is an ordinary create.
+    let in_time = std::time::Instant::now() + request_timeout * 3;
+    client
+        .create_payout_within(&payout("LEASE-1", "100"), in_time)
+        .await
+        .unwrap();
+    assert_eq!(gw.sandbox.create_attempts("LEASE-1"), 1);
+}

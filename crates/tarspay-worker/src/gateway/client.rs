@@ -13,7 +13,7 @@ use super::types::{
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 pub const HEADER_API_KEY: &str = "X-API-KEY";
@@ -46,6 +46,7 @@ pub struct TarsPayClient {
     mch_no: String,
     signer: RequestSigner,
     max_response_bytes: usize,
+    request_timeout: Duration,
     last_nonce: std::sync::Arc<AtomicU64>,
     /// Milliseconds since the epoch for nonces: the gateway refuses a nonce far from its own
     /// clock, so a host whose clock is off should pass a better one (see [`Self::with_clock`]).
@@ -72,6 +73,7 @@ impl TarsPayClient {
             mch_no: settings.mch_no,
             signer: RequestSigner::new(settings.private_key),
             max_response_bytes: settings.max_response_bytes,
+            request_timeout: settings.request_timeout,
             last_nonce: Default::default(),
             clock: crate::wall_clock::now_ms,
         })
@@ -100,6 +102,23 @@ impl TarsPayClient {
     ) -> Result<PayoutAccepted, GatewayError> {
         self.call(paths::CREATE_PAYOUT, request.params(&self.mch_no))
             .await
+    }
+
+    /// `create_payout`, sent only if the whole call can finish before `deadline` (the end of
+    /// the caller's submit lease), judged after signing, just before the request leaves. A
+    /// worker that stalled (a GC-less freeze: SIGSTOP, a paused VM) past its lease must not
+    /// send a create another worker may already have sent: it gets `NotSent` instead.
+    pub async fn create_payout_within(
+        &self,
+        request: &CreatePayout,
+        deadline: Instant,
+    ) -> Result<PayoutAccepted, GatewayError> {
+        self.call_within(
+            paths::CREATE_PAYOUT,
+            request.params(&self.mch_no),
+            Some(deadline),
+        )
+        .await
     }
 
     pub async fn query_payout(&self, order: &OrderRef) -> Result<OrderInfo, GatewayError> {
@@ -159,6 +178,15 @@ impl TarsPayClient {
         path: &'static str,
         params: Params,
     ) -> Result<T, GatewayError> {
+        self.call_within(path, params, None).await
+    }
+
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        params: Params,
+        deadline: Option<Instant>,
+    ) -> Result<T, GatewayError> {
         let span = tracing::info_span!(
             "gateway.call",
             endpoint = path,
@@ -167,7 +195,10 @@ impl TarsPayClient {
             latency_ms = tracing::field::Empty,
         );
         let started = std::time::Instant::now();
-        let result = self.send(path, params).instrument(span.clone()).await;
+        let result = self
+            .send(path, params, deadline)
+            .instrument(span.clone())
+            .await;
         let latency = started.elapsed();
         metrics::histogram!(crate::metrics::GATEWAY_LATENCY, "endpoint" => path)
             .record(latency.as_secs_f64());
@@ -187,17 +218,26 @@ impl TarsPayClient {
         &self,
         path: &'static str,
         params: Params,
+        deadline: Option<Instant>,
     ) -> Result<T, GatewayError> {
         let nonce = self.next_nonce().to_string();
         let headers = self.signer.sign(path, &nonce, &params);
-        let response = self
+        let request = self
             .http
             .post(format!("{}{}", self.base_url, path))
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .header(HEADER_API_KEY, headers.api_key)
             .header(HEADER_NONCE, headers.nonce)
             .header(HEADER_SIGNATURE, headers.signature)
-            .body(params.to_json_body())
+            .body(params.to_json_body());
+        // The last moment before the request leaves: everything above is local work.
+        if deadline.is_some_and(|deadline| Instant::now() + self.request_timeout > deadline) {
+            return Err(GatewayError::NotSent {
+                endpoint: path,
+                reason: "the caller's deadline ends before the call could finish",
+            });
+        }
+        let response = request
             .send()
             .await
             .map_err(|err| transport_error(path, &err))?;

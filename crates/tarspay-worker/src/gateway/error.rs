@@ -13,6 +13,14 @@ pub enum GatewayError {
         reason: String,
     },
 
+    /// The request was not sent because the caller's deadline (a create's submit lease) would
+    /// end before the call could: nothing reached the gateway.
+    #[error("not sent to the gateway for {endpoint}: {reason}")]
+    NotSent {
+        endpoint: &'static str,
+        reason: &'static str,
+    },
+
     /// The request was (or may have been) sent, then the answer was lost: a timeout or a
     /// reset after sending. The gateway may have acted on it.
     #[error(
@@ -63,7 +71,7 @@ impl GatewayError {
         match self {
             Self::Ambiguous { .. } | Self::Decode { .. } | Self::TooLarge { .. } => true,
             Self::Http { status, .. } => *status >= 500,
-            Self::Unreachable { .. } | Self::Gateway { .. } => false,
+            Self::Unreachable { .. } | Self::NotSent { .. } | Self::Gateway { .. } => false,
         }
     }
 
@@ -91,6 +99,7 @@ impl GatewayError {
             }
             Self::Http { .. } => ErrorClass::Terminal,
             Self::Unreachable { .. }
+            | Self::NotSent { .. }
             | Self::Ambiguous { .. }
             | Self::Decode { .. }
             | Self::TooLarge { .. } => ErrorClass::Retryable,
@@ -101,6 +110,7 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "unreachable",
+            Self::NotSent { .. } => "not_sent",
             Self::Ambiguous {
                 timed_out: true, ..
             } => "timeout",

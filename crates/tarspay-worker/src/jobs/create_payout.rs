@@ -17,7 +17,7 @@ use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ledger::{FinalResult, Finalized, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a job held back by a pause looks again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(1);
@@ -32,6 +32,9 @@ fn lease_token() -> String {
 
 pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<Step, JobError> {
     let token = lease_token();
+    // The lease starts on the server after this instant, so it lasts at least until
+    // `lease_ends`: a create is sent only if it can finish before then.
+    let lease_ends = Instant::now() + ctx.lease;
     // The lease and the record come back from one script: one round trip.
     let (ticket, record) = ctx
         .ledger
@@ -98,7 +101,7 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
     tracing::debug!(mch_order_no, attempt, "sending create");
     match ctx
         .client
-        .create_payout(&request.to_create(&ctx.notify_url))
+        .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
         .await
     {
         Ok(accepted) => {
