@@ -608,7 +608,7 @@ async fn soak_with_faults_keeps_the_one_rule() {
     let receiver_url = format!(
         "http://{}{}",
         receiver_listener.local_addr().expect("receiver addr"),
-        app.settings.callback_path
+        app.settings.server.callback_path
     );
     let (stop_receiver, receiver_stopped) = tokio::sync::oneshot::channel::<()>();
     let receiver = {

@@ -66,7 +66,7 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
     for spec in &args.merchants {
         config.merchants.push(parse_merchant(spec)?);
     }
-    if let (Some(mch_no), Ok(key)) = (&settings.mch_no, settings.private_key()) {
+    if let (Some(mch_no), Ok(key)) = (&settings.gateway.mch_no, settings.gateway.private_key()) {
         config.merchants.push(SandboxMerchant {
             mch_no: mch_no.clone(),
             public_key: key.public_key(),

@@ -157,7 +157,7 @@ mod tests {
     fn rules() -> std::sync::Arc<PayoutRules> {
         Settings::load_with_env(None, [("", ""); 0])
             .unwrap()
-            .payout_rules()
+            .payout_rules
     }
 
     #[test]

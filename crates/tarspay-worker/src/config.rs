@@ -1,19 +1,23 @@
 //! Settings: the embedded `config/default.toml`, then an optional file, then `TARSPAY_*`
 //! environment variables, parsed once at load into typed values (keys, code table, payout
-//! rules, URLs, durations), so no accessor parses again. Anything malformed fails at load
+//! rules, URLs, durations) grouped by concern (`config/groups.rs`, `config/webhook.rs`), so
+//! no accessor parses again and each part of the code receives only its group. Anything malformed fails at load
 //! with the setting's name and its environment variable, never its value.
 
+mod groups;
 mod raw;
 mod url;
+mod webhook;
 
-pub use raw::{GatewayTuning, LogFormat, LogSettings, parse_duration};
+pub use groups::{GatewaySettings, Merchant, RedisSettings, ServerSettings, WorkerSettings};
+pub use raw::{LogFormat, LogSettings, parse_duration};
 pub use url::{HttpUrl, RedisUrl, redact_url};
+pub use webhook::{WEBHOOK_SECRET_PREFIX, WebhookKey, WebhookTarget};
 
-use crate::gateway::ClientSettings;
 use crate::gateway::codes::CodeTable;
 use crate::gateway::keys::{PrivateKey, PublicKey};
+use crate::jobs::{PollPolicy, RetryPolicy};
 use crate::payout::PayoutRules;
-use crate::secret::Secret;
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use raw::RawSettings;
@@ -21,7 +25,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The defaults shipped inside the binary, so it runs with no files around it.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -58,84 +61,19 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Every setting, parsed. `Debug` is written by hand: it shows no secret, and URLs only
-/// without credentials (`redis://:password@host`).
-#[derive(Clone)]
-pub struct Settings {
-    pub gateway_url: HttpUrl,
-    /// "M" + 10 digits, checked.
-    pub mch_no: Option<String>,
-    /// From `private_key` or `private_key_file` (at most one of them may be set).
-    private_key: Option<PrivateKey>,
-    pub notify_url: Option<HttpUrl>,
-    pub system_public_key: PublicKey,
-    pub redis_url: RedisUrl,
-    /// Run on a Redis that may drop acknowledged writes (no AOF, evicting policy).
-    pub redis_unsafe: bool,
-    pub concurrency: u64,
-    pub queue_prefix: String,
-    pub retry_base_delay: Duration,
-    pub retry_max_delay: Duration,
-    pub retry_max_attempts: u64,
-    pub poll_first_delay: Duration,
-    pub poll_max_interval: Duration,
-    pub poll_deadline: Duration,
-    /// How long the gateway must keep saying "no such order" (at least twice) before an order
-    /// some create of which may exist can be failed.
-    pub settle_window: Duration,
-    /// How often a worker's lifeline sweeps the ledger for orders without work.
-    pub lifeline_interval: Duration,
-    pub orphan_timeout: Duration,
-    pub shutdown_grace: Duration,
-    pub guard_auth_failures: u64,
-    pub outcome_max_len: u64,
-    pub listen: SocketAddr,
-    pub api_token: Option<Secret>,
-    pub api_auth_disabled: bool,
-    pub callback_path: String,
-    pub max_body_bytes: u64,
-    pub max_batch_bytes: u64,
-    /// `serve`: a client must send its request head within this, and its body within
-    /// `body_read_timeout` of the head, or the connection is answered (408) and closed.
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub webhook_url: Option<HttpUrl>,
-    pub webhook_secret: Option<Secret>,
-    /// Attempts of one webhook delivery before it goes to the webhook queue's dead stream.
-    pub webhook_max_attempts: u64,
-    /// Cap of the webhook retries' backoff (exponential from 1 s, full jitter).
-    pub webhook_retry_max_delay: Duration,
-    pub gateway: GatewayTuning,
-    codes: CodeTable,
-    pub log: LogSettings,
-    payout_rules: Arc<PayoutRules>,
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("gateway_url", &self.gateway_url)
-            .field("mch_no", &self.mch_no)
-            .field("private_key", &self.private_key)
-            .field("notify_url", &self.notify_url)
-            .field("redis_url", &self.redis_url)
-            .field("redis_unsafe", &self.redis_unsafe)
-            .field("queue_prefix", &self.queue_prefix)
-            .field("concurrency", &self.concurrency)
-            .field("listen", &self.listen)
-            .field("api_token", &self.api_token)
-            .field("webhook_url", &self.webhook_url)
-            .field("webhook_secret", &self.webhook_secret)
-            .field("payout_rules", &self.payout_rules)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The merchant identity needed to call the gateway, checked.
+/// Every setting, parsed, grouped by the part of the code that uses it. `Debug` shows no
+/// secret, and URLs only without credentials (`redis://:password@host`).
 #[derive(Debug, Clone)]
-pub struct Merchant {
-    pub mch_no: String,
-    pub private_key: PrivateKey,
+pub struct Settings {
+    pub gateway: GatewaySettings,
+    pub redis: RedisSettings,
+    pub worker: WorkerSettings,
+    pub server: ServerSettings,
+    /// `None` when `webhook_url` is unset.
+    pub webhooks: Option<WebhookTarget>,
+    pub log: LogSettings,
+    /// The per-currency payout rules (`[currencies.*]`).
+    pub payout_rules: Arc<PayoutRules>,
 }
 
 impl Settings {
@@ -183,169 +121,93 @@ impl Settings {
     }
 
     /// Parses and checks every setting that has a value; required-ness is checked by the
-    /// command that needs the setting ([`Settings::merchant`], …).
+    /// command that needs the setting ([`GatewaySettings::merchant`], …).
     fn from_raw(raw: RawSettings) -> Result<Self, ConfigError> {
+        check_ranges(&raw)?;
         let http_url = |key: &str, text: &str| HttpUrl::parse(text).map_err(|r| invalid(key, r));
-        let gateway_url = http_url("gateway_url", &raw.gateway_url)?;
-        let notify_url = raw
-            .notify_url
-            .as_deref()
-            .map(|text| http_url("notify_url", text))
-            .transpose()?;
-        let webhook_url = raw
-            .webhook_url
-            .as_deref()
-            .map(|text| http_url("webhook_url", text))
-            .transpose()?;
+        let optional_url =
+            |key: &str, text: Option<&str>| text.map(|text| http_url(key, text)).transpose();
         if let Some(mch_no) = &raw.mch_no {
             check_mch_no(mch_no)?;
         }
-        let system_public_key = PublicKey::from_hex(&raw.system_public_key)
-            .map_err(|err| invalid("system_public_key", err.to_string()))?;
-        let redis_url = RedisUrl::parse(&raw.redis_url).map_err(|r| invalid("redis_url", r))?;
-        let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
-            invalid(
-                "listen",
-                "must be an IP address and port such as 127.0.0.1:8080",
-            )
-        })?;
-        check_ranges(&raw)?;
-        if webhook_url.is_some() && raw.webhook_secret.as_ref().is_none_or(Secret::is_empty) {
-            return Err(ConfigError::Missing {
-                key: "webhook_secret",
-                env: env_name("webhook_secret"),
-                purpose: "to sign outcome webhooks when webhook_url is set",
-            });
-        }
-        let codes = parse_codes(&raw)?;
-        let payout_rules = PayoutRules::compile(&raw.currencies)
-            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))?;
-        let private_key = parse_private_key(&raw)?;
-        Ok(Self {
-            gateway_url,
-            mch_no: raw.mch_no,
-            private_key,
-            notify_url,
-            system_public_key,
-            redis_url,
-            redis_unsafe: raw.redis_unsafe,
-            concurrency: raw.concurrency,
+        let gateway = GatewaySettings {
+            url: http_url("gateway_url", &raw.gateway_url)?,
+            mch_no: raw.mch_no.clone(),
+            private_key: parse_private_key(&raw)?,
+            notify_url: optional_url("notify_url", raw.notify_url.as_deref())?,
+            system_public_key: PublicKey::from_hex(&raw.system_public_key)
+                .map_err(|err| invalid("system_public_key", err.to_string()))?,
+            codes: parse_codes(&raw)?,
+            connect_timeout: raw.gateway.connect_timeout,
+            request_timeout: raw.gateway.request_timeout,
+            max_response_bytes: bounded(
+                "gateway.max_response_bytes",
+                raw.gateway.max_response_bytes,
+            )?,
+        };
+        let webhooks = WebhookTarget::parse(
+            optional_url("webhook_url", raw.webhook_url.as_deref())?,
+            raw.webhook_secret.as_ref(),
+            bounded("webhook_max_attempts", raw.webhook_max_attempts)?,
+            raw.webhook_retry_max_delay,
+        )?;
+        let redis = RedisSettings {
+            url: RedisUrl::parse(&raw.redis_url).map_err(|r| invalid("redis_url", r))?,
+            allow_unsafe: raw.redis_unsafe,
             queue_prefix: raw.queue_prefix,
-            retry_base_delay: raw.retry_base_delay,
-            retry_max_delay: raw.retry_max_delay,
-            retry_max_attempts: raw.retry_max_attempts,
-            poll_first_delay: raw.poll_first_delay,
-            poll_max_interval: raw.poll_max_interval,
-            poll_deadline: raw.poll_deadline,
+            outcome_max_len: raw.outcome_max_len,
+        };
+        let worker = WorkerSettings {
+            concurrency: bounded("concurrency", raw.concurrency)?,
+            retry: RetryPolicy {
+                base_delay: raw.retry_base_delay,
+                max_delay: raw.retry_max_delay,
+                max_attempts: bounded("retry_max_attempts", raw.retry_max_attempts)?,
+            },
+            poll: PollPolicy {
+                first_delay: raw.poll_first_delay,
+                max_interval: raw.poll_max_interval,
+                deadline: raw.poll_deadline,
+            },
             settle_window: raw.settle_window,
             lifeline_interval: raw.lifeline_interval,
             orphan_timeout: raw.orphan_timeout,
             shutdown_grace: raw.shutdown_grace,
-            guard_auth_failures: raw.guard_auth_failures,
-            outcome_max_len: raw.outcome_max_len,
-            listen,
+            guard_threshold: bounded("guard_auth_failures", raw.guard_auth_failures)?,
+        };
+        let server = ServerSettings {
+            listen: raw.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "listen",
+                    "must be an IP address and port such as 127.0.0.1:8080",
+                )
+            })?,
             api_token: raw.api_token,
-            api_auth_disabled: raw.api_auth_disabled,
+            auth_disabled: raw.api_auth_disabled,
             callback_path: raw.callback_path,
-            max_body_bytes: raw.max_body_bytes,
-            max_batch_bytes: raw.max_batch_bytes,
+            max_body_bytes: bounded("max_body_bytes", raw.max_body_bytes)?,
+            max_batch_bytes: bounded("max_batch_bytes", raw.max_batch_bytes)?,
             header_read_timeout: raw.header_read_timeout,
             body_read_timeout: raw.body_read_timeout,
-            webhook_url,
-            webhook_secret: raw.webhook_secret,
-            webhook_max_attempts: raw.webhook_max_attempts,
-            webhook_retry_max_delay: raw.webhook_retry_max_delay,
-            gateway: raw.gateway,
-            codes,
+        };
+        let payout_rules = PayoutRules::compile(&raw.currencies)
+            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))?;
+        Ok(Self {
+            gateway,
+            redis,
+            worker,
+            server,
+            webhooks,
             log: raw.log,
             payout_rules: Arc::new(payout_rules),
         })
     }
+}
 
-    /// TarsPay's key that signs callbacks.
-    pub fn system_public_key(&self) -> PublicKey {
-        self.system_public_key
-    }
-
-    /// The merchant key from `private_key` or `private_key_file`.
-    pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
-        self.private_key
-            .clone()
-            .ok_or_else(|| ConfigError::Missing {
-                key: "private_key",
-                env: format!(
-                    "{} or {}",
-                    env_name("private_key"),
-                    env_name("private_key_file")
-                ),
-                purpose: "to sign gateway calls",
-            })
-    }
-
-    pub fn merchant(&self) -> Result<Merchant, ConfigError> {
-        let mch_no = self.mch_no.clone().ok_or_else(|| ConfigError::Missing {
-            key: "mch_no",
-            env: env_name("mch_no"),
-            purpose: "to call the gateway",
-        })?;
-        Ok(Merchant {
-            mch_no,
-            private_key: self.private_key()?,
-        })
-    }
-
-    /// The notifyUrl of every order, as written in the settings.
-    pub fn notify_url(&self) -> Result<&str, ConfigError> {
-        self.notify_url
-            .as_ref()
-            .map(HttpUrl::as_str)
-            .ok_or_else(|| ConfigError::Missing {
-                key: "notify_url",
-                env: env_name("notify_url"),
-                purpose: "as the notifyUrl of every order",
-            })
-    }
-
-    pub fn client_settings(&self) -> Result<ClientSettings, ConfigError> {
-        let merchant = self.merchant()?;
-        Ok(ClientSettings {
-            base_url: self.gateway_url.as_str().to_owned(),
-            mch_no: merchant.mch_no,
-            private_key: merchant.private_key,
-            connect_timeout: self.gateway.connect_timeout,
-            request_timeout: self.gateway.request_timeout,
-            max_response_bytes: self.gateway.max_response_bytes as usize,
-        })
-    }
-
-    /// How long a create holds the submit lease: one run makes at most three gateway calls
-    /// (lookup, create, lookup), plus a margin.
-    pub fn submit_lease(&self) -> Duration {
-        self.gateway.request_timeout * 3 + Duration::from_secs(10)
-    }
-
-    /// The API token, or `None` when auth is explicitly disabled; an error when neither.
-    pub fn api_token(&self) -> Result<Option<Secret>, ConfigError> {
-        match (&self.api_token, self.api_auth_disabled) {
-            (Some(token), _) if !token.is_empty() => Ok(Some(token.clone())),
-            (_, true) => Ok(None),
-            _ => Err(ConfigError::Missing {
-                key: "api_token",
-                env: env_name("api_token"),
-                purpose: "for the HTTP API (or set TARSPAY_API_AUTH_DISABLED=true to run it without auth)",
-            }),
-        }
-    }
-
-    /// The gateway code table with the settings' overrides.
-    pub fn code_table(&self) -> &CodeTable {
-        &self.codes
-    }
-
-    /// The per-currency payout rules, compiled at load.
-    pub fn payout_rules(&self) -> Arc<PayoutRules> {
-        Arc::clone(&self.payout_rules)
-    }
+/// A whole number in the type its user needs (`u32` counts, `usize` sizes); the ranges are
+/// checked first, so this fails only on a platform too small for the value.
+fn bounded<T: TryFrom<u64>>(key: &str, value: u64) -> Result<T, ConfigError> {
+    T::try_from(value).map_err(|_| invalid(key, "is too large"))
 }
 
 /// The checks of plain numbers, durations and names that need no parsing of their own.
@@ -504,14 +366,15 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
 mod tests {
     use super::*;
     use crate::gateway::ErrorClass;
+    use std::time::Duration;
 
     #[test]
     fn embedded_defaults_load() {
         let settings = Settings::load_with_env(None, [("", ""); 0]).unwrap();
-        assert_eq!(settings.gateway_url, "https://payment.tarspay.com");
+        assert_eq!(settings.gateway.url, "https://payment.tarspay.com");
         assert_eq!(settings.gateway.request_timeout, Duration::from_secs(30));
-        assert!(settings.payout_rules().currencies().any(|c| c == "INR"));
-        assert!(settings.merchant().is_err());
+        assert!(settings.payout_rules.currencies().any(|c| c == "INR"));
+        assert!(settings.gateway.merchant().is_err());
     }
 
     #[test]
@@ -537,9 +400,17 @@ mod tests {
             settings.gateway.request_timeout,
             Duration::from_millis(1500)
         );
-        assert_eq!(settings.merchant().unwrap().private_key.expose_hex(), key);
         assert_eq!(
-            settings.code_table().classify(5003013),
+            settings
+                .gateway
+                .merchant()
+                .unwrap()
+                .private_key
+                .expose_hex(),
+            key
+        );
+        assert_eq!(
+            settings.gateway.codes.classify(5003013),
             ErrorClass::Retryable
         );
         assert_eq!(
@@ -643,6 +514,94 @@ mod tests {
     }
 
     #[test]
+    fn each_group_carries_its_parsed_values() {
+        let settings = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_REDIS_UNSAFE", "true"),
+                ("TARSPAY_QUEUE_PREFIX", "acme"),
+                ("TARSPAY_OUTCOME_MAX_LEN", "1000"),
+                ("TARSPAY_CONCURRENCY", "12"),
+                ("TARSPAY_RETRY_MAX_ATTEMPTS", "5"),
+                ("TARSPAY_POLL_MAX_INTERVAL", "90s"),
+                ("TARSPAY_GUARD_AUTH_FAILURES", "7"),
+                ("TARSPAY_MAX_BODY_BYTES", "2048"),
+                ("TARSPAY_CALLBACK_PATH", "/hooks/tarspay"),
+                ("TARSPAY_GATEWAY__MAX_RESPONSE_BYTES", "4096"),
+            ],
+        )
+        .unwrap();
+        assert!(settings.redis.allow_unsafe);
+        assert_eq!(settings.redis.queue_prefix, "acme");
+        assert_eq!(settings.redis.outcome_max_len, 1000);
+        assert_eq!(settings.worker.concurrency, 12);
+        assert_eq!(settings.worker.retry.max_attempts, 5);
+        assert_eq!(settings.worker.poll.max_interval, Duration::from_secs(90));
+        assert_eq!(settings.worker.guard_threshold, 7);
+        assert_eq!(settings.server.max_body_bytes, 2048);
+        assert_eq!(settings.server.callback_path, "/hooks/tarspay");
+        assert_eq!(settings.gateway.max_response_bytes, 4096);
+        assert_eq!(
+            settings.gateway.submit_lease(),
+            Duration::from_secs(30 * 3 + 10)
+        );
+        assert!(settings.webhooks.is_none(), "no webhook_url, no webhooks");
+    }
+
+    #[test]
+    fn a_count_too_large_for_its_type_names_the_setting() {
+        let err = Settings::load_with_env(None, [("TARSPAY_GUARD_AUTH_FAILURES", "5000000000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TARSPAY_GUARD_AUTH_FAILURES") && err.contains("too large"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhooks_are_parsed_at_load_or_refused_naming_the_secret() {
+        let on = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_WEBHOOK_URL", "https://app.example/hook"),
+                ("TARSPAY_WEBHOOK_SECRET", "whsec_YWJj"),
+                ("TARSPAY_WEBHOOK_MAX_ATTEMPTS", "4"),
+                ("TARSPAY_WEBHOOK_RETRY_MAX_DELAY", "2m"),
+            ],
+        )
+        .unwrap();
+        let webhooks = on.webhooks.unwrap();
+        assert_eq!(webhooks.url, "https://app.example/hook");
+        assert_eq!(webhooks.key.expose(), b"abc");
+        assert_eq!(webhooks.max_attempts, 4);
+        assert_eq!(webhooks.retry_max_delay, Duration::from_secs(120));
+        for (secret, reason) in [
+            ("whsec_", "is empty"),
+            ("whsec_!!secretpart!!", "not base64"),
+            ("", "is required"),
+        ] {
+            let err = Settings::load_with_env(
+                None,
+                [
+                    ("TARSPAY_WEBHOOK_URL", "https://app.example/hook"),
+                    ("TARSPAY_WEBHOOK_SECRET", secret),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("TARSPAY_WEBHOOK_SECRET") && err.contains(reason),
+                "{secret:?}: {err}"
+            );
+            assert!(!err.contains("secretpart"), "{err}");
+        }
+        // A secret without a URL is not used, so webhooks stay off.
+        let off = Settings::load_with_env(None, [("TARSPAY_WEBHOOK_SECRET", "whsec_%%")]).unwrap();
+        assert!(off.webhooks.is_none());
+    }
+
+    #[test]
     fn a_key_and_a_key_file_together_are_refused_without_the_key() {
         let key = "3".repeat(64);
         let err = Settings::load_with_env(
@@ -676,40 +635,44 @@ mod tests {
         // The file is read once: removing it later changes nothing.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
-            settings.private_key().unwrap().expose_hex(),
+            settings.gateway.private_key().unwrap().expose_hex(),
             key.expose_hex()
         );
-        assert_eq!(settings.listen.port(), 9000);
+        assert_eq!(settings.server.listen.port(), 9000);
         // The notifyUrl is sent (and signed) as written, not normalised to a trailing '/'.
-        assert_eq!(settings.notify_url().unwrap(), "https://merchant.example");
+        assert_eq!(
+            settings.gateway.notify_url().unwrap(),
+            "https://merchant.example"
+        );
     }
 
     #[test]
     fn missing_merchant_settings_say_which() {
         let settings = Settings::load_with_env(None, [("TARSPAY_MCH_NO", "M1234567890")]).unwrap();
-        let err = settings.merchant().unwrap_err().to_string();
+        let err = settings.gateway.merchant().unwrap_err().to_string();
         assert!(
             err.contains("TARSPAY_PRIVATE_KEY") && err.contains("TARSPAY_PRIVATE_KEY_FILE"),
             "{err}"
         );
-        let err = settings.notify_url().unwrap_err().to_string();
+        let err = settings.gateway.notify_url().unwrap_err().to_string();
         assert!(err.contains("TARSPAY_NOTIFY_URL"), "{err}");
     }
 
     #[test]
     fn the_api_needs_a_token_or_an_explicit_opt_out() {
         let none = Settings::load_with_env(None, [("", ""); 0]).unwrap();
-        let err = none.api_token().unwrap_err().to_string();
+        let err = none.server.api_token().unwrap_err().to_string();
         assert!(
             err.contains("TARSPAY_API_TOKEN") && err.contains("TARSPAY_API_AUTH_DISABLED"),
             "{err}"
         );
         let off = Settings::load_with_env(None, [("TARSPAY_API_AUTH_DISABLED", "true")]).unwrap();
-        assert!(off.api_token().unwrap().is_none());
+        assert!(off.server.api_token().unwrap().is_none());
         let on =
             Settings::load_with_env(None, [("TARSPAY_API_TOKEN", "12345678901234567890")]).unwrap();
         assert!(
-            on.api_token()
+            on.server
+                .api_token()
                 .unwrap()
                 .unwrap()
                 .matches("12345678901234567890"),
@@ -765,7 +728,7 @@ mod tests {
         )
         .unwrap();
         let settings = Settings::load_with_env(Some(&path), [("", ""); 0]).unwrap();
-        assert_eq!(settings.gateway_url, "http://127.0.0.1:9");
+        assert_eq!(settings.gateway.url, "http://127.0.0.1:9");
         assert_eq!(settings.gateway.connect_timeout, Duration::from_secs(1));
         assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());
     }

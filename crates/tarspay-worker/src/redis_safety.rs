@@ -107,7 +107,7 @@ pub async fn inspect<C: redis::aio::ConnectionLike + Send>(
 /// Checks the settings' Redis at start: an error stops `worker`/`serve`; warnings are logged
 /// once here.
 pub async fn ensure(settings: &Settings) -> Result<RedisSafety, RedisSafetyError> {
-    let client = redis::Client::open(settings.redis_url.as_str())
+    let client = redis::Client::open(settings.redis.url.as_str())
         .map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -127,7 +127,7 @@ pub async fn ensure(settings: &Settings) -> Result<RedisSafety, RedisSafetyError
                 tracing::warn!("redis: {warning}");
             }
             if !unsafe_settings.is_empty() {
-                if !settings.redis_unsafe {
+                if !settings.redis.allow_unsafe {
                     return Err(RedisSafetyError::Unsafe(unsafe_settings.clone()));
                 }
                 for setting in unsafe_settings {

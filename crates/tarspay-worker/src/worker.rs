@@ -7,8 +7,7 @@ use crate::config::{ConfigError, Settings};
 use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
 use crate::jobs::{
-    JobContext, JobError, PayoutJob, PollPolicy, RetryPolicy, Step, SystemicGuard,
-    run_create_payout, run_poll_status,
+    JobContext, JobError, PayoutJob, Step, SystemicGuard, run_create_payout, run_poll_status,
 };
 use crate::ledger::{Ledger, LedgerKeys, WEBHOOK_QUEUE};
 use crate::producer::Producer;
@@ -42,19 +41,22 @@ pub enum WorkerError {
 /// The payout queue's settings, from the worker settings.
 pub fn queue_config(settings: &Settings) -> QueueConfig {
     QueueConfig::new(PAYOUT_QUEUE)
-        .with_prefix(&settings.queue_prefix)
-        .with_orphan_timeout(settings.orphan_timeout)
+        .with_prefix(&settings.redis.queue_prefix)
+        .with_orphan_timeout(settings.worker.orphan_timeout)
 }
 
 /// The webhook queue's settings: nested in the payout queue's partition, where the ledger
 /// queues deliveries; retries bounded by the webhook settings.
 pub fn webhook_queue_config(settings: &Settings) -> QueueConfig {
     let mut config = QueueConfig::new(WEBHOOK_QUEUE)
-        .with_prefix(&settings.queue_prefix)
+        .with_prefix(&settings.redis.queue_prefix)
         .within(PAYOUT_QUEUE)
-        .with_orphan_timeout(settings.orphan_timeout);
-    config.max_attempts = u32::try_from(settings.webhook_max_attempts).unwrap_or(u32::MAX);
-    config.retry_max = settings.webhook_retry_max_delay;
+        .with_orphan_timeout(settings.worker.orphan_timeout);
+    // Without webhook settings this process queues and delivers none: the defaults stand.
+    if let Some(webhooks) = &settings.webhooks {
+        config.max_attempts = webhooks.max_attempts;
+        config.retry_max = webhooks.retry_max_delay;
+    }
     config.retry_base = config.retry_base.min(config.retry_max);
     config
 }
@@ -69,21 +71,20 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Refuses malformed webhook settings before connecting. With webhooks configured, every
+    /// With webhooks configured (malformed ones were refused at load), every
     /// outcome this deployment's ledger appends gets its delivery job in the same step.
     pub async fn connect(settings: &Settings) -> Result<Self, WorkerError> {
-        let webhook_settings = WebhookSettings::from_settings(settings)?;
         let queue =
-            RedisQueue::connect(settings.redis_url.as_str(), queue_config(settings)).await?;
+            RedisQueue::connect(settings.redis.url.as_str(), queue_config(settings)).await?;
         let webhooks =
             RedisQueue::from_client(queue.client().clone(), webhook_queue_config(settings)).await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
-        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.queue_prefix);
+        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.redis.queue_prefix);
         let keys = LedgerKeys::new(&tag, queue.keys());
         debug_assert_eq!(&keys.webhooks(), webhooks.keys());
-        let mut ledger =
-            Ledger::new(queue.connection(), keys).with_outcome_max_len(settings.outcome_max_len);
-        if webhook_settings.is_some() {
+        let mut ledger = Ledger::new(queue.connection(), keys)
+            .with_outcome_max_len(settings.redis.outcome_max_len);
+        if settings.webhooks.is_some() {
             ledger = ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone()));
         }
         Ok(Self {
@@ -97,37 +98,29 @@ impl Deployment {
         Ok(Producer::new(
             self.ledger.clone(),
             self.queue.clone(),
-            settings.payout_rules(),
+            settings.payout_rules.clone(),
         ))
     }
 
     pub fn job_context(&self, settings: &Settings) -> Result<JobContext, WorkerError> {
         // Nonces on the Redis server's clock: a worker whose own clock is off would sign
         // nonces the gateway refuses (as signature errors, which would pause every payout).
-        let client =
-            TarsPayClient::new(settings.client_settings()?)?.with_clock(crate::queue::now_ms);
+        let client = TarsPayClient::new(settings.gateway.client_settings()?)?
+            .with_clock(crate::queue::now_ms);
         Ok(JobContext {
             ledger: self.ledger.clone(),
             client,
-            codes: settings.code_table().clone(),
-            notify_url: settings.notify_url()?.to_owned(),
-            retry: RetryPolicy {
-                base_delay: settings.retry_base_delay,
-                max_delay: settings.retry_max_delay,
-                max_attempts: settings.retry_max_attempts as u32,
-            },
-            poll: PollPolicy {
-                first_delay: settings.poll_first_delay,
-                max_interval: settings.poll_max_interval,
-                deadline: settings.poll_deadline,
-            },
-            lease: settings.submit_lease(),
-            settle_window: settings.settle_window,
+            codes: settings.gateway.codes.clone(),
+            notify_url: settings.gateway.notify_url()?.to_owned(),
+            retry: settings.worker.retry.clone(),
+            poll: settings.worker.poll.clone(),
+            lease: settings.gateway.submit_lease(),
+            settle_window: settings.worker.settle_window,
             guard: SystemicGuard::new(
                 self.queue.connection(),
                 self.ledger.keys().guard(),
                 self.queue.keys().paused.clone(),
-                settings.guard_auth_failures as u32,
+                settings.worker.guard_threshold,
             ),
             queue: self.queue.clone(),
         })
@@ -194,7 +187,7 @@ async fn handle(
 }
 
 /// Runs the payout worker pool until `shutdown` resolves; then stops fetching and gives
-/// in-flight jobs `settings.shutdown_grace` to finish. Jobs still running after that stay in
+/// in-flight jobs `settings.worker.shutdown_grace` to finish. Jobs still running after that stay in
 /// the queue's pending list and are taken over by other workers after the orphan timeout.
 pub async fn run(
     settings: &Settings,
@@ -248,10 +241,10 @@ pub async fn run(
     let lifeline = crate::audit::Lifeline::new(
         deployment.ledger.clone(),
         deployment.queue.clone(),
-        settings.lifeline_interval,
+        settings.worker.lifeline_interval,
     );
     let lifeline_task = tokio::spawn(lifeline.run(lifeline_stop.clone().cancelled_owned()));
-    let grace = settings.shutdown_grace;
+    let grace = settings.worker.shutdown_grace;
     let deadline = async move {
         shutdown.await;
         lifeline_stop.cancel();

@@ -103,7 +103,7 @@ pub enum QueueName {
 pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCode> {
     let concurrency = args
         .concurrency
-        .unwrap_or(settings.concurrency as usize)
+        .unwrap_or(settings.worker.concurrency)
         .max(1);
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr).await?;
@@ -145,7 +145,7 @@ async fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
 
 pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode> {
     // Fail before reading anything if the worker could not use these payouts.
-    settings.notify_url()?;
+    settings.gateway.notify_url()?;
     let deployment = Deployment::connect(settings).await?;
     let producer = deployment.producer(settings)?;
     let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {

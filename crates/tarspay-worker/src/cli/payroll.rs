@@ -39,7 +39,7 @@ pub struct PayrollArgs {
 pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let rules = settings.payout_rules();
+    let rules = settings.payout_rules.clone();
     let requests = match batch::parse_csv(&rules, &bytes) {
         Ok(requests) => requests,
         Err(BatchError::BadRows { rows }) => {
@@ -120,8 +120,13 @@ async fn check_balance(
     settings: &Settings,
     totals: &BTreeMap<String, Decimal>,
 ) -> Result<String, String> {
-    let client = TarsPayClient::new(settings.client_settings().map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    let client = TarsPayClient::new(
+        settings
+            .gateway
+            .client_settings()
+            .map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     let balance = client
         .balance()
         .await

@@ -7,16 +7,21 @@ use std::process::ExitCode;
 
 pub async fn run(settings: &Settings) -> Result<ExitCode> {
     // Refuse to start without a token (or an explicit opt-out) before binding anything.
-    settings.api_token()?;
+    settings.server.api_token()?;
     crate::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
-    let listener = tokio::net::TcpListener::bind(&settings.listen)
+    let listener = tokio::net::TcpListener::bind(&settings.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (TARSPAY_LISTEN)", settings.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (TARSPAY_LISTEN)",
+                settings.server.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
     println!(
         "listening on http://{addr} (callbacks at {})",
-        settings.callback_path
+        settings.server.callback_path
     );
     crate::server::serve(settings, deployment, listener, crate::shutdown::signal()).await?;
     Ok(ExitCode::SUCCESS)

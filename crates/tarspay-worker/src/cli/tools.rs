@@ -86,7 +86,7 @@ fn body_params(body: &[u8]) -> Result<Params> {
 }
 
 pub fn sign(settings: &Settings, args: SignArgs) -> Result<ExitCode> {
-    let key = settings.private_key()?;
+    let key = settings.gateway.private_key()?;
     let params = body_params(&read_body(&args.body)?)?;
     let nonce = args
         .nonce
@@ -119,7 +119,7 @@ pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
 }
 
 pub async fn balance(settings: &Settings) -> Result<ExitCode> {
-    let client = TarsPayClient::new(settings.client_settings()?)?;
+    let client = TarsPayClient::new(settings.gateway.client_settings()?)?;
     let balance = client.balance().await?;
     println!(
         "available {}  frozen {}",

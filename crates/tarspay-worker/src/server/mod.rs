@@ -44,9 +44,9 @@ impl AppState {
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
-            system_key: settings.system_public_key(),
-            mch_no: settings.mch_no.clone(),
-            api_token: settings.api_token()?,
+            system_key: settings.gateway.system_public_key,
+            mch_no: settings.gateway.mch_no.clone(),
+            api_token: settings.server.api_token()?,
             metrics: crate::metrics::install(),
         })
     }
@@ -61,13 +61,13 @@ pub struct Limits {
 
 impl Limits {
     pub fn from_settings(settings: &Settings) -> Self {
-        let limit = |max_bytes: u64| BodyLimit {
-            max_bytes: max_bytes as usize,
-            read_timeout: settings.body_read_timeout,
+        let limit = |max_bytes: usize| BodyLimit {
+            max_bytes,
+            read_timeout: settings.server.body_read_timeout,
         };
         Self {
-            body: limit(settings.max_body_bytes),
-            batch: limit(settings.max_batch_bytes),
+            body: limit(settings.server.max_body_bytes),
+            batch: limit(settings.server.max_batch_bytes),
         }
     }
 }
@@ -149,16 +149,21 @@ pub async fn serve(
     let state = AppState::new(settings, deployment.clone()).map_err(std::io::Error::other)?;
     let app = router(
         Arc::new(state),
-        &settings.callback_path,
+        &settings.server.callback_path,
         Limits::from_settings(settings),
     );
     // One shutdown signal for the server and the gauges. (Webhooks are delivered by workers.)
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let gauges = tokio::spawn(gauges::run(deployment, stopped));
-    listener::run(listener, app, settings.header_read_timeout, async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    })
+    listener::run(
+        listener,
+        app,
+        settings.server.header_read_timeout,
+        async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        },
+    )
     .await;
     let _ = gauges.await;
     Ok(())

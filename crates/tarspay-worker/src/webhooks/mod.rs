@@ -31,10 +31,6 @@ pub use signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SECRET_PREFIX, 
 pub enum WebhookError {
     #[error("setting `webhook_secret` (TARSPAY_WEBHOOK_SECRET) {0}")]
     Secret(&'static str),
-    #[error(
-        "setting `webhook_url` (TARSPAY_WEBHOOK_URL) must be an absolute http:// or https:// URL"
-    )]
-    Url,
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(String),
 }

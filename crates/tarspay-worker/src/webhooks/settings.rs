@@ -1,8 +1,9 @@
-//! The webhook settings, parsed and checked once at start: a malformed URL or secret stops
-//! the command with an error naming the setting, instead of running with webhooks off.
+//! The webhook settings as deliveries use them, built from the group `config` parsed at load
+//! ([`WebhookTarget`]): a malformed URL or secret has already stopped the command there,
+//! naming the setting, instead of running with webhooks off.
 
 use super::{WebhookError, WebhookSigner};
-use crate::config::Settings;
+use crate::config::{Settings, WebhookTarget};
 use std::time::Duration;
 
 /// Where and how outcomes are POSTed. `Debug` shows the host only (the URL may carry
@@ -29,25 +30,19 @@ impl std::fmt::Debug for WebhookSettings {
 }
 
 impl WebhookSettings {
-    /// `None` when `webhook_url` is not set (webhooks off).
+    /// `None` when `webhook_url` is not set (webhooks off). The URL and the key were parsed
+    /// at load; only the HMAC is keyed here.
     pub fn from_settings(settings: &Settings) -> Result<Option<Self>, WebhookError> {
-        let Some(url) = &settings.webhook_url else {
-            return Ok(None);
-        };
-        let url = reqwest::Url::parse(url.as_str()).map_err(|_| WebhookError::Url)?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(WebhookError::Url);
-        }
-        let secret = settings
-            .webhook_secret
-            .as_ref()
-            .ok_or(WebhookError::Secret("is missing"))?;
-        Ok(Some(Self {
-            url,
-            signer: WebhookSigner::new(secret)?,
-            max_attempts: u32::try_from(settings.webhook_max_attempts).unwrap_or(u32::MAX),
-            retry_max_delay: settings.webhook_retry_max_delay,
-        }))
+        settings.webhooks.as_ref().map(Self::new).transpose()
+    }
+
+    pub fn new(target: &WebhookTarget) -> Result<Self, WebhookError> {
+        Ok(Self {
+            url: target.url.url().clone(),
+            signer: WebhookSigner::from_key(&target.key)?,
+            max_attempts: target.max_attempts,
+            retry_max_delay: target.retry_max_delay,
+        })
     }
 
     /// The host deliveries go to, for logs.
@@ -81,11 +76,14 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_secret_is_refused_naming_the_setting_not_the_value() {
-        let err = load(&[
-            ("TARSPAY_WEBHOOK_URL", "https://app.example/hook"),
-            ("TARSPAY_WEBHOOK_SECRET", "whsec_%%%hunter2%%%"),
-        ])
+    fn a_malformed_secret_stops_the_load_naming_the_setting_not_the_value() {
+        let err = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_WEBHOOK_URL", "https://app.example/hook"),
+                ("TARSPAY_WEBHOOK_SECRET", "whsec_%%%hunter2%%%"),
+            ],
+        )
         .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("TARSPAY_WEBHOOK_SECRET"), "{text}");

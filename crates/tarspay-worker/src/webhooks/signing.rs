@@ -1,9 +1,10 @@
 //! Standard Webhooks signing: `webhook-signature: v1,<base64 HMAC-SHA256(key, id.timestamp.body)>`.
 
 use super::WebhookError;
+use crate::config::WebhookKey;
 use crate::secret::Secret;
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_PAD_INDIFFERENT};
+use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
@@ -11,7 +12,7 @@ pub const HEADER_ID: &str = "webhook-id";
 pub const HEADER_TIMESTAMP: &str = "webhook-timestamp";
 pub const HEADER_SIGNATURE: &str = "webhook-signature";
 /// A secret starting with this is `whsec_` + base64 of the key bytes.
-pub const SECRET_PREFIX: &str = "whsec_";
+pub use crate::config::WEBHOOK_SECRET_PREFIX as SECRET_PREFIX;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -32,20 +33,14 @@ impl std::fmt::Debug for WebhookSigner {
 }
 
 impl WebhookSigner {
+    /// Parses the secret as the settings do ([`WebhookKey::parse`]), for callers holding one.
     pub fn new(secret: &Secret) -> Result<Self, WebhookError> {
-        let text = secret.expose();
-        let key = match text.strip_prefix(SECRET_PREFIX) {
-            Some(encoded) => STANDARD_PAD_INDIFFERENT
-                .decode(encoded.trim())
-                .map_err(|_| {
-                    WebhookError::Secret("starts with whsec_ but the rest is not base64")
-                })?,
-            None => text.as_bytes().to_vec(),
-        };
-        if key.is_empty() {
-            return Err(WebhookError::Secret("is empty"));
-        }
-        let keyed = HmacSha256::new_from_slice(&key)
+        Self::from_key(&WebhookKey::parse(secret).map_err(WebhookError::Secret)?)
+    }
+
+    /// Keys the HMAC with a key the settings already decoded.
+    pub fn from_key(key: &WebhookKey) -> Result<Self, WebhookError> {
+        let keyed = HmacSha256::new_from_slice(key.expose())
             .map_err(|_| WebhookError::Secret("cannot key HMAC-SHA256"))?;
         Ok(Self { keyed })
     }

@@ -1,0 +1,164 @@
+//! The typed settings, one group per concern, so each part of the code receives only what it
+//! needs: the gateway (`gateway`), Redis (`redis`), the worker pool (`worker`) and `serve`
+//! (`server`). Every value here was parsed and checked at load; accessors exist only where a
+//! required setting may be unset and the command that needs it must say which.
+
+use super::{ConfigError, HttpUrl, RedisUrl, env_name};
+use crate::gateway::ClientSettings;
+use crate::gateway::codes::CodeTable;
+use crate::gateway::keys::{PrivateKey, PublicKey};
+use crate::jobs::{PollPolicy, RetryPolicy};
+use crate::secret::Secret;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The merchant's identity at TarsPay and how to call it (`gateway_url`, `mch_no`, the keys,
+/// `notify_url`, `[codes]`, `[gateway]`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub url: HttpUrl,
+    /// "M" + 10 digits, checked.
+    pub mch_no: Option<String>,
+    /// From `private_key` or `private_key_file` (at most one of them may be set).
+    pub(super) private_key: Option<PrivateKey>,
+    pub notify_url: Option<HttpUrl>,
+    /// TarsPay's key that signs callbacks.
+    pub system_public_key: PublicKey,
+    /// The built-in code classes with the settings' overrides.
+    pub codes: CodeTable,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+/// The merchant identity needed to call the gateway, checked.
+#[derive(Debug, Clone)]
+pub struct Merchant {
+    pub mch_no: String,
+    pub private_key: PrivateKey,
+}
+
+impl GatewaySettings {
+    /// The merchant key from `private_key` or `private_key_file`.
+    pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
+        self.private_key
+            .clone()
+            .ok_or_else(|| ConfigError::Missing {
+                key: "private_key",
+                env: format!(
+                    "{} or {}",
+                    env_name("private_key"),
+                    env_name("private_key_file")
+                ),
+                purpose: "to sign gateway calls",
+            })
+    }
+
+    pub fn merchant(&self) -> Result<Merchant, ConfigError> {
+        let mch_no = self.mch_no.clone().ok_or_else(|| ConfigError::Missing {
+            key: "mch_no",
+            env: env_name("mch_no"),
+            purpose: "to call the gateway",
+        })?;
+        Ok(Merchant {
+            mch_no,
+            private_key: self.private_key()?,
+        })
+    }
+
+    /// The notifyUrl of every order, as written in the settings.
+    pub fn notify_url(&self) -> Result<&str, ConfigError> {
+        self.notify_url
+            .as_ref()
+            .map(HttpUrl::as_str)
+            .ok_or_else(|| ConfigError::Missing {
+                key: "notify_url",
+                env: env_name("notify_url"),
+                purpose: "as the notifyUrl of every order",
+            })
+    }
+
+    pub fn client_settings(&self) -> Result<ClientSettings, ConfigError> {
+        let merchant = self.merchant()?;
+        Ok(ClientSettings {
+            base_url: self.url.as_str().to_owned(),
+            mch_no: merchant.mch_no,
+            private_key: merchant.private_key,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            max_response_bytes: self.max_response_bytes,
+        })
+    }
+
+    /// How long a create holds the submit lease: one run makes at most three gateway calls
+    /// (lookup, create, lookup), plus a margin.
+    pub fn submit_lease(&self) -> Duration {
+        self.request_timeout * 3 + Duration::from_secs(10)
+    }
+}
+
+/// Where and how the deployment keeps its state (`redis_url`, `redis_unsafe`,
+/// `queue_prefix`, `outcome_max_len`).
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: RedisUrl,
+    /// `redis_unsafe`: run on a Redis that may drop acknowledged writes (no AOF, evicting
+    /// policy).
+    pub allow_unsafe: bool,
+    /// Prefix of every key; letters, digits, '-', '_', '.', ':' (no braces).
+    pub queue_prefix: String,
+    /// Approximate cap on the outcome stream's length; 0 keeps every outcome.
+    pub outcome_max_len: u64,
+}
+
+/// The worker pool: how many jobs at once, how creates are retried and orders polled, and
+/// the timers that keep work alive.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Payouts in flight per process, 1 to 10000.
+    pub concurrency: usize,
+    /// `retry_base_delay`, `retry_max_delay`, `retry_max_attempts`.
+    pub retry: RetryPolicy,
+    /// `poll_first_delay`, `poll_max_interval`, `poll_deadline`.
+    pub poll: PollPolicy,
+    /// How long the gateway must keep saying "no such order" (at least twice) before an order
+    /// some create of which may exist can be failed.
+    pub settle_window: Duration,
+    /// How often a worker's lifeline sweeps the ledger for orders without work.
+    pub lifeline_interval: Duration,
+    pub orphan_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// `guard_auth_failures`: consecutive auth-class failures that pause the queue.
+    pub guard_threshold: u32,
+}
+
+/// `serve`: where it listens, who may call the API, and how requests are bounded.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub(super) api_token: Option<Secret>,
+    /// `api_auth_disabled`: run the API without a token (behind an authenticating proxy).
+    pub auth_disabled: bool,
+    pub callback_path: String,
+    pub max_body_bytes: usize,
+    pub max_batch_bytes: usize,
+    /// A client must send its request head within this, and its body within
+    /// `body_read_timeout` of the head, or the connection is answered (408) and closed.
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+}
+
+impl ServerSettings {
+    /// The API token, or `None` when auth is explicitly disabled; an error when neither.
+    pub fn api_token(&self) -> Result<Option<Secret>, ConfigError> {
+        match (&self.api_token, self.auth_disabled) {
+            (Some(token), _) if !token.is_empty() => Ok(Some(token.clone())),
+            (_, true) => Ok(None),
+            _ => Err(ConfigError::Missing {
+                key: "api_token",
+                env: env_name("api_token"),
+                purpose: "for the HTTP API (or set TARSPAY_API_AUTH_DISABLED=true to run it without auth)",
+            }),
+        }
+    }
+}
