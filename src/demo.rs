@@ -16,10 +16,11 @@ use tarspay_sandbox::{
     Endpoint, FaultAction, FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant,
 };
 use tarspay_worker::config::{ConfigError, Settings};
+use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ids::BatchId;
 use tarspay_worker::ledger::Phase;
-use tarspay_worker::worker::{Deployment, WorkerError};
+use tarspay_worker::worker::WorkerError;
 
 pub const DEMO_MCH_NO: &str = "M0000000001";
 
@@ -41,6 +42,8 @@ pub enum DemoError {
     Sandbox(#[from] tarspay_sandbox::SandboxError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Deployment(#[from] tarspay_worker::deployment::DeploymentError),
     #[error(
         "no Redis answered at {tried} and no private one could be started: {source}. Start one (apt-get install redis-server && redis-server, or docker run -p 6379:6379 redis:7) or set TARSPAY_REDIS_URL"
     )]

@@ -295,7 +295,7 @@ async fn wait_worker_alive(app: &common::app::TestApp, redis_url: &str) {
     env.retain(|(k, _)| k != "TARSPAY_REDIS_URL");
     env.push(("TARSPAY_REDIS_URL".into(), redis_url.to_owned()));
     let settings = tarspay_worker::config::Settings::load_with_env(None, env).unwrap();
-    let deployment = tarspay_worker::worker::Deployment::connect(&settings)
+    let deployment = tarspay_worker::deployment::Deployment::connect(&settings)
         .await
         .unwrap();
     common::eventually("the worker to start", || async {

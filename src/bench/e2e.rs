@@ -18,10 +18,10 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tarspay_worker::config::Settings;
+use tarspay_worker::deployment::{Deployment, PAYOUT_QUEUE};
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ledger::{Ledger, LedgerKeys, Outcome};
 use tarspay_worker::producer::Producer;
-use tarspay_worker::worker::{Deployment, PAYOUT_QUEUE};
 
 pub const DEFAULT_N: u64 = 20_000;
 pub const DEFAULT_CONCURRENCY: usize = 64;

@@ -7,10 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tarspay_sandbox::{Sandbox, SandboxConfig, SandboxMerchant};
 use tarspay_worker::config::Settings;
+use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ledger::Outcome;
 use tarspay_worker::producer::Producer;
-use tarspay_worker::worker::Deployment;
 
 pub const MCH_NO: &str = "M1234567890";
 pub const BIN: &str = env!("CARGO_BIN_EXE_tarspay-dev");

@@ -2,7 +2,7 @@
 
 use crate::audit::{Auditor, Pace};
 use crate::config::Settings;
-use crate::worker::Deployment;
+use crate::deployment::Deployment;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;

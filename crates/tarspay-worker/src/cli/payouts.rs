@@ -2,6 +2,7 @@
 //! `resume`, `dead list|retry`.
 
 use crate::config::Settings;
+use crate::deployment::Deployment;
 use crate::ids::{BatchId, Currency, MchOrderNo};
 use crate::ledger::Outcome;
 use crate::ledger::OutcomeStatus;
@@ -9,7 +10,7 @@ use crate::money::Amount;
 use crate::producer::{Enqueued, ProducerError};
 use crate::queue::{QueueStats, RedisQueue};
 use crate::strict_json::StrictJsonError;
-use crate::worker::{self, Deployment};
+use crate::worker;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use std::io::BufRead;

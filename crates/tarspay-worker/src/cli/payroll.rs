@@ -3,11 +3,11 @@
 
 use crate::batch::{self, BatchError};
 use crate::config::Settings;
+use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
 use crate::ids::BatchId;
 use crate::ledger::{BatchSummary, Ledger, Phase};
 use crate::payout::PayoutRequest;
-use crate::worker::Deployment;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -1,7 +1,7 @@
 //! `serve`: the callback receiver and the HTTP API.
 
 use crate::config::Settings;
-use crate::worker::Deployment;
+use crate::deployment::Deployment;
 use anyhow::{Context, Result};
 use std::process::ExitCode;
 

@@ -2,7 +2,7 @@
 //! renders what is in memory: it sends Redis nothing, so it writes nothing and costs the same
 //! however large the queue or the stuck set is, and however often it is scraped.
 
-use crate::worker::Deployment;
+use crate::deployment::Deployment;
 use std::time::Duration;
 use tokio::sync::watch;
 

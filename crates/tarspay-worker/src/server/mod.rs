@@ -13,10 +13,10 @@ pub use body::BodyLimit;
 pub use request_id::HEADER as REQUEST_ID_HEADER;
 
 use crate::config::{ConfigError, Settings};
+use crate::deployment::Deployment;
 use crate::gateway::PublicKey;
 use crate::producer::Producer;
 use crate::secret::Secret;
-use crate::worker::Deployment;
 use axum::extract::DefaultBodyLimit;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
