@@ -1,5 +1,5 @@
 //! No-op throughput of the queue under an apalis worker, now a thin front for the library's
-//! benches (`tarspay-worker bench queue` and `tarspay-worker bench backlog` run the same code).
+//! benches (`tarspay-dev bench queue` and `tarspay-dev bench backlog` run the same code).
 //!
 //! `cargo run --release --example queue_bench -- [--n 100000] [--mode backlog|empty|both] [--redis URL]`
 //!

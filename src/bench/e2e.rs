@@ -1,5 +1,5 @@
 //! `bench e2e`: payouts from enqueue to final outcome through `tarspay-worker worker`
-//! processes, against `tarspay-worker sandbox` as its own process: real signing on every call
+//! processes, against `tarspay-dev sandbox` as its own process: real signing on every call
 //! the worker makes and real verification on every call the sandbox receives.
 //!
 //! The sandbox finalises orders 100 ms after create and the first poll waits 150 ms (the

@@ -1,4 +1,4 @@
-//! Benchmarks behind `tarspay-worker bench <queue|e2e|cost|backlog>`. Each bench reports its
+//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog>`. Each bench reports its
 //! results as JSON objects, one per result, so runs can be compared over time.
 //!
 //! * [`queue`]: no-op jobs through the Redis Streams storage and an apalis worker.

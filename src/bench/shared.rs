@@ -444,7 +444,7 @@ impl Drop for ChildProcess {
     }
 }
 
-/// A `tarspay-worker sandbox` process: its URL from the first line it prints, and its stdout
+/// A `tarspay-dev sandbox` process: its URL from the first line it prints, and its stdout
 /// drained in a thread so later prints never hit a closed pipe.
 pub struct SandboxProcess {
     pub process: ChildProcess,
