@@ -63,13 +63,19 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber once; later calls (tests) are ignored and return an idle
 /// guard. `RUST_LOG` wins over the configured log filter. Logs go to stderr so command output
-/// on stdout stays clean. Exported spans have their own filter (info and above, whatever the
-/// log filter), so a quiet log still exports every job and gateway span.
+/// on stdout stays clean. Exported spans have their own filter (info and above plus the
+/// debug-level `job` spans, whatever the log filter), so a quiet log still exports every job
+/// and gateway span.
 pub fn init(settings: &LogSettings) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: no escape codes in collected logs (and no
+    // colouring work per span field).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt: BoxedLayer = match settings.format {
         LogFormat::Human => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
@@ -140,7 +146,9 @@ fn export_layer(variable: &'static str) -> Result<(Option<BoxedLayer>, Telemetry
         .build();
     let layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(SERVICE_NAME))
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() <= tracing::Level::INFO || (meta.is_span() && meta.name() == "job")
+        }))
         .boxed();
     Ok((
         Some(layer),

@@ -1,7 +1,9 @@
 //! Reading stream entries, in one place for the queue, the ledger's outcome stream and the
 //! auditor. An entry is the `redis` crate's [`StreamId`] (id and fields), parsed by the crate
-//! from `XREADGROUP` / `XRANGE` replies; this module adds reading a field as text and the one
-//! reply the crate does not know (the CLAIM script's, which carries delivery counts).
+//! from `XRANGE` replies; this module adds reading a field as text, the `XREADGROUP` reply
+//! (the crate's `StreamReadReply` deep-copies every reply before parsing it, a cost paid per
+//! job on the fetch path) and the one reply the crate does not know (the CLAIM script's, which
+//! carries delivery counts).
 
 use redis::Value;
 use redis::streams::StreamId;
@@ -24,6 +26,36 @@ pub(crate) fn text(value: &Value) -> Option<String> {
 /// The field `name` of an entry's fields as text, if present.
 pub(crate) fn field(fields: &HashMap<String, Value>, name: &str) -> Option<String> {
     text(fields.get(name)?)
+}
+
+/// Takes the field `name` out of an entry's fields as text, without copying valid UTF-8.
+pub(crate) fn take_field(fields: &mut HashMap<String, Value>, name: &str) -> Option<String> {
+    match fields.remove(name)? {
+        Value::BulkString(bytes) => Some(
+            String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
+        other => text(&other),
+    }
+}
+
+/// The entries of an `XREADGROUP` reply, every stream's in order (`nil` when the read timed
+/// out): `[[stream, [[id, [field, value, …]], …]], …]`, or a map of streams under RESP3.
+pub(crate) fn parse_read(reply: Value) -> Result<Vec<StreamId>, QueueError> {
+    type Rows = Option<Vec<(String, Vec<(String, HashMap<String, Value>)>)>>;
+    let rows: Rows = redis::from_redis_value(reply)
+        .map_err(|e| QueueError::Protocol(format!("stream read reply: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .flatten()
+        .flat_map(|(_stream, entries)| entries)
+        .map(|(id, map)| StreamId {
+            id,
+            map,
+            milliseconds_elapsed_from_delivery: None,
+            delivered_count: None,
+        })
+        .collect())
 }
 
 /// The time part of a stream entry id (`<ms>-<seq>`).
@@ -92,6 +124,41 @@ mod tests {
                 Err(QueueError::Protocol(_))
             ));
         }
+    }
+
+    #[test]
+    fn read_replies_keep_every_streams_entries_in_order() {
+        let entry = |id: &str, job: &str| {
+            Value::Array(vec![bulk(id), Value::Array(vec![bulk("e"), bulk(job)])])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("s1"),
+                Value::Array(vec![entry("1-0", "a"), entry("2-0", "b")]),
+            ]),
+            Value::Array(vec![bulk("s2"), Value::Array(vec![entry("3-0", "c")])]),
+        ]);
+        let mut entries = parse_read(reply).unwrap();
+        let ids: Vec<_> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["1-0", "2-0", "3-0"]);
+        assert_eq!(take_field(&mut entries[1].map, "e").as_deref(), Some("b"));
+        assert!(entries[1].map.is_empty());
+        assert!(parse_read(Value::Nil).unwrap().is_empty());
+        assert!(matches!(
+            parse_read(Value::Int(3)),
+            Err(QueueError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn taken_fields_read_as_lossy_text() {
+        let mut map = HashMap::from([
+            ("n".to_owned(), Value::Int(4)),
+            ("b".to_owned(), Value::BulkString(vec![b'a', 0xff])),
+        ]);
+        assert_eq!(take_field(&mut map, "n").as_deref(), Some("4"));
+        assert_eq!(take_field(&mut map, "b").as_deref(), Some("a\u{fffd}"));
+        assert_eq!(take_field(&mut map, "b"), None);
     }
 
     #[test]

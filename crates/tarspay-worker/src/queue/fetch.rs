@@ -5,7 +5,7 @@
 use apalis::prelude::{Task, TaskBuilder, TaskId};
 use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamId, StreamReadReply};
+use redis::streams::StreamId;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
-use crate::queue::entries::{field, parse_claimed};
+use crate::queue::entries::{parse_claimed, parse_read, take_field};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::settle::{SettleHandle, Settlement};
@@ -145,7 +145,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
         }
         let keys = &self.shared.keys;
-        let reply: StreamReadReply = redis::cmd("XREADGROUP")
+        let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&keys.group)
             .arg(&self.consumer)
@@ -158,8 +158,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(">")
             .query_async(blocking)
             .await?;
-        let entries = reply.keys.into_iter().flat_map(|stream| stream.ids);
-        Ok(self.decode_all(entries.collect()))
+        Ok(self.decode_all(parse_read(reply)?))
     }
 
     /// `XAUTOCLAIM` entries idle longer than the orphan timeout, with their delivery counts.
@@ -193,10 +192,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(&self, entry: StreamId) -> Option<Task<T>> {
+    fn decode(&self, mut entry: StreamId) -> Option<Task<T>> {
         // A fresh read is the first delivery; claimed entries carry their count.
         let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
-        let Some(stored) = field(&entry.map, "e") else {
+        let Some(stored) = take_field(&mut entry.map, "e") else {
             self.bury(
                 &entry.id,
                 "entry has no job field".into(),

@@ -106,19 +106,27 @@ where
     }
 }
 
-/// The span one execution runs in: `queue`, `id` (the job id given at enqueue), `entry` (the
-/// stream entry delivered), `attempt` (1 for the first, counting crashed deliveries). The
+/// The span one execution runs in: `queue`, `id` (the job id given at enqueue), `attempt` (1
+/// for the first, counting crashed deliveries). The
 /// handler knows its job and records `kind` and `mch_order_no` with [`record_job`].
+///
+/// It is a `debug` span, as tower-http's request spans are: the log layer formats a span's
+/// fields when it opens, which costs a no-op job about a sixth of its CPU (docs/performance.md).
+/// Logs show it with `RUST_LOG=info,tarspay_worker::queue=debug`; span export always takes it
+/// (see `telemetry`). Text fields use `Display`, which the log layer does not escape.
 fn job_span(queue: &str, delivery: Option<&Delivery>) -> tracing::Span {
-    tracing::info_span!(
-        "job",
-        queue,
-        kind = tracing::field::Empty,
-        id = delivery.map(Delivery::job_id),
-        entry = delivery.map(Delivery::entry_id),
-        mch_order_no = tracing::field::Empty,
-        attempt = delivery.map(|d| d.attempts_before().saturating_add(1)),
-    )
+    use tracing::field::Empty;
+    match delivery {
+        Some(delivery) => tracing::debug_span!(
+            "job",
+            queue = %queue,
+            kind = Empty,
+            id = %delivery.job_id(),
+            mch_order_no = Empty,
+            attempt = delivery.attempts_before().saturating_add(1),
+        ),
+        None => tracing::debug_span!("job", queue = %queue, kind = Empty, mch_order_no = Empty),
+    }
 }
 
 /// Records the job's kind and order number on the `job` span the handler runs in.
@@ -126,7 +134,7 @@ pub fn record_job(kind: &'static str, mch_order_no: Option<&str>) {
     let span = tracing::Span::current();
     span.record("kind", kind);
     if let Some(mch_order_no) = mch_order_no {
-        span.record("mch_order_no", mch_order_no);
+        span.record("mch_order_no", tracing::field::display(mch_order_no));
     }
 }
 
