@@ -8,6 +8,9 @@
 //!   batched calls (fetch, acknowledgement, promotion) serve many payouts per round trip.
 //! * Peak RSS of the worker process (`VmHWM`) and its RSS at the end (`VmRSS`).
 //! * CPU time per payout of the worker, the sandbox and Redis (`/proc/PID/stat`).
+//! * Redis memory per payout (`used_memory`, private server only): at the peak, with every
+//!   payout in flight, and at the end, with every payout final (its record and outcome kept
+//!   for the retention).
 //!
 //! To hold every payout in flight at once, the sandbox finalises orders 5 s after create and
 //! the first poll waits 6 s; each payout then takes exactly one create and one poll.
@@ -15,7 +18,7 @@
 use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
 use super::shared::{
     MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, payout_calls,
-    payout_calls_by_name, proc_cpu_seconds, proc_status_kib, round,
+    payout_calls_by_name, proc_cpu_seconds, proc_status_kib, round, used_memory,
 };
 use super::{BenchError, BenchOptions, Report};
 use serde_json::{Map, Value, json};
@@ -53,9 +56,11 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
 async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, BenchError> {
     let mut tail = pipeline.tail().await?;
     let mut stats_conn = pipeline.target.connection().await?;
+    let mut memory_conn = pipeline.target.connection().await?;
     let observers = vec![
         tail.client_addr().await?,
         client_addr(&mut stats_conn).await?,
+        client_addr(&mut memory_conn).await?,
     ];
     let monitor = match monitor_addr(&pipeline.target.url) {
         Some(addr) if pipeline.target.is_private() => {
@@ -75,9 +80,18 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
     let redis_cpu_before = redis_pid.and_then(proc_cpu_seconds);
     let tail_calls_before = tail.calls;
 
-    let run = drive(pipeline, &mut tail, "COST", n, None).await?;
+    let memory_before = used_memory(&mut memory_conn).await?;
+    let (stop_sampling, sampling) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(peak_memory(memory_conn, sampling));
+    let run = drive(pipeline, &mut tail, "COST", n, None).await;
+    let _ = stop_sampling.send(());
+    let memory_peak = sampler
+        .await
+        .map_err(|e| BenchError::Setup(format!("memory sampler: {e}")))??;
+    let run = run?;
     // Let the last acknowledgements land before reading the counters.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let memory_after = used_memory(&mut stats_conn).await?;
 
     let cpu_after = pipeline.cpu_seconds();
     let redis_cpu_after = redis_pid.and_then(proc_cpu_seconds);
@@ -126,6 +140,18 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
         "redis_calls_incl_lua_by_name".into(),
         Value::Object(by_name_incl_lua),
     );
+    if pipeline.target.is_private() {
+        let bytes_per =
+            |at: u64| json!((at.saturating_sub(memory_before) as f64 / n as f64).round());
+        line.insert(
+            "redis_bytes_per_payout_in_flight".into(),
+            bytes_per(memory_peak),
+        );
+        line.insert(
+            "redis_bytes_per_final_payout".into(),
+            bytes_per(memory_after),
+        );
+    }
     line.insert(
         "worker_peak_rss_mib".into(),
         json!(peak_rss_kib.map(|k| round(k as f64 / 1024.0, 1))),
@@ -153,4 +179,19 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
         json!("redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip (no MULTI or pipelines on the hot path)"),
     );
     Ok(line)
+}
+
+/// The highest `used_memory` seen every 50 ms until `stop`.
+async fn peak_memory(
+    mut conn: redis::aio::MultiplexedConnection,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<u64, BenchError> {
+    let mut peak = 0;
+    loop {
+        peak = peak.max(used_memory(&mut conn).await?);
+        tokio::select! {
+            _ = &mut stop => return Ok(peak),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
 }

@@ -83,6 +83,17 @@ pub async fn commandstats<C: redis::aio::ConnectionLike + Send>(
     Ok(parse_commandstats(&info))
 }
 
+/// `used_memory` of `INFO memory`: the bytes Redis holds for data and its own structures.
+pub async fn used_memory<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+) -> Result<u64, BenchError> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .ok_or_else(|| BenchError::Check("INFO memory has no used_memory".into()))
+}
+
 /// Server-wide calls per command (Lua-run commands included) in `delta`, without the bench's
 /// own: its `INFO` reads and the outcome reader's `tail_pages` `XRANGE` pages.
 pub fn payout_calls_by_name(

@@ -156,6 +156,7 @@ impl Settings {
             allow_unsafe: raw.redis_unsafe,
             queue_prefix: raw.queue_prefix,
             outcome_max_len: raw.outcome_max_len,
+            retention: (!raw.retention.is_zero()).then_some(raw.retention),
         };
         let worker = WorkerSettings {
             concurrency: bounded("concurrency", raw.concurrency)?,

@@ -71,7 +71,8 @@ impl Deployment {
         let keys = LedgerKeys::new(&tag, queue.keys());
         debug_assert_eq!(&keys.webhooks(), webhooks.keys());
         let mut ledger = Ledger::new(queue.connection(), keys)
-            .with_outcome_max_len(settings.redis.outcome_max_len);
+            .with_outcome_max_len(settings.redis.outcome_max_len)
+            .with_retention(settings.redis.retention);
         if settings.webhooks.is_some() {
             ledger = ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone()));
         }

@@ -1,5 +1,6 @@
 //! The lifeline: a worker's periodic sweep that gives an order without work a new job (not
-//! one whose job was given up into the dead stream: that stays an operator's decision).
+//! one whose job was given up into the dead stream: that stays an operator's decision), and
+//! trims the outcome stream by the retention (`Ledger::trim_outcomes`).
 //!
 //! One sweep per interval for the whole deployment: a worker sweeps only while it holds a
 //! lock key that expires after the interval. An order is repaired only if two reads, a
@@ -55,6 +56,8 @@ pub struct LifelineSweep {
     pub ran: bool,
     pub without_work: usize,
     pub repaired: usize,
+    /// Outcome entries trimmed by the retention.
+    pub trimmed: u64,
 }
 
 #[derive(Clone)]
@@ -117,10 +120,13 @@ impl Lifeline {
         if taken.is_none() {
             return Ok(LifelineSweep::default());
         }
+        // Bounded memory: the sweep's holder also trims the outcome stream.
+        let trimmed = self.ledger.trim_outcomes().await?;
         let first = self.auditor.pass(false).await?;
         let candidates: Vec<OrderView> = first.without_work().into_iter().cloned().collect();
         let mut sweep = LifelineSweep {
             ran: true,
+            trimmed,
             ..LifelineSweep::default()
         };
         if !candidates.is_empty() {

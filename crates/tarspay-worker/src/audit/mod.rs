@@ -29,6 +29,8 @@ pub enum AuditError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// How fast a sweep reads: `chunk` items per Redis call, at most `per_second` items a second

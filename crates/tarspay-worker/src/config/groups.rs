@@ -98,7 +98,7 @@ impl GatewaySettings {
 }
 
 /// Where and how the deployment keeps its state (`redis_url`, `redis_unsafe`,
-/// `queue_prefix`, `outcome_max_len`).
+/// `queue_prefix`, `outcome_max_len`, `retention`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: RedisUrl,
@@ -109,6 +109,9 @@ pub struct RedisSettings {
     pub queue_prefix: String,
     /// Approximate cap on the outcome stream's length; 0 keeps every outcome.
     pub outcome_max_len: u64,
+    /// `retention`: how long final orders' records and read outcomes are kept; `None` (0)
+    /// keeps them forever.
+    pub retention: Option<Duration>,
 }
 
 /// The worker pool: how many jobs at once, how creates are retried and orders polled, and

@@ -56,6 +56,8 @@ pub(super) struct RawSettings {
     pub guard_auth_failures: u64,
     #[serde(deserialize_with = "lenient_u64")]
     pub outcome_max_len: u64,
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
     #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
     #[serde(default, deserialize_with = "optional_secret")]

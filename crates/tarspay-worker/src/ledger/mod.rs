@@ -4,8 +4,9 @@
 //! and working fields); reaching a final phase appends the order's one outcome in the same
 //! step. Concurrent changes share one script call (`batcher`). Redis only: no HTTP here.
 //!
-//! Records are never deleted while the service runs; callers that finalise pass the record
-//! they read, whose registration part never changes.
+//! Records are deleted only by expiry, set when an order becomes final (the retention, see
+//! [`Ledger::with_retention`]); callers that finalise pass the record they read, whose
+//! registration part never changes.
 
 mod batcher;
 mod outcome;
@@ -336,6 +337,8 @@ pub struct Ledger {
     batcher: Batcher,
     /// Approximate cap on the outcome stream (0 = unbounded).
     outcome_max_len: u64,
+    /// Final records' time to live, ms (0 = forever).
+    retention_ms: u64,
     /// Set when this process' settings configure webhooks: every appended outcome gets its
     /// delivery job in the same step.
     webhook_jobs: Option<WebhookJobs>,
@@ -585,8 +588,19 @@ impl Ledger {
             keys,
             batcher,
             outcome_max_len: 0,
+            retention_ms: 0,
             webhook_jobs: None,
         }
+    }
+
+    /// Final orders' records expire `retention` after they became final, and a batch's
+    /// membership twice that long after its last registration (an order normally finishes
+    /// long before). `None` keeps everything. After it, a re-submitted `mchOrderNo` registers
+    /// anew; its create is refused by the gateway as a duplicate and settled from its lookup.
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention_ms =
+            retention.map_or(0, |r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX));
+        self
     }
 
     /// Queues a webhook delivery (prepared by `jobs`, see `crate::webhooks::job_preparer`) with
@@ -673,7 +687,8 @@ impl Ledger {
             .arg(batch)
             .arg(id)
             .arg(accepted);
-        let reply = self.batcher.apply(with_job(op, job)).await?;
+        let op = with_job(op, job).arg(self.retention_ms.saturating_mul(2));
+        let reply = self.batcher.apply(op).await?;
         let reply =
             as_strings(reply).ok_or_else(|| corrupt("unexpected reply from register".into()))?;
         match reply.as_slice() {
@@ -976,7 +991,8 @@ impl Ledger {
             .arg(mode)
             .arg(window)
             .arg(phase.as_str())
-            .arg(webhook);
+            .arg(webhook)
+            .arg(self.retention_ms);
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
@@ -1018,6 +1034,20 @@ impl Ledger {
             .conn
             .clone()
             .smembers(self.keys.batch(batch_id))
+            .await?)
+    }
+
+    /// Trims the outcome stream by the retention (see `scripts::TRIM_OUTCOMES`): entries
+    /// older than it that every consumer group has read and acknowledged. Without a
+    /// retention nothing is trimmed. Returns the entries removed.
+    pub async fn trim_outcomes(&self) -> Result<u64, LedgerError> {
+        if self.retention_ms == 0 {
+            return Ok(0);
+        }
+        Ok(scripts::TRIM_OUTCOMES
+            .key(self.keys.outcomes())
+            .arg(self.retention_ms)
+            .invoke_async(&mut self.conn.clone())
             .await?)
     }
 

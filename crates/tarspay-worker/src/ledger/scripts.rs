@@ -58,7 +58,8 @@ local function enqueue(a, at)
 end
 
 -- req_json, batchId, mchOrderNo, accepted_json ('' unless registered as accepted),
--- then the first job: run_at_ms, unique key, job id, envelope ('' for none).
+-- then the first job: run_at_ms, unique key, job id, envelope ('' for none); then how long
+-- the batch's membership is kept after this registration, ms (0 = forever).
 local function register(order, batch, a)
   if redis.call('HSETNX', order, 'req', a[1]) == 0 then
     local h = redis.call('HMGET', order, 'req', 'phase', 'accepted', 'final')
@@ -68,7 +69,10 @@ local function register(order, batch, a)
   -- an order is never registered without its job.
   local ok, err = pcall(function()
     if a[4] ~= '' then redis.call('HSET', order, 'accepted', a[4]) end
-    if a[2] ~= '' then redis.call('SADD', batch, a[3]) end
+    if a[2] ~= '' then
+      redis.call('SADD', batch, a[3])
+      if tonumber(a[9]) > 0 then redis.call('PEXPIRE', batch, a[9]) end
+    end
     enqueue(a, 5)
   end)
   if not ok then
@@ -135,8 +139,9 @@ end
 -- ('1' when the caller saw the order stuck), outcome stream max length (0 = unbounded),
 -- mode ('g' = a state the gateway reported, which may correct an earlier final status),
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
--- delivery job's envelope ('' when the caller's settings have no webhooks), then the
--- outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
+-- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
+-- (0 = keep forever: a final order's record expires that long after it became final), then
+-- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
 -- not proven over the settle window.
@@ -183,7 +188,7 @@ local function finalize(order, a)
     end
   end
   local fields = {}
-  for i = 10, #a do fields[#fields + 1] = a[i] end
+  for i = 11, #a do fields[#fields + 1] = a[i] end
   if redis.call('HSETNX', order, 'final', a[1]) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
@@ -209,6 +214,9 @@ local function finalize(order, a)
     return {'!error', added.err}
   end
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
+  -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
+  -- re-submission after that registers anew and is settled by the gateway's duplicate answer.
+  if tonumber(a[10]) > 0 then redis.call('PEXPIRE', order, a[10]) end
   return 1
 end
 
@@ -285,4 +293,40 @@ end
 return out
 "#
     ))
+});
+
+/// KEYS: the outcome stream. ARGV: retention ms. Trims the entries older than the retention
+/// that every consumer group has read and acknowledged: the bound is the oldest of "now −
+/// retention", each group's oldest pending entry and each group's next unread entry. One
+/// script, so a group created meanwhile cannot lose entries. Returns the entries removed.
+/// Readers without a group (`outcomes --follow`, plain `XREAD`) are protected only by the
+/// retention.
+pub static TRIM_OUTCOMES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bound = {now - tonumber(ARGV[1]), 0}
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return {tonumber(ms), tonumber(seq)}
+end
+local function older(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local g = {}
+  for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
+  local keep
+  if tonumber(g['pending']) > 0 then
+    keep = parse(redis.call('XPENDING', KEYS[1], g['name'])[2])
+  else
+    local last = parse(g['last-delivered-id'])
+    keep = {last[1], last[2] + 1}
+  end
+  if older(keep, bound) then bound = keep end
+end
+if bound[1] <= 0 then return 0 end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', bound[1], bound[2]))
+"#,
+    )
 });
