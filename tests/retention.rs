@@ -67,6 +67,9 @@ async fn an_expired_final_order_resubmitted_is_settled_by_the_gateway_not_paid_a
         "paid once"
     );
     pool.stop().await;
+    // Both `final` entries are in the stream; only the current registration's counts.
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "audit: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

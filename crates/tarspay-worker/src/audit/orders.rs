@@ -20,6 +20,8 @@ pub(crate) struct OrderView {
     pub stuck: bool,
     /// Changes whenever a create run moves the order; compared before a repair.
     pub updated_at: String,
+    /// When this registration was made (ms, the server's clock as estimated).
+    pub registered_at_ms: Option<u64>,
 }
 
 impl OrderView {
@@ -41,7 +43,16 @@ struct FinalPart {
     finished_at: u64,
 }
 
-const FIELDS: [&str; 5] = ["final", "accepted", "phase", "stuck", "updatedAt"];
+/// The registration's time: final entries older than it belong to an earlier registration
+/// of the same `mchOrderNo` (its record expired after the retention).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisteredPart {
+    #[serde(default)]
+    created_at: u64,
+}
+
+const FIELDS: [&str; 6] = ["final", "accepted", "phase", "stuck", "updatedAt", "req"];
 
 /// Every order hash of the ledger, read chunk by chunk.
 pub(crate) async fn scan(
@@ -95,11 +106,11 @@ async fn read(
     for key in order_keys {
         pipe.cmd("HMGET").arg(key).arg(&FIELDS[..]);
     }
-    let rows: Vec<[Option<String>; 5]> = pipe.query_async(conn).await?;
+    let rows: Vec<[Option<String>; 6]> = pipe.query_async(conn).await?;
     Ok(order_keys
         .iter()
         .zip(rows)
-        .filter_map(|(key, [finished, accepted, phase, stuck, updated])| {
+        .filter_map(|(key, [finished, accepted, phase, stuck, updated, req])| {
             let id = key.strip_prefix(prefix)?.to_owned();
             let finished: Option<FinalPart> =
                 finished.and_then(|json| serde_json::from_str(&json).ok());
@@ -112,16 +123,20 @@ async fn read(
                 phase: phase.unwrap_or_else(|| "queued".to_owned()),
                 stuck: stuck.as_deref() == Some("1"),
                 updated_at: updated.unwrap_or_default(),
+                registered_at_ms: req
+                    .and_then(|json| serde_json::from_str::<RegisteredPart>(&json).ok())
+                    .map(|r| r.created_at)
+                    .filter(|&at| at > 0),
             })
         })
         .collect())
 }
 
-/// `final` entries per order, and the time of the stream's oldest entry (ms; entries older
-/// than it were trimmed away).
+/// `final` entries per order (their times, ms), and the time of the stream's oldest entry
+/// (ms; entries older than it were trimmed away).
 #[derive(Debug, Default)]
 pub(crate) struct OutcomeEntries {
-    pub finals: HashMap<String, usize>,
+    pub finals: HashMap<String, Vec<u64>>,
     pub oldest_ms: Option<u64>,
     pub total: u64,
 }
@@ -144,7 +159,8 @@ pub(crate) async fn outcome_entries(
         if event == "final"
             && let Some(id) = text("mchOrderNo")
         {
-            *entries.finals.entry(id).or_default() += 1;
+            let at = entry_id_ms(&entry.id).unwrap_or(0);
+            entries.finals.entry(id).or_default().push(at);
         }
     })
     .await?;

@@ -170,7 +170,16 @@ impl Pass {
             let Some(outcomes) = &self.outcomes else {
                 continue;
             };
-            let entries = outcomes.finals.get(&order.id).copied().unwrap_or(0);
+            // Only this registration's: a number re-submitted after its record expired
+            // (the retention) has the earlier registration's entry too, if not yet trimmed.
+            // A second of slack covers the clock estimate behind `registered_at_ms`.
+            let since = order
+                .registered_at_ms
+                .map_or(0, |at| at.saturating_sub(1_000));
+            let entries = outcomes
+                .finals
+                .get(&order.id)
+                .map_or(0, |times| times.iter().filter(|&&at| at >= since).count());
             // Entries older than the stream's oldest were trimmed (outcome_max_len).
             let retained = match (outcomes.oldest_ms, order.finished_at_ms) {
                 (Some(oldest), Some(finished)) => finished >= oldest,
