@@ -29,6 +29,12 @@ impl RedisServer {
         Self { server, port }
     }
 
+    /// The process id (to freeze it with SIGSTOP, say).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
     pub fn url(&self) -> String {
         self.server.url().to_owned()
     }

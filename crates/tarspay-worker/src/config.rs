@@ -157,6 +157,11 @@ impl Settings {
             queue_prefix: raw.queue_prefix,
             outcome_max_len: raw.outcome_max_len,
             retention: (!raw.retention.is_zero()).then_some(raw.retention),
+            min_replicas: u32::try_from(raw.redis_min_replicas)
+                .ok()
+                .filter(|&n| n <= 100)
+                .ok_or_else(|| invalid("redis_min_replicas", "must be 0 to 100"))?,
+            replica_timeout: raw.redis_replica_timeout,
         };
         let worker = WorkerSettings {
             concurrency: bounded("concurrency", raw.concurrency)?,
@@ -250,6 +255,7 @@ fn check_ranges(raw: &RawSettings) -> Result<(), ConfigError> {
         ("orphan_timeout", raw.orphan_timeout),
         ("header_read_timeout", raw.header_read_timeout),
         ("body_read_timeout", raw.body_read_timeout),
+        ("redis_replica_timeout", raw.redis_replica_timeout),
         ("webhook_retry_max_delay", raw.webhook_retry_max_delay),
     ] {
         if value.is_zero() {
@@ -558,6 +564,43 @@ mod tests {
             err.contains("TARSPAY_GUARD_AUTH_FAILURES") && err.contains("too large"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retention_and_replicas_are_parsed_or_refused_naming_the_setting() {
+        let defaults = Settings::load_with_env(None, Vec::<(&str, &str)>::new()).unwrap();
+        assert_eq!(
+            defaults.redis.retention,
+            Some(Duration::from_secs(30 * 24 * 3600))
+        );
+        assert_eq!(defaults.redis.min_replicas, 0);
+        let set = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_RETENTION", "0s"),
+                ("TARSPAY_REDIS_MIN_REPLICAS", "2"),
+                ("TARSPAY_REDIS_REPLICA_TIMEOUT", "250ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(set.redis.retention, None, "0s keeps everything");
+        assert_eq!(set.redis.min_replicas, 2);
+        assert_eq!(set.redis.replica_timeout, Duration::from_millis(250));
+        for (key, value, rule) in [
+            ("TARSPAY_RETENTION", "a month", "duration"),
+            ("TARSPAY_REDIS_MIN_REPLICAS", "101", "0 to 100"),
+            ("TARSPAY_REDIS_MIN_REPLICAS", "-1", ""),
+            ("TARSPAY_REDIS_REPLICA_TIMEOUT", "0s", "greater than zero"),
+        ] {
+            let err = Settings::load_with_env(None, [(key, value)])
+                .unwrap_err()
+                .to_string();
+            let named = key.trim_start_matches("TARSPAY_").to_lowercase();
+            assert!(
+                (err.contains(key) || err.contains(&named)) && err.contains(rule),
+                "{key}={value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::config::{ConfigError, Settings};
 use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
 use crate::jobs::{JobContext, PayoutJob, SystemicGuard};
-use crate::ledger::{Ledger, LedgerKeys, WEBHOOK_QUEUE};
+use crate::ledger::{Ledger, LedgerKeys, Replication, WEBHOOK_QUEUE};
 use crate::producer::Producer;
 use crate::queue::{QueueConfig, QueueError, RedisQueue};
 use crate::webhooks::DeliverWebhook;
@@ -24,6 +24,8 @@ pub enum DeploymentError {
     Client(#[from] ClientBuildError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 /// The payout queue's settings, from the worker settings.
@@ -70,7 +72,20 @@ impl Deployment {
         let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.redis.queue_prefix);
         let keys = LedgerKeys::new(&tag, queue.keys());
         debug_assert_eq!(&keys.webhooks(), webhooks.keys());
-        let mut ledger = Ledger::new(queue.connection(), keys)
+        let ledger = match settings.redis.min_replicas {
+            0 => Ledger::new(queue.connection(), keys),
+            replicas => Ledger::with_replicas(
+                queue.connection(),
+                // Its own connection: `WAIT` holds up whatever is queued behind it.
+                queue.client().get_connection_manager().await?,
+                keys,
+                Replication {
+                    replicas,
+                    timeout: settings.redis.replica_timeout,
+                },
+            ),
+        };
+        let mut ledger = ledger
             .with_outcome_max_len(settings.redis.outcome_max_len)
             .with_retention(settings.redis.retention);
         if settings.webhooks.is_some() {

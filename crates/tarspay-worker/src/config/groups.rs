@@ -98,7 +98,8 @@ impl GatewaySettings {
 }
 
 /// Where and how the deployment keeps its state (`redis_url`, `redis_unsafe`,
-/// `queue_prefix`, `outcome_max_len`, `retention`).
+/// `queue_prefix`, `outcome_max_len`, `retention`, `redis_min_replicas`,
+/// `redis_replica_timeout`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: RedisUrl,
@@ -112,6 +113,11 @@ pub struct RedisSettings {
     /// `retention`: how long final orders' records and read outcomes are kept; `None` (0)
     /// keeps them forever.
     pub retention: Option<Duration>,
+    /// `redis_min_replicas`: replicas that must confirm a registration or a submit lease
+    /// (`WAIT`) before it counts; 0 on a single node.
+    pub min_replicas: u32,
+    /// `redis_replica_timeout`: how long to wait for them.
+    pub replica_timeout: Duration,
 }
 
 /// The worker pool: how many jobs at once, how creates are retried and orders polled, and

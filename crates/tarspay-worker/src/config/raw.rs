@@ -58,6 +58,10 @@ pub(super) struct RawSettings {
     pub outcome_max_len: u64,
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub redis_min_replicas: u64,
+    #[serde(deserialize_with = "duration")]
+    pub redis_replica_timeout: Duration,
     #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
     #[serde(default, deserialize_with = "optional_secret")]

@@ -25,6 +25,9 @@ const PAUSED_RECHECK: Duration = Duration::from_secs(1);
 /// reports as done work it did not finish.
 const LEASE_LOST_RECHECK: Duration = Duration::from_secs(1);
 
+/// How soon a create whose lease the replicas did not confirm is tried again.
+const REPLICATION_RECHECK: Duration = Duration::from_secs(1);
+
 /// A fresh token per run: the lease belongs to this run, not to the worker process.
 fn lease_token() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -52,6 +55,9 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         // Checked in the same script as the lease, so even jobs a worker fetched before the
         // pause send nothing.
         SubmitTicket::Paused => return Ok(Step::RetryAfter(PAUSED_RECHECK)),
+        // The replicas did not confirm the lease (one lagging or gone): nothing was sent, and
+        // the lease is back. Not an attempt.
+        SubmitTicket::Unreplicated => return Ok(Step::RetryAfter(REPLICATION_RECHECK)),
         SubmitTicket::Missing => {
             tracing::warn!(
                 mch_order_no,

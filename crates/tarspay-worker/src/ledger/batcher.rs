@@ -8,14 +8,39 @@
 //! and the rest of the batch goes on; a failed call (connection lost) fails every operation of
 //! the batch. Each caller decides, exactly as with a lone script, whether to retry: every
 //! operation is safe to repeat (a repeated milestone is refused by its write-once field).
+//!
+//! With [`Replication`], a batch holding a registration or a lease is followed by `WAIT` on
+//! the same connection, in the same pipeline (a reconnect between them would make `WAIT`
+//! count a fresh client's writes: none), and those operations learn whether enough replicas
+//! confirmed it. A write only the primary holds can vanish in a failover.
 
 use super::scripts::BATCH;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most operations one script call applies.
 const MAX_BATCH: usize = 128;
+
+/// Operations whose effect must reach the replicas before their caller acts on it: a
+/// registration (the producer answers "queued") and a submit lease (a create is sent).
+const DURABLE_KINDS: [&str; 2] = ["R", "B"];
+
+/// How many replicas must confirm a durable operation, and how long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+/// One operation's reply, and whether the replicas confirmed it (always true for operations
+/// that need no confirmation, or without [`Replication`]).
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub value: Value,
+    pub replicated: bool,
+}
 
 /// One ledger operation: what the batch script is told to do for one caller.
 pub(crate) struct Op {
@@ -30,7 +55,7 @@ pub(crate) struct Op {
 /// An operation waiting for its batch, and where its reply goes.
 struct Pending {
     op: Op,
-    reply: oneshot::Sender<Result<Value, RedisError>>,
+    reply: oneshot::Sender<Result<Reply, RedisError>>,
 }
 
 impl Op {
@@ -57,15 +82,26 @@ pub(crate) struct Batcher {
 impl Batcher {
     /// Starts the batching task on the current tokio runtime; it ends when the last handle is
     /// dropped. `shared_keys` are the script's leading keys, in its order.
-    pub fn start(conn: ConnectionManager, shared_keys: Vec<String>) -> Self {
+    /// With `replication`, `conn` should be the batcher's own: `WAIT` holds up the commands
+    /// queued behind it on its connection.
+    pub fn start(
+        conn: ConnectionManager,
+        shared_keys: Vec<String>,
+        replication: Option<Replication>,
+    ) -> Self {
         debug_assert_eq!(shared_keys.len(), super::scripts::SHARED_KEYS);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, shared_keys, rx));
+        tokio::spawn(run(conn, shared_keys, replication, rx));
         Self { tx }
     }
 
     /// Applies one operation (in some batch) and returns its reply.
     pub async fn apply(&self, op: Op) -> Result<Value, RedisError> {
+        Ok(self.apply_confirmed(op).await?.value)
+    }
+
+    /// [`Batcher::apply`], telling whether the replicas confirmed it.
+    pub async fn apply_confirmed(&self, op: Op) -> Result<Reply, RedisError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || RedisError::from((redis::ErrorKind::Io, "ledger batcher stopped"));
         self.tx.send(Pending { op, reply }).map_err(|_| stopped())?;
@@ -76,6 +112,7 @@ impl Batcher {
 async fn run(
     conn: ConnectionManager,
     shared_keys: Vec<String>,
+    replication: Option<Replication>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
@@ -87,13 +124,26 @@ async fn run(
                 Err(_) => break,
             }
         }
-        match apply_batch(&conn, &shared_keys, &batch).await {
-            Ok(replies) if replies.len() == batch.len() => {
+        let wait = replication.filter(|_| {
+            batch
+                .iter()
+                .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
+        });
+        let applied = match wait {
+            Some(wanted) => apply_batch_and_wait(&conn, &shared_keys, &batch, wanted).await,
+            None => apply_batch(&conn, &shared_keys, &batch)
+                .await
+                .map(|replies| (replies, true)),
+        };
+        match applied {
+            Ok((replies, confirmed)) if replies.len() == batch.len() => {
                 for (pending, reply) in batch.drain(..).zip(replies) {
-                    let _ = pending.reply.send(operation_result(reply));
+                    let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
+                    let reply = operation_result(reply).map(|value| Reply { value, replicated });
+                    let _ = pending.reply.send(reply);
                 }
             }
-            Ok(replies) => {
+            Ok((replies, _)) => {
                 let err = RedisError::from((
                     redis::ErrorKind::Parse,
                     "ledger batch answered with the wrong number of replies",
@@ -148,4 +198,46 @@ async fn apply_batch(
         }
     }
     invocation.invoke_async(&mut conn.clone()).await
+}
+
+/// The batch script and `WAIT` in one pipeline; true when at least `wanted.replicas`
+/// replicas confirmed the batch's writes within `wanted.timeout`.
+async fn apply_batch_and_wait(
+    conn: &ConnectionManager,
+    shared_keys: &[String],
+    batch: &[Pending],
+    wanted: Replication,
+) -> Result<(Vec<Value>, bool), RedisError> {
+    let mut evalsha = redis::cmd("EVALSHA");
+    evalsha
+        .arg(BATCH.get_hash())
+        .arg(shared_keys.len() + 2 * batch.len())
+        .arg(shared_keys);
+    for Pending { op, .. } in batch {
+        evalsha.arg(&op.order_key).arg(&op.aux_key);
+    }
+    evalsha.arg(crate::queue::now_ms());
+    for Pending { op, .. } in batch {
+        evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
+    }
+    let mut pipe = redis::pipe();
+    pipe.add_command(evalsha)
+        .cmd("WAIT")
+        .arg(wanted.replicas)
+        .arg(
+            u64::try_from(wanted.timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+    let mut conn = conn.clone();
+    let answered: Result<(Vec<Value>, i64), RedisError> = pipe.query_async(&mut conn).await;
+    let (replies, confirmed) = match answered {
+        Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            // The script did not run (a restarted or flushed server): load it, send again.
+            BATCH.prepare_invoke().load_async(&mut conn).await?;
+            pipe.query_async(&mut conn).await?
+        }
+        other => other?,
+    };
+    Ok((replies, confirmed >= i64::from(wanted.replicas)))
 }

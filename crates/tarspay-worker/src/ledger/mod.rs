@@ -13,6 +13,7 @@ mod outcome;
 mod phase;
 mod scripts;
 
+pub use batcher::Replication;
 pub use outcome::{Outcome, OutcomeEvent, OutcomeStatus};
 pub use phase::Phase;
 
@@ -32,6 +33,13 @@ pub enum LedgerError {
     Redis(#[from] redis::RedisError),
     #[error("ledger record {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+    /// The change reached the primary but not `wanted` replicas in time: a failover could
+    /// still lose it. Not done: try again (with the same `mchOrderNo`; every change is safe
+    /// to repeat).
+    #[error(
+        "{id}: written, but fewer than {wanted} replica(s) confirmed it in time; not yet durable, try again"
+    )]
+    Unreplicated { id: String, wanted: u32 },
 }
 
 /// The queue of webhook deliveries (its keys are nested in the ledger's partition).
@@ -193,6 +201,9 @@ pub enum SubmitTicket {
     /// Already final; nothing to do.
     Final(Phase),
     Missing,
+    /// The lease was taken, but the replicas did not confirm it in time, so it was given
+    /// back: send nothing now (a failover could lose the lease and let a second create go).
+    Unreplicated,
 }
 
 /// What a final transition did.
@@ -335,6 +346,8 @@ pub struct Ledger {
     conn: ConnectionManager,
     keys: LedgerKeys,
     batcher: Batcher,
+    /// Replicas that must confirm registrations and leases (0: none).
+    replicas_wanted: u32,
     /// Approximate cap on the outcome stream (0 = unbounded).
     outcome_max_len: u64,
     /// Final records' time to live, ms (0 = forever).
@@ -582,11 +595,35 @@ impl Ledger {
     /// inside one; it panics otherwise). The task ends when the last clone is dropped; used
     /// after its runtime is gone, every operation fails with "ledger batcher stopped".
     pub fn new(conn: ConnectionManager, keys: LedgerKeys) -> Self {
-        let batcher = Batcher::start(conn.clone(), keys.shared());
+        Self::assemble(conn.clone(), conn, keys, None)
+    }
+
+    /// [`Ledger::new`] whose registrations and submit leases count only once `replication`
+    /// replicas confirm them (`WAIT` after the batch); until then a registration is
+    /// [`LedgerError::Unreplicated`] and a lease [`SubmitTicket::Unreplicated`].
+    /// `batcher_conn` should be a connection of its own: `WAIT` holds up what is queued
+    /// behind it.
+    pub fn with_replicas(
+        conn: ConnectionManager,
+        batcher_conn: ConnectionManager,
+        keys: LedgerKeys,
+        replication: Replication,
+    ) -> Self {
+        Self::assemble(conn, batcher_conn, keys, Some(replication))
+    }
+
+    fn assemble(
+        conn: ConnectionManager,
+        batcher_conn: ConnectionManager,
+        keys: LedgerKeys,
+        replication: Option<Replication>,
+    ) -> Self {
+        let batcher = Batcher::start(batcher_conn, keys.shared(), replication);
         Self {
             conn,
             keys,
             batcher,
+            replicas_wanted: replication.map_or(0, |r| r.replicas),
             outcome_max_len: 0,
             retention_ms: 0,
             webhook_jobs: None,
@@ -688,7 +725,11 @@ impl Ledger {
             .arg(id)
             .arg(accepted);
         let op = with_job(op, job).arg(self.retention_ms.saturating_mul(2));
-        let reply = self.batcher.apply(op).await?;
+        let reply = self.batcher.apply_confirmed(op).await?;
+        if !reply.replicated {
+            return Err(self.unreplicated(id));
+        }
+        let reply = reply.value;
         let reply =
             as_strings(reply).ok_or_else(|| corrupt("unexpected reply from register".into()))?;
         match reply.as_slice() {
@@ -746,9 +787,19 @@ impl Ledger {
             id: mch_order_no.to_owned(),
             reason,
         };
-        let reply = as_strings(self.batcher.apply(op).await?)
+        let reply = self.batcher.apply_confirmed(op).await?;
+        let replicated = reply.replicated;
+        let reply = as_strings(reply.value)
             .ok_or_else(|| corrupt("unexpected reply from begin_submit".into()))?;
         Ok(match reply.as_slice() {
+            [verdict, previous, ..] if verdict == "go" && !replicated => {
+                // Give the lease back at once, so the retry need not wait for it to expire.
+                let previous: Phase = previous.parse().map_err(corrupt)?;
+                let msg = "lease not confirmed by the replicas";
+                self.release(mch_order_no, token, previous, false, None, msg)
+                    .await?;
+                (SubmitTicket::Unreplicated, None)
+            }
             [verdict, previous, attempt, fields @ ..] if verdict == "go" => {
                 let fields: HashMap<String, String> = fields
                     .chunks_exact(2)
@@ -783,6 +834,13 @@ impl Ledger {
                 )));
             }
         })
+    }
+
+    fn unreplicated(&self, id: &str) -> LedgerError {
+        LedgerError::Unreplicated {
+            id: id.to_owned(),
+            wanted: self.replicas_wanted,
+        }
     }
 
     /// Records that the gateway holds the order and, in the same step, queues `poll` (the

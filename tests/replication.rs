@@ -1,0 +1,106 @@
+//! Failover safety with `TARSPAY_REDIS_MIN_REPLICAS`: a registration counts, and a create is
+//! sent, only once a replica confirmed the write. A frozen replica (SIGSTOP: connected, but
+//! confirming nothing) makes enqueues fail as "not yet" and holds creates back, without a
+//! create reaching the gateway; once it thaws, everything completes with one create each.
+
+mod common;
+
+use common::app::{inr, spawn_app_with};
+use common::redis_server::RedisServer;
+use redis::AsyncCommands;
+use std::process::Command;
+use tarspay_worker::ledger::LedgerError;
+use tarspay_worker::producer::{Enqueued, ProducerError};
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_count_only_once_a_replica_confirmed_them() {
+    let app = spawn_app_with(
+        false,
+        |_| {},
+        &[
+            ("TARSPAY_REDIS_MIN_REPLICAS", "1"),
+            ("TARSPAY_REDIS_REPLICA_TIMEOUT", "200ms"),
+        ],
+    )
+    .await;
+    let port = app.redis.port.to_string();
+    let replica = RedisServer::start_with(false, &["--replicaof", "127.0.0.1", &port]);
+    let primary = app.redis.conn().await;
+    common::eventually("the replica in sync", || {
+        let mut primary = primary.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut primary)
+                .await
+                .ok()?;
+            info.contains("state=online").then_some(())
+        }
+    })
+    .await;
+
+    // Healthy replica: the pipeline runs as usual.
+    let pool = app.pool(4);
+    app.enqueue(inr("REP-1", "100.00")).await;
+    app.wait_outcomes(1).await;
+
+    // Frozen replica: the registration reaches the primary but is not confirmed.
+    signal(replica.pid(), "STOP");
+    let err = app
+        .producer
+        .enqueue_json(&inr("REP-2", "100.00"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProducerError::Ledger(LedgerError::Unreplicated { wanted: 1, .. })
+        ),
+        "{err}"
+    );
+    // The worker found its job on the primary, took the lease, saw it unconfirmed and gave it
+    // back without sending a create.
+    let order_key = app.deployment.ledger.keys().order("REP-2");
+    common::eventually("a lease given back unconfirmed", || {
+        let mut primary = primary.clone();
+        let key = order_key.clone();
+        async move {
+            let msg: Option<String> = primary.hget(&key, "lastMsg").await.ok()?;
+            msg.filter(|m| m.contains("replicas")).map(|_| ())
+        }
+    })
+    .await;
+    assert_eq!(app.sandbox.create_attempts("REP-2"), 0, "nothing sent");
+
+    // Thawed: the retried enqueue finds the order, and the create goes once.
+    signal(replica.pid(), "CONT");
+    let again = common::eventually("the enqueue confirmed", || async {
+        app.producer
+            .enqueue_json(&inr("REP-2", "100.00"), None)
+            .await
+            .ok()
+    })
+    .await;
+    assert!(
+        matches!(
+            again,
+            Enqueued::Exists {
+                same_request: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["REP-2"].status.as_str(), "succeeded");
+    assert_eq!(app.sandbox.create_attempts("REP-2"), 1);
+    pool.stop().await;
+}
