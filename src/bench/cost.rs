@@ -12,6 +12,9 @@
 //!   payout in flight, and at the end, with every payout final (its record and outcome kept
 //!   for the retention).
 //!
+//! * With `--retention`, the memory left per payout once the records expired and the outcomes
+//!   were trimmed (the workers' lifeline sweeps every 2 s then), and how long that took.
+//!
 //! To hold every payout in flight at once, the sandbox finalises orders 5 s after create and
 //! the first poll waits 6 s; each payout then takes exactly one create and one poll.
 
@@ -35,15 +38,26 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
         poll_first_delay: "6s",
         poll_max_interval: "10s",
     };
+    let extra_env: Vec<(String, String)> = match options.retention {
+        Some(retention) => vec![
+            (
+                "TARSPAY_RETENTION".into(),
+                humantime::format_duration(retention).to_string(),
+            ),
+            ("TARSPAY_LIFELINE_INTERVAL".into(), "2s".into()),
+        ],
+        None => Vec::new(),
+    };
     let pipeline = Pipeline::start(
         options.redis_url.as_deref(),
         "cost",
         1,
         concurrency,
         &timers,
+        &extra_env,
     )
     .await?;
-    let result = measure(&pipeline, n).await;
+    let result = measure(&pipeline, n, options.retention).await;
     pipeline.finish().await?;
     let mut line = result?;
     line.insert("concurrency".into(), json!(concurrency));
@@ -53,7 +67,11 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
     Ok(())
 }
 
-async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, BenchError> {
+async fn measure(
+    pipeline: &Pipeline,
+    n: u64,
+    retention: Option<Duration>,
+) -> Result<Map<String, Value>, BenchError> {
     let mut tail = pipeline.tail().await?;
     let mut stats_conn = pipeline.target.connection().await?;
     let mut memory_conn = pipeline.target.connection().await?;
@@ -151,6 +169,18 @@ async fn measure(pipeline: &Pipeline, n: u64) -> Result<Map<String, Value>, Benc
             "redis_bytes_per_final_payout".into(),
             bytes_per(memory_after),
         );
+        if let Some(retention) = retention {
+            let (left, waited) =
+                memory_returned(&mut stats_conn, memory_before, memory_peak, retention).await?;
+            line.insert(
+                "redis_bytes_per_payout_after_retention".into(),
+                bytes_per(left),
+            );
+            line.insert(
+                "memory_returned_after_s".into(),
+                json!(round(waited.as_secs_f64(), 1)),
+            );
+        }
     }
     line.insert(
         "worker_peak_rss_mib".into(),
@@ -193,5 +223,25 @@ async fn peak_memory(
             _ = &mut stop => return Ok(peak),
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+/// Waits until Redis gives back at least 90 % of what the run added at its peak (expired
+/// records, trimmed outcomes), at most the retention plus three minutes; returns
+/// `used_memory` then and how long it took from the end of the run.
+async fn memory_returned(
+    conn: &mut redis::aio::MultiplexedConnection,
+    before: u64,
+    peak: u64,
+    retention: Duration,
+) -> Result<(u64, Duration), BenchError> {
+    let started = std::time::Instant::now();
+    let target = before + peak.saturating_sub(before) / 10;
+    loop {
+        let now = used_memory(conn).await?;
+        if now <= target || started.elapsed() > retention + Duration::from_secs(180) {
+            return Ok((now, started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -68,6 +68,7 @@ impl Pipeline {
         workers: usize,
         concurrency: usize,
         timers: &PipelineTimers,
+        extra_env: &[(String, String)],
     ) -> Result<Self, BenchError> {
         let target = RedisTarget::new(redis_url, name)?;
         let key = PrivateKey::generate();
@@ -105,6 +106,7 @@ impl Pipeline {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v)),
         );
+        env.extend(extra_env.iter().cloned());
         let settings = Settings::load_with_env(None, env.clone())?;
         let deployment = Deployment::connect(&settings)
             .await
@@ -399,6 +401,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             workers,
             concurrency,
             &timers,
+            &[],
         )
         .await?;
         let result = async {

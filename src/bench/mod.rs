@@ -48,6 +48,8 @@ pub struct BenchOptions {
     pub n: Option<u64>,
     /// Jobs in flight per worker (process).
     pub concurrency: Option<usize>,
+    /// `cost`: the workers' retention; the bench then waits for memory to come back.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// Receives each result as soon as it is measured.

@@ -72,23 +72,28 @@ impl RedisTarget {
     }
 }
 
+/// One section of `INFO`.
+async fn info<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    section: &str,
+) -> Result<String, BenchError> {
+    Ok(redis::cmd("INFO").arg(section).query_async(conn).await?)
+}
+
 /// `INFO commandstats` as (command, calls). Commands run by Lua scripts are counted too.
 pub async fn commandstats<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
 ) -> Result<Vec<(String, u64)>, BenchError> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    Ok(parse_commandstats(&info))
+    Ok(parse_commandstats(&info(conn, "commandstats").await?))
 }
 
 /// `used_memory` of `INFO memory`: the bytes Redis holds for data and its own structures.
 pub async fn used_memory<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
 ) -> Result<u64, BenchError> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    info.lines()
+    info(conn, "memory")
+        .await?
+        .lines()
         .find_map(|line| line.strip_prefix("used_memory:"))
         .and_then(|bytes| bytes.trim().parse().ok())
         .ok_or_else(|| BenchError::Check("INFO memory has no used_memory".into()))

@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// Jobs in flight per worker process.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// `cost` only: run the workers with this retention (e.g. "10s") and, after the run, wait
+    /// until the final records expire and the outcomes are trimmed, then report the memory
+    /// left per payout.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    retention: Option<std::time::Duration>,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -41,6 +46,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         redis_url: args.redis_url,
         n: args.n,
         concurrency: args.concurrency,
+        retention: args.retention,
     };
     let mut print = |line: serde_json::Value| {
         let mut out = std::io::stdout().lock();
