@@ -104,3 +104,45 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
     assert_eq!(app.sandbox.create_attempts("REP-2"), 1);
     pool.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_refusing_writes_for_want_of_replicas_queues_nothing_and_recovers() {
+    let app = spawn_app_with(false, |_| {}, &[]).await;
+    let mut primary = app.redis.conn().await;
+    // Redis' own guard: with no replica attached, every write is refused (NOREPLICAS).
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg("1")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    let err = app
+        .producer
+        .enqueue_json(&inr("NOREP-1", "100.00"), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("NOREPLICAS"), "{err}");
+    let order_key = app.deployment.ledger.keys().order("NOREP-1");
+    let exists: bool = primary.exists(&order_key).await.unwrap();
+    assert!(!exists, "nothing registered");
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg("0")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    let pool = app.pool(2);
+    let queued = app
+        .producer
+        .enqueue_json(&inr("NOREP-1", "100.00"), None)
+        .await
+        .unwrap();
+    assert_eq!(queued, Enqueued::Queued);
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["NOREP-1"].status.as_str(), "succeeded");
+    assert_eq!(app.sandbox.create_attempts("NOREP-1"), 1);
+    pool.stop().await;
+}
