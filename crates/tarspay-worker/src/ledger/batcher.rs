@@ -129,13 +129,7 @@ async fn run(
                 .iter()
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
-        let applied = match wait {
-            Some(wanted) => apply_batch_and_wait(&conn, &shared_keys, &batch, wanted).await,
-            None => apply_batch(&conn, &shared_keys, &batch)
-                .await
-                .map(|replies| (replies, true)),
-        };
-        match applied {
+        match apply_batch(&conn, &shared_keys, &batch, wait).await {
             Ok((replies, confirmed)) if replies.len() == batch.len() => {
                 for (pending, reply) in batch.drain(..).zip(replies) {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
@@ -178,36 +172,9 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
     Ok(reply)
 }
 
-async fn apply_batch(
-    conn: &ConnectionManager,
-    shared_keys: &[String],
-    batch: &[Pending],
-) -> Result<Vec<Value>, RedisError> {
-    let mut invocation = BATCH.prepare_invoke();
-    for key in shared_keys {
-        invocation.key(key);
-    }
-    for Pending { op, .. } in batch {
-        invocation.key(&op.order_key).key(&op.aux_key);
-    }
-    invocation.arg(crate::queue::now_ms());
-    for Pending { op, .. } in batch {
-        invocation.arg(op.kind).arg(op.args.len());
-        for arg in &op.args {
-            invocation.arg(arg);
-        }
-    }
-    invocation.invoke_async(&mut conn.clone()).await
-}
-
-/// The batch script and `WAIT` in one pipeline; true when at least `wanted.replicas`
-/// replicas confirmed the batch's writes within `wanted.timeout`.
-async fn apply_batch_and_wait(
-    conn: &ConnectionManager,
-    shared_keys: &[String],
-    batch: &[Pending],
-    wanted: Replication,
-) -> Result<(Vec<Value>, bool), RedisError> {
+/// The batch script's `EVALSHA`: the shared keys, then each operation's two keys; the
+/// caller's clock, then each operation's kind, argument count and arguments.
+fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
         .arg(BATCH.get_hash())
@@ -220,24 +187,40 @@ async fn apply_batch_and_wait(
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
     }
+    evalsha
+}
+
+/// Runs the batch script, with `WAIT` after it in the same pipeline when `replication` asks
+/// for confirmation; true when at least `replicas` replicas confirmed the batch's writes
+/// within the timeout (always true without it).
+async fn apply_batch(
+    conn: &ConnectionManager,
+    shared_keys: &[String],
+    batch: &[Pending],
+    replication: Option<Replication>,
+) -> Result<(Vec<Value>, bool), RedisError> {
     let mut pipe = redis::pipe();
-    pipe.add_command(evalsha)
-        .cmd("WAIT")
-        .arg(wanted.replicas)
-        .arg(
-            u64::try_from(wanted.timeout.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+    pipe.add_command(batch_command(shared_keys, batch));
+    if let Some(wanted) = replication {
+        let timeout_ms = u64::try_from(wanted.timeout.as_millis()).unwrap_or(u64::MAX);
+        pipe.cmd("WAIT").arg(wanted.replicas).arg(timeout_ms.max(1));
+    }
     let mut conn = conn.clone();
-    let answered: Result<(Vec<Value>, i64), RedisError> = pipe.query_async(&mut conn).await;
-    let (replies, confirmed) = match answered {
+    let answered: Result<Vec<Value>, RedisError> = pipe.query_async(&mut conn).await;
+    let mut answers = match answered {
         Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             // The script did not run (a restarted or flushed server): load it, send again.
             BATCH.prepare_invoke().load_async(&mut conn).await?;
             pipe.query_async(&mut conn).await?
         }
         other => other?,
+    }
+    .into_iter();
+    let replies: Vec<Value> = redis::from_redis_value(answers.next().unwrap_or(Value::Nil))?;
+    let confirmed = match (replication, answers.next()) {
+        (Some(wanted), Some(Value::Int(count))) => count >= i64::from(wanted.replicas),
+        (Some(_), _) => false,
+        (None, _) => true,
     };
-    Ok((replies, confirmed >= i64::from(wanted.replicas)))
+    Ok((replies, confirmed))
 }
