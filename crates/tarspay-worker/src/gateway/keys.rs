@@ -1,7 +1,7 @@
 //! secp256k1 key material: the merchant's private key (which signs requests) and public keys
 //! (the merchant's `X-API-KEY`, TarsPay's system key that signs callbacks).
 
-use k256::ecdsa::{SigningKey, VerifyingKey};
+use secp256k1::{PublicKey as Point, SecretKey};
 use std::fmt;
 use std::path::Path;
 
@@ -33,9 +33,10 @@ fn clean_hex(text: &str) -> &str {
         .unwrap_or(text)
 }
 
-/// The merchant's signing key. Its `Debug` shows only the public half.
+/// The merchant's signing key. Its `Debug` shows only the public half; it is overwritten
+/// when dropped.
 #[derive(Clone)]
-pub struct PrivateKey(SigningKey);
+pub struct PrivateKey(SecretKey);
 
 impl PrivateKey {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
@@ -43,10 +44,11 @@ impl PrivateKey {
         if text.len() != 64 {
             return Err(KeyError::PrivateKeyLength(text.len()));
         }
-        let bytes = hex::decode(text).map_err(|_| KeyError::BadHex {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| KeyError::BadHex {
             what: "private key",
         })?;
-        SigningKey::from_slice(&bytes)
+        SecretKey::from_byte_array(bytes)
             .map(Self)
             .map_err(|_| KeyError::PrivateKeyOutOfRange)
     }
@@ -64,7 +66,7 @@ impl PrivateKey {
         let mut seed = [0u8; 32];
         loop {
             rand::fill(&mut seed);
-            if let Ok(key) = SigningKey::from_slice(&seed) {
+            if let Ok(key) = SecretKey::from_byte_array(seed) {
                 return Self(key);
             }
         }
@@ -72,15 +74,21 @@ impl PrivateKey {
 
     /// The 64-hex-character private scalar. Only for writing a freshly generated key to a file.
     pub fn expose_hex(&self) -> String {
-        hex::encode(self.0.to_bytes())
+        hex::encode(self.0.secret_bytes())
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(*self.0.verifying_key())
+        PublicKey(self.0.public_key(secp256k1::SECP256K1))
     }
 
-    pub(crate) fn signing_key(&self) -> &SigningKey {
+    pub(crate) fn secret_key(&self) -> &SecretKey {
         &self.0
+    }
+}
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        self.0.non_secure_erase();
     }
 }
 
@@ -96,7 +104,7 @@ impl fmt::Debug for PrivateKey {
 
 /// A secp256k1 public key; rendered as compressed SEC1 hex, the form TarsPay uses.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKey(VerifyingKey);
+pub struct PublicKey(Point);
 
 impl PublicKey {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
@@ -113,17 +121,17 @@ impl PublicKey {
         if !tag_fits {
             return Err(KeyError::PublicKeyNotOnCurve);
         }
-        VerifyingKey::from_sec1_bytes(&bytes)
+        Point::from_slice(&bytes)
             .map(Self)
             .map_err(|_| KeyError::PublicKeyNotOnCurve)
     }
 
     /// Lowercase hex of the 33-byte compressed point: the `X-API-KEY` header value.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0.to_sec1_point(true).as_bytes())
+        hex::encode(self.0.serialize())
     }
 
-    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
+    pub(crate) fn point(&self) -> &Point {
         &self.0
     }
 }
