@@ -1,10 +1,15 @@
 //! A private `redis-server` in a temporary directory on a free loopback port, for the demo, the
 //! benchmarks and the tests (never the shared Redis). Killed, and its directory removed, on
 //! drop. Tests also stop it gracefully, crash it and restart it on the same port and directory.
+//! [`LocalCluster`] does the same for a Redis Cluster, with fault helpers.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod cluster;
+
+pub use cluster::{LocalCluster, NodeInfo, Role, SlotRange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalRedisError {
@@ -16,6 +21,20 @@ pub enum LocalRedisError {
     Setup(String),
     #[error("the private redis-server did not answer within 20 s")]
     NoAnswer,
+    #[error(
+        "redis-cli is not on PATH ({0}); it ships with redis-server (Debian/Ubuntu: apt-get install redis-tools, macOS: brew install redis)"
+    )]
+    CliNotInstalled(String),
+    #[error("local Redis Cluster: {0}")]
+    Cluster(String),
+    #[error("the local Redis Cluster has no node {0}")]
+    NoSuchNode(usize),
+    #[error("the local Redis Cluster was not {what} after {waited:?}: {last}")]
+    NotReady {
+        what: &'static str,
+        waited: Duration,
+        last: String,
+    },
 }
 
 /// What the server keeps on disk.
