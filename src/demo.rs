@@ -357,7 +357,6 @@ async fn follow(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let summary = deployment
-            .ledger
             .batch_summary(batch_id)
             .await
             .map_err(|e| DemoError::Step(e.to_string()))?;
@@ -400,8 +399,7 @@ async fn summarize(
     let mut latencies = Vec::with_capacity(payroll.len());
     for request in payroll {
         let record = deployment
-            .ledger
-            .get(&request.mch_order_no)
+            .order(&request.mch_order_no)
             .await
             .map_err(|e| DemoError::Step(e.to_string()))?
             .ok_or_else(|| DemoError::Step(format!("{} vanished", request.mch_order_no)))?;
@@ -429,7 +427,7 @@ async fn summarize(
 
 /// Deletes the demo's keys (all under its own prefix's hash tag).
 async fn cleanup(deployment: &Deployment, prefix: &str) {
-    let mut conn = deployment.queue.connection();
+    let mut conn = deployment.partitions()[0].queue.connection();
     if let Err(err) = local_redis::delete_prefix(&mut conn, prefix).await {
         tracing::warn!(error = %err, prefix, "could not delete the demo's keys");
     }

@@ -126,9 +126,9 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
         "{}",
         lines[5]
     );
-    assert!(app.deployment.ledger.get("C-5").await.unwrap().is_none());
+    assert!(app.deployment.order("C-5").await.unwrap().is_none());
     assert!(
-        app.deployment.ledger.get("C-3").await.unwrap().is_none(),
+        app.deployment.order("C-3").await.unwrap().is_none(),
         "the bad line queued nothing"
     );
 
@@ -192,17 +192,18 @@ async fn pause_resume_and_dead_jobs() {
     let app = spawn_app(false, |_| {}).await;
     let (code, out, _) = run(command(&app).arg("pause"));
     assert_eq!(code, 0, "{out}");
-    assert!(app.deployment.queue.is_paused().await.unwrap());
+    assert!(app.deployment.is_paused().await.unwrap());
     let (_, out, _) = run(command(&app).arg("queue"));
     assert!(out.contains("paused   true"), "{out}");
     let (code, _, _) = run(command(&app).arg("resume"));
     assert_eq!(code, 0);
-    assert!(!app.deployment.queue.is_paused().await.unwrap());
+    assert!(!app.deployment.is_paused().await.unwrap());
 
     // A job that cannot be decoded goes to the dead stream; so does a create whose stored
     // request is unreadable (given up at once). Both are listed; the second can be requeued.
     let mut conn = app.redis.conn().await;
-    let stream = app.deployment.queue.keys().stream.clone();
+    let partition = app.partition("BROKEN-1");
+    let stream = partition.queue.keys().stream.clone();
     redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
@@ -211,7 +212,7 @@ async fn pause_resume_and_dead_jobs() {
         .query_async::<String>(&mut conn)
         .await
         .unwrap();
-    app.deployment
+    partition
         .ledger
         .register(&NewOrder {
             mch_order_no: &"BROKEN-1".parse().unwrap(),
@@ -224,7 +225,7 @@ async fn pause_resume_and_dead_jobs() {
         })
         .await
         .unwrap();
-    app.deployment
+    partition
         .queue
         .enqueue(&PayoutJob::CreatePayout {
             mch_order_no: "BROKEN-1".parse().unwrap(),
@@ -233,7 +234,7 @@ async fn pause_resume_and_dead_jobs() {
         .unwrap();
     let worker = app.pool(1);
     common::eventually("both jobs in the dead stream", || async {
-        (app.deployment.queue.dead_count().await.unwrap() >= 2).then_some(())
+        (app.deployment.dead_count().await.unwrap() >= 2).then_some(())
     })
     .await;
     worker.stop().await;
@@ -250,8 +251,8 @@ async fn pause_resume_and_dead_jobs() {
     let (code, out, err) = run(command(&app).args(["dead", "retry", &dead_id]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("requeued"));
-    assert_eq!(app.deployment.queue.dead_count().await.unwrap(), 1);
-    assert_eq!(app.deployment.queue.stats().await.unwrap().waiting, 1);
+    assert_eq!(app.deployment.dead_count().await.unwrap(), 1);
+    assert_eq!(app.deployment.queue_stats().await.unwrap().waiting, 1);
 }
 
 /// `tarspay-worker worker` against `redis_url`, stderr captured.
@@ -299,7 +300,7 @@ async fn wait_worker_alive(app: &common::app::TestApp, redis_url: &str) {
         .await
         .unwrap();
     common::eventually("the worker to start", || async {
-        (deployment.queue.stats().await.unwrap().workers_alive > 0).then_some(())
+        (deployment.queue_stats().await.unwrap().workers_alive > 0).then_some(())
     })
     .await;
 }

@@ -28,8 +28,8 @@ async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it()
     assert_eq!(report["phases"]["queued"], 3);
 
     // An operator deletes LOST-1's job by hand.
-    let keys = app.deployment.queue.keys().clone();
-    let mut conn = app.deployment.queue.connection();
+    let keys = app.partition("LOST-1").queue.keys().clone();
+    let mut conn = app.partition("LOST-1").queue.connection();
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(&keys.stream).await.unwrap();
     let lost: Vec<String> = entries
         .ids
@@ -78,8 +78,8 @@ async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it()
 async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
     let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1s")]).await;
     app.enqueue(inr("LOST-9", "100")).await;
-    let keys = app.deployment.queue.keys().clone();
-    let mut conn = app.deployment.queue.connection();
+    let keys = app.partition("LOST-9").queue.keys().clone();
+    let mut conn = app.partition("LOST-9").queue.connection();
     let _: i64 = conn.del(&keys.stream).await.unwrap();
     let addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -118,8 +118,9 @@ async fn an_order_whose_job_is_dead_is_reported_not_repaired() {
     let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1s")]).await;
     app.enqueue(inr("DEAD-1", "100")).await;
     // Bury the job by hand, as an exhausted one would be.
-    let keys = app.deployment.queue.keys().clone();
-    let mut conn = app.deployment.queue.connection();
+    let partition = app.partition("DEAD-1");
+    let keys = partition.queue.keys().clone();
+    let mut conn = partition.queue.connection();
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(&keys.stream).await.unwrap();
     assert_eq!(entries.ids.len(), 1);
     let entry = &entries.ids[0];
@@ -149,11 +150,11 @@ async fn an_order_whose_job_is_dead_is_reported_not_repaired() {
     let pool = app.pool(2);
     // Several sweep intervals pass: nothing is re-queued behind the operator's back.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 0);
-    assert_eq!(app.deployment.queue.stats().await.unwrap().dead, 1);
-    let dead = app.deployment.queue.list_dead(None, 10).await.unwrap();
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 0);
+    assert_eq!(app.deployment.queue_stats().await.unwrap().dead, 1);
+    let dead = partition.queue.list_dead(None, 10).await.unwrap();
     assert!(
-        app.deployment
+        partition
             .queue
             .requeue_dead(&dead[0].dead_id)
             .await
@@ -302,8 +303,7 @@ async fn lagging_lookups_and_refused_repeats_never_fail_an_order_the_gateway_hol
         assert!(app.sandbox.order(&format!("GONE-{i}")).is_none());
         let record = app
             .deployment
-            .ledger
-            .get(&format!("GONE-{i}"))
+            .order(&format!("GONE-{i}"))
             .await
             .unwrap()
             .unwrap();
@@ -317,7 +317,7 @@ async fn lagging_lookups_and_refused_repeats_never_fail_an_order_the_gateway_hol
         );
     }
     // Nothing was paused by the key and IP refusals of repeats.
-    assert!(!app.deployment.queue.stats().await.unwrap().paused);
+    assert!(!app.deployment.queue_stats().await.unwrap().paused);
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }
@@ -374,7 +374,7 @@ async fn workers_with_skewed_clocks_pay_like_the_others() {
         assert_eq!(app.sandbox.create_attempts(id), expected, "{id}");
         assert_eq!(outcomes[id].attempts, expected, "{id}: no attempt burned");
     }
-    assert!(!app.deployment.queue.stats().await.unwrap().paused);
+    assert!(!app.deployment.queue_stats().await.unwrap().paused);
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }

@@ -554,7 +554,7 @@ async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
     let mut conn = server.conn().await;
-    let evalsha_calls = async |conn: &mut redis::aio::ConnectionManager| -> u64 {
+    let evalsha_calls = async |conn: &mut tarspay_worker::redis_conn::RedisConn| -> u64 {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(conn)

@@ -43,7 +43,7 @@ async fn happy_path_one_order_one_outcome_each() {
         assert_eq!(app.sandbox.create_attempts(id), 1);
     }
     assert_eq!(app.sandbox.orders().len(), 30);
-    let record = app.deployment.ledger.get("OK-0").await.unwrap().unwrap();
+    let record = app.deployment.order("OK-0").await.unwrap().unwrap();
     assert_eq!(record.phase, Phase::Succeeded);
 }
 
@@ -234,14 +234,14 @@ async fn an_existing_order_is_adopted_and_a_different_one_is_a_conflict() {
     // The other order's final state is never a correction of ours, and a final order's
     // looks (an untrusted callback asks for one) find nothing to change.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let ctx = app.deployment.job_context(&app.settings).unwrap();
     for id in ["DIFF-1", "SAME-1"] {
+        let ctx = app.deployment.job_context_for(&app.settings, id).unwrap();
         assert_eq!(
             run_poll_status(&ctx, id, 1, true).await.unwrap(),
             Step::Done
         );
     }
-    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 2);
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,11 +254,11 @@ async fn producer_refuses_bad_input_and_reports_existing_orders() {
         "{err}"
     );
     assert!(
-        app.deployment.ledger.get("B-1").await.unwrap().is_none(),
+        app.deployment.order("B-1").await.unwrap().is_none(),
         "nothing registered"
     );
     assert_eq!(
-        app.deployment.queue.stats().await.unwrap().depth(),
+        app.deployment.queue_stats().await.unwrap().depth(),
         0,
         "nothing queued"
     );
@@ -292,7 +292,7 @@ async fn producer_refuses_bad_input_and_reports_existing_orders() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        app.deployment.queue.stats().await.unwrap().depth(),
+        app.deployment.queue_stats().await.unwrap().depth(),
         1,
         "one job for E-1"
     );
@@ -312,7 +312,10 @@ async fn two_runs_holding_the_same_create_send_one_create() {
     )
     .await;
     app.enqueue(inr("DUP-1", "100")).await;
-    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    let ctx = app
+        .deployment
+        .job_context_for(&app.settings, "DUP-1")
+        .unwrap();
     let first = {
         let ctx = ctx.clone();
         tokio::spawn(async move { run_create_payout(&ctx, "DUP-1").await.unwrap() })
@@ -324,7 +327,7 @@ async fn two_runs_holding_the_same_create_send_one_create() {
         Duration::from_secs(60),
         every,
         || async {
-            let record = app.deployment.ledger.get("DUP-1").await.unwrap().unwrap();
+            let record = app.deployment.order("DUP-1").await.unwrap().unwrap();
             (record.phase == Phase::Submitting)
                 .then_some(())
                 .ok_or(format!("({:?})", record.phase))
@@ -342,7 +345,7 @@ async fn two_runs_holding_the_same_create_send_one_create() {
     assert_eq!(run_create_payout(&ctx, "DUP-1").await.unwrap(), Step::Done);
     assert_eq!(app.sandbox.create_attempts("DUP-1"), 1);
     assert_eq!(
-        app.deployment.queue.stats().await.unwrap().delayed,
+        app.deployment.queue_stats().await.unwrap().delayed,
         1,
         "one poll job"
     );
@@ -352,10 +355,13 @@ async fn two_runs_holding_the_same_create_send_one_create() {
 async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
     let app = spawn_app(false, |c| c.final_after = Duration::from_millis(50)).await;
     app.enqueue(inr("RACE-1", "100")).await;
-    let ctx = app.deployment.job_context(&app.settings).unwrap();
+    let ctx = app
+        .deployment
+        .job_context_for(&app.settings, "RACE-1")
+        .unwrap();
     assert_eq!(run_create_payout(&ctx, "RACE-1").await.unwrap(), Step::Done);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let seen = app.deployment.ledger.get("RACE-1").await.unwrap().unwrap();
+    let seen = app.deployment.order("RACE-1").await.unwrap().unwrap();
     let mut racers = Vec::new();
     for i in 0..10 {
         let ctx = ctx.clone();
@@ -385,15 +391,9 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
     for racer in racers {
         racer.await.unwrap();
     }
-    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 1);
     assert_eq!(
-        app.deployment
-            .ledger
-            .get("RACE-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
+        app.deployment.order("RACE-1").await.unwrap().unwrap().phase,
         Phase::Succeeded
     );
 }
@@ -401,12 +401,7 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
 /// Waits (hang guard only) until the systemic guard paused the payout queue.
 async fn wait_paused(app: &TestApp) {
     eventually("the queue to pause", || async {
-        app.deployment
-            .queue
-            .is_paused()
-            .await
-            .unwrap()
-            .then_some(())
+        app.deployment.is_paused().await.unwrap().then_some(())
     })
     .await;
 }
@@ -440,14 +435,14 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
         .sum();
     assert_eq!(sent, 3, "the threshold's creates, then nothing");
     assert_eq!(
-        app.deployment.ledger.outcome_count().await.unwrap(),
+        app.deployment.outcome_count().await.unwrap(),
         2,
         "the two before the threshold failed; the one that tripped it is held"
     );
 
     // The operator fixes the IP binding and resumes: the rest are paid, the held one too.
     app.sandbox.set_faults(vec![]);
-    app.deployment.queue.resume().await.unwrap();
+    app.deployment.resume().await.unwrap();
     let outcomes = app.wait_outcomes(8).await;
     pool.stop().await;
     let failed: Vec<_> = outcomes.values().filter(|o| o.status == "failed").collect();
@@ -488,18 +483,18 @@ async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
         .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
         .sum();
     // Resumed while the key is still bad: the very next failure pauses again, burning nothing.
-    app.deployment.queue.resume().await.unwrap();
+    app.deployment.resume().await.unwrap();
     eventually("a second pause", || async {
         let sent: u32 = (0..6)
             .map(|i| app.sandbox.create_attempts(&format!("G-{i}")))
             .sum();
-        (sent > sent_before && app.deployment.queue.is_paused().await.unwrap()).then_some(())
+        (sent > sent_before && app.deployment.is_paused().await.unwrap()).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pool.stop().await;
     assert_eq!(
-        app.deployment.ledger.outcome_count().await.unwrap(),
+        app.deployment.outcome_count().await.unwrap(),
         1,
         "only the first order failed"
     );
@@ -519,7 +514,7 @@ async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
     let pool = app.pool(1);
     let every = Duration::from_millis(50);
     let record = poll("7 attempts", Duration::from_secs(60), every, || async {
-        let record = app.deployment.ledger.get("AMB-1").await.unwrap().unwrap();
+        let record = app.deployment.order("AMB-1").await.unwrap().unwrap();
         let attempts = record.attempts;
         (attempts >= 7)
             .then_some(record)
@@ -529,7 +524,7 @@ async fn an_order_whose_create_may_exist_is_never_failed_on_a_lookup() {
     assert!(record.ambiguous);
     assert!(!record.phase.is_final(), "{record:?}");
     assert_eq!(
-        app.deployment.ledger.outcome_count().await.unwrap(),
+        app.deployment.outcome_count().await.unwrap(),
         0,
         "past max attempts, still no `failed`"
     );
@@ -607,7 +602,7 @@ async fn a_sigkilled_worker_is_replaced_and_no_order_is_created_twice() {
     })
     .await;
     doomed.kill();
-    let finished_before = app.deployment.ledger.outcome_count().await.unwrap();
+    let finished_before = app.deployment.outcome_count().await.unwrap();
     assert!(finished_before < 120, "the kill happened mid-batch");
     let _rescuer = app.worker_process(16);
     let outcomes = app.wait_outcomes(120).await;
@@ -656,7 +651,9 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
         c.outcomes = vec![outcome_rule("EXP", 6)];
     })
     .await;
-    let client = app.deployment.job_context(&app.settings).unwrap().client;
+    let client = app.deployment.job_contexts(&app.settings).unwrap()[0]
+        .client
+        .clone();
     for id in ["DEP-1", "EXP-1"] {
         client
             .create_deposit(&CreateDeposit {
@@ -736,7 +733,7 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
     // Every create that reached the gateway was recorded: nothing was left mid-call.
     for i in 0..40 {
         let id = format!("TERM-{i}");
-        let phase = app.deployment.ledger.get(&id).await.unwrap().unwrap().phase;
+        let phase = app.deployment.order(&id).await.unwrap().unwrap().phase;
         assert_ne!(
             phase,
             Phase::Submitting,
@@ -762,8 +759,11 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correcti
     let metrics = tarspay_worker::metrics::install();
     let app = spawn_app(false, |_| {}).await;
     app.enqueue(inr("LATE-1", "100")).await;
-    let ctx = app.deployment.job_context(&app.settings).unwrap();
-    let ledger = &app.deployment.ledger;
+    let ctx = app
+        .deployment
+        .job_context_for(&app.settings, "LATE-1")
+        .unwrap();
+    let ledger = app.deployment.ledger_of("LATE-1");
     // One run fails the order itself while holding the lease...
     ledger
         .begin_submit("LATE-1", "run-a", Duration::from_secs(30))

@@ -55,7 +55,7 @@ async fn bad_rows_are_all_reported_and_nothing_is_queued() {
         out.contains("line 4: walletId: must be 11 digits starting with 0"),
         "{out}"
     );
-    assert!(app.deployment.ledger.get("A-1").await.unwrap().is_none());
+    assert!(app.deployment.order("A-1").await.unwrap().is_none());
 }
 
 /// The CLI checks a batch id by the HTTP API's rule (it becomes part of Redis keys and of
@@ -77,10 +77,9 @@ async fn a_batch_id_is_checked_by_the_api_rule_and_a_bad_one_queues_nothing() {
             "{bad}: {err}"
         );
     }
-    assert!(app.deployment.ledger.get("PR-1").await.unwrap().is_none());
+    assert!(app.deployment.order("PR-1").await.unwrap().is_none());
     assert_eq!(
         app.deployment
-            .ledger
             .batch_summary("nov 2026")
             .await
             .unwrap()
@@ -107,7 +106,7 @@ async fn the_balance_must_cover_the_batch_unless_forced() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("does not cover the batch total"), "{out}");
     assert!(
-        app.deployment.ledger.get("PR-1").await.unwrap().is_none(),
+        app.deployment.order("PR-1").await.unwrap().is_none(),
         "refused: nothing queued"
     );
     let (code, out) = payroll(&app, &["--detach", "--force"], &file).await;
@@ -165,7 +164,7 @@ async fn a_payroll_runs_to_the_end_and_a_rerun_pays_no_one_twice() {
     for id in ["PR-1", "PR-2", "PR-3", "REJ-4"] {
         assert_eq!(app.sandbox.create_attempts(id), 1, "{id}");
     }
-    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 4);
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +205,7 @@ async fn the_balance_is_checked_per_currency_never_summed_across_currencies() {
         "{out}"
     );
     assert!(!out.contains("INR"), "INR is covered: {out}");
-    assert!(app.deployment.ledger.get("OV-3").await.unwrap().is_none());
+    assert!(app.deployment.order("OV-3").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,13 +234,7 @@ async fn a_reused_batch_id_with_more_members_than_the_file_is_followed_to_the_en
         "the whole batch is summarised: {out}"
     );
     assert_eq!(
-        app.deployment
-            .ledger
-            .get("PR-9")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
+        app.deployment.order("PR-9").await.unwrap().unwrap().phase,
         tarspay_worker::ledger::Phase::Succeeded
     );
 }

@@ -8,11 +8,11 @@ use common::faketime::libfaketime;
 
 use common::queue::*;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Duration;
 use tarspay_worker::queue::{JobOptions, RedisQueue};
+use tarspay_worker::redis_conn::RedisConn;
 
 /// The job of the `queue_worker` binary, with its clock-test fields.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -28,13 +28,13 @@ struct ClockJob {
 const SPAWN_OFFSET: u64 = 1_000_000;
 const TEN_MINUTES_MS: i64 = 600_000;
 
-async fn server_ms(conn: &mut ConnectionManager) -> u64 {
+async fn server_ms(conn: &mut RedisConn) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
     secs * 1000 + micros / 1000
 }
 
 /// (attempt, server ms at start, worker pid) of every attempt of job `n`.
-async fn starts(conn: &mut ConnectionManager, queue: &str, n: u64) -> Vec<(u32, u64, u32)> {
+async fn starts(conn: &mut RedisConn, queue: &str, n: u64) -> Vec<(u32, u64, u32)> {
     let raw: Vec<String> = conn
         .lrange(format!("{PREFIX}:{queue}:starts:{n}"), 0, -1)
         .await

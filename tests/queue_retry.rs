@@ -5,10 +5,10 @@ mod common;
 use apalis::prelude::*;
 use common::queue::*;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tarspay_worker::queue::{Delivery, Enqueued, JobOptions, RedisQueue};
+use tarspay_worker::redis_conn::RedisConn;
 use tarspay_worker::wall_clock::now_ms;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ struct Flaky {
 
 #[derive(Clone)]
 struct Recorder {
-    conn: ConnectionManager,
+    conn: RedisConn,
     queue: String,
 }
 
@@ -93,7 +93,7 @@ async fn flaky_queue(server: &RedisServer, name: &str) -> RedisQueue<Flaky> {
         .unwrap()
 }
 
-async fn attempts_seen(conn: &mut ConnectionManager, queue: &str, n: u64) -> Vec<String> {
+async fn attempts_seen(conn: &mut RedisConn, queue: &str, n: u64) -> Vec<String> {
     conn.lrange(format!("{PREFIX}:{queue}:attempts:{n}"), 0, -1)
         .await
         .unwrap()

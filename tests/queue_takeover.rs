@@ -19,7 +19,11 @@ struct TakeoverJob {
     takeover: u8,
 }
 
-async fn attempts_started(conn: &mut redis::aio::ConnectionManager, name: &str, n: u64) -> u64 {
+async fn attempts_started(
+    conn: &mut tarspay_worker::redis_conn::RedisConn,
+    name: &str,
+    n: u64,
+) -> u64 {
     counts(conn, &started_key(name))
         .await
         .get(&n)

@@ -68,7 +68,7 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
     );
     // The worker found its job on the primary, took the lease, saw it unconfirmed and gave it
     // back without sending a create.
-    let order_key = app.deployment.ledger.keys().order("REP-2");
+    let order_key = app.partition("REP-2").ledger.keys().order("REP-2");
     common::eventually("a lease given back unconfirmed", || {
         let mut primary = primary.clone();
         let key = order_key.clone();
@@ -123,7 +123,7 @@ async fn a_primary_refusing_writes_for_want_of_replicas_queues_nothing_and_recov
         .await
         .unwrap_err();
     assert!(err.to_string().contains("NOREPLICAS"), "{err}");
-    let order_key = app.deployment.ledger.keys().order("NOREP-1");
+    let order_key = app.partition("NOREP-1").ledger.keys().order("NOREP-1");
     let exists: bool = primary.exists(&order_key).await.unwrap();
     assert!(!exists, "nothing registered");
 

@@ -22,12 +22,13 @@ async fn an_expired_final_order_resubmitted_is_settled_by_the_gateway_not_paid_a
     assert_eq!(first["RET-1"].status.as_str(), "succeeded");
     let balance = app.sandbox.balance(common::app::MCH_NO).unwrap();
 
-    let mut conn = app.deployment.queue.connection();
-    let order_key = app.deployment.ledger.keys().order("RET-1");
+    let partition = app.partition("RET-1");
+    let mut conn = partition.queue.connection();
+    let order_key = partition.ledger.keys().order("RET-1");
     let ttl: i64 = conn.pttl(&order_key).await.unwrap();
     assert!(ttl > 0 && ttl <= 2_000, "final record's TTL {ttl} ms");
     let batch_ttl: i64 = conn
-        .pttl(app.deployment.ledger.keys().batch("ret-batch"))
+        .pttl(partition.ledger.keys().batch("ret-batch"))
         .await
         .unwrap();
     assert!(
@@ -76,14 +77,17 @@ async fn an_expired_final_order_resubmitted_is_settled_by_the_gateway_not_paid_a
 async fn outcomes_are_trimmed_only_past_the_retention_and_below_every_groups_reading() {
     let app = spawn_app_with(false, |_| {}, &[("TARSPAY_RETENTION", "1s")]).await;
     let pool = app.pool(4);
-    for n in 1..=3 {
-        app.enqueue(inr(&format!("TRIM-{n}"), "100.00")).await;
+    // Three orders of one partition: its stream is the one trimmed here.
+    let ids = app.ids_in_partition_of("TRIM-1", 3);
+    for id in &ids {
+        app.enqueue(inr(id, "100.00")).await;
     }
     app.wait_outcomes(3).await;
     pool.stop().await;
-    let ledger = &app.deployment.ledger;
+    let partition = app.partition(&ids[0]);
+    let ledger = &partition.ledger;
     let stream = ledger.keys().outcomes();
-    let mut conn = app.deployment.queue.connection();
+    let mut conn = partition.queue.connection();
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&stream)

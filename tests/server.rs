@@ -93,7 +93,7 @@ impl Served {
 
     /// The ledger's phase of an order that exists.
     async fn phase(&self, id: &str) -> Phase {
-        let record = self.app.deployment.ledger.get(id).await.unwrap();
+        let record = self.app.deployment.order(id).await.unwrap();
         record.expect("the order exists").phase
     }
 }
@@ -196,15 +196,7 @@ async fn create_payout_is_idempotent_201_200_409_422() {
         .map(|e| e["field"].as_str().unwrap())
         .collect();
     assert_eq!(fields, vec!["amount", "currency", "mchOrderNo", "wayCode"]);
-    assert!(
-        s.app
-            .deployment
-            .ledger
-            .get("API 2")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(s.app.deployment.order("API 2").await.unwrap().is_none());
 
     let malformed = s
         .post("/v1/payouts")
@@ -225,7 +217,7 @@ async fn create_payout_is_idempotent_201_200_409_422() {
         StatusCode::PAYLOAD_TOO_LARGE
     );
     assert_eq!(
-        s.app.deployment.queue.stats().await.unwrap().depth(),
+        s.app.deployment.queue_stats().await.unwrap().depth(),
         1,
         "only API-1 was queued"
     );
@@ -259,8 +251,8 @@ async fn a_whole_number_currency_refuses_a_decimal_point_and_queues_nothing() {
         body["errors"],
         json!([{"field": "amount", "rule": "BDT takes whole numbers: no decimal point"}])
     );
-    assert!(s.app.deployment.ledger.get("BD-1").await.unwrap().is_none());
-    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 0);
+    assert!(s.app.deployment.order("BD-1").await.unwrap().is_none());
+    assert_eq!(s.app.deployment.queue_stats().await.unwrap().depth(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,11 +277,11 @@ async fn a_batch_with_bad_rows_queues_nothing_and_names_every_bad_line() {
     assert_eq!(lines, vec![3, 5]);
     for id in ["B-1", "B-3"] {
         assert!(
-            s.app.deployment.ledger.get(id).await.unwrap().is_none(),
+            s.app.deployment.order(id).await.unwrap().is_none(),
             "{id} must not be queued"
         );
     }
-    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 0);
+    assert_eq!(s.app.deployment.queue_stats().await.unwrap().depth(), 0);
 
     let good = "mchOrderNo,amount,currency,wayCode,walletId\nB-1,500,BDT,EWALLET_BKASH,01712345678\nB-3,700,BDT,EWALLET_NAGAD,01712345678\n";
     let created = s
@@ -345,7 +337,7 @@ async fn a_batch_with_bad_rows_queues_nothing_and_names_every_bad_line() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(s.app.deployment.ledger.get("J-1").await.unwrap().is_none());
+    assert!(s.app.deployment.order("J-1").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,9 +352,9 @@ async fn pause_resume_health_metrics_and_the_document() {
         .await
         .unwrap();
     assert_eq!(paused["paused"], true);
-    assert!(s.app.deployment.queue.is_paused().await.unwrap());
+    assert!(s.app.deployment.is_paused().await.unwrap());
     s.post("/v1/queue/resume").send().await.unwrap();
-    assert!(!s.app.deployment.queue.is_paused().await.unwrap());
+    assert!(!s.app.deployment.is_paused().await.unwrap());
 
     let health: Value = s
         .http
@@ -466,7 +458,11 @@ fn callback_body_for(mch_no: &str, id: &str, amount: &str, state: i64) -> String
 
 async fn accepted_order(s: &Served, id: &str) {
     s.app.enqueue(inr(id, "100")).await;
-    let ctx = s.app.deployment.job_context(&s.app.settings).unwrap();
+    let ctx = s
+        .app
+        .deployment
+        .job_context_for(&s.app.settings, id)
+        .unwrap();
     tarspay_worker::jobs::run_create_payout(&ctx, id)
         .await
         .unwrap();
@@ -490,7 +486,7 @@ async fn verified_callbacks_finalise_once_and_replays_change_nothing() {
     for (status, text) in futures::future::join_all(sends).await {
         assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
     }
-    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(s.app.deployment.outcome_count().await.unwrap(), 1);
     let outcome = &s.app.outcomes().await[0];
     assert_eq!(
         (
@@ -543,7 +539,7 @@ async fn a_success_later_refunded_is_one_correction_however_often_it_is_told() {
         ]
     );
     // The record keeps its final status and shows the correction, in the API too.
-    let record = s.app.deployment.ledger.get("RF-1").await.unwrap().unwrap();
+    let record = s.app.deployment.order("RF-1").await.unwrap().unwrap();
     assert_eq!(record.phase, Phase::Succeeded);
     assert_eq!(record.corrections.len(), 1);
     let shown: serde_json::Value = s
@@ -561,7 +557,7 @@ async fn a_success_later_refunded_is_one_correction_however_often_it_is_told() {
     // sandbox's state): no further entry.
     let forged = callback_body("RF-1", "100", 3);
     s.callback(&forged, None).await;
-    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 2);
+    assert_eq!(s.app.deployment.outcome_count().await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,19 +566,19 @@ async fn forged_and_unsigned_callbacks_only_schedule_a_query() {
     accepted_order(&s, "CB-2").await;
     let body = callback_body("CB-2", "100", 2);
     let forged = sign_callback(&PrivateKey::generate(), body.as_bytes());
-    let waiting_before = s.app.deployment.queue.stats().await.unwrap().waiting;
+    let waiting_before = s.app.deployment.queue_stats().await.unwrap().waiting;
     for signature in [Some(forged.as_str()), None, Some("3045zz")] {
         let (status, text) = s.callback(&body, signature).await;
         assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
     }
-    let record = s.app.deployment.ledger.get("CB-2").await.unwrap().unwrap();
+    let record = s.app.deployment.order("CB-2").await.unwrap().unwrap();
     assert_eq!(
         record.phase,
         Phase::Accepted,
         "an untrusted callback changes nothing"
     );
-    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 0);
-    let waiting_after = s.app.deployment.queue.stats().await.unwrap().waiting;
+    assert_eq!(s.app.deployment.outcome_count().await.unwrap(), 0);
+    let waiting_after = s.app.deployment.queue_stats().await.unwrap().waiting;
     assert_eq!(
         waiting_after,
         waiting_before + 1,
@@ -614,15 +610,7 @@ async fn forged_and_unsigned_callbacks_only_schedule_a_query() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert!(
-        s.app
-            .deployment
-            .ledger
-            .get("NOT-OURS")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(s.app.deployment.order("NOT-OURS").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,12 +786,9 @@ async fn a_repeated_json_key_is_refused_everywhere_naming_it_and_nothing_is_queu
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text.contains("duplicate key \"state\""), "{text}");
     for id in ["DUP-1", "DUP-2", "DUP-3"] {
-        assert!(
-            s.app.deployment.ledger.get(id).await.unwrap().is_none(),
-            "{id}"
-        );
+        assert!(s.app.deployment.order(id).await.unwrap().is_none(), "{id}");
     }
-    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 0);
+    assert_eq!(s.app.deployment.queue_stats().await.unwrap().depth(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -835,7 +820,7 @@ async fn json_routes_require_a_json_content_type() {
             );
         }
     }
-    assert!(s.app.deployment.ledger.get("CT-1").await.unwrap().is_none());
+    assert!(s.app.deployment.order("CT-1").await.unwrap().is_none());
     // Parameters and case do not matter.
     let json = s
         .post("/v1/payouts")
@@ -854,7 +839,7 @@ async fn the_same_amount_written_differently_is_the_same_payout() {
     let (status, answer) = post_json(&s, "/v1/payouts", &inr("NUM-1", "100.01").to_string()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert_eq!(answer["current"]["amount"], "100");
-    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 1);
+    assert_eq!(s.app.deployment.queue_stats().await.unwrap().depth(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -881,7 +866,7 @@ async fn a_batch_row_that_conflicts_answers_409_naming_it_like_the_single_route(
         (answer["queued"].as_u64(), &answer["conflicting"]),
         (Some(1), &json!(["BC-1"]))
     );
-    let record = s.app.deployment.ledger.get("BC-1").await.unwrap().unwrap();
+    let record = s.app.deployment.order("BC-1").await.unwrap().unwrap();
     assert_eq!(record.amount, "100", "the conflicting row changed nothing");
     // The same rows again (the same payouts) are not a conflict: 201, nothing new.
     let same = json!([inr("BC-1", "100.00"), inr("BC-2", "100")]).to_string();
@@ -891,23 +876,23 @@ async fn a_batch_row_that_conflicts_answers_409_naming_it_like_the_single_route(
         (answer["queued"].as_u64(), answer["existing"].as_u64()),
         (Some(0), Some(2))
     );
-    assert_eq!(s.app.deployment.queue.stats().await.unwrap().depth(), 2);
+    assert_eq!(s.app.deployment.queue_stats().await.unwrap().depth(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_callback_for_an_order_never_sent_only_schedules_a_query() {
     let s = served(|_| {}, &[]).await;
     s.app.enqueue(inr("NS-1", "100")).await;
-    let waiting_before = s.app.deployment.queue.stats().await.unwrap().waiting;
+    let waiting_before = s.app.deployment.queue_stats().await.unwrap().waiting;
     let body = callback_body("NS-1", "100", 3);
     let signature = sign_callback(&system_key(), body.as_bytes());
     let (status, text) = s.callback(&body, Some(&signature)).await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
-    let record = s.app.deployment.ledger.get("NS-1").await.unwrap().unwrap();
+    let record = s.app.deployment.order("NS-1").await.unwrap().unwrap();
     assert_eq!(record.phase, Phase::Queued, "not applied as the outcome");
-    assert_eq!(s.app.deployment.ledger.outcome_count().await.unwrap(), 0);
+    assert_eq!(s.app.deployment.outcome_count().await.unwrap(), 0);
     assert_eq!(
-        s.app.deployment.queue.stats().await.unwrap().waiting,
+        s.app.deployment.queue_stats().await.unwrap().waiting,
         waiting_before + 1,
         "a one-off status query is queued instead"
     );
@@ -1031,7 +1016,7 @@ async fn metrics_scrapes_send_redis_nothing() {
     // is not pruned by one: the scrape reads nothing.
     let stuck: Vec<String> = (0..5_000).map(|i| format!("S-{i}")).collect();
     let _: () = redis::cmd("SADD")
-        .arg(s.app.deployment.ledger.keys().stuck())
+        .arg(s.app.partition("S-0").ledger.keys().stuck())
         .arg(&stuck)
         .query_async(&mut redis)
         .await

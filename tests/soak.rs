@@ -434,7 +434,7 @@ struct Soak {
 
 impl Soak {
     async fn outcome_count(&self) -> Option<u64> {
-        self.app.deployment.ledger.outcome_count().await.ok()
+        self.app.deployment.outcome_count().await.ok()
     }
 
     fn start_worker(&self, index: usize) -> WorkerProcess {
@@ -541,7 +541,7 @@ impl Soak {
                 println!(
                     "round {round}: {created} orders created, {:?} of {expected_outcomes} outcomes, {:?}",
                     self.outcome_count().await,
-                    self.app.deployment.queue.stats().await.ok()
+                    self.app.deployment.queue_stats().await.ok()
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -703,7 +703,7 @@ async fn soak_with_faults_keeps_the_one_rule() {
     let what = format!("the queue to drain (seed {})", plan.seed);
     let every = Duration::from_millis(50);
     let stats = common::poll(&what, Duration::from_secs(120), every, || async {
-        let stats = app.deployment.queue.stats().await.expect("queue stats");
+        let stats = app.deployment.queue_stats().await.expect("queue stats");
         let drained = stats.depth() == 0 && stats.delayed == 0;
         if drained {
             Ok(stats)
@@ -839,8 +839,7 @@ async fn soak_with_faults_keeps_the_one_rule() {
     for id in &ids {
         let record = app
             .deployment
-            .ledger
-            .get(id)
+            .order(id)
             .await
             .expect("ledger")
             .expect("record");

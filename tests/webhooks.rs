@@ -276,7 +276,7 @@ fn succeeded(id: &str) -> FinalResult {
 }
 
 async fn finalize(app: &TestApp, id: &str) {
-    let ledger = &app.deployment.ledger;
+    let ledger = app.deployment.ledger_of(id);
     ledger.register(&registration(id).order()).await.unwrap();
     let record = ledger.get(id).await.unwrap().unwrap();
     assert!(
@@ -290,19 +290,24 @@ async fn finalize(app: &TestApp, id: &str) {
 /// Every outcome in the stream: webhook-id → outcome. (Read again until a connection that
 /// saw a Redis restart has reconnected.)
 async fn stream(app: &TestApp) -> BTreeMap<String, Outcome> {
-    let page = eventually("outcomes read", || async {
-        app.deployment.ledger.outcomes_after("0", 10_000).await.ok()
-    })
-    .await;
-    page.into_iter()
-        .map(|(id, outcome)| (format!("msg_{id}"), outcome))
-        .collect()
+    let mut all = BTreeMap::new();
+    for partition in app.deployment.partitions() {
+        let page = eventually("outcomes read", || async {
+            partition.ledger.outcomes_after("0", 10_000).await.ok()
+        })
+        .await;
+        all.extend(page.into_iter().map(|(id, outcome)| {
+            let webhook_id = tarspay_worker::webhooks::webhook_id(partition.index, &id);
+            (webhook_id, outcome)
+        }));
+    }
+    all
 }
 
 /// Delivery jobs not settled yet (waiting, running or waiting for a retry).
 async fn undelivered(app: &TestApp) -> u64 {
     let stats = eventually("webhook queue stats read", || async {
-        app.deployment.webhooks.stats().await.ok()
+        app.deployment.webhook_stats().await.ok()
     })
     .await;
     stats.depth() + stats.delayed
@@ -347,11 +352,13 @@ async fn every_outcome_is_delivered_signed_and_retried_with_the_same_id_until_2x
     // Five requests fail whatever they carry, and every webhook-id fails its first two tries.
     let receiver = Receiver::start(5, 2, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
-    assert_eq!(
-        app.deployment.webhooks.keys(),
-        &app.deployment.ledger.keys().webhooks(),
-        "the ledger queues where the workers read"
-    );
+    for partition in app.deployment.partitions() {
+        assert_eq!(
+            partition.webhooks.keys(),
+            &partition.ledger.keys().webhooks(),
+            "the ledger queues where the workers read"
+        );
+    }
     for i in 0..10 {
         app.enqueue(inr(&format!("PAY-{i}"), "150.50")).await;
     }
@@ -607,7 +614,7 @@ async fn a_redis_restart_does_not_end_delivery() {
             async move {
                 let registered = app
                     .deployment
-                    .ledger
+                    .ledger_of(&id)
                     .register(&registration(&id).order())
                     .await;
                 registered.ok()
@@ -617,7 +624,7 @@ async fn a_redis_restart_does_not_end_delivery() {
         eventually("finalized", || {
             let (app, id) = (&app, id.clone());
             async move {
-                let ledger = &app.deployment.ledger;
+                let ledger = app.deployment.ledger_of(&id);
                 let record = ledger.get(&id).await.ok()??;
                 ledger
                     .finalize(&record, Phase::Failed, &FinalResult::default())
@@ -670,7 +677,7 @@ async fn a_receiver_that_always_fails_sends_deliveries_to_the_dead_stream_and_th
     finalize(&app, "DEAD-2").await;
     let pool = app.pool(2);
     eventually("both deliveries dead", || async {
-        (app.deployment.webhooks.dead_count().await.unwrap() == 2).then_some(())
+        (app.deployment.webhook_dead_count().await.unwrap() == 2).then_some(())
     })
     .await;
     assert_eq!(receiver.attempts_of("DEAD-1"), 3, "the retry bound");
@@ -678,7 +685,7 @@ async fn a_receiver_that_always_fails_sends_deliveries_to_the_dead_stream_and_th
     assert_eq!(receiver.delivered().len(), 0);
     assert_eq!(undelivered(&app).await, 0, "nothing left to retry");
     // The payout queue's dead stream is not where they went.
-    assert_eq!(app.deployment.queue.dead_count().await.unwrap(), 0);
+    assert_eq!(app.deployment.dead_count().await.unwrap(), 0);
 
     let (code, out, err) = run(app.command().arg("queue"));
     assert_eq!(code, 0, "{err}");
@@ -699,7 +706,11 @@ async fn a_receiver_that_always_fails_sends_deliveries_to_the_dead_stream_and_th
         .remove("DEAD-1")
         .and_then(|ids| ids.into_iter().next())
         .unwrap();
+    // msg_<entry id>, or msg_p<partition>_<entry id> beyond the first partition.
     let outcome_id = first_id.trim_start_matches("msg_");
+    let outcome_id = outcome_id
+        .split_once('_')
+        .map_or(outcome_id, |(_, entry)| entry);
     let dead_id = lines
         .iter()
         .find(|l| l.contains(outcome_id))
@@ -728,7 +739,7 @@ async fn a_receiver_that_always_fails_sends_deliveries_to_the_dead_stream_and_th
     pool.stop().await;
     assert_eq!(receiver.delivered_to("DEAD-1"), 1, "exactly once");
     assert_eq!(receiver.delivered_to("DEAD-2"), 0, "still dead");
-    assert_eq!(app.deployment.webhooks.dead_count().await.unwrap(), 1);
+    assert_eq!(app.deployment.webhook_dead_count().await.unwrap(), 1);
     let ids = receiver.ids_by_order();
     assert_eq!(
         ids["DEAD-1"].len(),
@@ -742,7 +753,7 @@ async fn a_correction_is_delivered_with_a_type_of_its_own() {
     let receiver = Receiver::start(0, 0, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     finalize(&app, "CORR-1").await;
-    let ledger = &app.deployment.ledger;
+    let ledger = app.deployment.ledger_of("CORR-1");
     let record = ledger.get("CORR-1").await.unwrap().unwrap();
     ledger
         .apply_gateway_final(&record, Phase::Refunded, &succeeded("CORR-1"))
@@ -777,26 +788,26 @@ async fn an_outcome_gone_from_the_stream_is_a_dead_delivery_not_a_retry_loop() {
     let receiver = Receiver::start(0, 0, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     finalize(&app, "GONE-1").await;
-    let (entry, _) = app
-        .deployment
+    let partition = app.partition("GONE-1");
+    let (entry, _) = partition
         .ledger
         .outcomes_after("0", 10)
         .await
         .unwrap()
         .remove(0);
     let _: u64 = redis::cmd("XDEL")
-        .arg(app.deployment.ledger.keys().outcomes())
+        .arg(partition.ledger.keys().outcomes())
         .arg(&entry)
         .query_async(&mut app.redis.conn().await)
         .await
         .unwrap();
     let pool = app.pool(1);
     eventually("dead", || async {
-        (app.deployment.webhooks.dead_count().await.unwrap() == 1).then_some(())
+        (app.deployment.webhook_dead_count().await.unwrap() == 1).then_some(())
     })
     .await;
     pool.stop().await;
-    let dead = app.deployment.webhooks.list_dead(None, 10).await.unwrap();
+    let dead = partition.webhooks.list_dead(None, 10).await.unwrap();
     assert!(
         dead[0].reason.contains("no longer in the outcome stream"),
         "{dead:?}"
@@ -809,14 +820,15 @@ async fn an_outcome_gone_from_the_stream_is_a_dead_delivery_not_a_retry_loop() {
 async fn an_outcome_and_its_delivery_are_written_together_or_not_at_all() {
     let receiver = Receiver::start(0, 0, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
-    let ledger = &app.deployment.ledger;
+    let partition = app.partition("ATOM-1");
+    let ledger = &partition.ledger;
     ledger
         .register(&registration("ATOM-1").order())
         .await
         .unwrap();
     let record = ledger.get("ATOM-1").await.unwrap().unwrap();
     // The delivery cannot be written (its stream key holds a string): nothing is.
-    let webhook_stream = app.deployment.webhooks.keys().stream.clone();
+    let webhook_stream = partition.webhooks.keys().stream.clone();
     let mut conn = app.redis.conn().await;
     let _: () = redis::cmd("RENAME")
         .arg(&webhook_stream)
@@ -863,7 +875,7 @@ async fn an_outcome_and_its_delivery_are_written_together_or_not_at_all() {
 async fn outcomes_appended_while_webhooks_are_off_get_no_delivery() {
     let app = spawn_app(false, |_| {}).await;
     finalize(&app, "OFF-1").await;
-    assert_eq!(app.deployment.ledger.outcome_count().await.unwrap(), 1);
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 1);
     assert_eq!(undelivered(&app).await, 0);
 }
 
@@ -873,11 +885,10 @@ async fn webhook_deliveries_pause_and_resume_on_their_own_from_the_cli() {
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
     let (code, _, err) = run(app.command().args(["pause", "--queue", "webhooks"]));
     assert_eq!(code, 0, "{err}");
-    assert!(app.deployment.webhooks.is_paused().await.unwrap());
-    assert!(
-        !app.deployment.queue.is_paused().await.unwrap(),
-        "payouts go on"
-    );
+    for partition in app.deployment.partitions() {
+        assert!(partition.webhooks.is_paused().await.unwrap());
+    }
+    assert!(!app.deployment.is_paused().await.unwrap(), "payouts go on");
     let (_, out, _) = run(app.command().arg("queue"));
     assert!(out.contains("webhooks paused   true"), "{out}");
 

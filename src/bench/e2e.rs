@@ -18,10 +18,11 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tarspay_worker::config::Settings;
-use tarspay_worker::deployment::{Deployment, PAYOUT_QUEUE};
+use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
-use tarspay_worker::ledger::{Ledger, LedgerKeys, Outcome};
+use tarspay_worker::ledger::{Ledger, Outcome};
 use tarspay_worker::producer::Producer;
+use tarspay_worker::redis_conn::{ClusterMode, RedisClient, RedisConn};
 
 pub const DEFAULT_N: u64 = 20_000;
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -146,7 +147,7 @@ impl Pipeline {
     pub async fn wait_workers_alive(&mut self, k: u64) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.deployment.queue.stats().await?.workers_alive >= k {
+            if self.deployment.queue_stats().await?.workers_alive >= k {
                 return Ok(());
             }
             if self.workers.iter_mut().any(|w| !w.is_running()) {
@@ -163,16 +164,22 @@ impl Pipeline {
         self.workers.iter().filter_map(ChildProcess::pid).collect()
     }
 
-    /// A reader of the outcome stream on its own connection.
+    /// A reader of every partition's outcome stream on its own connection.
     pub async fn tail(&self) -> Result<OutcomeTail, BenchError> {
-        let client = redis::Client::open(self.target.url.as_str())?;
-        let conn = redis::aio::ConnectionManager::new(client).await?;
-        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", self.target.prefix);
-        let keys = LedgerKeys::new(&tag, self.deployment.queue.keys());
+        let client = RedisClient::open(self.target.url.as_str(), ClusterMode::Auto).await?;
+        let conn = client.connect(Default::default())?;
+        let streams = self
+            .deployment
+            .partitions()
+            .iter()
+            .map(|partition| {
+                let keys = partition.ledger.keys().clone();
+                (Ledger::new(conn.clone(), keys), "0".to_owned())
+            })
+            .collect();
         Ok(OutcomeTail {
-            ledger: Ledger::new(conn.clone(), keys),
+            streams,
             conn,
-            last: "0".to_owned(),
             calls: 0,
         })
     }
@@ -203,23 +210,28 @@ impl Pipeline {
     }
 }
 
-/// Reads the outcome stream from the start, page by page.
+/// Reads every partition's outcome stream from the start, page by page.
 pub struct OutcomeTail {
-    pub ledger: Ledger,
-    conn: redis::aio::ConnectionManager,
-    last: String,
+    /// Each partition's ledger and the last entry read from its stream.
+    streams: Vec<(Ledger, String)>,
+    conn: RedisConn,
     /// Redis calls made by this reader (to subtract from server-wide counts).
     pub calls: u64,
 }
 
 impl OutcomeTail {
+    /// The next page of each partition's stream.
     pub async fn next_page(&mut self) -> Result<Vec<Outcome>, BenchError> {
-        self.calls += 1;
-        let page = self.ledger.outcomes_after(&self.last, 1000).await?;
-        if let Some((id, _)) = page.last() {
-            self.last = id.clone();
+        let mut outcomes = Vec::new();
+        for (ledger, last) in &mut self.streams {
+            self.calls += 1;
+            let page = ledger.outcomes_after(last, 1000).await?;
+            if let Some((id, _)) = page.last() {
+                last.clone_from(id);
+            }
+            outcomes.extend(page.into_iter().map(|(_, outcome)| outcome));
         }
-        Ok(page.into_iter().map(|(_, outcome)| outcome).collect())
+        Ok(outcomes)
     }
 
     /// The address Redis sees for this reader's connection (`CLIENT INFO` addr=…).

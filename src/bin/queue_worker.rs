@@ -19,11 +19,11 @@
 //! `RetryAfterError(0)` (1) or `AbortError` (2); the third succeeds.
 
 use apalis::prelude::*;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use std::time::Duration;
 use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+use tarspay_worker::redis_conn::RedisConn;
 
 /// Job number offset of jobs enqueued by a job with `spawn_ms`.
 const SPAWN_OFFSET: u64 = 1_000_000;
@@ -61,7 +61,7 @@ return ms
 
 #[derive(Clone)]
 struct Recorder {
-    conn: ConnectionManager,
+    conn: RedisConn,
     queue: RedisQueue<TestJob>,
     processed: String,
     started: String,

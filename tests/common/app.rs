@@ -60,6 +60,8 @@ pub async fn spawn_app_with(
             "http://127.0.0.1:9/tarspay/notify".to_owned(),
         ),
         ("TARSPAY_QUEUE_PREFIX", "apptest".to_owned()),
+        // Every pipeline test runs partitioned (one test runs the one-partition layout).
+        ("TARSPAY_PARTITIONS", "3".to_owned()),
         ("TARSPAY_RETRY_BASE_DELAY", "50ms".to_owned()),
         ("TARSPAY_RETRY_MAX_DELAY", "300ms".to_owned()),
         ("TARSPAY_RETRY_MAX_ATTEMPTS", "5".to_owned()),
@@ -184,22 +186,37 @@ impl TestApp {
         self.producer.enqueue_json(&payout, None).await.unwrap();
     }
 
+    /// Every partition's outcomes (each partition's in stream order).
     pub async fn outcomes(&self) -> Vec<Outcome> {
         let mut all = Vec::new();
-        let mut last = "0".to_owned();
-        loop {
-            let page = self
-                .deployment
-                .ledger
-                .outcomes_after(&last, 1000)
-                .await
-                .unwrap();
-            if page.is_empty() {
-                return all;
+        for partition in self.deployment.partitions() {
+            let mut last = "0".to_owned();
+            loop {
+                let page = partition.ledger.outcomes_after(&last, 1000).await.unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                last = page.last().unwrap().0.clone();
+                all.extend(page.into_iter().map(|(_, o)| o));
             }
-            last = page.last().unwrap().0.clone();
-            all.extend(page.into_iter().map(|(_, o)| o));
         }
+        all
+    }
+
+    /// `n` order ids held by the partition of `first` (which comes first): `first`, then
+    /// `first-2`, `first-3`, … that hash to it.
+    pub fn ids_in_partition_of(&self, first: &str, n: usize) -> Vec<String> {
+        let index = self.partition(first).index;
+        std::iter::once(first.to_owned())
+            .chain((2..).map(|k| format!("{first}-{k}")))
+            .filter(|id| self.partition(id).index == index)
+            .take(n)
+            .collect()
+    }
+
+    /// The partition holding order `id`.
+    pub fn partition(&self, id: &str) -> &tarspay_worker::deployment::Partition {
+        self.deployment.partition_of(id)
     }
 
     /// Waits (hang guard only) until `n` outcomes exist, then returns them by mchOrderNo,
@@ -207,7 +224,7 @@ impl TestApp {
     pub async fn wait_outcomes(&self, n: usize) -> HashMap<String, Outcome> {
         let every = Duration::from_millis(50);
         super::poll("the outcomes", Duration::from_secs(120), every, || async {
-            let count = self.deployment.ledger.outcome_count().await.unwrap_or(0) as usize;
+            let count = self.deployment.outcome_count().await.unwrap_or(0) as usize;
             (count >= n)
                 .then_some(())
                 .ok_or(format!("({count} of {n})"))

@@ -3,13 +3,13 @@
 
 use apalis::prelude::*;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tarspay_worker::queue::{QueueConfig, RedisQueue};
+use tarspay_worker::redis_conn::RedisConn;
 
 pub const PREFIX: &str = "qtest";
 
@@ -56,7 +56,7 @@ pub fn started_key(queue: &str) -> String {
 }
 
 /// Per job number: how many times it was processed.
-pub async fn counts(conn: &mut ConnectionManager, key: &str) -> HashMap<u64, u64> {
+pub async fn counts(conn: &mut RedisConn, key: &str) -> HashMap<u64, u64> {
     // One retry: the harness connection may see one error right after a Redis restart.
     let raw: HashMap<String, u64> = match conn.hgetall(key).await {
         Ok(raw) => raw,
@@ -276,7 +276,7 @@ pub fn recording_worker(
 ) -> InProcessWorker {
     #[derive(Clone)]
     struct Recorder {
-        conn: ConnectionManager,
+        conn: RedisConn,
         key: String,
     }
     async fn handle(job: TestJob, recorder: Data<Recorder>) -> Result<(), BoxDynError> {

@@ -62,13 +62,15 @@ impl RedisServer {
 
     /// A reconnecting connection with a generous response timeout: tests read large hashes on
     /// a busy 2-core machine, and a timeout there would be a false failure.
-    pub async fn conn(&self) -> redis::aio::ConnectionManager {
+    pub async fn conn(&self) -> tarspay_worker::redis_conn::RedisConn {
         let client = redis::Client::open(self.url()).expect("client");
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(std::time::Duration::from_secs(30)))
             .set_connection_timeout(Some(std::time::Duration::from_secs(10)));
-        redis::aio::ConnectionManager::new_with_config(client, config)
-            .await
-            .expect("connect")
+        tarspay_worker::redis_conn::RedisConn::Single(
+            redis::aio::ConnectionManager::new_with_config(client, config)
+                .await
+                .expect("connect"),
+        )
     }
 }

@@ -154,6 +154,14 @@ impl Settings {
         let redis = RedisSettings {
             url: RedisUrl::parse(&raw.redis_url).map_err(|r| invalid("redis_url", r))?,
             allow_unsafe: raw.redis_unsafe,
+            cluster: raw
+                .redis_cluster
+                .parse()
+                .map_err(|r| invalid("redis_cluster", r))?,
+            partitions: usize::try_from(raw.partitions)
+                .ok()
+                .filter(|n| (1..=crate::partition::MAX_PARTITIONS).contains(n))
+                .ok_or_else(|| invalid("partitions", "must be 1 to 1024"))?,
             queue_prefix: raw.queue_prefix,
             outcome_max_len: raw.outcome_max_len,
             retention: (!raw.retention.is_zero()).then_some(raw.retention),

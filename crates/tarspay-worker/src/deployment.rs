@@ -1,18 +1,26 @@
-//! The composition root: one deployment's connected parts, assembled from settings — the
-//! payout queue, the ledger in the same partition, the webhook queue nested in it — and what
-//! each process builds from them (a producer, the jobs' context). Workers (`worker`), the
-//! server, the CLI, the demo and the tests all start here.
+//! The composition root: one deployment's connected parts, assembled from settings — its
+//! partitions (each a payout queue, the ledger in the same hash tag, the webhook queue nested
+//! in it; see `crate::partition`) — and what each process builds from them (a producer, the
+//! jobs' contexts). Workers (`worker`), the server, the CLI, the demo and the tests all start
+//! here. Whatever reads "the deployment" as a whole (stats, pause, batches, counts) adds its
+//! partitions up here.
+
+use futures::future::try_join_all;
+use std::sync::Arc;
 
 use crate::config::{ConfigError, Settings};
 use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
 use crate::jobs::{JobContext, PayoutJob, SystemicGuard};
-use crate::ledger::{Ledger, LedgerKeys, Replication, WEBHOOK_QUEUE};
+use crate::ledger::{
+    BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
+};
 use crate::producer::Producer;
-use crate::queue::{QueueConfig, QueueError, RedisQueue};
+use crate::queue::{QueueConfig, QueueError, QueueStats, RedisQueue};
+use crate::redis_conn::{RedisClient, RedisConn, Timeouts};
 use crate::webhooks::DeliverWebhook;
 
-/// The queue every payout job goes through.
+/// The queue every payout job goes through (the base name of each partition's queue).
 pub const PAYOUT_QUEUE: &str = "payouts";
 
 /// Why a deployment could not be assembled from its settings.
@@ -26,21 +34,30 @@ pub enum DeploymentError {
     Queue(#[from] QueueError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(
+        "refusing to run: this deployment's keys (prefix {prefix:?}) were written with {stored} partition(s), and this process is set to {configured} (TARSPAY_PARTITIONS). Partitions are fixed once written: set TARSPAY_PARTITIONS={stored}, or use a new queue_prefix"
+    )]
+    PartitionMismatch {
+        prefix: String,
+        stored: String,
+        configured: usize,
+    },
 }
 
-/// The payout queue's settings, from the worker settings.
-pub fn queue_config(settings: &Settings) -> QueueConfig {
-    QueueConfig::new(PAYOUT_QUEUE)
+/// The payout queue's settings for the partition queue `name`, from the worker settings.
+pub fn queue_config(settings: &Settings, name: &str) -> QueueConfig {
+    QueueConfig::new(name)
+        .with_label(PAYOUT_QUEUE)
         .with_prefix(&settings.redis.queue_prefix)
         .with_orphan_timeout(settings.worker.orphan_timeout)
 }
 
-/// The webhook queue's settings: nested in the payout queue's partition, where the ledger
-/// queues deliveries; retries bounded by the webhook settings.
-pub fn webhook_queue_config(settings: &Settings) -> QueueConfig {
+/// The webhook queue's settings: nested in the payout queue `partition`'s hash tag, where
+/// the ledger queues deliveries; retries bounded by the webhook settings.
+pub fn webhook_queue_config(settings: &Settings, partition: &str) -> QueueConfig {
     let mut config = QueueConfig::new(WEBHOOK_QUEUE)
         .with_prefix(&settings.redis.queue_prefix)
-        .within(PAYOUT_QUEUE)
+        .within(partition)
         .with_orphan_timeout(settings.worker.orphan_timeout);
     // Without webhook settings this process queues and delivers none: the defaults stand.
     if let Some(webhooks) = &settings.webhooks {
@@ -51,36 +68,110 @@ pub fn webhook_queue_config(settings: &Settings) -> QueueConfig {
     config
 }
 
-/// Connected handles on one deployment's Redis: the payout queue, the ledger and the webhook
-/// queue.
+/// One partition's connected parts: everything that changes atomically with its orders.
 #[derive(Clone)]
-pub struct Deployment {
+pub struct Partition {
+    pub index: usize,
     pub queue: RedisQueue<PayoutJob>,
     pub ledger: Ledger,
     pub webhooks: RedisQueue<DeliverWebhook>,
 }
 
+/// Connected handles on one deployment's Redis: its partitions.
+#[derive(Clone)]
+pub struct Deployment {
+    partitions: Arc<[Partition]>,
+}
+
 impl Deployment {
-    /// With webhooks configured (malformed ones were refused at load), every
-    /// outcome this deployment's ledger appends gets its delivery job in the same step.
+    /// With webhooks configured (malformed ones were refused at load), every outcome a
+    /// partition's ledger appends gets its delivery job in the same step. Refuses a Redis
+    /// whose keys were written with another number of partitions.
     pub async fn connect(settings: &Settings) -> Result<Self, DeploymentError> {
-        let queue =
-            RedisQueue::connect(settings.redis.url.as_str(), queue_config(settings)).await?;
-        let webhooks =
-            RedisQueue::from_client(queue.client().clone(), webhook_queue_config(settings)).await?;
+        let client = RedisClient::open(settings.redis.url.as_str(), settings.redis.cluster).await?;
+        let count = settings.redis.partitions;
+        let base = queue_config(settings, PAYOUT_QUEUE);
+        // One connection for every partition (multiplexed), and one for `WAIT`, which holds
+        // up whatever is queued behind it.
+        let conn = client.connect(Timeouts {
+            connect: base.connection_timeout,
+            response: base.response_timeout,
+        })?;
+        check_partitions(&mut conn.clone(), &settings.redis.queue_prefix, count).await?;
+        let waits = match settings.redis.min_replicas {
+            0 => None,
+            _ => Some(client.connect(Timeouts {
+                connect: base.connection_timeout,
+                response: base.response_timeout + settings.redis.replica_timeout,
+            })?),
+        };
+        let mut partitions = Vec::with_capacity(count);
+        for index in 0..count {
+            let name = crate::partition::queue_name(
+                &settings.redis.queue_prefix,
+                PAYOUT_QUEUE,
+                index,
+                count,
+            );
+            partitions.push(
+                Self::connect_partition(
+                    settings,
+                    &client,
+                    &conn,
+                    waits.as_ref(),
+                    index,
+                    &name,
+                    count,
+                )
+                .await?,
+            );
+        }
+        publish_outcome_streams(&mut conn.clone(), &settings.redis.queue_prefix, &partitions)
+            .await?;
+        Ok(Self {
+            partitions: partitions.into(),
+        })
+    }
+
+    async fn connect_partition(
+        settings: &Settings,
+        client: &RedisClient,
+        conn: &RedisConn,
+        waits: Option<&RedisConn>,
+        index: usize,
+        name: &str,
+        count: usize,
+    ) -> Result<Partition, DeploymentError> {
+        // A worker holds fetched jobs of every partition: the prefetch is shared out, with a
+        // floor that keeps each fetch a batch.
+        let share = |mut config: QueueConfig| {
+            config.prefetch = config.prefetch.div_ceil(count).max(16).min(config.prefetch);
+            config
+        };
+        let queue = RedisQueue::with_connection(
+            client.clone(),
+            conn.clone(),
+            share(queue_config(settings, name)),
+        )
+        .await?;
+        let webhooks = RedisQueue::with_connection(
+            client.clone(),
+            conn.clone(),
+            share(webhook_queue_config(settings, name)),
+        )
+        .await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
-        let tag = format!("{{{}:{PAYOUT_QUEUE}}}", settings.redis.queue_prefix);
+        let tag = format!("{{{}:{name}}}", settings.redis.queue_prefix);
         let keys = LedgerKeys::new(&tag, queue.keys());
         debug_assert_eq!(&keys.webhooks(), webhooks.keys());
-        let ledger = match settings.redis.min_replicas {
-            0 => Ledger::new(queue.connection(), keys),
-            replicas => Ledger::with_replicas(
-                queue.connection(),
-                // Its own connection: `WAIT` holds up whatever is queued behind it.
-                queue.client().get_connection_manager().await?,
+        let ledger = match waits {
+            None => Ledger::new(conn.clone(), keys),
+            Some(waits) => Ledger::with_replicas(
+                conn.clone(),
+                waits.clone(),
                 keys,
                 Replication {
-                    replicas,
+                    replicas: settings.redis.min_replicas,
                     timeout: settings.redis.replica_timeout,
                 },
             ),
@@ -89,44 +180,244 @@ impl Deployment {
             .with_outcome_max_len(settings.redis.outcome_max_len)
             .with_retention(settings.redis.retention);
         if settings.webhooks.is_some() {
-            ledger = ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone()));
+            ledger =
+                ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone(), index));
         }
-        Ok(Self {
+        Ok(Partition {
+            index,
             queue,
             ledger,
             webhooks,
         })
     }
 
-    pub fn producer(&self, settings: &Settings) -> Result<Producer, ConfigError> {
-        Ok(Producer::new(
-            self.ledger.clone(),
-            self.queue.clone(),
-            settings.payout_rules.clone(),
-        ))
+    /// Every partition, in index order.
+    pub fn partitions(&self) -> &[Partition] {
+        &self.partitions
     }
 
-    pub fn job_context(&self, settings: &Settings) -> Result<JobContext, DeploymentError> {
+    /// The partition that holds the order `mch_order_no`.
+    pub fn partition_of(&self, mch_order_no: &str) -> &Partition {
+        let index = crate::partition::of_order(mch_order_no, self.partitions.len());
+        &self.partitions[index]
+    }
+
+    /// The ledger that holds the order `mch_order_no`.
+    pub fn ledger_of(&self, mch_order_no: &str) -> &Ledger {
+        &self.partition_of(mch_order_no).ledger
+    }
+
+    /// The order's record, from its partition.
+    pub async fn order(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
+        self.ledger_of(mch_order_no).get(mch_order_no).await
+    }
+
+    /// The payout queue's stats over every partition.
+    pub async fn queue_stats(&self) -> Result<QueueStats, QueueError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.queue.stats())).await?;
+        Ok(all
+            .into_iter()
+            .reduce(QueueStats::merge)
+            .unwrap_or_default())
+    }
+
+    /// The webhook queue's stats over every partition.
+    pub async fn webhook_stats(&self) -> Result<QueueStats, QueueError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.webhooks.stats())).await?;
+        Ok(all
+            .into_iter()
+            .reduce(QueueStats::merge)
+            .unwrap_or_default())
+    }
+
+    /// Dead payout jobs, over every partition.
+    pub async fn dead_count(&self) -> Result<u64, QueueError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.queue.dead_count())).await?;
+        Ok(all.into_iter().sum())
+    }
+
+    /// Dead webhook deliveries, over every partition.
+    pub async fn webhook_dead_count(&self) -> Result<u64, QueueError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.webhooks.dead_count())).await?;
+        Ok(all.into_iter().sum())
+    }
+
+    /// Outcomes in every partition's stream.
+    pub async fn outcome_count(&self) -> Result<u64, LedgerError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.ledger.outcome_count())).await?;
+        Ok(all.into_iter().sum())
+    }
+
+    /// Stops every worker from fetching payout jobs, in every partition.
+    pub async fn pause(&self) -> Result<(), QueueError> {
+        for partition in self.partitions.iter() {
+            partition.queue.pause().await?;
+        }
+        Ok(())
+    }
+
+    /// Lets workers fetch again, in every partition.
+    pub async fn resume(&self) -> Result<(), QueueError> {
+        for partition in self.partitions.iter() {
+            partition.queue.resume().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether any partition is paused (a guard's trip pauses all of them).
+    pub async fn is_paused(&self) -> Result<bool, QueueError> {
+        for partition in self.partitions.iter() {
+            if partition.queue.is_paused().await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A batch's counts and totals, over the partitions its rows went to.
+    pub async fn batch_summary(&self, batch_id: &str) -> Result<BatchSummary, LedgerError> {
+        let parts = self
+            .partitions
+            .iter()
+            .map(|p| p.ledger.batch_summary(batch_id));
+        let all = try_join_all(parts).await?;
+        all.into_iter()
+            .reduce(BatchSummary::merge)
+            .ok_or_else(|| LedgerError::Corrupt {
+                id: batch_id.to_owned(),
+                reason: "a deployment without partitions".into(),
+            })
+    }
+
+    /// Orders flagged stuck (the sets' sizes), over every partition.
+    pub async fn stuck_len(&self) -> Result<u64, LedgerError> {
+        let all = try_join_all(self.partitions.iter().map(|p| p.ledger.stuck_len())).await?;
+        Ok(all.into_iter().sum())
+    }
+
+    /// Round trip to Redis, for health checks.
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        self.partitions[0].ledger.ping().await
+    }
+
+    pub fn producer(&self, settings: &Settings) -> Result<Producer, ConfigError> {
+        Ok(Producer::new(self.clone(), settings.payout_rules.clone()))
+    }
+
+    /// The jobs' context of each partition, in index order (a worker runs a job with its
+    /// order's partition's context).
+    pub fn job_contexts(&self, settings: &Settings) -> Result<Vec<JobContext>, DeploymentError> {
         // Nonces on the Redis server's clock: a worker whose own clock is off would sign
         // nonces the gateway refuses (as signature errors, which would pause every payout).
         let client = TarsPayClient::new(settings.gateway.client_settings()?)?
             .with_clock(crate::queue::now_ms);
-        Ok(JobContext {
-            ledger: self.ledger.clone(),
-            client,
-            codes: settings.gateway.codes.clone(),
-            notify_url: settings.gateway.notify_url()?.to_owned(),
-            retry: settings.worker.retry.clone(),
-            poll: settings.worker.poll.clone(),
-            lease: settings.gateway.submit_lease(),
-            settle_window: settings.worker.settle_window,
-            guard: SystemicGuard::new(
-                self.queue.connection(),
-                self.ledger.keys().guard(),
-                self.queue.keys().paused.clone(),
-                settings.worker.guard_threshold,
-            ),
-            queue: self.queue.clone(),
+        let notify_url = settings.gateway.notify_url()?.to_owned();
+        // The guard counts auth failures in every partition and pauses all of them.
+        let everywhere: Arc<[(String, String)]> = self
+            .partitions
+            .iter()
+            .map(|p| (p.ledger.keys().guard(), p.queue.keys().paused.clone()))
+            .collect();
+        Ok(self
+            .partitions
+            .iter()
+            .map(|partition| JobContext {
+                ledger: partition.ledger.clone(),
+                client: client.clone(),
+                codes: settings.gateway.codes.clone(),
+                notify_url: notify_url.clone(),
+                retry: settings.worker.retry.clone(),
+                poll: settings.worker.poll.clone(),
+                lease: settings.gateway.submit_lease(),
+                settle_window: settings.worker.settle_window,
+                guard: SystemicGuard::new(
+                    partition.queue.connection(),
+                    partition.index,
+                    Arc::clone(&everywhere),
+                    settings.worker.guard_threshold,
+                ),
+                queue: partition.queue.clone(),
+            })
+            .collect())
+    }
+
+    /// The jobs' context of the partition holding `mch_order_no`.
+    pub fn job_context_for(
+        &self,
+        settings: &Settings,
+        mch_order_no: &str,
+    ) -> Result<JobContext, DeploymentError> {
+        let index = self.partition_of(mch_order_no).index;
+        let mut contexts = self.job_contexts(settings)?;
+        Ok(contexts.swap_remove(index))
+    }
+}
+
+/// The sorted set naming every partition's outcome stream (score: the partition's index), so
+/// an application reads every outcome without knowing the number of partitions or how their
+/// keys are named (README, "Reading outcomes from another language").
+pub fn outcome_streams_key(prefix: &str) -> String {
+    format!("{{{prefix}:{PAYOUT_QUEUE}}}:outcome-streams")
+}
+
+/// Writes [`outcome_streams_key`] (the same members every time: idempotent).
+async fn publish_outcome_streams(
+    conn: &mut RedisConn,
+    prefix: &str,
+    partitions: &[Partition],
+) -> Result<(), DeploymentError> {
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg(outcome_streams_key(prefix));
+    for partition in partitions {
+        zadd.arg(partition.index)
+            .arg(partition.ledger.keys().outcomes());
+    }
+    zadd.query_async::<i64>(conn).await?;
+    Ok(())
+}
+
+/// The key recording how many partitions the deployment's keys were written with.
+pub fn partitions_key(prefix: &str) -> String {
+    format!("{{{prefix}:{PAYOUT_QUEUE}}}:partitions")
+}
+
+/// Records the partition count on first use and refuses another one later. A deployment
+/// from before partitions (a queue and no record) counts as one partition.
+async fn check_partitions(
+    conn: &mut RedisConn,
+    prefix: &str,
+    count: usize,
+) -> Result<(), DeploymentError> {
+    let key = partitions_key(prefix);
+    let stored: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+    let stored = match stored {
+        Some(stored) => stored,
+        None => {
+            let legacy = crate::queue::QueueKeys::new(prefix, PAYOUT_QUEUE)?.stream;
+            let legacy_exists: bool = redis::cmd("EXISTS").arg(&legacy).query_async(conn).await?;
+            let first = if legacy_exists { 1 } else { count };
+            // NX: of two processes starting at once with different numbers, one wins and
+            // the other is refused below.
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(first)
+                .arg("NX")
+                .query_async(conn)
+                .await?;
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(conn)
+                .await?
+                .unwrap_or_default()
+        }
+    };
+    if stored.parse::<usize>() == Ok(count) {
+        Ok(())
+    } else {
+        Err(DeploymentError::PartitionMismatch {
+            prefix: prefix.to_owned(),
+            stored,
+            configured: count,
         })
     }
 }

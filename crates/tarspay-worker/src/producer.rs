@@ -4,12 +4,13 @@
 
 use crate::jobs::PayoutJob;
 // Re-exported where callers have always found it; it belongs to the job type.
+use crate::deployment::Deployment;
 use crate::ids::{BatchId, Currency, MchOrderNo};
 pub use crate::jobs::PAYOUT_JOB_MAX_ATTEMPTS;
-use crate::ledger::{Ledger, LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
+use crate::ledger::{LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
 use crate::money::Amount;
 use crate::payout::{PayoutRequest, PayoutRules, ValidationErrors};
-use crate::queue::{JobOptions, QueueError, RedisQueue};
+use crate::queue::{JobOptions, QueueError};
 use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -53,10 +54,11 @@ pub struct BatchEnqueued {
     pub conflicting: Vec<MchOrderNo>,
 }
 
+/// Registers orders in their partition (see `crate::partition`) and queues their first job
+/// there, in one step.
 #[derive(Clone)]
 pub struct Producer {
-    ledger: Ledger,
-    queue: RedisQueue<PayoutJob>,
+    deployment: Deployment,
     rules: Arc<PayoutRules>,
 }
 
@@ -85,20 +87,16 @@ pub fn same_payout(stored: &str, new: &str) -> bool {
 }
 
 impl Producer {
-    pub fn new(ledger: Ledger, queue: RedisQueue<PayoutJob>, rules: Arc<PayoutRules>) -> Self {
-        Self {
-            ledger,
-            queue,
-            rules,
-        }
+    pub fn new(deployment: Deployment, rules: Arc<PayoutRules>) -> Self {
+        Self { deployment, rules }
     }
 
     pub fn rules(&self) -> &PayoutRules {
         &self.rules
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
     }
 
     /// Validates a payout given as JSON, then enqueues it.
@@ -182,20 +180,23 @@ impl Producer {
             max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
-        let prepared = self.queue.prepare(job, &options)?;
-        match self
+        let partition = self.deployment.partition_of(order.mch_order_no);
+        let prepared = partition.queue.prepare(job, &options)?;
+        match partition
             .ledger
             .register_with_job(order, initial, &prepared)
             .await?
         {
             Registered::Created => Ok(Enqueued::Queued),
             Registered::Exists { same_request, .. } => {
-                let record = self.ledger.get(order.mch_order_no).await?.ok_or_else(|| {
-                    LedgerError::Corrupt {
+                let record = partition
+                    .ledger
+                    .get(order.mch_order_no)
+                    .await?
+                    .ok_or_else(|| LedgerError::Corrupt {
                         id: order.mch_order_no.to_string(),
                         reason: "registered but unreadable".into(),
-                    }
-                })?;
+                    })?;
                 // The fingerprint compares text; "100" and "100.00" are one payout.
                 let same_request = same_request || same_payout(&record.request, order.request);
                 Ok(Enqueued::Exists {

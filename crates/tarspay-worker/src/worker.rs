@@ -7,6 +7,7 @@ use crate::config::Settings;
 use crate::deployment::{Deployment, DeploymentError, PAYOUT_QUEUE};
 use crate::jobs::{JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status};
 use crate::ledger::WEBHOOK_QUEUE;
+use crate::queue::Partitioned;
 use crate::webhooks::{Deliverer, WebhookError, WebhookSettings};
 use apalis::prelude::*;
 use std::future::Future;
@@ -23,14 +24,24 @@ pub enum WorkerError {
     Redis(#[from] crate::redis_safety::RedisSafetyError),
     #[error(transparent)]
     Webhooks(#[from] WebhookError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
     #[error("worker stopped: {0}")]
     Runtime(String),
 }
 
-/// What every handler invocation shares.
+/// What every handler invocation shares: each partition's jobs' context, in index order.
 #[derive(Clone)]
 struct Shared {
-    ctx: JobContext,
+    contexts: Vec<JobContext>,
+}
+
+impl Shared {
+    /// The context of the partition holding the job's order.
+    fn context(&self, job: &PayoutJob) -> &JobContext {
+        let index = crate::partition::of_order(job.mch_order_no(), self.contexts.len());
+        &self.contexts[index]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +62,14 @@ async fn handle(
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let result: Result<(), BoxDynError> = async move {
+        let ctx = shared.context(&job);
         let step = match &job {
-            PayoutJob::CreatePayout { mch_order_no } => {
-                run_create_payout(&shared.ctx, mch_order_no).await
-            }
+            PayoutJob::CreatePayout { mch_order_no } => run_create_payout(ctx, mch_order_no).await,
             PayoutJob::PollStatus {
                 mch_order_no, once, ..
             } => {
                 let attempt = attempt.current().max(1) as u32;
-                run_poll_status(&shared.ctx, mch_order_no, attempt, *once).await
+                run_poll_status(ctx, mch_order_no, attempt, *once).await
             }
         };
         let step = match step {
@@ -97,25 +107,30 @@ pub async fn run(
     crate::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
     let shared = Arc::new(Shared {
-        ctx: deployment.job_context(settings)?,
+        contexts: deployment.job_contexts(settings)?,
     });
-    tracing::info!(concurrency, "payout worker starting");
+    let partitions = deployment.partitions();
+    tracing::info!(
+        concurrency,
+        partitions = partitions.len(),
+        "payout worker starting"
+    );
+    let payout_queues = partitions.iter().map(|p| p.queue.clone()).collect();
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
-        .backend(deployment.queue.clone())
+        .backend(Partitioned::new(payout_queues)?)
         .data(shared)
         .concurrency(concurrency)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
         Some(webhooks) => {
             tracing::info!(host = %webhooks.host(), "webhook worker starting");
-            let deliverer = Deliverer::new(
-                webhooks,
-                &deployment.ledger,
-                deployment.webhooks.connection(),
-            )?;
+            let ledgers: Vec<_> = partitions.iter().map(|p| &p.ledger).collect();
+            let deliverer =
+                Deliverer::new(webhooks, &ledgers, partitions[0].webhooks.connection())?;
+            let webhook_queues = partitions.iter().map(|p| p.webhooks.clone()).collect();
             Some(
                 WorkerBuilder::new(WEBHOOK_QUEUE)
-                    .backend(deployment.webhooks.clone())
+                    .backend(Partitioned::new(webhook_queues)?)
                     .data(Arc::new(deliverer))
                     .concurrency(WEBHOOK_CONCURRENCY)
                     .build(crate::webhooks::handle),
@@ -136,14 +151,22 @@ pub async fn run(
             None => Ok(()),
         }
     };
-    // The lifeline sweeps for orders without work (one worker at a time, see `audit`).
+    // The lifeline sweeps each partition for orders without work (one worker at a time per
+    // partition, see `audit`).
     let lifeline_stop = tokio_util::sync::CancellationToken::new();
-    let lifeline = crate::audit::Lifeline::new(
-        deployment.ledger.clone(),
-        deployment.queue.clone(),
-        settings.worker.lifeline_interval,
-    );
-    let lifeline_task = tokio::spawn(lifeline.run(lifeline_stop.clone().cancelled_owned()));
+    let lifeline_tasks: Vec<_> = partitions
+        .iter()
+        .map(|partition| {
+            let lifeline = crate::audit::Lifeline::new(
+                partition.ledger.clone(),
+                partition.queue.clone(),
+                settings.worker.lifeline_interval,
+            );
+            AbortOnDrop(tokio::spawn(
+                lifeline.run(lifeline_stop.clone().cancelled_owned()),
+            ))
+        })
+        .collect();
     let grace = settings.worker.shutdown_grace;
     let deadline = async move {
         shutdown.await;
@@ -152,7 +175,7 @@ pub async fn run(
         stop_workers.cancel();
         tokio::time::sleep(grace).await;
     };
-    let _lifeline_task = AbortOnDrop(lifeline_task);
+    let _lifeline_tasks = lifeline_tasks;
     tokio::select! {
         result = async { tokio::try_join!(payouts, webhooks) } => result
             .map(|_| ())

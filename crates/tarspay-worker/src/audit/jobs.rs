@@ -10,7 +10,7 @@ use super::{AuditError, Pace, read_stream};
 use crate::jobs::PayoutJob;
 use crate::queue::entries::field;
 use crate::queue::{Envelope, QueueKeys};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::streams::StreamId;
 use std::collections::{HashMap, HashSet};
 
@@ -71,7 +71,7 @@ impl JobIndex {
 }
 
 pub(crate) async fn snapshot(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     pace: Pace,
 ) -> Result<JobIndex, AuditError> {
@@ -89,7 +89,7 @@ pub(crate) async fn snapshot(
 }
 
 async fn read_delayed(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     delayed: &str,
     pace: Pace,
     index: &mut JobIndex,

@@ -19,7 +19,7 @@ pub use report::{AuditReport, Violation};
 
 use crate::ledger::LedgerKeys;
 use crate::queue::QueueKeys;
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::streams::{StreamId, StreamRangeReply};
 use std::time::Duration;
 
@@ -65,7 +65,7 @@ impl Pace {
 /// Reads `stream` from `start` (an `XRANGE` bound) to its end in paced chunks, handing each
 /// entry to `each`; returns the last id read.
 async fn read_stream(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     stream: &str,
     start: &str,
     pace: Pace,
@@ -98,14 +98,14 @@ async fn read_stream(
 /// Reads one deployment's ledger and payout queue.
 #[derive(Clone)]
 pub struct Auditor {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ledger: LedgerKeys,
     queue: QueueKeys,
     pace: Pace,
 }
 
 impl Auditor {
-    pub fn new(conn: ConnectionManager, ledger: LedgerKeys, queue: QueueKeys, pace: Pace) -> Self {
+    pub fn new(conn: RedisConn, ledger: LedgerKeys, queue: QueueKeys, pace: Pace) -> Self {
         Self {
             conn,
             ledger,

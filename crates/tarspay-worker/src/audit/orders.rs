@@ -3,7 +3,7 @@
 use super::{AuditError, Pace, read_stream};
 use crate::ledger::LedgerKeys;
 use crate::queue::entries::{entry_id_ms, field};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -56,7 +56,7 @@ const FIELDS: [&str; 6] = ["final", "accepted", "phase", "stuck", "updatedAt", "
 
 /// Every order hash of the ledger, read chunk by chunk.
 pub(crate) async fn scan(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &LedgerKeys,
     pace: Pace,
 ) -> Result<Vec<OrderView>, AuditError> {
@@ -66,14 +66,14 @@ pub(crate) async fn scan(
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(pace.chunk)
-            .query_async(&mut conn)
-            .await?;
+            .arg(pace.chunk);
+        // On a cluster: the node holding this partition.
+        let (next, found): (u64, Vec<String>) = conn.query_at(&prefix, &scan).await?;
         if !found.is_empty() {
             out.extend(read(&mut conn, &prefix, &found).await?);
         }
@@ -88,7 +88,7 @@ pub(crate) async fn scan(
 
 /// The views of these orders now (an order deleted meanwhile is left out).
 pub(crate) async fn reread(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &LedgerKeys,
     ids: &[String],
 ) -> Result<Vec<OrderView>, AuditError> {
@@ -98,7 +98,7 @@ pub(crate) async fn reread(
 }
 
 async fn read(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     prefix: &str,
     order_keys: &[String],
 ) -> Result<Vec<OrderView>, AuditError> {
@@ -142,7 +142,7 @@ pub(crate) struct OutcomeEntries {
 }
 
 pub(crate) async fn outcome_entries(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &LedgerKeys,
     pace: Pace,
 ) -> Result<OutcomeEntries, AuditError> {

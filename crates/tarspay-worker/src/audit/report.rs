@@ -105,6 +105,21 @@ impl AuditReport {
     pub fn holds(&self) -> bool {
         self.violations.is_empty()
     }
+
+    /// Another partition's report added to this one.
+    pub fn merge(mut self, other: Self) -> Self {
+        self.orders += other.orders;
+        for (phase, count) in other.phases {
+            *self.phases.entry(phase).or_default() += count;
+        }
+        self.stuck += other.stuck;
+        self.live_jobs += other.live_jobs;
+        self.dead_jobs += other.dead_jobs;
+        self.undecodable_jobs += other.undecodable_jobs;
+        self.outcome_entries += other.outcome_entries;
+        self.violations.extend(other.violations);
+        self
+    }
 }
 
 /// One pass's reads.

@@ -1,6 +1,6 @@
 //! `audit`: check a deployment's invariants; exit 0 when they hold, 1 with the violations.
 
-use crate::audit::{Auditor, Pace};
+use crate::audit::{AuditReport, Auditor, Pace};
 use crate::config::Settings;
 use crate::deployment::Deployment;
 use anyhow::Result;
@@ -20,13 +20,22 @@ pub struct AuditArgs {
 
 pub async fn run(settings: &Settings, args: AuditArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    let auditor = Auditor::new(
-        deployment.queue.connection(),
-        deployment.ledger.keys().clone(),
-        deployment.queue.keys().clone(),
-        Pace::FULL,
-    );
-    let report = auditor.audit(args.confirm).await?;
+    // Each partition holds its orders with their jobs and outcomes: audited one by one.
+    let mut report: Option<AuditReport> = None;
+    for partition in deployment.partitions() {
+        let auditor = Auditor::new(
+            partition.queue.connection(),
+            partition.ledger.keys().clone(),
+            partition.queue.keys().clone(),
+            Pace::FULL,
+        );
+        let part = auditor.audit(args.confirm).await?;
+        report = Some(match report {
+            Some(report) => report.merge(part),
+            None => part,
+        });
+    }
+    let report = report.ok_or_else(|| anyhow::anyhow!("the deployment has no partitions"))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

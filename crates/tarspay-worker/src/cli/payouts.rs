@@ -225,7 +225,7 @@ pub async fn follow_deposit(settings: &Settings, args: FollowDepositArgs) -> Res
 
 pub async fn status(settings: &Settings, args: StatusArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    let Some(record) = deployment.ledger.get(&args.id).await? else {
+    let Some(record) = deployment.order(&args.id).await? else {
         eprintln!("no order {}", args.id);
         return Ok(ExitCode::from(1));
     };
@@ -306,14 +306,20 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
 
 pub async fn outcomes(settings: &Settings, args: OutcomesArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    let mut last = "0".to_owned();
+    // One cursor per partition: a payout's outcomes are all in its partition's stream, so
+    // each payout's come out in order whatever the number of partitions.
+    let mut last = vec!["0".to_owned(); deployment.partitions().len()];
     loop {
-        let page = deployment.ledger.outcomes_after(&last, 500).await?;
-        for (id, outcome) in &page {
-            print_outcome(outcome, args.json)?;
-            last.clone_from(id);
+        let mut read = 0;
+        for (partition, last) in deployment.partitions().iter().zip(&mut last) {
+            let page = partition.ledger.outcomes_after(last, 500).await?;
+            for (id, outcome) in &page {
+                print_outcome(outcome, args.json)?;
+                last.clone_from(id);
+            }
+            read += page.len();
         }
-        if page.is_empty() {
+        if read == 0 {
             if !args.follow {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -324,9 +330,9 @@ pub async fn outcomes(settings: &Settings, args: OutcomesArgs) -> Result<ExitCod
 
 pub async fn queue_stats(settings: &Settings) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    print_stats("", &deployment.queue.stats().await?);
+    print_stats("", &deployment.queue_stats().await?);
     println!();
-    print_stats("webhooks ", &deployment.webhooks.stats().await?);
+    print_stats("webhooks ", &deployment.webhook_stats().await?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -351,9 +357,16 @@ fn print_stats(label: &str, stats: &QueueStats) {
 
 pub async fn pause(settings: &Settings, paused: bool, args: QueueArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    match args.queue {
-        QueueName::Payouts => set_paused(&deployment.queue, paused).await?,
-        QueueName::Webhooks => set_paused(&deployment.webhooks, paused).await?,
+    for partition in deployment.partitions() {
+        match args.queue {
+            QueueName::Payouts => set_paused(&partition.queue, paused).await?,
+            QueueName::Webhooks => set_paused(&partition.webhooks, paused).await?,
+        }
+    }
+    if paused {
+        println!("paused: workers stop fetching within a second; running jobs finish");
+    } else {
+        println!("resumed");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -361,26 +374,58 @@ pub async fn pause(settings: &Settings, paused: bool, args: QueueArgs) -> Result
 async fn set_paused<T>(queue: &RedisQueue<T>, paused: bool) -> Result<()> {
     if paused {
         queue.pause().await?;
-        println!("paused: workers stop fetching within a second; running jobs finish");
     } else {
         queue.resume().await?;
-        println!("resumed");
     }
     Ok(())
+}
+
+/// A dead job's id as listed: `PARTITION/ENTRY` when the deployment has several partitions
+/// (entry ids repeat across partitions' streams).
+fn dead_job_id(partitions: usize, partition: usize, entry: &str) -> String {
+    if partitions > 1 {
+        format!("{partition}/{entry}")
+    } else {
+        entry.to_owned()
+    }
+}
+
+/// The partitions a listed id may name, and its entry id.
+fn parse_dead_job_id(partitions: usize, id: &str) -> Result<(std::ops::Range<usize>, &str)> {
+    match id.split_once('/') {
+        Some((partition, entry)) => match partition.parse::<usize>() {
+            Ok(p) if p < partitions => Ok((p..p + 1, entry)),
+            _ => bail!("no partition {partition:?}: the deployment has {partitions}"),
+        },
+        None => Ok((0..partitions, id)),
+    }
 }
 
 pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
     match command {
-        DeadCommand::List { queue } => match queue {
-            QueueName::Payouts => list_dead(&deployment.queue).await?,
-            QueueName::Webhooks => list_dead(&deployment.webhooks).await?,
-        },
+        DeadCommand::List { queue } => {
+            let count = deployment.partitions().len();
+            for partition in deployment.partitions() {
+                let ids = |entry: &str| dead_job_id(count, partition.index, entry);
+                match queue {
+                    QueueName::Payouts => list_dead(&partition.queue, ids).await?,
+                    QueueName::Webhooks => list_dead(&partition.webhooks, ids).await?,
+                }
+            }
+        }
         DeadCommand::Retry { id, queue } => {
-            let requeued = match queue {
-                QueueName::Payouts => deployment.queue.requeue_dead(&id).await?,
-                QueueName::Webhooks => deployment.webhooks.requeue_dead(&id).await?,
-            };
+            let (candidates, entry) = parse_dead_job_id(deployment.partitions().len(), &id)?;
+            let mut requeued = false;
+            for partition in &deployment.partitions()[candidates] {
+                requeued = match queue {
+                    QueueName::Payouts => partition.queue.requeue_dead(entry).await?,
+                    QueueName::Webhooks => partition.webhooks.requeue_dead(entry).await?,
+                };
+                if requeued {
+                    break;
+                }
+            }
             if !requeued {
                 bail!("no dead job {id}");
             }
@@ -390,14 +435,14 @@ pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn list_dead<T>(queue: &RedisQueue<T>) -> Result<()> {
+async fn list_dead<T>(queue: &RedisQueue<T>, ids: impl Fn(&str) -> String) -> Result<()> {
     let mut after: Option<String> = None;
     loop {
         let page = queue.list_dead(after.as_deref(), 200).await?;
         for job in &page {
             println!(
                 "{} attempts={} reason={} job={}",
-                job.dead_id,
+                ids(&job.dead_id),
                 job.attempts.unwrap_or(0),
                 job.reason,
                 job.payload

@@ -6,7 +6,7 @@ use crate::config::Settings;
 use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
 use crate::ids::BatchId;
-use crate::ledger::{BatchSummary, Ledger, Phase};
+use crate::ledger::{BatchSummary, Phase};
 use crate::payout::PayoutRequest;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -65,12 +65,7 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     // Only payouts not queued before need money now (a re-run needs none).
     let mut new_total: BTreeMap<String, Decimal> = BTreeMap::new();
     for request in &requests {
-        if deployment
-            .ledger
-            .get(&request.mch_order_no)
-            .await?
-            .is_none()
-        {
+        if deployment.order(&request.mch_order_no).await?.is_none() {
             *new_total.entry(request.currency.to_string()).or_default() += request.amount.value();
         }
     }
@@ -101,14 +96,14 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
         println!("follow it with: tarspay-worker status ID, or GET /v1/batches/{batch_id}");
         return Ok(ExitCode::SUCCESS);
     }
-    let summary = follow(&deployment.ledger, &batch_id).await?;
+    let summary = follow(&deployment, &batch_id).await?;
     print_summary(&summary);
     let results_path = args.results.clone().unwrap_or_else(|| {
         let mut path = args.file.clone().into_os_string();
         path.push(".results.csv");
         PathBuf::from(path)
     });
-    write_results(&deployment.ledger, &requests, &results_path).await?;
+    write_results(&deployment, &requests, &results_path).await?;
     println!("results: {}", results_path.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -172,14 +167,14 @@ fn final_count(summary: &BatchSummary) -> usize {
 
 /// Follows every member of the batch: a reused `--batch-id` may hold more orders than this
 /// file, and they are all in the summary.
-async fn follow(ledger: &Ledger, batch_id: &str) -> Result<BatchSummary> {
+async fn follow(deployment: &Deployment, batch_id: &str) -> Result<BatchSummary> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} final  {msg}  {per_sec}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     loop {
-        let summary = ledger.batch_summary(batch_id).await?;
+        let summary = deployment.batch_summary(batch_id).await?;
         let total = summary.total;
         bar.set_length(total as u64);
         let done = final_count(&summary);
@@ -212,7 +207,11 @@ fn print_summary(summary: &BatchSummary) {
     println!("{:<12} {:>7}", "total", summary.total);
 }
 
-async fn write_results(ledger: &Ledger, requests: &[PayoutRequest], path: &PathBuf) -> Result<()> {
+async fn write_results(
+    deployment: &Deployment,
+    requests: &[PayoutRequest],
+    path: &PathBuf,
+) -> Result<()> {
     let mut writer =
         csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
     writer.write_record([
@@ -226,7 +225,7 @@ async fn write_results(ledger: &Ledger, requests: &[PayoutRequest], path: &PathB
         "attempts",
     ])?;
     for request in requests {
-        let record = ledger.get(&request.mch_order_no).await?;
+        let record = deployment.order(&request.mch_order_no).await?;
         let (status, pay_order_id, code, msg, attempts) = match &record {
             Some(r) => (
                 r.phase.to_string(),

@@ -98,7 +98,7 @@ impl GatewaySettings {
 }
 
 /// Where and how the deployment keeps its state (`redis_url`, `redis_unsafe`,
-/// `queue_prefix`, `outcome_max_len`, `retention`, `redis_min_replicas`,
+/// `redis_cluster`, `partitions`, `queue_prefix`, `outcome_max_len`, `retention`, `redis_min_replicas`,
 /// `redis_replica_timeout`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -106,6 +106,11 @@ pub struct RedisSettings {
     /// `redis_unsafe`: run on a Redis that may drop acknowledged writes (no AOF, evicting
     /// policy).
     pub allow_unsafe: bool,
+    /// `redis_cluster`: whether `url` is a Redis Cluster (asked when `auto`).
+    pub cluster: crate::redis_conn::ClusterMode,
+    /// `partitions`: how many partitions the deployment's keys are split into (fixed once
+    /// written; see `crate::partition`).
+    pub partitions: usize,
     /// Prefix of every key; letters, digits, '-', '_', '.', ':' (no braces).
     pub queue_prefix: String,
     /// Approximate cap on the outcome stream's length; 0 keeps every outcome.

@@ -28,6 +28,10 @@ pub(super) struct RawSettings {
     pub redis_url: String,
     #[serde(deserialize_with = "lenient_bool")]
     pub redis_unsafe: bool,
+    #[serde(deserialize_with = "lenient_string")]
+    pub redis_cluster: String,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub partitions: u64,
     #[serde(deserialize_with = "lenient_u64")]
     pub concurrency: u64,
     #[serde(deserialize_with = "lenient_string")]

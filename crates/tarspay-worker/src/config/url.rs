@@ -66,10 +66,14 @@ pub struct RedisUrl(String);
 impl RedisUrl {
     pub fn parse(text: &str) -> Result<Self, &'static str> {
         let known = ["redis://", "rediss://", "unix://"];
-        if known.iter().any(|scheme| text.starts_with(scheme)) {
+        let seeds = crate::redis_conn::seeds(text);
+        let valid = |seed: &&str| known.iter().any(|scheme| seed.starts_with(scheme));
+        if !seeds.is_empty() && seeds.iter().all(valid) {
             Ok(Self(text.to_owned()))
         } else {
-            Err("must start with redis://, rediss:// or unix://")
+            Err(
+                "must be one URL, or a comma-separated list of cluster seeds, each starting with redis://, rediss:// or unix://",
+            )
         }
     }
 
@@ -80,7 +84,11 @@ impl RedisUrl {
 
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        let seeds: Vec<String> = crate::redis_conn::seeds(&self.0)
+            .into_iter()
+            .map(redact_url)
+            .collect();
+        f.write_str(&seeds.join(","))
     }
 }
 
@@ -98,5 +106,10 @@ mod tests {
         let redis = RedisUrl::parse("redis://:s3cret@r:6379/0").unwrap();
         assert!(!format!("{redis:?}").contains("s3cret"));
         assert!(RedisUrl::parse("localhost:6379").is_err());
+        let seeds = RedisUrl::parse("redis://:pw1@a:7000, redis://:pw2@b:7001").unwrap();
+        let shown = format!("{seeds:?}");
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+        assert!(RedisUrl::parse("redis://a:7000,b:7001").is_err());
+        assert!(RedisUrl::parse(" , ").is_err());
     }
 }

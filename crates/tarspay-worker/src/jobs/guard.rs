@@ -5,17 +5,20 @@
 //! clears the same key).
 
 use super::JobError;
+use crate::redis_conn::RedisConn;
 use redis::Script;
-use redis::aio::ConnectionManager;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- No expiry: failures count until an accepted create clears the key, however far apart
 -- they are (an idle night between two failures does not make the key work again).
+-- KEYS[1]: this partition's guard set; ARGV: the order, the threshold, and the failures the
+-- other partitions hold (read just before). Returns 1 when the count reaches the threshold:
+-- this partition is paused here, the others by the caller.
 redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+if redis.call('SCARD', KEYS[1]) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
   -- Pause. The count stays until a create is accepted (the ledger's accept clears it), so
   -- after a resume with the fault still there the first failure pauses again and burns no
   -- order.
@@ -33,24 +36,61 @@ pub enum GuardVerdict {
     Pause,
 }
 
+/// Counts auth-class failures across the deployment's partitions; at the threshold it pauses
+/// every partition.
 #[derive(Clone)]
 pub struct SystemicGuard {
-    conn: ConnectionManager,
-    key: String,
-    pause_key: String,
+    conn: RedisConn,
+    /// This guard's partition.
+    own: usize,
+    /// Each partition's guard set ([`crate::ledger::LedgerKeys::guard`]) and payout-queue
+    /// pause flag (same hash tag), in index order.
+    partitions: Arc<[(String, String)]>,
     threshold: u32,
 }
 
 impl SystemicGuard {
-    /// `key` is the ledger's guard key ([`crate::ledger::LedgerKeys::guard`]); `pause_key` is
-    /// the payout queue's pause flag, which every worker reads (same hash tag).
-    pub fn new(conn: ConnectionManager, key: String, pause_key: String, threshold: u32) -> Self {
+    pub fn new(
+        conn: RedisConn,
+        own: usize,
+        partitions: Arc<[(String, String)]>,
+        threshold: u32,
+    ) -> Self {
         Self {
             conn,
-            key,
-            pause_key,
+            own,
+            partitions,
             threshold: threshold.max(1),
         }
+    }
+
+    /// Failures recorded in the other partitions (read only after an auth failure).
+    async fn failures_elsewhere(&self) -> Result<u64, redis::RedisError> {
+        let mut total = 0;
+        for (index, (guard, _)) in self.partitions.iter().enumerate() {
+            if index != self.own {
+                let count: u64 = redis::cmd("SCARD")
+                    .arg(guard)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                total += count;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Pauses every other partition (the script paused this one).
+    async fn pause_everywhere(&self) -> Result<(), redis::RedisError> {
+        for (index, (_, paused)) in self.partitions.iter().enumerate() {
+            if index != self.own {
+                redis::cmd("SET")
+                    .arg(paused)
+                    .arg("1")
+                    .query_async::<()>(&mut self.conn.clone())
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Counts an auth-class failure of `mch_order_no`; `Pause` (the queue is now paused) once
@@ -61,15 +101,20 @@ impl SystemicGuard {
         mch_order_no: &str,
         code: i64,
     ) -> Result<GuardVerdict, JobError> {
+        let guard_error = |err: redis::RedisError| JobError::Guard(err.to_string());
+        let elsewhere = self.failures_elsewhere().await.map_err(guard_error)?;
+        let (guard, paused) = &self.partitions[self.own];
         let tripped: i64 = RECORD
-            .key(&self.key)
-            .key(&self.pause_key)
+            .key(guard)
+            .key(paused)
             .arg(mch_order_no)
             .arg(self.threshold)
+            .arg(elsewhere)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|err| JobError::Guard(err.to_string()))?;
+            .map_err(guard_error)?;
         if tripped == 1 {
+            self.pause_everywhere().await.map_err(guard_error)?;
             tracing::error!(
                 code,
                 threshold = self.threshold,
@@ -87,14 +132,21 @@ mod tests {
     use super::*;
     use local_redis::LocalRedis;
 
-    /// The count lasts until an accepted create clears it: no TTL on the key.
+    /// The count lasts until an accepted create clears it (no TTL on the key) and adds up
+    /// over partitions.
     #[tokio::test]
     async fn the_count_survives_until_an_accept_clears_it() {
         let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let conn = ConnectionManager::new(client).await.unwrap();
-        let guard =
-            SystemicGuard::new(conn.clone(), "{t:p}:guard".into(), "{t:p}:paused".into(), 3);
+        let conn = crate::redis_conn::RedisClient::single(redis.url())
+            .and_then(|client| client.connect(Default::default()))
+            .unwrap();
+        let partitions: Arc<[(String, String)]> = [
+            ("{t:p}:guard".to_owned(), "{t:p}:paused".to_owned()),
+            ("{t:q}:guard".to_owned(), "{t:q}:paused".to_owned()),
+        ]
+        .into();
+        let guard = SystemicGuard::new(conn.clone(), 0, partitions.clone(), 3);
+        let other = SystemicGuard::new(conn.clone(), 1, partitions, 3);
         for order in ["A", "B"] {
             assert_eq!(
                 guard.record_auth_failure(order, 5003007).await.unwrap(),
@@ -114,15 +166,18 @@ mod tests {
             .unwrap();
         assert_eq!(count, 2);
         assert_eq!(ttl, -1, "the count must not expire");
+        // The third failure, in another partition, trips the guard: every partition pauses.
         assert_eq!(
-            guard.record_auth_failure("C", 5003007).await.unwrap(),
+            other.record_auth_failure("C", 5003007).await.unwrap(),
             GuardVerdict::Pause
         );
-        let paused: Option<String> = redis::cmd("GET")
-            .arg("{t:p}:paused")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(paused.as_deref(), Some("1"));
+        for key in ["{t:p}:paused", "{t:q}:paused"] {
+            let paused: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(paused.as_deref(), Some("1"), "{key}");
+        }
     }
 }

@@ -15,7 +15,7 @@
 //! confirmed it. A write only the primary holds can vanish in a failover.
 
 use super::scripts::BATCH;
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -85,7 +85,7 @@ impl Batcher {
     /// With `replication`, `conn` should be the batcher's own: `WAIT` holds up the commands
     /// queued behind it on its connection.
     pub fn start(
-        conn: ConnectionManager,
+        conn: RedisConn,
         shared_keys: Vec<String>,
         replication: Option<Replication>,
     ) -> Self {
@@ -110,7 +110,7 @@ impl Batcher {
 }
 
 async fn run(
-    conn: ConnectionManager,
+    conn: RedisConn,
     shared_keys: Vec<String>,
     replication: Option<Replication>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
@@ -194,7 +194,7 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
 /// for confirmation; true when at least `replicas` replicas confirmed the batch's writes
 /// within the timeout (always true without it).
 async fn apply_batch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     shared_keys: &[String],
     batch: &[Pending],
     replication: Option<Replication>,

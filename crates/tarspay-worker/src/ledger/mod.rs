@@ -19,10 +19,10 @@ pub use phase::Phase;
 
 use crate::ids::{BatchId, Currency, MchOrderNo};
 use crate::queue::{PreparedJob, QueueKeys};
+use crate::redis_conn::RedisConn;
 use batcher::{Batcher, Op};
 use redis::AsyncCommands;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -305,6 +305,21 @@ pub struct BatchSummary {
     pub phases: BTreeMap<String, PhaseTotals>,
 }
 
+impl BatchSummary {
+    /// Adds another partition's part of the same batch.
+    pub fn merge(mut self, other: Self) -> Self {
+        self.total += other.total;
+        for (phase, totals) in other.phases {
+            let entry = self.phases.entry(phase).or_default();
+            entry.count += totals.count;
+            for (currency, amount) in totals.amounts {
+                *entry.amounts.entry(currency).or_default() += amount;
+            }
+        }
+        self
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PhaseTotals {
     pub count: usize,
@@ -343,7 +358,7 @@ enum Decider<'a> {
 
 #[derive(Clone)]
 pub struct Ledger {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: LedgerKeys,
     batcher: Batcher,
     /// Replicas that must confirm registrations and leases (0: none).
@@ -594,7 +609,7 @@ impl Ledger {
     /// Starts the ledger's batching task on the current tokio runtime (so it must be called
     /// inside one; it panics otherwise). The task ends when the last clone is dropped; used
     /// after its runtime is gone, every operation fails with "ledger batcher stopped".
-    pub fn new(conn: ConnectionManager, keys: LedgerKeys) -> Self {
+    pub fn new(conn: RedisConn, keys: LedgerKeys) -> Self {
         Self::assemble(conn.clone(), conn, keys, None)
     }
 
@@ -604,8 +619,8 @@ impl Ledger {
     /// `batcher_conn` should be a connection of its own: `WAIT` holds up what is queued
     /// behind it.
     pub fn with_replicas(
-        conn: ConnectionManager,
-        batcher_conn: ConnectionManager,
+        conn: RedisConn,
+        batcher_conn: RedisConn,
         keys: LedgerKeys,
         replication: Replication,
     ) -> Self {
@@ -613,8 +628,8 @@ impl Ledger {
     }
 
     fn assemble(
-        conn: ConnectionManager,
-        batcher_conn: ConnectionManager,
+        conn: RedisConn,
+        batcher_conn: RedisConn,
         keys: LedgerKeys,
         replication: Option<Replication>,
     ) -> Self {

@@ -22,7 +22,7 @@ use crate::queue::shared::Shared;
 use crate::queue::{QueueConfig, QueueError, RedisQueue, SettleLayer, scripts};
 
 impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
-    fn runtime(&mut self, worker: &WorkerContext) -> &mut WorkerRuntime<T> {
+    pub(crate) fn runtime(&mut self, worker: &WorkerContext) -> &mut WorkerRuntime<T> {
         let prefetch = self.shared.config.prefetch;
         self.runtime
             .get_or_insert_with(|| WorkerRuntime::new(worker.name(), prefetch))
@@ -33,7 +33,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
         self.runtime.as_ref().map(|r| r.consumer.as_str())
     }
 
-    fn start(&mut self, worker: &WorkerContext) {
+    pub(crate) fn start(&mut self, worker: &WorkerContext) {
         let shared = Arc::clone(&self.shared);
         let runtime = self.runtime(worker);
         if runtime.started {
@@ -199,8 +199,8 @@ impl<T: DeserializeOwned + Send + 'static> BackendConfig for RedisQueue<T> {
     }
 
     fn middleware(&mut self, worker: &mut WorkerContext) -> Self::Layer {
-        let config = self.shared.config.clone();
-        let settle = self.runtime(worker).settle.clone();
-        SettleLayer::new(settle, &config)
+        // The runtime (and its settler) exists from here on.
+        self.runtime(worker);
+        SettleLayer::new(&self.shared.config)
     }
 }

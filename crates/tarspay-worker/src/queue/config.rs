@@ -10,6 +10,9 @@ pub struct QueueConfig {
     pub prefix: String,
     /// Queue (job kind) name.
     pub queue: String,
+    /// The name logs and spans show (`queue` when unset): the partitions of one queue
+    /// (`payouts:3:17`) all show as that queue (`payouts`).
+    pub label: Option<String>,
     /// Another queue whose partition (hash tag) this one lives in, if any (see
     /// [`crate::queue::QueueKeys::nested`]).
     pub partition: Option<String>,
@@ -53,6 +56,7 @@ impl QueueConfig {
         Self {
             prefix: "tarspay".to_owned(),
             queue: queue.into(),
+            label: None,
             partition: None,
             orphan_timeout: Duration::from_secs(30),
             prefetch: 100,
@@ -77,6 +81,17 @@ impl QueueConfig {
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
+    }
+
+    /// Sets the name logs and spans show.
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// The name logs and spans show.
+    pub fn label(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.queue)
     }
 
     /// Puts this queue's keys in the partition of the queue `partition`.

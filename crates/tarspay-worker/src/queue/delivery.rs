@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::queue::envelope::Envelope;
+use crate::queue::settle::SettleHandle;
 
 /// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
 #[derive(Debug, Clone)]
@@ -15,6 +16,9 @@ struct DeliveryInner {
     envelope: Envelope,
     attempts_before: u32,
     max_attempts: u32,
+    /// Where this delivery's outcome is written: the settler of the queue (partition) it
+    /// came from.
+    settle: SettleHandle,
 }
 
 impl Delivery {
@@ -23,13 +27,19 @@ impl Delivery {
         envelope: Envelope,
         attempts_before: u32,
         max_attempts: u32,
+        settle: SettleHandle,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
             envelope,
             attempts_before,
             max_attempts,
+            settle,
         }))
+    }
+
+    pub(crate) fn settler(&self) -> &SettleHandle {
+        &self.0.settle
     }
 
     /// The job id given at enqueue.

@@ -2,9 +2,9 @@
 //! batched `XREADGROUP` into a bounded buffer that apalis drains. Errors back off and retry; the
 //! loop only ends when the worker stops.
 
+use crate::redis_conn::RedisConn;
 use apalis::prelude::{Task, TaskBuilder, TaskId};
 use redis::Value;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamId;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -104,7 +104,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
 
     async fn step(
         &self,
-        blocking: &mut ConnectionManager,
+        blocking: &mut RedisConn,
         schedule: &mut Schedule,
         room: usize,
     ) -> Result<Vec<Task<T>>, QueueError> {
@@ -243,7 +243,13 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
         };
         let job_id = envelope.id.clone();
-        let delivery = Delivery::new(entry.id, envelope, attempts_before, max_attempts);
+        let delivery = Delivery::new(
+            entry.id,
+            envelope,
+            attempts_before,
+            max_attempts,
+            self.settle.clone(),
+        );
         Some(
             TaskBuilder::new(args)
                 .task_id(TaskId::from_string(job_id))

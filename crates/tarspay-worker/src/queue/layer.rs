@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::queue::QueueConfig;
 use crate::queue::backoff::full_jitter;
 use crate::queue::delivery::Delivery;
-use crate::queue::settle::{SettleHandle, Settlement};
+use crate::queue::settle::Settlement;
 
 /// Defaults for errors that carry no decision of their own.
 #[derive(Debug, Clone, Copy)]
@@ -24,23 +24,22 @@ struct RetryDefaults {
     max: Duration,
 }
 
-/// Layer that settles each job after the inner service returns.
+/// Layer that settles each job after the inner service returns, through the settler of the
+/// queue (partition) its delivery came from.
 #[derive(Debug, Clone)]
 pub struct SettleLayer {
-    settle: SettleHandle,
     defaults: RetryDefaults,
     queue: Arc<str>,
 }
 
 impl SettleLayer {
-    pub(crate) fn new(settle: SettleHandle, config: &QueueConfig) -> Self {
+    pub(crate) fn new(config: &QueueConfig) -> Self {
         Self {
-            settle,
             defaults: RetryDefaults {
                 base: config.retry_base,
                 max: config.retry_max,
             },
-            queue: config.queue.as_str().into(),
+            queue: config.label().into(),
         }
     }
 }
@@ -51,7 +50,6 @@ impl<S> Layer<S> for SettleLayer {
     fn layer(&self, inner: S) -> Self::Service {
         SettleService {
             inner,
-            settle: self.settle.clone(),
             defaults: self.defaults,
             queue: self.queue.clone(),
         }
@@ -62,7 +60,6 @@ impl<S> Layer<S> for SettleLayer {
 #[derive(Debug, Clone)]
 pub struct SettleService<S> {
     inner: S,
-    settle: SettleHandle,
     defaults: RetryDefaults,
     queue: Arc<str>,
 }
@@ -85,7 +82,6 @@ where
     fn call(&mut self, task: Task<T>) -> Self::Future {
         let delivery = task.data().get::<Delivery>().cloned();
         let attempt = task.raw_attempt().clone();
-        let settle = self.settle.clone();
         let defaults = self.defaults;
         let span = job_span(&self.queue, delivery.as_ref());
         let fut = span.in_scope(|| self.inner.call(task));
@@ -95,7 +91,7 @@ where
                 // The lifecycle layer has counted this attempt (and any in-process retries).
                 let attempts = u32::try_from(attempt.current()).unwrap_or(u32::MAX);
                 let settlement = decide(&result, &delivery, attempts, defaults);
-                if let Err(e) = settle.settle(settlement).await {
+                if let Err(e) = delivery.settler().settle(settlement).await {
                     tracing::error!(error = %e, job_id = delivery.job_id(), "job outcome not written; it will run again");
                 }
             }

@@ -1,39 +1,33 @@
 //! What every clone of a queue handle shares: the client, a reconnecting connection, the keys
 //! and the configuration; and the background sampling of the server's clock.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Weak;
 use std::time::Duration;
 
 use crate::queue::clock;
 use crate::queue::{QueueConfig, QueueError, QueueKeys};
+use crate::redis_conn::{RedisClient, RedisConn, Timeouts};
 
 /// State shared by every clone of a queue handle.
 pub(crate) struct Shared {
-    pub(crate) client: redis::Client,
-    pub(crate) conn: ConnectionManager,
+    pub(crate) client: RedisClient,
+    pub(crate) conn: RedisConn,
     pub(crate) keys: QueueKeys,
     pub(crate) config: QueueConfig,
 }
 
 impl Shared {
-    /// A `ConnectionManager` that reconnects by itself; `extra` lengthens the response timeout
-    /// for blocking commands.
+    /// A connection that reconnects by itself; `extra` lengthens the response timeout for
+    /// blocking commands.
     pub(crate) fn manager(
-        client: &redis::Client,
+        client: &RedisClient,
         config: &QueueConfig,
         extra: Duration,
-    ) -> Result<ConnectionManager, QueueError> {
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout + extra))
-            .set_connection_timeout(Some(config.connection_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(3);
-        Ok(ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            manager_config,
-        )?)
+    ) -> Result<RedisConn, QueueError> {
+        Ok(client.connect(Timeouts {
+            connect: config.connection_timeout,
+            response: config.response_timeout + extra,
+        })?)
     }
 
     /// A call of `script` (RELEASE, RENEW: `KEYS[1]` the stream, then group, consumer and

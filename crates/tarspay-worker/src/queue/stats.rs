@@ -32,6 +32,21 @@ impl QueueStats {
     pub fn depth(&self) -> u64 {
         self.waiting + self.pending
     }
+
+    /// The stats of two partitions of one queue as one: counts add up, the oldest job is the
+    /// older one, a worker process (which serves every partition) is counted once, and the
+    /// queue is paused if any partition is.
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            waiting: self.waiting + other.waiting,
+            pending: self.pending + other.pending,
+            delayed: self.delayed + other.delayed,
+            dead: self.dead + other.dead,
+            oldest_job_age: self.oldest_job_age.max(other.oldest_job_age),
+            workers_alive: self.workers_alive.max(other.workers_alive),
+            paused: self.paused || other.paused,
+        }
+    }
 }
 
 impl<T> RedisQueue<T> {

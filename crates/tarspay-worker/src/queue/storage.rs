@@ -1,7 +1,6 @@
 //! The queue handle: connection, enqueue (single and bulk), and the shared state every worker of
 //! this handle uses.
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::marker::PhantomData;
@@ -13,6 +12,7 @@ use crate::queue::envelope::{Envelope, new_job_id};
 use crate::queue::runtime::WorkerRuntime;
 use crate::queue::shared::{Shared, refresh_clock};
 use crate::queue::{QueueConfig, QueueError, QueueKeys, scripts};
+use crate::redis_conn::{RedisClient, RedisConn};
 
 /// Options of one enqueued job.
 #[derive(Debug, Clone, Default)]
@@ -93,38 +93,25 @@ impl<T> std::fmt::Debug for RedisQueue<T> {
 impl<T> RedisQueue<T> {
     /// Connects to `redis_url` and makes sure the consumer group exists.
     pub async fn connect(redis_url: &str, config: QueueConfig) -> Result<Self, QueueError> {
-        let client = redis::Client::open(redis_url)?;
+        let client = RedisClient::open(redis_url, crate::redis_conn::ClusterMode::Auto).await?;
         Self::from_client(client, config).await
     }
 
     /// Like [`RedisQueue::connect`] with a ready client.
-    pub async fn from_client(
-        client: redis::Client,
+    pub async fn from_client(client: RedisClient, config: QueueConfig) -> Result<Self, QueueError> {
+        let conn = Shared::manager(&client, &config, Duration::ZERO)?;
+        Self::with_connection(client, conn, config).await
+    }
+
+    /// Like [`RedisQueue::from_client`], sharing a connection other queues use too (the
+    /// partitions of one deployment).
+    pub async fn with_connection(
+        client: RedisClient,
+        conn: RedisConn,
         config: QueueConfig,
     ) -> Result<Self, QueueError> {
-        // Upper bounds keep every Lua `unpack` and reply small (Lua's stack limit is ~8,000).
-        let bounded = [
-            ("prefetch", config.prefetch, 10_000),
-            ("promote_chunk", config.promote_chunk, 5_000),
-            ("settle_batch", config.settle_batch, 1_000),
-            ("enqueue_chunk", config.enqueue_chunk, 5_000),
-        ];
-        for (name, value, max) in bounded {
-            if value == 0 || value > max {
-                return Err(QueueError::InvalidConfig(format!(
-                    "{name} must be between 1 and {max}, got {value}"
-                )));
-            }
-        }
-        if config.heartbeat_interval.is_zero()
-            || config.heartbeat_interval * 2 > config.orphan_timeout
-        {
-            return Err(QueueError::InvalidConfig(
-                "heartbeat_interval must be positive and at most half the orphan_timeout".into(),
-            ));
-        }
+        validate(&config)?;
         let keys = config.keys()?;
-        let conn = Shared::manager(&client, &config, Duration::ZERO)?;
         let shared = Shared {
             client,
             conn,
@@ -161,14 +148,38 @@ impl<T> RedisQueue<T> {
     }
 
     /// A connection to the queue's Redis (reconnecting), e.g. for the caller's own bookkeeping.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.shared.conn.clone()
     }
 
     /// The Redis client, for components that need connections of their own (blocking reads).
-    pub fn client(&self) -> &redis::Client {
+    pub fn client(&self) -> &RedisClient {
         &self.shared.client
     }
+}
+
+fn validate(config: &QueueConfig) -> Result<(), QueueError> {
+    // Upper bounds keep every Lua `unpack` and reply small (Lua's stack limit is ~8,000).
+    let bounded = [
+        ("prefetch", config.prefetch, 10_000),
+        ("promote_chunk", config.promote_chunk, 5_000),
+        ("settle_batch", config.settle_batch, 1_000),
+        ("enqueue_chunk", config.enqueue_chunk, 5_000),
+    ];
+    for (name, value, max) in bounded {
+        if value == 0 || value > max {
+            return Err(QueueError::InvalidConfig(format!(
+                "{name} must be between 1 and {max}, got {value}"
+            )));
+        }
+    }
+    if config.heartbeat_interval.is_zero() || config.heartbeat_interval * 2 > config.orphan_timeout
+    {
+        return Err(QueueError::InvalidConfig(
+            "heartbeat_interval must be positive and at most half the orphan_timeout".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl<T: Serialize> RedisQueue<T> {

@@ -81,7 +81,7 @@ pub async fn create_payout(
     match state.producer.enqueue_json(&value, None).await {
         Ok(Enqueued::Queued) => {
             let id = value["mchOrderNo"].as_str().unwrap_or_default();
-            match state.deployment.ledger.get(id).await {
+            match state.deployment.order(id).await {
                 Ok(Some(record)) => (StatusCode::CREATED, Json(record)).into_response(),
                 Ok(None) => internal("order vanished after registration"),
                 Err(err) => internal(err),
@@ -113,7 +113,7 @@ pub async fn create_payout(
     )
 )]
 pub async fn get_payout(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.deployment.ledger.get(&id).await {
+    match state.deployment.order(&id).await {
         Ok(Some(record)) => Json(record).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no payout {id}")),
         Err(err) => internal(err),
@@ -205,7 +205,7 @@ pub async fn create_batch(
     )
 )]
 pub async fn get_batch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.deployment.ledger.batch_summary(&id).await {
+    match state.deployment.batch_summary(&id).await {
         Ok(summary) if summary.total == 0 => error(StatusCode::NOT_FOUND, format!("no batch {id}")),
         Ok(summary) => Json(summary).into_response(),
         Err(err) => internal(err),
@@ -218,7 +218,7 @@ pub async fn get_batch(State(state): State<Arc<AppState>>, Path(id): Path<String
     responses((status = 200, description = "Paused", body = QueueState))
 )]
 pub async fn pause(State(state): State<Arc<AppState>>) -> Response {
-    match state.deployment.queue.pause().await {
+    match state.deployment.pause().await {
         Ok(()) => Json(QueueState { paused: true }).into_response(),
         Err(err) => internal(err),
     }
@@ -230,7 +230,7 @@ pub async fn pause(State(state): State<Arc<AppState>>) -> Response {
     responses((status = 200, description = "Resumed", body = QueueState))
 )]
 pub async fn resume(State(state): State<Arc<AppState>>) -> Response {
-    match state.deployment.queue.resume().await {
+    match state.deployment.resume().await {
         Ok(()) => Json(QueueState { paused: false }).into_response(),
         Err(err) => internal(err),
     }
@@ -245,11 +245,10 @@ pub async fn resume(State(state): State<Arc<AppState>>) -> Response {
     )
 )]
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    let checked = match state.deployment.ledger.ping().await {
+    let checked = match state.deployment.ping().await {
         Ok(()) => state
             .deployment
-            .queue
-            .stats()
+            .queue_stats()
             .await
             .map_err(|e| e.to_string()),
         Err(err) => Err(err.to_string()),

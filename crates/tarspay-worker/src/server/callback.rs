@@ -79,7 +79,7 @@ pub async fn receive(
         .get(HEADER_SIGNATURE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|signature| verify_callback(&state.system_key, &body, signature).is_some());
-    let record = match state.deployment.ledger.get(&id).await {
+    let record = match state.deployment.order(&id).await {
         Ok(Some(record)) => record,
         Ok(None) => {
             // Nothing of ours to apply it to or to query for.
@@ -123,7 +123,7 @@ pub async fn receive(
     };
     match state
         .deployment
-        .ledger
+        .ledger_of(&id)
         .apply_gateway_final(&record, phase, &result)
         .await
     {
@@ -189,6 +189,11 @@ async fn schedule_query(
         max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
         ..JobOptions::default()
     };
-    state.deployment.queue.enqueue_with(&job, options).await?;
+    state
+        .deployment
+        .partition_of(&record.mch_order_no)
+        .queue
+        .enqueue_with(&job, options)
+        .await?;
     Ok(())
 }

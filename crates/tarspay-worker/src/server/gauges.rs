@@ -23,7 +23,7 @@ pub async fn run(deployment: Deployment, mut stop: watch::Receiver<bool>) {
 /// One pipeline of O(1)/O(log n) reads (XLEN, XPENDING summary, ZCARD, ZCOUNT, EXISTS,
 /// SCARD); a failure leaves the last values in place and is logged.
 async fn refresh(deployment: &Deployment) {
-    match deployment.queue.stats().await {
+    match deployment.queue_stats().await {
         Ok(stats) => {
             metrics::gauge!(crate::metrics::QUEUE_WAITING).set(stats.waiting as f64);
             metrics::gauge!(crate::metrics::QUEUE_PENDING).set(stats.pending as f64);
@@ -36,7 +36,7 @@ async fn refresh(deployment: &Deployment) {
         }
         Err(err) => tracing::warn!(error = %err, "queue gauges not refreshed"),
     }
-    match deployment.ledger.stuck_len().await {
+    match deployment.stuck_len().await {
         Ok(stuck) => metrics::gauge!(crate::metrics::ORDERS_STUCK).set(stuck as f64),
         Err(err) => tracing::warn!(error = %err, "stuck-orders gauge not refreshed"),
     }

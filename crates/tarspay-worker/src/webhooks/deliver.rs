@@ -5,8 +5,8 @@
 use super::{WebhookError, WebhookMessage, WebhookSettings};
 use crate::ledger::{Ledger, Outcome, WebhookJobs};
 use crate::queue::{JobOptions, RedisQueue};
+use crate::redis_conn::RedisConn;
 use apalis::prelude::*;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -18,12 +18,23 @@ use tracing::Instrument;
 pub struct DeliverWebhook {
     /// Stream entry id; empty in the prepared job, set by the ledger's script.
     pub outcome: String,
+    /// The partition whose outcome stream holds it (absent in jobs from before partitions).
+    #[serde(default)]
+    pub partition: usize,
+}
+
+impl DeliverWebhook {
+    /// Its `webhook-id`.
+    pub fn webhook_id(&self) -> String {
+        super::webhook_id(self.partition, &self.outcome)
+    }
 }
 
 /// Prepares the ledger's delivery jobs on `queue` (the script fills in the outcome's id).
-pub fn job_preparer(queue: RedisQueue<DeliverWebhook>) -> WebhookJobs {
+pub fn job_preparer(queue: RedisQueue<DeliverWebhook>, partition: usize) -> WebhookJobs {
     let template = DeliverWebhook {
         outcome: String::new(),
+        partition,
     };
     Arc::new(move || queue.prepare(&template, &JobOptions::default()))
 }
@@ -51,15 +62,16 @@ pub enum DeliveryError {
 pub struct Deliverer {
     http: reqwest::Client,
     settings: WebhookSettings,
-    conn: ConnectionManager,
-    outcomes: String,
+    conn: RedisConn,
+    /// Each partition's outcome stream, in index order.
+    outcomes: Vec<String>,
 }
 
 impl Deliverer {
     pub fn new(
         settings: WebhookSettings,
-        ledger: &Ledger,
-        conn: ConnectionManager,
+        ledgers: &[&Ledger],
+        conn: RedisConn,
     ) -> Result<Self, WebhookError> {
         crate::gateway::install_crypto_provider();
         let http = reqwest::Client::builder()
@@ -74,7 +86,7 @@ impl Deliverer {
             http,
             settings,
             conn,
-            outcomes: ledger.keys().outcomes(),
+            outcomes: ledgers.iter().map(|l| l.keys().outcomes()).collect(),
         })
     }
 
@@ -82,9 +94,17 @@ impl Deliverer {
         &self.settings
     }
 
-    async fn outcome(&self, entry_id: &str) -> Result<Option<Outcome>, DeliveryError> {
+    async fn outcome(&self, job: &DeliverWebhook) -> Result<Option<Outcome>, DeliveryError> {
+        let entry_id = job.outcome.as_str();
+        let stream = self
+            .outcomes
+            .get(job.partition)
+            .ok_or_else(|| DeliveryError::Corrupt {
+                id: entry_id.to_owned(),
+                reason: format!("partition {} does not exist here", job.partition),
+            })?;
         let range: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&self.outcomes)
+            .arg(stream)
             .arg(entry_id)
             .arg(entry_id)
             .query_async(&mut self.conn.clone())
@@ -103,10 +123,10 @@ impl Deliverer {
     /// One attempt: `Ok` after a 2xx.
     pub async fn deliver(&self, job: &DeliverWebhook) -> Result<(), DeliveryError> {
         let outcome = self
-            .outcome(&job.outcome)
+            .outcome(job)
             .await?
             .ok_or_else(|| DeliveryError::Gone(job.outcome.clone()))?;
-        let message = WebhookMessage::new(&job.outcome, &outcome)?;
+        let message = WebhookMessage::new(job.webhook_id(), &outcome)?;
         let timestamp = crate::wall_clock::since_epoch().as_secs();
         let mut request = self
             .http
@@ -143,7 +163,7 @@ pub async fn handle(
     crate::queue::record_job("deliver_webhook", None);
     let span = tracing::info_span!(
         "webhook",
-        webhook_id = %super::webhook_id(&job.outcome),
+        webhook_id = %job.webhook_id(),
         attempt = attempt.current()
     );
     let result = deliverer.deliver(&job).instrument(span).await;
@@ -161,7 +181,7 @@ pub async fn handle(
         }
         Err(err) => {
             tracing::warn!(
-                webhook_id = %super::webhook_id(&job.outcome),
+                webhook_id = %job.webhook_id(),
                 attempt = attempt.current(),
                 host = %deliverer.settings.host(),
                 error = %err,

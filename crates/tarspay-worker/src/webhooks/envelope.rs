@@ -3,10 +3,14 @@
 use crate::ledger::Outcome;
 use serde::Serialize;
 
-/// The `webhook-id` of the outcome stored under stream entry `entry_id`: the same on every
-/// retry of that outcome's delivery.
-pub fn webhook_id(entry_id: &str) -> String {
-    format!("msg_{entry_id}")
+/// The `webhook-id` of the outcome stored under stream entry `entry_id` of partition
+/// `partition`'s outcome stream: the same on every retry of that outcome's delivery, and
+/// unique across partitions (their streams may hold equal entry ids).
+pub fn webhook_id(partition: usize, entry_id: &str) -> String {
+    match partition {
+        0 => format!("msg_{entry_id}"),
+        p => format!("msg_p{p}_{entry_id}"),
+    }
 }
 
 /// `{kind}.{status}` for an order's outcome (`payout.succeeded`, `payout.failed`,
@@ -36,16 +40,13 @@ pub struct WebhookMessage {
 }
 
 impl WebhookMessage {
-    pub fn new(entry_id: &str, outcome: &Outcome) -> Result<Self, serde_json::Error> {
+    pub fn new(id: String, outcome: &Outcome) -> Result<Self, serde_json::Error> {
         let body = serde_json::to_vec(&Body {
             event: event_type(outcome),
             timestamp: &outcome.at,
             data: outcome,
         })?;
-        Ok(Self {
-            id: webhook_id(entry_id),
-            body,
-        })
+        Ok(Self { id, body })
     }
 }
 
@@ -75,7 +76,8 @@ mod tests {
 
     #[test]
     fn the_envelope_carries_type_timestamp_and_the_outcome() {
-        let message = WebhookMessage::new("17-0", &outcome("final", "succeeded")).unwrap();
+        let message =
+            WebhookMessage::new(webhook_id(0, "17-0"), &outcome("final", "succeeded")).unwrap();
         assert_eq!(message.id, "msg_17-0");
         let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
         assert_eq!(body["type"], "payout.succeeded");
@@ -90,8 +92,12 @@ mod tests {
         let corrected = outcome("correction", "refunded");
         assert_eq!(event_type(&corrected), "payout.corrected");
         assert_eq!(event_type(&outcome("final", "failed")), "payout.failed");
-        let body: serde_json::Value =
-            serde_json::from_slice(&WebhookMessage::new("1-0", &corrected).unwrap().body).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(
+            &WebhookMessage::new(webhook_id(0, "1-0"), &corrected)
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert_eq!(body["data"]["status"], "refunded");
         assert_eq!(body["data"]["previousStatus"], "succeeded");
     }

@@ -1,0 +1,236 @@
+//! One client and one connection type for a single Redis and a Redis Cluster, so every
+//! module (queue, ledger, guard, audit) runs the same commands and scripts on both.
+//!
+//! * `TARSPAY_REDIS_URL` is one URL or a comma-separated list of seeds. With `redis_cluster =
+//!   "auto"` (the default) the first reachable seed is asked `INFO cluster`: `cluster_enabled:1`
+//!   means cluster mode. `"on"` / `"off"` force it.
+//! * On a cluster, redis-rs routes each command and script by its first key, answers MOVED/ASK
+//!   and re-sends after a dropped connection, so every script here must be safe to run twice
+//!   (they are: each checks state before it writes). Every command, script and pipeline
+//!   touches keys of one hash tag (one slot).
+//! * A blocking command (`XREADGROUP BLOCK`) shares a node's multiplexed connection on a
+//!   cluster too: callers that block open a connection of their own ([`RedisClient::connect`]).
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
+use std::time::Duration;
+
+/// Whether the deployment's Redis is a cluster (`redis_cluster`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClusterMode {
+    /// Ask the first reachable seed (`INFO cluster`).
+    #[default]
+    Auto,
+    /// A cluster, whatever the server says (it refuses cluster commands if it is not one).
+    On,
+    /// A single node (or a primary behind Sentinel / a proxy).
+    Off,
+}
+
+impl std::str::FromStr for ClusterMode {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" => Ok(Self::On),
+            "off" | "false" => Ok(Self::Off),
+            _ => Err("must be auto, on or off"),
+        }
+    }
+}
+
+/// How long to wait for a connection and for an answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(2),
+            response: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A client of a single Redis or of a Redis Cluster.
+#[derive(Clone)]
+pub enum RedisClient {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+impl std::fmt::Debug for RedisClient {
+    // Never the URL: it may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisClient::Single",
+            Self::Cluster(_) => "RedisClient::Cluster",
+        })
+    }
+}
+
+/// The seeds of a URL setting: one URL, or several separated by commas.
+pub fn seeds(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .collect()
+}
+
+impl RedisClient {
+    /// A client for `urls` (see the module docs); with [`ClusterMode::Auto`] one seed is
+    /// asked whether it is a cluster node.
+    pub async fn open(urls: &str, mode: ClusterMode) -> Result<Self, RedisError> {
+        let seeds = seeds(urls);
+        let cluster = match mode {
+            ClusterMode::On => true,
+            ClusterMode::Off => false,
+            ClusterMode::Auto => is_cluster_node(&seeds).await?,
+        };
+        if cluster {
+            let infos = seeds
+                .iter()
+                .map(|seed| seed.into_connection_info())
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Self::Cluster(Box::new(
+                ClusterClient::builder(infos).build()?,
+            )))
+        } else {
+            let first = seeds.first().copied().unwrap_or(urls);
+            Ok(Self::Single(redis::Client::open(first)?))
+        }
+    }
+
+    /// A single-node client for one URL, without asking the server.
+    pub fn single(url: &str) -> Result<Self, RedisError> {
+        Ok(Self::Single(redis::Client::open(url)?))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A reconnecting connection, opened lazily: the first command connects.
+    pub fn connect(&self, timeouts: Timeouts) -> Result<RedisConn, RedisError> {
+        match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeouts.response))
+                    .set_connection_timeout(Some(timeouts.connect))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(2))
+                    .set_number_of_retries(3);
+                Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?))
+            }
+            Self::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_response_timeout(timeouts.response)
+                    .set_connection_timeout(timeouts.connect);
+                // Pending: connects in the background (its eager sibling can hang on a node
+                // that accepts and never answers).
+                Ok(RedisConn::Cluster(
+                    client.get_pending_async_connection_with_config(config),
+                ))
+            }
+        }
+    }
+}
+
+/// `INFO cluster` of the first seed that answers.
+async fn is_cluster_node(seeds: &[&str]) -> Result<bool, RedisError> {
+    let mut last_error = None;
+    for seed in seeds {
+        let probe = async {
+            let client = redis::Client::open(*seed)?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, RedisError>(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(cluster)) => return Ok(cluster),
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => {
+                last_error = Some(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no answer to INFO cluster within 5 s",
+                )))
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL given"))
+    }))
+}
+
+/// A connection to a single Redis or a cluster; clones share it.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// Sends `cmd`, which names no key (`SCAN`, `TIME`), to the node serving `key`'s slot: on a
+    /// cluster a keyless command would go to a random node, and a scan of one partition's
+    /// keys must run where they live.
+    pub async fn query_at<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: &Cmd,
+    ) -> Result<T, RedisError> {
+        match self {
+            Self::Single(conn) => cmd.query_async(conn).await,
+            Self::Cluster(conn) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(crate::partition::slot(key), SlotAddr::Master);
+                let value = conn
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
