@@ -21,14 +21,7 @@ fn command(app: &common::app::TestApp) -> Command {
     command
 }
 
-fn run(command: &mut Command) -> (i32, String, String) {
-    let output = command.output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::run;
 
 /// Ids, currencies and amounts given as arguments are checked by their types' rules before
 /// the command does anything (no settings, Redis or gateway are needed to refuse them).

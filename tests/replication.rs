@@ -31,7 +31,7 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
         ],
     )
     .await;
-    let port = app.redis.port.to_string();
+    let port = app.redis.port().to_string();
     let replica = RedisServer::start_with(false, &["--replicaof", "127.0.0.1", &port]);
     let primary = app.redis.conn().await;
     common::eventually("the replica in sync", || {

@@ -336,14 +336,7 @@ struct Message {
     data: Outcome,
 }
 
-fn run(command: &mut std::process::Command) -> (i32, String, String) {
-    let output = command.env("RUST_LOG", "warn").output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::run;
 
 // ---------------------------------------------------------------------------------------------
 

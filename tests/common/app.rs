@@ -15,8 +15,76 @@ use tarspay_worker::producer::Producer;
 pub const MCH_NO: &str = "M1234567890";
 pub const BIN: &str = env!("CARGO_BIN_EXE_tarspay-dev");
 
+/// The Redis a test app owns: one server, or a local Redis Cluster.
+pub enum AppRedis {
+    Single(RedisServer),
+    Cluster(local_redis::LocalCluster),
+}
+
+impl AppRedis {
+    /// `TARSPAY_REDIS_URL`: the server's URL, or the cluster's masters as seeds.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Single(server) => server.url(),
+            Self::Cluster(cluster) => cluster.seeds(),
+        }
+    }
+
+    /// A connection of the test's own (a cluster connection for a cluster).
+    pub async fn conn(&self) -> tarspay_worker::redis_conn::RedisConn {
+        match self {
+            Self::Single(server) => server.conn().await,
+            Self::Cluster(cluster) => {
+                let client = tarspay_worker::redis_conn::RedisClient::open(
+                    &cluster.seeds(),
+                    tarspay_worker::redis_conn::ClusterMode::On,
+                )
+                .await
+                .expect("cluster client");
+                client
+                    .connect(Default::default())
+                    .expect("cluster connection")
+            }
+        }
+    }
+
+    /// The single server (restart, crash and port tests run on one).
+    pub fn server(&mut self) -> &mut RedisServer {
+        match self {
+            Self::Single(server) => server,
+            Self::Cluster(_) => panic!("this test needs a single redis-server, not a cluster"),
+        }
+    }
+
+    pub fn cluster(&mut self) -> &mut local_redis::LocalCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            Self::Single(_) => panic!("this test needs a cluster"),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::Single(server) => server.port,
+            Self::Cluster(_) => panic!("this test needs a single redis-server, not a cluster"),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.server().stop()
+    }
+
+    pub fn restart(&mut self) {
+        self.server().restart()
+    }
+
+    pub fn crash(&mut self) {
+        self.server().crash()
+    }
+}
+
 pub struct TestApp {
-    pub redis: RedisServer,
+    pub redis: AppRedis,
     pub sandbox: Sandbox,
     pub key: PrivateKey,
     /// The TARSPAY_* variables every worker of this app uses.
@@ -36,7 +104,20 @@ pub async fn spawn_app_with(
     change: impl FnOnce(&mut SandboxConfig),
     extra_env: &[(&str, &str)],
 ) -> TestApp {
-    let redis = RedisServer::start(appendonly);
+    spawn_app_on(
+        AppRedis::Single(RedisServer::start(appendonly)),
+        change,
+        extra_env,
+    )
+    .await
+}
+
+/// [`spawn_app_with`] on a Redis the caller started (a cluster, say).
+pub async fn spawn_app_on(
+    redis: AppRedis,
+    change: impl FnOnce(&mut SandboxConfig),
+    extra_env: &[(&str, &str)],
+) -> TestApp {
     let key = PrivateKey::generate();
     let mut config = SandboxConfig {
         merchants: vec![SandboxMerchant {

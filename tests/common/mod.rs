@@ -137,3 +137,14 @@ pub fn fault_rule(
         action,
     }
 }
+
+/// Runs a command to its end: exit code, stdout, stderr (logs at `warn`).
+#[allow(dead_code)]
+pub fn run(command: &mut std::process::Command) -> (i32, String, String) {
+    let output = command.env("RUST_LOG", "warn").output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -104,16 +104,68 @@ pub async fn inspect<C: redis::aio::ConnectionLike + Send>(
     ))
 }
 
-/// Checks the settings' Redis at start: an error stops `worker`/`serve`; warnings are logged
-/// once here.
-pub async fn ensure(settings: &Settings) -> Result<RedisSafety, RedisSafetyError> {
-    let client = redis::Client::open(settings.redis.url.as_str())
-        .map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
+/// What one node says.
+async fn inspect_url(url: &str) -> Result<RedisSafety, RedisSafetyError> {
+    let client =
+        redis::Client::open(url).map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
-    let safety = inspect(&mut conn).await?;
+    inspect(&mut conn).await
+}
+
+/// What every listed node that answers says (a cluster's seeds), as one judgement.
+async fn inspect_seeds(urls: &str) -> Result<RedisSafety, RedisSafetyError> {
+    let mut combined: Option<RedisSafety> = None;
+    let mut last_error = None;
+    for seed in crate::redis_conn::seeds(urls) {
+        let safety = match inspect_url(seed).await {
+            Ok(safety) => safety,
+            Err(err) => {
+                last_error = Some(err);
+                continue;
+            }
+        };
+        combined = Some(match (combined, safety) {
+            (
+                Some(RedisSafety::Checked {
+                    mut unsafe_settings,
+                    mut warnings,
+                }),
+                RedisSafety::Checked {
+                    unsafe_settings: more_unsafe,
+                    warnings: more_warnings,
+                },
+            ) => {
+                for item in more_unsafe {
+                    if !unsafe_settings.contains(&item) {
+                        unsafe_settings.push(item);
+                    }
+                }
+                for item in more_warnings {
+                    if !warnings.contains(&item) {
+                        warnings.push(item);
+                    }
+                }
+                RedisSafety::Checked {
+                    unsafe_settings,
+                    warnings,
+                }
+            }
+            (Some(checked @ RedisSafety::Checked { .. }), RedisSafety::Unchecked { .. }) => checked,
+            (_, safety) => safety,
+        });
+    }
+    combined.ok_or_else(|| {
+        last_error.unwrap_or_else(|| RedisSafetyError::Connect("no Redis URL given".into()))
+    })
+}
+
+/// Checks the settings' Redis at start (each seed of a cluster): an error stops
+/// `worker`/`serve`; warnings are logged once here.
+pub async fn ensure(settings: &Settings) -> Result<RedisSafety, RedisSafetyError> {
+    let safety = inspect_seeds(settings.redis.url.as_str()).await?;
     match &safety {
         RedisSafety::Unchecked { reason } => tracing::warn!(
             %reason,

@@ -1,0 +1,282 @@
+//! The pipeline on Redis Cluster: local clusters of real `redis-server --cluster-enabled yes`
+//! processes on free ports (`local_redis::LocalCluster`), worker processes pointed at their
+//! seeds, partitions spread over the masters; and failovers, with and without lost writes.
+
+mod common;
+
+use common::app::{AppRedis, TestApp, inr, spawn_app_on};
+use local_redis::LocalCluster;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// An app on `cluster` with `partitions` partitions. The nodes keep nothing on disk (their
+/// durability here is replication), hence `redis_unsafe`.
+async fn cluster_app(cluster: LocalCluster, partitions: &str, extra: &[(&str, &str)]) -> TestApp {
+    let mut env = vec![
+        ("TARSPAY_PARTITIONS", partitions),
+        ("TARSPAY_REDIS_UNSAFE", "true"),
+    ];
+    env.extend_from_slice(extra);
+    spawn_app_on(
+        AppRedis::Cluster(cluster),
+        |c| c.final_after = Duration::from_millis(300),
+        &env,
+    )
+    .await
+}
+
+/// Keys each node holds (`DBSIZE`), by node index.
+fn keys_per_node(cluster: &LocalCluster) -> Vec<u64> {
+    cluster
+        .urls()
+        .iter()
+        .map(|url| {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client
+                .get_connection_with_timeout(Duration::from_secs(2))
+                .unwrap();
+            redis::cmd("DBSIZE").query(&mut conn).unwrap()
+        })
+        .collect()
+}
+
+/// Every outcome by mchOrderNo, after deduping by (mchOrderNo, event, status) as the README
+/// tells consumers to; panics if an order has two different final outcomes.
+async fn deduped_finals(app: &TestApp) -> HashMap<String, String> {
+    let mut seen = HashSet::new();
+    let mut finals = HashMap::new();
+    for outcome in app.outcomes().await {
+        let key = (
+            outcome.mch_order_no.to_string(),
+            outcome.event.to_string(),
+            outcome.status.to_string(),
+        );
+        if seen.insert(key) && !outcome.is_correction() {
+            let earlier =
+                finals.insert(outcome.mch_order_no.to_string(), outcome.status.to_string());
+            assert!(
+                earlier.is_none(),
+                "two different finals for {}",
+                outcome.mch_order_no
+            );
+        }
+    }
+    finals
+}
+
+async fn wait_final(app: &TestApp, ids: &[String]) {
+    common::poll(
+        "every payout final",
+        Duration::from_secs(180),
+        Duration::from_millis(200),
+        || async {
+            let finals = deduped_finals(app).await;
+            let missing = ids.iter().filter(|id| !finals.contains_key(*id)).count();
+            (missing == 0)
+                .then_some(())
+                .ok_or(format!("{missing} missing"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payroll_runs_on_a_three_master_cluster_with_partitions_on_every_master() {
+    let cluster = LocalCluster::start(3, 0).expect("a local cluster");
+    let app = cluster_app(cluster, "6", &[]).await;
+    let ids: Vec<String> = (0..60).map(|n| format!("CL-{n}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    let workers = [app.worker_process(8), app.worker_process(8)];
+    let outcomes = app.wait_outcomes(ids.len()).await;
+    drop(workers);
+    for id in &ids {
+        assert_eq!(outcomes[id].status, "succeeded", "{id}");
+        assert_eq!(app.sandbox.create_attempts(id), 1, "{id}");
+    }
+    let AppRedis::Cluster(cluster) = &app.redis else {
+        unreachable!()
+    };
+    let spread = keys_per_node(cluster);
+    assert!(
+        spread.iter().all(|&keys| keys > 0),
+        "keys per master: {spread:?}"
+    );
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["phases"]["succeeded"], 60, "{report}");
+    // The CLI reads the cluster from its seeds and adds the partitions up.
+    let (code, out, err) = common::run(app.command().arg("queue"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("waiting  0"), "{out}");
+    let (code, out, err) = common::run(app.command().arg("outcomes"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 60, "{out}");
+}
+
+/// A process set to another number of partitions than the deployment was written with is
+/// refused, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_partition_count_refuses_to_run() {
+    let cluster = LocalCluster::single_node().expect("a one-node cluster");
+    let app = cluster_app(cluster, "4", &[]).await;
+    let output = app
+        .command()
+        .env("TARSPAY_PARTITIONS", "8")
+        .args(["worker", "--concurrency", "2"])
+        .output()
+        .expect("run the worker");
+    assert_eq!(output.status.code(), Some(2), "refused as an error");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("written with 4 partition(s)") && err.contains("TARSPAY_PARTITIONS=4"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_mid_payroll_loses_and_repeats_nothing() {
+    let cluster = LocalCluster::start(3, 1).expect("a local cluster with replicas");
+    let mut app = cluster_app(cluster, "6", &[("TARSPAY_REDIS_MIN_REPLICAS", "1")]).await;
+    let ids: Vec<String> = (0..90).map(|n| format!("PF-{n}")).collect();
+    for id in &ids[..45] {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    let workers = [app.worker_process(8), app.worker_process(8)];
+    common::eventually("some payouts final", || async {
+        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
+    })
+    .await;
+    // Every master hands over to its replica, one after another, while payouts move.
+    let cluster = app.redis.cluster();
+    let mut masters: Vec<usize> = cluster
+        .slot_ranges()
+        .expect("the slot map")
+        .iter()
+        .map(|range| range.master)
+        .collect();
+    masters.dedup();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    for master in masters {
+        let replica = cluster.replicas_of(master)[0];
+        cluster.failover(replica).expect("CLUSTER FAILOVER");
+    }
+    for id in &ids[45..] {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    wait_final(&app, &ids).await;
+    drop(workers);
+    let outcomes = app.outcomes().await;
+    assert_eq!(
+        outcomes.len(),
+        ids.len(),
+        "one outcome per payout, none repeated"
+    );
+    for id in &ids {
+        assert_eq!(
+            app.sandbox.create_attempts(id),
+            1,
+            "{id}: one create, never repeated"
+        );
+    }
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "{report}");
+}
+
+/// Outcome entries (partition, entry id) of the partitions whose keys live on `master`.
+async fn entries_on(app: &TestApp, cluster_master: usize) -> HashSet<(usize, String)> {
+    let mut entries = HashSet::new();
+    let AppRedis::Cluster(cluster) = &app.redis else {
+        unreachable!()
+    };
+    for partition in app.deployment.partitions() {
+        let slot = tarspay_worker::partition::slot(&partition.ledger.keys().outcomes());
+        if cluster.master_of_slot(slot) == Some(cluster_master)
+            && let Ok(page) = partition.ledger.outcomes_after("0", 100_000).await
+        {
+            entries.extend(page.into_iter().map(|(id, _)| (partition.index, id)));
+        }
+    }
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_lost_with_unreplicated_writes_pays_no_one_twice_and_misses_no_one() {
+    let cluster = LocalCluster::start(3, 1).expect("a local cluster with replicas");
+    let mut app = cluster_app(
+        cluster,
+        "6",
+        &[
+            ("TARSPAY_REDIS_MIN_REPLICAS", "1"),
+            ("TARSPAY_REDIS_REPLICA_TIMEOUT", "300ms"),
+        ],
+    )
+    .await;
+    let ids: Vec<String> = (0..300).map(|n| format!("LOSS-{n}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    let workers = [app.worker_process(4), app.worker_process(4)];
+    common::eventually("some payouts final", || async {
+        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
+    })
+    .await;
+    // The replica of one master stops taking writes: what the master acknowledges from here
+    // on exists only there. Once it holds outcomes its replica never saw, it dies and the
+    // stale replica takes over.
+    let master = app
+        .redis
+        .cluster()
+        .master_of_slot(0)
+        .expect("a master for slot 0");
+    let replica = app.redis.cluster().replicas_of(master)[0];
+    let before = entries_on(&app, master).await;
+    app.redis
+        .cluster()
+        .pause(replica)
+        .expect("SIGSTOP the replica");
+    let unreplicated = common::eventually("outcomes only the master holds", || async {
+        let now = entries_on(&app, master).await;
+        let new: HashSet<_> = now.difference(&before).cloned().collect();
+        (new.len() >= 5).then_some(new)
+    })
+    .await;
+    app.redis
+        .cluster()
+        .kill(master)
+        .expect("SIGKILL the master");
+    app.redis
+        .cluster()
+        .resume(replica)
+        .expect("SIGCONT the replica");
+    app.redis
+        .cluster()
+        .wait_promoted(master, Duration::from_secs(30))
+        .expect("the replica promoted");
+    wait_final(&app, &ids).await;
+    drop(workers);
+
+    let finals = deduped_finals(&app).await;
+    for id in &ids {
+        assert_eq!(finals[id], "succeeded", "{id}");
+        let order = app.sandbox.order(id).expect("the gateway holds the order");
+        assert_eq!(order.amount, "100.00", "{id}");
+    }
+    assert_eq!(
+        app.sandbox.orders().len(),
+        ids.len(),
+        "one gateway order per payout"
+    );
+    let creates: u32 = ids.iter().map(|id| app.sandbox.create_attempts(id)).sum();
+    let after = entries_on(&app, master).await;
+    let lost = unreplicated.difference(&after).count();
+    eprintln!(
+        "{lost} of {} outcomes seen on the old master were lost; {} outcome entries and {creates} creates for {} payouts",
+        unreplicated.len(),
+        app.outcomes().await.len(),
+        ids.len()
+    );
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "{report}");
+}
