@@ -3,18 +3,28 @@
 //! jobs enqueued before the worker starts. The target is a ratio of at least 0.8.
 
 use super::queue::{DEFAULT_CONCURRENCY, DEFAULT_N, Feed, live_window, run_once};
-use super::shared::{RedisTarget, round};
+use super::shared::{RedisChoice, RedisTarget, round};
 use super::{BenchError, BenchOptions, Report};
 use serde_json::json;
 
 pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), BenchError> {
     let n = options.n.unwrap_or(DEFAULT_N).max(1);
     let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
-    let target = RedisTarget::new(options.redis_url.as_deref(), "backlog")?;
+    let partitions = options.partitions()?;
+    let target = RedisTarget::new(RedisChoice::of(options)?, "backlog").await?;
     let window = live_window(concurrency);
     let runs = async {
-        let empty = run_once(&target, "empty", n, concurrency, Feed::Live { window }).await?;
-        let backlog = run_once(&target, "backlog", n, concurrency, Feed::Backlog).await?;
+        let live = Feed::Live { window };
+        let empty = run_once(&target, "empty", n, concurrency, partitions, live).await?;
+        let backlog = run_once(
+            &target,
+            "backlog",
+            n,
+            concurrency,
+            partitions,
+            Feed::Backlog,
+        )
+        .await?;
         Ok::<_, BenchError>((empty, backlog))
     }
     .await;
@@ -25,6 +35,8 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
         "bench": "backlog",
         "n": n,
         "concurrency": concurrency,
+        "partitions": partitions,
+        "redis": target.describe(),
         "waiting_at_start": n,
         "empty_jobs_per_s": round(empty.jobs_per_s, 0),
         "backlog_jobs_per_s": round(backlog.jobs_per_s, 0),

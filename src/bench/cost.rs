@@ -15,13 +15,18 @@
 //! * With `--retention`, the memory left per payout once the records expired and the outcomes
 //!   were trimmed (the workers' lifeline sweeps every 2 s then), and how long that took.
 //!
+//! On a Redis Cluster (`--cluster M`, or seeds in `--redis-url`) `INFO` numbers (commands,
+//! `used_memory`) and Redis CPU are added up over the masters; `MONITOR` is not run there (the
+//! bench's own connections cannot be told apart on every node), so the client-command counts
+//! are `null`.
+//!
 //! To hold every payout in flight at once, the sandbox finalises orders 5 s after create and
 //! the first poll waits 6 s; each payout then takes exactly one create and one poll.
 
 use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
 use super::shared::{
-    MonitorCounter, client_addr, commandstats, commandstats_delta, monitor_addr, payout_calls,
-    payout_calls_by_name, proc_cpu_seconds, proc_status_kib, round, used_memory,
+    MonitorCounter, Nodes, RedisChoice, commandstats_delta, monitor_addr, payout_calls,
+    payout_calls_by_name, proc_status_kib, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use serde_json::{Map, Value, json};
@@ -48,8 +53,10 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
         ],
         None => Vec::new(),
     };
+    let partitions = options.partitions()?;
     let pipeline = Pipeline::start(
-        options.redis_url.as_deref(),
+        RedisChoice::of(options)?,
+        partitions,
         "cost",
         1,
         concurrency,
@@ -61,6 +68,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
     pipeline.finish().await?;
     let mut line = result?;
     line.insert("concurrency".into(), json!(concurrency));
+    line.insert("partitions".into(), json!(partitions));
     line.insert("sandbox_final_after".into(), json!(timers.final_after));
     line.insert("poll_first_delay".into(), json!(timers.poll_first_delay));
     report(Value::Object(line));
@@ -73,32 +81,30 @@ async fn measure(
     retention: Option<Duration>,
 ) -> Result<Map<String, Value>, BenchError> {
     let mut tail = pipeline.tail().await?;
-    let mut stats_conn = pipeline.target.connection().await?;
-    let mut memory_conn = pipeline.target.connection().await?;
-    let observers = vec![
-        tail.client_addr().await?,
-        client_addr(&mut stats_conn).await?,
-        client_addr(&mut memory_conn).await?,
-    ];
+    let mut stats_conn = pipeline.target.nodes().await?;
+    let mut memory_conn = pipeline.target.nodes().await?;
     let monitor = match monitor_addr(&pipeline.target.url) {
-        Some(addr) if pipeline.target.is_private() => {
+        // On a shared server other clients' commands would be counted too; on a cluster the
+        // bench's own connections would be counted on the nodes they are not seen on.
+        Some(addr) if pipeline.target.is_private() && !pipeline.target.is_cluster() => {
+            let mut observers = vec![tail.client_addr().await?];
+            observers.extend(stats_conn.client_addrs().await?);
+            observers.extend(memory_conn.client_addrs().await?);
             Some(MonitorCounter::start(&addr, observers)?)
         }
-        // On a shared server other clients' commands would be counted too.
         _ => None,
     };
-    let stats_before = commandstats(&mut stats_conn).await?;
+    let stats_before = stats_conn.commandstats().await?;
     let worker_pid = pipeline
         .worker_pids()
         .first()
         .copied()
         .ok_or_else(|| BenchError::Setup("no worker process".into()))?;
-    let redis_pid = pipeline.target.redis_pid();
     let cpu_before = pipeline.cpu_seconds();
-    let redis_cpu_before = redis_pid.and_then(proc_cpu_seconds);
+    let redis_cpu_before = pipeline.target.redis_cpu_seconds();
     let tail_calls_before = tail.calls;
 
-    let memory_before = used_memory(&mut memory_conn).await?;
+    let memory_before = memory_conn.used_memory().await?;
     let (stop_sampling, sampling) = tokio::sync::oneshot::channel();
     let sampler = tokio::spawn(peak_memory(memory_conn, sampling));
     let run = drive(pipeline, &mut tail, "COST", n, None).await;
@@ -109,11 +115,11 @@ async fn measure(
     let run = run?;
     // Let the last acknowledgements land before reading the counters.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let memory_after = used_memory(&mut stats_conn).await?;
+    let memory_after = stats_conn.used_memory().await?;
 
     let cpu_after = pipeline.cpu_seconds();
-    let redis_cpu_after = redis_pid.and_then(proc_cpu_seconds);
-    let stats_after = commandstats(&mut stats_conn).await?;
+    let redis_cpu_after = pipeline.target.redis_cpu_seconds();
+    let stats_after = stats_conn.commandstats().await?;
     let monitor = monitor.map(MonitorCounter::stop);
     let peak_rss_kib = proc_status_kib(worker_pid, "VmHWM");
     let end_rss_kib = proc_status_kib(worker_pid, "VmRSS");
@@ -128,6 +134,7 @@ async fn measure(
     line.insert("bench".into(), json!("cost"));
     line.insert("n".into(), json!(n));
     line.insert("workers".into(), json!(1));
+    line.insert("redis".into(), json!(pipeline.target.describe()));
     line.insert("peak_in_flight".into(), json!(run.peak_in_flight));
     match &monitor {
         Some(counts) => {
@@ -204,21 +211,25 @@ async fn measure(
             json!(per((after - before) * 1000.0)),
         );
     }
-    line.insert(
-        "note".into(),
-        json!("redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip (no MULTI or pipelines on the hot path)"),
-    );
+    let note = if monitor.is_some() {
+        "redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip (no MULTI or pipelines on the hot path)"
+    } else if pipeline.target.is_cluster() {
+        "no MONITOR on a cluster (client commands not measured); commands, memory and Redis CPU are added up over the masters"
+    } else {
+        "no MONITOR on a shared Redis (other clients would be counted): client commands not measured"
+    };
+    line.insert("note".into(), json!(note));
     Ok(line)
 }
 
-/// The highest `used_memory` seen every 50 ms until `stop`.
+/// The highest `used_memory` (added up over the masters) seen every 50 ms until `stop`.
 async fn peak_memory(
-    mut conn: redis::aio::MultiplexedConnection,
+    mut nodes: Nodes,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<u64, BenchError> {
     let mut peak = 0;
     loop {
-        peak = peak.max(used_memory(&mut conn).await?);
+        peak = peak.max(nodes.used_memory().await?);
         tokio::select! {
             _ = &mut stop => return Ok(peak),
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -230,7 +241,7 @@ async fn peak_memory(
 /// records, trimmed outcomes), at most the retention plus three minutes; returns
 /// `used_memory` then and how long it took from the end of the run.
 async fn memory_returned(
-    conn: &mut redis::aio::MultiplexedConnection,
+    nodes: &mut Nodes,
     before: u64,
     peak: u64,
     retention: Duration,
@@ -238,7 +249,7 @@ async fn memory_returned(
     let started = std::time::Instant::now();
     let target = before + peak.saturating_sub(before) / 10;
     loop {
-        let now = used_memory(conn).await?;
+        let now = nodes.used_memory().await?;
         if now <= target || started.elapsed() > retention + Duration::from_secs(180) {
             return Ok((now, started.elapsed()));
         }

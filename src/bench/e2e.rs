@@ -6,9 +6,14 @@
 //! production default is 2 s), so the run measures the pipeline rather than timers. The
 //! latency of one payout still includes that poll delay and the queue's promotion interval
 //! of delayed jobs (up to 500 ms); the JSON line says so.
+//!
+//! With `--partitions P` the workers and the bench's producer run a deployment of P partitions
+//! (`TARSPAY_PARTITIONS`); on a cluster (`--cluster M`, or seeds in `--redis-url`) the workers
+//! get the seeds as `TARSPAY_REDIS_URL`. Server-wide numbers (commands, Redis CPU) are added
+//! up over the masters.
 
 use super::shared::{
-    ChildProcess, RedisTarget, SandboxProcess, client_addr, commandstats, commandstats_delta,
+    ChildProcess, RedisChoice, RedisTarget, SandboxProcess, client_addr, commandstats_delta,
     latency_summary, now_us, payout_calls, proc_cpu_seconds, round,
 };
 use super::{BenchError, BenchOptions, Report};
@@ -22,7 +27,7 @@ use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ledger::{Ledger, Outcome};
 use tarspay_worker::producer::Producer;
-use tarspay_worker::redis_conn::{ClusterMode, RedisClient, RedisConn};
+use tarspay_worker::redis_conn::RedisConn;
 
 pub const DEFAULT_N: u64 = 20_000;
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -59,19 +64,22 @@ pub struct Pipeline {
     pub settings: Settings,
     pub deployment: Deployment,
     pub producer: Producer,
+    pub partitions: usize,
     concurrency: usize,
 }
 
 impl Pipeline {
+    /// A deployment of `partitions` partitions on the Redis of `redis`.
     pub async fn start(
-        redis_url: Option<&str>,
+        redis: RedisChoice<'_>,
+        partitions: usize,
         name: &str,
         workers: usize,
         concurrency: usize,
         timers: &PipelineTimers,
         extra_env: &[(String, String)],
     ) -> Result<Self, BenchError> {
-        let target = RedisTarget::new(redis_url, name)?;
+        let target = RedisTarget::new(redis, name).await?;
         let key = PrivateKey::generate();
         let merchant_env = vec![
             ("TARSPAY_MCH_NO".to_owned(), MCH_NO.to_owned()),
@@ -89,6 +97,7 @@ impl Pipeline {
                     "http://127.0.0.1:9/tarspay/notify".to_owned(),
                 ),
                 ("TARSPAY_QUEUE_PREFIX", target.prefix.clone()),
+                ("TARSPAY_PARTITIONS", partitions.to_string()),
                 // Benchmarks run on throwaway data, on the documented (AOF-less) set-up.
                 ("TARSPAY_REDIS_UNSAFE", "true".to_owned()),
                 (
@@ -121,6 +130,7 @@ impl Pipeline {
             settings,
             deployment,
             producer,
+            partitions,
             concurrency,
         };
         for _ in 0..workers {
@@ -166,8 +176,7 @@ impl Pipeline {
 
     /// A reader of every partition's outcome stream on its own connection.
     pub async fn tail(&self) -> Result<OutcomeTail, BenchError> {
-        let client = RedisClient::open(self.target.url.as_str(), ClusterMode::Auto).await?;
-        let conn = client.connect(Default::default())?;
+        let conn = self.target.connection()?;
         let streams = self
             .deployment
             .partitions()
@@ -406,9 +415,12 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
     let paced_n = (n / 4).clamp(1, 5_000);
     let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
     let timers = PipelineTimers::default();
+    let partitions = options.partitions()?;
+    let choice = RedisChoice::of(options)?;
     for workers in [1usize, 3] {
         let pipeline = Pipeline::start(
-            options.redis_url.as_deref(),
+            choice,
+            partitions,
             &format!("e2e{workers}"),
             workers,
             concurrency,
@@ -418,8 +430,10 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
         .await?;
         let result = async {
             let mut tail = pipeline.tail().await?;
-            let mut stats = pipeline.target.connection().await?;
-            // Commands per payout, Lua-run ones included; only meaningful on a private server.
+            let mut stats = pipeline.target.nodes().await?;
+            let stats_start = stats.commandstats().await?;
+            // Commands per payout, Lua-run ones included (added up over a cluster's masters);
+            // only meaningful on a private server or cluster.
             let mut calls_per_payout =
                 async |tail: &OutcomeTail,
                        before: &[(String, u64)],
@@ -428,7 +442,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
                        -> Result<(Option<f64>, CommandCounts), BenchError> {
                     // Let the last acknowledgements land first.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    let after = commandstats(&mut stats).await?;
+                    let after = stats.commandstats().await?;
                     let calls = payout_calls(
                         &commandstats_delta(before, &after),
                         tail.calls - pages_before,
@@ -439,8 +453,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
                         .then(|| round(calls as f64 / payouts as f64, 2));
                     Ok((per, after))
                 };
-            let redis_cpu = || pipeline.target.redis_pid().and_then(proc_cpu_seconds);
-            let stats_start = commandstats(&mut pipeline.target.connection().await?).await?;
+            let redis_cpu = || pipeline.target.redis_cpu_seconds();
             let pages_start = tail.calls;
             let cpu_before = (pipeline.cpu_seconds(), redis_cpu());
             let burst = drive(&pipeline, &mut tail, &format!("E2E{workers}"), n, None).await?;
@@ -468,6 +481,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             ))
         }
         .await;
+        let (private, redis) = (pipeline.target.is_private(), pipeline.target.describe());
         pipeline.finish().await?;
         let (run, paced, cpu_before, cpu_after, burst_calls, paced_calls) = result?;
         let per_payout_ms =
@@ -478,6 +492,8 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             "n": n,
             "workers": workers,
             "concurrency": concurrency,
+            "partitions": partitions,
+            "redis": redis,
             "payouts_per_s": round(n as f64 / run.elapsed.as_secs_f64(), 0),
             "p50_ms": round(run.latency_ms.0, 1),
             "p99_ms": round(run.latency_ms.1, 1),
@@ -494,7 +510,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             "sandbox_final_after": timers.final_after,
             "poll_first_delay": timers.poll_first_delay,
             "note": "all N enqueued at once (a payroll): latency includes waiting behind the burst; timers lowered so the pipeline dominates throughput (production poll_first_delay is 2s)",
-            "redis_private": options.redis_url.is_none(),
+            "redis_private": private,
         }));
         report(json!({
             "bench": "e2e",
@@ -502,6 +518,8 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             "n": paced_n,
             "workers": workers,
             "concurrency": concurrency,
+            "partitions": partitions,
+            "redis": redis,
             "offered_per_s": PACED_RATE,
             "payouts_per_s": round(paced_n as f64 / paced.elapsed.as_secs_f64(), 0),
             "p50_ms": round(paced.latency_ms.0, 1),
@@ -511,7 +529,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             "sandbox_final_after": timers.final_after,
             "poll_first_delay": timers.poll_first_delay,
             "note": "latency floor: create, 100ms to final at the sandbox, the 150ms poll delay and up to 500ms until the worker promotes the delayed poll job",
-            "redis_private": options.redis_url.is_none(),
+            "redis_private": private,
         }));
     }
     Ok(())

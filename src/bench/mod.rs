@@ -6,8 +6,10 @@
 //! * [`cost`]: Redis commands, memory and CPU per payout.
 //! * [`backlog`]: throughput with a large backlog waiting vs an empty queue.
 //!
-//! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]); with one it
-//! writes only under a unique key prefix and removes those keys at the end.
+//! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]), or
+//! with `cluster` its own Redis Cluster ([`local_redis::LocalCluster`]); with a URL (one server,
+//! or a cluster's seeds) it writes only under a unique key prefix and removes those keys at the
+//! end, on every master.
 
 pub mod backlog;
 pub mod cost;
@@ -42,14 +44,36 @@ pub enum BenchError {
 /// Options every bench accepts; `None` means the bench's own default.
 #[derive(Debug, Clone, Default)]
 pub struct BenchOptions {
-    /// Use this Redis (under a unique key prefix) instead of a private `redis-server`.
+    /// Use this Redis (under a unique key prefix) instead of a private `redis-server`: one URL,
+    /// or a cluster's seeds separated by commas (a cluster is detected).
     pub redis_url: Option<String>,
+    /// Start a private Redis Cluster of this many masters (no replicas) instead of a private
+    /// `redis-server`; 1 is one cluster-enabled node serving every slot.
+    pub cluster: Option<usize>,
+    /// Partitions of the queue (`queue`, `backlog`) or of the deployment (`e2e`, `cost`);
+    /// 1 when `None`.
+    pub partitions: Option<usize>,
     /// Jobs or payouts per run.
     pub n: Option<u64>,
     /// Jobs in flight per worker (process).
     pub concurrency: Option<usize>,
     /// `cost`: the workers' retention; the bench then waits for memory to come back.
     pub retention: Option<std::time::Duration>,
+}
+
+impl BenchOptions {
+    /// The number of partitions, checked against the deployment's limit.
+    pub fn partitions(&self) -> Result<usize, BenchError> {
+        let partitions = self.partitions.unwrap_or(1);
+        if (1..=tarspay_worker::partition::MAX_PARTITIONS).contains(&partitions) {
+            Ok(partitions)
+        } else {
+            Err(BenchError::Setup(format!(
+                "--partitions must be 1 to {}, got {partitions}",
+                tarspay_worker::partition::MAX_PARTITIONS
+            )))
+        }
+    }
 }
 
 /// Receives each result as soon as it is measured.

@@ -1,9 +1,10 @@
-//! What every bench shares: a private `redis-server` (or a caller's Redis under a unique key
-//! prefix), `INFO commandstats`, a `MONITOR` counter, percentiles, `/proc` readings and child
+//! What every bench shares: a private `redis-server` or Redis Cluster (or a caller's Redis,
+//! one server or a cluster, under a unique key prefix), `INFO commandstats` and `used_memory`
+//! added up over the masters, a `MONITOR` counter, percentiles, `/proc` readings and child
 //! processes of this binary.
 
 use super::BenchError;
-use local_redis::LocalRedis;
+use local_redis::{LocalCluster, LocalRedis};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -11,64 +12,336 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tarspay_worker::partition;
+use tarspay_worker::redis_conn::{ClusterMode, RedisClient, RedisConn, Timeouts, seeds};
 
-/// Where a bench writes: its own server, or the caller's Redis under a key prefix no one else
-/// uses (removed again at the end).
+/// Where a bench writes: its own server or cluster, or the caller's Redis (one server or a
+/// cluster) under a key prefix no one else uses (removed again at the end).
 pub struct RedisTarget {
+    /// One URL, or a cluster's seeds separated by commas (as `TARSPAY_REDIS_URL` takes them).
     pub url: String,
     /// Key prefix for this run (queue prefix; every key carries `{prefix:…}`).
     pub prefix: String,
-    own: Option<LocalRedis>,
+    /// The client every connection of the bench comes from (single node or cluster).
+    pub client: RedisClient,
+    own: Own,
+    /// The URL of every master: server-wide numbers (`INFO`, `MONITOR`, `SCAN`) are per node.
+    masters: Vec<String>,
+}
+
+/// What the bench started for itself, if anything.
+enum Own {
+    Nothing,
+    Server(LocalRedis),
+    Cluster(LocalCluster),
+}
+
+/// Which Redis a bench runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisChoice<'a> {
+    /// A private `redis-server`.
+    Private,
+    /// A private Redis Cluster of this many masters, without replicas (1: one cluster-enabled
+    /// node serving every slot).
+    PrivateCluster(usize),
+    /// The caller's Redis: one URL, or a cluster's seeds separated by commas (a cluster is
+    /// detected with `INFO cluster`).
+    Url(&'a str),
+}
+
+impl<'a> RedisChoice<'a> {
+    /// From the bench options (`--redis-url` and `--cluster` exclude each other).
+    pub fn of(options: &'a super::BenchOptions) -> Result<Self, BenchError> {
+        match (options.redis_url.as_deref(), options.cluster) {
+            (Some(_), Some(_)) => Err(BenchError::Setup(
+                "--redis-url and --cluster exclude each other".into(),
+            )),
+            (Some(url), None) => Ok(Self::Url(url)),
+            (None, Some(masters)) => Ok(Self::PrivateCluster(masters)),
+            (None, None) => Ok(Self::Private),
+        }
+    }
 }
 
 impl RedisTarget {
-    /// `url` None: a private `redis-server`. Some: that Redis, with a unique prefix.
-    pub fn new(url: Option<&str>, name: &str) -> Result<Self, BenchError> {
+    /// Starts (or connects to) the Redis of `choice`; this run's keys go under a unique prefix.
+    pub async fn new(choice: RedisChoice<'_>, name: &str) -> Result<Self, BenchError> {
         let prefix = format!(
             "bench-{name}-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         );
-        match url {
-            Some(url) => Ok(Self {
-                url: url.to_owned(),
-                prefix,
-                own: None,
-            }),
-            None => {
-                let own = LocalRedis::start(local_redis::Durability::Off)
-                    .map_err(|err| BenchError::Setup(err.to_string()))?;
-                Ok(Self {
-                    url: own.url().to_owned(),
-                    prefix,
-                    own: Some(own),
-                })
+        let setup = |err: local_redis::LocalRedisError| BenchError::Setup(err.to_string());
+        let (url, own) = match choice {
+            RedisChoice::Url(url) => (url.to_owned(), Own::Nothing),
+            RedisChoice::Private => {
+                let own = LocalRedis::start(local_redis::Durability::Off).map_err(setup)?;
+                (own.url().to_owned(), Own::Server(own))
             }
+            RedisChoice::PrivateCluster(masters) => {
+                // Forming a cluster blocks (it waits until every node sees every slot served).
+                let own = tokio::task::spawn_blocking(move || match masters {
+                    0 => Err(BenchError::Setup("--cluster needs at least 1 master".into())),
+                    1 => LocalCluster::single_node().map_err(setup),
+                    2 => Err(BenchError::Setup(
+                        "--cluster 2: redis-cli --cluster create needs at least 3 masters (1 gives a one-node cluster)".into(),
+                    )),
+                    _ => LocalCluster::start(masters, 0).map_err(setup),
+                })
+                .await
+                .map_err(|err| BenchError::Setup(format!("starting the cluster: {err}")))??;
+                (own.seeds(), Own::Cluster(own))
+            }
+        };
+        let client = RedisClient::open(&url, ClusterMode::Auto).await?;
+        let masters = match &own {
+            Own::Cluster(cluster) => seeds(&cluster.seeds())
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            _ if client.is_cluster() => cluster_masters(&url).await?,
+            _ => vec![seeds(&url).first().copied().unwrap_or(&url).to_owned()],
+        };
+        Ok(Self {
+            url,
+            prefix,
+            client,
+            own,
+            masters,
+        })
+    }
+
+    /// True when this run owns the server or cluster (then server-wide numbers are this run's
+    /// alone).
+    pub fn is_private(&self) -> bool {
+        !matches!(self.own, Own::Nothing)
+    }
+
+    /// True on a Redis Cluster (private or the caller's).
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
+    }
+
+    /// The masters' URLs (one for a single server).
+    pub fn masters(&self) -> &[String] {
+        &self.masters
+    }
+
+    /// What the JSON lines call the Redis: `"server"`, or `"cluster of M masters"`.
+    pub fn describe(&self) -> String {
+        if self.is_cluster() {
+            format!("cluster of {} masters", self.masters.len())
+        } else {
+            "server".to_owned()
         }
     }
 
-    /// True when this run owns the server (then server-wide numbers are this run's alone).
-    pub fn is_private(&self) -> bool {
-        self.own.is_some()
+    /// The process ids of the private server or of every node of the private cluster (empty
+    /// for the caller's Redis).
+    pub fn redis_pids(&self) -> Vec<u32> {
+        match &self.own {
+            Own::Nothing => Vec::new(),
+            Own::Server(server) => vec![server.pid()],
+            Own::Cluster(cluster) => cluster.nodes().iter().filter_map(|n| n.pid).collect(),
+        }
     }
 
-    pub fn redis_pid(&self) -> Option<u32> {
-        self.own.as_ref().map(LocalRedis::pid)
+    /// User + system CPU seconds of every private Redis process together; `None` for the
+    /// caller's Redis (not ours to read) or when one cannot be read (never a partial sum).
+    pub fn redis_cpu_seconds(&self) -> Option<f64> {
+        let pids = self.redis_pids();
+        if pids.is_empty() {
+            return None;
+        }
+        pids.into_iter().map(proc_cpu_seconds).sum::<Option<f64>>()
     }
 
-    pub async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, BenchError> {
-        let client = redis::Client::open(self.url.as_str())?;
-        Ok(client.get_multiplexed_async_connection().await?)
+    /// A new connection (reconnecting) that routes by key on a cluster.
+    pub fn connection(&self) -> Result<RedisConn, BenchError> {
+        Ok(self.client.connect(Timeouts::default())?)
     }
 
-    /// Deletes this run's keys from a shared Redis (a private server just goes away).
+    /// A connection to every master, for server-wide numbers.
+    pub async fn nodes(&self) -> Result<Nodes, BenchError> {
+        let mut conns = Vec::with_capacity(self.masters.len());
+        for url in &self.masters {
+            let client = redis::Client::open(url.as_str())?;
+            conns.push(client.get_multiplexed_async_connection().await?);
+        }
+        Ok(Nodes { conns })
+    }
+
+    /// Deletes this run's keys from the caller's Redis, on every master of a cluster (a
+    /// private server or cluster just goes away).
     pub async fn cleanup(&self) -> Result<(), BenchError> {
-        if self.own.is_some() {
+        if self.is_private() {
             return Ok(());
         }
-        let mut conn = self.connection().await?;
-        local_redis::delete_prefix(&mut conn, &self.prefix).await?;
+        let nodes = self.nodes().await?;
+        for mut conn in nodes.conns {
+            delete_prefix_on_node(&mut conn, &self.prefix).await?;
+        }
         Ok(())
+    }
+}
+
+/// Deletes every key of `prefix` (`{prefix:…}`) on one node, in SCAN pages. On a cluster node a
+/// multi-key command must stay in one slot: keys are unlinked one slot at a time.
+async fn delete_prefix_on_node(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Result<(), BenchError> {
+    let pattern = format!("{{{prefix}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for key in keys {
+            by_slot.entry(partition::slot(&key)).or_default().push(key);
+        }
+        for keys in by_slot.values() {
+            redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async::<i64>(conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// The masters of the cluster reached through `urls`, from `CLUSTER NODES` of the first seed
+/// that answers; each URL keeps the seed's scheme, credentials and database.
+async fn cluster_masters(urls: &str) -> Result<Vec<String>, BenchError> {
+    let mut last = None;
+    for seed in seeds(urls) {
+        let text = async {
+            let client = redis::Client::open(seed)?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        match text.await {
+            Ok(text) => {
+                let masters = parse_cluster_masters(&text)
+                    .into_iter()
+                    .map(|(host, port)| with_host_port(seed, &host, port))
+                    .collect::<Vec<_>>();
+                if masters.is_empty() {
+                    return Err(BenchError::Setup(format!(
+                        "CLUSTER NODES of {} lists no master serving slots",
+                        redact(seed)
+                    )));
+                }
+                return Ok(masters);
+            }
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.map_or_else(
+        || BenchError::Setup("no Redis URL given".into()),
+        BenchError::Redis,
+    ))
+}
+
+/// `(host, port)` of every master in a `CLUSTER NODES` reply that serves slots and is not
+/// failed: `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <link>
+/// <slot>…`.
+pub fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            let serves = fields.len() > 8;
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) || !serves
+            {
+                return None;
+            }
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `seed` with its host and port replaced (scheme, credentials and database kept).
+fn with_host_port(seed: &str, host: &str, port: u16) -> String {
+    let Some((scheme, rest)) = seed.split_once("://") else {
+        return format!("redis://{host}:{port}/");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    let credentials = authority
+        .rsplit_once('@')
+        .map_or(String::new(), |(c, _)| format!("{c}@"));
+    format!("{scheme}://{credentials}{host}:{port}{path}")
+}
+
+/// A URL without its credentials, for messages.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, rest))) => format!("{scheme}://…@{rest}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// A plain connection to every master of the bench's Redis: `INFO` numbers are per node, so
+/// they are read from each and added up.
+pub struct Nodes {
+    conns: Vec<redis::aio::MultiplexedConnection>,
+}
+
+impl Nodes {
+    /// How many nodes (masters) are read.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Always false: a target has at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// `INFO commandstats` added up over the masters.
+    pub async fn commandstats(&mut self) -> Result<Vec<(String, u64)>, BenchError> {
+        let mut total: BTreeMap<String, u64> = BTreeMap::new();
+        for conn in &mut self.conns {
+            for (name, calls) in commandstats(conn).await? {
+                *total.entry(name).or_default() += calls;
+            }
+        }
+        Ok(total.into_iter().collect())
+    }
+
+    /// `used_memory` added up over the masters (read one after another, not at one instant).
+    pub async fn used_memory(&mut self) -> Result<u64, BenchError> {
+        let mut total = 0;
+        for conn in &mut self.conns {
+            total += used_memory(conn).await?;
+        }
+        Ok(total)
+    }
+
+    /// The address each master sees for its connection (`CLIENT INFO`).
+    pub async fn client_addrs(&mut self) -> Result<Vec<String>, BenchError> {
+        let mut addrs = Vec::with_capacity(self.conns.len());
+        for conn in &mut self.conns {
+            addrs.push(client_addr(conn).await?);
+        }
+        Ok(addrs)
     }
 }
 
@@ -581,6 +854,32 @@ mod tests {
             Some("127.0.0.1:7000")
         );
         assert_eq!(monitor_addr("redis://:pw@host:1/"), None);
+    }
+
+    #[test]
+    fn cluster_masters_come_from_cluster_nodes_with_the_seed_credentials() {
+        let text = "\
+a1 10.0.0.1:7000@17000,host-a myself,master - 0 0 1 connected 0-5460
+b2 10.0.0.2:7001@17001 master - 0 1 2 connected 5461-10922
+c3 10.0.0.3:7002@17002 slave a1 0 1 1 connected
+d4 10.0.0.4:7003@17003 master,fail - 0 1 3 disconnected 10923-16383
+e5 10.0.0.5:7004@17004 master - 0 1 4 connected
+f6 10.0.0.6:7005@17005 master - 0 1 5 connected 10923-16383
+";
+        assert_eq!(
+            parse_cluster_masters(text),
+            vec![
+                ("10.0.0.1".to_owned(), 7000),
+                ("10.0.0.2".to_owned(), 7001),
+                ("10.0.0.6".to_owned(), 7005)
+            ]
+        );
+        assert_eq!(
+            with_host_port("redis://u:pw@seed:1/2", "10.0.0.2", 7001),
+            "redis://u:pw@10.0.0.2:7001/2"
+        );
+        assert_eq!(with_host_port("rediss://seed:1", "h", 7), "rediss://h:7/");
+        assert_eq!(redact("redis://u:pw@seed:1/"), "redis://…@seed:1/");
     }
 
     #[test]

@@ -24,10 +24,19 @@ enum Which {
 pub struct BenchArgs {
     #[arg(value_enum)]
     which: Which,
-    /// Redis to use, under a unique key prefix that is removed afterwards; without it the
-    /// bench starts its own redis-server on a free port.
-    #[arg(long, value_name = "URL")]
+    /// Redis to use, under a unique key prefix that is removed afterwards (on every master of
+    /// a cluster): one URL, or a cluster's seeds separated by commas (any node's URL works; a
+    /// cluster is detected). Without it the bench starts its own redis-server on a free port.
+    #[arg(long, value_name = "URL", conflicts_with = "cluster")]
     redis_url: Option<String>,
+    /// Start a private Redis Cluster of M masters (no replicas) instead of a private
+    /// redis-server; 1 is one cluster-enabled node serving every slot, otherwise at least 3.
+    #[arg(long, value_name = "M")]
+    cluster: Option<usize>,
+    /// Partitions: of the bench's queue (`queue`, `backlog`) or of the deployment (`e2e`,
+    /// `cost`, passed to the workers as TARSPAY_PARTITIONS). Default 1.
+    #[arg(long, value_name = "P")]
+    partitions: Option<usize>,
     /// Jobs or payouts per run.
     #[arg(short = 'n', long = "n")]
     n: Option<u64>,
@@ -44,6 +53,8 @@ pub struct BenchArgs {
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let options = BenchOptions {
         redis_url: args.redis_url,
+        cluster: args.cluster,
+        partitions: args.partitions,
         n: args.n,
         concurrency: args.concurrency,
         retention: args.retention,
@@ -62,14 +73,23 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The JSON line with `bench`, `mode`, `n`, `workers` and `concurrency` first (serde_json sorts the
+/// The JSON line with `bench`, `mode`, `n`, `workers`, `concurrency`, `partitions` and `redis`
+/// first (serde_json sorts the
 /// rest by name), so lines read well one under another.
 fn leading_keys_first(line: serde_json::Value) -> String {
     let serde_json::Value::Object(mut map) = line else {
         return line.to_string();
     };
     let mut fields = Vec::with_capacity(map.len());
-    for key in ["bench", "mode", "n", "workers", "concurrency"] {
+    for key in [
+        "bench",
+        "mode",
+        "n",
+        "workers",
+        "concurrency",
+        "partitions",
+        "redis",
+    ] {
         if let Some(value) = map.remove(key) {
             fields.push((key.to_owned(), value));
         }
