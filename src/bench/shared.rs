@@ -130,7 +130,10 @@ impl RedisTarget {
     /// What the JSON lines call the Redis: `"server"`, or `"cluster of M masters"`.
     pub fn describe(&self) -> String {
         if self.is_cluster() {
-            format!("cluster of {} masters", self.masters.len())
+            match self.masters.len() {
+                1 => "cluster of 1 master".to_owned(),
+                masters => format!("cluster of {masters} masters"),
+            }
         } else {
             "server".to_owned()
         }
