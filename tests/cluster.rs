@@ -113,6 +113,26 @@ async fn a_payroll_runs_on_a_three_master_cluster_with_partitions_on_every_maste
     let (code, out, err) = common::run(app.command().arg("outcomes"));
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 60, "{out}");
+    // The README's recipe from another language reads every partition's stream too.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/outcomes_consumer.py");
+    let output = std::process::Command::new("python3")
+        .args([script, "--cluster", "--redis-url", &cluster.urls()[0]])
+        .args(["--prefix", "apptest", "--group", "py", "--count", "60"])
+        .output()
+        .expect("python3 runs (.ci/run installs it with redis-py)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: HashSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let fields: HashMap<String, String> = serde_json::from_str(line).unwrap();
+            fields["mchOrderNo"].clone()
+        })
+        .collect();
+    assert_eq!(read, ids.iter().cloned().collect::<HashSet<_>>());
 }
 
 /// A process set to another number of partitions than the deployment was written with is
