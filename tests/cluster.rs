@@ -71,10 +71,23 @@ async fn wait_final(app: &TestApp, ids: &[String]) {
         Duration::from_millis(200),
         || async {
             let finals = deduped_finals(app).await;
-            let missing = ids.iter().filter(|id| !finals.contains_key(*id)).count();
-            (missing == 0)
-                .then_some(())
-                .ok_or(format!("{missing} missing"))
+            let missing: Vec<&String> = ids.iter().filter(|id| !finals.contains_key(*id)).collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            // What the stragglers look like, for the failure message.
+            let mut states = Vec::new();
+            for id in missing.iter().take(3) {
+                let record = app.deployment.order(id).await;
+                states.push(format!("{id}: {record:?}"));
+            }
+            let dead = app.deployment.dead_count().await;
+            let stats = app.deployment.queue_stats().await;
+            Err(format!(
+                "{} missing; dead jobs {dead:?}; queue {stats:?}; {}",
+                missing.len(),
+                states.join("; ")
+            ))
         },
     )
     .await;
@@ -113,6 +126,26 @@ async fn a_payroll_runs_on_a_three_master_cluster_with_partitions_on_every_maste
     let (code, out, err) = common::run(app.command().arg("outcomes"));
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 60, "{out}");
+    // The README's recipe from another language reads every partition's stream too.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/outcomes_consumer.py");
+    let output = std::process::Command::new("python3")
+        .args([script, "--cluster", "--redis-url", &cluster.urls()[0]])
+        .args(["--prefix", "apptest", "--group", "py", "--count", "60"])
+        .output()
+        .expect("python3 runs (.ci/run installs it with redis-py)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: HashSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let fields: HashMap<String, String> = serde_json::from_str(line).unwrap();
+            fields["mchOrderNo"].clone()
+        })
+        .collect();
+    assert_eq!(read, ids.iter().cloned().collect::<HashSet<_>>());
 }
 
 /// A process set to another number of partitions than the deployment was written with is
@@ -254,6 +287,18 @@ async fn a_master_lost_with_unreplicated_writes_pays_no_one_twice_and_misses_no_
         .cluster()
         .wait_promoted(master, Duration::from_secs(30))
         .expect("the replica promoted");
+    // The promoted master has no replica: with TARSPAY_REDIS_MIN_REPLICAS=1 its partitions
+    // send no create (nothing it writes could be confirmed) until the old master comes back
+    // as its replica.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.redis
+        .cluster()
+        .restart(master)
+        .expect("restart the old master");
+    app.redis
+        .cluster()
+        .wait_ok(Duration::from_secs(30))
+        .expect("the old master back as a replica");
     wait_final(&app, &ids).await;
     drop(workers);
 

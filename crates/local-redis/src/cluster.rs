@@ -59,6 +59,8 @@ pub struct SlotRange {
 struct ClusterNode {
     child: Option<Child>,
     port: u16,
+    /// The cluster bus port.
+    bus: u16,
     url: String,
     id: String,
     paused: bool,
@@ -150,26 +152,11 @@ impl LocalCluster {
         for pair in ports.chunks_exact(2) {
             let (port, bus) = (pair[0], pair[1]);
             let dir = tempfile::tempdir().map_err(|e| LocalRedisError::Setup(e.to_string()))?;
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "1000"])
-                .args(["--cluster-port", &bus.to_string()])
-                .arg("--dir")
-                .arg(dir.path())
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--maxmemory-policy", "noeviction"])
-                // A replica's first full sync otherwise waits 5 s (7.0's diskless default) for
-                // more replicas to share the transfer.
-                .args(["--repl-diskless-sync-delay", "0"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| LocalRedisError::NotInstalled(e.to_string()))?;
+            let child = launch(port, bus, dir.path())?;
             cluster.nodes.push(ClusterNode {
                 child: Some(child),
                 port,
+                bus,
                 url: format!("redis://127.0.0.1:{port}/"),
                 id: String::new(),
                 paused: false,
@@ -322,6 +309,30 @@ impl LocalCluster {
         if node.paused {
             signal(node, "-CONT")?;
             node.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Starts a killed node again on its ports and directory (its `nodes.conf` is there, its
+    /// data is not: nodes keep nothing on disk), and waits until it answers. A master that
+    /// was replaced rejoins as a replica of its successor and syncs from it.
+    pub fn restart(&mut self, index: usize) -> Result<(), LocalRedisError> {
+        let node = self
+            .nodes
+            .get_mut(index)
+            .ok_or(LocalRedisError::NoSuchNode(index))?;
+        if node.child.is_some() {
+            return Err(LocalRedisError::Cluster(format!(
+                "node {index} is running; kill it first"
+            )));
+        }
+        node.child = Some(launch(node.port, node.bus, node.dir.path())?);
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        while connect(node.port).is_err() {
+            if Instant::now() >= deadline {
+                return Err(LocalRedisError::NoAnswer);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
@@ -596,6 +607,27 @@ impl Drop for LocalCluster {
 }
 
 /// Sends a signal with `kill` (no libc binding needed for a test helper).
+/// One cluster node's `redis-server` on `port` (bus `bus`) in `dir`.
+fn launch(port: u16, bus: u16, dir: &std::path::Path) -> Result<Child, LocalRedisError> {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", "nodes.conf"])
+        .args(["--cluster-node-timeout", "1000"])
+        .args(["--cluster-port", &bus.to_string()])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--maxmemory-policy", "noeviction"])
+        // A replica's first full sync otherwise waits 5 s (7.0's diskless default) for more
+        // replicas to share the transfer.
+        .args(["--repl-diskless-sync-delay", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| LocalRedisError::NotInstalled(e.to_string()))
+}
+
 fn signal(node: &ClusterNode, sig: &str) -> Result<(), LocalRedisError> {
     let Some(pid) = node.child.as_ref().map(Child::id) else {
         return Ok(());

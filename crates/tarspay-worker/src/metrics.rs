@@ -35,6 +35,10 @@ pub const OUTCOME_CORRECTIONS: &str = "tarspay_outcome_corrections_total";
 pub const ORDERS_WITHOUT_WORK: &str = "tarspay_orders_without_work";
 /// Jobs the lifeline queued for orders that had lost theirs.
 pub const LIFELINE_REPAIRS: &str = "tarspay_lifeline_repairs_total";
+/// Submit leases given back because fewer replicas than `TARSPAY_REDIS_MIN_REPLICAS` confirmed
+/// them: those creates wait. A steady rise means a primary is short of replicas (lagging, or
+/// lost after a failover) and its partitions' payouts are held until replicas return.
+pub const LEASES_UNREPLICATED: &str = "tarspay_leases_unreplicated_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

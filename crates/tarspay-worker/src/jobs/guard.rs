@@ -1,8 +1,11 @@
 //! The systemic guard: when creates for several *different* orders fail in a row with
 //! auth-class codes (bad key, unbound IP, disabled merchant…), every further create would
 //! fail the same way, so the queue must pause instead of burning a payroll. The count lives in
-//! Redis so all workers share it; any accepted create resets it (the ledger's accept script
-//! clears the same key).
+//! Redis so all workers share it: one set per partition (the ledger's accept script clears
+//! its partition's set in the step that records an accepted create), added up over every
+//! partition when a failure is recorded; a trip pauses every partition. An accept in one
+//! partition leaves another partition's earlier failures counted: the guard errs towards
+//! pausing.
 
 use super::JobError;
 use crate::redis_conn::RedisConn;

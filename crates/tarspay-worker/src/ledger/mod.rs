@@ -813,6 +813,8 @@ impl Ledger {
                 let msg = "lease not confirmed by the replicas";
                 self.release(mch_order_no, token, previous, false, None, msg)
                     .await?;
+                metrics::counter!(crate::metrics::LEASES_UNREPLICATED).increment(1);
+                tracing::debug!(mch_order_no, "{msg}; the create waits");
                 (SubmitTicket::Unreplicated, None)
             }
             [verdict, previous, attempt, fields @ ..] if verdict == "go" => {
