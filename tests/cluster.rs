@@ -325,3 +325,50 @@ async fn a_master_lost_with_unreplicated_writes_pays_no_one_twice_and_misses_no_
     let (code, report) = app.audit();
     assert_eq!(code, 0, "{report}");
 }
+
+/// Adding capacity moves slots between masters; a partition lives in one slot, so it moves
+/// whole, and its clients meet `ASK`/`TRYAGAIN` while it is half moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moved_to_another_master_mid_payroll_loses_and_repeats_nothing() {
+    let cluster = LocalCluster::start(3, 0).expect("a local cluster");
+    let app = cluster_app(cluster, "3", &[]).await;
+    let ids: Vec<String> = (0..240).map(|n| format!("MV-{n}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    let workers = [app.worker_process(4), app.worker_process(4)];
+    common::eventually("some payouts final", || async {
+        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
+    })
+    .await;
+    let partition = &app.deployment.partitions()[0];
+    let slot = tarspay_worker::partition::slot(&partition.ledger.keys().outcomes());
+    let AppRedis::Cluster(cluster) = &app.redis else {
+        unreachable!()
+    };
+    let from = cluster
+        .master_of_slot(slot)
+        .expect("the partition's master");
+    let to = (0..3)
+        .find(|&i| i != from && cluster.role(i) == Some(local_redis::Role::Master))
+        .expect("another master");
+    // A few keys at a time, so jobs run while the slot is split between the two.
+    let moved = cluster
+        .migrate_slot(slot, to, 10, Duration::from_millis(20))
+        .expect("the slot migrates");
+    assert!(moved > 10, "{moved} keys moved");
+    assert_eq!(cluster.master_of_slot(slot), Some(to));
+    wait_final(&app, &ids).await;
+    drop(workers);
+    let outcomes = app.outcomes().await;
+    assert_eq!(
+        outcomes.len(),
+        ids.len(),
+        "one outcome per payout, none repeated"
+    );
+    for id in &ids {
+        assert_eq!(app.sandbox.create_attempts(id), 1, "{id}: one create");
+    }
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "{report}");
+}

@@ -350,6 +350,78 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Moves `slot` and its keys from its master to master `to`, as `redis-cli --cluster
+    /// reshard` does slot by slot: `IMPORTING` on the target, `MIGRATING` on the source, the
+    /// keys moved `batch` at a time with `MIGRATE` (waiting `pause` between batches, so clients
+    /// meet the slot half moved: `ASK` and `TRYAGAIN`), then `SETSLOT … NODE` on every master;
+    /// waits until the cluster is ok. Returns the keys moved.
+    pub fn migrate_slot(
+        &self,
+        slot: u16,
+        to: usize,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<usize, LocalRedisError> {
+        let from = self
+            .master_of_slot(slot)
+            .ok_or_else(|| LocalRedisError::Cluster(format!("no master serves slot {slot}")))?;
+        let target = self.nodes.get(to).ok_or(LocalRedisError::NoSuchNode(to))?;
+        if from == to {
+            return Ok(0);
+        }
+        let source = &self.nodes[from];
+        let step = |port: u16, cmd: &redis::Cmd, what: &str| {
+            connect(port)
+                .and_then(|mut con| cmd.query::<redis::Value>(&mut con))
+                .map_err(|e| LocalRedisError::Cluster(format!("{what}: {e}")))
+        };
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        step(target.port, &setslot("IMPORTING", &source.id), "IMPORTING")?;
+        step(source.port, &setslot("MIGRATING", &target.id), "MIGRATING")?;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = connect(source.port)
+                .and_then(|mut con| {
+                    redis::cmd("CLUSTER")
+                        .arg("GETKEYSINSLOT")
+                        .arg(slot)
+                        .arg(batch.max(1))
+                        .query(&mut con)
+                })
+                .map_err(|e| LocalRedisError::Cluster(format!("GETKEYSINSLOT: {e}")))?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg("127.0.0.1")
+                .arg(target.port)
+                .arg("")
+                .arg(0)
+                .arg(5_000)
+                .arg("KEYS")
+                .arg(&keys);
+            step(source.port, &migrate, "MIGRATE")?;
+            moved += keys.len();
+            std::thread::sleep(pause);
+        }
+        // The new owner first, then the old one, then everyone else (as redis-cli does).
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for index in order {
+            let node = &self.nodes[index];
+            if node.live() && self.role(index) == Some(Role::Master) {
+                step(node.port, &setslot("NODE", &target.id), "SETSLOT NODE")?;
+            }
+        }
+        self.wait_ok(SETUP_TIMEOUT)?;
+        Ok(moved)
+    }
+
     /// `CLUSTER FAILOVER` on replica `index` (a coordinated switch, no write lost), then waits
     /// until it reports itself master and the cluster is ok again.
     pub fn failover(&self, replica: usize) -> Result<(), LocalRedisError> {
