@@ -64,6 +64,29 @@ async fn deduped_finals(app: &TestApp) -> HashMap<String, String> {
     finals
 }
 
+/// Enqueues payouts `{prefix}-0` … `{prefix}-{n-1}` of 100.00 INR; their ids.
+async fn enqueue_payroll(app: &TestApp, prefix: &str, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100.00")).await;
+    }
+    ids
+}
+
+/// Two worker processes of `concurrency` each, once a payroll is moving: returned after its
+/// first outcomes.
+async fn workers_in_flight(app: &TestApp, concurrency: usize) -> [common::app::WorkerProcess; 2] {
+    let workers = [
+        app.worker_process(concurrency),
+        app.worker_process(concurrency),
+    ];
+    common::eventually("some payouts final", || async {
+        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
+    })
+    .await;
+    workers
+}
+
 async fn wait_final(app: &TestApp, ids: &[String]) {
     common::poll(
         "every payout final",
@@ -97,10 +120,7 @@ async fn wait_final(app: &TestApp, ids: &[String]) {
 async fn a_payroll_runs_on_a_three_master_cluster_with_partitions_on_every_master() {
     let cluster = LocalCluster::start(3, 0).expect("a local cluster");
     let app = cluster_app(cluster, "6", &[]).await;
-    let ids: Vec<String> = (0..60).map(|n| format!("CL-{n}")).collect();
-    for id in &ids {
-        app.enqueue(inr(id, "100.00")).await;
-    }
+    let ids = enqueue_payroll(&app, "CL", 60).await;
     let workers = [app.worker_process(8), app.worker_process(8)];
     let outcomes = app.wait_outcomes(ids.len()).await;
     drop(workers);
@@ -172,15 +192,8 @@ async fn a_worker_with_another_partition_count_refuses_to_run() {
 async fn a_planned_failover_mid_payroll_loses_and_repeats_nothing() {
     let cluster = LocalCluster::start(3, 1).expect("a local cluster with replicas");
     let mut app = cluster_app(cluster, "6", &[("TARSPAY_REDIS_MIN_REPLICAS", "1")]).await;
-    let ids: Vec<String> = (0..90).map(|n| format!("PF-{n}")).collect();
-    for id in &ids[..45] {
-        app.enqueue(inr(id, "100.00")).await;
-    }
-    let workers = [app.worker_process(8), app.worker_process(8)];
-    common::eventually("some payouts final", || async {
-        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
-    })
-    .await;
+    let mut ids = enqueue_payroll(&app, "PF", 45).await;
+    let workers = workers_in_flight(&app, 8).await;
     // Every master hands over to its replica, one after another, while payouts move.
     let cluster = app.redis.cluster();
     let mut masters: Vec<usize> = cluster
@@ -195,9 +208,7 @@ async fn a_planned_failover_mid_payroll_loses_and_repeats_nothing() {
         let replica = cluster.replicas_of(master)[0];
         cluster.failover(replica).expect("CLUSTER FAILOVER");
     }
-    for id in &ids[45..] {
-        app.enqueue(inr(id, "100.00")).await;
-    }
+    ids.extend(enqueue_payroll(&app, "PF-late", 45).await);
     wait_final(&app, &ids).await;
     drop(workers);
     let outcomes = app.outcomes().await;
@@ -246,15 +257,8 @@ async fn a_master_lost_with_unreplicated_writes_pays_no_one_twice_and_misses_no_
         ],
     )
     .await;
-    let ids: Vec<String> = (0..300).map(|n| format!("LOSS-{n}")).collect();
-    for id in &ids {
-        app.enqueue(inr(id, "100.00")).await;
-    }
-    let workers = [app.worker_process(4), app.worker_process(4)];
-    common::eventually("some payouts final", || async {
-        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
-    })
-    .await;
+    let ids = enqueue_payroll(&app, "LOSS", 300).await;
+    let workers = workers_in_flight(&app, 4).await;
     // The replica of one master stops taking writes: what the master acknowledges from here
     // on exists only there. Once it holds outcomes its replica never saw, it dies and the
     // stale replica takes over.
@@ -332,15 +336,8 @@ async fn a_master_lost_with_unreplicated_writes_pays_no_one_twice_and_misses_no_
 async fn a_partition_moved_to_another_master_mid_payroll_loses_and_repeats_nothing() {
     let cluster = LocalCluster::start(3, 0).expect("a local cluster");
     let app = cluster_app(cluster, "3", &[]).await;
-    let ids: Vec<String> = (0..240).map(|n| format!("MV-{n}")).collect();
-    for id in &ids {
-        app.enqueue(inr(id, "100.00")).await;
-    }
-    let workers = [app.worker_process(4), app.worker_process(4)];
-    common::eventually("some payouts final", || async {
-        (app.deployment.outcome_count().await.ok()? >= 10).then_some(())
-    })
-    .await;
+    let ids = enqueue_payroll(&app, "MV", 240).await;
+    let workers = workers_in_flight(&app, 4).await;
     let partition = &app.deployment.partitions()[0];
     let slot = tarspay_worker::partition::slot(&partition.ledger.keys().outcomes());
     let AppRedis::Cluster(cluster) = &app.redis else {
