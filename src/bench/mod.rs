@@ -13,6 +13,7 @@
 
 pub mod backlog;
 pub mod cost;
+pub mod delay;
 pub mod e2e;
 pub mod queue;
 pub mod shared;

@@ -1,4 +1,4 @@
-//! `bench <queue|e2e|cost|backlog>`: runs a benchmark from `tarspay_dev::bench` and prints
+//! `bench <queue|e2e|cost|backlog|delay>`: runs a benchmark from `tarspay_dev::bench` and prints
 //! one JSON line per result.
 
 use anyhow::Result;
@@ -18,6 +18,12 @@ enum Which {
     Cost,
     /// Throughput with N jobs already waiting vs an empty queue (default N 100,000).
     Backlog,
+    /// Lateness of delayed jobs (due to start) at 100 and 1,000 a second, with 1 and 4 worker
+    /// processes, and what idle workers cost Redis.
+    Delay,
+    /// One worker process of `delay` (started by it).
+    #[value(hide = true)]
+    DelayWorker,
 }
 
 #[derive(Args)]
@@ -69,6 +75,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Which::E2e => bench::e2e::run(&options, &mut print).await?,
         Which::Cost => bench::cost::run(&options, &mut print).await?,
         Which::Backlog => bench::backlog::run(&options, &mut print).await?,
+        Which::Delay => bench::delay::run(&options, &mut print).await?,
+        Which::DelayWorker => bench::delay::worker().await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,7 +32,8 @@ pub(crate) const SHARED_KEYS: usize = 10;
 /// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{}{}",
+        "{}{}{}",
+        crate::queue::DELAY_JOB,
         crate::queue::ENQUEUE_ONE,
         r#"
 local now = tonumber(ARGV[1])

@@ -1,33 +1,59 @@
-//! Promotion of due delayed jobs into the stream, in bounded chunks.
+//! Promotion of due delayed jobs into the stream, in bounded chunks, and what a worker learns
+//! from it: when the next job is due, and whether it is the queue's promoter (the one worker
+//! that wakes on time for it).
+
+use std::time::Duration;
 
 use crate::queue::shared::Shared;
 use crate::queue::{QueueError, RedisQueue, scripts};
 
+/// How long a promoter lease lasts without a promotion renewing it; a promoter that dies is
+/// replaced by the next worker to promote after this.
+pub(crate) const PROMOTER_LEASE: Duration = Duration::from_secs(2);
+
+/// What one promotion pass found.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Promoted {
+    pub(crate) moved: u64,
+    /// The earliest due time left in the delayed set (server ms), if any.
+    pub(crate) next_due: Option<u64>,
+    /// The caller holds the promoter lease.
+    pub(crate) promoter: bool,
+}
+
 impl Shared {
-    /// Moves every job due now (by the Redis server's clock) from the delayed set to the stream, `promote_chunk` per Lua call,
-    /// so 100,000 due jobs are many small atomic steps rather than one huge one.
-    pub(crate) async fn promote_due(&self) -> Result<u64, QueueError> {
+    /// Moves every job due now (by the Redis server's clock) from the delayed set to the
+    /// stream, `promote_chunk` per Lua call, so 100,000 due jobs are many small atomic steps
+    /// rather than one huge one. `consumer` takes the promoter lease when it is free (`""`:
+    /// none).
+    pub(crate) async fn promote_due_as(&self, consumer: &str) -> Result<Promoted, QueueError> {
         let mut conn = self.conn.clone();
         let chunk = self.config.promote_chunk;
-        let mut moved = 0u64;
+        let mut total = Promoted::default();
         loop {
-            let n: u64 = scripts::PROMOTE
+            let (moved, next_due, promoter): (u64, i64, i64) = scripts::PROMOTE
                 .key(&self.keys.delayed)
                 .key(&self.keys.stream)
+                .key(&self.keys.promoter)
                 .arg(chunk)
+                .arg(consumer)
+                .arg(PROMOTER_LEASE.as_millis() as u64)
                 .invoke_async(&mut conn)
                 .await?;
-            moved += n;
-            if n < chunk as u64 {
-                return Ok(moved);
+            total.moved += moved;
+            total.next_due = u64::try_from(next_due).ok();
+            total.promoter = promoter == 1;
+            if moved < chunk as u64 {
+                return Ok(total);
             }
         }
     }
 }
 
 impl<T> RedisQueue<T> {
-    /// Promotes due delayed jobs now (workers also do this every `promote_interval`).
+    /// Promotes due delayed jobs now (workers also do this when the next one is due, and at
+    /// least every `promote_interval`).
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
-        self.shared.promote_due().await
+        Ok(self.shared.promote_due_as("").await?.moved)
     }
 }

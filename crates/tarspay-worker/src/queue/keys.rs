@@ -20,6 +20,8 @@ pub struct QueueKeys {
     pub paused: String,
     /// Sorted set of worker heartbeats: member = consumer name, score = last seen (ms).
     pub workers: String,
+    /// The promoter lease: the consumer that wakes on time for the next delayed job.
+    pub promoter: String,
     /// Consumer group name inside [`QueueKeys::stream`].
     pub group: String,
 }
@@ -53,6 +55,7 @@ impl QueueKeys {
             unique: format!("{base}:unique"),
             paused: format!("{base}:paused"),
             workers: format!("{base}:workers"),
+            promoter: format!("{base}:promoter"),
             group: "workers".to_owned(),
         }
     }
@@ -83,6 +86,7 @@ mod tests {
             &keys.unique,
             &keys.paused,
             &keys.workers,
+            &keys.promoter,
         ] {
             assert!(key.starts_with("{tp:payouts}:"), "{key}");
         }

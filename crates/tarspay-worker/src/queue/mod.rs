@@ -99,6 +99,11 @@ mod worker_id;
 
 pub use backoff::{full_jitter, random_up_to};
 pub(crate) use clock::now_ms;
+/// The Redis server's time (ms) as this process estimates it (see "Time" above); meaningful once a
+/// queue has connected.
+pub fn server_now_ms() -> u64 {
+    now_ms()
+}
 pub use config::QueueConfig;
 pub use dead::DeadJob;
 pub use delivery::Delivery;
@@ -106,7 +111,7 @@ pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService, record_job};
 pub use partitioned::Partitioned;
-pub(crate) use scripts::ENQUEUE_ONE;
+pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE};
 pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
 pub use worker_id::worker_identity;

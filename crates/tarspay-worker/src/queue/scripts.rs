@@ -25,11 +25,26 @@ local function enqueue_one(stream, delayed, unique, now, run_at, ukey, job_id, e
     return redis.call('HGET', unique, ukey)
   end
   if run_at > now then
-    redis.call('ZADD', delayed, run_at, env)
+    delay_job(stream, delayed, now, run_at, env)
   else
     redis.call('XADD', stream, '*', 'e', env)
   end
   return ''
+end
+"#;
+
+/// Lua function that adds a job to the delayed set and, when it is due before every job
+/// there, wakes one sleeping worker with a marker entry in the stream (`w` = the due time):
+/// workers sleep until the earliest due time they know of, and this one they could not know.
+/// Under load new delays are rarely the earliest, so markers are rare; a lone delayed job
+/// costs one.
+pub(crate) const DELAY_JOB: &str = r#"
+local function delay_job(stream, delayed, now, run_at, env)
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', delayed, run_at, env)
+  if first[2] == nil or run_at < tonumber(first[2]) then
+    redis.call('XADD', stream, '*', 'w', run_at)
+  end
 end
 "#;
 
@@ -39,7 +54,7 @@ end
 /// Returns one string per job: "" if enqueued, else the id of the job holding the unique key.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SERVER_NOW}{ENQUEUE_ONE}{}",
+        "{SERVER_NOW}{DELAY_JOB}{ENQUEUE_ONE}{}",
         r#"
 local now = server_now()
 local out = {}
@@ -56,13 +71,16 @@ return out
 });
 
 /// Move delayed jobs due by the server's clock (`TIME`) into the stream, at most ARGV[1] per
-/// call. KEYS: delayed, stream. ARGV: limit. Returns how many were moved.
+/// call. KEYS: delayed, stream, promoter lease. ARGV: limit, consumer ('' takes no lease),
+/// lease ms. The caller holds (or takes, when free) the promoter lease of this queue: the
+/// one worker that wakes on time for the next due job, so many workers do not all wake at
+/// once. Returns {moved, the next due time or -1, 1 if the caller holds the lease}.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{SERVER_NOW}{}",
         r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0,
-  tonumber(ARGV[1]))
+local limit = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0, limit)
 for _, env in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'e', env)
 end
@@ -70,7 +88,20 @@ if #due > 0 then
   -- One removal for the whole chunk (the limit bounds the unpack).
   redis.call('ZREM', KEYS[1], unpack(due))
 end
-return #due
+local mine = 0
+if ARGV[2] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder == false or holder == ARGV[2] then
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+    mine = 1
+  end
+end
+local next_due = -1
+if #due < limit then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if first[2] then next_due = tonumber(first[2]) end
+end
+return {#due, next_due, mine}
 "#
     ))
 });
@@ -90,7 +121,7 @@ return #due
 /// Returns {settled, {stale entry ids...}}.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SERVER_NOW}{}",
+        "{SERVER_NOW}{DELAY_JOB}{}",
         r#"
 local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
 local now = server_now()
@@ -149,7 +180,7 @@ for i = 4, #ARGV, 5 do
       if kind == 'r' then
         local delay = tonumber(a)
         if delay > 0 then
-          redis.call('ZADD', KEYS[2], now + delay, b)
+          delay_job(KEYS[1], KEYS[2], now, now + delay, b)
         else
           redis.call('XADD', KEYS[1], '*', 'e', b)
         end

@@ -1,0 +1,95 @@
+//! Delayed jobs start on time, not at a worker's next periodic promotion: the promoter sleeps
+//! until the next due job it knows of, and a job delayed to before every other one wakes a
+//! sleeping worker with a marker. The periodic pass here is 60 s, so nothing below can be its
+//! work; the bounds are hang guards, far above what a slow machine needs.
+
+mod common;
+
+use apalis::prelude::*;
+use common::queue::{RedisServer, TestJob, config, queue, stop_signal};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tarspay_worker::queue::{JobOptions, QueueConfig};
+
+/// Job number → the server's time (ms) when it started.
+type Starts = Arc<Mutex<Vec<(u64, u64)>>>;
+
+async fn server_ms(server: &RedisServer) -> u64 {
+    let mut conn = server.conn().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+fn slow_periodic(name: &str) -> QueueConfig {
+    let mut config = config(name);
+    config.promote_interval = Duration::from_secs(60);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_jobs_start_at_their_due_time_not_at_the_next_periodic_pass() {
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, slow_periodic("ontime")).await;
+    let starts: Starts = Arc::default();
+    async fn handle(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
+        let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
+        starts.lock().unwrap().push((job.n, now));
+        Ok(())
+    }
+    let (stop, signal) = stop_signal();
+    let worker = WorkerBuilder::new("ontime")
+        .backend(jobs.clone())
+        .data(starts.clone())
+        .concurrency(4)
+        .build(handle);
+    let running = tokio::spawn(worker.run_until(signal));
+    // Let the worker make its first (periodic) pass over an empty delayed set.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A lone delayed job wakes the sleeping worker with a marker; a later one, due before
+    // the first, too; one due after both is learnt by the promoter.
+    let enqueued_at = server_ms(&server).await;
+    let begun = Instant::now();
+    for (n, delay_ms) in [(1u64, 1_500u64), (2, 700), (3, 2_500)] {
+        jobs.enqueue_with(
+            &TestJob::new(n),
+            JobOptions::delayed(Duration::from_millis(delay_ms)),
+        )
+        .await
+        .unwrap();
+    }
+    common::eventually("the three delayed jobs to start", || async {
+        (starts.lock().unwrap().len() >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "started by a periodic pass, not on time: {:?}",
+        begun.elapsed()
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    let mut order: Vec<(u64, u64)> = starts.lock().unwrap().clone();
+    order.sort_by_key(|&(_, at)| at);
+    assert_eq!(
+        order.iter().map(|&(n, _)| n).collect::<Vec<_>>(),
+        [2, 1, 3],
+        "in due order"
+    );
+    // Never early (the local wall clock here is the server's: same host).
+    for (n, at) in order {
+        let delay = match n {
+            1 => 1_500,
+            2 => 700,
+            _ => 2_500,
+        };
+        assert!(at + 5 >= enqueued_at + delay, "job {n} started early");
+    }
+    let mut conn = server.conn().await;
+    let markers_left: u64 = redis::cmd("XLEN")
+        .arg(&jobs.keys().stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(markers_left, 0, "wake markers are acknowledged and deleted");
+}
