@@ -20,9 +20,11 @@ pub struct QueueConfig {
     pub orphan_timeout: Duration,
     /// How many fetched-but-not-started jobs a worker may hold (also the XREADGROUP COUNT).
     pub prefetch: usize,
-    /// XREADGROUP BLOCK time; bounds how late a worker sees pause, delays and orphans.
+    /// XREADGROUP BLOCK time; bounds how late a worker sees pause and orphans (delayed jobs
+    /// are woken for on time, see `queue::fetch`).
     pub block: Duration,
-    /// How often a worker promotes due delayed jobs into the stream.
+    /// How often every worker promotes due delayed jobs anyway: the safety net behind the
+    /// promoter's on-time wake-ups (a lost promoter or marker costs at most this much).
     pub promote_interval: Duration,
     /// Delayed jobs moved per Lua call (bounded so 100,000 due jobs never make a huge reply).
     pub promote_chunk: usize,
@@ -61,7 +63,7 @@ impl QueueConfig {
             orphan_timeout: Duration::from_secs(30),
             prefetch: 100,
             block: Duration::from_millis(500),
-            promote_interval: Duration::from_millis(500),
+            promote_interval: Duration::from_secs(1),
             promote_chunk: 500,
             pause_check_interval: Duration::from_millis(500),
             heartbeat_interval: Duration::from_secs(5),

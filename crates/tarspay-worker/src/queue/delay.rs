@@ -25,8 +25,13 @@ impl Shared {
     /// Moves every job due now (by the Redis server's clock) from the delayed set to the
     /// stream, `promote_chunk` per Lua call, so 100,000 due jobs are many small atomic steps
     /// rather than one huge one. `consumer` takes the promoter lease when it is free (`""`:
-    /// none).
-    pub(crate) async fn promote_due_as(&self, consumer: &str) -> Result<Promoted, QueueError> {
+    /// none); the next due time is learnt by the promoter, or when `following` (a marker
+    /// woke the caller).
+    pub(crate) async fn promote_due_as(
+        &self,
+        consumer: &str,
+        following: bool,
+    ) -> Result<Promoted, QueueError> {
         let mut conn = self.conn.clone();
         let chunk = self.config.promote_chunk;
         let mut total = Promoted::default();
@@ -38,6 +43,7 @@ impl Shared {
                 .arg(chunk)
                 .arg(consumer)
                 .arg(PROMOTER_LEASE.as_millis() as u64)
+                .arg(if following { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await?;
             total.moved += moved;
@@ -54,6 +60,6 @@ impl<T> RedisQueue<T> {
     /// Promotes due delayed jobs now (workers also do this when the next one is due, and at
     /// least every `promote_interval`).
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
-        Ok(self.shared.promote_due_as("").await?.moved)
+        Ok(self.shared.promote_due_as("", false).await?.moved)
     }
 }

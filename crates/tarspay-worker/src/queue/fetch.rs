@@ -167,13 +167,16 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             return Ok(Vec::new());
         }
         if schedule.promotion_due(now_ms(), config.promote_interval) {
-            let promoted = self.shared.promote_due_as(&self.consumer).await?;
-            schedule.promoted = Some(Instant::now());
             // The promoter wakes on time for the next due job; so does a worker a marker woke,
             // until the promoter's periodic pass has learnt of the new jobs too.
             let following = schedule
                 .follow_until
                 .is_some_and(|until| Instant::now() < until);
+            let promoted = self
+                .shared
+                .promote_due_as(&self.consumer, following)
+                .await?;
+            schedule.promoted = Some(Instant::now());
             let now = now_ms();
             schedule.next_due = if promoted.promoter || following {
                 promoted.next_due

@@ -6,7 +6,11 @@
 //!   handler's outcome is written, then it is acknowledged **and deleted** (`XACK` + `XDEL`), so
 //!   the stream holds only waiting and running jobs.
 //! * Delayed jobs (enqueued with a delay, retries) wait in a sorted set and are promoted into the
-//!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]).
+//!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]), on time: one
+//!   worker per queue, the promoter (a lease), sleeps until the next due job; a job delayed
+//!   to before all others wakes a sleeping worker with a marker entry (`w` = its due time,
+//!   acknowledged and deleted by the worker that reads it, never a job); every worker also
+//!   promotes every [`QueueConfig::promote_interval`] as a safety net.
 //! * A worker that dies leaves entries in the PEL; entries idle longer than
 //!   [`QueueConfig::orphan_timeout`] are taken over with `XAUTOCLAIM` by live workers. A live
 //!   worker renews the entries it holds (`XCLAIM … JUSTID`, which resets the idle time without

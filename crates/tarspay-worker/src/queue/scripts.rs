@@ -72,9 +72,10 @@ return out
 
 /// Move delayed jobs due by the server's clock (`TIME`) into the stream, at most ARGV[1] per
 /// call. KEYS: delayed, stream, promoter lease. ARGV: limit, consumer ('' takes no lease),
-/// lease ms. The caller holds (or takes, when free) the promoter lease of this queue: the
-/// one worker that wakes on time for the next due job, so many workers do not all wake at
-/// once. Returns {moved, the next due time or -1, 1 if the caller holds the lease}.
+/// lease ms, '1' to learn the next due time without the lease (a worker a marker woke). The
+/// caller holds (or takes, when free) the promoter lease of this queue: the one worker that
+/// wakes on time for the next due job, so many workers do not all wake at once. Returns
+/// {moved, the next due time (-1: none, or not asked), 1 if the caller holds the lease}.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{SERVER_NOW}{}",
@@ -97,7 +98,7 @@ if ARGV[2] ~= '' then
   end
 end
 local next_due = -1
-if #due < limit then
+if #due < limit and (mine == 1 or ARGV[4] == '1') then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if first[2] then next_due = tonumber(first[2]) end
 end
