@@ -3,7 +3,9 @@
 //! or 4 worker processes (`tarspay-dev bench delay-worker`, this executable). Each job carries
 //! its due time on the server's clock (the producer's estimate of it, taken just before the
 //! enqueue, whose script adds the delay to the server's `TIME` a little later: lateness is
-//! measured at most one round trip short). A worker records `start - due` in a list; the bench
+//! measured at most one round trip short, and both ends are whole milliseconds of two clock
+//! readings, so a job that started on the dot can read -1 ms: `early`). A worker records
+//! `start - due` in a list; the bench
 //! reports p50 / p99 / max per rate and worker count, and the Redis commands per second the
 //! idle workers cost before any job arrives.
 
@@ -99,6 +101,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
                 "lateness_ms_p99": round(pick(99.0), 1),
                 "lateness_ms_max": round(sorted.last().copied().unwrap_or(0.0), 1),
                 "early": late.iter().filter(|&&l| l < 0.0).count(),
+                "lateness_ms_min": round(sorted.first().copied().unwrap_or(0.0), 1),
                 "idle_redis_calls_per_s": round(idle_per_s, 1),
             }));
         }

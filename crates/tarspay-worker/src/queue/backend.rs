@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
 use crate::queue::fetch::Fetcher;
+use crate::queue::promoter::run_promoter;
 use crate::queue::renew::run_renewer;
 use crate::queue::runtime::{WorkerRuntime, closing_slot};
 use crate::queue::settle::run_settler;
@@ -49,6 +50,13 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                 settle_rx,
             ));
         }
+        let (due_times, markers) = tokio::sync::mpsc::unbounded_channel();
+        runtime.promoter = Some(tokio::spawn(run_promoter(
+            Arc::clone(&shared),
+            runtime.consumer.clone(),
+            markers,
+            runtime.stop.clone(),
+        )));
         if let Some(tx) = runtime.tx.take() {
             let fetcher = Fetcher {
                 shared: Arc::clone(&shared),
@@ -57,6 +65,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                 settle: runtime.settle.clone(),
                 inflight: runtime.inflight.clone(),
                 stop: runtime.stop.clone(),
+                due_times,
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));
         }
@@ -76,6 +85,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
         let stop = runtime.stop.clone();
         let fetcher = runtime.fetcher.take();
         let renewer = runtime.renewer.take();
+        let promoter = runtime.promoter.take();
         let rx = runtime.rx.take();
         let settle = runtime.settle.clone();
         let consumer = runtime.consumer.clone();
@@ -99,6 +109,9 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             }
             if let Some(renewer) = renewer {
                 let _ = renewer.await;
+            }
+            if let Some(promoter) = promoter {
+                let _ = promoter.await;
             }
             let mut conn = shared.conn.clone();
             let removed: Result<i64, _> = redis::cmd("ZREM")

@@ -1,15 +1,10 @@
-//! The fetch loop of one worker: pause check, promotion of due jobs, claiming of orphans, and
+//! The fetch loop of one worker: pause check, claiming of orphans, and
 //! batched `XREADGROUP` into a bounded buffer that apalis drains. Errors back off and retry; the
 //! loop only ends when the worker stops.
 //!
-//! Delayed jobs start on time: the queue's promoter (one worker at a time, a lease taken in
-//! the promotion script) blocks in `XREADGROUP` no longer than until the next due time it
-//! learnt, and promotes then. A job delayed to before every other one wakes one sleeping
-//! worker with a marker entry (see `scripts::DELAY_JOB`), which promotes at its due time once.
-//! Every worker still promotes every `promote_interval`, so a lost promoter or marker costs
-//! lateness, never a job.
+//! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
+//! time; wake markers read here are acknowledged, deleted and their due times passed to it.
 
-use crate::redis_conn::RedisConn;
 use apalis::prelude::{Task, TaskBuilder, TaskId};
 use redis::Value;
 use redis::streams::StreamId;
@@ -24,9 +19,11 @@ use crate::queue::delivery::Delivery;
 use crate::queue::entries::{parse_claimed, parse_read, take_field};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
+use crate::queue::promoter::DueTimes;
 use crate::queue::settle::{SettleHandle, Settlement};
 use crate::queue::shared::Shared;
-use crate::queue::{QueueError, now_ms, scripts};
+use crate::queue::{QueueError, scripts};
+use crate::redis_conn::RedisConn;
 
 pub(crate) struct Fetcher<T> {
     pub(crate) shared: Arc<Shared>,
@@ -35,50 +32,16 @@ pub(crate) struct Fetcher<T> {
     pub(crate) settle: SettleHandle,
     pub(crate) inflight: InFlight,
     pub(crate) stop: CancellationToken,
+    /// Due times read from wake markers, for this worker's promoter loop.
+    pub(crate) due_times: DueTimes,
 }
 
 #[derive(Default)]
 struct Schedule {
     paused: bool,
     pause_checked: Option<Instant>,
-    promoted: Option<Instant>,
-    /// When to promote next, on the server's clock: the next due job, known to the promoter
-    /// (or to the worker a marker woke).
-    next_due: Option<u64>,
-    /// A marker woke this worker: until then it wakes on time like the promoter, which may not
-    /// know of the new jobs before its next periodic pass.
-    follow_until: Option<Instant>,
     claimed: Option<Instant>,
     claim_cursor: Option<String>,
-}
-
-/// The least time between two promotions on time: bounds a promoter's wake-ups (and their
-/// Redis calls) under a stream of due times a millisecond apart, at this much lateness.
-const MIN_PROMOTION_GAP: Duration = Duration::from_millis(3);
-
-impl Schedule {
-    /// Learns a due time (from a promotion or a marker); keeps the earlier one.
-    fn due_at(&mut self, due: u64) {
-        self.next_due = Some(self.next_due.map_or(due, |known| known.min(due)));
-    }
-
-    /// Whether a promotion is due now: the next due job's time has come (and the last
-    /// promotion is at least the gap ago), or the periodic pass is due.
-    fn promotion_due(&self, now: u64, every: Duration) -> bool {
-        let on_time =
-            self.next_due.is_some_and(|due| due <= now) && due(self.promoted, MIN_PROMOTION_GAP);
-        on_time || due(self.promoted, every)
-    }
-
-    /// How long the blocking read may wait: no longer than until the next due job.
-    fn block(&self, now: u64, block: Duration) -> Duration {
-        match self.next_due {
-            Some(due) => block
-                .min(Duration::from_millis(due.saturating_sub(now)))
-                .max(Duration::from_millis(1)),
-            None => block,
-        }
-    }
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
@@ -166,24 +129,6 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             return Ok(Vec::new());
         }
-        if schedule.promotion_due(now_ms(), config.promote_interval) {
-            // The promoter wakes on time for the next due job; so does a worker a marker woke,
-            // until the promoter's periodic pass has learnt of the new jobs too.
-            let following = schedule
-                .follow_until
-                .is_some_and(|until| Instant::now() < until);
-            let promoted = self
-                .shared
-                .promote_due_as(&self.consumer, following)
-                .await?;
-            schedule.promoted = Some(Instant::now());
-            let now = now_ms();
-            schedule.next_due = if promoted.promoter || following {
-                promoted.next_due
-            } else {
-                schedule.next_due.filter(|&due| due > now)
-            };
-        }
         if due(schedule.claimed, config.claim_interval()) {
             let (claimed, cursor) = self
                 .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
@@ -195,7 +140,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             } else {
                 schedule.claim_cursor = Some(cursor);
             }
-            let claimed = self.take_markers(claimed, schedule).await?;
+            let claimed = self.take_markers(claimed).await?;
             if !claimed.is_empty() {
                 tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
                 return Ok(self.decode_all(claimed));
@@ -209,23 +154,19 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg("COUNT")
             .arg(room)
             .arg("BLOCK")
-            .arg(schedule.block(now_ms(), config.block).as_millis() as u64)
+            .arg(config.block.as_millis() as u64)
             .arg("STREAMS")
             .arg(&keys.stream)
             .arg(">")
             .query_async(blocking)
             .await?;
-        let entries = self.take_markers(parse_read(reply)?, schedule).await?;
+        let entries = self.take_markers(parse_read(reply)?).await?;
         Ok(self.decode_all(entries))
     }
 
     /// Removes wake markers (entries with a `w` due time and no job) from `entries`: each is
     /// acknowledged and deleted at once, and its due time learnt.
-    async fn take_markers(
-        &self,
-        entries: Vec<StreamId>,
-        schedule: &mut Schedule,
-    ) -> Result<Vec<StreamId>, QueueError> {
+    async fn take_markers(&self, entries: Vec<StreamId>) -> Result<Vec<StreamId>, QueueError> {
         let (markers, jobs): (Vec<StreamId>, Vec<StreamId>) = entries
             .into_iter()
             .partition(|entry| !entry.map.contains_key("e") && entry.map.contains_key("w"));
@@ -246,10 +187,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .await?;
         for mut marker in markers {
             if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok()) {
-                schedule.due_at(due);
+                // The promoter loop is gone only when the worker stops.
+                let _ = self.due_times.send(due);
             }
         }
-        schedule.follow_until = Some(Instant::now() + self.shared.config.promote_interval * 2);
         Ok(jobs)
     }
 

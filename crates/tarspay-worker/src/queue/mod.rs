@@ -92,6 +92,7 @@ mod keys;
 mod layer;
 mod partitioned;
 mod pause;
+mod promoter;
 mod renew;
 mod runtime;
 mod scripts;

@@ -22,6 +22,7 @@ pub(crate) struct WorkerRuntime<T> {
     pub(crate) stop: CancellationToken,
     pub(crate) fetcher: Option<JoinHandle<()>>,
     pub(crate) renewer: Option<JoinHandle<()>>,
+    pub(crate) promoter: Option<JoinHandle<()>>,
     pub(crate) started: bool,
     /// Behind a mutex only so the queue handle is `Sync` (handlers share it to enqueue);
     /// it is only touched through `&mut self`.
@@ -42,6 +43,7 @@ impl<T> WorkerRuntime<T> {
             stop: CancellationToken::new(),
             fetcher: None,
             renewer: None,
+            promoter: None,
             started: false,
             closing: std::sync::Mutex::new(None),
         }
