@@ -87,7 +87,7 @@ async fn delayed_jobs_start_at_their_due_time_not_at_the_next_periodic_pass() {
     }
     let mut conn = server.conn().await;
     let markers_left: u64 = redis::cmd("XLEN")
-        .arg(&jobs.keys().stream)
+        .arg(&jobs.keys().wake)
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -57,8 +57,6 @@ impl JobIndex {
     fn adder(&mut self, dead: bool) -> impl FnMut(&StreamId) + '_ {
         move |entry| match field(&entry.map, "e") {
             Some(stored) => self.add(&stored, dead),
-            // A wake marker (`w`, see the queue's fetch loop) is no job.
-            None if entry.map.contains_key("w") => {}
             None => self.undecodable += 1,
         }
     }

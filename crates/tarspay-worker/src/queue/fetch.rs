@@ -140,7 +140,6 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             } else {
                 schedule.claim_cursor = Some(cursor);
             }
-            let claimed = self.take_markers(claimed).await?;
             if !claimed.is_empty() {
                 tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
                 return Ok(self.decode_all(claimed));
@@ -157,6 +156,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(config.block.as_millis() as u64)
             .arg("STREAMS")
             .arg(&keys.stream)
+            .arg(&keys.wake)
+            .arg(">")
             .arg(">")
             .query_async(blocking)
             .await?;
@@ -164,8 +165,9 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         Ok(self.decode_all(entries))
     }
 
-    /// Removes wake markers (entries with a `w` due time and no job) from `entries`: each is
-    /// acknowledged and deleted at once, and its due time learnt.
+    /// Removes wake markers (entries of the wake stream: a `w` due time, no job) from
+    /// `entries`: each is acknowledged and deleted at once, its due time passed to the
+    /// promoter loop.
     async fn take_markers(&self, entries: Vec<StreamId>) -> Result<Vec<StreamId>, QueueError> {
         let (markers, jobs): (Vec<StreamId>, Vec<StreamId>) = entries
             .into_iter()
@@ -177,11 +179,11 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         let keys = &self.shared.keys;
         let _: (i64, i64) = redis::pipe()
             .cmd("XACK")
-            .arg(&keys.stream)
+            .arg(&keys.wake)
             .arg(&keys.group)
             .arg(&ids)
             .cmd("XDEL")
-            .arg(&keys.stream)
+            .arg(&keys.wake)
             .arg(&ids)
             .query_async(&mut self.shared.conn.clone())
             .await?;

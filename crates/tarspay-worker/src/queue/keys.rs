@@ -22,6 +22,10 @@ pub struct QueueKeys {
     pub workers: String,
     /// The promoter lease: the consumer that wakes on time for the next delayed job.
     pub promoter: String,
+    /// Stream of wake markers (a delayed job due before all others), read with the job
+    /// stream in one `XREADGROUP` (same group); named after [`QueueKeys::delayed`] by the
+    /// scripts (`scripts::DELAY_JOB`).
+    pub wake: String,
     /// Consumer group name inside [`QueueKeys::stream`].
     pub group: String,
 }
@@ -56,6 +60,7 @@ impl QueueKeys {
             paused: format!("{base}:paused"),
             workers: format!("{base}:workers"),
             promoter: format!("{base}:promoter"),
+            wake: format!("{base}:wake"),
             group: "workers".to_owned(),
         }
     }
@@ -87,6 +92,7 @@ mod tests {
             &keys.paused,
             &keys.workers,
             &keys.promoter,
+            &keys.wake,
         ] {
             assert!(key.starts_with("{tp:payouts}:"), "{key}");
         }

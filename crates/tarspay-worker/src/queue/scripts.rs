@@ -34,16 +34,19 @@ end
 "#;
 
 /// Lua function that adds a job to the delayed set and, when it is due before every job
-/// there, wakes one sleeping worker with a marker entry in the stream (`w` = the due time):
-/// workers sleep until the earliest due time they know of, and this one they could not know.
-/// Under load new delays are rarely the earliest, so markers are rare; a lone delayed job
-/// costs one.
+/// there, wakes one sleeping worker with a marker (`w` = the due time) on the queue's wake
+/// stream: workers sleep until the earliest due time they know of, and this one they could
+/// not know. Under load new delays are rarely the earliest, so markers are rare; a lone
+/// delayed job costs one. The wake stream's key is the delayed set's with `wake` for
+/// `delayed` ([`crate::queue::QueueKeys::wake`]): the same hash tag, so the same slot. Markers
+/// are hints: the stream keeps the last few.
 pub(crate) const DELAY_JOB: &str = r#"
 local function delay_job(stream, delayed, now, run_at, env)
   local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
   redis.call('ZADD', delayed, run_at, env)
   if first[2] == nil or run_at < tonumber(first[2]) then
-    redis.call('XADD', stream, '*', 'w', run_at)
+    local wake = string.sub(delayed, 1, -8) .. 'wake'
+    redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
   end
 end
 "#;
