@@ -40,14 +40,25 @@ end
 /// delayed job costs one. The wake stream's key is the delayed set's with `wake` for
 /// `delayed` ([`crate::queue::QueueKeys::wake`]): the same hash tag, so the same slot. Markers
 /// are hints: the stream keeps the last few.
+///
+/// The earliest due time is read once per script call and kept in a Lua local (`earliest`,
+/// fresh on every call), so a group commit or a bulk enqueue of many delayed jobs pays one
+/// `ZRANGE`, not one per job.
 pub(crate) const DELAY_JOB: &str = r#"
+local earliest = {}
 local function delay_job(stream, delayed, now, run_at, env)
-  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  local first = earliest[delayed]
+  if first == nil then
+    local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+    first = head[2] and tonumber(head[2]) or false
+  end
   redis.call('ZADD', delayed, run_at, env)
-  if first[2] == nil or run_at < tonumber(first[2]) then
+  if first == false or run_at < first then
     local wake = string.sub(delayed, 1, -8) .. 'wake'
     redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
+    first = run_at
   end
+  earliest[delayed] = first
 end
 "#;
 
