@@ -161,23 +161,23 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(">")
             .query_async(blocking)
             .await?;
-        let entries = self.take_markers(parse_read(reply)?).await?;
+        let entries = self.take_markers(parse_read(reply)?).await;
         Ok(self.decode_all(entries))
     }
 
     /// Removes wake markers (entries of the wake stream: a `w` due time, no job) from
     /// `entries`: each is acknowledged and deleted at once, its due time passed to the
     /// promoter loop.
-    async fn take_markers(&self, entries: Vec<StreamId>) -> Result<Vec<StreamId>, QueueError> {
+    async fn take_markers(&self, entries: Vec<StreamId>) -> Vec<StreamId> {
         let (markers, jobs): (Vec<StreamId>, Vec<StreamId>) = entries
             .into_iter()
             .partition(|entry| !entry.map.contains_key("e") && entry.map.contains_key("w"));
         if markers.is_empty() {
-            return Ok(jobs);
+            return jobs;
         }
         let ids: Vec<&str> = markers.iter().map(|m| m.id.as_str()).collect();
         let keys = &self.shared.keys;
-        let _: (i64, i64) = redis::pipe()
+        let removed: Result<(i64, i64), _> = redis::pipe()
             .cmd("XACK")
             .arg(&keys.wake)
             .arg(&keys.group)
@@ -186,14 +186,19 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .arg(&keys.wake)
             .arg(&ids)
             .query_async(&mut self.shared.conn.clone())
-            .await?;
+            .await;
+        // Best effort: the jobs read with them must reach the worker whatever happens to the
+        // markers (a marker left behind is a hint that stays pending, nothing more).
+        if let Err(e) = removed {
+            tracing::debug!(error = %e, "wake markers not acknowledged");
+        }
         for mut marker in markers {
             if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok()) {
                 // The promoter loop is gone only when the worker stops.
                 let _ = self.due_times.send(due);
             }
         }
-        Ok(jobs)
+        jobs
     }
 
     /// `XAUTOCLAIM` entries idle longer than the orphan timeout, with their delivery counts.
