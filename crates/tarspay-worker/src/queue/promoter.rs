@@ -77,11 +77,12 @@ pub(crate) async fn run_promoter(
             Err(e) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(2));
                 tracing::warn!(error = %e, ?wait, "promoting delayed jobs failed; retrying");
-                last = Instant::now() + wait - every.min(wait);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
+                // Try again at once: the pass that failed is overdue.
+                last = Instant::now().checked_sub(every).unwrap_or(last);
             }
         }
     }
