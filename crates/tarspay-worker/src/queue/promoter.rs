@@ -21,7 +21,7 @@ use crate::queue::shared::Shared;
 
 /// The least time between two on-time promotions: bounds a promoter's wake-ups (and their
 /// Redis calls) under due times a millisecond apart, at this much lateness.
-const MIN_GAP: Duration = Duration::from_millis(2);
+const MIN_GAP: Duration = Duration::from_millis(5);
 
 /// Sends due times read from markers to the promoter loop.
 pub(crate) type DueTimes = mpsc::UnboundedSender<u64>;
