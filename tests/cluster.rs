@@ -87,6 +87,25 @@ async fn workers_in_flight(app: &TestApp, concurrency: usize) -> [common::app::W
     workers
 }
 
+/// Nothing lost or repeated: one outcome per payout and one create each, and a clean audit.
+async fn assert_exactly_once(app: &TestApp, ids: &[String]) {
+    let outcomes = app.outcomes().await;
+    assert_eq!(
+        outcomes.len(),
+        ids.len(),
+        "one outcome per payout, none repeated"
+    );
+    for id in ids {
+        assert_eq!(
+            app.sandbox.create_attempts(id),
+            1,
+            "{id}: one create, never repeated"
+        );
+    }
+    let (code, report) = app.audit();
+    assert_eq!(code, 0, "{report}");
+}
+
 async fn wait_final(app: &TestApp, ids: &[String]) {
     common::poll(
         "every payout final",
@@ -211,21 +230,7 @@ async fn a_planned_failover_mid_payroll_loses_and_repeats_nothing() {
     ids.extend(enqueue_payroll(&app, "PF-late", 45).await);
     wait_final(&app, &ids).await;
     drop(workers);
-    let outcomes = app.outcomes().await;
-    assert_eq!(
-        outcomes.len(),
-        ids.len(),
-        "one outcome per payout, none repeated"
-    );
-    for id in &ids {
-        assert_eq!(
-            app.sandbox.create_attempts(id),
-            1,
-            "{id}: one create, never repeated"
-        );
-    }
-    let (code, report) = app.audit();
-    assert_eq!(code, 0, "{report}");
+    assert_exactly_once(&app, &ids).await;
 }
 
 /// Outcome entries (partition, entry id) of the partitions whose keys live on `master`.
@@ -357,15 +362,5 @@ async fn a_partition_moved_to_another_master_mid_payroll_loses_and_repeats_nothi
     assert_eq!(cluster.master_of_slot(slot), Some(to));
     wait_final(&app, &ids).await;
     drop(workers);
-    let outcomes = app.outcomes().await;
-    assert_eq!(
-        outcomes.len(),
-        ids.len(),
-        "one outcome per payout, none repeated"
-    );
-    for id in &ids {
-        assert_eq!(app.sandbox.create_attempts(id), 1, "{id}: one create");
-    }
-    let (code, report) = app.audit();
-    assert_eq!(code, 0, "{report}");
+    assert_exactly_once(&app, &ids).await;
 }

@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tarspay_worker::partition;
 use tarspay_worker::redis_conn::{ClusterMode, RedisClient, RedisConn, Timeouts, seeds};
 
 /// Where a bench writes: its own server or cluster, or the caller's Redis (one server or a
@@ -182,43 +181,9 @@ impl RedisTarget {
         }
         let nodes = self.nodes().await?;
         for mut conn in nodes.conns {
-            delete_prefix_on_node(&mut conn, &self.prefix).await?;
+            local_redis::delete_prefix(&mut conn, &self.prefix).await?;
         }
         Ok(())
-    }
-}
-
-/// Deletes every key of `prefix` (`{prefix:…}`) on one node, in SCAN pages. On a cluster node a
-/// multi-key command must stay in one slot: keys are unlinked one slot at a time.
-async fn delete_prefix_on_node(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> Result<(), BenchError> {
-    let pattern = format!("{{{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        for key in keys {
-            by_slot.entry(partition::slot(&key)).or_default().push(key);
-        }
-        for keys in by_slot.values() {
-            redis::cmd("UNLINK")
-                .arg(keys)
-                .query_async::<i64>(conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
 }
 

@@ -171,8 +171,9 @@ pub fn answers(url: &str) -> bool {
     redis::cmd("PING").query::<String>(&mut conn).is_ok()
 }
 
-/// Deletes every key of a deployment prefix (all carry the hash tag `{prefix:…}`), in SCAN
-/// pages: the demo and the benches clean up after themselves in a shared Redis.
+/// Deletes every key of a deployment prefix (all carry the hash tag `{prefix:…}`) on the node
+/// `conn` reaches, in SCAN pages: the demo and the benches clean up after themselves in a
+/// shared Redis (on a cluster, call it for every master).
 pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     prefix: &str,
@@ -188,9 +189,15 @@ pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
             .arg(1000)
             .query_async(conn)
             .await?;
-        if !keys.is_empty() {
+        // One UNLINK per hash tag: on a cluster node a multi-key command must stay in one
+        // slot, and keys of one tag always do.
+        let mut by_tag: std::collections::BTreeMap<&str, Vec<&String>> = Default::default();
+        for key in &keys {
+            by_tag.entry(hash_tag(key)).or_default().push(key);
+        }
+        for keys in by_tag.values() {
             redis::cmd("UNLINK")
-                .arg(&keys)
+                .arg(keys)
                 .query_async::<i64>(conn)
                 .await?;
         }
@@ -199,4 +206,16 @@ pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
         }
         cursor = next;
     }
+}
+
+/// The hash tag of a key (`{…}`'s content), or the whole key without one.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&len| len > 0)
+                .map(|len| &rest[..len])
+        })
+        .unwrap_or(key)
 }
