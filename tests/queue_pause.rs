@@ -26,7 +26,8 @@ async fn pause_stops_all_workers_and_resume_continues() {
     .await;
 
     queue.pause().await.unwrap();
-    // Workers re-read the flag every 500 ms; give them more than a full period plus a fetch.
+    // Workers read the flag when jobs arrive (at most 500 ms stale) and give back what they
+    // fetched while paused; give them more than a full period plus a fetch.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let paused: Vec<TestJob> = (20..70).map(TestJob::new).collect();
     queue.enqueue_bulk(&paused).await.unwrap();

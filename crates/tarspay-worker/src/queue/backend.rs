@@ -130,7 +130,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
 
 /// Gives prefetched jobs back so other workers need not wait for the orphan timeout. A few
 /// tries only: if Redis is away, they are claimed as orphans later, which is still safe.
-async fn release_unstarted(shared: &Shared, consumer: &str, ids: &[String]) {
+pub(crate) async fn release_unstarted(shared: &Shared, consumer: &str, ids: &[String]) {
     let mut backoff = redis_backoff().take(5);
     for chunk in ids.chunks(shared.config.settle_batch) {
         loop {

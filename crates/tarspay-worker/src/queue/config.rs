@@ -28,7 +28,8 @@ pub struct QueueConfig {
     pub promote_interval: Duration,
     /// Delayed jobs moved per Lua call (bounded so 100,000 due jobs never make a huge reply).
     pub promote_chunk: usize,
-    /// How often a worker re-reads the pause flag (at most one second by contract).
+    /// How stale a worker's reading of the pause flag may be when jobs arrive (at most one
+    /// second by contract); an idle worker does not read it.
     pub pause_check_interval: Duration,
     /// Heartbeat and renewal period of a worker.
     pub heartbeat_interval: Duration,

@@ -1,6 +1,12 @@
-//! The fetch loop of one worker: pause check, claiming of orphans, and
-//! batched `XREADGROUP` into a bounded buffer that apalis drains. Errors back off and retry; the
-//! loop only ends when the worker stops.
+//! The fetch loop of one worker: claiming of orphans, batched `XREADGROUP` into a bounded
+//! buffer that apalis drains, and the pause check. Errors back off and retry; the loop only
+//! ends when the worker stops.
+//!
+//! The pause flag is read when jobs arrive and the last reading is older than
+//! `pause_check_interval`, not on a timer: an idle worker pays nothing for it, and no job
+//! starts more than that interval after a pause. Jobs that arrive to find the queue paused
+//! are given back to the stream at once (waiting, as if never fetched), and the worker fetches
+//! nothing more until it resumes.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
 //! time; wake markers read here are acknowledged, deleted and their due times passed to it.
@@ -14,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::queue::backend::release_unstarted;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
 use crate::queue::entries::{parse_claimed, parse_read, take_field};
@@ -63,6 +70,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
         };
         let mut schedule = Schedule::default();
+        self.fetch_until_stopped(&mut blocking, &mut schedule).await;
+    }
+
+    async fn fetch_until_stopped(&self, blocking: &mut RedisConn, schedule: &mut Schedule) {
         let mut backoff = redis_backoff();
         loop {
             let permit = tokio::select! {
@@ -75,7 +86,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             };
             // Only this loop sends, so everything up to the free capacity fits without waiting.
             let room = self.tx.capacity() + 1;
-            match self.step(&mut blocking, &mut schedule, room).await {
+            match self.step(blocking, schedule, room).await {
                 Ok(tasks) => {
                     backoff = redis_backoff();
                     let mut tasks = tasks.into_iter();
@@ -114,19 +125,12 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         room: usize,
     ) -> Result<Vec<Task<T>>, QueueError> {
         let config = &self.shared.config;
-        if due(schedule.pause_checked, config.pause_check_interval) {
-            let mut conn = self.shared.conn.clone();
-            schedule.paused = redis::cmd("EXISTS")
-                .arg(&self.shared.keys.paused)
-                .query_async(&mut conn)
-                .await?;
-            schedule.pause_checked = Some(Instant::now());
-        }
         if schedule.paused {
             tokio::select! {
-                _ = self.stop.cancelled() => {}
+                _ = self.stop.cancelled() => return Ok(Vec::new()),
                 _ = tokio::time::sleep(config.pause_check_interval) => {}
             }
+            self.check_pause(schedule).await?;
             return Ok(Vec::new());
         }
         if due(schedule.claimed, config.claim_interval()) {
@@ -142,7 +146,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             if !claimed.is_empty() {
                 tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
-                return Ok(self.decode_all(claimed));
+                return self.admit(schedule, claimed).await;
             }
         }
         let keys = &self.shared.keys;
@@ -162,12 +166,58 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .query_async(blocking)
             .await?;
         let entries = self.take_markers(parse_read(reply)?).await;
+        self.admit(schedule, entries).await
+    }
+
+    /// Takes fetched entries into this worker's hands (renewed from now on) and decodes them,
+    /// unless the queue turns out to be paused (or the flag cannot be read): then they go back
+    /// to the stream, to start after the resume.
+    async fn admit(
+        &self,
+        schedule: &mut Schedule,
+        entries: Vec<StreamId>,
+    ) -> Result<Vec<Task<T>>, QueueError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut checked = Ok(());
+        if due(
+            schedule.pause_checked,
+            self.shared.config.pause_check_interval,
+        ) {
+            checked = self.check_pause(schedule).await;
+            if checked.is_err() {
+                // Unsure of the flag: behave as paused until a later reading says otherwise.
+                schedule.paused = true;
+            }
+        }
+        if schedule.paused {
+            tracing::info!(
+                jobs = entries.len(),
+                "queue paused: giving fetched jobs back"
+            );
+            let ids: Vec<String> = entries.into_iter().map(|entry| entry.id).collect();
+            release_unstarted(&self.shared, &self.consumer, &ids).await;
+            return checked.map(|()| Vec::new());
+        }
+        // Held from here until settled: renewed while this worker lives.
+        self.inflight
+            .add(entries.iter().map(|entry| entry.id.as_str()));
         Ok(self.decode_all(entries))
     }
 
+    async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
+        let mut conn = self.shared.conn.clone();
+        schedule.paused = redis::cmd("EXISTS")
+            .arg(&self.shared.keys.paused)
+            .query_async(&mut conn)
+            .await?;
+        schedule.pause_checked = Some(Instant::now());
+        Ok(())
+    }
+
     /// Removes wake markers (entries of the wake stream: a `w` due time, no job) from
-    /// `entries`: each is acknowledged and deleted at once, its due time passed to the
-    /// promoter loop.
+    /// `entries`: each is acknowledged at once, its due time passed to the promoter loop.
     async fn take_markers(&self, entries: Vec<StreamId>) -> Vec<StreamId> {
         let (markers, jobs): (Vec<StreamId>, Vec<StreamId>) = entries
             .into_iter()
@@ -177,13 +227,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         }
         let ids: Vec<&str> = markers.iter().map(|m| m.id.as_str()).collect();
         let keys = &self.shared.keys;
-        let removed: Result<(i64, i64), _> = redis::pipe()
-            .cmd("XACK")
+        // Acknowledged, not deleted: `MAXLEN ~ 64` at every marker's `XADD` trims the stream.
+        let removed: Result<i64, _> = redis::cmd("XACK")
             .arg(&keys.wake)
             .arg(&keys.group)
-            .arg(&ids)
-            .cmd("XDEL")
-            .arg(&keys.wake)
             .arg(&ids)
             .query_async(&mut self.shared.conn.clone())
             .await;
@@ -221,9 +268,6 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     }
 
     fn decode_all(&self, entries: Vec<StreamId>) -> Vec<Task<T>> {
-        // Held from here until settled: renewed while this worker lives.
-        self.inflight
-            .add(entries.iter().map(|entry| entry.id.as_str()));
         entries
             .into_iter()
             .filter_map(|entry| self.decode(entry))

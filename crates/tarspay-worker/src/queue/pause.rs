@@ -1,5 +1,6 @@
-//! Pause and resume of one queue. Workers re-read the flag every `pause_check_interval` and do
-//! not fetch while it is set; jobs already running finish.
+//! Pause and resume of one queue. Workers read the flag when jobs arrive (at most
+//! `pause_check_interval` after the last reading) and, while it is set, give back what they
+//! fetched and fetch no more; jobs already running finish.
 
 use redis::AsyncCommands;
 
