@@ -4,8 +4,10 @@
 //! workers blocked in `XREADGROUP` at once. A job delayed to before every other one leaves a
 //! marker entry in the stream (`scripts::DELAY_JOB`); the fetch loop that reads it passes the
 //! due time here, and this worker then follows due times like the promoter until the
-//! promoter's next periodic pass has learnt of the new jobs. Every worker promotes every
-//! `promote_interval` anyway: a lost promoter or marker costs lateness, never a job.
+//! promoter's next periodic pass has learnt of the new jobs. Every worker also passes every
+//! `promote_interval`: the promoter's pass renews its lease and catches a lost marker; the
+//! others' (one `GET` inside the script) take the lease over once it lapses. A lost promoter
+//! or marker costs lateness, never a job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.

@@ -88,12 +88,25 @@ return out
 /// call. KEYS: delayed, stream, promoter lease. ARGV: limit, consumer ('' takes no lease),
 /// lease ms, '1' to learn the next due time without the lease (a worker a marker woke). The
 /// caller holds (or takes, when free) the promoter lease of this queue: the one worker that
-/// wakes on time for the next due job, so many workers do not all wake at once. Returns
+/// wakes on time for the next due job, so many workers do not all wake at once. Another
+/// worker's pass, while the lease is held and no marker woke it, moves nothing: it only takes
+/// the lease over once the holder stops renewing it. Returns
 /// {moved, the next due time (-1: none, or not asked), 1 if the caller holds the lease}.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{SERVER_NOW}{}",
         r#"
+local mine = 0
+if ARGV[2] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder == false or holder == ARGV[2] then
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+    mine = 1
+  elseif ARGV[4] ~= '1' then
+    -- A live promoter moves due jobs on time: this pass only watches for its lease to lapse.
+    return {0, -1, 0}
+  end
+end
 local limit = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0, limit)
 for _, env in ipairs(due) do
@@ -102,14 +115,6 @@ end
 if #due > 0 then
   -- One removal for the whole chunk (the limit bounds the unpack).
   redis.call('ZREM', KEYS[1], unpack(due))
-end
-local mine = 0
-if ARGV[2] ~= '' then
-  local holder = redis.call('GET', KEYS[3])
-  if holder == false or holder == ARGV[2] then
-    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-    mine = 1
-  end
 end
 local next_due = -1
 if #due < limit and (mine == 1 or ARGV[4] == '1') then
