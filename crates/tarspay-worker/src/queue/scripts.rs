@@ -144,7 +144,12 @@ pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
         "{SERVER_NOW}{DELAY_JOB}{}",
         r#"
 local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
-local now = server_now()
+-- The clock is read only by a batch that writes a retry or a death: most hold only dones.
+local now = nil
+local function clock()
+  if not now then now = server_now() end
+  return now
+end
 local seen = {}
 -- With several ops, one XPENDING over the batch's id range, filtered to this consumer,
 -- answers ownership for all of them (a worker holds at most a few hundred entries).
@@ -200,13 +205,13 @@ for i = 4, #ARGV, 5 do
       if kind == 'r' then
         local delay = tonumber(a)
         if delay > 0 then
-          delay_job(KEYS[1], KEYS[2], now, now + delay, b)
+          delay_job(KEYS[1], KEYS[2], clock(), clock() + delay, b)
         else
           redis.call('XADD', KEYS[1], '*', 'e', b)
         end
       else
         redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_max, '*',
-          'e', b, 'reason', a, 'worker', c, 'at', now)
+          'e', b, 'reason', a, 'worker', c, 'at', clock())
       end
     end
     redis.call('XDEL', KEYS[1], id)
