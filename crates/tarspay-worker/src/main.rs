@@ -5,6 +5,12 @@ use clap::Parser;
 use std::process::ExitCode;
 use tarspay_worker::cli;
 
+/// mimalloc instead of glibc's malloc: a payout allocates many small, short-lived buffers
+/// (JSON, HTTP, Redis replies), and glibc's allocator took about 15 % of a worker's CPU in a
+/// `perf` profile of `bench e2e` (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match cli::run(args) {
