@@ -22,11 +22,18 @@
 //!
 //! To hold every payout in flight at once, the sandbox finalises orders 5 s after create and
 //! the first poll waits 6 s; each payout then takes exactly one create and one poll.
+//!
+//! A trickle (fewer than [`TRICKLE`] payouts, e.g. `-n 1`, a payout alone) runs on the short
+//! timers of `bench e2e` instead (final after 100 ms, first poll after 150 ms: still one create
+//! and one poll each), so the window is the payouts themselves rather than seconds of an idle
+//! worker's polling. The idle worker is watched first for [`IDLE_WATCH`], and the line gives
+//! both the raw counts and the counts less that idle rate over the run's window (an estimate:
+//! the idle loops a payout's own calls replace are subtracted too).
 
-use super::e2e::{Pipeline, PipelineTimers, check_one_rule, drive};
+use super::e2e::{Pipeline, PipelineRun, PipelineTimers, check_one_rule, drive};
 use super::shared::{
-    MonitorCounter, Nodes, RedisChoice, commandstats_delta, monitor_addr, payout_calls,
-    payout_calls_by_name, proc_status_kib, round,
+    MonitorCounter, MonitorCounts, Nodes, RedisChoice, commandstats_delta, monitor_addr,
+    payout_calls, payout_calls_by_name, proc_status_kib, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use serde_json::{Map, Value, json};
@@ -34,14 +41,22 @@ use std::time::Duration;
 
 pub const DEFAULT_N: u64 = 10_000;
 pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Runs of fewer payouts than this are a trickle (see the module documentation).
+pub const TRICKLE: u64 = 100;
+/// How long the idle worker is watched before a trickle.
+const IDLE_WATCH: Duration = Duration::from_secs(5);
 
 pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), BenchError> {
     let n = options.n.unwrap_or(DEFAULT_N).max(1);
     let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
-    let timers = PipelineTimers {
-        final_after: "5s",
-        poll_first_delay: "6s",
-        poll_max_interval: "10s",
+    let timers = if n < TRICKLE {
+        PipelineTimers::default()
+    } else {
+        PipelineTimers {
+            final_after: "5s",
+            poll_first_delay: "6s",
+            poll_max_interval: "10s",
+        }
     };
     let extra_env: Vec<(String, String)> = match options.retention {
         Some(retention) => vec![
@@ -83,17 +98,35 @@ async fn measure(
     let mut tail = pipeline.tail().await?;
     let mut stats_conn = pipeline.target.nodes().await?;
     let mut memory_conn = pipeline.target.nodes().await?;
-    let monitor = match monitor_addr(&pipeline.target.url) {
+    let monitor_target = match monitor_addr(&pipeline.target.url) {
         // On a shared server other clients' commands would be counted too; on a cluster the
         // bench's own connections would be counted on the nodes they are not seen on.
         Some(addr) if pipeline.target.is_private() && !pipeline.target.is_cluster() => {
             let mut observers = vec![tail.client_addr().await?];
             observers.extend(stats_conn.client_addrs().await?);
             observers.extend(memory_conn.client_addrs().await?);
-            Some(MonitorCounter::start(&addr, observers)?)
+            Some((addr, observers))
         }
         _ => None,
     };
+    let start_monitor = || {
+        monitor_target
+            .as_ref()
+            .map(|(addr, observers)| MonitorCounter::start(addr, observers.clone()))
+            .transpose()
+    };
+    // A trickle starts after one payout (not counted), so the measured ones find the worker as
+    // a running deployment has it: scripts loaded, connections open.
+    let warm_up = match n < TRICKLE {
+        true => Some(drive(pipeline, &mut tail, "WARM", 1, None).await?),
+        false => None,
+    };
+    let idle = match warm_up {
+        Some(_) => Some(watch_idle(&mut stats_conn, start_monitor()?).await?),
+        None => None,
+    };
+    let monitor = start_monitor()?;
+    let window = std::time::Instant::now();
     let stats_before = stats_conn.commandstats().await?;
     let worker_pid = pipeline
         .worker_pids()
@@ -113,17 +146,21 @@ async fn measure(
         .await
         .map_err(|e| BenchError::Setup(format!("memory sampler: {e}")))??;
     let run = run?;
-    // Let the last acknowledgements land before reading the counters.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Let the last acknowledgements land before reading the counters (a trickle's land within
+    // milliseconds; a shorter wait keeps the idle loops in its window few).
+    let settle_wait = if idle.is_some() { 300 } else { 1_000 };
+    tokio::time::sleep(Duration::from_millis(settle_wait)).await;
     let memory_after = stats_conn.used_memory().await?;
 
     let cpu_after = pipeline.cpu_seconds();
     let redis_cpu_after = pipeline.target.redis_cpu_seconds();
     let stats_after = stats_conn.commandstats().await?;
+    let window = window.elapsed();
     let monitor = monitor.map(MonitorCounter::stop);
     let peak_rss_kib = proc_status_kib(worker_pid, "VmHWM");
     let end_rss_kib = proc_status_kib(worker_pid, "VmRSS");
-    check_one_rule(pipeline, &[&run]).await?;
+    let runs: Vec<&PipelineRun> = warm_up.iter().chain([&run]).collect();
+    check_one_rule(pipeline, &runs).await?;
 
     // Server-wide counts include the observers: drop INFO and the outcome reader's pages.
     let tail_pages = tail.calls - tail_calls_before;
@@ -165,6 +202,9 @@ async fn measure(
         "redis_calls_incl_lua_by_name".into(),
         Value::Object(by_name_incl_lua),
     );
+    if let Some(idle) = &idle {
+        add_less_idle(&mut line, idle, window, n, all_calls, monitor.as_ref());
+    }
     if pipeline.target.is_private() {
         let bytes_per =
             |at: u64| json!((at.saturating_sub(memory_before) as f64 / n as f64).round());
@@ -220,6 +260,68 @@ async fn measure(
     };
     line.insert("note".into(), json!(note));
     Ok(line)
+}
+
+/// What an idle worker costs Redis per second (Lua included; client commands when `MONITOR`
+/// runs).
+struct IdleRate {
+    calls_incl_lua_per_s: f64,
+    client_cmds_per_s: Option<f64>,
+}
+
+/// Watches the idle worker for [`IDLE_WATCH`] (with its own `MONITOR`, if any).
+async fn watch_idle(
+    stats_conn: &mut Nodes,
+    monitor: Option<MonitorCounter>,
+) -> Result<IdleRate, BenchError> {
+    // Let the last payout's acknowledgements and the promoter's follow-up passes finish.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = stats_conn.commandstats().await?;
+    let client_before = monitor.as_ref().map(MonitorCounter::client_total_now);
+    tokio::time::sleep(IDLE_WATCH).await;
+    let after = stats_conn.commandstats().await?;
+    let client_after = monitor.map(|m| m.stop().client_total());
+    let secs = IDLE_WATCH.as_secs_f64();
+    let calls = payout_calls(&commandstats_delta(&before, &after), 0);
+    Ok(IdleRate {
+        calls_incl_lua_per_s: calls as f64 / secs,
+        client_cmds_per_s: client_before
+            .zip(client_after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / secs),
+    })
+}
+
+/// The idle rate, and the per-payout counts less that rate over the run's `window`.
+fn add_less_idle(
+    line: &mut Map<String, Value>,
+    idle: &IdleRate,
+    window: Duration,
+    n: u64,
+    all_calls: u64,
+    monitor: Option<&MonitorCounts>,
+) {
+    let less_idle = |total: f64, per_s: f64| {
+        round(
+            (total - per_s * window.as_secs_f64()).max(0.0) / n as f64,
+            1,
+        )
+    };
+    line.insert("window_s".into(), json!(round(window.as_secs_f64(), 2)));
+    line.insert(
+        "idle_redis_calls_incl_lua_per_s".into(),
+        json!(round(idle.calls_incl_lua_per_s, 1)),
+    );
+    line.insert(
+        "redis_calls_incl_lua_per_payout_less_idle".into(),
+        json!(less_idle(all_calls as f64, idle.calls_incl_lua_per_s)),
+    );
+    if let (Some(per_s), Some(counts)) = (idle.client_cmds_per_s, monitor) {
+        line.insert("idle_redis_cmds_per_s".into(), json!(round(per_s, 1)));
+        line.insert(
+            "redis_cmds_per_payout_less_idle".into(),
+            json!(less_idle(counts.client_total() as f64, per_s)),
+        );
+    }
 }
 
 /// The highest `used_memory` (added up over the masters) seen every 50 ms until `stop`.

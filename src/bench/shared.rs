@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tarspay_worker::redis_conn::{ClusterMode, RedisClient, RedisConn, Timeouts, seeds};
 
 /// Where a bench writes: its own server or cluster, or the caller's Redis (one server or a
@@ -446,6 +446,14 @@ pub fn monitor_addr(url: &str) -> Option<String> {
 }
 
 impl MonitorCounter {
+    /// Client commands counted so far (at most ~200 ms behind the server).
+    pub fn client_total_now(&self) -> u64 {
+        self.counts
+            .lock()
+            .map(|counts| counts.client_total())
+            .unwrap_or(0)
+    }
+
     /// `addr` is `host:port`.
     pub fn start(addr: &str, ignore: Vec<String>) -> Result<Self, BenchError> {
         let setup = |err: std::io::Error| BenchError::Setup(format!("MONITOR: {err}"));
@@ -466,6 +474,7 @@ impl MonitorCounter {
                 let mut line = Vec::with_capacity(256);
                 let mut local = MonitorCounts::default();
                 let mut lines = 0u64;
+                let mut published = Instant::now();
                 let publish = |local: &mut MonitorCounts| {
                     if let Ok(mut shared) = counts.lock() {
                         shared.script += std::mem::take(&mut local.script);
@@ -489,7 +498,12 @@ impl MonitorCounter {
                             }
                             line.clear();
                             lines += 1;
-                            if lines.is_multiple_of(4096) {
+                            // By count under load, and at least every 100 ms so a reader
+                            // mid-run (`client_total_now`) is never far behind.
+                            if lines.is_multiple_of(4096)
+                                || published.elapsed() > Duration::from_millis(100)
+                            {
+                                published = Instant::now();
                                 publish(&mut local);
                                 if stop.load(Ordering::Relaxed) {
                                     break;
