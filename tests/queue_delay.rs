@@ -95,3 +95,35 @@ async fn delayed_jobs_start_at_their_due_time_not_at_the_next_periodic_pass() {
         .unwrap();
     assert_eq!(pending.0, 0, "wake markers are acknowledged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_markers_stay_bounded_without_a_worker() {
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, slow_periodic("markers")).await;
+    // Each job is due before every earlier one, so each writes a marker; nobody reads them.
+    for n in 0..500u64 {
+        jobs.enqueue_with(
+            &TestJob::new(n),
+            JobOptions::delayed(Duration::from_secs(3_600 - n)),
+        )
+        .await
+        .unwrap();
+    }
+    let mut conn = server.conn().await;
+    let markers: u64 = redis::cmd("XLEN")
+        .arg(&jobs.keys().wake)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // `MAXLEN ~ 64` trims whole stream nodes (100 entries by default).
+    assert!(
+        (64..=200).contains(&markers),
+        "{markers} markers kept for 500 written"
+    );
+    let delayed: u64 = redis::cmd("ZCARD")
+        .arg(&jobs.keys().delayed)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(delayed, 500, "every job is kept");
+}
