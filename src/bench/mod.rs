@@ -36,6 +36,8 @@ pub enum BenchError {
     Config(#[from] tarspay_worker::config::ConfigError),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    #[error("serve: {0}")]
+    Serve(String),
     #[error("bench run went wrong: {0}")]
     Check(String),
     #[error("timed out: {0}")]
