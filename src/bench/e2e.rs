@@ -58,7 +58,8 @@ impl Default for PipelineTimers {
     }
 }
 
-/// Redis, the sandbox process, worker processes, and a producer in this process.
+/// Redis, the sandbox process, worker processes, with callbacks a `serve` process, and a
+/// producer in this process.
 pub struct Pipeline {
     pub target: RedisTarget,
     pub sandbox: SandboxProcess,
