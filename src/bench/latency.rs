@@ -173,6 +173,12 @@ async fn measure(
     };
     let floor = Floor::of(timers)?;
     let payouts = join(&run, &stamps, floor)?;
+    if let Some(dir) = std::env::var_os(CSV_DIR_VAR) {
+        let path =
+            std::path::Path::new(&dir).join(format!("latency-{}-{rate}.csv", route.as_str()));
+        write_csv(&path, &run, &stamps)
+            .map_err(|err| BenchError::Setup(format!("{}: {err}", path.display())))?;
+    }
     let callbacks_sent: u64 = stamps.values().map(|s| u64::from(s.callbacks_sent)).sum();
     if route == Route::Poll && callbacks_sent > 0 {
         return Err(BenchError::Check(format!(
@@ -242,6 +248,41 @@ async fn measure(
 }
 
 const NOTE: &str = "per payout, wall clock of one host: enqueue = when the bench's enqueue call started; create/final = the sandbox's createdAtUs/finalAtUs; outcome = end of the ms of its Redis stream entry id, or when the bench read it if earlier (an upper bound, 1 ms resolution). via_callback (mode callback): outcomes appended before their first poll could run (create + poll_first_delay); via_poll: the rest. over_floor (poll): enqueue→outcome time past create + max(sandbox_final_after, poll_first_delay)";
+
+/// With this variable set to a directory, each run also writes its raw stamps there, one row
+/// per payout (`latency-{mode}-{rate}.csv`), to see when in a run the slow ones happened.
+pub const CSV_DIR_VAR: &str = "BENCH_LATENCY_CSV";
+
+/// index, then the four clocks of one payout (µs since the epoch; the ack empty without one).
+fn write_csv(
+    path: &std::path::Path,
+    run: &PipelineRun,
+    stamps: &HashMap<String, SandboxStamps>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(
+        out,
+        "index,enqueued_us,created_us,final_us,outcome_us,callback_acknowledged_us"
+    )?;
+    for index in 0..run.n as usize {
+        let Some(order) = stamps.get(&format!("{ID_PREFIX}-{index:07}")) else {
+            continue;
+        };
+        let ack = order
+            .callback_acknowledged_at_us
+            .map_or(String::new(), |at| at.to_string());
+        writeln!(
+            out,
+            "{index},{},{},{},{},{ack}",
+            run.enqueued_at_us[index],
+            order.created_at_us,
+            order.final_at_us,
+            run.outcome_at_us[index]
+        )?;
+    }
+    out.flush()
+}
 
 /// What the sandbox stamped on one order (µs since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,6 +449,21 @@ mod tests {
         assert!(!late[0].before_first_poll);
         assert_eq!(late[0].over_floor, 8.0);
         assert!(join(&run_of(vec![0, 0], vec![0, 0]), &stamps, floor).is_err());
+    }
+
+    #[test]
+    fn the_csv_has_one_row_per_payout() {
+        let stamps = sandbox_stamps(&[json!({"mchOrderNo": "LAT-0000000",
+            "createdAtUs": 20u64, "finalAtUs": 30u64, "callbackAcknowledgedAtUs": null,
+            "callbacksSent": 0})])
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.csv");
+        write_csv(&path, &run_of(vec![10], vec![40]), &stamps).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "index,enqueued_us,created_us,final_us,outcome_us,callback_acknowledged_us\n0,10,20,30,40,\n"
+        );
     }
 
     #[test]
