@@ -976,3 +976,52 @@ async fn a_create_past_its_deadline_is_not_sent() {
         .unwrap();
     assert_eq!(gw.sandbox.create_attempts("LEASE-1"), 1);
 }
+
+/// `GET /sandbox/orders` stamps each order (µs since the epoch, the host's wall clock) when
+/// it was created and when it turned final, for latency measurements across processes; the
+/// callback stamps are there and null when callbacks are off.
+#[tokio::test]
+async fn orders_report_wall_clock_stamps() {
+    let gw = spawn_gateway(|c| c.final_after = Duration::from_millis(50)).await;
+    let now_us = || tarspay_worker::wall_clock::since_epoch().as_micros() as u64;
+    let before = now_us();
+    gw.client
+        .create_payout(&payout("STAMP-1", "10"))
+        .await
+        .unwrap();
+    let after = now_us();
+    tarspay_worker::gateway::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = format!("{}/sandbox/orders", gw.sandbox.url());
+    let stamps = || async {
+        let orders: Vec<serde_json::Value> =
+            http.get(&url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(orders.len(), 1, "{orders:?}");
+        orders[0].clone()
+    };
+    let fresh = stamps().await;
+    let created = fresh["createdAtUs"].as_u64().expect("createdAtUs");
+    assert!((before..=after).contains(&created), "{fresh}");
+    // Null or a stamp (the machine may be slow enough for the order to be final already).
+    assert!(fresh.get("finalAtUs").is_some(), "{fresh}");
+
+    let done = eventually("the order turns final", || async {
+        let order = stamps().await;
+        order["finalAtUs"].is_u64().then_some(order)
+    })
+    .await;
+    assert!(done["finalAtUs"].as_u64().unwrap() >= created, "{done}");
+    assert_eq!(done["createdAtUs"], fresh["createdAtUs"]);
+    for field in ["firstCallbackAtUs", "callbackAcknowledgedAtUs"] {
+        assert!(
+            done.get(field).is_some_and(|v| v.is_null()),
+            "{field}: {done}"
+        );
+    }
+    let view = gw.sandbox.order("STAMP-1").unwrap();
+    assert_eq!(view.created_at_us, created);
+    assert_eq!(view.final_at_us, done["finalAtUs"].as_u64());
+}

@@ -83,6 +83,12 @@ async fn callbacks_are_signed_and_resent_until_ok() {
     })
     .await;
     assert_eq!(view.callbacks_sent, 3, "two refusals, then OK");
+    // The stamps keep the first send and the first OK, in order after the final state.
+    let (first, acknowledged) = (
+        view.first_callback_at_us.expect("a callback was sent"),
+        view.callback_acknowledged_at_us.expect("and acknowledged"),
+    );
+    assert!(view.final_at_us.is_some_and(|at| at <= first) && first <= acknowledged);
 
     let calls = &received.lock().unwrap().calls;
     assert_eq!(calls.len(), 3);

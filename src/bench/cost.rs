@@ -56,6 +56,7 @@ pub async fn run(options: &BenchOptions, report: Report<'_>) -> Result<(), Bench
             final_after: "5s",
             poll_first_delay: "6s",
             poll_max_interval: "10s",
+            ..PipelineTimers::default()
         }
     };
     let extra_env: Vec<(String, String)> = match options.retention {

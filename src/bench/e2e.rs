@@ -13,8 +13,8 @@
 //! up over the masters.
 
 use super::shared::{
-    ChildProcess, RedisChoice, RedisTarget, SandboxProcess, client_addr, commandstats_delta,
-    latency_summary, now_us, payout_calls, proc_cpu_seconds, round,
+    ChildProcess, RedisChoice, RedisTarget, SandboxProcess, ServeProcess, client_addr,
+    commandstats_delta, latency_summary, now_us, payout_calls, proc_cpu_seconds, round,
 };
 use super::{BenchError, BenchOptions, Report};
 use futures::StreamExt;
@@ -35,13 +35,16 @@ pub const MCH_NO: &str = "M1234567890";
 /// Enqueue calls in flight from the bench process.
 const ENQUEUE_PARALLEL: usize = 64;
 
-/// Timers of one pipeline run.
+/// Timers of one pipeline run, and how final states reach the workers.
 #[derive(Debug, Clone)]
 pub struct PipelineTimers {
     /// `--final-after` of the sandbox.
     pub final_after: &'static str,
     pub poll_first_delay: &'static str,
     pub poll_max_interval: &'static str,
+    /// The sandbox sends signed callbacks to a `serve` process of the pipeline; otherwise it
+    /// runs with `--no-callbacks` and only the workers' polls find final states.
+    pub callbacks: bool,
 }
 
 impl Default for PipelineTimers {
@@ -50,14 +53,18 @@ impl Default for PipelineTimers {
             final_after: "100ms",
             poll_first_delay: "150ms",
             poll_max_interval: "500ms",
+            callbacks: false,
         }
     }
 }
 
-/// Redis, the sandbox process, worker processes, and a producer in this process.
+/// Redis, the sandbox process, worker processes, with callbacks a `serve` process, and a
+/// producer in this process.
 pub struct Pipeline {
     pub target: RedisTarget,
     pub sandbox: SandboxProcess,
+    /// The callback receiver, with [`PipelineTimers::callbacks`].
+    pub serve: Option<ServeProcess>,
     pub workers: Vec<ChildProcess>,
     /// The TARSPAY_* variables of every worker.
     pub env: Vec<(String, String)>,
@@ -86,15 +93,16 @@ impl Pipeline {
             ("TARSPAY_PRIVATE_KEY".to_owned(), key.expose_hex()),
             ("TARSPAY_LOG__FILTER".to_owned(), "warn".to_owned()),
         ];
-        let sandbox = SandboxProcess::spawn(timers.final_after, &[], &merchant_env)?;
+        let sandbox =
+            SandboxProcess::spawn(timers.final_after, timers.callbacks, &[], &merchant_env)?;
         let mut env = merchant_env;
         env.extend(
             [
                 ("TARSPAY_REDIS_URL", target.url.clone()),
                 ("TARSPAY_GATEWAY_URL", sandbox.url.clone()),
                 (
-                    "TARSPAY_NOTIFY_URL",
-                    "http://127.0.0.1:9/tarspay/notify".to_owned(),
+                    "TARSPAY_SYSTEM_PUBLIC_KEY",
+                    sandbox.system_public_key.clone(),
                 ),
                 ("TARSPAY_QUEUE_PREFIX", target.prefix.clone()),
                 ("TARSPAY_PARTITIONS", partitions.to_string()),
@@ -117,6 +125,18 @@ impl Pipeline {
             .map(|(k, v)| (k.to_owned(), v)),
         );
         env.extend(extra_env.iter().cloned());
+        // The receiver first: the workers send its address as each create's notifyUrl.
+        let serve = if timers.callbacks {
+            Some(spawn_serve(&env)?)
+        } else {
+            None
+        };
+        let notify_url = serve.as_ref().map_or_else(
+            // Nothing listens on the discard port: with callbacks off none is sent anyway.
+            || "http://127.0.0.1:9/tarspay/notify".to_owned(),
+            ServeProcess::notify_url,
+        );
+        env.push(("TARSPAY_NOTIFY_URL".to_owned(), notify_url));
         let settings = Settings::load_with_env(None, env.clone())?;
         let deployment = Deployment::connect(&settings)
             .await
@@ -125,6 +145,7 @@ impl Pipeline {
         let mut pipeline = Self {
             target,
             sandbox,
+            serve,
             workers: Vec::new(),
             env,
             settings,
@@ -214,9 +235,23 @@ impl Pipeline {
         for worker in &mut self.workers {
             worker.kill();
         }
+        if let Some(serve) = &mut self.serve {
+            serve.process.kill();
+        }
         self.sandbox.process.kill();
         self.target.cleanup().await
     }
+}
+
+/// A `serve` process on a free port of the loopback, on the workers' deployment; its API is
+/// not used, so it runs without a token.
+fn spawn_serve(env: &[(String, String)]) -> Result<ServeProcess, BenchError> {
+    let mut env = env.to_vec();
+    env.extend([
+        ("TARSPAY_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("TARSPAY_API_AUTH_DISABLED".to_owned(), "true".to_owned()),
+    ]);
+    ServeProcess::spawn(&env)
 }
 
 /// Reads every partition's outcome stream from the start, page by page.
@@ -229,8 +264,8 @@ pub struct OutcomeTail {
 }
 
 impl OutcomeTail {
-    /// The next page of each partition's stream.
-    pub async fn next_page(&mut self) -> Result<Vec<Outcome>, BenchError> {
+    /// The next page of each partition's stream: (entry id, outcome).
+    pub async fn next_page(&mut self) -> Result<Vec<(String, Outcome)>, BenchError> {
         let mut outcomes = Vec::new();
         for (ledger, last) in &mut self.streams {
             self.calls += 1;
@@ -238,7 +273,7 @@ impl OutcomeTail {
             if let Some((id, _)) = page.last() {
                 last.clone_from(id);
             }
-            outcomes.extend(page.into_iter().map(|(_, outcome)| outcome));
+            outcomes.extend(page);
         }
         Ok(outcomes)
     }
@@ -268,6 +303,21 @@ pub struct PipelineRun {
     /// Most payouts enqueued and not yet final at one time (sampled per outcome page).
     pub peak_in_flight: u64,
     pub outcomes: HashMap<String, Outcome>,
+    /// Per payout, by index (`{prefix}-{index:07}`), µs since the epoch: when its enqueue
+    /// started.
+    pub enqueued_at_us: Vec<u64>,
+    /// Per payout, by index: when its outcome was appended, as an upper bound: the end of the
+    /// millisecond of its stream entry id (Redis's clock when appending, ms resolution) or
+    /// when this reader saw it, whichever is earlier.
+    pub outcome_at_us: Vec<u64>,
+}
+
+/// The upper bound of [`PipelineRun::outcome_at_us`] for an entry read at `seen_us`.
+fn outcome_time_us(entry_id: &str, seen_us: u64) -> u64 {
+    entry_id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .map_or(seen_us, |ms| seen_us.min(ms * 1000 + 999))
 }
 
 /// Enqueues `n` payouts `{prefix}-{i}` while reading outcomes, until every payout has one:
@@ -320,6 +370,7 @@ pub async fn drive(
     let collect = async {
         let mut outcomes: HashMap<String, Outcome> = HashMap::with_capacity(n as usize);
         let mut latencies = Vec::with_capacity(n as usize);
+        let mut outcome_at_us = vec![0u64; n as usize];
         let mut peak_in_flight = 0u64;
         let mut idle_since = Instant::now();
         while (outcomes.len() as u64) < n {
@@ -341,7 +392,7 @@ pub async fn drive(
                 continue;
             }
             idle_since = Instant::now();
-            for outcome in page {
+            for (entry_id, outcome) in page {
                 let index = outcome
                     .mch_order_no
                     .rsplit('-')
@@ -353,17 +404,24 @@ pub async fn drive(
                     })?;
                 let at = enqueued_at[index].load(std::sync::atomic::Ordering::Relaxed);
                 latencies.push(seen.saturating_sub(at) as f64 / 1000.0);
+                outcome_at_us[index] = outcome_time_us(&entry_id, seen);
                 let id = outcome.mch_order_no.to_string();
                 if outcomes.insert(id.clone(), outcome).is_some() {
                     return Err(BenchError::Check(format!("two outcomes for {id}")));
                 }
             }
         }
-        Ok::<_, BenchError>((outcomes, latencies, peak_in_flight, started.elapsed()))
+        Ok::<_, BenchError>((
+            outcomes,
+            latencies,
+            outcome_at_us,
+            peak_in_flight,
+            started.elapsed(),
+        ))
     };
     let (enqueue_elapsed, collected) = tokio::join!(enqueue, collect);
     let enqueue_elapsed = enqueue_elapsed?;
-    let (outcomes, mut latencies, peak_in_flight, elapsed) = collected?;
+    let (outcomes, mut latencies, outcome_at_us, peak_in_flight, elapsed) = collected?;
     Ok(PipelineRun {
         n,
         elapsed,
@@ -371,6 +429,11 @@ pub async fn drive(
         latency_ms: latency_summary(&mut latencies),
         peak_in_flight,
         outcomes,
+        enqueued_at_us: enqueued_at
+            .into_iter()
+            .map(std::sync::atomic::AtomicU64::into_inner)
+            .collect(),
+        outcome_at_us,
     })
 }
 

@@ -1,10 +1,12 @@
-//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog>`. Each bench reports its
-//! results as JSON objects, one per result, so runs can be compared over time.
+//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog|delay|latency>`. Each bench
+//! reports its results as JSON objects, one per result, so runs can be compared over time.
 //!
 //! * [`queue`]: no-op jobs through the Redis Streams storage and an apalis worker.
 //! * [`e2e`]: payouts through worker processes against the sandbox as its own process.
 //! * [`cost`]: Redis commands, memory and CPU per payout.
 //! * [`backlog`]: throughput with a large backlog waiting vs an empty queue.
+//! * [`delay`]: how late delayed jobs start.
+//! * [`latency`]: per-payout latency by callback and by poll, at paced rates.
 //!
 //! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]), or
 //! with `cluster` its own Redis Cluster ([`local_redis::LocalCluster`]); with a URL (one server,
@@ -15,6 +17,7 @@ pub mod backlog;
 pub mod cost;
 pub mod delay;
 pub mod e2e;
+pub mod latency;
 pub mod queue;
 pub mod shared;
 
@@ -36,6 +39,8 @@ pub enum BenchError {
     Config(#[from] tarspay_worker::config::ConfigError),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    #[error("serve: {0}")]
+    Serve(String),
     #[error("bench run went wrong: {0}")]
     Check(String),
     #[error("timed out: {0}")]

@@ -606,6 +606,64 @@ pub fn round(value: f64, digits: i32) -> f64 {
     (value * factor).round() / factor
 }
 
+/// The host's CPU time counters (`cpu` line of `/proc/stat`, in ticks): the machine is
+/// shared, so a latency run says how much of it others (and the hypervisor) took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    pub total: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Time the hypervisor ran something else while this VM wanted the CPU.
+    pub steal: u64,
+}
+
+impl HostCpu {
+    /// `None` where `/proc/stat` cannot be read (not Linux).
+    pub fn read() -> Option<Self> {
+        parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// (steal %, busy %) of the host's CPU time between `self` and `later`.
+    pub fn shares_until(&self, later: &Self) -> Option<(f64, f64)> {
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)? as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        let idle = later.idle.saturating_sub(self.idle) as f64;
+        Some((
+            100.0 * steal / total,
+            100.0 * (total - idle - steal) / total,
+        ))
+    }
+}
+
+/// The `cpu` line of `/proc/stat`: user nice system idle iowait irq softirq steal [guest…]
+/// (guest time is already counted in user).
+pub fn parse_proc_stat(stat: &str) -> Option<HostCpu> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let steal = ticks.get(7).copied().unwrap_or(0);
+    Some(HostCpu {
+        total: ticks.iter().sum(),
+        idle: ticks.get(3)? + ticks.get(4).copied().unwrap_or(0),
+        steal,
+    })
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A field of `/proc/PID/status` in KiB (e.g. `VmHWM`, `VmRSS`).
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -715,18 +773,49 @@ impl Drop for ChildProcess {
     }
 }
 
-/// A `tarspay-dev sandbox` process: its URL from the first line it prints, and its stdout
-/// drained in a thread so later prints never hit a closed pipe.
+/// The first `n` lines a child prints on stdout, read through one reader (a reader per line
+/// could swallow the next line into a buffer that is then dropped); the rest is drained in a
+/// thread so later prints never hit a closed or full pipe.
+fn first_lines(process: &mut ChildProcess, n: usize) -> Result<Vec<String>, BenchError> {
+    let name = process.name.clone();
+    let stdout = process
+        .child_mut()
+        .and_then(|child| child.stdout.take())
+        .ok_or_else(|| BenchError::Setup(format!("{name} has no stdout")))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref().take(n) {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+        for _ in lines {}
+    });
+    (0..n)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .map_err(|_| BenchError::Setup(format!("{name} printed less than {n} lines")))
+        })
+        .collect()
+}
+
+/// A `tarspay-dev sandbox` process: its URL and system key from the first lines it prints.
 pub struct SandboxProcess {
     pub process: ChildProcess,
     pub url: String,
+    /// The key that signs its callbacks (hex), for `TARSPAY_SYSTEM_PUBLIC_KEY`.
+    pub system_public_key: String,
 }
 
 impl SandboxProcess {
-    /// `extra` adds arguments (e.g. `--faults FILE`); `env` carries TARSPAY_MCH_NO and
-    /// TARSPAY_PRIVATE_KEY to register the merchant.
+    /// `callbacks` false runs it with `--no-callbacks`; `extra` adds arguments (e.g.
+    /// `--faults FILE`); `env` carries TARSPAY_MCH_NO and TARSPAY_PRIVATE_KEY to register the
+    /// merchant.
     pub fn spawn(
         final_after: &str,
+        callbacks: bool,
         extra: &[&str],
         env: &[(String, String)],
     ) -> Result<Self, BenchError> {
@@ -736,41 +825,37 @@ impl SandboxProcess {
             "127.0.0.1:0",
             "--final-after",
             final_after,
-            "--no-callbacks",
         ];
+        if !callbacks {
+            args.push("--no-callbacks");
+        }
         args.extend_from_slice(extra);
         let mut process = ChildProcess::spawn("sandbox", &args, env, Stdio::piped())?;
-        let stdout = process
-            .child_mut()
-            .and_then(|child| child.stdout.take())
-            .ok_or_else(|| BenchError::Setup("sandbox has no stdout".into()))?;
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for _ in lines {}
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| BenchError::Setup("the sandbox printed nothing".into()))?;
-        let url = first
+        let lines = first_lines(&mut process, 2)?;
+        let unexpected =
+            |line: &str| BenchError::Setup(format!("unexpected sandbox output: {line}"));
+        let url = lines[0]
             .strip_prefix("sandbox listening on ")
-            .ok_or_else(|| BenchError::Setup(format!("unexpected sandbox output: {first}")))?
+            .ok_or_else(|| unexpected(&lines[0]))?
             .trim()
             .to_owned();
-        Ok(Self { process, url })
+        let system_public_key = lines[1]
+            .strip_prefix("sandbox system public key")
+            .and_then(|rest| rest.rsplit(' ').next())
+            .ok_or_else(|| unexpected(&lines[1]))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            process,
+            url,
+            system_public_key,
+        })
     }
 
     /// `GET /sandbox/orders`: every order the sandbox holds.
     pub async fn orders(&self) -> Result<Vec<serde_json::Value>, BenchError> {
-        tarspay_worker::gateway::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|err| BenchError::Sandbox(err.to_string()))?;
-        let response = client
+        let response = http_client()
+            .map_err(BenchError::Sandbox)?
             .get(format!("{}/sandbox/orders", self.url))
             .send()
             .await
@@ -781,6 +866,73 @@ impl SandboxProcess {
             .map_err(|err| BenchError::Sandbox(err.to_string()))?;
         Ok(orders)
     }
+}
+
+/// An HTTP client for the bench's own reads of its child processes (bounded: a hung child
+/// must fail the run, not stall it).
+fn http_client() -> Result<reqwest::Client, String> {
+    tarspay_worker::gateway::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|err| err.to_string())
+}
+
+/// A `tarspay-dev serve` process, the callback receiver: its address from the line it prints.
+pub struct ServeProcess {
+    pub process: ChildProcess,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Where it receives TarsPay's callbacks.
+    pub callback_path: String,
+}
+
+impl ServeProcess {
+    /// Starts `serve` with `env` (which should listen on port 0: the address is read back).
+    pub fn spawn(env: &[(String, String)]) -> Result<Self, BenchError> {
+        let mut process = ChildProcess::spawn("serve", &["serve"], env, Stdio::piped())?;
+        let line = first_lines(&mut process, 1)?.remove(0);
+        let (url, callback_path) = parse_serve_line(&line)
+            .ok_or_else(|| BenchError::Setup(format!("unexpected serve output: {line}")))?;
+        Ok(Self {
+            process,
+            url,
+            callback_path,
+        })
+    }
+
+    /// The `notifyUrl` the workers send with each create.
+    pub fn notify_url(&self) -> String {
+        format!("{}{}", self.url, self.callback_path)
+    }
+
+    /// Callbacks received so far by result (`verified`, `untrusted`, …), from its `/metrics`.
+    pub async fn callbacks(&self) -> Result<Vec<(String, u64)>, BenchError> {
+        let text = http_client()
+            .map_err(BenchError::Serve)?
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|err| BenchError::Serve(err.to_string()))?
+            .text()
+            .await
+            .map_err(|err| BenchError::Serve(err.to_string()))?;
+        Ok(tarspay_worker::metrics::counter_by_label(
+            &text,
+            tarspay_worker::metrics::CALLBACKS,
+            "result",
+        ))
+    }
+}
+
+/// `listening on http://ADDR (callbacks at PATH)` → (`http://ADDR`, `PATH`).
+fn parse_serve_line(line: &str) -> Option<(String, String)> {
+    let (url, rest) = line
+        .strip_prefix("listening on ")?
+        .split_once(" (callbacks at ")?;
+    let path = rest.trim_end().strip_suffix(')')?;
+    Some((url.to_owned(), path.to_owned()))
 }
 
 #[cfg(test)]
@@ -862,6 +1014,36 @@ f6 10.0.0.6:7005@17005 master - 0 1 5 connected 10923-16383
         );
         assert_eq!(with_host_port("rediss://seed:1", "h", 7), "rediss://h:7/");
         assert_eq!(redact("redis://u:pw@seed:1/"), "redis://…@seed:1/");
+    }
+
+    #[test]
+    fn the_serve_address_is_read_from_its_first_line() {
+        assert_eq!(
+            parse_serve_line("listening on http://127.0.0.1:4321 (callbacks at /tarspay/notify)"),
+            Some((
+                "http://127.0.0.1:4321".to_owned(),
+                "/tarspay/notify".to_owned()
+            ))
+        );
+        assert_eq!(parse_serve_line("sandbox listening on http://x"), None);
+    }
+
+    #[test]
+    fn host_cpu_shares_come_from_the_cpu_line() {
+        let before = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n").unwrap();
+        assert_eq!(
+            before,
+            HostCpu {
+                total: 1000,
+                idle: 850,
+                steal: 0
+            }
+        );
+        let after = parse_proc_stat("cpu  150 0 100 900 50 0 0 100 0 0\n").unwrap();
+        let (steal, busy) = before.shares_until(&after).unwrap();
+        assert_eq!((round(steal, 2), round(busy, 2)), (33.33, 33.33));
+        assert_eq!(after.shares_until(&after), None);
+        assert_eq!(parse_proc_stat("intr 1 2 3"), None);
     }
 
     #[test]

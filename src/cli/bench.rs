@@ -1,10 +1,11 @@
-//! `bench <queue|e2e|cost|backlog|delay>`: runs a benchmark from `tarspay_dev::bench` and prints
+//! `bench <queue|e2e|cost|backlog|delay|latency>`: runs a benchmark from `tarspay_dev::bench` and prints
 //! one JSON line per result.
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::process::ExitCode;
+use tarspay_dev::bench::latency::{LatencyOptions, Route};
 use tarspay_dev::bench::{self, BenchOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -21,6 +22,9 @@ enum Which {
     /// Lateness of delayed jobs (due to start) at 100 and 1,000 a second, with 1 and 4 worker
     /// processes, and what idle workers cost Redis.
     Delay,
+    /// Per-payout latency (enqueue → create, gateway final → outcome, enqueue → outcome) at
+    /// paced rates, with final states arriving by signed callbacks to `serve` or by polls.
+    Latency,
     /// One worker process of `delay` (started by it).
     #[value(hide = true)]
     DelayWorker,
@@ -54,9 +58,48 @@ pub struct BenchArgs {
     /// left per payout.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     retention: Option<std::time::Duration>,
+    /// `latency` only: offered payouts per second, one run each (repeat the flag or separate
+    /// by commas). Default 100 and 1000.
+    #[arg(long = "rate", value_name = "PER_S", value_delimiter = ',')]
+    rates: Vec<u64>,
+    /// `latency` only: how final states reach the workers. Default both.
+    #[arg(long, value_enum)]
+    mode: Option<LatencyMode>,
+    /// `latency` only: worker processes. Default 1.
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LatencyMode {
+    /// Signed callbacks to a `serve` process (polls only as the 2 s fallback).
+    Callback,
+    /// No callbacks: the workers' poll-status job finds each final state.
+    Poll,
+}
+
+impl BenchArgs {
+    /// What `latency` runs, from its flags and defaults.
+    fn latency(&self) -> LatencyOptions {
+        let defaults = LatencyOptions::default();
+        LatencyOptions {
+            rates: if self.rates.is_empty() {
+                defaults.rates
+            } else {
+                self.rates.clone()
+            },
+            routes: match self.mode {
+                None => defaults.routes,
+                Some(LatencyMode::Callback) => vec![Route::Callback],
+                Some(LatencyMode::Poll) => vec![Route::Poll],
+            },
+            workers: self.workers.unwrap_or(defaults.workers),
+        }
+    }
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    let latency = args.latency();
     let options = BenchOptions {
         redis_url: args.redis_url,
         cluster: args.cluster,
@@ -76,6 +119,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Which::Cost => bench::cost::run(&options, &mut print).await?,
         Which::Backlog => bench::backlog::run(&options, &mut print).await?,
         Which::Delay => bench::delay::run(&options, &mut print).await?,
+        Which::Latency => bench::latency::run(&options, &latency, &mut print).await?,
         Which::DelayWorker => bench::delay::worker().await?,
     }
     Ok(ExitCode::SUCCESS)

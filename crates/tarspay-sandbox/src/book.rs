@@ -31,6 +31,12 @@ struct Order {
     currency: String,
     notify_url: Option<String>,
     created: Instant,
+    /// Wall-clock stamps (µs since the epoch) for `/sandbox/orders`: `created` drives the
+    /// schedule, these only report it, comparable with other processes' clocks on the host.
+    created_at_us: u64,
+    final_at_us: Option<u64>,
+    first_callback_at_us: Option<u64>,
+    callback_acknowledged_at_us: Option<u64>,
     processing_after: Duration,
     final_state: OrderState,
     finalized: bool,
@@ -76,6 +82,19 @@ pub struct OrderView {
     pub create_attempts: u32,
     pub callbacks_sent: u32,
     pub callback_acknowledged: bool,
+    /// When the create was accepted (µs since the Unix epoch, the host's wall clock).
+    pub created_at_us: u64,
+    /// When the order reached its final state; `None` (null) before.
+    pub final_at_us: Option<u64>,
+    /// When the first callback send started; `None` (null) without callbacks.
+    pub first_callback_at_us: Option<u64>,
+    /// When a callback was first answered `OK`; `None` (null) until then.
+    pub callback_acknowledged_at_us: Option<u64>,
+}
+
+/// Microseconds since the Unix epoch on the host's wall clock (the stamps of [`OrderView`]).
+fn now_us() -> u64 {
+    tarspay_worker::wall_clock::since_epoch().as_micros() as u64
 }
 
 #[derive(Default)]
@@ -188,6 +207,10 @@ impl Book {
             create_attempts: self.create_attempts(mch_order_no),
             callbacks_sent: order.callbacks_sent,
             callback_acknowledged: order.callback_acknowledged,
+            created_at_us: order.created_at_us,
+            final_at_us: order.final_at_us,
+            first_callback_at_us: order.first_callback_at_us,
+            callback_acknowledged_at_us: order.callback_acknowledged_at_us,
         })
     }
 
@@ -201,10 +224,20 @@ impl Book {
         self.orders.get(mch_order_no)?.notify_url.clone()
     }
 
+    /// Stamps the start of the first callback send (resends keep the first stamp).
+    pub(crate) fn record_callback_start(&mut self, mch_order_no: &str) {
+        if let Some(order) = self.orders.get_mut(mch_order_no) {
+            order.first_callback_at_us.get_or_insert_with(now_us);
+        }
+    }
+
     pub(crate) fn record_callback(&mut self, mch_order_no: &str, acknowledged: bool) {
         if let Some(order) = self.orders.get_mut(mch_order_no) {
             order.callbacks_sent += 1;
             order.callback_acknowledged |= acknowledged;
+            if acknowledged {
+                order.callback_acknowledged_at_us.get_or_insert_with(now_us);
+            }
         }
     }
 
@@ -228,6 +261,7 @@ impl Book {
             return false;
         }
         order.finalized = true;
+        order.final_at_us = Some(now_us());
         if order.kind == OrderKind::Payout
             && let Some(account) = self.accounts.get_mut(&order.mch_no)
         {
@@ -280,6 +314,10 @@ pub(crate) fn insert_order(shared: &Arc<Shared>, new: NewOrder) -> Result<OrderV
                 currency: new.currency,
                 notify_url: new.notify_url,
                 created: Instant::now(),
+                created_at_us: now_us(),
+                final_at_us: None,
+                first_callback_at_us: None,
+                callback_acknowledged_at_us: None,
                 processing_after,
                 final_state,
                 finalized: false,

@@ -45,6 +45,7 @@ pub(crate) async fn deliver(shared: &Arc<Shared>, mch_order_no: &str, url: &str)
     };
     let signature = sign_callback(&key, body.as_bytes());
     for attempt in 0..attempts {
+        shared.book().record_callback_start(mch_order_no);
         let reply = shared
             .http
             .post(url)
