@@ -90,6 +90,7 @@ mod fetch;
 mod inflight;
 mod keys;
 mod layer;
+pub(crate) mod local_wake;
 mod partitioned;
 mod pause;
 mod promoter;
