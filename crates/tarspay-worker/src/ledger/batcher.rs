@@ -15,7 +15,6 @@
 //! confirmed it. A write only the primary holds can vanish in a failover.
 
 use super::scripts::BATCH;
-use crate::queue::local_wake;
 use crate::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::time::Duration;
@@ -23,8 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most operations one script call applies.
 const MAX_BATCH: usize = 128;
-/// Index of the payout queue's delayed set among the shared keys (`LedgerKeys::shared`).
-const DELAYED_KEY: usize = 5;
 
 /// Operations whose effect must reach the replicas before their caller acts on it: a
 /// registration (the producer answers "queued") and a submit lease (a create is sent).
@@ -132,10 +129,8 @@ async fn run(
                 .iter()
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
-        let follow = local_follower(&shared_keys);
-        match apply_batch(&conn, &shared_keys, follow, &batch, wait).await {
-            Ok((mut replies, confirmed)) if replies.len() == batch.len() + 1 => {
-                wake_follower(follow, replies.pop());
+        match apply_batch(&conn, &shared_keys, &batch, wait).await {
+            Ok((replies, confirmed)) if replies.len() == batch.len() => {
                 for (pending, reply) in batch.drain(..).zip(replies) {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
                     let reply = operation_result(reply).map(|value| Reply { value, replicated });
@@ -146,11 +141,7 @@ async fn run(
                 let err = RedisError::from((
                     redis::ErrorKind::Parse,
                     "ledger batch answered with the wrong number of replies",
-                    format!(
-                        "{} replies for {} operations (one each, then the followed due time)",
-                        replies.len(),
-                        batch.len()
-                    ),
+                    format!("{} for {} operations", replies.len(), batch.len()),
                 ));
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(Err(err.clone()));
@@ -181,32 +172,9 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
     Ok(reply)
 }
 
-/// The payout queue's delayed set (a shared key), when a worker of this process follows it:
-/// then the script writes no wake marker for it (`queue::local_wake`).
-fn local_follower(shared_keys: &[String]) -> Option<&str> {
-    shared_keys
-        .get(DELAYED_KEY)
-        .map(String::as_str)
-        .filter(|delayed| local_wake::is_followed(delayed))
-}
-
-/// Hands the batch's trailing reply, the earliest due time it left unmarked, to the worker.
-fn wake_follower(follow: Option<&str>, due: Option<Value>) {
-    let (Some(delayed), Some(Value::Int(due))) = (follow, due) else {
-        return;
-    };
-    if let Ok(due) = u64::try_from(due)
-        && !local_wake::wake(delayed, due)
-    {
-        // The worker stopped meanwhile: a periodic pass promotes the job, a little late.
-        tracing::debug!(due, "no local promoter left to follow a delayed job");
-    }
-}
-
 /// The batch script's `EVALSHA`: the shared keys, then each operation's two keys; the
-/// caller's clock and the locally followed delayed set, then each operation's kind, argument
-/// count and arguments.
-fn batch_command(shared_keys: &[String], follow: Option<&str>, batch: &[Pending]) -> redis::Cmd {
+/// caller's clock, then each operation's kind, argument count and arguments.
+fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
         .arg(BATCH.get_hash())
@@ -215,9 +183,7 @@ fn batch_command(shared_keys: &[String], follow: Option<&str>, batch: &[Pending]
     for Pending { op, .. } in batch {
         evalsha.arg(&op.order_key).arg(&op.aux_key);
     }
-    evalsha
-        .arg(crate::queue::now_ms())
-        .arg(follow.unwrap_or_default());
+    evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
     }
@@ -230,12 +196,11 @@ fn batch_command(shared_keys: &[String], follow: Option<&str>, batch: &[Pending]
 async fn apply_batch(
     conn: &RedisConn,
     shared_keys: &[String],
-    follow: Option<&str>,
     batch: &[Pending],
     replication: Option<Replication>,
 ) -> Result<(Vec<Value>, bool), RedisError> {
     let mut pipe = redis::pipe();
-    pipe.add_command(batch_command(shared_keys, follow, batch));
+    pipe.add_command(batch_command(shared_keys, batch));
     if let Some(wanted) = replication {
         let timeout_ms = u64::try_from(wanted.timeout.as_millis()).unwrap_or(u64::MAX);
         pipe.cmd("WAIT").arg(wanted.replicas).arg(timeout_ms.max(1));
@@ -258,18 +223,4 @@ async fn apply_batch(
         (None, _) => true,
     };
     Ok((replies, confirmed))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ledger::LedgerKeys;
-    use crate::queue::QueueKeys;
-
-    #[test]
-    fn the_followed_key_is_the_payout_queues_delayed_set() {
-        let queue = QueueKeys::under("{t:payouts}");
-        let shared = LedgerKeys::new("{t:payouts}", &queue).shared();
-        assert_eq!(shared[DELAYED_KEY], queue.delayed);
-    }
 }

@@ -28,11 +28,8 @@ pub(crate) const SHARED_KEYS: usize = 10;
 /// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
 /// and unique hash, the webhook queue's stream, delayed set and unique hash; then per
 /// operation its order key and auxiliary key.
-/// ARGV: now_ms (caller's clock), the payout queue's delayed set when this process runs a
-/// worker of it ('' otherwise: see `DELAY_JOB`'s `follow_locally`), then per operation: kind,
-/// argument count, arguments.
-/// Returns one reply per operation, in order, then the earliest due time the caller's worker
-/// is to follow instead of a marker (-1: none).
+/// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments.
+/// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{}{}",
@@ -283,9 +280,8 @@ local function guarded(kind, order, aux, a)
   if type(reply) == 'table' and reply.err then return {'!error', reply.err} end
   return {'!error', tostring(reply)}
 end
-follow_locally = ARGV[2]
 local out = {}
-local at = 3
+local at = 2
 local op = 0
 while at <= #ARGV do
   local kind, n = ARGV[at], tonumber(ARGV[at + 1])
@@ -295,7 +291,6 @@ while at <= #ARGV do
   at = at + 2 + n
   op = op + 1
 end
-out[#out + 1] = followed_due or -1
 return out
 "#
     ))

@@ -51,8 +51,6 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             ));
         }
         let (due_times, markers) = tokio::sync::mpsc::unbounded_channel();
-        // Delays this process' ledger schedules on this queue wake the loop without a marker.
-        crate::queue::local_wake::register(&shared.keys.delayed, due_times.clone());
         runtime.promoter = Some(tokio::spawn(run_promoter(
             Arc::clone(&shared),
             runtime.consumer.clone(),

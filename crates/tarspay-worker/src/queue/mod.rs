@@ -90,7 +90,6 @@ mod fetch;
 mod inflight;
 mod keys;
 mod layer;
-pub(crate) mod local_wake;
 mod partitioned;
 mod pause;
 mod promoter;

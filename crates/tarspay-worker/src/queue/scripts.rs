@@ -44,15 +44,8 @@ end
 /// The earliest due time is read once per script call and kept in a Lua local (`earliest`,
 /// fresh on every call), so a group commit or a bulk enqueue of many delayed jobs pays one
 /// `ZRANGE`, not one per job.
-///
-/// A script whose caller runs a worker of the queue sets `follow_locally` to its delayed set:
-/// then no marker is written, and the script returns `followed_due` for the caller to hand to
-/// that worker ([`crate::queue::local_wake`]).
 pub(crate) const DELAY_JOB: &str = r#"
 local earliest = {}
--- The delayed set whose new earliest due times the caller hands to its own worker's promoter
--- (`queue::local_wake`) instead of a marker, and the earliest such time this call set.
-local follow_locally, followed_due = '', nil
 local function delay_job(stream, delayed, now, run_at, env)
   local first = earliest[delayed]
   if first == nil then
@@ -61,12 +54,8 @@ local function delay_job(stream, delayed, now, run_at, env)
   end
   redis.call('ZADD', delayed, run_at, env)
   if first == false or run_at < first then
-    if delayed == follow_locally then
-      if followed_due == nil or run_at < followed_due then followed_due = run_at end
-    else
-      local wake = string.sub(delayed, 1, -8) .. 'wake'
-      redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
-    end
+    local wake = string.sub(delayed, 1, -8) .. 'wake'
+    redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
     first = run_at
   end
   earliest[delayed] = first
