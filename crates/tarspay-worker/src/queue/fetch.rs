@@ -3,13 +3,17 @@
 //! ends when the worker stops.
 //!
 //! The pause flag is read when jobs arrive and the last reading is older than
-//! `pause_check_interval`, not on a timer: an idle worker pays nothing for it, and no job
-//! starts more than that interval after a pause. Jobs that arrive to find the queue paused
+//! `pause_check_interval`, not on a timer: an idle worker pays nothing for it, and no job is
+//! fetched for work more than that interval after a pause (jobs already prefetched still run;
+//! for payouts the ledger re-reads the flag before any create). Jobs that arrive to find the queue paused
 //! are given back to the stream at once (waiting, as if never fetched), and the worker fetches
-//! nothing more until it resumes.
+//! nothing more until it resumes; if the flag cannot be read they are held (renewed, so no
+//! attempt is spent) until a reading decides. Orphans are claimed only under a fresh
+//! "not paused" reading.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
-//! time; wake markers read here are acknowledged, deleted and their due times passed to it.
+//! time; wake markers read here are acknowledged (not deleted: `MAXLEN ~ 64` bounds them) and
+//! their due times passed to it.
 
 use apalis::prelude::{Task, TaskBuilder, TaskId};
 use redis::Value;
@@ -47,6 +51,9 @@ pub(crate) struct Fetcher<T> {
 struct Schedule {
     paused: bool,
     pause_checked: Option<Instant>,
+    /// Entries fetched when the pause flag could not be read: held (and renewed) until a
+    /// reading decides, so a Redis blip costs them no attempt.
+    held: Vec<StreamId>,
     claimed: Option<Instant>,
     claim_cursor: Option<String>,
 }
@@ -71,6 +78,17 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         };
         let mut schedule = Schedule::default();
         self.fetch_until_stopped(&mut blocking, &mut schedule).await;
+        self.give_back_held(&mut schedule).await;
+    }
+
+    /// Returns held entries to the stream (a pause reading said "paused", or the worker stops).
+    async fn give_back_held(&self, schedule: &mut Schedule) {
+        if schedule.held.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = schedule.held.drain(..).map(|entry| entry.id).collect();
+        release_unstarted(&self.shared, &self.consumer, &ids).await;
+        self.inflight.remove(ids.iter().map(String::as_str));
     }
 
     async fn fetch_until_stopped(&self, blocking: &mut RedisConn, schedule: &mut Schedule) {
@@ -131,9 +149,22 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 _ = tokio::time::sleep(config.pause_check_interval) => {}
             }
             self.check_pause(schedule).await?;
-            return Ok(Vec::new());
+            if schedule.paused {
+                self.give_back_held(schedule).await;
+                return Ok(Vec::new());
+            }
+            let held = std::mem::take(&mut schedule.held);
+            return Ok(self.decode_all(held));
         }
         if due(schedule.claimed, config.claim_interval()) {
+            // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
+            // would re-add it with a fresh delivery count, hiding the crashes it caused.
+            if due(schedule.pause_checked, config.pause_check_interval) {
+                self.check_pause(schedule).await?;
+            }
+            if schedule.paused {
+                return Ok(Vec::new());
+            }
             let (claimed, cursor) = self
                 .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
                 .await?;
@@ -170,8 +201,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     }
 
     /// Takes fetched entries into this worker's hands (renewed from now on) and decodes them,
-    /// unless the queue turns out to be paused (or the flag cannot be read): then they go back
-    /// to the stream, to start after the resume.
+    /// unless the queue turns out to be paused: then they go back to the stream, to start after
+    /// the resume. If the flag cannot be read they are held, renewed, until a reading decides.
     async fn admit(
         &self,
         schedule: &mut Schedule,
@@ -180,29 +211,27 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut checked = Ok(());
+        // Held from here until settled or given back: renewed while this worker lives.
+        self.inflight
+            .add(entries.iter().map(|entry| entry.id.as_str()));
         if due(
             schedule.pause_checked,
             self.shared.config.pause_check_interval,
-        ) {
-            checked = self.check_pause(schedule).await;
-            if checked.is_err() {
-                // Unsure of the flag: behave as paused until a later reading says otherwise.
-                schedule.paused = true;
-            }
+        ) && let Err(e) = self.check_pause(schedule).await
+        {
+            schedule.held.extend(entries);
+            schedule.paused = true;
+            return Err(e);
         }
         if schedule.paused {
             tracing::info!(
                 jobs = entries.len(),
                 "queue paused: giving fetched jobs back"
             );
-            let ids: Vec<String> = entries.into_iter().map(|entry| entry.id).collect();
-            release_unstarted(&self.shared, &self.consumer, &ids).await;
-            return checked.map(|()| Vec::new());
+            schedule.held.extend(entries);
+            self.give_back_held(schedule).await;
+            return Ok(Vec::new());
         }
-        // Held from here until settled: renewed while this worker lives.
-        self.inflight
-            .add(entries.iter().map(|entry| entry.id.as_str()));
         Ok(self.decode_all(entries))
     }
 
