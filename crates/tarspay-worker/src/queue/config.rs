@@ -20,11 +20,12 @@ pub struct QueueConfig {
     pub orphan_timeout: Duration,
     /// How many fetched-but-not-started jobs a worker may hold (also the XREADGROUP COUNT).
     pub prefetch: usize,
-    /// XREADGROUP BLOCK time; bounds how late a worker sees pause and orphans (delayed jobs
-    /// are woken for on time, see `queue::fetch`).
+    /// XREADGROUP BLOCK time: how long an idle worker's fetch waits before it looks at
+    /// orphans again (delayed jobs are woken for on time, see `queue::fetch`).
     pub block: Duration,
-    /// How often every worker promotes due delayed jobs anyway: the safety net behind the
-    /// promoter's on-time wake-ups (a lost promoter or marker costs at most this much).
+    /// How often the promoter promotes due delayed jobs anyway (the safety net behind its
+    /// on-time wake-ups) and the other workers check its lease; a lost promoter costs at most
+    /// its lease plus this much lateness.
     pub promote_interval: Duration,
     /// Delayed jobs moved per Lua call (bounded so 100,000 due jobs never make a huge reply).
     pub promote_chunk: usize,

@@ -7,9 +7,15 @@ use std::time::Duration;
 use crate::queue::shared::Shared;
 use crate::queue::{QueueError, RedisQueue, scripts};
 
-/// How long a promoter lease lasts without a promotion renewing it; a promoter that dies is
-/// replaced by the next worker to promote after this.
+/// How long a promoter lease lasts at least without a promotion renewing it; a promoter that
+/// dies is replaced by the next worker to pass after it lapses.
 pub(crate) const PROMOTER_LEASE: Duration = Duration::from_secs(2);
+
+/// The lease of a queue whose promoter renews it every `promote_interval`: two renewals'
+/// worth, so a live promoter never loses it between its own passes.
+fn promoter_lease(promote_interval: Duration) -> Duration {
+    PROMOTER_LEASE.max(promote_interval * 2)
+}
 
 /// What one promotion pass found.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,7 +48,7 @@ impl Shared {
                 .key(&self.keys.promoter)
                 .arg(chunk)
                 .arg(consumer)
-                .arg(PROMOTER_LEASE.as_millis() as u64)
+                .arg(promoter_lease(self.config.promote_interval).as_millis() as u64)
                 .arg(if following { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await?;
@@ -57,8 +63,8 @@ impl Shared {
 }
 
 impl<T> RedisQueue<T> {
-    /// Promotes due delayed jobs now (workers also do this when the next one is due, and at
-    /// least every `promote_interval`).
+    /// Promotes due delayed jobs now (the promoter also does this when the next one is due,
+    /// and at least every `promote_interval`).
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
         Ok(self.shared.promote_due_as("", false).await?.moved)
     }

@@ -9,8 +9,9 @@
 //!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]), on time: one
 //!   worker per queue, the promoter (a lease), sleeps until the next due job; a job delayed
 //!   to before all others wakes a sleeping worker with a marker entry (`w` = its due time,
-//!   acknowledged and deleted by the worker that reads it, never a job); every worker also
-//!   promotes every [`QueueConfig::promote_interval`] as a safety net.
+//!   acknowledged by the worker that reads it, never a job); every
+//!   [`QueueConfig::promote_interval`] the promoter passes anyway as a safety net, and the
+//!   other workers check its lease and take over when it lapses.
 //! * A worker that dies leaves entries in the PEL; entries idle longer than
 //!   [`QueueConfig::orphan_timeout`] are taken over with `XAUTOCLAIM` by live workers. A live
 //!   worker renews the entries it holds (`XCLAIM … JUSTID`, which resets the idle time without
