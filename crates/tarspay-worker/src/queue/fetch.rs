@@ -3,7 +3,8 @@
 //! ends when the worker stops.
 //!
 //! The pause flag is read when jobs arrive and the last reading is older than
-//! `pause_check_interval`, not on a timer: an idle worker pays nothing for it, and no job is
+//! `pause_check_interval`, not on a timer: an idle worker reads it only before its orphan scan
+//! (every `claim_interval`), and no job is
 //! fetched for work more than that interval after a pause (jobs already prefetched still run;
 //! for payouts the ledger re-reads the flag before any create). Jobs that arrive to find the queue paused
 //! are given back to the stream at once (waiting, as if never fetched), and the worker fetches
