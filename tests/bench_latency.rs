@@ -4,27 +4,11 @@
 mod common;
 
 use serde_json::Value;
-use std::process::Command;
 
 const N: u64 = 20;
 
 fn run_bench(args: &[&str]) -> Vec<Value> {
-    let output = Command::new(common::app::BIN)
-        .args(["bench", "latency"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tarspay-dev bench latency");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("UTF-8 output")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
+    common::app::bench_lines(&[&["latency"], args].concat())
 }
 
 /// p50 ≤ p99 ≤ max, all finite; `non_negative` for intervals that cannot be negative on one

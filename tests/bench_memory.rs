@@ -4,26 +4,23 @@
 
 mod common;
 
-use std::process::Command;
+/// The single JSON line of a bench run.
+fn one_line(args: &[&str]) -> serde_json::Value {
+    let mut lines = common::app::bench_lines(args);
+    assert_eq!(lines.len(), 1, "one JSON line: {lines:?}");
+    lines.remove(0)
+}
+
+fn number(line: &serde_json::Value, name: &str) -> f64 {
+    line[name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
 
 #[test]
 fn memory_comes_back_after_the_retention() {
-    let output = Command::new(common::app::BIN)
-        .args(["bench", "cost", "-n", "2000", "--retention", "1s"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tarspay-dev bench cost");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
-    let number = |name: &str| {
-        line[name]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
+    let line = one_line(&["cost", "-n", "2000", "--retention", "1s"]);
+    let number = |name: &str| number(&line, name);
     let in_flight = number("redis_bytes_per_payout_in_flight");
     let left = number("redis_bytes_per_payout_after_retention");
     assert!(in_flight > 500.0, "{line}");
@@ -34,22 +31,8 @@ fn memory_comes_back_after_the_retention() {
 
 #[test]
 fn a_lone_payout_is_counted_alone() {
-    let output = Command::new(common::app::BIN)
-        .args(["bench", "cost", "-n", "1"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tarspay-dev bench cost");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
-    let number = |name: &str| {
-        line[name]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
+    let line = one_line(&["cost", "-n", "1"]);
+    let number = |name: &str| number(&line, name);
     assert_eq!(number("peak_in_flight"), 1.0, "{line}");
     // Register, accept, finalize: the warm-up payout before the window is not counted.
     assert_eq!(

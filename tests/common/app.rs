@@ -399,3 +399,24 @@ pub fn inr(id: &str, amount: &str) -> serde_json::Value {
     serde_json::json!({"mchOrderNo": id, "amount": amount, "currency": "INR", "wayCode": "UPI",
         "customerName": "Asha", "customerEmail": "asha@example.in", "customerContact": "9876543210"})
 }
+
+/// Runs `tarspay-dev bench ARGS…` and returns its JSON lines (one per result); a failed run
+/// fails the test with the bench's stderr.
+pub fn bench_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tarspay-dev bench");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
