@@ -215,6 +215,7 @@ async fn pause_resume_and_dead_jobs() {
             currency: &"INR".parse().unwrap(),
             request: "not json",
             batch_id: None,
+            merchant: &Default::default(),
         })
         .await
         .unwrap();
@@ -222,6 +223,7 @@ async fn pause_resume_and_dead_jobs() {
         .queue
         .enqueue(&PayoutJob::CreatePayout {
             mch_order_no: "BROKEN-1".parse().unwrap(),
+            merchant: Default::default(),
         })
         .await
         .unwrap();

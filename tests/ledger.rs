@@ -30,6 +30,7 @@ fn order<'a>(id: &str, fingerprint: &'a str) -> NewOrder<'a> {
         currency: typed("INR"),
         request: "{}",
         batch_id: Some(typed("B1")),
+        merchant: typed("default"),
     }
 }
 

@@ -242,6 +242,7 @@ struct Registration {
     mch_order_no: MchOrderNo,
     currency: Currency,
     batch_id: BatchId,
+    merchant: tarspay_worker::ids::MerchantName,
 }
 
 fn registration(id: &str) -> Registration {
@@ -249,6 +250,7 @@ fn registration(id: &str) -> Registration {
         mch_order_no: id.parse().unwrap(),
         currency: "INR".parse().unwrap(),
         batch_id: "B-1".parse().unwrap(),
+        merchant: Default::default(),
     }
 }
 
@@ -262,6 +264,7 @@ impl Registration {
             currency: &self.currency,
             request: "{}",
             batch_id: Some(&self.batch_id),
+            merchant: &self.merchant,
         }
     }
 }

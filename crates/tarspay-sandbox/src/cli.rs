@@ -66,12 +66,15 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
     for spec in &args.merchants {
         config.merchants.push(parse_merchant(spec)?);
     }
-    if let (Some(mch_no), Ok(key)) = (&settings.gateway.mch_no, settings.gateway.private_key()) {
-        config.merchants.push(SandboxMerchant {
-            mch_no: mch_no.clone(),
-            public_key: key.public_key(),
-            balance: 1_000_000_000u64.into(),
-        });
+    // Every merchant profile of the settings that has a number and a key.
+    for profile in settings.gateway.profiles() {
+        if let (Some(mch_no), Ok(key)) = (&profile.mch_no, profile.private_key()) {
+            config.merchants.push(SandboxMerchant {
+                mch_no: mch_no.clone(),
+                public_key: key.public_key(),
+                balance: 1_000_000_000u64.into(),
+            });
+        }
     }
     if let Some(path) = &args.faults {
         config.faults = read_json_file::<Vec<FaultRule>>(path)?;

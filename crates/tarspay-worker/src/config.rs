@@ -9,15 +9,19 @@ mod raw;
 mod url;
 mod webhook;
 
-pub use groups::{GatewaySettings, Merchant, RedisSettings, ServerSettings, WorkerSettings};
+pub use groups::{
+    CallLimits, GatewaySettings, Merchant, MerchantProfile, RedisSettings, ServerSettings,
+    WorkerSettings,
+};
 pub use raw::{LogFormat, LogSettings, parse_duration};
 pub use url::{HttpUrl, RedisUrl, redact_url};
 pub use webhook::{WEBHOOK_SECRET_PREFIX, WebhookKey, WebhookTarget};
 
 use crate::gateway::codes::CodeTable;
 use crate::gateway::keys::{PrivateKey, PublicKey};
+use crate::ids::{Currency, MerchantName};
 use crate::jobs::{PollPolicy, RetryPolicy};
-use crate::payout::PayoutRules;
+use crate::payout::{MerchantRouting, PayoutRules};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use raw::RawSettings;
@@ -36,7 +40,7 @@ pub enum ConfigError {
     Load(String),
     #[error("setting `{key}` ({env}) is required {purpose}")]
     Missing {
-        key: &'static str,
+        key: String,
         env: String,
         purpose: &'static str,
     },
@@ -127,14 +131,10 @@ impl Settings {
         let http_url = |key: &str, text: &str| HttpUrl::parse(text).map_err(|r| invalid(key, r));
         let optional_url =
             |key: &str, text: Option<&str>| text.map(|text| http_url(key, text)).transpose();
-        if let Some(mch_no) = &raw.mch_no {
-            check_mch_no(mch_no)?;
-        }
+        let url = http_url("gateway_url", &raw.gateway_url)?;
         let gateway = GatewaySettings {
-            url: http_url("gateway_url", &raw.gateway_url)?,
-            mch_no: raw.mch_no.clone(),
-            private_key: parse_private_key(&raw)?,
-            notify_url: optional_url("notify_url", raw.notify_url.as_deref())?,
+            merchants: parse_merchants(&raw, &url)?,
+            url,
             system_public_key: PublicKey::from_hex(&raw.system_public_key)
                 .map_err(|err| invalid("system_public_key", err.to_string()))?,
             codes: parse_codes(&raw)?,
@@ -204,8 +204,17 @@ impl Settings {
             header_read_timeout: raw.header_read_timeout,
             body_read_timeout: raw.body_read_timeout,
         };
+        let profiles = gateway.profiles();
+        let routing = MerchantRouting::new(
+            profiles
+                .iter()
+                .map(|p| (p.name.clone(), p.currencies.clone()))
+                .collect(),
+            profiles.len() == 1 || profiles[0].mch_no.is_some(),
+        );
         let payout_rules = PayoutRules::compile(&raw.currencies)
-            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))?;
+            .map_err(|(currency, reason)| invalid(&format!("currencies.{currency}"), reason))?
+            .with_routing(routing);
         Ok(Self {
             gateway,
             redis,
@@ -330,22 +339,147 @@ fn parse_codes(raw: &RawSettings) -> Result<CodeTable, ConfigError> {
     Ok(CodeTable::with_overrides(overrides))
 }
 
-/// The merchant key, read once: from `private_key` or `private_key_file`, never both.
-fn parse_private_key(raw: &RawSettings) -> Result<Option<PrivateKey>, ConfigError> {
-    match (&raw.private_key, &raw.private_key_file) {
+/// Every merchant profile: the top-level settings as `default`, then `[merchants.*]`.
+fn parse_merchants(
+    raw: &RawSettings,
+    gateway_url: &HttpUrl,
+) -> Result<Vec<MerchantProfile>, ConfigError> {
+    let default = raw::RawMerchant {
+        mch_no: raw.mch_no.clone(),
+        private_key: raw.private_key.clone(),
+        private_key_file: raw.private_key_file.clone(),
+        notify_url: raw.notify_url.clone(),
+        gateway_url: None,
+        currencies: Vec::new(),
+        rate_limit: raw.rate_limit,
+        rate_burst: raw.rate_burst,
+        max_in_flight: raw.max_in_flight,
+    };
+    let mut profiles = vec![parse_merchant(
+        MerchantName::default_profile(),
+        "",
+        &default,
+        gateway_url,
+    )?];
+    for (name, merchant) in &raw.merchants {
+        let path = format!("merchants.{name}.");
+        let parsed = MerchantName::parse(name).map_err(|err| {
+            invalid(
+                &format!("merchants.{name}"),
+                format!("the name {err}; `default` is the top-level merchant settings"),
+            )
+        })?;
+        if parsed.is_default() {
+            return Err(invalid(
+                "merchants.default",
+                "`default` is the top-level merchant settings (mch_no, private_key, …); name this profile otherwise",
+            ));
+        }
+        profiles.push(parse_merchant(parsed, &path, merchant, gateway_url)?);
+    }
+    // A payout's merchant must never be in doubt: one profile per currency and per mchNo.
+    let mut by_currency: HashMap<&str, &str> = HashMap::new();
+    let mut by_mch_no: HashMap<&str, &str> = HashMap::new();
+    for profile in &profiles {
+        for currency in &profile.currencies {
+            if let Some(other) = by_currency.insert(currency.as_str(), &profile.name) {
+                return Err(invalid(
+                    &format!("merchants.{}.currencies", profile.name),
+                    format!(
+                        "{currency} is listed by merchant {other:?} too: a currency routes to one merchant"
+                    ),
+                ));
+            }
+        }
+        if let Some(mch_no) = &profile.mch_no
+            && let Some(other) = by_mch_no.insert(mch_no, &profile.name)
+        {
+            return Err(invalid(
+                &format!("merchants.{}.mch_no", profile.name),
+                format!("is the mch_no of merchant {other:?} too"),
+            ));
+        }
+    }
+    Ok(profiles)
+}
+
+/// One profile; `path` is its key prefix (`""` for default, `merchants.<name>.`).
+fn parse_merchant(
+    name: MerchantName,
+    path: &str,
+    raw: &raw::RawMerchant,
+    gateway_url: &HttpUrl,
+) -> Result<MerchantProfile, ConfigError> {
+    let key = |field: &str| format!("{path}{field}");
+    if let Some(mch_no) = &raw.mch_no {
+        check_mch_no(mch_no).map_err(|_| invalid(&key("mch_no"), MCH_NO_RULE))?;
+    }
+    let url = |field: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|text| HttpUrl::parse(text).map_err(|r| invalid(&key(field), r)))
+            .transpose()
+    };
+    let mut currencies = Vec::new();
+    for code in &raw.currencies {
+        let currency = Currency::parse(code)
+            .map_err(|err| invalid(&key("currencies"), format!("{code:?} {err}")))?;
+        if !currencies.contains(&currency) {
+            currencies.push(currency);
+        }
+    }
+    let count = |field: &str, value: u64| -> Result<u32, ConfigError> {
+        u32::try_from(value)
+            .ok()
+            .filter(|&n| n <= 1_000_000)
+            .ok_or_else(|| invalid(&key(field), "must be 0 to 1000000"))
+    };
+    let per_second = count("rate_limit", raw.rate_limit)?;
+    let burst = count("rate_burst", raw.rate_burst)?;
+    Ok(MerchantProfile {
+        url: url("gateway_url", &raw.gateway_url)?.unwrap_or_else(|| gateway_url.clone()),
+        mch_no: raw.mch_no.clone(),
+        private_key: parse_private_key(path, &raw.private_key, &raw.private_key_file)?,
+        notify_url: url("notify_url", &raw.notify_url)?,
+        currencies,
+        limits: CallLimits {
+            per_second,
+            // A limit with no burst set allows one call at a time.
+            burst: if per_second > 0 { burst.max(1) } else { burst },
+            max_in_flight: count("max_in_flight", raw.max_in_flight)?,
+        },
+        name,
+    })
+}
+
+/// A merchant key, read once: from `private_key` or `private_key_file`, never both.
+fn parse_private_key(
+    path: &str,
+    key: &Option<crate::secret::Secret>,
+    file: &Option<String>,
+) -> Result<Option<PrivateKey>, ConfigError> {
+    let name = |field: &str| format!("{path}{field}");
+    match (key, file) {
         (Some(_), Some(_)) => Err(invalid(
-            "private_key",
-            "set either private_key (TARSPAY_PRIVATE_KEY) or private_key_file (TARSPAY_PRIVATE_KEY_FILE), not both",
+            &name("private_key"),
+            format!(
+                "set either {} ({}) or {} ({}), not both",
+                name("private_key"),
+                env_name(&name("private_key")),
+                name("private_key_file"),
+                env_name(&name("private_key_file"))
+            ),
         )),
         (Some(hex), None) => PrivateKey::from_hex(hex.expose())
             .map(Some)
-            .map_err(|err| invalid("private_key", err.to_string())),
-        (None, Some(path)) => PrivateKey::from_file(Path::new(path))
+            .map_err(|err| invalid(&name("private_key"), err.to_string())),
+        (None, Some(file)) => PrivateKey::from_file(Path::new(file))
             .map(Some)
-            .map_err(|err| invalid("private_key_file", err.to_string())),
+            .map_err(|err| invalid(&name("private_key_file"), err.to_string())),
         (None, None) => Ok(None),
     }
 }
+
+const MCH_NO_RULE: &str = "must be \"M\" followed by 10 digits";
 
 pub fn check_mch_no(mch_no: &str) -> Result<(), ConfigError> {
     let valid = mch_no.len() == 11
@@ -354,7 +488,7 @@ pub fn check_mch_no(mch_no: &str) -> Result<(), ConfigError> {
     if valid {
         Ok(())
     } else {
-        Err(invalid("mch_no", "must be \"M\" followed by 10 digits"))
+        Err(invalid("mch_no", MCH_NO_RULE))
     }
 }
 

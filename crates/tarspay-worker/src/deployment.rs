@@ -8,9 +8,10 @@
 use futures::future::try_join_all;
 use std::sync::Arc;
 
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, MerchantProfile, Settings};
 use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
+use crate::ids::MerchantName;
 use crate::jobs::{JobContext, PayoutJob, SystemicGuard};
 use crate::ledger::{
     BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
@@ -52,6 +53,24 @@ pub fn queue_config(settings: &Settings, name: &str) -> QueueConfig {
         .with_orphan_timeout(settings.worker.orphan_timeout)
 }
 
+/// The payout queue of merchant `merchant`'s lane in partition `partition`: the partition's
+/// queue itself for `default` (the layout from before profiles), a queue nested in the
+/// partition's hash tag for every other merchant (so the ledger's script writes its jobs).
+pub fn lane_queue_config(
+    settings: &Settings,
+    partition: &str,
+    merchant: &MerchantName,
+) -> QueueConfig {
+    if merchant.is_default() {
+        return queue_config(settings, partition);
+    }
+    QueueConfig::new(format!("lane:{merchant}"))
+        .with_label(PAYOUT_QUEUE)
+        .with_prefix(&settings.redis.queue_prefix)
+        .within(partition)
+        .with_orphan_timeout(settings.worker.orphan_timeout)
+}
+
 /// The webhook queue's settings: nested in the payout queue `partition`'s hash tag, where
 /// the ledger queues deliveries; retries bounded by the webhook settings.
 pub fn webhook_queue_config(settings: &Settings, partition: &str) -> QueueConfig {
@@ -72,9 +91,35 @@ pub fn webhook_queue_config(settings: &Settings, partition: &str) -> QueueConfig
 #[derive(Clone)]
 pub struct Partition {
     pub index: usize,
+    /// The default merchant's lane (`lanes[0]`): its queue and ledger handle.
     pub queue: RedisQueue<PayoutJob>,
     pub ledger: Ledger,
     pub webhooks: RedisQueue<DeliverWebhook>,
+    /// One lane per merchant profile, `default` first: each its own payout queue (fetched
+    /// round-robin with the others, paused by its own guard) and a ledger handle that
+    /// queues the merchant's follow-up jobs there. Every lane's handle reads and writes
+    /// the same orders and outcome stream.
+    pub lanes: Vec<Lane>,
+}
+
+/// One merchant's jobs in one partition.
+#[derive(Clone)]
+pub struct Lane {
+    pub merchant: MerchantName,
+    pub queue: RedisQueue<PayoutJob>,
+    pub ledger: Ledger,
+}
+
+impl Partition {
+    /// Merchant `merchant`'s lane, if the settings have that profile.
+    pub fn lane(&self, merchant: &str) -> Option<&Lane> {
+        self.lanes.iter().find(|lane| lane.merchant == merchant)
+    }
+
+    /// Every lane's payout queue.
+    pub fn queues(&self) -> impl Iterator<Item = &RedisQueue<PayoutJob>> {
+        self.lanes.iter().map(|lane| &lane.queue)
+    }
 }
 
 /// Connected handles on one deployment's Redis: its partitions.
@@ -142,18 +187,18 @@ impl Deployment {
         name: &str,
         count: usize,
     ) -> Result<Partition, DeploymentError> {
-        // A worker holds fetched jobs of every partition: the prefetch is shared out, with a
-        // floor that keeps each fetch a batch.
+        let merchants = settings.gateway.profiles();
+        // A worker holds fetched jobs of every partition and lane: the prefetch is shared
+        // out, with a floor that keeps each fetch a batch.
+        let queues = count * (merchants.len() + 1);
         let share = |mut config: QueueConfig| {
-            config.prefetch = config.prefetch.div_ceil(count).max(16).min(config.prefetch);
+            config.prefetch = config
+                .prefetch
+                .div_ceil(queues)
+                .max(16)
+                .min(config.prefetch);
             config
         };
-        let queue = RedisQueue::with_connection(
-            client.clone(),
-            conn.clone(),
-            share(queue_config(settings, name)),
-        )
-        .await?;
         let webhooks = RedisQueue::with_connection(
             client.clone(),
             conn.clone(),
@@ -162,32 +207,47 @@ impl Deployment {
         .await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
         let tag = format!("{{{}:{name}}}", settings.redis.queue_prefix);
-        let keys = LedgerKeys::new(&tag, queue.keys());
-        debug_assert_eq!(&keys.webhooks(), webhooks.keys());
-        let ledger = match waits {
-            None => Ledger::new(conn.clone(), keys),
-            Some(waits) => Ledger::with_replicas(
+        let mut lanes = Vec::with_capacity(merchants.len());
+        for profile in merchants {
+            let queue = RedisQueue::with_connection(
+                client.clone(),
                 conn.clone(),
-                waits.clone(),
-                keys,
-                Replication {
-                    replicas: settings.redis.min_replicas,
-                    timeout: settings.redis.replica_timeout,
-                },
-            ),
-        };
-        let mut ledger = ledger
-            .with_outcome_max_len(settings.redis.outcome_max_len)
-            .with_retention(settings.redis.retention);
-        if settings.webhooks.is_some() {
-            ledger =
-                ledger.with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone(), index));
+                share(lane_queue_config(settings, name, &profile.name)),
+            )
+            .await?;
+            let keys = LedgerKeys::for_lane(&tag, queue.keys(), &profile.name);
+            debug_assert_eq!(&keys.webhooks(), webhooks.keys());
+            let ledger = match waits {
+                None => Ledger::new(conn.clone(), keys),
+                Some(waits) => Ledger::with_replicas(
+                    conn.clone(),
+                    waits.clone(),
+                    keys,
+                    Replication {
+                        replicas: settings.redis.min_replicas,
+                        timeout: settings.redis.replica_timeout,
+                    },
+                ),
+            };
+            let mut ledger = ledger
+                .with_outcome_max_len(settings.redis.outcome_max_len)
+                .with_retention(settings.redis.retention);
+            if settings.webhooks.is_some() {
+                ledger = ledger
+                    .with_webhook_jobs(crate::webhooks::job_preparer(webhooks.clone(), index));
+            }
+            lanes.push(Lane {
+                merchant: profile.name.clone(),
+                queue,
+                ledger,
+            });
         }
         Ok(Partition {
             index,
-            queue,
-            ledger,
+            queue: lanes[0].queue.clone(),
+            ledger: lanes[0].ledger.clone(),
             webhooks,
+            lanes,
         })
     }
 
@@ -214,7 +274,7 @@ impl Deployment {
 
     /// The payout queue's stats over every partition.
     pub async fn queue_stats(&self) -> Result<QueueStats, QueueError> {
-        let all = try_join_all(self.partitions.iter().map(|p| p.queue.stats())).await?;
+        let all = try_join_all(self.payout_queues().map(|q| q.stats())).await?;
         Ok(all
             .into_iter()
             .reduce(QueueStats::merge)
@@ -232,7 +292,7 @@ impl Deployment {
 
     /// Dead payout jobs, over every partition.
     pub async fn dead_count(&self) -> Result<u64, QueueError> {
-        let all = try_join_all(self.partitions.iter().map(|p| p.queue.dead_count())).await?;
+        let all = try_join_all(self.payout_queues().map(|q| q.dead_count())).await?;
         Ok(all.into_iter().sum())
     }
 
@@ -248,30 +308,55 @@ impl Deployment {
         Ok(all.into_iter().sum())
     }
 
-    /// Stops every worker from fetching payout jobs, in every partition.
+    /// Every payout queue: each partition's lanes.
+    pub fn payout_queues(&self) -> impl Iterator<Item = &RedisQueue<PayoutJob>> {
+        self.partitions.iter().flat_map(Partition::queues)
+    }
+
+    /// Merchant `merchant`'s lane in every partition (empty for an unknown merchant).
+    pub fn lanes_of<'a>(&'a self, merchant: &'a str) -> impl Iterator<Item = &'a Lane> + 'a {
+        self.partitions.iter().filter_map(move |p| p.lane(merchant))
+    }
+
+    /// Stops every worker from fetching payout jobs, in every partition and lane.
     pub async fn pause(&self) -> Result<(), QueueError> {
-        for partition in self.partitions.iter() {
-            partition.queue.pause().await?;
+        for queue in self.payout_queues() {
+            queue.pause().await?;
         }
         Ok(())
     }
 
-    /// Lets workers fetch again, in every partition.
+    /// Lets workers fetch again, in every partition and lane (a guard's hold too).
     pub async fn resume(&self) -> Result<(), QueueError> {
-        for partition in self.partitions.iter() {
-            partition.queue.resume().await?;
+        for queue in self.payout_queues() {
+            queue.resume().await?;
         }
         Ok(())
     }
 
-    /// Whether any partition is paused (a guard's trip pauses all of them).
+    /// Whether any lane of any partition is paused (an operator pauses all of them, a
+    /// merchant's guard that merchant's lanes).
     pub async fn is_paused(&self) -> Result<bool, QueueError> {
-        for partition in self.partitions.iter() {
-            if partition.queue.is_paused().await? {
+        for queue in self.payout_queues() {
+            if queue.is_paused().await? {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// The merchants whose lanes are paused (held by their guard, or by an operator).
+    pub async fn paused_merchants(&self) -> Result<Vec<MerchantName>, QueueError> {
+        let mut paused = Vec::new();
+        for lane in self.partitions[0].lanes.iter() {
+            for lane in self.lanes_of(&lane.merchant) {
+                if lane.queue.is_paused().await? {
+                    paused.push(lane.merchant.clone());
+                    break;
+                }
+            }
+        }
+        Ok(paused)
     }
 
     /// A batch's counts and totals, over the partitions its rows went to.
@@ -304,44 +389,59 @@ impl Deployment {
         Ok(Producer::new(self.clone(), settings.payout_rules.clone()))
     }
 
-    /// The jobs' context of each partition, in index order (a worker runs a job with its
-    /// order's partition's context).
+    /// The jobs' context of each partition's default lane, in index order.
     pub fn job_contexts(&self, settings: &Settings) -> Result<Vec<JobContext>, DeploymentError> {
+        let profile = settings.gateway.default_profile();
+        let contexts = self.lane_contexts(settings, profile)?;
+        Ok(contexts.into_iter().map(|(_, ctx)| ctx).collect())
+    }
+
+    /// The jobs' context of merchant `profile`'s lane in each partition, in index order:
+    /// its client (key, notify URL), its guard (counting in its own lanes, pausing them).
+    pub fn lane_contexts(
+        &self,
+        settings: &Settings,
+        profile: &MerchantProfile,
+    ) -> Result<Vec<(usize, JobContext)>, DeploymentError> {
         // Nonces on the Redis server's clock: a worker whose own clock is off would sign
         // nonces the gateway refuses (as signature errors, which would pause every payout).
-        let client = TarsPayClient::new(settings.gateway.client_settings()?)?
+        let client = TarsPayClient::new(settings.gateway.client_settings_for(profile)?)?
             .with_clock(crate::queue::now_ms);
-        let notify_url = settings.gateway.notify_url()?.to_owned();
-        // The guard counts auth failures in every partition and pauses all of them.
-        let everywhere: Arc<[(String, String)]> = self
-            .partitions
+        let notify_url = profile.notify_url()?.to_owned();
+        let lanes: Vec<&Lane> = self.lanes_of(&profile.name).collect();
+        // The guard counts this merchant's auth failures in every partition and pauses its
+        // lanes there: another merchant's payouts go on.
+        let everywhere: Arc<[(String, String)]> = lanes
             .iter()
-            .map(|p| (p.ledger.keys().guard(), p.queue.keys().paused.clone()))
+            .map(|lane| (lane.ledger.keys().guard(), lane.queue.keys().paused.clone()))
             .collect();
-        Ok(self
-            .partitions
+        Ok(lanes
             .iter()
-            .map(|partition| JobContext {
-                ledger: partition.ledger.clone(),
-                client: client.clone(),
-                codes: settings.gateway.codes.clone(),
-                notify_url: notify_url.clone(),
-                retry: settings.worker.retry.clone(),
-                poll: settings.worker.poll.clone(),
-                lease: settings.gateway.submit_lease(),
-                settle_window: settings.worker.settle_window,
-                guard: SystemicGuard::new(
-                    partition.queue.connection(),
-                    partition.index,
-                    Arc::clone(&everywhere),
-                    settings.worker.guard_threshold,
-                ),
-                queue: partition.queue.clone(),
+            .enumerate()
+            .map(|(index, lane)| {
+                let ctx = JobContext {
+                    ledger: lane.ledger.clone(),
+                    client: client.clone(),
+                    codes: settings.gateway.codes.clone(),
+                    notify_url: notify_url.clone(),
+                    retry: settings.worker.retry.clone(),
+                    poll: settings.worker.poll.clone(),
+                    lease: settings.gateway.submit_lease(),
+                    settle_window: settings.worker.settle_window,
+                    guard: SystemicGuard::new(
+                        lane.queue.connection(),
+                        index,
+                        Arc::clone(&everywhere),
+                        settings.worker.guard_threshold,
+                    ),
+                    queue: lane.queue.clone(),
+                };
+                (index, ctx)
             })
             .collect())
     }
 
-    /// The jobs' context of the partition holding `mch_order_no`.
+    /// The jobs' context of the partition holding `mch_order_no`, in its merchant's lane.
     pub fn job_context_for(
         &self,
         settings: &Settings,

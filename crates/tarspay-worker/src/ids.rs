@@ -181,6 +181,48 @@ checked_text!(
     CURRENCY_RULE
 );
 
+/// A merchant profile's name: 1-32 of a-z, 0-9, '-' or '_', starting with a letter. Lower case
+/// only, because `TARSPAY_MERCHANTS__<NAME>__…` variables are read in lower case, and it is
+/// part of Redis keys (the merchant's lane and rate limit).
+fn is_merchant_name(text: &str) -> bool {
+    (1..=32).contains(&text.len())
+        && text.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+const MERCHANT_RULE: &str =
+    "must be 1-32 characters of a-z, 0-9, '-' or '_', starting with a letter";
+
+checked_text!(
+    /// A merchant profile of the settings (`[merchants.<name>]`, or `default` for the
+    /// top-level merchant settings): whose key signs an order's calls.
+    MerchantName,
+    "merchant",
+    is_merchant_name,
+    MERCHANT_RULE
+);
+
+impl MerchantName {
+    /// The profile of the top-level merchant settings (`mch_no`, `private_key`, …).
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn default_profile() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.0 == Self::DEFAULT
+    }
+}
+
+impl Default for MerchantName {
+    fn default() -> Self {
+        Self::default_profile()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +240,16 @@ mod tests {
             assert!(Currency::parse(bad).is_err(), "{bad}");
         }
         assert!(Currency::parse("BRA").is_ok());
+        for bad in ["", "Kenya", "1st", "a b", "-x", &"x".repeat(33)] {
+            assert_eq!(
+                MerchantName::parse(bad).unwrap_err().field,
+                "merchant",
+                "{bad}"
+            );
+        }
+        for good in ["default", "kenya", "in-2", "my_shop9"] {
+            assert!(MerchantName::parse(good).is_ok(), "{good}");
+        }
         let err = serde_json::from_str::<MchOrderNo>("\"a b\"").unwrap_err();
         assert!(err.to_string().contains("mchOrderNo must be"), "{err}");
     }

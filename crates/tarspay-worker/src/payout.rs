@@ -2,7 +2,7 @@
 //! is queued. Every problem is reported with the field it concerns and the rule it broke.
 
 use crate::gateway::types::CreatePayout;
-use crate::ids::{Currency, MchOrderNo};
+use crate::ids::{Currency, MchOrderNo, MerchantName};
 use crate::money::{Amount, AmountError};
 use regex::Regex;
 use rust_decimal::Decimal;
@@ -62,9 +62,95 @@ struct CompiledRule {
     fields: BTreeMap<String, CompiledField>,
 }
 
-/// All currency rules, compiled once.
+/// Which merchant profile carries a payout: the one it names (`merchant`), else the one that
+/// lists its currency, else `default` when that one may carry payouts.
+#[derive(Debug, Clone)]
+pub struct MerchantRouting {
+    /// Every profile with the currencies it lists, `default` first.
+    merchants: Vec<(MerchantName, Vec<Currency>)>,
+    /// `default` carries payouts: it is the only profile, or it has a merchant number.
+    default_carries: bool,
+}
+
+impl Default for MerchantRouting {
+    /// One merchant, `default`, for every currency (a deployment without profiles).
+    fn default() -> Self {
+        Self {
+            merchants: vec![(MerchantName::default_profile(), Vec::new())],
+            default_carries: true,
+        }
+    }
+}
+
+impl MerchantRouting {
+    pub fn new(merchants: Vec<(MerchantName, Vec<Currency>)>, default_carries: bool) -> Self {
+        Self {
+            merchants,
+            default_carries,
+        }
+    }
+
+    fn names(&self) -> String {
+        let names: Vec<&str> = self.merchants.iter().map(|(n, _)| n.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// The payout's merchant, or the field error that says why none can carry it.
+    pub fn route(
+        &self,
+        explicit: Option<&str>,
+        currency: &Currency,
+    ) -> Result<MerchantName, FieldError> {
+        if let Some(text) = explicit {
+            let name = MerchantName::parse(text)
+                .map_err(|err| FieldError::new("merchant", err.to_string()))?;
+            let Some((_, listed)) = self.merchants.iter().find(|(n, _)| *n == name) else {
+                return Err(FieldError::new(
+                    "merchant",
+                    format!(
+                        "{text:?} is not a configured merchant (configured: {})",
+                        self.names()
+                    ),
+                ));
+            };
+            if name.is_default() && !self.default_carries {
+                return Err(FieldError::new(
+                    "merchant",
+                    "\"default\" has no merchant number configured (mch_no): name another merchant",
+                ));
+            }
+            if !listed.is_empty() && !listed.contains(currency) {
+                let listed: Vec<&str> = listed.iter().map(Currency::as_str).collect();
+                return Err(FieldError::new(
+                    "merchant",
+                    format!(
+                        "{name} does not pay {currency} (it pays {})",
+                        listed.join(", ")
+                    ),
+                ));
+            }
+            return Ok(name);
+        }
+        if let Some((name, _)) = self.merchants.iter().find(|(_, c)| c.contains(currency)) {
+            return Ok(name.clone());
+        }
+        if self.default_carries {
+            return Ok(MerchantName::default_profile());
+        }
+        Err(FieldError::new(
+            "currency",
+            format!(
+                "no merchant profile pays {currency}: list it in a merchant's currencies, or name the merchant (configured: {})",
+                self.names()
+            ),
+        ))
+    }
+}
+
+/// All currency rules, compiled once, and how payouts find their merchant.
 pub struct PayoutRules {
     currencies: BTreeMap<Currency, CompiledRule>,
+    routing: MerchantRouting,
 }
 
 impl fmt::Debug for PayoutRules {
@@ -123,7 +209,15 @@ impl PayoutRules {
                 },
             );
         }
-        Ok(Self { currencies })
+        Ok(Self {
+            currencies,
+            routing: MerchantRouting::default(),
+        })
+    }
+
+    /// The same rules with merchant profiles to route to.
+    pub fn with_routing(self, routing: MerchantRouting) -> Self {
+        Self { routing, ..self }
     }
 
     pub fn currencies(&self) -> impl Iterator<Item = &str> {
@@ -190,6 +284,8 @@ impl PayoutRules {
         let amount_text = take("amount", &mut errors);
         let currency = take("currency", &mut errors);
         let way_code = take("wayCode", &mut errors);
+        // Optional: which merchant profile pays it (routing by currency otherwise).
+        let merchant = fields.remove("merchant").filter(|m| !m.trim().is_empty());
 
         let mch_order_no = mch_order_no.and_then(|id| match MchOrderNo::parse(&id) {
             Ok(id) => Some(id),
@@ -256,6 +352,16 @@ impl PayoutRules {
         }
 
         let currency = known.map(|(code, _)| code.clone());
+        let merchant = match &currency {
+            Some(currency) => match self.routing.route(merchant.as_deref(), currency) {
+                Ok(merchant) => Some(merchant),
+                Err(err) => {
+                    errors.push(err);
+                    None
+                }
+            },
+            None => None,
+        };
         if let (Some((_, rule)), Some(currency)) = (known, &currency) {
             if let Some(way_code) = &way_code
                 && !rule.way_codes.is_empty()
@@ -309,8 +415,8 @@ impl PayoutRules {
             }
         }
 
-        match (mch_order_no, amount, currency, way_code) {
-            (Some(mch_order_no), Some(amount), Some(currency), Some(way_code))
+        match (mch_order_no, amount, currency, way_code, merchant) {
+            (Some(mch_order_no), Some(amount), Some(currency), Some(way_code), Some(merchant))
                 if errors.is_empty() =>
             {
                 Ok(PayoutRequest {
@@ -318,6 +424,7 @@ impl PayoutRules {
                     amount,
                     currency,
                     way_code,
+                    merchant,
                     fields: extras,
                 })
             }
@@ -343,6 +450,12 @@ pub struct PayoutRequest {
     pub currency: Currency,
     #[schema(examples("UPI", "EWALLET_BKASH", "EWALLET_MPESA"))]
     pub way_code: String,
+    /// The merchant profile that pays it: optional on input (else the profile listing the
+    /// currency, else `default`); never sent to the gateway. Stored only when not `default`,
+    /// so payouts registered before profiles compare equal.
+    #[serde(default, skip_serializing_if = "MerchantName::is_default")]
+    #[schema(value_type = Option<String>, example = "kenya")]
+    pub merchant: MerchantName,
     /// Beneficiary fields and merchant extras, passed through unchanged.
     #[serde(flatten)]
     pub fields: BTreeMap<String, String>,

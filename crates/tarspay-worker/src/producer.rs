@@ -5,7 +5,7 @@
 use crate::jobs::PayoutJob;
 // Re-exported where callers have always found it; it belongs to the job type.
 use crate::deployment::Deployment;
-use crate::ids::{BatchId, Currency, MchOrderNo};
+use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 pub use crate::jobs::PAYOUT_JOB_MAX_ATTEMPTS;
 use crate::ledger::{LedgerError, NewOrder, OrderKind, OrderRecord, Phase, Registered};
 use crate::money::Amount;
@@ -27,6 +27,10 @@ pub enum ProducerError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// A payout built in code (not validated by these settings) naming a merchant the
+    /// settings do not have. Nothing was queued.
+    #[error("merchant: {0:?} is not a configured merchant profile; nothing was queued")]
+    UnknownMerchant(MerchantName),
 }
 
 /// What happened to one enqueue.
@@ -126,9 +130,11 @@ impl Producer {
             currency: &request.currency,
             request: &body,
             batch_id,
+            merchant: &request.merchant,
         };
         let job = PayoutJob::CreatePayout {
             mch_order_no: request.mch_order_no.clone(),
+            merchant: request.merchant.clone(),
         };
         self.register(&order, Phase::Queued, &job).await
     }
@@ -181,22 +187,24 @@ impl Producer {
             ..JobOptions::default()
         };
         let partition = self.deployment.partition_of(order.mch_order_no);
-        let prepared = partition.queue.prepare(job, &options)?;
-        match partition
+        // The merchant's lane: its jobs wait there, fetched fairly beside other merchants'.
+        let lane = partition
+            .lane(order.merchant)
+            .ok_or_else(|| ProducerError::UnknownMerchant(order.merchant.clone()))?;
+        let prepared = lane.queue.prepare(job, &options)?;
+        match lane
             .ledger
             .register_with_job(order, initial, &prepared)
             .await?
         {
             Registered::Created => Ok(Enqueued::Queued),
             Registered::Exists { same_request, .. } => {
-                let record = partition
-                    .ledger
-                    .get(order.mch_order_no)
-                    .await?
-                    .ok_or_else(|| LedgerError::Corrupt {
+                let record = lane.ledger.get(order.mch_order_no).await?.ok_or_else(|| {
+                    LedgerError::Corrupt {
                         id: order.mch_order_no.to_string(),
                         reason: "registered but unreadable".into(),
-                    })?;
+                    }
+                })?;
                 // The fingerprint compares text; "100" and "100.00" are one payout.
                 let same_request = same_request || same_payout(&record.request, order.request);
                 Ok(Enqueued::Exists {
@@ -214,6 +222,8 @@ impl Producer {
         amount: &Amount,
         currency: &Currency,
     ) -> Result<Enqueued, ProducerError> {
+        // Deposits are followed under the default merchant.
+        let merchant = MerchantName::default_profile();
         let order = NewOrder {
             mch_order_no,
             kind: OrderKind::Deposit,
@@ -222,9 +232,11 @@ impl Producer {
             currency,
             request: "",
             batch_id: None,
+            merchant: &merchant,
         };
         let job = PayoutJob::PollStatus {
             mch_order_no: mch_order_no.clone(),
+            merchant: merchant.clone(),
             kind: OrderKind::Deposit,
             once: false,
         };

@@ -5,6 +5,7 @@
 
 use crate::config::Settings;
 use crate::deployment::{Deployment, DeploymentError, PAYOUT_QUEUE};
+use crate::ids::MerchantName;
 use crate::jobs::{JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status};
 use crate::ledger::WEBHOOK_QUEUE;
 use crate::queue::Partitioned;
@@ -30,19 +31,26 @@ pub enum WorkerError {
     Runtime(String),
 }
 
-/// What every handler invocation shares: each partition's jobs' context, in index order.
+/// What every handler invocation shares: each partition's jobs' contexts, one per merchant
+/// lane this process serves.
 #[derive(Clone)]
 struct Shared {
-    contexts: Vec<JobContext>,
+    partitions: Vec<Vec<(MerchantName, JobContext)>>,
 }
 
 impl Shared {
-    /// The context of the partition holding the job's order.
-    fn context(&self, job: &PayoutJob) -> &JobContext {
-        let index = crate::partition::of_order(job.mch_order_no(), self.contexts.len());
-        &self.contexts[index]
+    /// The context of the job's merchant lane in the partition holding its order.
+    fn context(&self, job: &PayoutJob) -> Option<&JobContext> {
+        let index = crate::partition::of_order(job.mch_order_no(), self.partitions.len());
+        self.partitions[index]
+            .iter()
+            .find(|(merchant, _)| merchant == job.merchant())
+            .map(|(_, ctx)| ctx)
     }
 }
+
+/// How soon a job of a merchant this process does not serve is looked at again.
+const UNKNOWN_MERCHANT_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -62,9 +70,16 @@ async fn handle(
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let result: Result<(), BoxDynError> = async move {
-        let ctx = shared.context(&job);
+        let Some(ctx) = shared.context(&job) else {
+            // Only a lane this process serves delivers jobs, so this is a job written into
+            // the wrong lane by hand: leave it for a process that has the merchant's key.
+            tracing::error!(mch_order_no = %job.mch_order_no(), merchant = %job.merchant(), "job of a merchant this worker has no profile for");
+            return Err(RetryAfterError::new(Later("unknown merchant"), UNKNOWN_MERCHANT_RECHECK).into());
+        };
         let step = match &job {
-            PayoutJob::CreatePayout { mch_order_no } => run_create_payout(ctx, mch_order_no).await,
+            PayoutJob::CreatePayout { mch_order_no, .. } => {
+                run_create_payout(ctx, mch_order_no).await
+            }
             PayoutJob::PollStatus {
                 mch_order_no, once, ..
             } => {
@@ -106,16 +121,27 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     crate::redis_safety::ensure(settings).await?;
     let deployment = Deployment::connect(settings).await?;
-    let shared = Arc::new(Shared {
-        contexts: deployment.job_contexts(settings)?,
-    });
     let partitions = deployment.partitions();
+    // Every merchant this process can sign for; each has a lane in every partition.
+    let profiles = settings.gateway.active_profiles();
+    let mut contexts: Vec<Vec<(MerchantName, JobContext)>> = vec![Vec::new(); partitions.len()];
+    let mut payout_queues = Vec::new();
+    for profile in &profiles {
+        for (index, ctx) in deployment.lane_contexts(settings, profile)? {
+            payout_queues.push(ctx.queue.clone());
+            contexts[index].push((profile.name.clone(), ctx));
+        }
+    }
+    let shared = Arc::new(Shared {
+        partitions: contexts,
+    });
+    let merchants: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
     tracing::info!(
         concurrency,
         partitions = partitions.len(),
+        merchants = ?merchants,
         "payout worker starting"
     );
-    let payout_queues = partitions.iter().map(|p| p.queue.clone()).collect();
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?)
         .data(shared)
@@ -157,9 +183,14 @@ pub async fn run(
     let lifeline_tasks: Vec<_> = partitions
         .iter()
         .map(|partition| {
+            let lanes = partition
+                .lanes
+                .iter()
+                .map(|lane| (lane.merchant.clone(), lane.queue.clone()))
+                .collect();
             let lifeline = crate::audit::Lifeline::new(
                 partition.ledger.clone(),
-                partition.queue.clone(),
+                lanes,
                 settings.worker.lifeline_interval,
             );
             AbortOnDrop(tokio::spawn(

@@ -70,22 +70,35 @@ impl JobIndex {
     }
 }
 
+/// Every queue's jobs (a partition's merchant lanes), as one index.
 pub(crate) async fn snapshot(
+    conn: &RedisConn,
+    queues: &[QueueKeys],
+    pace: Pace,
+) -> Result<JobIndex, AuditError> {
+    let mut index = JobIndex::default();
+    for keys in queues {
+        read_queue(conn, keys, pace, &mut index).await?;
+    }
+    Ok(index)
+}
+
+async fn read_queue(
     conn: &RedisConn,
     keys: &QueueKeys,
     pace: Pace,
-) -> Result<JobIndex, AuditError> {
+    index: &mut JobIndex,
+) -> Result<(), AuditError> {
     let mut conn = conn.clone();
-    let mut index = JobIndex::default();
     let stream = &keys.stream;
     let last = read_stream(&mut conn, stream, "-", pace, index.adder(false)).await?;
-    read_delayed(&mut conn, &keys.delayed, pace, &mut index).await?;
+    read_delayed(&mut conn, &keys.delayed, pace, index).await?;
     if let Some(last) = last {
         let after = format!("({last}");
         read_stream(&mut conn, stream, &after, pace, index.adder(false)).await?;
     }
     read_stream(&mut conn, &keys.dead, "-", pace, index.adder(true)).await?;
-    Ok(index)
+    Ok(())
 }
 
 async fn read_delayed(

@@ -11,7 +11,8 @@
 
 use super::orders::{self, OrderView};
 use super::report::Pass;
-use super::{AuditError, Auditor, Pace, jobs};
+use super::{AuditError, Auditor, Pace};
+use crate::ids::MerchantName;
 use crate::jobs::{PAYOUT_JOB_MAX_ATTEMPTS, PayoutJob};
 use crate::ledger::Ledger;
 use crate::queue::{JobOptions, RedisQueue};
@@ -64,23 +65,34 @@ pub struct LifelineSweep {
 pub struct Lifeline {
     auditor: Auditor,
     ledger: Ledger,
+    /// The default lane's queue (the lock's connection, and the lane of an order whose
+    /// merchant has no lane here).
     queue: RedisQueue<PayoutJob>,
+    /// Every merchant lane of the partition: a repair goes to the order's own.
+    lanes: Vec<(MerchantName, RedisQueue<PayoutJob>)>,
     owner: String,
     interval: Duration,
 }
 
 impl Lifeline {
-    pub fn new(ledger: Ledger, queue: RedisQueue<PayoutJob>, interval: Duration) -> Self {
+    /// `lanes`: the partition's merchant lanes, `default` first.
+    pub fn new(
+        ledger: Ledger,
+        lanes: Vec<(MerchantName, RedisQueue<PayoutJob>)>,
+        interval: Duration,
+    ) -> Self {
+        let queue = lanes[0].1.clone();
         let auditor = Auditor::new(
             queue.connection(),
             ledger.keys().clone(),
-            queue.keys().clone(),
+            lanes.iter().map(|(_, q)| q.keys().clone()).collect(),
             Pace::BACKGROUND,
         );
         Self {
             auditor,
             ledger,
             queue,
+            lanes,
             owner: format!("{:016x}", rand::random::<u64>()),
             interval,
         }
@@ -136,7 +148,7 @@ impl Lifeline {
             let ids: Vec<String> = candidates.iter().map(|o| o.id.clone()).collect();
             let again = Pass::new(
                 orders::reread(&self.auditor.conn, &self.auditor.ledger, &ids).await?,
-                jobs::snapshot(&self.auditor.conn, &self.auditor.queue, Pace::BACKGROUND).await?,
+                self.auditor.jobs(Pace::BACKGROUND).await?,
                 None,
             );
             let still: Vec<&OrderView> = again
@@ -184,18 +196,21 @@ impl Lifeline {
         let job = if order.accepted {
             PayoutJob::poll(&record, false)
         } else {
-            PayoutJob::CreatePayout {
-                mch_order_no: record.mch_order_no.clone(),
-            }
+            PayoutJob::create(&record)
         };
         let options = JobOptions {
             max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
             ..JobOptions::default()
         };
-        let prepared = self.queue.prepare(&job, &options)?;
+        let queue = self
+            .lanes
+            .iter()
+            .find(|(merchant, _)| *merchant == record.merchant)
+            .map_or(&self.queue, |(_, queue)| queue);
+        let prepared = queue.prepare(&job, &options)?;
         let queued: i64 = REPAIR
             .key(self.ledger.keys().order(&order.id))
-            .key(&self.queue.keys().stream)
+            .key(&queue.keys().stream)
             .arg(if order.accepted { "1" } else { "" })
             .arg(&order.updated_at)
             .arg(&prepared.text)

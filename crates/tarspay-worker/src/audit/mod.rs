@@ -100,18 +100,24 @@ async fn read_stream(
 pub struct Auditor {
     conn: RedisConn,
     ledger: LedgerKeys,
-    queue: QueueKeys,
+    /// The partition's payout queues: one per merchant lane.
+    queues: Vec<QueueKeys>,
     pace: Pace,
 }
 
 impl Auditor {
-    pub fn new(conn: RedisConn, ledger: LedgerKeys, queue: QueueKeys, pace: Pace) -> Self {
+    pub fn new(conn: RedisConn, ledger: LedgerKeys, queues: Vec<QueueKeys>, pace: Pace) -> Self {
         Self {
             conn,
             ledger,
-            queue,
+            queues,
             pace,
         }
+    }
+
+    /// Every lane's jobs, as one index.
+    async fn jobs(&self, pace: Pace) -> Result<jobs::JobIndex, AuditError> {
+        jobs::snapshot(&self.conn, &self.queues, pace).await
     }
 
     /// One pass over orders, jobs and (with `outcomes`) the outcome stream.
@@ -119,7 +125,7 @@ impl Auditor {
         // Orders first, then jobs: a job that finishes its order between the two reads is
         // caught by re-reading the order before anything is called a violation.
         let orders = orders::scan(&self.conn, &self.ledger, self.pace).await?;
-        let jobs = jobs::snapshot(&self.conn, &self.queue, self.pace).await?;
+        let jobs = self.jobs(self.pace).await?;
         let outcomes = if outcomes {
             Some(orders::outcome_entries(&self.conn, &self.ledger, self.pace).await?)
         } else {

@@ -26,7 +26,7 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> Result<ExitCode> {
         let auditor = Auditor::new(
             partition.queue.connection(),
             partition.ledger.keys().clone(),
-            partition.queue.keys().clone(),
+            partition.queues().map(|q| q.keys().clone()).collect(),
             Pace::FULL,
         );
         let part = auditor.audit(args.confirm).await?;

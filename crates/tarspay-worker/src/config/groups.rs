@@ -7,28 +7,60 @@ use super::{ConfigError, HttpUrl, RedisUrl, env_name};
 use crate::gateway::ClientSettings;
 use crate::gateway::codes::CodeTable;
 use crate::gateway::keys::{PrivateKey, PublicKey};
+use crate::ids::{Currency, MerchantName};
 use crate::jobs::{PollPolicy, RetryPolicy};
 use crate::secret::Secret;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The merchant's identity at TarsPay and how to call it (`gateway_url`, `mch_no`, the keys,
-/// `notify_url`, `[codes]`, `[gateway]`).
+/// How to call TarsPay (`[codes]`, `[gateway]`, the system key) and as whom: every merchant
+/// profile, the top-level merchant settings first as `default`.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
+    /// `gateway_url`: the default profile's, and every profile's without its own.
     pub url: HttpUrl,
-    /// "M" + 10 digits, checked.
-    pub mch_no: Option<String>,
-    /// From `private_key` or `private_key_file` (at most one of them may be set).
-    pub(super) private_key: Option<PrivateKey>,
-    pub notify_url: Option<HttpUrl>,
-    /// TarsPay's key that signs callbacks.
+    /// TarsPay's key that signs callbacks (one for every merchant).
     pub system_public_key: PublicKey,
     /// The built-in code classes with the settings' overrides.
     pub codes: CodeTable,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub max_response_bytes: usize,
+    /// `default` first, then `[merchants.*]` by name; names and `mch_no`s are unique and no
+    /// currency is listed by two profiles (checked at load).
+    pub(super) merchants: Vec<MerchantProfile>,
+}
+
+/// Calls to the gateway one merchant may make: `rate_limit` per second (0 = no limit) with
+/// `rate_burst`, and `max_in_flight` at once (0 = no limit), shared by every worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallLimits {
+    pub per_second: u32,
+    pub burst: u32,
+    pub max_in_flight: u32,
+}
+
+impl CallLimits {
+    pub fn is_limited(&self) -> bool {
+        self.per_second > 0 || self.max_in_flight > 0
+    }
+}
+
+/// One merchant account at TarsPay: its number, key, notify URL, the currencies routed to it
+/// and its call limits. The top-level `mch_no`, `private_key`, … are the profile `default`.
+#[derive(Debug, Clone)]
+pub struct MerchantProfile {
+    pub name: MerchantName,
+    pub url: HttpUrl,
+    /// "M" + 10 digits, checked.
+    pub mch_no: Option<String>,
+    /// From `private_key` or `private_key_file` (at most one of them may be set).
+    pub(super) private_key: Option<PrivateKey>,
+    pub notify_url: Option<HttpUrl>,
+    /// Payouts in these currencies go to this profile unless they name a merchant. Empty for
+    /// `default`, which takes every currency no profile lists.
+    pub currencies: Vec<Currency>,
+    pub limits: CallLimits,
 }
 
 /// The merchant identity needed to call the gateway, checked.
@@ -38,26 +70,35 @@ pub struct Merchant {
     pub private_key: PrivateKey,
 }
 
-impl GatewaySettings {
+impl MerchantProfile {
+    /// The setting's key path in this profile (`mch_no`, `merchants.kenya.mch_no`).
+    fn key(&self, field: &str) -> String {
+        if self.name.is_default() {
+            field.to_owned()
+        } else {
+            format!("merchants.{}.{field}", self.name)
+        }
+    }
+
     /// The merchant key from `private_key` or `private_key_file`.
     pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
         self.private_key
             .clone()
             .ok_or_else(|| ConfigError::Missing {
-                key: "private_key",
                 env: format!(
                     "{} or {}",
-                    env_name("private_key"),
-                    env_name("private_key_file")
+                    env_name(&self.key("private_key")),
+                    env_name(&self.key("private_key_file"))
                 ),
+                key: self.key("private_key"),
                 purpose: "to sign gateway calls",
             })
     }
 
     pub fn merchant(&self) -> Result<Merchant, ConfigError> {
         let mch_no = self.mch_no.clone().ok_or_else(|| ConfigError::Missing {
-            key: "mch_no",
-            env: env_name("mch_no"),
+            key: self.key("mch_no"),
+            env: env_name(&self.key("mch_no")),
             purpose: "to call the gateway",
         })?;
         Ok(Merchant {
@@ -66,22 +107,74 @@ impl GatewaySettings {
         })
     }
 
-    /// The notifyUrl of every order, as written in the settings.
+    /// The notifyUrl of this merchant's orders, as written in the settings.
     pub fn notify_url(&self) -> Result<&str, ConfigError> {
         self.notify_url
             .as_ref()
             .map(HttpUrl::as_str)
             .ok_or_else(|| ConfigError::Missing {
-                key: "notify_url",
-                env: env_name("notify_url"),
+                key: self.key("notify_url"),
+                env: env_name(&self.key("notify_url")),
                 purpose: "as the notifyUrl of every order",
             })
     }
+}
 
+impl GatewaySettings {
+    /// Every merchant profile, `default` first.
+    pub fn profiles(&self) -> &[MerchantProfile] {
+        &self.merchants
+    }
+
+    /// The top-level merchant settings.
+    pub fn default_profile(&self) -> &MerchantProfile {
+        &self.merchants[0]
+    }
+
+    pub fn profile(&self, name: &str) -> Option<&MerchantProfile> {
+        self.merchants.iter().find(|p| p.name == name)
+    }
+
+    /// The profiles that can call the gateway (those with a merchant number): the ones a
+    /// worker serves. `default` counts when it is the only profile, so a process without
+    /// merchant settings still says which setting is missing.
+    pub fn active_profiles(&self) -> Vec<&MerchantProfile> {
+        if self.merchants.len() == 1 {
+            return vec![&self.merchants[0]];
+        }
+        self.merchants
+            .iter()
+            .filter(|p| p.mch_no.is_some())
+            .collect()
+    }
+
+    /// The default merchant's key.
+    pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
+        self.default_profile().private_key()
+    }
+
+    /// The default merchant.
+    pub fn merchant(&self) -> Result<Merchant, ConfigError> {
+        self.default_profile().merchant()
+    }
+
+    /// The default merchant's notifyUrl.
+    pub fn notify_url(&self) -> Result<&str, ConfigError> {
+        self.default_profile().notify_url()
+    }
+
+    /// The default merchant's client settings.
     pub fn client_settings(&self) -> Result<ClientSettings, ConfigError> {
-        let merchant = self.merchant()?;
+        self.client_settings_for(self.default_profile())
+    }
+
+    pub fn client_settings_for(
+        &self,
+        profile: &MerchantProfile,
+    ) -> Result<ClientSettings, ConfigError> {
+        let merchant = profile.merchant()?;
         Ok(ClientSettings {
-            base_url: self.url.as_str().to_owned(),
+            base_url: profile.url.as_str().to_owned(),
             mch_no: merchant.mch_no,
             private_key: merchant.private_key,
             connect_timeout: self.connect_timeout,
@@ -169,7 +262,7 @@ impl ServerSettings {
             (Some(token), _) if !token.is_empty() => Ok(Some(token.clone())),
             (_, true) => Ok(None),
             _ => Err(ConfigError::Missing {
-                key: "api_token",
+                key: "api_token".into(),
                 env: env_name("api_token"),
                 purpose: "for the HTTP API (or set TARSPAY_API_AUTH_DISABLED=true to run it without auth)",
             }),

@@ -97,6 +97,61 @@ pub(super) struct RawSettings {
     pub log: LogSettings,
     #[serde(default)]
     pub currencies: BTreeMap<String, CurrencyRule>,
+    /// The default merchant's limits at the gateway (`rate_limit` calls per second, 0 = none;
+    /// `rate_burst`; `max_in_flight`, 0 = none).
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub rate_limit: u64,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub rate_burst: u64,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub max_in_flight: u64,
+    /// More merchant accounts: `[merchants.<name>]`, `TARSPAY_MERCHANTS__<NAME>__<KEY>`.
+    #[serde(default)]
+    pub merchants: BTreeMap<String, RawMerchant>,
+}
+
+/// One `[merchants.<name>]` table. Unset URLs fall back to the top-level ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMerchant {
+    #[serde(default, deserialize_with = "optional_string")]
+    pub mch_no: Option<String>,
+    #[serde(default, deserialize_with = "optional_secret")]
+    pub private_key: Option<Secret>,
+    #[serde(default, deserialize_with = "optional_string")]
+    pub private_key_file: Option<String>,
+    #[serde(default, deserialize_with = "optional_string")]
+    pub notify_url: Option<String>,
+    #[serde(default, deserialize_with = "optional_string")]
+    pub gateway_url: Option<String>,
+    /// The currencies it pays: a TOML array, or comma-separated text (environment).
+    #[serde(default, deserialize_with = "text_list")]
+    pub currencies: Vec<String>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub rate_limit: u64,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub rate_burst: u64,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub max_in_flight: u64,
+}
+
+/// A list written as an array, or as one comma-separated text (`"KES, BDT"`).
+fn text_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Text(String),
+    }
+    let items = match List::deserialize(deserializer)? {
+        List::Items(items) => items,
+        List::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
 }
 
 fn default_system_key() -> String {

@@ -70,7 +70,7 @@ impl WebhookTarget {
             secret
                 .filter(|secret| !secret.is_empty())
                 .ok_or_else(|| ConfigError::Missing {
-                    key: "webhook_secret",
+                    key: "webhook_secret".into(),
                     env: env_name("webhook_secret"),
                     purpose: "to sign outcome webhooks when webhook_url is set",
                 })?;

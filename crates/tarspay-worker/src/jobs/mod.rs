@@ -15,7 +15,7 @@ pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
 
 use crate::gateway::{CodeTable, TarsPayClient};
-use crate::ids::MchOrderNo;
+use crate::ids::{MchOrderNo, MerchantName};
 use crate::ledger::{Ledger, LedgerError, OrderKind, OrderRecord};
 use crate::queue::{JobOptions, PreparedJob, QueueError, RedisQueue};
 use serde::{Deserialize, Serialize};
@@ -33,10 +33,16 @@ pub enum PayoutJob {
     CreatePayout {
         #[serde(rename = "mchOrderNo")]
         mch_order_no: MchOrderNo,
+        /// The order's merchant (its lane and key); absent for `default` and in jobs written
+        /// before profiles.
+        #[serde(default, skip_serializing_if = "MerchantName::is_default")]
+        merchant: MerchantName,
     },
     PollStatus {
         #[serde(rename = "mchOrderNo")]
         mch_order_no: MchOrderNo,
+        #[serde(default, skip_serializing_if = "MerchantName::is_default")]
+        merchant: MerchantName,
         kind: OrderKind,
         /// A single look (e.g. prompted by an untrusted callback); regular polling goes on in
         /// the order's own poll job.
@@ -48,9 +54,24 @@ pub enum PayoutJob {
 impl PayoutJob {
     pub fn mch_order_no(&self) -> &MchOrderNo {
         match self {
-            Self::CreatePayout { mch_order_no } | Self::PollStatus { mch_order_no, .. } => {
+            Self::CreatePayout { mch_order_no, .. } | Self::PollStatus { mch_order_no, .. } => {
                 mch_order_no
             }
+        }
+    }
+
+    /// The merchant whose lane and key run it.
+    pub fn merchant(&self) -> &MerchantName {
+        match self {
+            Self::CreatePayout { merchant, .. } | Self::PollStatus { merchant, .. } => merchant,
+        }
+    }
+
+    /// The create job of `record`.
+    pub fn create(record: &OrderRecord) -> Self {
+        Self::CreatePayout {
+            mch_order_no: record.mch_order_no.clone(),
+            merchant: record.merchant.clone(),
         }
     }
 
@@ -58,6 +79,7 @@ impl PayoutJob {
     pub fn poll(record: &OrderRecord, once: bool) -> Self {
         Self::PollStatus {
             mch_order_no: record.mch_order_no.clone(),
+            merchant: record.merchant.clone(),
             kind: record.kind,
             once,
         }

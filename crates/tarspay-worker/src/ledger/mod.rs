@@ -17,7 +17,7 @@ pub use batcher::Replication;
 pub use outcome::{Outcome, OutcomeEvent, OutcomeStatus};
 pub use phase::Phase;
 
-use crate::ids::{BatchId, Currency, MchOrderNo};
+use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
 use batcher::{Batcher, Op};
@@ -56,6 +56,8 @@ pub type WebhookJobs =
 pub struct LedgerKeys {
     base: String,
     queue: QueueKeys,
+    /// The merchant lane this handle queues follow-up jobs in (`None`: the default lane).
+    lane: Option<MerchantName>,
 }
 
 impl LedgerKeys {
@@ -65,6 +67,17 @@ impl LedgerKeys {
         Self {
             base: tag.to_owned(),
             queue: queue.clone(),
+            lane: None,
+        }
+    }
+
+    /// The keys of merchant `merchant`'s lane of this partition: the same orders, outcomes
+    /// and batches, with `queue` (the lane's queue, its pause flag) and the merchant's own
+    /// guard count, so one merchant's bad key holds only its own payouts.
+    pub fn for_lane(tag: &str, queue: &QueueKeys, merchant: &MerchantName) -> Self {
+        Self {
+            lane: (!merchant.is_default()).then(|| merchant.clone()),
+            ..Self::new(tag, queue)
         }
     }
 
@@ -106,7 +119,10 @@ impl LedgerKeys {
 
     /// Orders whose creates failed with auth-class codes since the last accepted create.
     pub fn guard(&self) -> String {
-        format!("{}:guard", self.base)
+        match &self.lane {
+            None => format!("{}:guard", self.base),
+            Some(merchant) => format!("{}:guard:{merchant}", self.base),
+        }
     }
 
     /// Orders flagged stuck past the polling deadline and not final yet.
@@ -168,6 +184,8 @@ pub struct NewOrder<'a> {
     /// The request as JSON, so any worker can rebuild the same create.
     pub request: &'a str,
     pub batch_id: Option<&'a BatchId>,
+    /// The merchant profile whose key creates it (see `payout::MerchantRouting`).
+    pub merchant: &'a MerchantName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +276,9 @@ pub struct OrderRecord {
     /// `payout`, or `deposit` for followed deposits.
     #[schema(value_type = String, example = "payout")]
     pub kind: OrderKind,
+    /// The merchant profile whose key creates and looks it up.
+    #[schema(value_type = String, example = "default")]
+    pub merchant: MerchantName,
     pub phase: Phase,
     pub amount: String,
     pub currency: Currency,
@@ -391,6 +412,9 @@ struct Registration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch_id: Option<BatchId>,
     created_at: u64,
+    /// Whose key creates it; absent in records written before profiles (and for `default`).
+    #[serde(default, skip_serializing_if = "MerchantName::is_default")]
+    merchant: MerchantName,
 }
 
 /// The acceptance milestone (`accepted`): the gateway holds the order.
@@ -511,6 +535,7 @@ fn record_from_fields(
     Ok(Some(OrderRecord {
         mch_order_no: registration.mch_order_no,
         kind: registration.kind,
+        merchant: registration.merchant,
         phase,
         amount: registration.amount,
         currency: registration.currency,
@@ -556,6 +581,7 @@ fn outcome_fields(outcome: &Outcome) -> Vec<(&'static str, String)> {
         ("event", outcome.event.to_string()),
         ("previousStatus", opt_text(&outcome.previous_status)),
         ("kind", outcome.kind.to_string()),
+        ("merchant", outcome.merchant.to_string()),
         ("mchOrderNo", outcome.mch_order_no.to_string()),
         ("status", outcome.status.to_string()),
         ("gatewayState", num(outcome.gateway_state)),
@@ -719,6 +745,7 @@ impl Ledger {
             request: order.request.to_owned(),
             batch_id: order.batch_id.cloned(),
             created_at: now,
+            merchant: order.merchant.clone(),
         };
         let corrupt = |reason: String| LedgerError::Corrupt {
             id: id.to_owned(),
@@ -1011,6 +1038,7 @@ impl Ledger {
                 event: OutcomeEvent::Final,
                 previous_status: None,
                 kind: record.kind,
+                merchant: record.merchant.clone(),
                 mch_order_no: record.mch_order_no.clone(),
                 status: OutcomeStatus::from_phase(phase).ok_or_else(|| LedgerError::Corrupt {
                     id: id.to_owned(),

@@ -3,7 +3,7 @@
 //! The field names are a contract with consuming applications.
 
 use super::{OrderKind, Phase};
-use crate::ids::{BatchId, Currency, MchOrderNo};
+use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use redis::Value;
 use redis::streams::StreamRangeReply;
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,10 @@ pub struct Outcome {
     /// `payout` or `deposit`.
     #[schema(value_type = String)]
     pub kind: OrderKind,
+    /// The merchant profile that created it (`default` for the top-level merchant).
+    #[serde(default)]
+    #[schema(value_type = String, example = "default")]
+    pub merchant: MerchantName,
     #[schema(value_type = String)]
     pub mch_order_no: MchOrderNo,
     /// `succeeded`, `failed`, `rejected`, `refunded`, `conflict`; deposits also `expired`, `partial`.
@@ -189,6 +193,8 @@ impl Outcome {
             event: parsed_opt(map, "event")?.unwrap_or_default(),
             previous_status: parsed_opt(map, "previousStatus")?,
             kind: parsed(map, "kind")?,
+            // Entries written before merchant profiles have none: the default merchant.
+            merchant: parsed_opt(map, "merchant")?.unwrap_or_default(),
             mch_order_no: parsed(map, "mchOrderNo")?,
             status: parsed(map, "status")?,
             gateway_state: field(map, "gatewayState").and_then(|v| v.parse().ok()),

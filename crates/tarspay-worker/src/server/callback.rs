@@ -89,7 +89,7 @@ pub async fn receive(
         }
         Err(err) => return unavailable(err),
     };
-    let trusted = verified && matches_record(&callback, &record, state.mch_no.as_deref());
+    let trusted = verified && matches_record(&callback, &record, state.mch_no_of(&record.merchant));
     // An order never sent is not an outcome of ours (yet): the create run and a lookup decide.
     let query_instead = match (trusted, never_sent(&record)) {
         (false, _) => Some("untrusted"),
@@ -144,8 +144,9 @@ fn never_sent(record: &OrderRecord) -> bool {
         && !record.phase.is_final()
 }
 
-/// A signed callback is applied only to the order it describes: our merchant (TarsPay's key
-/// signs callbacks of every merchant, and another merchant may reuse our order numbers), the
+/// A signed callback is applied only to the order it describes: the order's own merchant
+/// (TarsPay's key signs callbacks of every merchant, another merchant may reuse our order
+/// numbers, and one deployment's profiles share one receiver), the
 /// same kind, the same payOrderId once we know it, and the same amount and currency. Anything
 /// else is checked by a query instead.
 fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str>) -> bool {
@@ -189,11 +190,11 @@ async fn schedule_query(
         max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
         ..JobOptions::default()
     };
-    state
-        .deployment
-        .partition_of(&record.mch_order_no)
-        .queue
-        .enqueue_with(&job, options)
-        .await?;
+    let partition = state.deployment.partition_of(&record.mch_order_no);
+    // The order's merchant lane (its key looks it up); the default lane if the profile is gone.
+    let queue = partition
+        .lane(&record.merchant)
+        .map_or(&partition.queue, |lane| &lane.queue);
+    queue.enqueue_with(&job, options).await?;
     Ok(())
 }

@@ -15,6 +15,7 @@ pub use request_id::HEADER as REQUEST_ID_HEADER;
 use crate::config::{ConfigError, Settings};
 use crate::deployment::Deployment;
 use crate::gateway::PublicKey;
+use crate::ids::MerchantName;
 use crate::producer::Producer;
 use crate::secret::Secret;
 use axum::extract::DefaultBodyLimit;
@@ -32,20 +33,33 @@ pub struct AppState {
     pub deployment: Deployment,
     pub producer: Producer,
     pub system_key: PublicKey,
-    /// Our merchant number: TarsPay's system key signs every merchant's callbacks, so a
-    /// callback counts only if it is about our merchant.
-    pub mch_no: Option<String>,
+    /// Each merchant profile's number: TarsPay's system key signs every merchant's
+    /// callbacks, so a callback counts only if it names the mchNo of the order's merchant.
+    pub merchants: Vec<(MerchantName, Option<String>)>,
     pub api_token: Option<Secret>,
     pub metrics: PrometheusHandle,
 }
 
 impl AppState {
+    /// The merchant number of profile `merchant`, if set.
+    pub fn mch_no_of(&self, merchant: &str) -> Option<&str> {
+        self.merchants
+            .iter()
+            .find(|(name, _)| name == merchant)
+            .and_then(|(_, mch_no)| mch_no.as_deref())
+    }
+
     pub fn new(settings: &Settings, deployment: Deployment) -> Result<Self, ConfigError> {
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
             system_key: settings.gateway.system_public_key,
-            mch_no: settings.gateway.mch_no.clone(),
+            merchants: settings
+                .gateway
+                .profiles()
+                .iter()
+                .map(|p| (p.name.clone(), p.mch_no.clone()))
+                .collect(),
             api_token: settings.server.api_token()?,
             metrics: crate::metrics::install(),
         })

@@ -59,6 +59,7 @@ mod tests {
             event: event.parse().unwrap(),
             previous_status: (event == "correction").then(|| "succeeded".parse().unwrap()),
             kind: "payout".parse().unwrap(),
+            merchant: Default::default(),
             mch_order_no: "A-1".parse().unwrap(),
             status: status.parse().unwrap(),
             gateway_state: Some(2),
