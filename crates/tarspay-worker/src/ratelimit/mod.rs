@@ -25,8 +25,9 @@
 //!   Choose `lease_ttl` longer than the slowest gateway call (the client's total timeout): a
 //!   call that outlives its lease no longer counts, and one more call may start.
 //! * **Slow-down from the gateway.** [`Limiter::slow_down`] records a 429's `Retry-After`: no
-//!   grant until it has passed, and the TAT is raised so the calls after it come one interval
-//!   apart (no burst at a gateway that just refused us).
+//!   grant until it has passed, and the TAT is raised so that the burst credit is spent: after
+//!   the pause calls are granted on the rate's schedule from its end, one per emission interval
+//!   (no burst at a gateway that just refused us).
 //!
 //! The keys of one merchant share the hash tag `{<prefix>:ratelimit:<merchant>}` (`:tat`,
 //! `:inflight`, `:slowed`), so the script runs on one slot of a Redis Cluster. Each key has a
@@ -405,8 +406,8 @@ impl Limiter {
 
     /// The gateway answered 429 with `Retry-After: pause`: no grant, in any process, until
     /// `pause` (at most [`MAX_SLOW_DOWN`]) has passed on the server's clock; then calls
-    /// resume one emission interval apart, without a burst. A pause never shortens one
-    /// already recorded.
+    /// resume one per emission interval from the pause's end, without a burst. A pause never
+    /// shortens one already recorded.
     pub async fn slow_down(&self, pause: Duration) -> Result<(), LimiterError> {
         self.slow_down_until_us(pause).await.map(|_| ())
     }

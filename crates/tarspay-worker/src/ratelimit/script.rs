@@ -94,9 +94,10 @@ return {1, now, held}
 /// KEYS: tat, slowed. ARGV: pause µs, burst tolerance µs.
 ///
 /// The pause only ever lengthens (a shorter `Retry-After` read later does not cut it). The TAT
-/// is raised to at least the pause's end plus the burst tolerance, so the first call after the
-/// pause conforms and the ones after it come one emission interval apart: the burst credit is
-/// spent by the pause, and a gateway that just refused us is not met by a burst.
+/// is raised to at least the pause's end plus the burst tolerance: the burst credit is spent by
+/// the pause, so the calls after it are granted on the rate's schedule from the pause's end
+/// (one at the end, then one per emission interval), and a gateway that just refused us is not
+/// met by a burst.
 /// Returns the pause's end, µs on the server's clock.
 pub(super) static SLOW_DOWN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
