@@ -43,6 +43,11 @@
 //! retry after the emission interval (clamped to 10–200 ms, [`IN_FLIGHT_POLL_MIN`] /
 //! [`IN_FLIGHT_POLL_MAX`]) or the oldest lease's expiry, whichever is sooner.
 //!
+//! On a cluster redis-rs may send a script again after a dropped connection. A re-sent acquire
+//! that had already been granted is granted again and only the second answer arrives: one rate
+//! unit is spent unused, and the lease (same token) is written once. It errs towards fewer
+//! calls, never more.
+//!
 //! A [`Permit`] is a plain value: dropping it releases nothing (releasing needs Redis, which
 //! `Drop` cannot await). A caller that forgets [`Limiter::release`] holds its slot until the
 //! lease expires.
