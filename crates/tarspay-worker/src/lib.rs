@@ -17,6 +17,7 @@ pub mod partition;
 pub mod payout;
 pub mod producer;
 pub mod queue;
+pub mod ratelimit;
 pub mod redis_conn;
 pub mod redis_safety;
 pub mod secret;
