@@ -577,9 +577,9 @@ fn no_such_merchant(mch_no: &str) -> Response {
     (StatusCode::NOT_FOUND, format!("no such merchant: {mch_no}")).into_response()
 }
 
-fn decimal(text: &str, what: &str) -> Result<Decimal, Response> {
-    Decimal::from_str(text.trim())
-        .map_err(|_| unprocessable(format!("{what} must be a decimal string")))
+/// A decimal amount from JSON text; the error says which field.
+fn decimal(text: &str, what: &str) -> Result<Decimal, String> {
+    Decimal::from_str(text.trim()).map_err(|_| format!("{what} must be a decimal string"))
 }
 
 #[derive(Deserialize)]
@@ -616,13 +616,13 @@ async fn add_merchant(
         .transpose()
     {
         Ok(balance) => balance.unwrap_or(Decimal::from(1_000_000_000u64)),
-        Err(refused) => return refused,
+        Err(reason) => return unprocessable(reason),
     };
     let mut balances = Vec::new();
     for (currency, amount) in &new.balances {
         match decimal(amount, &format!("balances.{currency}")) {
             Ok(amount) => balances.push((currency.clone(), amount)),
-            Err(refused) => return refused,
+            Err(reason) => return unprocessable(reason),
         }
     }
     if new.rate_limit.is_some_and(|limit| !limit.is_valid()) {
@@ -698,7 +698,7 @@ async fn set_balance(
 ) -> Response {
     let available = match decimal(&set.available, "available") {
         Ok(available) => available,
-        Err(refused) => return refused,
+        Err(reason) => return unprocessable(reason),
     };
     if shared
         .book()
