@@ -345,8 +345,12 @@ async fn api(
 /// and an envelope with code [`RATE_LIMITED_CODE`], before anything else is looked at.
 fn rate_limit(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let api_key = headers.get(HEADER_API_KEY)?.to_str().ok()?.trim();
-    let now = shared.clock_ns();
-    let (mch_no, limit, wait) = shared.book().admit(api_key, now)?;
+    let (mch_no, limit, wait) = {
+        let mut book = shared.book();
+        // Read under the lock, so arrival times are recorded in order.
+        let now = shared.clock_ns();
+        book.admit(api_key, now)?
+    };
     let secs = retry_after_secs(wait);
     let body = json!({
         "code": RATE_LIMITED_CODE,
