@@ -2,6 +2,11 @@
 //! progress to a chosen final state on a schedule, signed callbacks with resends, and faults
 //! injected per order. Tests, the demo and benchmarks run against it; it is never "the gateway".
 //!
+//! It hosts any number of merchants, each with its own key, orders (`mchOrderNo` is per
+//! merchant), balances (one account for every currency plus accounts of their own for chosen
+//! currencies), an optional rate limit ([`RateLimit`], answered with HTTP 429) and a record of
+//! its calls ([`CallReport`]).
+//!
 //! Start it in-process with [`Sandbox::start`], or as a process with
 //! `tarspay-sandbox --listen ADDR` (or `cargo run -- sandbox` in the workspace). It reports what it saw under `/sandbox/…`.
 
