@@ -1025,3 +1025,548 @@ async fn orders_report_wall_clock_stamps() {
     assert_eq!(view.created_at_us, created);
     assert_eq!(view.final_at_us, done["finalAtUs"].as_u64());
 }
+
+const MCH_B: &str = "M2222222222";
+
+/// A client signing as `mch_no` with `key`.
+fn client_as(url: &str, mch_no: &str, key: &PrivateKey) -> tarspay_worker::gateway::TarsPayClient {
+    tarspay_worker::gateway::TarsPayClient::new(tarspay_worker::gateway::ClientSettings {
+        base_url: url.to_owned(),
+        mch_no: mch_no.into(),
+        private_key: key.clone(),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        max_response_bytes: 64 * 1024,
+    })
+    .unwrap()
+}
+
+/// A signed request prepared ahead (so a burst of them leaves at once).
+struct SignedRequest {
+    path: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+fn sign_request(key: &PrivateKey, path: &'static str, fields: &[(&str, &str)]) -> SignedRequest {
+    let mut params = Params::new();
+    for (name, value) in fields {
+        params.insert(*name, *value);
+    }
+    let nonce = tarspay_worker::wall_clock::now_ms().to_string();
+    let signed = RequestSigner::new(key.clone()).sign(path, &nonce, &params);
+    SignedRequest {
+        path,
+        headers: vec![
+            (HEADER_API_KEY, signed.api_key),
+            (HEADER_NONCE, nonce),
+            (HEADER_SIGNATURE, signed.signature),
+        ],
+        body: params.to_json_body(),
+    }
+}
+
+/// Sends a signed request; the status, the `Retry-After` header and the body.
+async fn send_signed(
+    http: &reqwest::Client,
+    url: &str,
+    request: SignedRequest,
+) -> (u16, Option<String>, serde_json::Value) {
+    let mut builder = http
+        .post(format!("{url}{}", request.path))
+        .header("content-type", "application/json;charset=utf-8");
+    for (name, value) in &request.headers {
+        builder = builder.header(*name, value);
+    }
+    let response = builder.body(request.body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, retry_after, response.json().await.unwrap())
+}
+
+fn payout_fields<'a>(mch_no: &'a str, id: &'a str, amount: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("mchNo", mch_no),
+        ("mchOrderNo", id),
+        ("wayCode", "UPI"),
+        ("amount", amount),
+        ("currency", "INR"),
+        ("notifyUrl", "http://127.0.0.1:9/notify"),
+    ]
+}
+
+#[tokio::test]
+async fn merchants_have_their_own_keys_balances_and_orders() {
+    let key_b = PrivateKey::generate();
+    let gw = spawn_gateway(|c| {
+        c.final_after = Duration::from_secs(60);
+        c.merchants.push(tarspay_sandbox::SandboxMerchant::new(
+            MCH_B,
+            key_b.public_key(),
+            500u64.into(),
+        ));
+        c.balances.push(tarspay_sandbox::CurrencyBalance {
+            mch_no: MCH_NO.into(),
+            currency: "KES".into(),
+            available: 150u64.into(),
+        });
+    })
+    .await;
+    let url = gw.sandbox.url();
+    let a = &gw.client;
+    let b = client_as(&url, MCH_B, &key_b);
+    assert_eq!(
+        gw.sandbox.merchants(),
+        vec![MCH_NO.to_owned(), MCH_B.to_owned()]
+    );
+
+    // The same mchOrderNo under two merchants is two orders; a duplicate is per merchant.
+    a.create_payout(&payout("SAME-1", "100")).await.unwrap();
+    b.create_payout(&payout("SAME-1", "200")).await.unwrap();
+    a.create_payout(&payout("A-ONLY", "1")).await.unwrap();
+    for client in [a, &b] {
+        let duplicate = client
+            .create_payout(&payout("SAME-1", "1"))
+            .await
+            .unwrap_err();
+        assert_eq!(duplicate.code(), Some(5003011));
+    }
+    assert_eq!(gw.sandbox.orders().len(), 3);
+    assert_eq!(gw.sandbox.orders_of(MCH_B).len(), 1);
+    let of_b = gw.sandbox.order_of(MCH_B, "SAME-1").unwrap();
+    assert_eq!((of_b.mch_no.as_str(), of_b.amount.as_str()), (MCH_B, "200"));
+    assert_eq!(gw.sandbox.order_of(MCH_NO, "SAME-1").unwrap().amount, "100");
+    assert_eq!(gw.sandbox.create_attempts_of(MCH_B, "SAME-1"), 2);
+    assert_eq!(
+        gw.sandbox.create_attempts("SAME-1"),
+        4,
+        "both merchants' creates"
+    );
+
+    // Each sees only its own orders and balance.
+    let seen_by_a = a.query_payout(&by_id("SAME-1")).await.unwrap();
+    assert_eq!(seen_by_a.order_amount.as_deref(), Some("100"));
+    let seen_by_b = b.query_payout(&by_id("SAME-1")).await.unwrap();
+    assert_eq!(seen_by_b.order_amount.as_deref(), Some("200"));
+    assert_eq!(
+        b.query_payout(&by_id("A-ONLY")).await.unwrap_err().code(),
+        Some(5003020),
+        "B cannot see A's order"
+    );
+    let a_only_pay_id = gw.sandbox.order_of(MCH_NO, "A-ONLY").unwrap().pay_order_id;
+    assert_eq!(
+        b.query_payout(&OrderRef::PayOrderId(a_only_pay_id))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5003020),
+        "nor by its payOrderId"
+    );
+    let balance_a = a.balance().await.unwrap();
+    assert_eq!(balance_a.mch_no.as_deref(), Some(MCH_NO));
+    assert_eq!(balance_a.available_amount, "999899");
+    let balance_b = b.balance().await.unwrap();
+    assert_eq!(balance_b.mch_no.as_deref(), Some(MCH_B));
+    assert_eq!(balance_b.available_amount, "300");
+    assert_eq!(balance_b.frozen_amount.as_deref(), Some("200"));
+    assert_eq!(
+        b.create_payout(&payout("B-BIG", "301"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(5004006),
+        "B's own balance decides"
+    );
+
+    // A's KES has an account of its own: KES payouts draw on it, not on the shared one.
+    let kes = |id: &str| CreatePayout {
+        currency: "KES".into(),
+        way_code: "EWALLET_MPESA".into(),
+        ..payout(id, "100")
+    };
+    a.create_payout(&kes("KES-1")).await.unwrap();
+    assert_eq!(
+        a.create_payout(&kes("KES-2")).await.unwrap_err().code(),
+        Some(5004006)
+    );
+    assert_eq!(gw.sandbox.balance_in(MCH_NO, "KES").as_deref(), Some("50"));
+    assert_eq!(
+        gw.sandbox.balance_in(MCH_NO, "INR").as_deref(),
+        Some("999899")
+    );
+    assert_eq!(gw.sandbox.balance(MCH_NO).as_deref(), Some("999899"));
+    let http = reqwest::Client::new();
+    let (_, _, kes_balance) = send_signed(
+        &http,
+        &url,
+        sign_request(
+            &gw.key,
+            paths::BALANCE,
+            &[("mchNo", MCH_NO), ("currency", "KES")],
+        ),
+    )
+    .await;
+    assert_eq!(
+        kes_balance["data"]["availableAmount"], "50",
+        "{kes_balance}"
+    );
+    assert_eq!(kes_balance["data"]["frozenAmount"], "100", "{kes_balance}");
+    assert_eq!(kes_balance["data"]["currency"], "KES", "{kes_balance}");
+
+    // A's key with B's mchNo is refused, and changes nothing of B's.
+    let (_, _, crossed) = send_signed(
+        &http,
+        &url,
+        sign_request(
+            &gw.key,
+            paths::CREATE_PAYOUT,
+            &payout_fields(MCH_B, "CROSS-1", "1"),
+        ),
+    )
+    .await;
+    assert_eq!(crossed["code"], 5003002, "{crossed}");
+    // B's key with A's mchNo too.
+    let (_, _, crossed) = send_signed(
+        &http,
+        &url,
+        sign_request(&key_b, paths::BALANCE, &[("mchNo", MCH_NO)]),
+    )
+    .await;
+    assert_eq!(crossed["code"], 5003002, "{crossed}");
+    assert!(gw.sandbox.order_of(MCH_B, "CROSS-1").is_none());
+    assert_eq!(gw.sandbox.balance(MCH_B).as_deref(), Some("300"));
+
+    // A merchant added at run time, with balances of its own, over HTTP.
+    let key_c = PrivateKey::generate();
+    let mch_c = "M3333333333";
+    let added = http
+        .post(format!("{url}/sandbox/merchants"))
+        .json(&serde_json::json!({
+            "mchNo": mch_c,
+            "publicKey": key_c.public_key().to_hex(),
+            "balance": "10",
+            "balances": {"INR": "1000"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 204);
+    let c = client_as(&url, mch_c, &key_c);
+    c.create_payout(&payout("SAME-1", "999")).await.unwrap();
+    assert_eq!(c.balance().await.unwrap().available_amount, "10");
+    assert_eq!(gw.sandbox.balance_in(mch_c, "INR").as_deref(), Some("1"));
+    let set = http
+        .put(format!("{url}/sandbox/merchants/{mch_c}/balance"))
+        .json(&serde_json::json!({"currency": "INR", "available": "5000"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 204);
+    assert_eq!(gw.sandbox.balance_in(mch_c, "INR").as_deref(), Some("5000"));
+    let unknown = http
+        .put(format!("{url}/sandbox/merchants/M0000000000/balance"))
+        .json(&serde_json::json!({"available": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let bad_key = http
+        .post(format!("{url}/sandbox/merchants"))
+        .json(&serde_json::json!({"mchNo": "M4", "publicKey": "02zz"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 422);
+    let listed: serde_json::Value = http
+        .get(format!("{url}/sandbox/merchants/{mch_c}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["balances"][1]["currency"], "INR", "{listed}");
+    assert_eq!(listed["balances"][1]["frozen"], "999", "{listed}");
+    let orders_of_c: serde_json::Value = http
+        .get(format!("{url}/sandbox/orders?mchNo={mch_c}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(orders_of_c.as_array().unwrap().len(), 1, "{orders_of_c}");
+    assert_eq!(orders_of_c[0]["amount"], "999", "{orders_of_c}");
+}
+
+#[tokio::test]
+async fn calls_beyond_a_merchants_rate_limit_get_429_and_change_nothing() {
+    const CALLS: usize = 20;
+    let (rate, burst) = (5.0, 5u32);
+    let key_b = PrivateKey::generate();
+    let gw = spawn_gateway(|c| {
+        c.final_after = Duration::from_secs(60);
+        c.merchants.push(tarspay_sandbox::SandboxMerchant::new(
+            MCH_B,
+            key_b.public_key(),
+            1_000u64.into(),
+        ));
+        c.rate_limits.insert(
+            MCH_NO.into(),
+            tarspay_sandbox::RateLimit {
+                per_second: rate,
+                burst,
+            },
+        );
+    })
+    .await;
+    let url = gw.sandbox.url();
+    let http = reqwest::Client::new();
+    let ids: Vec<String> = (0..CALLS).map(|i| format!("RL-{i:02}")).collect();
+    // Signed ahead, then all sent at once.
+    let requests: Vec<SignedRequest> = ids
+        .iter()
+        .map(|id| {
+            sign_request(
+                &gw.key,
+                paths::CREATE_PAYOUT,
+                &payout_fields(MCH_NO, id, "10"),
+            )
+        })
+        .collect();
+    let mut burst_calls = tokio::task::JoinSet::new();
+    for (id, request) in ids.iter().cloned().zip(requests) {
+        let (http, url) = (http.clone(), url.clone());
+        burst_calls.spawn(async move { (id, send_signed(&http, &url, request).await) });
+    }
+    let answers = burst_calls.join_all().await;
+    let (mut accepted, mut limited) = (Vec::new(), Vec::new());
+    for (id, (status, retry_after, body)) in answers {
+        if status == 429 {
+            let secs: u64 = retry_after
+                .as_deref()
+                .unwrap_or_else(|| panic!("429 without Retry-After: {body}"))
+                .parse()
+                .unwrap();
+            assert!(secs >= 1, "Retry-After {secs}");
+            assert_eq!(body["code"], tarspay_sandbox::RATE_LIMITED_CODE, "{body}");
+            assert!(
+                body["msg"].as_str().unwrap().contains("too many requests"),
+                "{body}"
+            );
+            limited.push(id);
+        } else {
+            assert_eq!(
+                (status, &body["code"]),
+                (200, &serde_json::json!(0)),
+                "{body}"
+            );
+            assert!(retry_after.is_none());
+            accepted.push(id);
+        }
+    }
+
+    // How many must be refused depends only on when the calls arrived (recorded by the
+    // sandbox): all within one emission interval (1/rate, 200 ms; the usual case on loopback),
+    // exactly CALLS − burst; on a slow machine at most one more admitted per interval.
+    let arrivals = gw.sandbox.call_arrivals_us(MCH_NO).unwrap();
+    assert_eq!(arrivals.len(), CALLS);
+    let span_us = arrivals[CALLS - 1] - arrivals[0];
+    eprintln!("{CALLS} calls arrived over {span_us} µs");
+    let interval_us = (1e6 / rate) as u64;
+    if span_us < interval_us {
+        assert_eq!(limited.len(), CALLS - burst as usize, "span {span_us} µs");
+    } else {
+        let most = burst as usize + (span_us / interval_us) as usize;
+        assert!(
+            (burst as usize..=most).contains(&accepted.len()),
+            "{} admitted over {span_us} µs",
+            accepted.len()
+        );
+    }
+
+    // A 429'd create left nothing behind; the admitted ones are there and paid for.
+    for id in &limited {
+        assert!(gw.sandbox.order(id).is_none(), "{id} was refused with 429");
+        assert_eq!(gw.sandbox.create_attempts(id), 0, "{id}");
+    }
+    for id in &accepted {
+        assert!(gw.sandbox.order(id).is_some(), "{id} was accepted");
+    }
+    let spent = 10 * accepted.len() as u64;
+    assert_eq!(
+        gw.sandbox.balance(MCH_NO),
+        Some((1_000_000 - spent).to_string())
+    );
+
+    // The report: every call, the 429s, and the busiest second from the arrival times.
+    let report = gw.sandbox.calls(MCH_NO).unwrap();
+    assert_eq!(report.total, CALLS as u64);
+    assert_eq!(report.rate_limited, limited.len() as u64);
+    assert_eq!(
+        report.max_in_any_second,
+        tarspay_sandbox::limits::max_in_window(&arrivals, 1_000_000)
+    );
+    if span_us < 1_000_000 {
+        assert_eq!(report.max_in_any_second, CALLS as u64);
+    }
+    let over_http: serde_json::Value = http
+        .get(format!(
+            "{url}/sandbox/merchants/{MCH_NO}/calls?arrivals=true"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(over_http["total"], CALLS, "{over_http}");
+    assert_eq!(over_http["rateLimited"], limited.len(), "{over_http}");
+    assert_eq!(
+        over_http["maxInAnySecond"], report.max_in_any_second,
+        "{over_http}"
+    );
+    assert_eq!(over_http["rateLimit"]["burst"], burst, "{over_http}");
+    assert_eq!(over_http["arrivalsUs"].as_array().unwrap().len(), CALLS);
+
+    // Another merchant is not limited by A's limit.
+    let b = client_as(&url, MCH_B, &key_b);
+    for _ in 0..10 {
+        b.balance().await.unwrap();
+    }
+    let report_b = gw.sandbox.calls(MCH_B).unwrap();
+    assert_eq!((report_b.total, report_b.rate_limited), (10, 0));
+
+    // After a rest the burst is back; a limit can be changed and lifted over HTTP.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    gw.client
+        .create_payout(&payout("RL-AFTER", "10"))
+        .await
+        .unwrap();
+    let tight = http
+        .put(format!("{url}/sandbox/merchants/{MCH_B}/rate-limit"))
+        .json(&serde_json::json!({"perSecond": 0.5, "burst": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tight.status(), 204);
+    b.balance().await.unwrap();
+    let (status, retry_after, body) = send_signed(
+        &http,
+        &url,
+        sign_request(&key_b, paths::BALANCE, &[("mchNo", MCH_B)]),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    let secs: u64 = retry_after.unwrap().parse().unwrap();
+    assert!((1..=2).contains(&secs), "Retry-After {secs} for 0.5/s");
+    let invalid = http
+        .put(format!("{url}/sandbox/merchants/{MCH_B}/rate-limit"))
+        .json(&serde_json::json!({"perSecond": 0, "burst": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invalid.status(), 422);
+    let lifted = http
+        .delete(format!("{url}/sandbox/merchants/{MCH_B}/rate-limit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lifted.status(), 204);
+    for _ in 0..5 {
+        b.balance().await.unwrap();
+    }
+    assert_eq!(gw.sandbox.calls(MCH_B).unwrap().rate_limited, 1);
+}
+
+#[tokio::test]
+async fn the_single_merchant_default_has_no_limit_and_counts_calls() {
+    let gw = spawn_gateway(|_| {}).await;
+    let http = reqwest::Client::new();
+    let url = gw.sandbox.url();
+    let requests: Vec<SignedRequest> = (0..30)
+        .map(|_| sign_request(&gw.key, paths::BALANCE, &[("mchNo", MCH_NO)]))
+        .collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for request in requests {
+        let (http, url) = (http.clone(), url.clone());
+        calls.spawn(async move { send_signed(&http, &url, request).await });
+    }
+    for (status, _, body) in calls.join_all().await {
+        assert_eq!(
+            (status, &body["code"]),
+            (200, &serde_json::json!(0)),
+            "{body}"
+        );
+    }
+    let report = gw.sandbox.calls(MCH_NO).unwrap();
+    assert_eq!((report.total, report.rate_limited), (30, 0));
+    assert!(report.rate_limit.is_none());
+    assert_eq!(gw.sandbox.merchants(), vec![MCH_NO.to_owned()]);
+}
+
+/// The flags of `tarspay-dev sandbox` (the same as the `tarspay-sandbox` binary's).
+#[tokio::test]
+async fn sandbox_flags_register_merchants_balances_and_limits() {
+    use std::io::BufRead;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let key_b = PrivateKey::generate();
+    let mut child = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tarspay-dev"))
+            .env_remove("TARSPAY_MCH_NO")
+            .env_remove("TARSPAY_PRIVATE_KEY")
+            .env_remove("TARSPAY_PRIVATE_KEY_FILE")
+            .args(["sandbox", "--listen", "127.0.0.1:0"])
+            .args([
+                "--merchant",
+                &format!("{MCH_B}={}:700", key_b.public_key().to_hex()),
+            ])
+            .args(["--balance", &format!("{MCH_B}=KES:300")])
+            .args(["--rate-limit", &format!("{MCH_B}=5:5")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    // The reader lives as long as the process: it prints more lines after the first.
+    let (first, _reader) = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).map(|_| (line, reader))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("sandbox listening on ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+    let b = client_as(&url, MCH_B, &key_b);
+    assert_eq!(b.balance().await.unwrap().available_amount, "700");
+    let merchant: serde_json::Value = reqwest::get(format!("{url}/sandbox/merchants/{MCH_B}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        merchant["publicKey"],
+        key_b.public_key().to_hex(),
+        "{merchant}"
+    );
+    assert_eq!(merchant["balances"][1]["currency"], "KES", "{merchant}");
+    assert_eq!(merchant["balances"][1]["available"], "300", "{merchant}");
+    assert_eq!(merchant["rateLimit"]["perSecond"], 5.0, "{merchant}");
+    assert_eq!(merchant["calls"]["total"], 1, "{merchant}");
+    drop(child);
+}

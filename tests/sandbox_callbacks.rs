@@ -145,3 +145,70 @@ async fn callbacks_stop_after_the_attempt_limit() {
     assert_eq!(received.lock().unwrap().calls.len(), 4);
     assert!(!gw.sandbox.order("NEVER-OK").unwrap().callback_acknowledged);
 }
+
+#[tokio::test]
+async fn each_merchants_order_calls_back_its_own_notify_url() {
+    let (url_a, received_a) = spawn_receiver(0).await;
+    let (url_b, received_b) = spawn_receiver(0).await;
+    let key_b = PrivateKey::generate();
+    let mch_b = "M2222222222";
+    let gw = spawn_gateway(|c| {
+        c.callbacks = true;
+        c.final_after = Duration::from_millis(50);
+        c.merchants.push(tarspay_sandbox::SandboxMerchant::new(
+            mch_b,
+            key_b.public_key(),
+            1_000u64.into(),
+        ));
+    })
+    .await;
+    let client_b =
+        tarspay_worker::gateway::TarsPayClient::new(tarspay_worker::gateway::ClientSettings {
+            base_url: gw.sandbox.url(),
+            mch_no: mch_b.into(),
+            private_key: key_b,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            max_response_bytes: 64 * 1024,
+        })
+        .unwrap();
+    let payout = |amount: &str, notify_url: &str| CreatePayout {
+        mch_order_no: "SAME-1".into(),
+        way_code: "UPI".into(),
+        amount: Amount::parse(amount).unwrap(),
+        currency: "INR".into(),
+        notify_url: notify_url.to_owned(),
+        fields: BTreeMap::new(),
+    };
+    gw.client
+        .create_payout(&payout("100", &url_a))
+        .await
+        .unwrap();
+    client_b
+        .create_payout(&payout("200", &url_b))
+        .await
+        .unwrap();
+    for mch_no in [common::MCH_NO, mch_b] {
+        eventually("callback acknowledged", || async {
+            gw.sandbox
+                .order_of(mch_no, "SAME-1")
+                .filter(|v| v.callback_acknowledged)
+        })
+        .await;
+    }
+    let system_key = gw.sandbox.system_public_key();
+    for (received, mch_no, amount) in [
+        (&received_a, common::MCH_NO, "100"),
+        (&received_b, mch_b, "200"),
+    ] {
+        let calls = &received.lock().unwrap().calls;
+        assert_eq!(calls.len(), 1, "{mch_no}");
+        let (signature, body) = &calls[0];
+        assert!(verify_callback(&system_key, body, signature).is_some());
+        let callback = parse_callback(body).unwrap();
+        assert_eq!(callback.mch_no.as_deref(), Some(mch_no));
+        assert_eq!(callback.mch_order_no, "SAME-1");
+        assert_eq!(callback.order_amount.as_deref(), Some(amount));
+        assert_eq!(callback.state, OrderState::Success);
+    }
+}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tarspay_worker::gateway::callback::{HEADER_SIGNATURE, sign_callback, sorted_compact_json};
 
 /// The callback body for an order: compact JSON, keys sorted.
-pub(crate) fn body_for(shared: &Shared, mch_order_no: &str) -> Option<String> {
-    let view = shared.book().view(mch_order_no)?;
+pub(crate) fn body_for(shared: &Shared, mch_no: &str, mch_order_no: &str) -> Option<String> {
+    let view = shared.book().view(mch_no, mch_order_no)?;
     let mut body = json!({
         "bizType": match view.kind { super::OrderKind::Deposit => 1, super::OrderKind::Payout => 2 },
         "payOrderId": view.pay_order_id,
@@ -31,8 +31,8 @@ pub(crate) fn body_for(shared: &Shared, mch_order_no: &str) -> Option<String> {
     Some(sorted_compact_json(&body))
 }
 
-pub(crate) async fn deliver(shared: &Arc<Shared>, mch_order_no: &str, url: &str) {
-    let Some(body) = body_for(shared, mch_order_no) else {
+pub(crate) async fn deliver(shared: &Arc<Shared>, mch_no: &str, mch_order_no: &str, url: &str) {
+    let Some(body) = body_for(shared, mch_no, mch_order_no) else {
         return;
     };
     let (attempts, base_delay, key) = {
@@ -45,7 +45,7 @@ pub(crate) async fn deliver(shared: &Arc<Shared>, mch_order_no: &str, url: &str)
     };
     let signature = sign_callback(&key, body.as_bytes());
     for attempt in 0..attempts {
-        shared.book().record_callback_start(mch_order_no);
+        shared.book().record_callback_start(mch_no, mch_order_no);
         let reply = shared
             .http
             .post(url)
@@ -63,7 +63,9 @@ pub(crate) async fn deliver(shared: &Arc<Shared>, mch_order_no: &str, url: &str)
             }
             _ => false,
         };
-        shared.book().record_callback(mch_order_no, acknowledged);
+        shared
+            .book()
+            .record_callback(mch_no, mch_order_no, acknowledged);
         if acknowledged {
             return;
         }

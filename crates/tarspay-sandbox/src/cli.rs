@@ -1,7 +1,9 @@
 //! The sandbox as its own process: arguments and start-up, shared by the `tarspay-sandbox`
 //! binary and the workspace's `tarspay-dev sandbox`.
 
-use crate::{FaultRule, OutcomeRule, Sandbox, SandboxConfig, SandboxMerchant};
+use crate::{
+    CurrencyBalance, FaultRule, OutcomeRule, RateLimit, Sandbox, SandboxConfig, SandboxMerchant,
+};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -13,10 +15,26 @@ use tarspay_worker::gateway::{PrivateKey, PublicKey};
 pub struct SandboxArgs {
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: String,
-    /// Register a merchant: MCH_NO=PUBLIC_KEY_HEX[:BALANCE]. The merchant from the settings
-    /// (TARSPAY_MCH_NO and its key) is registered too when set.
+    /// Register a merchant (repeatable): MCH_NO=PUBLIC_KEY_HEX[:BALANCE], the key as sent in
+    /// X-API-KEY (33-byte compressed secp256k1, hex), BALANCE the available balance of every
+    /// currency without one of its own (default 1000000000). Each merchant has its own key,
+    /// balances, orders (mchOrderNo is per merchant) and rate limit. The merchant from the
+    /// settings (TARSPAY_MCH_NO and its key) is registered too when set. More at run time:
+    /// POST /sandbox/merchants.
     #[arg(long = "merchant", value_name = "MCH_NO=KEY[:BALANCE]")]
     merchants: Vec<String>,
+    /// Give a merchant a balance of its own in one currency (repeatable):
+    /// MCH_NO=CURRENCY:AMOUNT, e.g. M1234567890=INR:5000. That currency's payouts draw on it;
+    /// other currencies keep drawing on the merchant's BALANCE. At run time:
+    /// PUT /sandbox/merchants/{mchNo}/balance.
+    #[arg(long = "balance", value_name = "MCH_NO=CURRENCY:AMOUNT")]
+    balances: Vec<String>,
+    /// Limit a merchant's calls (repeatable): MCH_NO=PER_SECOND[:BURST], e.g.
+    /// M1234567890=5:5 (GCRA; BURST defaults to PER_SECOND rounded up). Calls beyond it get
+    /// HTTP 429 with Retry-After and change nothing. At run time:
+    /// PUT /sandbox/merchants/{mchNo}/rate-limit; report: GET /sandbox/merchants/{mchNo}/calls.
+    #[arg(long = "rate-limit", value_name = "MCH_NO=PER_SECOND[:BURST]")]
+    rate_limits: Vec<String>,
     /// Time from create to final state, e.g. 500ms.
     #[arg(long, default_value = "500ms", value_parser = tarspay_worker::config::parse_duration)]
     final_after: std::time::Duration,
@@ -49,6 +67,47 @@ fn parse_merchant(spec: &str) -> Result<SandboxMerchant> {
     })
 }
 
+fn parse_balance(spec: &str) -> Result<CurrencyBalance> {
+    let usage = "--balance must look like MCH_NO=CURRENCY:AMOUNT";
+    let (mch_no, rest) = spec.split_once('=').context(usage)?;
+    let (currency, amount) = rest.split_once(':').context(usage)?;
+    anyhow::ensure!(
+        !mch_no.is_empty() && !currency.is_empty(),
+        "{usage}, not {spec}"
+    );
+    Ok(CurrencyBalance {
+        mch_no: mch_no.to_owned(),
+        currency: currency.to_owned(),
+        available: amount
+            .parse()
+            .with_context(|| format!("--balance {spec}: amount"))?,
+    })
+}
+
+fn parse_rate_limit(spec: &str) -> Result<(String, RateLimit)> {
+    let usage = "--rate-limit must look like MCH_NO=PER_SECOND[:BURST]";
+    let (mch_no, rest) = spec.split_once('=').context(usage)?;
+    let (rate, burst) = match rest.split_once(':') {
+        Some((rate, burst)) => (rate, Some(burst)),
+        None => (rest, None),
+    };
+    let per_second: f64 = rate
+        .parse()
+        .with_context(|| format!("--rate-limit {spec}: PER_SECOND"))?;
+    let burst = match burst {
+        Some(burst) => burst
+            .parse()
+            .with_context(|| format!("--rate-limit {spec}: BURST"))?,
+        None => per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    let limit = RateLimit { per_second, burst };
+    anyhow::ensure!(
+        !mch_no.is_empty() && limit.is_valid(),
+        "--rate-limit {spec}: needs a merchant, PER_SECOND > 0 and BURST >= 1"
+    );
+    Ok((mch_no.to_owned(), limit))
+}
+
 fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("{} is not valid", path.display()))
@@ -76,6 +135,13 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
             });
         }
     }
+    for spec in &args.balances {
+        config.balances.push(parse_balance(spec)?);
+    }
+    for spec in &args.rate_limits {
+        let (mch_no, limit) = parse_rate_limit(spec)?;
+        config.rate_limits.insert(mch_no, limit);
+    }
     if let Some(path) = &args.faults {
         config.faults = read_json_file::<Vec<FaultRule>>(path)?;
     }
@@ -92,4 +158,35 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
     println!("{merchants} merchant(s) registered; add more with POST /sandbox/merchants");
     tarspay_worker::shutdown::signal().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balance_and_rate_limit_flags() {
+        let balance = parse_balance("M1=INR:5000.50").unwrap();
+        assert_eq!(
+            (balance.mch_no.as_str(), balance.currency.as_str()),
+            ("M1", "INR")
+        );
+        assert_eq!(balance.available.to_string(), "5000.50");
+        assert!(parse_balance("M1=INR").is_err());
+        assert!(parse_balance("M1=INR:lots").is_err());
+
+        let (mch_no, limit) = parse_rate_limit("M2=5:10").unwrap();
+        assert_eq!(mch_no, "M2");
+        assert_eq!(
+            limit,
+            RateLimit {
+                per_second: 5.0,
+                burst: 10
+            }
+        );
+        assert_eq!(parse_rate_limit("M2=2.5").unwrap().1.burst, 3);
+        assert!(parse_rate_limit("M2=0:5").is_err());
+        assert!(parse_rate_limit("M2=5:0").is_err());
+        assert!(parse_rate_limit("=5:5").is_err());
+    }
 }

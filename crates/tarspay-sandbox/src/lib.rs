@@ -2,17 +2,28 @@
 //! progress to a chosen final state on a schedule, signed callbacks with resends, and faults
 //! injected per order. Tests, the demo and benchmarks run against it; it is never "the gateway".
 //!
+//! It hosts any number of merchants, each with its own key, orders (`mchOrderNo` is per
+//! merchant), balances (one account for every currency plus accounts of their own for chosen
+//! currencies), an optional rate limit ([`RateLimit`], answered with HTTP 429) and a record of
+//! its calls ([`CallReport`]).
+//!
 //! Start it in-process with [`Sandbox::start`], or as a process with
 //! `tarspay-sandbox --listen ADDR` (or `cargo run -- sandbox` in the workspace). It reports what it saw under `/sandbox/…`.
 
 mod book;
 mod callbacks;
 pub mod cli;
+pub mod limits;
 pub mod rules;
 mod server;
 
-pub use book::{OrderKind, OrderView};
-pub use rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, SandboxConfig, SandboxMerchant};
+pub use book::{BalanceView, OrderKind, OrderView};
+pub use limits::{CallReport, MAX_RECORDED_CALLS, RATE_LIMITED_CODE};
+pub use rules::{
+    CurrencyBalance, Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit, SandboxConfig,
+    SandboxMerchant,
+};
+use rust_decimal::Decimal;
 
 use book::Book;
 use std::net::SocketAddr;
@@ -27,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) http: reqwest::Client,
     /// TCP connections accepted so far (shows whether clients reuse connections).
     pub(crate) connections: std::sync::atomic::AtomicU64,
+    /// The zero of the sandbox's monotonic clock (call arrival times count from it).
+    pub(crate) started: std::time::Instant,
 }
 
 impl Shared {
@@ -37,6 +50,31 @@ impl Shared {
 
     pub(crate) fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nanoseconds since the sandbox started, on the monotonic clock.
+    pub(crate) fn clock_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    /// Registers (or re-keys) a merchant in the book and the config.
+    pub(crate) fn add_merchant(&self, merchant: SandboxMerchant) {
+        self.book().add_merchant(&merchant);
+        let mut config = self.config();
+        config.merchants.retain(|m| m.mch_no != merchant.mch_no);
+        config.merchants.push(merchant);
+    }
+
+    pub(crate) fn set_rate_limit(&self, mch_no: &str, limit: Option<RateLimit>) -> bool {
+        if !self.book().set_rate_limit(mch_no, limit) {
+            return false;
+        }
+        let mut config = self.config();
+        match limit {
+            Some(limit) => config.rate_limits.insert(mch_no.to_owned(), limit),
+            None => config.rate_limits.remove(mch_no),
+        };
+        true
     }
 }
 
@@ -56,6 +94,8 @@ pub enum SandboxError {
     },
     #[error("cannot build the callback client: {0}")]
     Client(String),
+    #[error("invalid sandbox configuration: {0}")]
+    Config(String),
 }
 
 impl Sandbox {
@@ -84,11 +124,27 @@ impl Sandbox {
         for merchant in &config.merchants {
             book.add_merchant(merchant);
         }
+        for balance in &config.balances {
+            if !book.set_balance(&balance.mch_no, Some(&balance.currency), balance.available) {
+                return Err(SandboxError::Config(format!(
+                    "a balance for {} {}: no such merchant",
+                    balance.mch_no, balance.currency
+                )));
+            }
+        }
+        for (mch_no, limit) in &config.rate_limits {
+            if !book.set_rate_limit(mch_no, Some(*limit)) {
+                return Err(SandboxError::Config(format!(
+                    "rate limit of {mch_no}: no such merchant, or not a positive rate and burst"
+                )));
+            }
+        }
         let shared = Arc::new(Shared {
             config: Mutex::new(config),
             book: Mutex::new(book),
             http,
             connections: Default::default(),
+            started: std::time::Instant::now(),
         });
         let (shutdown, stopped) = watch::channel(false);
         tokio::spawn(server::accept_loop(listener, shared.clone(), stopped));
@@ -119,9 +175,58 @@ impl Sandbox {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Registers a merchant, or gives a registered one (same `mchNo`) a new key; a merchant
+    /// already known keeps its balances, orders, limit and calls.
     pub fn add_merchant(&self, merchant: SandboxMerchant) {
-        self.shared.book().add_merchant(&merchant);
-        self.shared.config().merchants.push(merchant);
+        self.shared.add_merchant(merchant);
+    }
+
+    /// Numbers of the registered merchants, sorted.
+    pub fn merchants(&self) -> Vec<String> {
+        self.shared.book().merchant_numbers()
+    }
+
+    /// Sets a merchant's available balance: in `currency`'s own account (created on first
+    /// use; from then on that currency's payouts draw on it), or with `None` in the account
+    /// of every currency without its own. Frozen amounts are kept. False for an unknown
+    /// merchant.
+    pub fn set_balance(&self, mch_no: &str, currency: Option<&str>, available: Decimal) -> bool {
+        self.shared.book().set_balance(mch_no, currency, available)
+    }
+
+    /// The available balance that payouts in `currency` draw on, as decimal text.
+    pub fn balance_in(&self, mch_no: &str, currency: &str) -> Option<String> {
+        self.shared
+            .book()
+            .balance(mch_no, Some(currency))
+            .map(|(available, _)| available.to_string())
+    }
+
+    /// Every account of a merchant (the shared one first), available and frozen.
+    pub fn balances(&self, mch_no: &str) -> Vec<BalanceView> {
+        self.shared.book().balances(mch_no)
+    }
+
+    /// Limits a merchant's calls (`Some`), starting with a full burst, or lifts the limit
+    /// (`None`). False for an unknown merchant or an invalid limit ([`RateLimit::is_valid`]).
+    pub fn set_rate_limit(&self, mch_no: &str, limit: Option<RateLimit>) -> bool {
+        self.shared.set_rate_limit(mch_no, limit)
+    }
+
+    /// What a merchant's calls looked like: totals, 429s, the busiest second.
+    pub fn calls(&self, mch_no: &str) -> Option<CallReport> {
+        self.shared.book().calls(mch_no)
+    }
+
+    /// The recorded arrival times of a merchant's calls (µs since the sandbox started, its
+    /// monotonic clock, oldest first; the newest [`MAX_RECORDED_CALLS`]).
+    pub fn call_arrivals_us(&self, mch_no: &str) -> Option<Vec<u64>> {
+        self.shared.book().call_arrivals_us(mch_no)
+    }
+
+    /// Forgets a merchant's recorded calls and counters (its limit's state stays).
+    pub fn clear_calls(&self, mch_no: &str) -> bool {
+        self.shared.book().clear_calls(mch_no)
     }
 
     /// Replaces the fault rules (and resets their per-order counters).
@@ -139,24 +244,44 @@ impl Sandbox {
         change(&mut self.shared.config());
     }
 
+    /// Every merchant's orders, by `mchOrderNo` then `mchNo`.
     pub fn orders(&self) -> Vec<OrderView> {
         self.shared.book().views()
     }
 
+    /// One merchant's orders, by `mchOrderNo`.
+    pub fn orders_of(&self, mch_no: &str) -> Vec<OrderView> {
+        self.shared.book().views_of(Some(mch_no))
+    }
+
+    /// The order with this `mchOrderNo` under any merchant (when several merchants hold one,
+    /// the first by `mchNo`; use [`Sandbox::order_of`] to choose).
     pub fn order(&self, mch_order_no: &str) -> Option<OrderView> {
-        self.shared.book().view(mch_order_no)
+        self.shared.book().view_any(mch_order_no)
     }
 
-    /// How many create calls arrived for this `mchOrderNo`, accepted or not.
+    /// This merchant's order with this `mchOrderNo`.
+    pub fn order_of(&self, mch_no: &str, mch_order_no: &str) -> Option<OrderView> {
+        self.shared.book().view(mch_no, mch_order_no)
+    }
+
+    /// How many create calls arrived for this `mchOrderNo` under any merchant, accepted or
+    /// refused (a call answered 429 is not one: it never reached the create).
     pub fn create_attempts(&self, mch_order_no: &str) -> u32 {
-        self.shared.book().create_attempts(mch_order_no)
+        self.shared.book().create_attempts_any(mch_order_no)
     }
 
-    /// The merchant's available balance as decimal text.
+    /// How many create calls of this merchant arrived for this `mchOrderNo`.
+    pub fn create_attempts_of(&self, mch_no: &str, mch_order_no: &str) -> u32 {
+        self.shared.book().create_attempts(mch_no, mch_order_no)
+    }
+
+    /// The available balance of the merchant's account shared by every currency without its
+    /// own (the only account of a merchant given no currency balances), as decimal text.
     pub fn balance(&self, mch_no: &str) -> Option<String> {
         self.shared
             .book()
-            .balance(mch_no)
+            .balance(mch_no, None)
             .map(|(available, _)| available.to_string())
     }
 

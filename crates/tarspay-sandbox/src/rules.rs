@@ -4,6 +4,7 @@
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tarspay_worker::gateway::OrderState;
 use tarspay_worker::gateway::keys::{PrivateKey, PublicKey};
@@ -19,6 +20,46 @@ pub struct SandboxMerchant {
     pub public_key: PublicKey,
     /// Available balance at start, in major units.
     pub balance: Decimal,
+}
+
+impl SandboxMerchant {
+    pub fn new(mch_no: impl Into<String>, public_key: PublicKey, balance: Decimal) -> Self {
+        Self {
+            mch_no: mch_no.into(),
+            public_key,
+            balance,
+        }
+    }
+}
+
+/// A merchant's own balance in one currency. A merchant's payouts in a currency that has one
+/// draw on it; payouts in any other currency draw on the merchant's `balance` (one account
+/// for every currency without its own, as the sandbox had before currencies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrencyBalance {
+    pub mch_no: String,
+    pub currency: String,
+    /// Available balance at start, in major units.
+    pub available: Decimal,
+}
+
+/// A merchant's rate limit: `per_second` calls per second sustained, up to `burst` at once
+/// (GCRA). Calls beyond it are answered HTTP 429 with `Retry-After` and change nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// A rate above 0 (at most 10⁹/s) and a burst of at least 1.
+    pub fn is_valid(&self) -> bool {
+        self.per_second.is_finite()
+            && self.per_second > 0.0
+            && self.per_second <= 1e9
+            && self.burst >= 1
+    }
 }
 
 /// The endpoint a fault applies to.
@@ -143,6 +184,12 @@ mod optional_millis {
 pub struct SandboxConfig {
     pub system_key: PrivateKey,
     pub merchants: Vec<SandboxMerchant>,
+    /// Balances of their own for some merchants' currencies (applied at start, after
+    /// `merchants`; at run time use [`crate::Sandbox::set_balance`]).
+    pub balances: Vec<CurrencyBalance>,
+    /// Rate limits by `mchNo` (applied at start; at run time use
+    /// [`crate::Sandbox::set_rate_limit`]). A merchant without one is not limited.
+    pub rate_limits: BTreeMap<String, RateLimit>,
     /// From creation until this much time has passed the order is `creating` (0).
     pub processing_after: Duration,
     /// From creation until this much time has passed the order is `processing` (1); then final.
@@ -172,6 +219,8 @@ impl Default for SandboxConfig {
             system_key: PrivateKey::from_hex(SANDBOX_SYSTEM_PRIVATE_KEY)
                 .unwrap_or_else(|_| PrivateKey::generate()),
             merchants: Vec::new(),
+            balances: Vec::new(),
+            rate_limits: BTreeMap::new(),
             processing_after: Duration::from_millis(0),
             final_after: Duration::from_millis(500),
             default_payout_state: OrderState::Success,

@@ -4,11 +4,12 @@
 
 use super::Shared;
 use super::book::{InsertError, NewOrder, OrderKind, insert_order};
-use super::rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, SandboxMerchant};
+use super::limits::{RATE_LIMITED_CODE, retry_after_secs};
+use super::rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit, SandboxMerchant};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -16,6 +17,7 @@ use hyper_util::server::conn::auto;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +94,22 @@ fn routes(shared: Arc<Shared>) -> Router {
         .route("/sandbox/orders/{mch_order_no}", get(order))
         .route("/sandbox/faults", put(set_faults))
         .route("/sandbox/outcomes", put(set_outcomes))
-        .route("/sandbox/merchants", post(add_merchant))
+        .route("/sandbox/merchants", post(add_merchant).get(merchants))
+        .route("/sandbox/merchants/{mch_no}", get(merchant))
+        .route("/sandbox/merchants/{mch_no}/balance", put(set_balance))
+        .route(
+            "/sandbox/merchants/{mch_no}/rate-limit",
+            put(set_rate_limit).delete(lift_rate_limit),
+        )
+        .route(
+            "/sandbox/merchants/{mch_no}/calls",
+            get(calls).delete(clear_calls),
+        )
+        .route("/sandbox/merchants/{mch_no}/orders", get(merchant_orders))
+        .route(
+            "/sandbox/merchants/{mch_no}/orders/{mch_order_no}",
+            get(merchant_order),
+        )
         .with_state(shared)
 }
 
@@ -202,15 +219,20 @@ fn endpoint_of(path: &str) -> Option<Endpoint> {
 }
 
 /// The first fault rule that matches this call and still has uses left.
-fn pick_fault(shared: &Shared, endpoint: Endpoint, mch_order_no: &str) -> Option<FaultAction> {
+fn pick_fault(
+    shared: &Shared,
+    endpoint: Endpoint,
+    mch_no: &str,
+    mch_order_no: &str,
+) -> Option<FaultAction> {
     let rules: Vec<FaultRule> = shared.config().faults.clone();
     let mut book = shared.book();
-    let age = book.age(mch_order_no);
+    let age = book.age(mch_no, mch_order_no);
     rules.into_iter().enumerate().find_map(|(index, rule)| {
         let applies = (rule.endpoint == endpoint || rule.endpoint == Endpoint::Any)
             && mch_order_no.starts_with(&rule.prefix)
             && rule.action.applies(endpoint, age)
-            && book.take_fault(index, mch_order_no, rule.times);
+            && book.take_fault(index, mch_no, mch_order_no, rule.times);
         applies.then_some(rule.action)
     })
 }
@@ -224,6 +246,9 @@ async fn api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = rate_limit(&shared, &headers) {
+        return refused;
+    }
     let limit = shared.config().max_body_bytes;
     if body.len() > limit {
         return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
@@ -241,9 +266,9 @@ async fn api(
         };
         let order_no = call.text("mchOrderNo").unwrap_or_default();
         if matches!(endpoint, Endpoint::CreatePayout | Endpoint::CreateDeposit) {
-            shared.book().count_create(&order_no);
+            shared.book().count_create(&call.mch_no, &order_no);
         }
-        let Some(fault) = pick_fault(&shared, endpoint, &order_no) else {
+        let Some(fault) = pick_fault(&shared, endpoint, &call.mch_no, &order_no) else {
             return Some(handle(&shared, endpoint, &call));
         };
         tracing::debug!(?fault, order_no, "sandbox injects a fault");
@@ -313,6 +338,35 @@ async fn api(
             std::future::pending::<Response>().await
         }
     }
+}
+
+/// Records the call for the merchant whose `X-API-KEY` it carries and applies that
+/// merchant's rate limit: beyond it, HTTP 429 with `Retry-After` (whole seconds, at least 1)
+/// and an envelope with code [`RATE_LIMITED_CODE`], before anything else is looked at.
+fn rate_limit(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let api_key = headers.get(HEADER_API_KEY)?.to_str().ok()?.trim();
+    let (mch_no, limit, wait) = {
+        let mut book = shared.book();
+        // Read under the lock, so arrival times are recorded in order.
+        let now = shared.clock_ns();
+        book.admit(api_key, now)?
+    };
+    let secs = retry_after_secs(wait);
+    let body = json!({
+        "code": RATE_LIMITED_CODE,
+        "msg": format!(
+            "too many requests: merchant {mch_no} is limited to {}/s with a burst of {}; retry after {secs} s",
+            limit.per_second, limit.burst
+        ),
+    });
+    Some(
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            axum::Json(body),
+        )
+            .into_response(),
+    )
 }
 
 /// The documented behaviour of each endpoint.
@@ -394,11 +448,11 @@ fn create_order(
 fn find_order(shared: &Shared, call: &SignedCall, kind: OrderKind) -> Option<super::OrderView> {
     let book = shared.book();
     let view = match (call.text("mchOrderNo"), call.text("payOrderId")) {
-        (Some(id), _) => book.view(&id),
-        (None, Some(pay_id)) => book.views().into_iter().find(|v| v.pay_order_id == pay_id),
+        (Some(id), _) => book.view(&call.mch_no, &id),
+        (None, Some(pay_id)) => book.view_by_pay_order_id(&call.mch_no, &pay_id),
         (None, None) => None,
     }?;
-    (view.kind == kind && view.mch_no == call.mch_no).then_some(view)
+    (view.kind == kind).then_some(view)
 }
 
 /// What a query answers for an order the gateway does not have.
@@ -431,16 +485,23 @@ fn query_order(shared: &Arc<Shared>, call: &SignedCall, kind: OrderKind) -> Resu
     }))
 }
 
+/// The calling merchant's balance: of the account payouts in `currency` draw on when the call
+/// names one (a sandbox extension), else of the account shared by every currency without its own.
 fn balance(shared: &Arc<Shared>, call: &SignedCall) -> Result<Value, Refusal> {
+    let currency = call.text("currency");
     let (available, frozen) = shared
         .book()
-        .balance(&call.mch_no)
+        .balance(&call.mch_no, currency.as_deref())
         .ok_or_else(|| envelope_err(500326, "balance query error"))?;
-    Ok(json!({
+    let mut data = json!({
         "mchNo": call.mch_no,
         "availableAmount": available.to_string(),
         "frozenAmount": frozen.to_string(),
-    }))
+    });
+    if let Some(currency) = currency {
+        data["currency"] = json!(currency);
+    }
+    Ok(data)
 }
 
 fn payout_proof(shared: &Arc<Shared>, call: &SignedCall) -> Result<Value, Refusal> {
@@ -477,12 +538,19 @@ async fn info(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-async fn orders(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(shared.book().views()).into_response()
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrdersQuery {
+    #[serde(default)]
+    mch_no: Option<String>,
+}
+
+async fn orders(State(shared): State<Arc<Shared>>, Query(query): Query<OrdersQuery>) -> Response {
+    axum::Json(shared.book().views_of(query.mch_no.as_deref())).into_response()
 }
 
 async fn order(State(shared): State<Arc<Shared>>, Path(mch_order_no): Path<String>) -> Response {
-    match shared.book().view(&mch_order_no) {
+    match shared.book().view_any(&mch_order_no) {
         Some(view) => axum::Json(view).into_response(),
         None => (StatusCode::NOT_FOUND, "no such order").into_response(),
     }
@@ -505,42 +573,223 @@ async fn set_outcomes(
     StatusCode::NO_CONTENT.into_response()
 }
 
+fn unprocessable(msg: impl Into<String>) -> Response {
+    (StatusCode::UNPROCESSABLE_ENTITY, msg.into()).into_response()
+}
+
+fn no_such_merchant(mch_no: &str) -> Response {
+    (StatusCode::NOT_FOUND, format!("no such merchant: {mch_no}")).into_response()
+}
+
+/// A decimal amount from JSON text; the error says which field.
+fn decimal(text: &str, what: &str) -> Result<Decimal, String> {
+    Decimal::from_str(text.trim()).map_err(|_| format!("{what} must be a decimal string"))
+}
+
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NewMerchant {
     mch_no: String,
     public_key: String,
+    /// Available balance of the account shared by every currency without its own.
     #[serde(default)]
     balance: Option<String>,
+    /// Balances of their own, by currency.
+    #[serde(default)]
+    balances: BTreeMap<String, String>,
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
 }
 
+/// `POST /sandbox/merchants`: registers a merchant (or gives one a new key); 204, or 422 with
+/// the reason when a field is wrong (then nothing changes).
 async fn add_merchant(
     State(shared): State<Arc<Shared>>,
     axum::Json(new): axum::Json<NewMerchant>,
 ) -> Response {
+    if new.mch_no.trim().is_empty() {
+        return unprocessable("mchNo must not be empty");
+    }
     let Ok(public_key) = PublicKey::from_hex(&new.public_key) else {
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "publicKey is not a secp256k1 public key",
-        )
-            .into_response();
+        return unprocessable("publicKey is not a secp256k1 public key");
     };
-    let balance = match new.balance.as_deref().map(Decimal::from_str).transpose() {
+    let balance = match new
+        .balance
+        .as_deref()
+        .map(|b| decimal(b, "balance"))
+        .transpose()
+    {
         Ok(balance) => balance.unwrap_or(Decimal::from(1_000_000_000u64)),
-        Err(_) => {
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "balance must be a decimal string",
-            )
-                .into_response();
-        }
+        Err(reason) => return unprocessable(reason),
     };
-    let merchant = SandboxMerchant {
+    let mut balances = Vec::new();
+    for (currency, amount) in &new.balances {
+        match decimal(amount, &format!("balances.{currency}")) {
+            Ok(amount) => balances.push((currency.clone(), amount)),
+            Err(reason) => return unprocessable(reason),
+        }
+    }
+    if new.rate_limit.is_some_and(|limit| !limit.is_valid()) {
+        return unprocessable("rateLimit needs perSecond > 0 and burst >= 1");
+    }
+    let mch_no = new.mch_no.clone();
+    shared.add_merchant(SandboxMerchant {
         mch_no: new.mch_no,
         public_key,
         balance,
-    };
-    shared.book().add_merchant(&merchant);
-    shared.config().merchants.push(merchant);
+    });
+    {
+        let mut book = shared.book();
+        for (currency, amount) in balances {
+            book.set_balance(&mch_no, Some(&currency), amount);
+        }
+    }
+    if let Some(limit) = new.rate_limit {
+        shared.set_rate_limit(&mch_no, Some(limit));
+    }
     StatusCode::NO_CONTENT.into_response()
+}
+
+fn merchant_json(shared: &Shared, mch_no: &str) -> Option<Value> {
+    let public_key = shared
+        .config()
+        .merchants
+        .iter()
+        .find(|m| m.mch_no == mch_no)
+        .map(|m| m.public_key.to_hex());
+    let book = shared.book();
+    let calls = book.calls(mch_no)?;
+    Some(json!({
+        "mchNo": mch_no,
+        "publicKey": public_key,
+        "balances": book.balances(mch_no),
+        "rateLimit": calls.rate_limit,
+        "calls": calls,
+    }))
+}
+
+/// `GET /sandbox/merchants`: every merchant with its key, balances, limit and call report.
+async fn merchants(State(shared): State<Arc<Shared>>) -> Response {
+    let numbers = shared.book().merchant_numbers();
+    let all: Vec<Value> = numbers
+        .iter()
+        .filter_map(|mch_no| merchant_json(&shared, mch_no))
+        .collect();
+    axum::Json(all).into_response()
+}
+
+async fn merchant(State(shared): State<Arc<Shared>>, Path(mch_no): Path<String>) -> Response {
+    match merchant_json(&shared, &mch_no) {
+        Some(found) => axum::Json(found).into_response(),
+        None => no_such_merchant(&mch_no),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetBalance {
+    /// Absent: the account shared by every currency without its own.
+    #[serde(default)]
+    currency: Option<String>,
+    available: String,
+}
+
+/// `PUT /sandbox/merchants/{mchNo}/balance` `{"currency": "INR", "available": "5000"}`.
+async fn set_balance(
+    State(shared): State<Arc<Shared>>,
+    Path(mch_no): Path<String>,
+    axum::Json(set): axum::Json<SetBalance>,
+) -> Response {
+    let available = match decimal(&set.available, "available") {
+        Ok(available) => available,
+        Err(reason) => return unprocessable(reason),
+    };
+    if shared
+        .book()
+        .set_balance(&mch_no, set.currency.as_deref(), available)
+    {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_such_merchant(&mch_no)
+    }
+}
+
+/// `PUT /sandbox/merchants/{mchNo}/rate-limit` `{"perSecond": 5, "burst": 5}`.
+async fn set_rate_limit(
+    State(shared): State<Arc<Shared>>,
+    Path(mch_no): Path<String>,
+    axum::Json(limit): axum::Json<RateLimit>,
+) -> Response {
+    if !limit.is_valid() {
+        return unprocessable("rateLimit needs perSecond > 0 and burst >= 1");
+    }
+    if shared.set_rate_limit(&mch_no, Some(limit)) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_such_merchant(&mch_no)
+    }
+}
+
+async fn lift_rate_limit(
+    State(shared): State<Arc<Shared>>,
+    Path(mch_no): Path<String>,
+) -> Response {
+    if shared.set_rate_limit(&mch_no, None) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_such_merchant(&mch_no)
+    }
+}
+
+#[derive(Deserialize)]
+struct CallsQuery {
+    #[serde(default)]
+    arrivals: bool,
+}
+
+/// `GET /sandbox/merchants/{mchNo}/calls[?arrivals=true]`: the call report, and with
+/// `arrivals` the recorded arrival times (µs since the sandbox started, monotonic).
+async fn calls(
+    State(shared): State<Arc<Shared>>,
+    Path(mch_no): Path<String>,
+    Query(query): Query<CallsQuery>,
+) -> Response {
+    let book = shared.book();
+    let Some(report) = book.calls(&mch_no) else {
+        return no_such_merchant(&mch_no);
+    };
+    let mut body = json!(report);
+    if query.arrivals {
+        body["arrivalsUs"] = json!(book.call_arrivals_us(&mch_no).unwrap_or_default());
+    }
+    axum::Json(body).into_response()
+}
+
+async fn clear_calls(State(shared): State<Arc<Shared>>, Path(mch_no): Path<String>) -> Response {
+    if shared.book().clear_calls(&mch_no) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_such_merchant(&mch_no)
+    }
+}
+
+async fn merchant_orders(
+    State(shared): State<Arc<Shared>>,
+    Path(mch_no): Path<String>,
+) -> Response {
+    let book = shared.book();
+    if !book.knows(&mch_no) {
+        return no_such_merchant(&mch_no);
+    }
+    axum::Json(book.views_of(Some(&mch_no))).into_response()
+}
+
+async fn merchant_order(
+    State(shared): State<Arc<Shared>>,
+    Path((mch_no, mch_order_no)): Path<(String, String)>,
+) -> Response {
+    match shared.book().view(&mch_no, &mch_order_no) {
+        Some(view) => axum::Json(view).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such order").into_response(),
+    }
 }
