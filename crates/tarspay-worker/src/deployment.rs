@@ -12,12 +12,13 @@ use crate::config::{ConfigError, MerchantProfile, Settings};
 use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
 use crate::ids::MerchantName;
-use crate::jobs::{JobContext, PayoutJob, SystemicGuard};
+use crate::jobs::{CallLimits, JobContext, PayoutJob, SystemicGuard};
 use crate::ledger::{
     BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
 };
 use crate::producer::Producer;
-use crate::queue::{QueueConfig, QueueError, QueueStats, RedisQueue};
+use crate::queue::{Gate, QueueConfig, QueueError, QueueStats, RedisQueue};
+use crate::ratelimit::{Limiter, RateLimit};
 use crate::redis_conn::{RedisClient, RedisConn, Timeouts};
 use crate::webhooks::DeliverWebhook;
 
@@ -409,6 +410,7 @@ impl Deployment {
             .with_clock(crate::queue::now_ms);
         let notify_url = profile.notify_url()?.to_owned();
         let lanes: Vec<&Lane> = self.lanes_of(&profile.name).collect();
+        let limits = self.call_limits(settings, profile)?;
         // The guard counts this merchant's auth failures in every partition and pauses its
         // lanes there: another merchant's payouts go on.
         let everywhere: Arc<[(String, String)]> = lanes
@@ -435,10 +437,53 @@ impl Deployment {
                         settings.worker.guard_threshold,
                     ),
                     queue: lane.queue.clone(),
+                    merchant: profile.name.clone(),
+                    limits: limits.clone(),
                 };
                 (index, ctx)
             })
             .collect())
+    }
+
+    /// The merchant's limiter (shared through Redis by every process) and a fresh gate for
+    /// its lanes in this process; `None` without limits.
+    fn call_limits(
+        &self,
+        settings: &Settings,
+        profile: &MerchantProfile,
+    ) -> Result<Option<CallLimits>, DeploymentError> {
+        let limits = profile.limits;
+        if !limits.is_limited() {
+            return Ok(None);
+        }
+        let limit = RateLimit {
+            // Only an in-flight cap: the rate is not what limits.
+            per_second: if limits.per_second > 0 {
+                limits.per_second
+            } else {
+                crate::ratelimit::MAX_PER_SECOND
+            },
+            burst: limits.burst.max(1),
+            max_in_flight: (limits.max_in_flight > 0).then_some(limits.max_in_flight),
+        };
+        // A slot is held for one gateway call: it lapses after the longest call can take,
+        // so a killed worker's slot comes back.
+        let lease = settings.gateway.connect_timeout
+            + settings.gateway.request_timeout
+            + std::time::Duration::from_secs(5);
+        let limiter = Limiter::new(
+            self.partitions[0].queue.connection(),
+            &settings.redis.queue_prefix,
+            &profile.name,
+            limit,
+            lease,
+        )
+        .map_err(|err| ConfigError::Invalid {
+            key: format!("merchants.{}.rate_limit", profile.name),
+            env: crate::config::env_name(&format!("merchants.{}.rate_limit", profile.name)),
+            reason: err.to_string(),
+        })?;
+        Ok(Some(CallLimits::new(limiter, Gate::default())))
     }
 
     /// The jobs' context of the partition holding `mch_order_no`, in its merchant's lane.

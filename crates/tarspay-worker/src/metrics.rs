@@ -8,6 +8,8 @@ pub const JOBS: &str = "tarspay_jobs_total";
 pub const GATEWAY_LATENCY: &str = "tarspay_gateway_latency_seconds";
 pub const GATEWAY_CODES: &str = "tarspay_gateway_codes_total";
 pub const CREATE_RETRIES: &str = "tarspay_create_retries_total";
+/// Gateway calls held back by a merchant's limit (`by`: `limiter`, or `gateway` for a 429).
+pub const RATE_LIMITED: &str = "tarspay_rate_limited_total";
 pub const OUTCOMES: &str = "tarspay_outcomes_total";
 pub const CALLBACKS: &str = "tarspay_callbacks_total";
 pub const WEBHOOKS: &str = "tarspay_webhook_deliveries_total";

@@ -126,9 +126,12 @@ pub async fn run(
     let profiles = settings.gateway.active_profiles();
     let mut contexts: Vec<Vec<(MerchantName, JobContext)>> = vec![Vec::new(); partitions.len()];
     let mut payout_queues = Vec::new();
+    // A merchant over its call limit closes its lanes to this process for a while.
+    let mut gates = Vec::new();
     for profile in &profiles {
         for (index, ctx) in deployment.lane_contexts(settings, profile)? {
             payout_queues.push(ctx.queue.clone());
+            gates.push(ctx.limits.as_ref().map(|limits| limits.gate().clone()));
             contexts[index].push((profile.name.clone(), ctx));
         }
     }
@@ -143,7 +146,7 @@ pub async fn run(
         "payout worker starting"
     );
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
-        .backend(Partitioned::new(payout_queues)?)
+        .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared)
         .concurrency(concurrency)
         .build(handle);

@@ -242,6 +242,13 @@ impl TarsPayClient {
             .await
             .map_err(|err| transport_error(path, &err))?;
         let status = response.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // Refused for its rate before anything happened, whatever the body says.
+            return Err(GatewayError::RateLimited {
+                endpoint: path,
+                retry_after: retry_after(response.headers()),
+            });
+        }
         let body = read_limited(path, response, self.max_response_bytes).await?;
         if !status.is_success() {
             // A gateway may carry its error code on a non-2xx status: a code in the envelope
@@ -414,4 +421,17 @@ mod tests {
         assert_eq!(balance.available_amount, "12345678901234567.80");
         assert_eq!(balance.frozen_amount.as_deref(), Some("0.10"));
     }
+}
+
+/// A `Retry-After` in seconds (RFC 9110 also allows an HTTP date; a gateway's rate limit
+/// sends seconds, and a date is read as "not said"), capped at an hour.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds.min(3600)))
 }

@@ -40,6 +40,14 @@ pub enum GatewayError {
         snippet: String,
     },
 
+    /// HTTP 429: the gateway refused the call for its rate, before acting on it. `retry_after`
+    /// is its `Retry-After` (seconds) when it sent one.
+    #[error("gateway rate-limited {endpoint} (HTTP 429){}", retry_after.map(|d| format!(", retry after {} s", d.as_secs())).unwrap_or_default())]
+    RateLimited {
+        endpoint: &'static str,
+        retry_after: Option<std::time::Duration>,
+    },
+
     /// A well-formed envelope with a non-zero `code`.
     #[error("gateway error {code} for {endpoint}: {msg}")]
     Gateway {
@@ -71,7 +79,10 @@ impl GatewayError {
         match self {
             Self::Ambiguous { .. } | Self::Decode { .. } | Self::TooLarge { .. } => true,
             Self::Http { status, .. } => *status >= 500,
-            Self::Unreachable { .. } | Self::NotSent { .. } | Self::Gateway { .. } => false,
+            Self::Unreachable { .. }
+            | Self::NotSent { .. }
+            | Self::RateLimited { .. }
+            | Self::Gateway { .. } => false,
         }
     }
 
@@ -100,6 +111,7 @@ impl GatewayError {
             Self::Http { .. } => ErrorClass::Terminal,
             Self::Unreachable { .. }
             | Self::NotSent { .. }
+            | Self::RateLimited { .. }
             | Self::Ambiguous { .. }
             | Self::Decode { .. }
             | Self::TooLarge { .. } => ErrorClass::Retryable,
@@ -116,6 +128,7 @@ impl GatewayError {
             } => "timeout",
             Self::Ambiguous { .. } => "connection_lost",
             Self::Http { .. } => "http_status",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Gateway { .. } => "gateway_code",
             Self::Decode { .. } => "decode",
             Self::TooLarge { .. } => "too_large",

@@ -11,6 +11,7 @@
 //! nothing about the first one.
 
 use super::GuardVerdict;
+use super::calls::Calls;
 use super::reconcile::{Lookup, adopt, lookup};
 use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
@@ -18,6 +19,7 @@ use crate::gateway::{ErrorClass, GatewayError};
 use crate::ledger::{FinalResult, Finalized, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 
 /// How often a job held back by a pause looks again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(1);
@@ -34,6 +36,21 @@ fn lease_token() -> String {
 }
 
 pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<Step, JobError> {
+    // A slot under the merchant's limits before the lease: waiting spends no attempt.
+    let calls = match Calls::start(ctx).await {
+        Ok(calls) => Mutex::new(calls),
+        Err(wait) => return Ok(Step::RetryAfter(wait)),
+    };
+    let step = create(ctx, mch_order_no, &calls).await;
+    calls.into_inner().finish().await;
+    step
+}
+
+async fn create(
+    ctx: &JobContext,
+    mch_order_no: &str,
+    calls: &Mutex<Calls<'_>>,
+) -> Result<Step, JobError> {
     let token = lease_token();
     // The lease starts on the server after this instant, so it lasts at least until
     // `lease_ends`: a create is sent only if it can finish before then.
@@ -77,6 +94,7 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         })?;
     let run = Run {
         ctx,
+        calls,
         record: &record,
         token: &token,
         attempt,
@@ -86,7 +104,7 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
     let mut absent_proven = false;
     if run.may_exist {
         // An earlier create may have reached the gateway: ask before sending another.
-        match lookup(ctx, &record).await {
+        match lookup(ctx, calls, &record).await {
             Lookup::Found(info) => return adopt(ctx, &record, &info).await,
             Lookup::NotFound => match ctx.ledger.note_absent(mch_order_no, &token).await? {
                 Some(absence) => absent_proven = absence.proven(ctx.settle_window),
@@ -104,12 +122,24 @@ pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<S
         }
     }
 
+    if let Err(wait) = calls.lock().await.next().await {
+        // After a lookup, no slot for the create itself yet.
+        return run
+            .not_sent(wait, "held back by the merchant's call limit")
+            .await;
+    }
     tracing::debug!(mch_order_no, attempt, "sending create");
-    match ctx
+    let sent = ctx
         .client
         .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
-        .await
-    {
+        .await;
+    if let Some(wait) = calls.lock().await.saw(sent.as_ref().err()).await {
+        // A 429 refuses before anything happens: not an attempt.
+        return run
+            .not_sent(wait, "rate-limited by the gateway (HTTP 429)")
+            .await;
+    }
+    match sent {
         Ok(accepted) => {
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
@@ -133,8 +163,10 @@ fn may_have_created(err: &GatewayError) -> bool {
 }
 
 /// One run of an order's create job: it holds the submit lease under `token`.
-struct Run<'a> {
+struct Run<'a, 'c> {
     ctx: &'a JobContext,
+    /// The run's slots under the merchant's call limits.
+    calls: &'a Mutex<Calls<'c>>,
     record: &'a OrderRecord,
     token: &'a str,
     attempt: u32,
@@ -142,9 +174,19 @@ struct Run<'a> {
     may_exist: bool,
 }
 
-impl Run<'_> {
+impl Run<'_, '_> {
     fn id(&self) -> &str {
         &self.record.mch_order_no
+    }
+
+    /// The create was not sent, or refused before anything happened (429): the lease goes
+    /// back with the attempt it counted, and the job runs again after `wait`.
+    async fn not_sent(&self, wait: Duration, why: &str) -> Result<Step, JobError> {
+        self.ctx
+            .ledger
+            .release_unsent(self.id(), self.token, self.next_phase(false), why)
+            .await?;
+        Ok(Step::RetryAfter(wait))
     }
 
     async fn create_failed(
@@ -182,7 +224,7 @@ impl Run<'_> {
         if class == ErrorClass::Reconcile {
             // The gateway says the number exists: find out whether it is this payout. A
             // lookup that does not find it yet is lag, not absence.
-            return match lookup(ctx, self.record).await {
+            return match lookup(ctx, self.calls, self.record).await {
                 Lookup::Found(info) => adopt(ctx, self.record, &info).await,
                 Lookup::NotFound => self.retry(&err, true).await,
                 Lookup::Failed(query_err) => self.retry(&query_err, true).await,
@@ -263,7 +305,7 @@ impl Run<'_> {
     /// Fails the payout only if the gateway confirms it holds no such order and no create of
     /// it may exist; adopts the order if it exists; otherwise keeps settling.
     async fn settle_by_lookup(&self, err: &GatewayError, created: bool) -> Result<Step, JobError> {
-        match lookup(self.ctx, self.record).await {
+        match lookup(self.ctx, self.calls, self.record).await {
             Lookup::Found(info) => adopt(self.ctx, self.record, &info).await,
             Lookup::NotFound if !self.may_exist && !created => {
                 self.fail(err.code(), Some(gateway_msg(err))).await

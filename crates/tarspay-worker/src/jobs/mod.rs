@@ -4,12 +4,14 @@
 //! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement or a delayed retry; the
 //! follow-up poll job is queued by the ledger's acceptance itself.
 
+mod calls;
 mod create_payout;
 mod guard;
 mod poll_status;
 mod reconcile;
 
 pub use crate::queue::full_jitter;
+pub use calls::{CallLimits, DEFAULT_SLOW_DOWN, IN_HAND_WAIT};
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
@@ -144,11 +146,20 @@ pub struct JobContext {
     /// can be failed.
     pub settle_window: Duration,
     pub guard: SystemicGuard,
-    /// The payout queue, for follow-up jobs the ledger queues atomically.
+    /// The payout queue (the merchant's lane), for follow-up jobs the ledger queues
+    /// atomically.
     pub queue: RedisQueue<PayoutJob>,
+    /// Whose key `client` signs with.
+    pub merchant: MerchantName,
+    /// The merchant's call limits, when it has any.
+    pub limits: Option<CallLimits>,
 }
 
 impl JobContext {
+    pub fn merchant(&self) -> &MerchantName {
+        &self.merchant
+    }
+
     /// The order's regular poll job, first run after `poll.first_delay`; the ledger queues
     /// it in the same step as the acceptance.
     pub fn poll_job(&self, record: &OrderRecord) -> Result<PreparedJob, JobError> {

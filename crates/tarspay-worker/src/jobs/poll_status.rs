@@ -2,10 +2,12 @@
 //! the ledger's one terminal transition, or poll again on a capped backoff. Orders past the
 //! deadline are flagged stuck and still polled.
 
+use super::calls::Calls;
 use super::reconcile::{Lookup, finish_if_final, lookup};
 use super::{JobContext, JobError, Step};
 use crate::ledger::Phase;
 use std::time::Duration;
+use tokio::sync::Mutex;
 
 /// `attempt` is this poll's number for the order (1 for the first); `once` for a single look
 /// (e.g. prompted by an untrusted callback).
@@ -38,7 +40,14 @@ pub async fn run_poll_status(
     if !follow {
         return Ok(Step::Done);
     }
-    match lookup(ctx, &record).await {
+    let calls = match Calls::start(ctx).await {
+        Ok(calls) => Mutex::new(calls),
+        // Over the merchant's limit: look again when a slot may be free.
+        Err(wait) => return Ok(Step::RetryAfter(wait)),
+    };
+    let looked = lookup(ctx, &calls, &record).await;
+    calls.into_inner().finish().await;
+    match looked {
         Lookup::Found(info) => {
             if finish_if_final(ctx, &record, &info).await? {
                 return Ok(Step::Done);

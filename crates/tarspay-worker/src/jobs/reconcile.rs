@@ -1,12 +1,14 @@
 //! Adopting what the gateway says about an order: used when a create's fate is unknown, when a
 //! create is refused as a duplicate (5003011), and by polling.
 
+use super::calls::Calls;
 use super::{JobContext, JobError, Step};
 use crate::gateway::types::{OrderInfo, OrderRef};
 use crate::gateway::{GatewayError, OrderState};
 use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase};
 use rust_decimal::Decimal;
 use std::str::FromStr;
+use tokio::sync::Mutex;
 
 /// What a query told us.
 pub(super) enum Lookup {
@@ -16,13 +18,26 @@ pub(super) enum Lookup {
     Failed(GatewayError),
 }
 
-pub(super) async fn lookup(ctx: &JobContext, record: &OrderRecord) -> Lookup {
+/// One query, under the merchant's call limits (`calls`): a slot not granted in time is a
+/// call not sent, which every caller already retries.
+pub(super) async fn lookup(
+    ctx: &JobContext,
+    calls: &Mutex<Calls<'_>>,
+    record: &OrderRecord,
+) -> Lookup {
+    if calls.lock().await.next().await.is_err() {
+        return Lookup::Failed(GatewayError::NotSent {
+            endpoint: "query",
+            reason: "over the merchant's call limit",
+        });
+    }
     let order = OrderRef::MchOrderNo(record.mch_order_no.to_string());
     let (result, not_found) = if record.kind == OrderKind::Deposit {
         (ctx.client.query_deposit(&order).await, 5003018)
     } else {
         (ctx.client.query_payout(&order).await, 5003020)
     };
+    calls.lock().await.saw(result.as_ref().err()).await;
     match result {
         Ok(info) => Lookup::Found(info),
         Err(err) if err.code() == Some(not_found) => Lookup::NotFound,

@@ -928,7 +928,29 @@ impl Ledger {
             .arg(next.as_str())
             .arg(code.map(|c| c.to_string()).unwrap_or_default())
             .arg(msg)
-            .arg(if may_exist { "1" } else { "" });
+            .arg(if may_exist { "1" } else { "" })
+            .arg("");
+        Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
+    }
+
+    /// Gives the lease back after a create that provably never reached the gateway's books
+    /// (held back by the merchant's rate limit, or refused with a 429): the attempt the
+    /// lease counted is taken back, so a busy gateway can never use up an order's attempts.
+    pub async fn release_unsent(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        next: Phase,
+        msg: &str,
+    ) -> Result<bool, LedgerError> {
+        let op = self
+            .op("X", mch_order_no)
+            .arg(token)
+            .arg(next.as_str())
+            .arg("")
+            .arg(msg)
+            .arg("")
+            .arg("1");
         Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
     }
 

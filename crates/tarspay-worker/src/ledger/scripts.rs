@@ -222,7 +222,8 @@ local function finalize(order, a)
 end
 
 -- lease token, next phase (queued | unknown), code, msg, '1' when this run's create may
--- have created the order. Only the lease holder may do this.
+-- have created the order, '1' when nothing was sent (the attempt is taken back). Only the
+-- lease holder may do this.
 local function release(order, a)
   local h = redis.call('HMGET', order, 'phase', 'leaseOwner')
   if h[1] ~= 'submitting' or h[2] ~= a[1] then return 0 end
@@ -233,6 +234,14 @@ local function release(order, a)
     fields[#fields + 1] = 'ambiguous'
     fields[#fields + 1] = '1'
     redis.call('HDEL', order, 'absentSince', 'absentLookups')
+  end
+  if a[6] == '1' then
+    -- Nothing was sent (the merchant's rate limit, a 429): not an attempt.
+    local attempts = tonumber(redis.call('HGET', order, 'attempts') or '0')
+    if attempts > 0 then
+      fields[#fields + 1] = 'attempts'
+      fields[#fields + 1] = tostring(attempts - 1)
+    end
   end
   redis.call('HSET', order, unpack(fields))
   return 1

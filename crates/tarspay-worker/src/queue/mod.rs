@@ -116,7 +116,7 @@ pub use delivery::Delivery;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService, record_job};
-pub use partitioned::Partitioned;
+pub use partitioned::{Gate, Partitioned};
 pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE};
 pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};

@@ -10,13 +10,50 @@ use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
 use apalis_core::task::task_id::RandomId;
 use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 use crate::queue::{QueueConfig, QueueError, RedisQueue, SettleLayer};
+
+/// Closes a set of queues to this process for a while: its worker takes none of their
+/// jobs (already fetched ones wait, renewed) until the gate opens. A merchant over its rate
+/// limit closes its lanes' gate, so its backlog neither spins through the handlers nor holds
+/// the concurrency other merchants' jobs need. Local to the process; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<AtomicU64>);
+
+/// The instant gates count from (a gate stores milliseconds since it).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Gate {
+    /// Takes no job of the gated queues for `for_` (a later opening than one already set wins).
+    pub fn close_for(&self, for_: Duration) {
+        let until = (Instant::now() + for_).duration_since(epoch()).as_millis() as u64;
+        self.0.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// When the gate opens, if it is closed now.
+    fn closed_until(&self) -> Option<Instant> {
+        let until = epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed));
+        (until > Instant::now()).then_some(until)
+    }
+}
 
 /// The partitions of one queue, consumed as one.
 pub struct Partitioned<T> {
     queues: Vec<RedisQueue<T>>,
+    /// Each queue's gate, if it has one.
+    gates: Vec<Option<Gate>>,
+    /// Wakes the worker when the earliest closed gate opens.
+    reopen: Option<Pin<Box<Sleep>>>,
     /// The partition whose turn it is.
     next: usize,
     /// Partitions whose close finished (a finished close must not be polled again).
@@ -34,10 +71,23 @@ impl<T> Partitioned<T> {
         }
         let closed = vec![false; queues.len()];
         Ok(Self {
+            gates: vec![None; queues.len()],
+            reopen: None,
             queues,
             next: 0,
             closed,
         })
+    }
+
+    /// With a gate per queue (same order as the queues; `None` for an ungated one).
+    pub fn with_gates(mut self, gates: Vec<Option<Gate>>) -> Result<Self, QueueError> {
+        if gates.len() != self.queues.len() {
+            return Err(QueueError::InvalidConfig(
+                "one gate (or none) per partition queue".into(),
+            ));
+        }
+        self.gates = gates;
+        Ok(self)
     }
 }
 
@@ -63,10 +113,17 @@ impl<T: DeserializeOwned + Send + 'static> Backend for Partitioned<T> {
     ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
         let count = self.queues.len();
         let mut open = 0;
+        let mut reopen: Option<Instant> = None;
         for turn in 0..count {
             let index = (self.next + turn) % count;
             let queue = &mut self.queues[index];
             queue.start(worker);
+            if let Some(until) = self.gates[index].as_ref().and_then(Gate::closed_until) {
+                // Not polled, so its jobs cannot wake us: the timer below does, at opening.
+                reopen = Some(reopen.map_or(until, |r| r.min(until)));
+                open += 1;
+                continue;
+            }
             let Some(rx) = queue.runtime(worker).rx.as_mut() else {
                 continue;
             };
@@ -81,10 +138,19 @@ impl<T: DeserializeOwned + Send + 'static> Backend for Partitioned<T> {
             }
         }
         if open == 0 {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
+            return Poll::Ready(None);
         }
+        if let Some(until) = reopen {
+            let timer = self
+                .reopen
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            timer.as_mut().reset(until);
+            // Registers the waker; a gate that has opened meanwhile is seen on the next poll.
+            if timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
     }
 
     fn poll_close(

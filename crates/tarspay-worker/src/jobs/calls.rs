@@ -1,0 +1,125 @@
+//! Gateway calls under the merchant's limits (`rate_limit`, `rate_burst`, `max_in_flight`),
+//! shared by every worker process through `crate::ratelimit`.
+//!
+//! A run takes its first slot before it touches the ledger (a create before its submit lease,
+//! so waiting never spends an attempt), and another before each further call it makes. A
+//! slot not granted within [`IN_HAND_WAIT`] sends the job back to the queue for about as long
+//! as the limiter asks, and closes the merchant's lanes to this process for that long
+//! ([`crate::queue::Gate`]): its backlog does not spin through the handlers or hold the
+//! concurrency other merchants' jobs need. A `429` from the gateway slows the merchant down,
+//! in every process, for its `Retry-After`.
+
+use super::JobContext;
+use crate::gateway::GatewayError;
+use crate::queue::Gate;
+use crate::ratelimit::{Limiter, LimiterError, Permit};
+use std::time::Duration;
+
+/// How long a job may wait for a slot while holding a worker's concurrency.
+pub const IN_HAND_WAIT: Duration = Duration::from_millis(250);
+/// A 429 without `Retry-After` slows the merchant down this long.
+pub const DEFAULT_SLOW_DOWN: Duration = Duration::from_secs(1);
+/// How soon a job looks again when the limiter could not be asked (Redis trouble).
+const LIMITER_DOWN_RECHECK: Duration = Duration::from_secs(1);
+
+/// One merchant's limiter and its lanes' gate in this process.
+#[derive(Clone)]
+pub struct CallLimits {
+    limiter: Limiter,
+    gate: Gate,
+}
+
+impl CallLimits {
+    pub fn new(limiter: Limiter, gate: Gate) -> Self {
+        Self { limiter, gate }
+    }
+
+    /// The gate of the merchant's lanes, for the worker's backend to respect.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+}
+
+/// The slots one run holds; every permit is given back by [`Calls::finish`].
+pub(super) struct Calls<'a> {
+    ctx: &'a JobContext,
+    /// The first slot was taken by [`Calls::start`] and not used yet.
+    unused_first: bool,
+    held: Vec<Permit>,
+}
+
+impl<'a> Calls<'a> {
+    /// The run's first slot; `Err(wait)` sends the job back for `wait`.
+    pub async fn start(ctx: &'a JobContext) -> Result<Self, Duration> {
+        let mut calls = Self {
+            ctx,
+            unused_first: false,
+            held: Vec::new(),
+        };
+        calls.take().await?;
+        calls.unused_first = true;
+        Ok(calls)
+    }
+
+    /// A slot for the next gateway call of this run.
+    pub async fn next(&mut self) -> Result<(), Duration> {
+        if std::mem::take(&mut self.unused_first) {
+            return Ok(());
+        }
+        self.take().await
+    }
+
+    async fn take(&mut self) -> Result<(), Duration> {
+        let Some(limits) = &self.ctx.limits else {
+            return Ok(());
+        };
+        match limits.limiter.acquire(IN_HAND_WAIT).await {
+            Ok(permit) => {
+                self.held.push(permit);
+                Ok(())
+            }
+            Err(LimiterError::Timeout { retry_after, .. }) => {
+                // Over the limit: this process takes no more of the merchant's jobs until a
+                // slot can be free, and this one comes back about then (jittered, so the
+                // jobs sent back do not return together).
+                limits.gate.close_for(retry_after);
+                let spread = crate::queue::random_up_to(retry_after / 2 + IN_HAND_WAIT);
+                metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => limits.limiter.merchant().to_owned(), "by" => "limiter").increment(1);
+                Err(retry_after + spread)
+            }
+            Err(err) => {
+                tracing::warn!(merchant = limits.limiter.merchant(), error = %err, "rate limiter unavailable: holding the call");
+                Err(LIMITER_DOWN_RECHECK)
+            }
+        }
+    }
+
+    /// Notes a gateway answer: a 429 slows the merchant down everywhere. The wait to use
+    /// before this job runs again, if it was one.
+    pub async fn saw(&self, result: Option<&GatewayError>) -> Option<Duration> {
+        let Some(GatewayError::RateLimited { retry_after, .. }) = result else {
+            return None;
+        };
+        let pause = retry_after.unwrap_or(DEFAULT_SLOW_DOWN);
+        metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => self.ctx.merchant().to_string(), "by" => "gateway").increment(1);
+        if let Some(limits) = &self.ctx.limits {
+            limits.gate.close_for(pause);
+            if let Err(err) = limits.limiter.slow_down(pause).await {
+                tracing::warn!(error = %err, "could not record the gateway's slow-down");
+            }
+        }
+        Some(pause + crate::queue::random_up_to(pause / 2 + IN_HAND_WAIT))
+    }
+
+    /// Gives every slot back (the in-flight count); a lost release expires with its lease.
+    pub async fn finish(self) {
+        let Some(limits) = &self.ctx.limits else {
+            return;
+        };
+        for permit in self.held {
+            if let Err(err) = limits.limiter.release(permit).await {
+                tracing::debug!(error = %err, "in-flight slot not released: it expires with its lease");
+            }
+        }
+    }
+}
