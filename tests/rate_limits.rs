@@ -1,0 +1,142 @@
+//! Call limits shared by every worker process: a merchant's calls stay within its rate and
+//! in-flight limits across processes, a killed worker's slots come back, and a gateway's 429
+//! slows the merchant down without failing a payout or spending an attempt.
+
+mod common;
+
+use common::app::{MCH_NO, inr, spawn_app_with};
+use std::time::{Duration, Instant};
+use tarspay_sandbox::RateLimit;
+use tarspay_worker::ledger::Phase;
+
+const PAYOUTS: usize = 150;
+const RATE: u32 = 50;
+const BURST: u32 = 5;
+/// The gateway's own limit: the same rate, with room for the network's jitter.
+const GATEWAY_BURST: u32 = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_share_one_merchants_limit() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.rate_limits.insert(
+                MCH_NO.into(),
+                RateLimit {
+                    per_second: f64::from(RATE),
+                    burst: GATEWAY_BURST,
+                },
+            );
+        },
+        &[
+            ("TARSPAY_RATE_LIMIT", &RATE.to_string()),
+            ("TARSPAY_RATE_BURST", &BURST.to_string()),
+            ("TARSPAY_MAX_IN_FLIGHT", "8"),
+            // A slot lapses after connect + request timeout + 5 s.
+            ("TARSPAY_GATEWAY__CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    for n in 0..PAYOUTS {
+        app.enqueue(inr(&format!("RL-{n}"), "150.50")).await;
+    }
+    let started = Instant::now();
+    let mut workers: Vec<_> = (0..3).map(|_| app.worker_process(16)).collect();
+    // One worker dies mid-run (SIGKILL), possibly holding slots.
+    common::eventually("some payouts created", || async {
+        (app.sandbox.calls(MCH_NO).unwrap().total >= 40).then_some(())
+    })
+    .await;
+    workers[0].kill();
+    let outcomes = app.wait_outcomes(PAYOUTS).await;
+    let elapsed = started.elapsed();
+    assert!(
+        outcomes
+            .values()
+            .all(|o| o.status.phase() == Phase::Succeeded),
+        "no payout fails for the limit"
+    );
+    let calls = app.sandbox.calls(MCH_NO).unwrap();
+    eprintln!(
+        "{} calls in {elapsed:?}: at most {} in any second, {} answered 429",
+        calls.total, calls.max_in_any_second, calls.rate_limited
+    );
+    assert!(
+        calls.max_in_any_second <= u64::from(RATE + BURST),
+        "the gateway saw {} calls within a second (limit {RATE}, burst {BURST})",
+        calls.max_in_any_second
+    );
+    // Every payout made at least a create and a status query: the limit sets the pace.
+    assert!(calls.total >= 2 * PAYOUTS as u64, "{}", calls.total);
+    let floor = Duration::from_secs_f64((calls.total - u64::from(BURST)) as f64 / f64::from(RATE));
+    assert!(
+        elapsed >= floor,
+        "{} calls in {elapsed:?}: faster than {RATE}/s allows",
+        calls.total
+    );
+    // The killed worker's in-flight slots lapse with their leases: none is left.
+    let mut conn = app.redis.conn().await;
+    common::poll(
+        "in-flight slots to drain",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let held: u64 = redis::cmd("ZCARD")
+                    .arg("{apptest:ratelimit:default}:inflight")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                (held == 0).then_some(()).ok_or(format!("{held} held"))
+            }
+        },
+    )
+    .await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("{apptest:ratelimit:default}:tat")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl != -1, "limiter state must expire when idle");
+    for worker in &mut workers {
+        worker.kill();
+    }
+}
+
+/// No limit of our own, and a gateway that allows 20 calls per second: its 429s slow the
+/// merchant down, every payout still succeeds, and no 429 counts as an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.rate_limits.insert(
+                MCH_NO.into(),
+                RateLimit {
+                    per_second: 20.0,
+                    burst: 5,
+                },
+            );
+        },
+        // A limit far above the gateway's: only the 429s slow it down.
+        &[("TARSPAY_RATE_LIMIT", "10000"), ("TARSPAY_RATE_BURST", "100")],
+    )
+    .await;
+    let n = 40;
+    for k in 0..n {
+        app.enqueue(inr(&format!("TOO-MANY-{k}"), "150.50")).await;
+    }
+    let pool = app.pool(32);
+    let outcomes = app.wait_outcomes(n).await;
+    pool.stop().await;
+    let calls = app.sandbox.calls(MCH_NO).unwrap();
+    assert!(calls.rate_limited > 0, "the test must meet 429s");
+    for (id, outcome) in &outcomes {
+        assert_eq!(outcome.status.phase(), Phase::Succeeded, "{id}");
+        let record = app.deployment.order(id).await.unwrap().unwrap();
+        assert_eq!(record.attempts, 1, "{id}: a 429 is not an attempt");
+        let at_gateway = app.sandbox.order_of(MCH_NO, id).unwrap();
+        assert_eq!(at_gateway.create_attempts, 1, "{id}");
+    }
+}
