@@ -918,4 +918,139 @@ mod tests {
         assert_eq!(settings.gateway.connect_timeout, Duration::from_secs(1));
         assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
+
+    #[test]
+    fn merchant_profiles_from_a_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settings.toml");
+        let key = "2".repeat(64);
+        std::fs::write(
+            &path,
+            format!(
+                "[merchants.kenya]\nmch_no = \"M2000000002\"\nprivate_key = \"{key}\"\ncurrencies = [\"KES\"]\nrate_limit = 50\nrate_burst = 10\n"
+            ),
+        )
+        .unwrap();
+        let settings = Settings::load_with_env(
+            Some(&path),
+            [
+                ("TARSPAY_MCH_NO", "M1234567890"),
+                ("TARSPAY_MERCHANTS__BANGLA__MCH_NO", "M3000000003"),
+                ("TARSPAY_MERCHANTS__BANGLA__CURRENCIES", "BDT, PKR"),
+                ("TARSPAY_MERCHANTS__BANGLA__MAX_IN_FLIGHT", "4"),
+                (
+                    "TARSPAY_MERCHANTS__KENYA__NOTIFY_URL",
+                    "https://k.example/notify",
+                ),
+            ],
+        )
+        .unwrap();
+        let names: Vec<&str> = settings
+            .gateway
+            .profiles()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["default", "bangla", "kenya"]);
+        let kenya = settings.gateway.profile("kenya").unwrap();
+        assert_eq!(kenya.mch_no.as_deref(), Some("M2000000002"));
+        assert_eq!(kenya.currencies, ["KES"]);
+        assert_eq!(kenya.limits.per_second, 50);
+        assert_eq!(kenya.limits.burst, 10);
+        assert_eq!(kenya.notify_url().unwrap(), "https://k.example/notify");
+        // Unset URLs fall back to the top-level gateway URL.
+        assert_eq!(kenya.url, settings.gateway.url);
+        let bangla = settings.gateway.profile("bangla").unwrap();
+        assert_eq!(bangla.currencies, ["BDT", "PKR"]);
+        assert_eq!(bangla.limits.max_in_flight, 4);
+        // Its key is missing: the error names the profile's own variables.
+        let err = bangla.merchant().unwrap_err().to_string();
+        assert!(
+            err.contains("TARSPAY_MERCHANTS__BANGLA__PRIVATE_KEY")
+                && err.contains("merchants.bangla.private_key"),
+            "{err}"
+        );
+        // Routing: a listed currency goes to its merchant, the rest to default.
+        let rules = &settings.payout_rules;
+        let route = |currency: &str, merchant: Option<&str>| {
+            let mut payout = serde_json::json!({
+                "mchOrderNo": "R-1", "amount": "500", "currency": currency, "wayCode": "X",
+            });
+            if let Some(merchant) = merchant {
+                payout["merchant"] = merchant.into();
+            }
+            rules.validate_json(&payout).map(|p| p.merchant.to_string())
+        };
+        assert_eq!(route("PKR", None).unwrap(), "bangla");
+        assert_eq!(route("PHP", None).unwrap(), "default");
+        assert_eq!(route("PHP", Some("default")).unwrap(), "default");
+        let err = route("PHP", Some("kenya")).unwrap_err().to_string();
+        assert!(
+            err.contains("merchant") && err.contains("kenya does not pay PHP"),
+            "{err}"
+        );
+        let err = route("PHP", Some("Nope")).unwrap_err().to_string();
+        assert!(err.contains("merchant"), "{err}");
+    }
+
+    #[test]
+    fn merchant_profiles_are_refused_naming_the_setting() {
+        let refused = |vars: &[(&str, &str)]| {
+            Settings::load_with_env(None, vars.iter().copied())
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused(&[
+            ("TARSPAY_MERCHANTS__A__CURRENCIES", "KES"),
+            ("TARSPAY_MERCHANTS__B__CURRENCIES", "KES"),
+        ]);
+        assert!(
+            err.contains("merchants.b.currencies") && err.contains("KES"),
+            "{err}"
+        );
+        let err = refused(&[
+            ("TARSPAY_MCH_NO", "M1234567890"),
+            ("TARSPAY_MERCHANTS__A__MCH_NO", "M1234567890"),
+        ]);
+        assert!(err.contains("merchants.a.mch_no"), "{err}");
+        let err = refused(&[("TARSPAY_MERCHANTS__A__MCH_NO", "123")]);
+        assert!(
+            err.contains("TARSPAY_MERCHANTS__A__MCH_NO") && err.contains("10 digits"),
+            "{err}"
+        );
+        let err = refused(&[("TARSPAY_MERCHANTS__DEFAULT__CURRENCIES", "KES")]);
+        assert!(err.contains("merchants.default"), "{err}");
+        let err = refused(&[("TARSPAY_MERCHANTS__A__CURRENCIES", "kes")]);
+        assert!(err.contains("merchants.a.currencies"), "{err}");
+        let err = refused(&[("TARSPAY_MERCHANTS__A__MCHNO", "M1234567890")]);
+        assert!(err.contains("mchno"), "an unknown key is named: {err}");
+        let secret = "3".repeat(64);
+        let err = refused(&[
+            ("TARSPAY_MERCHANTS__A__PRIVATE_KEY", secret.as_str()),
+            ("TARSPAY_MERCHANTS__A__PRIVATE_KEY_FILE", "/nonexistent"),
+        ]);
+        assert!(err.contains("merchants.a.private_key"), "{err}");
+        assert!(!err.contains(&secret), "the key never appears: {err}");
+        let err = refused(&[("TARSPAY_MERCHANTS__A__RATE_LIMIT", "lots")]);
+        assert!(err.contains("merchants.a.rate_limit"), "{err}");
+        // With named profiles and no default merchant number, a currency no profile lists
+        // is refused at validation, naming the field.
+        let settings = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_MERCHANTS__A__MCH_NO", "M2000000002"),
+                ("TARSPAY_MERCHANTS__A__CURRENCIES", "KES"),
+            ],
+        )
+        .unwrap();
+        let payout = serde_json::json!({
+            "mchOrderNo": "R-2", "amount": "500", "currency": "PHP", "wayCode": "X",
+        });
+        let err = settings.payout_rules.validate_json(&payout).unwrap_err();
+        assert_eq!(err.0[0].field, "currency", "{err}");
+        assert!(
+            err.0[0].rule.contains("no merchant profile pays PHP"),
+            "{err}"
+        );
+    }
 }

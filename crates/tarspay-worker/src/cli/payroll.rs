@@ -2,10 +2,10 @@
 //! to the end with a progress bar, print a summary and write a results CSV.
 
 use crate::batch::{self, BatchError};
-use crate::config::Settings;
+use crate::config::{MerchantProfile, Settings};
 use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
-use crate::ids::BatchId;
+use crate::ids::{BatchId, MerchantName};
 use crate::ledger::{BatchSummary, Phase};
 use crate::payout::PayoutRequest;
 use anyhow::{Context, Result, bail};
@@ -62,23 +62,40 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| BatchId::of_content("payroll", &bytes));
     let deployment = Deployment::connect(settings).await?;
 
-    // Only payouts not queued before need money now (a re-run needs none).
-    let mut new_total: BTreeMap<String, Decimal> = BTreeMap::new();
+    // Only payouts not queued before need money now (a re-run needs none); each merchant
+    // pays from its own account.
+    let mut new_totals: BTreeMap<MerchantName, BTreeMap<String, Decimal>> = BTreeMap::new();
     for request in &requests {
         if deployment.order(&request.mch_order_no).await?.is_none() {
-            *new_total.entry(request.currency.to_string()).or_default() += request.amount.value();
+            *new_totals
+                .entry(request.merchant.clone())
+                .or_default()
+                .entry(request.currency.to_string())
+                .or_default() += request.amount.value();
         }
     }
-    if !new_total.is_empty() {
-        match check_balance(settings, &new_total).await {
-            Ok(report) => println!("{report}"),
+    for (merchant, new_total) in &new_totals {
+        let checked = match settings.gateway.profile(merchant) {
+            Some(profile) => check_balance(settings, profile, new_total).await,
+            None => Err(format!("merchant {merchant} has no profile")),
+        };
+        let prefix = if new_totals.len() > 1 || !merchant.is_default() {
+            format!("merchant {merchant}: ")
+        } else {
+            String::new()
+        };
+        match checked {
+            Ok(report) => println!("{prefix}{report}"),
             Err(reason) if !args.force => {
-                println!("refused: {reason}; nothing was queued (use --force to enqueue anyway)");
+                println!(
+                    "refused: {prefix}{reason}; nothing was queued (use --force to enqueue anyway)"
+                );
                 return Ok(ExitCode::from(1));
             }
-            Err(reason) => println!("warning: {reason}; enqueuing anyway (--force)"),
+            Err(reason) => println!("warning: {prefix}{reason}; enqueuing anyway (--force)"),
         }
     }
+    print_limit_eta(settings, &requests);
 
     let producer = deployment.producer(settings)?;
     let result = producer.enqueue_batch(&requests, &batch_id).await?;
@@ -113,12 +130,13 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
 /// different currencies are never added. Ok is the per-currency report.
 async fn check_balance(
     settings: &Settings,
+    profile: &MerchantProfile,
     totals: &BTreeMap<String, Decimal>,
 ) -> Result<String, String> {
     let client = TarsPayClient::new(
         settings
             .gateway
-            .client_settings()
+            .client_settings_for(profile)
             .map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
@@ -131,6 +149,33 @@ async fn check_balance(
         .parse()
         .map_err(|_| format!("unreadable balance {:?}", balance.available_amount))?;
     balance_verdict(available, totals)
+}
+
+/// The least time a merchant's call limit allows for its rows: every payout makes at least
+/// two calls (the create and a status query), or one when callbacks settle it first.
+fn print_limit_eta(settings: &Settings, requests: &[PayoutRequest]) {
+    let mut rows: BTreeMap<&MerchantName, u64> = BTreeMap::new();
+    for request in requests {
+        *rows.entry(&request.merchant).or_default() += 1;
+    }
+    for (merchant, count) in rows {
+        let Some(profile) = settings.gateway.profile(merchant) else {
+            continue;
+        };
+        let limits = profile.limits;
+        if limits.per_second == 0 {
+            continue;
+        }
+        let calls = count
+            .saturating_mul(2)
+            .saturating_sub(u64::from(limits.burst));
+        let seconds = calls / u64::from(limits.per_second);
+        println!(
+            "merchant {merchant}: limited to {}/s at the gateway, so its {count} payouts take at least {} (two calls each)",
+            limits.per_second,
+            humantime::format_duration(Duration::from_secs(seconds))
+        );
+    }
 }
 
 fn balance_verdict(

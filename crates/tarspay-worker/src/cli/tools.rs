@@ -118,13 +118,26 @@ pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
     })
 }
 
+/// Each merchant's balance, one line per profile that can call the gateway.
 pub async fn balance(settings: &Settings) -> Result<ExitCode> {
-    let client = TarsPayClient::new(settings.gateway.client_settings()?)?;
-    let balance = client.balance().await?;
-    println!(
-        "available {}  frozen {}",
-        balance.available_amount,
-        balance.frozen_amount.as_deref().unwrap_or("0")
-    );
+    let profiles = settings.gateway.active_profiles();
+    for profile in &profiles {
+        let client = TarsPayClient::new(settings.gateway.client_settings_for(profile)?)?;
+        let balance = client
+            .balance()
+            .await
+            .with_context(|| format!("merchant {}", profile.name))?;
+        let mch_no = profile.mch_no.as_deref().unwrap_or_default();
+        let line = format!(
+            "available {}  frozen {}",
+            balance.available_amount,
+            balance.frozen_amount.as_deref().unwrap_or("0")
+        );
+        if profiles.len() == 1 {
+            println!("{line}");
+        } else {
+            println!("{} ({mch_no})  {line}", profile.name);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
