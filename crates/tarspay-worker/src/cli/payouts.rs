@@ -3,7 +3,7 @@
 
 use crate::config::Settings;
 use crate::deployment::Deployment;
-use crate::ids::{BatchId, Currency, MchOrderNo};
+use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::ledger::Outcome;
 use crate::ledger::OutcomeStatus;
 use crate::money::Amount;
@@ -331,6 +331,19 @@ pub async fn outcomes(settings: &Settings, args: OutcomesArgs) -> Result<ExitCod
 pub async fn queue_stats(settings: &Settings) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
     print_stats("", &deployment.queue_stats().await?);
+    if settings.gateway.profiles().len() > 1 {
+        // Held by a merchant's guard (or an operator's pause): `resume` lets them go.
+        let held = deployment.paused_merchants().await?;
+        let held: Vec<&str> = held.iter().map(|m| m.as_str()).collect();
+        println!(
+            "held     {}",
+            if held.is_empty() {
+                "-".to_owned()
+            } else {
+                held.join(", ")
+            }
+        );
+    }
     println!();
     print_stats("webhooks ", &deployment.webhook_stats().await?);
     Ok(ExitCode::SUCCESS)
@@ -357,10 +370,14 @@ fn print_stats(label: &str, stats: &QueueStats) {
 
 pub async fn pause(settings: &Settings, paused: bool, args: QueueArgs) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
-    for partition in deployment.partitions() {
-        match args.queue {
-            QueueName::Payouts => set_paused(&partition.queue, paused).await?,
-            QueueName::Webhooks => set_paused(&partition.webhooks, paused).await?,
+    match (args.queue, paused) {
+        // Every merchant's lanes, a guard's hold included.
+        (QueueName::Payouts, true) => deployment.pause().await?,
+        (QueueName::Payouts, false) => deployment.resume().await?,
+        (QueueName::Webhooks, _) => {
+            for partition in deployment.partitions() {
+                set_paused(&partition.webhooks, paused).await?;
+            }
         }
     }
     if paused {
@@ -381,12 +398,18 @@ async fn set_paused<T>(queue: &RedisQueue<T>, paused: bool) -> Result<()> {
 }
 
 /// A dead job's id as listed: `PARTITION/ENTRY` when the deployment has several partitions
-/// (entry ids repeat across partitions' streams).
-fn dead_job_id(partitions: usize, partition: usize, entry: &str) -> String {
-    if partitions > 1 {
-        format!("{partition}/{entry}")
+/// (entry ids repeat across partitions' streams), prefixed `MERCHANT:` for a merchant's lane
+/// other than `default`'s.
+fn dead_job_id(partitions: usize, partition: usize, merchant: &str, entry: &str) -> String {
+    let lane = if merchant == MerchantName::DEFAULT {
+        String::new()
     } else {
-        entry.to_owned()
+        format!("{merchant}:")
+    };
+    if partitions > 1 {
+        format!("{lane}{partition}/{entry}")
+    } else {
+        format!("{lane}{entry}")
     }
 }
 
@@ -407,19 +430,37 @@ pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode>
         DeadCommand::List { queue } => {
             let count = deployment.partitions().len();
             for partition in deployment.partitions() {
-                let ids = |entry: &str| dead_job_id(count, partition.index, entry);
                 match queue {
-                    QueueName::Payouts => list_dead(&partition.queue, ids).await?,
-                    QueueName::Webhooks => list_dead(&partition.webhooks, ids).await?,
+                    QueueName::Payouts => {
+                        for lane in &partition.lanes {
+                            let ids = |entry: &str| {
+                                dead_job_id(count, partition.index, &lane.merchant, entry)
+                            };
+                            list_dead(&lane.queue, ids).await?;
+                        }
+                    }
+                    QueueName::Webhooks => {
+                        let ids = |entry: &str| {
+                            dead_job_id(count, partition.index, MerchantName::DEFAULT, entry)
+                        };
+                        list_dead(&partition.webhooks, ids).await?;
+                    }
                 }
             }
         }
         DeadCommand::Retry { id, queue } => {
-            let (candidates, entry) = parse_dead_job_id(deployment.partitions().len(), &id)?;
+            let (merchant, rest) = match id.split_once(':') {
+                Some((merchant, rest)) => (merchant, rest),
+                None => (MerchantName::DEFAULT, id.as_str()),
+            };
+            let (candidates, entry) = parse_dead_job_id(deployment.partitions().len(), rest)?;
             let mut requeued = false;
             for partition in &deployment.partitions()[candidates] {
                 requeued = match queue {
-                    QueueName::Payouts => partition.queue.requeue_dead(entry).await?,
+                    QueueName::Payouts => match partition.lane(merchant) {
+                        Some(lane) => lane.queue.requeue_dead(entry).await?,
+                        None => bail!("no merchant {merchant:?} in the settings"),
+                    },
                     QueueName::Webhooks => partition.webhooks.requeue_dead(entry).await?,
                 };
                 if requeued {
