@@ -189,10 +189,9 @@ impl Deployment {
         count: usize,
     ) -> Result<Partition, DeploymentError> {
         let merchants = settings.gateway.profiles();
-        // A worker holds fetched jobs of every partition and lane: the prefetch is shared
-        // out, with a floor that keeps each fetch a batch.
-        let queues = count * (merchants.len() + 1);
-        let share = |mut config: QueueConfig| {
+        // A worker holds fetched jobs of every partition (and every merchant's lane): the
+        // prefetch is shared out, with a floor that keeps each fetch a batch.
+        let share = |mut config: QueueConfig, queues: usize| {
             config.prefetch = config
                 .prefetch
                 .div_ceil(queues)
@@ -203,7 +202,7 @@ impl Deployment {
         let webhooks = RedisQueue::with_connection(
             client.clone(),
             conn.clone(),
-            share(webhook_queue_config(settings, name)),
+            share(webhook_queue_config(settings, name), count),
         )
         .await?;
         // The ledger shares the payout queue's partition (hash tag), see `LedgerKeys`.
@@ -213,7 +212,10 @@ impl Deployment {
             let queue = RedisQueue::with_connection(
                 client.clone(),
                 conn.clone(),
-                share(lane_queue_config(settings, name, &profile.name)),
+                share(
+                    lane_queue_config(settings, name, &profile.name),
+                    count * merchants.len(),
+                ),
             )
             .await?;
             let keys = LedgerKeys::for_lane(&tag, queue.keys(), &profile.name);
