@@ -61,8 +61,12 @@ async fn three_worker_processes_share_one_merchants_limit() {
         "{} calls in {elapsed:?}: at most {} in any second, {} answered 429",
         calls.total, calls.max_in_any_second, calls.rate_limited
     );
+    // The limiter decides on Redis' clock (at most RATE + BURST grants in any second); the
+    // gateway sees arrival times, which add each call's own delay between its grant and its
+    // arrival (scheduling, signing, a busy 2-core machine). The gateway allows one burst of
+    // its own for that.
     assert!(
-        calls.max_in_any_second <= u64::from(RATE + BURST),
+        calls.max_in_any_second <= u64::from(RATE + GATEWAY_BURST),
         "the gateway saw {} calls within a second (limit {RATE}, burst {BURST})",
         calls.max_in_any_second
     );
