@@ -147,3 +147,61 @@ async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
         assert_eq!(at_gateway.create_attempts, 1, "{id}");
     }
 }
+
+/// A merchant held back by its limit takes nothing from another merchant's payouts: the
+/// unlimited merchant's payouts all end while the limited one's backlog still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_merchant_does_not_hold_up_another() {
+    let other_key = tarspay_worker::gateway::PrivateKey::generate();
+    let other_hex = other_key.expose_hex();
+    let other_pub = other_key.public_key();
+    const OTHER: &str = "M2000000002";
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.merchants.push(tarspay_sandbox::SandboxMerchant {
+                mch_no: OTHER.into(),
+                public_key: other_pub,
+                balance: 1_000_000u64.into(),
+            })
+        },
+        &[
+            // The default merchant (INR): 5 calls per second, so its 40 payouts (two calls
+            // each) need at least 15 s.
+            ("TARSPAY_RATE_LIMIT", "5"),
+            ("TARSPAY_RATE_BURST", "1"),
+            ("TARSPAY_MERCHANTS__OTHER__MCH_NO", OTHER),
+            ("TARSPAY_MERCHANTS__OTHER__PRIVATE_KEY", &other_hex),
+            ("TARSPAY_MERCHANTS__OTHER__CURRENCIES", "PHP"),
+            (
+                "TARSPAY_MERCHANTS__OTHER__NOTIFY_URL",
+                "http://127.0.0.1:9/notify",
+            ),
+        ],
+    )
+    .await;
+    for k in 0..40 {
+        app.enqueue(inr(&format!("SLOW-{k}"), "150.50")).await;
+    }
+    for k in 0..20 {
+        app.enqueue(serde_json::json!({
+            "mchOrderNo": format!("FAST-{k}"), "amount": "500", "currency": "PHP", "wayCode": "GCASH",
+        }))
+        .await;
+    }
+    // Fewer slots than the limited backlog: a limited job that held one would starve the rest.
+    let pool = app.pool(8);
+    common::eventually("the unlimited merchant's payouts", || async {
+        let ended = app.outcomes().await;
+        (ended.iter().filter(|o| o.merchant == "other").count() == 20).then_some(ended)
+    })
+    .await;
+    let ended = app.outcomes().await;
+    let slow = ended.iter().filter(|o| o.merchant == "default").count();
+    assert!(
+        slow < 40,
+        "the limited merchant finished first ({slow} of 40)"
+    );
+    assert!(ended.iter().all(|o| o.status.phase() == Phase::Succeeded));
+    pool.stop().await;
+}

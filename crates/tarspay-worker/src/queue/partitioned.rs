@@ -196,3 +196,29 @@ impl<T: DeserializeOwned + Send + 'static> BackendConfig for Partitioned<T> {
         SettleLayer::new(self.queues[0].config())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Gate;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_gate_closes_for_the_longest_time_asked_and_opens_by_itself() {
+        let gate = Gate::default();
+        assert!(gate.closed_until().is_none(), "a new gate is open");
+        gate.close_for(Duration::from_millis(200));
+        gate.close_for(Duration::from_millis(50));
+        let until = gate.closed_until().expect("closed");
+        let left = until - tokio::time::Instant::now();
+        assert!(
+            left > Duration::from_millis(100),
+            "the later opening wins: {left:?}"
+        );
+        let shared = gate.clone();
+        tokio::time::sleep(left + Duration::from_millis(5)).await;
+        assert!(
+            shared.closed_until().is_none(),
+            "open again, for every clone"
+        );
+    }
+}
