@@ -110,6 +110,13 @@ async fn create(
                 Some(absence) => absent_proven = absence.proven(ctx.settle_window),
                 None => return Ok(Step::RetryAfter(LEASE_LOST_RECHECK)),
             },
+            // Held back by the call limit, or a 429: no call was made, so no attempt spent.
+            Lookup::Failed(
+                err @ (GatewayError::NotSent { .. } | GatewayError::RateLimited { .. }),
+            ) => {
+                let wait = full_jitter(ctx.retry.base_delay, ctx.retry.max_delay, attempt);
+                return run.not_sent(wait, &err.to_string()).await;
+            }
             Lookup::Failed(err) => return run.retry(&err, false).await,
         }
         if attempt > ctx.retry.max_attempts {
