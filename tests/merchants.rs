@@ -19,7 +19,9 @@ const BANGLA_MCH_NO: &str = "M3000000003";
 fn payout(id: &str, currency: &str) -> Value {
     match currency {
         "INR" => common::app::inr(id, "150.50"),
-        "MYR" => json!({"mchOrderNo": id, "amount": "75.25", "currency": "MYR", "wayCode": "MAYBANK"}),
+        "MYR" => {
+            json!({"mchOrderNo": id, "amount": "75.25", "currency": "MYR", "wayCode": "MAYBANK"})
+        }
         "PHP" => json!({"mchOrderNo": id, "amount": "500", "currency": "PHP", "wayCode": "GCASH"}),
         "KES" => json!({
             "mchOrderNo": id, "amount": "300", "currency": "KES", "wayCode": "EWALLET_MPESA",
@@ -30,7 +32,9 @@ fn payout(id: &str, currency: &str) -> Value {
             "mchOrderNo": id, "amount": "200", "currency": "BDT", "wayCode": "EWALLET_BKASH",
             "walletId": "01712345678",
         }),
-        "PKR" => json!({"mchOrderNo": id, "amount": "400", "currency": "PKR", "wayCode": "jazzcash"}),
+        "PKR" => {
+            json!({"mchOrderNo": id, "amount": "400", "currency": "PKR", "wayCode": "jazzcash"})
+        }
         other => panic!("no test payout for {other}"),
     }
 }
@@ -145,7 +149,10 @@ async fn three_merchants_pay_with_their_own_keys_and_a_bad_key_holds_only_its_ow
     for (id, outcome) in &outcomes {
         let (merchant, mch_no) = expected[id.as_str()];
         assert_eq!(outcome.status.phase(), Phase::Succeeded, "{id}");
-        assert_eq!(outcome.merchant, merchant, "{id}: the outcome names its merchant");
+        assert_eq!(
+            outcome.merchant, merchant,
+            "{id}: the outcome names its merchant"
+        );
         // The gateway holds it under the right merchant number: the sandbox checked the
         // signature against that merchant's registered key.
         let at_gateway = app
@@ -153,10 +160,16 @@ async fn three_merchants_pay_with_their_own_keys_and_a_bad_key_holds_only_its_ow
             .order_of(mch_no, id)
             .unwrap_or_else(|| panic!("{id} not created under {mch_no}"));
         assert_eq!(at_gateway.create_attempts, 1, "{id}");
-        assert!(at_gateway.callbacks_sent >= 1, "{id}: decided by a callback");
+        assert!(
+            at_gateway.callbacks_sent >= 1,
+            "{id}: decided by a callback"
+        );
         for other in [MCH_NO, KENYA_MCH_NO, BANGLA_MCH_NO] {
             if other != mch_no {
-                assert!(app.sandbox.order_of(other, id).is_none(), "{id} under {other}");
+                assert!(
+                    app.sandbox.order_of(other, id).is_none(),
+                    "{id} under {other}"
+                );
             }
         }
         let record = app.deployment.order(id).await.unwrap().unwrap();

@@ -120,7 +120,10 @@ async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
             );
         },
         // A limit far above the gateway's: only the 429s slow it down.
-        &[("TARSPAY_RATE_LIMIT", "10000"), ("TARSPAY_RATE_BURST", "100")],
+        &[
+            ("TARSPAY_RATE_LIMIT", "10000"),
+            ("TARSPAY_RATE_BURST", "100"),
+        ],
     )
     .await;
     let n = 40;
