@@ -253,7 +253,7 @@ async fn measure(
         remaining(first_try),
         remaining(last_try),
         if drained {
-            " (the payroll's backlog DRAINED before the last try: later tries measured no contention)"
+            " (the payroll's backlog DRAINED before the last try: the later tries waited behind no backlog; see enqueue_to_create_ms_while_backlogged, or use more --rows or a shorter --interval)"
         } else {
             ""
         },
