@@ -75,6 +75,28 @@ pub struct Pipeline {
     concurrency: usize,
 }
 
+/// A merchant profile besides `default` ([`MCH_NO`]), for a pipeline of several merchants:
+/// the sandbox registers it and the workers get it as `TARSPAY_MERCHANTS__<NAME>__*`, with
+/// a fresh key and the pipeline's notify URL.
+#[derive(Debug, Clone)]
+pub struct ExtraMerchant {
+    /// The profile's name (lower case, as in `[merchants.<name>]`).
+    pub name: &'static str,
+    pub mch_no: &'static str,
+    /// Comma-separated currencies routed to it.
+    pub currencies: &'static str,
+}
+
+impl ExtraMerchant {
+    /// `TARSPAY_MERCHANTS__<NAME>__<FIELD>`.
+    fn var(&self, field: &str) -> String {
+        format!(
+            "TARSPAY_MERCHANTS__{}__{field}",
+            self.name.to_ascii_uppercase()
+        )
+    }
+}
+
 impl Pipeline {
     /// A deployment of `partitions` partitions on the Redis of `redis`.
     pub async fn start(
@@ -86,13 +108,50 @@ impl Pipeline {
         timers: &PipelineTimers,
         extra_env: &[(String, String)],
     ) -> Result<Self, BenchError> {
+        Self::start_with_merchants(
+            redis,
+            partitions,
+            name,
+            workers,
+            concurrency,
+            timers,
+            extra_env,
+            &[],
+        )
+        .await
+    }
+
+    /// [`Pipeline::start`] with merchant profiles besides `default`. `workers` may be 0
+    /// (start them later with [`Pipeline::spawn_worker`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with_merchants(
+        redis: RedisChoice<'_>,
+        partitions: usize,
+        name: &str,
+        workers: usize,
+        concurrency: usize,
+        timers: &PipelineTimers,
+        extra_env: &[(String, String)],
+        merchants: &[ExtraMerchant],
+    ) -> Result<Self, BenchError> {
         let target = RedisTarget::new(redis, name).await?;
         let key = PrivateKey::generate();
-        let merchant_env = vec![
+        let mut merchant_env = vec![
             ("TARSPAY_MCH_NO".to_owned(), MCH_NO.to_owned()),
             ("TARSPAY_PRIVATE_KEY".to_owned(), key.expose_hex()),
             ("TARSPAY_LOG__FILTER".to_owned(), "warn".to_owned()),
         ];
+        // The sandbox registers every profile of its settings that has a number and a key.
+        for merchant in merchants {
+            merchant_env.extend([
+                (merchant.var("MCH_NO"), merchant.mch_no.to_owned()),
+                (
+                    merchant.var("PRIVATE_KEY"),
+                    PrivateKey::generate().expose_hex(),
+                ),
+                (merchant.var("CURRENCIES"), merchant.currencies.to_owned()),
+            ]);
+        }
         let sandbox =
             SandboxProcess::spawn(timers.final_after, timers.callbacks, &[], &merchant_env)?;
         let mut env = merchant_env;
@@ -136,6 +195,9 @@ impl Pipeline {
             || "http://127.0.0.1:9/tarspay/notify".to_owned(),
             ServeProcess::notify_url,
         );
+        for merchant in merchants {
+            env.push((merchant.var("NOTIFY_URL"), notify_url.clone()));
+        }
         env.push(("TARSPAY_NOTIFY_URL".to_owned(), notify_url));
         let settings = Settings::load_with_env(None, env.clone())?;
         let deployment = Deployment::connect(&settings)

@@ -394,7 +394,7 @@ fn join(
 }
 
 /// `{"p50", "p99", "max"}` in ms (0.01 ms), or null for no values.
-fn summarise(mut values: Vec<f64>) -> Value {
+pub fn summarise(mut values: Vec<f64>) -> Value {
     if values.is_empty() {
         return Value::Null;
     }

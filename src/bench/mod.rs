@@ -1,4 +1,4 @@
-//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog|delay|latency>`. Each bench
+//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog|delay|latency|fairness>`. Each bench
 //! reports its results as JSON objects, one per result, so runs can be compared over time.
 //!
 //! * [`queue`]: no-op jobs through the Redis Streams storage and an apalis worker.
@@ -7,6 +7,7 @@
 //! * [`backlog`]: throughput with a large backlog waiting vs an empty queue.
 //! * [`delay`]: how late delayed jobs start.
 //! * [`latency`]: per-payout latency by callback and by poll, at paced rates.
+//! * [`fairness`]: one merchant's payout while another merchant's payroll is queued.
 //!
 //! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]), or
 //! with `cluster` its own Redis Cluster ([`local_redis::LocalCluster`]); with a URL (one server,
@@ -17,6 +18,7 @@ pub mod backlog;
 pub mod cost;
 pub mod delay;
 pub mod e2e;
+pub mod fairness;
 pub mod latency;
 pub mod queue;
 pub mod shared;

@@ -870,7 +870,7 @@ impl SandboxProcess {
 
 /// An HTTP client for the bench's own reads of its child processes (bounded: a hung child
 /// must fail the run, not stall it).
-fn http_client() -> Result<reqwest::Client, String> {
+pub fn http_client() -> Result<reqwest::Client, String> {
     tarspay_worker::gateway::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))

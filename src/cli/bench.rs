@@ -1,10 +1,11 @@
-//! `bench <queue|e2e|cost|backlog|delay|latency>`: runs a benchmark from `tarspay_dev::bench` and prints
+//! `bench <queue|e2e|cost|backlog|delay|latency|fairness>`: runs a benchmark from `tarspay_dev::bench` and prints
 //! one JSON line per result.
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::process::ExitCode;
+use tarspay_dev::bench::fairness::FairnessOptions;
 use tarspay_dev::bench::latency::{LatencyOptions, Route};
 use tarspay_dev::bench::{self, BenchOptions};
 
@@ -25,6 +26,9 @@ enum Which {
     /// Per-payout latency (enqueue → create, gateway final → outcome, enqueue → outcome) at
     /// paced rates, with final states arriving by signed callbacks to `serve` or by polls.
     Latency,
+    /// One merchant's payout (enqueue → created at the gateway) while another merchant's
+    /// payroll is queued, with 2 worker processes (default 20,000 rows, 100 tries).
+    Fairness,
     /// One worker process of `delay` (started by it).
     #[value(hide = true)]
     DelayWorker,
@@ -65,9 +69,19 @@ pub struct BenchArgs {
     /// `latency` only: how final states reach the workers. Default both.
     #[arg(long, value_enum)]
     mode: Option<LatencyMode>,
-    /// `latency` only: worker processes. Default 1.
+    /// `latency` and `fairness`: worker processes. Default 1 (`latency`), 2 (`fairness`).
     #[arg(long)]
     workers: Option<usize>,
+    /// `fairness` only: rows of the first merchant's payroll, queued before the workers
+    /// start. Default 20000.
+    #[arg(long)]
+    rows: Option<u64>,
+    /// `fairness` only: the other merchant's payouts measured, one at a time. Default 100.
+    #[arg(long)]
+    tries: Option<u64>,
+    /// `fairness` only: between two tries (e.g. "100ms"). Default 100ms.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    interval: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,10 +110,22 @@ impl BenchArgs {
             workers: self.workers.unwrap_or(defaults.workers),
         }
     }
+
+    /// What `fairness` runs, from its flags and defaults.
+    fn fairness(&self) -> FairnessOptions {
+        let defaults = FairnessOptions::default();
+        FairnessOptions {
+            rows: self.rows.unwrap_or(defaults.rows),
+            tries: self.tries.unwrap_or(defaults.tries),
+            interval: self.interval.unwrap_or(defaults.interval),
+            workers: self.workers.unwrap_or(defaults.workers),
+        }
+    }
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let latency = args.latency();
+    let fairness = args.fairness();
     let options = BenchOptions {
         redis_url: args.redis_url,
         cluster: args.cluster,
@@ -120,6 +146,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Which::Backlog => bench::backlog::run(&options, &mut print).await?,
         Which::Delay => bench::delay::run(&options, &mut print).await?,
         Which::Latency => bench::latency::run(&options, &latency, &mut print).await?,
+        Which::Fairness => bench::fairness::run(&options, &fairness, &mut print).await?,
         Which::DelayWorker => bench::delay::worker().await?,
     }
     Ok(ExitCode::SUCCESS)

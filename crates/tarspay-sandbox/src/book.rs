@@ -199,6 +199,11 @@ impl Book {
         self.merchants.contains_key(mch_no)
     }
 
+    /// How many orders the merchant has (each created once), without building their views.
+    pub(crate) fn order_count(&self, mch_no: &str) -> Option<usize> {
+        Some(self.merchants.get(mch_no)?.orders.len())
+    }
+
     pub(crate) fn merchant_numbers(&self) -> Vec<String> {
         let mut numbers: Vec<String> = self.merchants.keys().cloned().collect();
         numbers.sort();

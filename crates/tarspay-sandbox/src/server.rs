@@ -665,10 +665,12 @@ fn merchant_json(shared: &Shared, mch_no: &str) -> Option<Value> {
         "balances": book.balances(mch_no),
         "rateLimit": calls.rate_limit,
         "calls": calls,
+        "orders": book.order_count(mch_no),
     }))
 }
 
-/// `GET /sandbox/merchants`: every merchant with its key, balances, limit and call report.
+/// `GET /sandbox/merchants`: every merchant with its key, balances, limit, call report and
+/// number of orders.
 async fn merchants(State(shared): State<Arc<Shared>>) -> Response {
     let numbers = shared.book().merchant_numbers();
     let all: Vec<Value> = numbers

@@ -361,6 +361,19 @@ fn decode_envelope<T: DeserializeOwned>(
     serde_json::from_value(data).map_err(|err| decode_error(format!("unexpected `data`: {err}")))
 }
 
+/// A `Retry-After` in seconds (RFC 9110 also allows an HTTP date; a gateway's rate limit
+/// sends seconds, and a date is read as "not said"), capped at an hour.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds.min(3600)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,17 +434,4 @@ mod tests {
         assert_eq!(balance.available_amount, "12345678901234567.80");
         assert_eq!(balance.frozen_amount.as_deref(), Some("0.10"));
     }
-}
-
-/// A `Retry-After` in seconds (RFC 9110 also allows an HTTP date; a gateway's rate limit
-/// sends seconds, and a date is read as "not said"), capped at an hour.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let seconds: u64 = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(seconds.min(3600)))
 }
