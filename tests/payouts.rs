@@ -436,8 +436,8 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
     assert_eq!(sent, 3, "the threshold's creates, then nothing");
     assert_eq!(
         app.deployment.outcome_count().await.unwrap(),
-        2,
-        "the two before the threshold failed; the one that tripped it is held"
+        0,
+        "the two before the threshold are held for a recheck, then by the pause; the one that tripped it is held"
     );
 
     // The operator fixes the IP binding and resumes: the rest are paid, the held one too.
@@ -445,16 +445,54 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
     app.deployment.resume().await.unwrap();
     let outcomes = app.wait_outcomes(8).await;
     pool.stop().await;
-    let failed: Vec<_> = outcomes.values().filter(|o| o.status == "failed").collect();
-    assert_eq!(failed.len(), 2);
-    assert!(failed.iter().all(|o| o.code == Some(5003007)));
     assert_eq!(
         outcomes
             .values()
             .filter(|o| o.status == "succeeded")
             .count(),
-        6
+        8,
+        "a bad key burned no payout"
     );
+}
+
+/// One order refused with an auth-class code while others go through (not the merchant's
+/// key: the guard does not trip): held once for a recheck, then failed on its second refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![fault(
+                "LONE",
+                None,
+                FaultAction::Code {
+                    code: 5003007,
+                    msg: Some("IP error".into()),
+                },
+            )]
+        },
+        &[("TARSPAY_GUARD_AUTH_FAILURES", "3")],
+    )
+    .await;
+    app.enqueue(inr("LONE-1", "100")).await;
+    for i in 0..3 {
+        app.enqueue(inr(&format!("OK-{i}"), "100")).await;
+    }
+    let pool = app.pool(2);
+    let outcomes = app.wait_outcomes(4).await;
+    pool.stop().await;
+    let lone = &outcomes["LONE-1"];
+    assert_eq!(lone.status, "failed");
+    assert_eq!(lone.code, Some(5003007));
+    assert_eq!(
+        app.sandbox.create_attempts("LONE-1"),
+        2,
+        "one recheck, then failed"
+    );
+    assert!(!app.deployment.is_paused().await.unwrap());
+    for i in 0..3 {
+        assert_eq!(outcomes[&format!("OK-{i}")].status, "succeeded");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,8 +533,8 @@ async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
     pool.stop().await;
     assert_eq!(
         app.deployment.outcome_count().await.unwrap(),
-        1,
-        "only the first order failed"
+        0,
+        "no order failed: the first refusal is held for a recheck, the rest by the pause"
     );
 }
 

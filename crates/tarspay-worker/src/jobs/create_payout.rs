@@ -23,6 +23,9 @@ use tokio::sync::Mutex;
 
 /// How often a job held back by a pause looks again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(1);
+/// How long an order's first auth-class refusal is held before its create is tried again
+/// (long enough for the guard to see the other orders' refusals).
+const AUTH_RECHECK: Duration = Duration::from_secs(2);
 /// How soon a run that lost the lease to another run looks at the order again: it never
 /// reports as done work it did not finish.
 const LEASE_LOST_RECHECK: Duration = Duration::from_secs(1);
@@ -212,21 +215,32 @@ impl Run<'_, '_> {
         if let Some(code) = err.code()
             && is_auth_class(code)
             && !self.may_exist
-            && ctx.guard.record_auth_failure(id, code).await? == GuardVerdict::Pause
         {
-            // Systemic (bad key, unbound IP): the queue is paused; hold this order for the
-            // resume instead of burning it.
-            ctx.ledger
-                .release(
-                    id,
-                    self.token,
-                    self.next_phase(false),
-                    false,
-                    err.code(),
-                    &err.to_string(),
-                )
-                .await?;
-            return Ok(Step::RetryAfter(PAUSED_RECHECK));
+            let verdict = ctx.guard.record_auth_failure(id, code).await?;
+            // Systemic (bad key, unbound IP): the merchant's lanes are paused; hold this
+            // order for the resume instead of burning it. The first auth-class refusal of
+            // an order is held too, for a moment: orders failing together in several
+            // partitions each count before they see the others, and if the fault is the
+            // merchant's the guard trips meanwhile and holds them all; if the next create
+            // of this order is refused again without a trip, it fails.
+            let first_refusal = !self.record.last_code.is_some_and(is_auth_class);
+            if verdict == GuardVerdict::Pause || first_refusal {
+                ctx.ledger
+                    .release(
+                        id,
+                        self.token,
+                        self.next_phase(false),
+                        false,
+                        err.code(),
+                        &err.to_string(),
+                    )
+                    .await?;
+                return Ok(Step::RetryAfter(if verdict == GuardVerdict::Pause {
+                    PAUSED_RECHECK
+                } else {
+                    AUTH_RECHECK
+                }));
+            }
         }
         if class == ErrorClass::Reconcile {
             // The gateway says the number exists: find out whether it is this payout. A
