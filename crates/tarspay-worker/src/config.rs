@@ -375,7 +375,12 @@ fn parse_merchants(
                 "`default` is the top-level merchant settings (mch_no, private_key, …); name this profile otherwise",
             ));
         }
-        profiles.push(parse_merchant(parsed, &path, merchant, gateway_url)?);
+        let mut profile = parse_merchant(parsed, &path, merchant, gateway_url)?;
+        // One receiver serves every merchant: unset, the top-level notify_url.
+        if profile.notify_url.is_none() {
+            profile.notify_url = profiles[0].notify_url.clone();
+        }
+        profiles.push(profile);
     }
     // A payout's merchant must never be in doubt: one profile per currency and per mchNo.
     let mut by_currency: HashMap<&str, &str> = HashMap::new();
@@ -935,6 +940,7 @@ mod tests {
             Some(&path),
             [
                 ("TARSPAY_MCH_NO", "M1234567890"),
+                ("TARSPAY_NOTIFY_URL", "https://all.example/notify"),
                 ("TARSPAY_MERCHANTS__BANGLA__MCH_NO", "M3000000003"),
                 ("TARSPAY_MERCHANTS__BANGLA__CURRENCIES", "BDT, PKR"),
                 ("TARSPAY_MERCHANTS__BANGLA__MAX_IN_FLIGHT", "4"),
@@ -963,6 +969,8 @@ mod tests {
         let bangla = settings.gateway.profile("bangla").unwrap();
         assert_eq!(bangla.currencies, ["BDT", "PKR"]);
         assert_eq!(bangla.limits.max_in_flight, 4);
+        // One receiver for all: an unset notify_url is the top-level one.
+        assert_eq!(bangla.notify_url().unwrap(), "https://all.example/notify");
         // Its key is missing: the error names the profile's own variables.
         let err = bangla.merchant().unwrap_err().to_string();
         assert!(

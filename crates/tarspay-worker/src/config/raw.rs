@@ -110,7 +110,7 @@ pub(super) struct RawSettings {
     pub merchants: BTreeMap<String, RawMerchant>,
 }
 
-/// One `[merchants.<name>]` table. Unset URLs fall back to the top-level ones.
+/// One `[merchants.<name>]` table. Unset URLs (gateway, notify) fall back to the top-level ones.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMerchant {
