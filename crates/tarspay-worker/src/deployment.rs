@@ -488,7 +488,8 @@ impl Deployment {
         Ok(Some(CallLimits::new(limiter, Gate::default())))
     }
 
-    /// The jobs' context of the partition holding `mch_order_no`, in its merchant's lane.
+    /// The jobs' context of the partition holding `mch_order_no`, in the default merchant's
+    /// lane (a payout of another merchant needs [`Deployment::lane_contexts`]).
     pub fn job_context_for(
         &self,
         settings: &Settings,
