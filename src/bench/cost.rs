@@ -117,14 +117,15 @@ async fn measure(
             .transpose()
     };
     // A trickle starts after one payout (not counted), so the measured ones find the worker as
-    // a running deployment has it: scripts loaded, connections open.
-    let warm_up = match n < TRICKLE {
+    // a running deployment has it: scripts loaded, connections open. So does a retention run:
+    // what a deployment creates once (scripts, groups, its streams) is not the payouts' memory.
+    let warm_up = match n < TRICKLE || retention.is_some() {
         true => Some(drive(pipeline, &mut tail, "WARM", 1, None).await?),
         false => None,
     };
-    let idle = match warm_up {
-        Some(_) => Some(watch_idle(&mut stats_conn, start_monitor()?).await?),
-        None => None,
+    let idle = match (&warm_up, n < TRICKLE) {
+        (Some(_), true) => Some(watch_idle(&mut stats_conn, start_monitor()?).await?),
+        _ => None,
     };
     let monitor = start_monitor()?;
     let window = std::time::Instant::now();
