@@ -3,28 +3,13 @@
 
 mod common;
 
+use common::app::assert_percentiles;
 use serde_json::Value;
 
 const N: u64 = 20;
 
 fn run_bench(args: &[&str]) -> Vec<Value> {
     common::app::bench_lines(&[&["latency"], args].concat())
-}
-
-/// p50 ≤ p99 ≤ max, all finite; `non_negative` for intervals that cannot be negative on one
-/// host's clock.
-fn assert_summary(line: &Value, field: &str, non_negative: bool) {
-    let summary = &line[field];
-    let value = |p: &str| {
-        summary[p]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no {field}.{p} in {line}"))
-    };
-    let (p50, p99, max) = (value("p50"), value("p99"), value("max"));
-    assert!(p50 <= p99 && p99 <= max, "{field} unordered: {line}");
-    if non_negative {
-        assert!(p50 >= 0.0, "{field} negative: {line}");
-    }
 }
 
 fn count(line: &Value, field: &str) -> u64 {
@@ -51,19 +36,19 @@ fn both_modes_report_every_payout_once() {
             "{line}"
         );
         // Ordered in time on one clock (the outcome bound is capped by when it was read).
-        assert_summary(line, "enqueue_to_create_ms", true);
-        assert_summary(line, "final_to_outcome_ms", true);
-        assert_summary(line, "enqueue_to_outcome_ms", true);
+        assert_percentiles(line, "enqueue_to_create_ms", true);
+        assert_percentiles(line, "final_to_outcome_ms", true);
+        assert_percentiles(line, "enqueue_to_outcome_ms", true);
     }
     let (callback, poll) = (&lines[0], &lines[1]);
     assert!(callback["over_floor_ms"].is_null(), "{callback}");
-    assert_summary(callback, "final_to_callback_ack_ms", true);
+    assert_percentiles(callback, "final_to_callback_ack_ms", true);
     // Every order got a verified callback (whether or not it came before the poll).
     assert!(count(callback, "callbacks_verified") >= N, "{callback}");
     assert!(count(callback, "callbacks_sent") >= N, "{callback}");
     // The first poll is due on whole milliseconds of Redis's clock, so an outcome may read a
     // fraction of a millisecond under the floor: only the order is checked.
-    assert_summary(poll, "over_floor_ms", false);
+    assert_percentiles(poll, "over_floor_ms", false);
     assert!(poll["final_to_callback_ack_ms"].is_null(), "{poll}");
     assert_eq!(count(poll, "callbacks_sent"), 0, "{poll}");
     assert_eq!(count(poll, "callbacks_verified"), 0, "{poll}");

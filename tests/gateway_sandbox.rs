@@ -1098,6 +1098,11 @@ fn payout_fields<'a>(mch_no: &'a str, id: &'a str, amount: &'a str) -> Vec<(&'a 
     ]
 }
 
+/// A sandbox report read over HTTP, as JSON.
+async fn get_json(http: &reqwest::Client, url: String) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test]
 async fn merchants_have_their_own_keys_balances_and_orders() {
     let key_b = PrivateKey::generate();
@@ -1280,24 +1285,12 @@ async fn merchants_have_their_own_keys_balances_and_orders() {
         .await
         .unwrap();
     assert_eq!(bad_key.status(), 422);
-    let listed: serde_json::Value = http
-        .get(format!("{url}/sandbox/merchants/{mch_c}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value =
+        get_json(&http, format!("{url}/sandbox/merchants/{mch_c}")).await;
     assert_eq!(listed["balances"][1]["currency"], "INR", "{listed}");
     assert_eq!(listed["balances"][1]["frozen"], "999", "{listed}");
-    let orders_of_c: serde_json::Value = http
-        .get(format!("{url}/sandbox/orders?mchNo={mch_c}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let orders_of_c: serde_json::Value =
+        get_json(&http, format!("{url}/sandbox/orders?mchNo={mch_c}")).await;
     assert_eq!(orders_of_c.as_array().unwrap().len(), 1, "{orders_of_c}");
     assert_eq!(orders_of_c[0]["amount"], "999", "{orders_of_c}");
 }
@@ -1413,16 +1406,11 @@ async fn calls_beyond_a_merchants_rate_limit_get_429_and_change_nothing() {
     if span_us < 1_000_000 {
         assert_eq!(report.max_in_any_second, CALLS as u64);
     }
-    let over_http: serde_json::Value = http
-        .get(format!(
-            "{url}/sandbox/merchants/{MCH_NO}/calls?arrivals=true"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let over_http: serde_json::Value = get_json(
+        &http,
+        format!("{url}/sandbox/merchants/{MCH_NO}/calls?arrivals=true"),
+    )
+    .await;
     assert_eq!(over_http["total"], CALLS, "{over_http}");
     assert_eq!(over_http["rateLimited"], limited.len(), "{over_http}");
     assert_eq!(

@@ -16,6 +16,23 @@ fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
     common::fault_rule(prefix, Endpoint::CreatePayout, times, action)
 }
 
+/// An app whose gateway refuses every create of `prefix…` orders with the auth-class `code`,
+/// the guard pausing after `threshold` different orders.
+async fn app_refusing_auth(
+    prefix: &str,
+    code: i64,
+    msg: Option<&str>,
+    threshold: &str,
+) -> common::app::TestApp {
+    let msg = msg.map(str::to_owned);
+    spawn_app_with(
+        false,
+        |c| c.faults = vec![fault(prefix, None, FaultAction::Code { code, msg })],
+        &[("TARSPAY_GUARD_AUTH_FAILURES", threshold)],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_one_order_one_outcome_each() {
     let app = spawn_app(false, |_| {}).await;
@@ -408,21 +425,7 @@ async fn wait_paused(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_systemic_guard_pauses_and_resume_continues() {
-    let app = spawn_app_with(
-        false,
-        |c| {
-            c.faults = vec![fault(
-                "K",
-                None,
-                FaultAction::Code {
-                    code: 5003007,
-                    msg: Some("IP error".into()),
-                },
-            )]
-        },
-        &[("TARSPAY_GUARD_AUTH_FAILURES", "3")],
-    )
-    .await;
+    let app = app_refusing_auth("K", 5003007, Some("IP error"), "3").await;
     for i in 0..8 {
         app.enqueue(inr(&format!("K-{i}"), "100")).await;
     }
@@ -459,21 +462,7 @@ async fn the_systemic_guard_pauses_and_resume_continues() {
 /// key: the guard does not trip): held once for a recheck, then failed on its second refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
-    let app = spawn_app_with(
-        false,
-        |c| {
-            c.faults = vec![fault(
-                "LONE",
-                None,
-                FaultAction::Code {
-                    code: 5003007,
-                    msg: Some("IP error".into()),
-                },
-            )]
-        },
-        &[("TARSPAY_GUARD_AUTH_FAILURES", "3")],
-    )
-    .await;
+    let app = app_refusing_auth("LONE", 5003007, Some("IP error"), "3").await;
     app.enqueue(inr("LONE-1", "100")).await;
     for i in 0..3 {
         app.enqueue(inr(&format!("OK-{i}"), "100")).await;
@@ -497,21 +486,7 @@ async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
-    let app = spawn_app_with(
-        false,
-        |c| {
-            c.faults = vec![fault(
-                "G",
-                None,
-                FaultAction::Code {
-                    code: 5003008,
-                    msg: None,
-                },
-            )]
-        },
-        &[("TARSPAY_GUARD_AUTH_FAILURES", "2")],
-    )
-    .await;
+    let app = app_refusing_auth("G", 5003008, None, "2").await;
     for i in 0..6 {
         app.enqueue(inr(&format!("G-{i}"), "100")).await;
     }

@@ -15,19 +15,29 @@ const BURST: u32 = 5;
 /// The gateway's own limit: the same rate, with room for the network's jitter.
 const GATEWAY_BURST: u32 = 10;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_worker_processes_share_one_merchants_limit() {
-    let app = spawn_app_with(
+/// An app whose gateway answers the default merchant's calls beyond `per_second` (with
+/// `burst`) with 429.
+async fn app_behind_gateway_limit(
+    per_second: f64,
+    burst: u32,
+    env: &[(&str, &str)],
+) -> common::app::TestApp {
+    spawn_app_with(
         false,
         |c| {
-            c.rate_limits.insert(
-                MCH_NO.into(),
-                RateLimit {
-                    per_second: f64::from(RATE),
-                    burst: GATEWAY_BURST,
-                },
-            );
+            c.rate_limits
+                .insert(MCH_NO.into(), RateLimit { per_second, burst });
         },
+        env,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_share_one_merchants_limit() {
+    let app = app_behind_gateway_limit(
+        f64::from(RATE),
+        GATEWAY_BURST,
         &[
             ("TARSPAY_RATE_LIMIT", &RATE.to_string()),
             ("TARSPAY_RATE_BURST", &BURST.to_string()),
@@ -112,17 +122,9 @@ async fn three_worker_processes_share_one_merchants_limit() {
 /// merchant down, every payout still succeeds, and no 429 counts as an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
-    let app = spawn_app_with(
-        false,
-        |c| {
-            c.rate_limits.insert(
-                MCH_NO.into(),
-                RateLimit {
-                    per_second: 20.0,
-                    burst: 5,
-                },
-            );
-        },
+    let app = app_behind_gateway_limit(
+        20.0,
+        5,
         // A limit far above the gateway's: only the 429s slow it down.
         &[
             ("TARSPAY_RATE_LIMIT", "10000"),

@@ -420,3 +420,20 @@ pub fn bench_lines(args: &[&str]) -> Vec<serde_json::Value> {
         .map(|line| serde_json::from_str(line).expect("a JSON line"))
         .collect()
 }
+
+/// A bench line's percentile summary `field`: p50 ≤ p99 ≤ max, max finite; `non_negative`
+/// for intervals that cannot be negative on one host's clock.
+pub fn assert_percentiles(line: &serde_json::Value, field: &str, non_negative: bool) {
+    let summary = &line[field];
+    let value = |p: &str| {
+        summary[p]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {field}.{p} in {line}"))
+    };
+    let (p50, p99, max) = (value("p50"), value("p99"), value("max"));
+    assert!(p50 <= p99 && p99 <= max, "{field} unordered: {line}");
+    assert!(max.is_finite(), "{field}: {line}");
+    if non_negative {
+        assert!(p50 >= 0.0, "{field} negative: {line}");
+    }
+}

@@ -5,7 +5,6 @@
 
 use crate::config::Settings;
 use crate::deployment::{Deployment, DeploymentError, PAYOUT_QUEUE};
-use crate::ids::MerchantName;
 use crate::jobs::{JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status};
 use crate::ledger::WEBHOOK_QUEUE;
 use crate::queue::Partitioned;
@@ -35,7 +34,7 @@ pub enum WorkerError {
 /// lane this process serves.
 #[derive(Clone)]
 struct Shared {
-    partitions: Vec<Vec<(MerchantName, JobContext)>>,
+    partitions: Vec<Vec<JobContext>>,
 }
 
 impl Shared {
@@ -44,8 +43,7 @@ impl Shared {
         let index = crate::partition::of_order(job.mch_order_no(), self.partitions.len());
         self.partitions[index]
             .iter()
-            .find(|(merchant, _)| merchant == job.merchant())
-            .map(|(_, ctx)| ctx)
+            .find(|ctx| &ctx.merchant == job.merchant())
     }
 }
 
@@ -124,7 +122,7 @@ pub async fn run(
     let partitions = deployment.partitions();
     // Every merchant this process can sign for; each has a lane in every partition.
     let profiles = settings.gateway.active_profiles();
-    let mut contexts: Vec<Vec<(MerchantName, JobContext)>> = vec![Vec::new(); partitions.len()];
+    let mut contexts: Vec<Vec<JobContext>> = vec![Vec::new(); partitions.len()];
     let mut payout_queues = Vec::new();
     // A merchant over its call limit closes its lanes to this process for a while.
     let mut gates = Vec::new();
@@ -132,7 +130,7 @@ pub async fn run(
         for (index, ctx) in deployment.lane_contexts(settings, profile)? {
             payout_queues.push(ctx.queue.clone());
             gates.push(ctx.limits.as_ref().map(|limits| limits.gate().clone()));
-            contexts[index].push((profile.name.clone(), ctx));
+            contexts[index].push(ctx);
         }
     }
     let shared = Arc::new(Shared {

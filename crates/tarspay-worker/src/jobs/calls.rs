@@ -16,9 +16,9 @@ use crate::ratelimit::{Limiter, LimiterError, Permit};
 use std::time::Duration;
 
 /// How long a job may wait for a slot while holding a worker's concurrency.
-pub const IN_HAND_WAIT: Duration = Duration::from_millis(250);
+const IN_HAND_WAIT: Duration = Duration::from_millis(250);
 /// A 429 without `Retry-After` slows the merchant down this long.
-pub const DEFAULT_SLOW_DOWN: Duration = Duration::from_secs(1);
+const DEFAULT_SLOW_DOWN: Duration = Duration::from_secs(1);
 /// How soon a job looks again when the limiter could not be asked (Redis trouble).
 const LIMITER_DOWN_RECHECK: Duration = Duration::from_secs(1);
 
@@ -101,7 +101,7 @@ impl<'a> Calls<'a> {
             return None;
         };
         let pause = retry_after.unwrap_or(DEFAULT_SLOW_DOWN);
-        metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => self.ctx.merchant().to_string(), "by" => "gateway").increment(1);
+        metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => self.ctx.merchant.to_string(), "by" => "gateway").increment(1);
         if let Some(limits) = &self.ctx.limits {
             limits.gate.close_for(pause);
             if let Err(err) = limits.limiter.slow_down(pause).await {

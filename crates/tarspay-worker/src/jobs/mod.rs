@@ -11,7 +11,7 @@ mod poll_status;
 mod reconcile;
 
 pub use crate::queue::full_jitter;
-pub use calls::{CallLimits, DEFAULT_SLOW_DOWN, IN_HAND_WAIT};
+pub use calls::CallLimits;
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
@@ -156,10 +156,6 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    pub fn merchant(&self) -> &MerchantName {
-        &self.merchant
-    }
-
     /// The order's regular poll job, first run after `poll.first_delay`; the ledger queues
     /// it in the same step as the acceptance.
     pub fn poll_job(&self, record: &OrderRecord) -> Result<PreparedJob, JobError> {

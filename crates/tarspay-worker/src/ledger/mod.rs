@@ -922,15 +922,9 @@ impl Ledger {
         code: Option<i64>,
         msg: &str,
     ) -> Result<bool, LedgerError> {
-        let op = self
-            .op("X", mch_order_no)
-            .arg(token)
-            .arg(next.as_str())
-            .arg(code.map(|c| c.to_string()).unwrap_or_default())
-            .arg(msg)
-            .arg(if may_exist { "1" } else { "" })
-            .arg("");
-        Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
+        let code = code.map(|c| c.to_string()).unwrap_or_default();
+        self.release_as(mch_order_no, token, next, may_exist, &code, msg, false)
+            .await
     }
 
     /// Gives the lease back after a create that provably never reached the gateway's books
@@ -943,14 +937,31 @@ impl Ledger {
         next: Phase,
         msg: &str,
     ) -> Result<bool, LedgerError> {
+        self.release_as(mch_order_no, token, next, false, "", msg, true)
+            .await
+    }
+
+    /// The release operation (see the script's `release`): `unsent` takes the attempt back.
+    #[allow(clippy::too_many_arguments)]
+    async fn release_as(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        next: Phase,
+        may_exist: bool,
+        code: &str,
+        msg: &str,
+        unsent: bool,
+    ) -> Result<bool, LedgerError> {
+        let flag = |set: bool| if set { "1" } else { "" };
         let op = self
             .op("X", mch_order_no)
             .arg(token)
             .arg(next.as_str())
-            .arg("")
+            .arg(code)
             .arg(msg)
-            .arg("")
-            .arg("1");
+            .arg(flag(may_exist))
+            .arg(flag(unsent));
         Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
     }
 
