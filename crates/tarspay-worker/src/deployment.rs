@@ -13,6 +13,9 @@ use crate::gateway::TarsPayClient;
 use crate::gateway::client::ClientBuildError;
 use crate::ids::MerchantName;
 use crate::jobs::{CallLimits, JobContext, PayoutJob, SystemicGuard};
+use crate::ledger::history::OrderEvent;
+use crate::ledger::index::{BatchEntry, OrderPage, OrderQuery};
+use crate::ledger::minutes::MinuteStats;
 use crate::ledger::{
     BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
 };
@@ -273,6 +276,64 @@ impl Deployment {
     /// The order's record, from its partition.
     pub async fn order(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
         self.ledger_of(mch_order_no).get(mch_order_no).await
+    }
+
+    /// The order's event history, oldest first.
+    pub async fn order_events(&self, mch_order_no: &str) -> Result<Vec<OrderEvent>, LedgerError> {
+        self.ledger_of(mch_order_no).events(mch_order_no).await
+    }
+
+    /// The last `count` whole minutes and the current one, oldest first, summed over
+    /// partitions (minutes without activity are zero).
+    pub async fn minute_stats(&self, count: u64) -> Result<Vec<MinuteStats>, LedgerError> {
+        let current = crate::ledger::minutes::minute_of(crate::queue::now_ms());
+        let minutes: Vec<u64> = (0..=count)
+            .rev()
+            .map(|back| current.saturating_sub(back * 60_000))
+            .collect();
+        let parts = self
+            .partitions
+            .iter()
+            .map(|p| p.ledger.minute_stats(&minutes));
+        let mut sums: Vec<MinuteStats> = minutes
+            .iter()
+            .map(|m| MinuteStats {
+                minute_ms: *m,
+                ..Default::default()
+            })
+            .collect();
+        for part in try_join_all(parts).await? {
+            for (sum, minute) in sums.iter_mut().zip(part) {
+                for (status, n) in minute.finals {
+                    *sum.finals.entry(status).or_default() += n;
+                }
+                sum.creates += minute.creates;
+                sum.create_errors += minute.create_errors;
+                sum.latency_sum_ms += minute.latency_sum_ms;
+                for (total, n) in sum.latency_buckets.iter_mut().zip(minute.latency_buckets) {
+                    *total += n;
+                }
+            }
+        }
+        Ok(sums)
+    }
+
+    /// Orders matching `query`, newest first, one page (see `ledger::index`).
+    pub async fn search_orders(&self, query: &OrderQuery) -> Result<OrderPage, LedgerError> {
+        // TODO(index): the time index walk; until then an exact number only.
+        let Some(id) = &query.mch_order_no else {
+            return Ok(OrderPage::default());
+        };
+        Ok(OrderPage {
+            orders: self.order(id).await?.into_iter().collect(),
+            ..Default::default()
+        })
+    }
+
+    /// The most recent batches, newest first.
+    pub async fn recent_batches(&self, _limit: usize) -> Result<Vec<BatchEntry>, LedgerError> {
+        // TODO(index): the batch index.
+        Ok(Vec::new())
     }
 
     /// The payout queue's stats over every partition.

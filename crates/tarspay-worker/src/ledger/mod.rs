@@ -9,6 +9,9 @@
 //! registration part never changes.
 
 mod batcher;
+pub mod history;
+pub mod index;
+pub mod minutes;
 mod outcome;
 mod phase;
 mod scripts;
@@ -132,6 +135,26 @@ impl LedgerKeys {
 
     pub fn outcomes(&self) -> String {
         format!("{}:outcomes", self.base)
+    }
+
+    /// The time index of orders (see [`index`]).
+    pub fn index(&self) -> String {
+        format!("{}:index", self.base)
+    }
+
+    /// The batch index (see [`index`]).
+    pub fn batches(&self) -> String {
+        format!("{}:batches", self.base)
+    }
+
+    /// The counters of the minute starting at `minute_ms` (see [`minutes`]).
+    pub fn minute(&self, minute_ms: u64) -> String {
+        format!("{}:minute:{}", self.base, minute_ms / 60_000)
+    }
+
+    /// The order's event history (see [`history`]).
+    pub fn events(&self, mch_order_no: &str) -> String {
+        format!("{}:events:{mch_order_no}", self.base)
     }
 
     /// Held by the worker running this interval's lifeline sweep.
@@ -303,6 +326,9 @@ pub struct OrderRecord {
     /// the phase is now.
     #[serde(skip)]
     pub accepted: bool,
+    /// When the acceptance milestone was set.
+    #[serde(skip)]
+    pub accepted_at_ms: Option<u64>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -560,6 +586,7 @@ fn record_from_fields(
         stuck: finished.is_none() && fields.get("stuck").is_some_and(|v| v == "1"),
         ambiguous: fields.get("ambiguous").is_some_and(|v| v == "1"),
         accepted: accepted.is_some(),
+        accepted_at_ms: accepted.as_ref().map(|a| a.at),
         created_at_ms: registration.created_at,
         updated_at_ms,
         finished_at_ms: finished.as_ref().map(|f| f.finished_at),
@@ -1162,6 +1189,44 @@ impl Ledger {
             .hgetall(self.keys.order(mch_order_no))
             .await?;
         record_from_fields(mch_order_no, &fields)
+    }
+
+    /// The order's event history, oldest first (see [`history`]).
+    pub async fn events(
+        &self,
+        mch_order_no: &str,
+    ) -> Result<Vec<history::OrderEvent>, LedgerError> {
+        let lines: Vec<String> = self
+            .conn
+            .clone()
+            .lrange(self.keys.events(mch_order_no), 0, -1)
+            .await?;
+        Ok(history::parse_events(lines))
+    }
+
+    /// The counters of the minutes starting at `minutes_ms`, in that order (this partition's
+    /// part).
+    pub async fn minute_stats(
+        &self,
+        minutes_ms: &[u64],
+    ) -> Result<Vec<minutes::MinuteStats>, LedgerError> {
+        let mut pipe = redis::pipe();
+        for minute in minutes_ms {
+            pipe.cmd("HGETALL").arg(self.keys.minute(*minute));
+        }
+        let all: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(minutes_ms
+            .iter()
+            .zip(all)
+            .map(|(minute, fields)| {
+                let mut stats = minutes::MinuteStats {
+                    minute_ms: *minute,
+                    ..Default::default()
+                };
+                stats.add_fields(&fields);
+                stats
+            })
+            .collect())
     }
 
     /// Members of a batch (their mchOrderNos).

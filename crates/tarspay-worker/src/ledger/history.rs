@@ -1,0 +1,194 @@
+//! Each order's event history: what happened to it besides its milestones (which the record
+//! itself keeps with their times: registration, acceptance, final, corrections). One Redis
+//! list per order (`{tag}:events:<mchOrderNo>`), appended by the ledger script in the same
+//! call as the operation that follows the event (so it costs commands inside a script, not
+//! round trips), capped at [`MAX_EVENTS`] (the oldest go first) and expired with the record.
+//!
+//! The history is for people (the console's timeline); nothing decides on it.
+
+use super::OrderRecord;
+use serde::{Deserialize, Serialize};
+
+/// Most events kept per order: a payout normally has 2–4; one that retried for a day keeps
+/// its latest 64.
+pub const MAX_EVENTS: usize = 64;
+
+/// What kind of thing happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A create was sent (an attempt): its answer, or the error, and how long it took.
+    Create,
+    /// The order was looked up at the gateway (before a create, after a duplicate, a poll).
+    Query,
+    /// A callback about the order arrived: verified or not.
+    Callback,
+    /// A create or query was held back without calling the gateway (limit, 429, guard).
+    Held,
+    /// An operator acted on the order from the console.
+    Operator,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Query => "query",
+            Self::Callback => "callback",
+            Self::Held => "held",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// One entry of an order's history. Only the fields that apply are set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderEvent {
+    /// When it happened, ms since the epoch (the writer's estimate of the Redis clock).
+    pub at_ms: u64,
+    pub kind: EventKind,
+    /// The create attempt's number (creates only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Why a query was made (`poll`, `reconcile`, `operator`) or what held a call back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long the gateway call took, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// The gateway's code (`0` for success), when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    /// The gateway's message, or the transport error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg: Option<String>,
+    /// The gateway's order state, when it told one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<i64>,
+    /// Callbacks: whether its signature verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// Operator actions: who (the name given at login, and the role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+impl OrderEvent {
+    /// An event of `kind` now, with no details yet.
+    pub fn now(kind: EventKind) -> Self {
+        Self {
+            at_ms: crate::queue::now_ms(),
+            kind,
+            attempt: None,
+            reason: None,
+            latency_ms: None,
+            code: None,
+            msg: None,
+            state: None,
+            verified: None,
+            actor: None,
+        }
+    }
+}
+
+/// One line of an order's timeline: a milestone from the record, or an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimelineEntry {
+    Registered {
+        at_ms: u64,
+    },
+    Accepted {
+        at_ms: u64,
+        pay_order_id: Option<String>,
+    },
+    Final {
+        at_ms: u64,
+        status: String,
+        code: Option<i64>,
+        msg: Option<String>,
+    },
+    Correction {
+        at_ms: u64,
+        status: String,
+        previous: Option<String>,
+    },
+    Event(OrderEvent),
+}
+
+impl TimelineEntry {
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            Self::Registered { at_ms }
+            | Self::Accepted { at_ms, .. }
+            | Self::Final { at_ms, .. }
+            | Self::Correction { at_ms, .. } => *at_ms,
+            Self::Event(event) => event.at_ms,
+        }
+    }
+}
+
+/// The order's milestones and its events, oldest first (a milestone before an event of the
+/// same millisecond: the event that caused it was written with the next operation).
+pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntry> {
+    let mut entries = vec![TimelineEntry::Registered {
+        at_ms: record.created_at_ms,
+    }];
+    if let Some(at_ms) = record.accepted_at_ms {
+        entries.push(TimelineEntry::Accepted {
+            at_ms,
+            pay_order_id: record.pay_order_id.clone(),
+        });
+    }
+    if let Some(at_ms) = record.finished_at_ms {
+        entries.push(TimelineEntry::Final {
+            at_ms,
+            status: record.phase.to_string(),
+            code: record.last_code,
+            msg: record.last_msg.clone(),
+        });
+    }
+    for correction in &record.corrections {
+        entries.push(TimelineEntry::Correction {
+            at_ms: correction_time(correction).unwrap_or(record.updated_at_ms),
+            status: correction.status.to_string(),
+            previous: correction.previous_status.map(|s| s.to_string()),
+        });
+    }
+    entries.extend(events.iter().cloned().map(TimelineEntry::Event));
+    // Stable: milestones (pushed first) stay before events of the same millisecond.
+    entries.sort_by_key(TimelineEntry::at_ms);
+    entries
+}
+
+/// A correction's time from its outcome's RFC 3339 `at`.
+fn correction_time(correction: &super::Outcome) -> Option<u64> {
+    humantime::parse_rfc3339(&correction.at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+}
+
+/// Parses the stored list, skipping entries this version cannot read (a history line is
+/// never worth failing a page for).
+pub(crate) fn parse_events(lines: Vec<String>) -> Vec<OrderEvent> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_and_skip_unset_fields() {
+        let mut event = OrderEvent::now(EventKind::Create);
+        event.attempt = Some(2);
+        event.code = Some(-1);
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(!line.contains("verified"), "{line}");
+        assert_eq!(parse_events(vec![line, "garbage".into()]), vec![event]);
+    }
+}
