@@ -283,6 +283,15 @@ impl Deployment {
         self.ledger_of(mch_order_no).events(mch_order_no).await
     }
 
+    /// Appends `event` to the order's history (an operator's action, say).
+    pub async fn note_event(
+        &self,
+        mch_order_no: &str,
+        event: OrderEvent,
+    ) -> Result<(), LedgerError> {
+        self.ledger_of(mch_order_no).note(mch_order_no, event).await
+    }
+
     /// The last `count` whole minutes and the current one, oldest first, summed over
     /// partitions (minutes without activity are zero).
     pub async fn minute_stats(&self, count: u64) -> Result<Vec<MinuteStats>, LedgerError> {

@@ -1191,6 +1191,25 @@ impl Ledger {
         record_from_fields(mch_order_no, &fields)
     }
 
+    /// Appends `event` to the order's history, if the order exists (see [`history`]).
+    pub async fn note(
+        &self,
+        mch_order_no: &str,
+        event: history::OrderEvent,
+    ) -> Result<(), LedgerError> {
+        // TODO(history): through the batch script, capped and expired with the record.
+        let line = serde_json::to_string(&event).map_err(|err| LedgerError::Corrupt {
+            id: mch_order_no.to_owned(),
+            reason: err.to_string(),
+        })?;
+        let _: i64 = self
+            .conn
+            .clone()
+            .rpush(self.keys.events(mch_order_no), line)
+            .await?;
+        Ok(())
+    }
+
     /// The order's event history, oldest first (see [`history`]).
     pub async fn events(
         &self,
