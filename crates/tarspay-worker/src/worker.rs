@@ -85,6 +85,11 @@ async fn handle(
                 run_poll_status(ctx, mch_order_no, attempt, *once).await
             }
         };
+        // What the run noted and no ledger operation took along (a poll that found the
+        // order still processing, say). The history never fails a job.
+        if let Err(err) = ctx.ledger.flush_noted(job.mch_order_no()).await {
+            tracing::debug!(mch_order_no = %job.mch_order_no(), error = %err, "order history not written");
+        }
         let step = match step {
             Ok(step) => step,
             // Retrying cannot fix a record that does not parse: give the job up (dead stream).

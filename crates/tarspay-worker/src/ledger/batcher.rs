@@ -49,7 +49,20 @@ pub(crate) struct Op {
     pub order_key: String,
     /// The batch set for a registration; otherwise the order key again.
     pub aux_key: String,
+    /// The order's event history list.
+    pub events_key: String,
     pub args: Vec<String>,
+    /// What happened to the order before this operation, written in the same step.
+    pub events: Vec<EventLine>,
+}
+
+/// One history line, and the minute counters it feeds (creates only).
+pub(crate) struct EventLine {
+    pub json: String,
+    /// The latency bucket's field, for a create that was sent; `None` otherwise.
+    pub bucket: Option<String>,
+    pub latency_ms: u64,
+    pub failed: bool,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -59,12 +72,19 @@ struct Pending {
 }
 
 impl Op {
-    pub fn new(kind: &'static str, order_key: String, aux_key: Option<String>) -> Self {
+    pub fn new(
+        kind: &'static str,
+        order_key: String,
+        aux_key: Option<String>,
+        events_key: String,
+    ) -> Self {
         Self {
             kind,
             aux_key: aux_key.unwrap_or_else(|| order_key.clone()),
             order_key,
+            events_key,
             args: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -79,18 +99,32 @@ pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
 }
 
+/// The script's shared keys: fixed ones, then the current minute's counters (named by the
+/// batch's clock).
+struct SharedKeys {
+    fixed: Vec<String>,
+    /// The minute counters' key without the minute number.
+    minute_prefix: String,
+}
+
 impl Batcher {
     /// Starts the batching task on the current tokio runtime; it ends when the last handle is
     /// dropped. `shared_keys` are the script's leading keys, in its order.
     /// With `replication`, `conn` should be the batcher's own: `WAIT` holds up the commands
     /// queued behind it on its connection.
+    /// `minute_prefix` + the minute number names the minute counters' hash.
     pub fn start(
         conn: RedisConn,
         shared_keys: Vec<String>,
+        minute_prefix: String,
         replication: Option<Replication>,
     ) -> Self {
-        debug_assert_eq!(shared_keys.len(), super::scripts::SHARED_KEYS);
+        debug_assert_eq!(shared_keys.len() + 1, super::scripts::SHARED_KEYS);
         let (tx, rx) = mpsc::unbounded_channel();
+        let shared_keys = SharedKeys {
+            fixed: shared_keys,
+            minute_prefix,
+        };
         tokio::spawn(run(conn, shared_keys, replication, rx));
         Self { tx }
     }
@@ -111,7 +145,7 @@ impl Batcher {
 
 async fn run(
     conn: RedisConn,
-    shared_keys: Vec<String>,
+    shared_keys: SharedKeys,
     replication: Option<Replication>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
@@ -172,20 +206,33 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
     Ok(reply)
 }
 
-/// The batch script's `EVALSHA`: the shared keys, then each operation's two keys; the
-/// caller's clock, then each operation's kind, argument count and arguments.
-fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
+/// The batch script's `EVALSHA`: the shared keys, then each operation's three keys; the
+/// caller's clock, then each operation's kind, argument count, arguments and events.
+fn batch_command(shared_keys: &SharedKeys, batch: &[Pending]) -> redis::Cmd {
+    let now = crate::queue::now_ms();
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
         .arg(BATCH.get_hash())
-        .arg(shared_keys.len() + 2 * batch.len())
-        .arg(shared_keys);
+        .arg(shared_keys.fixed.len() + 1 + 3 * batch.len())
+        .arg(&shared_keys.fixed)
+        .arg(format!("{}{}", shared_keys.minute_prefix, now / 60_000));
     for Pending { op, .. } in batch {
-        evalsha.arg(&op.order_key).arg(&op.aux_key);
+        evalsha
+            .arg(&op.order_key)
+            .arg(&op.aux_key)
+            .arg(&op.events_key);
     }
-    evalsha.arg(crate::queue::now_ms());
+    evalsha.arg(now);
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
+        evalsha.arg(op.events.len());
+        for event in &op.events {
+            evalsha
+                .arg(&event.json)
+                .arg(event.bucket.as_deref().unwrap_or(""))
+                .arg(event.latency_ms)
+                .arg(if event.failed { "1" } else { "0" });
+        }
     }
     evalsha
 }
@@ -195,7 +242,7 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
 /// within the timeout (always true without it).
 async fn apply_batch(
     conn: &RedisConn,
-    shared_keys: &[String],
+    shared_keys: &SharedKeys,
     batch: &[Pending],
     replication: Option<Replication>,
 ) -> Result<(Vec<Value>, bool), RedisError> {

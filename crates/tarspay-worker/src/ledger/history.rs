@@ -126,10 +126,21 @@ impl TimelineEntry {
             Self::Event(event) => event.at_ms,
         }
     }
+
+    /// Order within one millisecond: the registration first, then the events, then the
+    /// milestones they caused (a create's answer before the acceptance it recorded).
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Registered { .. } => 0,
+            Self::Event(_) => 1,
+            Self::Accepted { .. } => 2,
+            Self::Final { .. } => 3,
+            Self::Correction { .. } => 4,
+        }
+    }
 }
 
-/// The order's milestones and its events, oldest first (a milestone before an event of the
-/// same millisecond: the event that caused it was written with the next operation).
+/// The order's milestones and its events, oldest first.
 pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntry> {
     let mut entries = vec![TimelineEntry::Registered {
         at_ms: record.created_at_ms,
@@ -156,8 +167,7 @@ pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntr
         });
     }
     entries.extend(events.iter().cloned().map(TimelineEntry::Event));
-    // Stable: milestones (pushed first) stay before events of the same millisecond.
-    entries.sort_by_key(TimelineEntry::at_ms);
+    entries.sort_by_key(|entry| (entry.at_ms(), entry.rank()));
     entries
 }
 
@@ -167,6 +177,19 @@ fn correction_time(correction: &super::Outcome) -> Option<u64> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64)
+}
+
+/// An event's stored line, and the minute counters a sent create feeds. `None` only if it
+/// cannot be encoded (never, for this type).
+pub(super) fn line(event: &OrderEvent) -> Option<super::EventLine> {
+    let json = serde_json::to_string(event).ok()?;
+    let sent_create = event.kind == EventKind::Create && event.latency_ms.is_some();
+    Some(super::EventLine {
+        json,
+        bucket: sent_create.then(|| super::minutes::latency_bucket(event.latency_ms.unwrap_or(0))),
+        latency_ms: event.latency_ms.unwrap_or(0),
+        failed: event.code != Some(0),
+    })
 }
 
 /// Parses the stored list, skipping entries this version cannot read (a history line is

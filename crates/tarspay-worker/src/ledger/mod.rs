@@ -23,11 +23,12 @@ pub use phase::Phase;
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
-use batcher::{Batcher, Op};
+use batcher::{Batcher, EventLine, Op};
 use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,14 @@ impl LedgerKeys {
             webhooks.stream,
             webhooks.delayed,
             webhooks.unique,
+            self.index(),
+            self.batches(),
         ]
+    }
+
+    /// The minute counters' key without the minute number (see [`LedgerKeys::minute`]).
+    fn minute_prefix(&self) -> String {
+        format!("{}:minute:", self.base)
     }
 
     pub fn order(&self, mch_order_no: &str) -> String {
@@ -149,7 +157,7 @@ impl LedgerKeys {
 
     /// The counters of the minute starting at `minute_ms` (see [`minutes`]).
     pub fn minute(&self, minute_ms: u64) -> String {
-        format!("{}:minute:{}", self.base, minute_ms / 60_000)
+        format!("{}{}", self.minute_prefix(), minute_ms / 60_000)
     }
 
     /// The order's event history (see [`history`]).
@@ -417,6 +425,9 @@ pub struct Ledger {
     /// Set when this process' settings configure webhooks: every appended outcome gets its
     /// delivery job in the same step.
     webhook_jobs: Option<WebhookJobs>,
+    /// Events noted per order and not written yet: they ride with the order's next
+    /// operation (see [`Ledger::note_soon`]).
+    noted: Arc<std::sync::Mutex<HashMap<String, Vec<history::OrderEvent>>>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -686,7 +697,12 @@ impl Ledger {
         keys: LedgerKeys,
         replication: Option<Replication>,
     ) -> Self {
-        let batcher = Batcher::start(batcher_conn, keys.shared(), replication);
+        let batcher = Batcher::start(
+            batcher_conn,
+            keys.shared(),
+            keys.minute_prefix(),
+            replication,
+        );
         Self {
             conn,
             keys,
@@ -695,6 +711,7 @@ impl Ledger {
             outcome_max_len: 0,
             retention_ms: 0,
             webhook_jobs: None,
+            noted: Default::default(),
         }
     }
 
@@ -724,8 +741,51 @@ impl Ledger {
         &self.keys
     }
 
+    /// An operation on one order, carrying the events noted for it so far.
     fn op(&self, kind: &'static str, mch_order_no: &str) -> Op {
-        Op::new(kind, self.keys.order(mch_order_no), None)
+        let mut op = Op::new(
+            kind,
+            self.keys.order(mch_order_no),
+            None,
+            self.keys.events(mch_order_no),
+        );
+        op.events = self.take_noted(mch_order_no);
+        op
+    }
+
+    fn take_noted(&self, mch_order_no: &str) -> Vec<EventLine> {
+        let events = match self.noted.lock() {
+            Ok(mut noted) => noted.remove(mch_order_no).unwrap_or_default(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .remove(mch_order_no)
+                .unwrap_or_default(),
+        };
+        events.iter().filter_map(history::line).collect()
+    }
+
+    /// Notes that `event` happened to the order: it is written with the order's next ledger
+    /// operation from this handle, in the same script call (no round trip of its own). A run
+    /// that may end without one calls [`Ledger::flush_noted`].
+    pub fn note_soon(&self, mch_order_no: &str, event: history::OrderEvent) {
+        let mut noted = match self.noted.lock() {
+            Ok(noted) => noted,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        noted
+            .entry(mch_order_no.to_owned())
+            .or_default()
+            .push(event);
+    }
+
+    /// Writes the events noted for the order that no operation took along.
+    pub async fn flush_noted(&self, mch_order_no: &str) -> Result<(), LedgerError> {
+        let op = self.op("E", mch_order_no);
+        if op.events.is_empty() {
+            return Ok(());
+        }
+        self.batcher.apply(op).await?;
+        Ok(())
     }
 
     async fn apply_int(&self, op: Op, what: &str, id: &str) -> Result<i64, LedgerError> {
@@ -788,12 +848,14 @@ impl Ledger {
             other => return Err(corrupt(format!("cannot register as {other}"))),
         };
         let aux = (!batch.is_empty()).then(|| self.keys.batch(batch));
-        let op = Op::new("R", self.keys.order(id), aux)
+        let op = Op::new("R", self.keys.order(id), aux, self.keys.events(id))
             .arg(serde_json::to_string(&registration).map_err(|e| corrupt(e.to_string()))?)
             .arg(batch)
             .arg(id)
             .arg(accepted);
-        let op = with_job(op, job).arg(self.retention_ms.saturating_mul(2));
+        let op = with_job(op, job)
+            .arg(self.retention_ms.saturating_mul(2))
+            .arg(now);
         let reply = self.batcher.apply_confirmed(op).await?;
         if !reply.replicated {
             return Err(self.unreplicated(id));
@@ -1197,17 +1259,8 @@ impl Ledger {
         mch_order_no: &str,
         event: history::OrderEvent,
     ) -> Result<(), LedgerError> {
-        // TODO(history): through the batch script, capped and expired with the record.
-        let line = serde_json::to_string(&event).map_err(|err| LedgerError::Corrupt {
-            id: mch_order_no.to_owned(),
-            reason: err.to_string(),
-        })?;
-        let _: i64 = self
-            .conn
-            .clone()
-            .rpush(self.keys.events(mch_order_no), line)
-            .await?;
-        Ok(())
+        self.note_soon(mch_order_no, event);
+        self.flush_noted(mch_order_no).await
     }
 
     /// The order's event history, oldest first (see [`history`]).
