@@ -7,8 +7,12 @@ mod common;
 use common::app::{inr, spawn_app, spawn_app_with};
 use common::eventually;
 use redis::AsyncCommands;
+use std::collections::HashSet;
 use tarspay_sandbox::{Endpoint, FaultAction};
+use tarspay_worker::ids::BatchId;
+use tarspay_worker::ledger::Phase;
 use tarspay_worker::ledger::history::{EventKind, MAX_EVENTS, OrderEvent, TimelineEntry, timeline};
+use tarspay_worker::ledger::index::OrderQuery;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_create_leaves_each_attempt_with_its_code_and_latency() {
@@ -158,4 +162,141 @@ async fn an_untrusted_callback_is_in_the_history_as_unverified() {
             .as_deref()
             .is_some_and(|r| r.contains("untrusted"))
     );
+}
+
+/// Pages through a search to its end; the orders' numbers, in page order.
+async fn all_pages(app: &common::app::TestApp, mut query: OrderQuery) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let page = app.deployment.search_orders(&query).await.unwrap();
+        assert!(
+            page.orders.len() <= query.limit,
+            "page of {}",
+            page.orders.len()
+        );
+        seen.extend(page.orders.iter().map(|o| o.mch_order_no.to_string()));
+        match page.next {
+            Some(next) => query.cursor = Some(next),
+            None => return seen,
+        }
+    }
+    panic!("more than 100 pages: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_pages_newest_first_by_status_time_and_batch() {
+    let app = spawn_app(false, |c| c.outcomes = vec![common::outcome_rule("REJ", 8)]).await;
+    let batch = BatchId::parse("B-NOV").unwrap();
+    for i in 0..20 {
+        app.producer
+            .enqueue_json(&inr(&format!("OK-{i:02}"), "100"), Some(&batch))
+            .await
+            .unwrap();
+    }
+    let before_rejects = tarspay_worker::queue::server_now_ms();
+    for i in 0..5 {
+        app.enqueue(inr(&format!("REJ-{i}"), "100")).await;
+    }
+    let pool = app.pool(4);
+    app.wait_outcomes(25).await;
+    pool.stop().await;
+
+    // Everything, 7 per page, newest first, each order once.
+    let all = all_pages(
+        &app,
+        OrderQuery {
+            limit: 7,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 25, "{all:?}");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 25, "{all:?}");
+    let records = app.deployment.records(&all).await.unwrap();
+    let times: Vec<u64> = records
+        .iter()
+        .map(|r| r.as_ref().unwrap().created_at_ms)
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "not newest first: {times:?}"
+    );
+    assert!(all[..5].iter().all(|id| id.starts_with("REJ-")), "{all:?}");
+
+    // A status, two per page.
+    let rejected = all_pages(
+        &app,
+        OrderQuery {
+            phase: Some(Phase::Rejected),
+            limit: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
+    assert!(rejected.iter().all(|id| id.starts_with("REJ-")));
+
+    // A time window: registered from the first reject on.
+    let recent = all_pages(
+        &app,
+        OrderQuery {
+            from_ms: Some(before_rejects),
+            limit: 50,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(recent.iter().filter(|id| id.starts_with("REJ-")).count(), 5);
+    assert!(recent.iter().all(|id| id.starts_with("REJ-")), "{recent:?}");
+
+    // A batch, in number order, with a status that none of it has.
+    let in_batch = all_pages(
+        &app,
+        OrderQuery {
+            batch_id: Some("B-NOV".into()),
+            limit: 6,
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: Vec<String> = (0..20).map(|i| format!("OK-{i:02}")).collect();
+    assert_eq!(in_batch, expected);
+    let none = all_pages(
+        &app,
+        OrderQuery {
+            batch_id: Some("B-NOV".into()),
+            phase: Some(Phase::Rejected),
+            limit: 6,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+
+    // An exact number, and one that matches no filter.
+    let exact = all_pages(
+        &app,
+        OrderQuery {
+            mch_order_no: Some("REJ-3".into()),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(exact, ["REJ-3"]);
+    let mismatched = all_pages(
+        &app,
+        OrderQuery {
+            mch_order_no: Some("REJ-3".into()),
+            phase: Some(Phase::Succeeded),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(mismatched.is_empty());
+
+    let batches = app.deployment.recent_batches(10).await.unwrap();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(batches[0].batch_id, "B-NOV");
 }
