@@ -85,15 +85,19 @@ async fn a_retried_create_leaves_each_attempt_with_its_code_and_latency() {
     let ttl: i64 = conn.pttl(ledger.keys().events("HIST-1")).await.unwrap();
     assert!(ttl > 0 && ttl <= 3_600_000, "history ttl {ttl}");
 
-    // The minute counters saw three creates, two failed, and one succeeded payout.
-    let minutes = app.deployment.minute_stats(2).await.unwrap();
-    let creates: u64 = minutes.iter().map(|m| m.creates).sum();
-    let errors: u64 = minutes.iter().map(|m| m.create_errors).sum();
-    let succeeded: u64 = minutes
-        .iter()
-        .map(|m| m.finals.get("succeeded").copied().unwrap_or(0))
-        .sum();
-    assert_eq!((creates, errors, succeeded), (3, 2, 1), "{minutes:?}");
+    // The minute counters (added by the worker every 2 s) saw three creates, two failed,
+    // and one succeeded payout.
+    let minutes = eventually("the minute counters", || async {
+        let minutes = app.deployment.minute_stats(2).await.unwrap();
+        let creates: u64 = minutes.iter().map(|m| m.creates).sum();
+        let errors: u64 = minutes.iter().map(|m| m.create_errors).sum();
+        let succeeded: u64 = minutes
+            .iter()
+            .map(|m| m.finals.get("succeeded").copied().unwrap_or(0))
+            .sum();
+        ((creates, errors, succeeded) == (3, 2, 1)).then_some(minutes)
+    })
+    .await;
     assert!(minutes.iter().any(|m| m.latency_quantile_ms(0.5).is_some()));
 }
 

@@ -150,7 +150,7 @@ pub async fn run(
     );
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
-        .data(shared)
+        .data(shared.clone())
         .concurrency(concurrency)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
@@ -213,7 +213,7 @@ pub async fn run(
         tokio::time::sleep(grace).await;
     };
     let _lifeline_tasks = lifeline_tasks;
-    tokio::select! {
+    let ended = tokio::select! {
         result = async { tokio::try_join!(payouts, webhooks) } => result
             .map(|_| ())
             .map_err(|err| WorkerError::Runtime(err.to_string())),
@@ -221,7 +221,12 @@ pub async fn run(
             tracing::warn!(grace_s = grace.as_secs(), "grace period over; unfinished jobs are left to other workers");
             Ok(())
         }
+    };
+    // The console's chart counts of the last seconds.
+    for ctx in shared.partitions.iter().flatten() {
+        ctx.ledger.flush_counters().await;
     }
+    ended
 }
 
 /// Ends a background task when the pool that started it ends.

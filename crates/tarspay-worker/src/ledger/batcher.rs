@@ -52,17 +52,9 @@ pub(crate) struct Op {
     /// The order's event history list.
     pub events_key: String,
     pub args: Vec<String>,
-    /// What happened to the order before this operation, written in the same step.
-    pub events: Vec<EventLine>,
-}
-
-/// One history line, and the minute counters it feeds (creates only).
-pub(crate) struct EventLine {
-    pub json: String,
-    /// The latency bucket's field, for a create that was sent; `None` otherwise.
-    pub bucket: Option<String>,
-    pub latency_ms: u64,
-    pub failed: bool,
+    /// What happened to the order before this operation (history lines, JSON), written in
+    /// the same step.
+    pub events: Vec<String>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -99,32 +91,18 @@ pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
 }
 
-/// The script's shared keys: fixed ones, then the current minute's counters (named by the
-/// batch's clock).
-struct SharedKeys {
-    fixed: Vec<String>,
-    /// The minute counters' key without the minute number.
-    minute_prefix: String,
-}
-
 impl Batcher {
     /// Starts the batching task on the current tokio runtime; it ends when the last handle is
     /// dropped. `shared_keys` are the script's leading keys, in its order.
     /// With `replication`, `conn` should be the batcher's own: `WAIT` holds up the commands
     /// queued behind it on its connection.
-    /// `minute_prefix` + the minute number names the minute counters' hash.
     pub fn start(
         conn: RedisConn,
         shared_keys: Vec<String>,
-        minute_prefix: String,
         replication: Option<Replication>,
     ) -> Self {
-        debug_assert_eq!(shared_keys.len() + 1, super::scripts::SHARED_KEYS);
+        debug_assert_eq!(shared_keys.len(), super::scripts::SHARED_KEYS);
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared_keys = SharedKeys {
-            fixed: shared_keys,
-            minute_prefix,
-        };
         tokio::spawn(run(conn, shared_keys, replication, rx));
         Self { tx }
     }
@@ -145,7 +123,7 @@ impl Batcher {
 
 async fn run(
     conn: RedisConn,
-    shared_keys: SharedKeys,
+    shared_keys: Vec<String>,
     replication: Option<Replication>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
@@ -208,31 +186,22 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
 
 /// The batch script's `EVALSHA`: the shared keys, then each operation's three keys; the
 /// caller's clock, then each operation's kind, argument count, arguments and events.
-fn batch_command(shared_keys: &SharedKeys, batch: &[Pending]) -> redis::Cmd {
-    let now = crate::queue::now_ms();
+fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
         .arg(BATCH.get_hash())
-        .arg(shared_keys.fixed.len() + 1 + 3 * batch.len())
-        .arg(&shared_keys.fixed)
-        .arg(format!("{}{}", shared_keys.minute_prefix, now / 60_000));
+        .arg(shared_keys.len() + 3 * batch.len())
+        .arg(shared_keys);
     for Pending { op, .. } in batch {
         evalsha
             .arg(&op.order_key)
             .arg(&op.aux_key)
             .arg(&op.events_key);
     }
-    evalsha.arg(now);
+    evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
-        evalsha.arg(op.events.len());
-        for event in &op.events {
-            evalsha
-                .arg(&event.json)
-                .arg(event.bucket.as_deref().unwrap_or(""))
-                .arg(event.latency_ms)
-                .arg(if event.failed { "1" } else { "0" });
-        }
+        evalsha.arg(op.events.len()).arg(&op.events);
     }
     evalsha
 }
@@ -242,7 +211,7 @@ fn batch_command(shared_keys: &SharedKeys, batch: &[Pending]) -> redis::Cmd {
 /// within the timeout (always true without it).
 async fn apply_batch(
     conn: &RedisConn,
-    shared_keys: &SharedKeys,
+    shared_keys: &[String],
     batch: &[Pending],
     replication: Option<Replication>,
 ) -> Result<(Vec<Value>, bool), RedisError> {

@@ -179,19 +179,6 @@ fn correction_time(correction: &super::Outcome) -> Option<u64> {
         .map(|d| d.as_millis() as u64)
 }
 
-/// An event's stored line, and the minute counters a sent create feeds. `None` only if it
-/// cannot be encoded (never, for this type).
-pub(super) fn line(event: &OrderEvent) -> Option<super::EventLine> {
-    let json = serde_json::to_string(event).ok()?;
-    let sent_create = event.kind == EventKind::Create && event.latency_ms.is_some();
-    Some(super::EventLine {
-        json,
-        bucket: sent_create.then(|| super::minutes::latency_bucket(event.latency_ms.unwrap_or(0))),
-        latency_ms: event.latency_ms.unwrap_or(0),
-        failed: event.code != Some(0),
-    })
-}
-
 /// Parses the stored list, skipping entries this version cannot read (a history line is
 /// never worth failing a page for).
 pub(crate) fn parse_events(lines: Vec<String>) -> Vec<OrderEvent> {

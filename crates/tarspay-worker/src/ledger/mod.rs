@@ -23,7 +23,7 @@ pub use phase::Phase;
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
-use batcher::{Batcher, EventLine, Op};
+use batcher::{Batcher, Op};
 use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -115,11 +115,6 @@ impl LedgerKeys {
         ]
     }
 
-    /// The minute counters' key without the minute number (see [`LedgerKeys::minute`]).
-    fn minute_prefix(&self) -> String {
-        format!("{}:minute:", self.base)
-    }
-
     pub fn order(&self, mch_order_no: &str) -> String {
         format!("{}:order:{mch_order_no}", self.base)
     }
@@ -157,7 +152,7 @@ impl LedgerKeys {
 
     /// The counters of the minute starting at `minute_ms` (see [`minutes`]).
     pub fn minute(&self, minute_ms: u64) -> String {
-        format!("{}{}", self.minute_prefix(), minute_ms / 60_000)
+        format!("{}:minute:{}", self.base, minute_ms / 60_000)
     }
 
     /// The order's event history (see [`history`]).
@@ -428,6 +423,8 @@ pub struct Ledger {
     /// Events noted per order and not written yet: they ride with the order's next
     /// operation (see [`Ledger::note_soon`]).
     noted: Arc<std::sync::Mutex<HashMap<String, Vec<history::OrderEvent>>>>,
+    /// This process' chart counts, added to Redis in the background (see [`minutes`]).
+    tally: Arc<minutes::Tally>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -697,12 +694,14 @@ impl Ledger {
         keys: LedgerKeys,
         replication: Option<Replication>,
     ) -> Self {
-        let batcher = Batcher::start(
-            batcher_conn,
-            keys.shared(),
-            keys.minute_prefix(),
-            replication,
-        );
+        let batcher = Batcher::start(batcher_conn, keys.shared(), replication);
+        let tally = Arc::new(minutes::Tally::default());
+        let minute_keys = keys.clone();
+        tokio::spawn(minutes::flush_every(
+            tally.clone(),
+            conn.clone(),
+            move |minute| minute_keys.minute(minute),
+        ));
         Self {
             conn,
             keys,
@@ -712,6 +711,7 @@ impl Ledger {
             retention_ms: 0,
             webhook_jobs: None,
             noted: Default::default(),
+            tally,
         }
     }
 
@@ -753,7 +753,8 @@ impl Ledger {
         op
     }
 
-    fn take_noted(&self, mch_order_no: &str) -> Vec<EventLine> {
+    /// The history lines noted for the order and not written yet.
+    fn take_noted(&self, mch_order_no: &str) -> Vec<String> {
         let events = match self.noted.lock() {
             Ok(mut noted) => noted.remove(mch_order_no).unwrap_or_default(),
             Err(poisoned) => poisoned
@@ -761,13 +762,22 @@ impl Ledger {
                 .remove(mch_order_no)
                 .unwrap_or_default(),
         };
-        events.iter().filter_map(history::line).collect()
+        events
+            .iter()
+            .filter_map(|event| serde_json::to_string(event).ok())
+            .collect()
     }
 
     /// Notes that `event` happened to the order: it is written with the order's next ledger
     /// operation from this handle, in the same script call (no round trip of its own). A run
     /// that may end without one calls [`Ledger::flush_noted`].
     pub fn note_soon(&self, mch_order_no: &str, event: history::OrderEvent) {
+        if event.kind == history::EventKind::Create
+            && let Some(latency_ms) = event.latency_ms
+        {
+            self.tally
+                .create(event.at_ms, latency_ms, event.code != Some(0));
+        }
         let mut noted = match self.noted.lock() {
             Ok(noted) => noted,
             Err(poisoned) => poisoned.into_inner(),
@@ -776,6 +786,13 @@ impl Ledger {
             .entry(mch_order_no.to_owned())
             .or_default()
             .push(event);
+    }
+
+    /// Adds this process' chart counts to Redis now (a stopping worker does, so the last
+    /// seconds' counts are not lost).
+    pub async fn flush_counters(&self) {
+        let keys = &self.keys;
+        minutes::flush(&self.tally, &self.conn, |minute| keys.minute(minute)).await;
     }
 
     /// Writes the events noted for the order that no operation took along.
@@ -1236,6 +1253,7 @@ impl Ledger {
         };
         if applied == Finalized::Recorded {
             metrics::counter!(crate::metrics::OUTCOMES, "status" => phase.as_str()).increment(1);
+            self.tally.finished(crate::queue::now_ms(), phase.as_str());
         }
         Ok(applied)
     }

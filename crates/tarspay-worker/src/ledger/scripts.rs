@@ -24,23 +24,20 @@ use std::sync::LazyLock;
 /// Shared keys, before the three keys each operation brings (its order hash, an auxiliary
 /// key: the batch set for a registration, otherwise the order hash again; and the order's
 /// event history list).
-pub(crate) const SHARED_KEYS: usize = 13;
+pub(crate) const SHARED_KEYS: usize = 12;
 
 /// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
 /// and unique hash, the webhook queue's stream, delayed set and unique hash, the order time
-/// index, the batch index, the current minute's counters; then per operation its order key,
-/// auxiliary key and history key.
+/// index, the batch index; then per operation its order key, auxiliary key and history key.
 /// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments, then
-/// the events that happened to its order before it: their count, and per event its JSON, its
-/// latency bucket field ('' unless a create), latency ms and '1' if the create failed.
+/// the events that happened to its order before it: their count, then each one's JSON.
 /// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{}{}local MAX_EVENTS = {}\nlocal MINUTE_KEEP_MS = {}\n{}",
+        "{}{}local MAX_EVENTS = {}\n{}",
         crate::queue::DELAY_JOB,
         crate::queue::ENQUEUE_ONE,
         super::history::MAX_EVENTS,
-        super::minutes::KEEP.as_millis(),
         r#"
 local now = tonumber(ARGV[1])
 local server_now = nil
@@ -182,12 +179,6 @@ local function append_outcome(fields, max_len, webhook)
   end
   return added
 end
--- A minute counter goes up; the minute's hash expires after MINUTE_KEEP_MS.
-local function count_minute(field, by)
-  if redis.call('HINCRBY', KEYS[13], field, by) == by then
-    redis.call('PEXPIRE', KEYS[13], MINUTE_KEEP_MS)
-  end
-end
 local function finalize(order, a, events)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
@@ -237,7 +228,6 @@ local function finalize(order, a, events)
     redis.call('PEXPIRE', order, a[10])
     redis.call('PEXPIRE', events, a[10])
   end
-  count_minute('f:' .. a[8], 1)
   return 1
 end
 
@@ -299,11 +289,10 @@ local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = relea
 
 -- Appends `count` events (from ARGV[at]) to an order's history: capped at MAX_EVENTS (the
 -- oldest go), and expiring with the record (a list started for a record that is gone is
--- dropped). A create's latency goes to the minute's counters.
+-- dropped).
 local function note_events(order, events, at, count)
   for i = 0, count - 1 do
-    local e = at + i * 4
-    local n = redis.call('RPUSH', events, ARGV[e])
+    local n = redis.call('RPUSH', events, ARGV[at + i])
     if n == 1 then
       local ttl = redis.call('PTTL', order)
       if ttl == -2 then
@@ -315,14 +304,9 @@ local function note_events(order, events, at, count)
     elseif n > MAX_EVENTS then
       redis.call('LTRIM', events, -MAX_EVENTS, -1)
     end
-    if ARGV[e + 1] ~= '' then
-      count_minute('c', 1)
-      redis.call('HINCRBY', KEYS[13], 's', ARGV[e + 2])
-      redis.call('HINCRBY', KEYS[13], ARGV[e + 1], 1)
-      if ARGV[e + 3] == '1' then redis.call('HINCRBY', KEYS[13], 'e', 1) end
-    end
   end
 end
+
 -- One operation's error (a key of the wrong type, an unknown kind) is its caller's answer,
 -- {'!error', message} (as data: an error reply nested in the batch's array would fail the
 -- whole reply client-side); the other operations of the batch go on.
@@ -349,12 +333,12 @@ while at <= #ARGV do
   local a = {}
   for i = 1, n do a[i] = ARGV[at + 1 + i] end
   at = at + 2 + n
-  local order, aux, events = KEYS[14 + op * 3], KEYS[15 + op * 3], KEYS[16 + op * 3]
+  local order, aux, events = KEYS[13 + op * 3], KEYS[14 + op * 3], KEYS[15 + op * 3]
   local noted = tonumber(ARGV[at])
   -- The events happened before the operation's change. Keeping the history never fails
   -- the operation.
   if noted > 0 then pcall(note_events, order, events, at + 1, noted) end
-  at = at + 1 + noted * 4
+  at = at + 1 + noted
   out[#out + 1] = guarded(kind, order, aux, events, a)
   op = op + 1
 end
