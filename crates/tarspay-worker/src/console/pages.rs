@@ -169,8 +169,7 @@ async fn admin(
 /// Records the action, leaves `message` for the next page, and sends the browser there.
 async fn done(
     state: &AppState,
-    id: &str,
-    session: &Session,
+    (id, session): (&str, &Session),
     action: &str,
     target: &str,
     result: &str,
@@ -524,8 +523,7 @@ async fn set_paused(
     };
     done(
         &state,
-        &id,
-        &session,
+        (&id, &session),
         action,
         "all payout lanes",
         result,
@@ -829,8 +827,7 @@ pub async fn lookup(
         Ok(None) => {
             return done(
                 &state,
-                &id,
-                &session,
+                (&id, &session),
                 "lookup",
                 &mch_order_no,
                 "not found",
@@ -858,8 +855,7 @@ pub async fn lookup(
     };
     done(
         &state,
-        &id,
-        &session,
+        (&id, &session),
         "lookup",
         &mch_order_no,
         result,
@@ -1173,8 +1169,7 @@ pub async fn retry(
     };
     done(
         &state,
-        &id,
-        &session,
+        (&id, &session),
         "retry",
         &dead_id,
         result,
