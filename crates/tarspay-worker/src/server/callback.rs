@@ -177,7 +177,9 @@ fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str
     ours && same_order && record.kind == kind && same_currency && same_amount
 }
 
-async fn schedule_query(
+/// Queues a one-off status query of `record` (its own unique key, so at most one waits);
+/// also the console's "look up now".
+pub(crate) async fn schedule_query(
     state: &AppState,
     record: &OrderRecord,
 ) -> Result<(), crate::queue::QueueError> {
