@@ -106,8 +106,8 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-/// `value` encoded for an `application/x-www-form-urlencoded` body.
-fn form_encode(value: &str) -> String {
+/// `value` percent-encoded but for unreserved characters (a form value, a path segment).
+fn encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
@@ -127,7 +127,7 @@ async fn post_as(c: &Console, path: &str, session: &str, csrf: &str) -> StatusCo
         .header("cookie", format!("{COOKIE}={session}"))
         .header("origin", &c.url)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("csrf={}", form_encode(csrf)))
+        .body(format!("csrf={}", encode(csrf)))
         .send()
         .await
         .unwrap()
@@ -135,8 +135,8 @@ async fn post_as(c: &Console, path: &str, session: &str, csrf: &str) -> StatusCo
 }
 
 /// Moves the queued job of order `id` into the dead stream by hand, as an exhausted job would
-/// be (no worker runs yet); returns its dead id.
-async fn bury(app: &TestApp, id: &str) -> String {
+/// be (no worker runs yet).
+async fn bury(app: &TestApp, id: &str) {
     let partition = app.partition(id);
     let keys = partition.queue.keys().clone();
     let mut conn = partition.queue.connection();
@@ -170,7 +170,25 @@ async fn bury(app: &TestApp, id: &str) -> String {
     let _: i64 = conn.xdel(&keys.stream, &[&entry.id]).await.unwrap();
     let dead = partition.queue.list_dead(None, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    dead[0].dead_id.clone()
+}
+
+/// The console's id of the dead job of order `id` (its `table#dead` row's `data-dead-id`),
+/// once the dead page lists it.
+async fn dead_row_of(browser: &Browser, c: &Console, id: &str) -> String {
+    let what = format!("the dead job of {id} on /console/dead");
+    poll(&what, PATIENCE, EVERY, || async {
+        let rows = "table#dead tr[data-dead-id]";
+        let texts = browser.texts(rows).await;
+        let ids = browser.attrs(rows, "data-dead-id").await;
+        match texts.iter().zip(&ids).find(|(text, _)| text.contains(id)) {
+            Some((_, Some(dead_id))) => Ok(dead_id.clone()),
+            _ => {
+                browser.goto(&c.page("/console/dead")).await;
+                Err(format!("(rows {texts:?})"))
+            }
+        }
+    })
+    .await
 }
 
 /// A browser with nothing in it proves the fixture itself: Chromium renders, scripts run,
@@ -509,7 +527,7 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
     let c = console(|_| {}).await;
     c.app.enqueue(inr("LOOK-1", "100")).await;
     c.app.enqueue(inr("DEAD-V", "100")).await;
-    let dead_id = bury(&c.app, "DEAD-V").await;
+    bury(&c.app, "DEAD-V").await;
 
     let browser = Browser::start().await;
     browser.login(&c.url, "vera", VIEWER).await;
@@ -520,9 +538,7 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
     browser.wait_for("#phase").await;
     assert_eq!(browser.count("form#lookup-form").await, 0);
     browser.goto(&c.page("/console/dead")).await;
-    browser
-        .wait_for(&format!("table#dead tr[data-dead-id=\"{dead_id}\"]"))
-        .await;
+    let dead_id = dead_row_of(&browser, &c, "DEAD-V").await;
     assert_eq!(browser.count("form.retry-form").await, 0);
 
     // The viewer's own session and CSRF token, sent by hand: still refused.
@@ -531,7 +547,7 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
         .await
         .expect("no csrf field on the viewer's page (its logout form should carry one)");
     for path in [
-        format!("/console/dead/{dead_id}/retry"),
+        format!("/console/dead/{}/retry", encode(&dead_id)),
         "/console/payouts/LOOK-1/lookup".to_owned(),
     ] {
         let status = post_as(&c, &path, &session, &csrf).await;
@@ -547,7 +563,7 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
     browser.wait_for("form.retry-form").await;
     let session = browser.cookie(COOKIE).await.expect("a session cookie");
     let csrf = csrf_of(&browser).await.expect("a csrf field");
-    let retry = format!("/console/dead/{dead_id}/retry");
+    let retry = format!("/console/dead/{}/retry", encode(&dead_id));
     let forged = post_as(&c, &retry, &session, "not-the-token").await;
     assert!(
         forged.is_client_error(),
@@ -566,15 +582,14 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
 async fn an_admin_retries_a_dead_job_and_the_audit_log_records_it() {
     let c = console(|_| {}).await;
     c.app.enqueue(inr("DEAD-1", "100")).await;
-    let dead_id = bury(&c.app, "DEAD-1").await;
+    bury(&c.app, "DEAD-1").await;
     let pool = c.app.pool(2);
 
     let browser = Browser::start().await;
     browser.login(&c.url, "alice", ADMIN).await;
     browser.goto(&c.page("/console/dead")).await;
+    let dead_id = dead_row_of(&browser, &c, "DEAD-1").await;
     let row = format!("table#dead tr[data-dead-id=\"{dead_id}\"]");
-    browser.wait_for(&row).await;
-    assert!(browser.text_of(&row).await.contains("DEAD-1"));
     assert_eq!(browser.count("form.retry-form").await, 1);
     browser
         .click_confirmed("form.retry-form [type=submit], form.retry-form button")
@@ -617,7 +632,7 @@ async fn no_page_holds_a_key_a_token_or_a_full_account_number() {
         .await
         .unwrap();
     c.app.enqueue(with_account("ACCT-2", "100")).await;
-    let dead_id = bury(&c.app, "ACCT-2").await;
+    bury(&c.app, "ACCT-2").await;
     let pool = c.app.pool(2);
     c.app.wait_outcomes(1).await;
     pool.stop().await;
@@ -663,12 +678,7 @@ async fn no_page_holds_a_key_a_token_or_a_full_account_number() {
         "#request: {request}"
     );
     browser.goto(&c.page("/console/dead")).await;
-    assert_eq!(
-        browser
-            .count(&format!("table#dead tr[data-dead-id=\"{dead_id}\"]"))
-            .await,
-        1
-    );
+    dead_row_of(&browser, &c, "ACCT-2").await;
     // Nor does the login page, after a failed login with a real token's neighbour.
     browser.forget_cookies().await;
     browser.login(&c.url, "mallory", VIEWER).await;
