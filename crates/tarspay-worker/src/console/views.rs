@@ -84,7 +84,7 @@ pub fn action_form(
     confirm: &str,
 ) -> Markup {
     html! {
-        form.inline class=(class) id=[id] method="post" action=(action) data-confirm=(confirm) {
+        form class=(format!("inline {class}")) id=[id] method="post" action=(action) data-confirm=(confirm) {
             (csrf_field(session))
             button type="submit" { (label) }
         }
