@@ -329,7 +329,9 @@ async fn the_overview_counts_what_was_enqueued_and_paid() {
     })
     .await;
 
-    // The charts: SVGs whose outcome data counts what was paid and what failed.
+    // The charts: SVGs whose outcome data counts what was paid and what failed. The contract
+    // names the charts but not their marks: this reads the console's `data-status` and
+    // `data-count` on the outcome chart's bars (summed over minutes).
     for chart in ["#chart-outcomes", "#chart-latency"] {
         let svgs = browser.count(&format!("svg{chart}, {chart} svg")).await;
         assert!(svgs >= 1, "{chart} is no SVG");
@@ -370,18 +372,26 @@ async fn an_admin_pauses_and_resumes_from_the_overview_and_the_audit_log_says_wh
         browser.attr("#paused", "data-paused").await.as_deref(),
         Some("false")
     );
-    browser
-        .click_confirmed("form#pause-form [type=submit], form#pause-form button")
-        .await;
+    let pause = "form#pause-form [type=submit], form#pause-form button";
+    // Every action asks first; declined, nothing happens.
+    let question = browser.click_declined(pause).await;
+    assert!(!question.trim().is_empty());
+    assert!(
+        !c.app.deployment.is_paused().await.unwrap(),
+        "paused unasked"
+    );
+    let asked = browser.click_confirmed(pause).await;
+    assert_eq!(asked, Some(question), "the pause was not confirmed first");
     assert!(c.app.deployment.is_paused().await.unwrap(), "not paused");
     browser.goto(&c.page("/console/")).await;
     assert_eq!(
         browser.attr("#paused", "data-paused").await.as_deref(),
         Some("true")
     );
-    browser
+    let asked = browser
         .click_confirmed("form#resume-form [type=submit], form#resume-form button")
         .await;
+    assert!(asked.is_some(), "the resume was not confirmed first");
     assert!(!c.app.deployment.is_paused().await.unwrap(), "still paused");
 
     browser.goto(&c.page("/console/audit")).await;
@@ -591,9 +601,10 @@ async fn an_admin_retries_a_dead_job_and_the_audit_log_records_it() {
     let dead_id = dead_row_of(&browser, &c, "DEAD-1").await;
     let row = format!("table#dead tr[data-dead-id=\"{dead_id}\"]");
     assert_eq!(browser.count("form.retry-form").await, 1);
-    browser
+    let asked = browser
         .click_confirmed("form.retry-form [type=submit], form.retry-form button")
         .await;
+    assert!(asked.is_some(), "the retry was not confirmed first");
 
     // Re-queued, then paid.
     let outcomes = c.app.wait_outcomes(1).await;

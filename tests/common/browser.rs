@@ -338,19 +338,23 @@ impl Browser {
         self.client.delete_all_cookies().await.unwrap();
     }
 
-    /// Clicks the first element matching `css`; accepts the confirmation dialog it opens, if
-    /// any (every console action asks first), and waits for the page to load again.
-    pub async fn click_confirmed(&self, css: &str) {
+    /// Clicks the first element matching `css`, accepts the confirmation dialog it opens
+    /// (every console action asks first) and waits for the next page to load. Returns the
+    /// dialog's question, None if there was none.
+    pub async fn click_confirmed(&self, css: &str) -> Option<String> {
         let before = self.execute("return performance.timeOrigin").await;
         self.expect(css).await.click().await.unwrap();
-        let accepted = std::cell::Cell::new(false);
+        let question = std::cell::RefCell::new(None);
         super::poll(
             "the action's answer",
             PATIENCE,
             Duration::from_millis(50),
             || async {
-                if !accepted.get() && self.client.accept_alert().await.is_ok() {
-                    accepted.set(true);
+                if question.borrow().is_none()
+                    && let Ok(text) = self.client.get_alert_text().await
+                    && self.client.accept_alert().await.is_ok()
+                {
+                    *question.borrow_mut() = Some(text);
                 }
                 let Ok(origin) = self
                     .client
@@ -370,6 +374,23 @@ impl Browser {
             },
         )
         .await;
+        question.into_inner()
+    }
+
+    /// Clicks the first element matching `css` and declines the confirmation dialog it must
+    /// open; returns the dialog's question. Nothing is sent: the page stays as it was.
+    pub async fn click_declined(&self, css: &str) -> String {
+        let before = self.execute("return performance.timeOrigin").await;
+        self.expect(css).await.click().await.unwrap();
+        let question = self
+            .client
+            .get_alert_text()
+            .await
+            .unwrap_or_else(|err| panic!("clicking {css} asked nothing: {err}"));
+        self.client.dismiss_alert().await.unwrap();
+        let after = self.execute("return performance.timeOrigin").await;
+        assert_eq!(before, after, "a declined {css} still left the page");
+        question
     }
 
     /// Resizes the window to `(width, height)`.
