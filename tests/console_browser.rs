@@ -774,20 +774,34 @@ async fn screenshots() {
     n += 1;
     let pool = c.app.pool(4);
     c.app.wait_outcomes(n).await;
-    // Some left waiting, so the depth table has something to show.
-    for k in 1..=3 {
-        c.app.enqueue(inr(&format!("LATER-{k}"), "100")).await;
-    }
     let browser = Browser::start().await;
     browser.resize(DESKTOP).await;
     browser.login(&c.url, "alice", ADMIN).await;
 
+    // The overview once its outcome chart counts every final payout (its counters reach Redis
+    // every 2 s).
     browser.goto(&c.page("/console/")).await;
-    browser.wait_for("#chart-outcomes").await;
+    poll("the outcomes chart", PATIENCE, EVERY, || async {
+        let css = "#chart-outcomes [data-status][data-count]";
+        let counts = browser.attrs(css, "data-count").await;
+        let total: u64 = counts.into_iter().map(|v| number(v, css)).sum();
+        if total == n as u64 {
+            Ok(())
+        } else {
+            browser.goto(&c.page("/console/")).await;
+            Err(format!("({total} of {n})"))
+        }
+    })
+    .await;
+    assert_eq!(depth(&browser, "waiting").await, Some(0));
+    browser.wait_for("#workers tr[data-worker]").await;
+    // Each shot shows its whole page, 1280 px wide.
     let shot = |name: &'static str| {
         let browser = &browser;
         let path = docs.join(name);
         async move {
+            browser.resize(DESKTOP).await;
+            browser.fit_height(2400).await;
             if write {
                 browser.screenshot(&path).await;
             } else {

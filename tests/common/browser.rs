@@ -410,6 +410,19 @@ impl Browser {
         png
     }
 
+    /// Makes the window tall enough to show the whole page (at most `max` px), keeping its
+    /// width: a screenshot then holds the full page.
+    pub async fn fit_height(&self, max: u32) {
+        let sizes = self
+            .execute(
+                "return [window.outerWidth, window.outerHeight - window.innerHeight, \
+                 document.documentElement.scrollHeight]",
+            )
+            .await;
+        let [width, chrome, page] = [0, 1, 2].map(|i| sizes[i].as_u64().unwrap_or(0) as u32);
+        self.resize((width, (page + chrome).min(max))).await;
+    }
+
     /// A PNG of the viewport.
     pub async fn png(&self) -> Vec<u8> {
         let png = self.client.screenshot().await.unwrap();
