@@ -559,11 +559,16 @@ async fn a_viewer_sees_no_controls_and_a_forged_action_is_refused() {
     for path in [
         format!("/console/dead/{}/retry", encode(&dead_id)),
         "/console/payouts/LOOK-1/lookup".to_owned(),
+        "/console/pause".to_owned(),
     ] {
         let status = post_as(&c, &path, &session, &csrf).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "viewer POST {path}");
     }
     assert_eq!(c.app.deployment.dead_count().await.unwrap(), 1);
+    assert!(
+        !c.app.deployment.is_paused().await.unwrap(),
+        "a viewer paused"
+    );
 
     // An admin's session without its CSRF token is refused too; with it, the same request
     // acts (so the viewer's refusal was the role's).

@@ -131,7 +131,7 @@ impl Browser {
                     .unwrap_or_else(|err| panic!("start {}: {err}", chromedriver.display())),
             )
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(answer) = raw_http(port, "GET", "/status")
                 && answer.contains("\"ready\":true")
@@ -143,7 +143,7 @@ impl Browser {
             }
             assert!(
                 Instant::now() < deadline,
-                "chromedriver did not answer on port {port} within 30 s"
+                "chromedriver did not answer on port {port} within 60 s"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
