@@ -244,58 +244,87 @@ impl Browser {
 
     /// How many elements match `css` now.
     pub async fn count(&self, css: &str) -> usize {
-        self.client
-            .find_all(Locator::Css(css))
-            .await
-            .map(|found| found.len())
-            .unwrap_or(0)
+        let found = self
+            .script(
+                "return document.querySelectorAll(arguments[0]).length",
+                vec![css.into()],
+            )
+            .await;
+        found.as_u64().unwrap_or(0) as usize
     }
 
     /// The rendered text of the first element matching `css`; panics (naming the page) when
     /// there is none.
     pub async fn text_of(&self, css: &str) -> String {
-        let element = self.expect(css).await;
-        element.text().await.unwrap_or_default()
+        match self.texts(css).await.into_iter().next() {
+            Some(text) => text,
+            None => self.missing(css, "no match").await,
+        }
     }
 
     /// Attribute `name` of the first element matching `css` (None when it has none); panics
     /// when no element matches.
     pub async fn attr(&self, css: &str, name: &str) -> Option<String> {
-        let element = self.expect(css).await;
-        element.attr(name).await.unwrap()
+        match self.attrs(css, name).await.into_iter().next() {
+            Some(value) => value,
+            None => self.missing(css, "no match").await,
+        }
     }
 
-    /// Attribute `name` of every element matching `css`, in document order.
+    /// Attribute `name` of every element matching `css`, in document order. Read in one
+    /// script, so a live region replaced meanwhile cannot leave a stale element half-read.
     pub async fn attrs(&self, css: &str, name: &str) -> Vec<Option<String>> {
-        let mut values = Vec::new();
-        for element in self.client.find_all(Locator::Css(css)).await.unwrap() {
-            values.push(element.attr(name).await.unwrap_or(None));
-        }
+        let values = self
+            .script(
+                "return Array.from(document.querySelectorAll(arguments[0]), \
+                 (e) => e.getAttribute(arguments[1]))",
+                vec![css.into(), name.into()],
+            )
+            .await;
+        let values = values.as_array().cloned().unwrap_or_default();
         values
+            .into_iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect()
     }
 
-    /// The rendered text of every element matching `css`, in document order.
+    /// The rendered text (`innerText`) of every element matching `css`, in document order,
+    /// read in one script.
     pub async fn texts(&self, css: &str) -> Vec<String> {
-        let mut values = Vec::new();
-        for element in self.client.find_all(Locator::Css(css)).await.unwrap() {
-            values.push(element.text().await.unwrap_or_default());
-        }
+        let values = self
+            .script(
+                "return Array.from(document.querySelectorAll(arguments[0]), (e) => e.innerText)",
+                vec![css.into()],
+            )
+            .await;
+        let values = values.as_array().cloned().unwrap_or_default();
         values
+            .into_iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Runs `script` with `args`; panics naming the page on a WebDriver error.
+    async fn script(&self, script: &str, args: Vec<serde_json::Value>) -> serde_json::Value {
+        match self.client.execute(script, args).await {
+            Ok(value) => value,
+            Err(err) => self.missing(script, &err.to_string()).await,
+        }
+    }
+
+    /// Panics: `what` went wrong on the current page (its URL and the end of its source).
+    async fn missing(&self, what: &str, err: &str) -> ! {
+        let url = self.current_url().await;
+        let source = self.source().await;
+        let start = source.floor_char_boundary(source.len().saturating_sub(4000));
+        panic!("{what} on {url}: {err}\n…{}", &source[start..])
     }
 
     /// The first element matching `css`; panics naming the page when there is none.
     pub async fn expect(&self, css: &str) -> fantoccini::elements::Element {
         match self.client.find(Locator::Css(css)).await {
             Ok(element) => element,
-            Err(err) => {
-                let url = self.current_url().await;
-                let source = self.source().await;
-                let start = source.len().saturating_sub(4000);
-                panic!(
-                    "no {css} on {url}: {err}\n…{}",
-                    source.get(start..).unwrap_or(&source)
-                )
-            }
+            Err(err) => self.missing(css, &err.to_string()).await,
         }
     }
 
