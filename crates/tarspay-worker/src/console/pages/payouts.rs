@@ -82,7 +82,7 @@ pub(super) fn orders_table(id: &str, orders: &[OrderRecord]) -> Markup {
                     @for o in orders {
                         tr data-order=(o.mch_order_no) data-phase=(o.phase.as_str()) {
                             th scope="row" { a href=(format!("/console/payouts/{}", encode_segment(&o.mch_order_no))) { (o.mch_order_no) } }
-                            td { (o.phase.as_str()) @if o.stuck { " (stuck)" } @if o.ambiguous { " (ambiguous)" } }
+                            td { (o.phase.as_str()) @if o.stuck { " (stuck)" } @if o.ambiguous && !o.phase.is_final() { " (ambiguous)" } }
                             td { (o.amount) " " (o.currency) }
                             td { (o.merchant) }
                             td { (o.attempts) }
@@ -259,7 +259,7 @@ pub async fn payout(
     let region = html! {
         dl {
             dt { "Phase" }
-            dd #phase data-phase=(record.phase.as_str()) { (record.phase.as_str()) @if record.stuck { " — stuck (past the polling deadline)" } @if record.ambiguous { " — ambiguous (a create may have reached the gateway)" } }
+            dd #phase data-phase=(record.phase.as_str()) { (record.phase.as_str()) @if record.stuck { " — stuck (past the polling deadline)" } @if record.ambiguous && !record.phase.is_final() { " — ambiguous (a create may have reached the gateway)" } }
             dt { "Amount" } dd { (record.amount) " " (record.currency) }
             dt { "Attempts" } dd { (record.attempts) }
             @if let Some(p) = &record.pay_order_id { dt { "payOrderId" } dd { (p) } }
