@@ -7,6 +7,54 @@ use crate::payout::{FieldError, PayoutRequest, PayoutRules};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+/// The columns of a batch's results CSV (`payroll`'s file, the console's download).
+pub const RESULT_COLUMNS: [&str; 8] = [
+    "mchOrderNo",
+    "status",
+    "amount",
+    "currency",
+    "payOrderId",
+    "code",
+    "msg",
+    "attempts",
+];
+
+/// One row of a batch's results CSV: the payout as queued, and its record (`missing` if the
+/// ledger holds none).
+pub fn result_row(
+    mch_order_no: &str,
+    amount: &str,
+    currency: &str,
+    record: Option<&crate::ledger::OrderRecord>,
+) -> [String; 8] {
+    let (status, pay_order_id, code, msg, attempts) = match record {
+        Some(r) => (
+            r.phase.to_string(),
+            r.pay_order_id.clone().unwrap_or_default(),
+            r.last_code.map(|c| c.to_string()).unwrap_or_default(),
+            r.last_msg.clone().unwrap_or_default(),
+            r.attempts.to_string(),
+        ),
+        None => (
+            "missing".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            "0".into(),
+        ),
+    };
+    [
+        mch_order_no.to_owned(),
+        status,
+        amount.to_owned(),
+        currency.to_owned(),
+        pay_order_id,
+        code,
+        msg,
+        attempts,
+    ]
+}
+
 /// Most rows accepted in one batch.
 pub const MAX_ROWS: usize = 100_000;
 

@@ -197,6 +197,7 @@ impl Settings {
                 )
             })?,
             api_token: raw.api_token,
+            viewer_token: raw.viewer_token,
             auth_disabled: raw.api_auth_disabled,
             callback_path: raw.callback_path,
             max_body_bytes: bounded("max_body_bytes", raw.max_body_bytes)?,
@@ -872,6 +873,45 @@ mod tests {
         assert!(
             !format!("{on:?}").contains("12345678901234567890"),
             "Debug never shows the token"
+        );
+    }
+
+    #[test]
+    fn the_viewer_token_is_optional_checked_and_redacted() {
+        let none = Settings::load_with_env(None, [("", ""); 0]).unwrap();
+        assert!(none.server.viewer_token().unwrap().is_none());
+        for bad in ["", "   ", "short", "  padded-viewer-token-123  "] {
+            let settings = Settings::load_with_env(None, [("TARSPAY_VIEWER_TOKEN", bad)]).unwrap();
+            let err = settings.server.viewer_token().unwrap_err().to_string();
+            assert!(err.contains("TARSPAY_VIEWER_TOKEN"), "{bad:?}: {err}");
+            assert!(bad.trim().is_empty() || !err.contains(bad.trim()), "{err}");
+        }
+        let same = Settings::load_with_env(
+            None,
+            [
+                ("TARSPAY_VIEWER_TOKEN", "the-very-same-token-42"),
+                ("TARSPAY_API_TOKEN", "the-very-same-token-42"),
+            ],
+        )
+        .unwrap();
+        let err = same.server.viewer_token().unwrap_err().to_string();
+        assert!(
+            err.contains("api_token") && !err.contains("very-same"),
+            "{err}"
+        );
+        let good =
+            Settings::load_with_env(None, [("TARSPAY_VIEWER_TOKEN", "viewer-token-0123456789")])
+                .unwrap();
+        assert!(
+            good.server
+                .viewer_token()
+                .unwrap()
+                .unwrap()
+                .matches("viewer-token-0123456789")
+        );
+        assert!(
+            !format!("{good:?}").contains("viewer-token-0123456789"),
+            "Debug never shows the viewer token"
         );
     }
 

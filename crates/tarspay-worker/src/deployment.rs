@@ -6,7 +6,11 @@
 //! partitions up here.
 
 use futures::future::try_join_all;
+use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Records read per step of a batch search.
+const CHUNK_OF_RECORDS: usize = 200;
 
 use crate::config::{ConfigError, MerchantProfile, Settings};
 use crate::gateway::TarsPayClient;
@@ -14,7 +18,7 @@ use crate::gateway::client::ClientBuildError;
 use crate::ids::MerchantName;
 use crate::jobs::{CallLimits, JobContext, PayoutJob, SystemicGuard};
 use crate::ledger::history::OrderEvent;
-use crate::ledger::index::{BatchEntry, OrderPage, OrderQuery};
+use crate::ledger::index::{BatchEntry, IndexPosition, OrderPage, OrderQuery, SCAN_BUDGET};
 use crate::ledger::minutes::MinuteStats;
 use crate::ledger::{
     BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
@@ -327,22 +331,134 @@ impl Deployment {
         Ok(sums)
     }
 
-    /// Orders matching `query`, newest first, one page (see `ledger::index`).
+    /// Orders matching `query`, one page (see `ledger::index`): newest first, or for a batch
+    /// in mchOrderNo order.
     pub async fn search_orders(&self, query: &OrderQuery) -> Result<OrderPage, LedgerError> {
-        // TODO(index): the time index walk; until then an exact number only.
-        let Some(id) = &query.mch_order_no else {
-            return Ok(OrderPage::default());
+        if let Some(id) = &query.mch_order_no {
+            let orders = self.order(id).await?.into_iter();
+            return Ok(OrderPage {
+                orders: orders.filter(|r| query.matches(r)).collect(),
+                scanned: 1,
+                ..Default::default()
+            });
+        }
+        if let Some(batch_id) = &query.batch_id {
+            return self.search_batch(batch_id, query).await;
+        }
+        let limit = query.page_size();
+        let after = query.cursor.as_deref().and_then(IndexPosition::parse);
+        let scans = self.partitions.iter().map(|p| {
+            p.ledger
+                .scan_index(query, after.as_ref(), limit, SCAN_BUDGET)
+        });
+        let scans = try_join_all(scans).await?;
+        // A partition that ran out of budget read nothing older than where it stopped: the
+        // page ends there, and the next one continues from it.
+        let horizon = scans.iter().filter_map(|s| s.stopped_at.clone()).max();
+        let scanned = scans.iter().map(|s| s.scanned).sum();
+        let mut found: Vec<(IndexPosition, OrderRecord)> =
+            scans.into_iter().flat_map(|s| s.found).collect();
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.retain(|(at, _)| horizon.as_ref().is_none_or(|h| at >= h));
+        found.truncate(limit);
+        let next = if found.len() == limit {
+            found.last().map(|(at, _)| at.clone())
+        } else {
+            horizon
         };
         Ok(OrderPage {
-            orders: self.order(id).await?.into_iter().collect(),
-            ..Default::default()
+            searched_back_to_ms: next.as_ref().map(|n| n.ms),
+            next: next.map(|n| n.encode()),
+            orders: found.into_iter().map(|(_, record)| record).collect(),
+            scanned,
         })
     }
 
+    /// A batch's orders matching `query`, in mchOrderNo order, after the cursor (the last
+    /// number of the previous page).
+    async fn search_batch(
+        &self,
+        batch_id: &str,
+        query: &OrderQuery,
+    ) -> Result<OrderPage, LedgerError> {
+        let limit = query.page_size();
+        let members = try_join_all(
+            self.partitions
+                .iter()
+                .map(|p| p.ledger.batch_members(batch_id)),
+        );
+        let mut ids: Vec<String> = members.await?.into_iter().flatten().collect();
+        ids.sort_unstable();
+        let start = query
+            .cursor
+            .as_deref()
+            .map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
+        let mut page = OrderPage::default();
+        for chunk in ids[start..].chunks(CHUNK_OF_RECORDS) {
+            if page.orders.len() >= limit || page.scanned >= SCAN_BUDGET {
+                break;
+            }
+            page.scanned += chunk.len();
+            for record in self.records(chunk).await?.into_iter().flatten() {
+                if query.matches(&record) {
+                    page.orders.push(record);
+                    if page.orders.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let last = page.orders.last().map(|r| r.mch_order_no.to_string());
+        let more = last
+            .as_ref()
+            .is_some_and(|last| ids.last().is_some_and(|end| end > last));
+        page.next = if more { last } else { None };
+        Ok(page)
+    }
+
+    /// The records of `ids`, in that order (`None` for those gone): one pipelined read per
+    /// partition, the partitions at once.
+    pub async fn records(&self, ids: &[String]) -> Result<Vec<Option<OrderRecord>>, LedgerError> {
+        let count = self.partitions.len();
+        let mut by_partition: Vec<Vec<(usize, &str)>> = vec![Vec::new(); count];
+        for (at, id) in ids.iter().enumerate() {
+            by_partition[crate::partition::of_order(id, count)].push((at, id));
+        }
+        let reads = by_partition
+            .iter()
+            .zip(self.partitions.iter())
+            .map(|(wanted, partition)| partition.ledger.records(wanted.iter().map(|(_, id)| *id)));
+        let mut records = vec![None; ids.len()];
+        for (wanted, found) in by_partition.iter().zip(try_join_all(reads).await?) {
+            for ((at, _), record) in wanted.iter().zip(found) {
+                records[*at] = record;
+            }
+        }
+        Ok(records)
+    }
+
     /// The most recent batches, newest first.
-    pub async fn recent_batches(&self, _limit: usize) -> Result<Vec<BatchEntry>, LedgerError> {
-        // TODO(index): the batch index.
-        Ok(Vec::new())
+    pub async fn recent_batches(&self, limit: usize) -> Result<Vec<BatchEntry>, LedgerError> {
+        let parts = self
+            .partitions
+            .iter()
+            .map(|p| p.ledger.recent_batches(limit));
+        let mut first: HashMap<String, u64> = HashMap::new();
+        for entry in try_join_all(parts).await?.into_iter().flatten() {
+            let at = first.entry(entry.batch_id).or_insert(entry.first_ms);
+            *at = (*at).min(entry.first_ms);
+        }
+        let mut batches: Vec<BatchEntry> = first
+            .into_iter()
+            .map(|(batch_id, first_ms)| BatchEntry { batch_id, first_ms })
+            .collect();
+        batches.sort_by(|a, b| {
+            b.first_ms
+                .cmp(&a.first_ms)
+                .then_with(|| b.batch_id.cmp(&a.batch_id))
+        });
+        batches.truncate(limit);
+        Ok(batches)
     }
 
     /// The payout queue's stats over every partition.

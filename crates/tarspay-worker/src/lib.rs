@@ -6,6 +6,7 @@ pub mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod deployment;
 pub mod gateway;
 pub mod ids;

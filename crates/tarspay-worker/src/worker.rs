@@ -85,6 +85,11 @@ async fn handle(
                 run_poll_status(ctx, mch_order_no, attempt, *once).await
             }
         };
+        // What the run noted and no ledger operation took along (a poll that found the
+        // order still processing, say). The history never fails a job.
+        if let Err(err) = ctx.ledger.flush_noted(job.mch_order_no()).await {
+            tracing::debug!(mch_order_no = %job.mch_order_no(), error = %err, "order history not written");
+        }
         let step = match step {
             Ok(step) => step,
             // Retrying cannot fix a record that does not parse: give the job up (dead stream).
@@ -145,7 +150,7 @@ pub async fn run(
     );
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
-        .data(shared)
+        .data(shared.clone())
         .concurrency(concurrency)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
@@ -208,7 +213,7 @@ pub async fn run(
         tokio::time::sleep(grace).await;
     };
     let _lifeline_tasks = lifeline_tasks;
-    tokio::select! {
+    let ended = tokio::select! {
         result = async { tokio::try_join!(payouts, webhooks) } => result
             .map(|_| ())
             .map_err(|err| WorkerError::Runtime(err.to_string())),
@@ -216,7 +221,12 @@ pub async fn run(
             tracing::warn!(grace_s = grace.as_secs(), "grace period over; unfinished jobs are left to other workers");
             Ok(())
         }
+    };
+    // The console's chart counts of the last seconds.
+    for ctx in shared.partitions.iter().flatten() {
+        ctx.ledger.flush_counters().await;
     }
+    ended
 }
 
 /// Ends a background task when the pool that started it ends.

@@ -132,8 +132,9 @@ impl Lifeline {
         if taken.is_none() {
             return Ok(LifelineSweep::default());
         }
-        // Bounded memory: the sweep's holder also trims the outcome stream.
+        // Bounded memory: the sweep's holder also trims the outcome stream and the indexes.
         let trimmed = self.ledger.trim_outcomes().await?;
+        self.ledger.trim_indexes().await?;
         let first = self.auditor.pass(false).await?;
         let candidates: Vec<OrderView> = first.without_work().into_iter().cloned().collect();
         let mut sweep = LifelineSweep {

@@ -259,44 +259,15 @@ async fn write_results(
 ) -> Result<()> {
     let mut writer =
         csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
-    writer.write_record([
-        "mchOrderNo",
-        "status",
-        "amount",
-        "currency",
-        "payOrderId",
-        "code",
-        "msg",
-        "attempts",
-    ])?;
+    writer.write_record(crate::batch::RESULT_COLUMNS)?;
     for request in requests {
         let record = deployment.order(&request.mch_order_no).await?;
-        let (status, pay_order_id, code, msg, attempts) = match &record {
-            Some(r) => (
-                r.phase.to_string(),
-                r.pay_order_id.clone().unwrap_or_default(),
-                r.last_code.map(|c| c.to_string()).unwrap_or_default(),
-                r.last_msg.clone().unwrap_or_default(),
-                r.attempts.to_string(),
-            ),
-            None => (
-                "missing".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-                "0".into(),
-            ),
-        };
-        writer.write_record([
-            request.mch_order_no.as_str(),
-            &status,
+        writer.write_record(crate::batch::result_row(
+            &request.mch_order_no,
             request.amount.as_str(),
             &request.currency,
-            &pay_order_id,
-            &code,
-            &msg,
-            &attempts,
-        ])?;
+            record.as_ref(),
+        ))?;
     }
     writer.flush()?;
     Ok(())

@@ -239,11 +239,16 @@ pub struct WorkerSettings {
     pub guard_threshold: u32,
 }
 
+/// Shortest viewer token accepted.
+pub const MIN_VIEWER_TOKEN_LEN: usize = 16;
+
 /// `serve`: where it listens, who may call the API, and how requests are bounded.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub(super) api_token: Option<Secret>,
+    /// `viewer_token`: the operator console's read-only login (never the API's token).
+    pub(super) viewer_token: Option<Secret>,
     /// `api_auth_disabled`: run the API without a token (behind an authenticating proxy).
     pub auth_disabled: bool,
     pub callback_path: String,
@@ -267,5 +272,40 @@ impl ServerSettings {
                 purpose: "for the HTTP API (or set TARSPAY_API_AUTH_DISABLED=true to run it without auth)",
             }),
         }
+    }
+
+    /// The console's viewer token, `None` when not set (then only the admin token logs in).
+    /// Set but empty, shorter than [`MIN_VIEWER_TOKEN_LEN`] or equal to the API token (which
+    /// would make every viewer an admin) is an error.
+    pub fn viewer_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let Some(token) = &self.viewer_token else {
+            return Ok(None);
+        };
+        let invalid = |reason: &str| ConfigError::Invalid {
+            key: "viewer_token".into(),
+            env: env_name("viewer_token"),
+            reason: reason.to_owned(),
+        };
+        let value = token.expose();
+        if value.trim().is_empty() {
+            return Err(invalid(
+                "is set but empty: unset it, or give the console's read-only token",
+            ));
+        }
+        if value.chars().count() < MIN_VIEWER_TOKEN_LEN || value.trim() != value {
+            return Err(invalid(
+                "must be at least 16 characters, without surrounding spaces",
+            ));
+        }
+        if self
+            .api_token
+            .as_ref()
+            .is_some_and(|api| api.matches(value))
+        {
+            return Err(invalid(
+                "must differ from api_token (the viewer may only look; the API token may act)",
+            ));
+        }
+        Ok(Some(token.clone()))
     }
 }

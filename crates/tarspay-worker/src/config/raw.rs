@@ -70,6 +70,8 @@ pub(super) struct RawSettings {
     pub listen: String,
     #[serde(default, deserialize_with = "optional_secret")]
     pub api_token: Option<Secret>,
+    #[serde(default, deserialize_with = "optional_secret")]
+    pub viewer_token: Option<Secret>,
     #[serde(deserialize_with = "lenient_bool")]
     pub api_auth_disabled: bool,
     #[serde(deserialize_with = "lenient_string")]

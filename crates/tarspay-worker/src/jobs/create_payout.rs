@@ -13,6 +13,7 @@
 use super::GuardVerdict;
 use super::calls::Calls;
 use super::reconcile::{Lookup, adopt, lookup};
+use super::trail;
 use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
@@ -107,7 +108,7 @@ async fn create(
     let mut absent_proven = false;
     if run.may_exist {
         // An earlier create may have reached the gateway: ask before sending another.
-        match lookup(ctx, calls, &record).await {
+        match lookup(ctx, calls, &record, "before another create").await {
             Lookup::Found(info) => return adopt(ctx, &record, &info).await,
             Lookup::NotFound => match ctx.ledger.note_absent(mch_order_no, &token).await? {
                 Some(absence) => absent_proven = absence.proven(ctx.settle_window),
@@ -139,10 +140,19 @@ async fn create(
             .await;
     }
     tracing::debug!(mch_order_no, attempt, "sending create");
+    let started = Instant::now();
     let sent = ctx
         .client
         .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
         .await;
+    ctx.ledger.note_soon(
+        mch_order_no,
+        trail::create_sent(
+            attempt,
+            started,
+            sent.as_ref().map(|accepted| accepted.pay_order_id.as_str()),
+        ),
+    );
     if let Some(wait) = calls.lock().await.saw(sent.as_ref().err()).await {
         // A 429 refuses before anything happens: not an attempt.
         return run
@@ -192,6 +202,7 @@ impl Run<'_, '_> {
     /// The create was not sent, or refused before anything happened (429): the lease goes
     /// back with the attempt it counted, and the job runs again after `wait`.
     async fn not_sent(&self, wait: Duration, why: &str) -> Result<Step, JobError> {
+        self.ctx.ledger.note_soon(self.id(), trail::held(why));
         self.ctx
             .ledger
             .release_unsent(self.id(), self.token, self.next_phase(false), why)
@@ -245,7 +256,7 @@ impl Run<'_, '_> {
         if class == ErrorClass::Reconcile {
             // The gateway says the number exists: find out whether it is this payout. A
             // lookup that does not find it yet is lag, not absence.
-            return match lookup(ctx, self.calls, self.record).await {
+            return match lookup(ctx, self.calls, self.record, "the number exists").await {
                 Lookup::Found(info) => adopt(ctx, self.record, &info).await,
                 Lookup::NotFound => self.retry(&err, true).await,
                 Lookup::Failed(query_err) => self.retry(&query_err, true).await,
@@ -326,7 +337,7 @@ impl Run<'_, '_> {
     /// Fails the payout only if the gateway confirms it holds no such order and no create of
     /// it may exist; adopts the order if it exists; otherwise keeps settling.
     async fn settle_by_lookup(&self, err: &GatewayError, created: bool) -> Result<Step, JobError> {
-        match lookup(self.ctx, self.calls, self.record).await {
+        match lookup(self.ctx, self.calls, self.record, "settle a refused create").await {
             Lookup::Found(info) => adopt(self.ctx, self.record, &info).await,
             Lookup::NotFound if !self.may_exist && !created => {
                 self.fail(err.code(), Some(gateway_msg(err))).await

@@ -9,6 +9,7 @@ mod create_payout;
 mod guard;
 mod poll_status;
 mod reconcile;
+mod trail;
 
 pub use crate::queue::full_jitter;
 pub use calls::CallLimits;

@@ -45,7 +45,13 @@ pub async fn run_poll_status(
         // Over the merchant's limit: look again when a slot may be free.
         Err(wait) => return Ok(Step::RetryAfter(wait)),
     };
-    let looked = lookup(ctx, &calls, &record).await;
+    let looked = lookup(
+        ctx,
+        &calls,
+        &record,
+        if once { "look once" } else { "poll" },
+    )
+    .await;
     calls.into_inner().finish().await;
     match looked {
         Lookup::Found(info) => {

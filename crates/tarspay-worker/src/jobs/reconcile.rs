@@ -2,12 +2,14 @@
 //! create is refused as a duplicate (5003011), and by polling.
 
 use super::calls::Calls;
+use super::trail;
 use super::{JobContext, JobError, Step};
 use crate::gateway::types::{OrderInfo, OrderRef};
 use crate::gateway::{GatewayError, OrderState};
 use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase};
 use rust_decimal::Decimal;
 use std::str::FromStr;
+use std::time::Instant;
 use tokio::sync::Mutex;
 
 /// What a query told us.
@@ -19,30 +21,39 @@ pub(super) enum Lookup {
 }
 
 /// One query, under the merchant's call limits (`calls`): a slot not granted in time is a
-/// call not sent, which every caller already retries.
+/// call not sent, which every caller already retries. `reason` goes into the order's
+/// history with the answer.
 pub(super) async fn lookup(
     ctx: &JobContext,
     calls: &Mutex<Calls<'_>>,
     record: &OrderRecord,
+    reason: &str,
 ) -> Lookup {
+    let id = record.mch_order_no.as_str();
     if calls.lock().await.next().await.is_err() {
+        ctx.ledger
+            .note_soon(id, trail::held("query: over the merchant's call limit"));
         return Lookup::Failed(GatewayError::NotSent {
             endpoint: "query",
             reason: "over the merchant's call limit",
         });
     }
-    let order = OrderRef::MchOrderNo(record.mch_order_no.to_string());
+    let order = OrderRef::MchOrderNo(id.to_owned());
+    let started = Instant::now();
     let (result, not_found) = if record.kind == OrderKind::Deposit {
         (ctx.client.query_deposit(&order).await, 5003018)
     } else {
         (ctx.client.query_payout(&order).await, 5003020)
     };
     calls.lock().await.saw(result.as_ref().err()).await;
-    match result {
+    let looked = match result {
         Ok(info) => Lookup::Found(info),
         Err(err) if err.code() == Some(not_found) => Lookup::NotFound,
         Err(err) => Lookup::Failed(err),
-    }
+    };
+    ctx.ledger
+        .note_soon(id, trail::query(reason, started, &looked, not_found));
+    looked
 }
 
 fn same_money(ours: &str, theirs: Option<&str>) -> bool {

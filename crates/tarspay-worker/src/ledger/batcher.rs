@@ -49,7 +49,12 @@ pub(crate) struct Op {
     pub order_key: String,
     /// The batch set for a registration; otherwise the order key again.
     pub aux_key: String,
+    /// The order's event history list.
+    pub events_key: String,
     pub args: Vec<String>,
+    /// What happened to the order before this operation (history lines, JSON), written in
+    /// the same step.
+    pub events: Vec<String>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -59,12 +64,19 @@ struct Pending {
 }
 
 impl Op {
-    pub fn new(kind: &'static str, order_key: String, aux_key: Option<String>) -> Self {
+    pub fn new(
+        kind: &'static str,
+        order_key: String,
+        aux_key: Option<String>,
+        events_key: String,
+    ) -> Self {
         Self {
             kind,
             aux_key: aux_key.unwrap_or_else(|| order_key.clone()),
             order_key,
+            events_key,
             args: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -172,20 +184,24 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
     Ok(reply)
 }
 
-/// The batch script's `EVALSHA`: the shared keys, then each operation's two keys; the
-/// caller's clock, then each operation's kind, argument count and arguments.
+/// The batch script's `EVALSHA`: the shared keys, then each operation's three keys; the
+/// caller's clock, then each operation's kind, argument count, arguments and events.
 fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
         .arg(BATCH.get_hash())
-        .arg(shared_keys.len() + 2 * batch.len())
+        .arg(shared_keys.len() + 3 * batch.len())
         .arg(shared_keys);
     for Pending { op, .. } in batch {
-        evalsha.arg(&op.order_key).arg(&op.aux_key);
+        evalsha
+            .arg(&op.order_key)
+            .arg(&op.aux_key)
+            .arg(&op.events_key);
     }
     evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
+        evalsha.arg(op.events.len()).arg(&op.events);
     }
     evalsha
 }

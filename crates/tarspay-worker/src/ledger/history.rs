@@ -126,10 +126,21 @@ impl TimelineEntry {
             Self::Event(event) => event.at_ms,
         }
     }
+
+    /// Order within one millisecond: the registration first, then the events, then the
+    /// milestones they caused (a create's answer before the acceptance it recorded).
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Registered { .. } => 0,
+            Self::Event(_) => 1,
+            Self::Accepted { .. } => 2,
+            Self::Final { .. } => 3,
+            Self::Correction { .. } => 4,
+        }
+    }
 }
 
-/// The order's milestones and its events, oldest first (a milestone before an event of the
-/// same millisecond: the event that caused it was written with the next operation).
+/// The order's milestones and its events, oldest first.
 pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntry> {
     let mut entries = vec![TimelineEntry::Registered {
         at_ms: record.created_at_ms,
@@ -156,8 +167,7 @@ pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntr
         });
     }
     entries.extend(events.iter().cloned().map(TimelineEntry::Event));
-    // Stable: milestones (pushed first) stay before events of the same millisecond.
-    entries.sort_by_key(TimelineEntry::at_ms);
+    entries.sort_by_key(|entry| (entry.at_ms(), entry.rank()));
     entries
 }
 

@@ -9,14 +9,16 @@
 //! orders are kept, and a rare filter over a long history says how far it looked and
 //! continues from a cursor.
 
-use super::{OrderRecord, Phase};
+use super::{Ledger, LedgerError, OrderRecord, Phase, record_from_fields};
 use crate::ids::Currency;
+use std::collections::HashMap;
 
 /// What to look for; every set field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderQuery {
-    /// A prefix of the mchOrderNo (an exact number is looked up directly).
+    /// The exact mchOrderNo (looked up directly, not through the index).
     pub mch_order_no: Option<String>,
+    /// The batch's orders, in mchOrderNo order (from the batch's member set).
     pub batch_id: Option<String>,
     pub phase: Option<Phase>,
     pub currency: Option<Currency>,
@@ -54,4 +56,219 @@ pub struct BatchEntry {
     pub batch_id: String,
     /// Its first registration, ms since the epoch.
     pub first_ms: u64,
+}
+
+impl OrderQuery {
+    /// Whether a record matches the filters (the index already bounds the time).
+    pub fn matches(&self, record: &OrderRecord) -> bool {
+        self.phase.is_none_or(|phase| record.phase == phase)
+            && self.currency.as_ref().is_none_or(|c| record.currency == *c)
+            && self
+                .batch_id
+                .as_deref()
+                .is_none_or(|b| record.batch_id.as_ref().is_some_and(|id| id.as_str() == b))
+            && self.from_ms.is_none_or(|from| record.created_at_ms >= from)
+            && self.to_ms.is_none_or(|to| record.created_at_ms < to)
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.limit.clamp(1, MAX_PAGE)
+    }
+}
+
+/// A position in the time index: entries strictly after it (older, or as old with a
+/// smaller member) come next. Written `<ms>:<mchOrderNo>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IndexPosition {
+    pub ms: u64,
+    pub member: String,
+}
+
+impl IndexPosition {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ms, member) = text.split_once(':')?;
+        Some(Self {
+            ms: ms.parse().ok()?,
+            member: member.to_owned(),
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.ms, self.member)
+    }
+}
+
+/// One partition's part of a page.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionScan {
+    /// Matches, newest first, with their index positions.
+    pub found: Vec<(IndexPosition, OrderRecord)>,
+    pub scanned: usize,
+    /// Where the scan stopped because the budget ran out (entries after it were not read).
+    pub stopped_at: Option<IndexPosition>,
+}
+
+/// Largest chunk of index entries read at once.
+const CHUNK: usize = 500;
+
+impl Ledger {
+    /// Walks this partition's time index newest first from `after`, keeping up to `limit`
+    /// orders that match, reading at most `budget` entries.
+    pub(crate) async fn scan_index(
+        &self,
+        query: &OrderQuery,
+        after: Option<&IndexPosition>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<PartitionScan, LedgerError> {
+        let mut scan = PartitionScan::default();
+        let mut position = after.cloned();
+        let min = query.from_ms.map_or("-inf".to_owned(), |ms| ms.to_string());
+        let mut chunk = limit.clamp(1, CHUNK);
+        while scan.found.len() < limit {
+            if scan.scanned >= budget {
+                scan.stopped_at = position;
+                break;
+            }
+            // From the position's millisecond (inclusive: members of the same ms past the
+            // position come after it), or from the upper time bound.
+            let max = match (&position, query.to_ms) {
+                (Some(p), _) => p.ms.to_string(),
+                (None, Some(to)) => format!("({to}"),
+                (None, None) => "+inf".to_owned(),
+            };
+            let take = chunk.min(budget - scan.scanned);
+            // Entries of the position's own millisecond that come before it are skipped, so
+            // ask for that many more (bounded: a millisecond holds few registrations).
+            let skip = match &position {
+                Some(p) => self.same_ms_before(p).await?,
+                None => 0,
+            };
+            let entries: Vec<(String, u64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(self.keys.index())
+                .arg(&max)
+                .arg(&min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(skip)
+                .arg(take)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            let exhausted = entries.len() < take;
+            scan.scanned += entries.len();
+            let records = self
+                .records(entries.iter().map(|(id, _)| id.as_str()))
+                .await?;
+            for ((member, ms), record) in entries.into_iter().zip(records) {
+                let here = IndexPosition { ms, member };
+                if let Some(record) = record
+                    && scan.found.len() < limit
+                    && query.matches(&record)
+                {
+                    scan.found.push((here.clone(), record));
+                }
+                position = Some(here);
+            }
+            if exhausted {
+                break;
+            }
+            chunk = (chunk * 4).min(CHUNK);
+        }
+        Ok(scan)
+    }
+
+    /// Index entries of `position`'s millisecond that come before it (newest first: the
+    /// members greater than or equal to it).
+    async fn same_ms_before(&self, position: &IndexPosition) -> Result<usize, LedgerError> {
+        let ms = position.ms.to_string();
+        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.index())
+            .arg(&ms)
+            .arg(&ms)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(members
+            .iter()
+            .filter(|m| m.as_str() >= position.member.as_str())
+            .count())
+    }
+
+    /// The records of `ids` (one pipelined round trip), `None` for those gone.
+    pub(crate) async fn records<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<Option<OrderRecord>>, LedgerError> {
+        let ids: Vec<&str> = ids.collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL").arg(self.keys.order(id));
+        }
+        let all: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        ids.iter()
+            .zip(all)
+            .map(|(id, fields)| record_from_fields(id, &fields))
+            .collect()
+    }
+
+    /// The most recent batches of this partition, newest first.
+    pub(crate) async fn recent_batches(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<BatchEntry>, LedgerError> {
+        let entries: Vec<(String, u64)> = redis::cmd("ZREVRANGE")
+            .arg(self.keys.batches())
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .arg("WITHSCORES")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(batch_id, first_ms)| BatchEntry { batch_id, first_ms })
+            .collect())
+    }
+
+    /// Drops index entries registered more than twice the retention ago (their records
+    /// have expired unless the order stayed unsettled that long; an exact number still
+    /// finds those). Without a retention nothing is dropped. Returns the entries removed.
+    pub async fn trim_indexes(&self) -> Result<u64, LedgerError> {
+        if self.retention_ms == 0 {
+            return Ok(0);
+        }
+        let bound = crate::queue::now_ms().saturating_sub(self.retention_ms.saturating_mul(2));
+        let bound = format!("({bound}");
+        let (orders, batches): (u64, u64) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.index())
+            .arg("-inf")
+            .arg(&bound)
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.batches())
+            .arg("-inf")
+            .arg(&bound)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(orders + batches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_order() {
+        let p = IndexPosition::parse("1700000000000:PAY-1").unwrap();
+        assert_eq!(p.encode(), "1700000000000:PAY-1");
+        assert!(IndexPosition::parse("nope").is_none());
+        assert!(IndexPosition::parse("x:PAY").is_none());
+        let older = IndexPosition::parse("5:B").unwrap();
+        assert!(older < p);
+    }
 }

@@ -1,9 +1,14 @@
 //! Per-minute counters for the console's charts: final outcomes by status, creates sent and
 //! their gateway latency (a coarse histogram). One hash per partition and minute
-//! (`{tag}:minute:<epoch minute>`), incremented by the ledger script in the step that
-//! finalises an order or records a create attempt, and expired after [`KEEP`].
+//! (`{tag}:minute:<epoch minute>`), expired after [`KEEP`]. Each process counts in memory
+//! ([`Tally`]) and adds its counts every [`FLUSH_EVERY`] in one pipeline: the charts cost no
+//! command per payout; a process that stops adds what it counted on its way out
+//! ([`Ledger::flush_counters`](super::Ledger::flush_counters)), and one that dies loses at
+//! most that long of chart counts (they are for people, nothing decides on them).
 
+use crate::redis_conn::RedisConn;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a minute's counters are kept.
@@ -24,6 +29,88 @@ pub fn latency_bucket(latency_ms: u64) -> String {
 /// The minute a timestamp falls in (its start, ms since the epoch).
 pub fn minute_of(at_ms: u64) -> u64 {
     at_ms / 60_000 * 60_000
+}
+
+/// How often a process adds its counts to Redis.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// This process' counts not yet added to Redis: minute → field → count.
+#[derive(Debug, Default)]
+pub(crate) struct Tally(Mutex<BTreeMap<u64, BTreeMap<String, u64>>>);
+
+impl Tally {
+    fn add(&self, at_ms: u64, fields: &[(&str, u64)]) {
+        let mut minutes = match self.0.lock() {
+            Ok(minutes) => minutes,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let minute = minutes.entry(minute_of(at_ms)).or_default();
+        for (field, by) in fields {
+            *minute.entry((*field).to_owned()).or_default() += by;
+        }
+    }
+
+    /// A create that was sent, how long it took and whether it came back accepted.
+    pub fn create(&self, at_ms: u64, latency_ms: u64, failed: bool) {
+        let bucket = latency_bucket(latency_ms);
+        self.add(
+            at_ms,
+            &[
+                ("c", 1),
+                ("s", latency_ms),
+                (&bucket, 1),
+                ("e", u64::from(failed)),
+            ],
+        );
+    }
+
+    /// An order that became final with `status`.
+    pub fn finished(&self, at_ms: u64, status: &str) {
+        self.add(at_ms, &[(&format!("f:{status}"), 1)]);
+    }
+
+    fn take(&self) -> BTreeMap<u64, BTreeMap<String, u64>> {
+        match self.0.lock() {
+            Ok(mut minutes) => std::mem::take(&mut *minutes),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+}
+
+/// Adds `tally`'s counts to the minute hashes named by `key` every [`FLUSH_EVERY`]; once
+/// only this task holds the tally (its ledger is gone), adds what is left and ends.
+pub(crate) async fn flush_every(tally: Arc<Tally>, conn: RedisConn, key: impl Fn(u64) -> String) {
+    loop {
+        tokio::time::sleep(FLUSH_EVERY).await;
+        let last = Arc::strong_count(&tally) == 1;
+        flush(&tally, &conn, &key).await;
+        if last {
+            return;
+        }
+    }
+}
+
+/// Adds the counts taken from `tally` to Redis, in one pipeline.
+pub(crate) async fn flush(tally: &Tally, conn: &RedisConn, key: impl Fn(u64) -> String) {
+    let counts = tally.take();
+    if counts.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for (minute, fields) in &counts {
+        let key = key(*minute);
+        for (field, by) in fields.iter().filter(|(_, by)| **by > 0) {
+            pipe.cmd("HINCRBY").arg(&key).arg(field).arg(*by).ignore();
+        }
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(KEEP.as_millis() as u64)
+            .ignore();
+    }
+    if let Err(err) = pipe.query_async::<()>(&mut conn.clone()).await {
+        // Chart counts only: dropped rather than piled up while Redis is away.
+        tracing::debug!(error = %err, "minute counters not written");
+    }
 }
 
 /// One minute's counters, summed over partitions.

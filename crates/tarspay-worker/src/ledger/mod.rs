@@ -28,6 +28,7 @@ use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,8 @@ impl LedgerKeys {
             webhooks.stream,
             webhooks.delayed,
             webhooks.unique,
+            self.index(),
+            self.batches(),
         ]
     }
 
@@ -417,6 +420,11 @@ pub struct Ledger {
     /// Set when this process' settings configure webhooks: every appended outcome gets its
     /// delivery job in the same step.
     webhook_jobs: Option<WebhookJobs>,
+    /// Events noted per order and not written yet: they ride with the order's next
+    /// operation (see [`Ledger::note_soon`]).
+    noted: Arc<std::sync::Mutex<HashMap<String, Vec<history::OrderEvent>>>>,
+    /// This process' chart counts, added to Redis in the background (see [`minutes`]).
+    tally: Arc<minutes::Tally>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -687,6 +695,13 @@ impl Ledger {
         replication: Option<Replication>,
     ) -> Self {
         let batcher = Batcher::start(batcher_conn, keys.shared(), replication);
+        let tally = Arc::new(minutes::Tally::default());
+        let minute_keys = keys.clone();
+        tokio::spawn(minutes::flush_every(
+            tally.clone(),
+            conn.clone(),
+            move |minute| minute_keys.minute(minute),
+        ));
         Self {
             conn,
             keys,
@@ -695,6 +710,8 @@ impl Ledger {
             outcome_max_len: 0,
             retention_ms: 0,
             webhook_jobs: None,
+            noted: Default::default(),
+            tally,
         }
     }
 
@@ -724,8 +741,68 @@ impl Ledger {
         &self.keys
     }
 
+    /// An operation on one order, carrying the events noted for it so far.
     fn op(&self, kind: &'static str, mch_order_no: &str) -> Op {
-        Op::new(kind, self.keys.order(mch_order_no), None)
+        let mut op = Op::new(
+            kind,
+            self.keys.order(mch_order_no),
+            None,
+            self.keys.events(mch_order_no),
+        );
+        op.events = self.take_noted(mch_order_no);
+        op
+    }
+
+    /// The history lines noted for the order and not written yet.
+    fn take_noted(&self, mch_order_no: &str) -> Vec<String> {
+        let events = match self.noted.lock() {
+            Ok(mut noted) => noted.remove(mch_order_no).unwrap_or_default(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .remove(mch_order_no)
+                .unwrap_or_default(),
+        };
+        events
+            .iter()
+            .filter_map(|event| serde_json::to_string(event).ok())
+            .collect()
+    }
+
+    /// Notes that `event` happened to the order: it is written with the order's next ledger
+    /// operation from this handle, in the same script call (no round trip of its own). A run
+    /// that may end without one calls [`Ledger::flush_noted`].
+    pub fn note_soon(&self, mch_order_no: &str, event: history::OrderEvent) {
+        if event.kind == history::EventKind::Create
+            && let Some(latency_ms) = event.latency_ms
+        {
+            self.tally
+                .create(event.at_ms, latency_ms, event.code != Some(0));
+        }
+        let mut noted = match self.noted.lock() {
+            Ok(noted) => noted,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        noted
+            .entry(mch_order_no.to_owned())
+            .or_default()
+            .push(event);
+    }
+
+    /// Adds this process' chart counts to Redis now (a stopping worker does, so the last
+    /// seconds' counts are not lost).
+    pub async fn flush_counters(&self) {
+        let keys = &self.keys;
+        minutes::flush(&self.tally, &self.conn, |minute| keys.minute(minute)).await;
+    }
+
+    /// Writes the events noted for the order that no operation took along.
+    pub async fn flush_noted(&self, mch_order_no: &str) -> Result<(), LedgerError> {
+        let op = self.op("E", mch_order_no);
+        if op.events.is_empty() {
+            return Ok(());
+        }
+        self.batcher.apply(op).await?;
+        Ok(())
     }
 
     async fn apply_int(&self, op: Op, what: &str, id: &str) -> Result<i64, LedgerError> {
@@ -788,12 +865,14 @@ impl Ledger {
             other => return Err(corrupt(format!("cannot register as {other}"))),
         };
         let aux = (!batch.is_empty()).then(|| self.keys.batch(batch));
-        let op = Op::new("R", self.keys.order(id), aux)
+        let op = Op::new("R", self.keys.order(id), aux, self.keys.events(id))
             .arg(serde_json::to_string(&registration).map_err(|e| corrupt(e.to_string()))?)
             .arg(batch)
             .arg(id)
             .arg(accepted);
-        let op = with_job(op, job).arg(self.retention_ms.saturating_mul(2));
+        let op = with_job(op, job)
+            .arg(self.retention_ms.saturating_mul(2))
+            .arg(now);
         let reply = self.batcher.apply_confirmed(op).await?;
         if !reply.replicated {
             return Err(self.unreplicated(id));
@@ -1174,6 +1253,7 @@ impl Ledger {
         };
         if applied == Finalized::Recorded {
             metrics::counter!(crate::metrics::OUTCOMES, "status" => phase.as_str()).increment(1);
+            self.tally.finished(crate::queue::now_ms(), phase.as_str());
         }
         Ok(applied)
     }
@@ -1197,17 +1277,8 @@ impl Ledger {
         mch_order_no: &str,
         event: history::OrderEvent,
     ) -> Result<(), LedgerError> {
-        // TODO(history): through the batch script, capped and expired with the record.
-        let line = serde_json::to_string(&event).map_err(|err| LedgerError::Corrupt {
-            id: mch_order_no.to_owned(),
-            reason: err.to_string(),
-        })?;
-        let _: i64 = self
-            .conn
-            .clone()
-            .rpush(self.keys.events(mch_order_no), line)
-            .await?;
-        Ok(())
+        self.note_soon(mch_order_no, event);
+        self.flush_noted(mch_order_no).await
     }
 
     /// The order's event history, oldest first (see [`history`]).

@@ -21,20 +21,23 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Shared keys, before the two keys each operation brings (its order hash and an auxiliary
-/// key: the batch set for a registration, otherwise the order hash again).
-pub(crate) const SHARED_KEYS: usize = 10;
+/// Shared keys, before the three keys each operation brings (its order hash, an auxiliary
+/// key: the batch set for a registration, otherwise the order hash again; and the order's
+/// event history list).
+pub(crate) const SHARED_KEYS: usize = 12;
 
 /// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
-/// and unique hash, the webhook queue's stream, delayed set and unique hash; then per
-/// operation its order key and auxiliary key.
-/// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments.
+/// and unique hash, the webhook queue's stream, delayed set and unique hash, the order time
+/// index, the batch index; then per operation its order key, auxiliary key and history key.
+/// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments, then
+/// the events that happened to its order before it: their count, then each one's JSON.
 /// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{}{}{}",
+        "{}{}local MAX_EVENTS = {}\n{}",
         crate::queue::DELAY_JOB,
         crate::queue::ENQUEUE_ONE,
+        super::history::MAX_EVENTS,
         r#"
 local now = tonumber(ARGV[1])
 local server_now = nil
@@ -60,7 +63,8 @@ end
 
 -- req_json, batchId, mchOrderNo, accepted_json ('' unless registered as accepted),
 -- then the first job: run_at_ms, unique key, job id, envelope ('' for none); then how long
--- the batch's membership is kept after this registration, ms (0 = forever).
+-- the batch's membership is kept after this registration, ms (0 = forever); then the
+-- registration time (ms), its score in the order and batch indexes.
 local function register(order, batch, a)
   if redis.call('HSETNX', order, 'req', a[1]) == 0 then
     local h = redis.call('HMGET', order, 'req', 'phase', 'accepted', 'final')
@@ -73,11 +77,14 @@ local function register(order, batch, a)
     if a[2] ~= '' then
       redis.call('SADD', batch, a[3])
       if tonumber(a[9]) > 0 then redis.call('PEXPIRE', batch, a[9]) end
+      redis.call('ZADD', KEYS[12], 'NX', a[10], a[2])
     end
+    redis.call('ZADD', KEYS[11], a[10], a[3])
     enqueue(a, 5)
   end)
   if not ok then
     redis.call('DEL', order)
+    redis.call('ZREM', KEYS[11], a[3])
     if a[2] ~= '' then redis.call('SREM', batch, a[3]) end
     error(err)
   end
@@ -172,7 +179,7 @@ local function append_outcome(fields, max_len, webhook)
   end
   return added
 end
-local function finalize(order, a)
+local function finalize(order, a, events)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
       'ambiguous', 'absentSince', 'absentLookups')
@@ -217,7 +224,10 @@ local function finalize(order, a)
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
   -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
   -- re-submission after that registers anew and is settled by the gateway's duplicate answer.
-  if tonumber(a[10]) > 0 then redis.call('PEXPIRE', order, a[10]) end
+  if tonumber(a[10]) > 0 then
+    redis.call('PEXPIRE', order, a[10])
+    redis.call('PEXPIRE', events, a[10])
+  end
   return 1
 end
 
@@ -271,17 +281,43 @@ local function mark_stuck(order, a)
   return 1
 end
 
+-- The events noted before an operation were written with it: nothing else to do.
+local function events_only(order, a) return 1 end
+
 local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck,
-  N = note_absent}
+  N = note_absent, E = events_only}
+
+-- Appends `count` events (from ARGV[at]) to an order's history: capped at MAX_EVENTS (the
+-- oldest go), and expiring with the record (a list started for a record that is gone is
+-- dropped).
+local function note_events(order, events, at, count)
+  for i = 0, count - 1 do
+    local n = redis.call('RPUSH', events, ARGV[at + i])
+    if n == 1 then
+      local ttl = redis.call('PTTL', order)
+      if ttl == -2 then
+        redis.call('DEL', events)
+        return
+      elseif ttl > 0 then
+        redis.call('PEXPIRE', events, ttl)
+      end
+    elseif n > MAX_EVENTS then
+      redis.call('LTRIM', events, -MAX_EVENTS, -1)
+    end
+  end
+end
+
 -- One operation's error (a key of the wrong type, an unknown kind) is its caller's answer,
 -- {'!error', message} (as data: an error reply nested in the batch's array would fail the
 -- whole reply client-side); the other operations of the batch go on.
-local function guarded(kind, order, aux, a)
+local function guarded(kind, order, aux, events, a)
   local run = ops[kind]
   if not run then return {'!error', 'unknown ledger operation ' .. tostring(kind)} end
   local ok, reply
   if kind == 'R' then
     ok, reply = pcall(run, order, aux, a)
+  elseif kind == 'F' then
+    ok, reply = pcall(run, order, a, events)
   else
     ok, reply = pcall(run, order, a)
   end
@@ -296,8 +332,14 @@ while at <= #ARGV do
   local kind, n = ARGV[at], tonumber(ARGV[at + 1])
   local a = {}
   for i = 1, n do a[i] = ARGV[at + 1 + i] end
-  out[#out + 1] = guarded(kind, KEYS[11 + op * 2], KEYS[12 + op * 2], a)
   at = at + 2 + n
+  local order, aux, events = KEYS[13 + op * 3], KEYS[14 + op * 3], KEYS[15 + op * 3]
+  local noted = tonumber(ARGV[at])
+  -- The events happened before the operation's change. Keeping the history never fails
+  -- the operation.
+  if noted > 0 then pcall(note_events, order, events, at + 1, noted) end
+  at = at + 1 + noted
+  out[#out + 1] = guarded(kind, order, aux, events, a)
   op = op + 1
 end
 return out

@@ -13,6 +13,7 @@ use crate::gateway::callback::{
     BizType, Callback, CallbackError, HEADER_SIGNATURE, parse_callback, verify_callback,
 };
 use crate::jobs::PayoutJob;
+use crate::ledger::history::{EventKind, OrderEvent};
 use crate::ledger::{FinalResult, OrderKind, OrderRecord, Phase};
 use crate::producer::PAYOUT_JOB_MAX_ATTEMPTS;
 use crate::queue::JobOptions;
@@ -96,7 +97,10 @@ pub async fn receive(
         (true, true) => Some("never_sent"),
         (true, false) => None,
     };
+    let ledger = state.deployment.ledger_of(&id);
+    ledger.note_soon(&id, history_line(&callback, verified, query_instead));
     if let Some(result) = query_instead {
+        note_now(ledger, &id).await;
         tracing::warn!(mch_order_no = %id, verified, result, "callback not applied: scheduling a status query");
         metrics::counter!(crate::metrics::CALLBACKS, "result" => result).increment(1);
         return match schedule_query(&state, &record).await {
@@ -107,6 +111,7 @@ pub async fn receive(
     metrics::counter!(crate::metrics::CALLBACKS, "result" => "verified").increment(1);
     let Some(phase) = Phase::from_gateway(callback.state) else {
         // Not final: nothing to record; polling follows the order.
+        note_now(ledger, &id).await;
         return reply(StatusCode::OK, "OK");
     };
     let failed = matches!(phase, Phase::Failed | Phase::Rejected);
@@ -121,17 +126,32 @@ pub async fn receive(
             None
         },
     };
-    match state
-        .deployment
-        .ledger_of(&id)
-        .apply_gateway_final(&record, phase, &result)
-        .await
-    {
+    // The history line rides with the final transition.
+    match ledger.apply_gateway_final(&record, phase, &result).await {
         Ok(applied) => {
             tracing::info!(mch_order_no = %id, status = %phase, ?applied, "verified callback");
             reply(StatusCode::OK, "OK")
         }
         Err(err) => unavailable(err),
+    }
+}
+
+/// The order history's line for a callback: verified or not, the state it told, and what
+/// was done instead of applying it.
+fn history_line(callback: &Callback, verified: bool, query_instead: Option<&str>) -> OrderEvent {
+    let mut event = OrderEvent::now(EventKind::Callback);
+    event.verified = Some(verified);
+    event.state = Some(callback.state.code());
+    event.reason =
+        query_instead.map(|why| format!("not applied ({why}): a status query was queued"));
+    event
+}
+
+/// Writes the noted callback line now (no ledger operation follows). The history never
+/// fails a callback.
+async fn note_now(ledger: &crate::ledger::Ledger, id: &str) {
+    if let Err(err) = ledger.flush_noted(id).await {
+        tracing::debug!(mch_order_no = %id, error = %err, "order history not written");
     }
 }
 
@@ -177,7 +197,9 @@ fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str
     ours && same_order && record.kind == kind && same_currency && same_amount
 }
 
-async fn schedule_query(
+/// Queues a one-off status query of `record` (its own unique key, so at most one waits);
+/// also the console's "look up now".
+pub(crate) async fn schedule_query(
     state: &AppState,
     record: &OrderRecord,
 ) -> Result<(), crate::queue::QueueError> {

@@ -11,6 +11,11 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// The address a request's connection came from (a request extension; behind a proxy, the
+/// proxy's).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for open connections.
 pub async fn run(
     listener: TcpListener,
@@ -27,9 +32,9 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors and the like: back off rather than spin.
                     tracing::warn!(error = %err, "accept failed");
@@ -40,7 +45,13 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::http::Request<_>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                request
+            },
+        ));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

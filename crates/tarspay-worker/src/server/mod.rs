@@ -3,9 +3,10 @@
 mod api;
 mod auth;
 mod body;
-mod callback;
+pub(crate) mod callback;
 mod gauges;
 mod listener;
+pub use listener::PeerAddr;
 mod openapi;
 mod request_id;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub merchants: Vec<(MerchantName, Option<String>)>,
     pub api_token: Option<Secret>,
     pub metrics: PrometheusHandle,
+    /// The operator console's sessions, tokens and audit log.
+    pub console: crate::console::Console,
 }
 
 impl AppState {
@@ -50,6 +53,7 @@ impl AppState {
     }
 
     pub fn new(settings: &Settings, deployment: Deployment) -> Result<Self, ConfigError> {
+        let console = crate::console::Console::new(settings, &deployment)?;
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
@@ -62,6 +66,7 @@ impl AppState {
                 .collect(),
             api_token: settings.server.api_token()?,
             metrics: crate::metrics::install(),
+            console,
         })
     }
 }
@@ -145,7 +150,9 @@ pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Rout
         auth::require_token,
     ));
     let (router, document) = assemble(api, public);
+    // The console is not part of the API's document.
     router
+        .merge(crate::console::router())
         .layer(Extension(openapi::Document::new(&document)))
         // Bodies are bounded per route by `body`; this is a backstop for the extractors.
         .layer(DefaultBodyLimit::max(limits.batch.max_bytes))

@@ -1,0 +1,193 @@
+//! The operator console: server-rendered pages at `/console/` beside the API (not part of
+//! the OpenAPI document). The contract — routes, cookie, CSRF, stable element ids — is
+//! docs/console.md. Pages are maud templates (compiled and escaped at build time); the one
+//! stylesheet and the one script are in the binary; charts are SVG drawn here.
+//!
+//! Access: the API token logs in as admin (may act), `viewer_token` as viewer (may look).
+//! A session lives in Redis (`session`), every action is a CSRF-checked, same-origin `POST`
+//! that is confirmed in the browser and written to the audit stream
+//! `<prefix>:console:audit`.
+
+mod assets;
+mod chart;
+pub mod data;
+pub mod mask;
+mod pages;
+pub mod session;
+mod views;
+
+use crate::config::{ConfigError, Settings};
+use crate::deployment::Deployment;
+use crate::redis_conn::RedisConn;
+use crate::secret::Secret;
+use crate::server::AppState;
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use session::{Role, Sessions, Throttle};
+use std::sync::Arc;
+
+/// Most entries kept in the audit stream (trimmed approximately).
+pub const AUDIT_MAX_LEN: u64 = 10_000;
+
+/// The console's part of the server state.
+pub struct Console {
+    admin: Option<Secret>,
+    viewer: Option<Secret>,
+    sessions: Sessions,
+    throttle: Throttle,
+    conn: RedisConn,
+    prefix: String,
+}
+
+impl Console {
+    pub fn new(settings: &Settings, deployment: &Deployment) -> Result<Self, ConfigError> {
+        // The deployment's own (multiplexed) connection.
+        let conn = deployment.partitions()[0].queue.connection();
+        let prefix = &settings.redis.queue_prefix;
+        Ok(Self {
+            // With auth disabled the API has no token, and the console no admin.
+            admin: settings.server.api_token()?,
+            viewer: settings.server.viewer_token()?,
+            sessions: Sessions::new(conn.clone(), prefix),
+            throttle: Throttle::default(),
+            conn,
+            prefix: prefix.clone(),
+        })
+    }
+
+    /// The role `token` logs in as, compared in constant time with each configured token.
+    fn role_of(&self, token: &str) -> Option<Role> {
+        let admin = self
+            .admin
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && t.matches(token));
+        let viewer = self
+            .viewer
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && t.matches(token));
+        if admin {
+            Some(Role::Admin)
+        } else if viewer {
+            Some(Role::Viewer)
+        } else {
+            None
+        }
+    }
+
+    fn audit_key(&self) -> String {
+        format!("{}:console:audit", self.prefix)
+    }
+
+    /// Appends one action to the audit stream.
+    async fn audit(
+        &self,
+        operator: &str,
+        role: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+    ) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XADD")
+            .arg(self.audit_key())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(AUDIT_MAX_LEN)
+            .arg("*")
+            .arg("at")
+            .arg(crate::queue::now_ms())
+            .arg("operator")
+            .arg(operator)
+            .arg("role")
+            .arg(role)
+            .arg("action")
+            .arg(action)
+            .arg("target")
+            .arg(target)
+            .arg("result")
+            .arg(result)
+            .query_async::<String>(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Console {
+    /// The audit log's latest `count` entries, newest first.
+    async fn audit_entries(
+        &self,
+        count: usize,
+    ) -> Result<Vec<std::collections::HashMap<String, String>>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.audit_key())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                entry
+                    .map
+                    .into_iter()
+                    .filter_map(|(k, v)| redis::from_redis_value::<String>(v).ok().map(|v| (k, v)))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// The Content-Security-Policy of every console answer: nothing inline, nothing foreign.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// The console's routes (all under `/console`), merged into the server's router.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/console", get(pages::to_overview))
+        .route("/console/", get(pages::overview))
+        .route("/console/login", get(pages::login_form).post(pages::login))
+        .route("/console/logout", post(pages::logout))
+        .route("/console/pause", post(pages::pause))
+        .route("/console/resume", post(pages::resume))
+        .route("/console/payouts", get(pages::payouts))
+        .route("/console/payouts/{id}", get(pages::payout))
+        .route("/console/payouts/{id}/lookup", post(pages::lookup))
+        .route("/console/batches", get(pages::batches))
+        .route("/console/batches/{id}", get(pages::batch))
+        .route(
+            "/console/batches/{id}/results.csv",
+            get(pages::batch_results),
+        )
+        .route("/console/dead", get(pages::dead))
+        .route("/console/dead/{id}/retry", post(pages::retry))
+        .route("/console/audit", get(pages::audit))
+        .route("/console/assets/{name}", get(assets::serve))
+        .layer(axum::middleware::map_response(security_headers))
+}

@@ -1,0 +1,392 @@
+//! Console sessions (in Redis; the browser holds only a random id), the session cookie, the
+//! CSRF and same-origin checks on every `POST`, and the login throttle.
+
+use crate::redis_conn::RedisConn;
+use axum::http::{HeaderMap, header};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+
+/// The session cookie's name (docs/console.md).
+pub const COOKIE: &str = "tarspay_console";
+
+/// How long a session lives from login.
+pub const TTL: Duration = Duration::from_secs(8 * 3600);
+
+/// What a session may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The API token's holder: may act.
+    Admin,
+    /// The viewer token's holder: may only look.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Viewer => "viewer",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "admin" => Some(Self::Admin),
+            "viewer" => Some(Self::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// A logged-in operator.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub role: Role,
+    pub operator: String,
+    /// The token every form of this session carries in its `csrf` field.
+    pub csrf: String,
+    /// A message for the next page this session loads (set by an action's redirect).
+    pub flash: Option<String>,
+}
+
+impl Session {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// 256 random bits as hex.
+pub fn random_token() -> String {
+    format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    )
+}
+
+/// Sessions in Redis: `<prefix>:console:session:<sha256 hex of the id>` (a hash of role,
+/// operator, csrf, created), so a read of Redis does not hand out live cookies.
+#[derive(Clone)]
+pub struct Sessions {
+    conn: RedisConn,
+    prefix: String,
+}
+
+impl Sessions {
+    pub fn new(conn: RedisConn, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn key(&self, id: &str) -> String {
+        session_key(&self.prefix, id)
+    }
+
+    /// A new session; returns the id for the cookie.
+    pub async fn create(&self, role: Role, operator: &str) -> Result<String, redis::RedisError> {
+        let id = random_token();
+        let key = self.key(&id);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("role")
+            .arg(role.as_str())
+            .arg("operator")
+            .arg(operator)
+            .arg("csrf")
+            .arg(random_token())
+            .arg("created")
+            .arg(crate::queue::now_ms())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(TTL.as_secs())
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(id)
+    }
+
+    /// The session of cookie value `id`; with `take_flash`, its flash message is consumed.
+    pub async fn get(
+        &self,
+        id: &str,
+        take_flash: bool,
+    ) -> Result<Option<Session>, redis::RedisError> {
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let key = self.key(id);
+        let mut conn = self.conn.clone();
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        let (Some(role), Some(operator), Some(csrf)) = (
+            fields.get("role").and_then(|r| Role::parse(r)),
+            fields.get("operator"),
+            fields.get("csrf"),
+        ) else {
+            return Ok(None);
+        };
+        let flash = match fields.get("flash") {
+            Some(flash) if take_flash => {
+                redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg("flash")
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                Some(flash.clone())
+            }
+            _ => None,
+        };
+        Ok(Some(Session {
+            role,
+            operator: operator.clone(),
+            csrf: csrf.clone(),
+            flash,
+        }))
+    }
+
+    /// Leaves `message` for the session's next page (only on a live session: one that
+    /// expired or logged out is not brought back).
+    pub async fn set_flash(&self, id: &str, message: &str) -> Result<(), redis::RedisError> {
+        static SET_IF_LIVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'flash', ARGV[1]) end return 0",
+            )
+        });
+        let mut conn = self.conn.clone();
+        SET_IF_LIVE
+            .key(self.key(id))
+            .arg(message)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.key(id))
+            .query_async::<()>(&mut conn)
+            .await
+    }
+}
+
+/// The Redis key of session `id`: only its hash is stored.
+pub fn session_key(prefix: &str, id: &str) -> String {
+    format!(
+        "{prefix}:console:session:{}",
+        hex::encode(Sha256::digest(id.as_bytes()))
+    )
+}
+
+/// Whether the request reached us over HTTPS (directly or through a proxy that says so).
+pub fn is_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("https")
+        })
+}
+
+/// The `Set-Cookie` value that holds session `id`.
+pub fn session_cookie(id: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/console{secure}")
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn clear_cookie(secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/console; Max-Age=0{secure}")
+}
+
+/// The session id the request's cookies carry, if any.
+pub fn cookie_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// The form's token against the session's, in constant time.
+pub fn csrf_matches(expected: &str, presented: Option<&str>) -> bool {
+    match presented {
+        Some(presented) if !expected.is_empty() => {
+            expected.as_bytes().ct_eq(presented.as_bytes()).into()
+        }
+        _ => false,
+    }
+}
+
+/// An `Origin` (or, without one, a `Referer`) that names another host than `Host` — or
+/// `Origin: null` — is refused; a request with neither passes (old browsers, curl).
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let authority_of = |url: &str| -> Option<String> {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))?;
+        Some(rest.split(['/', '?', '#']).next().unwrap_or("").to_owned())
+    };
+    let named = if let Some(origin) = headers.get(header::ORIGIN) {
+        origin.to_str().ok().and_then(authority_of)
+    } else if let Some(referer) = headers.get(header::REFERER) {
+        referer.to_str().ok().and_then(authority_of)
+    } else {
+        return true;
+    };
+    named.is_some_and(|named| named.eq_ignore_ascii_case(host))
+}
+
+/// Wrong tokens per peer: after [`Throttle::MAX_FAILURES`] within [`Throttle::WINDOW`], the
+/// peer's logins are refused (429) until the window has passed.
+#[derive(Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+}
+
+impl Throttle {
+    pub const MAX_FAILURES: usize = 5;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    fn recent(list: &mut Vec<Instant>, now: Instant) {
+        list.retain(|at| now.duration_since(*at) < Self::WINDOW);
+    }
+
+    /// Whether `peer` may try a token now.
+    pub fn allows(&self, peer: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(&peer) {
+            Some(list) => {
+                Self::recent(list, now);
+                list.len() < Self::MAX_FAILURES
+            }
+            None => true,
+        }
+    }
+
+    /// Counts a wrong token from `peer`.
+    pub fn failed(&self, peer: IpAddr) {
+        let now = Instant::now();
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: peers whose failures are all old are dropped.
+        if map.len() > 10_000 {
+            map.retain(|_, list| {
+                Self::recent(list, now);
+                !list.is_empty()
+            });
+        }
+        let list = map.entry(peer).or_default();
+        Self::recent(list, now);
+        list.push(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn the_cookie_is_http_only_strict_and_scoped_to_the_console() {
+        let cookie = session_cookie("abc", false);
+        assert_eq!(
+            cookie,
+            "tarspay_console=abc; HttpOnly; SameSite=Strict; Path=/console"
+        );
+        assert!(session_cookie("abc", true).ends_with("; Secure"));
+        assert!(clear_cookie(false).contains("Max-Age=0"));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("other=1; tarspay_console=f00d ; x=2"),
+        );
+        assert_eq!(cookie_id(&headers).as_deref(), Some("f00d"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert!(is_https(&headers));
+    }
+
+    #[test]
+    fn session_keys_hold_a_hash_of_the_id_not_the_id() {
+        let id = random_token();
+        assert_eq!(id.len(), 64);
+        let key = session_key("tarspay", &id);
+        assert!(key.starts_with("tarspay:console:session:"));
+        assert!(!key.contains(&id));
+        assert_ne!(random_token(), id);
+    }
+
+    #[test]
+    fn csrf_needs_the_exact_token() {
+        assert!(csrf_matches("abc123", Some("abc123")));
+        assert!(!csrf_matches("abc123", Some("abc12")));
+        assert!(!csrf_matches("abc123", Some("abc1234")));
+        assert!(!csrf_matches("abc123", None));
+        assert!(!csrf_matches("", Some("")));
+    }
+
+    #[test]
+    fn origin_and_referer_must_name_this_host() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, HeaderValue::from_static(value));
+            }
+            same_origin(&headers)
+        };
+        assert!(with(&[("host", "console.example:8080")]));
+        assert!(with(&[
+            ("host", "console.example:8080"),
+            ("origin", "https://console.example:8080")
+        ]));
+        assert!(!with(&[
+            ("host", "console.example:8080"),
+            ("origin", "https://evil.example")
+        ]));
+        assert!(!with(&[("host", "console.example"), ("origin", "null")]));
+        assert!(with(&[
+            ("host", "console.example"),
+            ("referer", "http://console.example/console/dead")
+        ]));
+        assert!(!with(&[
+            ("host", "console.example"),
+            ("referer", "http://console.example.evil.example/x")
+        ]));
+    }
+
+    #[test]
+    fn five_wrong_tokens_a_minute_close_the_door() {
+        let throttle = Throttle::default();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..Throttle::MAX_FAILURES {
+            assert!(throttle.allows(peer));
+            throttle.failed(peer);
+        }
+        assert!(!throttle.allows(peer));
+        assert!(throttle.allows("10.0.0.2".parse().unwrap()));
+    }
+}

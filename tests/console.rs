@@ -1,0 +1,420 @@
+//! The operator console (docs/console.md) over real HTTP, against a real redis-server and the
+//! sandbox: logins and roles, the contract's element ids on every page, CSRF and origin
+//! checks, an admin's retry of a dead job (and its audit line), and that no page shows a
+//! token, the merchant's key or a full account number.
+
+mod common;
+
+use common::app::{TestApp, inr, spawn_app_with};
+use reqwest::StatusCode;
+use reqwest::redirect::Policy;
+use std::time::Duration;
+
+const ADMIN: &str = "console-admin-token-0123456789";
+const VIEWER: &str = "console-viewer-token-0123456789";
+const ACCOUNT: &str = "501234567890123";
+
+struct Console {
+    app: TestApp,
+    url: String,
+    /// Every page body read, checked at the end for secrets.
+    bodies: Vec<String>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn console() -> Console {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = spawn_app_with(
+        false,
+        |_| {},
+        &[
+            ("TARSPAY_API_TOKEN", ADMIN),
+            ("TARSPAY_VIEWER_TOKEN", VIEWER),
+            ("TARSPAY_PARTITIONS", "1"),
+        ],
+    )
+    .await;
+    let stop = app.serve_on(listener);
+    Console {
+        app,
+        url,
+        bodies: Vec::new(),
+        _stop: stop,
+    }
+}
+
+fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The CSRF token of the page's forms.
+fn csrf_of(body: &str) -> String {
+    let at = body
+        .find("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("no csrf field in {body}"));
+    let rest = &body[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+impl Console {
+    async fn login(&self, client: &reqwest::Client, token: &str) -> reqwest::Response {
+        client
+            .post(format!("{}/console/login", self.url))
+            .form(&[("operator", "Priya"), ("token", token)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn session(&self, token: &str) -> reqwest::Client {
+        let client = browser();
+        let response = self.login(&client, token).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER);
+        assert_eq!(location(&response), "/console/");
+        client
+    }
+
+    async fn get(&mut self, client: &reqwest::Client, path: &str) -> (StatusCode, String) {
+        let response = client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        self.bodies.push(body.clone());
+        (status, body)
+    }
+
+    async fn page(&mut self, client: &reqwest::Client, path: &str) -> String {
+        let (status, body) = self.get(client, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
+    async fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> reqwest::Response {
+        client
+            .post(format!("{}{path}", self.url))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn has_ids(body: &str, ids: &[&str]) {
+    for id in ids {
+        assert!(body.contains(&format!("id=\"{id}\"")), "no #{id} in {body}");
+    }
+}
+
+/// Moves the only job of `id`'s partition into its dead stream, as an exhausted one would
+/// be; returns nothing (the console lists it).
+async fn bury(app: &TestApp, id: &str) {
+    let partition = app.partition(id);
+    let keys = partition.queue.keys().clone();
+    let mut conn = partition.queue.connection();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&keys.stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(entries.ids.len(), 1);
+    let entry = &entries.ids[0];
+    let Some(redis::Value::BulkString(envelope)) = entry.map.get("e") else {
+        panic!("no envelope in {entry:?}");
+    };
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.dead)
+        .arg("*")
+        .arg("e")
+        .arg(envelope.as_slice())
+        .arg("reason")
+        .arg("attempts exhausted (test)")
+        .arg("worker")
+        .arg("test")
+        .arg("at")
+        .arg(now_ms())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&keys.stream)
+        .arg(&entry.id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
+    let mut c = console().await;
+    let mut payout = inr("CON-1", "250");
+    payout["accountNo"] = ACCOUNT.into();
+    c.app.enqueue(payout).await;
+
+    // Not logged in: pages send to the login, actions are refused.
+    let anonymous = browser();
+    let response = anonymous
+        .get(format!("{}/console/", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&response), "/console/login");
+    assert_eq!(
+        response.headers()["x-frame-options"],
+        "DENY",
+        "security headers on every console answer"
+    );
+    assert!(
+        response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let login = c.page(&anonymous, "/console/login").await;
+    has_ids(&login, &["login", "operator", "token", "login-submit"]);
+    let post = c.post(&anonymous, "/console/pause", &[("csrf", "x")]).await;
+    assert_eq!(post.status(), StatusCode::UNAUTHORIZED);
+
+    // A wrong token is refused with the error in place.
+    let response = c.login(&anonymous, "not-the-token").await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body = response.text().await.unwrap();
+    has_ids(&body, &["login-error"]);
+
+    // The viewer: every page, the contract's ids, no controls.
+    let viewer = browser();
+    let response = c.login(&viewer, VIEWER).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("tarspay_console="), "{cookie}");
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    let overview = c.page(&viewer, "/console/").await;
+    has_ids(
+        &overview,
+        &[
+            "role",
+            "chart-outcomes",
+            "chart-latency",
+            "depth",
+            "oldest-waiting",
+            "workers",
+            "guard",
+            "paused",
+        ],
+    );
+    assert!(overview.contains("data-role=\"viewer\""));
+    assert!(
+        overview.contains("data-queue-state=\"waiting\" data-count=\"1\""),
+        "{overview}"
+    );
+    assert!(overview.contains("data-paused=\"false\""));
+    assert!(!overview.contains("pause-form") && !overview.contains("resume-form"));
+    let live = c.page(&viewer, "/console/?fragment=live").await;
+    assert!(
+        !live.contains("<html") && live.contains("id=\"depth\""),
+        "{live}"
+    );
+
+    let search = c.page(&viewer, "/console/payouts?mch_order_no=CON-1").await;
+    has_ids(&search, &["search", "payouts"]);
+    assert!(search.contains("data-order=\"CON-1\""), "{search}");
+    let detail = c.page(&viewer, "/console/payouts/CON-1").await;
+    has_ids(&detail, &["phase", "request", "timeline"]);
+    assert!(detail.contains("data-kind=\"registered\""), "{detail}");
+    assert!(
+        detail.contains("••••0123"),
+        "the account's last 4: {detail}"
+    );
+    assert!(!detail.contains("lookup-form"));
+    let (status, _) = c.get(&viewer, "/console/payouts/NOPE-1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    has_ids(&c.page(&viewer, "/console/batches").await, &["batches"]);
+    has_ids(&c.page(&viewer, "/console/audit").await, &["audit"]);
+
+    bury(&c.app, "CON-1").await;
+    let dead = c.page(&viewer, "/console/dead").await;
+    has_ids(&dead, &["dead", "stuck"]);
+    assert!(!dead.contains("retry-form"), "a viewer sees no control");
+    let dead_id = {
+        let at = dead.find("data-dead-id=\"").expect("a dead row") + "data-dead-id=\"".len();
+        dead[at..at + dead[at..].find('"').unwrap()].to_owned()
+    };
+    let retry_path = format!("/console/dead/{dead_id}/retry");
+    let csrf = csrf_of(&dead);
+    let response = c.post(&viewer, &retry_path, &[("csrf", &csrf)]).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "a viewer may only look"
+    );
+    assert_eq!(c.app.deployment.dead_count().await.unwrap(), 1);
+
+    // The admin: no CSRF token, a wrong one, or another origin → 403.
+    let admin = c.session(ADMIN).await;
+    let dead = c.page(&admin, "/console/dead").await;
+    assert!(dead.contains("class=\"inline retry-form\""), "{dead}");
+    assert!(dead.contains(&format!("data-dead-id=\"{dead_id}\"")));
+    let csrf = csrf_of(&dead);
+    let response = c.post(&admin, &retry_path, &[]).await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = c.post(&admin, &retry_path, &[("csrf", "0000")]).await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = c
+        .post(&admin, &retry_path, &[("csrf", &csrf[..csrf.len() - 1])])
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = admin
+        .post(format!("{}{retry_path}", c.url))
+        .header("origin", "https://evil.example")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(c.app.deployment.dead_count().await.unwrap(), 1);
+
+    // …and with it, the dead job is back on its queue, with a flash and an audit line.
+    let response = admin
+        .post(format!("{}{retry_path}", c.url))
+        .header("origin", c.url.as_str())
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&response), "/console/dead");
+    assert_eq!(c.app.deployment.dead_count().await.unwrap(), 0);
+    assert_eq!(c.app.deployment.queue_stats().await.unwrap().waiting, 1);
+    let dead = c.page(&admin, "/console/dead").await;
+    assert!(dead.contains("is back on its queue"), "{dead}");
+    let audit = c.page(&admin, "/console/audit").await;
+    assert!(
+        audit.contains(&format!(
+            "data-action=\"retry\" data-target=\"{dead_id}\" data-result=\"requeued\""
+        )),
+        "{audit}"
+    );
+    assert!(audit.contains("Priya"));
+
+    // Look up now: a one-off query is queued and the order's history says who asked.
+    let detail = c.page(&admin, "/console/payouts/CON-1").await;
+    assert!(detail.contains("id=\"lookup-form\""));
+    let response = c
+        .post(&admin, "/console/payouts/CON-1/lookup", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(c.app.deployment.queue_stats().await.unwrap().waiting, 2);
+    let detail = c.page(&admin, "/console/payouts/CON-1").await;
+    assert!(detail.contains("data-kind=\"operator\""), "{detail}");
+
+    // Pause and resume, from the overview's forms.
+    let overview = c.page(&admin, "/console/").await;
+    has_ids(&overview, &["pause-form", "resume-form"]);
+    let response = c.post(&admin, "/console/pause", &[("csrf", &csrf)]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert!(c.app.deployment.is_paused().await.unwrap());
+    assert!(
+        c.page(&admin, "/console/")
+            .await
+            .contains("data-paused=\"true\"")
+    );
+    let response = c.post(&admin, "/console/resume", &[("csrf", &csrf)]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert!(!c.app.deployment.is_paused().await.unwrap());
+
+    // Logging out ends the session in Redis.
+    let response = c.post(&admin, "/console/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (status, _) = c.get(&admin, "/console/").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+
+    let key = c.app.key.expose_hex();
+    for body in &c.bodies {
+        for secret in [ADMIN, VIEWER, key.as_str(), ACCOUNT] {
+            assert!(!body.contains(secret), "a page shows a secret: {body}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_show_progress_and_results() {
+    let mut c = console().await;
+    let csv = "mchOrderNo,amount,currency,wayCode,customerName,customerEmail,customerContact\nCB-1,500,INR,UPI,Asha,asha@example.in,9876543210\nCB-2,700,INR,UPI,Ravi,ravi@example.in,9876543211\n";
+    let created = reqwest::Client::new()
+        .post(format!("{}/v1/batches?batchId=payroll-dec", c.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status(),
+        StatusCode::CREATED,
+        "{}",
+        created.text().await.unwrap()
+    );
+    let viewer = c.session(VIEWER).await;
+    let batch = c.page(&viewer, "/console/batches/payroll-dec").await;
+    has_ids(&batch, &["batch-progress", "results-csv"]);
+    assert!(batch.contains("0 of 2 finished"), "{batch}");
+    let (status, _) = c.get(&viewer, "/console/batches/no-such-batch").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let results = c
+        .page(&viewer, "/console/batches/payroll-dec/results.csv")
+        .await;
+    assert!(
+        results.starts_with("mchOrderNo,status,amount,currency,payOrderId,code,msg,attempts"),
+        "{results}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_wrong_tokens_a_minute_are_all_a_peer_gets() {
+    let c = console().await;
+    let client = browser();
+    for _ in 0..5 {
+        let response = c.login(&client, "wrong-token").await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let response = c.login(&client, ADMIN).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+}
