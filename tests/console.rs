@@ -31,7 +31,7 @@ fn browser() -> reqwest::Client {
         .unwrap()
 }
 
-async fn console() -> Console {
+async fn console(partitions: &str) -> Console {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = spawn_app_with(
@@ -40,7 +40,7 @@ async fn console() -> Console {
         &[
             ("TARSPAY_API_TOKEN", ADMIN),
             ("TARSPAY_VIEWER_TOKEN", VIEWER),
-            ("TARSPAY_PARTITIONS", "1"),
+            ("TARSPAY_PARTITIONS", partitions),
         ],
     )
     .await;
@@ -177,7 +177,8 @@ fn now_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
-    let mut c = console().await;
+    // Partitioned: dead ids name their partition (`P/ENTRY`), percent-encoded in the path.
+    let mut c = console("3").await;
     let mut payout = inr("CON-1", "250");
     payout["accountNo"] = ACCOUNT.into();
     c.app.enqueue(payout).await;
@@ -227,6 +228,7 @@ async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
     }
     assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
     let overview = c.page(&viewer, "/console/").await;
+    assert!(overview.contains("Partition 2"), "depth per partition");
     has_ids(
         &overview,
         &[
@@ -277,7 +279,8 @@ async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
         let at = dead.find("data-dead-id=\"").expect("a dead row") + "data-dead-id=\"".len();
         dead[at..at + dead[at..].find('"').unwrap()].to_owned()
     };
-    let retry_path = format!("/console/dead/{dead_id}/retry");
+    assert!(dead_id.contains('/'), "{dead_id}");
+    let retry_path = format!("/console/dead/{}/retry", dead_id.replace('/', "%2F"));
     let csrf = csrf_of(&dead);
     let response = c.post(&viewer, &retry_path, &[("csrf", &csrf)]).await;
     assert_eq!(
@@ -291,6 +294,7 @@ async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
     let admin = c.session(ADMIN).await;
     let dead = c.page(&admin, "/console/dead").await;
     assert!(dead.contains("class=\"inline retry-form\""), "{dead}");
+    assert!(dead.contains(&format!("action=\"{retry_path}\"")), "{dead}");
     assert!(dead.contains(&format!("data-dead-id=\"{dead_id}\"")));
     let csrf = csrf_of(&dead);
     let response = c.post(&admin, &retry_path, &[]).await;
@@ -376,7 +380,7 @@ async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_show_progress_and_results() {
-    let mut c = console().await;
+    let mut c = console("1").await;
     let csv = "mchOrderNo,amount,currency,wayCode,customerName,customerEmail,customerContact\nCB-1,500,INR,UPI,Asha,asha@example.in,9876543210\nCB-2,700,INR,UPI,Ravi,ravi@example.in,9876543211\n";
     let created = reqwest::Client::new()
         .post(format!("{}/v1/batches?batchId=payroll-dec", c.url))
@@ -409,7 +413,7 @@ async fn batches_show_progress_and_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_wrong_tokens_a_minute_are_all_a_peer_gets() {
-    let c = console().await;
+    let c = console("1").await;
     let client = browser();
     for _ in 0..5 {
         let response = c.login(&client, "wrong-token").await;

@@ -103,6 +103,26 @@ impl Producer {
         &self.deployment
     }
 
+    /// Queues a one-off status query of `record` now, in its merchant's lane (the default
+    /// lane if the profile is gone): for a callback that is not trusted, and the console's
+    /// "look up now". Even for a final order: the query may find that the gateway now says
+    /// otherwise (a refund, a late payment), which is a correction. Its own unique key: a
+    /// regular poll may be waiting minutes away, and at most one such look waits per order.
+    pub async fn queue_lookup(&self, record: &OrderRecord) -> Result<(), QueueError> {
+        let job = PayoutJob::poll(record, true);
+        let options = JobOptions {
+            unique_key: job.unique_key(),
+            max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
+            ..JobOptions::default()
+        };
+        let partition = self.deployment.partition_of(&record.mch_order_no);
+        let queue = partition
+            .lane(&record.merchant)
+            .map_or(&partition.queue, |lane| &lane.queue);
+        queue.enqueue_with(&job, options).await?;
+        Ok(())
+    }
+
     /// Validates a payout given as JSON, then enqueues it.
     pub async fn enqueue_json(
         &self,

@@ -2,6 +2,7 @@
 //! `resume`, `dead list|retry`.
 
 use crate::config::Settings;
+use crate::console::data::{dead_job_id, parse_dead_job_id};
 use crate::deployment::Deployment;
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::ledger::Outcome;
@@ -397,33 +398,6 @@ async fn set_paused<T>(queue: &RedisQueue<T>, paused: bool) -> Result<()> {
     Ok(())
 }
 
-/// A dead job's id as listed: `PARTITION/ENTRY` when the deployment has several partitions
-/// (entry ids repeat across partitions' streams), prefixed `MERCHANT:` for a merchant's lane
-/// other than `default`'s.
-fn dead_job_id(partitions: usize, partition: usize, merchant: &str, entry: &str) -> String {
-    let lane = if merchant == MerchantName::DEFAULT {
-        String::new()
-    } else {
-        format!("{merchant}:")
-    };
-    if partitions > 1 {
-        format!("{lane}{partition}/{entry}")
-    } else {
-        format!("{lane}{entry}")
-    }
-}
-
-/// The partitions a listed id may name, and its entry id.
-fn parse_dead_job_id(partitions: usize, id: &str) -> Result<(std::ops::Range<usize>, &str)> {
-    match id.split_once('/') {
-        Some((partition, entry)) => match partition.parse::<usize>() {
-            Ok(p) if p < partitions => Ok((p..p + 1, entry)),
-            _ => bail!("no partition {partition:?}: the deployment has {partitions}"),
-        },
-        None => Ok((0..partitions, id)),
-    }
-}
-
 pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode> {
     let deployment = Deployment::connect(settings).await?;
     match command {
@@ -449,11 +423,9 @@ pub async fn dead(settings: &Settings, command: DeadCommand) -> Result<ExitCode>
             }
         }
         DeadCommand::Retry { id, queue } => {
-            let (merchant, rest) = match id.split_once(':') {
-                Some((merchant, rest)) => (merchant, rest),
-                None => (MerchantName::DEFAULT, id.as_str()),
-            };
-            let (candidates, entry) = parse_dead_job_id(deployment.partitions().len(), rest)?;
+            let (merchant, candidates, entry) =
+                parse_dead_job_id(deployment.partitions().len(), &id)
+                    .map_err(anyhow::Error::msg)?;
             let mut requeued = false;
             for partition in &deployment.partitions()[candidates] {
                 requeued = match queue {

@@ -7,7 +7,7 @@ use maud::{Markup, html};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 220.0;
-const LEFT: f64 = 44.0;
+const LEFT: f64 = 64.0;
 const RIGHT: f64 = 8.0;
 const TOP: f64 = 10.0;
 const BOTTOM: f64 = 24.0;
@@ -88,10 +88,12 @@ fn status_class(status: &str) -> String {
 }
 
 fn y_axis(max: u64, unit: &str) -> Markup {
+    // `max` is 1, 2 or 5 × 10ⁿ: this many steps keep every tick a whole number.
+    let steps = max.clamp(1, 5);
     html! {
-        @for step in 0..=4u64 {
-            @let value = max * step / 4;
-            @let y = TOP + plot_height() - plot_height() * step as f64 / 4.0;
+        @for step in 0..=steps {
+            @let value = max * step / steps;
+            @let y = TOP + plot_height() - plot_height() * step as f64 / steps as f64;
             line.grid x1=(LEFT) x2=(WIDTH - RIGHT) y1=(fmt(y)) y2=(fmt(y)) {}
             text.axis x=(LEFT - 4.0) y=(fmt(y + 4.0)) text-anchor="end" { (value) (unit) }
         }
@@ -103,7 +105,9 @@ fn x_labels(minutes: &[MinuteStats]) -> Markup {
     let slot = plot_width() / n as f64;
     html! {
         @for (i, minute) in minutes.iter().enumerate() {
-            @if i % 10 == 0 || i + 1 == minutes.len() {
+            @if i + 1 == minutes.len() {
+                text.axis x=(fmt(WIDTH - RIGHT)) y=(fmt(HEIGHT - 6.0)) text-anchor="end" { (clock(minute.minute_ms)) }
+            } @else if i % 10 == 0 && i + 5 < minutes.len() {
                 text.axis x=(fmt(LEFT + slot * (i as f64 + 0.5))) y=(fmt(HEIGHT - 6.0)) text-anchor="middle" { (clock(minute.minute_ms)) }
             }
         }
@@ -358,5 +362,9 @@ mod tests {
         assert_eq!(nice_ceiling(7), 10);
         assert_eq!(nice_ceiling(120), 200);
         assert_eq!(clock(0), "00:00");
+        for max in [1, 2, 5, 10, 20, 50, 100, 200] {
+            let svg = y_axis(max, "").into_string();
+            assert!(svg.contains(&format!(">{max}<")), "{max}: {svg}");
+        }
     }
 }

@@ -18,9 +18,9 @@ mod views;
 
 use crate::config::{ConfigError, Settings};
 use crate::deployment::Deployment;
+use crate::producer::Producer;
 use crate::redis_conn::RedisConn;
 use crate::secret::Secret;
-use crate::server::AppState;
 use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
@@ -31,7 +31,30 @@ use std::sync::Arc;
 /// Most entries kept in the audit stream (trimmed approximately).
 pub const AUDIT_MAX_LEN: u64 = 10_000;
 
-/// The console's part of the server state.
+/// The address a request's connection came from (a request extension the server's accept
+/// loop adds; behind a proxy, the proxy's): the login throttle counts per peer.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// What the console's handlers share: the deployment (to read and act on), a producer (to
+/// queue lookups), and the console's own sessions and tokens.
+pub struct ConsoleState {
+    pub(crate) deployment: Deployment,
+    pub(crate) producer: Producer,
+    pub(crate) console: Console,
+}
+
+impl ConsoleState {
+    pub fn new(settings: &Settings, deployment: Deployment) -> Result<Self, ConfigError> {
+        Ok(Self {
+            producer: deployment.producer(settings)?,
+            console: Console::new(settings, &deployment)?,
+            deployment,
+        })
+    }
+}
+
+/// The console's tokens, sessions, throttle and audit log.
 pub struct Console {
     admin: Option<Secret>,
     viewer: Option<Secret>,
@@ -168,7 +191,7 @@ async fn security_headers(mut response: Response) -> Response {
 }
 
 /// The console's routes (all under `/console`), merged into the server's router.
-pub fn router() -> Router<Arc<AppState>> {
+pub fn router(state: Arc<ConsoleState>) -> Router {
     Router::new()
         .route("/console", get(pages::to_overview))
         .route("/console/", get(pages::overview))
@@ -190,4 +213,5 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/audit", get(pages::audit))
         .route("/console/assets/{name}", get(assets::serve))
         .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
 }

@@ -2,6 +2,7 @@
 
 use super::data::{self, DeadRow, WorkerRow};
 use super::session::{self, Role, Session};
+use super::{ConsoleState, PeerAddr};
 use super::{chart, mask, views};
 use crate::batch;
 use crate::ids::Currency;
@@ -9,7 +10,6 @@ use crate::ledger::history::{EventKind, OrderEvent, TimelineEntry, timeline};
 use crate::ledger::index::{OrderPage, OrderQuery};
 use crate::ledger::{BatchSummary, OrderRecord, Phase};
 use crate::queue::QueueStats;
-use crate::server::{AppState, PeerAddr};
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -97,7 +97,7 @@ fn form_fields(body: &[u8]) -> HashMap<String, String> {
 /// The request's session, for a page: to the login page without one (`401` for a live
 /// refresh, whose script then reloads).
 async fn viewer(
-    state: &AppState,
+    state: &ConsoleState,
     headers: &HeaderMap,
     live: bool,
 ) -> Result<(String, Session), Response> {
@@ -121,7 +121,7 @@ async fn viewer(
 /// The request's session, for a `POST`: `401` without one, `403` from another origin or
 /// without the session's CSRF token.
 async fn poster(
-    state: &AppState,
+    state: &ConsoleState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
 ) -> Result<(String, Session), Response> {
@@ -155,7 +155,7 @@ async fn poster(
 
 /// [`poster`], and an admin.
 async fn admin(
-    state: &AppState,
+    state: &ConsoleState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
 ) -> Result<(String, Session), Response> {
@@ -168,7 +168,7 @@ async fn admin(
 
 /// Records the action, leaves `message` for the next page, and sends the browser there.
 async fn done(
-    state: &AppState,
+    state: &ConsoleState,
     (id, session): (&str, &Session),
     action: &str,
     target: &str,
@@ -200,7 +200,7 @@ pub async fn to_overview() -> Response {
     see_other("/console/")
 }
 
-pub async fn login_form(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn login_form(State(state): State<Arc<ConsoleState>>, headers: HeaderMap) -> Response {
     if let Some(id) = session::cookie_id(&headers)
         && let Ok(Some(_)) = state.console.sessions.get(&id, false).await
     {
@@ -218,7 +218,7 @@ fn login_refused(status: StatusCode, error: &str, operator: &str) -> Response {
 }
 
 pub async fn login(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     peer: Option<Extension<PeerAddr>>,
     headers: HeaderMap,
     body: Bytes,
@@ -280,7 +280,7 @@ pub async fn login(
 }
 
 pub async fn logout(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -314,7 +314,7 @@ struct Overview {
     minutes: Vec<crate::ledger::minutes::MinuteStats>,
 }
 
-async fn read_overview(state: &AppState) -> Result<Overview, String> {
+async fn read_overview(state: &ConsoleState) -> Result<Overview, String> {
     let d = &state.deployment;
     let e = |err: &dyn std::fmt::Display| err.to_string();
     let (parts, workers, paused, held, stuck, minutes) = tokio::join!(
@@ -340,7 +340,7 @@ async fn read_overview(state: &AppState) -> Result<Overview, String> {
 }
 
 pub async fn overview(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
@@ -482,7 +482,7 @@ pub async fn overview(
 }
 
 pub async fn pause(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -490,7 +490,7 @@ pub async fn pause(
 }
 
 pub async fn resume(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -498,7 +498,7 @@ pub async fn resume(
 }
 
 async fn set_paused(
-    state: Arc<AppState>,
+    state: Arc<ConsoleState>,
     headers: HeaderMap,
     body: Bytes,
     paused: bool,
@@ -617,7 +617,7 @@ fn orders_table(id: &str, orders: &[OrderRecord]) -> Markup {
 }
 
 pub async fn payouts(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
@@ -737,7 +737,7 @@ fn entry_text(entry: &TimelineEntry) -> Markup {
 }
 
 pub async fn payout(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Path(mch_order_no): Path<String>,
     Query(params): Query<Params>,
@@ -811,7 +811,7 @@ pub async fn payout(
 }
 
 pub async fn lookup(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Path(mch_order_no): Path<String>,
     body: Bytes,
@@ -838,7 +838,7 @@ pub async fn lookup(
         }
         Err(err) => return unavailable(err),
     };
-    let (result, message) = match crate::server::callback::schedule_query(&state, &record).await {
+    let (result, message) = match state.producer.queue_lookup(&record).await {
         Ok(()) => {
             let mut event = OrderEvent::now(EventKind::Operator);
             event.reason = Some("lookup".into());
@@ -895,7 +895,7 @@ fn progress(id: Option<&str>, summary: &BatchSummary) -> Markup {
 }
 
 pub async fn batches(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
@@ -949,7 +949,7 @@ pub async fn batches(
 }
 
 pub async fn batch(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Path(batch_id): Path<String>,
     Query(params): Query<Params>,
@@ -1017,7 +1017,7 @@ pub async fn batch(
 }
 
 pub async fn batch_results(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Path(batch_id): Path<String>,
 ) -> Response {
@@ -1071,7 +1071,7 @@ pub async fn batch_results(
 // ---- dead and stuck --------------------------------------------------------------------
 
 pub async fn dead(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
@@ -1146,7 +1146,7 @@ fn dead_row(session: &Session, row: &DeadRow) -> Markup {
 }
 
 pub async fn retry(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Path(dead_id): Path<String>,
     body: Bytes,
@@ -1182,7 +1182,7 @@ pub async fn retry(
 // ---- audit -----------------------------------------------------------------------------
 
 pub async fn audit(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {

@@ -239,12 +239,15 @@ pub fn csrf_matches(expected: &str, presented: Option<&str>) -> bool {
     }
 }
 
-/// An `Origin` (or, without one, a `Referer`) that names another host than `Host` — or
-/// `Origin: null` — is refused; a request with neither passes (old browsers, curl).
+/// An `Origin` (or, without one, a `Referer`) that names another host than `Host` (or, behind
+/// a proxy, `X-Forwarded-Host`) — or `Origin: null` — is refused; a request with neither
+/// passes (old browsers, curl).
 pub fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
+    let hosts: Vec<&str> = [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .filter_map(|v| v.split(',').next().map(str::trim))
+        .collect();
     let authority_of = |url: &str| -> Option<String> {
         let rest = url
             .strip_prefix("https://")
@@ -258,7 +261,7 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
     } else {
         return true;
     };
-    named.is_some_and(|named| named.eq_ignore_ascii_case(host))
+    named.is_some_and(|named| hosts.iter().any(|host| named.eq_ignore_ascii_case(host)))
 }
 
 /// Wrong tokens per peer: after [`Throttle::MAX_FAILURES`] within [`Throttle::WINDOW`], the
@@ -368,6 +371,15 @@ mod tests {
             ("origin", "https://evil.example")
         ]));
         assert!(!with(&[("host", "console.example"), ("origin", "null")]));
+        assert!(with(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-host", "console.example"),
+            ("origin", "https://console.example")
+        ]));
+        assert!(
+            !with(&[("origin", "https://console.example")]),
+            "no host: refused"
+        );
         assert!(with(&[
             ("host", "console.example"),
             ("referer", "http://console.example/console/dead")

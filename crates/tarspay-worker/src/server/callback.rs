@@ -12,11 +12,8 @@ use super::AppState;
 use crate::gateway::callback::{
     BizType, Callback, CallbackError, HEADER_SIGNATURE, parse_callback, verify_callback,
 };
-use crate::jobs::PayoutJob;
 use crate::ledger::history::{EventKind, OrderEvent};
 use crate::ledger::{FinalResult, OrderKind, OrderRecord, Phase};
-use crate::producer::PAYOUT_JOB_MAX_ATTEMPTS;
-use crate::queue::JobOptions;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -103,7 +100,7 @@ pub async fn receive(
         note_now(ledger, &id).await;
         tracing::warn!(mch_order_no = %id, verified, result, "callback not applied: scheduling a status query");
         metrics::counter!(crate::metrics::CALLBACKS, "result" => result).increment(1);
-        return match schedule_query(&state, &record).await {
+        return match state.producer.queue_lookup(&record).await {
             Ok(()) => reply(StatusCode::OK, "OK"),
             Err(err) => unavailable(err),
         };
@@ -195,28 +192,4 @@ fn matches_record(callback: &Callback, record: &OrderRecord, mch_no: Option<&str
         (Some(_), Err(_)) => false,
     };
     ours && same_order && record.kind == kind && same_currency && same_amount
-}
-
-/// Queues a one-off status query of `record` (its own unique key, so at most one waits);
-/// also the console's "look up now".
-pub(crate) async fn schedule_query(
-    state: &AppState,
-    record: &OrderRecord,
-) -> Result<(), crate::queue::QueueError> {
-    // Even for a final order: the query may find that the gateway now says otherwise (a
-    // refund, a late payment), which is a correction.
-    let job = PayoutJob::poll(record, true);
-    // Its own unique key: a regular poll may be waiting minutes away.
-    let options = JobOptions {
-        unique_key: job.unique_key(),
-        max_attempts: Some(PAYOUT_JOB_MAX_ATTEMPTS),
-        ..JobOptions::default()
-    };
-    let partition = state.deployment.partition_of(&record.mch_order_no);
-    // The order's merchant lane (its key looks it up); the default lane if the profile is gone.
-    let queue = partition
-        .lane(&record.merchant)
-        .map_or(&partition.queue, |lane| &lane.queue);
-    queue.enqueue_with(&job, options).await?;
-    Ok(())
 }

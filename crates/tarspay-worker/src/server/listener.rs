@@ -2,6 +2,7 @@
 //! half a request head kept its connection open for as long as it liked (150 s and counting);
 //! here hyper's header-read timeout is on, and shutdown lets requests in flight finish.
 
+use crate::console::PeerAddr;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -10,11 +11,6 @@ use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-
-/// The address a request's connection came from (a request extension; behind a proxy, the
-/// proxy's).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for open connections.
 pub async fn run(

@@ -3,10 +3,9 @@
 mod api;
 mod auth;
 mod body;
-pub(crate) mod callback;
+mod callback;
 mod gauges;
 mod listener;
-pub use listener::PeerAddr;
 mod openapi;
 mod request_id;
 
@@ -39,8 +38,8 @@ pub struct AppState {
     pub merchants: Vec<(MerchantName, Option<String>)>,
     pub api_token: Option<Secret>,
     pub metrics: PrometheusHandle,
-    /// The operator console's sessions, tokens and audit log.
-    pub console: crate::console::Console,
+    /// The operator console's state (its own router's).
+    pub console: Arc<crate::console::ConsoleState>,
 }
 
 impl AppState {
@@ -53,7 +52,10 @@ impl AppState {
     }
 
     pub fn new(settings: &Settings, deployment: Deployment) -> Result<Self, ConfigError> {
-        let console = crate::console::Console::new(settings, &deployment)?;
+        let console = Arc::new(crate::console::ConsoleState::new(
+            settings,
+            deployment.clone(),
+        )?);
         Ok(Self {
             producer: deployment.producer(settings)?,
             deployment,
@@ -149,15 +151,16 @@ pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Rout
         state.clone(),
         auth::require_token,
     ));
+    let console = crate::console::router(state.console.clone());
     let (router, document) = assemble(api, public);
-    // The console is not part of the API's document.
     router
-        .merge(crate::console::router())
+        .with_state(state)
+        // The console is not part of the API's document.
+        .merge(console)
         .layer(Extension(openapi::Document::new(&document)))
         // Bodies are bounded per route by `body`; this is a backstop for the extractors.
         .layer(DefaultBodyLimit::max(limits.batch.max_bytes))
         .layer(axum::middleware::from_fn(request_id::trace))
-        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then finishes requests in flight.
