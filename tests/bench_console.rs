@@ -76,5 +76,14 @@ fn every_page_answers_over_a_seeded_history() {
         );
         assert_percentiles(line, "ms", true);
         assert!(line["ms"]["p50"].as_f64().unwrap() > 0.0, "{line}");
+        // Each page shows what was seeded (rows: its stable `data-…` row attributes).
+        let rows = number(line, "rows");
+        match line["page"].as_str().unwrap() {
+            "payouts_mch_order_no" => assert_eq!(rows, 1.0, "{line}"),
+            // Registered, the create, accepted, the callback, final.
+            "payout_detail" => assert!(rows >= 5.0, "{line}"),
+            "dead" => assert!(rows >= 20.0, "{line}"),
+            _ => assert!(rows > 0.0, "{line}"),
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! 1. **Seeding**, through the library's own code paths: each order is validated by the payout
 //!    rules, registered (`Ledger::register`), leased (`begin_submit_with_record`), accepted
 //!    with a gateway order id (`accept`) and finalised with the state the gateway reported
-//!    (`apply_gateway_final`, as a callback does): 97 % succeeded, 2 % failed, 1 % rejected,
+//!    (`apply_gateway_final`, as a callback does), with the history lines a worker and the
+//!    callback receiver note on the way (the create's answer, the callback): 97 % succeeded, 2 % failed, 1 % rejected,
 //!    across INR, BDT, KES and MYR, in batches of [`BATCH_SIZE`]. Many callers run at once, so
 //!    the ledger's group commit batches their script calls. Whatever the ledger writes besides
 //!    the record (its time and batch index, per-minute counters, event history) is written the
@@ -34,6 +35,7 @@ use tarspay_worker::config::Settings;
 use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ids::BatchId;
+use tarspay_worker::ledger::history::{EventKind, OrderEvent};
 use tarspay_worker::ledger::{FinalResult, NewOrder, OrderKind, Phase, SubmitTicket};
 use tarspay_worker::payout::{PayoutRequest, PayoutRules};
 use tarspay_worker::producer::Producer;
@@ -291,6 +293,12 @@ async fn run_on(
     let finished_s = started.elapsed().as_secs_f64();
     let dead = seed_dead(&setup).await?;
     let open = seed_open(&producer, console.orders).await?;
+    // The chart counters this process tallied (a worker adds its own every 2 s).
+    for partition in setup.deployment.partitions() {
+        for lane in &partition.lanes {
+            lane.ledger.flush_counters().await;
+        }
+    }
     let seeded_s = started.elapsed().as_secs_f64();
     let memory_after = nodes.used_memory().await?;
     let total = console.orders + open.total() + dead;
@@ -406,10 +414,24 @@ async fn seed_one(producer: &Producer, i: u64) -> Result<(), BenchError> {
             )));
         }
     };
-    ledger.accept(&id, Some(&pay_order_id(i)), None).await?;
+    // The history lines a worker and the callback receiver note, carried by the acceptance
+    // and the finalisation as theirs are.
+    let pay_order_id = pay_order_id(i);
+    let mut create = OrderEvent::now(EventKind::Create);
+    create.attempt = Some(1);
+    create.latency_ms = Some(40 + mix(i) % 160);
+    create.code = Some(0);
+    create.msg = Some(format!("accepted as {pay_order_id}"));
+    ledger.note_soon(&id, create);
+    ledger.accept(&id, Some(&pay_order_id), None).await?;
     let ending = Ending::of(i);
+    let result = ending.result(i);
+    let mut callback = OrderEvent::now(EventKind::Callback);
+    callback.verified = Some(true);
+    callback.state = result.gateway_state;
+    ledger.note_soon(&id, callback);
     ledger
-        .apply_gateway_final(&record, ending.phase(), &ending.result(i))
+        .apply_gateway_final(&record, ending.phase(), &result)
         .await?;
     Ok(())
 }
