@@ -197,7 +197,10 @@ async fn search_pages_newest_first_by_status_time_and_batch() {
             .await
             .unwrap();
     }
+    // A time strictly between the two groups' registrations (the index has ms resolution).
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let before_rejects = tarspay_worker::queue::server_now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     for i in 0..5 {
         app.enqueue(inr(&format!("REJ-{i}"), "100")).await;
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod browser;
 pub mod faketime;
 pub mod queue;
 pub mod redis_server;

@@ -177,17 +177,30 @@ pub fn outcomes(minutes: &[MinuteStats]) -> Markup {
     }
 }
 
-/// One polyline per quantile; minutes without creates leave a gap.
-fn quantile_path(minutes: &[MinuteStats], q: f64, max: u64) -> String {
+/// Where each minute's quantile is drawn; `None` for minutes without creates.
+fn quantile_points(minutes: &[MinuteStats], q: f64, max: u64) -> Vec<Option<(f64, f64)>> {
     let n = minutes.len().max(1);
     let slot = plot_width() / n as f64;
-    let mut path = String::new();
-    let mut pen_down = false;
-    for (i, minute) in minutes.iter().enumerate() {
-        match minute.latency_quantile_ms(q) {
-            Some(ms) => {
+    minutes
+        .iter()
+        .enumerate()
+        .map(|(i, minute)| {
+            minute.latency_quantile_ms(q).map(|ms| {
                 let x = LEFT + slot * (i as f64 + 0.5);
                 let y = TOP + plot_height() - plot_height() * ms.min(max) as f64 / max as f64;
+                (x, y)
+            })
+        })
+        .collect()
+}
+
+/// One polyline per quantile; minutes without creates leave a gap.
+fn quantile_path(points: &[Option<(f64, f64)>]) -> String {
+    let mut path = String::new();
+    let mut pen_down = false;
+    for point in points {
+        match point {
+            Some((x, y)) => {
                 path.push_str(&format!(
                     "{}{:.1} {:.1} ",
                     if pen_down { "L" } else { "M" },
@@ -215,8 +228,10 @@ pub fn latency(minutes: &[MinuteStats]) -> Markup {
         "Gateway create latency per minute, p50 and p95 in milliseconds, last {} minutes: {creates} creates",
         minutes.len()
     );
-    let p50 = quantile_path(minutes, 0.5, max);
-    let p95 = quantile_path(minutes, 0.95, max);
+    let p50_points = quantile_points(minutes, 0.5, max);
+    let p95_points = quantile_points(minutes, 0.95, max);
+    let p50 = quantile_path(&p50_points);
+    let p95 = quantile_path(&p95_points);
     html! {
         svg #chart-latency.chart role="img" viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) aria-label=(label) {
             title { (label) }
@@ -226,6 +241,9 @@ pub fn latency(minutes: &[MinuteStats]) -> Markup {
             }
             @if !p50.is_empty() { path.p50 d=(p50) { title { "p50" } } }
             @if !p95.is_empty() { path.p95 d=(p95) { title { "p95" } } }
+            // A dot per minute: a lone minute has no line to show.
+            @for (x, y) in p50_points.iter().flatten() { circle.dot-p50 cx=(fmt(*x)) cy=(fmt(*y)) r="3" {} }
+            @for (x, y) in p95_points.iter().flatten() { circle.dot-p95 cx=(fmt(*x)) cy=(fmt(*y)) r="3" {} }
             (x_labels(minutes))
         }
         ul.legend aria-label="Legend" {
@@ -350,9 +368,12 @@ mod tests {
         let b = minute(2, &[]);
         let mut c = a.clone();
         c.minute_ms += 120_000;
-        let path = quantile_path(&[a, b, c], 0.5, 100);
+        let path = quantile_path(&quantile_points(&[a.clone(), b, c], 0.5, 100));
         assert_eq!(path.matches('M').count(), 2, "{path}");
         assert!(!path.contains('L'), "{path}");
+        // A lone minute still shows: a dot per quantile.
+        let svg = latency(&[a]).into_string();
+        assert_eq!(svg.matches("<circle").count(), 2, "{svg}");
     }
 
     #[test]
