@@ -4,6 +4,10 @@
 //! realistic mix of faults and final states. It needs no settings and no merchant account;
 //! Redis comes from `TARSPAY_REDIS_URL`, else 127.0.0.1:6379, else a private redis-server.
 //! Everything it writes to a shared Redis lives under its own prefix and is deleted at the end.
+//!
+//! With [`DemoOptions::console`] the workers and `serve` keep running after the payroll, with
+//! the operator console at `/console/` (an admin and a viewer token), until the caller ends
+//! the demo ([`Demo::finish`]).
 
 use indicatif::{ProgressBar, ProgressStyle};
 use local_redis::{self, LocalRedis, LocalRedisError};
@@ -32,6 +36,43 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Redis to use; `None` tries 127.0.0.1:6379, then a private redis-server.
     pub redis_url: Option<String>,
+    /// Keep the workers and `serve` (with the operator console) running after the payroll,
+    /// with these login tokens.
+    pub console: Option<ConsoleTokens>,
+}
+
+/// The console's login tokens: the admin's (`TARSPAY_API_TOKEN`, which is also the API's
+/// bearer token) and the viewer's (`TARSPAY_VIEWER_TOKEN`).
+#[derive(Debug, Clone)]
+pub struct ConsoleTokens {
+    pub admin: String,
+    pub viewer: String,
+}
+
+impl ConsoleTokens {
+    /// `admin` and `viewer` where given (non-empty), else 32 random hex digits each.
+    pub fn or_random(admin: Option<String>, viewer: Option<String>) -> Self {
+        let random = || {
+            format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            )
+        };
+        let given = |token: Option<String>| token.filter(|t| !t.trim().is_empty());
+        Self {
+            admin: given(admin).unwrap_or_else(random),
+            viewer: given(viewer).unwrap_or_else(random),
+        }
+    }
+}
+
+/// Where the console of a [`Demo`] run with [`DemoOptions::console`] answers.
+#[derive(Debug, Clone)]
+pub struct ConsoleAccess {
+    /// `http://127.0.0.1:PORT/console/`.
+    pub url: String,
+    pub tokens: ConsoleTokens,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,9 +267,63 @@ fn find_redis(url: Option<String>) -> Result<(String, Option<LocalRedis>), DemoE
     }
 }
 
-/// Runs the demo end to end and returns its summary.
+/// Runs the demo end to end and returns its summary (with [`DemoOptions::console`], the
+/// console is up until this returns: use [`Demo::start`] to keep it).
 pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
-    let (redis_url, _private_redis) = find_redis(options.redis_url.clone())?;
+    let demo = Demo::start(options).await?;
+    let summary = demo.summary.clone();
+    demo.finish().await;
+    Ok(summary)
+}
+
+/// A demo whose payroll is paid. Without a console its workers and server are stopped
+/// already; with one they serve until [`Demo::finish`], which also deletes the demo's keys.
+pub struct Demo {
+    pub summary: DemoSummary,
+    /// Where to log in, with [`DemoOptions::console`].
+    pub console: Option<ConsoleAccess>,
+    running: Option<Running>,
+    deployment: Deployment,
+    prefix: String,
+    _sandbox: Sandbox,
+    _private_redis: Option<LocalRedis>,
+}
+
+/// The demo's worker pool and server, while they run.
+struct Running {
+    stop_workers: tokio::sync::oneshot::Sender<()>,
+    stop_server: tokio::sync::oneshot::Sender<()>,
+    workers: tokio::task::JoinHandle<Result<(), WorkerError>>,
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Running {
+    /// Stops the workers (in-flight jobs finish within the shutdown grace) and the server.
+    async fn stop(self) {
+        let _ = self.stop_workers.send(());
+        let _ = self.stop_server.send(());
+        let _ = self.workers.await;
+        let _ = self.server.await;
+    }
+}
+
+impl Demo {
+    /// Stops what still runs and deletes the demo's keys.
+    pub async fn finish(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        cleanup(&self.deployment, &self.prefix).await;
+    }
+
+    /// Starts everything and pays the payroll.
+    pub async fn start(options: DemoOptions) -> Result<Self, DemoError> {
+        start(options).await
+    }
+}
+
+async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
+    let (redis_url, private_redis) = find_redis(options.redis_url.clone())?;
     let metrics = tarspay_worker::metrics::install();
     let key = PrivateKey::generate();
     let sandbox = Sandbox::start(demo_sandbox_config(&key), "127.0.0.1:0").await?;
@@ -254,7 +349,6 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         ),
         ("TARSPAY_SYSTEM_PUBLIC_KEY", system_public),
         ("TARSPAY_QUEUE_PREFIX", prefix.clone()),
-        ("TARSPAY_API_AUTH_DISABLED", "true".to_owned()),
         // A demo on a throwaway prefix: the dev Redis on 6379 usually has no AOF.
         ("TARSPAY_REDIS_UNSAFE", "true".to_owned()),
         ("TARSPAY_RETRY_BASE_DELAY", "100ms".to_owned()),
@@ -264,7 +358,19 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "2s".to_owned()),
         ("TARSPAY_ORPHAN_TIMEOUT", "20s".to_owned()),
         ("TARSPAY_SHUTDOWN_GRACE", "2s".to_owned()),
-    ];
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect::<Vec<_>>();
+    let mut env = env;
+    match &options.console {
+        // The console opens only with a token; the admin's is the API's too.
+        Some(tokens) => env.extend([
+            ("TARSPAY_API_TOKEN".to_owned(), tokens.admin.clone()),
+            ("TARSPAY_VIEWER_TOKEN".to_owned(), tokens.viewer.clone()),
+        ]),
+        None => env.push(("TARSPAY_API_AUTH_DISABLED".to_owned(), "true".to_owned())),
+    }
     let settings = Settings::load_with_env(None, env)?;
     let deployment = Deployment::connect(&settings).await?;
     let producer = deployment.producer(&settings)?;
@@ -310,17 +416,31 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
         .enqueue_batch(&payroll, &batch)
         .await
         .map_err(|e| DemoError::Step(e.to_string()))?;
-    follow(&deployment, batch_id, options.payouts, options.progress).await?;
+    let running = Running {
+        stop_workers,
+        stop_server,
+        workers,
+        server,
+    };
+    if let Err(err) = follow(&deployment, batch_id, options.payouts, options.progress).await {
+        running.stop().await;
+        cleanup(&deployment, &prefix).await;
+        return Err(err);
+    }
     let elapsed = started.elapsed();
 
-    let _ = stop_workers.send(());
-    let _ = stop_server.send(());
-    let _ = workers.await;
-    let _ = server.await;
+    // Without a console the pipeline stops before the summary is read (as it always did).
+    let running = match options.console {
+        Some(_) => Some(running),
+        None => {
+            running.stop().await;
+            None
+        }
+    };
 
     let mut summary = summarize(&deployment, &payroll, elapsed).await?;
     summary.payouts = options.payouts;
-    summary.redis = if _private_redis.is_some() {
+    summary.redis = if private_redis.is_some() {
         format!("private redis-server at {redis_url}")
     } else {
         redis_url
@@ -335,8 +455,19 @@ pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
     summary.gateway_orders = orders.len();
     summary.create_calls = orders.iter().map(|o| o.create_attempts).sum();
     summary.callbacks_acknowledged = orders.iter().filter(|o| o.callback_acknowledged).count();
-    cleanup(&deployment, &prefix).await;
-    Ok(summary)
+    let console = options.console.map(|tokens| ConsoleAccess {
+        url: format!("http://{receiver}/console/"),
+        tokens,
+    });
+    Ok(Demo {
+        summary,
+        console,
+        running,
+        deployment,
+        prefix,
+        _sandbox: sandbox,
+        _private_redis: private_redis,
+    })
 }
 
 async fn follow(

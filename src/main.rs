@@ -36,7 +36,7 @@ enum DevCommand {
     Demo(cli::demo::DemoArgs),
     /// Run the simulated TarsPay gateway.
     Sandbox(tarspay_sandbox::cli::SandboxArgs),
-    /// Benchmarks: queue, e2e, cost, backlog, delay, latency or fairness; one JSON line per result.
+    /// Benchmarks: queue, e2e, cost, backlog, delay, latency, fairness or console; one JSON line per result.
     Bench(cli::bench::BenchArgs),
     #[command(flatten)]
     Product(tarspay_worker::cli::Command),

@@ -1,4 +1,4 @@
-//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog|delay|latency|fairness>`. Each bench
+//! Benchmarks behind `tarspay-dev bench <queue|e2e|cost|backlog|delay|latency|fairness|console>`. Each bench
 //! reports its results as JSON objects, one per result, so runs can be compared over time.
 //!
 //! * [`queue`]: no-op jobs through the Redis Streams storage and an apalis worker.
@@ -8,6 +8,7 @@
 //! * [`delay`]: how late delayed jobs start.
 //! * [`latency`]: per-payout latency by callback and by poll, at paced rates.
 //! * [`fairness`]: one merchant's payout while another merchant's payroll is queued.
+//! * [`console`]: the operator console's page render times over a large seeded history.
 //!
 //! Without a Redis URL a bench starts its own `redis-server` ([`local_redis::LocalRedis`]), or
 //! with `cluster` its own Redis Cluster ([`local_redis::LocalCluster`]); with a URL (one server,
@@ -15,6 +16,7 @@
 //! end, on every master.
 
 pub mod backlog;
+pub mod console;
 pub mod cost;
 pub mod delay;
 pub mod e2e;

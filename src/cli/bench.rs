@@ -1,10 +1,11 @@
-//! `bench <queue|e2e|cost|backlog|delay|latency|fairness>`: runs a benchmark from `tarspay_dev::bench` and prints
+//! `bench <queue|e2e|cost|backlog|delay|latency|fairness|console>`: runs a benchmark from `tarspay_dev::bench` and prints
 //! one JSON line per result.
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::process::ExitCode;
+use tarspay_dev::bench::console::ConsoleOptions;
 use tarspay_dev::bench::fairness::FairnessOptions;
 use tarspay_dev::bench::latency::{LatencyOptions, Route};
 use tarspay_dev::bench::{self, BenchOptions};
@@ -29,6 +30,9 @@ enum Which {
     /// One merchant's payout (enqueue → created at the gateway) while another merchant's
     /// payroll is queued, with 2 worker processes (default 20,000 rows, 100 tries).
     Fairness,
+    /// Console page render times (`serve` in-process) with `--orders` finished orders seeded
+    /// through the ledger (default 1,000,000; `--requests` timed GETs per page, default 50).
+    Console,
     /// One worker process of `delay` (started by it).
     #[value(hide = true)]
     DelayWorker,
@@ -82,6 +86,12 @@ pub struct BenchArgs {
     /// `fairness` only: between two tries (e.g. "100ms"). Default 100ms.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     interval: Option<std::time::Duration>,
+    /// `console` only: finished orders to seed. Default 1000000.
+    #[arg(long)]
+    orders: Option<u64>,
+    /// `console` only: timed requests per page (after a warm-up of 3). Default 50.
+    #[arg(long)]
+    requests: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,11 +131,21 @@ impl BenchArgs {
             workers: self.workers.unwrap_or(defaults.workers),
         }
     }
+
+    /// What `console` runs, from its flags and defaults.
+    fn console(&self) -> ConsoleOptions {
+        let defaults = ConsoleOptions::default();
+        ConsoleOptions {
+            orders: self.orders.unwrap_or(defaults.orders),
+            requests: self.requests.unwrap_or(defaults.requests),
+        }
+    }
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let latency = args.latency();
     let fairness = args.fairness();
+    let console = args.console();
     let options = BenchOptions {
         redis_url: args.redis_url,
         cluster: args.cluster,
@@ -147,12 +167,13 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Which::Delay => bench::delay::run(&options, &mut print).await?,
         Which::Latency => bench::latency::run(&options, &latency, &mut print).await?,
         Which::Fairness => bench::fairness::run(&options, &fairness, &mut print).await?,
+        Which::Console => bench::console::run(&options, &console, &mut print).await?,
         Which::DelayWorker => bench::delay::worker().await?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The JSON line with `bench`, `mode`, `n`, `workers`, `concurrency`, `partitions` and `redis`
+/// The JSON line with `bench`, `mode`, `page`, `n`, `workers`, `concurrency`, `partitions` and `redis`
 /// first (serde_json sorts the
 /// rest by name), so lines read well one under another.
 fn leading_keys_first(line: serde_json::Value) -> String {
@@ -163,6 +184,7 @@ fn leading_keys_first(line: serde_json::Value) -> String {
     for key in [
         "bench",
         "mode",
+        "page",
         "n",
         "workers",
         "concurrency",

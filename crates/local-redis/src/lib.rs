@@ -171,20 +171,29 @@ pub fn answers(url: &str) -> bool {
     redis::cmd("PING").query::<String>(&mut conn).is_ok()
 }
 
-/// Deletes every key of a deployment prefix (all carry the hash tag `{prefix:…}`) on the node
-/// `conn` reaches, in SCAN pages: the demo and the benches clean up after themselves in a
+/// Deletes every key of a deployment prefix on the node `conn` reaches, in SCAN pages: the
+/// queues' and ledger's keys (all carry the hash tag `{prefix:…}`) and the console's
+/// (`prefix:console:…`, no tag). The demo and the benches clean up after themselves in a
 /// shared Redis (on a cluster, call it for every master).
 pub async fn delete_prefix<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     prefix: &str,
 ) -> Result<(), redis::RedisError> {
-    let pattern = format!("{{{prefix}:*");
+    delete_matching(conn, &format!("{{{prefix}:*")).await?;
+    delete_matching(conn, &format!("{prefix}:*")).await
+}
+
+/// Deletes the keys matching `pattern` (a SCAN pattern).
+async fn delete_matching<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    pattern: &str,
+) -> Result<(), redis::RedisError> {
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(conn)
