@@ -306,4 +306,19 @@ async fn search_pages_newest_first_by_status_time_and_batch() {
     let batches = app.deployment.recent_batches(10).await.unwrap();
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert_eq!(batches[0].batch_id, "B-NOV");
+    // The batch's progress from counters: every row final, none counted twice.
+    let progress = app
+        .deployment
+        .batch_progress(&["B-NOV".to_owned(), "B-NONE".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(progress[0].total, 20, "{progress:?}");
+    assert_eq!(
+        progress[0].finals.get("succeeded"),
+        Some(&20),
+        "{progress:?}"
+    );
+    assert_eq!(progress[0].finished(), 20);
+    assert_eq!(progress[1].total, 0);
+    assert!(progress[1].finals.is_empty());
 }

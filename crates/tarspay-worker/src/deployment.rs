@@ -18,7 +18,9 @@ use crate::gateway::client::ClientBuildError;
 use crate::ids::MerchantName;
 use crate::jobs::{CallLimits, JobContext, PayoutJob, SystemicGuard};
 use crate::ledger::history::OrderEvent;
-use crate::ledger::index::{BatchEntry, IndexPosition, OrderPage, OrderQuery, SCAN_BUDGET};
+use crate::ledger::index::{
+    BatchEntry, BatchProgress, IndexPosition, OrderPage, OrderQuery, SCAN_BUDGET,
+};
 use crate::ledger::minutes::MinuteStats;
 use crate::ledger::{
     BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
@@ -435,6 +437,27 @@ impl Deployment {
             }
         }
         Ok(records)
+    }
+
+    /// Each batch's rows and final rows by status, over every partition, from counters (a
+    /// list of batches reads no order record).
+    pub async fn batch_progress(
+        &self,
+        batch_ids: &[String],
+    ) -> Result<Vec<BatchProgress>, LedgerError> {
+        let parts = try_join_all(
+            self.partitions
+                .iter()
+                .map(|p| p.ledger.batch_progress(batch_ids)),
+        )
+        .await?;
+        let mut sums = vec![BatchProgress::default(); batch_ids.len()];
+        for part in parts {
+            for (sum, progress) in sums.iter_mut().zip(part) {
+                *sum = std::mem::take(sum).merge(progress);
+            }
+        }
+        Ok(sums)
     }
 
     /// The most recent batches, newest first.

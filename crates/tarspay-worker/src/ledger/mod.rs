@@ -123,6 +123,12 @@ impl LedgerKeys {
         format!("{}:batch:{batch_id}", self.base)
     }
 
+    /// A batch's final rows counted by status (kept by finalisation; see
+    /// [`Ledger::batch_progress`]).
+    pub fn batch_progress(&self, batch_id: &str) -> String {
+        format!("{}:batchdone:{batch_id}", self.base)
+    }
+
     /// Orders whose creates failed with auth-class codes since the last accepted create.
     pub fn guard(&self) -> String {
         match &self.lane {
@@ -1223,8 +1229,11 @@ impl Ledger {
             }
             None => String::new(),
         };
-        let mut op = self
-            .op("F", id)
+        let mut op = self.op("F", id);
+        if let Some(batch_id) = &record.batch_id {
+            op.aux_key = self.keys.batch_progress(batch_id.as_str());
+        }
+        let mut op = op
             .arg(json)
             .arg(token)
             .arg(id)
@@ -1317,6 +1326,32 @@ impl Ledger {
                 stats
             })
             .collect())
+    }
+
+    /// For each batch, this partition's rows and its final rows by status, from two reads
+    /// per batch (counts kept by finalisation, not a read of every row).
+    pub async fn batch_progress(
+        &self,
+        batch_ids: &[String],
+    ) -> Result<Vec<index::BatchProgress>, LedgerError> {
+        if batch_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in batch_ids {
+            pipe.cmd("SCARD").arg(self.keys.batch(id));
+            pipe.cmd("HGETALL").arg(self.keys.batch_progress(id));
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let mut progress = Vec::with_capacity(batch_ids.len());
+        for pair in replies.chunks(2) {
+            let total: u64 =
+                redis::from_redis_value(pair[0].clone()).map_err(redis::RedisError::from)?;
+            let finals: BTreeMap<String, u64> =
+                redis::from_redis_value(pair[1].clone()).map_err(redis::RedisError::from)?;
+            progress.push(index::BatchProgress { total, finals });
+        }
+        Ok(progress)
     }
 
     /// Members of a batch (their mchOrderNos).

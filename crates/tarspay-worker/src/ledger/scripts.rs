@@ -22,8 +22,8 @@ use redis::Script;
 use std::sync::LazyLock;
 
 /// Shared keys, before the three keys each operation brings (its order hash, an auxiliary
-/// key: the batch set for a registration, otherwise the order hash again; and the order's
-/// event history list).
+/// key: the batch set for a registration, the batch's progress counts for a finalisation of
+/// a batch row, otherwise the order hash again; and the order's event history list).
 pub(crate) const SHARED_KEYS: usize = 12;
 
 /// KEYS: paused flag, guard set, outcome stream, stuck set, the queue's stream, delayed set
@@ -179,7 +179,7 @@ local function append_outcome(fields, max_len, webhook)
   end
   return added
 end
-local function finalize(order, a, events)
+local function finalize(order, a, events, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
       'ambiguous', 'absentSince', 'absentLookups')
@@ -227,6 +227,11 @@ local function finalize(order, a, events)
   if tonumber(a[10]) > 0 then
     redis.call('PEXPIRE', order, a[10])
     redis.call('PEXPIRE', events, a[10])
+  end
+  if progress ~= order then
+    -- A batch row: its batch's finals by status (the console's progress bars).
+    redis.call('HINCRBY', progress, a[8], 1)
+    if tonumber(a[10]) > 0 then redis.call('PEXPIRE', progress, 2 * tonumber(a[10])) end
   end
   return 1
 end
@@ -317,7 +322,7 @@ local function guarded(kind, order, aux, events, a)
   if kind == 'R' then
     ok, reply = pcall(run, order, aux, a)
   elseif kind == 'F' then
-    ok, reply = pcall(run, order, a, events)
+    ok, reply = pcall(run, order, a, events, aux)
   else
     ok, reply = pcall(run, order, a)
   end
