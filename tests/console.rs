@@ -369,6 +369,24 @@ async fn viewers_look_admins_act_and_nothing_secret_is_shown() {
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     let (status, _) = c.get(&admin, "/console/").await;
     assert_eq!(status, StatusCode::SEE_OTHER);
+    // A page left open stops refreshing: its live region answers 401 (the script reloads to
+    // the login page) instead of data, on every page.
+    for path in [
+        "/console/?fragment=live",
+        "/console/payouts?fragment=live",
+        "/console/batches?fragment=live",
+        "/console/dead?fragment=live",
+    ] {
+        let (status, body) = c.get(&admin, path).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(!body.contains("data-"), "{path}: {body}");
+    }
+    let response = c.post(&admin, "/console/pause", &[("csrf", &csrf)]).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(!c.app.deployment.is_paused().await.unwrap());
+    // The viewer's own session is untouched by the admin's logout.
+    let live = c.page(&viewer, "/console/?fragment=live").await;
+    assert!(live.contains("id=\"depth\""), "{live}");
 
     let key = c.app.key.expose_hex();
     for body in &c.bodies {
@@ -400,6 +418,10 @@ async fn batches_show_progress_and_results() {
     let batch = c.page(&viewer, "/console/batches/payroll-dec").await;
     has_ids(&batch, &["batch-progress", "results-csv"]);
     assert!(batch.contains("0 of 2 finished"), "{batch}");
+    assert!(
+        batch.contains("data-status=\"in progress\" data-count=\"2\""),
+        "{batch}"
+    );
     let (status, _) = c.get(&viewer, "/console/batches/no-such-batch").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let results = c

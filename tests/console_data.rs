@@ -8,11 +8,12 @@ use common::app::{inr, spawn_app, spawn_app_with};
 use common::eventually;
 use redis::AsyncCommands;
 use std::collections::HashSet;
+use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction};
 use tarspay_worker::ids::BatchId;
-use tarspay_worker::ledger::Phase;
 use tarspay_worker::ledger::history::{EventKind, MAX_EVENTS, OrderEvent, TimelineEntry, timeline};
 use tarspay_worker::ledger::index::OrderQuery;
+use tarspay_worker::ledger::{FinalResult, Finalized, Phase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_create_leaves_each_attempt_with_its_code_and_latency() {
@@ -319,6 +320,97 @@ async fn search_pages_newest_first_by_status_time_and_batch() {
         "{progress:?}"
     );
     assert_eq!(progress[0].finished(), 20);
+    assert_eq!(
+        progress[0].amounts["succeeded"]["INR"].to_string(),
+        "2000",
+        "{progress:?}"
+    );
+    assert!(!progress[0].amounts_unknown);
     assert_eq!(progress[1].total, 0);
     assert!(progress[1].finals.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_counts_its_rows_amounts_and_corrections() {
+    let app = spawn_app(false, |c| c.outcomes = vec![common::outcome_rule("BF", 3)]).await;
+    let batch = BatchId::parse("B-DEC").unwrap();
+    for (id, amount) in [("BS-1", "100.25"), ("BS-2", "250.50"), ("BF-1", "300")] {
+        app.producer
+            .enqueue_json(&inr(id, amount), Some(&batch))
+            .await
+            .unwrap();
+    }
+    // Held back from the workers: counted in the batch, not finished.
+    app.producer
+        .enqueue_json(&inr("BLATE-1", "400"), Some(&batch))
+        .await
+        .unwrap();
+    let ledger = app.deployment.ledger_of("BLATE-1");
+    ledger
+        .begin_submit("BLATE-1", "run-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let pool = app.pool(2);
+    app.wait_outcomes(3).await;
+    pool.stop().await;
+
+    let read = || async {
+        app.deployment
+            .batch_progress(&["B-DEC".to_owned()])
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    let progress = read().await;
+    assert_eq!(progress.total, 4, "{progress:?}");
+    assert_eq!(progress.in_progress(), 1, "{progress:?}");
+    assert_eq!(progress.finals.get("succeeded"), Some(&2), "{progress:?}");
+    assert_eq!(progress.finals.get("failed"), Some(&1), "{progress:?}");
+    let amounts = |p: &tarspay_worker::ledger::BatchProgress, status: &str| {
+        p.amounts
+            .get(status)
+            .and_then(|by| by.get("INR"))
+            .map(ToString::to_string)
+    };
+    assert_eq!(amounts(&progress, "succeeded").as_deref(), Some("350.75"));
+    assert_eq!(amounts(&progress, "failed").as_deref(), Some("300"));
+
+    // The held row ends failed by its lease holder; then the gateway says it paid it: the
+    // batch's counts and amounts move with the correction, and nothing is counted twice.
+    let seen = ledger.get("BLATE-1").await.unwrap().unwrap();
+    let failed = FinalResult {
+        code: Some(5004006),
+        ..Default::default()
+    };
+    let applied = ledger
+        .finalize_leased(&seen, "run-a", Phase::Failed, &failed, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(applied, Finalized::Recorded);
+    let progress = read().await;
+    assert_eq!(progress.finals.get("failed"), Some(&2), "{progress:?}");
+    assert_eq!(amounts(&progress, "failed").as_deref(), Some("700"));
+    let paid = FinalResult {
+        pay_order_id: Some("P-BLATE".into()),
+        ..Default::default()
+    };
+    for expected in [Finalized::Corrected, Finalized::Unchanged] {
+        let applied = ledger
+            .apply_gateway_final(&seen, Phase::Succeeded, &paid)
+            .await
+            .unwrap();
+        assert_eq!(applied, expected);
+    }
+    let progress = read().await;
+    assert_eq!(progress.total, 4);
+    assert_eq!(progress.in_progress(), 0, "{progress:?}");
+    assert_eq!(progress.finals.get("succeeded"), Some(&3), "{progress:?}");
+    assert_eq!(progress.finals.get("failed"), Some(&1), "{progress:?}");
+    assert_eq!(amounts(&progress, "succeeded").as_deref(), Some("750.75"));
+    assert_eq!(amounts(&progress, "failed").as_deref(), Some("300"));
+    assert_eq!(
+        progress.finished_amounts()["INR"].to_string(),
+        "1050.75",
+        "every row's amount once"
+    );
 }

@@ -18,12 +18,11 @@ use crate::gateway::client::ClientBuildError;
 use crate::ids::MerchantName;
 use crate::jobs::{CallLimits, JobContext, PayoutJob, SystemicGuard};
 use crate::ledger::history::OrderEvent;
-use crate::ledger::index::{
-    BatchEntry, BatchProgress, IndexPosition, OrderPage, OrderQuery, SCAN_BUDGET,
-};
+use crate::ledger::index::{BatchEntry, IndexPosition, OrderPage, OrderQuery, SCAN_BUDGET};
 use crate::ledger::minutes::MinuteStats;
 use crate::ledger::{
-    BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication, WEBHOOK_QUEUE,
+    BatchProgress, BatchSummary, Ledger, LedgerError, LedgerKeys, OrderRecord, Replication,
+    WEBHOOK_QUEUE,
 };
 use crate::producer::Producer;
 use crate::queue::{Gate, QueueConfig, QueueError, QueueStats, RedisQueue};

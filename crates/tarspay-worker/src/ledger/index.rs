@@ -50,28 +50,6 @@ pub struct OrderPage {
     pub searched_back_to_ms: Option<u64>,
 }
 
-/// Where a batch stands, from counters: its rows and its final rows by status.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchProgress {
-    pub total: u64,
-    pub finals: std::collections::BTreeMap<String, u64>,
-}
-
-impl BatchProgress {
-    pub fn finished(&self) -> u64 {
-        self.finals.values().sum()
-    }
-
-    /// Adds another partition's part of the same batch.
-    pub fn merge(mut self, other: Self) -> Self {
-        self.total += other.total;
-        for (status, n) in other.finals {
-            *self.finals.entry(status).or_default() += n;
-        }
-        self
-    }
-}
-
 /// A batch, as the batch index knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEntry {

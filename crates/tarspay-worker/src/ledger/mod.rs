@@ -14,11 +14,13 @@ pub mod index;
 pub mod minutes;
 mod outcome;
 mod phase;
+mod progress;
 mod scripts;
 
 pub use batcher::Replication;
 pub use outcome::{Outcome, OutcomeEvent, OutcomeStatus};
 pub use phase::Phase;
+pub use progress::BatchProgress;
 
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{PreparedJob, QueueKeys};
@@ -1243,7 +1245,12 @@ impl Ledger {
             .arg(window)
             .arg(phase.as_str())
             .arg(webhook)
-            .arg(self.retention_ms);
+            .arg(self.retention_ms)
+            .arg(if record.batch_id.is_some() {
+                progress::money_arg(&record.amount, record.currency.as_str())
+            } else {
+                String::new()
+            });
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
@@ -1326,32 +1333,6 @@ impl Ledger {
                 stats
             })
             .collect())
-    }
-
-    /// For each batch, this partition's rows and its final rows by status, from two reads
-    /// per batch (counts kept by finalisation, not a read of every row).
-    pub async fn batch_progress(
-        &self,
-        batch_ids: &[String],
-    ) -> Result<Vec<index::BatchProgress>, LedgerError> {
-        if batch_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in batch_ids {
-            pipe.cmd("SCARD").arg(self.keys.batch(id));
-            pipe.cmd("HGETALL").arg(self.keys.batch_progress(id));
-        }
-        let replies: Vec<Value> = pipe.query_async(&mut self.conn.clone()).await?;
-        let mut progress = Vec::with_capacity(batch_ids.len());
-        for pair in replies.chunks(2) {
-            let total: u64 =
-                redis::from_redis_value(pair[0].clone()).map_err(redis::RedisError::from)?;
-            let finals: BTreeMap<String, u64> =
-                redis::from_redis_value(pair[1].clone()).map_err(redis::RedisError::from)?;
-            progress.push(index::BatchProgress { total, finals });
-        }
-        Ok(progress)
     }
 
     /// Members of a batch (their mchOrderNos).

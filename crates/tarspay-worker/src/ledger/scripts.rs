@@ -148,7 +148,8 @@ end
 -- mode ('g' = a state the gateway reported, which may correct an earlier final status),
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
 -- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
--- (0 = keep forever: a final order's record expires that long after it became final), then
+-- (0 = keep forever: a final order's record expires that long after it became final), the
+-- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), then
 -- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
@@ -179,6 +180,16 @@ local function append_outcome(fields, max_len, webhook)
   end
   return added
 end
+-- A batch row's status counted (by = '' to add it, '-' to take it back) with its amount; an
+-- amount sum that would overflow is left and flagged (see ledger::progress).
+local function count_row(progress, status, by, money)
+  redis.call('HINCRBY', progress, status, by .. '1')
+  local minor, currency = string.match(money, '^(%d+):(.+)$')
+  if minor then
+    local added = redis.pcall('HINCRBY', progress, 'amt:' .. status .. ':' .. currency, by .. minor)
+    if type(added) == 'table' and added.err then redis.call('HSET', progress, 'amt:overflow', '1') end
+  end
+end
 local function finalize(order, a, events, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
@@ -196,7 +207,7 @@ local function finalize(order, a, events, progress)
     end
   end
   local fields = {}
-  for i = 11, #a do fields[#fields + 1] = a[i] end
+  for i = 12, #a do fields[#fields + 1] = a[i] end
   if redis.call('HSETNX', order, 'final', a[1]) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
@@ -213,6 +224,11 @@ local function finalize(order, a, events, progress)
     kept.event = 'correction'
     kept.previousStatus = fields[4]
     redis.call('HSET', order, 'corr:' .. a[8], cjson.encode(kept), 'status', a[8])
+    if progress ~= order and redis.call('EXISTS', progress) == 1 then
+      -- The batch's counts follow the gateway: the row moves to its new status.
+      count_row(progress, fields[4], '-', a[11])
+      count_row(progress, a[8], '', a[11])
+    end
     return 3
   end
   local added = append_outcome(fields, a[5], a[9])
@@ -230,7 +246,7 @@ local function finalize(order, a, events, progress)
   end
   if progress ~= order then
     -- A batch row: its batch's finals by status (the console's progress bars).
-    redis.call('HINCRBY', progress, a[8], 1)
+    count_row(progress, a[8], '', a[11])
     if tonumber(a[10]) > 0 then redis.call('PEXPIRE', progress, 2 * tonumber(a[10])) end
   end
   return 1

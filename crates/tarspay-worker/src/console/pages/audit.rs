@@ -1,10 +1,9 @@
 //! The audit log.
 
-use super::{Params, is_live, render, unavailable, viewer};
+use super::{Viewing, render, unavailable};
 use crate::console::ConsoleState;
 use crate::console::views;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::response::Response;
 use maud::html;
 use std::collections::HashMap;
@@ -12,14 +11,8 @@ use std::sync::Arc;
 
 pub async fn audit(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    Query(params): Query<Params>,
+    Viewing { session, live }: Viewing,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let entries = match state.console.audit_entries(200).await {
         Ok(entries) => entries,
         Err(err) => return unavailable(err),

@@ -1,31 +1,16 @@
 //! The batches page, one batch, and its results.
 
-use super::{Params, encode_segment, is_live, render, unavailable, viewer};
+use super::{Viewing, encode_segment, render, unavailable};
 use crate::batch;
 use crate::console::ConsoleState;
 use crate::console::views;
+use crate::ledger::BatchProgress;
 use crate::ledger::index::OrderQuery;
-use crate::ledger::{BatchSummary, Phase};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{Markup, html};
-use std::str::FromStr;
 use std::sync::Arc;
-
-/// Orders of the batch in a final phase.
-pub(super) fn finished(summary: &BatchSummary) -> usize {
-    summary
-        .phases
-        .iter()
-        .filter(|(phase, _)| Phase::from_str(phase).is_ok_and(Phase::is_final))
-        .map(|(_, totals)| totals.count)
-        .sum()
-}
-
-fn progress(id: Option<&str>, summary: &BatchSummary) -> Markup {
-    bar(id, finished(summary) as u64, summary.total as u64)
-}
 
 fn bar(id: Option<&str>, done: u64, total: u64) -> Markup {
     let label = format!("{done} of {total} finished");
@@ -37,14 +22,8 @@ fn bar(id: Option<&str>, done: u64, total: u64) -> Markup {
 
 pub async fn batches(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    Query(params): Query<Params>,
+    Viewing { session, live }: Viewing,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let entries = match state.deployment.recent_batches(50).await {
         Ok(entries) => entries,
         Err(err) => return unavailable(err),
@@ -87,20 +66,19 @@ pub async fn batches(
 
 pub async fn batch(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
+    Viewing { session, live }: Viewing,
     Path(batch_id): Path<String>,
-    Query(params): Query<Params>,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
-    let summary = match state.deployment.batch_summary(&batch_id).await {
-        Ok(summary) => summary,
+    // Counters, not the rows: the page costs the same for ten payouts or 100,000.
+    let progress = match state
+        .deployment
+        .batch_progress(std::slice::from_ref(&batch_id))
+        .await
+    {
+        Ok(mut all) => all.pop().unwrap_or_default(),
         Err(err) => return unavailable(err),
     };
-    if summary.total == 0 && !live {
+    if progress.total == 0 && !live {
         let body = html! { p { "No batch " code { (batch_id) } "." } };
         let page = views::page(
             "Batch not found",
@@ -111,56 +89,76 @@ pub async fn batch(
         );
         return (StatusCode::NOT_FOUND, Html(page.into_string())).into_response();
     }
-    let currencies: Vec<String> = summary
-        .phases
-        .values()
-        .flat_map(|t| t.amounts.keys().cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
     let csv = format!("/console/batches/{}/results.csv", encode_segment(&batch_id));
     let before =
         html! { p { a #results-csv href=(csv) download { "Download the results (CSV)" } } };
-    let region = html! {
-        p { (progress(Some("batch-progress"), &summary)) }
-        div.table-wrap {
-            table #batch-totals {
-                caption { "Payouts and amounts by phase and currency" }
-                thead { tr { th scope="col" { "Phase" } th scope="col" { "Payouts" } @for c in &currencies { th scope="col" { (c) } } } }
-                tbody {
-                    @for (phase, totals) in &summary.phases {
-                        tr data-phase=(phase) data-count=(totals.count) {
-                            th scope="row" { a href=(format!("/console/payouts?batch={}&status={}", encode_segment(&batch_id), encode_segment(phase))) { (phase) } }
-                            td { (totals.count) }
-                            @for c in &currencies { td { (totals.amounts.get(c).map(|v| v.to_string()).unwrap_or_default()) } }
-                        }
-                    }
-                }
-                tfoot { tr { th scope="row" { "All" } td { (summary.total) } @for c in &currencies {
-                    td { (summary.phases.values().filter_map(|t| t.amounts.get(c)).copied().sum::<rust_decimal::Decimal>()) }
-                } } }
-            }
-        }
-    };
     render(
         live,
         &format!("Batch {batch_id}"),
         "/console/batches",
         &session,
         before,
-        region,
+        totals(&batch_id, &progress),
         html! {},
     )
 }
 
+/// The batch's progress bar and its rows and amounts by status and currency.
+fn totals(batch_id: &str, progress: &BatchProgress) -> Markup {
+    let finished = progress.finished_amounts();
+    let currencies: Vec<&String> = finished.keys().collect();
+    let search = |status: Option<&str>| {
+        let mut link = format!("/console/payouts?batch={}", encode_segment(batch_id));
+        if let Some(status) = status {
+            link.push_str(&format!("&status={}", encode_segment(status)));
+        }
+        link
+    };
+    let amount = |status: &str, currency: &str| {
+        progress
+            .amounts
+            .get(status)
+            .and_then(|by| by.get(currency))
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    };
+    html! {
+        p { (bar(Some("batch-progress"), progress.finished(), progress.total)) }
+        @if progress.amounts_unknown {
+            p.flash role="status" { "Some amount totals of this batch are too large to keep: amounts are not shown." }
+        }
+        div.table-wrap {
+            table #batch-totals {
+                caption { "Payouts and amounts by status and currency" }
+                thead { tr { th scope="col" { "Status" } th scope="col" { "Payouts" } @for c in &currencies { th scope="col" { (c) } } } }
+                tbody {
+                    @for (status, n) in &progress.finals {
+                        tr data-status=(status) data-count=(n) {
+                            th scope="row" { a href=(search(Some(status))) { (status) } }
+                            td { (n) }
+                            @for c in &currencies { td { @if !progress.amounts_unknown { (amount(status, c)) } } }
+                        }
+                    }
+                    tr data-status="in progress" data-count=(progress.in_progress()) {
+                        th scope="row" { a href=(search(None)) { "in progress" } }
+                        td { (progress.in_progress()) }
+                        @for _ in &currencies { td {} }
+                    }
+                }
+                tfoot { tr { th scope="row" { "All" } td { (progress.total) } @for c in &currencies {
+                    td { @if !progress.amounts_unknown { (finished.get(*c).map(ToString::to_string).unwrap_or_default()) } }
+                } } }
+            }
+        }
+        p.muted { "Amounts are those of finished payouts; the payouts still in progress are in the batch's list." }
+    }
+}
+
 pub async fn batch_results(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
     Path(batch_id): Path<String>,
+    _: Viewing,
 ) -> Response {
-    if let Err(answer) = viewer(&state, &headers, false).await {
-        return answer;
-    }
     let mut writer = csv::Writer::from_writer(Vec::new());
     let _ = writer.write_record(batch::RESULT_COLUMNS);
     let mut query = OrderQuery {

@@ -1,32 +1,22 @@
 //! Dead and stuck orders, and retrying them.
 
 use super::payouts::orders_table;
-use super::{
-    Params, admin, done, encode_segment, form_fields, is_live, render, unavailable, viewer,
-};
+use super::{Acting, Viewing, done, encode_segment, render, unavailable};
 use crate::console::ConsoleState;
 use crate::console::data::{self, DeadRow};
 use crate::console::session::Session;
 use crate::console::views;
 use crate::ledger::Phase;
 use crate::ledger::index::OrderQuery;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, State};
 use axum::response::Response;
 use maud::{Markup, html};
 use std::sync::Arc;
 
 pub async fn dead(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    Query(params): Query<Params>,
+    Viewing { session, live }: Viewing,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let unknown = OrderQuery {
         phase: Some(Phase::Unknown),
         limit: 100,
@@ -94,15 +84,9 @@ fn dead_row(session: &Session, row: &DeadRow) -> Markup {
 
 pub async fn retry(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
     Path(dead_id): Path<String>,
-    body: Bytes,
+    Acting { id, session }: Acting,
 ) -> Response {
-    let form = form_fields(&body);
-    let (id, session) = match admin(&state, &headers, &form).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let (result, message) = match data::retry_dead(&state.deployment, &dead_id).await {
         Ok(true) => (
             "requeued",

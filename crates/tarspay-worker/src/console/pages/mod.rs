@@ -4,10 +4,14 @@
 use super::ConsoleState;
 use super::session::{self, Role, Session};
 use super::views;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 mod audit;
 mod batches;
@@ -153,6 +157,51 @@ async fn poster(
         ));
     }
     Ok((id, session))
+}
+
+/// A page's reader: the session (see [`viewer`]) and whether only the live region is asked
+/// for (`?fragment=live`).
+pub(super) struct Viewing {
+    session: Session,
+    live: bool,
+}
+
+impl FromRequestParts<Arc<ConsoleState>> for Viewing {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ConsoleState>,
+    ) -> Result<Self, Response> {
+        let params: Params = parts
+            .uri
+            .query()
+            .and_then(|q| serde_urlencoded::from_str(q).ok())
+            .unwrap_or_default();
+        let live = is_live(&params);
+        let (_, session) = viewer(state, &parts.headers, live).await?;
+        Ok(Self { session, live })
+    }
+}
+
+/// An admin's action: the form (see [`admin`]), its session and the session's id.
+pub(super) struct Acting {
+    id: String,
+    session: Session,
+}
+
+impl FromRequest<Arc<ConsoleState>> for Acting {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &Arc<ConsoleState>) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = form_fields(&body);
+        let (id, session) = admin(state, &parts.headers, &form).await?;
+        Ok(Self { id, session })
+    }
 }
 
 /// [`poster`], and an admin.

@@ -1,13 +1,11 @@
 //! The overview page, and pausing and resuming the worker.
 
-use super::{Params, admin, done, form_fields, is_live, render, unavailable, viewer};
+use super::{Acting, Viewing, done, render, unavailable};
 use crate::console::ConsoleState;
 use crate::console::data::{self, WorkerRow};
 use crate::console::{chart, views};
 use crate::queue::QueueStats;
-use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::response::Response;
 use maud::html;
 use std::sync::Arc;
@@ -48,14 +46,8 @@ async fn read_overview(state: &ConsoleState) -> Result<Overview, String> {
 
 pub async fn overview(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    Query(params): Query<Params>,
+    Viewing { session, live }: Viewing,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let o = match read_overview(&state).await {
         Ok(o) => o,
         Err(err) => return unavailable(err),
@@ -188,33 +180,19 @@ pub async fn overview(
     )
 }
 
-pub async fn pause(
-    State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    set_paused(state, headers, body, true).await
+pub async fn pause(State(state): State<Arc<ConsoleState>>, acting: Acting) -> Response {
+    set_paused(state, acting, true).await
 }
 
-pub async fn resume(
-    State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    set_paused(state, headers, body, false).await
+pub async fn resume(State(state): State<Arc<ConsoleState>>, acting: Acting) -> Response {
+    set_paused(state, acting, false).await
 }
 
 async fn set_paused(
     state: Arc<ConsoleState>,
-    headers: HeaderMap,
-    body: Bytes,
+    Acting { id, session }: Acting,
     paused: bool,
 ) -> Response {
-    let form = form_fields(&body);
-    let (id, session) = match admin(&state, &headers, &form).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let (action, result) = if paused {
         ("pause", state.deployment.pause().await)
     } else {

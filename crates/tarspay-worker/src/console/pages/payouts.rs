@@ -1,17 +1,14 @@
 //! Searching payouts, one payout's timeline, and asking the gateway about it.
 
-use super::{
-    Params, admin, done, encode_segment, form_fields, is_live, render, unavailable, viewer,
-};
+use super::{Acting, Params, Viewing, done, encode_segment, render, unavailable};
 use crate::console::ConsoleState;
 use crate::console::{mask, views};
 use crate::ids::Currency;
 use crate::ledger::history::{EventKind, OrderEvent, TimelineEntry, timeline};
 use crate::ledger::index::{OrderPage, OrderQuery};
 use crate::ledger::{OrderRecord, Phase};
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{Markup, html};
 use std::str::FromStr;
@@ -100,14 +97,9 @@ pub(super) fn orders_table(id: &str, orders: &[OrderRecord]) -> Markup {
 
 pub async fn payouts(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
+    Viewing { session, live }: Viewing,
     Query(params): Query<Params>,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let value = |name: &str| params.get(name).cloned().unwrap_or_default();
     let (page, errors) = match query_of(&params) {
         Ok(query) => match state.deployment.search_orders(&query).await {
@@ -220,15 +212,9 @@ fn entry_text(entry: &TimelineEntry) -> Markup {
 
 pub async fn payout(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
+    Viewing { session, live }: Viewing,
     Path(mch_order_no): Path<String>,
-    Query(params): Query<Params>,
 ) -> Response {
-    let live = is_live(&params);
-    let (_, session) = match viewer(&state, &headers, live).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let (record, events) = match tokio::try_join!(
         state.deployment.order(&mch_order_no),
         state.deployment.order_events(&mch_order_no)
@@ -294,15 +280,9 @@ pub async fn payout(
 
 pub async fn lookup(
     State(state): State<Arc<ConsoleState>>,
-    headers: HeaderMap,
     Path(mch_order_no): Path<String>,
-    body: Bytes,
+    Acting { id, session }: Acting,
 ) -> Response {
-    let form = form_fields(&body);
-    let (id, session) = match admin(&state, &headers, &form).await {
-        Ok(found) => found,
-        Err(answer) => return answer,
-    };
     let back = format!("/console/payouts/{}", encode_segment(&mch_order_no));
     let record = match state.deployment.order(&mch_order_no).await {
         Ok(Some(record)) => record,
