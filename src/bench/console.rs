@@ -36,7 +36,7 @@ use tarspay_worker::deployment::Deployment;
 use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ids::BatchId;
 use tarspay_worker::ledger::history::{EventKind, OrderEvent};
-use tarspay_worker::ledger::{FinalResult, NewOrder, OrderKind, Phase, SubmitTicket};
+use tarspay_worker::ledger::{FinalResult, Ledger, NewOrder, OrderKind, Phase, SubmitTicket};
 use tarspay_worker::payout::{PayoutRequest, PayoutRules};
 use tarspay_worker::producer::Producer;
 
@@ -388,21 +388,7 @@ async fn seed_one(producer: &Producer, i: u64) -> Result<(), BenchError> {
     let request = validate(producer.rules(), &id, i)?;
     let batch = batch_id(&batch_of(i))?;
     let ledger = producer.deployment().ledger_of(&id);
-    let fingerprint = tarspay_worker::producer::fingerprint(&request);
-    let body = serde_json::to_string(&request)
-        .map_err(|err| BenchError::Setup(format!("request {id}: {err}")))?;
-    ledger
-        .register(&NewOrder {
-            mch_order_no: &request.mch_order_no,
-            kind: OrderKind::Payout,
-            fingerprint: &fingerprint,
-            amount: request.amount.as_str(),
-            currency: &request.currency,
-            request: &body,
-            batch_id: Some(&batch),
-            merchant: &request.merchant,
-        })
-        .await?;
+    register_row(ledger, &request, &batch).await?;
     let (ticket, record) = ledger
         .begin_submit_with_record(&id, "bench-seed", SEED_LEASE)
         .await?;
@@ -432,6 +418,30 @@ async fn seed_one(producer: &Producer, i: u64) -> Result<(), BenchError> {
     ledger.note_soon(&id, callback);
     ledger
         .apply_gateway_final(&record, ending.phase(), &result)
+        .await?;
+    Ok(())
+}
+
+/// Registers a payroll row without its job (the seeding drives the order itself).
+async fn register_row(
+    ledger: &Ledger,
+    request: &PayoutRequest,
+    batch: &BatchId,
+) -> Result<(), BenchError> {
+    let fingerprint = tarspay_worker::producer::fingerprint(request);
+    let body = serde_json::to_string(request)
+        .map_err(|err| BenchError::Setup(format!("request {}: {err}", request.mch_order_no)))?;
+    ledger
+        .register(&NewOrder {
+            mch_order_no: &request.mch_order_no,
+            kind: OrderKind::Payout,
+            fingerprint: &fingerprint,
+            amount: request.amount.as_str(),
+            currency: &request.currency,
+            request: &body,
+            batch_id: Some(batch),
+            merchant: &request.merchant,
+        })
         .await?;
     Ok(())
 }
@@ -468,21 +478,7 @@ async fn seed_open(producer: &Producer, finished: u64) -> Result<Open, BenchErro
                 open.queued += 1;
             }
             kind => {
-                let fingerprint = tarspay_worker::producer::fingerprint(&request);
-                let body = serde_json::to_string(&request)
-                    .map_err(|err| BenchError::Setup(format!("request {id}: {err}")))?;
-                ledger
-                    .register(&NewOrder {
-                        mch_order_no: &request.mch_order_no,
-                        kind: OrderKind::Payout,
-                        fingerprint: &fingerprint,
-                        amount: request.amount.as_str(),
-                        currency: &request.currency,
-                        request: &body,
-                        batch_id: Some(&batch),
-                        merchant: &request.merchant,
-                    })
-                    .await?;
+                register_row(ledger, &request, &batch).await?;
                 ledger.begin_submit(&id, "bench-open", SEED_LEASE).await?;
                 if kind == 1 {
                     ledger
@@ -607,7 +603,11 @@ fn pages(orders: u64) -> Vec<Page> {
             "data-kind=\"",
         ),
         page("batches", "/console/batches".into(), "data-batch=\""),
-        page("batch", format!("/console/batches/{batch}"), "data-"),
+        page(
+            "batch",
+            format!("/console/batches/{batch}"),
+            "data-status=\"",
+        ),
         page("dead", "/console/dead".into(), "data-dead-id=\""),
     ]
 }
