@@ -414,3 +414,40 @@ async fn a_batch_counts_its_rows_amounts_and_corrections() {
         "every row's amount once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amount_sum_that_would_overflow_is_flagged_and_the_rows_still_counted() {
+    let app = spawn_app(false, |_| {}).await;
+    let batch = BatchId::parse("B-HUGE").unwrap();
+    app.producer
+        .enqueue_json(&inr("HUGE-1", "150"), Some(&batch))
+        .await
+        .unwrap();
+    // A sum already near the largest Redis integer: this row's 15,000 minor units overflow it.
+    let key = app
+        .deployment
+        .ledger_of("HUGE-1")
+        .keys()
+        .batch_progress("B-HUGE");
+    let mut conn = app.redis.conn().await;
+    let _: () = conn
+        .hset(&key, "amt:succeeded:INR", i64::MAX - 10)
+        .await
+        .unwrap();
+    let pool = app.pool(1);
+    app.wait_outcomes(1).await;
+    pool.stop().await;
+
+    let progress = app
+        .deployment
+        .batch_progress(&["B-HUGE".to_owned()])
+        .await
+        .unwrap()
+        .remove(0);
+    // The payout's finalisation went through; only its amount could not be kept.
+    assert_eq!(app.outcomes().await.len(), 1);
+    assert_eq!(progress.finals.get("succeeded"), Some(&1), "{progress:?}");
+    assert!(progress.amounts_unknown, "{progress:?}");
+    let kept: i64 = conn.hget(&key, "amt:succeeded:INR").await.unwrap();
+    assert_eq!(kept, i64::MAX - 10, "never wrapped");
+}
