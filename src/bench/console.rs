@@ -38,7 +38,7 @@ use tarspay_worker::ids::BatchId;
 use tarspay_worker::ledger::history::{EventKind, OrderEvent};
 use tarspay_worker::ledger::{FinalResult, Ledger, NewOrder, OrderKind, Phase, SubmitTicket};
 use tarspay_worker::payout::{PayoutRequest, PayoutRules};
-use tarspay_worker::producer::Producer;
+use tarspay_worker::producer::{PayoutOrder, Producer};
 
 /// Finished orders when `--orders` is not given.
 pub const DEFAULT_ORDERS: u64 = 1_000_000;
@@ -428,20 +428,9 @@ async fn register_row(
     request: &PayoutRequest,
     batch: &BatchId,
 ) -> Result<(), BenchError> {
-    let fingerprint = tarspay_worker::producer::fingerprint(request);
-    let body = serde_json::to_string(request)
-        .map_err(|err| BenchError::Setup(format!("request {}: {err}", request.mch_order_no)))?;
+    let registered = PayoutOrder::new(request);
     ledger
-        .register(&NewOrder {
-            mch_order_no: &request.mch_order_no,
-            kind: OrderKind::Payout,
-            fingerprint: &fingerprint,
-            amount: request.amount.as_str(),
-            currency: &request.currency,
-            request: &body,
-            batch_id: Some(batch),
-            merchant: &request.merchant,
-        })
+        .register(&registered.order(request, Some(batch)))
         .await?;
     Ok(())
 }

@@ -73,6 +73,39 @@ pub fn fingerprint(request: &PayoutRequest) -> String {
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
+/// What the ledger registers for a payout: its content's `fingerprint` and stored JSON
+/// `body` (both from [`PayoutOrder::new`]) beside the request's own fields.
+pub struct PayoutOrder {
+    fingerprint: String,
+    body: String,
+}
+
+impl PayoutOrder {
+    pub fn new(request: &PayoutRequest) -> Self {
+        Self {
+            fingerprint: fingerprint(request),
+            body: serde_json::to_string(request).unwrap_or_default(),
+        }
+    }
+
+    pub fn order<'a>(
+        &'a self,
+        request: &'a PayoutRequest,
+        batch_id: Option<&'a BatchId>,
+    ) -> NewOrder<'a> {
+        NewOrder {
+            mch_order_no: &request.mch_order_no,
+            kind: OrderKind::Payout,
+            fingerprint: &self.fingerprint,
+            amount: request.amount.as_str(),
+            currency: &request.currency,
+            request: &self.body,
+            batch_id,
+            merchant: &request.merchant,
+        }
+    }
+}
+
 /// Whether two registered payout bodies ask for the same payout: every field equal, the
 /// amounts equal as numbers. Anything unreadable (a deposit's empty body) is not the same.
 pub fn same_payout(stored: &str, new: &str) -> bool {
@@ -140,18 +173,8 @@ impl Producer {
         request: &PayoutRequest,
         batch_id: Option<&BatchId>,
     ) -> Result<Enqueued, ProducerError> {
-        let fingerprint = fingerprint(request);
-        let body = serde_json::to_string(request).unwrap_or_default();
-        let order = NewOrder {
-            mch_order_no: &request.mch_order_no,
-            kind: OrderKind::Payout,
-            fingerprint: &fingerprint,
-            amount: request.amount.as_str(),
-            currency: &request.currency,
-            request: &body,
-            batch_id,
-            merchant: &request.merchant,
-        };
+        let registered = PayoutOrder::new(request);
+        let order = registered.order(request, batch_id);
         let job = PayoutJob::CreatePayout {
             mch_order_no: request.mch_order_no.clone(),
             merchant: request.merchant.clone(),
