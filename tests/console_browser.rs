@@ -740,6 +740,150 @@ async fn the_overview_fits_a_phone_without_horizontal_scrolling() {
     pool.stop().await;
 }
 
+/// Basic accessibility, checked in the rendered pages (as an admin, so every control is
+/// there): a language, a title and one `h1`; every form field labelled, every link and button
+/// named, every table header scoped, every chart named; text at a contrast of at least 4.5:1
+/// on its rendered background (WCAG AA); and the keyboard: the first Tab lands on the
+/// "skip to content" link, which shows a focus outline.
+const ACCESSIBILITY_AUDIT: &str = r#"
+const problems = [];
+const describe = (el) => el.outerHTML.slice(0, 90);
+if (!document.documentElement.lang) problems.push('no lang on <html>');
+if (!document.title.trim()) problems.push('no title');
+const h1s = document.querySelectorAll('h1').length;
+if (h1s !== 1) problems.push(h1s + ' h1 elements');
+for (const el of document.querySelectorAll('input:not([type=hidden]), select, textarea')) {
+  const named = (el.labels && el.labels.length > 0) || el.getAttribute('aria-label')
+    || el.getAttribute('aria-labelledby');
+  if (!named) problems.push('unlabelled field ' + describe(el));
+}
+for (const el of document.querySelectorAll('a[href], button')) {
+  const name = (el.innerText || el.getAttribute('aria-label') || el.title || '').trim();
+  if (!name) problems.push('nameless control ' + describe(el));
+  if (el.tabIndex < 0) problems.push('not reachable by Tab ' + describe(el));
+}
+for (const th of document.querySelectorAll('th')) {
+  if (!th.getAttribute('scope')) problems.push('th without scope: ' + th.innerText);
+}
+for (const svg of document.querySelectorAll('svg')) {
+  if (svg.getAttribute('aria-hidden') === 'true' || svg.closest('[aria-hidden="true"]')) continue;
+  const named = svg.getAttribute('aria-label') || svg.getAttribute('aria-labelledby')
+    || svg.querySelector(':scope > title');
+  if (svg.getAttribute('role') !== 'img' || !named) problems.push('unnamed chart ' + describe(svg));
+}
+const channels = (color) => (color.match(/[\d.]+/g) || []).map(Number);
+const luminance = (color) => {
+  const [r, g, b] = channels(color).slice(0, 3).map((v) => {
+    v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+  });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const background = (el) => {
+  for (let e = el; e; e = e.parentElement) {
+    const c = getComputedStyle(e).backgroundColor;
+    const v = channels(c);
+    if (v.length === 3 || (v.length === 4 && v[3] > 0)) return c;
+  }
+  return 'rgb(255, 255, 255)';
+};
+let checked = 0;
+for (const el of document.body.querySelectorAll('*')) {
+  if (el.closest('svg')) continue;
+  const ownText = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (!ownText || el.getClientRects().length === 0) continue;
+  const style = getComputedStyle(el);
+  if (style.visibility === 'hidden') continue;
+  const [a, b] = [luminance(style.color), luminance(background(el))];
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  checked += 1;
+  if (ratio < 4.5) {
+    problems.push('contrast ' + ratio.toFixed(2) + ':1 for ' + el.tagName + ' "'
+      + el.textContent.trim().slice(0, 40) + '"');
+  }
+}
+if (checked < 5) problems.push('only ' + checked + ' text elements checked');
+return problems;
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_passes_basic_accessibility_checks() {
+    let c = console(|config| config.outcomes = vec![outcome_rule("A11Y-F", 3)]).await;
+    let batch = BatchId::parse("payroll-a11y").unwrap();
+    for id in ["A11Y-1", "A11Y-F1"] {
+        c.app
+            .producer
+            .enqueue_json(&with_account(id, "250"), Some(&batch))
+            .await
+            .unwrap();
+    }
+    c.app.enqueue(with_account("A11Y-DEAD", "100")).await;
+    bury(&c.app, "A11Y-DEAD").await;
+    let pool = c.app.pool(2);
+    c.app.wait_outcomes(2).await;
+
+    let browser = Browser::start().await;
+    // The audit itself finds each kind of fault on a page made of them.
+    browser
+        .goto(
+            "data:text/html,<title>t</title><h1>x</h1><input id=q><p style='color:%23aaa'>faint \
+             text</p><table><tr><th>h</th></tr></table><svg></svg><a href='/x'></a>",
+        )
+        .await;
+    let found = browser.execute(ACCESSIBILITY_AUDIT).await.to_string();
+    for fault in [
+        "no lang",
+        "unlabelled field",
+        "contrast",
+        "th without scope",
+        "unnamed chart",
+        "nameless control",
+    ] {
+        assert!(found.contains(fault), "the audit missed {fault:?}: {found}");
+    }
+
+    browser.goto(&c.page("/console/login")).await;
+    let mut pages = vec![(
+        "/console/login".to_owned(),
+        browser.execute(ACCESSIBILITY_AUDIT).await,
+    )];
+    browser.login(&c.url, "alice", ADMIN).await;
+    for path in [
+        "/console/",
+        "/console/payouts",
+        "/console/payouts/A11Y-F1",
+        "/console/batches",
+        "/console/batches/payroll-a11y",
+        "/console/dead",
+        "/console/audit",
+    ] {
+        browser.goto(&c.page(path)).await;
+        browser.wait_for("#role").await;
+        pages.push((path.to_owned(), browser.execute(ACCESSIBILITY_AUDIT).await));
+        // The keyboard's first stop is the skip link, drawn with a focus outline.
+        browser.press_tab().await;
+        let focused = browser
+            .execute(
+                "const el = document.activeElement; \
+                 return [el.getAttribute('href'), el.className, getComputedStyle(el).outlineStyle]",
+            )
+            .await;
+        assert_eq!(
+            focused[0], "#main",
+            "{path}: the first Tab lands on {focused}"
+        );
+        assert_ne!(
+            focused[2], "none",
+            "{path}: the focused link has no outline: {focused}"
+        );
+    }
+    pool.stop().await;
+    for (path, problems) in &pages {
+        let problems = problems.as_array().expect("the audit returns a list");
+        assert!(problems.is_empty(), "{path}: {problems:#?}");
+    }
+}
+
 /// The docs' screenshots (1280 px): the overview, a payout whose create was retried, a batch.
 /// Written to docs/ only with `UPDATE_SCREENSHOTS=1`; the pages' assertions always run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -355,6 +355,19 @@ impl Browser {
             .unwrap_or_else(|err| panic!("script {script:?}: {err}"))
     }
 
+    /// Presses the Tab key once, as a keyboard user would (WebDriver key actions).
+    pub async fn press_tab(&self) {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        let tab = char::from(fantoccini::key::Key::Tab);
+        let keys = KeyActions::new("keyboard".into())
+            .then(KeyAction::Down { value: tab })
+            .then(KeyAction::Up { value: tab });
+        self.client
+            .perform_actions(keys)
+            .await
+            .unwrap_or_else(|err| panic!("pressing Tab: {err}"));
+    }
+
     /// The value of cookie `name` as the browser holds it (HttpOnly ones included: WebDriver
     /// sees them).
     pub async fn cookie(&self, name: &str) -> Option<String> {
