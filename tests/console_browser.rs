@@ -705,19 +705,35 @@ async fn no_page_holds_a_key_a_token_or_a_full_account_number() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_overview_fits_a_phone_without_horizontal_scrolling() {
+async fn every_page_fits_a_phone_without_horizontal_scrolling() {
     let c = console(|_| {}).await;
+    let batch = BatchId::parse("payroll-phone").unwrap();
     for k in 1..=5 {
         c.app
-            .enqueue(inr(&format!("PHONE-LONG-ORDER-NUMBER-{k}"), "100"))
-            .await;
+            .producer
+            .enqueue_json(
+                &with_account(&format!("PHONE-LONG-ORDER-NUMBER-{k}"), "100"),
+                Some(&batch),
+            )
+            .await
+            .unwrap();
     }
+    c.app.enqueue(inr("PHONE-DEAD", "100")).await;
+    bury(&c.app, "PHONE-DEAD").await;
     let pool = c.app.pool(2);
     c.app.wait_outcomes(5).await;
     let browser = Browser::start().await;
     browser.phone().await;
     browser.login(&c.url, "alice", ADMIN).await;
-    for path in ["/console/", "/console/payouts"] {
+    for path in [
+        "/console/",
+        "/console/payouts",
+        "/console/payouts/PHONE-LONG-ORDER-NUMBER-1",
+        "/console/batches",
+        "/console/batches/payroll-phone",
+        "/console/dead",
+        "/console/audit",
+    ] {
         browser.goto(&c.page(path)).await;
         browser.wait_for("#role").await;
         let sizes = browser
