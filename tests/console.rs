@@ -434,6 +434,89 @@ async fn batches_show_progress_and_results() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_form_or_a_disguised_operator_name_is_refused() {
+    let c = console("1").await;
+    let client = browser();
+    let huge = "x".repeat(64 * 1024);
+    let response = client
+        .post(format!("{}/console/login", c.url))
+        .header("origin", &c.url)
+        .form(&[("operator", "alice"), ("token", huge.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A right-to-left override would make "alice\u{202E}nimda" read as another name.
+    let response = client
+        .post(format!("{}/console/login", c.url))
+        .header("origin", &c.url)
+        .form(&[("operator", "alice\u{202E}nimda"), ("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // The same name without it logs in.
+    let response = c.login(&client, ADMIN).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_is_rotated() {
+    let c = console("1").await;
+    // The same deployment served again with a new admin token (the old one leaked).
+    const ROTATED: &str = "console-admin-token-rotated-77c2d1e9";
+    let mut env = c.app.env.clone();
+    env.retain(|(name, _)| name != "TARSPAY_API_TOKEN");
+    env.push(("TARSPAY_API_TOKEN".into(), ROTATED.into()));
+    let rotated = tarspay_worker::config::Settings::load_with_env(None, env).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let deployment = c.app.deployment.clone();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        tarspay_worker::server::serve(&rotated, deployment, listener, shutdown).await
+    });
+    let client = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap();
+    let overview = |base: &str, cookie: &str| {
+        client
+            .get(format!("{base}/console/"))
+            .header("cookie", cookie.to_owned())
+            .send()
+    };
+    // Sessions made with the old admin token and with the (unchanged) viewer token.
+    for (token, still_valid) in [(ADMIN, false), (VIEWER, true)] {
+        let login = c.login(&client, token).await;
+        assert_eq!(login.status(), StatusCode::SEE_OTHER);
+        let cookie = login
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .expect("a session cookie")
+            .to_owned();
+        let first = overview(&c.url, &cookie).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK, "its own server takes it");
+        let after = overview(&url, &cookie).await.unwrap();
+        let expected = if still_valid {
+            StatusCode::OK
+        } else {
+            StatusCode::SEE_OTHER
+        };
+        assert_eq!(
+            after.status(),
+            expected,
+            "valid after the rotation: {still_valid}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_wrong_tokens_a_minute_are_all_a_peer_gets() {
     let c = console("1").await;
     let client = browser();

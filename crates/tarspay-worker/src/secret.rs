@@ -1,5 +1,6 @@
 //! A string that must never be printed: API tokens, webhook secrets, raw key material.
 
+use sha2::{Digest, Sha256};
 use std::fmt;
 use subtle::ConstantTimeEq;
 
@@ -21,10 +22,12 @@ impl Secret {
         self.0.is_empty()
     }
 
-    /// Compares in time independent of where the inputs differ, so a caller probing a token
-    /// learns nothing from response timing.
+    /// Compares in time independent of where the inputs differ and of the candidate's
+    /// length (SHA-256 digests of both, compared in constant time), so a caller probing a
+    /// token learns neither its content nor its length from response timing.
     pub fn matches(&self, candidate: &str) -> bool {
-        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+        let (mine, theirs) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(candidate));
+        mine.as_slice().ct_eq(theirs.as_slice()).into()
     }
 }
 

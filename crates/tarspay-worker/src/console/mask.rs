@@ -1,5 +1,6 @@
-//! Beneficiary data on console pages: only the last 4 characters of any field that may
-//! identify a person or an account.
+//! Beneficiary data on console pages: only the last characters of any field that may
+//! identify a person or an account (4 of a value of 8 or more, 2 of a shorter one, none of
+//! 4 or fewer), so a short name or id is never mostly shown.
 
 use serde_json::{Map, Value};
 
@@ -9,13 +10,16 @@ const PLAIN: [&str; 5] = ["mchOrderNo", "amount", "currency", "wayCode", "mercha
 /// Words that mark a key as sensitive wherever it appears (nested objects too).
 const SENSITIVE: [&str; 4] = ["account", "card", "phone", "email"];
 
-/// `••••` and the last 4 characters; a value of 4 characters or fewer is hidden whole.
+/// `••••` and the value's last 4 characters (8 or more), last 2 (5 to 7); a value of 4
+/// characters or fewer is hidden whole. At most half of any value shows.
 pub fn mask(value: &str) -> String {
     let chars: Vec<char> = value.chars().collect();
-    if chars.len() <= 4 {
-        return "•".repeat(chars.len().max(4));
-    }
-    let tail: String = chars[chars.len() - 4..].iter().collect();
+    let shown = match chars.len() {
+        0..=4 => 0,
+        5..=7 => 2,
+        _ => 4,
+    };
+    let tail: String = chars[chars.len() - shown..].iter().collect();
     format!("••••{tail}")
 }
 
@@ -83,6 +87,13 @@ mod tests {
         assert_eq!(mask("1234567890123456"), "••••3456");
         assert_eq!(mask("ab"), "••••");
         assert_eq!(mask("abcd"), "••••");
+        assert_eq!(
+            mask("Rajesh"),
+            "••••sh",
+            "a short value shows less than half"
+        );
+        assert_eq!(mask("abcde"), "••••de");
+        assert_eq!(mask("12345678"), "••••5678");
         assert_eq!(mask("ñañañaña"), "••••ñaña");
     }
 

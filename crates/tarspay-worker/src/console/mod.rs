@@ -28,6 +28,9 @@ use axum::routing::{get, post};
 use session::{Role, Sessions, Throttle};
 use std::sync::Arc;
 
+/// Largest form body a console route reads (login, logout, actions).
+pub const FORM_LIMIT: usize = 16 * 1024;
+
 /// Most entries kept in the audit stream (trimmed approximately).
 pub const AUDIT_MAX_LEN: u64 = 10_000;
 
@@ -97,6 +100,35 @@ impl Console {
         } else {
             None
         }
+    }
+
+    /// A digest naming the token `role` logs in with now (never the token itself), kept in
+    /// each session: a session whose token was rotated or removed since is no session.
+    fn grant(&self, role: Role) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let token = match role {
+            Role::Admin => self.admin.as_ref(),
+            Role::Viewer => self.viewer.as_ref(),
+        }?;
+        let digest = Sha256::new()
+            .chain_update(b"tarspay-console-grant\0")
+            .chain_update(token.expose().as_bytes())
+            .finalize();
+        Some(hex::encode(&digest[..16]))
+    }
+
+    /// The live session of cookie value `id`, if its token still logs in as its role; with
+    /// `take_flash`, its flash message is consumed.
+    async fn session(
+        &self,
+        id: &str,
+        take_flash: bool,
+    ) -> Result<Option<session::Session>, redis::RedisError> {
+        Ok(self
+            .sessions
+            .get(id, take_flash)
+            .await?
+            .filter(|s| s.grant.is_some() && s.grant == self.grant(s.role)))
     }
 
     fn audit_key(&self) -> String {
@@ -212,6 +244,9 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .route("/console/dead/{id}/retry", post(pages::retry))
         .route("/console/audit", get(pages::audit))
         .route("/console/assets/{name}", get(assets::serve))
+        // Forms are a few fields: a larger body is refused (413) before anyone reads it,
+        // whatever limit the API's batch uploads have.
+        .layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }

@@ -51,6 +51,9 @@ pub struct Session {
     pub csrf: String,
     /// A message for the next page this session loads (set by an action's redirect).
     pub flash: Option<String>,
+    /// Which token it logged in with (a digest, see `Console::grant`): a session outlives
+    /// neither a rotated nor a removed token.
+    pub(crate) grant: Option<String>,
 }
 
 impl Session {
@@ -89,7 +92,12 @@ impl Sessions {
     }
 
     /// A new session; returns the id for the cookie.
-    pub async fn create(&self, role: Role, operator: &str) -> Result<String, redis::RedisError> {
+    pub async fn create(
+        &self,
+        role: Role,
+        operator: &str,
+        grant: &str,
+    ) -> Result<String, redis::RedisError> {
         let id = random_token();
         let key = self.key(&id);
         let mut conn = self.conn.clone();
@@ -103,6 +111,8 @@ impl Sessions {
             .arg(operator)
             .arg("csrf")
             .arg(random_token())
+            .arg("grant")
+            .arg(grant)
             .arg("created")
             .arg(crate::queue::now_ms())
             .ignore()
@@ -153,6 +163,7 @@ impl Sessions {
             operator: operator.clone(),
             csrf: csrf.clone(),
             flash,
+            grant: fields.get("grant").cloned(),
         }))
     }
 

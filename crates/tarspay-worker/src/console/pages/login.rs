@@ -17,11 +17,17 @@ pub async fn to_overview() -> Response {
 
 pub async fn login_form(State(state): State<Arc<ConsoleState>>, headers: HeaderMap) -> Response {
     if let Some(id) = session::cookie_id(&headers)
-        && let Ok(Some(_)) = state.console.sessions.get(&id, false).await
+        && let Ok(Some(_)) = state.console.session(&id, false).await
     {
         return see_other("/console/");
     }
     Html(views::login(None, "").into_string()).into_response()
+}
+
+/// Invisible formatting characters (bidirectional overrides, zero-width ones, the soft
+/// hyphen, the byte-order mark): an operator name with one could read as another's.
+fn is_format(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
 }
 
 fn login_refused(status: StatusCode, error: &str, operator: &str) -> Response {
@@ -61,7 +67,7 @@ pub async fn login(
     }
     if operator.is_empty()
         || operator.chars().count() > 64
-        || operator.chars().any(char::is_control)
+        || operator.chars().any(|c| c.is_control() || is_format(c))
     {
         return login_refused(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -71,14 +77,15 @@ pub async fn login(
     }
     let Some(role) = state.console.role_of(token) else {
         state.console.throttle.failed(peer);
-        tracing::warn!(operator, %peer, "console login refused: wrong token");
+        tracing::warn!(operator = ?operator, %peer, "console login refused: wrong token");
         let _ = state
             .console
             .audit(operator, "none", "login", "", "refused")
             .await;
         return login_refused(StatusCode::UNAUTHORIZED, "Wrong token.", operator);
     };
-    let id = match state.console.sessions.create(role, operator).await {
+    let grant = state.console.grant(role).unwrap_or_default();
+    let id = match state.console.sessions.create(role, operator, &grant).await {
         Ok(id) => id,
         Err(err) => return unavailable(err),
     };

@@ -117,7 +117,7 @@ async fn viewer(
     let Some(id) = session::cookie_id(headers) else {
         return Err(out());
     };
-    match state.console.sessions.get(&id, !live).await {
+    match state.console.session(&id, !live).await {
         Ok(Some(session)) => Ok((id, session)),
         Ok(None) => Err(out()),
         Err(err) => Err(unavailable(err)),
@@ -134,7 +134,7 @@ async fn poster(
     let Some(id) = session::cookie_id(headers) else {
         return Err(refused(StatusCode::UNAUTHORIZED, "Log in first."));
     };
-    let session = match state.console.sessions.get(&id, false).await {
+    let session = match state.console.session(&id, false).await {
         Ok(Some(session)) => session,
         Ok(None) => {
             return Err(refused(
@@ -240,7 +240,7 @@ async fn done(
     {
         return unavailable(err);
     }
-    tracing::info!(operator = %session.operator, role = session.role.as_str(), action, target, result, "console action");
+    tracing::info!(operator = ?session.operator, role = session.role.as_str(), action, target, result, "console action");
     let _ = state.console.sessions.set_flash(id, message).await;
     see_other(back)
 }
