@@ -451,3 +451,90 @@ async fn an_amount_sum_that_would_overflow_is_flagged_and_the_rows_still_counted
     let kept: i64 = conn.hget(&key, "amt:succeeded:INR").await.unwrap();
     assert_eq!(kept, i64::MAX - 10, "never wrapped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_rerun_after_the_records_expired_counts_no_row_twice() {
+    let app = spawn_app(false, |_| {}).await;
+    let batch = BatchId::parse("B-RERUN").unwrap();
+    let pool = app.pool(2);
+    app.producer
+        .enqueue_json(&inr("RR-1", "120.50"), Some(&batch))
+        .await
+        .unwrap();
+    app.wait_outcomes(1).await;
+    // The retention ends the record (as its expiry would); the batch's set and counters
+    // outlive it, and the same payroll file is run again.
+    let keys = app.deployment.ledger_of("RR-1").keys().clone();
+    let mut conn = app.redis.conn().await;
+    let _: i64 = conn
+        .del(&[keys.order("RR-1"), keys.events("RR-1")])
+        .await
+        .unwrap();
+    app.producer
+        .enqueue_json(&inr("RR-1", "120.50"), Some(&batch))
+        .await
+        .unwrap();
+    // Settled again by the gateway's duplicate answer: a second outcome (the documented
+    // price of a re-run after the retention), no second row.
+    eventually("the re-run's outcome", || async {
+        (app.outcomes().await.len() == 2).then_some(())
+    })
+    .await;
+    pool.stop().await;
+    let progress = app
+        .deployment
+        .batch_progress(&["B-RERUN".to_owned()])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(progress.total, 1, "{progress:?}");
+    assert_eq!(progress.finals.get("succeeded"), Some(&1), "{progress:?}");
+    assert_eq!(
+        progress.amounts["succeeded"]["INR"].to_string(),
+        "120.50",
+        "{progress:?}"
+    );
+    assert_eq!(
+        app.sandbox.create_attempts("RR-1"),
+        2,
+        "the gateway saw the re-run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_search_that_matches_nothing_within_its_budget_still_offers_the_rest() {
+    let app = spawn_app(false, |_| {}).await;
+    let batch = BatchId::parse("B-WIDE").unwrap();
+    let rows = tarspay_worker::ledger::index::SCAN_BUDGET + 40;
+    let enqueue = |i: usize| {
+        let (producer, batch) = (&app.producer, &batch);
+        async move {
+            producer
+                .enqueue_json(&inr(&format!("W-{i:05}"), "100"), Some(batch))
+                .await
+                .unwrap();
+        }
+    };
+    futures::future::join_all((0..rows).map(enqueue)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let since = tarspay_worker::queue::server_now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Registered last, and sorting after every other row of the batch.
+    futures::future::join_all((rows..rows + 5).map(enqueue)).await;
+
+    let query = OrderQuery {
+        batch_id: Some("B-WIDE".into()),
+        from_ms: Some(since),
+        limit: 50,
+        ..Default::default()
+    };
+    let first = app.deployment.search_orders(&query).await.unwrap();
+    assert!(first.orders.is_empty(), "{:?}", first.orders.len());
+    assert!(
+        first.next.is_some(),
+        "a page that read its whole budget without a match offers the rest"
+    );
+    let found = all_pages(&app, query).await;
+    let expected: Vec<String> = (rows..rows + 5).map(|i| format!("W-{i:05}")).collect();
+    assert_eq!(found, expected);
+}

@@ -50,9 +50,20 @@ pub fn result_row(
         currency.to_owned(),
         pay_order_id,
         code,
-        msg,
+        inert_cell(&msg),
         attempts,
     ]
+}
+
+/// The gateway's free text as a spreadsheet shows it, never runs it: a cell starting with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'` (OWASP's CSV injection
+/// advice).
+fn inert_cell(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// Most rows accepted in one batch.

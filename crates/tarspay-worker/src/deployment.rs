@@ -383,6 +383,41 @@ impl Deployment {
         query: &OrderQuery,
     ) -> Result<OrderPage, LedgerError> {
         let limit = query.page_size();
+        let ids = self.batch_members(batch_id).await?;
+        let start = query
+            .cursor
+            .as_deref()
+            .map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
+        let mut page = OrderPage::default();
+        // Where this page stopped reading: the next page starts after it, so a filter that
+        // matched nothing within the budget still offers the rest of the batch.
+        let mut last_read: Option<&String> = None;
+        'chunks: for chunk in ids[start..].chunks(CHUNK_OF_RECORDS) {
+            if page.scanned >= SCAN_BUDGET {
+                break;
+            }
+            let records = self.records(chunk).await?;
+            for (id, record) in chunk.iter().zip(records) {
+                page.scanned += 1;
+                last_read = Some(id);
+                if let Some(record) = record
+                    && query.matches(&record)
+                {
+                    page.orders.push(record);
+                    if page.orders.len() == limit {
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+        let more = last_read.is_some_and(|last| ids.last().is_some_and(|end| end > last));
+        page.next = if more { last_read.cloned() } else { None };
+        Ok(page)
+    }
+
+    /// A batch's mchOrderNos over every partition, sorted (one `SMEMBERS` per partition: a
+    /// batch holds at most `batch::MAX_ROWS` rows).
+    pub async fn batch_members(&self, batch_id: &str) -> Result<Vec<String>, LedgerError> {
         let members = try_join_all(
             self.partitions
                 .iter()
@@ -390,31 +425,7 @@ impl Deployment {
         );
         let mut ids: Vec<String> = members.await?.into_iter().flatten().collect();
         ids.sort_unstable();
-        let start = query
-            .cursor
-            .as_deref()
-            .map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
-        let mut page = OrderPage::default();
-        for chunk in ids[start..].chunks(CHUNK_OF_RECORDS) {
-            if page.orders.len() >= limit || page.scanned >= SCAN_BUDGET {
-                break;
-            }
-            page.scanned += chunk.len();
-            for record in self.records(chunk).await?.into_iter().flatten() {
-                if query.matches(&record) {
-                    page.orders.push(record);
-                    if page.orders.len() == limit {
-                        break;
-                    }
-                }
-            }
-        }
-        let last = page.orders.last().map(|r| r.mch_order_no.to_string());
-        let more = last
-            .as_ref()
-            .is_some_and(|last| ids.last().is_some_and(|end| end > last));
-        page.next = if more { last } else { None };
-        Ok(page)
+        Ok(ids)
     }
 
     /// The records of `ids`, in that order (`None` for those gone): one pipelined read per

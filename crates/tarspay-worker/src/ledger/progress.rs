@@ -94,8 +94,15 @@ impl BatchProgress {
                     }
                     None => progress.amounts_unknown = true,
                 }
-            } else if let Ok(n) = value.parse::<u64>() {
-                progress.finals.insert(field, n);
+            } else {
+                match value.parse::<i64>().map(u64::try_from) {
+                    Ok(Ok(n)) => {
+                        progress.finals.insert(field, n);
+                    }
+                    // Below zero: a correction took back a row never counted (finalised
+                    // before the counters existed); the sums cannot be trusted.
+                    _ => progress.amounts_unknown = true,
+                }
             }
         }
         progress

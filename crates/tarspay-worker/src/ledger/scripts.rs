@@ -75,7 +75,11 @@ local function register(order, batch, a)
   local ok, err = pcall(function()
     if a[4] ~= '' then redis.call('HSET', order, 'accepted', a[4]) end
     if a[2] ~= '' then
-      redis.call('SADD', batch, a[3])
+      if redis.call('SADD', batch, a[3]) == 0 then
+        -- Already a row of this batch: an earlier record of it finished (and was counted in
+        -- the batch's progress) and expired; this one is not counted again.
+        redis.call('HSET', order, 'batchRerun', '1')
+      end
       if tonumber(a[9]) > 0 then redis.call('PEXPIRE', batch, a[9]) end
       redis.call('ZADD', KEYS[12], 'NX', a[10], a[2])
     end
@@ -224,7 +228,8 @@ local function finalize(order, a, events, progress)
     kept.event = 'correction'
     kept.previousStatus = fields[4]
     redis.call('HSET', order, 'corr:' .. a[8], cjson.encode(kept), 'status', a[8])
-    if progress ~= order and redis.call('EXISTS', progress) == 1 then
+    if progress ~= order and redis.call('EXISTS', progress) == 1
+      and redis.call('HEXISTS', order, 'batchRerun') == 0 then
       -- The batch's counts follow the gateway: the row moves to its new status.
       count_row(progress, fields[4], '-', a[11])
       count_row(progress, a[8], '', a[11])
@@ -244,8 +249,8 @@ local function finalize(order, a, events, progress)
     redis.call('PEXPIRE', order, a[10])
     redis.call('PEXPIRE', events, a[10])
   end
-  if progress ~= order then
-    -- A batch row: its batch's finals by status (the console's progress bars).
+  if progress ~= order and redis.call('HEXISTS', order, 'batchRerun') == 0 then
+    -- A batch row, counted once: its batch's finals by status and amount (console pages).
     count_row(progress, a[8], '', a[11])
     if tonumber(a[10]) > 0 then redis.call('PEXPIRE', progress, 2 * tonumber(a[10])) end
   end

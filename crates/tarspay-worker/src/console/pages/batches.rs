@@ -5,7 +5,6 @@ use crate::batch;
 use crate::console::ConsoleState;
 use crate::console::views;
 use crate::ledger::BatchProgress;
-use crate::ledger::index::OrderQuery;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -161,28 +160,22 @@ pub async fn batch_results(
 ) -> Response {
     let mut writer = csv::Writer::from_writer(Vec::new());
     let _ = writer.write_record(batch::RESULT_COLUMNS);
-    let mut query = OrderQuery {
-        batch_id: Some(batch_id.clone()),
-        limit: crate::ledger::index::MAX_PAGE,
-        ..Default::default()
+    // The members once (a batch holds at most `batch::MAX_ROWS`), then their records in
+    // pipelined chunks; a row whose record is gone is written as `missing`, never dropped.
+    let ids = match state.deployment.batch_members(&batch_id).await {
+        Ok(ids) => ids,
+        Err(err) => return unavailable(err),
     };
-    // Bounded: a batch holds at most `batch::MAX_ROWS` payouts.
-    for _ in 0..10_000 {
-        let page = match state.deployment.search_orders(&query).await {
-            Ok(page) => page,
+    for chunk in ids.chunks(500) {
+        let records = match state.deployment.records(chunk).await {
+            Ok(records) => records,
             Err(err) => return unavailable(err),
         };
-        for record in &page.orders {
-            let _ = writer.write_record(batch::result_row(
-                &record.mch_order_no,
-                &record.amount,
-                &record.currency,
-                Some(record),
-            ));
-        }
-        match page.next {
-            Some(next) => query.cursor = Some(next),
-            None => break,
+        for (id, record) in chunk.iter().zip(&records) {
+            let (amount, currency) = record
+                .as_ref()
+                .map_or(("", ""), |r| (r.amount.as_str(), r.currency.as_str()));
+            let _ = writer.write_record(batch::result_row(id, amount, currency, record.as_ref()));
         }
     }
     let body = writer.into_inner().unwrap_or_default();
