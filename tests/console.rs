@@ -517,6 +517,29 @@ async fn a_session_ends_when_its_token_is_rotated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_page_lists_payouts_flagged_stuck_whatever_their_phase() {
+    let mut c = console("3").await;
+    c.app.enqueue(inr("STK-1", "100")).await;
+    let ledger = c.app.deployment.ledger_of("STK-1");
+    ledger
+        .begin_submit("STK-1", "run-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    ledger.accept("STK-1", Some("P-STK"), None).await.unwrap();
+    ledger.mark_stuck("STK-1").await.unwrap();
+    let viewer = c.session(VIEWER).await;
+    let dead = c.page(&viewer, "/console/dead").await;
+    assert!(
+        dead.contains("data-order=\"STK-1\" data-phase=\"accepted\""),
+        "{dead}"
+    );
+    assert!(
+        dead.contains("id=\"stuck-count\" data-count=\"1\""),
+        "{dead}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_wrong_tokens_a_minute_are_all_a_peer_gets() {
     let c = console("1").await;
     let client = browser();

@@ -596,6 +596,30 @@ impl Deployment {
             })
     }
 
+    /// Orders flagged stuck and not final, up to about `per_partition` from each partition,
+    /// longest without news first.
+    pub async fn stuck_orders(
+        &self,
+        per_partition: usize,
+    ) -> Result<Vec<OrderRecord>, LedgerError> {
+        let members = try_join_all(
+            self.partitions
+                .iter()
+                .map(|p| p.ledger.stuck_members(per_partition)),
+        )
+        .await?;
+        let ids: Vec<String> = members.into_iter().flatten().collect();
+        let mut stuck: Vec<OrderRecord> = self
+            .records(&ids)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter(|r| !r.phase.is_final())
+            .collect();
+        stuck.sort_by_key(|r| r.updated_at_ms);
+        Ok(stuck)
+    }
+
     /// Orders flagged stuck (the sets' sizes), over every partition.
     pub async fn stuck_len(&self) -> Result<u64, LedgerError> {
         let all = try_join_all(self.partitions.iter().map(|p| p.ledger.stuck_len())).await?;

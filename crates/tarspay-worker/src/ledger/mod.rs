@@ -1400,6 +1400,19 @@ impl Ledger {
         Ok(self.conn.clone().scard(self.keys.stuck()).await?)
     }
 
+    /// Up to about `count` members of the stuck set (one `SSCAN` step: bounded however many
+    /// are flagged; which ones is the set's order, not their age).
+    pub async fn stuck_members(&self, count: usize) -> Result<Vec<String>, LedgerError> {
+        let (_, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(self.keys.stuck())
+            .arg(0)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(members)
+    }
+
     /// Round trip to Redis, for health checks.
     pub async fn ping(&self) -> Result<(), LedgerError> {
         redis::cmd("PING")

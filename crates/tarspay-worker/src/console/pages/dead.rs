@@ -22,15 +22,23 @@ pub async fn dead(
         limit: 100,
         ..Default::default()
     };
-    let (rows, stuck, ambiguous) = match tokio::join!(
+    let (rows, stuck, flagged, ambiguous) = match tokio::join!(
         data::dead_jobs(&state.deployment, 200),
         state.deployment.stuck_len(),
+        state.deployment.stuck_orders(100),
         state.deployment.search_orders(&unknown),
     ) {
-        (Ok(rows), Ok(stuck), Ok(page)) => (rows, stuck, page),
-        (Err(err), _, _) => return unavailable(err),
-        (_, Err(err), _) | (_, _, Err(err)) => return unavailable(err),
+        (Ok(rows), Ok(stuck), Ok(flagged), Ok(page)) => (rows, stuck, flagged, page),
+        (Err(err), ..) => return unavailable(err),
+        (_, Err(err), ..) | (_, _, Err(err), _) | (.., Err(err)) => return unavailable(err),
     };
+    // The flagged ones first (longest without news first), then the newest unknown ones.
+    let mut listed = flagged;
+    for order in ambiguous.orders {
+        if !listed.iter().any(|o| o.mch_order_no == order.mch_order_no) {
+            listed.push(order);
+        }
+    }
     let region = html! {
         h2 #dead-h { "Dead payout jobs" }
         p.muted { "Jobs that used up their attempts. Retrying puts one back on its queue with fresh attempts." }
@@ -49,8 +57,11 @@ pub async fn dead(
         }
         h2 #stuck-h { "Stuck and ambiguous payouts" }
         p #stuck-count data-count=(stuck) { (stuck) " payout(s) flagged stuck (no final state by the polling deadline; still polled)." }
-        p.muted { "Below: payouts in phase " code { "unknown" } " — a create may have reached the gateway without an answer; only a lookup can settle them." }
-        (orders_table("stuck", &ambiguous.orders))
+        p.muted { "Below: the payouts flagged stuck (their last news: Updated), then those in phase " code { "unknown" } " — a create may have reached the gateway without an answer; only a lookup (on the payout's page) can settle them." }
+        (orders_table("stuck", &listed))
+        @if ambiguous.next.is_some() {
+            p { a #more-unknown href="/console/payouts?status=unknown" { "More payouts in phase unknown" } }
+        }
     };
     render(
         live,
