@@ -81,7 +81,10 @@ async fn stats_report_real_numbers() {
         empty.depth() + empty.delayed + empty.dead + empty.workers_alive,
         0
     );
-    assert_eq!(empty.oldest_job_age, None);
+    assert_eq!(
+        (empty.oldest_job_age, empty.oldest_waiting_age),
+        (None, None)
+    );
 
     for n in 0..5 {
         queue.enqueue(&TestJob::new(n)).await.unwrap();
@@ -107,6 +110,12 @@ async fn stats_report_real_numbers() {
             .oldest_job_age
             .is_some_and(|age| age >= Duration::from_millis(50))
     );
+    assert!(
+        stats
+            .oldest_waiting_age
+            .is_some_and(|age| age >= Duration::from_millis(50)),
+        "{stats:?}"
+    );
 
     // Long jobs keep entries pending while the worker is alive.
     queue
@@ -130,6 +139,10 @@ async fn stats_report_real_numbers() {
         },
     )
     .await;
+    // In flight is not waiting: the long job has an age, nothing waits.
+    let running = queue.stats().await.unwrap();
+    assert!(running.oldest_job_age.is_some(), "{running:?}");
+    assert_eq!(running.oldest_waiting_age, None, "{running:?}");
     queue.pause().await.unwrap();
     assert!(queue.stats().await.unwrap().paused);
     queue.resume().await.unwrap();

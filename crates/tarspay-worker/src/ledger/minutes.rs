@@ -14,8 +14,11 @@ use std::time::Duration;
 /// How long a minute's counters are kept.
 pub const KEEP: Duration = Duration::from_secs(2 * 3600);
 
-/// Upper bounds (ms) of the latency histogram's buckets; a last bucket takes the rest.
-pub const LATENCY_BUCKETS_MS: [u64; 9] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+/// Upper bounds (ms) of the latency histogram's buckets, up to the longest a create can
+/// take (connect and request timeouts); a last bucket takes the rest.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [
+    10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000,
+];
 
 /// The bucket field of a latency: `l<i>` for the first bound at or above it.
 pub fn latency_bucket(latency_ms: u64) -> String {
@@ -141,7 +144,8 @@ impl MinuteStats {
     }
 
     /// The bucket bound at or above the `q` quantile of the minute's create latencies (the
-    /// histogram's resolution; `None` above the last bound or without creates).
+    /// histogram's resolution; the last bound when it lies above that, so a minute of
+    /// timeouts shows at the top, never blank; `None` without creates).
     pub fn latency_quantile_ms(&self, q: f64) -> Option<u64> {
         let total: u64 = self.latency_buckets.iter().sum();
         if total == 0 {
@@ -152,7 +156,10 @@ impl MinuteStats {
         for (index, count) in self.latency_buckets.iter().enumerate() {
             seen += count;
             if seen >= rank {
-                return LATENCY_BUCKETS_MS.get(index).copied();
+                return LATENCY_BUCKETS_MS
+                    .get(index)
+                    .or(LATENCY_BUCKETS_MS.last())
+                    .copied();
             }
         }
         None
@@ -189,7 +196,8 @@ mod tests {
         assert_eq!(latency_bucket(0), "l0");
         assert_eq!(latency_bucket(10), "l0");
         assert_eq!(latency_bucket(11), "l1");
-        assert_eq!(latency_bucket(99_999), "l9");
+        assert_eq!(latency_bucket(5_001), "l9");
+        assert_eq!(latency_bucket(99_999), "l12");
         let mut minute = MinuteStats::default();
         let fields: BTreeMap<String, u64> = [
             ("c", 4),
@@ -209,5 +217,12 @@ mod tests {
         assert_eq!(minute.latency_quantile_ms(0.5), Some(100));
         assert_eq!(minute.latency_quantile_ms(0.99), Some(500));
         assert_eq!(MinuteStats::default().latency_quantile_ms(0.5), None);
+        let mut timeouts = MinuteStats::default();
+        timeouts.add_fields(&[("c".to_owned(), 2), ("l12".to_owned(), 2)].into());
+        assert_eq!(
+            timeouts.latency_quantile_ms(0.5),
+            Some(60_000),
+            "never blank"
+        );
     }
 }

@@ -21,6 +21,8 @@ pub struct QueueStats {
     pub dead: u64,
     /// Age of the oldest job in the stream (waiting or pending), if any.
     pub oldest_job_age: Option<Duration>,
+    /// Age of the oldest job not yet delivered to any worker, if any.
+    pub oldest_waiting_age: Option<Duration>,
     /// Workers that sent a heartbeat within `worker_ttl`.
     pub workers_alive: u64,
     /// Whether the queue is paused.
@@ -43,6 +45,7 @@ impl QueueStats {
             delayed: self.delayed + other.delayed,
             dead: self.dead + other.dead,
             oldest_job_age: self.oldest_job_age.max(other.oldest_job_age),
+            oldest_waiting_age: self.oldest_waiting_age.max(other.oldest_waiting_age),
             workers_alive: self.workers_alive.max(other.workers_alive),
             paused: self.paused || other.paused,
         }
@@ -56,7 +59,7 @@ impl<T> RedisQueue<T> {
         let now = now_ms();
         let alive_since = now.saturating_sub(self.shared.config.worker_ttl.as_millis() as u64);
         let mut conn = self.shared.conn.clone();
-        let (stream_len, pending, delayed, dead, oldest, alive, paused): (
+        let (stream_len, pending, delayed, dead, oldest, alive, paused, groups): (
             u64,
             Value,
             u64,
@@ -64,6 +67,7 @@ impl<T> RedisQueue<T> {
             StreamRangeReply,
             u64,
             bool,
+            redis::streams::StreamInfoGroupsReply,
         ) = redis::pipe()
             .cmd("XLEN")
             .arg(&keys.stream)
@@ -86,18 +90,48 @@ impl<T> RedisQueue<T> {
             .arg("+inf")
             .cmd("EXISTS")
             .arg(&keys.paused)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&keys.stream)
             .query_async(&mut conn)
             .await?;
         let pending = pending_count(&pending)?;
+        let waiting = stream_len.saturating_sub(pending);
+        // The first entry after the group's last delivery is the oldest one waiting (a second
+        // round trip, only when something waits).
+        let last_delivered = groups
+            .groups
+            .iter()
+            .find(|g| g.name == keys.group)
+            .map(|g| g.last_delivered_id.clone());
+        let oldest_waiting_age = match last_delivered {
+            Some(after) if waiting > 0 => {
+                let first: StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&keys.stream)
+                    .arg(format!("({after}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await?;
+                first
+                    .ids
+                    .first()
+                    .and_then(|entry| entry_id_ms(&entry.id))
+                    .map(|ms| Duration::from_millis(now.saturating_sub(ms)))
+            }
+            _ => None,
+        };
         Ok(QueueStats {
             // Acknowledged entries are deleted, so the stream holds waiting + pending only.
-            waiting: stream_len.saturating_sub(pending),
+            waiting,
             pending,
             delayed,
             dead,
             oldest_job_age: (oldest.ids.first())
                 .and_then(|entry| entry_id_ms(&entry.id))
                 .map(|ms| Duration::from_millis(now.saturating_sub(ms))),
+            oldest_waiting_age,
             workers_alive: alive,
             paused,
         })

@@ -28,7 +28,8 @@ async fn read_overview(state: &ConsoleState) -> Result<Overview, String> {
         d.is_paused(),
         d.paused_merchants(),
         d.stuck_len(),
-        d.minute_stats(60),
+        // 59 whole minutes and the current one: the last hour.
+        d.minute_stats(59),
     );
     Ok(Overview {
         parts: parts.map_err(|x| e(&x))?,
@@ -112,11 +113,14 @@ pub async fn overview(
                     ul { @for m in &o.held { li data-merchant=(m) { (m) } } }
                 }
             }
-            p #oldest-waiting data-age-ms=[total.oldest_job_age.map(|a| a.as_millis() as u64)] {
-                "Oldest job in the queue: "
-                @match total.oldest_job_age {
+            p #oldest-waiting data-age-ms=[total.oldest_waiting_age.map(|a| a.as_millis() as u64)] {
+                "Oldest job waiting for a worker: "
+                @match total.oldest_waiting_age {
                     Some(age) => strong { (views::age(age.as_millis() as u64)) },
                     None => "none",
+                }
+                @if let Some(age) = total.oldest_job_age.filter(|_| total.pending > 0) {
+                    " (oldest in flight or waiting: " (views::age(age.as_millis() as u64)) ")"
                 }
             }
             div.table-wrap {
