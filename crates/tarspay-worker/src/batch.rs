@@ -213,6 +213,21 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
+    #[test]
+    fn gateway_text_never_starts_a_spreadsheet_formula() {
+        for (text, shown) in [
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+1", "'+1"),
+            ("-1 system error", "'-1 system error"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("insufficient balance", "insufficient balance"),
+            ("", ""),
+        ] {
+            assert_eq!(inert_cell(text), shown);
+        }
+    }
+
     fn rules() -> std::sync::Arc<PayoutRules> {
         Settings::load_with_env(None, [("", ""); 0])
             .unwrap()

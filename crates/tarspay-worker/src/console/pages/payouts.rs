@@ -5,7 +5,7 @@ use crate::console::ConsoleState;
 use crate::console::{mask, views};
 use crate::ids::Currency;
 use crate::ledger::history::{EventKind, OrderEvent, TimelineEntry, timeline};
-use crate::ledger::index::{OrderPage, OrderQuery};
+use crate::ledger::index::{IndexPosition, OrderPage, OrderQuery};
 use crate::ledger::{OrderRecord, Phase};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -42,13 +42,13 @@ fn query_of(params: &Params) -> Result<OrderQuery, Vec<String>> {
     if let Some(status) = get("status") {
         match Phase::from_str(status) {
             Ok(phase) => query.phase = Some(phase),
-            Err(err) => errors.push(err),
+            Err(err) => errors.push(format!("status: {err}")),
         }
     }
     if let Some(currency) = get("currency") {
         match Currency::parse(&currency.to_ascii_uppercase()) {
             Ok(c) => query.currency = Some(c),
-            Err(err) => errors.push(err.to_string()),
+            Err(err) => errors.push(format!("currency: {err}")),
         }
     }
     for (name, slot) in [("from", &mut query.from_ms), ("to", &mut query.to_ms)] {
@@ -58,6 +58,21 @@ fn query_of(params: &Params) -> Result<OrderQuery, Vec<String>> {
                 Err(err) => errors.push(format!("{name}: {err}")),
             }
         }
+    }
+    if let (Some(from), Some(to)) = (query.from_ms, query.to_ms)
+        && from >= to
+    {
+        errors.push("to: must be later than from".to_owned());
+    }
+    // A batch's pages continue after an mchOrderNo; the others at a position in the time
+    // index, which a stale or edited link may not hold.
+    if let Some(cursor) = &query.cursor
+        && query.batch_id.is_none()
+        && IndexPosition::parse(cursor).is_none()
+    {
+        errors.push(format!(
+            "cursor: {cursor:?} is not a position from a previous page (follow the page's next link)"
+        ));
     }
     if errors.is_empty() {
         Ok(query)
@@ -350,5 +365,35 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         assert_eq!(query_of(&bad).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn every_refusal_names_its_field() {
+        let params = |pairs: &[(&str, &str)]| -> Params {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let errors = query_of(&params(&[
+            ("status", "nope"),
+            ("currency", "rupees"),
+            ("from", "2026-01-02T03:04"),
+            ("to", "2026-01-01T00:00"),
+            ("cursor", "edited"),
+        ]))
+        .unwrap_err();
+        for (field, error) in ["status:", "currency:", "to:", "cursor:"]
+            .iter()
+            .zip(&errors)
+        {
+            assert!(error.starts_with(field), "{errors:?}");
+        }
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        // A batch's cursor is the last mchOrderNo of the previous page.
+        let batch = query_of(&params(&[("batch", "B1"), ("cursor", "PO-9")])).unwrap();
+        assert_eq!(batch.cursor.as_deref(), Some("PO-9"));
+        let index = query_of(&params(&[("cursor", "1700000000000:PO-9")])).unwrap();
+        assert!(index.cursor.is_some());
     }
 }
