@@ -756,6 +756,26 @@ async fn every_page_fits_a_phone_without_horizontal_scrolling() {
     pool.stop().await;
 }
 
+/// A page whose console stops answering says so instead of showing old numbers as current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_says_when_its_live_region_could_not_be_refreshed() {
+    let c = console(|_| {}).await;
+    let browser = Browser::start().await;
+    browser.login(&c.url, "alice", VIEWER).await;
+    browser.goto(&c.page("/console/")).await;
+    browser.wait_for("#depth").await;
+    assert_eq!(browser.count("#live-stale").await, 0);
+    // `serve` stops; the page stays open.
+    let Console { app, _stop, .. } = c;
+    drop(_stop);
+    browser.wait_for("#live-stale").await;
+    assert_eq!(
+        browser.attr("[data-live]", "data-stale").await.as_deref(),
+        Some("true")
+    );
+    drop(app);
+}
+
 /// Basic accessibility, checked in the rendered pages (as an admin, so every control is
 /// there): a language, a title and one `h1`; every form field labelled, every link and button
 /// named, every table header scoped, every chart named; text at a contrast of at least 4.5:1
