@@ -167,6 +167,20 @@ async fn an_untrusted_callback_is_in_the_history_as_unverified() {
             .as_deref()
             .is_some_and(|r| r.contains("untrusted"))
     );
+    // A flood of forged callbacks: each answered, none more in the history (its 64 lines
+    // keep the real timeline).
+    for _ in 0..100 {
+        let answer = reqwest::Client::new()
+            .post(format!("http://{addr}/tarspay/notify"))
+            .header("X-RESP-SIGNATURE", "forged")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let events = app.deployment.order_events("CB-1").await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
 }
 
 /// Pages through a search to its end; the orders' numbers, in page order.

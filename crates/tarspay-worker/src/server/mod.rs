@@ -6,6 +6,7 @@ mod body;
 mod callback;
 mod gauges;
 mod listener;
+mod note_limit;
 mod openapi;
 mod request_id;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The operator console's state (its own router's).
     pub console: Arc<crate::console::ConsoleState>,
+    /// Untrusted callbacks noted in order histories (one per order per minute).
+    pub untrusted_notes: note_limit::UntrustedNotes,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
             api_token: settings.server.api_token()?,
             metrics: crate::metrics::install(),
             console,
+            untrusted_notes: Default::default(),
         })
     }
 }
