@@ -8,6 +8,7 @@ use common::app::{MCH_NO, inr, spawn_app_with};
 use std::time::{Duration, Instant};
 use tarspay_sandbox::RateLimit;
 use tarspay_worker::ledger::Phase;
+use tarspay_worker::ledger::history::EventKind;
 
 const PAYOUTS: usize = 150;
 const RATE: u32 = 50;
@@ -147,6 +148,13 @@ async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
         assert_eq!(record.attempts, 1, "{id}: a 429 is not an attempt");
         let at_gateway = app.sandbox.order_of(MCH_NO, id).unwrap();
         assert_eq!(at_gateway.create_attempts, 1, "{id}");
+        // Nor is it a create in the order's history: one create line, for the one create.
+        let history = app.deployment.order_events(id).await.unwrap();
+        let creates = history
+            .iter()
+            .filter(|e| e.kind == EventKind::Create)
+            .count();
+        assert_eq!(creates, 1, "{id}: {history:?}");
     }
 }
 

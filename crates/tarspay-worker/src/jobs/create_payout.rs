@@ -145,19 +145,23 @@ async fn create(
         .client
         .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
         .await;
-    ctx.ledger.note_soon(
-        mch_order_no,
-        trail::create_sent(
-            attempt,
-            started,
-            sent.as_ref().map(|accepted| accepted.pay_order_id.as_str()),
-        ),
-    );
     if let Some(wait) = calls.lock().await.saw(sent.as_ref().err()).await {
-        // A 429 refuses before anything happens: not an attempt.
+        // A 429 refuses before anything happens: not an attempt (its history line is the
+        // held call's).
         return run
             .not_sent(wait, "rate-limited by the gateway (HTTP 429)")
             .await;
+    }
+    if !matches!(sent, Err(GatewayError::NotSent { .. })) {
+        // A create that left this process, with the gateway's answer and its latency.
+        ctx.ledger.note_soon(
+            mch_order_no,
+            trail::create_sent(
+                attempt,
+                started,
+                sent.as_ref().map(|accepted| accepted.pay_order_id.as_str()),
+            ),
+        );
     }
     match sent {
         Ok(accepted) => {
