@@ -1,4 +1,5 @@
-//! Introspection: real numbers read from Redis in one round trip.
+//! Introspection: real numbers read from Redis in one round trip (a second one when jobs wait:
+//! the oldest of them, after the group's last delivery).
 
 use redis::Value;
 use redis::streams::StreamRangeReply;
