@@ -144,14 +144,18 @@ async fn an_untrusted_callback_is_in_the_history_as_unverified() {
         "mchNo": common::app::MCH_NO, "mchOrderNo": "CB-1", "bizType": 2,
         "state": 2, "orderAmount": "500.00", "currency": "INR", "payOrderId": "P1"
     });
-    let answer = reqwest::Client::new()
-        .post(format!("http://{addr}/tarspay/notify"))
-        .header("X-RESP-SIGNATURE", "forged")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    let client = reqwest::Client::new();
+    let forge = || async {
+        let answer = client
+            .post(format!("http://{addr}/tarspay/notify"))
+            .header("X-RESP-SIGNATURE", "forged")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    };
+    forge().await;
     let events = eventually("the callback in the history", || async {
         let events = app.deployment.order_events("CB-1").await.unwrap();
         (!events.is_empty()).then_some(events)
@@ -170,14 +174,7 @@ async fn an_untrusted_callback_is_in_the_history_as_unverified() {
     // A flood of forged callbacks: each answered, none more in the history (its 64 lines
     // keep the real timeline).
     for _ in 0..100 {
-        let answer = reqwest::Client::new()
-            .post(format!("http://{addr}/tarspay/notify"))
-            .header("X-RESP-SIGNATURE", "forged")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
+        forge().await;
     }
     let events = app.deployment.order_events("CB-1").await.unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
