@@ -35,10 +35,17 @@ struct Chromedriver(Child);
 
 impl Drop for Chromedriver {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
+        // The group is chromedriver's own (`process_group(0)`: its id is chromedriver's pid).
+        // Signalled with killpg, never through the `kill` program: one run of it here was
+        // seen (strace) to signal -1, every process on the machine, instead of the group.
+        if let Ok(group) = libc::pid_t::try_from(self.0.id())
+            && group > 1
+        {
+            // SAFETY: killpg only sends a signal; a stale group id fails with ESRCH.
+            unsafe {
+                libc::killpg(group, libc::SIGKILL);
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
