@@ -447,17 +447,19 @@ async fn search_finds_a_payout_by_its_mch_order_no() {
         .submit()
         .await
         .unwrap();
+    // The list before the search shows FIND-ME-7 too: wait for the search's own page.
+    poll("the search's page", PATIENCE, EVERY, || async {
+        let url = browser.current_url().await;
+        if url.contains("mch_order_no=FIND-ME-7") {
+            Ok(())
+        } else {
+            Err(url)
+        }
+    })
+    .await;
     browser
         .wait_for("table#payouts tr[data-order=\"FIND-ME-7\"]")
         .await;
-    assert!(
-        browser
-            .current_url()
-            .await
-            .contains("mch_order_no=FIND-ME-7"),
-        "{}",
-        browser.current_url().await
-    );
     let orders = browser
         .attrs("table#payouts tr[data-order]", "data-order")
         .await;
