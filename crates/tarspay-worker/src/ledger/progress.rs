@@ -6,7 +6,8 @@
 //!
 //! Sums are Redis integers (`HINCRBY`, exact; no floating point anywhere). One that would
 //! overflow a signed 64-bit integer leaves the field as it was and sets `amt:overflow`:
-//! the amounts are then reported as unknown, never wrong.
+//! the amounts are then reported as unknown, never wrong. A row registered again after its
+//! record expired (a re-run of the same file) is flagged `batchRerun` and not counted twice.
 
 use super::{Ledger, LedgerError};
 use crate::money::MAX_DECIMALS;
@@ -28,7 +29,8 @@ pub struct BatchProgress {
     pub finals: BTreeMap<String, u64>,
     /// Amounts of the final rows by status, then currency.
     pub amounts: BTreeMap<String, BTreeMap<String, Decimal>>,
-    /// Some sum overflowed: `amounts` is incomplete and must not be shown as totals.
+    /// Some sum overflowed, or a count went below zero (a correction of a row finalised
+    /// before the counters existed): `amounts` must not be shown as totals.
     pub amounts_unknown: bool,
 }
 
