@@ -194,12 +194,12 @@ impl FromRequest<Arc<ConsoleState>> for Acting {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &Arc<ConsoleState>) -> Result<Self, Response> {
-        let (parts, body) = req.into_parts();
-        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+        let headers = req.headers().clone();
+        let body = Bytes::from_request(req, state)
             .await
             .map_err(IntoResponse::into_response)?;
         let form = form_fields(&body);
-        let (id, session) = admin(state, &parts.headers, &form).await?;
+        let (id, session) = admin(state, &headers, &form).await?;
         Ok(Self { id, session })
     }
 }
