@@ -1278,12 +1278,22 @@ impl Ledger {
         let op = self.op("S", mch_order_no).arg(mch_order_no);
         Ok(self.apply_int(op, "mark_stuck", mch_order_no).await? == 1)
     }
+    /// The order's record, read in the next ledger batch (one round trip shared with the
+    /// other callers' operations; a lone read is sent at once).
     pub async fn get(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
-        let fields: HashMap<String, String> = self
-            .conn
-            .clone()
-            .hgetall(self.keys.order(mch_order_no))
-            .await?;
+        // No noted events ride along: a read must not be what writes them.
+        let read = Op::new(
+            "G",
+            self.keys.order(mch_order_no),
+            None,
+            self.keys.events(mch_order_no),
+        );
+        let reply = self.batcher.apply(read).await?;
+        let fields: HashMap<String, String> =
+            redis::from_redis_value(reply).map_err(|err| LedgerError::Corrupt {
+                id: mch_order_no.to_owned(),
+                reason: format!("unexpected reply from get: {err}"),
+            })?;
         record_from_fields(mch_order_no, &fields)
     }
 
