@@ -60,7 +60,10 @@ fn run(args: DevCli) -> anyhow::Result<ExitCode> {
         log.filter = "warn".to_owned();
     }
     let telemetry = telemetry::init(&log)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = match &args.command {
+        DevCommand::Product(command) => tarspay_worker::cli::runtime_for(&settings, command)?,
+        _ => tokio::runtime::Runtime::new().context("cannot start the async runtime")?,
+    };
     let result = runtime.block_on(async move {
         match args.command {
             DevCommand::Demo(args) => cli::demo::run(args).await,

@@ -704,6 +704,10 @@ fn clock_ticks_per_second() -> f64 {
     })
 }
 
+/// Settings a bench's child processes take from the bench's environment: how they run, never
+/// what they do (`TARSPAY_WORKER_THREADS=0 bench e2e` measures workers on a thread per core).
+const KEPT_SETTINGS: [&str; 1] = ["TARSPAY_WORKER_THREADS"];
+
 /// A child process of this binary (`tarspay-worker …`), killed on drop.
 pub struct ChildProcess {
     child: Option<Child>,
@@ -712,7 +716,8 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     /// Runs this executable with `args`; the environment is this process's minus every
-    /// `TARSPAY_*` variable, plus `env`. Output is discarded unless `BENCH_CHILD_LOG` is set.
+    /// `TARSPAY_*` variable but [`KEPT_SETTINGS`], plus `env`. Output is discarded unless
+    /// `BENCH_CHILD_LOG` is set.
     pub fn spawn(
         name: &str,
         args: &[&str],
@@ -723,7 +728,8 @@ impl ChildProcess {
             .map_err(|err| BenchError::Setup(format!("cannot find this executable: {err}")))?;
         let mut command = Command::new(exe);
         for (var, _) in std::env::vars_os() {
-            if var.to_string_lossy().starts_with("TARSPAY_") {
+            let var_name = var.to_string_lossy();
+            if var_name.starts_with("TARSPAY_") && !KEPT_SETTINGS.contains(&var_name.as_ref()) {
                 command.env_remove(var);
             }
         }

@@ -173,6 +173,10 @@ impl Settings {
         };
         let worker = WorkerSettings {
             concurrency: bounded("concurrency", raw.concurrency)?,
+            threads: usize::try_from(raw.worker_threads)
+                .ok()
+                .filter(|&n| n <= 1024)
+                .ok_or_else(|| invalid("worker_threads", "must be 0 (one per core) to 1024"))?,
             retry: RetryPolicy {
                 base_delay: raw.retry_base_delay,
                 max_delay: raw.retry_max_delay,
@@ -701,6 +705,23 @@ mod tests {
             Duration::from_secs(30 * 3 + 10)
         );
         assert!(settings.webhooks.is_none(), "no webhook_url, no webhooks");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_event_loop_and_are_refused_out_of_range() {
+        let defaults = Settings::load_with_env(None, [("", ""); 0]).unwrap();
+        assert_eq!(defaults.worker.threads, 1);
+        for (value, threads) in [("0", 0), ("4", 4), ("1024", 1024)] {
+            let settings =
+                Settings::load_with_env(None, [("TARSPAY_WORKER_THREADS", value)]).unwrap();
+            assert_eq!(settings.worker.threads, threads, "{value}");
+        }
+        for value in ["1025", "-1", "two"] {
+            let err = Settings::load_with_env(None, [("TARSPAY_WORKER_THREADS", value)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("TARSPAY_WORKER_THREADS"), "{value}: {err}");
+        }
     }
 
     #[test]

@@ -67,12 +67,35 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let telemetry = telemetry::init(&settings.log)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = runtime_for(&settings, &cli.command)?;
     let result = runtime.block_on(run_command(&settings, cli.command));
     // Spans still batched are sent now, outside the runtime (the exporter blocks).
     drop(runtime);
     telemetry.shutdown();
     result
+}
+
+/// The async runtime `command` runs on. A `worker` gets `worker_threads` threads: with one
+/// (the default) it is a single event loop, where a job's Redis reply and HTTP answer wake it
+/// on the thread it runs on instead of waking a parked thread (a `perf` profile of a busy
+/// worker put a quarter of its CPU in parking and waking threads; docs/performance.md). The
+/// other commands run on a thread per core.
+pub fn runtime_for(settings: &Settings, command: &Command) -> Result<tokio::runtime::Runtime> {
+    let threads = match command {
+        Command::Worker(_) => settings.worker.threads,
+        _ => 0,
+    };
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Runs one command with loaded settings (and logging set up): the `tarspay-worker` binary's

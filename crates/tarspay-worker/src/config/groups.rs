@@ -224,6 +224,8 @@ pub struct RedisSettings {
 pub struct WorkerSettings {
     /// Payouts in flight per process, 1 to 10000.
     pub concurrency: usize,
+    /// `worker_threads`: threads of a `worker` process's runtime; 0 = one per core.
+    pub threads: usize,
     /// `retry_base_delay`, `retry_max_delay`, `retry_max_attempts`.
     pub retry: RetryPolicy,
     /// `poll_first_delay`, `poll_max_interval`, `poll_deadline`.

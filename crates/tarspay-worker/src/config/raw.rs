@@ -34,6 +34,8 @@ pub(super) struct RawSettings {
     pub partitions: u64,
     #[serde(deserialize_with = "lenient_u64")]
     pub concurrency: u64,
+    #[serde(deserialize_with = "lenient_u64")]
+    pub worker_threads: u64,
     #[serde(deserialize_with = "lenient_string")]
     pub queue_prefix: String,
     #[serde(deserialize_with = "duration")]
