@@ -1279,7 +1279,8 @@ impl Ledger {
         Ok(self.apply_int(op, "mark_stuck", mch_order_no).await? == 1)
     }
     /// The order's record, read in the next ledger batch (one round trip shared with the
-    /// other callers' operations; a lone read is sent at once).
+    /// other callers' operations; a lone read is sent at once). With [`Replication`] it may
+    /// wait behind a batch's `WAIT`, as the writes do; it is read on the primary either way.
     pub async fn get(&self, mch_order_no: &str) -> Result<Option<OrderRecord>, LedgerError> {
         // No noted events ride along: a read must not be what writes them.
         let read = Op::new(
