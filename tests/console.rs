@@ -32,18 +32,19 @@ fn browser() -> reqwest::Client {
 }
 
 async fn console(partitions: &str) -> Console {
+    console_with(partitions, &[]).await
+}
+
+async fn console_with(partitions: &str, env: &[(&str, &str)]) -> Console {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = spawn_app_with(
-        false,
-        |_| {},
-        &[
-            ("TARSPAY_API_TOKEN", ADMIN),
-            ("TARSPAY_VIEWER_TOKEN", VIEWER),
-            ("TARSPAY_PARTITIONS", partitions),
-        ],
-    )
-    .await;
+    let mut all_env = vec![
+        ("TARSPAY_API_TOKEN", ADMIN),
+        ("TARSPAY_VIEWER_TOKEN", VIEWER),
+        ("TARSPAY_PARTITIONS", partitions),
+    ];
+    all_env.extend_from_slice(env);
+    let app = spawn_app_with(false, |_| {}, &all_env).await;
     let stop = app.serve_on(listener);
     Console {
         app,
@@ -73,12 +74,23 @@ fn csrf_of(body: &str) -> String {
 
 impl Console {
     async fn login(&self, client: &reqwest::Client, token: &str) -> reqwest::Response {
-        client
+        self.login_from(client, token, None).await
+    }
+
+    /// A login carrying `X-Forwarded-For: forwarded_for`, as a reverse proxy would send it.
+    async fn login_from(
+        &self,
+        client: &reqwest::Client,
+        token: &str,
+        forwarded_for: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = client
             .post(format!("{}/console/login", self.url))
-            .form(&[("operator", "Priya"), ("token", token)])
-            .send()
-            .await
-            .unwrap()
+            .form(&[("operator", "Priya"), ("token", token)]);
+        if let Some(forwarded_for) = forwarded_for {
+            request = request.header("x-forwarded-for", forwarded_for);
+        }
+        request.send().await.unwrap()
     }
 
     async fn session(&self, token: &str) -> reqwest::Client {
@@ -543,10 +555,40 @@ async fn the_dead_page_lists_payouts_flagged_stuck_whatever_their_phase() {
 async fn five_wrong_tokens_a_minute_are_all_a_peer_gets() {
     let c = console("1").await;
     let client = browser();
-    for _ in 0..5 {
-        let response = c.login(&client, "wrong-token").await;
+    for n in 0..5 {
+        // A made-up X-Forwarded-For changes nothing without trusted proxies.
+        let response = c
+            .login_from(&client, "wrong-token", Some(&format!("198.51.100.{n}")))
+            .await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
-    let response = c.login(&client, ADMIN).await;
+    let response = c.login_from(&client, ADMIN, Some("198.51.100.99")).await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_five_tries() {
+    // The test's connections come from 127.0.0.1: here that is the trusted proxy.
+    let c = console_with("1", &[("TARSPAY_TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let attacker = browser();
+    for _ in 0..5 {
+        let response = c
+            .login_from(&attacker, "wrong-token", Some("203.0.113.7"))
+            .await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let response = c.login_from(&attacker, ADMIN, Some("203.0.113.7")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Forging a left part of the header does not escape the count: the proxy's hop decides.
+    let response = c
+        .login_from(&attacker, ADMIN, Some("192.0.2.1, 203.0.113.7"))
+        .await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another client behind the same proxy still logs in.
+    let operator = browser();
+    let response = c.login_from(&operator, ADMIN, Some("203.0.113.8")).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    // A request that names no client is the proxy's own, a bucket of its own.
+    let response = c.login_from(&browser(), ADMIN, None).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
 }

@@ -203,6 +203,8 @@ impl Settings {
             api_token: raw.api_token,
             viewer_token: raw.viewer_token,
             auth_disabled: raw.api_auth_disabled,
+            trusted_proxies: parse_networks(&raw.trusted_proxies)
+                .map_err(|reason| invalid("trusted_proxies", reason))?,
             callback_path: raw.callback_path,
             max_body_bytes: bounded("max_body_bytes", raw.max_body_bytes)?,
             max_batch_bytes: bounded("max_batch_bytes", raw.max_batch_bytes)?,
@@ -234,6 +236,20 @@ impl Settings {
 
 /// A whole number in the type its user needs (`u32` counts, `usize` sizes); the ranges are
 /// checked first, so this fails only on a platform too small for the value.
+/// Comma-separated addresses (`127.0.0.1`, `::1`) or networks (`10.0.0.0/8`); empty = none.
+fn parse_networks(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| format!("{item:?} is not an IP address or network such as 10.0.0.0/8"))
+        })
+        .collect()
+}
+
 fn bounded<T: TryFrom<u64>>(key: &str, value: u64) -> Result<T, ConfigError> {
     T::try_from(value).map_err(|_| invalid(key, "is too large"))
 }
@@ -721,6 +737,33 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("TARSPAY_WORKER_THREADS"), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks_or_refused_naming_the_setting() {
+        let none = Settings::load_with_env(None, [("", ""); 0]).unwrap();
+        assert!(none.server.trusted_proxies.is_empty());
+        let some = Settings::load_with_env(
+            None,
+            [("TARSPAY_TRUSTED_PROXIES", " 10.1.2.3/8, 127.0.0.1 ,::1,")],
+        )
+        .unwrap();
+        let listed: Vec<String> = some
+            .server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(listed, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        for bad in ["10.0.0.0/33", "proxy.internal", "10.0.0"] {
+            let err = Settings::load_with_env(None, [("TARSPAY_TRUSTED_PROXIES", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("TARSPAY_TRUSTED_PROXIES") && err.contains(bad),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -253,6 +253,8 @@ pub struct ServerSettings {
     pub(super) viewer_token: Option<Secret>,
     /// `api_auth_disabled`: run the API without a token (behind an authenticating proxy).
     pub auth_disabled: bool,
+    /// `trusted_proxies`: reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub callback_path: String,
     pub max_body_bytes: usize,
     pub max_batch_bytes: usize,

@@ -77,6 +77,8 @@ pub(super) struct RawSettings {
     #[serde(deserialize_with = "lenient_bool")]
     pub api_auth_disabled: bool,
     #[serde(deserialize_with = "lenient_string")]
+    pub trusted_proxies: String,
+    #[serde(deserialize_with = "lenient_string")]
     pub callback_path: String,
     #[serde(deserialize_with = "lenient_u64")]
     pub max_body_bytes: u64,

@@ -35,7 +35,8 @@ pub const FORM_LIMIT: usize = 16 * 1024;
 pub const AUDIT_MAX_LEN: u64 = 10_000;
 
 /// The address a request's connection came from (a request extension the server's accept
-/// loop adds; behind a proxy, the proxy's): the login throttle counts per peer.
+/// loop adds; behind a proxy, the proxy's): the login throttle counts per client, which is
+/// this peer unless it is a trusted proxy (see [`session::client_ip`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
@@ -63,6 +64,8 @@ pub struct Console {
     viewer: Option<Secret>,
     sessions: Sessions,
     throttle: Throttle,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (see [`session::client_ip`]).
+    trusted_proxies: Vec<ipnet::IpNet>,
     conn: RedisConn,
     prefix: String,
 }
@@ -78,6 +81,7 @@ impl Console {
             viewer: settings.server.viewer_token()?,
             sessions: Sessions::new(conn.clone(), prefix),
             throttle: Throttle::default(),
+            trusted_proxies: settings.server.trusted_proxies.clone(),
             conn,
             prefix: prefix.clone(),
         })

@@ -201,6 +201,38 @@ pub fn session_key(prefix: &str, id: &str) -> String {
     )
 }
 
+/// The client a request came from: the connection's `peer`, unless the peer is one of the
+/// `trusted` proxies, in which case `X-Forwarded-For` is read from its right end (the
+/// address the nearest proxy saw) past every trusted proxy to the first address that is not
+/// one. Addresses to the left of that one were written by the client itself and are never
+/// believed. A trusted peer that sends no usable header is the client itself.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    // Every X-Forwarded-For line, in order, as one list.
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // A hop we cannot read: stop at the last address we could.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
 /// Whether the request reached us over HTTPS (directly or through a proxy that says so).
 pub fn is_https(headers: &HeaderMap) -> bool {
     headers
@@ -324,6 +356,52 @@ impl Throttle {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn the_client_is_the_first_untrusted_address_from_the_right_behind_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let forwarded = |lines: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append("x-forwarded-for", HeaderValue::from_static(line));
+            }
+            headers
+        };
+        let proxy = ip("10.0.0.2");
+        // Without trust the header is the client's own words: ignored.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &forwarded(&["198.51.100.1"]), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(client_ip(proxy, &forwarded(&["198.51.100.1"]), &[]), proxy);
+        // Behind a trusted proxy: the address it saw.
+        assert_eq!(
+            client_ip(proxy, &forwarded(&["198.51.100.1"]), &trusted),
+            ip("198.51.100.1")
+        );
+        // A forged left part does not move the client; trusted hops are passed over, also
+        // across several header lines.
+        assert_eq!(
+            client_ip(
+                proxy,
+                &forwarded(&["6.6.6.6, 198.51.100.1", "10.1.1.1"]),
+                &trusted
+            ),
+            ip("198.51.100.1")
+        );
+        // Nothing usable: the proxy itself.
+        assert_eq!(client_ip(proxy, &forwarded(&[]), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &forwarded(&["not-an-address"]), &trusted),
+            proxy
+        );
+        // Only trusted hops: the farthest one.
+        assert_eq!(
+            client_ip(proxy, &forwarded(&["10.9.9.9"]), &trusted),
+            ip("10.9.9.9")
+        );
+    }
 
     #[test]
     fn the_cookie_is_http_only_strict_and_scoped_to_the_console() {

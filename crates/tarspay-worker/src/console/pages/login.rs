@@ -44,9 +44,13 @@ pub async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let peer = peer.map_or(
-        std::net::IpAddr::from([0, 0, 0, 0]),
-        |Extension(PeerAddr(addr))| addr.ip(),
+    let peer = session::client_ip(
+        peer.map_or(
+            std::net::IpAddr::from([0, 0, 0, 0]),
+            |Extension(PeerAddr(addr))| addr.ip(),
+        ),
+        &headers,
+        &state.console.trusted_proxies,
     );
     let form = form_fields(&body);
     let operator = form.get("operator").map(|o| o.trim()).unwrap_or_default();
