@@ -234,8 +234,6 @@ impl Settings {
     }
 }
 
-/// A whole number in the type its user needs (`u32` counts, `usize` sizes); the ranges are
-/// checked first, so this fails only on a platform too small for the value.
 /// Comma-separated addresses (`127.0.0.1`, `::1`) or networks (`10.0.0.0/8`); empty = none.
 fn parse_networks(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
     text.split(',')
@@ -250,6 +248,8 @@ fn parse_networks(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
         .collect()
 }
 
+/// A whole number in the type its user needs (`u32` counts, `usize` sizes); the ranges are
+/// checked first, so this fails only on a platform too small for the value.
 fn bounded<T: TryFrom<u64>>(key: &str, value: u64) -> Result<T, ConfigError> {
     T::try_from(value).map_err(|_| invalid(key, "is too large"))
 }

@@ -215,14 +215,21 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(5);
 /// How often [`follow`] reads the batch's counters.
 const COUNTERS_EVERY: Duration = Duration::from_millis(250);
 
-/// Whether the follow loop reads every row now: the first time, when the counters say every
-/// row is final (they can be wrong: a row re-registered after its record expired stays
-/// counted as final, and rows finalised before the counters existed are not counted, so
-/// only a read of the rows ends the loop), and every [`FULL_READ_EVERY`] as a backstop.
-fn full_read_due(last_full_read: Option<Duration>, counters: &BatchProgress) -> bool {
+/// Whether the follow loop reads every row now, given how long ago it last did and how many
+/// rows the counters called final then: the first time; when the counters say every row is
+/// final and have moved since (they can be wrong: a row re-registered after its record
+/// expired stays counted as final, and rows finalised before the counters existed are not
+/// counted, so only a read of the rows ends the loop, and counters that said "done" wrongly
+/// wait for the backstop); and every [`FULL_READ_EVERY`] as that backstop.
+fn full_read_due(last_full_read: Option<(Duration, u64)>, counters: &BatchProgress) -> bool {
     match last_full_read {
         None => true,
-        Some(ago) => ago >= FULL_READ_EVERY || (counters.total > 0 && counters.in_progress() == 0),
+        Some((ago, finished_then)) => {
+            ago >= FULL_READ_EVERY
+                || (counters.total > 0
+                    && counters.in_progress() == 0
+                    && counters.finished() != finished_then)
+        }
     }
 }
 
@@ -237,16 +244,18 @@ async fn follow(deployment: &Deployment, batch_id: &str) -> Result<BatchSummary>
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let ids = [batch_id.to_owned()];
-    let mut last_full_read: Option<Instant> = None;
+    // When the rows were last read, and how many the counters called final then.
+    let mut last_full_read: Option<(Instant, u64)> = None;
     loop {
         let counters = deployment
             .batch_progress(&ids)
             .await?
             .pop()
             .unwrap_or_default();
-        if full_read_due(last_full_read.map(|at| at.elapsed()), &counters) {
+        let since = last_full_read.map(|(at, finished)| (at.elapsed(), finished));
+        if full_read_due(since, &counters) {
             let summary = deployment.batch_summary(batch_id).await?;
-            last_full_read = Some(Instant::now());
+            last_full_read = Some((Instant::now(), counters.finished()));
             let count = |phase: &str| summary.phases.get(phase).map_or(0, |t| t.count as u64);
             let done = final_count(&summary) as u64;
             show(&bar, summary.total as u64, done, &count);
@@ -328,25 +337,30 @@ mod tests {
         };
         let halfway = progress(10, &[("succeeded", 4), ("failed", 1)]);
         let done = progress(10, &[("succeeded", 9), ("failed", 1)]);
-        let soon = Some(Duration::from_millis(250));
+        let soon = |finished_then: u64| Some((Duration::from_millis(250), finished_then));
+        let later = |finished_then: u64| Some((FULL_READ_EVERY, finished_then));
         assert!(
             full_read_due(None, &halfway),
             "the first look reads the rows"
         );
-        assert!(!full_read_due(soon, &halfway), "in progress: counters only");
         assert!(
-            full_read_due(Some(FULL_READ_EVERY), &halfway),
-            "the backstop"
+            !full_read_due(soon(5), &halfway),
+            "in progress: counters only"
         );
+        assert!(full_read_due(later(5), &halfway), "the backstop");
         assert!(
-            full_read_due(soon, &done),
+            full_read_due(soon(5), &done),
             "counters say done: the rows decide"
         );
+        // Counters that said done when the rows were last read, and have not moved since,
+        // were wrong (a re-run row): they wait for the backstop.
+        assert!(!full_read_due(soon(10), &done));
+        assert!(full_read_due(later(10), &done));
         // Counters that know nothing (a batch from before them) never end the loop early,
         // and the backstop still reads the rows.
         let unknown = progress(0, &[]);
-        assert!(!full_read_due(soon, &unknown));
-        assert!(full_read_due(Some(FULL_READ_EVERY), &unknown));
+        assert!(!full_read_due(soon(0), &unknown));
+        assert!(full_read_due(later(0), &unknown));
     }
 
     #[test]

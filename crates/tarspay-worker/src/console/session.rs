@@ -205,24 +205,34 @@ pub fn session_key(prefix: &str, id: &str) -> String {
 /// `trusted` proxies, in which case `X-Forwarded-For` is read from its right end (the
 /// address the nearest proxy saw) past every trusted proxy to the first address that is not
 /// one. Addresses to the left of that one were written by the client itself and are never
-/// believed. A trusted peer that sends no usable header is the client itself.
+/// believed, so the trusted networks must hold proxies only: a client inside one is passed
+/// over like a proxy. A trusted peer whose nearest hop cannot be read (or that sends none)
+/// is the client itself. IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let peer = peer.to_canonical();
     if !is_trusted(&peer) {
         return peer;
     }
     let mut client = peer;
-    // Every X-Forwarded-For line, in order, as one list.
-    let hops: Vec<&str> = headers
+    // Every X-Forwarded-For line, in order, as one list; a line is read byte by byte, so
+    // bytes a client put in its part cannot hide the proxies' hops after it.
+    let lines: Vec<String> = headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .collect();
+    let hops: Vec<&str> = lines
+        .iter()
+        .flat_map(|line| line.split(','))
         .map(str::trim)
         .collect();
     for hop in hops.iter().rev() {
-        let Ok(ip) = hop.parse::<IpAddr>() else {
-            // A hop we cannot read: stop at the last address we could.
+        let Some(ip) = parse_hop(hop) else {
+            tracing::debug!(
+                hop,
+                "X-Forwarded-For hop is not an address; the client is the hop after it"
+            );
             break;
         };
         client = ip;
@@ -231,6 +241,21 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` hop: an address, with or without a port (`203.0.113.7:51234`,
+/// `[2001:db8::1]:443`, `[2001:db8::1]`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|at| at.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|inner| inner.parse::<IpAddr>().ok())
+        })?;
+    Some(ip.to_canonical())
 }
 
 /// Whether the request reached us over HTTPS (directly or through a proxy that says so).
@@ -401,6 +426,29 @@ mod tests {
             client_ip(proxy, &forwarded(&["10.9.9.9"]), &trusted),
             ip("10.9.9.9")
         );
+        // Ports, brackets and IPv4-mapped addresses, as some load balancers write them; a
+        // mapped peer is trusted as its IPv4 address.
+        let mapped_proxy = ip("::ffff:10.0.0.2");
+        for (hop, client) in [
+            ("198.51.100.1:51234", "198.51.100.1"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("::ffff:198.51.100.1", "198.51.100.1"),
+        ] {
+            let headers = forwarded(&[hop]);
+            assert_eq!(
+                client_ip(mapped_proxy, &headers, &trusted),
+                ip(client),
+                "{hop}"
+            );
+        }
+        // Bytes that are not text in the client's part do not hide the proxy's hop.
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"6.6.\xff6.6, 198.51.100.1").unwrap(),
+        );
+        assert_eq!(client_ip(proxy, &headers, &trusted), ip("198.51.100.1"));
     }
 
     #[test]
