@@ -230,7 +230,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
     for hop in hops.iter().rev() {
         let Some(ip) = parse_hop(hop) else {
             tracing::debug!(
-                hop,
+                ?hop,
                 "X-Forwarded-For hop is not an address; the client is the hop after it"
             );
             break;
