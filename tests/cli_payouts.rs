@@ -300,6 +300,36 @@ async fn wait_worker_alive(app: &common::app::TestApp, redis_url: &str) {
     .await;
 }
 
+/// The one-thread default is what every other test's worker process runs on; here the other
+/// runtimes `TARSPAY_WORKER_THREADS` chooses pay and stop the same way, and a value out of
+/// range stops the worker naming the setting before it touches anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_a_thread_per_core_or_on_four_pays_and_a_bad_thread_count_is_refused() {
+    let app = spawn_app(false, |_| {}).await;
+    for (threads, id) in [("0", "THR-0"), ("4", "THR-4")] {
+        app.enqueue(common::app::inr(id, "100")).await;
+        let mut worker = app.worker_process_with(4, &[("TARSPAY_WORKER_THREADS", threads)]);
+        let outcomes = app.wait_outcomes(if threads == "0" { 1 } else { 2 }).await;
+        assert_eq!(
+            outcomes[id].status.as_str(),
+            "succeeded",
+            "{threads} threads"
+        );
+        assert_eq!(
+            worker.terminate(),
+            Some(0),
+            "{threads} threads: SIGTERM ends it cleanly"
+        );
+    }
+    let (code, _, err) = run(command(&app).env("TARSPAY_WORKER_THREADS", "2000").args([
+        "worker",
+        "--concurrency",
+        "1",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("TARSPAY_WORKER_THREADS"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_refuses_a_redis_that_may_drop_acknowledged_writes() {
     let app = spawn_app(false, |_| {}).await;
