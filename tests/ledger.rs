@@ -9,6 +9,7 @@ use tarspay_worker::ledger::{
     FinalResult, Finalized, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase,
     Registered, SubmitTicket,
 };
+use tarspay_worker::ledger::history::OrderEvent;
 use tarspay_worker::queue::QueueKeys;
 
 const PAUSED: &str = "{ltest:payouts}:paused";
@@ -734,4 +735,139 @@ async fn a_failed_outcome_or_job_write_undoes_the_claim() {
             .unwrap(),
         Registered::Created
     );
+}
+
+/// A history event of `kind` now, with `code`.
+fn event(kind: tarspay_worker::ledger::history::EventKind, code: i64) -> OrderEvent {
+    let mut event = OrderEvent::now(kind);
+    event.code = Some(code);
+    event
+}
+
+#[tokio::test]
+async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the_record() {
+    use redis::AsyncCommands;
+    use tarspay_worker::ledger::history::{EventKind, LIST_BACKSTOP};
+    let server = RedisServer::start(false);
+    let retention = Duration::from_secs(60);
+    let ledger = ledger(&server).await.with_retention(Some(retention));
+    let keys = ledger.keys().clone();
+    let mut conn = server.conn().await;
+    let retention_ms = retention.as_millis() as i64;
+    let backstop_ms = LIST_BACKSTOP.as_millis() as i64;
+
+    // Created and found final by its poll: the two events are kept by the acceptance and the
+    // final milestone; no list.
+    ledger.register(&order("H-1", "f")).await.unwrap();
+    ledger
+        .begin_submit("H-1", "t", Duration::from_secs(30))
+        .await
+        .unwrap();
+    ledger.note_soon("H-1", event(EventKind::Create, 0));
+    assert!(ledger.accept("H-1", Some("P1"), None).await.unwrap());
+    ledger.note_soon("H-1", event(EventKind::Query, 0));
+    let seen = record(&ledger, "H-1").await;
+    assert!(
+        ledger
+            .finalize(&seen, Phase::Succeeded, &FinalResult::default())
+            .await
+            .unwrap()
+    );
+    let listed: bool = conn.exists(keys.events("H-1")).await.unwrap();
+    assert!(!listed, "no history list for a payout created and polled once");
+    let kinds: Vec<EventKind> = ledger
+        .events("H-1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::Create, EventKind::Query]);
+    let ttl: i64 = conn.pttl(keys.order("H-1")).await.unwrap();
+    assert!(ttl > 0 && ttl <= retention_ms, "record ttl {ttl}");
+
+    // A failed create first: its line starts a list while the record has no expiry (the
+    // list gets the backstop, the record its mark); the finalisation that read the mark
+    // gives the list the record's expiry.
+    ledger.register(&order("H-2", "f")).await.unwrap();
+    ledger
+        .begin_submit("H-2", "t", Duration::from_secs(30))
+        .await
+        .unwrap();
+    ledger.note_soon("H-2", event(EventKind::Create, -1));
+    assert!(
+        ledger
+            .release("H-2", "t", Phase::Queued, false, Some(-1), "busy")
+            .await
+            .unwrap()
+    );
+    let ttl: i64 = conn.pttl(keys.events("H-2")).await.unwrap();
+    assert!(
+        ttl > retention_ms && ttl <= backstop_ms,
+        "list ttl before final {ttl}"
+    );
+    ledger
+        .begin_submit("H-2", "t2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    ledger.note_soon("H-2", event(EventKind::Create, 0));
+    ledger.accept("H-2", Some("P2"), None).await.unwrap();
+    ledger.note_soon("H-2", event(EventKind::Callback, 0));
+    let seen = record(&ledger, "H-2").await;
+    ledger
+        .apply_gateway_final(&seen, Phase::Succeeded, &FinalResult::default())
+        .await
+        .unwrap();
+    let ttl: i64 = conn.pttl(keys.events("H-2")).await.unwrap();
+    assert!(ttl > 0 && ttl <= retention_ms, "list ttl after final {ttl}");
+    let codes: Vec<(EventKind, Option<i64>)> = ledger
+        .events("H-2")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| (e.kind, e.code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (EventKind::Create, Some(-1)),
+            (EventKind::Create, Some(0)),
+            (EventKind::Callback, Some(0))
+        ]
+    );
+
+    // A list begun after the finalisation's reading of the record (an operator's line in
+    // between): the record expires after the retention, the list at most after the backstop.
+    ledger.register(&order("H-3", "f")).await.unwrap();
+    let seen = record(&ledger, "H-3").await;
+    ledger
+        .note("H-3", event(EventKind::Operator, 0))
+        .await
+        .unwrap();
+    assert!(
+        ledger
+            .finalize(&seen, Phase::Failed, &FinalResult::default())
+            .await
+            .unwrap()
+    );
+    let record_ttl: i64 = conn.pttl(keys.order("H-3")).await.unwrap();
+    let list_ttl: i64 = conn.pttl(keys.events("H-3")).await.unwrap();
+    assert!(record_ttl > 0 && record_ttl <= retention_ms, "{record_ttl}");
+    assert!(
+        list_ttl > retention_ms && list_ttl <= backstop_ms,
+        "{list_ttl}"
+    );
+
+    // Records kept for ever: so is a list.
+    let keep = self::ledger(&server).await;
+    keep.register(&order("H-4", "f")).await.unwrap();
+    keep.note("H-4", event(EventKind::Operator, 0)).await.unwrap();
+    let seen = record(&keep, "H-4").await;
+    keep.finalize(&seen, Phase::Failed, &FinalResult::default())
+        .await
+        .unwrap();
+    for key in [keys.order("H-4"), keys.events("H-4")] {
+        let ttl: i64 = conn.pttl(&key).await.unwrap();
+        assert_eq!(ttl, -1, "{key}");
+    }
 }

@@ -1,8 +1,14 @@
 //! Each order's event history: what happened to it besides its milestones (which the record
-//! itself keeps with their times: registration, acceptance, final, corrections). One Redis
-//! list per order (`{tag}:events:<mchOrderNo>`), appended by the ledger script in the same
-//! call as the operation that follows the event (so it costs commands inside a script, not
-//! round trips), capped at [`MAX_EVENTS`] (the oldest go first) and expired with the record.
+//! itself keeps with their times: registration, acceptance, final, corrections). The events
+//! ride with the ledger operation that follows them, in the same script call. The events
+//! that led to the acceptance or to the final state (a payout's create answer, the poll or
+//! callback that found it final) are kept inside that milestone's JSON (`events`): no
+//! command of their own, and they expire with the record. Any other event goes to one Redis
+//! list per order (`{tag}:events:<mchOrderNo>`), capped at [`MAX_EVENTS`] (the oldest go
+//! first) and expired with the record: a list started while the record has no expiry marks
+//! the record (`evl`), and the finalisation that gives the record its expiry gives the list
+//! the same one (or, if it read the record just before the mark, the list lives at most
+//! [`LIST_BACKSTOP`]).
 //!
 //! The history is for people (the console's timeline); nothing decides on it.
 
@@ -12,6 +18,26 @@ use serde::{Deserialize, Serialize};
 /// Most events kept per order: a payout normally has 2–4; one that retried for a day keeps
 /// its latest 64.
 pub const MAX_EVENTS: usize = 64;
+
+/// The longest a history list started while its order was in flight lives (when records
+/// expire at all): it bounds the rare list whose finalisation did not know of it. An order
+/// still in flight that long after its list began loses that list's lines.
+pub const LIST_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The list backstop for a ledger whose final records expire after `retention_ms` (0 =
+/// never: then neither does a list).
+pub(crate) fn list_backstop_ms(retention_ms: u64) -> u64 {
+    if retention_ms == 0 {
+        0
+    } else {
+        LIST_BACKSTOP.as_millis() as u64
+    }
+}
+
+/// Events from before the order's current registration (a list the backstop kept after its
+/// record expired and the number was registered again) are not this order's: an event this
+/// much older than the registration is left out of the timeline.
+const BEFORE_REGISTRATION_SLACK_MS: u64 = 60_000;
 
 /// What kind of thing happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,7 +192,16 @@ pub fn timeline(record: &OrderRecord, events: &[OrderEvent]) -> Vec<TimelineEntr
             previous: correction.previous_status.map(|s| s.to_string()),
         });
     }
-    entries.extend(events.iter().cloned().map(TimelineEntry::Event));
+    let registered = record
+        .created_at_ms
+        .saturating_sub(BEFORE_REGISTRATION_SLACK_MS);
+    entries.extend(
+        events
+            .iter()
+            .filter(|event| event.at_ms >= registered)
+            .cloned()
+            .map(TimelineEntry::Event),
+    );
     entries.sort_by_key(|entry| (entry.at_ms(), entry.rank()));
     entries
 }
@@ -186,6 +221,24 @@ pub(crate) fn parse_events(lines: Vec<String>) -> Vec<OrderEvent> {
         .iter()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
+}
+
+/// The events a milestone's JSON keeps (`events`), skipping those this version cannot read.
+pub(crate) fn carried_events(milestone: &str) -> Vec<OrderEvent> {
+    #[derive(Deserialize)]
+    struct Carried {
+        #[serde(default)]
+        events: Vec<serde_json::Value>,
+    }
+    serde_json::from_str::<Carried>(milestone)
+        .map(|carried| {
+            carried
+                .events
+                .into_iter()
+                .filter_map(|event| serde_json::from_value(event).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -348,6 +348,10 @@ pub struct OrderRecord {
     /// outcome entry with `event = correction`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub corrections: Vec<Outcome>,
+    /// The order's history has lines in its own list besides those its milestones keep
+    /// (the record's `evl` mark): its finalisation gives the list the record's expiry.
+    #[serde(skip)]
+    pub(crate) history_list: bool,
     #[serde(skip)]
     pub fingerprint: String,
     #[serde(skip)]
@@ -607,6 +611,7 @@ fn record_from_fields(
         updated_at_ms,
         finished_at_ms: finished.as_ref().map(|f| f.finished_at),
         corrections: corrections.into_iter().map(|(_, o)| o).collect(),
+        history_list: fields.get("evl").is_some_and(|v| v == "1"),
         fingerprint: registration.fingerprint,
         request: registration.request,
     }))
@@ -758,6 +763,7 @@ impl Ledger {
             self.keys.events(mch_order_no),
         );
         op.events = self.take_noted(mch_order_no);
+        op.history_backstop_ms = history::list_backstop_ms(self.retention_ms);
         op
     }
 
@@ -1250,7 +1256,8 @@ impl Ledger {
                 progress::money_arg(&record.amount, record.currency.as_str())
             } else {
                 String::new()
-            });
+            })
+            .arg(if record.history_list { "1" } else { "" });
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
@@ -1309,16 +1316,25 @@ impl Ledger {
     }
 
     /// The order's event history, oldest first (see [`history`]).
+    /// Those its acceptance and its final milestone keep, and those of its list.
     pub async fn events(
         &self,
         mch_order_no: &str,
     ) -> Result<Vec<history::OrderEvent>, LedgerError> {
-        let lines: Vec<String> = self
-            .conn
-            .clone()
+        let (listed, milestones): (Vec<String>, Vec<Option<String>>) = redis::pipe()
             .lrange(self.keys.events(mch_order_no), 0, -1)
+            .cmd("HMGET")
+            .arg(self.keys.order(mch_order_no))
+            .arg("accepted")
+            .arg("final")
+            .query_async(&mut self.conn.clone())
             .await?;
-        Ok(history::parse_events(lines))
+        let mut events = history::parse_events(listed);
+        for milestone in milestones.iter().flatten() {
+            events.extend(history::carried_events(milestone));
+        }
+        events.sort_by_key(|event| event.at_ms);
+        Ok(events)
     }
 
     /// The counters of the minutes starting at `minutes_ms`, in that order (this partition's
@@ -1491,6 +1507,50 @@ mod tests {
 
     const REQ: &str = r#"{"mchOrderNo":"A","kind":"payout","fingerprint":"fp","amount":"10.50","currency":"INR","request":"{}","batchId":"B","createdAt":5}"#;
     const FINAL: &str = r#"{"kind":"payout","mchOrderNo":"A","status":"succeeded","gatewayState":2,"payOrderId":"P9","amount":"10.50","currency":"INR","fee":"0.10","code":null,"msg":null,"attempts":1,"batchId":"B","at":"2026-01-01T00:00:00.000Z","finishedAt":30}"#;
+
+    #[test]
+    fn milestones_carry_their_events_and_the_timeline_keeps_only_this_registrations() {
+        // As the batch script writes them: the milestone's JSON with an `events` array (one
+        // line this version cannot read, skipped).
+        let accepted = r#"{"payOrderId":"P9","at":70000,"events":[{"atMs":69990,"kind":"create","code":0},{"atMs":1,"kind":"teleport"}]}"#;
+        let finished = FINAL.replace(
+            r#""finishedAt":30}"#,
+            r#""finishedAt":90000,"events":[{"atMs":89990,"kind":"query","reason":"poll","state":2}]}"#,
+        );
+        let req = REQ.replace(r#""createdAt":5"#, r#""createdAt":65000"#);
+        let record = record_from_fields(
+            "A",
+            &fields(&[
+                ("req", &req),
+                ("accepted", accepted),
+                ("final", &finished),
+                ("evl", "1"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(record.phase, Phase::Succeeded);
+        assert_eq!(record.finished_at_ms, Some(90000));
+        assert!(record.history_list);
+
+        let mut events = history::carried_events(accepted);
+        events.extend(history::carried_events(&finished));
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [history::EventKind::Create, history::EventKind::Query]);
+        assert!(history::carried_events(r#"{"at":1}"#).is_empty());
+        assert!(history::carried_events("not json").is_empty());
+
+        // A line from before this registration (a list the backstop kept after an earlier
+        // record of the number expired) is not in its timeline; one a second early is (clocks).
+        let mut stale = history::OrderEvent::now(history::EventKind::Operator);
+        stale.at_ms = 65000 - 61_000;
+        let mut early = history::OrderEvent::now(history::EventKind::Operator);
+        early.at_ms = 64000;
+        events.extend([stale, early]);
+        let timeline = history::timeline(&record, &events);
+        let at: Vec<u64> = timeline.iter().map(|e| e.at_ms()).collect();
+        assert_eq!(at, [64000, 65000, 69990, 70000, 89990, 90000]);
+    }
 
     #[test]
     fn final_outranks_accepted_which_outranks_the_working_phase() {

@@ -30,7 +30,11 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// and unique hash, the webhook queue's stream, delayed set and unique hash, the order time
 /// index, the batch index; then per operation its order key, auxiliary key and history key.
 /// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments, then
-/// the events that happened to its order before it: their count, then each one's JSON.
+/// the events that happened to its order before it: their count, then (when there are any)
+/// the backstop expiry of a history list started for them (ms, 0 = none) and each one's JSON.
+/// An acceptance or a finalisation keeps its events inside the milestone it writes (an
+/// `events` array in its JSON); other operations, and those whose milestone was not written,
+/// append them to the order's history list.
 /// Returns one reply per operation, in order.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -54,6 +58,14 @@ local function is_paused()
   return paused
 end
 local guard_cleared = false
+-- The history lines noted before the current operation, when it is an acceptance or a
+-- finalisation: the milestone it writes keeps them (no list, no command of their own). Left
+-- set when the milestone was not written (already there, or undone): they go to the list.
+local carried = nil
+local function with_carried(json)
+  if carried == nil or #json < 3 or string.sub(json, -1) ~= '}' then return json end
+  return string.sub(json, 1, -2) .. ',"events":[' .. table.concat(carried, ',') .. ']}'
+end
 
 local function enqueue(a, at)
   if a[at + 3] ~= '' then
@@ -142,7 +154,8 @@ local function accept(order, a)
     redis.call('DEL', KEYS[2])
     guard_cleared = true
   end
-  if redis.call('HSETNX', order, 'accepted', a[1]) == 0 then return 0 end
+  if redis.call('HSETNX', order, 'accepted', with_carried(a[1])) == 0 then return 0 end
+  carried = nil
   enqueue(a, 2)
   return 1
 end
@@ -153,8 +166,10 @@ end
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
 -- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
 -- (0 = keep forever: a final order's record expires that long after it became final), the
--- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), then
--- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
+-- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), '1'
+-- when the caller's reading of the record saw a history list (`evl`; a leased decision
+-- reads the mark itself), then the outcome's fields, starting with 'event', 'final',
+-- 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
 -- not proven over the settle window.
@@ -197,7 +212,8 @@ end
 local function finalize(order, a, events, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
-      'ambiguous', 'absentSince', 'absentLookups')
+      'ambiguous', 'absentSince', 'absentLookups', 'evl')
+    if h[8] == '1' then a[12] = '1' end
     if h[3] then return 0 end
     if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
     if h[5] == '1' then
@@ -211,8 +227,8 @@ local function finalize(order, a, events, progress)
     end
   end
   local fields = {}
-  for i = 12, #a do fields[#fields + 1] = a[i] end
-  if redis.call('HSETNX', order, 'final', a[1]) == 0 then
+  for i = 13, #a do fields[#fields + 1] = a[i] end
+  if redis.call('HSETNX', order, 'final', with_carried(a[1])) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
     local h = redis.call('HMGET', order, 'final', 'status')
@@ -242,12 +258,14 @@ local function finalize(order, a, events, progress)
     redis.call('HDEL', order, 'final')
     return {'!error', added.err}
   end
+  carried = nil
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
-  -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
-  -- re-submission after that registers anew and is settled by the gateway's duplicate answer.
+  -- Bounded memory: the record goes after the retention (its corrections keep this TTL), and
+  -- its history list with it when it has one. A re-submission after that registers anew and
+  -- is settled by the gateway's duplicate answer.
   if tonumber(a[10]) > 0 then
     redis.call('PEXPIRE', order, a[10])
-    redis.call('PEXPIRE', events, a[10])
+    if a[12] == '1' then redis.call('PEXPIRE', events, a[10]) end
   end
   if progress ~= order and redis.call('HEXISTS', order, 'batchRerun') == 0 then
     -- A batch row, counted once: its batch's finals by status and amount (console pages).
@@ -317,12 +335,14 @@ local function read(order, a) return redis.call('HGETALL', order) end
 local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck,
   N = note_absent, E = events_only, G = read}
 
--- Appends `count` events (from ARGV[at]) to an order's history: capped at MAX_EVENTS (the
--- oldest go), and expiring with the record (a list started for a record that is gone is
--- dropped).
-local function note_events(order, events, at, count)
-  for i = 0, count - 1 do
-    local n = redis.call('RPUSH', events, ARGV[at + i])
+-- Appends history lines to an order's list: capped at MAX_EVENTS (the oldest go), and
+-- expiring with the record (a list started for a record that is gone is dropped). A list
+-- started while the record has no expiry yet marks the record (`evl`), so the finalisation
+-- that gives the record its expiry gives the list the same one; `backstop` (ms, 0 = none)
+-- bounds a list whose finalisation read the record just before the mark was set.
+local function note_events(order, events, lines, backstop)
+  for _, line in ipairs(lines) do
+    local n = redis.call('RPUSH', events, line)
     if n == 1 then
       local ttl = redis.call('PTTL', order)
       if ttl == -2 then
@@ -330,6 +350,9 @@ local function note_events(order, events, at, count)
         return
       elseif ttl > 0 then
         redis.call('PEXPIRE', events, ttl)
+      else
+        redis.call('HSET', order, 'evl', '1')
+        if backstop > 0 then redis.call('PEXPIRE', events, backstop) end
       end
     elseif n > MAX_EVENTS then
       redis.call('LTRIM', events, -MAX_EVENTS, -1)
@@ -364,12 +387,26 @@ while at <= #ARGV do
   for i = 1, n do a[i] = ARGV[at + 1 + i] end
   at = at + 2 + n
   local order, aux, events = KEYS[13 + op * 3], KEYS[14 + op * 3], KEYS[15 + op * 3]
+  -- The events noted for the order: their count, then (if any) the list's backstop expiry
+  -- and the lines. They happened before the operation's change; keeping the history never
+  -- fails the operation.
   local noted = tonumber(ARGV[at])
-  -- The events happened before the operation's change. Keeping the history never fails
-  -- the operation.
-  if noted > 0 then pcall(note_events, order, events, at + 1, noted) end
+  local lines, backstop = nil, 0
+  if noted > 0 then
+    backstop = tonumber(ARGV[at + 1])
+    lines = {}
+    for i = 1, noted do lines[i] = ARGV[at + 1 + i] end
+    at = at + 1
+  end
   at = at + 1 + noted
+  if lines and kind ~= 'A' and kind ~= 'F' then
+    pcall(note_events, order, events, lines, backstop)
+    lines = nil
+  end
+  carried = lines
   out[#out + 1] = guarded(kind, order, aux, events, a)
+  if carried then pcall(note_events, order, events, carried, backstop) end
+  carried = nil
   op = op + 1
 end
 return out
