@@ -871,3 +871,128 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
         assert_eq!(ttl, -1, "{key}");
     }
 }
+
+/// Calls of `command` this server has run so far, counting those inside scripts.
+async fn command_calls(conn: &mut tarspay_worker::redis_conn::RedisConn, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_their_owners() {
+    use redis::AsyncCommands;
+    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let keys = ledger.keys().clone();
+    let mut conn = server.conn().await;
+    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
+        &server.url(),
+        QueueConfig::new("payouts").with_prefix("ltest"),
+    )
+    .await
+    .unwrap();
+    let accept_all = async |ids: Vec<String>| {
+        let mut tasks = Vec::new();
+        for id in ids {
+            let ledger = ledger.clone();
+            let poll = queue
+                .prepare(
+                    &serde_json::json!({ "poll": id }),
+                    &JobOptions {
+                        delay: Some(Duration::from_secs(60)),
+                        ..JobOptions::default()
+                    },
+                )
+                .unwrap();
+            tasks.push(tokio::spawn(async move {
+                ledger.accept(&id, Some("P"), Some(&poll)).await
+            }));
+        }
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        answers
+    };
+
+    // 40 registrations at once: their time index entries go in far fewer ZADDs than 40.
+    let ids: Vec<String> = (0..40).map(|i| format!("HB-{i}")).collect();
+    let zadds = command_calls(&mut conn, "zadd").await;
+    let mut tasks = Vec::new();
+    for id in ids.clone() {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            ledger.register(&order(&id, "f")).await.unwrap()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), Registered::Created);
+    }
+    let indexed: u64 = conn.zcard(keys.index()).await.unwrap();
+    assert_eq!(indexed, 40);
+    let registering = command_calls(&mut conn, "zadd").await - zadds;
+
+    // Their 40 acceptances at once: the poll jobs too.
+    let zadds = command_calls(&mut conn, "zadd").await;
+    for answer in accept_all(ids.clone()).await {
+        assert!(answer.unwrap());
+    }
+    let accepting = command_calls(&mut conn, "zadd").await - zadds;
+    assert_eq!(queue.stats().await.unwrap().delayed, 40);
+    assert!(
+        registering < 20 && accepting < 20,
+        "ZADDs for 40 orders: {registering} registering, {accepting} accepting"
+    );
+
+    // A delayed set that cannot be added to: each acceptance says so (the milestone stays,
+    // as when the job was added in its own step: the lifeline finds the order); a
+    // finalisation in the same batches is not touched.
+    let late: Vec<String> = (0..10).map(|i| format!("HL-{i}")).collect();
+    for id in late.iter().chain(["HF-1".to_owned()].iter()) {
+        ledger.register(&order(id, "f")).await.unwrap();
+    }
+    let seen = record(&ledger, "HF-1").await;
+    let _: () = conn.rename(&queue.keys().delayed, "parked").await.unwrap();
+    let _: () = conn.set(&queue.keys().delayed, "not a set").await.unwrap();
+    let finalizing = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            ledger
+                .finalize(&seen, Phase::Failed, &FinalResult::default())
+                .await
+        })
+    };
+    for answer in accept_all(late.clone()).await {
+        let err = answer.expect_err("no poll job, no quiet success");
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    }
+    assert!(finalizing.await.unwrap().unwrap());
+    assert_eq!(record(&ledger, "HL-3").await.phase, Phase::Accepted);
+
+    // An index that cannot be added to fails no registration: the order and its job stand.
+    let _: () = conn.del(&queue.keys().delayed).await.unwrap();
+    let _: () = conn.rename("parked", &queue.keys().delayed).await.unwrap();
+    let _: () = conn.del(keys.index()).await.unwrap();
+    let _: () = conn.set(keys.index(), "not a sorted set").await.unwrap();
+    let job = queue
+        .prepare(&serde_json::json!({"create": 1}), &JobOptions::default())
+        .unwrap();
+    assert_eq!(
+        ledger
+            .register_with_job(&order("HI-1", "f"), Phase::Queued, &job)
+            .await
+            .unwrap(),
+        Registered::Created
+    );
+    assert_eq!(record(&ledger, "HI-1").await.phase, Phase::Queued);
+    assert_eq!(queue.stats().await.unwrap().waiting, 1);
+}

@@ -896,6 +896,14 @@ impl Ledger {
             as_strings(reply).ok_or_else(|| corrupt("unexpected reply from register".into()))?;
         match reply.as_slice() {
             [verdict] if verdict == "created" => Ok(Registered::Created),
+            [verdict, unindexed] if verdict == "created" && unindexed == "unindexed" => {
+                // Registered with its job; only the console's time index missed it.
+                tracing::warn!(
+                    mch_order_no = %id,
+                    "registered, but not added to the order time index (the console's search)"
+                );
+                Ok(Registered::Created)
+            }
             [verdict, req, phase, accepted, finished] if verdict == "exists" => {
                 let fields: HashMap<String, String> = [
                     ("req", req),

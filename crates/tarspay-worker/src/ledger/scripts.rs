@@ -58,6 +58,13 @@ local function is_paused()
   return paused
 end
 local guard_cleared = false
+-- Registrations' time index entries (score, member, ...), added in one ZADD at the end.
+local indexed = {}
+local index_owners = {}
+-- The batches registered to: batch id -> {first = earliest registration (ms), operations}.
+local batches_seen = {}
+-- The operation running now (its place in the reply).
+local current = 0
 -- The history lines noted before the current operation, when it is an acceptance or a
 -- finalisation: the milestone it writes keeps them (no list, no command of their own). Left
 -- set when the milestone was not written (already there, or undone): they go to the list.
@@ -93,16 +100,27 @@ local function register(order, batch, a)
         redis.call('HSET', order, 'batchRerun', '1')
       end
       if tonumber(a[9]) > 0 then redis.call('PEXPIRE', batch, a[9]) end
-      redis.call('ZADD', KEYS[12], 'NX', a[10], a[2])
     end
-    redis.call('ZADD', KEYS[11], a[10], a[3])
     enqueue(a, 5)
   end)
   if not ok then
     redis.call('DEL', order)
-    redis.call('ZREM', KEYS[11], a[3])
     if a[2] ~= '' then redis.call('SREM', batch, a[3]) end
     error(err)
+  end
+  -- The time and batch indexes (the console's) are added to once for the whole batch, at
+  -- its end.
+  indexed[#indexed + 1] = a[10]
+  indexed[#indexed + 1] = a[3]
+  index_owners[#index_owners + 1] = current
+  if a[2] ~= '' then
+    local rows = batches_seen[a[2]]
+    if rows == nil then
+      rows = {first = a[10]}
+      batches_seen[a[2]] = rows
+    end
+    if tonumber(a[10]) < tonumber(rows.first) then rows.first = a[10] end
+    rows[#rows + 1] = current
   end
   return {'created'}
 end
@@ -404,10 +422,39 @@ while at <= #ARGV do
     lines = nil
   end
   carried = lines
+  -- An acceptance's poll job is added with the batch's others, in one ZADD at the end.
+  current = op + 1
+  if kind == 'A' then hold_for = current end
   out[#out + 1] = guarded(kind, order, aux, events, a)
+  hold_for = nil
   if carried then pcall(note_events, order, events, carried, backstop) end
   carried = nil
   op = op + 1
+end
+-- An acceptance whose poll job could not be added answers with the error, as when it was
+-- added in its own step (the acceptance stays: the lifeline finds the order).
+add_held(function(owner, err) out[owner] = {'!error', err} end)
+-- The indexes are for people: a registration never fails for them; its reply says so. A
+-- call holds at most the batcher's 128 operations: one ZADD each.
+if #indexed > 0 then
+  local added = redis.pcall('ZADD', KEYS[11], unpack(indexed))
+  if type(added) == 'table' and added.err then
+    for _, owner in ipairs(index_owners) do out[owner] = {'created', 'unindexed'} end
+  end
+end
+local batch_entries, batch_owners = {}, {}
+for id, rows in pairs(batches_seen) do
+  batch_entries[#batch_entries + 1] = rows.first
+  batch_entries[#batch_entries + 1] = id
+  batch_owners[#batch_owners + 1] = rows
+end
+if #batch_entries > 0 then
+  local added = redis.pcall('ZADD', KEYS[12], 'NX', unpack(batch_entries))
+  if type(added) == 'table' and added.err then
+    for _, rows in ipairs(batch_owners) do
+      for _, owner in ipairs(rows) do out[owner] = {'created', 'unindexed'} end
+    end
+  end
 end
 return out
 "#

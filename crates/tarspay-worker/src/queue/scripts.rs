@@ -44,15 +44,47 @@ end
 /// The earliest due time is read once per script call and kept in a Lua local (`earliest`,
 /// fresh on every call), so a group commit or a bulk enqueue of many delayed jobs pays one
 /// `ZRANGE`, not one per job.
+///
+/// A script may hold its delayed jobs back and add them at its end, one `ZADD` per set (and
+/// per 512 jobs): it sets `hold_for` (any value: whose jobs they are) while it queues them and
+/// calls `add_held(failed)` before it returns, which calls `failed(owner, error)` for each job
+/// a `ZADD` could not add. Only for jobs whose loss the owner's reply can report: nothing
+/// else the script did is undone. The wake marker, written at once, is seen only when the
+/// script ends, like the jobs.
 pub(crate) const DELAY_JOB: &str = r#"
 local earliest = {}
+local hold_for = nil
+local held = {}
+local function add_held(failed)
+  for delayed, h in pairs(held) do
+    for i = 1, #h.jobs, 1024 do
+      local last = math.min(i + 1023, #h.jobs)
+      local added = redis.pcall('ZADD', delayed, unpack(h.jobs, i, last))
+      if type(added) == 'table' and added.err then
+        for k = (i + 1) / 2, last / 2 do failed(h.owners[k], added.err) end
+      end
+    end
+  end
+  held = {}
+end
 local function delay_job(stream, delayed, now, run_at, env)
   local first = earliest[delayed]
   if first == nil then
     local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     first = head[2] and tonumber(head[2]) or false
   end
-  redis.call('ZADD', delayed, run_at, env)
+  if hold_for ~= nil then
+    local h = held[delayed]
+    if h == nil then
+      h = {jobs = {}, owners = {}}
+      held[delayed] = h
+    end
+    h.jobs[#h.jobs + 1] = run_at
+    h.jobs[#h.jobs + 1] = env
+    h.owners[#h.owners + 1] = hold_for
+  else
+    redis.call('ZADD', delayed, run_at, env)
+  end
   if first == false or run_at < first then
     local wake = string.sub(delayed, 1, -8) .. 'wake'
     redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
