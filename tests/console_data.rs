@@ -80,11 +80,30 @@ async fn a_retried_create_leaves_each_attempt_with_its_code_and_latency() {
     );
     assert!(lines.windows(2).all(|w| w[0].at_ms() <= w[1].at_ms()));
 
-    // The history expires with the record.
+    // The failed creates' lines are in a list begun in flight: it goes with the order's
+    // index entry (tests/ledger.rs), the record with its retention.
     let ledger = app.deployment.ledger_of("HIST-1");
     let mut conn = app.redis.conn().await;
-    let ttl: i64 = conn.pttl(ledger.keys().events("HIST-1")).await.unwrap();
-    assert!(ttl > 0 && ttl <= 3_600_000, "history ttl {ttl}");
+    let listed: Vec<String> = conn
+        .lrange(ledger.keys().events("HIST-1"), 0, -1)
+        .await
+        .unwrap();
+    let listed: Vec<OrderEvent> = listed
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let listed_creates: Vec<Option<i64>> = listed
+        .iter()
+        .filter(|e| e.kind == EventKind::Create)
+        .map(|e| e.code)
+        .collect();
+    assert_eq!(
+        listed_creates,
+        [Some(-1), Some(-1)],
+        "the failed creates are listed, the accepted one is in its milestone: {listed:?}"
+    );
+    let ttl: i64 = conn.pttl(ledger.keys().order("HIST-1")).await.unwrap();
+    assert!(ttl > 0 && ttl <= 3_600_000, "record ttl {ttl}");
 
     // The minute counters (added by the worker every 2 s) saw three creates, two failed,
     // and one succeeded payout.

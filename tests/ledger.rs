@@ -5,11 +5,11 @@ mod common;
 
 use common::redis_server::RedisServer;
 use std::time::Duration;
+use tarspay_worker::ledger::history::OrderEvent;
 use tarspay_worker::ledger::{
     FinalResult, Finalized, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase,
     Registered, SubmitTicket,
 };
-use tarspay_worker::ledger::history::OrderEvent;
 use tarspay_worker::queue::QueueKeys;
 
 const PAUSED: &str = "{ltest:payouts}:paused";
@@ -745,16 +745,15 @@ fn event(kind: tarspay_worker::ledger::history::EventKind, code: i64) -> OrderEv
 }
 
 #[tokio::test]
-async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the_record() {
+async fn a_payouts_history_rides_in_its_milestones_and_a_list_goes_with_its_index_entry() {
     use redis::AsyncCommands;
-    use tarspay_worker::ledger::history::{EventKind, LIST_BACKSTOP};
+    use tarspay_worker::ledger::history::EventKind;
     let server = RedisServer::start(false);
     let retention = Duration::from_secs(60);
     let ledger = ledger(&server).await.with_retention(Some(retention));
     let keys = ledger.keys().clone();
     let mut conn = server.conn().await;
     let retention_ms = retention.as_millis() as i64;
-    let backstop_ms = LIST_BACKSTOP.as_millis() as i64;
 
     // Created and found final by its poll: the two events are kept by the acceptance and the
     // final milestone; no list.
@@ -774,7 +773,10 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
             .unwrap()
     );
     let listed: bool = conn.exists(keys.events("H-1")).await.unwrap();
-    assert!(!listed, "no history list for a payout created and polled once");
+    assert!(
+        !listed,
+        "no history list for a payout created and polled once"
+    );
     let kinds: Vec<EventKind> = ledger
         .events("H-1")
         .await
@@ -786,9 +788,8 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
     let ttl: i64 = conn.pttl(keys.order("H-1")).await.unwrap();
     assert!(ttl > 0 && ttl <= retention_ms, "record ttl {ttl}");
 
-    // A failed create first: its line starts a list while the record has no expiry (the
-    // list gets the backstop, the record its mark); the finalisation that read the mark
-    // gives the list the record's expiry.
+    // A failed create first: its line starts a list while the order is in flight (no expiry
+    // of its own); the later lines ride in the milestones; all three are the history.
     ledger.register(&order("H-2", "f")).await.unwrap();
     ledger
         .begin_submit("H-2", "t", Duration::from_secs(30))
@@ -800,11 +801,6 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
             .release("H-2", "t", Phase::Queued, false, Some(-1), "busy")
             .await
             .unwrap()
-    );
-    let ttl: i64 = conn.pttl(keys.events("H-2")).await.unwrap();
-    assert!(
-        ttl > retention_ms && ttl <= backstop_ms,
-        "list ttl before final {ttl}"
     );
     ledger
         .begin_submit("H-2", "t2", Duration::from_secs(30))
@@ -818,8 +814,6 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
         .apply_gateway_final(&seen, Phase::Succeeded, &FinalResult::default())
         .await
         .unwrap();
-    let ttl: i64 = conn.pttl(keys.events("H-2")).await.unwrap();
-    assert!(ttl > 0 && ttl <= retention_ms, "list ttl after final {ttl}");
     let codes: Vec<(EventKind, Option<i64>)> = ledger
         .events("H-2")
         .await
@@ -835,37 +829,58 @@ async fn a_payouts_history_rides_in_its_milestones_and_any_list_expires_with_the
             (EventKind::Callback, Some(0))
         ]
     );
+    let ttl: i64 = conn.pttl(keys.events("H-2")).await.unwrap();
+    assert_eq!(ttl, -1, "a list begun in flight goes with the index entry");
 
-    // A list begun after the finalisation's reading of the record (an operator's line in
-    // between): the record expires after the retention, the list at most after the backstop.
-    ledger.register(&order("H-3", "f")).await.unwrap();
-    let seen = record(&ledger, "H-3").await;
+    // A list begun after the order became final expires with the record.
     ledger
-        .note("H-3", event(EventKind::Operator, 0))
+        .note("H-1", event(EventKind::Operator, 0))
         .await
         .unwrap();
+    let ttl: i64 = conn.pttl(keys.events("H-1")).await.unwrap();
     assert!(
-        ledger
-            .finalize(&seen, Phase::Failed, &FinalResult::default())
-            .await
-            .unwrap()
-    );
-    let record_ttl: i64 = conn.pttl(keys.order("H-3")).await.unwrap();
-    let list_ttl: i64 = conn.pttl(keys.events("H-3")).await.unwrap();
-    assert!(record_ttl > 0 && record_ttl <= retention_ms, "{record_ttl}");
-    assert!(
-        list_ttl > retention_ms && list_ttl <= backstop_ms,
-        "{list_ttl}"
+        ttl > 0 && ttl <= retention_ms,
+        "list begun after final: {ttl}"
     );
 
-    // Records kept for ever: so is a list.
+    // The index trim (twice the retention after registration) takes each trimmed order's
+    // list along, in flight or not, and leaves the records to their own expiry.
+    let short = self::ledger(&server)
+        .await
+        .with_retention(Some(Duration::from_millis(100)));
+    short.register(&order("T-1", "f")).await.unwrap();
+    short
+        .note("T-1", event(EventKind::Operator, 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    short.register(&order("T-2", "f")).await.unwrap();
+    short
+        .note("T-2", event(EventKind::Operator, 0))
+        .await
+        .unwrap();
+    assert!(short.trim_indexes().await.unwrap() >= 3, "H-1, H-2, T-1");
+    for gone in ["H-1", "H-2", "T-1"] {
+        let listed: bool = conn.exists(keys.events(gone)).await.unwrap();
+        assert!(!listed, "{gone}'s list");
+    }
+    let kept: bool = conn.exists(keys.events("T-2")).await.unwrap();
+    assert!(kept, "a list registered within the bound stays");
+    assert_eq!(record(&short, "T-1").await.phase, Phase::Queued);
+    let indexed: Vec<String> = conn.zrange(keys.index(), 0, -1).await.unwrap();
+    assert_eq!(indexed, ["T-2"]);
+
+    // Records kept for ever: so is a list, and nothing is trimmed.
     let keep = self::ledger(&server).await;
     keep.register(&order("H-4", "f")).await.unwrap();
-    keep.note("H-4", event(EventKind::Operator, 0)).await.unwrap();
+    keep.note("H-4", event(EventKind::Operator, 0))
+        .await
+        .unwrap();
     let seen = record(&keep, "H-4").await;
     keep.finalize(&seen, Phase::Failed, &FinalResult::default())
         .await
         .unwrap();
+    assert_eq!(keep.trim_indexes().await.unwrap(), 0);
     for key in [keys.order("H-4"), keys.events("H-4")] {
         let ttl: i64 = conn.pttl(&key).await.unwrap();
         assert_eq!(ttl, -1, "{key}");

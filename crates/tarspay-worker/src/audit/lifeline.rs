@@ -1,6 +1,7 @@
 //! The lifeline: a worker's periodic sweep that gives an order without work a new job (not
 //! one whose job was given up into the dead stream: that stays an operator's decision), and
-//! trims the outcome stream by the retention (`Ledger::trim_outcomes`).
+//! trims the outcome stream by the retention (`Ledger::trim_outcomes`) and the indexes, with
+//! the history lists of the orders they drop, at twice the retention (`Ledger::trim_indexes`).
 //!
 //! One sweep per interval for the whole deployment: a worker sweeps only while it holds a
 //! lock key that expires after the interval. An order is repaired only if two reads, a

@@ -55,9 +55,6 @@ pub(crate) struct Op {
     /// What happened to the order before this operation (history lines, JSON), written in
     /// the same step.
     pub events: Vec<String>,
-    /// How long a history list started for `events` may live at most when the record has
-    /// no expiry yet (ms, 0 = no bound): see `scripts::BATCH`.
-    pub history_backstop_ms: u64,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -80,7 +77,6 @@ impl Op {
             events_key,
             args: Vec::new(),
             events: Vec::new(),
-            history_backstop_ms: 0,
         }
     }
 
@@ -205,10 +201,7 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
-        evalsha.arg(op.events.len());
-        if !op.events.is_empty() {
-            evalsha.arg(op.history_backstop_ms).arg(&op.events);
-        }
+        evalsha.arg(op.events.len()).arg(&op.events);
     }
     evalsha
 }

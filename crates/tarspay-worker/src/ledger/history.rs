@@ -5,10 +5,11 @@
 //! callback that found it final) are kept inside that milestone's JSON (`events`): no
 //! command of their own, and they expire with the record. Any other event goes to one Redis
 //! list per order (`{tag}:events:<mchOrderNo>`), capped at [`MAX_EVENTS`] (the oldest go
-//! first) and expired with the record: a list started while the record has no expiry marks
-//! the record (`evl`), and the finalisation that gives the record its expiry gives the list
-//! the same one (or, if it read the record just before the mark, the list lives at most
-//! [`LIST_BACKSTOP`]).
+//! first). A list begun after the order became final gets the record's expiry; one begun
+//! while it was in flight (failed creates, pending polls) is removed with the order's time
+//! index entry, twice the retention after its registration (`Ledger::trim_indexes`, run by
+//! the lifeline), so it outlives its record by at most about one retention. A finalisation
+//! does not touch the list: a payout's last step costs no command for a list it rarely has.
 //!
 //! The history is for people (the console's timeline); nothing decides on it.
 
@@ -19,24 +20,9 @@ use serde::{Deserialize, Serialize};
 /// its latest 64.
 pub const MAX_EVENTS: usize = 64;
 
-/// The longest a history list started while its order was in flight lives (when records
-/// expire at all): it bounds the rare list whose finalisation did not know of it. An order
-/// still in flight that long after its list began loses that list's lines.
-pub const LIST_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
-
-/// The list backstop for a ledger whose final records expire after `retention_ms` (0 =
-/// never: then neither does a list).
-pub(crate) fn list_backstop_ms(retention_ms: u64) -> u64 {
-    if retention_ms == 0 {
-        0
-    } else {
-        LIST_BACKSTOP.as_millis() as u64
-    }
-}
-
-/// Events from before the order's current registration (a list the backstop kept after its
-/// record expired and the number was registered again) are not this order's: an event this
-/// much older than the registration is left out of the timeline.
+/// Events from before the order's current registration (a list kept after an earlier record
+/// of the number expired, until the index trim removes it) are not this order's: an event
+/// this much older than the registration is left out of the timeline.
 const BEFORE_REGISTRATION_SLACK_MS: u64 = 60_000;
 
 /// What kind of thing happened.

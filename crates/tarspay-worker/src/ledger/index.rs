@@ -32,6 +32,9 @@ pub struct OrderQuery {
     pub limit: usize,
 }
 
+/// Index entries (and history lists) one trim script call removes: short script calls.
+const TRIM_CHUNK: u64 = 500;
+
 /// Most orders on one page.
 pub const MAX_PAGE: usize = 200;
 
@@ -244,25 +247,35 @@ impl Ledger {
 
     /// Drops index entries registered more than twice the retention ago (their records
     /// have expired unless the order stayed unsettled that long; an exact number still
-    /// finds those). Without a retention nothing is dropped. Returns the entries removed.
+    /// finds those), and with each order's entry its history list (see [`super::history`]).
+    /// Without a retention nothing is dropped. Returns the entries removed.
     pub async fn trim_indexes(&self) -> Result<u64, LedgerError> {
         if self.retention_ms == 0 {
             return Ok(0);
         }
         let bound = crate::queue::now_ms().saturating_sub(self.retention_ms.saturating_mul(2));
         let bound = format!("({bound}");
-        let (orders, batches): (u64, u64) = redis::pipe()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(self.keys.index())
-            .arg("-inf")
-            .arg(&bound)
-            .cmd("ZREMRANGEBYSCORE")
+        let mut removed = 0;
+        loop {
+            let trimmed: u64 = super::scripts::TRIM_INDEX
+                .key(self.keys.index())
+                .arg(&bound)
+                .arg(self.keys.events(""))
+                .arg(TRIM_CHUNK)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            removed += trimmed;
+            if trimmed < TRIM_CHUNK {
+                break;
+            }
+        }
+        let batches: u64 = redis::cmd("ZREMRANGEBYSCORE")
             .arg(self.keys.batches())
             .arg("-inf")
             .arg(&bound)
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(orders + batches)
+        Ok(removed + batches)
     }
 }
 

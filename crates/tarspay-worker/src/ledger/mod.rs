@@ -348,10 +348,6 @@ pub struct OrderRecord {
     /// outcome entry with `event = correction`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub corrections: Vec<Outcome>,
-    /// The order's history has lines in its own list besides those its milestones keep
-    /// (the record's `evl` mark): its finalisation gives the list the record's expiry.
-    #[serde(skip)]
-    pub(crate) history_list: bool,
     #[serde(skip)]
     pub fingerprint: String,
     #[serde(skip)]
@@ -611,7 +607,6 @@ fn record_from_fields(
         updated_at_ms,
         finished_at_ms: finished.as_ref().map(|f| f.finished_at),
         corrections: corrections.into_iter().map(|(_, o)| o).collect(),
-        history_list: fields.get("evl").is_some_and(|v| v == "1"),
         fingerprint: registration.fingerprint,
         request: registration.request,
     }))
@@ -763,7 +758,6 @@ impl Ledger {
             self.keys.events(mch_order_no),
         );
         op.events = self.take_noted(mch_order_no);
-        op.history_backstop_ms = history::list_backstop_ms(self.retention_ms);
         op
     }
 
@@ -1264,8 +1258,7 @@ impl Ledger {
                 progress::money_arg(&record.amount, record.currency.as_str())
             } else {
                 String::new()
-            })
-            .arg(if record.history_list { "1" } else { "" });
+            });
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
@@ -1528,28 +1521,26 @@ mod tests {
         let req = REQ.replace(r#""createdAt":5"#, r#""createdAt":65000"#);
         let record = record_from_fields(
             "A",
-            &fields(&[
-                ("req", &req),
-                ("accepted", accepted),
-                ("final", &finished),
-                ("evl", "1"),
-            ]),
+            &fields(&[("req", &req), ("accepted", accepted), ("final", &finished)]),
         )
         .unwrap()
         .unwrap();
         assert_eq!(record.phase, Phase::Succeeded);
         assert_eq!(record.finished_at_ms, Some(90000));
-        assert!(record.history_list);
 
         let mut events = history::carried_events(accepted);
         events.extend(history::carried_events(&finished));
         let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [history::EventKind::Create, history::EventKind::Query]);
+        assert_eq!(
+            kinds,
+            [history::EventKind::Create, history::EventKind::Query]
+        );
         assert!(history::carried_events(r#"{"at":1}"#).is_empty());
         assert!(history::carried_events("not json").is_empty());
 
-        // A line from before this registration (a list the backstop kept after an earlier
-        // record of the number expired) is not in its timeline; one a second early is (clocks).
+        // A line from before this registration (a list kept after an earlier record of the
+        // number expired, until the index trim) is not in its timeline; one a second early
+        // is (clocks).
         let mut stale = history::OrderEvent::now(history::EventKind::Operator);
         stale.at_ms = 65000 - 61_000;
         let mut early = history::OrderEvent::now(history::EventKind::Operator);

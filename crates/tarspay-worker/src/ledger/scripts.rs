@@ -30,8 +30,7 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// and unique hash, the webhook queue's stream, delayed set and unique hash, the order time
 /// index, the batch index; then per operation its order key, auxiliary key and history key.
 /// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments, then
-/// the events that happened to its order before it: their count, then (when there are any)
-/// the backstop expiry of a history list started for them (ms, 0 = none) and each one's JSON.
+/// the events that happened to its order before it: their count, then each one's JSON.
 /// An acceptance or a finalisation keeps its events inside the milestone it writes (an
 /// `events` array in its JSON); other operations, and those whose milestone was not written,
 /// append them to the order's history list.
@@ -69,9 +68,13 @@ local current = 0
 -- finalisation: the milestone it writes keeps them (no list, no command of their own). Left
 -- set when the milestone was not written (already there, or undone): they go to the list.
 local carried = nil
+-- The milestone's JSON with the carried lines (the last MAX_EVENTS) in it, and whether they
+-- are.
 local function with_carried(json)
-  if carried == nil or #json < 3 or string.sub(json, -1) ~= '}' then return json end
-  return string.sub(json, 1, -2) .. ',"events":[' .. table.concat(carried, ',') .. ']}'
+  if carried == nil or #json < 3 or string.sub(json, -1) ~= '}' then return json, false end
+  local from = math.max(1, #carried - MAX_EVENTS + 1)
+  local lines = table.concat(carried, ',', from, #carried)
+  return string.sub(json, 1, -2) .. ',"events":[' .. lines .. ']}', true
 end
 
 local function enqueue(a, at)
@@ -172,8 +175,9 @@ local function accept(order, a)
     redis.call('DEL', KEYS[2])
     guard_cleared = true
   end
-  if redis.call('HSETNX', order, 'accepted', with_carried(a[1])) == 0 then return 0 end
-  carried = nil
+  local value, embedded = with_carried(a[1])
+  if redis.call('HSETNX', order, 'accepted', value) == 0 then return 0 end
+  if embedded then carried = nil end
   enqueue(a, 2)
   return 1
 end
@@ -184,10 +188,8 @@ end
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
 -- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
 -- (0 = keep forever: a final order's record expires that long after it became final), the
--- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), '1'
--- when the caller's reading of the record saw a history list (`evl`; a leased decision
--- reads the mark itself), then the outcome's fields, starting with 'event', 'final',
--- 'previousStatus', ''.
+-- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), then
+-- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
 -- the lease | 3 a correction appended | 4 refused: the order may exist and its absence is
 -- not proven over the settle window.
@@ -230,8 +232,7 @@ end
 local function finalize(order, a, events, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
-      'ambiguous', 'absentSince', 'absentLookups', 'evl')
-    if h[8] == '1' then a[12] = '1' end
+      'ambiguous', 'absentSince', 'absentLookups')
     if h[3] then return 0 end
     if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
     if h[5] == '1' then
@@ -245,8 +246,9 @@ local function finalize(order, a, events, progress)
     end
   end
   local fields = {}
-  for i = 13, #a do fields[#fields + 1] = a[i] end
-  if redis.call('HSETNX', order, 'final', with_carried(a[1])) == 0 then
+  for i = 12, #a do fields[#fields + 1] = a[i] end
+  local value, embedded = with_carried(a[1])
+  if redis.call('HSETNX', order, 'final', value) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
     local h = redis.call('HMGET', order, 'final', 'status')
@@ -270,21 +272,22 @@ local function finalize(order, a, events, progress)
     end
     return 3
   end
+  -- The milestone holds the lines now, whatever fails below (unless the claim is undone).
+  local lines = carried
+  if embedded then carried = nil end
   local added = append_outcome(fields, a[5], a[9])
   if type(added) == 'table' and added.err then
     -- No final order without its outcome (and its webhook): undo the claim.
     redis.call('HDEL', order, 'final')
+    carried = lines
     return {'!error', added.err}
   end
-  carried = nil
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
-  -- Bounded memory: the record goes after the retention (its corrections keep this TTL), and
-  -- its history list with it when it has one. A re-submission after that registers anew and
-  -- is settled by the gateway's duplicate answer.
-  if tonumber(a[10]) > 0 then
-    redis.call('PEXPIRE', order, a[10])
-    if a[12] == '1' then redis.call('PEXPIRE', events, a[10]) end
-  end
+  -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
+  -- history list begun while the order was in flight has no expiry: the lifeline's index
+  -- trim removes it (see ledger::history). A re-submission after that registers anew and is
+  -- settled by the gateway's duplicate answer.
+  if tonumber(a[10]) > 0 then redis.call('PEXPIRE', order, a[10]) end
   if progress ~= order and redis.call('HEXISTS', order, 'batchRerun') == 0 then
     -- A batch row, counted once: its batch's finals by status and amount (console pages).
     count_row(progress, a[8], '', a[11])
@@ -353,12 +356,11 @@ local function read(order, a) return redis.call('HGETALL', order) end
 local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck,
   N = note_absent, E = events_only, G = read}
 
--- Appends history lines to an order's list: capped at MAX_EVENTS (the oldest go), and
--- expiring with the record (a list started for a record that is gone is dropped). A list
--- started while the record has no expiry yet marks the record (`evl`), so the finalisation
--- that gives the record its expiry gives the list the same one; `backstop` (ms, 0 = none)
--- bounds a list whose finalisation read the record just before the mark was set.
-local function note_events(order, events, lines, backstop)
+-- Appends history lines to an order's list: capped at MAX_EVENTS (the oldest go). A list
+-- started for a record that is gone is dropped; one started for a final record gets its
+-- expiry; one started while the order is in flight is removed with its time index entry
+-- (the lifeline's trim, `TRIM_INDEX`).
+local function note_events(order, events, lines)
   for _, line in ipairs(lines) do
     local n = redis.call('RPUSH', events, line)
     if n == 1 then
@@ -368,9 +370,6 @@ local function note_events(order, events, lines, backstop)
         return
       elseif ttl > 0 then
         redis.call('PEXPIRE', events, ttl)
-      else
-        redis.call('HSET', order, 'evl', '1')
-        if backstop > 0 then redis.call('PEXPIRE', events, backstop) end
       end
     elseif n > MAX_EVENTS then
       redis.call('LTRIM', events, -MAX_EVENTS, -1)
@@ -397,40 +396,42 @@ local function guarded(kind, order, aux, events, a)
   return {'!error', tostring(reply)}
 end
 local out = {}
-local at = 2
-local op = 0
-while at <= #ARGV do
-  local kind, n = ARGV[at], tonumber(ARGV[at + 1])
-  local a = {}
-  for i = 1, n do a[i] = ARGV[at + 1 + i] end
-  at = at + 2 + n
-  local order, aux, events = KEYS[13 + op * 3], KEYS[14 + op * 3], KEYS[15 + op * 3]
-  -- The events noted for the order: their count, then (if any) the list's backstop expiry
-  -- and the lines. They happened before the operation's change; keeping the history never
-  -- fails the operation.
-  local noted = tonumber(ARGV[at])
-  local lines, backstop = nil, 0
-  if noted > 0 then
-    backstop = tonumber(ARGV[at + 1])
-    lines = {}
-    for i = 1, noted do lines[i] = ARGV[at + 1 + i] end
-    at = at + 1
+local function run_ops()
+  local at = 2
+  local op = 0
+  while at <= #ARGV do
+    local kind, n = ARGV[at], tonumber(ARGV[at + 1])
+    local a = {}
+    for i = 1, n do a[i] = ARGV[at + 1 + i] end
+    at = at + 2 + n
+    local order, aux, events = KEYS[13 + op * 3], KEYS[14 + op * 3], KEYS[15 + op * 3]
+    -- The events noted for the order. They happened before the operation's change; keeping
+    -- the history never fails the operation.
+    local noted = tonumber(ARGV[at])
+    local lines = nil
+    if noted > 0 then
+      lines = {}
+      for i = 1, noted do lines[i] = ARGV[at + i] end
+    end
+    at = at + 1 + noted
+    if lines and kind ~= 'A' and kind ~= 'F' then
+      pcall(note_events, order, events, lines)
+      lines = nil
+    end
+    carried = lines
+    -- An acceptance's poll job is added with the batch's others, in one ZADD at the end.
+    current = op + 1
+    if kind == 'A' then hold_for = current end
+    out[#out + 1] = guarded(kind, order, aux, events, a)
+    hold_for = nil
+    if carried then pcall(note_events, order, events, carried) end
+    carried = nil
+    op = op + 1
   end
-  at = at + 1 + noted
-  if lines and kind ~= 'A' and kind ~= 'F' then
-    pcall(note_events, order, events, lines, backstop)
-    lines = nil
-  end
-  carried = lines
-  -- An acceptance's poll job is added with the batch's others, in one ZADD at the end.
-  current = op + 1
-  if kind == 'A' then hold_for = current end
-  out[#out + 1] = guarded(kind, order, aux, events, a)
-  hold_for = nil
-  if carried then pcall(note_events, order, events, carried, backstop) end
-  carried = nil
-  op = op + 1
 end
+-- Whatever happens to the loop, what its operations held back is written: an acceptance
+-- written without its poll job would be one the lifeline has to find.
+local ran, failure = pcall(run_ops)
 -- An acceptance whose poll job could not be added answers with the error, as when it was
 -- added in its own step (the acceptance stays: the lifeline finds the order).
 add_held(function(owner, err) out[owner] = {'!error', err} end)
@@ -456,9 +457,30 @@ if #batch_entries > 0 then
     end
   end
 end
+if not ran then error(failure) end
 return out
 "#
     ))
+});
+
+/// KEYS: the order time index. ARGV: the bound (exclusive, ms), the history lists' key prefix
+/// (`LedgerKeys::events` of ""), the most entries to remove. Removes up to that many index
+/// entries registered before the bound and, with each, the order's history list (a list
+/// begun while the order was in flight has no expiry of its own; a re-registration moves
+/// the entry, so a list still in use goes with its current registration). One script, so a
+/// registration meanwhile cannot lose its entry. Returns the entries removed.
+pub static TRIM_INDEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+if #ids == 0 then return 0 end
+local lists = {}
+for i, id in ipairs(ids) do lists[i] = ARGV[2] .. id end
+redis.call('DEL', unpack(lists))
+redis.call('ZREM', KEYS[1], unpack(ids))
+return #ids
+"#,
+    )
 });
 
 /// KEYS: the outcome stream. ARGV: retention ms. Trims the entries older than the retention
