@@ -43,6 +43,8 @@ pub struct ClientBuildError(String);
 pub struct TarsPayClient {
     http: reqwest::Client,
     base_url: String,
+    /// Each known path's URL, parsed once (a request would otherwise parse its URL anew).
+    endpoints: std::sync::Arc<[(&'static str, reqwest::Url)]>,
     mch_no: String,
     signer: RequestSigner,
     max_response_bytes: usize,
@@ -67,9 +69,20 @@ impl TarsPayClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|err| ClientBuildError(err.to_string()))?;
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
+        // A base URL that does not parse is reported by the request, as before.
+        let endpoints = super::paths::ALL
+            .iter()
+            .filter_map(|path| {
+                reqwest::Url::parse(&format!("{base_url}{path}"))
+                    .ok()
+                    .map(|url| (*path, url))
+            })
+            .collect();
         Ok(Self {
             http,
-            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            endpoints,
             mch_no: settings.mch_no,
             signer: RequestSigner::new(settings.private_key),
             max_response_bytes: settings.max_response_bytes,
@@ -214,6 +227,14 @@ impl TarsPayClient {
         result
     }
 
+    /// A POST to `path` on the gateway.
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        match self.endpoints.iter().find(|(known, _)| *known == path) {
+            Some((_, url)) => self.http.post(url.clone()),
+            None => self.http.post(format!("{}{}", self.base_url, path)),
+        }
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         path: &'static str,
@@ -223,8 +244,7 @@ impl TarsPayClient {
         let nonce = self.next_nonce().to_string();
         let headers = self.signer.sign(path, &nonce, &params);
         let request = self
-            .http
-            .post(format!("{}{}", self.base_url, path))
+            .post(path)
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .header(HEADER_API_KEY, headers.api_key)
             .header(HEADER_NONCE, headers.nonce)

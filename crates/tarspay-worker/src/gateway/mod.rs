@@ -25,6 +25,16 @@ pub mod paths {
     pub const QUERY_PAYOUT: &str = "/api/payOutInfo";
     pub const BALANCE: &str = "/api/balanceInfo";
     pub const PAYOUT_PROOF: &str = "/api/payOutProof";
+
+    /// Every path above.
+    pub const ALL: [&str; 6] = [
+        CREATE_DEPOSIT,
+        QUERY_DEPOSIT,
+        CREATE_PAYOUT,
+        QUERY_PAYOUT,
+        BALANCE,
+        PAYOUT_PROOF,
+    ];
 }
 
 /// TarsPay's published system public key, which signs callbacks.
