@@ -891,10 +891,10 @@ impl Ledger {
         match reply.as_slice() {
             [verdict] if verdict == "created" => Ok(Registered::Created),
             [verdict, unindexed] if verdict == "created" && unindexed == "unindexed" => {
-                // Registered with its job; only the console's time index missed it.
+                // Registered with its job; only the console's indexes missed it.
                 tracing::warn!(
                     mch_order_no = %id,
-                    "registered, but not added to the order time index (the console's search)"
+                    "registered, but not added to the order or batch index (the console's search)"
                 );
                 Ok(Registered::Created)
             }
@@ -1316,8 +1316,8 @@ impl Ledger {
         self.flush_noted(mch_order_no).await
     }
 
-    /// The order's event history, oldest first (see [`history`]).
-    /// Those its acceptance and its final milestone keep, and those of its list.
+    /// The order's event history, oldest first (see [`history`]): those its acceptance and
+    /// its final milestone keep, and those of its list.
     pub async fn events(
         &self,
         mch_order_no: &str,
