@@ -55,6 +55,9 @@ pub(crate) struct Op {
     /// What happened to the order before this operation (history lines, JSON), written in
     /// the same step.
     pub events: Vec<String>,
+    /// The expiry of a history list begun for `events` while the order has none (in flight):
+    /// ms, 0 = none (records kept for ever). See `scripts::BATCH`.
+    pub list_ttl_ms: u64,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -77,6 +80,7 @@ impl Op {
             events_key,
             args: Vec::new(),
             events: Vec::new(),
+            list_ttl_ms: 0,
         }
     }
 
@@ -201,7 +205,10 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
         evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
-        evalsha.arg(op.events.len()).arg(&op.events);
+        evalsha.arg(op.events.len());
+        if !op.events.is_empty() {
+            evalsha.arg(op.list_ttl_ms).arg(&op.events);
+        }
     }
     evalsha
 }

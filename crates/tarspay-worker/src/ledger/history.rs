@@ -6,10 +6,13 @@
 //! command of their own, and they expire with the record. Any other event goes to one Redis
 //! list per order (`{tag}:events:<mchOrderNo>`), capped at [`MAX_EVENTS`] (the oldest go
 //! first). A list begun after the order became final gets the record's expiry; one begun
-//! while it was in flight (failed creates, pending polls) is removed with the order's time
-//! index entry, twice the retention after its registration (`Ledger::trim_indexes`, run by
-//! the lifeline), so it outlives its record by at most about one retention. A finalisation
-//! does not touch the list: a payout's last step costs no command for a list it rarely has.
+//! while it was in flight (failed creates, pending polls) expires twice the retention after
+//! it began ([`list_ttl_ms`]) and goes earlier with the order's time index entry, twice the
+//! retention after registration (`Ledger::trim_indexes`, run by the lifeline; it also takes
+//! lists older versions left without an expiry). So a list outlives its record by at most
+//! about one retention; an order still in flight that long loses its older lines. A
+//! finalisation does not touch the list: a payout's last step costs no command for a list it
+//! rarely has. Without a retention nothing expires.
 //!
 //! The history is for people (the console's timeline); nothing decides on it.
 
@@ -19,6 +22,12 @@ use serde::{Deserialize, Serialize};
 /// Most events kept per order: a payout normally has 2–4; one that retried for a day keeps
 /// its latest 64.
 pub const MAX_EVENTS: usize = 64;
+
+/// The expiry of a history list begun while its order is in flight: twice the retention
+/// (`retention_ms`, 0 = records kept for ever, and so the lists).
+pub(crate) fn list_ttl_ms(retention_ms: u64) -> u64 {
+    retention_ms.saturating_mul(2)
+}
 
 /// Events from before the order's current registration (a list kept after an earlier record
 /// of the number expired, until the index trim removes it) are not this order's: an event

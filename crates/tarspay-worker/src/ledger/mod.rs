@@ -758,6 +758,7 @@ impl Ledger {
             self.keys.events(mch_order_no),
         );
         op.events = self.take_noted(mch_order_no);
+        op.list_ttl_ms = history::list_ttl_ms(self.retention_ms);
         op
     }
 
@@ -1317,7 +1318,8 @@ impl Ledger {
     }
 
     /// The order's event history, oldest first (see [`history`]): those its acceptance and
-    /// its final milestone keep, and those of its list.
+    /// its final milestone keep, and those of its list, as stored (a list kept from an
+    /// earlier registration of the number included: [`history::timeline`] leaves those out).
     pub async fn events(
         &self,
         mch_order_no: &str,

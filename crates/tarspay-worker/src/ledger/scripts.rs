@@ -30,7 +30,9 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// and unique hash, the webhook queue's stream, delayed set and unique hash, the order time
 /// index, the batch index; then per operation its order key, auxiliary key and history key.
 /// ARGV: now_ms (caller's clock), then per operation: kind, argument count, arguments, then
-/// the events that happened to its order before it: their count, then each one's JSON.
+/// the events that happened to its order before it: their count, then (when there are any)
+/// the expiry of a list begun for them while the order is in flight (ms, 0 = none) and each
+/// one's JSON.
 /// An acceptance or a finalisation keeps its events inside the milestone it writes (an
 /// `events` array in its JSON); other operations, and those whose milestone was not written,
 /// append them to the order's history list.
@@ -229,7 +231,7 @@ local function count_row(progress, status, by, money)
     if type(added) == 'table' and added.err then redis.call('HSET', progress, 'amt:overflow', '1') end
   end
 end
-local function finalize(order, a, events, progress)
+local function finalize(order, a, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
       'ambiguous', 'absentSince', 'absentLookups')
@@ -358,9 +360,9 @@ local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = relea
 
 -- Appends history lines to an order's list: capped at MAX_EVENTS (the oldest go). A list
 -- started for a record that is gone is dropped; one started for a final record gets its
--- expiry; one started while the order is in flight is removed with its time index entry
--- (the lifeline's trim, `TRIM_INDEX`).
-local function note_events(order, events, lines)
+-- expiry; one started while the order is in flight gets `list_ttl` (ms, 0 = none), and goes
+-- earlier with its time index entry (the lifeline's trim, `TRIM_INDEX`).
+local function note_events(order, events, lines, list_ttl)
   for _, line in ipairs(lines) do
     local n = redis.call('RPUSH', events, line)
     if n == 1 then
@@ -370,6 +372,8 @@ local function note_events(order, events, lines)
         return
       elseif ttl > 0 then
         redis.call('PEXPIRE', events, ttl)
+      elseif list_ttl > 0 then
+        redis.call('PEXPIRE', events, list_ttl)
       end
     elseif n > MAX_EVENTS then
       redis.call('LTRIM', events, -MAX_EVENTS, -1)
@@ -380,14 +384,14 @@ end
 -- One operation's error (a key of the wrong type, an unknown kind) is its caller's answer,
 -- {'!error', message} (as data: an error reply nested in the batch's array would fail the
 -- whole reply client-side); the other operations of the batch go on.
-local function guarded(kind, order, aux, events, a)
+local function guarded(kind, order, aux, a)
   local run = ops[kind]
   if not run then return {'!error', 'unknown ledger operation ' .. tostring(kind)} end
   local ok, reply
   if kind == 'R' then
     ok, reply = pcall(run, order, aux, a)
   elseif kind == 'F' then
-    ok, reply = pcall(run, order, a, events, aux)
+    ok, reply = pcall(run, order, a, aux)
   else
     ok, reply = pcall(run, order, a)
   end
@@ -408,23 +412,25 @@ local function run_ops()
     -- The events noted for the order. They happened before the operation's change; keeping
     -- the history never fails the operation.
     local noted = tonumber(ARGV[at])
-    local lines = nil
+    local lines, list_ttl = nil, 0
     if noted > 0 then
+      list_ttl = tonumber(ARGV[at + 1])
       lines = {}
-      for i = 1, noted do lines[i] = ARGV[at + i] end
+      for i = 1, noted do lines[i] = ARGV[at + 1 + i] end
+      at = at + 1
     end
     at = at + 1 + noted
     if lines and kind ~= 'A' and kind ~= 'F' then
-      pcall(note_events, order, events, lines)
+      pcall(note_events, order, events, lines, list_ttl)
       lines = nil
     end
     carried = lines
     -- An acceptance's poll job is added with the batch's others, in one ZADD at the end.
     current = op + 1
     if kind == 'A' then hold_for = current end
-    out[#out + 1] = guarded(kind, order, aux, events, a)
+    out[#out + 1] = guarded(kind, order, aux, a)
     hold_for = nil
-    if carried then pcall(note_events, order, events, carried) end
+    if carried then pcall(note_events, order, events, carried, list_ttl) end
     carried = nil
     op = op + 1
   end
