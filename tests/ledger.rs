@@ -556,18 +556,7 @@ async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
     let mut conn = server.conn().await;
-    let evalsha_calls = async |conn: &mut tarspay_worker::redis_conn::RedisConn| -> u64 {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(conn)
-            .await
-            .unwrap();
-        info.lines()
-            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
-    let before = evalsha_calls(&mut conn).await;
+    let before = command_calls(&mut conn, "evalsha").await;
     // 300 registrations at once, every third one a number registered twice.
     let mut tasks = Vec::new();
     for i in 0..300 {
@@ -596,7 +585,7 @@ async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
         }
     }
     assert_eq!((created, clashes), (200, 100));
-    let calls = evalsha_calls(&mut conn).await - before;
+    let calls = command_calls(&mut conn, "evalsha").await - before;
     assert!(
         calls < 300,
         "300 concurrent changes took {calls} script calls"
@@ -1026,11 +1015,13 @@ async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_th
     assert!(finalizing.await.unwrap().unwrap());
     assert_eq!(record(&ledger, "HL-3").await.phase, Phase::Accepted);
 
-    // An index that cannot be added to fails no registration: the order and its job stand.
+    // Indexes that cannot be added to fail no registration: the order and its job stand.
     let _: () = conn.del(&queue.keys().delayed).await.unwrap();
     let _: () = conn.rename("parked", &queue.keys().delayed).await.unwrap();
     let _: () = conn.del(keys.index()).await.unwrap();
     let _: () = conn.set(keys.index(), "not a sorted set").await.unwrap();
+    let _: () = conn.del(keys.batches()).await.unwrap();
+    let _: () = conn.set(keys.batches(), "not a sorted set").await.unwrap();
     let job = queue
         .prepare(&serde_json::json!({"create": 1}), &JobOptions::default())
         .unwrap();

@@ -443,26 +443,21 @@ local ran, failure = pcall(run_ops)
 add_held(function(owner, err) out[owner] = {'!error', err} end)
 -- The indexes are for people: a registration never fails for them; its reply says so. A
 -- call holds at most the batcher's 128 operations: one ZADD each.
-if #indexed > 0 then
-  local added = redis.pcall('ZADD', KEYS[11], unpack(indexed))
+local function add_index(key, entries, owners)
+  if #owners == 0 then return end
+  local added = redis.pcall('ZADD', key, unpack(entries))
   if type(added) == 'table' and added.err then
-    for _, owner in ipairs(index_owners) do out[owner] = {'created', 'unindexed'} end
+    for _, owner in ipairs(owners) do out[owner] = {'created', 'unindexed'} end
   end
 end
-local batch_entries, batch_owners = {}, {}
+add_index(KEYS[11], indexed, index_owners)
+local batch_entries, batch_owners = {'NX'}, {}
 for id, rows in pairs(batches_seen) do
   batch_entries[#batch_entries + 1] = rows.first
   batch_entries[#batch_entries + 1] = id
-  batch_owners[#batch_owners + 1] = rows
+  for _, owner in ipairs(rows) do batch_owners[#batch_owners + 1] = owner end
 end
-if #batch_entries > 0 then
-  local added = redis.pcall('ZADD', KEYS[12], 'NX', unpack(batch_entries))
-  if type(added) == 'table' and added.err then
-    for _, rows in ipairs(batch_owners) do
-      for _, owner in ipairs(rows) do out[owner] = {'created', 'unindexed'} end
-    end
-  end
-end
+add_index(KEYS[12], batch_entries, batch_owners)
 if not ran then error(failure) end
 return out
 "#

@@ -687,23 +687,15 @@ mod tests {
             conn.xrange(STREAM, &again, &again).await.unwrap();
         assert_eq!(fields[0].1, vec![("e".to_owned(), "v2".to_owned())]);
     }
-}
-
-#[cfg(test)]
-mod held_delays {
-    use local_redis::LocalRedis;
-    use redis::AsyncCommands;
 
     /// Jobs held back by a script are added one `ZADD` per set and per 512 jobs at its end;
     /// a set that cannot take them reports every job's owner, and only those.
     #[tokio::test]
     async fn a_failed_add_names_each_owner_of_the_jobs_it_could_not_add() {
-        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut conn) = setup().await;
         let script = redis::Script::new(&format!(
             "{}{}",
-            super::DELAY_JOB,
+            DELAY_JOB,
             r#"
 hold_for = 1
 for i = 1, 5 do delay_job('s', KEYS[1], 0, 1000 + i, 'a' .. i) end
@@ -721,13 +713,13 @@ return failed
 "#
         ));
         let failed: Vec<i64> = script
-            .key("{t:q}:delayed")
+            .key(DELAYED)
             .key("{t:q}:otherdelayed")
             .invoke_async(&mut conn)
             .await
             .unwrap();
         assert_eq!(failed, [0, 400, 300]);
-        let added: u64 = conn.zcard("{t:q}:delayed").await.unwrap();
+        let added: u64 = conn.zcard(DELAYED).await.unwrap();
         assert_eq!(added, 5);
     }
 }
