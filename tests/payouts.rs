@@ -254,7 +254,7 @@ async fn an_existing_order_is_adopted_and_a_different_one_is_a_conflict() {
     for id in ["DIFF-1", "SAME-1"] {
         let ctx = app.deployment.job_context_for(&app.settings, id).unwrap();
         assert_eq!(
-            run_poll_status(&ctx, id, 1, true).await.unwrap(),
+            run_poll_status(&ctx, id, 1, true, None).await.unwrap(),
             Step::Done
         );
     }
@@ -335,7 +335,7 @@ async fn two_runs_holding_the_same_create_send_one_create() {
         .unwrap();
     let first = {
         let ctx = ctx.clone();
-        tokio::spawn(async move { run_create_payout(&ctx, "DUP-1").await.unwrap() })
+        tokio::spawn(async move { run_create_payout(&ctx, "DUP-1", None).await.unwrap() })
     };
     // Wait until the first run holds the lease.
     let every = Duration::from_millis(5);
@@ -351,7 +351,7 @@ async fn two_runs_holding_the_same_create_send_one_create() {
         },
     )
     .await;
-    let second = run_create_payout(&ctx, "DUP-1").await.unwrap();
+    let second = run_create_payout(&ctx, "DUP-1", None).await.unwrap();
     assert!(
         matches!(second, Step::RetryAfter(_)),
         "the second holder backs off: {second:?}"
@@ -359,7 +359,10 @@ async fn two_runs_holding_the_same_create_send_one_create() {
     assert_eq!(first.await.unwrap(), Step::Done);
     // The copy, run again later, sees the order accepted: nothing to send, and no second
     // poll job (the one poll job was queued with the acceptance).
-    assert_eq!(run_create_payout(&ctx, "DUP-1").await.unwrap(), Step::Done);
+    assert_eq!(
+        run_create_payout(&ctx, "DUP-1", None).await.unwrap(),
+        Step::Done
+    );
     assert_eq!(app.sandbox.create_attempts("DUP-1"), 1);
     assert_eq!(
         app.deployment.queue_stats().await.unwrap().delayed,
@@ -376,7 +379,10 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
         .deployment
         .job_context_for(&app.settings, "RACE-1")
         .unwrap();
-    assert_eq!(run_create_payout(&ctx, "RACE-1").await.unwrap(), Step::Done);
+    assert_eq!(
+        run_create_payout(&ctx, "RACE-1", None).await.unwrap(),
+        Step::Done
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     let seen = app.deployment.order("RACE-1").await.unwrap().unwrap();
     let mut racers = Vec::new();
@@ -385,7 +391,7 @@ async fn a_callback_style_finalization_racing_polls_gives_one_outcome() {
         let seen = seen.clone();
         racers.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                run_poll_status(&ctx, "RACE-1", 1, false)
+                run_poll_status(&ctx, "RACE-1", 1, false, None)
                     .await
                     .map(|_| ())
                     .unwrap();
@@ -812,7 +818,7 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correcti
     let before = alarms();
     // The order's poll job follows it until the gateway says how it ended.
     let mut attempt = 1;
-    while run_poll_status(&ctx, "LATE-1", attempt, false)
+    while run_poll_status(&ctx, "LATE-1", attempt, false, None)
         .await
         .unwrap()
         != Step::Done
@@ -848,7 +854,9 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correcti
     // Polls and looks repeat it: nothing more is appended.
     for once in [false, true] {
         assert_eq!(
-            run_poll_status(&ctx, "LATE-1", 1, once).await.unwrap(),
+            run_poll_status(&ctx, "LATE-1", 1, once, None)
+                .await
+                .unwrap(),
             Step::Done
         );
     }

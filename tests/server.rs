@@ -463,7 +463,7 @@ async fn accepted_order(s: &Served, id: &str) {
         .deployment
         .job_context_for(&s.app.settings, id)
         .unwrap();
-    tarspay_worker::jobs::run_create_payout(&ctx, id)
+    tarspay_worker::jobs::run_create_payout(&ctx, id, None)
         .await
         .unwrap();
     assert_eq!(s.phase(id).await, Phase::Accepted);

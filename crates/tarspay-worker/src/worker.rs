@@ -58,6 +58,7 @@ async fn handle(
     job: PayoutJob,
     shared: Data<Arc<Shared>>,
     attempt: Attempt,
+    delivery: Data<crate::queue::Delivery>,
 ) -> Result<(), BoxDynError> {
     let kind = match &job {
         PayoutJob::CreatePayout { .. } => "create_payout",
@@ -76,13 +77,13 @@ async fn handle(
         };
         let step = match &job {
             PayoutJob::CreatePayout { mch_order_no, .. } => {
-                run_create_payout(ctx, mch_order_no).await
+                run_create_payout(ctx, mch_order_no, Some(&delivery)).await
             }
             PayoutJob::PollStatus {
                 mch_order_no, once, ..
             } => {
                 let attempt = attempt.current().max(1) as u32;
-                run_poll_status(ctx, mch_order_no, attempt, *once).await
+                run_poll_status(ctx, mch_order_no, attempt, *once, Some(&delivery)).await
             }
         };
         // What the run noted and no ledger operation took along (a poll that found the

@@ -19,6 +19,7 @@ use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ledger::{FinalResult, Finalized, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
+use crate::queue::Delivery;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -39,13 +40,19 @@ fn lease_token() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-pub async fn run_create_payout(ctx: &JobContext, mch_order_no: &str) -> Result<Step, JobError> {
+/// `job` is the queue delivery this run serves, when it has one: the ledger step that
+/// finishes the job (the acceptance, or what a lookup found) acknowledges it too.
+pub async fn run_create_payout(
+    ctx: &JobContext,
+    mch_order_no: &str,
+    job: Option<&Delivery>,
+) -> Result<Step, JobError> {
     // A slot under the merchant's limits before the lease: waiting spends no attempt.
     let calls = match Calls::start(ctx).await {
         Ok(calls) => Mutex::new(calls),
         Err(wait) => return Ok(Step::RetryAfter(wait)),
     };
-    let step = create(ctx, mch_order_no, &calls).await;
+    let step = create(ctx, mch_order_no, &calls, job).await;
     calls.into_inner().finish().await;
     step
 }
@@ -54,6 +61,7 @@ async fn create(
     ctx: &JobContext,
     mch_order_no: &str,
     calls: &Mutex<Calls<'_>>,
+    job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
     let token = lease_token();
     // The lease starts on the server after this instant, so it lasts at least until
@@ -103,13 +111,14 @@ async fn create(
         token: &token,
         attempt,
         may_exist: previous == Phase::Unknown || record.ambiguous,
+        job,
     };
 
     let mut absent_proven = false;
     if run.may_exist {
         // An earlier create may have reached the gateway: ask before sending another.
         match lookup(ctx, calls, &record, "before another create").await {
-            Lookup::Found(info) => return adopt(ctx, &record, &info).await,
+            Lookup::Found(info) => return adopt(ctx, &record, &info, job).await,
             Lookup::NotFound => match ctx.ledger.note_absent(mch_order_no, &token).await? {
                 Some(absence) => absent_proven = absence.proven(ctx.settle_window),
                 None => return Ok(Step::RetryAfter(LEASE_LOST_RECHECK)),
@@ -167,7 +176,7 @@ async fn create(
         Ok(accepted) => {
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
-                .accept(mch_order_no, Some(&accepted.pay_order_id), Some(&poll))
+                .accept_finishing(mch_order_no, Some(&accepted.pay_order_id), Some(&poll), job)
                 .await?;
             Ok(Step::Done)
         }
@@ -196,6 +205,8 @@ struct Run<'a, 'c> {
     attempt: u32,
     /// Some earlier create of this order may exist at the gateway.
     may_exist: bool,
+    /// The queue delivery this run serves (acknowledged by the step that finishes it).
+    job: Option<&'a Delivery>,
 }
 
 impl Run<'_, '_> {
@@ -261,7 +272,7 @@ impl Run<'_, '_> {
             // The gateway says the number exists: find out whether it is this payout. A
             // lookup that does not find it yet is lag, not absence.
             return match lookup(ctx, self.calls, self.record, "the number exists").await {
-                Lookup::Found(info) => adopt(ctx, self.record, &info).await,
+                Lookup::Found(info) => adopt(ctx, self.record, &info, self.job).await,
                 Lookup::NotFound => self.retry(&err, true).await,
                 Lookup::Failed(query_err) => self.retry(&query_err, true).await,
             };
@@ -342,7 +353,7 @@ impl Run<'_, '_> {
     /// it may exist; adopts the order if it exists; otherwise keeps settling.
     async fn settle_by_lookup(&self, err: &GatewayError, created: bool) -> Result<Step, JobError> {
         match lookup(self.ctx, self.calls, self.record, "settle a refused create").await {
-            Lookup::Found(info) => adopt(self.ctx, self.record, &info).await,
+            Lookup::Found(info) => adopt(self.ctx, self.record, &info, self.job).await,
             Lookup::NotFound if !self.may_exist && !created => {
                 self.fail(err.code(), Some(gateway_msg(err))).await
             }

@@ -6,16 +6,19 @@ use super::calls::Calls;
 use super::reconcile::{Lookup, finish_if_final, lookup};
 use super::{JobContext, JobError, Step};
 use crate::ledger::Phase;
+use crate::queue::Delivery;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// `attempt` is this poll's number for the order (1 for the first); `once` for a single look
-/// (e.g. prompted by an untrusted callback).
+/// (e.g. prompted by an untrusted callback); `job` the queue delivery this run serves, if
+/// any (the ledger step that finds the order final acknowledges it too).
 pub async fn run_poll_status(
     ctx: &JobContext,
     mch_order_no: &str,
     attempt: u32,
     once: bool,
+    job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
     let Some(record) = ctx.ledger.get(mch_order_no).await? else {
         return Ok(Step::Done);
@@ -55,7 +58,7 @@ pub async fn run_poll_status(
     calls.into_inner().finish().await;
     match looked {
         Lookup::Found(info) => {
-            if finish_if_final(ctx, &record, &info).await? {
+            if finish_if_final(ctx, &record, &info, job).await? {
                 return Ok(Step::Done);
             }
         }

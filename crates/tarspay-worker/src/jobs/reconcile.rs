@@ -7,6 +7,7 @@ use super::{JobContext, JobError, Step};
 use crate::gateway::types::{OrderInfo, OrderRef};
 use crate::gateway::{GatewayError, OrderState};
 use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase};
+use crate::queue::Delivery;
 use rust_decimal::Decimal;
 use std::str::FromStr;
 use std::time::Instant;
@@ -76,11 +77,13 @@ fn same_order(record: &OrderRecord, info: &OrderInfo) -> bool {
 }
 
 /// The gateway holds an order under our number: take its state if it is the same payout,
-/// otherwise the number clashes with a different order (`conflict`, final).
+/// otherwise the number clashes with a different order (`conflict`, final). Every way out
+/// finishes `job` (acknowledged with its last ledger step where that can be done).
 pub(super) async fn adopt(
     ctx: &JobContext,
     record: &OrderRecord,
     info: &OrderInfo,
+    job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
     let id = &record.mch_order_no;
     if !same_order(record, info) {
@@ -107,23 +110,25 @@ pub(super) async fn adopt(
             .await?;
         return Ok(Step::Done);
     }
-    if finish_if_final(ctx, record, info).await? {
+    if finish_if_final(ctx, record, info, job).await? {
         return Ok(Step::Done);
     }
     let poll = ctx.poll_job(record)?;
     ctx.ledger
-        .accept(id, info.pay_order_id.as_deref(), Some(&poll))
+        .accept_finishing(id, info.pay_order_id.as_deref(), Some(&poll), job)
         .await?;
     Ok(Step::Done)
 }
 
 /// Applies a final gateway state through the one terminal transition (or, for an order
 /// already final with another status, as a correction). True when the state was final
-/// (whether or not this call was the one that recorded it).
+/// (whether or not this call was the one that recorded it). When true, the step acknowledged
+/// `job` too (where it could): its caller must then report the job done.
 pub(super) async fn finish_if_final(
     ctx: &JobContext,
     record: &OrderRecord,
     info: &OrderInfo,
+    job: Option<&Delivery>,
 ) -> Result<bool, JobError> {
     let Some(phase) = Phase::from_gateway(info.state) else {
         return Ok(false);
@@ -136,7 +141,7 @@ pub(super) async fn finish_if_final(
     }
     let applied = ctx
         .ledger
-        .apply_gateway_final(record, phase, &gateway_result(info))
+        .apply_gateway_final_finishing(record, phase, &gateway_result(info), job)
         .await?;
     if applied == Finalized::Recorded {
         tracing::info!(mch_order_no = %record.mch_order_no, status = %phase, "order final");

@@ -15,6 +15,7 @@
 //! confirmed it. A write only the primary holds can vanish in a failover.
 
 use super::scripts::BATCH;
+use crate::queue::InlineAck;
 use crate::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::time::Duration;
@@ -40,7 +41,25 @@ pub struct Replication {
 pub(crate) struct Reply {
     pub value: Value,
     pub replicated: bool,
+    /// What became of the job delivery the operation was to acknowledge ([`Op::ack`]).
+    pub job: JobAcked,
 }
+
+/// What the batch script did with an operation's job delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobAcked {
+    /// Nothing: no delivery, or the operation did not answer as asked (the settler settles it).
+    No,
+    /// Acknowledged and deleted with the operation's change.
+    Yes,
+    /// No longer pending for the caller's consumer (taken over after the orphan timeout):
+    /// left to its new holder.
+    Stale,
+}
+
+/// Parsed batch reply: each operation's reply, then which operations' deliveries were
+/// acknowledged and which were stale (1-based positions).
+type BatchReply = (Vec<Value>, Vec<usize>, Vec<usize>);
 
 /// One ledger operation: what the batch script is told to do for one caller.
 pub(crate) struct Op {
@@ -58,6 +77,9 @@ pub(crate) struct Op {
     /// The expiry of a history list begun for `events` while the order has none (in flight):
     /// ms, 0 = none (records kept for ever). See `scripts::BATCH`.
     pub list_ttl_ms: u64,
+    /// The job delivery the caller finishes with this operation, acknowledged in the same
+    /// step when the operation's integer reply is one of `replies` (comma-separated).
+    pub ack: Option<(InlineAck, &'static str)>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -81,6 +103,7 @@ impl Op {
             args: Vec::new(),
             events: Vec::new(),
             list_ttl_ms: 0,
+            ack: None,
         }
     }
 
@@ -146,14 +169,25 @@ async fn run(
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
-            Ok((replies, confirmed)) if replies.len() == batch.len() => {
-                for (pending, reply) in batch.drain(..).zip(replies) {
+            Ok(((replies, acked, stale), confirmed)) if replies.len() == batch.len() => {
+                for (at, (pending, reply)) in batch.drain(..).zip(replies).enumerate() {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
-                    let reply = operation_result(reply).map(|value| Reply { value, replicated });
+                    let job = if acked.contains(&(at + 1)) {
+                        JobAcked::Yes
+                    } else if stale.contains(&(at + 1)) {
+                        JobAcked::Stale
+                    } else {
+                        JobAcked::No
+                    };
+                    let reply = operation_result(reply).map(|value| Reply {
+                        value,
+                        replicated,
+                        job,
+                    });
                     let _ = pending.reply.send(reply);
                 }
             }
-            Ok((replies, _)) => {
+            Ok(((replies, _, _), _)) => {
                 let err = RedisError::from((
                     redis::ErrorKind::Parse,
                     "ledger batch answered with the wrong number of replies",
@@ -189,7 +223,8 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
 }
 
 /// The batch script's `EVALSHA`: the shared keys, then each operation's three keys; the
-/// caller's clock, then each operation's kind, argument count, arguments and events.
+/// caller's clock, then each operation's kind, argument count, arguments, events and the
+/// delivery to acknowledge ('' for none).
 fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha
@@ -209,6 +244,14 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
         if !op.events.is_empty() {
             evalsha.arg(op.list_ttl_ms).arg(&op.events);
         }
+        match &op.ack {
+            Some((ack, replies)) => evalsha
+                .arg(&ack.entry_id)
+                .arg(&ack.group)
+                .arg(&ack.consumer)
+                .arg(*replies),
+            None => evalsha.arg(""),
+        };
     }
     evalsha
 }
@@ -221,7 +264,7 @@ async fn apply_batch(
     shared_keys: &[String],
     batch: &[Pending],
     replication: Option<Replication>,
-) -> Result<(Vec<Value>, bool), RedisError> {
+) -> Result<(BatchReply, bool), RedisError> {
     let mut pipe = redis::pipe();
     pipe.add_command(batch_command(shared_keys, batch));
     if let Some(wanted) = replication {
@@ -239,7 +282,7 @@ async fn apply_batch(
         other => other?,
     }
     .into_iter();
-    let replies: Vec<Value> = redis::from_redis_value(answers.next().unwrap_or(Value::Nil))?;
+    let replies: BatchReply = redis::from_redis_value(answers.next().unwrap_or(Value::Nil))?;
     let confirmed = match (replication, answers.next()) {
         (Some(wanted), Some(Value::Int(count))) => count >= i64::from(wanted.replicas),
         (Some(_), _) => false,

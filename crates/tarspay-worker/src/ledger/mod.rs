@@ -23,9 +23,9 @@ pub use phase::Phase;
 pub use progress::BatchProgress;
 
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
-use crate::queue::{PreparedJob, QueueKeys};
+use crate::queue::{Delivery, PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
-use batcher::{Batcher, Op};
+use batcher::{Batcher, JobAcked, Op};
 use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -815,10 +815,34 @@ impl Ledger {
     }
 
     async fn apply_int(&self, op: Op, what: &str, id: &str) -> Result<i64, LedgerError> {
-        let reply = self.batcher.apply(op).await?;
-        as_int(&reply).ok_or_else(|| LedgerError::Corrupt {
+        self.apply_int_finishing(op, None, "", what, id).await
+    }
+
+    /// [`Ledger::apply_int`] for an operation that finishes `job`: its delivery is
+    /// acknowledged in the same step when the operation answers one of `done_replies`
+    /// (comma-separated: the replies on which the job's handler reports success).
+    async fn apply_int_finishing(
+        &self,
+        mut op: Op,
+        job: Option<&Delivery>,
+        done_replies: &'static str,
+        what: &str,
+        id: &str,
+    ) -> Result<i64, LedgerError> {
+        let job = job.filter(|_| !done_replies.is_empty());
+        op.ack = job
+            .and_then(|job| job.ack_in(&self.keys.queue.stream))
+            .map(|ack| (ack, done_replies));
+        let reply = self.batcher.apply_confirmed(op).await?;
+        if let Some(job) = job
+            && reply.job != JobAcked::No
+        {
+            job.settled_in_step(reply.job == JobAcked::Stale);
+        }
+        let value = reply.value;
+        as_int(&value).ok_or_else(|| LedgerError::Corrupt {
             id: id.to_owned(),
-            reason: format!("unexpected reply from {what}: {reply:?}"),
+            reason: format!("unexpected reply from {what}: {value:?}"),
         })
     }
 
@@ -1020,6 +1044,20 @@ impl Ledger {
         pay_order_id: Option<&str>,
         poll: Option<&PreparedJob>,
     ) -> Result<bool, LedgerError> {
+        self.accept_finishing(mch_order_no, pay_order_id, poll, None)
+            .await
+    }
+
+    /// [`Ledger::accept`] as the last step of `job` (a create or a lookup that found the
+    /// order): the job's delivery is acknowledged in the same step, when it came from this
+    /// ledger's queue and holds no unique key (see `queue::Delivery::ack_in`).
+    pub async fn accept_finishing(
+        &self,
+        mch_order_no: &str,
+        pay_order_id: Option<&str>,
+        poll: Option<&PreparedJob>,
+        job: Option<&Delivery>,
+    ) -> Result<bool, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
             at: crate::queue::now_ms(),
@@ -1029,7 +1067,10 @@ impl Ledger {
             reason: e.to_string(),
         })?;
         let op = with_job(self.op("A", mch_order_no).arg(json), poll);
-        Ok(self.apply_int(op, "accept", mch_order_no).await? == 1)
+        let accepted = self
+            .apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
+            .await?;
+        Ok(accepted == 1)
     }
 
     /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).
@@ -1129,7 +1170,10 @@ impl Ledger {
         phase: Phase,
         result: &FinalResult,
     ) -> Result<bool, LedgerError> {
-        Ok(self.finalize_as(record, phase, result, Decider::Us).await? == Finalized::Recorded)
+        Ok(self
+            .finalize_as(record, phase, result, Decider::Us, None)
+            .await?
+            == Finalized::Recorded)
     }
 
     /// A final state the gateway reported (a verified callback, a query): it finalises the
@@ -1141,8 +1185,23 @@ impl Ledger {
         phase: Phase,
         result: &FinalResult,
     ) -> Result<Finalized, LedgerError> {
+        self.apply_gateway_final_finishing(record, phase, result, None)
+            .await
+    }
+
+    /// [`Ledger::apply_gateway_final`] as the last step of `job` (a poll that found the
+    /// order final): the job's delivery is acknowledged in the same step whenever the state
+    /// is applied, found already there, or appended as a correction (see
+    /// [`Ledger::accept_finishing`]).
+    pub async fn apply_gateway_final_finishing(
+        &self,
+        record: &OrderRecord,
+        phase: Phase,
+        result: &FinalResult,
+        job: Option<&Delivery>,
+    ) -> Result<Finalized, LedgerError> {
         let applied = self
-            .finalize_as(record, phase, result, Decider::Gateway)
+            .finalize_as(record, phase, result, Decider::Gateway, job)
             .await?;
         if applied == Finalized::Corrected {
             metrics::counter!(crate::metrics::OUTCOME_CORRECTIONS, "status" => phase.as_str())
@@ -1176,6 +1235,7 @@ impl Ledger {
                 token,
                 settle_window,
             },
+            None,
         )
         .await
     }
@@ -1186,6 +1246,7 @@ impl Ledger {
         phase: Phase,
         result: &FinalResult,
         decider: Decider<'_>,
+        job: Option<&Delivery>,
     ) -> Result<Finalized, LedgerError> {
         debug_assert!(phase.is_final());
         let id = record.mch_order_no.as_str();
@@ -1263,7 +1324,12 @@ impl Ledger {
         for (name, value) in outcome_fields(&finished.outcome) {
             op = op.arg(name).arg(value);
         }
-        let applied = match self.apply_int(op, "finalize", id).await? {
+        // Recorded, unchanged or corrected: the job that asked is done (a lost lease or an
+        // unproven absence sends it round again).
+        let applied = match self
+            .apply_int_finishing(op, job, "1,0,3", "finalize", id)
+            .await?
+        {
             1 => Finalized::Recorded,
             0 => Finalized::Unchanged,
             2 => Finalized::LeaseLost,
@@ -1497,6 +1563,8 @@ impl Ledger {
     }
 }
 
+#[cfg(test)]
+mod finishing_tests;
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,13 +35,19 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// one's JSON.
 /// An acceptance or a finalisation keeps its events inside the milestone it writes (an
 /// `events` array in its JSON); other operations, and those whose milestone was not written,
-/// append them to the order's history list.
-/// Returns one reply per operation, in order.
+/// append them to the order's history list. Last per operation, the job delivery its caller
+/// finishes with it: '' for none, or its entry id, group, consumer and the replies
+/// (comma-separated) on which the caller's job is done; the delivery, an entry of the
+/// queue's stream (`KEYS[5]`), is then acknowledged and deleted in the same step, if still
+/// pending for that consumer (see `queue::Delivery::ack_in`).
+/// Returns {one reply per operation in order, {positions of operations whose delivery was
+/// acknowledged}, {positions of those whose delivery another consumer holds now}}.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{}{}local MAX_EVENTS = {}\n{}",
+        "{}{}{}local MAX_EVENTS = {}\n{}",
         crate::queue::DELAY_JOB,
         crate::queue::ENQUEUE_ONE,
+        crate::queue::OWNED_ENTRIES,
         super::history::MAX_EVENTS,
         r#"
 local now = tonumber(ARGV[1])
@@ -400,6 +406,8 @@ local function guarded(kind, order, aux, a)
   return {'!error', tostring(reply)}
 end
 local out = {}
+-- Job deliveries to acknowledge with their operations (see ack_jobs).
+local acks = {}
 local function run_ops()
   local at = 2
   local op = 0
@@ -420,6 +428,15 @@ local function run_ops()
       at = at + 1
     end
     at = at + 1 + noted
+    -- The job delivery this operation's caller finishes with it, if any: acknowledged at
+    -- the end when the operation answers one of `replies`.
+    if ARGV[at] ~= '' then
+      acks[#acks + 1] = {owner = op + 1, entry = ARGV[at], group = ARGV[at + 1],
+        consumer = ARGV[at + 2], replies = ',' .. ARGV[at + 3] .. ','}
+      at = at + 4
+    else
+      at = at + 1
+    end
     if lines and kind ~= 'A' and kind ~= 'F' then
       pcall(note_events, order, events, lines, list_ttl)
       lines = nil
@@ -459,7 +476,54 @@ for id, rows in pairs(batches_seen) do
 end
 add_index(KEYS[12], batch_entries, batch_owners)
 if not ran then error(failure) end
-return out
+-- A job whose last step is one of these operations is acknowledged in the same atomic
+-- change (and deleted from the stream, as the settle script does), when its operation
+-- answered as its caller asked (so the caller's job is done) and only while the entry is
+-- still pending for the caller's consumer: one taken over by another worker is left to it
+-- and reported stale. Acknowledged and stale operations are named in the reply.
+local acked, stale = {}, {}
+local function ack_jobs()
+  local holders = {}
+  for _, ack in ipairs(acks) do
+    local reply = out[ack.owner]
+    if type(reply) == 'number' and string.find(ack.replies, ',' .. reply .. ',', 1, true) then
+      local at = ack.group .. '\0' .. ack.consumer
+      local held = holders[at]
+      if held == nil then
+        held = {group = ack.group, consumer = ack.consumer, acks = {}}
+        holders[at] = held
+        holders[#holders + 1] = held
+      end
+      held.acks[#held.acks + 1] = ack
+    end
+  end
+  for _, held in ipairs(holders) do
+    local ids = {}
+    for i, ack in ipairs(held.acks) do ids[i] = ack.entry end
+    local mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
+    local done = {}
+    for _, ack in ipairs(held.acks) do
+      if mine[ack.entry] then
+        done[#done + 1] = ack.entry
+        acked[#acked + 1] = ack.owner
+        mine[ack.entry] = nil
+      else
+        stale[#stale + 1] = ack.owner
+      end
+    end
+    if #done > 0 then
+      redis.call('XACK', KEYS[5], held.group, unpack(done))
+      redis.call('XDEL', KEYS[5], unpack(done))
+    end
+  end
+end
+if #acks > 0 then
+  -- The operations' effects stand whatever happens here; an acknowledgement that fails
+  -- leaves its job to the settler (the job runs again and finds its work done).
+  local ok = pcall(ack_jobs)
+  if not ok then acked, stale = {}, {} end
+end
+return {out, acked, stale}
 "#
     ))
 });

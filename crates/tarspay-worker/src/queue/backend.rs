@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
+use crate::queue::delivery::Holder;
 use crate::queue::fetch::Fetcher;
 use crate::queue::promoter::run_promoter;
 use crate::queue::renew::run_renewer;
@@ -66,6 +67,12 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                 inflight: runtime.inflight.clone(),
                 stop: runtime.stop.clone(),
                 due_times,
+                holder: Arc::new(Holder {
+                    stream: shared.keys.stream.clone(),
+                    group: shared.keys.group.clone(),
+                    consumer: runtime.consumer.clone(),
+                    inflight: runtime.inflight.clone(),
+                }),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));
         }

@@ -2,8 +2,10 @@
 //! count. Handlers read it with apalis' `Data<Delivery>`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::queue::envelope::Envelope;
+use crate::queue::inflight::InFlight;
 use crate::queue::settle::SettleHandle;
 
 /// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
@@ -19,6 +21,31 @@ struct DeliveryInner {
     /// Where this delivery's outcome is written: the settler of the queue (partition) it
     /// came from.
     settle: SettleHandle,
+    /// Who holds it, for a ledger step that acknowledges it (see [`Delivery::ack_in`]).
+    holder: Arc<Holder>,
+    /// Acknowledged (or found taken over) by a ledger step: the settler has nothing to do.
+    settled: AtomicBool,
+}
+
+/// The stream, group and consumer a fetcher's deliveries are held in, and its in-flight set.
+#[derive(Debug)]
+pub(crate) struct Holder {
+    pub(crate) stream: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
+    pub(crate) inflight: InFlight,
+}
+
+/// What a ledger script needs to acknowledge a delivery in the step that writes its job's
+/// last effect: the effect and the acknowledgement are then one atomic change, and the job
+/// costs no settlement round trip of its own. The script acknowledges only while the entry
+/// is still pending for `consumer` (the rule of the settle script: a worker that stalled past
+/// the orphan timeout and lost the entry must not acknowledge it for its new holder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InlineAck {
+    pub(crate) entry_id: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
 }
 
 impl Delivery {
@@ -28,6 +55,7 @@ impl Delivery {
         attempts_before: u32,
         max_attempts: u32,
         settle: SettleHandle,
+        holder: Arc<Holder>,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
@@ -35,7 +63,43 @@ impl Delivery {
             attempts_before,
             max_attempts,
             settle,
+            holder,
+            settled: AtomicBool::new(false),
         }))
+    }
+
+    /// The acknowledgement a ledger step on `stream` may write for this delivery, if it
+    /// came from that stream and holds no unique key (releasing one is the settle
+    /// script's job): `None` leaves the settlement to the settler, as for every other job.
+    pub(crate) fn ack_in(&self, stream: &str) -> Option<InlineAck> {
+        let holder = &self.0.holder;
+        (holder.stream == stream && self.unique_key().is_none() && !self.is_settled()).then(|| {
+            InlineAck {
+                entry_id: self.0.entry_id.clone(),
+                group: holder.group.clone(),
+                consumer: holder.consumer.clone(),
+            }
+        })
+    }
+
+    /// A ledger step acknowledged this delivery (or found it taken over by another worker,
+    /// `stale`, which settles it): nothing is left for the settler, and the renewer lets it go.
+    pub(crate) fn settled_in_step(&self, stale: bool) {
+        self.0.settled.store(true, Ordering::Release);
+        self.0.holder.inflight.remove([self.entry_id()]);
+        if stale {
+            super::settle::report_stale(
+                &self.0.holder.consumer,
+                self.entry_id(),
+                self.job_id(),
+                "done",
+            );
+        }
+    }
+
+    /// Whether a ledger step has settled this delivery (see [`Delivery::settled_in_step`]).
+    pub(crate) fn is_settled(&self) -> bool {
+        self.0.settled.load(Ordering::Acquire)
     }
 
     pub(crate) fn settler(&self) -> &SettleHandle {

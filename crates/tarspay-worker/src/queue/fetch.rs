@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::queue::backend::release_unstarted;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
+use crate::queue::delivery::Holder;
 use crate::queue::entries::{parse_claimed, parse_read, take_field};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
@@ -46,6 +47,8 @@ pub(crate) struct Fetcher<T> {
     pub(crate) stop: CancellationToken,
     /// Due times read from wake markers, for this worker's promoter loop.
     pub(crate) due_times: DueTimes,
+    /// Where its deliveries are held (for a ledger step that acknowledges one).
+    pub(crate) holder: Arc<Holder>,
 }
 
 #[derive(Default)]
@@ -363,6 +366,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             attempts_before,
             max_attempts,
             self.settle.clone(),
+            Arc::clone(&self.holder),
         );
         Some(
             TaskBuilder::new(args)

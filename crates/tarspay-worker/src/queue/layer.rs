@@ -1,6 +1,7 @@
 //! The backend's layer: runs outside the user's middleware, turns the handler's result into a
 //! settlement (done / retry after a delay / dead) and waits until Redis has it, so a job is
-//! acknowledged only after its handler's effect is committed. Each execution, settlement
+//! acknowledged only after its handler's effect is committed (or, for a payout job, by the
+//! ledger step that commits it: then there is nothing left to settle). Each execution, settlement
 //! included, runs in a `job` span (see [`job_span`]).
 
 use apalis::prelude::{AbortError, BoxDynError, DeferredError, RetryAfterError, Task};
@@ -87,7 +88,7 @@ where
         let fut = span.in_scope(|| self.inner.call(task));
         async move {
             let result = fut.await.map_err(Into::into);
-            if let Some(delivery) = delivery {
+            if let Some(delivery) = delivery.filter(|d| !settled_in_step(d, &result)) {
                 // The lifecycle layer has counted this attempt (and any in-process retries).
                 let attempts = u32::try_from(attempt.current()).unwrap_or(u32::MAX);
                 let settlement = decide(&result, &delivery, attempts, defaults);
@@ -100,6 +101,18 @@ where
         .instrument(span)
         .boxed()
     }
+}
+
+/// Whether a ledger step already acknowledged the delivery with the job's last effect (see
+/// `Delivery::ack_in`): then there is nothing to settle. A handler acknowledges that way only
+/// on its way to success; should it fail afterwards, the job is still done (its effect is
+/// written) and a retry could not be settled anyway (the entry is no longer pending).
+fn settled_in_step<R>(delivery: &Delivery, result: &Result<R, BoxDynError>) -> bool {
+    let settled = delivery.is_settled();
+    if settled && let Err(error) = result {
+        tracing::error!(job_id = delivery.job_id(), %error, "job failed after a ledger step acknowledged it: not retried");
+    }
+    settled
 }
 
 /// The span one execution runs in: `queue`, `id` (the job id given at enqueue), `attempt` (1

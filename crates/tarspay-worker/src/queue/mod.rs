@@ -113,14 +113,17 @@ pub fn server_now_ms() -> u64 {
 pub use config::QueueConfig;
 pub use dead::DeadJob;
 pub use delivery::Delivery;
+pub(crate) use delivery::InlineAck;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
 pub use layer::{SettleLayer, SettleService, record_job};
 pub use partitioned::{Gate, Partitioned};
-pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE};
+pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE, OWNED_ENTRIES};
 pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
 pub use worker_id::worker_identity;
+#[cfg(test)]
+pub(crate) use {delivery::Holder, inflight::InFlight, settle::SettleHandle};
 
 /// Errors at the queue's boundary.
 #[derive(Debug, thiserror::Error)]

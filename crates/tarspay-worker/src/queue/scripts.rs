@@ -158,6 +158,37 @@ return {#due, next_due, mine}
     ))
 });
 
+/// Lua function: the set of `ids` still pending for `consumer` in `group` (a table id ->
+/// true). With several ids, one `XPENDING` over their range, filtered to the consumer, answers
+/// for all of them (a worker holds at most a few hundred entries). Shared with the ledger's
+/// script, which acknowledges a job in the step that writes its last effect.
+pub(crate) const OWNED_ENTRIES: &str = r#"
+local function entry_less(x, y)
+  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+  xm, xs, ym, ys = tonumber(xm or '0'), tonumber(xs or '0'), tonumber(ym or '0'), tonumber(ys or '0')
+  return xm < ym or (xm == ym and xs < ys)
+end
+local function owned_entries(stream, group, consumer, ids)
+  local mine = {}
+  if #ids == 0 then return mine end
+  if #ids == 1 then
+    local p = redis.call('XPENDING', stream, group, ids[1], ids[1], 1)
+    if p[1] ~= nil and p[1][2] == consumer then mine[ids[1]] = true end
+    return mine
+  end
+  local low, high = ids[1], ids[1]
+  for _, id in ipairs(ids) do
+    if entry_less(id, low) then low = id end
+    if entry_less(high, id) then high = id end
+  end
+  for _, p in ipairs(redis.call('XPENDING', stream, group, low, high, 100000, consumer)) do
+    mine[p[1]] = true
+  end
+  return mine
+end
+"#;
+
 /// Settle a batch of finished deliveries. KEYS: stream, delayed, dead, unique.
 /// ARGV: group, consumer, dead_max_len, then 5 values per op: kind, entry_id, a, b, c.
 ///   kind "a" (done):  a = unique key or "", b = job id
@@ -173,7 +204,7 @@ return {#due, next_due, mine}
 /// Returns {settled, {stale entry ids...}}.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SERVER_NOW}{DELAY_JOB}{}",
+        "{SERVER_NOW}{DELAY_JOB}{OWNED_ENTRIES}{}",
         r#"
 local group, consumer, dead_max = ARGV[1], ARGV[2], ARGV[3]
 -- The clock is read only by a batch that writes a retry or a death: most hold only dones.
@@ -182,37 +213,15 @@ local function clock()
   if not now then now = server_now() end
   return now
 end
+local ids = {}
+for i = 5, #ARGV, 5 do ids[#ids + 1] = ARGV[i] end
+local mine = owned_entries(KEYS[1], group, consumer, ids)
 local seen = {}
--- With several ops, one XPENDING over the batch's id range, filtered to this consumer,
--- answers ownership for all of them (a worker holds at most a few hundred entries).
-local mine = nil
-if #ARGV >= 13 then
-  local function key(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms or '0'), tonumber(seq or '0')
-  end
-  local function less(x, y)
-    local xm, xs = key(x)
-    local ym, ys = key(y)
-    return xm < ym or (xm == ym and xs < ys)
-  end
-  local low, high = ARGV[5], ARGV[5]
-  for i = 9, #ARGV, 5 do
-    if less(ARGV[i + 1], low) then low = ARGV[i + 1] end
-    if less(high, ARGV[i + 1]) then high = ARGV[i + 1] end
-  end
-  mine = {}
-  for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, low, high, 100000, consumer)) do
-    mine[p[1]] = true
-  end
-end
 local function owned(id)
   -- An id twice in one batch: only its first op may apply.
   if seen[id] then return false end
   seen[id] = true
-  if mine then return mine[id] == true end
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
-  return p[1] ~= nil and p[1][2] == consumer
+  return mine[id] == true
 end
 local done = {}
 local stale = {}

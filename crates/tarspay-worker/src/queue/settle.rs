@@ -216,25 +216,31 @@ async fn write_batch(
     let mut conn = shared.conn.clone();
     let (_settled, stale): (i64, Vec<String>) = invocation.invoke_async(&mut conn).await?;
     if !stale.is_empty() {
-        report_stale(consumer, batch, &stale);
+        report_stale_batch(consumer, batch, &stale);
     }
     Ok(())
 }
 
 /// Settlements dropped because this worker no longer owns their entries: it stalled past the
 /// orphan timeout and another worker took them over (that worker settles them).
-fn report_stale(consumer: &str, batch: &[Settlement], stale: &[String]) {
-    metrics::counter!(crate::metrics::QUEUE_STALE_SETTLEMENTS).increment(stale.len() as u64);
+fn report_stale_batch(consumer: &str, batch: &[Settlement], stale: &[String]) {
     for entry_id in stale {
         let settlement = batch.iter().find(|s| s.entry_id() == entry_id);
         let job_id = settlement.and_then(Settlement::job_id).unwrap_or_default();
         let outcome = settlement.map(Settlement::kind).unwrap_or("unknown");
-        tracing::warn!(
-            %job_id,
-            %entry_id,
-            outcome,
-            consumer,
-            "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it"
-        );
+        report_stale(consumer, entry_id, &job_id, outcome);
     }
+}
+
+/// One settlement dropped because its entry is no longer this worker's (see
+/// [`report_stale_batch`]; a ledger step that meant to acknowledge its job reports the same).
+pub(crate) fn report_stale(consumer: &str, entry_id: &str, job_id: &str, outcome: &str) {
+    metrics::counter!(crate::metrics::QUEUE_STALE_SETTLEMENTS).increment(1);
+    tracing::warn!(
+        %job_id,
+        %entry_id,
+        outcome,
+        consumer,
+        "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it"
+    );
 }

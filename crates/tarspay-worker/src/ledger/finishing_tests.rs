@@ -1,0 +1,387 @@
+//! A job acknowledged by the ledger step that writes its last effect (`Delivery::ack_in`):
+//! against a private redis-server, with real stream entries held by real consumers.
+
+use super::*;
+use crate::queue::{Delivery, Envelope, Holder, InFlight, PreparedJob, SettleHandle};
+use crate::redis_conn::RedisClient;
+use local_redis::{Durability, LocalRedis};
+
+struct Setup {
+    _redis: LocalRedis,
+    conn: RedisConn,
+    ledger: Ledger,
+    queue: QueueKeys,
+}
+
+async fn setup() -> Setup {
+    let redis = LocalRedis::start(Durability::Off).expect("redis-server on PATH");
+    let conn = RedisClient::single(redis.url())
+        .and_then(|client| client.connect(Default::default()))
+        .expect("client");
+    let queue = QueueKeys::new("t", "payouts").unwrap();
+    let ledger = Ledger::new(conn.clone(), LedgerKeys::new("{t:payouts}", &queue));
+    let mut c = conn.clone();
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&queue.stream)
+        .arg(&queue.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    Setup {
+        _redis: redis,
+        conn,
+        ledger,
+        queue,
+    }
+}
+
+impl Setup {
+    async fn register(&self, id: &str) {
+        let number = MchOrderNo::parse(id).unwrap();
+        let currency = Currency::parse("INR").unwrap();
+        let order = NewOrder {
+            mch_order_no: &number,
+            kind: OrderKind::Payout,
+            fingerprint: "fp",
+            amount: "10.00",
+            currency: &currency,
+            request: "{}",
+            batch_id: None,
+            merchant: &MerchantName::default(),
+        };
+        assert_eq!(
+            self.ledger.register(&order).await.unwrap(),
+            Registered::Created
+        );
+    }
+
+    /// A job entry written to `stream` and delivered to `consumer` (as its fetcher would):
+    /// the delivery, holding `unique` if given, and its holder's in-flight set.
+    async fn deliver(
+        &self,
+        stream: &str,
+        consumer: &str,
+        unique: Option<&str>,
+    ) -> (Delivery, InFlight) {
+        let mut c = self.conn.clone();
+        let envelope = Envelope::new(
+            format!("job-{consumer}-{}", rand::random::<u32>()),
+            serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            unique.map(str::to_owned),
+            None,
+        );
+        let entry_id: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("e")
+            .arg(envelope.encode().unwrap())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // The only undelivered entry: this one.
+        let _: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.queue.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let inflight = InFlight::default();
+        inflight.add([entry_id.as_str()]);
+        let holder = Arc::new(Holder {
+            stream: stream.to_owned(),
+            group: self.queue.group.clone(),
+            consumer: consumer.to_owned(),
+            inflight: inflight.clone(),
+        });
+        let (settle, _rx) = SettleHandle::channel();
+        let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder);
+        (delivery, inflight)
+    }
+
+    /// The consumer `entry_id` is pending for, if any.
+    async fn holder_of(&self, entry_id: &str) -> Option<String> {
+        let mut c = self.conn.clone();
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&self.queue.stream)
+            .arg(&self.queue.group)
+            .arg(entry_id)
+            .arg(entry_id)
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        pending.into_iter().next().map(|p| p.1)
+    }
+
+    /// Whether the entry is still in the stream.
+    async fn in_stream(&self, entry_id: &str) -> bool {
+        let mut c = self.conn.clone();
+        let found: Vec<Value> = redis::cmd("XRANGE")
+            .arg(&self.queue.stream)
+            .arg(entry_id)
+            .arg(entry_id)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        !found.is_empty()
+    }
+
+    async fn delayed_jobs(&self) -> u64 {
+        let mut c = self.conn.clone();
+        c.zcard(&self.queue.delayed).await.unwrap()
+    }
+}
+
+fn poll_job(id: &str) -> PreparedJob {
+    PreparedJob {
+        text: format!(r#"{{"id":"poll-{id}","p":{{}}}}"#),
+        id: format!("poll-{id}"),
+        unique: String::new(),
+        run_at_ms: crate::queue::now_ms() + 60_000,
+        delay_ms: 60_000,
+    }
+}
+
+#[tokio::test]
+async fn an_acceptance_acknowledges_the_job_it_finishes_in_the_same_step() {
+    let s = setup().await;
+    s.register("ACK-1").await;
+    // The registration's create job is not in the stream (registered without a job).
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    assert_eq!(s.holder_of(job.entry_id()).await.as_deref(), Some("w1"));
+
+    let accepted = s
+        .ledger
+        .accept_finishing("ACK-1", Some("P1"), Some(&poll_job("ACK-1")), Some(&job))
+        .await
+        .unwrap();
+    assert!(accepted);
+    assert!(
+        job.is_settled(),
+        "the layer must have nothing left to settle"
+    );
+    assert_eq!(s.holder_of(job.entry_id()).await, None, "acknowledged");
+    assert!(
+        !s.in_stream(job.entry_id()).await,
+        "deleted, as a settlement does"
+    );
+    assert!(inflight.snapshot().is_empty(), "no longer renewed");
+    assert_eq!(
+        s.delayed_jobs().await,
+        1,
+        "the poll job came with the acceptance"
+    );
+    assert!(s.ledger.get("ACK-1").await.unwrap().unwrap().accepted);
+
+    // A repeated acceptance (a redelivered job) answers 0 and finishes its job too.
+    let (again, _) = s.deliver(&s.queue.stream, "w1", None).await;
+    let accepted = s
+        .ledger
+        .accept_finishing("ACK-1", Some("P1"), None, Some(&again))
+        .await
+        .unwrap();
+    assert!(!accepted);
+    assert!(again.is_settled());
+    assert_eq!(s.holder_of(again.entry_id()).await, None);
+}
+
+#[tokio::test]
+async fn a_job_taken_over_by_another_worker_is_left_to_it_while_the_effect_stands() {
+    let s = setup().await;
+    s.register("STALE-1").await;
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    // w1 froze past the orphan timeout: w2 took the entry over.
+    let mut c = s.conn.clone();
+    let _: Value = redis::cmd("XCLAIM")
+        .arg(&s.queue.stream)
+        .arg(&s.queue.group)
+        .arg("w2")
+        .arg(0)
+        .arg(job.entry_id())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    let accepted = s
+        .ledger
+        .accept_finishing("STALE-1", Some("P1"), None, Some(&job))
+        .await
+        .unwrap();
+    assert!(accepted, "the acceptance itself is written");
+    assert_eq!(
+        s.holder_of(job.entry_id()).await.as_deref(),
+        Some("w2"),
+        "w1 must not acknowledge an entry w2 holds"
+    );
+    assert!(s.in_stream(job.entry_id()).await);
+    // Nothing for w1's settler either (its settle script would drop it as stale).
+    assert!(job.is_settled());
+    assert!(inflight.snapshot().is_empty());
+}
+
+#[tokio::test]
+async fn an_acceptance_whose_poll_job_cannot_be_written_leaves_its_job_pending() {
+    let s = setup().await;
+    s.register("HELD-1").await;
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    // The delayed set is broken (wrong type): the poll job cannot be added.
+    let mut c = s.conn.clone();
+    let () = c.set(&s.queue.delayed, "not a zset").await.unwrap();
+
+    let result = s
+        .ledger
+        .accept_finishing("HELD-1", Some("P1"), Some(&poll_job("HELD-1")), Some(&job))
+        .await;
+    assert!(result.is_err(), "the caller sees the failure: {result:?}");
+    assert!(!job.is_settled(), "its retry is the settler's");
+    assert_eq!(s.holder_of(job.entry_id()).await.as_deref(), Some("w1"));
+    assert_eq!(inflight.snapshot(), vec![job.entry_id().to_owned()]);
+}
+
+#[tokio::test]
+async fn only_a_delivery_of_the_ledgers_own_queue_without_a_unique_key_is_acknowledged() {
+    let s = setup().await;
+    for id in ["OTHER-1", "UNIQUE-1"] {
+        s.register(id).await;
+    }
+    // From another queue's stream (a job written into the wrong lane, say).
+    let other = QueueKeys::new("t", "elsewhere").unwrap();
+    let mut c = s.conn.clone();
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&other.stream)
+        .arg(&other.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let (foreign, _) = s.deliver(&other.stream, "w1", None).await;
+    s.ledger
+        .accept_finishing("OTHER-1", Some("P1"), None, Some(&foreign))
+        .await
+        .unwrap();
+    assert!(!foreign.is_settled());
+
+    // A job holding a unique key: releasing it is the settle script's job.
+    let (unique, _) = s
+        .deliver(&s.queue.stream, "w1", Some("poll-once:UNIQUE-1"))
+        .await;
+    s.ledger
+        .accept_finishing("UNIQUE-1", Some("P2"), None, Some(&unique))
+        .await
+        .unwrap();
+    assert!(!unique.is_settled());
+    assert_eq!(s.holder_of(unique.entry_id()).await.as_deref(), Some("w1"));
+}
+
+#[tokio::test]
+async fn a_final_state_found_by_a_poll_acknowledges_the_poll_each_time() {
+    let s = setup().await;
+    s.register("FIN-1").await;
+    s.ledger.accept("FIN-1", Some("P1"), None).await.unwrap();
+    let record = s.ledger.get("FIN-1").await.unwrap().unwrap();
+    let result = FinalResult {
+        gateway_state: Some(2),
+        pay_order_id: Some("P1".into()),
+        ..FinalResult::default()
+    };
+    // Recorded, then unchanged (a redelivered poll), then a correction: each finishes its job.
+    let expected = [
+        (Phase::Succeeded, Finalized::Recorded),
+        (Phase::Succeeded, Finalized::Unchanged),
+        (Phase::Failed, Finalized::Corrected),
+    ];
+    for (phase, want) in expected {
+        let (job, _) = s.deliver(&s.queue.stream, "w1", None).await;
+        let applied = s
+            .ledger
+            .apply_gateway_final_finishing(&record, phase, &result, Some(&job))
+            .await
+            .unwrap();
+        assert_eq!(applied, want);
+        assert!(job.is_settled(), "{want:?}");
+        assert_eq!(s.holder_of(job.entry_id()).await, None, "{want:?}");
+    }
+    let mut c = s.conn.clone();
+    let outcomes: u64 = c.xlen(s.ledger.keys().outcomes()).await.unwrap();
+    assert_eq!(outcomes, 2, "one final and one correction");
+}
+
+#[tokio::test]
+async fn an_operation_that_does_not_answer_as_its_caller_asked_acknowledges_nothing() {
+    // The script acknowledges only on the replies the caller finishes its job on (a
+    // finalisation's lost lease or unproven absence sends its job round again).
+    let s = setup().await;
+    s.register("ASKED-1").await;
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    let stuck = s.ledger.op("S", "ASKED-1").arg("ASKED-1");
+    let flagged = s
+        .ledger
+        .apply_int_finishing(stuck, Some(&job), "0", "mark_stuck", "ASKED-1")
+        .await
+        .unwrap();
+    assert_eq!(flagged, 1, "answered 1, not the 0 asked for");
+    assert!(!job.is_settled());
+    assert_eq!(s.holder_of(job.entry_id()).await.as_deref(), Some("w1"));
+    assert_eq!(inflight.snapshot(), vec![job.entry_id().to_owned()]);
+}
+
+#[tokio::test]
+async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left() {
+    let s = setup().await;
+    let ids: Vec<String> = (0..24).map(|i| format!("MANY-{i}")).collect();
+    let mut jobs = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        s.register(id).await;
+        let consumer = if i % 2 == 0 { "w1" } else { "w2" };
+        jobs.push(s.deliver(&s.queue.stream, consumer, None).await.0);
+    }
+    // Every third job was taken over by w3 meanwhile.
+    let mut c = s.conn.clone();
+    for job in jobs.iter().step_by(3) {
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(&s.queue.stream)
+            .arg(&s.queue.group)
+            .arg("w3")
+            .arg(0)
+            .arg(job.entry_id())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    // Concurrent callers share batches (how many per batch depends on timing; each
+    // job's fate must not).
+    let polls: Vec<PreparedJob> = ids.iter().map(|id| poll_job(id)).collect();
+    let accepts = ids.iter().zip(&jobs).zip(&polls).map(|((id, job), poll)| {
+        s.ledger
+            .accept_finishing(id, Some("P"), Some(poll), Some(job))
+    });
+    for accepted in futures::future::join_all(accepts).await {
+        assert!(accepted.unwrap());
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        let holder = s.holder_of(job.entry_id()).await;
+        if i % 3 == 0 {
+            assert_eq!(
+                holder.as_deref(),
+                Some("w3"),
+                "job {i}: left to its new holder"
+            );
+        } else {
+            assert_eq!(holder, None, "job {i}: acknowledged");
+            assert!(!s.in_stream(job.entry_id()).await);
+        }
+        assert!(job.is_settled(), "job {i}");
+    }
+    assert_eq!(s.delayed_jobs().await, 24);
+}
