@@ -111,6 +111,70 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
     assert!(text.contains("tarspay_jobs_total"), "{text}");
 }
 
+/// A payout job that finishes is acknowledged by the ledger step that writes its last effect
+/// (the acceptance, the final state a poll found), not by a settlement of its own: the
+/// worker's counters show as many jobs acknowledged that way as jobs done, none dropped as
+/// stale (which a second, settler's acknowledgement of each would be), and nothing pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
+    let app = spawn_app_with(false, |_| {}, &[]).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("STEP-{i}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100")).await;
+    }
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let worker = app.worker_process_with(4, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    let outcomes = app.wait_outcomes(ids.len()).await;
+    assert!(
+        outcomes.values().all(|o| o.status == "succeeded"),
+        "{outcomes:?}"
+    );
+    let counter = |text: &str, name: &str, labels: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // A create and a final poll per payout; the job counter moves just after the step.
+    let text = eventually("every finished job counted", || async {
+        let text = match http.get(format!("http://{addr}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        (counter(&text, "tarspay_jobs_total{", "result=\"done\"") >= 2 * ids.len() as u64)
+            .then_some(text)
+    })
+    .await;
+    drop(worker);
+    let done = counter(&text, "tarspay_jobs_total{", "result=\"done\"");
+    assert_eq!(done, 2 * ids.len() as u64, "{text}");
+    assert_eq!(
+        counter(&text, "tarspay_queue_acked_in_step_total", ""),
+        done,
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "tarspay_queue_stale_settlements_total", ""),
+        0,
+        "{text}"
+    );
+    let partition = app.partition(&ids[0]);
+    let keys = partition.queue.keys().clone();
+    let mut conn = partition.queue.connection();
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending(&keys.stream, &keys.group).await.unwrap();
+    assert_eq!(pending.count(), 0);
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
 /// An order whose only job was given up into the dead stream is an operator's call: the
 /// audit reports it, the lifeline leaves it, and `dead retry` brings it home.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,10 @@ pub const WORKERS_ALIVE: &str = "tarspay_workers_alive";
 /// first one stalled past the orphan timeout); the new holder settles it. Not an error by itself;
 /// a steady rise means workers stall (GC, swap, SIGSTOP, VM pauses) or the orphan timeout is short.
 pub const QUEUE_STALE_SETTLEMENTS: &str = "tarspay_queue_stale_settlements_total";
+/// Jobs acknowledged by the ledger step that wrote their last effect (a create's acceptance, a
+/// poll's final state) rather than by a settlement of their own: every payout job that ends
+/// that way, when it came from its ledger's queue and holds no unique key.
+pub const QUEUE_ACKED_IN_STEP: &str = "tarspay_queue_acked_in_step_total";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
 /// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.

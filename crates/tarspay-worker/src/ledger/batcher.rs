@@ -58,8 +58,9 @@ pub(crate) enum JobAcked {
 }
 
 /// Parsed batch reply: each operation's reply, then which operations' deliveries were
-/// acknowledged and which were stale (1-based positions).
-type BatchReply = (Vec<Value>, Vec<usize>, Vec<usize>);
+/// acknowledged and which were stale (1-based positions), and why some could not be ('' for
+/// no failure).
+type BatchReply = (Vec<Value>, Vec<usize>, Vec<usize>, String);
 
 /// One ledger operation: what the batch script is told to do for one caller.
 pub(crate) struct Op {
@@ -169,7 +170,10 @@ async fn run(
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
-            Ok(((replies, acked, stale), confirmed)) if replies.len() == batch.len() => {
+            Ok(((replies, acked, stale, ack_error), confirmed)) if replies.len() == batch.len() => {
+                if !ack_error.is_empty() {
+                    tracing::warn!(error = %ack_error, "jobs not acknowledged with their ledger step; their settlements will be");
+                }
                 for (at, (pending, reply)) in batch.drain(..).zip(replies).enumerate() {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
                     let job = if acked.contains(&(at + 1)) {
@@ -187,7 +191,7 @@ async fn run(
                     let _ = pending.reply.send(reply);
                 }
             }
-            Ok(((replies, _, _), _)) => {
+            Ok(((replies, ..), _)) => {
                 let err = RedisError::from((
                     redis::ErrorKind::Parse,
                     "ledger batch answered with the wrong number of replies",

@@ -135,6 +135,21 @@ impl Setup {
         !found.is_empty()
     }
 
+    /// How many times Redis ran `command` (client and Lua calls alike).
+    async fn command_calls(&self, command: &str) -> u64 {
+        let mut c = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
     async fn delayed_jobs(&self) -> u64 {
         let mut c = self.conn.clone();
         c.zcard(&self.queue.delayed).await.unwrap()
@@ -192,6 +207,62 @@ async fn an_acceptance_acknowledges_the_job_it_finishes_in_the_same_step() {
     assert!(!accepted);
     assert!(again.is_settled());
     assert_eq!(s.holder_of(again.entry_id()).await, None);
+}
+
+#[tokio::test]
+async fn an_acceptance_with_history_lines_keeps_them_and_still_acknowledges_its_job() {
+    // The lines noted before the acceptance (a create's answer) come before the delivery in
+    // each operation's arguments.
+    let s = setup().await;
+    s.register("EVT-1").await;
+    let (job, _) = s.deliver(&s.queue.stream, "w1", None).await;
+    let mut sent = history::OrderEvent::now(history::EventKind::Create);
+    sent.code = Some(0);
+    s.ledger.note_soon("EVT-1", sent.clone());
+    s.ledger.note_soon("EVT-1", sent);
+    let accepted = s
+        .ledger
+        .accept_finishing("EVT-1", Some("P1"), Some(&poll_job("EVT-1")), Some(&job))
+        .await
+        .unwrap();
+    assert!(accepted);
+    assert!(job.is_settled());
+    assert_eq!(s.holder_of(job.entry_id()).await, None);
+    let events = s.ledger.events("EVT-1").await.unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e.kind == history::EventKind::Create));
+}
+
+#[tokio::test]
+async fn an_acknowledgement_that_fails_leaves_the_job_to_its_settler_and_the_effect_stands() {
+    let s = setup().await;
+    s.register("NOGROUP-1").await;
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    // The consumer group is gone (a restarted server without its data, say): the ownership
+    // check fails inside the script.
+    let mut c = s.conn.clone();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&s.queue.stream)
+        .arg(&s.queue.group)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let accepted = s
+        .ledger
+        .accept_finishing(
+            "NOGROUP-1",
+            Some("P1"),
+            Some(&poll_job("NOGROUP-1")),
+            Some(&job),
+        )
+        .await
+        .unwrap();
+    assert!(accepted, "the acceptance is written");
+    assert_eq!(s.delayed_jobs().await, 1, "with its poll job");
+    assert!(!job.is_settled(), "its settlement is the settler's");
+    assert_eq!(inflight.snapshot(), vec![job.entry_id().to_owned()]);
+    assert!(s.in_stream(job.entry_id()).await);
 }
 
 #[tokio::test]
@@ -359,8 +430,10 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
             .await
             .unwrap();
     }
-    // Concurrent callers share batches (how many per batch depends on timing; each
-    // job's fate must not).
+    // Concurrent callers: all 24 operations reach the batcher before its task runs (one
+    // poll of every future on this one-thread runtime), so they share one script call and
+    // each consumer's ownership is one ranged XPENDING.
+    let xpending_before = s.command_calls("xpending").await;
     let polls: Vec<PreparedJob> = ids.iter().map(|id| poll_job(id)).collect();
     let accepts = ids.iter().zip(&jobs).zip(&polls).map(|((id, job), poll)| {
         s.ledger
@@ -369,6 +442,11 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
     for accepted in futures::future::join_all(accepts).await {
         assert!(accepted.unwrap());
     }
+    assert_eq!(
+        s.command_calls("xpending").await - xpending_before,
+        2,
+        "one ownership check per consumer"
+    );
     for (i, job) in jobs.iter().enumerate() {
         let holder = s.holder_of(job.entry_id()).await;
         if i % 3 == 0 {

@@ -41,7 +41,9 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// queue's stream (`KEYS[5]`), is then acknowledged and deleted in the same step, if still
 /// pending for that consumer (see `queue::Delivery::ack_in`).
 /// Returns {one reply per operation in order, {positions of operations whose delivery was
-/// acknowledged}, {positions of those whose delivery another consumer holds now}}.
+/// acknowledged}, {positions of those whose delivery another consumer holds now}, the error
+/// that kept some deliveries from being acknowledged ('' for none: they are left to the
+/// settler)}.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{}{}local MAX_EVENTS = {}\n{}",
@@ -482,7 +484,8 @@ if not ran then error(failure) end
 -- still pending for the caller's consumer: one taken over by another worker is left to it
 -- and reported stale. Acknowledged and stale operations are named in the reply.
 local acked, stale = {}, {}
-local function ack_jobs()
+local ack_error = ''
+if #acks > 0 then
   local holders = {}
   for _, ack in ipairs(acks) do
     local reply = out[ack.owner]
@@ -497,33 +500,38 @@ local function ack_jobs()
       held.acks[#held.acks + 1] = ack
     end
   end
+  -- One consumer's acknowledgements at a time: a failure (a group gone with a restarted
+  -- server's data) leaves that consumer's jobs to the settler (they run again and find their
+  -- work done); the operations' effects stand either way.
   for _, held in ipairs(holders) do
-    local ids = {}
-    for i, ack in ipairs(held.acks) do ids[i] = ack.entry end
-    local mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
-    local done = {}
-    for _, ack in ipairs(held.acks) do
-      if mine[ack.entry] then
-        done[#done + 1] = ack.entry
-        acked[#acked + 1] = ack.owner
-        mine[ack.entry] = nil
-      else
-        stale[#stale + 1] = ack.owner
+    local ok, err = pcall(function()
+      local ids = {}
+      for i, ack in ipairs(held.acks) do ids[i] = ack.entry end
+      local mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
+      local done, done_by, left_by = {}, {}, {}
+      for _, ack in ipairs(held.acks) do
+        if mine[ack.entry] then
+          done[#done + 1] = ack.entry
+          done_by[#done_by + 1] = ack.owner
+          mine[ack.entry] = nil
+        else
+          left_by[#left_by + 1] = ack.owner
+        end
       end
-    end
-    if #done > 0 then
-      redis.call('XACK', KEYS[5], held.group, unpack(done))
-      redis.call('XDEL', KEYS[5], unpack(done))
+      if #done > 0 then
+        redis.call('XACK', KEYS[5], held.group, unpack(done))
+        redis.call('XDEL', KEYS[5], unpack(done))
+      end
+      for _, owner in ipairs(done_by) do acked[#acked + 1] = owner end
+      for _, owner in ipairs(left_by) do stale[#stale + 1] = owner end
+    end)
+    if not ok then
+      if type(err) == 'table' and err.err then err = err.err end
+      ack_error = tostring(err)
     end
   end
 end
-if #acks > 0 then
-  -- The operations' effects stand whatever happens here; an acknowledgement that fails
-  -- leaves its job to the settler (the job runs again and finds its work done).
-  local ok = pcall(ack_jobs)
-  if not ok then acked, stale = {}, {} end
-end
-return {out, acked, stale}
+return {out, acked, stale, ack_error}
 "#
     ))
 });

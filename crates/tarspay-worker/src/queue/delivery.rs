@@ -87,7 +87,9 @@ impl Delivery {
     pub(crate) fn settled_in_step(&self, stale: bool) {
         self.0.settled.store(true, Ordering::Release);
         self.0.holder.inflight.remove([self.entry_id()]);
-        if stale {
+        if !stale {
+            metrics::counter!(crate::metrics::QUEUE_ACKED_IN_STEP).increment(1);
+        } else {
             super::settle::report_stale(
                 &self.0.holder.consumer,
                 self.entry_id(),
