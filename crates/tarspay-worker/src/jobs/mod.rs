@@ -2,7 +2,9 @@
 //! (Redis): each run reads the ledger, makes at most one gateway call that could create money
 //! movement, records the result with one ledger transition, and says what should happen next
 //! as a [`Step`]. The queue glue turns a `Step` into an acknowledgement or a delayed retry; the
-//! follow-up poll job is queued by the ledger's acceptance itself.
+//! follow-up poll job is queued by the ledger's acceptance itself, and a job that ends with an
+//! acceptance or a final state is acknowledged by that ledger step (`Ledger::accept_finishing`,
+//! `Ledger::apply_gateway_final_finishing`), so its handler must then report it done.
 
 mod calls;
 mod create_payout;
