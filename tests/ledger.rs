@@ -555,8 +555,7 @@ async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
 async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
-    let mut conn = server.conn().await;
-    let before = command_calls(&mut conn, "evalsha").await;
+    let before = server.command_calls("evalsha");
     // 300 registrations at once, every third one a number registered twice.
     let mut tasks = Vec::new();
     for i in 0..300 {
@@ -585,7 +584,7 @@ async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
         }
     }
     assert_eq!((created, clashes), (200, 100));
-    let calls = command_calls(&mut conn, "evalsha").await - before;
+    let calls = server.command_calls("evalsha") - before;
     assert!(
         calls < 300,
         "300 concurrent changes took {calls} script calls"
@@ -909,20 +908,6 @@ async fn a_payouts_history_rides_in_its_milestones_and_a_list_goes_with_its_inde
     }
 }
 
-/// Calls of `command` this server has run so far, counting those inside scripts.
-async fn command_calls(conn: &mut tarspay_worker::redis_conn::RedisConn, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 #[tokio::test]
 async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_their_owners() {
     use redis::AsyncCommands;
@@ -963,7 +948,7 @@ async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_th
 
     // 40 registrations at once: their time index entries go in far fewer ZADDs than 40.
     let ids: Vec<String> = (0..40).map(|i| format!("HB-{i}")).collect();
-    let zadds = command_calls(&mut conn, "zadd").await;
+    let zadds = server.command_calls("zadd");
     let mut tasks = Vec::new();
     for id in ids.clone() {
         let ledger = ledger.clone();
@@ -976,14 +961,14 @@ async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_th
     }
     let indexed: u64 = conn.zcard(keys.index()).await.unwrap();
     assert_eq!(indexed, 40);
-    let registering = command_calls(&mut conn, "zadd").await - zadds;
+    let registering = server.command_calls("zadd") - zadds;
 
     // Their 40 acceptances at once: the poll jobs too.
-    let zadds = command_calls(&mut conn, "zadd").await;
+    let zadds = server.command_calls("zadd");
     for answer in accept_all(ids.clone()).await {
         assert!(answer.unwrap());
     }
-    let accepting = command_calls(&mut conn, "zadd").await - zadds;
+    let accepting = server.command_calls("zadd") - zadds;
     assert_eq!(queue.stats().await.unwrap().delayed, 40);
     assert!(
         registering < 20 && accepting < 20,

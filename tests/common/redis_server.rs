@@ -39,6 +39,14 @@ impl RedisServer {
         self.server.url().to_owned()
     }
 
+    /// How many times the server ran `command` (lower case; Lua's calls included).
+    #[allow(dead_code)]
+    pub fn command_calls(&self, command: &str) -> u64 {
+        self.server
+            .command_calls(command)
+            .expect("INFO commandstats")
+    }
+
     pub fn dir(&self) -> &Path {
         self.server.dir()
     }

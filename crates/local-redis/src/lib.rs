@@ -27,6 +27,8 @@ pub enum LocalRedisError {
     CliNotInstalled(String),
     #[error("local Redis Cluster: {0}")]
     Cluster(String),
+    #[error("the private redis-server did not answer a query: {0}")]
+    Query(String),
     #[error("the local Redis Cluster has no node {0}")]
     NoSuchNode(usize),
     #[error("the local Redis Cluster was not {what} after {waited:?}: {last}")]
@@ -118,6 +120,27 @@ impl LocalRedis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// How many times the server has run `command` (lower case; client calls and calls from
+    /// Lua alike), from `INFO commandstats`: 0 if it never ran. For tests that count the
+    /// commands a step costs.
+    pub fn command_calls(&self, command: &str) -> Result<u64, LocalRedisError> {
+        let query = |e: redis::RedisError| LocalRedisError::Query(e.to_string());
+        let mut conn = redis::Client::open(self.url.as_str())
+            .and_then(|client| client.get_connection())
+            .map_err(query)?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut conn)
+            .map_err(query)?;
+        let prefix = format!("cmdstat_{command}:calls=");
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
     }
 
     /// The process id while it runs (0 once stopped).

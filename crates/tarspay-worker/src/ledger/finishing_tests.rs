@@ -7,7 +7,7 @@ use crate::redis_conn::RedisClient;
 use local_redis::{Durability, LocalRedis};
 
 struct Setup {
-    _redis: LocalRedis,
+    redis: LocalRedis,
     conn: RedisConn,
     ledger: Ledger,
     queue: QueueKeys,
@@ -31,7 +31,7 @@ async fn setup() -> Setup {
         .await
         .unwrap();
     Setup {
-        _redis: redis,
+        redis,
         conn,
         ledger,
         queue,
@@ -136,18 +136,8 @@ impl Setup {
     }
 
     /// How many times Redis ran `command` (client and Lua calls alike).
-    async fn command_calls(&self, command: &str) -> u64 {
-        let mut c = self.conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let prefix = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|line| line.strip_prefix(prefix.as_str()))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
+    fn command_calls(&self, command: &str) -> u64 {
+        self.redis.command_calls(command).unwrap()
     }
 
     async fn delayed_jobs(&self) -> u64 {
@@ -433,7 +423,7 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
     // Concurrent callers: all 24 operations reach the batcher before its task runs (one
     // poll of every future on this one-thread runtime), so they share one script call and
     // each consumer's ownership is one ranged XPENDING.
-    let xpending_before = s.command_calls("xpending").await;
+    let xpending_before = s.command_calls("xpending");
     let polls: Vec<PreparedJob> = ids.iter().map(|id| poll_job(id)).collect();
     let accepts = ids.iter().zip(&jobs).zip(&polls).map(|((id, job), poll)| {
         s.ledger
@@ -443,7 +433,7 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
         assert!(accepted.unwrap());
     }
     assert_eq!(
-        s.command_calls("xpending").await - xpending_before,
+        s.command_calls("xpending") - xpending_before,
         2,
         "one ownership check per consumer"
     );
