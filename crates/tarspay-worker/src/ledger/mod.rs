@@ -833,7 +833,20 @@ impl Ledger {
         op.ack = job
             .and_then(|job| job.ack_in(&self.keys.queue.stream))
             .map(|ack| (ack, done_replies));
-        let reply = self.batcher.apply_confirmed(op).await?;
+        let acking = op.ack.is_some();
+        let reply = match self.batcher.apply_confirmed(op).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                // An operation's own error (`Extension`) acknowledged nothing; any other may
+                // have come after the script ran: then the job is done and acknowledged, and
+                // the retry its handler now asks for finds its entry gone (a stale settlement
+                // that is not a takeover).
+                if acking && err.kind() != redis::ErrorKind::Extension {
+                    tracing::warn!(mch_order_no = id, error = %err, "ledger step's reply lost; its job may be acknowledged already");
+                }
+                return Err(err.into());
+            }
+        };
         if let Some(job) = job
             && reply.job != JobAcked::No
         {
