@@ -165,12 +165,14 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
         0,
         "{text}"
     );
-    let partition = app.partition(&ids[0]);
-    let keys = partition.queue.keys().clone();
-    let mut conn = partition.queue.connection();
-    let pending: redis::streams::StreamPendingReply =
-        conn.xpending(&keys.stream, &keys.group).await.unwrap();
-    assert_eq!(pending.count(), 0);
+    for id in &ids {
+        let partition = app.partition(id);
+        let keys = partition.queue.keys().clone();
+        let mut conn = partition.queue.connection();
+        let pending: redis::streams::StreamPendingReply =
+            conn.xpending(&keys.stream, &keys.group).await.unwrap();
+        assert_eq!(pending.count(), 0, "{id}'s partition");
+    }
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }

@@ -135,12 +135,16 @@ impl LocalRedis {
             .query(&mut conn)
             .map_err(query)?;
         let prefix = format!("cmdstat_{command}:calls=");
-        Ok(info
+        let Some(rest) = info
             .lines()
             .find_map(|line| line.strip_prefix(prefix.as_str()))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        else {
+            return Ok(0);
+        };
+        let calls = rest.split(',').next().unwrap_or_default();
+        calls
+            .parse()
+            .map_err(|_| LocalRedisError::Query(format!("unreadable count {calls:?} of {command}")))
     }
 
     /// The process id while it runs (0 once stopped).

@@ -518,12 +518,15 @@ if #acks > 0 then
           left_by[#left_by + 1] = ack.owner
         end
       end
+      for _, owner in ipairs(left_by) do stale[#stale + 1] = owner end
       if #done > 0 then
         redis.call('XACK', KEYS[5], held.group, unpack(done))
-        redis.call('XDEL', KEYS[5], unpack(done))
+        -- Acknowledged: done, whatever the delete does (an entry left in the stream is
+        -- only a stray entry, never delivered again).
+        for _, owner in ipairs(done_by) do acked[#acked + 1] = owner end
+        local deleted = redis.pcall('XDEL', KEYS[5], unpack(done))
+        if type(deleted) == 'table' and deleted.err then error(deleted.err) end
       end
-      for _, owner in ipairs(done_by) do acked[#acked + 1] = owner end
-      for _, owner in ipairs(left_by) do stale[#stale + 1] = owner end
     end)
     if not ok then
       if type(err) == 'table' and err.err then err = err.err end
