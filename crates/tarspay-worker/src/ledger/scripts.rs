@@ -408,7 +408,7 @@ local function guarded(kind, order, aux, a)
   return {'!error', tostring(reply)}
 end
 local out = {}
--- Job deliveries to acknowledge with their operations (see ack_jobs).
+-- Job deliveries to acknowledge with their operations (at the end, after the held jobs).
 local acks = {}
 local function run_ops()
   local at = 2
@@ -501,8 +501,8 @@ if #acks > 0 then
     end
   end
   -- One consumer's acknowledgements at a time: a failure (a group gone with a restarted
-  -- server's data) leaves that consumer's jobs to the settler (they run again and find their
-  -- work done); the operations' effects stand either way.
+  -- server's data) leaves that consumer's jobs to their settlements, as for any other job;
+  -- the operations' effects stand either way.
   for _, held in ipairs(holders) do
     local ok, err = pcall(function()
       local ids = {}
