@@ -453,3 +453,72 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
     }
     assert_eq!(s.delayed_jobs().await, 24);
 }
+
+/// A TCP hop to Redis that can lose the next reply: it reads it from the server, then closes
+/// the client's connection instead of passing it on (a connection dropped after the command
+/// ran, as a failover or a network fault can).
+async fn lossy_hop(target: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let lose_next = Arc::new(AtomicBool::new(false));
+    let armed = Arc::clone(&lose_next);
+    let target = target.to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let armed = Arc::clone(&armed);
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = from_server.read(&mut buf).await {
+                    if n == 0 || armed.swap(false, Ordering::SeqCst) {
+                        break;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    (url, lose_next)
+}
+
+#[tokio::test]
+async fn a_lost_reply_after_the_step_ran_leaves_the_job_done_and_acknowledged() {
+    let s = setup().await;
+    s.register("LOST-1").await;
+    let host = format!("127.0.0.1:{}", s.redis.port());
+    let (url, lose_next) = lossy_hop(&host).await;
+    let through_hop = RedisClient::single(&url)
+        .and_then(|client| client.connect(Default::default()))
+        .expect("client");
+    let ledger = Ledger::new(through_hop, s.ledger.keys().clone());
+    // The batch script is loaded (the registration ran it), so the next call runs it.
+    assert!(ledger.get("LOST-1").await.unwrap().is_some());
+    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+
+    lose_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = ledger
+        .accept_finishing("LOST-1", Some("P1"), Some(&poll_job("LOST-1")), Some(&job))
+        .await;
+    assert!(lost.is_err(), "the caller never heard: {lost:?}");
+    // Its handler fails, so its layer asks for a retry: that settlement meets an entry
+    // no longer pending (dropped as stale), and the job is not run again.
+    assert!(!job.is_settled());
+    assert_eq!(inflight.snapshot(), vec![job.entry_id().to_owned()]);
+    // What the script did stands, together: the acceptance, its poll job, the ack.
+    assert!(s.ledger.get("LOST-1").await.unwrap().unwrap().accepted);
+    assert_eq!(s.delayed_jobs().await, 1);
+    assert_eq!(s.holder_of(job.entry_id()).await, None);
+    assert!(!s.in_stream(job.entry_id()).await);
+}
