@@ -16,6 +16,23 @@ fn violations(report: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The worker process' `/metrics` text at `addr`, once `ready` says it shows what the test
+/// waits for.
+async fn worker_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    eventually(what, || async {
+        let text = match http.get(format!("http://{addr}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        ready(&text).then_some(text)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it() {
     let metrics = tarspay_worker::metrics::install();
@@ -88,17 +105,8 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
     let worker = app.worker_process_with(2, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["LOST-9"].status, "succeeded");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let text = eventually("the worker's metrics", || async {
-        let text = match http.get(format!("http://{addr}/metrics")).send().await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
+    let text = worker_metrics(&addr, "the worker's metrics", |text| {
         text.contains("tarspay_lifeline_repairs_total")
-            .then_some(text)
     })
     .await;
     drop(worker);
@@ -138,18 +146,9 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
     // A create and a final poll per payout; the job counter moves just after the step.
-    let text = eventually("every finished job counted", || async {
-        let text = match http.get(format!("http://{addr}/metrics")).send().await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        (counter(&text, "tarspay_jobs_total{", "result=\"done\"") >= 2 * ids.len() as u64)
-            .then_some(text)
+    let text = worker_metrics(&addr, "every finished job counted", |text| {
+        counter(text, "tarspay_jobs_total{", "result=\"done\"") >= 2 * ids.len() as u64
     })
     .await;
     drop(worker);

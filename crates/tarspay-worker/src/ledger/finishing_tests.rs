@@ -20,6 +20,17 @@ async fn setup() -> Setup {
         .expect("client");
     let queue = QueueKeys::new("t", "payouts").unwrap();
     let ledger = Ledger::new(conn.clone(), LedgerKeys::new("{t:payouts}", &queue));
+    create_group(&conn, &queue).await;
+    Setup {
+        redis,
+        conn,
+        ledger,
+        queue,
+    }
+}
+
+/// The queue's stream and consumer group, as a worker's first fetch makes them.
+async fn create_group(conn: &RedisConn, queue: &QueueKeys) {
     let mut c = conn.clone();
     let () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -30,12 +41,6 @@ async fn setup() -> Setup {
         .query_async(&mut c)
         .await
         .unwrap();
-    Setup {
-        redis,
-        conn,
-        ledger,
-        queue,
-    }
 }
 
 impl Setup {
@@ -316,16 +321,7 @@ async fn only_a_delivery_of_the_ledgers_own_queue_without_a_unique_key_is_acknow
     }
     // From another queue's stream (a job written into the wrong lane, say).
     let other = QueueKeys::new("t", "elsewhere").unwrap();
-    let mut c = s.conn.clone();
-    let () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&other.stream)
-        .arg(&other.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    create_group(&s.conn, &other).await;
     let (foreign, _) = s.deliver(&other.stream, "w1", None).await;
     s.ledger
         .accept_finishing("OTHER-1", Some("P1"), None, Some(&foreign))
