@@ -112,6 +112,20 @@ impl Setup {
         (delivery, inflight)
     }
 
+    /// `consumer` takes `job`'s entry over, as another worker does after the orphan timeout.
+    async fn take_over(&self, job: &Delivery, consumer: &str) {
+        let mut c = self.conn.clone();
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(&self.queue.stream)
+            .arg(&self.queue.group)
+            .arg(consumer)
+            .arg(0)
+            .arg(job.entry_id())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
     /// The consumer `entry_id` is pending for, if any.
     async fn holder_of(&self, entry_id: &str) -> Option<String> {
         let mut c = self.conn.clone();
@@ -266,16 +280,7 @@ async fn a_job_taken_over_by_another_worker_is_left_to_it_while_the_effect_stand
     s.register("STALE-1").await;
     let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
     // w1 froze past the orphan timeout: w2 took the entry over.
-    let mut c = s.conn.clone();
-    let _: Value = redis::cmd("XCLAIM")
-        .arg(&s.queue.stream)
-        .arg(&s.queue.group)
-        .arg("w2")
-        .arg(0)
-        .arg(job.entry_id())
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    s.take_over(&job, "w2").await;
 
     let accepted = s
         .ledger
@@ -404,17 +409,8 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
         jobs.push(s.deliver(&s.queue.stream, consumer, None).await.0);
     }
     // Every third job was taken over by w3 meanwhile.
-    let mut c = s.conn.clone();
     for job in jobs.iter().step_by(3) {
-        let _: Value = redis::cmd("XCLAIM")
-            .arg(&s.queue.stream)
-            .arg(&s.queue.group)
-            .arg("w3")
-            .arg(0)
-            .arg(job.entry_id())
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        s.take_over(job, "w3").await;
     }
     // Concurrent callers: all 24 operations reach the batcher before its task runs (one
     // poll of every future on this one-thread runtime), so they share one script call and
