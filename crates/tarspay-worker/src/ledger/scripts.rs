@@ -359,12 +359,8 @@ end
 -- The events noted before an operation were written with it: nothing else to do.
 local function events_only(order, a) return 1 end
 
--- A read of the whole record: rides in the batch so a busy worker's reads (every poll starts
--- with one) cost no round trip of their own.
-local function read(order, a) return redis.call('HGETALL', order) end
-
 local ops = {R = register, B = begin_submit, A = accept, F = finalize, X = release, S = mark_stuck,
-  N = note_absent, E = events_only, G = read}
+  N = note_absent, E = events_only}
 
 -- Appends history lines to an order's list: capped at MAX_EVENTS (the oldest go). A list
 -- started for a record that is gone is dropped; one started for a final record gets its
