@@ -495,7 +495,8 @@ async fn a_lost_reply_after_the_step_ran_leaves_the_job_done_and_acknowledged() 
         .and_then(|client| client.connect(Default::default()))
         .expect("client");
     let ledger = Ledger::new(through_hop, s.ledger.keys().clone());
-    // The batch script is loaded (the registration ran it), so the next call runs it.
+    // Connects through the hop (the batch script is loaded: the registration ran it, so the
+    // next ledger step runs it).
     assert!(ledger.get("LOST-1").await.unwrap().is_some());
     let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
 
