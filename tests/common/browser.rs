@@ -27,6 +27,9 @@ pub struct Browser {
     session: Option<String>,
     /// Dropped after the session is closed (fields drop after `Drop::drop`).
     _chromedriver: Chromedriver,
+    /// Chromium's temporary files (`TMPDIR`): removed after chromedriver's process group is
+    /// killed (fields drop in order), so no run leaves its profile copies in /tmp.
+    _tmp: tempfile::TempDir,
 }
 
 /// The chromedriver child: its whole process group (chromedriver and every Chromium process
@@ -126,11 +129,13 @@ impl Browser {
         };
         // Its own process group: dropping the fixture kills chromedriver and every Chromium
         // process it started, even if the session could not be closed.
+        let tmp = tempfile::tempdir().expect("a temporary directory for Chromium");
         let mut chromedriver = {
             use std::os::unix::process::CommandExt;
             Chromedriver(
                 Command::new(&chromedriver)
                     .arg(format!("--port={port}"))
+                    .env("TMPDIR", tmp.path())
                     .stdout(output())
                     .stderr(output())
                     .process_group(0)
@@ -185,6 +190,7 @@ impl Browser {
             port,
             session,
             _chromedriver: chromedriver,
+            _tmp: tmp,
         }
     }
 
