@@ -601,6 +601,39 @@ async fn two_worker_processes_create_each_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_makes_at_most_concurrency_calls_at_once() {
+    // Each create waits 400 ms at the gateway before the order is made. A worker process
+    // holds more jobs than its concurrency (2), yet a third create is sent only once an
+    // earlier one was answered: any three orders were made at least ~400 ms apart.
+    let app = spawn_app(false, |c| {
+        c.faults = vec![fault("SLOT", None, FaultAction::Latency { ms: 400 })];
+    })
+    .await;
+    for i in 0..8 {
+        app.enqueue(inr(&format!("SLOT-{i}"), "100")).await;
+    }
+    let mut worker = app.worker_process(2);
+    let outcomes = app.wait_outcomes(8).await;
+    assert_eq!(worker.terminate(), Some(0));
+    assert!(outcomes.values().all(|o| o.status == "succeeded"));
+    let mut made: Vec<u64> = app
+        .sandbox
+        .orders()
+        .iter()
+        .map(|order| order.created_at_us)
+        .collect();
+    made.sort_unstable();
+    assert_eq!(made.len(), 8);
+    for three in made.windows(3) {
+        let spread_ms = (three[2] - three[0]) / 1_000;
+        assert!(
+            spread_ms >= 350,
+            "three creates in flight at once: made within {spread_ms} ms ({made:?})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_worker_is_replaced_and_no_order_is_created_twice() {
     // Every create takes 300 ms at the gateway, so the kill lands mid-batch with creates in flight.
     let app = spawn_app(false, |c| {
@@ -736,18 +769,28 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
     for i in 0..40 {
         app.enqueue(inr(&format!("TERM-{i}"), "100")).await;
     }
+    let creates_sent = || -> u32 {
+        (0..40)
+            .map(|i| app.sandbox.create_attempts(&format!("TERM-{i}")))
+            .sum()
+    };
     let mut first = app.worker_process(4);
     eventually("a create to start", || async {
-        let sent: u32 = (0..40)
-            .map(|i| app.sandbox.create_attempts(&format!("TERM-{i}")))
-            .sum();
-        (sent > 0).then_some(())
+        (creates_sent() > 0).then_some(())
     })
     .await;
+    let before_sigterm = creates_sent();
     assert_eq!(
         first.terminate(),
         Some(0),
         "a clean exit within the grace period"
+    );
+    // The process holds more jobs than its 4 call slots; after SIGTERM only the runs that
+    // held a slot may still send. Those waiting for one gave their jobs back unstarted.
+    let after_sigterm = creates_sent() - before_sigterm;
+    assert!(
+        after_sigterm <= 4,
+        "{after_sigterm} creates sent after SIGTERM"
     );
     // Every create that reached the gateway was recorded: nothing was left mid-call.
     for i in 0..40 {

@@ -684,6 +684,7 @@ impl Deployment {
                     queue: lane.queue.clone(),
                     merchant: profile.name.clone(),
                     limits: limits.clone(),
+                    call_slots: None,
                 };
                 (index, ctx)
             })

@@ -5,7 +5,9 @@
 
 use crate::config::Settings;
 use crate::deployment::{Deployment, DeploymentError, PAYOUT_QUEUE};
-use crate::jobs::{JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status};
+use crate::jobs::{
+    CallSlots, JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status,
+};
 use crate::ledger::WEBHOOK_QUEUE;
 use crate::queue::Partitioned;
 use crate::webhooks::{Deliverer, WebhookError, WebhookSettings};
@@ -15,6 +17,12 @@ use std::sync::Arc;
 
 /// Webhook deliveries in flight at once per worker process.
 const WEBHOOK_CONCURRENCY: usize = 8;
+/// Payout jobs a worker process holds per gateway call it may have in flight. A job holds a
+/// call slot only from just before its first ledger step that leads to a call until its last
+/// call is answered; its other ledger steps (an acceptance, a poll's read and finalization)
+/// overlap other jobs' calls. On a fast gateway that is over a third of a job's time: `bench
+/// e2e` kept the slots busiest at 3 (docs/performance.md, "Call slots").
+const JOBS_PER_CALL_SLOT: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -129,11 +137,16 @@ pub async fn run(
     // Every merchant this process can sign for; each has a lane in every partition.
     let profiles = settings.gateway.active_profiles();
     let mut contexts: Vec<Vec<JobContext>> = vec![Vec::new(); partitions.len()];
+    // `concurrency` bounds the gateway calls in flight; the process holds more jobs than
+    // that, so that some jobs' ledger steps overlap other jobs' calls.
+    let call_slots = CallSlots::new(concurrency);
+    let jobs_in_hand = concurrency.saturating_mul(JOBS_PER_CALL_SLOT);
     let mut payout_queues = Vec::new();
     // A merchant over its call limit closes its lanes to this process for a while.
     let mut gates = Vec::new();
     for profile in &profiles {
-        for (index, ctx) in deployment.lane_contexts(settings, profile)? {
+        for (index, mut ctx) in deployment.lane_contexts(settings, profile)? {
+            ctx.call_slots = Some(call_slots.clone());
             payout_queues.push(ctx.queue.clone());
             gates.push(ctx.limits.as_ref().map(|limits| limits.gate().clone()));
             contexts[index].push(ctx);
@@ -145,6 +158,7 @@ pub async fn run(
     let merchants: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
     tracing::info!(
         concurrency,
+        jobs_in_hand,
         partitions = partitions.len(),
         merchants = ?merchants,
         "payout worker starting"
@@ -152,7 +166,7 @@ pub async fn run(
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared.clone())
-        .concurrency(concurrency)
+        .concurrency(jobs_in_hand)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
         Some(webhooks) => {
@@ -211,6 +225,8 @@ pub async fn run(
         lifeline_stop.cancel();
         tracing::info!("shutting down: no new jobs, waiting for in-flight ones");
         stop_workers.cancel();
+        // Jobs still waiting for a gateway call slot go back to the queue unstarted.
+        call_slots.close();
         tokio::time::sleep(grace).await;
     };
     let _lifeline_tasks = lifeline_tasks;

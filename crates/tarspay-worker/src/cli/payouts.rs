@@ -21,8 +21,8 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// Payouts in flight at once in this process (default: the `concurrency` setting,
-    /// TARSPAY_CONCURRENCY).
+    /// Gateway calls in flight at once in this process, which holds 3 jobs per call
+    /// (default: the `concurrency` setting, TARSPAY_CONCURRENCY).
     #[arg(long)]
     concurrency: Option<usize>,
     /// Serve this process' Prometheus metrics (jobs, gateway calls, retries, outcomes,

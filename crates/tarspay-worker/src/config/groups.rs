@@ -222,7 +222,7 @@ pub struct RedisSettings {
 /// the timers that keep work alive.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Payouts in flight per process, 1 to 10000.
+    /// Gateway calls in flight per worker process, 1 to 10000 (it holds 3 jobs per call).
     pub concurrency: usize,
     /// `worker_threads`: threads of a `worker` process's runtime; 0 = one per core.
     pub threads: usize,

@@ -8,12 +8,19 @@
 //! ([`crate::queue::Gate`]): its backlog does not spin through the handlers or hold the
 //! concurrency other merchants' jobs need. A `429` from the gateway slows the merchant down,
 //! in every process, for its `Retry-After`.
+//!
+//! Apart from any merchant's limits, a worker process makes at most `concurrency` gateway
+//! calls at once ([`CallSlots`]): a run takes its slot in [`Calls::start`], like the first
+//! merchant slot, and gives it back once its last call is answered
+//! ([`Calls::calls_answered`]), so the ledger steps that follow overlap other runs' calls.
 
 use super::JobContext;
 use crate::gateway::GatewayError;
 use crate::queue::Gate;
 use crate::ratelimit::{Limiter, LimiterError, Permit};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a job may wait for a slot while holding a worker's concurrency.
 const IN_HAND_WAIT: Duration = Duration::from_millis(250);
@@ -40,25 +47,66 @@ impl CallLimits {
     }
 }
 
+/// A worker process's gateway calls in flight, shared by every merchant's lanes in it: the
+/// bound on its connections to the gateway (over HTTP/1.1 each call in flight holds one).
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CallSlots(Arc<Semaphore>);
+
+impl CallSlots {
+    /// `calls` at once (at least one).
+    pub fn new(calls: usize) -> Self {
+        Self(Arc::new(Semaphore::new(calls.max(1))))
+    }
+
+    /// The worker is stopping: runs waiting for a slot give their jobs back instead of
+    /// starting (those holding one finish).
+    pub fn close(&self) {
+        self.0.close();
+    }
+
+    /// Waits for a slot; `None` once closed.
+    async fn take(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.0).acquire_owned().await.ok()
+    }
+}
+
 /// The slots one run holds; every permit is given back by [`Calls::finish`].
 pub(super) struct Calls<'a> {
     ctx: &'a JobContext,
     /// The first slot was taken by [`Calls::start`] and not used yet.
     unused_first: bool,
     held: Vec<Permit>,
+    /// The process's call slot, from [`Calls::start`] until the run's last call is answered.
+    process_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<'a> Calls<'a> {
     /// The run's first slot; `Err(wait)` sends the job back for `wait`.
+    /// The process's call slot is taken first, and waited for as long as it takes (jobs wait
+    /// in the order they asked, and nothing of the order is touched yet) or until the worker
+    /// stops.
     pub async fn start(ctx: &'a JobContext) -> Result<Self, Duration> {
+        let process_slot = match &ctx.call_slots {
+            // Closed: the worker is stopping; the job goes back for another worker now.
+            Some(slots) => Some(slots.take().await.ok_or(Duration::ZERO)?),
+            None => None,
+        };
         let mut calls = Self {
             ctx,
             unused_first: false,
             held: Vec::new(),
+            process_slot,
         };
         calls.take().await?;
         calls.unused_first = true;
         Ok(calls)
+    }
+
+    /// The run makes no further call: its process slot goes to the next run now, not after
+    /// the run's remaining ledger steps. (A run that may still call keeps it to the end.)
+    pub fn calls_answered(&mut self) {
+        self.process_slot = None;
     }
 
     /// A slot for the next gateway call of this run.
@@ -112,7 +160,8 @@ impl<'a> Calls<'a> {
     }
 
     /// Gives every slot back (the in-flight count); a lost release expires with its lease.
-    pub async fn finish(self) {
+    pub async fn finish(mut self) {
+        self.calls_answered();
         let Some(limits) = &self.ctx.limits else {
             return;
         };

@@ -174,6 +174,8 @@ async fn create(
     }
     match sent {
         Ok(accepted) => {
+            // No further call: the process's call slot goes to the next run now.
+            calls.lock().await.calls_answered();
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
                 .accept_finishing(mch_order_no, Some(&accepted.pay_order_id), Some(&poll), job)

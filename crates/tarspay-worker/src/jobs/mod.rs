@@ -14,7 +14,7 @@ mod reconcile;
 mod trail;
 
 pub use crate::queue::full_jitter;
-pub use calls::CallLimits;
+pub use calls::{CallLimits, CallSlots};
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
@@ -156,6 +156,9 @@ pub struct JobContext {
     pub merchant: MerchantName,
     /// The merchant's call limits, when it has any.
     pub limits: Option<CallLimits>,
+    /// The process's bound on gateway calls in flight, shared by every lane's context; `None`:
+    /// unbounded (the worker sets it).
+    pub call_slots: Option<CallSlots>,
 }
 
 impl JobContext {
