@@ -751,7 +751,8 @@ async fn deposits_the_merchant_created_are_followed_to_their_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
-    // Each create takes 700 ms at the gateway, so SIGTERM lands with creates in flight. The
+    // Each create takes 2 s at the gateway, so SIGTERM lands with the first process's 4
+    // creates in flight (its 4 call slots) and more of its jobs waiting for a slot. The
     // grace period is far longer than that, so even a loaded machine finishes them in it.
     let app = spawn_app_with(
         false,
@@ -760,10 +761,15 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
                 prefix: "TERM".into(),
                 endpoint: Endpoint::CreatePayout,
                 times: None,
-                action: FaultAction::Latency { ms: 700 },
+                action: FaultAction::Latency { ms: 2_000 },
             }];
         },
-        &[("TARSPAY_SHUTDOWN_GRACE", "30s")],
+        // Calls wait 2 s for their answer; none times out.
+        &[
+            ("TARSPAY_SHUTDOWN_GRACE", "30s"),
+            ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "5s"),
+            ("TARSPAY_ORPHAN_TIMEOUT", "8s"),
+        ],
     )
     .await;
     for i in 0..40 {
@@ -779,18 +785,17 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
         (creates_sent() > 0).then_some(())
     })
     .await;
-    let before_sigterm = creates_sent();
     assert_eq!(
         first.terminate(),
         Some(0),
         "a clean exit within the grace period"
     );
-    // The process holds more jobs than its 4 call slots; after SIGTERM only the runs that
-    // held a slot may still send. Those waiting for one gave their jobs back unstarted.
-    let after_sigterm = creates_sent() - before_sigterm;
+    // No slot came free before SIGTERM (each create takes 2 s), and the jobs that waited
+    // for one gave them back unstarted: only the first 4 creates were sent.
+    let sent = creates_sent();
     assert!(
-        after_sigterm <= 4,
-        "{after_sigterm} creates sent after SIGTERM"
+        (1..=4).contains(&sent),
+        "{sent} creates sent by a process with 4 call slots"
     );
     // Every create that reached the gateway was recorded: nothing was left mid-call.
     for i in 0..40 {
@@ -808,7 +813,8 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
             );
         }
     }
-    let _second = app.worker_process(8);
+    // The rest, given back, are taken at once by a process with a slot for each.
+    let _second = app.worker_process(40);
     let outcomes = app.wait_outcomes(40).await;
     assert!(outcomes.values().all(|o| o.status == "succeeded"));
     for i in 0..40 {

@@ -7,7 +7,7 @@ use common::queue::*;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tarspay_worker::queue::{Delivery, Enqueued, JobOptions, RedisQueue};
+use tarspay_worker::queue::{Delivery, Enqueued, GiveBack, JobOptions, RedisQueue};
 use tarspay_worker::redis_conn::RedisConn;
 use tarspay_worker::wall_clock::now_ms;
 
@@ -23,6 +23,8 @@ enum Mode {
     Panic,
     /// Fails while the Redis key `<prefix>:flag` exists.
     FailWhileFlag,
+    /// Gives the job back unstarted (`GiveBack`) this many times, then succeeds.
+    GiveBack(u32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +61,14 @@ async fn flaky(
         Mode::AlwaysFail => return Err("always fails".into()),
         Mode::Abort => return Err(AbortError::new("beneficiary invalid").into()),
         Mode::Panic => panic!("handler bug"),
+        Mode::GiveBack(times) => {
+            let given: u32 = conn
+                .hincr(format!("{PREFIX}:{q}:given_back"), job.n, 1)
+                .await?;
+            if given <= times {
+                return Err(GiveBack.into());
+            }
+        }
         Mode::FailWhileFlag => {
             if conn.exists(format!("{PREFIX}:flag")).await? {
                 return Err("flag is set".into());
@@ -237,6 +247,48 @@ async fn retries_count_attempts_across_redeliveries() {
         dead[0].reason
     );
     assert_eq!(dead[0].attempts, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_given_back_unstarted_runs_again_without_spending_an_attempt() {
+    let server = RedisServer::start(false);
+    let name = "give-back";
+    let queue = flaky_queue(&server, name).await;
+    let mut conn = server.conn().await;
+    let worker = flaky_worker("give-back-1", queue.clone());
+    // Three give-backs with a ceiling of two attempts: counted, the job would be dead.
+    queue
+        .enqueue_with(
+            &Flaky {
+                n: 1,
+                mode: Mode::GiveBack(3),
+            },
+            JobOptions {
+                max_attempts: Some(2),
+                ..JobOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_for_distinct(
+        &server.url(),
+        &processed_key(name),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        attempts_seen(&mut conn, name, 1).await,
+        ["1:0", "1:0", "1:0", "1:0"],
+        "every delivery is the first attempt"
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.depth(), stats.delayed, stats.dead),
+        (0, 0, 0),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,10 @@ pub const RATE_LIMITED: &str = "tarspay_rate_limited_total";
 pub const OUTCOMES: &str = "tarspay_outcomes_total";
 pub const CALLBACKS: &str = "tarspay_callbacks_total";
 pub const WEBHOOKS: &str = "tarspay_webhook_deliveries_total";
+/// Payout jobs a worker process holds (running, or waiting for a call slot).
 pub const IN_FLIGHT: &str = "tarspay_jobs_in_flight";
+/// A worker process's gateway call slots in use (at most its `concurrency`).
+pub const CALL_SLOTS_IN_USE: &str = "tarspay_call_slots_in_use";
 pub const QUEUE_WAITING: &str = "tarspay_queue_waiting";
 pub const QUEUE_PENDING: &str = "tarspay_queue_pending";
 pub const QUEUE_DELAYED: &str = "tarspay_queue_delayed";

@@ -110,6 +110,7 @@ async fn handle(
             Step::RetryAfter(delay) => {
                 Err(RetryAfterError::new(Later("not final yet"), delay).into())
             }
+            Step::GiveBack => Err(crate::queue::GiveBack.into()),
         }
     }
     .await;
@@ -117,6 +118,7 @@ async fn handle(
     let label = match &result {
         Ok(()) => "done",
         Err(err) if err.is::<RetryAfterError>() => "retry",
+        Err(err) if err.is::<crate::queue::GiveBack>() => "given_back",
         Err(_) => "error",
     };
     metrics::counter!(crate::metrics::JOBS, "kind" => kind, "result" => label).increment(1);

@@ -10,17 +10,17 @@
 //! in every process, for its `Retry-After`.
 //!
 //! Apart from any merchant's limits, a worker process makes at most `concurrency` gateway
-//! calls at once ([`CallSlots`]): a run takes its slot in [`Calls::start`], like the first
-//! merchant slot, and gives it back once its last call is answered
-//! ([`Calls::calls_answered`]), so the ledger steps that follow overlap other runs' calls.
+//! calls at once ([`super::CallSlots`]): a run takes its slot in [`Calls::start`], before
+//! the merchant's first slot, and gives it back once it will call no more (an accepted
+//! create's answer, [`Calls::calls_answered`], or [`Calls::finish`]), so the ledger steps
+//! that follow overlap other runs' calls.
 
-use super::JobContext;
+use super::slots::CallSlot;
+use super::{JobContext, Step};
 use crate::gateway::GatewayError;
 use crate::queue::Gate;
 use crate::ratelimit::{Limiter, LimiterError, Permit};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a job may wait for a slot while holding a worker's concurrency.
 const IN_HAND_WAIT: Duration = Duration::from_millis(250);
@@ -47,30 +47,6 @@ impl CallLimits {
     }
 }
 
-/// A worker process's gateway calls in flight, shared by every merchant's lanes in it: the
-/// bound on its connections to the gateway (over HTTP/1.1 each call in flight holds one).
-/// Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct CallSlots(Arc<Semaphore>);
-
-impl CallSlots {
-    /// `calls` at once (at least one).
-    pub fn new(calls: usize) -> Self {
-        Self(Arc::new(Semaphore::new(calls.max(1))))
-    }
-
-    /// The worker is stopping: runs waiting for a slot give their jobs back instead of
-    /// starting (those holding one finish).
-    pub fn close(&self) {
-        self.0.close();
-    }
-
-    /// Waits for a slot; `None` once closed.
-    async fn take(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.0).acquire_owned().await.ok()
-    }
-}
-
 /// The slots one run holds; every permit is given back by [`Calls::finish`].
 pub(super) struct Calls<'a> {
     ctx: &'a JobContext,
@@ -78,18 +54,20 @@ pub(super) struct Calls<'a> {
     unused_first: bool,
     held: Vec<Permit>,
     /// The process's call slot, from [`Calls::start`] until the run's last call is answered.
-    process_slot: Option<OwnedSemaphorePermit>,
+    process_slot: Option<CallSlot>,
 }
 
 impl<'a> Calls<'a> {
-    /// The run's first slot; `Err(wait)` sends the job back for `wait`.
-    /// The process's call slot is taken first, and waited for as long as it takes (jobs wait
-    /// in the order they asked, and nothing of the order is touched yet) or until the worker
-    /// stops.
-    pub async fn start(ctx: &'a JobContext) -> Result<Self, Duration> {
+    /// The run's first slots: the process's call slot, waited for as long as it takes
+    /// (nothing of the order is touched yet), then the merchant's. `Err` says what to do
+    /// with the job instead; nothing was called.
+    pub async fn start(ctx: &'a JobContext) -> Result<Self, Step> {
         let process_slot = match &ctx.call_slots {
-            // Closed: the worker is stopping; the job goes back for another worker now.
-            Some(slots) => Some(slots.take().await.ok_or(Duration::ZERO)?),
+            Some(slots) => match slots.take(&ctx.merchant).await {
+                Some(slot) => Some(slot),
+                // The worker is stopping: the job goes back, for another worker.
+                None => return Err(Step::GiveBack),
+            },
             None => None,
         };
         let mut calls = Self {
@@ -98,7 +76,7 @@ impl<'a> Calls<'a> {
             held: Vec::new(),
             process_slot,
         };
-        calls.take().await?;
+        calls.take().await.map_err(Step::RetryAfter)?;
         calls.unused_first = true;
         Ok(calls)
     }

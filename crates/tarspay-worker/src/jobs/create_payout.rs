@@ -50,7 +50,7 @@ pub async fn run_create_payout(
     // A slot under the merchant's limits before the lease: waiting spends no attempt.
     let calls = match Calls::start(ctx).await {
         Ok(calls) => Mutex::new(calls),
-        Err(wait) => return Ok(Step::RetryAfter(wait)),
+        Err(instead) => return Ok(instead),
     };
     let step = create(ctx, mch_order_no, &calls, job).await;
     calls.into_inner().finish().await;

@@ -11,13 +11,15 @@ mod create_payout;
 mod guard;
 mod poll_status;
 mod reconcile;
+mod slots;
 mod trail;
 
 pub use crate::queue::full_jitter;
-pub use calls::{CallLimits, CallSlots};
+pub use calls::CallLimits;
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
 pub use poll_status::run_poll_status;
+pub use slots::CallSlots;
 
 use crate::gateway::{CodeTable, TarsPayClient};
 use crate::ids::{MchOrderNo, MerchantName};
@@ -114,6 +116,9 @@ pub enum Step {
     Done,
     /// Run this job again after the delay.
     RetryAfter(Duration),
+    /// Not started (the worker is stopping): back to the queue at once, the attempt not
+    /// counted.
+    GiveBack,
 }
 
 #[derive(Debug, Clone)]

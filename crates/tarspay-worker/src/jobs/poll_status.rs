@@ -45,8 +45,8 @@ pub async fn run_poll_status(
     }
     let calls = match Calls::start(ctx).await {
         Ok(calls) => Mutex::new(calls),
-        // Over the merchant's limit: look again when a slot may be free.
-        Err(wait) => return Ok(Step::RetryAfter(wait)),
+        // Over the merchant's limit (look again when a slot may be free), or stopping.
+        Err(instead) => return Ok(instead),
     };
     let looked = lookup(
         ctx,

@@ -138,6 +138,12 @@ fn job_span(queue: &str, delivery: Option<&Delivery>) -> tracing::Span {
     }
 }
 
+/// A handler's "not started": the job goes back to its queue at once, as it was, without
+/// counting the attempt (say, a worker stopping before the job touched anything).
+#[derive(Debug, thiserror::Error)]
+#[error("given back unstarted")]
+pub struct GiveBack;
+
 /// Records the job's kind and order number on the `job` span the handler runs in.
 pub fn record_job(kind: &'static str, mch_order_no: Option<&str>) {
     let span = tracing::Span::current();
@@ -164,13 +170,26 @@ fn decide<R>(
         }
         Err(error) => error,
     };
+    let given_back = error.downcast_ref::<GiveBack>().is_some();
     let mut envelope = delivery.envelope().clone();
-    envelope.attempts = attempts;
+    // A job given back unstarted keeps the attempts it had.
+    envelope.attempts = if given_back {
+        delivery.attempts_before()
+    } else {
+        attempts
+    };
     let stored = || {
         envelope
             .encode()
             .unwrap_or_else(|_| delivery.payload_json().to_owned())
     };
+    if given_back {
+        return Settlement::Retry {
+            entry_id,
+            delay_ms: 0,
+            envelope: stored(),
+        };
+    }
     if error.downcast_ref::<AbortError>().is_some() {
         return Settlement::Dead {
             entry_id,

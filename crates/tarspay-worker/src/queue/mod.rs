@@ -54,6 +54,7 @@
 //! * `Err(AbortError::new(e))` — given up: moved to the dead stream with the reason. A panic caught
 //!   by apalis' `catch_panic` becomes an `AbortError` too.
 //! * `Err(DeferredError)` — retried immediately.
+//! * `Err(GiveBack)` — not started: back in the queue at once, the attempt not counted.
 //! * any other error — retried after an exponential backoff with full jitter
 //!   ([`QueueConfig::retry_base`], [`QueueConfig::retry_max`]).
 //!
@@ -116,7 +117,7 @@ pub use delivery::Delivery;
 pub(crate) use delivery::InlineAck;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
-pub use layer::{SettleLayer, SettleService, record_job};
+pub use layer::{GiveBack, SettleLayer, SettleService, record_job};
 pub use partitioned::{Gate, Partitioned};
 pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE, OWNED_ENTRIES};
 pub use stats::QueueStats;
