@@ -65,7 +65,7 @@ pub struct BenchOptions {
     pub partitions: Option<usize>,
     /// Jobs or payouts per run.
     pub n: Option<u64>,
-    /// Jobs in flight per worker (process).
+    /// Jobs in flight per worker (`queue`), or the payout workers' `concurrency`.
     pub concurrency: Option<usize>,
     /// `cost`: the workers' retention; the bench then waits for memory to come back.
     pub retention: Option<std::time::Duration>,

@@ -58,7 +58,8 @@ pub struct BenchArgs {
     /// Jobs or payouts per run.
     #[arg(short = 'n', long = "n")]
     n: Option<u64>,
-    /// Jobs in flight per worker process.
+    /// `queue`: jobs in flight per worker process; benches with payout workers: their
+    /// `concurrency` (gateway calls in flight per process).
     #[arg(long)]
     concurrency: Option<usize>,
     /// `cost` only: run the workers with this retention (e.g. "10s") and, after the run, wait

@@ -11,7 +11,7 @@ pub struct DemoArgs {
     /// How many payouts the sample payroll holds.
     #[arg(long, default_value_t = 1000)]
     payouts: usize,
-    /// Payouts in flight at once.
+    /// Gateway calls in flight at once (the worker holds 3 jobs per call).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// After the payroll, keep the workers and the server running with the operator console

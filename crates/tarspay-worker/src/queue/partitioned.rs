@@ -1,9 +1,10 @@
 //! One apalis backend over every partition of a queue (see `crate::partition`): each
 //! partition keeps its own fetch loop, settler and renewer (promotion, orphan claiming and
 //! group commit stay per partition, in its hash tag), and the worker takes the next job
-//! round-robin over the partitions that have one. The worker's concurrency is one budget
-//! for all of them, and a partition with a deep backlog cannot starve the others: each turn
-//! starts at the partition after the one served last.
+//! round-robin over the partitions that have one. The worker's concurrency (the jobs it
+//! holds) is one budget for all of them, and a partition with a deep backlog cannot starve
+//! the others: each turn starts at the partition after the one served last. (A payout
+//! worker's gateway calls then take their slots in turn per merchant: `jobs::CallSlots`.)
 
 use apalis::prelude::{Backend, Task, WorkerContext};
 use apalis_core::backend::BackendConfig;
