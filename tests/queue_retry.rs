@@ -249,25 +249,15 @@ async fn retries_count_attempts_across_redeliveries() {
     assert_eq!(dead[0].attempts, Some(1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_given_back_unstarted_runs_again_without_spending_an_attempt() {
+/// Runs one job (`n` = 1) in queue `name` until it succeeded, checks that nothing of it is
+/// left, and returns "attempt:attempts_before" as its handler saw each delivery.
+async fn run_to_success(name: &str, job: Mode, options: JobOptions) -> Vec<String> {
     let server = RedisServer::start(false);
-    let name = "give-back";
     let queue = flaky_queue(&server, name).await;
     let mut conn = server.conn().await;
-    let worker = flaky_worker("give-back-1", queue.clone());
-    // Three give-backs with a ceiling of two attempts: counted, the job would be dead.
+    let worker = flaky_worker(&format!("{name}-1"), queue.clone());
     queue
-        .enqueue_with(
-            &Flaky {
-                n: 1,
-                mode: Mode::GiveBack(3),
-            },
-            JobOptions {
-                max_attempts: Some(2),
-                ..JobOptions::default()
-            },
-        )
+        .enqueue_with(&Flaky { n: 1, mode: job }, options)
         .await
         .unwrap();
     wait_for_distinct(
@@ -278,50 +268,34 @@ async fn a_job_given_back_unstarted_runs_again_without_spending_an_attempt() {
     )
     .await;
     worker.stop().await;
-    assert_eq!(
-        attempts_seen(&mut conn, name, 1).await,
-        ["1:0", "1:0", "1:0", "1:0"],
-        "every delivery is the first attempt"
-    );
     let stats = queue.stats().await.unwrap();
     assert_eq!(
         (stats.depth(), stats.delayed, stats.dead),
         (0, 0, 0),
         "{stats:?}"
+    );
+    attempts_seen(&mut conn, name, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_given_back_unstarted_runs_again_without_spending_an_attempt() {
+    // Three give-backs with a ceiling of two attempts: counted, the job would be dead.
+    let options = JobOptions {
+        max_attempts: Some(2),
+        ..JobOptions::default()
+    };
+    assert_eq!(
+        run_to_success("give-back", Mode::GiveBack(3), options).await,
+        ["1:0", "1:0", "1:0", "1:0"],
+        "every delivery is the first attempt"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_retries_are_counted() {
-    let server = RedisServer::start(false);
-    let name = "retry";
-    let queue = flaky_queue(&server, name).await;
-    let mut conn = server.conn().await;
-    let worker = flaky_worker("retry-1", queue.clone());
-    queue
-        .enqueue(&Flaky {
-            n: 1,
-            mode: Mode::RetryAfter(2),
-        })
-        .await
-        .unwrap();
-    wait_for_distinct(
-        &server.url(),
-        &processed_key(name),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    worker.stop().await;
     assert_eq!(
-        attempts_seen(&mut conn, name, 1).await,
+        run_to_success("retry", Mode::RetryAfter(2), JobOptions::default()).await,
         ["1:0", "2:1", "3:2"]
-    );
-    let stats = queue.stats().await.unwrap();
-    assert_eq!(
-        (stats.depth(), stats.delayed, stats.dead),
-        (0, 0, 0),
-        "{stats:?}"
     );
 }
 
