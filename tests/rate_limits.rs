@@ -158,35 +158,58 @@ async fn the_gateways_429_slows_the_merchant_down_and_costs_no_attempt() {
     }
 }
 
-/// A merchant held back by its limit takes nothing from another merchant's payouts: the
-/// unlimited merchant's payouts all end while the limited one's backlog still waits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_limited_merchant_does_not_hold_up_another() {
+const OTHER: &str = "M2000000002";
+
+/// An app with a second merchant, `other` (M2000000002, PHP), beside the default one (INR).
+async fn app_with_other_merchant(
+    change: impl FnOnce(&mut tarspay_sandbox::SandboxConfig),
+    env: &[(&str, &str)],
+) -> common::app::TestApp {
     let other_key = tarspay_worker::gateway::PrivateKey::generate();
     let other_hex = other_key.expose_hex();
     let other_pub = other_key.public_key();
-    const OTHER: &str = "M2000000002";
-    let app = spawn_app_with(
+    let mut all_env = vec![
+        ("TARSPAY_MERCHANTS__OTHER__MCH_NO", OTHER),
+        ("TARSPAY_MERCHANTS__OTHER__PRIVATE_KEY", other_hex.as_str()),
+        ("TARSPAY_MERCHANTS__OTHER__CURRENCIES", "PHP"),
+        (
+            "TARSPAY_MERCHANTS__OTHER__NOTIFY_URL",
+            "http://127.0.0.1:9/notify",
+        ),
+    ];
+    all_env.extend_from_slice(env);
+    spawn_app_with(
         false,
         |c| {
             c.merchants.push(tarspay_sandbox::SandboxMerchant {
                 mch_no: OTHER.into(),
                 public_key: other_pub,
                 balance: 1_000_000u64.into(),
-            })
+            });
+            change(c);
         },
+        &all_env,
+    )
+    .await
+}
+
+fn php(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "mchOrderNo": id, "amount": "500", "currency": "PHP", "wayCode": "GCASH",
+    })
+}
+
+/// A merchant held back by its limit takes nothing from another merchant's payouts: the
+/// unlimited merchant's payouts all end while the limited one's backlog still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_merchant_does_not_hold_up_another() {
+    let app = app_with_other_merchant(
+        |_| {},
         &[
             // The default merchant (INR): 5 calls per second, so its 40 payouts (two calls
             // each) need at least 15 s.
             ("TARSPAY_RATE_LIMIT", "5"),
             ("TARSPAY_RATE_BURST", "1"),
-            ("TARSPAY_MERCHANTS__OTHER__MCH_NO", OTHER),
-            ("TARSPAY_MERCHANTS__OTHER__PRIVATE_KEY", &other_hex),
-            ("TARSPAY_MERCHANTS__OTHER__CURRENCIES", "PHP"),
-            (
-                "TARSPAY_MERCHANTS__OTHER__NOTIFY_URL",
-                "http://127.0.0.1:9/notify",
-            ),
         ],
     )
     .await;
@@ -194,10 +217,7 @@ async fn a_limited_merchant_does_not_hold_up_another() {
         app.enqueue(inr(&format!("SLOW-{k}"), "150.50")).await;
     }
     for k in 0..20 {
-        app.enqueue(serde_json::json!({
-            "mchOrderNo": format!("FAST-{k}"), "amount": "500", "currency": "PHP", "wayCode": "GCASH",
-        }))
-        .await;
+        app.enqueue(php(&format!("FAST-{k}"))).await;
     }
     // Fewer slots than the limited backlog: a limited job that held one would starve the rest.
     let pool = app.pool(8);
@@ -214,4 +234,59 @@ async fn a_limited_merchant_does_not_hold_up_another() {
     );
     assert!(ended.iter().all(|o| o.status.phase() == Phase::Succeeded));
     pool.stop().await;
+}
+
+/// At a slow gateway a worker's call slot goes to the merchants waiting in turn: another
+/// merchant's payout does not wait behind the payroll's jobs that were waiting first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_slot_goes_to_the_next_merchant_in_turn_at_a_slow_gateway() {
+    // The payroll's creates take 1 s each; the pool has one call slot and holds 3 jobs.
+    let app = app_with_other_merchant(
+        |c| {
+            c.faults = vec![common::fault_rule(
+                "PAY-",
+                tarspay_sandbox::Endpoint::CreatePayout,
+                None,
+                tarspay_sandbox::FaultAction::Latency { ms: 1_000 },
+            )]
+        },
+        // One partition: two lanes, taken in turn, so the other merchant's job is the next
+        // one the pool takes in hand.
+        &[("TARSPAY_PARTITIONS", "1")],
+    )
+    .await;
+    for k in 0..6 {
+        app.enqueue(inr(&format!("PAY-{k}"), "100")).await;
+    }
+    let pool = app.pool(1);
+    // The first payroll create is in flight, two more payroll jobs wait for the slot.
+    common::eventually("the payroll's first create", || async {
+        let sent: u32 = (0..6)
+            .map(|k| app.sandbox.create_attempts(&format!("PAY-{k}")))
+            .sum();
+        (sent > 0).then_some(())
+    })
+    .await;
+    // Well inside the first create's second, so the pool has taken its other two jobs in
+    // hand (the check holds either way; it only tells turns from arrival order once it has).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.enqueue(php("URGENT-1")).await;
+    common::eventually("the other merchant's payout created", || async {
+        app.sandbox.order("URGENT-1")
+    })
+    .await;
+    pool.stop().await;
+    // Served in arrival order it would come after the two payroll jobs that were already
+    // waiting when it arrived, behind three payroll orders; in turn, after at most two.
+    let urgent = app.sandbox.order("URGENT-1").expect("created");
+    let payroll_before = app
+        .sandbox
+        .orders()
+        .iter()
+        .filter(|o| o.mch_order_no.starts_with("PAY-") && o.created_at_us < urgent.created_at_us)
+        .count();
+    assert!(
+        payroll_before <= 2,
+        "{payroll_before} payroll orders were created before the other merchant's payout"
+    );
 }
