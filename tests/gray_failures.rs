@@ -164,6 +164,12 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
         0,
         "{text}"
     );
+    // Every gateway call slot came back.
+    let slots_in_use: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tarspay_call_slots_in_use "))
+        .collect();
+    assert_eq!(slots_in_use, ["tarspay_call_slots_in_use 0"], "{text}");
     for id in &ids {
         let partition = app.partition(id);
         let keys = partition.queue.keys().clone();
