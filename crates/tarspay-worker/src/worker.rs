@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 /// Webhook deliveries in flight at once per worker process.
 const WEBHOOK_CONCURRENCY: usize = 8;
-/// Payout jobs a worker process holds per gateway call it may have in flight. A job holds a
-/// call slot only from just before its first ledger step that leads to a call until its last
-/// call is answered; its other ledger steps (an acceptance, a poll's read and finalization)
-/// overlap other jobs' calls. On a fast gateway that is over a third of a job's time: `bench
-/// e2e` kept the slots busiest at 3 (docs/performance.md, "Call slots").
+/// Payout jobs a worker process holds per gateway call it may have in flight. A create holds
+/// its call slot from just before its submit lease until the gateway's answer, a poll only
+/// around its query; their other ledger steps (an acceptance, a poll's read and its final
+/// state) overlap other jobs' calls. On a fast gateway those are about 40 % of a payout's
+/// time: `bench e2e` ran fastest at 3 (docs/performance.md, "Call slots").
 const JOBS_PER_CALL_SLOT: usize = 3;
 
 #[derive(Debug, thiserror::Error)]

@@ -105,7 +105,8 @@ impl Drop for CallSlot {
                         return;
                     }
                     // That run stopped waiting: this slot must not give itself back again
-                    // (the lock is held), so it is forgotten and the next waiter tried.
+                    // (the lock is held), so it is forgotten (one reference count of the
+                    // shared state, nothing else) and the next waiter tried.
                     Err(unwanted) => std::mem::forget(unwanted),
                 }
             }
