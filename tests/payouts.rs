@@ -797,6 +797,11 @@ async fn sigterm_finishes_in_flight_creates_and_leaves_the_rest_claimable() {
         (1..=4).contains(&sent),
         "{sent} creates sent by a process with 4 call slots"
     );
+    // Nothing is left held by the stopped process: the unsent creates are back in the
+    // queue, beside the poll jobs of the accepted ones.
+    let stats = app.deployment.queue_stats().await.unwrap();
+    assert_eq!(stats.pending, 0, "{stats:?}");
+    assert_eq!(stats.waiting + stats.delayed, 40, "{stats:?}");
     // Every create that reached the gateway was recorded: nothing was left mid-call.
     for i in 0..40 {
         let id = format!("TERM-{i}");

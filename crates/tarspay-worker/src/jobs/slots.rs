@@ -26,20 +26,24 @@ struct State {
     turn: usize,
 }
 
-/// One slot; given back (to the next waiting run, or as free) when dropped.
+/// One slot; given back (to the next waiting run, or as free) when dropped. `None` once
+/// disarmed: a slot that could not be handed over is still counted as the one being given
+/// back, so its copy must not give itself back too.
 #[derive(Debug)]
-pub struct CallSlot(Arc<Mutex<State>>);
+pub struct CallSlot(Option<Arc<Mutex<State>>>);
 
 impl CallSlots {
     /// `calls` at once (at least one).
     pub fn new(calls: usize) -> Self {
-        Self(Arc::new(Mutex::new(State {
+        let state = State {
             capacity: calls.max(1),
             free: calls.max(1),
             closed: false,
             waiting: Vec::new(),
             turn: 0,
-        })))
+        };
+        state.show_in_use();
+        Self(Arc::new(Mutex::new(state)))
     }
 
     /// Waits for a slot for a run of `merchant`; `None` once [`CallSlots::close`]d.
@@ -52,7 +56,7 @@ impl CallSlots {
             if state.free > 0 {
                 state.free -= 1;
                 state.show_in_use();
-                return Some(CallSlot(Arc::clone(&self.0)));
+                return Some(CallSlot(Some(Arc::clone(&self.0))));
             }
             let (tx, rx) = oneshot::channel();
             match state.waiting.iter_mut().find(|(name, _)| name == merchant) {
@@ -63,7 +67,12 @@ impl CallSlots {
         };
         // A slot handed over after this run stopped waiting is dropped with the channel,
         // which gives it back.
-        handed.await.ok()
+        let slot = handed.await.ok()?;
+        // Handed over just before the worker began to stop: given back, not used.
+        if lock(&self.0).closed {
+            return None;
+        }
+        Some(slot)
     }
 
     /// The worker is stopping: runs waiting for a slot get `None` and give their jobs back
@@ -93,21 +102,23 @@ impl State {
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        let mut state = lock(&self.0);
+        let Some(shared) = self.0.take() else {
+            return;
+        };
+        let mut state = lock(&shared);
         let merchants = state.waiting.len();
         // Hand the slot to the next merchant in turn that has a run still waiting.
         for step in 0..merchants {
             let index = (state.turn + step) % merchants;
             while let Some(waiter) = state.waiting[index].1.pop_front() {
-                match waiter.send(CallSlot(Arc::clone(&self.0))) {
+                match waiter.send(CallSlot(Some(Arc::clone(&shared)))) {
                     Ok(()) => {
                         state.turn = index + 1;
                         return;
                     }
-                    // That run stopped waiting: this slot must not give itself back again
-                    // (the lock is held), so it is forgotten (one reference count of the
-                    // shared state, nothing else) and the next waiter tried.
-                    Err(unwanted) => std::mem::forget(unwanted),
+                    // That run stopped waiting: the copy is disarmed (this one is being
+                    // given back, under the lock) and the next waiter tried.
+                    Err(mut unwanted) => unwanted.0 = None,
                 }
             }
         }
@@ -212,6 +223,24 @@ mod tests {
         assert_eq!(slots.in_use(), 1, "the holder keeps its slot");
         drop(held);
         assert_eq!(slots.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slot_handed_to_a_run_that_then_stopped_waiting_comes_back() {
+        let slots = CallSlots::new(1);
+        let a = merchant("a");
+        let held = slots.take(&a).await.expect("a slot");
+        let mut waiter = Box::pin(slots.take(&a));
+        assert!(
+            pending(&mut waiter.as_mut()).await,
+            "queued behind the holder"
+        );
+        // Handed over while the waiter is not being polled, then the waiter goes away.
+        drop(held);
+        assert_eq!(slots.in_use(), 1, "in the waiter's hands");
+        drop(waiter);
+        assert_eq!(slots.in_use(), 0, "the unclaimed slot came back");
+        assert!(slots.take(&a).await.is_some());
     }
 
     #[tokio::test]
