@@ -127,3 +127,76 @@ async fn wake_markers_stay_bounded_without_a_worker() {
         .unwrap();
     assert_eq!(delayed, 500, "every job is kept");
 }
+
+/// The job numbers in the stream, oldest entry first.
+async fn stream_order(server: &RedisServer, stream: &str) -> Vec<u64> {
+    let mut conn = server.conn().await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .ids
+        .iter()
+        .map(|entry| {
+            let envelope: String = entry.get("e").expect("an envelope");
+            let envelope: serde_json::Value = serde_json::from_str(&envelope).unwrap();
+            envelope["p"]["n"].as_u64().expect("a job number")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_moves_exactly_the_due_jobs_in_due_order_whatever_its_chunk() {
+    // A pass reads the head of the delayed set first and reads on by score only when all of
+    // it is due: chunks below, at and above that head, and one larger than the set.
+    let server = RedisServer::start(false);
+    for chunk in [1usize, 7, 8, 9, 15, 500] {
+        let mut config = slow_periodic(&format!("chunk{chunk}"));
+        config.promote_chunk = chunk;
+        let jobs = queue(&server, config).await;
+        // 20 due soon, listed in reverse so that due order is not enqueue order, and 3 due in
+        // an hour; one call, so every delay counts from the same server time.
+        let soon: Vec<(TestJob, JobOptions)> = (0..20u64)
+            .rev()
+            .map(|n| {
+                (
+                    TestJob::new(n),
+                    JobOptions::delayed(Duration::from_millis(50 + 5 * n)),
+                )
+            })
+            .chain((100..103u64).map(|n| {
+                (
+                    TestJob::new(n),
+                    JobOptions::delayed(Duration::from_secs(3_600)),
+                )
+            }))
+            .collect();
+        jobs.enqueue_bulk_with(soon.iter().map(|(job, options)| (job, options.clone())))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let moved = jobs.promote_due().await.unwrap();
+        assert_eq!(moved, 20, "chunk {chunk}");
+        let stats = jobs.stats().await.unwrap();
+        assert_eq!(
+            (stats.delayed, stats.waiting),
+            (3, 20),
+            "chunk {chunk}: {stats:?}"
+        );
+        assert_eq!(
+            stream_order(&server, &jobs.keys().stream).await,
+            (0..20).collect::<Vec<_>>(),
+            "chunk {chunk}: promoted in due order"
+        );
+        assert_eq!(
+            jobs.promote_due().await.unwrap(),
+            0,
+            "chunk {chunk}: nothing else due"
+        );
+    }
+}

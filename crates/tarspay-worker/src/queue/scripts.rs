@@ -124,23 +124,58 @@ return out
 /// worker's pass, while the lease is held and no marker woke it, moves nothing: it only takes
 /// the lease over once the holder stops renewing it. Returns
 /// {moved, the next due time (-1: none, or not asked), 1 if the caller holds the lease}.
+///
+/// The lease's value is `<consumer>|<expiry, server ms>`, so the holder renews it only once a
+/// quarter of it is gone: a promoter that wakes on time for each due job does not write on
+/// every pass, and one that passes at least every half lease (the periodic pass) never loses
+/// it. The set's first [`PROMOTE_PEEK`] entries are read with their scores in one call: an
+/// idle pass, or one that finds a few jobs due, learns both what is due and the next due
+/// time from it; only when all of them are due does it read on by score.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SERVER_NOW}{}",
+        "{SERVER_NOW}local PEEK = {PROMOTE_PEEK}\n{}",
         r#"
+local limit = tonumber(ARGV[1])
+local lease = tonumber(ARGV[3])
+local now = nil
 local mine = 0
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
-  if holder == false or holder == ARGV[2] then
-    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+  local me = ARGV[2] .. '|'
+  local held_until = nil
+  if holder and string.sub(holder, 1, #me) == me then
+    held_until = tonumber(string.sub(holder, #me + 1))
+  end
+  if holder == false or held_until ~= nil then
+    now = server_now()
+    if held_until == nil or held_until - now < lease * 3 / 4 then
+      redis.call('SET', KEYS[3], me .. (now + lease), 'PX', lease)
+    end
     mine = 1
   elseif ARGV[4] ~= '1' then
     -- A live promoter moves due jobs on time: this pass only watches for its lease to lapse.
     return {0, -1, 0}
   end
 end
-local limit = tonumber(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now(), 'LIMIT', 0, limit)
+now = now or server_now()
+local peek = math.min(PEEK, limit)
+local head = redis.call('ZRANGE', KEYS[1], 0, peek - 1, 'WITHSCORES')
+local due = {}
+local next_due = -1
+for i = 1, #head, 2 do
+  local at = tonumber(head[i + 1])
+  if at > now then
+    next_due = at
+    break
+  end
+  due[#due + 1] = head[i]
+end
+local read_on = #due == peek and peek < limit
+if read_on then
+  -- Every job peeked at is due (and still in the set): the rest by score, after them.
+  local more = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', peek, limit - peek)
+  for _, env in ipairs(more) do due[#due + 1] = env end
+end
 for _, env in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'e', env)
 end
@@ -148,8 +183,7 @@ if #due > 0 then
   -- One removal for the whole chunk (the limit bounds the unpack).
   redis.call('ZREM', KEYS[1], unpack(due))
 end
-local next_due = -1
-if #due < limit and (mine == 1 or ARGV[4] == '1') then
+if read_on and #due < limit then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if first[2] then next_due = tonumber(first[2]) end
 end
@@ -157,6 +191,10 @@ return {#due, next_due, mine}
 "#
     ))
 });
+
+/// How many entries at the head of the delayed set a promotion pass reads at once, with
+/// their scores (see [`PROMOTE`]).
+const PROMOTE_PEEK: usize = 8;
 
 /// Lua function: the set of `ids` still pending for `consumer` in `group` (a table id ->
 /// true). With several ids, one `XPENDING` over their range, filtered to the consumer, answers
