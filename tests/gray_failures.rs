@@ -4,7 +4,7 @@
 mod common;
 
 use common::app::{inr, spawn_app_with};
-use common::{eventually, fault_rule};
+use common::{eventually, fault_rule, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction};
@@ -14,23 +14,6 @@ fn violations(report: &serde_json::Value) -> Vec<String> {
         .as_array()
         .map(|all| all.iter().map(|v| v.to_string()).collect())
         .unwrap_or_default()
-}
-
-/// The worker process' `/metrics` text at `addr`, once `ready` says it shows what the test
-/// waits for.
-async fn worker_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    eventually(what, || async {
-        let text = match http.get(format!("http://{addr}/metrics")).send().await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        ready(&text).then_some(text)
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,3 +290,63 @@ async fn a_call_slot_goes_to_the_next_merchant_in_turn_at_a_slow_gateway() {
         "{payroll_before} payroll orders were created before the other merchant's payout"
     );
 }
+
+/// A run that waits in hand for its merchant's limit lets the process's call slot go
+/// meanwhile, so a merchant at its limit does not hold calls other merchants could make: the
+/// worker's `/metrics`, sampled while the limited merchant's jobs are in hand, mostly shows
+/// its one call slot free. (Held through the wait, it showed it in use in nearly every
+/// sample: a call takes milliseconds, a wait up to 200.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_its_merchants_limit_lets_the_call_slot_go() {
+    let app = spawn_app_with(
+        false,
+        |_| {},
+        // 5 calls per second: a run waits up to 200 ms in hand for its turn.
+        &[("TARSPAY_RATE_LIMIT", "5"), ("TARSPAY_RATE_BURST", "1")],
+    )
+    .await;
+    let ids: Vec<String> = (0..12).map(|k| format!("LIMITED-{k}")).collect();
+    for id in &ids {
+        app.enqueue(inr(id, "100")).await;
+    }
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    // One call slot (and three jobs in hand).
+    let worker = app.worker_process_with(1, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    common::worker_metrics(&addr, "the worker's metrics", |text| {
+        common::gauge(text, "tarspay_jobs_in_flight").is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let (mut in_hand, mut slot_free) = (0, 0);
+    // Sampled until every payout ended (about 5 s at the limit).
+    for _ in 0..500 {
+        if app.outcomes().await.len() >= ids.len() {
+            break;
+        }
+        let text = common::scrape_metrics(&http, &addr).await;
+        let jobs = common::gauge(&text, "tarspay_jobs_in_flight").unwrap_or(0.0);
+        let slots = common::gauge(&text, "tarspay_call_slots_in_use");
+        if jobs >= 1.0 {
+            in_hand += 1;
+            if slots == Some(0.0) {
+                slot_free += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = app.wait_outcomes(ids.len()).await;
+    drop(worker);
+    assert!(in_hand >= 10, "jobs were in hand in only {in_hand} samples");
+    assert!(
+        slot_free * 2 >= in_hand,
+        "the call slot was in use in {} of {in_hand} samples with jobs in hand",
+        in_hand - slot_free
+    );
+    assert!(
+        outcomes.values().all(|o| o.status == "succeeded"),
+        "{outcomes:?}"
+    );
+}

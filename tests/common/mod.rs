@@ -77,6 +77,34 @@ pub async fn spawn_gateway(change: impl FnOnce(&mut SandboxConfig)) -> TestGatew
     }
 }
 
+/// A worker process' `/metrics` text at `addr` (empty while it does not answer).
+pub async fn scrape_metrics(http: &reqwest::Client, addr: &str) -> String {
+    match http.get(format!("http://{addr}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The worker process' `/metrics` text at `addr`, once `ready` says it shows what the test
+/// waits for.
+pub async fn worker_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    eventually(what, || async {
+        let text = scrape_metrics(&http, addr).await;
+        ready(&text).then_some(text)
+    })
+    .await
+}
+
+/// The value of an unlabelled gauge in a `/metrics` text, if it is there.
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `check` until it returns Some, or panics after a generous hang guard (not a speed
 /// assertion: only a hung test trips it).
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T

@@ -13,13 +13,15 @@
 //! calls at once ([`super::CallSlots`]): a run takes its slot in [`Calls::start`], before
 //! the merchant's first slot, and gives it back once it will call no more (an accepted
 //! create's answer, [`Calls::calls_answered`], or [`Calls::finish`]), so the ledger steps
-//! that follow overlap other runs' calls.
+//! that follow overlap other runs' calls. A run that waits in hand for its merchant's first
+//! slot lets the process's slot go meanwhile: a merchant at its limit does not hold calls
+//! other merchants could make.
 
 use super::slots::CallSlot;
 use super::{JobContext, Step};
 use crate::gateway::GatewayError;
 use crate::queue::Gate;
-use crate::ratelimit::{Limiter, LimiterError, Permit};
+use crate::ratelimit::{Acquire, Limiter, LimiterError, Permit};
 use std::time::Duration;
 
 /// How long a job may wait for a slot while holding a worker's concurrency.
@@ -45,6 +47,25 @@ impl CallLimits {
     pub fn gate(&self) -> &Gate {
         &self.gate
     }
+
+    /// The limiter gave no slot in hand: how long until the job should run again.
+    fn refused(&self, err: LimiterError) -> Duration {
+        match err {
+            LimiterError::Timeout { retry_after, .. } => {
+                // Over the limit: this process takes no more of the merchant's jobs until a
+                // slot can be free, and this one comes back about then (jittered, so the
+                // jobs sent back do not return together).
+                self.gate.close_for(retry_after);
+                let spread = crate::queue::random_up_to(retry_after / 2 + IN_HAND_WAIT);
+                metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => self.limiter.merchant().to_owned(), "by" => "limiter").increment(1);
+                retry_after + spread
+            }
+            err => {
+                tracing::warn!(merchant = self.limiter.merchant(), error = %err, "rate limiter unavailable: holding the call");
+                LIMITER_DOWN_RECHECK
+            }
+        }
+    }
 }
 
 /// The slots one run holds; every permit is given back by [`Calls::finish`].
@@ -59,24 +80,41 @@ pub(super) struct Calls<'a> {
 
 impl<'a> Calls<'a> {
     /// The run's first slots: the process's call slot, waited for as long as it takes
-    /// (nothing of the order is touched yet), then the merchant's. `Err` says what to do
-    /// with the job instead; nothing was called.
+    /// (nothing of the order is touched yet), then the merchant's. While the merchant is at
+    /// its limit for a moment, the run waits without the process's slot, so other
+    /// merchants' runs call meanwhile, and takes it again before it asks again. `Err` says
+    /// what to do with the job instead; nothing was called.
     pub async fn start(ctx: &'a JobContext) -> Result<Self, Step> {
-        let process_slot = match &ctx.call_slots {
-            Some(slots) => match slots.take(&ctx.merchant).await {
-                Some(slot) => Some(slot),
-                // The worker is stopping: the job goes back, for another worker.
-                None => return Err(Step::GiveBack),
-            },
-            None => None,
-        };
         let mut calls = Self {
             ctx,
             unused_first: false,
             held: Vec::new(),
-            process_slot,
+            process_slot: None,
         };
-        calls.take().await.map_err(Step::RetryAfter)?;
+        let deadline = tokio::time::Instant::now() + IN_HAND_WAIT;
+        loop {
+            if let Some(slots) = &ctx.call_slots {
+                match slots.take(&ctx.merchant).await {
+                    Some(slot) => calls.process_slot = Some(slot),
+                    // The worker is stopping: the job goes back, for another worker.
+                    None => return Err(Step::GiveBack),
+                }
+            }
+            let Some(limits) = &ctx.limits else {
+                break;
+            };
+            match limits.limiter.try_acquire_by(deadline, IN_HAND_WAIT).await {
+                Ok(Acquire::Granted(permit)) => {
+                    calls.held.push(permit);
+                    break;
+                }
+                Ok(Acquire::Wait(sleep)) => {
+                    calls.process_slot = None;
+                    tokio::time::sleep(sleep).await;
+                }
+                Err(err) => return Err(Step::RetryAfter(limits.refused(err))),
+            }
+        }
         calls.unused_first = true;
         Ok(calls)
     }
@@ -95,6 +133,8 @@ impl<'a> Calls<'a> {
         self.take().await
     }
 
+    /// A further call's slot from the merchant: the run keeps the process's slot meanwhile
+    /// (it is in the middle of its work).
     async fn take(&mut self) -> Result<(), Duration> {
         let Some(limits) = &self.ctx.limits else {
             return Ok(());
@@ -104,19 +144,7 @@ impl<'a> Calls<'a> {
                 self.held.push(permit);
                 Ok(())
             }
-            Err(LimiterError::Timeout { retry_after, .. }) => {
-                // Over the limit: this process takes no more of the merchant's jobs until a
-                // slot can be free, and this one comes back about then (jittered, so the
-                // jobs sent back do not return together).
-                limits.gate.close_for(retry_after);
-                let spread = crate::queue::random_up_to(retry_after / 2 + IN_HAND_WAIT);
-                metrics::counter!(crate::metrics::RATE_LIMITED, "merchant" => limits.limiter.merchant().to_owned(), "by" => "limiter").increment(1);
-                Err(retry_after + spread)
-            }
-            Err(err) => {
-                tracing::warn!(merchant = limits.limiter.merchant(), error = %err, "rate limiter unavailable: holding the call");
-                Err(LIMITER_DOWN_RECHECK)
-            }
+            Err(err) => Err(limits.refused(err)),
         }
     }
 

@@ -378,20 +378,36 @@ impl Limiter {
     pub async fn acquire(&self, max_wait: Duration) -> Result<Permit, LimiterError> {
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
-            let wait = match self.try_acquire().await? {
+            match self.try_acquire_by(deadline, max_wait).await? {
                 Acquire::Granted(permit) => return Ok(permit),
-                Acquire::Wait(wait) => wait,
-            };
-            let now = tokio::time::Instant::now();
-            if now + wait > deadline {
-                return Err(LimiterError::Timeout {
-                    max_wait,
-                    retry_after: wait,
-                });
+                Acquire::Wait(sleep) => tokio::time::sleep(sleep).await,
             }
-            let sleep = (wait + jitter(wait)).min(deadline.saturating_duration_since(now));
-            tokio::time::sleep(sleep).await;
         }
+    }
+
+    /// One try of [`Self::acquire`] (begun with `max_wait`, so due by `deadline`), for a
+    /// caller that does something else while it sleeps: granted, or how long to sleep before
+    /// the next try (the limiter's answer plus jitter, at most until `deadline`), or
+    /// [`LimiterError::Timeout`] when the answer lies beyond `deadline`.
+    pub async fn try_acquire_by(
+        &self,
+        deadline: tokio::time::Instant,
+        max_wait: Duration,
+    ) -> Result<Acquire, LimiterError> {
+        let wait = match self.try_acquire().await? {
+            Acquire::Granted(permit) => return Ok(Acquire::Granted(permit)),
+            Acquire::Wait(wait) => wait,
+        };
+        let now = tokio::time::Instant::now();
+        if now + wait > deadline {
+            return Err(LimiterError::Timeout {
+                max_wait,
+                retry_after: wait,
+            });
+        }
+        Ok(Acquire::Wait(
+            (wait + jitter(wait)).min(deadline.saturating_duration_since(now)),
+        ))
     }
 
     /// Gives back the permit's in-flight slot. Returns whether its lease was still held:
