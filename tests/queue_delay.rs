@@ -158,15 +158,14 @@ async fn a_promotion_moves_exactly_the_due_jobs_in_due_order_whatever_its_chunk(
         let mut config = slow_periodic(&format!("chunk{chunk}"));
         config.promote_chunk = chunk;
         let jobs = queue(&server, config).await;
-        // 20 due soon, listed in reverse so that due order is not enqueue order, and 3 due in
-        // an hour; one call, so every delay counts from the same server time.
+        // 20 due soon, in groups of 3 due at the same moment (so ties straddle the head the
+        // pass reads first), listed in reverse so that due order is not enqueue order, and 3
+        // due in an hour; one call, so every delay counts from the same server time.
         let soon: Vec<(TestJob, JobOptions)> = (0..20u64)
             .rev()
             .map(|n| {
-                (
-                    TestJob::new(n),
-                    JobOptions::delayed(Duration::from_millis(50 + 5 * n)),
-                )
+                let delay = Duration::from_millis(50 + 5 * (n / 3));
+                (TestJob::new(n), JobOptions::delayed(delay))
             })
             .chain((100..103u64).map(|n| {
                 (
@@ -188,15 +187,83 @@ async fn a_promotion_moves_exactly_the_due_jobs_in_due_order_whatever_its_chunk(
             (3, 20),
             "chunk {chunk}: {stats:?}"
         );
+        let order = stream_order(&server, &jobs.keys().stream).await;
+        let mut each = order.clone();
+        each.sort_unstable();
         assert_eq!(
-            stream_order(&server, &jobs.keys().stream).await,
+            each,
             (0..20).collect::<Vec<_>>(),
-            "chunk {chunk}: promoted in due order"
+            "chunk {chunk}: each once"
+        );
+        assert!(
+            order.windows(2).all(|pair| pair[0] / 3 <= pair[1] / 3),
+            "chunk {chunk}: promoted in due order: {order:?}"
         );
         assert_eq!(
             jobs.promote_due().await.unwrap(),
             0,
             "chunk {chunk}: nothing else due"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_promoter_keeps_its_lease_though_it_renews_it_only_now_and_then() {
+    // Two idle workers, passing every 200 ms; the lease lasts 2 s and its holder renews it
+    // only once an eighth of it is gone. It must never lapse, nor change hands.
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, config("lease")).await;
+    let mut running = Vec::new();
+    for name in ["lease-a", "lease-b"] {
+        async fn handle(_job: TestJob) -> Result<(), BoxDynError> {
+            Ok(())
+        }
+        let (stop, signal) = stop_signal();
+        let worker = WorkerBuilder::new(name)
+            .backend(jobs.clone())
+            .concurrency(1)
+            .build(handle);
+        running.push((stop, tokio::spawn(worker.run_until(signal))));
+    }
+    let conn = server.conn().await;
+    let holder = || {
+        let mut conn = conn.clone();
+        let key = jobs.keys().promoter.clone();
+        async move {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            value
+        }
+    };
+    let first = common::eventually("a promoter", || async { holder().await }).await;
+    let mut renewed = 0;
+    let mut last = first.clone();
+    // 5 s: two and a half leases.
+    for _ in 0..250 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = holder().await.expect("the lease never lapses");
+        let (who, _) = now.split_once('|').expect("holder|expiry");
+        assert_eq!(
+            Some(who),
+            first.split_once('|').map(|(w, _)| w),
+            "changed hands"
+        );
+        if now != last {
+            renewed += 1;
+            last = now;
+        }
+    }
+    // Every 250–450 ms (the first pass past 250 ms): between 10 and 20 in 5 s; on every
+    // 200 ms pass it would be 25.
+    assert!(
+        (5..=22).contains(&renewed),
+        "renewed {renewed} times in 5 s"
+    );
+    for (stop, run) in running {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
     }
 }

@@ -319,7 +319,10 @@ async fn a_run_waiting_for_its_merchants_limit_lets_the_call_slot_go() {
         common::gauge(text, "tarspay_jobs_in_flight").is_some_and(|n| n >= 1.0)
     })
     .await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let (mut in_hand, mut slot_free) = (0, 0);
     // Sampled until every payout ended (about 5 s at the limit).
     for _ in 0..500 {

@@ -24,7 +24,8 @@ use crate::queue::Gate;
 use crate::ratelimit::{Acquire, Limiter, LimiterError, Permit};
 use std::time::Duration;
 
-/// How long a job may wait for a slot while holding a worker's concurrency.
+/// How long a run may wait in hand for its merchant's slot (the limiter's sleeps, not its
+/// waits for the process's call slot) before its job goes back to the queue.
 const IN_HAND_WAIT: Duration = Duration::from_millis(250);
 /// A 429 without `Retry-After` slows the merchant down this long.
 const DEFAULT_SLOW_DOWN: Duration = Duration::from_secs(1);
@@ -91,7 +92,10 @@ impl<'a> Calls<'a> {
             held: Vec::new(),
             process_slot: None,
         };
-        let deadline = tokio::time::Instant::now() + IN_HAND_WAIT;
+        // What is left of the wait for the merchant: only the limiter's sleeps count, not
+        // the waits for the process's slot (a run that waited its turn for a slot would
+        // otherwise find its budget spent and go back for a wait of milliseconds).
+        let mut budget = IN_HAND_WAIT;
         loop {
             if let Some(slots) = &ctx.call_slots {
                 match slots.take(&ctx.merchant).await {
@@ -103,6 +107,7 @@ impl<'a> Calls<'a> {
             let Some(limits) = &ctx.limits else {
                 break;
             };
+            let deadline = tokio::time::Instant::now() + budget;
             match limits.limiter.try_acquire_by(deadline, IN_HAND_WAIT).await {
                 Ok(Acquire::Granted(permit)) => {
                     calls.held.push(permit);
@@ -110,6 +115,7 @@ impl<'a> Calls<'a> {
                 }
                 Ok(Acquire::Wait(sleep)) => {
                     calls.process_slot = None;
+                    budget = budget.saturating_sub(sleep);
                     tokio::time::sleep(sleep).await;
                 }
                 Err(err) => return Err(Step::RetryAfter(limits.refused(err))),

@@ -5,7 +5,7 @@
 //! marker entry in the stream (`scripts::DELAY_JOB`); the fetch loop that reads it passes the
 //! due time here, and this worker then follows due times like the promoter until the
 //! promoter's next periodic pass has learnt of the new jobs. Every worker also passes every
-//! `promote_interval`: the promoter's pass renews its lease and catches a lost marker; the
+//! `promote_interval`: the promoter's pass keeps its lease renewed and catches a lost marker; the
 //! others' (one `GET` inside the script) take the lease over once it lapses. A lost promoter
 //! or marker costs lateness, never a job.
 //!

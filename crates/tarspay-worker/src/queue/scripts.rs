@@ -123,12 +123,13 @@ return out
 /// wakes on time for the next due job, so many workers do not all wake at once. Another
 /// worker's pass, while the lease is held and no marker woke it, moves nothing: it only takes
 /// the lease over once the holder stops renewing it. Returns
-/// {moved, the next due time (-1: none, or not asked), 1 if the caller holds the lease}.
+/// {moved, the next due time (-1: none, not asked, or a full chunk: call again), 1 if the
+/// caller holds the lease}.
 ///
-/// The lease's value is `<consumer>|<expiry, server ms>`, so the holder renews it only once a
-/// quarter of it is gone: a promoter that wakes on time for each due job does not write on
-/// every pass, and one that passes at least every half lease (the periodic pass) never loses
-/// it. The set's first [`PROMOTE_PEEK`] entries are read with their scores in one call: an
+/// The lease's value is `<consumer>|<expiry, server ms>`, so the holder renews it only once an
+/// eighth of it is gone: a promoter that wakes on time for each due job does not write on
+/// every pass, and one that passes at least every half lease (the periodic pass) keeps
+/// three eighths of it in hand against a stalled pass (half of it when every pass renewed). The set's first [`PROMOTE_PEEK`] entries are read with their scores in one call: an
 /// idle pass, or one that finds a few jobs due, learns both what is due and the next due
 /// time from it; only when all of them are due does it read on by score.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
@@ -148,7 +149,7 @@ if ARGV[2] ~= '' then
   end
   if holder == false or held_until ~= nil then
     now = server_now()
-    if held_until == nil or held_until - now < lease * 3 / 4 then
+    if held_until == nil or held_until - now < lease * 7 / 8 then
       redis.call('SET', KEYS[3], me .. (now + lease), 'PX', lease)
     end
     mine = 1
