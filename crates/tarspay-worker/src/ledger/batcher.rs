@@ -43,6 +43,9 @@ pub(crate) struct Reply {
     pub replicated: bool,
     /// What became of the job delivery the operation was to acknowledge ([`Op::ack`]).
     pub job: JobAcked,
+    /// The due time (server ms) of a job the operation delayed in its delivery's queue to
+    /// before every other one: no wake marker was written, the delivery's worker follows it.
+    pub follow_due: Option<u64>,
 }
 
 /// What the batch script did with an operation's job delivery.
@@ -58,9 +61,9 @@ pub(crate) enum JobAcked {
 }
 
 /// Parsed batch reply: each operation's reply, then which operations' deliveries were
-/// acknowledged and which were stale (1-based positions), and why some could not be ('' for
-/// no failure).
-type BatchReply = (Vec<Value>, Vec<usize>, Vec<usize>, String);
+/// acknowledged and which were stale (1-based positions), why some could not be ('' for
+/// no failure), and the due times their workers follow (position, due time, ...).
+type BatchReply = (Vec<Value>, Vec<usize>, Vec<usize>, String, Vec<u64>);
 
 /// One ledger operation: what the batch script is told to do for one caller.
 pub(crate) struct Op {
@@ -170,7 +173,9 @@ async fn run(
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
-            Ok(((replies, acked, stale, ack_error), confirmed)) if replies.len() == batch.len() => {
+            Ok(((replies, acked, stale, ack_error, followed), confirmed))
+                if replies.len() == batch.len() =>
+            {
                 if !ack_error.is_empty() {
                     tracing::warn!(error = %ack_error, "jobs not acknowledged with their ledger step; their settlements will be");
                 }
@@ -183,10 +188,16 @@ async fn run(
                     } else {
                         JobAcked::No
                     };
+                    let follow_due = followed
+                        .chunks_exact(2)
+                        .filter(|pair| pair[0] == at as u64 + 1)
+                        .map(|pair| pair[1])
+                        .min();
                     let reply = operation_result(reply).map(|value| Reply {
                         value,
                         replicated,
                         job,
+                        follow_due,
                     });
                     let _ = pending.reply.send(reply);
                 }

@@ -71,6 +71,21 @@ impl Setup {
         consumer: &str,
         unique: Option<&str>,
     ) -> (Delivery, InFlight) {
+        let (delivery, inflight, _) = self.deliver_following(stream, consumer, unique).await;
+        (delivery, inflight)
+    }
+
+    /// [`Setup::deliver`], and the due times its worker's promoter is given to follow.
+    async fn deliver_following(
+        &self,
+        stream: &str,
+        consumer: &str,
+        unique: Option<&str>,
+    ) -> (
+        Delivery,
+        InFlight,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+    ) {
         let mut c = self.conn.clone();
         let envelope = Envelope::new(
             format!("job-{consumer}-{}", rand::random::<u32>()),
@@ -101,15 +116,23 @@ impl Setup {
             .unwrap();
         let inflight = InFlight::default();
         inflight.add([entry_id.as_str()]);
+        let (due_times, followed) = tokio::sync::mpsc::unbounded_channel();
         let holder = Arc::new(Holder {
             stream: stream.to_owned(),
             group: self.queue.group.clone(),
             consumer: consumer.to_owned(),
             inflight: inflight.clone(),
+            due_times,
         });
         let (settle, _rx) = SettleHandle::channel();
         let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder);
-        (delivery, inflight)
+        (delivery, inflight, followed)
+    }
+
+    /// Wake markers written to the queue's wake stream.
+    async fn wake_markers(&self) -> u64 {
+        let mut c = self.conn.clone();
+        c.xlen(&self.queue.wake).await.unwrap()
     }
 
     /// `consumer` takes `job`'s entry over, as another worker does after the orphan timeout.
@@ -166,13 +189,60 @@ impl Setup {
 }
 
 fn poll_job(id: &str) -> PreparedJob {
+    poll_job_in(id, 60_000)
+}
+
+fn poll_job_in(id: &str, delay_ms: u64) -> PreparedJob {
     PreparedJob {
         text: format!(r#"{{"id":"poll-{id}","p":{{}}}}"#),
         id: format!("poll-{id}"),
         unique: String::new(),
-        run_at_ms: crate::queue::now_ms() + 60_000,
-        delay_ms: 60_000,
+        run_at_ms: crate::queue::now_ms() + delay_ms,
+        delay_ms,
     }
+}
+
+#[tokio::test]
+async fn a_worker_that_queues_the_earliest_poll_wakes_for_it_itself_without_a_marker() {
+    let s = setup().await;
+    for id in ["FOLLOW-1", "FOLLOW-2", "FOLLOW-3"] {
+        s.register(id).await;
+    }
+    let (job, _, mut followed) = s.deliver_following(&s.queue.stream, "w1", None).await;
+    let poll = poll_job_in("FOLLOW-1", 60_000);
+    let accepted = s
+        .ledger
+        .accept_finishing("FOLLOW-1", Some("P1"), Some(&poll), Some(&job))
+        .await
+        .unwrap();
+    assert!(accepted && job.is_settled());
+    assert_eq!(s.delayed_jobs().await, 1);
+    assert_eq!(
+        followed.try_recv().ok(),
+        Some(poll.run_at_ms),
+        "its worker's promoter follows the poll's due time"
+    );
+    assert_eq!(s.wake_markers().await, 0, "no marker wakes another worker");
+
+    // A poll due after one already queued: nobody needs waking.
+    let (later_job, _, mut later_followed) = s.deliver_following(&s.queue.stream, "w2", None).await;
+    let later = poll_job_in("FOLLOW-2", 90_000);
+    s.ledger
+        .accept_finishing("FOLLOW-2", Some("P2"), Some(&later), Some(&later_job))
+        .await
+        .unwrap();
+    assert!(later_followed.try_recv().is_err());
+    assert_eq!(s.wake_markers().await, 0);
+
+    // The earliest poll queued without a delivery (no worker of this queue to follow it):
+    // a marker, for whichever worker reads it.
+    let earliest = poll_job_in("FOLLOW-3", 30_000);
+    s.ledger
+        .accept("FOLLOW-3", Some("P3"), Some(&earliest))
+        .await
+        .unwrap();
+    assert_eq!(s.wake_markers().await, 1);
+    assert_eq!(s.delayed_jobs().await, 3);
 }
 
 #[tokio::test]

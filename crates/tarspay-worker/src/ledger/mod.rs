@@ -853,6 +853,9 @@ impl Ledger {
         {
             job.settled_in_step(reply.job == JobAcked::Stale);
         }
+        if let (Some(job), Some(due)) = (job, reply.follow_due) {
+            job.follow_due(due);
+        }
         let value = reply.value;
         as_int(&value).ok_or_else(|| LedgerError::Corrupt {
             id: id.to_owned(),

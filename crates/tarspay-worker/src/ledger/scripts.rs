@@ -43,7 +43,9 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// Returns {one reply per operation in order, {positions of operations whose delivery was
 /// acknowledged}, {positions of those whose delivery another consumer holds now}, the error
 /// that kept some deliveries from being acknowledged ('' for none: they are left to the
-/// settler)}.
+/// settler), {position, due time, ...} of operations with a delivery that delayed a job in
+/// its queue to before every other one: their worker's promoter follows that due time, no
+/// marker was written (see `queue::DELAY_JOB`)}.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{}{}local MAX_EVENTS = {}\n{}",
@@ -427,10 +429,12 @@ local function run_ops()
     end
     at = at + 1 + noted
     -- The job delivery this operation's caller finishes with it, if any: acknowledged at
-    -- the end when the operation answers one of `replies`.
+    -- the end when the operation answers one of `replies`. Its worker follows the due time
+    -- of a job the operation delays in its queue itself (no wake marker).
     if ARGV[at] ~= '' then
       acks[#acks + 1] = {owner = op + 1, entry = ARGV[at], group = ARGV[at + 1],
         consumer = ARGV[at + 2], replies = ',' .. ARGV[at + 3] .. ','}
+      follow_self = {delayed = KEYS[6], owner = op + 1}
       at = at + 4
     else
       at = at + 1
@@ -445,6 +449,7 @@ local function run_ops()
     if kind == 'A' then hold_for = current end
     out[#out + 1] = guarded(kind, order, aux, a)
     hold_for = nil
+    follow_self = nil
     if carried then pcall(note_events, order, events, carried, list_ttl) end
     carried = nil
     op = op + 1
@@ -530,7 +535,7 @@ if #acks > 0 then
     end
   end
 end
-return {out, acked, stale, ack_error}
+return {out, acked, stale, ack_error, self_followed}
 "#
     ))
 });

@@ -66,12 +66,13 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                 settle: runtime.settle.clone(),
                 inflight: runtime.inflight.clone(),
                 stop: runtime.stop.clone(),
-                due_times,
+                due_times: due_times.clone(),
                 holder: Arc::new(Holder {
                     stream: shared.keys.stream.clone(),
                     group: shared.keys.group.clone(),
                     consumer: runtime.consumer.clone(),
                     inflight: runtime.inflight.clone(),
+                    due_times,
                 }),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));

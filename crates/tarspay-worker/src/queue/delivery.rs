@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
+use crate::queue::promoter::DueTimes;
 use crate::queue::settle::SettleHandle;
 
 /// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
@@ -27,13 +28,16 @@ struct DeliveryInner {
     settled: AtomicBool,
 }
 
-/// The stream, group and consumer a fetcher's deliveries are held in, and its in-flight set.
+/// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
+/// its worker's promoter.
 #[derive(Debug)]
 pub(crate) struct Holder {
     pub(crate) stream: String,
     pub(crate) group: String,
     pub(crate) consumer: String,
     pub(crate) inflight: InFlight,
+    /// Due times for the worker's promoter loop to follow (as from a wake marker).
+    pub(crate) due_times: DueTimes,
 }
 
 /// What a ledger script needs to acknowledge a delivery in the step that writes its job's
@@ -97,6 +101,13 @@ impl Delivery {
                 "done",
             );
         }
+    }
+
+    /// A ledger step delayed a job in this delivery's queue to before every other one and
+    /// wrote no wake marker for it: this delivery's worker wakes for it itself.
+    pub(crate) fn follow_due(&self, due_ms: u64) {
+        // A worker that stopped meanwhile leaves the job to the promoter's periodic pass.
+        let _ = self.0.holder.due_times.send(due_ms);
     }
 
     /// Whether a ledger step has settled this delivery (see [`Delivery::settled_in_step`]).

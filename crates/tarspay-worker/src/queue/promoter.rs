@@ -3,11 +3,12 @@
 //! the next due job it learnt from its last promotion, then promotes; the `XADD`s wake the
 //! workers blocked in `XREADGROUP` at once. A job delayed to before every other one leaves a
 //! marker entry in the stream (`scripts::DELAY_JOB`); the fetch loop that reads it passes the
-//! due time here, and this worker then follows due times like the promoter until the
-//! promoter's next periodic pass has learnt of the new jobs. Every worker also passes every
-//! `promote_interval`: the promoter's pass keeps its lease renewed and catches a lost marker; the
-//! others' (one `GET` inside the script) take the lease over once it lapses. A lost promoter
-//! or marker costs lateness, never a job.
+//! due time here (as does a ledger step of this worker's job that delayed such a job itself,
+//! writing no marker: `Delivery::follow_due`), and this worker then follows due times like
+//! the promoter until the promoter's next periodic pass has learnt of the new jobs. Every
+//! worker also passes every `promote_interval`: the promoter's pass keeps its lease renewed
+//! and catches a lost marker; the others' (one `GET` inside the script) take the lease over
+//! once it lapses. A lost promoter or marker costs lateness, never a job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.

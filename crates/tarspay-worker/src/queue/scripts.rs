@@ -45,6 +45,14 @@ end
 /// fresh on every call), so a group commit or a bulk enqueue of many delayed jobs pays one
 /// `ZRANGE`, not one per job.
 ///
+/// A script run for a worker whose own promoter follows the due times it is given (a ledger
+/// step that finishes one of its jobs, see `queue::Delivery::follow_due`) sets `follow_self`
+/// to `{delayed = <its queue's delayed set>, owner = <whose job>}`: a job it delays to before
+/// every other one in that set then writes no marker; `{owner, due time}` is noted in
+/// `self_followed` instead, for the script to return, and the worker's promoter wakes for
+/// it. That worker stopping or freezing before then costs the job lateness (the promoter's
+/// periodic pass finds it), never the job, as a lost marker does.
+///
 /// A script may hold its delayed jobs back and add them at its end, one `ZADD` per set (and
 /// per 512 jobs): it sets `hold_for` (any value: whose jobs they are) while it queues them and
 /// calls `add_held(failed)` before it returns, which calls `failed(owner, error)` for each job
@@ -53,6 +61,8 @@ end
 /// script ends, like the jobs.
 pub(crate) const DELAY_JOB: &str = r#"
 local earliest = {}
+local follow_self = nil
+local self_followed = {}
 local hold_for = nil
 local held = {}
 local function add_held(failed)
@@ -86,8 +96,13 @@ local function delay_job(stream, delayed, now, run_at, env)
     redis.call('ZADD', delayed, run_at, env)
   end
   if first == false or run_at < first then
-    local wake = string.sub(delayed, 1, -8) .. 'wake'
-    redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
+    if follow_self ~= nil and follow_self.delayed == delayed then
+      self_followed[#self_followed + 1] = follow_self.owner
+      self_followed[#self_followed + 1] = run_at
+    else
+      local wake = string.sub(delayed, 1, -8) .. 'wake'
+      redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
+    end
     first = run_at
   end
   earliest[delayed] = first
