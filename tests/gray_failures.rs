@@ -81,11 +81,7 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
     let keys = app.partition("LOST-9").queue.keys().clone();
     let mut conn = app.partition("LOST-9").queue.connection();
     let _: i64 = conn.del(&keys.stream).await.unwrap();
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
-    let worker = app.worker_process_with(2, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    let (worker, addr) = app.worker_process_with_metrics(2);
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["LOST-9"].status, "succeeded");
     let text = worker_metrics(&addr, "the worker's metrics", |text| {
@@ -113,11 +109,7 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
     for id in &ids {
         app.enqueue(inr(id, "100")).await;
     }
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
-    let worker = app.worker_process_with(4, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    let (worker, addr) = app.worker_process_with_metrics(4);
     let outcomes = app.wait_outcomes(ids.len()).await;
     assert!(
         outcomes.values().all(|o| o.status == "succeeded"),

@@ -309,12 +309,8 @@ async fn a_run_waiting_for_its_merchants_limit_lets_the_call_slot_go() {
     for id in &ids {
         app.enqueue(inr(id, "100")).await;
     }
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
     // One call slot (and three jobs in hand).
-    let worker = app.worker_process_with(1, &[("TARSPAY_WORKER_METRICS_LISTEN", addr.as_str())]);
+    let (worker, addr) = app.worker_process_with_metrics(1);
     common::worker_metrics(&addr, "the worker's metrics", |text| {
         common::gauge(text, "tarspay_jobs_in_flight").is_some_and(|n| n >= 1.0)
     })

@@ -244,6 +244,18 @@ impl TestApp {
         WorkerProcess(Some(child))
     }
 
+    /// [`TestApp::worker_process`] serving its `/metrics` on a free loopback port: the process
+    /// and that address.
+    pub fn worker_process_with_metrics(&self, concurrency: usize) -> (WorkerProcess, String) {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        };
+        let worker =
+            self.worker_process_with(concurrency, &[("TARSPAY_WORKER_METRICS_LISTEN", &addr)]);
+        (worker, addr)
+    }
+
     /// Serves the callback receiver and the API on `listener` until the returned sender is
     /// dropped or fired.
     pub fn serve_on(&self, listener: tokio::net::TcpListener) -> tokio::sync::oneshot::Sender<()> {
