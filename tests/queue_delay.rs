@@ -267,3 +267,94 @@ async fn a_live_promoter_keeps_its_lease_though_it_renews_it_only_now_and_then()
         let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_its_own_worker_queued_starts_on_time_without_a_marker() {
+    // A job's ledger step (an acceptance) queues a poll due before every other delayed job:
+    // it writes no wake marker, and the worker's own promoter wakes for it. The periodic pass
+    // is 60 s, so nothing else could start the poll on time.
+    use tarspay_worker::ledger::{Ledger, LedgerKeys, NewOrder, OrderKind};
+    use tarspay_worker::queue::Delivery;
+
+    #[derive(Clone)]
+    struct Own {
+        ledger: Ledger,
+        jobs: tarspay_worker::queue::RedisQueue<TestJob>,
+        starts: Starts,
+    }
+    async fn handle(
+        job: TestJob,
+        delivery: Data<Delivery>,
+        own: Data<Own>,
+    ) -> Result<(), BoxDynError> {
+        if job.n == 1 {
+            let poll = own.jobs.prepare(
+                &TestJob::new(2),
+                &JobOptions::delayed(Duration::from_millis(300)),
+            )?;
+            own.ledger
+                .accept_finishing("OWN-1", Some("P1"), Some(&poll), Some(&delivery))
+                .await?;
+        } else {
+            let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
+            own.starts.lock().unwrap().push((job.n, now));
+        }
+        Ok(())
+    }
+
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, slow_periodic("own")).await;
+    let tag = format!("{{{}:own}}", common::queue::PREFIX);
+    let ledger = Ledger::new(jobs.connection(), LedgerKeys::new(&tag, jobs.keys()));
+    let number = "OWN-1".parse().unwrap();
+    let currency = "INR".parse().unwrap();
+    let merchant = "default".parse().unwrap();
+    ledger
+        .register(&NewOrder {
+            mch_order_no: &number,
+            kind: OrderKind::Payout,
+            fingerprint: "fp",
+            amount: "10.00",
+            currency: &currency,
+            request: "{}",
+            batch_id: None,
+            merchant: &merchant,
+        })
+        .await
+        .unwrap();
+    let starts: Starts = Arc::default();
+    let (stop, signal) = stop_signal();
+    let worker = WorkerBuilder::new("own")
+        .backend(jobs.clone())
+        .data(Own {
+            ledger,
+            jobs: jobs.clone(),
+            starts: starts.clone(),
+        })
+        .concurrency(2)
+        .build(handle);
+    let running = tokio::spawn(worker.run_until(signal));
+    // Let the worker make its first (periodic) pass over an empty delayed set.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let begun = Instant::now();
+    jobs.enqueue(&TestJob::new(1)).await.unwrap();
+    common::eventually("the poll to start", || async {
+        (!starts.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "started by a periodic pass, not on time: {:?}",
+        begun.elapsed()
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    let mut conn = server.conn().await;
+    let markers: u64 = redis::cmd("XLEN")
+        .arg(&jobs.keys().wake)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(markers, 0, "its worker followed the poll without a marker");
+}

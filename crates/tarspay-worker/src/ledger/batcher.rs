@@ -84,6 +84,8 @@ pub(crate) struct Op {
     /// The job delivery the caller finishes with this operation, acknowledged in the same
     /// step when the operation's integer reply is one of `replies` (comma-separated).
     pub ack: Option<(InlineAck, &'static str)>,
+    /// When the job this operation queues is due (server ms), if it delays one.
+    pub delays_to: Option<u64>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -108,6 +110,7 @@ impl Op {
             events: Vec::new(),
             list_ttl_ms: 0,
             ack: None,
+            delays_to: None,
         }
     }
 
@@ -264,7 +267,8 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
                 .arg(&ack.entry_id)
                 .arg(&ack.group)
                 .arg(&ack.consumer)
-                .arg(*replies),
+                .arg(*replies)
+                .arg(if ack.follows { "1" } else { "0" }),
             None => evalsha.arg(""),
         };
     }

@@ -11,6 +11,8 @@ struct Setup {
     conn: RedisConn,
     ledger: Ledger,
     queue: QueueKeys,
+    /// The stop of the workers its deliveries come from.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 async fn setup() -> Setup {
@@ -26,6 +28,7 @@ async fn setup() -> Setup {
         conn,
         ledger,
         queue,
+        stop: Default::default(),
     }
 }
 
@@ -123,6 +126,7 @@ impl Setup {
             consumer: consumer.to_owned(),
             inflight: inflight.clone(),
             due_times,
+            stop: self.stop.clone(),
         });
         let (settle, _rx) = SettleHandle::channel();
         let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder);
@@ -243,6 +247,20 @@ async fn a_worker_that_queues_the_earliest_poll_wakes_for_it_itself_without_a_ma
         .unwrap();
     assert_eq!(s.wake_markers().await, 1);
     assert_eq!(s.delayed_jobs().await, 3);
+
+    // A worker that is stopping (its promoter ends) follows nothing: a marker again.
+    s.register("FOLLOW-4").await;
+    let (stopping, _, mut stopping_followed) =
+        s.deliver_following(&s.queue.stream, "w3", None).await;
+    s.stop.cancel();
+    let sooner = poll_job_in("FOLLOW-4", 20_000);
+    s.ledger
+        .accept_finishing("FOLLOW-4", Some("P4"), Some(&sooner), Some(&stopping))
+        .await
+        .unwrap();
+    assert!(stopping.is_settled(), "acknowledged all the same");
+    assert!(stopping_followed.try_recv().is_err());
+    assert_eq!(s.wake_markers().await, 2);
 }
 
 #[tokio::test]
@@ -473,10 +491,13 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
     let s = setup().await;
     let ids: Vec<String> = (0..24).map(|i| format!("MANY-{i}")).collect();
     let mut jobs = Vec::new();
+    let mut followed = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         s.register(id).await;
         let consumer = if i % 2 == 0 { "w1" } else { "w2" };
-        jobs.push(s.deliver(&s.queue.stream, consumer, None).await.0);
+        let (job, _, follows) = s.deliver_following(&s.queue.stream, consumer, None).await;
+        jobs.push(job);
+        followed.push(follows);
     }
     // Every third job was taken over by w3 meanwhile.
     for job in jobs.iter().step_by(3) {
@@ -514,6 +535,16 @@ async fn many_jobs_of_two_consumers_in_one_batch_are_each_acknowledged_or_left()
         assert!(job.is_settled(), "job {i}");
     }
     assert_eq!(s.delayed_jobs().await, 24);
+    // The polls are due in the order they were made: only the first is due before every
+    // other, and only its worker is told to wake for it (its entry was taken over, but that
+    // worker lives); nobody needed a marker.
+    let told: Vec<usize> = followed
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, follows)| follows.try_recv().ok().map(|_| i))
+        .collect();
+    assert_eq!(told, [0]);
+    assert_eq!(s.wake_markers().await, 0);
 }
 
 /// A TCP hop to Redis that can lose the next reply: it reads it from the server, then closes
@@ -568,13 +599,17 @@ async fn a_lost_reply_after_the_step_ran_leaves_the_job_done_and_acknowledged() 
     // Connects through the hop (the batch script is loaded: the registration ran it, so the
     // next ledger step runs it).
     assert!(ledger.get("LOST-1").await.unwrap().is_some());
-    let (job, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    let (job, inflight, mut followed) = s.deliver_following(&s.queue.stream, "w1", None).await;
 
     lose_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let poll = poll_job("LOST-1");
     let lost = ledger
-        .accept_finishing("LOST-1", Some("P1"), Some(&poll_job("LOST-1")), Some(&job))
+        .accept_finishing("LOST-1", Some("P1"), Some(&poll), Some(&job))
         .await;
     assert!(lost.is_err(), "the caller never heard: {lost:?}");
+    // Its poll was queued without a marker, for this worker to follow: it still does.
+    assert_eq!(followed.try_recv().ok(), Some(poll.run_at_ms));
+    assert_eq!(s.wake_markers().await, 0);
     // Its handler fails, so its layer asks for a retry: that settlement meets an entry
     // no longer pending (dropped as stale), and the job is not run again.
     assert!(!job.is_settled());

@@ -641,13 +641,15 @@ fn outcome_fields(outcome: &Outcome) -> Vec<(&'static str, String)> {
 }
 
 /// Appends a follow-up job's four script arguments (none: an empty envelope).
-fn with_job(op: Op, job: Option<&PreparedJob>) -> Op {
+fn with_job(mut op: Op, job: Option<&PreparedJob>) -> Op {
     match job {
-        Some(job) => op
-            .arg(job.run_at_ms)
-            .arg(&job.unique)
-            .arg(&job.id)
-            .arg(&job.text),
+        Some(job) => {
+            op.delays_to = Some(job.run_at_ms).filter(|&at| at > 0);
+            op.arg(job.run_at_ms)
+                .arg(&job.unique)
+                .arg(&job.id)
+                .arg(&job.text)
+        }
         None => op.arg(0).arg("").arg("").arg(""),
     }
 }
@@ -833,8 +835,15 @@ impl Ledger {
         let job = job.filter(|_| !done_replies.is_empty());
         op.ack = job
             .and_then(|job| job.ack_in(&self.keys.queue.stream))
-            .map(|ack| (ack, done_replies));
+            .map(|mut ack| {
+                // A batch that waits for replicas answers only after `WAIT`: a marker, seen
+                // when the script ends, wakes a worker sooner than the reply would.
+                ack.follows &= self.replicas_wanted == 0;
+                (ack, done_replies)
+            });
         let acking = op.ack.is_some();
+        let follows = op.ack.as_ref().is_some_and(|(ack, _)| ack.follows);
+        let delays_to = op.delays_to;
         let reply = match self.batcher.apply_confirmed(op).await {
             Ok(reply) => reply,
             Err(err) => {
@@ -844,6 +853,11 @@ impl Ledger {
                 // that is not a takeover).
                 if acking && err.kind() != redis::ErrorKind::Extension {
                     tracing::warn!(mch_order_no = id, error = %err, "ledger step's reply lost; its job may be acknowledged already");
+                    // The step may also have queued its job without a marker, for this worker
+                    // to follow: it does (one pass too many, if the step never ran).
+                    if let (Some(job), Some(due), true) = (job, delays_to, follows) {
+                        job.follow_due(due);
+                    }
                 }
                 return Err(err.into());
             }

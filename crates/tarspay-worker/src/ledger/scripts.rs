@@ -37,15 +37,17 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// `events` array in its JSON); other operations, and those whose milestone was not written,
 /// append them to the order's history list. Last per operation, the job delivery its caller
 /// finishes with it: '' for none, or its entry id, group, consumer and the replies
-/// (comma-separated) on which the caller's job is done; the delivery, an entry of the
-/// queue's stream (`KEYS[5]`), is then acknowledged and deleted in the same step, if still
-/// pending for that consumer (see `queue::Delivery::ack_in`).
+/// (comma-separated) on which the caller's job is done, and '1' when the delivery's worker
+/// follows the due time of a job the operation delays in the queue before every other one
+/// ('0': a marker as usual); the delivery, an entry of the queue's stream (`KEYS[5]`), is
+/// then acknowledged and deleted in the same step, if still pending for that consumer (see
+/// `queue::Delivery::ack_in`).
 /// Returns {one reply per operation in order, {positions of operations whose delivery was
 /// acknowledged}, {positions of those whose delivery another consumer holds now}, the error
 /// that kept some deliveries from being acknowledged ('' for none: they are left to the
-/// settler), {position, due time, ...} of operations with a delivery that delayed a job in
-/// its queue to before every other one: their worker's promoter follows that due time, no
-/// marker was written (see `queue::DELAY_JOB`)}.
+/// settler), {position, due time, ...} of operations whose worker is to follow that due
+/// time: no marker was written for it (see `queue::DELAY_JOB`; an operation that failed
+/// gets its marker after all)}.
 pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{}{}local MAX_EVENTS = {}\n{}",
@@ -434,8 +436,8 @@ local function run_ops()
     if ARGV[at] ~= '' then
       acks[#acks + 1] = {owner = op + 1, entry = ARGV[at], group = ARGV[at + 1],
         consumer = ARGV[at + 2], replies = ',' .. ARGV[at + 3] .. ','}
-      follow_self = {delayed = KEYS[6], owner = op + 1}
-      at = at + 4
+      if ARGV[at + 4] == '1' then follow_self = {delayed = KEYS[6], owner = op + 1} end
+      at = at + 5
     else
       at = at + 1
     end
@@ -478,6 +480,19 @@ for id, rows in pairs(batches_seen) do
   for _, owner in ipairs(rows) do batch_owners[#batch_owners + 1] = owner end
 end
 add_index(KEYS[12], batch_entries, batch_owners)
+-- A worker told of nothing cannot follow: an operation that failed (its job may be queued
+-- all the same), or a script that fails now, leaves the usual marker instead.
+local followed = {}
+for i = 1, #self_followed, 2 do
+  local owner, due = self_followed[i], self_followed[i + 1]
+  local reply = out[owner]
+  if not ran or (type(reply) == 'table' and reply[1] == '!error') then
+    pcall(wake_marker, KEYS[6], due)
+  else
+    followed[#followed + 1] = owner
+    followed[#followed + 1] = due
+  end
+end
 if not ran then error(failure) end
 -- A job whose last step is one of these operations is acknowledged in the same atomic
 -- change (and deleted from the stream, as the settle script does), when its operation
@@ -535,7 +550,7 @@ if #acks > 0 then
     end
   end
 end
-return {out, acked, stale, ack_error, self_followed}
+return {out, acked, stale, ack_error, followed}
 "#
     ))
 });

@@ -73,6 +73,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     consumer: runtime.consumer.clone(),
                     inflight: runtime.inflight.clone(),
                     due_times,
+                    stop: runtime.stop.clone(),
                 }),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));

@@ -8,6 +8,7 @@ use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::promoter::DueTimes;
 use crate::queue::settle::SettleHandle;
+use tokio_util::sync::CancellationToken;
 
 /// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub(crate) struct Holder {
     pub(crate) inflight: InFlight,
     /// Due times for the worker's promoter loop to follow (as from a wake marker).
     pub(crate) due_times: DueTimes,
+    /// The worker's stop: once it is stopping, its promoter follows nothing more.
+    pub(crate) stop: CancellationToken,
 }
 
 /// What a ledger script needs to acknowledge a delivery in the step that writes its job's
@@ -50,6 +53,9 @@ pub(crate) struct InlineAck {
     pub(crate) entry_id: String,
     pub(crate) group: String,
     pub(crate) consumer: String,
+    /// The delivery's worker can wake for a job the step delays in its queue before every
+    /// other one (its promoter runs): the step then writes no wake marker for it.
+    pub(crate) follows: bool,
 }
 
 impl Delivery {
@@ -82,6 +88,7 @@ impl Delivery {
                 entry_id: self.0.entry_id.clone(),
                 group: holder.group.clone(),
                 consumer: holder.consumer.clone(),
+                follows: !holder.stop.is_cancelled(),
             }
         })
     }

@@ -9,8 +9,9 @@
 //!   stream by a Lua script in bounded chunks ([`QueueConfig::promote_chunk`]), on time: one
 //!   worker per queue, the promoter (a lease), sleeps until the next due job; a job delayed
 //!   to before all others wakes a sleeping worker with a marker entry (`w` = its due time,
-//!   acknowledged by the worker that reads it, never a job), unless a worker's own ledger
-//!   step delayed it: that worker then wakes for it itself (`Delivery::follow_due`); every
+//!   acknowledged by the worker that reads it, never a job), unless a ledger step that
+//!   acknowledges one of a live worker's jobs from the same queue delayed it: that worker
+//!   then wakes for it itself (`Delivery::follow_due`); every
 //!   [`QueueConfig::promote_interval`] the promoter passes anyway as a safety net, and the
 //!   other workers check its lease and take over when it lapses.
 //! * A worker that dies leaves entries in the PEL; entries idle longer than

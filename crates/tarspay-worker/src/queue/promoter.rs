@@ -8,7 +8,7 @@
 //! the promoter until the promoter's next periodic pass has learnt of the new jobs. Every
 //! worker also passes every `promote_interval`: the promoter's pass keeps its lease renewed
 //! and catches a lost marker; the others' (one `GET` inside the script) take the lease over
-//! once it lapses. A lost promoter or marker costs lateness, never a job.
+//! once it lapses. A lost promoter, marker or follow costs lateness, never a job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.
@@ -26,13 +26,14 @@ use crate::queue::shared::Shared;
 /// Redis calls) under due times a millisecond apart, at this much lateness.
 const MIN_GAP: Duration = Duration::from_millis(5);
 
-/// Sends due times read from markers to the promoter loop.
+/// Sends due times to follow to the promoter loop: read from markers, or from this worker's
+/// own ledger steps (`Delivery::follow_due`).
 pub(crate) type DueTimes = mpsc::UnboundedSender<u64>;
 
 pub(crate) async fn run_promoter(
     shared: Arc<Shared>,
     consumer: String,
-    mut markers: mpsc::UnboundedReceiver<u64>,
+    mut due_times: mpsc::UnboundedReceiver<u64>,
     stop: CancellationToken,
 ) {
     let every = shared.config.promote_interval;
@@ -41,7 +42,8 @@ pub(crate) async fn run_promoter(
     let mut last = Instant::now();
     let mut backoff = redis_backoff();
     loop {
-        // Until the next due job, the periodic pass, or a marker, whichever comes first.
+        // Until the next due job, the periodic pass, or a due time to follow, whichever
+        // comes first.
         let periodic = last + every;
         let wake = match next_due {
             Some(due) => {
@@ -53,8 +55,8 @@ pub(crate) async fn run_promoter(
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            marker = markers.recv() => {
-                match marker {
+            due = due_times.recv() => {
+                match due {
                     Some(due) => {
                         next_due = Some(next_due.map_or(due, |known| known.min(due)));
                         follow_until = Some(Instant::now() + every * 2);

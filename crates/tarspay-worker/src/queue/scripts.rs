@@ -46,12 +46,13 @@ end
 /// `ZRANGE`, not one per job.
 ///
 /// A script run for a worker whose own promoter follows the due times it is given (a ledger
-/// step that finishes one of its jobs, see `queue::Delivery::follow_due`) sets `follow_self`
-/// to `{delayed = <its queue's delayed set>, owner = <whose job>}`: a job it delays to before
-/// every other one in that set then writes no marker; `{owner, due time}` is noted in
-/// `self_followed` instead, for the script to return, and the worker's promoter wakes for
-/// it. That worker stopping or freezing before then costs the job lateness (the promoter's
-/// periodic pass finds it), never the job, as a lost marker does.
+/// step that acknowledges, in the same step, one of that worker's jobs from the same queue;
+/// see `queue::Delivery::follow_due`) sets `follow_self` to `{delayed = <its queue's delayed
+/// set>, owner = <whose job>}`: a job it delays to before every other one in that set then
+/// writes no marker; `{owner, due time}` is noted in `self_followed` instead, for the script
+/// to return, and the worker's promoter wakes for it. Like a lost marker, that worker
+/// freezing or dying before then costs the job lateness (the promoter's periodic pass finds
+/// it), never the job.
 ///
 /// A script may hold its delayed jobs back and add them at its end, one `ZADD` per set (and
 /// per 512 jobs): it sets `hold_for` (any value: whose jobs they are) while it queues them and
@@ -77,6 +78,10 @@ local function add_held(failed)
   end
   held = {}
 end
+local function wake_marker(delayed, run_at)
+  local wake = string.sub(delayed, 1, -8) .. 'wake'
+  redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
+end
 local function delay_job(stream, delayed, now, run_at, env)
   local first = earliest[delayed]
   if first == nil then
@@ -100,8 +105,7 @@ local function delay_job(stream, delayed, now, run_at, env)
       self_followed[#self_followed + 1] = follow_self.owner
       self_followed[#self_followed + 1] = run_at
     else
-      local wake = string.sub(delayed, 1, -8) .. 'wake'
-      redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'w', run_at)
+      wake_marker(delayed, run_at)
     end
     first = run_at
   end
