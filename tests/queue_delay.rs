@@ -9,7 +9,7 @@ use apalis::prelude::*;
 use common::queue::{RedisServer, TestJob, config, queue, stop_signal};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tarspay_worker::queue::{JobOptions, QueueConfig};
+use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
 
 /// Job number → the server's time (ms) when it started.
 type Starts = Arc<Mutex<Vec<(u64, u64)>>>;
@@ -18,6 +18,35 @@ async fn server_ms(server: &RedisServer) -> u64 {
     let mut conn = server.conn().await;
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     secs * 1000 + micros / 1000
+}
+
+/// Waits until `started` says the jobs waited for have started, and checks they did not wait
+/// for a periodic pass (60 s here); then stops the worker.
+async fn started_on_time(
+    what: &str,
+    begun: Instant,
+    started: impl Fn() -> bool,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), WorkerError>>,
+) {
+    common::eventually(what, || async { started().then_some(()) }).await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "started by a periodic pass, not on time: {:?}",
+        begun.elapsed()
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}
+
+/// The wake markers in the queue's wake stream.
+async fn wake_markers(server: &RedisServer, jobs: &RedisQueue<TestJob>) -> u64 {
+    let mut conn = server.conn().await;
+    redis::cmd("XLEN")
+        .arg(&jobs.keys().wake)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
 }
 
 fn slow_periodic(name: &str) -> QueueConfig {
@@ -58,17 +87,14 @@ async fn delayed_jobs_start_at_their_due_time_not_at_the_next_periodic_pass() {
         .await
         .unwrap();
     }
-    common::eventually("the three delayed jobs to start", || async {
-        (starts.lock().unwrap().len() >= 3).then_some(())
-    })
+    started_on_time(
+        "the three delayed jobs to start",
+        begun,
+        || starts.lock().unwrap().len() >= 3,
+        stop,
+        running,
+    )
     .await;
-    assert!(
-        begun.elapsed() < Duration::from_secs(30),
-        "started by a periodic pass, not on time: {:?}",
-        begun.elapsed()
-    );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
     let mut order: Vec<(u64, u64)> = starts.lock().unwrap().clone();
     order.sort_by_key(|&(_, at)| at);
     assert_eq!(
@@ -109,23 +135,17 @@ async fn wake_markers_stay_bounded_without_a_worker() {
         .await
         .unwrap();
     }
-    let mut conn = server.conn().await;
-    let markers: u64 = redis::cmd("XLEN")
-        .arg(&jobs.keys().wake)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let markers = wake_markers(&server, &jobs).await;
     // `MAXLEN ~ 64` trims whole stream nodes (100 entries by default).
     assert!(
         (64..=200).contains(&markers),
         "{markers} markers kept for 500 written"
     );
-    let delayed: u64 = redis::cmd("ZCARD")
-        .arg(&jobs.keys().delayed)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(delayed, 500, "every job is kept");
+    assert_eq!(
+        jobs.stats().await.unwrap().delayed,
+        500,
+        "every job is kept"
+    );
 }
 
 /// The job numbers in the stream, oldest entry first.
@@ -279,7 +299,7 @@ async fn a_poll_its_own_worker_queued_starts_on_time_without_a_marker() {
     #[derive(Clone)]
     struct Own {
         ledger: Ledger,
-        jobs: tarspay_worker::queue::RedisQueue<TestJob>,
+        jobs: RedisQueue<TestJob>,
         starts: Starts,
     }
     async fn handle(
@@ -339,22 +359,17 @@ async fn a_poll_its_own_worker_queued_starts_on_time_without_a_marker() {
 
     let begun = Instant::now();
     jobs.enqueue(&TestJob::new(1)).await.unwrap();
-    common::eventually("the poll to start", || async {
-        (!starts.lock().unwrap().is_empty()).then_some(())
-    })
+    started_on_time(
+        "the poll to start",
+        begun,
+        || !starts.lock().unwrap().is_empty(),
+        stop,
+        running,
+    )
     .await;
-    assert!(
-        begun.elapsed() < Duration::from_secs(30),
-        "started by a periodic pass, not on time: {:?}",
-        begun.elapsed()
+    assert_eq!(
+        wake_markers(&server, &jobs).await,
+        0,
+        "its worker followed the poll without a marker"
     );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
-    let mut conn = server.conn().await;
-    let markers: u64 = redis::cmd("XLEN")
-        .arg(&jobs.keys().wake)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(markers, 0, "its worker followed the poll without a marker");
 }
