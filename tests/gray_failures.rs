@@ -4,7 +4,7 @@
 mod common;
 
 use common::app::{inr, spawn_app_with};
-use common::{eventually, fault_rule, worker_metrics};
+use common::{eventually, fault_rule, gauge, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction};
@@ -145,6 +145,11 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
         .filter(|l| l.starts_with("tarspay_call_slots_in_use "))
         .collect();
     assert_eq!(slots_in_use, ["tarspay_call_slots_in_use 0"], "{text}");
+    // Each payout's poll was delayed: the passes that promoted them (one observation per
+    // pass that moved jobs) are in the lateness histogram.
+    let passes = gauge(&text, "tarspay_queue_promotion_lateness_seconds_count")
+        .expect("the promotion lateness histogram");
+    assert!(passes >= 1.0, "{text}");
     for id in &ids {
         let partition = app.partition(id);
         let keys = partition.queue.keys().clone();

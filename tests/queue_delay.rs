@@ -49,6 +49,37 @@ async fn wake_markers(server: &RedisServer, jobs: &RedisQueue<TestJob>) -> u64 {
         .unwrap()
 }
 
+/// The promoter lease's value (`<consumer>|<expiry ms>`), if anyone holds it.
+async fn promoter_lease(server: &RedisServer, jobs: &RedisQueue<TestJob>) -> Option<String> {
+    let mut conn = server.conn().await;
+    redis::cmd("GET")
+        .arg(&jobs.keys().promoter)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Idle workers named `names` on `jobs`, each with its stop sender and run handle.
+type Running = Vec<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), WorkerError>>,
+)>;
+fn idle_workers(jobs: &RedisQueue<TestJob>, names: &[&str]) -> Running {
+    async fn handle(_job: TestJob) -> Result<(), BoxDynError> {
+        Ok(())
+    }
+    let mut running = Vec::new();
+    for name in names {
+        let (stop, signal) = stop_signal();
+        let worker = WorkerBuilder::new(*name)
+            .backend(jobs.clone())
+            .concurrency(1)
+            .build(handle);
+        running.push((stop, tokio::spawn(worker.run_until(signal))));
+    }
+    running
+}
+
 fn slow_periodic(name: &str) -> QueueConfig {
     let mut config = config(name);
     config.promote_interval = Duration::from_secs(60);
@@ -233,31 +264,8 @@ async fn a_live_promoter_keeps_its_lease_though_it_renews_it_only_now_and_then()
     // only once an eighth of it is gone. It must never lapse, nor change hands.
     let server = RedisServer::start(false);
     let jobs = queue(&server, config("lease")).await;
-    let mut running = Vec::new();
-    for name in ["lease-a", "lease-b"] {
-        async fn handle(_job: TestJob) -> Result<(), BoxDynError> {
-            Ok(())
-        }
-        let (stop, signal) = stop_signal();
-        let worker = WorkerBuilder::new(name)
-            .backend(jobs.clone())
-            .concurrency(1)
-            .build(handle);
-        running.push((stop, tokio::spawn(worker.run_until(signal))));
-    }
-    let conn = server.conn().await;
-    let holder = || {
-        let mut conn = conn.clone();
-        let key = jobs.keys().promoter.clone();
-        async move {
-            let value: Option<String> = redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            value
-        }
-    };
+    let running = idle_workers(&jobs, &["lease-a", "lease-b"]);
+    let holder = || promoter_lease(&server, &jobs);
     let first = common::eventually("a promoter", || async { holder().await }).await;
     let mut renewed = 0;
     let mut last = first.clone();
@@ -282,6 +290,47 @@ async fn a_live_promoter_keeps_its_lease_though_it_renews_it_only_now_and_then()
         (5..=22).contains(&renewed),
         "renewed {renewed} times in 5 s"
     );
+    for (stop, run) in running {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoter_that_stops_hands_its_lease_to_the_next_worker() {
+    // Two idle workers passing every 200 ms; the lease lasts 2 s. The holder stops
+    // gracefully: it must not keep the lease for the rest of those 2 s (jobs nobody follows
+    // would wait that long), and the other worker takes it at its next pass.
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, config("handback")).await;
+    let names = ["handback-a", "handback-b"];
+    let mut running = idle_workers(&jobs, &names);
+    let first = common::eventually("a promoter", || promoter_lease(&server, &jobs)).await;
+    let holder = names
+        .iter()
+        .position(|name| first.contains(&format!(":{name}:")))
+        .expect("the lease names one of the two workers");
+    let (stop, run) = running.remove(holder);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the worker stops")
+        .expect("its task ends")
+        .expect("it stops cleanly");
+    let (stopped_as, _) = first.split_once('|').expect("holder|expiry");
+    let left = promoter_lease(&server, &jobs).await;
+    assert!(
+        left.as_deref()
+            .is_none_or(|value| !value.starts_with(&format!("{stopped_as}|"))),
+        "a stopped worker still holds the promoter lease: {left:?}"
+    );
+    let other = names[1 - holder];
+    common::eventually("the other worker to take the lease", || async {
+        promoter_lease(&server, &jobs)
+            .await
+            .filter(|value| value.contains(&format!(":{other}:")))
+    })
+    .await;
     for (stop, run) in running {
         let _ = stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), run).await;

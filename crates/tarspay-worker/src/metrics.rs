@@ -32,6 +32,11 @@ pub const QUEUE_STALE_SETTLEMENTS: &str = "tarspay_queue_stale_settlements_total
 /// poll's final state) rather than by a settlement of their own: every payout job that ends
 /// that way, when it came from its ledger's queue and holds no unique key.
 pub const QUEUE_ACKED_IN_STEP: &str = "tarspay_queue_acked_in_step_total";
+/// Per promotion pass that moved delayed jobs (retries, polls) into the stream: how long past
+/// its due time the most overdue of them was, by the Redis server's clock. Delays are meant to
+/// start on time: a p99 over a few ms means the promoter is stalled, lost its lease, or missed
+/// a wake-up and waited for its periodic pass.
+pub const QUEUE_PROMOTION_LATENESS: &str = "tarspay_queue_promotion_lateness_seconds";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
 /// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.
@@ -62,6 +67,14 @@ pub fn install() -> PrometheusHandle {
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     ],
                 )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(QUEUE_PROMOTION_LATENESS.to_owned()),
+                        &[
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        ],
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

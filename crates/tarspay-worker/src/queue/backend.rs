@@ -122,6 +122,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             if let Some(promoter) = promoter {
                 let _ = promoter.await;
             }
+            release_promoter_lease(&shared, &consumer).await;
             let mut conn = shared.conn.clone();
             let removed: Result<i64, _> = redis::cmd("ZREM")
                 .arg(&shared.keys.workers)
@@ -134,6 +135,23 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             tracing::info!(%consumer, released = unstarted.len(), "queue worker stopped");
         }
         .boxed()
+    }
+}
+
+/// Hands the promoter lease back if this worker holds it: jobs nobody follows are then
+/// promoted by the next worker's periodic pass, not only once the lease lapses (up to
+/// `PROMOTER_LEASE` later). Best effort: a lease left behind lapses by itself.
+async fn release_promoter_lease(shared: &Shared, consumer: &str) {
+    let mut conn = shared.conn.clone();
+    let released: Result<i64, _> = scripts::RELEASE_PROMOTER
+        .key(&shared.keys.promoter)
+        .arg(consumer)
+        .invoke_async(&mut conn)
+        .await;
+    match released {
+        Ok(1) => tracing::debug!(%consumer, "promoter lease handed back"),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "handing back the promoter lease failed"),
     }
 }
 

@@ -25,6 +25,8 @@ pub(crate) struct Promoted {
     pub(crate) next_due: Option<u64>,
     /// The caller holds the promoter lease.
     pub(crate) promoter: bool,
+    /// How long past its due time the most overdue job moved was (server clock), if any moved.
+    pub(crate) lateness: Option<Duration>,
 }
 
 impl Shared {
@@ -42,7 +44,7 @@ impl Shared {
         let chunk = self.config.promote_chunk;
         let mut total = Promoted::default();
         loop {
-            let (moved, next_due, promoter): (u64, i64, i64) = scripts::PROMOTE
+            let (moved, next_due, promoter, late_ms): (u64, i64, i64, i64) = scripts::PROMOTE
                 .key(&self.keys.delayed)
                 .key(&self.keys.stream)
                 .key(&self.keys.promoter)
@@ -52,6 +54,15 @@ impl Shared {
                 .arg(if following { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await?;
+            if let Ok(late_ms) = u64::try_from(late_ms)
+                && total.lateness.is_none()
+            {
+                // The first chunk holds the most overdue job of the pass.
+                let lateness = Duration::from_millis(late_ms);
+                metrics::histogram!(crate::metrics::QUEUE_PROMOTION_LATENESS)
+                    .record(lateness.as_secs_f64());
+                total.lateness = Some(lateness);
+            }
             total.moved += moved;
             total.next_due = u64::try_from(next_due).ok();
             total.promoter = promoter == 1;

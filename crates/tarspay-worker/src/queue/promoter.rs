@@ -8,7 +8,8 @@
 //! the promoter until the promoter's next periodic pass has learnt of the new jobs. Every
 //! worker also passes every `promote_interval`: the promoter's pass keeps its lease renewed
 //! and catches a lost marker; the others' (one `GET` inside the script) take the lease over
-//! once it lapses. A lost promoter, marker or follow costs lateness, never a job.
+//! once it lapses (a worker that stops gracefully hands it back, so the next pass takes it
+//! at once). A lost promoter, marker or follow costs lateness, never a job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.

@@ -143,7 +143,8 @@ return out
 /// worker's pass, while the lease is held and no marker woke it, moves nothing: it only takes
 /// the lease over once the holder stops renewing it. Returns
 /// {moved, the next due time (-1: none, not asked, or a full chunk: call again), 1 if the
-/// caller holds the lease}.
+/// caller holds the lease, how late the earliest job moved is (ms past its due time, by the
+/// server's clock; -1 when none moved)}.
 ///
 /// The lease's value is `<consumer>|<expiry, server ms>`, so the holder renews it only once an
 /// eighth of it is gone: a promoter that wakes on time for each due job does not write on
@@ -174,7 +175,7 @@ if ARGV[2] ~= '' then
     mine = 1
   elseif ARGV[4] ~= '1' then
     -- A live promoter moves due jobs on time: this pass only watches for its lease to lapse.
-    return {0, -1, 0}
+    return {0, -1, 0, -1}
   end
 end
 now = now or server_now()
@@ -207,9 +208,28 @@ if read_on and #due < limit then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if first[2] then next_due = tonumber(first[2]) end
 end
-return {#due, next_due, mine}
+-- The set is ordered by due time, so its head is the most overdue of the jobs moved.
+local late = -1
+if #due > 0 then late = now - tonumber(head[2]) end
+return {#due, next_due, mine, late}
 "#
     ))
+});
+
+/// Gives up the promoter lease at a graceful stop, if the caller holds it (its value is
+/// `<consumer>|<expiry ms>`), so the next worker's periodic pass takes it over at once
+/// instead of after the lease's rest. KEYS: the lease. ARGV: consumer. Returns 1 if released.
+pub static RELEASE_PROMOTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+local me = ARGV[1] .. '|'
+if holder and string.sub(holder, 1, #me) == me then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
 });
 
 /// How many entries at the head of the delayed set a promotion pass reads at once, with
@@ -815,5 +835,86 @@ return failed
         assert_eq!(failed, [0, 400, 300]);
         let added: u64 = conn.zcard(DELAYED).await.unwrap();
         assert_eq!(added, 5);
+    }
+
+    async fn server_ms(conn: &mut MultiplexedConnection) -> i64 {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+        secs * 1000 + micros / 1000
+    }
+
+    #[tokio::test]
+    async fn a_promotion_reports_how_late_its_most_overdue_job_was() {
+        let (_redis, mut conn) = setup().await;
+        let now = server_ms(&mut conn).await;
+        // Overdue by 1.5 s and 0.2 s, and one due in an hour; added out of order.
+        let _: i64 = conn
+            .zadd_multiple(
+                DELAYED,
+                &[
+                    (now - 200, "b"),
+                    (now + 3_600_000, "later"),
+                    (now - 1_500, "a"),
+                ],
+            )
+            .await
+            .unwrap();
+        let promote = |conn: &mut MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                let reply: (i64, i64, i64, i64) = PROMOTE
+                    .key(DELAYED)
+                    .key(STREAM)
+                    .key("{t:q}:promoter")
+                    .arg(100)
+                    .arg("c")
+                    .arg(2_000)
+                    .arg("0")
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                reply
+            }
+        };
+        let (moved, next_due, mine, late) = promote(&mut conn).await;
+        assert_eq!((moved, next_due, mine), (2, now + 3_600_000, 1));
+        // The server's clock has moved on since `now`, by far less than the hour's guard.
+        assert!(
+            (1_500..3_600_000).contains(&late),
+            "the most overdue job was 1.5 s late, not {late} ms"
+        );
+        let (moved, _, _, late) = promote(&mut conn).await;
+        assert_eq!((moved, late), (0, -1), "nothing moved, no lateness");
+    }
+
+    #[tokio::test]
+    async fn a_stopping_promoter_hands_back_only_its_own_lease() {
+        let (_redis, mut conn) = setup().await;
+        let lease = "{t:q}:promoter";
+        let release = |conn: &mut MultiplexedConnection, consumer: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let released: i64 = RELEASE_PROMOTER
+                    .key(lease)
+                    .arg(consumer)
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                released
+            }
+        };
+        let _: () = conn.set(lease, "worker-2|99").await.unwrap();
+        // A consumer whose name is a prefix of the holder's is not the holder.
+        assert_eq!(release(&mut conn, "worker").await, 0);
+        assert_eq!(release(&mut conn, "worker-").await, 0);
+        let held: Option<String> = conn.get(lease).await.unwrap();
+        assert_eq!(held.as_deref(), Some("worker-2|99"));
+        assert_eq!(release(&mut conn, "worker-2").await, 1);
+        let held: Option<String> = conn.get(lease).await.unwrap();
+        assert_eq!(held, None);
+        assert_eq!(
+            release(&mut conn, "worker-2").await,
+            0,
+            "nothing left to hand back"
+        );
     }
 }
