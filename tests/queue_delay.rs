@@ -338,6 +338,71 @@ async fn a_promoter_that_stops_hands_its_lease_to_the_next_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_promoter_hands_the_next_due_time_to_another_worker() {
+    // Worker A, alone, promotes job 1 (woken by its marker) and learns from that pass when
+    // job 2 is due (job 2 wrote no marker: job 1 was due before it). Then worker B starts
+    // and A stops before job 2 is due. The periodic passes are 60 s apart, so only A handing
+    // its next due time over can start job 2 on time.
+    let server = RedisServer::start(false);
+    let jobs = queue(&server, slow_periodic("handover")).await;
+    let starts: Starts = Arc::default();
+    async fn handle(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
+        let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
+        starts.lock().unwrap().push((job.n, now));
+        Ok(())
+    }
+    let start = |name: &'static str| {
+        let (stop, signal) = stop_signal();
+        let worker = WorkerBuilder::new(name)
+            .backend(jobs.clone())
+            .data(starts.clone())
+            .concurrency(2)
+            .build(handle);
+        (stop, tokio::spawn(worker.run_until(signal)))
+    };
+    let (stop_a, running_a) = start("handover-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (n, delay_ms) in [(1u64, 300u64), (2, 3_000)] {
+        jobs.enqueue_with(
+            &TestJob::new(n),
+            JobOptions::delayed(Duration::from_millis(delay_ms)),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        wake_markers(&server, &jobs).await,
+        1,
+        "job 2 wrote no marker"
+    );
+    common::eventually("job 1 to start", || async {
+        starts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(n, _)| n == 1)
+            .then_some(())
+    })
+    .await;
+    let (stop_b, running_b) = start("handover-b");
+    let begun = Instant::now();
+    let _ = stop_a.send(());
+    tokio::time::timeout(Duration::from_secs(10), running_a)
+        .await
+        .expect("worker A stops")
+        .expect("its task ends")
+        .expect("it stops cleanly");
+    started_on_time(
+        "job 2 to start",
+        begun,
+        || starts.lock().unwrap().iter().any(|&(n, _)| n == 2),
+        stop_b,
+        running_b,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_its_own_worker_queued_starts_on_time_without_a_marker() {
     // A job's ledger step (an acceptance) queues a poll due before every other delayed job:
     // it writes no wake marker, and the worker's own promoter wakes for it. The periodic pass

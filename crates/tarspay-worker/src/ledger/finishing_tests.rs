@@ -2,7 +2,7 @@
 //! against a private redis-server, with real stream entries held by real consumers.
 
 use super::*;
-use crate::queue::{Delivery, Envelope, Holder, InFlight, PreparedJob, SettleHandle};
+use crate::queue::{Delivery, Envelope, Handover, Holder, InFlight, PreparedJob, SettleHandle};
 use crate::redis_conn::RedisClient;
 use local_redis::{Durability, LocalRedis};
 
@@ -127,6 +127,7 @@ impl Setup {
             inflight: inflight.clone(),
             due_times,
             stop: self.stop.clone(),
+            handover: Handover::new(self.conn.clone(), self.queue.wake.clone()),
         });
         let (settle, _rx) = SettleHandle::channel();
         let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder);
@@ -204,6 +205,38 @@ fn poll_job_in(id: &str, delay_ms: u64) -> PreparedJob {
         run_at_ms: crate::queue::now_ms() + delay_ms,
         delay_ms,
     }
+}
+
+#[tokio::test]
+async fn a_due_time_its_worker_can_no_longer_follow_is_handed_to_another_worker() {
+    // The step is sent while the worker runs (no marker asked for), and its promoter ends
+    // before the reply comes: the due time goes out as a marker after all.
+    let s = setup().await;
+    s.register("FOLLOW-9").await;
+    let (job, _, followed) = s.deliver_following(&s.queue.stream, "w1", None).await;
+    drop(followed);
+    let poll = poll_job_in("FOLLOW-9", 60_000);
+    s.ledger
+        .accept_finishing("FOLLOW-9", Some("P9"), Some(&poll), Some(&job))
+        .await
+        .unwrap();
+    assert!(job.is_settled());
+    // Written by a task of its own: waited for (the bound only guards against a hang).
+    let mut c = s.conn.clone();
+    let mut markers: redis::streams::StreamRangeReply = Default::default();
+    for _ in 0..1000 {
+        markers = c.xrange_all(&s.queue.wake).await.unwrap();
+        if !markers.ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let due: Vec<Option<String>> = markers.ids.iter().map(|m| m.get("w")).collect();
+    assert_eq!(
+        due,
+        [Some(poll.run_at_ms.to_string())],
+        "one marker, for the poll"
+    );
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
 use crate::queue::delivery::Holder;
 use crate::queue::fetch::Fetcher;
-use crate::queue::promoter::run_promoter;
+use crate::queue::promoter::{Handover, run_promoter};
 use crate::queue::renew::run_renewer;
 use crate::queue::runtime::{WorkerRuntime, closing_slot};
 use crate::queue::settle::run_settler;
@@ -74,6 +74,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     inflight: runtime.inflight.clone(),
                     due_times,
                     stop: runtime.stop.clone(),
+                    handover: Handover::new(shared.conn.clone(), shared.keys.wake.clone()),
                 }),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));
@@ -122,7 +123,6 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             if let Some(promoter) = promoter {
                 let _ = promoter.await;
             }
-            release_promoter_lease(&shared, &consumer).await;
             let mut conn = shared.conn.clone();
             let removed: Result<i64, _> = redis::cmd("ZREM")
                 .arg(&shared.keys.workers)
@@ -135,23 +135,6 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             tracing::info!(%consumer, released = unstarted.len(), "queue worker stopped");
         }
         .boxed()
-    }
-}
-
-/// Hands the promoter lease back if this worker holds it: jobs nobody follows are then
-/// promoted by the next worker's periodic pass, not only once the lease lapses (up to
-/// `PROMOTER_LEASE` later). Best effort: a lease left behind lapses by itself.
-async fn release_promoter_lease(shared: &Shared, consumer: &str) {
-    let mut conn = shared.conn.clone();
-    let released: Result<i64, _> = scripts::RELEASE_PROMOTER
-        .key(&shared.keys.promoter)
-        .arg(consumer)
-        .invoke_async(&mut conn)
-        .await;
-    match released {
-        Ok(1) => tracing::debug!(%consumer, "promoter lease handed back"),
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "handing back the promoter lease failed"),
     }
 }
 

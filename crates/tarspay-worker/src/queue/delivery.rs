@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
-use crate::queue::promoter::DueTimes;
+use crate::queue::promoter::{DueTimes, Handover};
 use crate::queue::settle::SettleHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,8 @@ pub(crate) struct Holder {
     pub(crate) due_times: DueTimes,
     /// The worker's stop: once it is stopping, its promoter follows nothing more.
     pub(crate) stop: CancellationToken,
+    /// Where due times go that the worker's promoter can no longer follow.
+    pub(crate) handover: Handover,
 }
 
 /// What a ledger script needs to acknowledge a delivery in the step that writes its job's
@@ -113,8 +115,12 @@ impl Delivery {
     /// A ledger step delayed a job in this delivery's queue to before every other one and
     /// wrote no wake marker for it: this delivery's worker wakes for it itself.
     pub(crate) fn follow_due(&self, due_ms: u64) {
-        // A worker that stopped meanwhile leaves the job to the promoter's periodic pass.
-        let _ = self.0.holder.due_times.send(due_ms);
+        let holder = &self.0.holder;
+        if holder.due_times.send(due_ms).is_err() {
+            // The worker began to stop after the step was sent and its promoter has ended:
+            // another worker is told instead.
+            holder.handover.spawn_due(due_ms);
+        }
     }
 
     /// Whether a ledger step has settled this delivery (see [`Delivery::settled_in_step`]).

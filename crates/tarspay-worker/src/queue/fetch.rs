@@ -273,9 +273,11 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             tracing::debug!(error = %e, "wake markers not acknowledged");
         }
         for mut marker in markers {
-            if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok()) {
-                // The promoter loop is gone only when the worker stops.
-                let _ = self.due_times.send(due);
+            if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok())
+                && self.due_times.send(due).is_err()
+            {
+                // Read by a worker whose promoter has ended (it is stopping): passed on.
+                self.holder.handover.due(due).await;
             }
         }
         jobs

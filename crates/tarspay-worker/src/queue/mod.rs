@@ -126,7 +126,7 @@ pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
 pub use worker_id::worker_identity;
 #[cfg(test)]
-pub(crate) use {delivery::Holder, inflight::InFlight, settle::SettleHandle};
+pub(crate) use {delivery::Holder, inflight::InFlight, promoter::Handover, settle::SettleHandle};
 
 /// Errors at the queue's boundary.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,11 @@
 //! the promoter until the promoter's next periodic pass has learnt of the new jobs. Every
 //! worker also passes every `promote_interval`: the promoter's pass keeps its lease renewed
 //! and catches a lost marker; the others' (one `GET` inside the script) take the lease over
-//! once it lapses (a worker that stops gracefully hands it back, so the next pass takes it
-//! at once). A lost promoter, marker or follow costs lateness, never a job.
+//! once it lapses. A worker that stops hands over what it was to wake for: the earliest due
+//! time it knew of, and any it is told after its promoter ended, as a wake marker for another
+//! worker ([`Handover`]); and it gives the lease back, for the next worker's pass (within
+//! `promote_interval`) to take. A lost promoter, marker or follow costs lateness, never a
+//! job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.
@@ -21,15 +24,67 @@ use tokio_util::sync::CancellationToken;
 
 use crate::queue::backoff::redis_backoff;
 use crate::queue::clock::now_ms;
+use crate::queue::scripts;
 use crate::queue::shared::Shared;
+use crate::redis_conn::RedisConn;
 
 /// The least time between two on-time promotions: bounds a promoter's wake-ups (and their
 /// Redis calls) under due times a millisecond apart, at this much lateness.
 const MIN_GAP: Duration = Duration::from_millis(5);
 
 /// Sends due times to follow to the promoter loop: read from markers, or from this worker's
-/// own ledger steps (`Delivery::follow_due`).
+/// own ledger steps (`Delivery::follow_due`). Once the loop has ended, a send fails: the
+/// sender then hands the due time over ([`Handover`]).
 pub(crate) type DueTimes = mpsc::UnboundedSender<u64>;
+
+/// How long a stopping worker's hand-over calls may take: Redis being away must not hold up
+/// the shutdown (a due time not handed over is found by a periodic pass, at worst).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Hands due times this worker can no longer follow (its promoter has ended) to another
+/// worker: a wake marker on the queue's wake stream, written like `scripts::DELAY_JOB`'s
+/// (field `w`, the stream capped near the same 64 entries), which the next worker to read it
+/// follows.
+#[derive(Clone)]
+pub(crate) struct Handover {
+    conn: RedisConn,
+    wake: String,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("wake", &self.wake)
+            .finish()
+    }
+}
+
+impl Handover {
+    /// Markers go to `wake`, the queue's wake stream (`QueueKeys::wake`).
+    pub(crate) fn new(conn: RedisConn, wake: String) -> Self {
+        Self { conn, wake }
+    }
+
+    /// Writes the marker for `due_ms` (best effort).
+    pub(crate) async fn due(&self, due_ms: u64) {
+        let mut conn = self.conn.clone();
+        let mut marker = redis::cmd("XADD");
+        marker.arg(&self.wake).arg("MAXLEN").arg("~").arg(64);
+        marker.arg("*").arg("w").arg(due_ms);
+        let written = marker.query_async::<redis::Value>(&mut conn);
+        match tokio::time::timeout(HANDOVER_TIMEOUT, written).await {
+            Ok(Ok(_)) => tracing::debug!(due_ms, "due time handed over to another worker"),
+            Ok(Err(e)) => tracing::debug!(error = %e, due_ms, "handing a due time over failed"),
+            Err(_) => tracing::debug!(due_ms, "handing a due time over timed out"),
+        }
+    }
+
+    /// [`Handover::due`] from code that cannot wait for it.
+    pub(crate) fn spawn_due(&self, due_ms: u64) {
+        let handover = self.clone();
+        tokio::spawn(async move { handover.due(due_ms).await });
+    }
+}
 
 pub(crate) async fn run_promoter(
     shared: Arc<Shared>,
@@ -42,7 +97,7 @@ pub(crate) async fn run_promoter(
     let mut follow_until: Option<Instant> = None;
     let mut last = Instant::now();
     let mut backoff = redis_backoff();
-    loop {
+    'run: loop {
         // Until the next due job, the periodic pass, or a due time to follow, whichever
         // comes first.
         let periodic = last + every;
@@ -55,14 +110,14 @@ pub(crate) async fn run_promoter(
         };
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break 'run,
             due = due_times.recv() => {
                 match due {
                     Some(due) => {
                         next_due = Some(next_due.map_or(due, |known| known.min(due)));
                         follow_until = Some(Instant::now() + every * 2);
                     }
-                    None => return,
+                    None => break 'run,
                 }
                 continue;
             }
@@ -84,12 +139,42 @@ pub(crate) async fn run_promoter(
                 let wait = backoff.next().unwrap_or(Duration::from_secs(2));
                 tracing::warn!(error = %e, ?wait, "promoting delayed jobs failed; retrying");
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break 'run,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 // Try again at once: the pass that failed is overdue.
                 last = Instant::now().checked_sub(every).unwrap_or(last);
             }
         }
+    }
+    // Stopping: the earliest due time this worker was to wake for (known, or sent before
+    // the channel closed) goes to another worker; later sends fail and are handed over by
+    // their senders.
+    due_times.close();
+    let mut pending = next_due;
+    while let Ok(due) = due_times.try_recv() {
+        pending = Some(pending.map_or(due, |known| known.min(due)));
+    }
+    if let Some(due) = pending {
+        Handover::new(shared.conn.clone(), shared.keys.wake.clone())
+            .due(due)
+            .await;
+    }
+    release_lease(&shared, &consumer).await;
+}
+
+/// Gives the promoter lease back if this worker holds it: jobs nobody follows are then
+/// promoted by the next worker's periodic pass, not only once the lease lapses (up to
+/// `PROMOTER_LEASE` later). Best effort: a lease left behind lapses by itself.
+async fn release_lease(shared: &Shared, consumer: &str) {
+    let mut conn = shared.conn.clone();
+    let mut release = scripts::RELEASE_PROMOTER.prepare_invoke();
+    release.key(&shared.keys.promoter).arg(consumer);
+    let released = release.invoke_async::<i64>(&mut conn);
+    match tokio::time::timeout(HANDOVER_TIMEOUT, released).await {
+        Ok(Ok(1)) => tracing::debug!(%consumer, "promoter lease handed back"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "handing back the promoter lease failed"),
+        Err(_) => tracing::debug!("handing back the promoter lease timed out"),
     }
 }

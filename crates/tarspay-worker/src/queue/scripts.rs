@@ -137,7 +137,8 @@ return out
 
 /// Move delayed jobs due by the server's clock (`TIME`) into the stream, at most ARGV[1] per
 /// call. KEYS: delayed, stream, promoter lease. ARGV: limit, consumer ('' takes no lease),
-/// lease ms, '1' to learn the next due time without the lease (a worker a marker woke). The
+/// lease ms, '1' to learn the next due time without the lease (a worker following a due
+/// time: from a marker, or from its own ledger step). The
 /// caller holds (or takes, when free) the promoter lease of this queue: the one worker that
 /// wakes on time for the next due job, so many workers do not all wake at once. Another
 /// worker's pass, while the lease is held and no marker woke it, moves nothing: it only takes
@@ -149,7 +150,9 @@ return out
 /// The lease's value is `<consumer>|<expiry, server ms>`, so the holder renews it only once an
 /// eighth of it is gone: a promoter that wakes on time for each due job does not write on
 /// every pass, and one that passes at least every half lease (the periodic pass) keeps
-/// three eighths of it in hand against a stalled pass (half of it when every pass renewed). The set's first [`PROMOTE_PEEK`] entries are read with their scores in one call: an
+/// three eighths of it in hand against a stalled pass (half of it when every pass renewed).
+///
+/// The set's first [`PROMOTE_PEEK`] entries are read with their scores in one call: an
 /// idle pass, or one that finds a few jobs due, learns both what is due and the next due
 /// time from it; only when all of them are due does it read on by score.
 pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
