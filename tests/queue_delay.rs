@@ -26,8 +26,8 @@ async fn started_on_time(
     what: &str,
     begun: Instant,
     started: impl Fn() -> bool,
-    stop: tokio::sync::oneshot::Sender<()>,
-    running: tokio::task::JoinHandle<Result<(), WorkerError>>,
+    stop: StopSender,
+    running: RunHandle,
 ) {
     common::eventually(what, || async { started().then_some(()) }).await;
     assert!(
@@ -59,11 +59,36 @@ async fn promoter_lease(server: &RedisServer, jobs: &RedisQueue<TestJob>) -> Opt
         .unwrap()
 }
 
+/// A handler that notes when each job started.
+async fn record_start(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
+    let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
+    starts.lock().unwrap().push((job.n, now));
+    Ok(())
+}
+
+type StopSender = tokio::sync::oneshot::Sender<()>;
+type RunHandle = tokio::task::JoinHandle<Result<(), WorkerError>>;
+
+/// Stops a worker gracefully and checks that it stopped cleanly.
+async fn stop_cleanly(stop: StopSender, run: RunHandle) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the worker stops")
+        .expect("its task ends")
+        .expect("it stops cleanly");
+}
+
+/// Stops workers, as a test's last step.
+async fn stop_all(running: Running) {
+    for (stop, run) in running {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+    }
+}
+
 /// Idle workers named `names` on `jobs`, each with its stop sender and run handle.
-type Running = Vec<(
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), WorkerError>>,
-)>;
+type Running = Vec<(StopSender, RunHandle)>;
 fn idle_workers(jobs: &RedisQueue<TestJob>, names: &[&str]) -> Running {
     async fn handle(_job: TestJob) -> Result<(), BoxDynError> {
         Ok(())
@@ -91,17 +116,12 @@ async fn delayed_jobs_start_at_their_due_time_not_at_the_next_periodic_pass() {
     let server = RedisServer::start(false);
     let jobs = queue(&server, slow_periodic("ontime")).await;
     let starts: Starts = Arc::default();
-    async fn handle(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
-        let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
-        starts.lock().unwrap().push((job.n, now));
-        Ok(())
-    }
     let (stop, signal) = stop_signal();
     let worker = WorkerBuilder::new("ontime")
         .backend(jobs.clone())
         .data(starts.clone())
         .concurrency(4)
-        .build(handle);
+        .build(record_start);
     let running = tokio::spawn(worker.run_until(signal));
     // Let the worker make its first (periodic) pass over an empty delayed set.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -290,10 +310,7 @@ async fn a_live_promoter_keeps_its_lease_though_it_renews_it_only_now_and_then()
         (5..=22).contains(&renewed),
         "renewed {renewed} times in 5 s"
     );
-    for (stop, run) in running {
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,12 +328,7 @@ async fn a_promoter_that_stops_hands_its_lease_to_the_next_worker() {
         .position(|name| first.contains(&format!(":{name}:")))
         .expect("the lease names one of the two workers");
     let (stop, run) = running.remove(holder);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the worker stops")
-        .expect("its task ends")
-        .expect("it stops cleanly");
+    stop_cleanly(stop, run).await;
     let (stopped_as, _) = first.split_once('|').expect("holder|expiry");
     let left = promoter_lease(&server, &jobs).await;
     assert!(
@@ -331,10 +343,7 @@ async fn a_promoter_that_stops_hands_its_lease_to_the_next_worker() {
             .filter(|value| value.contains(&format!(":{other}:")))
     })
     .await;
-    for (stop, run) in running {
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,18 +355,13 @@ async fn a_stopping_promoter_hands_the_next_due_time_to_another_worker() {
     let server = RedisServer::start(false);
     let jobs = queue(&server, slow_periodic("handover")).await;
     let starts: Starts = Arc::default();
-    async fn handle(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
-        let now = tarspay_worker::wall_clock::since_epoch().as_millis() as u64;
-        starts.lock().unwrap().push((job.n, now));
-        Ok(())
-    }
     let start = |name: &'static str| {
         let (stop, signal) = stop_signal();
         let worker = WorkerBuilder::new(name)
             .backend(jobs.clone())
             .data(starts.clone())
             .concurrency(2)
-            .build(handle);
+            .build(record_start);
         (stop, tokio::spawn(worker.run_until(signal)))
     };
     let (stop_a, running_a) = start("handover-a");
@@ -386,12 +390,7 @@ async fn a_stopping_promoter_hands_the_next_due_time_to_another_worker() {
     .await;
     let (stop_b, running_b) = start("handover-b");
     let begun = Instant::now();
-    let _ = stop_a.send(());
-    tokio::time::timeout(Duration::from_secs(10), running_a)
-        .await
-        .expect("worker A stops")
-        .expect("its task ends")
-        .expect("it stops cleanly");
+    stop_cleanly(stop_a, running_a).await;
     started_on_time(
         "job 2 to start",
         begun,
