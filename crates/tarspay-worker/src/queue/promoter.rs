@@ -8,11 +8,11 @@
 //! the promoter until the promoter's next periodic pass has learnt of the new jobs. Every
 //! worker also passes every `promote_interval`: the promoter's pass keeps its lease renewed
 //! and catches a lost marker; the others' (one `GET` inside the script) take the lease over
-//! once it lapses. A worker that stops hands over what it was to wake for: the earliest due
-//! time it knew of, and any it is told after its promoter ended, as a wake marker for another
-//! worker ([`Handover`]); and it gives the lease back, for the next worker's pass (within
-//! `promote_interval`) to take. A lost promoter, marker or follow costs lateness, never a
-//! job.
+//! once it lapses. A worker that stops gives the lease back and hands over what it was to
+//! wake for: the earliest due time it knew of, and any it is told after its promoter ended,
+//! as a wake marker for another worker ([`Handover`]), whose pass for it takes the free
+//! lease (with nothing to hand over, the next periodic pass takes it). A lost promoter,
+//! marker or follow costs lateness, never a job.
 //!
 //! The timer is local (tokio), not a Redis `BLOCK` timeout: Redis checks those about every
 //! 100 ms, too coarse for on-time starts.
@@ -147,20 +147,21 @@ pub(crate) async fn run_promoter(
             }
         }
     }
-    // Stopping: the earliest due time this worker was to wake for (known, or sent before
-    // the channel closed) goes to another worker; later sends fail and are handed over by
-    // their senders.
+    // Stopping: the lease goes back, then the earliest due time this worker was to wake for
+    // (known, or sent before the channel closed) goes to another worker, whose pass for it
+    // finds the lease free and takes it. Later sends fail and are handed over by their
+    // senders.
     due_times.close();
     let mut pending = next_due;
     while let Ok(due) = due_times.try_recv() {
         pending = Some(pending.map_or(due, |known| known.min(due)));
     }
+    release_lease(&shared, &consumer).await;
     if let Some(due) = pending {
         Handover::new(shared.conn.clone(), shared.keys.wake.clone())
             .due(due)
             .await;
     }
-    release_lease(&shared, &consumer).await;
 }
 
 /// Gives the promoter lease back if this worker holds it: jobs nobody follows are then
