@@ -34,9 +34,9 @@ pub const QUEUE_STALE_SETTLEMENTS: &str = "tarspay_queue_stale_settlements_total
 pub const QUEUE_ACKED_IN_STEP: &str = "tarspay_queue_acked_in_step_total";
 /// Per promotion pass that moved delayed jobs (retries, polls) into the stream: how long past
 /// its due time the most overdue of them was, by the Redis server's clock. Delays are meant to
-/// start on time: outside restarts of the lease holder (up to `promote_interval` late while
-/// the lease changes hands), a p99 over a few ms means a promoter stalled or missed a wake-up
-/// and waited for its periodic pass.
+/// start on time: outside a killed or frozen lease holder (up to its lease plus
+/// `promote_interval` late), a p99 over a few ms means a promoter missed a wake-up and waited
+/// for its periodic pass.
 pub const QUEUE_PROMOTION_LATENESS: &str = "tarspay_queue_promotion_lateness_seconds";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
