@@ -21,7 +21,17 @@ async fn server_ms(server: &RedisServer) -> u64 {
 }
 
 /// Waits until `started` says the jobs waited for have started, and checks they did not wait
-/// for a periodic pass (60 s here); then stops the worker.
+/// for a periodic pass (60 s here).
+async fn wait_on_time(what: &str, begun: Instant, started: impl Fn() -> bool) {
+    common::eventually(what, || async { started().then_some(()) }).await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "started by a periodic pass, not on time: {:?}",
+        begun.elapsed()
+    );
+}
+
+/// [`wait_on_time`], then stops the worker.
 async fn started_on_time(
     what: &str,
     begun: Instant,
@@ -29,12 +39,7 @@ async fn started_on_time(
     stop: StopSender,
     running: RunHandle,
 ) {
-    common::eventually(what, || async { started().then_some(()) }).await;
-    assert!(
-        begun.elapsed() < Duration::from_secs(30),
-        "started by a periodic pass, not on time: {:?}",
-        begun.elapsed()
-    );
+    wait_on_time(what, begun, started).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
 }
@@ -379,32 +384,12 @@ async fn a_stopping_promoter_hands_the_next_due_time_to_another_worker() {
         1,
         "job 2 wrote no marker"
     );
-    common::eventually("job 1 to start", || async {
-        starts
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(n, _)| n == 1)
-            .then_some(())
-    })
-    .await;
+    let started = |job: u64| starts.lock().unwrap().iter().any(|&(n, _)| n == job);
+    wait_on_time("job 1 to start", Instant::now(), || started(1)).await;
     let (stop_b, running_b) = start("handover-b");
     let begun = Instant::now();
     stop_cleanly(stop_a, running_a).await;
-    common::eventually("job 2 to start", || async {
-        starts
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(n, _)| n == 2)
-            .then_some(())
-    })
-    .await;
-    assert!(
-        begun.elapsed() < Duration::from_secs(30),
-        "started by a periodic pass, not on time: {:?}",
-        begun.elapsed()
-    );
+    wait_on_time("job 2 to start", begun, || started(2)).await;
     // A gave the lease back before the marker: B's pass for it took the lease.
     let lease = promoter_lease(&server, &jobs).await;
     assert!(
