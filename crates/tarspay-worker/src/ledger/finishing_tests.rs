@@ -440,6 +440,47 @@ async fn an_acceptance_whose_poll_job_cannot_be_written_leaves_its_job_pending()
 }
 
 #[tokio::test]
+async fn an_acceptance_that_fails_after_queueing_its_earliest_poll_wakes_a_worker_by_marker() {
+    // The step notes the poll as the earliest for its own worker to follow, then its held
+    // `ZADD` is refused (a Redis user without `ZADD`): the acceptance answers with the error,
+    // so its worker is told of nothing and the step writes the usual marker instead.
+    let s = setup().await;
+    s.register("REFUSED-1").await;
+    let mut admin = s.conn.clone();
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "nozadd", "on", "nopass", "~*", "&*", "+@all", "-zadd",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let as_nozadd = s.redis.url().replacen("redis://", "redis://nozadd:any@", 1);
+    let limited = RedisClient::single(&as_nozadd)
+        .and_then(|client| client.connect(Default::default()))
+        .expect("client");
+    let ledger = Ledger::new(limited, LedgerKeys::new("{t:payouts}", &s.queue));
+    let (job, inflight, mut followed) = s.deliver_following(&s.queue.stream, "w1", None).await;
+    let poll = poll_job_in("REFUSED-1", 60_000);
+
+    let result = ledger
+        .accept_finishing("REFUSED-1", Some("P1"), Some(&poll), Some(&job))
+        .await;
+    assert!(result.is_err(), "the caller sees the failure: {result:?}");
+    assert!(followed.try_recv().is_err(), "its worker follows nothing");
+    let mut c = s.conn.clone();
+    let markers: redis::streams::StreamRangeReply = c.xrange_all(&s.queue.wake).await.unwrap();
+    let due: Vec<Option<String>> = markers.ids.iter().map(|m| m.get("w")).collect();
+    assert_eq!(
+        due,
+        [Some(poll.run_at_ms.to_string())],
+        "one marker, for the poll"
+    );
+    assert_eq!(s.delayed_jobs().await, 0, "the poll was not added");
+    assert!(!job.is_settled(), "its retry is the settler's");
+    assert_eq!(inflight.snapshot(), vec![job.entry_id().to_owned()]);
+}
+
+#[tokio::test]
 async fn only_a_delivery_of_the_ledgers_own_queue_without_a_unique_key_is_acknowledged() {
     let s = setup().await;
     for id in ["OTHER-1", "UNIQUE-1"] {

@@ -273,11 +273,12 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             tracing::debug!(error = %e, "wake markers not acknowledged");
         }
         for mut marker in markers {
-            if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok())
-                && self.due_times.send(due).is_err()
-            {
+            if let Some(due) = take_field(&mut marker.map, "w").and_then(|w| w.parse().ok()) {
                 // Read by a worker whose promoter has ended (it is stopping): passed on.
-                self.holder.handover.due(due).await;
+                self.holder
+                    .handover
+                    .follow_or_hand_over(&self.due_times, due)
+                    .await;
             }
         }
         jobs

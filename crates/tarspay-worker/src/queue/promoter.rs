@@ -79,6 +79,14 @@ impl Handover {
         }
     }
 
+    /// Passes `due_ms` to this worker's promoter loop through `due_times` while that loop
+    /// runs; once it has ended (the worker is stopping), to another worker as a marker.
+    pub(crate) async fn follow_or_hand_over(&self, due_times: &DueTimes, due_ms: u64) {
+        if due_times.send(due_ms).is_err() {
+            self.due(due_ms).await;
+        }
+    }
+
     /// [`Handover::due`] from code that cannot wait for it.
     pub(crate) fn spawn_due(&self, due_ms: u64) {
         let handover = self.clone();
@@ -177,5 +185,51 @@ async fn release_lease(shared: &Shared, consumer: &str) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "handing back the promoter lease failed"),
         Err(_) => tracing::debug!("handing back the promoter lease timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis_conn::RedisClient;
+    use local_redis::{Durability, LocalRedis};
+    use redis::AsyncCommands;
+
+    /// The `w` due times of the markers on `wake`, oldest first.
+    async fn markers(conn: &RedisConn, wake: &str) -> Vec<Option<String>> {
+        let mut c = conn.clone();
+        let read: redis::streams::StreamRangeReply = c.xrange_all(wake).await.unwrap();
+        read.ids.iter().map(|marker| marker.get("w")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_due_time_goes_to_the_running_promoter_and_after_it_ended_to_another_worker() {
+        let redis = LocalRedis::start(Durability::Off).expect("redis-server on PATH");
+        let conn = RedisClient::single(redis.url())
+            .and_then(|client| client.connect(Default::default()))
+            .expect("client");
+        let wake = "{t:payouts}:wake".to_owned();
+        let handover = Handover::new(conn.clone(), wake.clone());
+        let (due_times, mut promoter) = mpsc::unbounded_channel();
+
+        handover.follow_or_hand_over(&due_times, 1_000).await;
+        assert_eq!(
+            promoter.try_recv().ok(),
+            Some(1_000),
+            "the promoter follows it"
+        );
+        assert!(
+            markers(&conn, &wake).await.is_empty(),
+            "no other worker is woken"
+        );
+
+        // The promoter loop has ended (it closes its channel when the worker stops).
+        promoter.close();
+        handover.follow_or_hand_over(&due_times, 2_000).await;
+        assert_eq!(
+            markers(&conn, &wake).await,
+            [Some("2000".to_owned())],
+            "one marker, for the due time the promoter could not take"
+        );
     }
 }
