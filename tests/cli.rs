@@ -235,6 +235,71 @@ fn sandbox_runs_as_its_own_process_and_balance_works_against_it() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+/// A deploy's SIGTERM may come while a process is still starting: here while it waits for a
+/// Redis that took the connection and has not answered (the check of its persistence
+/// settings gives up after about a second). `worker` and `serve` stop gracefully, exit 0,
+/// instead of ending by the signal's default action.
+#[test]
+fn a_stop_signal_while_starting_is_a_graceful_stop() {
+    for subcommand in ["worker", "serve"] {
+        let redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        redis.set_nonblocking(true).unwrap();
+        let mut child = command()
+            .env(
+                "TARSPAY_REDIS_URL",
+                format!("redis://{}", redis.local_addr().unwrap()),
+            )
+            .env("TARSPAY_API_TOKEN", "a-token-of-twenty-chars")
+            .env("TARSPAY_LISTEN", "127.0.0.1:0")
+            .arg(subcommand)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Starting: it has connected to "Redis" (hang guard 60 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let _connection = loop {
+            match redis.accept() {
+                Ok((connection, _)) => break connection,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(err) => panic!("accept: {err}"),
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "{subcommand} ended before connecting ({status}): {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hang guard: no connection"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hang guard: {subcommand} still runs"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{subcommand} after SIGTERM while starting: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 fn count(out: &str, label: &str) -> usize {
     out.lines()
         .find_map(|line| {

@@ -128,13 +128,25 @@ async fn handle(
 /// Runs the payout worker pool until `shutdown` resolves; then stops fetching and gives
 /// in-flight jobs `settings.worker.shutdown_grace` to finish. Jobs still running after that stay in
 /// the queue's pending list and are taken over by other workers after the orphan timeout.
+/// A `shutdown` that resolves while the worker is still connecting ends it there, with
+/// nothing fetched.
 pub async fn run(
     settings: &Settings,
     concurrency: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    crate::redis_safety::ensure(settings).await?;
-    let deployment = Deployment::connect(settings).await?;
+    let mut shutdown = Box::pin(shutdown);
+    let connecting = async {
+        crate::redis_safety::ensure(settings).await?;
+        Ok::<_, WorkerError>(Deployment::connect(settings).await?)
+    };
+    let deployment = tokio::select! {
+        deployment = connecting => deployment?,
+        () = &mut shutdown => {
+            tracing::info!("stopped while starting: nothing was fetched");
+            return Ok(());
+        }
+    };
     let partitions = deployment.partitions();
     // Every merchant this process can sign for; each has a lane in every partition.
     let profiles = settings.gateway.active_profiles();

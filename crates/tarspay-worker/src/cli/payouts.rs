@@ -103,6 +103,8 @@ pub enum QueueName {
 }
 
 pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCode> {
+    // From now on a stop signal means a graceful stop, even while starting.
+    let shutdown = crate::shutdown::signal();
     let concurrency = args
         .concurrency
         .unwrap_or(settings.worker.concurrency)
@@ -110,7 +112,7 @@ pub async fn run_worker(settings: &Settings, args: WorkerArgs) -> Result<ExitCod
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr).await?;
     }
-    worker::run(settings, concurrency, crate::shutdown::signal()).await?;
+    worker::run(settings, concurrency, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

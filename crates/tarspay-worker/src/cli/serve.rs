@@ -6,10 +6,21 @@ use anyhow::{Context, Result};
 use std::process::ExitCode;
 
 pub async fn run(settings: &Settings) -> Result<ExitCode> {
+    // From now on a stop signal means a graceful stop, even while starting.
+    let mut shutdown = crate::shutdown::signal();
     // Refuse to start without a token (or an explicit opt-out) before binding anything.
     settings.server.api_token()?;
-    crate::redis_safety::ensure(settings).await?;
-    let deployment = Deployment::connect(settings).await?;
+    let connecting = async {
+        crate::redis_safety::ensure(settings).await?;
+        anyhow::Ok(Deployment::connect(settings).await?)
+    };
+    let deployment = tokio::select! {
+        deployment = connecting => deployment?,
+        () = &mut shutdown => {
+            tracing::info!("stopped while starting");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let listener = tokio::net::TcpListener::bind(&settings.server.listen)
         .await
         .with_context(|| {
@@ -23,6 +34,6 @@ pub async fn run(settings: &Settings) -> Result<ExitCode> {
         "listening on http://{addr} (callbacks at {})",
         settings.server.callback_path
     );
-    crate::server::serve(settings, deployment, listener, crate::shutdown::signal()).await?;
+    crate::server::serve(settings, deployment, listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
