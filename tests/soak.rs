@@ -1,7 +1,8 @@
 //! The fault-injection soak: payouts through 3 worker processes (one with its wall clock ten
 //! minutes fast, through libfaketime) while, at seeded random moments, workers are SIGKILLed
-//! and restarted, frozen (SIGSTOP) past the orphan timeout and resumed, and Redis (AOF on) is
-//! SIGKILLed and restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
+//! and restarted, stopped gracefully (SIGTERM, as a deploy does) and restarted, frozen
+//! (SIGSTOP) past the orphan timeout and resumed, and Redis (AOF on) is SIGKILLed and
+//! restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
 //! and without commit), timeouts after commit, slow answers, failing queries, lookups that lag
 //! the create and repeated creates refused for balance before the duplicate check on a share
 //! of the orders; and the callbacks it sends reach the receiver (`tarspay_worker::server`)
@@ -13,11 +14,12 @@
 //! exactly one outcome that matches the sandbox's final state (and the merchant's balance
 //! matches the succeeded payouts), and nothing is left in flight.
 //!
-//! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 freeze and 1 Redis
-//! restart. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of 5,000 for 10 minutes.
-//! `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600` keeps running rounds
-//! (each with its own faults) until that much time has passed, `SOAK_KILLS`, `SOAK_FREEZES`
-//! and `SOAK_REDIS_RESTARTS` set the faults per round, `SOAK_SEED` replays a run (the seed is
+//! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 graceful restart, 1
+//! freeze and 1 Redis restart. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of
+//! 5,000 for 10 minutes. `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600`
+//! keeps running rounds (each with its own faults) until that much time has passed,
+//! `SOAK_KILLS`, `SOAK_RESTARTS`, `SOAK_FREEZES` and `SOAK_REDIS_RESTARTS` set the faults per
+//! round, `SOAK_SEED` replays a run (the seed is
 //! printed first). All timing checks are hang guards, never speed assertions.
 
 mod common;
@@ -265,6 +267,7 @@ struct SoakPlan {
     /// Keep running rounds until this much time has passed (one round when absent).
     seconds: Option<u64>,
     kills_per_round: usize,
+    graceful_restarts_per_round: usize,
     freezes_per_round: usize,
     redis_restarts_per_round: usize,
 }
@@ -278,6 +281,7 @@ impl SoakPlan {
             payouts_per_round: common::tiered("SOAK_PAYOUTS", 1_200, 5_000) as usize,
             seconds: Some(common::tiered("SOAK_SECONDS", 0, 600)).filter(|s| *s > 0),
             kills_per_round: env_u64("SOAK_KILLS").unwrap_or(3) as usize,
+            graceful_restarts_per_round: env_u64("SOAK_RESTARTS").unwrap_or(1) as usize,
             freezes_per_round: env_u64("SOAK_FREEZES").unwrap_or(1) as usize,
             redis_restarts_per_round: env_u64("SOAK_REDIS_RESTARTS").unwrap_or(1) as usize,
         }
@@ -288,6 +292,10 @@ impl SoakPlan {
 enum Chaos {
     /// SIGKILL worker `index`, start a new one after `down`.
     KillWorker { index: usize, down: Duration },
+    /// SIGTERM worker `index` (a deploy: it stops fetching, hands its jobs, promoter lease
+    /// and due times over, and exits 0 after at most its grace), start a new one after
+    /// `down`.
+    RestartWorker { index: usize, down: Duration },
     /// SIGSTOP worker `index` (longer than the orphan timeout, sometimes than the submit
     /// lease too), then SIGCONT: it wakes up and carries on with its stale runs.
     FreezeWorker { index: usize, frozen: Duration },
@@ -302,6 +310,15 @@ fn plan_round(rng: &mut StdRng, plan: &SoakPlan) -> Vec<(f64, Chaos)> {
         events.push((
             rng.random_range(0.05..0.85),
             Chaos::KillWorker {
+                index: rng.random_range(0..WORKERS),
+                down: Duration::from_millis(rng.random_range(100..1_500)),
+            },
+        ));
+    }
+    for _ in 0..plan.graceful_restarts_per_round {
+        events.push((
+            rng.random_range(0.05..0.85),
+            Chaos::RestartWorker {
                 index: rng.random_range(0..WORKERS),
                 down: Duration::from_millis(rng.random_range(100..1_500)),
             },
@@ -427,6 +444,9 @@ struct Soak {
     app: TestApp,
     relay: Arc<Relay>,
     workers: Vec<WorkerProcess>,
+    /// Where each worker serves its `/metrics`: it answers once the process listens for
+    /// stop signals.
+    metrics: Vec<String>,
     /// libfaketime's variables for worker 0 (its wall clock ten minutes fast), if available.
     skewed: Vec<(String, String)>,
     events_done: Vec<String>,
@@ -437,8 +457,40 @@ impl Soak {
         self.app.deployment.outcome_count().await.ok()
     }
 
-    fn start_worker(&self, index: usize) -> WorkerProcess {
-        let env: Vec<(&str, &str)> = if index == 0 {
+    /// Starts worker `index` (in its place, if it had one).
+    fn start_worker(&mut self, index: usize) {
+        let metrics = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        };
+        let worker = self.spawn_worker(index, &metrics);
+        if index < self.workers.len() {
+            self.workers[index] = worker;
+            self.metrics[index] = metrics;
+        } else {
+            self.workers.push(worker);
+            self.metrics.push(metrics);
+        }
+    }
+
+    /// Waits until worker `index` serves `/metrics` (hang guard 60 s).
+    async fn wait_started(&self, index: usize) {
+        let url = format!("http://{}/metrics", self.metrics[index]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "hang guard: worker {index} never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn_worker(&self, index: usize, metrics: &str) -> WorkerProcess {
+        let mut env: Vec<(&str, &str)> = if index == 0 {
             self.skewed
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -446,6 +498,7 @@ impl Soak {
         } else {
             Vec::new()
         };
+        env.push(("TARSPAY_WORKER_METRICS_LISTEN", metrics));
         self.app.worker_process_with(WORKER_CONCURRENCY, &env)
     }
 
@@ -454,7 +507,20 @@ impl Soak {
             Chaos::KillWorker { index, down } => {
                 self.workers[index].kill();
                 tokio::time::sleep(down).await;
-                self.workers[index] = self.start_worker(index);
+                self.start_worker(index);
+            }
+            Chaos::RestartWorker { index, down } => {
+                // A process signalled before it listens for signals (a few milliseconds
+                // after its start) ends by the signal's default action: only one that has
+                // started must stop gracefully.
+                self.wait_started(index).await;
+                // Grace 2 s (TestApp): the wait is only a hang guard.
+                let limit = Duration::from_secs(60);
+                let code =
+                    tokio::task::block_in_place(|| self.workers[index].terminate_within(limit));
+                assert_eq!(code, Some(0), "worker {index} after SIGTERM");
+                tokio::time::sleep(down).await;
+                self.start_worker(index);
             }
             Chaos::FreezeWorker { index, frozen } => {
                 self.workers[index].signal("STOP");
@@ -673,10 +739,13 @@ async fn soak_with_faults_keeps_the_one_rule() {
         app,
         relay,
         workers: Vec::new(),
+        metrics: Vec::new(),
         skewed,
         events_done: Vec::new(),
     };
-    soak.workers = (0..WORKERS).map(|i| soak.start_worker(i)).collect();
+    for index in 0..WORKERS {
+        soak.start_worker(index);
+    }
     let started = Instant::now();
     let mut ids = Vec::new();
     let mut round = 0;
@@ -856,8 +925,11 @@ async fn soak_with_faults_keeps_the_one_rule() {
     assert_eq!(code, 0, "final audit (seed {}): {report}", plan.seed);
 
     // The chaos happened, and callbacks were exercised.
-    let planned =
-        round * (plan.kills_per_round + plan.freezes_per_round + plan.redis_restarts_per_round);
+    let planned = round
+        * (plan.kills_per_round
+            + plan.graceful_restarts_per_round
+            + plan.freezes_per_round
+            + plan.redis_restarts_per_round);
     assert_eq!(soak.events_done.len(), planned, "{:?}", soak.events_done);
     let (forwarded, duplicates, stale) = (
         soak.relay.forwarded.load(Ordering::Relaxed),

@@ -358,6 +358,28 @@ impl WorkerProcess {
         }
     }
 
+    /// SIGTERM, then waits up to `limit` for the graceful exit: its exit code. A process
+    /// still running after that is killed and the test fails (a hang guard, not a speed
+    /// check).
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<i32> {
+        let mut child = self.0.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the worker") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("hang guard: the worker did not stop within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.0.take()?;
         let _ = Command::new("kill")
