@@ -601,6 +601,48 @@ async fn two_worker_processes_create_each_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_redis_is_down_waits_for_it_and_then_pays() {
+    // A deploy during a Redis restart: the worker starts while nothing answers on the Redis
+    // port (a listener that drops each connection at once stands in for it), keeps trying
+    // instead of exiting, and pays the payout queued before once Redis is back.
+    let mut app = spawn_app(false, |_| {}).await;
+    app.enqueue(inr("LATE-REDIS-1", "100")).await;
+    app.redis.stop();
+    let port = app.redis.port();
+    let down = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the Redis port");
+    down.set_nonblocking(true).unwrap();
+    let mut worker = app.worker_process(4);
+    let mut tries = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tries < 3 {
+        match down.accept() {
+            Ok((connection, _)) => {
+                drop(connection);
+                tries += 1;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => panic!("accept: {err}"),
+        }
+        assert_eq!(
+            worker.exited(),
+            None,
+            "the worker exited while Redis was down"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang guard: {tries} tries"
+        );
+    }
+    drop(down);
+    tokio::task::block_in_place(|| app.redis.restart());
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["LATE-REDIS-1"].status, "succeeded");
+    assert_eq!(worker.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_makes_at_most_concurrency_calls_at_once() {
     // Each create waits 400 ms at the gateway before the order is made. A worker process
     // holds more jobs than its concurrency (2), yet a third create is sent only once an

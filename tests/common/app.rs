@@ -351,6 +351,16 @@ impl WorkerProcess {
         }
     }
 
+    /// Whether the process has exited (its code, if it did).
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let child = self.0.as_mut()?;
+        child
+            .try_wait()
+            .expect("wait for the worker")
+            .map(|s| s.code())
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();

@@ -24,6 +24,7 @@ pub mod redis_safety;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod startup;
 pub mod strict_json;
 pub mod telemetry;
 pub mod wall_clock;

@@ -4,7 +4,7 @@
 //! and, when webhooks are configured, a second apalis worker on the webhook queue.
 
 use crate::config::Settings;
-use crate::deployment::{Deployment, DeploymentError, PAYOUT_QUEUE};
+use crate::deployment::{DeploymentError, PAYOUT_QUEUE};
 use crate::jobs::{
     CallSlots, JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status,
 };
@@ -29,7 +29,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Deployment(#[from] DeploymentError),
     #[error(transparent)]
-    Redis(#[from] crate::redis_safety::RedisSafetyError),
+    Start(#[from] crate::startup::StartError),
     #[error(transparent)]
     Webhooks(#[from] WebhookError),
     #[error(transparent)]
@@ -128,20 +128,16 @@ async fn handle(
 /// Runs the payout worker pool until `shutdown` resolves; then stops fetching and gives
 /// in-flight jobs `settings.worker.shutdown_grace` to finish. Jobs still running after that stay in
 /// the queue's pending list and are taken over by other workers after the orphan timeout.
-/// A `shutdown` that resolves while the worker is still connecting ends it there, with
-/// nothing fetched.
+/// It waits for a Redis that cannot be reached yet ([`crate::startup::connect`]); a
+/// `shutdown` that resolves meanwhile ends it there, with nothing fetched.
 pub async fn run(
     settings: &Settings,
     concurrency: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     let mut shutdown = Box::pin(shutdown);
-    let connecting = async {
-        crate::redis_safety::ensure(settings).await?;
-        Ok::<_, WorkerError>(Deployment::connect(settings).await?)
-    };
     let deployment = tokio::select! {
-        deployment = connecting => deployment?,
+        deployment = crate::startup::connect(settings) => deployment?,
         () = &mut shutdown => {
             tracing::info!("stopped while starting: nothing was fetched");
             return Ok(());

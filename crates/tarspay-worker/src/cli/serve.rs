@@ -1,7 +1,6 @@
 //! `serve`: the callback receiver and the HTTP API.
 
 use crate::config::Settings;
-use crate::deployment::Deployment;
 use anyhow::{Context, Result};
 use std::process::ExitCode;
 
@@ -10,12 +9,8 @@ pub async fn run(settings: &Settings) -> Result<ExitCode> {
     let mut shutdown = crate::shutdown::signal();
     // Refuse to start without a token (or an explicit opt-out) before binding anything.
     settings.server.api_token()?;
-    let connecting = async {
-        crate::redis_safety::ensure(settings).await?;
-        anyhow::Ok(Deployment::connect(settings).await?)
-    };
     let deployment = tokio::select! {
-        deployment = connecting => deployment?,
+        deployment = crate::startup::connect(settings) => deployment?,
         () = &mut shutdown => {
             tracing::info!("stopped while starting");
             return Ok(ExitCode::SUCCESS);

@@ -82,7 +82,7 @@
 //! keys of one tag, so the code runs unchanged on Redis Cluster.
 
 mod backend;
-mod backoff;
+pub(crate) mod backoff;
 mod clock;
 mod config;
 mod dead;
