@@ -2,7 +2,8 @@
 //! minutes fast, through libfaketime) while, at seeded random moments, workers are SIGKILLed
 //! and restarted, stopped gracefully (SIGTERM, as a deploy does) and restarted, frozen
 //! (SIGSTOP) past the orphan timeout and resumed, and Redis (AOF on) is SIGKILLed and
-//! restarted; the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
+//! restarted, or frozen (SIGSTOP: every call waits, some past the clients' 5 s response
+//! timeout, and the commands sent meanwhile run when it resumes); the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
 //! and without commit), timeouts after commit, slow answers, failing queries, lookups that lag
 //! the create and repeated creates refused for balance before the duplicate check on a share
 //! of the orders; and the callbacks it sends reach the receiver (`tarspay_worker::server`)
@@ -15,11 +16,11 @@
 //! matches the succeeded payouts), and nothing is left in flight.
 //!
 //! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 graceful restart, 1
-//! freeze and 1 Redis restart. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of
+//! freeze, 1 Redis restart and 1 Redis freeze. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of
 //! 5,000 for 10 minutes. `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600`
 //! keeps running rounds (each with its own faults) until that much time has passed,
-//! `SOAK_KILLS`, `SOAK_RESTARTS`, `SOAK_FREEZES` and `SOAK_REDIS_RESTARTS` set the faults per
-//! round, `SOAK_SEED` replays a run (the seed is
+//! `SOAK_KILLS`, `SOAK_RESTARTS`, `SOAK_FREEZES`, `SOAK_REDIS_RESTARTS` and
+//! `SOAK_REDIS_FREEZES` set the faults per round, `SOAK_SEED` replays a run (the seed is
 //! printed first). All timing checks are hang guards, never speed assertions.
 
 mod common;
@@ -270,6 +271,7 @@ struct SoakPlan {
     graceful_restarts_per_round: usize,
     freezes_per_round: usize,
     redis_restarts_per_round: usize,
+    redis_freezes_per_round: usize,
 }
 
 impl SoakPlan {
@@ -284,6 +286,7 @@ impl SoakPlan {
             graceful_restarts_per_round: env_u64("SOAK_RESTARTS").unwrap_or(1) as usize,
             freezes_per_round: env_u64("SOAK_FREEZES").unwrap_or(1) as usize,
             redis_restarts_per_round: env_u64("SOAK_REDIS_RESTARTS").unwrap_or(1) as usize,
+            redis_freezes_per_round: env_u64("SOAK_REDIS_FREEZES").unwrap_or(1) as usize,
         }
     }
 }
@@ -301,6 +304,8 @@ enum Chaos {
     FreezeWorker { index: usize, frozen: Duration },
     /// SIGKILL Redis (every acknowledged write is in the AOF), start it again after `down`.
     RestartRedis { down: Duration },
+    /// SIGSTOP Redis (a stalled server, as in a long fork or fsync), SIGCONT after `frozen`.
+    FreezeRedis { frozen: Duration },
 }
 
 /// Chaos events of one round, each at a seeded fraction of the round's orders created.
@@ -339,6 +344,15 @@ fn plan_round(rng: &mut StdRng, plan: &SoakPlan) -> Vec<(f64, Chaos)> {
             rng.random_range(0.1..0.8),
             Chaos::RestartRedis {
                 down: Duration::from_millis(rng.random_range(300..2_000)),
+            },
+        ));
+    }
+    for _ in 0..plan.redis_freezes_per_round {
+        events.push((
+            rng.random_range(0.1..0.8),
+            Chaos::FreezeRedis {
+                // Around the clients' 5 s response timeout, on both sides of it.
+                frozen: Duration::from_millis(rng.random_range(1_000..8_000)),
             },
         ));
     }
@@ -526,6 +540,19 @@ impl Soak {
                 self.workers[index].signal("STOP");
                 tokio::time::sleep(frozen).await;
                 self.workers[index].signal("CONT");
+            }
+            Chaos::FreezeRedis { frozen } => {
+                let pid = self.app.redis.server().pid().to_string();
+                let signal = |name: &str| {
+                    let sent = std::process::Command::new("kill")
+                        .args([&format!("-{name}"), &pid])
+                        .status()
+                        .expect("run kill");
+                    assert!(sent.success(), "kill -{name} redis-server");
+                };
+                signal("STOP");
+                tokio::time::sleep(frozen).await;
+                signal("CONT");
             }
             Chaos::RestartRedis { down } => {
                 // A crash, not a clean shutdown: AOF with fsync on every write must suffice.
@@ -929,7 +956,8 @@ async fn soak_with_faults_keeps_the_one_rule() {
         * (plan.kills_per_round
             + plan.graceful_restarts_per_round
             + plan.freezes_per_round
-            + plan.redis_restarts_per_round);
+            + plan.redis_restarts_per_round
+            + plan.redis_freezes_per_round);
     assert_eq!(soak.events_done.len(), planned, "{:?}", soak.events_done);
     let (forwarded, duplicates, stale) = (
         soak.relay.forwarded.load(Ordering::Relaxed),
