@@ -235,6 +235,28 @@ fn sandbox_runs_as_its_own_process_and_balance_works_against_it() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+/// A child process killed (and reaped) when the test ends, even by a failed assertion.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// What it wrote to stderr (all of it once it has exited).
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(stderr) = self.0.stderr.as_mut() {
+            let _ = stderr.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A deploy's SIGTERM may come while a process is still starting: here while it waits for a
 /// Redis that took the connection and has not answered (the check of its persistence
 /// settings gives up after about a second). `worker` and `serve` stop gracefully, exit 0,
@@ -244,18 +266,20 @@ fn a_stop_signal_while_starting_is_a_graceful_stop() {
     for subcommand in ["worker", "serve"] {
         let redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         redis.set_nonblocking(true).unwrap();
-        let mut child = command()
-            .env(
-                "TARSPAY_REDIS_URL",
-                format!("redis://{}", redis.local_addr().unwrap()),
-            )
-            .env("TARSPAY_API_TOKEN", "a-token-of-twenty-chars")
-            .env("TARSPAY_LISTEN", "127.0.0.1:0")
-            .arg(subcommand)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = KillOnDrop(
+            command()
+                .env(
+                    "TARSPAY_REDIS_URL",
+                    format!("redis://{}", redis.local_addr().unwrap()),
+                )
+                .env("TARSPAY_API_TOKEN", "a-token-of-twenty-chars")
+                .env("TARSPAY_LISTEN", "127.0.0.1:0")
+                .arg(subcommand)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         // Starting: it has connected to "Redis" (hang guard 60 s).
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let _connection = loop {
@@ -264,11 +288,10 @@ fn a_stop_signal_while_starting_is_a_graceful_stop() {
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(err) => panic!("accept: {err}"),
             }
-            if let Some(status) = child.try_wait().unwrap() {
-                let output = child.wait_with_output().unwrap();
+            if let Some(status) = child.0.try_wait().unwrap() {
                 panic!(
                     "{subcommand} ended before connecting ({status}): {}",
-                    String::from_utf8_lossy(&output.stderr)
+                    child.stderr()
                 );
             }
             assert!(
@@ -278,24 +301,26 @@ fn a_stop_signal_while_starting_is_a_graceful_stop() {
             std::thread::sleep(Duration::from_millis(5));
         };
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &child.0.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "hang guard: {subcommand} still runs"
             );
             std::thread::sleep(Duration::from_millis(10));
-        }
-        let output = child.wait_with_output().unwrap();
+        };
         assert_eq!(
-            output.status.code(),
+            status.code(),
             Some(0),
             "{subcommand} after SIGTERM while starting: {}",
-            String::from_utf8_lossy(&output.stderr)
+            child.stderr()
         );
     }
 }

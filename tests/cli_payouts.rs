@@ -355,6 +355,41 @@ async fn worker_refuses_a_redis_that_may_drop_acknowledged_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_with_a_wrong_redis_password_stops_at_once_instead_of_waiting() {
+    // A worker waits for a Redis that is not reachable yet; a wrong password is not that:
+    // no wait mends it, so the start ends with the reason (and never the password).
+    let app = spawn_app(false, |_| {}).await;
+    let redis = RedisServer::start(false);
+    let mut admin = redis.conn().await;
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "payouts",
+            "on",
+            ">the-right-one",
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = redis
+        .url()
+        .replacen("redis://", "redis://payouts:not-the-password@", 1);
+    let mut child = worker_on(&app, &url, false);
+    let code = exit_code_within(&mut child, 60);
+    let err = stop_and_read_stderr(child);
+    assert_eq!(code, Some(2), "stopped with the error: {err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(
+        !err.contains("not-the-password"),
+        "the password leaked: {err}"
+    );
+    assert!(!err.contains("not ready"), "it waited: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_runs_on_an_unsafe_redis_only_when_told_and_says_so() {
     let app = spawn_app(false, |_| {}).await;
     let redis = RedisServer::start_with(false, &["--appendonly", "no"]);

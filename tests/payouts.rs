@@ -621,7 +621,7 @@ async fn a_worker_started_while_redis_is_down_waits_for_it_and_then_pays() {
                 tries += 1;
             }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(err) => panic!("accept: {err}"),
         }
@@ -639,7 +639,8 @@ async fn a_worker_started_while_redis_is_down_waits_for_it_and_then_pays() {
     tokio::task::block_in_place(|| app.redis.restart());
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["LATE-REDIS-1"].status, "succeeded");
-    assert_eq!(worker.terminate(), Some(0));
+    let code = tokio::task::block_in_place(|| worker.terminate_within(Duration::from_secs(60)));
+    assert_eq!(code, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -542,7 +542,10 @@ impl Soak {
                 self.workers[index].signal("CONT");
             }
             Chaos::FreezeRedis { frozen } => {
-                let pid = self.app.redis.server().pid().to_string();
+                let pid = self.app.redis.server().pid();
+                // 0 would be the whole process group, this test included.
+                assert_ne!(pid, 0, "redis-server is not running");
+                let pid = pid.to_string();
                 let signal = |name: &str| {
                     let sent = std::process::Command::new("kill")
                         .args([&format!("-{name}"), &pid])

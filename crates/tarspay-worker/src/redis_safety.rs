@@ -20,8 +20,10 @@ pub enum RedisSafety {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSafetyError {
-    #[error("cannot reach Redis to check its persistence settings: {0}")]
-    Connect(String),
+    #[error("cannot connect to Redis to check its persistence settings: {0}")]
+    Connect(#[source] redis::RedisError),
+    #[error("no Redis URL given")]
+    NoUrl,
     #[error(
         "refusing to start: this Redis may drop acknowledged writes, and the ledger relies on them: {}. Fix the Redis configuration (redis.conf, or CONFIG SET then CONFIG REWRITE), or set TARSPAY_REDIS_UNSAFE=true (redis_unsafe = true) to run anyway",
         .0.join("; ")
@@ -88,7 +90,7 @@ pub async fn inspect<C: redis::aio::ConnectionLike + Send>(
         match config_get(conn, name).await {
             Ok(value) => values.push(value),
             Err(err) if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() => {
-                return Err(RedisSafetyError::Connect(err.to_string()));
+                return Err(RedisSafetyError::Connect(err));
             }
             Err(err) => {
                 return Ok(RedisSafety::Unchecked {
@@ -106,12 +108,11 @@ pub async fn inspect<C: redis::aio::ConnectionLike + Send>(
 
 /// What one node says.
 async fn inspect_url(url: &str) -> Result<RedisSafety, RedisSafetyError> {
-    let client =
-        redis::Client::open(url).map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
+    let client = redis::Client::open(url).map_err(RedisSafetyError::Connect)?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(|err| RedisSafetyError::Connect(err.to_string()))?;
+        .map_err(RedisSafetyError::Connect)?;
     inspect(&mut conn).await
 }
 
@@ -157,9 +158,7 @@ async fn inspect_seeds(urls: &str) -> Result<RedisSafety, RedisSafetyError> {
             (_, safety) => safety,
         });
     }
-    combined.ok_or_else(|| {
-        last_error.unwrap_or_else(|| RedisSafetyError::Connect("no Redis URL given".into()))
-    })
+    combined.ok_or_else(|| last_error.unwrap_or(RedisSafetyError::NoUrl))
 }
 
 /// Checks the settings' Redis at start (each seed of a cluster): an error stops
