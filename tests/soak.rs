@@ -311,51 +311,41 @@ enum Chaos {
 /// Chaos events of one round, each at a seeded fraction of the round's orders created.
 fn plan_round(rng: &mut StdRng, plan: &SoakPlan) -> Vec<(f64, Chaos)> {
     let mut events: Vec<(f64, Chaos)> = Vec::new();
-    for _ in 0..plan.kills_per_round {
-        events.push((
-            rng.random_range(0.05..0.85),
-            Chaos::KillWorker {
-                index: rng.random_range(0..WORKERS),
-                down: Duration::from_millis(rng.random_range(100..1_500)),
-            },
-        ));
-    }
-    for _ in 0..plan.graceful_restarts_per_round {
-        events.push((
-            rng.random_range(0.05..0.85),
-            Chaos::RestartWorker {
-                index: rng.random_range(0..WORKERS),
-                down: Duration::from_millis(rng.random_range(100..1_500)),
-            },
-        ));
-    }
-    for _ in 0..plan.freezes_per_round {
-        events.push((
-            rng.random_range(0.05..0.8),
-            Chaos::FreezeWorker {
-                index: rng.random_range(0..WORKERS),
-                // Orphan timeout 3 s; submit lease 13 s.
-                frozen: Duration::from_millis(rng.random_range(3_500..15_000)),
-            },
-        ));
-    }
-    for _ in 0..plan.redis_restarts_per_round {
-        events.push((
-            rng.random_range(0.1..0.8),
-            Chaos::RestartRedis {
-                down: Duration::from_millis(rng.random_range(300..2_000)),
-            },
-        ));
-    }
-    for _ in 0..plan.redis_freezes_per_round {
-        events.push((
-            rng.random_range(0.1..0.8),
-            Chaos::FreezeRedis {
-                // Around the clients' 5 s response timeout, on both sides of it.
-                frozen: Duration::from_millis(rng.random_range(1_000..8_000)),
-            },
-        ));
-    }
+    let mut schedule =
+        |count: usize, during: std::ops::Range<f64>, make: fn(&mut StdRng) -> Chaos| {
+            for _ in 0..count {
+                let at = rng.random_range(during.clone());
+                events.push((at, make(rng)));
+            }
+        };
+    schedule(plan.kills_per_round, 0.05..0.85, |rng| Chaos::KillWorker {
+        index: rng.random_range(0..WORKERS),
+        down: Duration::from_millis(rng.random_range(100..1_500)),
+    });
+    schedule(plan.graceful_restarts_per_round, 0.05..0.85, |rng| {
+        Chaos::RestartWorker {
+            index: rng.random_range(0..WORKERS),
+            down: Duration::from_millis(rng.random_range(100..1_500)),
+        }
+    });
+    schedule(plan.freezes_per_round, 0.05..0.8, |rng| {
+        Chaos::FreezeWorker {
+            index: rng.random_range(0..WORKERS),
+            // Orphan timeout 3 s; submit lease 13 s.
+            frozen: Duration::from_millis(rng.random_range(3_500..15_000)),
+        }
+    });
+    schedule(plan.redis_restarts_per_round, 0.1..0.8, |rng| {
+        Chaos::RestartRedis {
+            down: Duration::from_millis(rng.random_range(300..2_000)),
+        }
+    });
+    schedule(plan.redis_freezes_per_round, 0.1..0.8, |rng| {
+        Chaos::FreezeRedis {
+            // Around the clients' 5 s response timeout, on both sides of it.
+            frozen: Duration::from_millis(rng.random_range(1_000..8_000)),
+        }
+    });
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
     events
 }
