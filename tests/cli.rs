@@ -325,6 +325,64 @@ fn a_stop_signal_while_starting_is_a_graceful_stop() {
     }
 }
 
+/// `serve` started during a Redis restart (a listener that drops every connection holds the
+/// port meanwhile) keeps trying instead of exiting, and listens once Redis is back.
+#[test]
+fn serve_started_while_redis_is_down_waits_for_it_and_then_listens() {
+    let mut redis = common::redis_server::RedisServer::start(false);
+    redis.stop();
+    let down = std::net::TcpListener::bind(("127.0.0.1", redis.port)).expect("the Redis port");
+    down.set_nonblocking(true).unwrap();
+    let mut serve = KillOnDrop(
+        command()
+            .env("TARSPAY_REDIS_URL", redis.url())
+            .env("TARSPAY_API_TOKEN", "a-token-of-twenty-chars")
+            .env("TARSPAY_LISTEN", "127.0.0.1:0")
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut tries = 0;
+    while tries < 3 {
+        match down.accept() {
+            Ok((connection, _)) => {
+                drop(connection);
+                tries += 1;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => panic!("accept: {err}"),
+        }
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            panic!(
+                "serve exited while Redis was down ({status}): {}",
+                serve.stderr()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang guard: {tries} tries"
+        );
+    }
+    drop(down);
+    redis.restart();
+    let stdout = serve.0.stdout.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let line = read
+        .recv_timeout(Duration::from_secs(60))
+        .expect("hang guard: serve never listened");
+    assert!(line.starts_with("listening on http://"), "{line}");
+}
+
 fn count(out: &str, label: &str) -> usize {
     out.lines()
         .find_map(|line| {
