@@ -1,27 +1,27 @@
 //! The fault-injection soak: payouts through 3 worker processes (one with its wall clock ten
-//! minutes fast, through libfaketime) while, at seeded random moments, workers are SIGKILLed
-//! and restarted, stopped gracefully (SIGTERM, as a deploy does) and restarted, frozen
-//! (SIGSTOP) past the orphan timeout and resumed, and Redis (AOF on) is SIGKILLed and
-//! restarted, or frozen (SIGSTOP: every call waits, some past the clients' 5 s response
-//! timeout, and the commands sent meanwhile run when it resumes); the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
-//! and without commit), timeouts after commit, slow answers, failing queries, lookups that lag
-//! the create and repeated creates refused for balance before the duplicate check on a share
-//! of the orders; and the callbacks it sends reach the receiver (`tarspay_worker::server`)
-//! through a relay that also replays them duplicated, shuffled and preceded by stale
-//! "processing" callbacks. `tarspay-worker audit` must pass after every round.
+//! minutes fast, through libfaketime) while, at seeded random moments, workers are SIGKILLed and
+//! restarted, stopped gracefully (SIGTERM, as a deploy does) and restarted, frozen (SIGSTOP) past
+//! the orphan timeout and resumed, and Redis (AOF on) is SIGKILLed and restarted, or frozen
+//! (SIGSTOP: every call waits, some past the clients' 5 s response timeout, and the commands sent
+//! meanwhile run when it resumes); the sandbox injects `-1`, `500323`, commit-then-drop, 502s (with
+//! and without commit), timeouts after commit, slow answers, failing queries, lookups that lag the
+//! create and repeated creates refused for balance before the duplicate check on a share of the
+//! orders; and the callbacks it sends reach the receiver (`tarspay_worker::server`) through a relay
+//! that also replays them duplicated, shuffled and preceded by stale "processing" callbacks.
+//! `tarspay-worker audit` must pass after every round.
 //!
 //! At the end it asserts the one rule: the sandbox holds at most one order per payout and none
-//! under any other number, each accepted create made exactly one order, every payout has
-//! exactly one outcome that matches the sandbox's final state (and the merchant's balance
-//! matches the succeeded payouts), and nothing is left in flight.
+//! under any other number, each accepted create made exactly one order, every payout has exactly
+//! one outcome that matches the sandbox's final state (and the merchant's balance matches the
+//! succeeded payouts), and nothing is left in flight.
 //!
-//! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 graceful restart, 1
-//! freeze, 1 Redis restart and 1 Redis freeze. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of
-//! 5,000 for 10 minutes. `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600`
-//! keeps running rounds (each with its own faults) until that much time has passed,
-//! `SOAK_KILLS`, `SOAK_RESTARTS`, `SOAK_FREEZES`, `SOAK_REDIS_RESTARTS` and
-//! `SOAK_REDIS_FREEZES` set the faults per round, `SOAK_SEED` replays a run (the seed is
-//! printed first). All timing checks are hang guards, never speed assertions.
+//! Default tier (plain `cargo test`): 1,200 payouts, 3 worker kills, 1 graceful restart, 1 freeze,
+//! 1 Redis restart and 1 Redis freeze. Long tier (`TARSPAY_TEST_TIER=long`, `.ci/long`): rounds of
+//! 5,000 for 10 minutes. `SOAK_PAYOUTS=5000` sets the payouts per round, `SOAK_SECONDS=600` keeps
+//! running rounds (each with its own faults) until that much time has passed, `SOAK_KILLS`,
+//! `SOAK_RESTARTS`, `SOAK_FREEZES`, `SOAK_REDIS_RESTARTS` and `SOAK_REDIS_FREEZES` set the faults
+//! per round, `SOAK_SEED` replays a run (the seed is printed first). All timing checks are hang
+//! guards, never speed assertions.
 
 mod common;
 
