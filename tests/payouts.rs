@@ -612,29 +612,15 @@ async fn a_worker_started_while_redis_is_down_waits_for_it_and_then_pays() {
     let down = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the Redis port");
     down.set_nonblocking(true).unwrap();
     let mut worker = app.worker_process(4);
-    let mut tries = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tries < 3 {
-        match down.accept() {
-            Ok((connection, _)) => {
-                drop(connection);
-                tries += 1;
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(err) => panic!("accept: {err}"),
-        }
-        assert_eq!(
-            worker.exited(),
-            None,
-            "the worker exited while Redis was down"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hang guard: {tries} tries"
-        );
-    }
+    tokio::task::block_in_place(|| {
+        common::redis_server::drop_connections(&down, 3, || {
+            assert_eq!(
+                worker.exited(),
+                None,
+                "the worker exited while Redis was down"
+            );
+        })
+    });
     drop(down);
     tokio::task::block_in_place(|| app.redis.restart());
     let outcomes = app.wait_outcomes(1).await;

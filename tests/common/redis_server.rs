@@ -82,3 +82,34 @@ impl RedisServer {
         )
     }
 }
+
+/// A Redis that is down, as a process starting against it sees it: a listener on its port
+/// (`down`, non-blocking) that drops every connection at once. Returns once `tries`
+/// connections came in; `still_running` runs between polls and panics if the process gave
+/// up. Hang guard 60 s.
+#[allow(dead_code)]
+pub fn drop_connections(
+    down: &std::net::TcpListener,
+    tries: usize,
+    mut still_running: impl FnMut(),
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < tries {
+        match down.accept() {
+            Ok((connection, _)) => {
+                drop(connection);
+                seen += 1;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(err) => panic!("accept: {err}"),
+        }
+        still_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang guard: {seen} tries"
+        );
+    }
+}

@@ -116,11 +116,11 @@ impl Delivery {
     /// wrote no wake marker for it: this delivery's worker wakes for it itself.
     pub(crate) fn follow_due(&self, due_ms: u64) {
         let holder = &self.0.holder;
-        if holder.due_times.send(due_ms).is_err() {
-            // The worker began to stop after the step was sent and its promoter has ended:
-            // another worker is told instead.
-            holder.handover.spawn_due(due_ms);
-        }
+        // The worker may have begun to stop after the step was sent, its promoter ended:
+        // another worker is told instead.
+        holder
+            .handover
+            .follow_or_hand_over_later(&holder.due_times, due_ms);
     }
 
     /// Whether a ledger step has settled this delivery (see [`Delivery::settled_in_step`]).

@@ -87,10 +87,12 @@ impl Handover {
         }
     }
 
-    /// [`Handover::due`] from code that cannot wait for it.
-    pub(crate) fn spawn_due(&self, due_ms: u64) {
-        let handover = self.clone();
-        tokio::spawn(async move { handover.due(due_ms).await });
+    /// [`Handover::follow_or_hand_over`] from code that cannot wait for the marker's write.
+    pub(crate) fn follow_or_hand_over_later(&self, due_times: &DueTimes, due_ms: u64) {
+        if due_times.send(due_ms).is_err() {
+            let handover = self.clone();
+            tokio::spawn(async move { handover.due(due_ms).await });
+        }
     }
 }
 
