@@ -144,6 +144,19 @@ fn job_span(queue: &str, delivery: Option<&Delivery>) -> tracing::Span {
 #[error("given back unstarted")]
 pub struct GiveBack;
 
+/// A handler's "this job goes on as another one": the entry is settled as a retry whose
+/// envelope keeps the job's id and unique key but carries `payload` and `attempts` (the new
+/// job's attempts already made) instead, due after `delay`. A create job that polled its
+/// accepted order in hand goes on as the order's poll job this way, in the same atomic
+/// settlement that acknowledges it: the order never has both jobs, nor neither.
+#[derive(Debug, thiserror::Error)]
+#[error("goes on as another job after {delay:?}")]
+pub struct ContinueAs {
+    pub payload: Box<serde_json::value::RawValue>,
+    pub attempts: u32,
+    pub delay: Duration,
+}
+
 /// Records the job's kind and order number on the `job` span the handler runs in.
 pub fn record_job(kind: &'static str, mch_order_no: Option<&str>) {
     let span = tracing::Span::current();
@@ -172,6 +185,18 @@ fn decide<R>(
     };
     let given_back = error.downcast_ref::<GiveBack>().is_some();
     let mut envelope = delivery.envelope().clone();
+    // Another job now: its own attempts, never the dead stream for this job's.
+    if let Some(next) = error.downcast_ref::<ContinueAs>() {
+        envelope.payload = next.payload.clone();
+        envelope.attempts = next.attempts;
+        return Settlement::Retry {
+            entry_id,
+            delay_ms: u64::try_from(next.delay.as_millis()).unwrap_or(u64::MAX),
+            envelope: envelope
+                .encode()
+                .unwrap_or_else(|_| delivery.payload_json().to_owned()),
+        };
+    }
     // A job given back unstarted keeps the attempts it had.
     envelope.attempts = if given_back {
         delivery.attempts_before()

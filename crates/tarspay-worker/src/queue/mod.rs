@@ -57,6 +57,8 @@
 //!   by apalis' `catch_panic` becomes an `AbortError` too.
 //! * `Err(DeferredError)` — retried immediately.
 //! * `Err(GiveBack)` — not started: back in the queue at once, the attempt not counted.
+//! * `Err(ContinueAs { payload, attempts, delay })` — done as this job, and goes on as another
+//!   (same id, new payload and attempts) after `delay`, in one settlement.
 //! * any other error — retried after an exponential backoff with full jitter
 //!   ([`QueueConfig::retry_base`], [`QueueConfig::retry_max`]).
 //!
@@ -119,7 +121,7 @@ pub use delivery::Delivery;
 pub(crate) use delivery::InlineAck;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
-pub use layer::{GiveBack, SettleLayer, SettleService, record_job};
+pub use layer::{ContinueAs, GiveBack, SettleLayer, SettleService, record_job};
 pub use partitioned::{Gate, Partitioned};
 pub(crate) use scripts::{DELAY_JOB, ENQUEUE_ONE, OWNED_ENTRIES};
 pub use stats::QueueStats;
