@@ -4,17 +4,10 @@
 mod common;
 
 use common::app::{inr, spawn_app_with};
-use common::{eventually, fault_rule, gauge, worker_metrics};
+use common::{eventually, fault_rule, gauge, violations, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction};
-
-fn violations(report: &serde_json::Value) -> Vec<String> {
-    report["violations"]
-        .as_array()
-        .map(|all| all.iter().map(|v| v.to_string()).collect())
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_sees_an_order_whose_job_was_deleted_and_the_lifeline_repairs_it() {
@@ -104,7 +97,9 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
 /// stale (which a second, settler's acknowledgement of each would be), and nothing pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
-    let app = spawn_app_with(false, |_| {}, &[]).await;
+    // Every poll queued as a job of its own, so that both kinds of job are acknowledged by a
+    // ledger step and every poll is promoted (first polls in hand: tests/payouts.rs).
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_IN_HAND", "false")]).await;
     let ids: Vec<String> = (0..12).map(|i| format!("STEP-{i}")).collect();
     for id in &ids {
         app.enqueue(inr(id, "100")).await;

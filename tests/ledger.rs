@@ -48,6 +48,19 @@ async fn ledger(server: &RedisServer) -> Ledger {
     )
 }
 
+/// The payout queue whose jobs the test ledger queues.
+async fn queue(server: &RedisServer) -> tarspay_worker::queue::RedisQueue<serde_json::Value> {
+    use tarspay_worker::queue::{QueueConfig, RedisQueue};
+    let queue = RedisQueue::connect(
+        &server.url(),
+        QueueConfig::new("payouts").with_prefix("ltest"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(queue.keys(), &queue_keys());
+    queue
+}
+
 async fn record(ledger: &Ledger, id: &str) -> OrderRecord {
     ledger.get(id).await.unwrap().unwrap()
 }
@@ -161,7 +174,9 @@ async fn the_submit_lease_admits_one_holder() {
             .begin_submit("L-1", "t5", Duration::from_secs(30))
             .await
             .unwrap(),
-        SubmitTicket::Accepted
+        SubmitTicket::Accepted {
+            poll_in_hand: false
+        }
     );
     assert_eq!(
         ledger
@@ -488,16 +503,10 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
 
 #[tokio::test]
 async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
-    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    use tarspay_worker::queue::JobOptions;
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
-    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
-        &server.url(),
-        QueueConfig::new("payouts").with_prefix("ltest"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(queue.keys(), &queue_keys());
+    let queue = queue(&server).await;
     let poll = |n: u32| {
         queue
             .prepare(
@@ -547,6 +556,53 @@ async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
         Registered::Exists {
             phase: Phase::Rejected,
             same_request: true
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_says_so() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let queue = queue(&server).await;
+
+    ledger.register(&order("IH-1", "f")).await.unwrap();
+    assert!(ledger.accept_polling_in_hand("IH-1", "P1").await.unwrap());
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.waiting, stats.delayed), (0, 0), "no poll job queued");
+    let accepted = record(&ledger, "IH-1").await;
+    assert_eq!(
+        (accepted.phase, accepted.pay_order_id.as_deref()),
+        (Phase::Accepted, Some("P1"))
+    );
+    // A create job that finds it (its holder died) learns that it is the poll job now.
+    assert_eq!(
+        ledger
+            .begin_submit("IH-1", "t", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Accepted { poll_in_hand: true }
+    );
+    // Written once: a later acceptance (a lookup's) neither queues nor clears the mark.
+    assert!(!ledger.accept("IH-1", Some("P2"), None).await.unwrap());
+    assert_eq!(
+        ledger
+            .begin_submit("IH-1", "t2", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Accepted { poll_in_hand: true }
+    );
+    // An order already accepted the usual way is not taken for one polled in hand.
+    ledger.register(&order("IH-2", "f")).await.unwrap();
+    assert!(ledger.accept("IH-2", Some("P3"), None).await.unwrap());
+    assert!(!ledger.accept_polling_in_hand("IH-2", "P3").await.unwrap());
+    assert_eq!(
+        ledger
+            .begin_submit("IH-2", "t", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Accepted {
+            poll_in_hand: false
         }
     );
 }
@@ -661,7 +717,7 @@ async fn an_acceptance_after_our_own_failure_is_kept_visible() {
 #[tokio::test]
 async fn a_failed_outcome_or_job_write_undoes_the_claim() {
     use redis::AsyncCommands;
-    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    use tarspay_worker::queue::JobOptions;
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
     let mut conn = server.conn().await;
@@ -686,12 +742,7 @@ async fn a_failed_outcome_or_job_write_undoes_the_claim() {
     );
     assert_eq!(ledger.outcome_count().await.unwrap(), 1);
 
-    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
-        &server.url(),
-        QueueConfig::new("payouts").with_prefix("ltest"),
-    )
-    .await
-    .unwrap();
+    let queue = queue(&server).await;
     let job = queue
         .prepare(&serde_json::json!({"create": 1}), &JobOptions::default())
         .unwrap();
@@ -911,17 +962,12 @@ async fn a_payouts_history_rides_in_its_milestones_and_a_list_goes_with_its_inde
 #[tokio::test]
 async fn a_batchs_poll_jobs_and_index_entries_go_in_one_command_and_fail_only_their_owners() {
     use redis::AsyncCommands;
-    use tarspay_worker::queue::{JobOptions, QueueConfig, RedisQueue};
+    use tarspay_worker::queue::JobOptions;
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
     let keys = ledger.keys().clone();
     let mut conn = server.conn().await;
-    let queue: RedisQueue<serde_json::Value> = RedisQueue::connect(
-        &server.url(),
-        QueueConfig::new("payouts").with_prefix("ltest"),
-    )
-    .await
-    .unwrap();
+    let queue = queue(&server).await;
     let accept_all = async |ids: Vec<String>| {
         let mut tasks = Vec::new();
         for id in ids {

@@ -100,6 +100,14 @@ pub async fn worker_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool
 }
 
 /// The value of an unlabelled gauge in a `/metrics` text, if it is there.
+/// The violations in an `audit --json` report, one line each.
+pub fn violations(report: &serde_json::Value) -> Vec<String> {
+    report["violations"]
+        .as_array()
+        .map(|all| all.iter().map(|v| v.to_string()).collect())
+        .unwrap_or_default()
+}
+
 pub fn gauge(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())

@@ -187,6 +187,7 @@ impl Settings {
                 max_interval: raw.poll_max_interval,
                 deadline: raw.poll_deadline,
             },
+            poll_in_hand: raw.poll_in_hand,
             settle_window: raw.settle_window,
             lifeline_interval: raw.lifeline_interval,
             orphan_timeout: raw.orphan_timeout,
@@ -550,6 +551,7 @@ mod tests {
         assert_eq!(settings.gateway.request_timeout, Duration::from_secs(30));
         assert!(settings.payout_rules.currencies().any(|c| c == "INR"));
         assert!(settings.gateway.merchant().is_err());
+        assert!(settings.worker.poll_in_hand);
     }
 
     #[test]
@@ -566,6 +568,7 @@ mod tests {
                 ("TARSPAY_RETRY_BASE_DELAY", "250ms"),
                 ("TARSPAY_RETRY_MAX_ATTEMPTS", "3"),
                 ("TARSPAY_POLL_FIRST_DELAY", "1s"),
+                ("TARSPAY_POLL_IN_HAND", "false"),
                 ("TARSPAY_ORPHAN_TIMEOUT", "2m"),
                 ("TARSPAY_QUEUE_PREFIX", "acme-payouts"),
             ],
@@ -588,6 +591,7 @@ mod tests {
             settings.gateway.codes.classify(5003013),
             ErrorClass::Retryable
         );
+        assert!(!settings.worker.poll_in_hand);
         assert_eq!(
             env_name("gateway.request_timeout"),
             "TARSPAY_GATEWAY__REQUEST_TIMEOUT"
@@ -630,6 +634,7 @@ mod tests {
                 "later",
                 "TARSPAY_POLL_FIRST_DELAY",
             ),
+            ("TARSPAY_POLL_IN_HAND", "sometimes", "TARSPAY_POLL_IN_HAND"),
             ("TARSPAY_ORPHAN_TIMEOUT", "5s", "TARSPAY_ORPHAN_TIMEOUT"),
             ("TARSPAY_QUEUE_PREFIX", "a{b}", "TARSPAY_QUEUE_PREFIX"),
             ("TARSPAY_LISTEN", "localhost", "TARSPAY_LISTEN"),

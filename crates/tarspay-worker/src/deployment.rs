@@ -685,6 +685,7 @@ impl Deployment {
                     merchant: profile.name.clone(),
                     limits: limits.clone(),
                     call_slots: None,
+                    polls_in_hand: None,
                 };
                 (index, ctx)
             })

@@ -17,6 +17,9 @@ pub const WEBHOOKS: &str = "tarspay_webhook_deliveries_total";
 pub const IN_FLIGHT: &str = "tarspay_jobs_in_flight";
 /// A worker process's gateway call slots in use (at most its `concurrency`).
 pub const CALL_SLOTS_IN_USE: &str = "tarspay_call_slots_in_use";
+/// A worker process's first polls held in hand: accepted creates whose job waits out the
+/// first poll's delay and polls itself (at most a quarter of its `concurrency`).
+pub const POLLS_IN_HAND: &str = "tarspay_polls_in_hand";
 pub const QUEUE_WAITING: &str = "tarspay_queue_waiting";
 pub const QUEUE_PENDING: &str = "tarspay_queue_pending";
 pub const QUEUE_DELAYED: &str = "tarspay_queue_delayed";

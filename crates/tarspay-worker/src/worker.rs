@@ -6,7 +6,8 @@
 use crate::config::Settings;
 use crate::deployment::{DeploymentError, PAYOUT_QUEUE};
 use crate::jobs::{
-    CallSlots, JobContext, JobError, PayoutJob, Step, run_create_payout, run_poll_status,
+    CallSlots, JobContext, JobError, PayoutJob, PollsInHand, Step, run_create_payout,
+    run_poll_status,
 };
 use crate::ledger::WEBHOOK_QUEUE;
 use crate::queue::Partitioned;
@@ -111,6 +112,19 @@ async fn handle(
                 Err(RetryAfterError::new(Later("not final yet"), delay).into())
             }
             Step::GiveBack => Err(crate::queue::GiveBack.into()),
+            Step::ContinueAs {
+                job,
+                attempts,
+                after,
+            } => {
+                let payload = serde_json::value::to_raw_value(&job)?;
+                Err(crate::queue::ContinueAs {
+                    payload,
+                    attempts,
+                    delay: after,
+                }
+                .into())
+            }
         }
     }
     .await;
@@ -119,6 +133,7 @@ async fn handle(
         Ok(()) => "done",
         Err(err) if err.is::<RetryAfterError>() => "retry",
         Err(err) if err.is::<crate::queue::GiveBack>() => "given_back",
+        Err(err) if err.is::<crate::queue::ContinueAs>() => "continued",
         Err(_) => "error",
     };
     metrics::counter!(crate::metrics::JOBS, "kind" => kind, "result" => label).increment(1);
@@ -150,6 +165,10 @@ pub async fn run(
     // `concurrency` bounds the gateway calls in flight; the process holds more jobs than
     // that, so that some jobs' ledger steps overlap other jobs' calls.
     let call_slots = CallSlots::new(concurrency);
+    let polls_in_hand = settings
+        .worker
+        .poll_in_hand
+        .then(|| PollsInHand::new(call_slots.clone()));
     let jobs_in_hand = concurrency.saturating_mul(JOBS_PER_CALL_SLOT);
     let mut payout_queues = Vec::new();
     // A merchant over its call limit closes its lanes to this process for a while.
@@ -157,6 +176,7 @@ pub async fn run(
     for profile in &profiles {
         for (index, mut ctx) in deployment.lane_contexts(settings, profile)? {
             ctx.call_slots = Some(call_slots.clone());
+            ctx.polls_in_hand = polls_in_hand.clone();
             payout_queues.push(ctx.queue.clone());
             gates.push(ctx.limits.as_ref().map(|limits| limits.gate().clone()));
             contexts[index].push(ctx);
@@ -235,8 +255,12 @@ pub async fn run(
         lifeline_stop.cancel();
         tracing::info!("shutting down: no new jobs, waiting for in-flight ones");
         stop_workers.cancel();
-        // Jobs still waiting for a gateway call slot go back to the queue unstarted.
+        // Jobs still waiting for a gateway call slot go back to the queue unstarted, and
+        // first polls held in hand go on as poll jobs.
         call_slots.close();
+        if let Some(holds) = &polls_in_hand {
+            holds.stop();
+        }
         tokio::time::sleep(grace).await;
     };
     let _lifeline_tasks = lifeline_tasks;

@@ -15,6 +15,9 @@ pub(crate) struct OrderView {
     pub final_status: Option<String>,
     pub finished_at_ms: Option<u64>,
     pub accepted: bool,
+    /// Accepted with no poll job queued: its create job polls it in hand, and goes on as its
+    /// poll job (`jobs::PollsInHand`).
+    pub poll_in_hand: bool,
     /// The working phase (queued, submitting, unknown), before acceptance.
     pub phase: String,
     pub stuck: bool,
@@ -41,6 +44,14 @@ struct FinalPart {
     status: String,
     #[serde(default)]
     finished_at: u64,
+}
+
+/// Whether an acceptance left the first poll to its create job.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AcceptedPart {
+    #[serde(default)]
+    poll_in_hand: bool,
 }
 
 /// The registration's time: final entries older than it belong to an earlier registration
@@ -118,6 +129,10 @@ async fn read(
                 id,
                 final_status: finished.as_ref().map(|f| f.status.clone()),
                 finished_at_ms: finished.as_ref().map(|f| f.finished_at),
+                poll_in_hand: accepted
+                    .as_deref()
+                    .and_then(|json| serde_json::from_str::<AcceptedPart>(json).ok())
+                    .is_some_and(|a| a.poll_in_hand),
                 accepted: accepted.is_some(),
                 // A registered order no run has touched yet has no working phase: queued.
                 phase: phase.unwrap_or_else(|| "queued".to_owned()),

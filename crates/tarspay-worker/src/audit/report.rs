@@ -130,11 +130,11 @@ pub(crate) struct Pass {
 }
 
 /// The job that moves an order in this state: its create job until the gateway holds it,
-/// then its regular poll job. (A one-off look, or a create job left over from before the
-/// acceptance, moves nothing.)
+/// then its regular poll job, or its create job still when that polls it in hand. (A
+/// one-off look, or a create job left over from before the acceptance, moves nothing.)
 pub(crate) fn moves(order: &OrderView, job: &PayoutJob) -> bool {
     match job {
-        PayoutJob::CreatePayout { .. } => !order.accepted,
+        PayoutJob::CreatePayout { .. } => !order.accepted || order.poll_in_hand,
         PayoutJob::PollStatus { once, .. } => order.accepted && !once,
     }
 }

@@ -230,6 +230,9 @@ pub struct WorkerSettings {
     pub retry: RetryPolicy,
     /// `poll_first_delay`, `poll_max_interval`, `poll_deadline`.
     pub poll: PollPolicy,
+    /// `poll_in_hand`: an accepted create's job may wait out a short first-poll delay in its
+    /// worker and poll itself (`jobs::PollsInHand`).
+    pub poll_in_hand: bool,
     /// How long the gateway must keep saying "no such order" (at least twice) before an order
     /// some create of which may exist can be failed.
     pub settle_window: Duration,

@@ -50,6 +50,8 @@ pub(super) struct RawSettings {
     pub poll_max_interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub poll_deadline: Duration,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub poll_in_hand: bool,
     #[serde(deserialize_with = "duration")]
     pub settle_window: Duration,
     #[serde(deserialize_with = "duration")]

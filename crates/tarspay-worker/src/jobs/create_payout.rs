@@ -11,13 +11,16 @@
 //! nothing about the first one.
 
 use super::GuardVerdict;
+use super::PayoutJob;
 use super::calls::Calls;
+use super::in_hand::{HeldPoll, poll_in_hand};
 use super::reconcile::{Lookup, adopt, lookup};
 use super::trail;
 use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
-use crate::ledger::{FinalResult, Finalized, OrderRecord, Phase, SubmitTicket};
+use crate::ids::MchOrderNo;
+use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use crate::queue::Delivery;
 use std::time::{Duration, Instant};
@@ -52,16 +55,24 @@ pub async fn run_create_payout(
         Ok(calls) => Mutex::new(calls),
         Err(instead) => return Ok(instead),
     };
-    let step = create(ctx, mch_order_no, &calls, job).await;
+    let mut first_poll = None;
+    let step = create(ctx, mch_order_no, &calls, job, &mut first_poll).await;
     calls.into_inner().finish().await;
-    step
+    match first_poll {
+        // Accepted, with the first poll left to this job: its call slot is free again.
+        Some((record, held)) => poll_in_hand(ctx, &record, held, job).await,
+        None => step,
+    }
 }
 
+/// `first_poll` is set, with the order as this run read it, when the create was accepted and
+/// its first poll is to be held in this job's hand (then the returned step is meaningless).
 async fn create(
     ctx: &JobContext,
     mch_order_no: &str,
     calls: &Mutex<Calls<'_>>,
     job: Option<&Delivery>,
+    first_poll: &mut Option<(OrderRecord, HeldPoll)>,
 ) -> Result<Step, JobError> {
     let token = lease_token();
     // The lease starts on the server after this instant, so it lasts at least until
@@ -75,7 +86,30 @@ async fn create(
     let (previous, attempt) = match ticket {
         SubmitTicket::Go { previous, attempt } => (previous, attempt),
         // Its poll job was queued with the acceptance.
-        SubmitTicket::Accepted => return Ok(Step::Done),
+        SubmitTicket::Accepted {
+            poll_in_hand: false,
+        } => return Ok(Step::Done),
+        // Its create job was to poll it in hand, and this is that job, taken over from a
+        // worker that died or stalled (or retried after a failed poll): it goes on as the
+        // poll job now. (The first holder, should it still poll, writes at most the same
+        // write-once final state, and its own settlement finds the entry gone.)
+        SubmitTicket::Accepted { poll_in_hand: true } => {
+            let mch_order_no =
+                MchOrderNo::parse(mch_order_no).map_err(|err| JobError::BadRecord {
+                    id: mch_order_no.to_owned(),
+                    reason: err.to_string(),
+                })?;
+            return Ok(Step::ContinueAs {
+                job: PayoutJob::PollStatus {
+                    mch_order_no,
+                    merchant: ctx.merchant.clone(),
+                    kind: OrderKind::Payout,
+                    once: false,
+                },
+                attempts: 0,
+                after: Duration::ZERO,
+            });
+        }
         SubmitTicket::Final(_) => return Ok(Step::Done),
         // Another run holds the lease (a redelivery while the first still runs).
         SubmitTicket::Busy { retry_in } => {
@@ -176,6 +210,22 @@ async fn create(
         Ok(accepted) => {
             // No further call: the process's call slot goes to the next run now.
             calls.lock().await.calls_answered();
+            let hold = ctx
+                .polls_in_hand
+                .as_ref()
+                .and_then(|holds| holds.try_hold(ctx.poll.first_delay));
+            if let Some(held) = hold {
+                // The first poll stays with this job (see `in_hand`); an acceptance already
+                // recorded (say, by a lookup) has its poll job and leaves this one done.
+                if ctx
+                    .ledger
+                    .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
+                    .await?
+                {
+                    *first_poll = Some((record.clone(), held));
+                }
+                return Ok(Step::Done);
+            }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
                 .accept_finishing(mch_order_no, Some(&accepted.pay_order_id), Some(&poll), job)

@@ -9,6 +9,7 @@
 mod calls;
 mod create_payout;
 mod guard;
+mod in_hand;
 mod poll_status;
 mod reconcile;
 mod slots;
@@ -18,6 +19,7 @@ pub use crate::queue::full_jitter;
 pub use calls::CallLimits;
 pub use create_payout::run_create_payout;
 pub use guard::{GuardVerdict, SystemicGuard};
+pub use in_hand::{HeldPoll, PollsInHand};
 pub use poll_status::run_poll_status;
 pub use slots::CallSlots;
 
@@ -119,6 +121,14 @@ pub enum Step {
     /// Not started (the worker is stopping): back to the queue at once, the attempt not
     /// counted.
     GiveBack,
+    /// Done as this job, which goes on as `job` (its `attempts` already made) after `after`,
+    /// in the same settlement: a create job that polled its order in hand goes on as the
+    /// order's poll job.
+    ContinueAs {
+        job: PayoutJob,
+        attempts: u32,
+        after: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +174,9 @@ pub struct JobContext {
     /// The process's bound on gateway calls in flight, shared by every lane's context; `None`:
     /// unbounded (the worker sets it).
     pub call_slots: Option<CallSlots>,
+    /// The process's first polls held in hand, shared by every lane's context; `None`: every
+    /// acceptance queues its poll job (the worker sets it).
+    pub polls_in_hand: Option<PollsInHand>,
 }
 
 impl JobContext {

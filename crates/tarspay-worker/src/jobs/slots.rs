@@ -87,6 +87,17 @@ impl CallSlots {
         drop(waiting);
     }
 
+    /// At most half the slots in use and no run waiting for one: the process is not busy.
+    pub fn quiet(&self) -> bool {
+        let state = lock(&self.0);
+        state.free * 2 >= state.capacity && state.waiting.iter().all(|(_, q)| q.is_empty())
+    }
+
+    /// How many slots there are.
+    pub fn capacity(&self) -> usize {
+        lock(&self.0).capacity
+    }
+
     /// Slots held now (the gauge shows it outside tests).
     #[cfg(test)]
     fn in_use(&self) -> usize {
@@ -242,6 +253,29 @@ mod tests {
         drop(waiter);
         assert_eq!(slots.in_use(), 0, "the unclaimed slot came back");
         assert!(slots.take(&a).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn quiet_while_half_the_slots_or_more_are_free_and_no_run_waits() {
+        let slots = CallSlots::new(4);
+        let first = slots.take(&merchant("a")).await.unwrap();
+        let second = slots.take(&merchant("a")).await.unwrap();
+        assert!(slots.quiet(), "2 of 4 in use");
+        let third = slots.take(&merchant("a")).await.unwrap();
+        assert!(!slots.quiet(), "3 of 4 in use");
+        drop(third);
+        let fourth = slots.take(&merchant("a")).await.unwrap();
+        let _fifth = slots.take(&merchant("b")).await.unwrap();
+        let b = merchant("b");
+        let waiting = slots.take(&b);
+        tokio::pin!(waiting);
+        assert!(pending(&mut waiting).await);
+        drop((first, second));
+        // One of the two freed went to the waiting run: 3 of 4 in use.
+        assert!(!slots.quiet());
+        let _handed = waiting.await.unwrap();
+        drop(fourth);
+        assert!(slots.quiet(), "2 of 4 in use, none waiting");
     }
 
     #[tokio::test]

@@ -248,8 +248,12 @@ pub enum SubmitTicket {
     },
     /// The queue is paused (by an operator or the systemic guard): send nothing now.
     Paused,
-    /// The gateway already holds the order; nothing to create.
-    Accepted,
+    /// The gateway already holds the order; nothing to create. `poll_in_hand`: no poll job
+    /// was queued with the acceptance, because its create job was to poll in hand: a create
+    /// job that finds this (its worker died or stalled) goes on as the order's poll job.
+    Accepted {
+        poll_in_hand: bool,
+    },
     /// Already final; nothing to do.
     Final(Phase),
     Missing,
@@ -466,6 +470,11 @@ struct Acceptance {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pay_order_id: String,
     at: u64,
+    /// No poll job was queued: the create job that was accepted polls the order itself, held
+    /// in its worker's hand, and goes on as the poll job if the order is not final by then
+    /// (or as soon as another worker takes the create job over).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    poll_in_hand: bool,
 }
 
 /// The final milestone (`final`): the order's outcome, as appended to the outcome stream.
@@ -924,6 +933,7 @@ impl Ledger {
             Phase::Accepted => serde_json::to_string(&Acceptance {
                 pay_order_id: String::new(),
                 at: now,
+                poll_in_hand: false,
             })
             .map_err(|e| corrupt(e.to_string()))?,
             other => return Err(corrupt(format!("cannot register as {other}"))),
@@ -1041,7 +1051,12 @@ impl Ledger {
                 },
                 None,
             ),
-            [verdict] if verdict == "accepted" => (SubmitTicket::Accepted, None),
+            [verdict, acceptance] if verdict == "accepted" => {
+                let acceptance: Acceptance = serde_json::from_str(acceptance)
+                    .map_err(|e| corrupt(format!("accepted: {e}")))?;
+                let poll_in_hand = acceptance.poll_in_hand;
+                (SubmitTicket::Accepted { poll_in_hand }, None)
+            }
             [verdict] if verdict == "paused" => (SubmitTicket::Paused, None),
             [verdict, finished] if verdict == "final" => {
                 let finished: Finished =
@@ -1089,9 +1104,34 @@ impl Ledger {
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
+        self.accept_as(mch_order_no, pay_order_id, poll, job, false)
+            .await
+    }
+
+    /// [`Ledger::accept`] for a create job that polls the order in hand: no poll job is
+    /// queued and the job is not acknowledged; the milestone says so, and the job goes on as
+    /// the order's poll job when it settles (see [`SubmitTicket::Accepted`]).
+    pub async fn accept_polling_in_hand(
+        &self,
+        mch_order_no: &str,
+        pay_order_id: &str,
+    ) -> Result<bool, LedgerError> {
+        self.accept_as(mch_order_no, Some(pay_order_id), None, None, true)
+            .await
+    }
+
+    async fn accept_as(
+        &self,
+        mch_order_no: &str,
+        pay_order_id: Option<&str>,
+        poll: Option<&PreparedJob>,
+        job: Option<&Delivery>,
+        poll_in_hand: bool,
+    ) -> Result<bool, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
             at: crate::queue::now_ms(),
+            poll_in_hand,
         };
         let json = serde_json::to_string(&acceptance).map_err(|e| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),

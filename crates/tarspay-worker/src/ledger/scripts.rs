@@ -143,14 +143,14 @@ local function register(order, batch, a)
 end
 
 -- lease token, lease ms. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
--- {'paused'} | {'accepted'} | {'final', final_json} | {'missing'}
+-- {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
   if #flat == 0 then return {'missing'} end
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   if h.final then return {'final', h.final} end
-  if h.accepted then return {'accepted'} end
+  if h.accepted then return {'accepted', h.accepted} end
   if is_paused() then return {'paused'} end
   local clock = lease_clock()
   local previous = h.phase or 'queued'

@@ -1,0 +1,196 @@
+//! First polls held in hand (`jobs::PollsInHand`): a create job whose create was accepted
+//! waits out the first poll's delay in its worker and polls itself; an order still pending
+//! then goes on as its poll job (the same job id), and a holder that dies or stops leaves the
+//! poll to another worker. Real redis-server, sandbox over loopback HTTP, worker processes.
+
+mod common;
+
+use common::app::{TestApp, WorkerProcess, inr, spawn_app_with};
+use common::{eventually, violations, worker_metrics};
+use redis::AsyncCommands;
+use std::time::Duration;
+use tarspay_worker::ledger::Phase;
+
+/// `tarspay_jobs_total` for one kind and result (0 when the line is absent).
+fn jobs(text: &str, kind: &str, result: &str) -> u64 {
+    let labels = [format!("kind=\"{kind}\""), format!("result=\"{result}\"")];
+    text.lines()
+        .filter(|l| l.starts_with("tarspay_jobs_total{"))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The stored envelopes (JSON) of the order's partition: its stream's entries and its
+/// delayed set's members.
+async fn envelopes(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let partition = app.partition(id);
+    let keys = partition.queue.keys().clone();
+    let mut conn = partition.queue.connection();
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(&keys.stream).await.unwrap();
+    let stream = entries
+        .ids
+        .iter()
+        .filter_map(|entry| entry.get::<String>("e"))
+        .map(|text| serde_json::from_str(&text).unwrap())
+        .collect();
+    let members: Vec<String> = conn.zrange(&keys.delayed, 0, -1).await.unwrap();
+    let delayed = members
+        .iter()
+        .map(|text| serde_json::from_str(text).unwrap())
+        .collect();
+    (stream, delayed)
+}
+
+async fn phase(app: &TestApp, id: &str) -> Phase {
+    app.deployment.order(id).await.unwrap().unwrap().phase
+}
+
+/// Waits until the order is accepted and its create job is held (pending, nothing delayed),
+/// sampled so that the order was still accepted after the queue was read.
+async fn held_in_hand(app: &TestApp, id: &str) {
+    eventually("the accepted order's create job held in hand", || async {
+        let stats = app.deployment.queue_stats().await.unwrap();
+        let held = stats.pending == 1 && stats.waiting == 0 && stats.delayed == 0;
+        (held && phase(app, id).await == Phase::Accepted).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_job() {
+    // The first poll waits 3 s (held); the sandbox has the order final after 200 ms.
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "3s")]).await;
+    app.enqueue(inr("HELD-1", "100")).await;
+    let (create, _) = envelopes(&app, "HELD-1").await;
+    let create_id = create[0]["id"].clone();
+    let (worker, addr) = app.worker_process_with_metrics(4);
+    held_in_hand(&app, "HELD-1").await;
+    // Accepted with no poll job queued: the audit counts the held create job as its work.
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    let (stream, delayed) = envelopes(&app, "HELD-1").await;
+    assert!(delayed.is_empty(), "{delayed:?}");
+    assert_eq!(stream.len(), 1, "{stream:?}");
+    assert_eq!(stream[0]["id"], create_id);
+
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["HELD-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("HELD-1"), 1);
+    // One job did it all: the create job, acknowledged by the step that wrote the final state.
+    let text = worker_metrics(&addr, "the create job counted", |text| {
+        jobs(text, "create_payout", "done") == 1
+    })
+    .await;
+    drop(worker);
+    assert_eq!(jobs(&text, "poll_status", "done"), 0, "{text}");
+    assert_eq!(jobs(&text, "create_payout", "continued"), 0, "{text}");
+    let stats = app.deployment.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats.waiting, stats.pending, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_still_pending_at_its_first_poll_goes_on_as_its_poll_job() {
+    // Final only after 2 s: the first poll (in hand, after 300 ms) finds it pending.
+    let app = spawn_app_with(
+        false,
+        |c| c.final_after = Duration::from_secs(2),
+        &[
+            ("TARSPAY_POLL_FIRST_DELAY", "300ms"),
+            ("TARSPAY_POLL_MAX_INTERVAL", "5s"),
+        ],
+    )
+    .await;
+    app.enqueue(inr("ON-1", "100")).await;
+    let (create, _) = envelopes(&app, "ON-1").await;
+    let create_id = create[0]["id"].clone();
+    let (worker, addr) = app.worker_process_with_metrics(4);
+    // The same job, delayed as the order's poll job with one attempt made.
+    let poll = eventually("the create job gone on as the poll job", || async {
+        let (stream, delayed) = envelopes(&app, "ON-1").await;
+        (stream.is_empty() && delayed.len() == 1).then(|| delayed[0].clone())
+    })
+    .await;
+    assert_eq!(poll["id"], create_id, "{poll}");
+    assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
+    assert_eq!(poll["p"]["mchOrderNo"], "ON-1", "{poll}");
+    assert_eq!(poll["a"], 1, "{poll}");
+    assert_eq!(phase(&app, "ON-1").await, Phase::Accepted);
+
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["ON-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("ON-1"), 1);
+    let text = worker_metrics(&addr, "the poll job counted", |text| {
+        jobs(text, "poll_status", "done") == 1
+    })
+    .await;
+    drop(worker);
+    assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
+    assert_eq!(jobs(&text, "create_payout", "done"), 0, "{text}");
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+/// A worker holding `id`'s first poll for 5 s (the longest hold), with no lifeline sweep
+/// during the test (only the held job can bring the order home), and `extra` settings.
+async fn holding(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess) {
+    let mut env = vec![
+        ("TARSPAY_POLL_FIRST_DELAY", "5s"),
+        ("TARSPAY_LIFELINE_INTERVAL", "1h"),
+    ];
+    env.extend_from_slice(extra);
+    let app = spawn_app_with(false, |_| {}, &env).await;
+    app.enqueue(inr(id, "100")).await;
+    let holder = app.worker_process(4);
+    held_in_hand(&app, id).await;
+    (app, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker() {
+    let (app, mut holder) = holding("KILLED-1", &[]).await;
+    holder.kill();
+    // The next worker takes the entry over after the orphan timeout (3 s here) and turns it
+    // into the order's poll job, due at once.
+    let (rescuer, addr) = app.worker_process_with_metrics(4);
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["KILLED-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("KILLED-1"), 1);
+    let text = worker_metrics(&addr, "the taken-over job counted", |text| {
+        jobs(text, "poll_status", "done") == 1
+    })
+    .await;
+    drop(rescuer);
+    assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_holding_a_first_poll_queues_it_unpolled() {
+    // The grace (30 s) is far longer than the hold: a worker that waited the hold out would
+    // still exit cleanly, but after polling the order (final by then).
+    let (app, mut holder) = holding("STOP-1", &[("TARSPAY_SHUTDOWN_GRACE", "30s")]).await;
+    assert_eq!(holder.terminate(), Some(0), "a clean exit");
+    // The first poll is queued, not polled: still accepted, its job delayed and not
+    // attempted.
+    assert_eq!(phase(&app, "STOP-1").await, Phase::Accepted);
+    let (stream, delayed) = envelopes(&app, "STOP-1").await;
+    assert!(stream.is_empty(), "{stream:?}");
+    assert_eq!(delayed.len(), 1, "{delayed:?}");
+    assert_eq!(delayed[0]["p"]["job"], "poll_status", "{delayed:?}");
+    assert_eq!(delayed[0]["a"], 0, "{delayed:?}");
+
+    let _next = app.worker_process(4);
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["STOP-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("STOP-1"), 1);
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
