@@ -705,8 +705,10 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// Settings a bench's child processes take from the bench's environment: how they run, never
-/// what they do (`TARSPAY_WORKER_THREADS=0 bench e2e` measures workers on a thread per core).
-const KEPT_SETTINGS: [&str; 1] = ["TARSPAY_WORKER_THREADS"];
+/// what they do (`TARSPAY_WORKER_THREADS=0 bench e2e` measures workers on a thread per core;
+/// `TARSPAY_POLL_IN_HAND=false bench cost -n 1` a payout whose first poll is a job of its
+/// own).
+const KEPT_SETTINGS: [&str; 2] = ["TARSPAY_WORKER_THREADS", "TARSPAY_POLL_IN_HAND"];
 
 /// A child process of this binary (`tarspay-worker …`), killed on drop.
 pub struct ChildProcess {
