@@ -98,7 +98,7 @@ async fn a_worker_process_shows_its_lifeline_repairs_at_its_metrics_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
     // Every poll queued as a job of its own, so that both kinds of job are acknowledged by a
-    // ledger step and every poll is promoted (first polls in hand: tests/payouts.rs).
+    // ledger step and every poll is promoted (first polls in hand: tests/polls_in_hand.rs).
     let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_IN_HAND", "false")]).await;
     let ids: Vec<String> = (0..12).map(|i| format!("STEP-{i}")).collect();
     for id in &ids {

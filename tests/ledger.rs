@@ -562,12 +562,30 @@ async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
 
 #[tokio::test]
 async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_says_so() {
+    use tarspay_worker::ledger::InHandAcceptance;
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;
     let queue = queue(&server).await;
+    let lease = |id: &'static str, token: &'static str, ms: u64| {
+        let ledger = ledger.clone();
+        async move {
+            let ticket = ledger
+                .begin_submit(id, token, Duration::from_millis(ms))
+                .await
+                .unwrap();
+            assert!(matches!(ticket, SubmitTicket::Go { .. }), "{ticket:?}");
+        }
+    };
 
     ledger.register(&order("IH-1", "f")).await.unwrap();
-    assert!(ledger.accept_polling_in_hand("IH-1", "P1").await.unwrap());
+    lease("IH-1", "t1", 30_000).await;
+    assert_eq!(
+        ledger
+            .accept_polling_in_hand("IH-1", "P1", "t1")
+            .await
+            .unwrap(),
+        InHandAcceptance::Recorded
+    );
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.waiting, stats.delayed), (0, 0), "no poll job queued");
     let accepted = record(&ledger, "IH-1").await;
@@ -592,13 +610,47 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
             .unwrap(),
         SubmitTicket::Accepted { poll_in_hand: true }
     );
-    // An order already accepted the usual way is not taken for one polled in hand.
+
+    // An order already accepted the usual way (an adoption) is not taken for one polled in
+    // hand.
     ledger.register(&order("IH-2", "f")).await.unwrap();
+    lease("IH-2", "t1", 30_000).await;
     assert!(ledger.accept("IH-2", Some("P3"), None).await.unwrap());
-    assert!(!ledger.accept_polling_in_hand("IH-2", "P3").await.unwrap());
+    assert_eq!(
+        ledger
+            .accept_polling_in_hand("IH-2", "P3", "t1")
+            .await
+            .unwrap(),
+        InHandAcceptance::AlreadyAccepted
+    );
     assert_eq!(
         ledger
             .begin_submit("IH-2", "t", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        SubmitTicket::Accepted {
+            poll_in_hand: false
+        }
+    );
+
+    // A run whose lease lapsed and was taken over writes nothing in hand: the new holder,
+    // adopting the order, accepts it with its poll job.
+    ledger.register(&order("IH-3", "f")).await.unwrap();
+    lease("IH-3", "stale", 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    lease("IH-3", "new", 30_000).await;
+    assert_eq!(
+        ledger
+            .accept_polling_in_hand("IH-3", "P4", "stale")
+            .await
+            .unwrap(),
+        InHandAcceptance::LeaseLost
+    );
+    assert_eq!(record(&ledger, "IH-3").await.phase, Phase::Submitting);
+    assert!(ledger.accept("IH-3", Some("P4"), None).await.unwrap());
+    assert_eq!(
+        ledger
+            .begin_submit("IH-3", "t", Duration::from_secs(30))
             .await
             .unwrap(),
         SubmitTicket::Accepted {

@@ -66,6 +66,9 @@ async fn worker_exports_job_and_gateway_spans_over_otlp_and_flushes_them_on_shut
             ("OTEL_SERVICE_NAME", "otlp-test-worker"),
             // Batches wait a minute: what arrives below was sent by the shutdown's flush.
             ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
+            // The order's poll is a job of its own (its span is checked below), whether or
+            // not the order is final by its first poll.
+            ("TARSPAY_POLL_IN_HAND", "false"),
         ],
     );
     app.enqueue(inr("OTLP-1", "125.50")).await;

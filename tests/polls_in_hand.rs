@@ -47,32 +47,35 @@ async fn phase(app: &TestApp, id: &str) -> Phase {
 }
 
 /// Waits until the order is accepted and its create job is held (pending, nothing delayed),
-/// sampled so that the order was still accepted after the queue was read.
-async fn held_in_hand(app: &TestApp, id: &str) {
+/// sampled so that the order was still accepted after the queue was read; the envelopes
+/// (stream, delayed) of that sample.
+async fn held_in_hand(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     eventually("the accepted order's create job held in hand", || async {
         let stats = app.deployment.queue_stats().await.unwrap();
         let held = stats.pending == 1 && stats.waiting == 0 && stats.delayed == 0;
-        (held && phase(app, id).await == Phase::Accepted).then_some(())
+        let seen = envelopes(app, id).await;
+        (held && phase(app, id).await == Phase::Accepted).then_some(seen)
     })
-    .await;
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_job() {
-    // The first poll waits 3 s (held); the sandbox has the order final after 200 ms.
-    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "3s")]).await;
+    // The first poll waits 5 s (held); the sandbox has the order final after 200 ms.
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "5s")]).await;
     app.enqueue(inr("HELD-1", "100")).await;
     let (create, _) = envelopes(&app, "HELD-1").await;
     let create_id = create[0]["id"].clone();
     let (worker, addr) = app.worker_process_with_metrics(4);
-    held_in_hand(&app, "HELD-1").await;
-    // Accepted with no poll job queued: the audit counts the held create job as its work.
-    let (code, report) = app.audit();
-    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
-    let (stream, delayed) = envelopes(&app, "HELD-1").await;
+    // Accepted with no poll job queued: the create job is its only job.
+    let (stream, delayed) = held_in_hand(&app, "HELD-1").await;
     assert!(delayed.is_empty(), "{delayed:?}");
     assert_eq!(stream.len(), 1, "{stream:?}");
     assert_eq!(stream[0]["id"], create_id);
+    // The audit counts the held create job as its work (had the hold ended meanwhile, the
+    // order is final and the audit just as clean).
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["HELD-1"].status, "succeeded");
@@ -97,12 +100,13 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_still_pending_at_its_first_poll_goes_on_as_its_poll_job() {
-    // Final only after 2 s: the first poll (in hand, after 300 ms) finds it pending.
+    // Final only after 3 s: the first poll (in hand, after 1 s) finds it pending, and the
+    // poll job it goes on as waits 1 s more before its first run.
     let app = spawn_app_with(
         false,
-        |c| c.final_after = Duration::from_secs(2),
+        |c| c.final_after = Duration::from_secs(3),
         &[
-            ("TARSPAY_POLL_FIRST_DELAY", "300ms"),
+            ("TARSPAY_POLL_FIRST_DELAY", "1s"),
             ("TARSPAY_POLL_MAX_INTERVAL", "5s"),
         ],
     )

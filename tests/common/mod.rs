@@ -99,7 +99,6 @@ pub async fn worker_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool
     .await
 }
 
-/// The value of an unlabelled gauge in a `/metrics` text, if it is there.
 /// The violations in an `audit --json` report, one line each.
 pub fn violations(report: &serde_json::Value) -> Vec<String> {
     report["violations"]
@@ -108,6 +107,7 @@ pub fn violations(report: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The value of an unlabelled gauge in a `/metrics` text, if it is there.
 pub fn gauge(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())

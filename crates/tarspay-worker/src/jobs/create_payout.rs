@@ -20,7 +20,9 @@ use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ids::MchOrderNo;
-use crate::ledger::{FinalResult, Finalized, OrderKind, OrderRecord, Phase, SubmitTicket};
+use crate::ledger::{
+    FinalResult, Finalized, InHandAcceptance, OrderKind, OrderRecord, Phase, SubmitTicket,
+};
 use crate::payout::PayoutRequest;
 use crate::queue::Delivery;
 use std::time::{Duration, Instant};
@@ -215,16 +217,21 @@ async fn create(
                 .as_ref()
                 .and_then(|holds| holds.try_hold(ctx.poll.first_delay));
             if let Some(held) = hold {
-                // The first poll stays with this job (see `in_hand`); an acceptance already
-                // recorded (say, by a lookup) has its poll job and leaves this one done.
-                if ctx
+                // The first poll stays with this job (see `in_hand`), if this run still holds
+                // the lease. An acceptance already recorded (by an adoption) queued its poll
+                // job; one by a run that lost the lease queues it below, as usual.
+                match ctx
                     .ledger
-                    .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
+                    .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id, &token)
                     .await?
                 {
-                    *first_poll = Some((record.clone(), held));
+                    InHandAcceptance::Recorded => {
+                        *first_poll = Some((record.clone(), held));
+                        return Ok(Step::Done);
+                    }
+                    InHandAcceptance::AlreadyAccepted => return Ok(Step::Done),
+                    InHandAcceptance::LeaseLost => {}
                 }
-                return Ok(Step::Done);
             }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger

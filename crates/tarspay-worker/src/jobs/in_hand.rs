@@ -3,10 +3,12 @@
 //!
 //! A queued poll costs Redis a delayed-set entry, its promotion, a fetch and an
 //! acknowledgement (about 13 commands counting Lua, docs/performance.md); a payout alone paid
-//! them all. The create job's stream entry stays pending under its worker meanwhile (its
-//! heartbeat keeps it), so nothing is lost if the worker dies or stalls: another worker takes
-//! the entry over after the orphan timeout, finds the acceptance marked `poll_in_hand`, and
-//! turns the job into the order's poll job ([`crate::ledger::SubmitTicket::Accepted`]).
+//! them all, and a held poll costs one (the acceptance's lease check). The create job's
+//! stream entry stays pending under its worker meanwhile (its heartbeat keeps it), so nothing
+//! is lost if the worker dies or stalls: another worker takes the entry over after the
+//! orphan timeout, finds the acceptance marked `poll_in_hand`, and turns the job into the
+//! order's poll job ([`crate::ledger::SubmitTicket::Accepted`]). Only the run holding the
+//! submit lease may leave the poll in hand (`Ledger::accept_polling_in_hand`).
 //!
 //! Only a quiet process holds (at most half its call slots in use, none waited for), and at
 //! most a quarter of its call slots' worth at once: under load a poll job costs little more
@@ -103,7 +105,18 @@ pub(super) async fn poll_in_hand(
     }
     let step = run_poll_status(ctx, &record.mch_order_no, 1, false, job).await;
     drop(held);
-    Ok(match step? {
+    let step = match step {
+        Ok(step) => step,
+        // Redis failed the poll's read or write: the poll job takes over after the first
+        // delay again, rather than the create job after its own backoff. (Should the
+        // settlement fail too, whoever takes the job over turns it into the poll job.)
+        Err(JobError::Ledger(err)) => {
+            tracing::warn!(mch_order_no = %record.mch_order_no, error = %err, "first poll in hand failed; it goes on as the poll job");
+            return Ok(goes_on(1, ctx.poll.first_delay));
+        }
+        Err(err) => return Err(err),
+    };
+    Ok(match step {
         Step::Done => Step::Done,
         Step::RetryAfter(after) => goes_on(1, after),
         Step::GiveBack => goes_on(0, Duration::ZERO),

@@ -262,6 +262,18 @@ pub enum SubmitTicket {
     Unreplicated,
 }
 
+/// What an acceptance that leaves the first poll in hand did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InHandAcceptance {
+    /// Recorded: the caller's create job polls the order.
+    Recorded,
+    /// Already accepted (by an adoption, which queued the poll job): nothing written.
+    AlreadyAccepted,
+    /// The caller no longer holds the submit lease: nothing written; it accepts as usual,
+    /// queueing the poll job.
+    LeaseLost,
+}
+
 /// What a final transition did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finalized {
@@ -1104,44 +1116,57 @@ impl Ledger {
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
-        self.accept_as(mch_order_no, pay_order_id, poll, job, false)
-            .await
+        let accepted = self
+            .accept_as(mch_order_no, pay_order_id, poll, job, None)
+            .await?;
+        Ok(accepted == 1)
     }
 
-    /// [`Ledger::accept`] for a create job that polls the order in hand: no poll job is
-    /// queued and the job is not acknowledged; the milestone says so, and the job goes on as
-    /// the order's poll job when it settles (see [`SubmitTicket::Accepted`]).
+    /// [`Ledger::accept`] for a create job that polls the order in hand, by the run holding
+    /// the submit lease under `token`: no poll job is queued and the job is not acknowledged;
+    /// the milestone says so, and the job goes on as the order's poll job when it settles
+    /// (see [`SubmitTicket::Accepted`]). Nothing is written unless `token` still holds the
+    /// lease: a run that lost it may be racing another run's adoption of the order, which
+    /// would then find it accepted and queue no poll job.
     pub async fn accept_polling_in_hand(
         &self,
         mch_order_no: &str,
         pay_order_id: &str,
-    ) -> Result<bool, LedgerError> {
-        self.accept_as(mch_order_no, Some(pay_order_id), None, None, true)
-            .await
+        token: &str,
+    ) -> Result<InHandAcceptance, LedgerError> {
+        let reply = self
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, Some(token))
+            .await?;
+        Ok(match reply {
+            1 => InHandAcceptance::Recorded,
+            2 => InHandAcceptance::LeaseLost,
+            _ => InHandAcceptance::AlreadyAccepted,
+        })
     }
 
+    /// The acceptance; `lease_token` for one that leaves the first poll in hand. The
+    /// script's answer: 1 recorded, 0 already accepted, 2 lease lost (in hand only).
     async fn accept_as(
         &self,
         mch_order_no: &str,
         pay_order_id: Option<&str>,
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
-        poll_in_hand: bool,
-    ) -> Result<bool, LedgerError> {
+        lease_token: Option<&str>,
+    ) -> Result<i64, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
             at: crate::queue::now_ms(),
-            poll_in_hand,
+            poll_in_hand: lease_token.is_some(),
         };
         let json = serde_json::to_string(&acceptance).map_err(|e| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let op = with_job(self.op("A", mch_order_no).arg(json), poll);
-        let accepted = self
-            .apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
-            .await?;
-        Ok(accepted == 1)
+        let op =
+            with_job(self.op("A", mch_order_no).arg(json), poll).arg(lease_token.unwrap_or(""));
+        self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
+            .await
     }
 
     /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).

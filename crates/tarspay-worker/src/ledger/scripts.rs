@@ -182,13 +182,18 @@ local function begin_submit(order, a)
   return reply
 end
 
--- accepted_json, then the poll job (as in register). 1 when recorded (and the poll queued).
+-- accepted_json, then the poll job (as in register), then the submit lease's token when the
+-- acceptance leaves the first poll to the create job ('' otherwise). 1 when recorded (and the
+-- poll queued), 0 when already accepted, 2 when the in-hand acceptance's run no longer holds
+-- the lease (nothing written: another run may be adopting the order and would leave it
+-- without a poll job).
 local function accept(order, a)
   if not guard_cleared then
     -- An accepted create proves the merchant's key works: the guard's count starts over.
     redis.call('DEL', KEYS[2])
     guard_cleared = true
   end
+  if a[6] ~= '' and redis.call('HGET', order, 'leaseOwner') ~= a[6] then return 2 end
   local value, embedded = with_carried(a[1])
   if redis.call('HSETNX', order, 'accepted', value) == 0 then return 0 end
   if embedded then carried = nil end

@@ -148,7 +148,7 @@ pub struct GiveBack;
 /// envelope keeps the job's id and unique key but carries `payload` and `attempts` (the new
 /// job's attempts already made) instead, due after `delay`. A create job that polled its
 /// accepted order in hand goes on as the order's poll job this way, in the same atomic
-/// settlement that acknowledges it: the order never has both jobs, nor neither.
+/// settlement that acknowledges it: the order is never left between the two jobs.
 #[derive(Debug, thiserror::Error)]
 #[error("goes on as another job after {delay:?}")]
 pub struct ContinueAs {
