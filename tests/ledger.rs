@@ -576,6 +576,17 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
             assert!(matches!(ticket, SubmitTicket::Go { .. }), "{ticket:?}");
         }
     };
+    // What a create job that finds the order now is told.
+    let ticket = |id: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .begin_submit(id, "later", Duration::from_secs(30))
+                .await
+                .unwrap()
+        }
+    };
+    let in_hand = |poll_in_hand: bool| SubmitTicket::Accepted { poll_in_hand };
 
     ledger.register(&order("IH-1", "f")).await.unwrap();
     lease("IH-1", "t1", 30_000).await;
@@ -594,22 +605,10 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
         (Phase::Accepted, Some("P1"))
     );
     // A create job that finds it (its holder died) learns that it is the poll job now.
-    assert_eq!(
-        ledger
-            .begin_submit("IH-1", "t", Duration::from_secs(30))
-            .await
-            .unwrap(),
-        SubmitTicket::Accepted { poll_in_hand: true }
-    );
+    assert_eq!(ticket("IH-1").await, in_hand(true));
     // Written once: a later acceptance (a lookup's) neither queues nor clears the mark.
     assert!(!ledger.accept("IH-1", Some("P2"), None).await.unwrap());
-    assert_eq!(
-        ledger
-            .begin_submit("IH-1", "t2", Duration::from_secs(30))
-            .await
-            .unwrap(),
-        SubmitTicket::Accepted { poll_in_hand: true }
-    );
+    assert_eq!(ticket("IH-1").await, in_hand(true));
 
     // An order already accepted the usual way (an adoption) is not taken for one polled in
     // hand.
@@ -623,15 +622,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
             .unwrap(),
         InHandAcceptance::AlreadyAccepted
     );
-    assert_eq!(
-        ledger
-            .begin_submit("IH-2", "t", Duration::from_secs(30))
-            .await
-            .unwrap(),
-        SubmitTicket::Accepted {
-            poll_in_hand: false
-        }
-    );
+    assert_eq!(ticket("IH-2").await, in_hand(false));
 
     // A run whose lease lapsed and was taken over writes nothing in hand: the new holder,
     // adopting the order, accepts it with its poll job.
@@ -648,15 +639,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     );
     assert_eq!(record(&ledger, "IH-3").await.phase, Phase::Submitting);
     assert!(ledger.accept("IH-3", Some("P4"), None).await.unwrap());
-    assert_eq!(
-        ledger
-            .begin_submit("IH-3", "t", Duration::from_secs(30))
-            .await
-            .unwrap(),
-        SubmitTicket::Accepted {
-            poll_in_hand: false
-        }
-    );
+    assert_eq!(ticket("IH-3").await, in_hand(false));
 }
 
 #[tokio::test]
