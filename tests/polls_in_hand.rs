@@ -6,7 +6,7 @@
 mod common;
 
 use common::app::{TestApp, WorkerProcess, inr, spawn_app_with};
-use common::{eventually, violations, worker_metrics};
+use common::{eventually, gauge, violations, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
 use tarspay_worker::ledger::Phase;
@@ -40,6 +40,18 @@ async fn envelopes(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<serd
         .map(|text| serde_json::from_str(text).unwrap())
         .collect();
     (stream, delayed)
+}
+
+/// Nothing left in the queue (waiting, pending or delayed) and a clean audit.
+async fn no_job_left_and_audit_clean(app: &TestApp) {
+    let stats = app.deployment.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats.waiting, stats.pending, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }
 
 async fn phase(app: &TestApp, id: &str) -> Phase {
@@ -88,14 +100,7 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     drop(worker);
     assert_eq!(jobs(&text, "poll_status", "done"), 0, "{text}");
     assert_eq!(jobs(&text, "create_payout", "continued"), 0, "{text}");
-    let stats = app.deployment.queue_stats().await.unwrap();
-    assert_eq!(
-        (stats.waiting, stats.pending, stats.delayed),
-        (0, 0, 0),
-        "{stats:?}"
-    );
-    let (code, report) = app.audit();
-    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    no_job_left_and_audit_clean(&app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,8 +147,9 @@ async fn an_order_still_pending_at_its_first_poll_goes_on_as_its_poll_job() {
 }
 
 /// A worker holding `id`'s first poll for 5 s (the longest hold), with no lifeline sweep
-/// during the test (only the held job can bring the order home), and `extra` settings.
-async fn holding(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess) {
+/// during the test (only the held job can bring the order home), and `extra` settings; the
+/// app, the worker and the address of its metrics.
+async fn holding(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess, String) {
     let mut env = vec![
         ("TARSPAY_POLL_FIRST_DELAY", "5s"),
         ("TARSPAY_LIFELINE_INTERVAL", "1h"),
@@ -151,14 +157,14 @@ async fn holding(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess) {
     env.extend_from_slice(extra);
     let app = spawn_app_with(false, |_| {}, &env).await;
     app.enqueue(inr(id, "100")).await;
-    let holder = app.worker_process(4);
+    let (holder, addr) = app.worker_process_with_metrics(4);
     held_in_hand(&app, id).await;
-    (app, holder)
+    (app, holder, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker() {
-    let (app, mut holder) = holding("KILLED-1", &[]).await;
+    let (app, mut holder, _) = holding("KILLED-1", &[]).await;
     holder.kill();
     // The next worker takes the entry over after the orphan timeout (3 s here) and turns it
     // into the order's poll job, due at once.
@@ -180,7 +186,7 @@ async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker(
 async fn a_worker_stopped_while_holding_a_first_poll_queues_it_unpolled() {
     // The grace (30 s) is far longer than the hold: a worker that waited the hold out would
     // still exit cleanly, but after polling the order (final by then).
-    let (app, mut holder) = holding("STOP-1", &[("TARSPAY_SHUTDOWN_GRACE", "30s")]).await;
+    let (app, mut holder, _) = holding("STOP-1", &[("TARSPAY_SHUTDOWN_GRACE", "30s")]).await;
     assert_eq!(holder.terminate(), Some(0), "a clean exit");
     // The first poll is queued, not polled: still accepted, its job delayed and not
     // attempted.
@@ -197,4 +203,35 @@ async fn a_worker_stopped_while_holding_a_first_poll_queues_it_unpolled() {
     assert_eq!(app.sandbox.create_attempts("STOP-1"), 1);
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_while_holding_a_first_poll_is_overtaken_and_wakes_to_nothing() {
+    let (app, holder, holder_metrics) = holding("FROZEN-1", &[]).await;
+    holder.signal("STOP");
+    // Another worker takes the job over after the orphan timeout (3 s), turns it into the
+    // poll job and pays the order.
+    let (rescuer, addr) = app.worker_process_with_metrics(4);
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["FROZEN-1"].status, "succeeded");
+    let text = worker_metrics(&addr, "the taken-over job counted", |text| {
+        jobs(text, "poll_status", "done") == 1
+    })
+    .await;
+    assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
+    // The holder wakes, its hold long over: it polls, finds the order final, and its
+    // settlement finds the entry gone.
+    holder.signal("CONT");
+    let text = worker_metrics(
+        &holder_metrics,
+        "the woken holder's stale settlement",
+        |text| gauge(text, "tarspay_queue_stale_settlements_total").is_some_and(|n| n >= 1.0),
+    )
+    .await;
+    assert_eq!(jobs(&text, "create_payout", "done"), 1, "{text}");
+    drop((holder, rescuer));
+    assert_eq!(app.sandbox.create_attempts("FROZEN-1"), 1);
+    let all = app.outcomes().await;
+    assert_eq!(all.len(), 1, "one outcome, nothing more: {all:?}");
+    no_job_left_and_audit_clean(&app).await;
 }
