@@ -1,7 +1,8 @@
 //! First polls held in hand (`jobs::PollsInHand`): a create job whose create was accepted
 //! waits out the first poll's delay in its worker and polls itself; an order still pending
-//! then goes on as its poll job (the same job id), and a holder that dies or stops leaves the
-//! poll to another worker. Real redis-server, sandbox over loopback HTTP, worker processes.
+//! then goes on as its poll job (the same job id), and a holder that dies, freezes or stops
+//! leaves the poll to another worker. Real redis-server, sandbox over loopback HTTP, worker
+//! processes.
 
 mod common;
 
