@@ -542,6 +542,70 @@ async fn a_final_state_found_by_a_poll_acknowledges_the_poll_each_time() {
 }
 
 #[tokio::test]
+async fn a_lone_final_state_acknowledges_its_job_whoever_holds_it_without_an_ownership_read() {
+    // A final order leaves no run of its job anything to do: the lone finalisation's
+    // acknowledgement is written while the entry is pending at all, and its count tells
+    // acknowledged from stale (one command fewer than reading the holder first).
+    let s = setup().await;
+    s.register("LONE-1").await;
+    s.ledger.accept("LONE-1", Some("P1"), None).await.unwrap();
+    let record = s.ledger.get("LONE-1").await.unwrap().unwrap();
+    let result = FinalResult {
+        gateway_state: Some(2),
+        pay_order_id: Some("P1".into()),
+        ..FinalResult::default()
+    };
+    // w1 froze, w2 took the entry over; w1 wakes and writes the final state.
+    let (taken, _) = s.deliver(&s.queue.stream, "w1", None).await;
+    s.take_over(&taken, "w2").await;
+    let xpending_before = s.command_calls("xpending");
+    let applied = s
+        .ledger
+        .apply_gateway_final_finishing(&record, Phase::Succeeded, &result, Some(&taken))
+        .await
+        .unwrap();
+    assert_eq!(applied, Finalized::Recorded);
+    assert_eq!(
+        s.command_calls("xpending"),
+        xpending_before,
+        "no ownership read"
+    );
+    assert!(taken.is_settled());
+    assert_eq!(s.holder_of(taken.entry_id()).await, None, "acknowledged");
+    assert!(!s.in_stream(taken.entry_id()).await, "and deleted");
+
+    // A delivery no longer pending at all (settled by the run that took it over): stale,
+    // while the effect (here: none left to write) stands.
+    let (gone, inflight) = s.deliver(&s.queue.stream, "w1", None).await;
+    let mut c = s.conn.clone();
+    let _: i64 = c
+        .xack(&s.queue.stream, &s.queue.group, &[gone.entry_id()])
+        .await
+        .unwrap();
+    let xpending_before = s.command_calls("xpending");
+    let applied = s
+        .ledger
+        .apply_gateway_final_finishing(&record, Phase::Succeeded, &result, Some(&gone))
+        .await
+        .unwrap();
+    assert_eq!(applied, Finalized::Unchanged);
+    assert_eq!(
+        s.command_calls("xpending"),
+        xpending_before,
+        "no ownership read"
+    );
+    assert!(gone.is_settled(), "nothing left for its settler");
+    assert!(inflight.snapshot().is_empty());
+    assert!(
+        s.in_stream(gone.entry_id()).await,
+        "a stale entry is not deleted"
+    );
+
+    let outcomes: u64 = c.xlen(s.ledger.keys().outcomes()).await.unwrap();
+    assert_eq!(outcomes, 1);
+}
+
+#[tokio::test]
 async fn an_operation_that_does_not_answer_as_its_caller_asked_acknowledges_nothing() {
     // The script acknowledges only on the replies the caller finishes its job on (a
     // finalisation's lost lease or unproven absence sends its job round again).

@@ -41,7 +41,9 @@ pub(crate) const SHARED_KEYS: usize = 12;
 /// follows the due time of a job the operation delays in the queue before every other one
 /// ('0': a marker as usual); the delivery, an entry of the queue's stream (`KEYS[5]`), is
 /// then acknowledged and deleted in the same step, if still pending for that consumer (see
-/// `queue::Delivery::ack_in`).
+/// `queue::Delivery::ack_in`; a finalisation's delivery alone for its consumer in the batch
+/// is acknowledged if pending at all: the order's final state leaves no run of it anything
+/// to do).
 /// Returns {one reply per operation in order, {positions of operations whose delivery was
 /// acknowledged}, {positions of those whose delivery another consumer holds now}, the error
 /// that kept some deliveries from being acknowledged ('' for none: they are left to the
@@ -440,7 +442,7 @@ local function run_ops()
     -- of a job the operation delays in its queue itself (no wake marker).
     if ARGV[at] ~= '' then
       acks[#acks + 1] = {owner = op + 1, entry = ARGV[at], group = ARGV[at + 1],
-        consumer = ARGV[at + 2], replies = ',' .. ARGV[at + 3] .. ','}
+        consumer = ARGV[at + 2], replies = ',' .. ARGV[at + 3] .. ',', final = kind == 'F'}
       if ARGV[at + 4] == '1' then follow_self = {delayed = KEYS[6], owner = op + 1} end
       at = at + 5
     else
@@ -503,7 +505,8 @@ if not ran then error(failure) end
 -- change (and deleted from the stream, as the settle script does), when its operation
 -- answered as its caller asked (so the caller's job is done) and only while the entry is
 -- still pending for the caller's consumer: one taken over by another worker is left to it
--- and reported stale. Acknowledged and stale operations are named in the reply.
+-- and reported stale (a finalisation alone for its consumer excepted: see below).
+-- Acknowledged and stale operations are named in the reply.
 local acked, stale = {}, {}
 local ack_error = ''
 if #acks > 0 then
@@ -528,6 +531,21 @@ if #acks > 0 then
     local ok, err = pcall(function()
       local ids = {}
       for i, ack in ipairs(held.acks) do ids[i] = ack.entry end
+      local lone = held.acks[1]
+      if #ids == 1 and lone.final then
+        -- A lone job ended by its order's final state (just written or already there):
+        -- nothing is left for any run of it, so it is acknowledged whoever holds it now, and
+        -- the acknowledgement's count says whether it was still pending (no ownership read).
+        -- A run that took it over finds it gone when it settles (stale, dropped).
+        if redis.call('XACK', KEYS[5], held.group, lone.entry) == 1 then
+          acked[#acked + 1] = lone.owner
+          local deleted = redis.pcall('XDEL', KEYS[5], lone.entry)
+          if type(deleted) == 'table' and deleted.err then error(deleted.err) end
+        else
+          stale[#stale + 1] = lone.owner
+        end
+        return
+      end
       local mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
       local done, done_by, left_by = {}, {}, {}
       for _, ack in ipairs(held.acks) do
