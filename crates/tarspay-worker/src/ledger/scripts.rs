@@ -158,7 +158,6 @@ end
 -- | {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}. guard is
 -- '1' when the guard counted failures as the lease was taken ('' when it counted none: an
 -- acceptance of this run's create need not clear it).
-
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
   if #flat == 0 then return {'missing'} end
