@@ -20,9 +20,7 @@ use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ids::MchOrderNo;
-use crate::ledger::{
-    FinalResult, Finalized, InHandAcceptance, OrderKind, OrderRecord, Phase, SubmitTicket,
-};
+use crate::ledger::{FinalResult, Finalized, InHandAcceptance, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use crate::queue::Delivery;
 use std::time::{Duration, Instant};
@@ -106,12 +104,7 @@ async fn create(
                     reason: err.to_string(),
                 })?;
             return Ok(Step::ContinueAs {
-                job: PayoutJob::PollStatus {
-                    mch_order_no,
-                    merchant: ctx.merchant.clone(),
-                    kind: OrderKind::Payout,
-                    once: false,
-                },
+                job: PayoutJob::payout_poll(mch_order_no, ctx.merchant.clone()),
                 attempts: 0,
                 after: Duration::ZERO,
             });

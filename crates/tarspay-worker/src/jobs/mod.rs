@@ -84,6 +84,17 @@ impl PayoutJob {
         }
     }
 
+    /// The regular poll-status job of payout `mch_order_no` of `merchant` (a create job goes
+    /// on as it: see `in_hand`).
+    pub fn payout_poll(mch_order_no: MchOrderNo, merchant: MerchantName) -> Self {
+        Self::PollStatus {
+            mch_order_no,
+            merchant,
+            kind: OrderKind::Payout,
+            once: false,
+        }
+    }
+
     /// A poll-status job for `record` (payout or deposit); `once` for a single look.
     pub fn poll(record: &OrderRecord, once: bool) -> Self {
         Self::PollStatus {
