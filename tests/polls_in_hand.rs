@@ -1,8 +1,8 @@
 //! First polls held in hand (`jobs::PollsInHand`): a create job whose create was accepted
 //! waits out the first poll's delay in its worker and polls itself; an order still pending
 //! then goes on as its poll job (the same job id), and a holder that dies, freezes or stops
-//! leaves the poll to another worker. Real redis-server, sandbox over loopback HTTP, worker
-//! processes.
+//! leaves the poll to another worker, and one whose poll Redis fails hands it to the poll job.
+//! Real redis-server, sandbox over loopback HTTP, worker processes.
 
 mod common;
 
@@ -181,6 +181,52 @@ async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker(
     assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_poll_in_hand_that_redis_fails_goes_on_as_the_poll_job_after_the_first_delay() {
+    let (app, holder, addr) = holding("FAILED-1", &[]).await;
+    // Redis fails the held poll's read: the order's record is a key of another type for a
+    // while (as a read that errors or times out would).
+    let order = app.partition("FAILED-1").ledger.keys().order("FAILED-1");
+    let aside = format!("{order}:aside");
+    let mut conn = app.partition("FAILED-1").queue.connection();
+    let () = conn.rename(&order, &aside).await.unwrap();
+    let () = conn.set(&order, "unreadable").await.unwrap();
+    // The job goes on as the order's poll job, one attempt made, due after the first delay
+    // again (5 s): not retried as a create job, not polled at once.
+    let poll = eventually("the held job gone on as the poll job", || async {
+        let (stream, delayed) = envelopes(&app, "FAILED-1").await;
+        (stream.is_empty() && delayed.len() == 1).then(|| delayed[0].clone())
+    })
+    .await;
+    assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
+    assert_eq!(poll["a"], 1, "{poll}");
+    let scored: Vec<(String, f64)> = conn
+        .zrange_withscores(&app.partition("FAILED-1").queue.keys().delayed, 0, -1)
+        .await
+        .unwrap();
+    let due = scored.first().map(|(_, score)| *score).unwrap_or_default();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = (secs * 1000 + micros / 1000) as f64;
+    assert!(
+        due - now_ms > 2_000.0,
+        "due {} ms from now, not at once",
+        due - now_ms
+    );
+    // Readable again before it is due: the poll job pays it, once.
+    let _: i64 = conn.del(&order).await.unwrap();
+    let () = conn.rename(&aside, &order).await.unwrap();
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["FAILED-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("FAILED-1"), 1);
+    let text = worker_metrics(&addr, "the poll job counted", |text| {
+        jobs(text, "poll_status", "done") == 1
+    })
+    .await;
+    drop(holder);
+    assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
+    no_job_left_and_audit_clean(&app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
