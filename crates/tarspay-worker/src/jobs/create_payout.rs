@@ -83,12 +83,8 @@ async fn create(
         .ledger
         .begin_submit_with_record(mch_order_no, &token, ctx.lease)
         .await?;
-    let (previous, attempt, guard_counting) = match ticket {
-        SubmitTicket::Go {
-            previous,
-            attempt,
-            guard_counting,
-        } => (previous, attempt, guard_counting),
+    let (previous, attempt) = match ticket {
+        SubmitTicket::Go { previous, attempt } => (previous, attempt),
         // Its poll job was queued with the acceptance.
         SubmitTicket::Accepted {
             poll_in_hand: false,
@@ -219,12 +215,7 @@ async fn create(
                 // job; one by a run that lost the lease queues it below, as usual.
                 match ctx
                     .ledger
-                    .accept_polling_in_hand(
-                        mch_order_no,
-                        &accepted.pay_order_id,
-                        &token,
-                        guard_counting,
-                    )
+                    .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id, &token)
                     .await?
                 {
                     InHandAcceptance::Recorded => {
@@ -237,13 +228,7 @@ async fn create(
             }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
-                .accept_created(
-                    mch_order_no,
-                    &accepted.pay_order_id,
-                    &poll,
-                    job,
-                    guard_counting,
-                )
+                .accept_finishing(mch_order_no, Some(&accepted.pay_order_id), Some(&poll), job)
                 .await?;
             Ok(Step::Done)
         }

@@ -5,10 +5,7 @@
 //! its partition's set in the step that records an accepted create), added up over every
 //! partition when a failure is recorded; a trip pauses every partition. An accept in one
 //! partition leaves another partition's earlier failures counted: the guard errs towards
-//! pausing. So does the reset of an accepted create: it clears the set only if the set held
-//! failures when the create's lease was taken (the lease's script reads the pause flag and
-//! the set in one `EXISTS`), so failures counted only while it was in flight stay counted,
-//! and a lone payout pays no reset.
+//! pausing.
 
 use super::JobError;
 use crate::redis_conn::RedisConn;

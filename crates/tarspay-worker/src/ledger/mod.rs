@@ -241,10 +241,6 @@ pub enum SubmitTicket {
     Go {
         previous: Phase,
         attempt: u32,
-        /// The guard counted auth-class failures when the lease was taken: an acceptance of
-        /// this run's create resets it. (Failures counted only during the call stay counted:
-        /// the guard errs towards pausing.)
-        guard_counting: bool,
     },
     /// Another worker holds a live lease; try again after this long.
     Busy {
@@ -1048,7 +1044,7 @@ impl Ledger {
                 tracing::debug!(mch_order_no, "{msg}; the create waits");
                 (SubmitTicket::Unreplicated, None)
             }
-            [verdict, previous, attempt, guard, fields @ ..] if verdict == "go" => {
+            [verdict, previous, attempt, fields @ ..] if verdict == "go" => {
                 let fields: HashMap<String, String> = fields
                     .chunks_exact(2)
                     .map(|pair| (pair[0].clone(), pair[1].clone()))
@@ -1057,7 +1053,6 @@ impl Ledger {
                     SubmitTicket::Go {
                         previous: previous.parse().map_err(corrupt)?,
                         attempt: attempt.parse().unwrap_or(1),
-                        guard_counting: !guard.is_empty(),
                     },
                     record_from_fields(mch_order_no, &fields)?,
                 )
@@ -1122,31 +1117,7 @@ impl Ledger {
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
         let accepted = self
-            .accept_as(mch_order_no, pay_order_id, poll, job, None, true)
-            .await?;
-        Ok(accepted == 1)
-    }
-
-    /// [`Ledger::accept_finishing`] for the run whose create the gateway accepted: the
-    /// guard's count is reset only when the run's lease saw it counting
-    /// (`SubmitTicket::Go::guard_counting`), so a lone payout pays no reset.
-    pub async fn accept_created(
-        &self,
-        mch_order_no: &str,
-        pay_order_id: &str,
-        poll: &PreparedJob,
-        job: Option<&Delivery>,
-        guard_counting: bool,
-    ) -> Result<bool, LedgerError> {
-        let accepted = self
-            .accept_as(
-                mch_order_no,
-                Some(pay_order_id),
-                Some(poll),
-                job,
-                None,
-                guard_counting,
-            )
+            .accept_as(mch_order_no, pay_order_id, poll, job, None)
             .await?;
         Ok(accepted == 1)
     }
@@ -1156,24 +1127,15 @@ impl Ledger {
     /// the milestone says so, and the job goes on as the order's poll job when it settles
     /// (see [`SubmitTicket::Accepted`]). Nothing is written unless `token` still holds the
     /// lease: a run that lost it may be racing another run's adoption of the order, which
-    /// would then find it accepted and queue no poll job. The guard's count is reset as by
-    /// [`Ledger::accept_created`].
+    /// would then find it accepted and queue no poll job.
     pub async fn accept_polling_in_hand(
         &self,
         mch_order_no: &str,
         pay_order_id: &str,
         token: &str,
-        guard_counting: bool,
     ) -> Result<InHandAcceptance, LedgerError> {
         let reply = self
-            .accept_as(
-                mch_order_no,
-                Some(pay_order_id),
-                None,
-                None,
-                Some(token),
-                guard_counting,
-            )
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, Some(token))
             .await?;
         Ok(match reply {
             1 => InHandAcceptance::Recorded,
@@ -1182,8 +1144,7 @@ impl Ledger {
         })
     }
 
-    /// The acceptance; `lease_token` for one that leaves the first poll in hand;
-    /// `reset_guard` to clear the guard's count (an accepted call proves the key works). The
+    /// The acceptance; `lease_token` for one that leaves the first poll in hand. The
     /// script's answer: 1 recorded, 0 already accepted, 2 lease lost (in hand only).
     async fn accept_as(
         &self,
@@ -1192,7 +1153,6 @@ impl Ledger {
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
         lease_token: Option<&str>,
-        reset_guard: bool,
     ) -> Result<i64, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
@@ -1203,9 +1163,8 @@ impl Ledger {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let op = with_job(self.op("A", mch_order_no).arg(json), poll)
-            .arg(lease_token.unwrap_or(""))
-            .arg(if reset_guard { "1" } else { "" });
+        let op =
+            with_job(self.op("A", mch_order_no).arg(json), poll).arg(lease_token.unwrap_or(""));
         self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
             .await
     }

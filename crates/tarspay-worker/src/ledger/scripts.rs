@@ -67,19 +67,9 @@ local function lease_clock()
   end
   return server_now
 end
--- The pause flag and whether the guard counts failures: one EXISTS of both answers both
--- when neither exists, as almost always.
-local paused, guard_counting = nil, nil
+local paused = nil
 local function is_paused()
-  if paused == nil then
-    local both = redis.call('EXISTS', KEYS[1], KEYS[2])
-    if both == 0 then
-      paused, guard_counting = false, false
-    else
-      paused = redis.call('EXISTS', KEYS[1]) == 1
-      guard_counting = both == 2 or not paused
-    end
-  end
+  if paused == nil then paused = redis.call('EXISTS', KEYS[1]) == 1 end
   return paused
 end
 local guard_cleared = false
@@ -154,10 +144,8 @@ local function register(order, batch, a)
   return {'created'}
 end
 
--- lease token, lease ms. {'go', previous, attempts, guard, field, value, ...} | {'busy', ms}
--- | {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}. guard is
--- '1' when the guard counted failures as the lease was taken ('' when it counted none: an
--- acceptance of this run's create need not clear it).
+-- lease token, lease ms. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
+-- {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
   if #flat == 0 then return {'missing'} end
@@ -188,7 +176,7 @@ local function begin_submit(order, a)
   redis.call('HSET', order, 'phase', h.phase, 'leaseOwner', h.leaseOwner,
     'leaseUntil', h.leaseUntil, 'attempts', h.attempts, 'updatedAt', h.updatedAt,
     'ambiguous', h.ambiguous or '')
-  local reply = {'go', previous, h.attempts, guard_counting and '1' or ''}
+  local reply = {'go', previous, h.attempts}
   for k, v in pairs(h) do
     reply[#reply + 1] = k
     reply[#reply + 1] = v
@@ -197,13 +185,12 @@ local function begin_submit(order, a)
 end
 
 -- accepted_json, then the poll job (as in register), then the submit lease's token when the
--- acceptance leaves the first poll to the create job ('' otherwise), then '' when the
--- caller's lease saw the guard count nothing (no reset needed; anything else resets it). 1
--- when recorded (and the poll queued), 0 when already accepted, 2 when the in-hand
--- acceptance's run no longer holds the lease (nothing written: another run may be adopting
--- the order and would leave it without a poll job).
+-- acceptance leaves the first poll to the create job ('' otherwise). 1 when recorded (and the
+-- poll queued), 0 when already accepted, 2 when the in-hand acceptance's run no longer holds
+-- the lease (nothing written: another run may be adopting the order and would leave it
+-- without a poll job).
 local function accept(order, a)
-  if a[7] ~= '' and not guard_cleared then
+  if not guard_cleared then
     -- An accepted create proves the merchant's key works: the guard's count starts over.
     redis.call('DEL', KEYS[2])
     guard_cleared = true
