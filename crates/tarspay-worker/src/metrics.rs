@@ -28,7 +28,8 @@ pub const QUEUE_OLDEST_AGE: &str = "tarspay_queue_oldest_job_age_seconds";
 pub const QUEUE_PAUSED: &str = "tarspay_queue_paused";
 pub const WORKERS_ALIVE: &str = "tarspay_workers_alive";
 /// Settlements a worker dropped because the entry had been taken over by another worker (the
-/// first one stalled past the orphan timeout); the new holder settles it. Not an error by itself;
+/// first one stalled past the orphan timeout); the new holder settles it (or, when one of the
+/// two made the order final, that one's step acknowledged it). Not an error by itself;
 /// a steady rise means workers stall (GC, swap, SIGSTOP, VM pauses) or the orphan timeout is short.
 pub const QUEUE_STALE_SETTLEMENTS: &str = "tarspay_queue_stale_settlements_total";
 /// Jobs acknowledged by the ledger step that wrote their last effect (a create's acceptance, a

@@ -56,7 +56,8 @@ pub(crate) enum JobAcked {
     /// Acknowledged and deleted with the operation's change.
     Yes,
     /// No longer pending for the caller's consumer (taken over after the orphan timeout):
-    /// left to its new holder.
+    /// left to its new holder; or, for a step that left its order final, no longer pending
+    /// at all (its new holder settled it first).
     Stale,
 }
 

@@ -49,7 +49,10 @@ pub(crate) struct Holder {
 /// last effect: the effect and the acknowledgement are then one atomic change, and the job
 /// costs no settlement round trip of its own. The script acknowledges only while the entry
 /// is still pending for `consumer` (the rule of the settle script: a worker that stalled past
-/// the orphan timeout and lost the entry must not acknowledge it for its new holder).
+/// the orphan timeout and lost the entry must not acknowledge it for its new holder), except
+/// the one delivery of `consumer` in a call whose step wrote or found its order's final state:
+/// no run of that job has anything left to do, so it is acknowledged if pending at all, by
+/// `XACK`'s own count (no ownership read); its new holder's settlement is then the stale one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct InlineAck {
     pub(crate) entry_id: String,

@@ -241,6 +241,6 @@ pub(crate) fn report_stale(consumer: &str, entry_id: &str, job_id: &str, outcome
         %entry_id,
         outcome,
         consumer,
-        "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it"
+        "stale settlement dropped: the entry is no longer held by this worker (taken over after the orphan timeout); its new holder settles it, or the step that made its order final acknowledged it"
     );
 }
