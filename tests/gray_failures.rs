@@ -110,6 +110,8 @@ async fn a_worker_acknowledges_each_finished_payout_job_in_its_ledger_step() {
         outcomes.values().all(|o| o.status == "succeeded"),
         "{outcomes:?}"
     );
+    let (_, report) = app.audit();
+    assert_eq!(report["polledInHand"], 0, "holds are off: {report}");
     let counter = |text: &str, name: &str, labels: &str| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(name) && l.contains(labels))

@@ -86,9 +86,10 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     assert_eq!(stream.len(), 1, "{stream:?}");
     assert_eq!(stream[0]["id"], create_id);
     // The audit counts the held create job as its work (had the hold ended meanwhile, the
-    // order is final and the audit just as clean).
+    // order is final and the audit just as clean), and the hold itself.
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    assert_eq!(report["polledInHand"], 1, "{report}");
 
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["HELD-1"].status, "succeeded");

@@ -612,7 +612,10 @@ impl Soak {
                     "audit after round {round} (seed {}): {report}",
                     plan.seed
                 );
-                println!("round {round}: audit clean: {}", report["phases"]);
+                println!(
+                    "round {round}: audit clean: {}, {} first polls held in hand so far",
+                    report["phases"], report["polledInHand"]
+                );
                 return;
             }
             assert!(

@@ -94,6 +94,9 @@ pub struct AuditReport {
     /// Orders per phase (final ones by their recorded status).
     pub phases: BTreeMap<String, usize>,
     pub stuck: usize,
+    /// Orders whose acceptance left the first poll to the create job (held in hand, see
+    /// `jobs::in_hand`): how often holds were exercised.
+    pub polled_in_hand: usize,
     pub live_jobs: usize,
     pub dead_jobs: usize,
     pub undecodable_jobs: u64,
@@ -113,6 +116,7 @@ impl AuditReport {
             *self.phases.entry(phase).or_default() += count;
         }
         self.stuck += other.stuck;
+        self.polled_in_hand += other.polled_in_hand;
         self.live_jobs += other.live_jobs;
         self.dead_jobs += other.dead_jobs;
         self.undecodable_jobs += other.undecodable_jobs;
@@ -239,6 +243,7 @@ impl Pass {
                 .iter()
                 .filter(|o| o.stuck && o.final_status.is_none())
                 .count(),
+            polled_in_hand: self.orders.iter().filter(|o| o.poll_in_hand).count(),
             live_jobs: self.jobs.live_count(),
             dead_jobs: self.jobs.dead_count(),
             undecodable_jobs: self.jobs.undecodable,

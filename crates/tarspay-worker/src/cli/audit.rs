@@ -44,6 +44,7 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> Result<ExitCode> {
             println!("  {phase:<12}{count}");
         }
         println!("stuck         {}", report.stuck);
+        println!("held polls    {}", report.polled_in_hand);
         println!("live jobs     {}", report.live_jobs);
         println!("dead jobs     {}", report.dead_jobs);
         println!("outcomes      {}", report.outcome_entries);
