@@ -675,6 +675,63 @@ async fn an_accepted_create_resets_the_guard_even_for_failures_counted_during_it
 }
 
 #[tokio::test]
+async fn a_gateway_state_for_a_record_that_expired_meanwhile_brings_nothing_back() {
+    use redis::AsyncCommands;
+    let server = RedisServer::start(false);
+    let retention = Duration::from_secs(60);
+    let ledger = ledger(&server).await.with_retention(Some(retention));
+    let keys = ledger.keys().clone();
+    let mut conn = server.conn().await;
+    let result = FinalResult {
+        gateway_state: Some(2),
+        pay_order_id: Some("P1".into()),
+        ..FinalResult::default()
+    };
+    ledger.register(&order("EXP-1", "f")).await.unwrap();
+    assert!(ledger.accept("EXP-1", Some("P1"), None).await.unwrap());
+    let in_flight = record(&ledger, "EXP-1").await;
+
+    // An outcome that cannot be written: nothing final, and no expiry on a record in flight.
+    let () = conn.set(keys.outcomes(), "not a stream").await.unwrap();
+    let failed = ledger
+        .apply_gateway_final(&in_flight, Phase::Succeeded, &result)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    let ttl: i64 = conn.pttl(keys.order("EXP-1")).await.unwrap();
+    assert_eq!(ttl, -1, "an order in flight never expires");
+    let _: i64 = conn.del(keys.outcomes()).await.unwrap();
+
+    // Final, with its expiry.
+    let applied = ledger
+        .apply_gateway_final(&in_flight, Phase::Succeeded, &result)
+        .await
+        .unwrap();
+    assert_eq!(applied, Finalized::Recorded);
+    let ttl: i64 = conn.pttl(keys.order("EXP-1")).await.unwrap();
+    assert!(ttl > 0 && ttl <= retention.as_millis() as i64, "ttl {ttl}");
+    let final_seen = record(&ledger, "EXP-1").await;
+
+    // The retention runs out while readers that saw the record stall: a duplicate callback
+    // (the final record), a poll that read it in flight, a correction. None brings it back.
+    let _: i64 = conn.del(keys.order("EXP-1")).await.unwrap();
+    for (seen, phase) in [
+        (&final_seen, Phase::Succeeded),
+        (&in_flight, Phase::Succeeded),
+        (&final_seen, Phase::Failed),
+    ] {
+        let applied = ledger
+            .apply_gateway_final(seen, phase, &result)
+            .await
+            .unwrap();
+        assert_eq!(applied, Finalized::Unchanged, "{phase:?}");
+        let back: bool = conn.exists(keys.order("EXP-1")).await.unwrap();
+        assert!(!back, "{phase:?}: no bare record");
+    }
+    let outcomes: u64 = conn.xlen(keys.outcomes()).await.unwrap();
+    assert_eq!(outcomes, 1, "exactly one outcome");
+}
+
+#[tokio::test]
 async fn concurrent_changes_share_script_calls_and_each_gets_its_own_answer() {
     let server = RedisServer::start(false);
     let ledger = ledger(&server).await;

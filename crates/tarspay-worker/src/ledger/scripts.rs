@@ -208,7 +208,8 @@ end
 -- mode ('g' = a state the gateway reported, which may correct an earlier final status),
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
 -- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
--- (0 = keep forever: a final order's record expires that long after it became final), the
+-- (0 = keep forever: a final order's record expires that long after it became final, or
+-- after the gateway last reported its state), the
 -- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), then
 -- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
@@ -269,6 +270,12 @@ local function finalize(order, a, progress)
   local fields = {}
   for i = 12, #a do fields[#fields + 1] = a[i] end
   local value, embedded = with_carried(a[1])
+  -- A state the gateway reported, read before the record expired (it was final, its
+  -- retention ran out while its reader stalled): the record is not brought back as a bare
+  -- final with a second outcome. The expiry is set first, so its answer says whether the
+  -- record is still there (an in-flight record has none to lose: only a final one expires).
+  local expire_first = a[2] == '' and tonumber(a[10]) > 0
+  if expire_first and redis.call('PEXPIRE', order, a[10]) == 0 then return 0 end
   if redis.call('HSETNX', order, 'final', value) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
@@ -298,17 +305,20 @@ local function finalize(order, a, progress)
   if embedded then carried = nil end
   local added = append_outcome(fields, a[5], a[9])
   if type(added) == 'table' and added.err then
-    -- No final order without its outcome (and its webhook): undo the claim.
+    -- No final order without its outcome (and its webhook): undo the claim, and the expiry
+    -- set for it (an order in flight never expires).
     redis.call('HDEL', order, 'final')
+    if expire_first then redis.call('PERSIST', order) end
     carried = lines
     return {'!error', added.err}
   end
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
-  -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
+  -- Bounded memory: the record goes after the retention (a later report of the gateway's,
+  -- such as a duplicate callback or a correction, starts it over: see `expire_first`). A
   -- history list begun while the order was in flight has no expiry: the lifeline's index
   -- trim removes it (see ledger::history). A re-submission after that registers anew and is
   -- settled by the gateway's duplicate answer.
-  if tonumber(a[10]) > 0 then redis.call('PEXPIRE', order, a[10]) end
+  if tonumber(a[10]) > 0 and not expire_first then redis.call('PEXPIRE', order, a[10]) end
   if progress ~= order and redis.call('HEXISTS', order, 'batchRerun') == 0 then
     -- A batch row, counted once: its batch's finals by status and amount (console pages).
     count_row(progress, a[8], '', a[11])
