@@ -711,6 +711,18 @@ async fn a_gateway_state_for_a_record_that_expired_meanwhile_brings_nothing_back
     assert!(ttl > 0 && ttl <= retention.as_millis() as i64, "ttl {ttl}");
     let final_seen = record(&ledger, "EXP-1").await;
 
+    // A repeated report (a duplicate callback, a poll asked for again) and a correction keep
+    // the expiry the record got when it became final: nobody can keep it alive by asking.
+    let _: bool = conn.pexpire(keys.order("EXP-1"), 30_000).await.unwrap();
+    for phase in [Phase::Succeeded, Phase::Failed] {
+        ledger
+            .apply_gateway_final(&final_seen, phase, &result)
+            .await
+            .unwrap();
+        let ttl: i64 = conn.pttl(keys.order("EXP-1")).await.unwrap();
+        assert!(ttl > 0 && ttl <= 30_000, "{phase:?}: ttl {ttl} kept");
+    }
+
     // The retention runs out while readers that saw the record stall: a duplicate callback
     // (the final record), a poll that read it in flight, a correction. None brings it back.
     let _: i64 = conn.del(keys.order("EXP-1")).await.unwrap();
@@ -728,7 +740,10 @@ async fn a_gateway_state_for_a_record_that_expired_meanwhile_brings_nothing_back
         assert!(!back, "{phase:?}: no bare record");
     }
     let outcomes: u64 = conn.xlen(keys.outcomes()).await.unwrap();
-    assert_eq!(outcomes, 1, "exactly one outcome");
+    assert_eq!(
+        outcomes, 2,
+        "exactly one final outcome, and the one correction"
+    );
 }
 
 #[tokio::test]

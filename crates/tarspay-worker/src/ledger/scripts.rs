@@ -208,8 +208,7 @@ end
 -- mode ('g' = a state the gateway reported, which may correct an earlier final status),
 -- settle window ms (leased decisions on an ambiguous order), the new status, the webhook
 -- delivery job's envelope ('' when the caller's settings have no webhooks), the retention ms
--- (0 = keep forever: a final order's record expires that long after it became final, or
--- after the gateway last reported its state), the
+-- (0 = keep forever: a final order's record expires that long after it became final), the
 -- order's amount for its batch's counters ('<minor units>:<currency>', '' for none), then
 -- the outcome's fields, starting with 'event', 'final', 'previousStatus', ''.
 -- 1 finalised (one outcome appended) | 0 nothing to change | 2 the caller no longer holds
@@ -270,12 +269,18 @@ local function finalize(order, a, progress)
   local fields = {}
   for i = 12, #a do fields[#fields + 1] = a[i] end
   local value, embedded = with_carried(a[1])
-  -- A state the gateway reported, read before the record expired (it was final, its
-  -- retention ran out while its reader stalled): the record is not brought back as a bare
-  -- final with a second outcome. The expiry is set first, so its answer says whether the
-  -- record is still there (an in-flight record has none to lose: only a final one expires).
-  local expire_first = a[2] == '' and tonumber(a[10]) > 0
-  if expire_first and redis.call('PEXPIRE', order, a[10]) == 0 then return 0 end
+  -- A state decided without a lease (the gateway's, or an adoption's) may come from a
+  -- reader that saw the record before it expired (it was final, and its retention ran out
+  -- while the reader stalled): the record is not brought back as a bare final with a second
+  -- outcome. The retention's expiry is set first, and only on a record without one (`NX`:
+  -- an order in flight has none; a final one keeps the expiry it got when it became final),
+  -- so its answer says the record is in flight; otherwise one `EXISTS` tells a final record
+  -- from a gone one.
+  local expire_first = false
+  if a[2] == '' and tonumber(a[10]) > 0 then
+    expire_first = redis.call('PEXPIRE', order, a[10], 'NX') == 1
+    if not expire_first and redis.call('EXISTS', order) == 0 then return 0 end
+  end
   if redis.call('HSETNX', order, 'final', value) == 0 then
     if a[6] ~= 'g' then return 0 end
     -- Already final: a verified gateway state that says otherwise is news, once per state.
@@ -313,8 +318,7 @@ local function finalize(order, a, progress)
     return {'!error', added.err}
   end
   if a[4] == '1' then redis.call('SREM', KEYS[4], a[3]) end
-  -- Bounded memory: the record goes after the retention (a later report of the gateway's,
-  -- such as a duplicate callback or a correction, starts it over: see `expire_first`). A
+  -- Bounded memory: the record goes after the retention (its corrections keep this TTL). A
   -- history list begun while the order was in flight has no expiry: the lifeline's index
   -- trim removes it (see ledger::history). A re-submission after that registers anew and is
   -- settled by the gateway's duplicate answer.
