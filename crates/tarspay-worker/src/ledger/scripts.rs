@@ -545,22 +545,17 @@ if #acks > 0 then
     local ok, err = pcall(function()
       local ids = {}
       for i, ack in ipairs(held.acks) do ids[i] = ack.entry end
-      local lone = held.acks[1]
-      if #ids == 1 and lone.final then
-        -- A lone job ended by its order's final state (just written or already there):
-        -- nothing is left for any run of it, so it is acknowledged whoever holds it now, and
-        -- the acknowledgement's count says whether it was still pending (no ownership read).
-        -- A run that took it over finds it gone when it settles (stale, dropped).
-        if redis.call('XACK', KEYS[5], held.group, lone.entry) == 1 then
-          acked[#acked + 1] = lone.owner
-          local deleted = redis.pcall('XDEL', KEYS[5], lone.entry)
-          if type(deleted) == 'table' and deleted.err then error(deleted.err) end
-        else
-          stale[#stale + 1] = lone.owner
-        end
-        return
+      -- A lone job ended by its order's final state (just written or already there):
+      -- nothing is left for any run of it, so it is acknowledged whoever holds it now, and
+      -- the acknowledgement's count says whether it was still pending (no ownership read).
+      -- A run that took it over finds it gone when it settles (stale, dropped).
+      local lone = #ids == 1 and held.acks[1].final
+      local mine
+      if lone then
+        mine = {[ids[1]] = true}
+      else
+        mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
       end
-      local mine = owned_entries(KEYS[5], held.group, held.consumer, ids)
       local done, done_by, left_by = {}, {}, {}
       for _, ack in ipairs(held.acks) do
         if mine[ack.entry] then
@@ -573,7 +568,11 @@ if #acks > 0 then
       end
       for _, owner in ipairs(left_by) do stale[#stale + 1] = owner end
       if #done > 0 then
-        redis.call('XACK', KEYS[5], held.group, unpack(done))
+        local pending = redis.call('XACK', KEYS[5], held.group, unpack(done))
+        if lone and pending == 0 then
+          stale[#stale + 1] = done_by[1]
+          return
+        end
         -- Acknowledged: done, whatever the delete does (an entry left in the stream is
         -- only a stray entry, never delivered again).
         for _, owner in ipairs(done_by) do acked[#acked + 1] = owner end
