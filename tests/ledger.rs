@@ -591,10 +591,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     ledger.register(&order("IH-1", "f")).await.unwrap();
     lease("IH-1", "t1", 30_000).await;
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-1", "P1", "t1")
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-1", "P1").await.unwrap(),
         InHandAcceptance::Recorded
     );
     let stats = queue.stats().await.unwrap();
@@ -616,30 +613,61 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     lease("IH-2", "t1", 30_000).await;
     assert!(ledger.accept("IH-2", Some("P3"), None).await.unwrap());
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-2", "P3", "t1")
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-2", "P3").await.unwrap(),
         InHandAcceptance::AlreadyAccepted
     );
     assert_eq!(ticket("IH-2").await, in_hand(false));
 
-    // A run whose lease lapsed and was taken over writes nothing in hand: the new holder,
-    // adopting the order, accepts it with its poll job.
+    // A run whose lease lapsed and was taken over still leaves the poll in hand (no lease
+    // check, so no read). The run that took over, adopting the order, finds that acceptance
+    // and queues its poll job all the same, so the order is polled should the first run
+    // die; a create job that finds the order afterwards is not told to poll it.
+    use tarspay_worker::queue::JobOptions;
+    let poll = || {
+        queue
+            .prepare(
+                &serde_json::json!({"poll": "IH-3"}),
+                &JobOptions {
+                    delay: Some(Duration::from_secs(60)),
+                    ..JobOptions::default()
+                },
+            )
+            .unwrap()
+    };
     ledger.register(&order("IH-3", "f")).await.unwrap();
     lease("IH-3", "stale", 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     lease("IH-3", "new", 30_000).await;
     assert_eq!(
+        ledger.accept_polling_in_hand("IH-3", "P4").await.unwrap(),
+        InHandAcceptance::Recorded
+    );
+    assert_eq!(queue.stats().await.unwrap().delayed, 0);
+    assert!(
         ledger
-            .accept_polling_in_hand("IH-3", "P4", "stale")
+            .accept("IH-3", Some("P4"), Some(&poll()))
             .await
             .unwrap(),
-        InHandAcceptance::LeaseLost
+        "the adopting run's poll job is queued"
     );
-    assert_eq!(record(&ledger, "IH-3").await.phase, Phase::Submitting);
-    assert!(ledger.accept("IH-3", Some("P4"), None).await.unwrap());
+    assert_eq!(queue.stats().await.unwrap().delayed, 1);
     assert_eq!(ticket("IH-3").await, in_hand(false));
+    // Once: a further adoption queues nothing more.
+    assert!(
+        !ledger
+            .accept("IH-3", Some("P4"), Some(&poll()))
+            .await
+            .unwrap()
+    );
+    assert_eq!(queue.stats().await.unwrap().delayed, 1);
+    // An acceptance made the usual way is never taken for one left in hand.
+    assert!(
+        !ledger
+            .accept("IH-2", Some("P3"), Some(&poll()))
+            .await
+            .unwrap()
+    );
+    assert_eq!(queue.stats().await.unwrap().delayed, 1);
 }
 
 #[tokio::test]
@@ -664,7 +692,7 @@ async fn an_accepted_create_resets_the_guard_even_for_failures_counted_during_it
         // Refusals of other rows, counted while this create was in flight.
         let _: i64 = conn.sadd(&guard, &["OTHER-1", "OTHER-2"]).await.unwrap();
         if in_hand {
-            let accepted = ledger.accept_polling_in_hand(id, "P", "t").await.unwrap();
+            let accepted = ledger.accept_polling_in_hand(id, "P").await.unwrap();
             assert_eq!(accepted, InHandAcceptance::Recorded);
         } else {
             assert!(ledger.accept(id, Some("P"), None).await.unwrap());

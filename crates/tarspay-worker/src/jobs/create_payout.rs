@@ -210,21 +210,21 @@ async fn create(
                 .as_ref()
                 .and_then(|holds| holds.try_hold(ctx.poll.first_delay));
             if let Some(held) = hold {
-                // The first poll stays with this job (see `in_hand`), if this run still holds
-                // the lease. An acceptance already recorded (by an adoption) queued its poll
-                // job; one by a run that lost the lease queues it below, as usual.
-                match ctx
-                    .ledger
-                    .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id, &token)
-                    .await?
-                {
-                    InHandAcceptance::Recorded => {
-                        *first_poll = Some((record.clone(), held));
-                        return Ok(Step::Done);
-                    }
-                    InHandAcceptance::AlreadyAccepted => return Ok(Step::Done),
-                    InHandAcceptance::LeaseLost => {}
-                }
+                // The first poll stays with this job (see `in_hand`). An acceptance already
+                // recorded (by an adoption) queued its poll job.
+                return Ok(
+                    match ctx
+                        .ledger
+                        .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
+                        .await?
+                    {
+                        InHandAcceptance::Recorded => {
+                            *first_poll = Some((record.clone(), held));
+                            Step::Done
+                        }
+                        InHandAcceptance::AlreadyAccepted => Step::Done,
+                    },
+                );
             }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger

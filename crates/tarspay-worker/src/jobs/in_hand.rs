@@ -3,12 +3,13 @@
 //!
 //! A queued poll costs Redis a delayed-set entry, its promotion, a fetch and an
 //! acknowledgement (about 13 commands counting Lua, docs/performance.md); a payout alone paid
-//! them all, and a held poll costs one (the acceptance's lease check). The create job's
-//! stream entry stays pending under its worker meanwhile (its heartbeat keeps it), so nothing
-//! is lost if the worker dies or stalls: another worker takes the entry over after the
-//! orphan timeout, finds the acceptance marked `poll_in_hand`, and turns the job into the
-//! order's poll job ([`crate::ledger::SubmitTicket::Accepted`]). Only the run holding the
-//! submit lease may leave the poll in hand (`Ledger::accept_polling_in_hand`).
+//! them all, and a held poll costs none. The create job's stream entry stays pending under
+//! its worker meanwhile (its heartbeat keeps it), so nothing is lost if the worker dies or
+//! stalls: another worker takes the entry over after the orphan timeout, finds the
+//! acceptance marked `poll_in_hand`, and turns the job into the order's poll job
+//! ([`crate::ledger::SubmitTicket::Accepted`]). The held acceptance does not check the
+//! submit lease; a run adopting the order meanwhile queues the poll job all the same
+//! (`Ledger::accept_polling_in_hand`).
 //!
 //! Only a quiet process holds (at most half its call slots in use, none waited for), and at
 //! most a quarter of its call slots' worth at once: under load a poll job costs little more

@@ -269,9 +269,6 @@ pub enum InHandAcceptance {
     Recorded,
     /// Already accepted (by an adoption, which queued the poll job): nothing written.
     AlreadyAccepted,
-    /// The caller no longer holds the submit lease: nothing written; it accepts as usual,
-    /// queueing the poll job.
-    LeaseLost,
 }
 
 /// What a final transition did.
@@ -1063,10 +1060,12 @@ impl Ledger {
                 },
                 None,
             ),
-            [verdict, acceptance] if verdict == "accepted" => {
+            [verdict, acceptance, poll_queued @ ..] if verdict == "accepted" => {
                 let acceptance: Acceptance = serde_json::from_str(acceptance)
                     .map_err(|e| corrupt(format!("accepted: {e}")))?;
-                let poll_in_hand = acceptance.poll_in_hand;
+                // Left in hand, unless an adoption queued the poll job since.
+                let poll_queued = poll_queued.first().is_some_and(|queued| queued == "1");
+                let poll_in_hand = acceptance.poll_in_hand && !poll_queued;
                 (SubmitTicket::Accepted { poll_in_hand }, None)
             }
             [verdict] if verdict == "paused" => (SubmitTicket::Paused, None),
@@ -1117,54 +1116,51 @@ impl Ledger {
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
         let accepted = self
-            .accept_as(mch_order_no, pay_order_id, poll, job, None)
+            .accept_as(mch_order_no, pay_order_id, poll, job, false)
             .await?;
         Ok(accepted == 1)
     }
 
-    /// [`Ledger::accept`] for a create job that polls the order in hand, by the run holding
-    /// the submit lease under `token`: no poll job is queued and the job is not acknowledged;
-    /// the milestone says so, and the job goes on as the order's poll job when it settles
-    /// (see [`SubmitTicket::Accepted`]). Nothing is written unless `token` still holds the
-    /// lease: a run that lost it may be racing another run's adoption of the order, which
-    /// would then find it accepted and queue no poll job.
+    /// [`Ledger::accept`] for a create job that polls the order in hand: no poll job is
+    /// queued and the job is not acknowledged; the milestone says so, and the job goes on as
+    /// the order's poll job when it settles (see [`SubmitTicket::Accepted`]). Written without
+    /// a lease check: should the caller's run have lost its lease to a run adopting the
+    /// order, that run's acceptance finds this one and queues its poll job all the same.
     pub async fn accept_polling_in_hand(
         &self,
         mch_order_no: &str,
         pay_order_id: &str,
-        token: &str,
     ) -> Result<InHandAcceptance, LedgerError> {
         let reply = self
-            .accept_as(mch_order_no, Some(pay_order_id), None, None, Some(token))
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, true)
             .await?;
         Ok(match reply {
             1 => InHandAcceptance::Recorded,
-            2 => InHandAcceptance::LeaseLost,
             _ => InHandAcceptance::AlreadyAccepted,
         })
     }
 
-    /// The acceptance; `lease_token` for one that leaves the first poll in hand. The
-    /// script's answer: 1 recorded, 0 already accepted, 2 lease lost (in hand only).
+    /// The acceptance; `in_hand` for one that leaves the first poll to its create job. The
+    /// script's answer: 1 recorded (or, for an order accepted in hand by a run that lost its
+    /// lease, `poll` queued), 0 already accepted.
     async fn accept_as(
         &self,
         mch_order_no: &str,
         pay_order_id: Option<&str>,
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
-        lease_token: Option<&str>,
+        in_hand: bool,
     ) -> Result<i64, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
             at: crate::queue::now_ms(),
-            poll_in_hand: lease_token.is_some(),
+            poll_in_hand: in_hand,
         };
         let json = serde_json::to_string(&acceptance).map_err(|e| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let op =
-            with_job(self.op("A", mch_order_no).arg(json), poll).arg(lease_token.unwrap_or(""));
+        let op = with_job(self.op("A", mch_order_no).arg(json), poll);
         self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
             .await
     }

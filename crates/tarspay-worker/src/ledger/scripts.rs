@@ -152,7 +152,7 @@ local function begin_submit(order, a)
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   if h.final then return {'final', h.final} end
-  if h.accepted then return {'accepted', h.accepted} end
+  if h.accepted then return {'accepted', h.accepted, h.pollQueued or ''} end
   if is_paused() then return {'paused'} end
   local clock = lease_clock()
   local previous = h.phase or 'queued'
@@ -184,20 +184,30 @@ local function begin_submit(order, a)
   return reply
 end
 
--- accepted_json, then the poll job (as in register), then the submit lease's token when the
--- acceptance leaves the first poll to the create job ('' otherwise). 1 when recorded (and the
--- poll queued), 0 when already accepted, 2 when the in-hand acceptance's run no longer holds
--- the lease (nothing written: another run may be adopting the order and would leave it
--- without a poll job).
+-- accepted_json, then the poll job (as in register; none for an acceptance that leaves the
+-- first poll to the create job). 1 when recorded (and the poll job queued), 0 when already
+-- accepted. An acceptance left in hand is written without a lease check (no read): should
+-- its run have lost the lease to one adopting the order, that run's acceptance finds it and
+-- queues its poll job all the same (below), so the order is polled even if the first run
+-- dies.
 local function accept(order, a)
   if not guard_cleared then
     -- An accepted create proves the merchant's key works: the guard's count starts over.
     redis.call('DEL', KEYS[2])
     guard_cleared = true
   end
-  if a[6] ~= '' and redis.call('HGET', order, 'leaseOwner') ~= a[6] then return 2 end
   local value, embedded = with_carried(a[1])
-  if redis.call('HSETNX', order, 'accepted', value) == 0 then return 0 end
+  if redis.call('HSETNX', order, 'accepted', value) == 0 then
+    if a[5] == '' then return 0 end
+    -- Already accepted. One whose create job polls it in hand gets this poll job too, once
+    -- (`pollQueued`: a create job that finds the order later is told it is not the poll job).
+    local held = redis.call('HMGET', order, 'accepted', 'pollQueued')
+    local ok, was = pcall(cjson.decode, held[1])
+    if held[2] or not ok or type(was) ~= 'table' or not was.pollInHand then return 0 end
+    redis.call('HSET', order, 'pollQueued', '1')
+    enqueue(a, 2)
+    return 1
+  end
   if embedded then carried = nil end
   enqueue(a, 2)
   return 1
