@@ -81,7 +81,7 @@ async fn create(
     // The lease and the record come back from one script: one round trip.
     let (ticket, record) = ctx
         .ledger
-        .begin_submit_with_record(mch_order_no, &token, ctx.lease)
+        .begin_submit_for(mch_order_no, &token, ctx.lease, job)
         .await?;
     let (previous, attempt) = match ticket {
         SubmitTicket::Go { previous, attempt } => (previous, attempt),
@@ -110,8 +110,9 @@ async fn create(
         SubmitTicket::Busy { retry_in } => {
             return Ok(Step::RetryAfter(retry_in + Duration::from_millis(100)));
         }
-        // Checked in the same script as the lease, so even jobs a worker fetched before the
-        // pause send nothing.
+        // Checked in the same script as the lease (or read clear by the fetch loop just
+        // before, `ledger::FRESH_PAUSE_READING`), so jobs a worker fetched before the pause
+        // send nothing.
         SubmitTicket::Paused => return Ok(Step::RetryAfter(PAUSED_RECHECK)),
         // The replicas did not confirm the lease (one lagging or gone): nothing was sent, and
         // the lease is back. Not an attempt.

@@ -46,24 +46,26 @@ async fn create_group(conn: &RedisConn, queue: &QueueKeys) {
         .unwrap();
 }
 
+/// Registers order `id` (without a job) in `ledger`.
+async fn register_in(ledger: &Ledger, id: &str) {
+    let number = MchOrderNo::parse(id).unwrap();
+    let currency = Currency::parse("INR").unwrap();
+    let order = NewOrder {
+        mch_order_no: &number,
+        kind: OrderKind::Payout,
+        fingerprint: "fp",
+        amount: "10.00",
+        currency: &currency,
+        request: "{}",
+        batch_id: None,
+        merchant: &MerchantName::default(),
+    };
+    assert_eq!(ledger.register(&order).await.unwrap(), Registered::Created);
+}
+
 impl Setup {
     async fn register(&self, id: &str) {
-        let number = MchOrderNo::parse(id).unwrap();
-        let currency = Currency::parse("INR").unwrap();
-        let order = NewOrder {
-            mch_order_no: &number,
-            kind: OrderKind::Payout,
-            fingerprint: "fp",
-            amount: "10.00",
-            currency: &currency,
-            request: "{}",
-            batch_id: None,
-            merchant: &MerchantName::default(),
-        };
-        assert_eq!(
-            self.ledger.register(&order).await.unwrap(),
-            Registered::Created
-        );
+        register_in(&self.ledger, id).await;
     }
 
     /// A job entry written to `stream` and delivered to `consumer` (as its fetcher would):
@@ -84,6 +86,23 @@ impl Setup {
         stream: &str,
         consumer: &str,
         unique: Option<&str>,
+    ) -> (
+        Delivery,
+        InFlight,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+    ) {
+        self.deliver_after_reading(stream, consumer, unique, None)
+            .await
+    }
+
+    /// [`Setup::deliver_following`], handed out after its fetch loop found the queue's pause
+    /// flag clear at `pause_clear_read_at`.
+    async fn deliver_after_reading(
+        &self,
+        stream: &str,
+        consumer: &str,
+        unique: Option<&str>,
+        pause_clear_read_at: Option<std::time::Instant>,
     ) -> (
         Delivery,
         InFlight,
@@ -124,13 +143,22 @@ impl Setup {
             stream: stream.to_owned(),
             group: self.queue.group.clone(),
             consumer: consumer.to_owned(),
+            paused: self.queue.paused.clone(),
             inflight: inflight.clone(),
             due_times,
             stop: self.stop.clone(),
             handover: Handover::new(self.conn.clone(), self.queue.wake.clone()),
         });
         let (settle, _rx) = SettleHandle::channel();
-        let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder);
+        let delivery = Delivery::new(
+            entry_id,
+            envelope,
+            0,
+            10,
+            settle,
+            holder,
+            pause_clear_read_at,
+        );
         (delivery, inflight, followed)
     }
 
@@ -757,4 +785,72 @@ async fn a_lost_reply_after_the_step_ran_leaves_the_job_done_and_acknowledged() 
     assert_eq!(s.delayed_jobs().await, 1);
     assert_eq!(s.holder_of(job.entry_id()).await, None);
     assert!(!s.in_stream(job.entry_id()).await);
+}
+
+#[tokio::test]
+async fn a_lease_relies_on_its_fetch_loops_fresh_pause_reading_and_reads_the_flag_otherwise() {
+    use std::time::Instant;
+    let s = setup().await;
+    for id in ["FRESH-1", "STALE-1", "UNREAD-1"] {
+        s.register(id).await;
+    }
+    // Paused after the fetch loops read the flag clear.
+    let mut c = s.conn.clone();
+    let () = c.set(&s.queue.paused, 1).await.unwrap();
+    let deliver = |read_at| s.deliver_after_reading(&s.queue.stream, "w1", None, read_at);
+    // A reading taken "now" for the whole test (an instant ahead of now reads as 0 ms old:
+    // the test does not depend on how fast this machine runs it).
+    let (fresh, _, _) = deliver(Some(Instant::now() + Duration::from_secs(3600))).await;
+    let stale_at = Instant::now()
+        .checked_sub(FRESH_PAUSE_READING + Duration::from_millis(50))
+        .unwrap();
+    let (stale, _, _) = deliver(Some(stale_at)).await;
+    let (unread, _, _) = deliver(None).await;
+    let lease = Duration::from_secs(60);
+
+    let pause_reads = s.command_calls("exists");
+    let (ticket, record) = s
+        .ledger
+        .begin_submit_for("FRESH-1", "tok-1", lease, Some(&fresh))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ticket, SubmitTicket::Go { .. }) && record.is_some(),
+        "a clear reading {FRESH_PAUSE_READING:?} old or less stands for the flag: {ticket:?}"
+    );
+    assert_eq!(
+        s.command_calls("exists"),
+        pause_reads,
+        "the lease step did not read the flag again"
+    );
+
+    for (id, job) in [("STALE-1", Some(&stale)), ("UNREAD-1", Some(&unread))] {
+        let (ticket, _) = s
+            .ledger
+            .begin_submit_for(id, "tok-2", lease, job)
+            .await
+            .unwrap();
+        assert!(matches!(ticket, SubmitTicket::Paused), "{id}: {ticket:?}");
+    }
+    let (ticket, _) = s
+        .ledger
+        .begin_submit_for("UNREAD-1", "tok-3", lease, None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(ticket, SubmitTicket::Paused),
+        "no delivery: {ticket:?}"
+    );
+
+    // A reading of another queue's flag says nothing about this one.
+    let other = QueueKeys::new("t", "other").unwrap();
+    let elsewhere = Ledger::new(s.conn.clone(), LedgerKeys::new("{t:other}", &other));
+    let () = c.set(&other.paused, 1).await.unwrap();
+    register_in(&elsewhere, "FRESH-2").await;
+    let (fresh_here, _, _) = deliver(Some(Instant::now() + Duration::from_secs(3600))).await;
+    let (ticket, _) = elsewhere
+        .begin_submit_for("FRESH-2", "tok-4", lease, Some(&fresh_here))
+        .await
+        .unwrap();
+    assert!(matches!(ticket, SubmitTicket::Paused), "{ticket:?}");
 }

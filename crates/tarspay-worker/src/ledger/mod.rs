@@ -51,6 +51,11 @@ pub enum LedgerError {
 /// The queue of webhook deliveries (its keys are nested in the ledger's partition).
 pub const WEBHOOK_QUEUE: &str = "webhooks";
 
+/// How recent the fetch loop's reading of the pause flag (clear) must be for a create's
+/// lease step to rely on it instead of reading the flag itself: a pause set meanwhile lets
+/// a create through at most this long after it, as one already in flight then would be.
+pub const FRESH_PAUSE_READING: Duration = Duration::from_millis(10);
+
 /// Prepares one webhook delivery job; the ledger's finalize tells it which outcome it carries.
 pub type WebhookJobs =
     std::sync::Arc<dyn Fn() -> Result<PreparedJob, crate::queue::QueueError> + Send + Sync>;
@@ -1018,10 +1023,29 @@ impl Ledger {
         token: &str,
         lease: Duration,
     ) -> Result<(SubmitTicket, Option<OrderRecord>), LedgerError> {
+        self.begin_submit_for(mch_order_no, token, lease, None)
+            .await
+    }
+
+    /// [`Ledger::begin_submit_with_record`] for the create job delivered as `job`. When that
+    /// delivery's fetch loop found the pause flag clear at most [`FRESH_PAUSE_READING`] ago,
+    /// the step does not read the flag again (a payout alone saves a command); otherwise it
+    /// reads it with the lease, as always.
+    pub async fn begin_submit_for(
+        &self,
+        mch_order_no: &str,
+        token: &str,
+        lease: Duration,
+        job: Option<&Delivery>,
+    ) -> Result<(SubmitTicket, Option<OrderRecord>), LedgerError> {
+        let pause_read_just_now = job
+            .and_then(|job| job.pause_clear_for(self.keys.paused()))
+            .is_some_and(|age| age <= FRESH_PAUSE_READING);
         let op = self
             .op("B", mch_order_no)
             .arg(token)
-            .arg(lease.as_millis() as u64);
+            .arg(lease.as_millis() as u64)
+            .arg(if pause_read_just_now { "1" } else { "" });
         let corrupt = |reason: String| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason,

@@ -144,7 +144,8 @@ local function register(order, batch, a)
   return {'created'}
 end
 
--- lease token, lease ms. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
+-- lease token, lease ms, '1' when the caller's fetch loop read the pause flag clear just
+-- now (it is not read again). {'go', previous, attempts, field, value, ...} | {'busy', ms} |
 -- {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
@@ -153,7 +154,7 @@ local function begin_submit(order, a)
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   if h.final then return {'final', h.final} end
   if h.accepted then return {'accepted', h.accepted, h.pollQueued or ''} end
-  if is_paused() then return {'paused'} end
+  if a[3] ~= '1' and is_paused() then return {'paused'} end
   local clock = lease_clock()
   local previous = h.phase or 'queued'
   if previous == 'submitting' then

@@ -71,6 +71,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     stream: shared.keys.stream.clone(),
                     group: shared.keys.group.clone(),
                     consumer: runtime.consumer.clone(),
+                    paused: shared.keys.paused.clone(),
                     inflight: runtime.inflight.clone(),
                     due_times,
                     stop: runtime.stop.clone(),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
@@ -27,6 +28,9 @@ struct DeliveryInner {
     holder: Arc<Holder>,
     /// Acknowledged (or found taken over) by a ledger step: the settler has nothing to do.
     settled: AtomicBool,
+    /// When the fetch loop last read its queue's pause flag, finding it clear, before it
+    /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
+    pause_clear_read_at: Option<Instant>,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -36,6 +40,8 @@ pub(crate) struct Holder {
     pub(crate) stream: String,
     pub(crate) group: String,
     pub(crate) consumer: String,
+    /// The queue's pause flag, which the fetch loop reads before handing deliveries out.
+    pub(crate) paused: String,
     pub(crate) inflight: InFlight,
     /// Due times for the worker's promoter loop to follow (as from a wake marker).
     pub(crate) due_times: DueTimes,
@@ -71,6 +77,7 @@ impl Delivery {
         max_attempts: u32,
         settle: SettleHandle,
         holder: Arc<Holder>,
+        pause_clear_read_at: Option<Instant>,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
@@ -80,7 +87,15 @@ impl Delivery {
             settle,
             holder,
             settled: AtomicBool::new(false),
+            pause_clear_read_at,
         }))
+    }
+
+    /// How long ago the fetch loop read `paused` (a pause flag) and found it clear before
+    /// handing this delivery out; `None` when it did not read that flag.
+    pub(crate) fn pause_clear_for(&self, paused: &str) -> Option<Duration> {
+        let at = self.0.pause_clear_read_at?;
+        (self.0.holder.paused == paused).then(|| at.elapsed())
     }
 
     /// The acknowledgement a ledger step on `stream` may write for this delivery, if it

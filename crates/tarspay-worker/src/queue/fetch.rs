@@ -4,13 +4,14 @@
 //!
 //! The pause flag is read when jobs arrive and the last reading is older than
 //! `pause_check_interval`, not on a timer: an idle worker reads it only before its orphan scan
-//! (every `claim_interval`), and no job is
-//! fetched for work more than that interval after a pause (jobs already prefetched still run;
-//! for payouts the ledger re-reads the flag before any create). Jobs that arrive to find the queue paused
-//! are given back to the stream at once (waiting, as if never fetched), and the worker fetches
-//! nothing more until it resumes; if the flag cannot be read they are held (renewed, so no
-//! attempt is spent) until a reading decides. Orphans are claimed only under a fresh
-//! "not paused" reading.
+//! (every `claim_interval`), and no job is fetched for work more than that interval after a
+//! pause (jobs already prefetched still run; for payouts the ledger re-reads the flag before
+//! any create, unless this loop read it clear just before: each delivery keeps when that was,
+//! `Delivery::pause_clear_for`). Jobs that arrive to find the queue paused are given back to
+//! the stream at once (waiting, as if never fetched), and the worker fetches nothing more
+//! until it resumes; if the flag cannot be read they are held (renewed, so no attempt is
+//! spent) until a reading decides. Orphans are claimed only under a fresh "not paused"
+//! reading.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
 //! time; wake markers read here are acknowledged (not deleted: `MAXLEN ~ 64` bounds them) and
@@ -158,7 +159,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 return Ok(Vec::new());
             }
             let held = std::mem::take(&mut schedule.held);
-            return Ok(self.decode_all(held));
+            return Ok(self.decode_all(held, schedule.pause_checked));
         }
         if due(schedule.claimed, config.claim_interval()) {
             // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
@@ -236,7 +237,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.give_back_held(schedule).await;
             return Ok(Vec::new());
         }
-        Ok(self.decode_all(entries))
+        Ok(self.decode_all(entries, schedule.pause_checked))
     }
 
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
@@ -303,16 +304,22 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         parse_claimed(&reply)
     }
 
-    fn decode_all(&self, entries: Vec<StreamId>) -> Vec<Task<T>> {
+    /// `pause_clear_read_at`: when the pause flag was last read, and found clear, before
+    /// these entries were handed out (kept with each delivery: see `Delivery::pause_clear_for`).
+    fn decode_all(
+        &self,
+        entries: Vec<StreamId>,
+        pause_clear_read_at: Option<Instant>,
+    ) -> Vec<Task<T>> {
         entries
             .into_iter()
-            .filter_map(|entry| self.decode(entry))
+            .filter_map(|entry| self.decode(entry, pause_clear_read_at))
             .collect()
     }
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(&self, mut entry: StreamId) -> Option<Task<T>> {
+    fn decode(&self, mut entry: StreamId, pause_clear_read_at: Option<Instant>) -> Option<Task<T>> {
         // A fresh read is the first delivery; claimed entries carry their count.
         let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
         let Some(stored) = take_field(&mut entry.map, "e") else {
@@ -370,6 +377,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             max_attempts,
             self.settle.clone(),
             Arc::clone(&self.holder),
+            pause_clear_read_at,
         );
         Some(
             TaskBuilder::new(args)
