@@ -283,3 +283,83 @@ async fn a_worker_frozen_while_holding_a_first_poll_is_overtaken_and_wakes_to_no
     assert_eq!(all.len(), 1, "one outcome, nothing more: {all:?}");
     no_job_left_and_audit_clean(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_that_finds_a_poll_left_in_hand_queues_the_poll_job_and_the_audit_counts_one_job()
+ {
+    // The held acceptance does not check the submit lease. Its run may have lost the lease
+    // (frozen past it) to a run adopting the order: that run's acceptance then queues its
+    // poll job all the same, and from then on the poll job, not the create job, is the
+    // order's work, for the ledger (a create job that finds it is not told to poll) and for
+    // the audit (one job moves it, not two). No worker runs: the steps are the ledger's.
+    use tarspay_worker::jobs::PayoutJob;
+    use tarspay_worker::ledger::{InHandAcceptance, SubmitTicket};
+    use tarspay_worker::queue::JobOptions;
+    let app = spawn_app_with(false, |_| {}, &[]).await;
+    app.enqueue(inr("ADOPT-1", "100")).await;
+    let partition = app.partition("ADOPT-1");
+    let ledger = &partition.ledger;
+    let lease = Duration::from_secs(30);
+    let ticket = ledger
+        .begin_submit("ADOPT-1", "frozen", Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert!(matches!(ticket, SubmitTicket::Go { .. }), "{ticket:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The lease lapsed: the adopting run takes it over.
+    let ticket = ledger
+        .begin_submit("ADOPT-1", "adopter", lease)
+        .await
+        .unwrap();
+    assert!(matches!(ticket, SubmitTicket::Go { .. }), "{ticket:?}");
+    // The frozen run wakes with its create accepted and leaves the poll in hand.
+    assert_eq!(
+        ledger
+            .accept_polling_in_hand("ADOPT-1", "P-ADOPT-1")
+            .await
+            .unwrap(),
+        InHandAcceptance::Recorded
+    );
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    assert_eq!(report["polledInHand"], 1, "{report}");
+
+    // The adopting run found the order at the gateway: its acceptance queues the poll job.
+    let record = ledger.get("ADOPT-1").await.unwrap().unwrap();
+    let poll = partition
+        .queue
+        .prepare(
+            &PayoutJob::poll(&record, false),
+            &JobOptions {
+                delay: Some(Duration::from_secs(60)),
+                ..JobOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        ledger
+            .accept("ADOPT-1", Some("P-ADOPT-1"), Some(&poll))
+            .await
+            .unwrap()
+    );
+    let (stream, delayed) = envelopes(&app, "ADOPT-1").await;
+    assert_eq!(
+        (stream.len(), delayed.len()),
+        (1, 1),
+        "{stream:?} {delayed:?}"
+    );
+    let ticket = ledger
+        .begin_submit("ADOPT-1", "later", lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        ticket,
+        SubmitTicket::Accepted {
+            poll_in_hand: false
+        }
+    );
+    // The create job still in the stream no longer counts as the order's work.
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    assert_eq!(report["polledInHand"], 0, "{report}");
+}

@@ -16,7 +16,8 @@ pub(crate) struct OrderView {
     pub finished_at_ms: Option<u64>,
     pub accepted: bool,
     /// Accepted with no poll job queued: its create job polls it in hand, and goes on as its
-    /// poll job (`jobs::PollsInHand`).
+    /// poll job (`jobs::PollsInHand`). False once an adoption queued the poll job after all
+    /// (`pollQueued`).
     pub poll_in_hand: bool,
     /// The working phase (queued, submitting, unknown), before acceptance.
     pub phase: String,
@@ -63,7 +64,15 @@ struct RegisteredPart {
     created_at: u64,
 }
 
-const FIELDS: [&str; 6] = ["final", "accepted", "phase", "stuck", "updatedAt", "req"];
+const FIELDS: [&str; 7] = [
+    "final",
+    "accepted",
+    "phase",
+    "stuck",
+    "updatedAt",
+    "req",
+    "pollQueued",
+];
 
 /// Every order hash of the ledger, read chunk by chunk.
 pub(crate) async fn scan(
@@ -117,33 +126,36 @@ async fn read(
     for key in order_keys {
         pipe.cmd("HMGET").arg(key).arg(&FIELDS[..]);
     }
-    let rows: Vec<[Option<String>; 6]> = pipe.query_async(conn).await?;
+    let rows: Vec<[Option<String>; 7]> = pipe.query_async(conn).await?;
     Ok(order_keys
         .iter()
         .zip(rows)
-        .filter_map(|(key, [finished, accepted, phase, stuck, updated, req])| {
-            let id = key.strip_prefix(prefix)?.to_owned();
-            let finished: Option<FinalPart> =
-                finished.and_then(|json| serde_json::from_str(&json).ok());
-            Some(OrderView {
-                id,
-                final_status: finished.as_ref().map(|f| f.status.clone()),
-                finished_at_ms: finished.as_ref().map(|f| f.finished_at),
-                poll_in_hand: accepted
-                    .as_deref()
-                    .and_then(|json| serde_json::from_str::<AcceptedPart>(json).ok())
-                    .is_some_and(|a| a.poll_in_hand),
-                accepted: accepted.is_some(),
-                // A registered order no run has touched yet has no working phase: queued.
-                phase: phase.unwrap_or_else(|| "queued".to_owned()),
-                stuck: stuck.as_deref() == Some("1"),
-                updated_at: updated.unwrap_or_default(),
-                registered_at_ms: req
-                    .and_then(|json| serde_json::from_str::<RegisteredPart>(&json).ok())
-                    .map(|r| r.created_at)
-                    .filter(|&at| at > 0),
-            })
-        })
+        .filter_map(
+            |(key, [finished, accepted, phase, stuck, updated, req, poll_queued])| {
+                let id = key.strip_prefix(prefix)?.to_owned();
+                let finished: Option<FinalPart> =
+                    finished.and_then(|json| serde_json::from_str(&json).ok());
+                Some(OrderView {
+                    id,
+                    final_status: finished.as_ref().map(|f| f.status.clone()),
+                    finished_at_ms: finished.as_ref().map(|f| f.finished_at),
+                    poll_in_hand: poll_queued.is_none()
+                        && accepted
+                            .as_deref()
+                            .and_then(|json| serde_json::from_str::<AcceptedPart>(json).ok())
+                            .is_some_and(|a| a.poll_in_hand),
+                    accepted: accepted.is_some(),
+                    // A registered order no run has touched yet has no working phase: queued.
+                    phase: phase.unwrap_or_else(|| "queued".to_owned()),
+                    stuck: stuck.as_deref() == Some("1"),
+                    updated_at: updated.unwrap_or_default(),
+                    registered_at_ms: req
+                        .and_then(|json| serde_json::from_str::<RegisteredPart>(&json).ok())
+                        .map(|r| r.created_at)
+                        .filter(|&at| at > 0),
+                })
+            },
+        )
         .collect())
 }
 
