@@ -254,8 +254,9 @@ pub enum SubmitTicket {
     /// The queue is paused (by an operator or the systemic guard): send nothing now.
     Paused,
     /// The gateway already holds the order; nothing to create. `poll_in_hand`: no poll job
-    /// was queued with the acceptance, because its create job was to poll in hand: a create
-    /// job that finds this (its worker died or stalled) goes on as the order's poll job.
+    /// was queued with the acceptance, because its create job was to poll in hand, and none
+    /// by an adoption since: a create job that finds this (its worker died or stalled) goes
+    /// on as the order's poll job.
     Accepted {
         poll_in_hand: bool,
     },

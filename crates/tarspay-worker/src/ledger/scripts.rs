@@ -146,7 +146,8 @@ end
 
 -- lease token, lease ms, '1' when the caller's fetch loop read the pause flag clear just
 -- now (it is not read again). {'go', previous, attempts, field, value, ...} | {'busy', ms} |
--- {'paused'} | {'accepted', accepted_json} | {'final', final_json} | {'missing'}
+-- {'paused'} | {'accepted', accepted_json, '1' when an adoption queued the poll job of an
+-- acceptance left in hand (`pollQueued`) else ''} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
   if #flat == 0 then return {'missing'} end
