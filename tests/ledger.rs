@@ -668,6 +668,32 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
             .unwrap()
     );
     assert_eq!(queue.stats().await.unwrap().delayed, 1);
+    // Nor does a run that holds the poll in hand too queue or hold anything once the
+    // adoption's poll job is there.
+    assert_eq!(
+        ledger.accept_polling_in_hand("IH-3", "P4").await.unwrap(),
+        InHandAcceptance::AlreadyAccepted
+    );
+
+    // Two runs in hand (the second took the create job over and was answered as accepted):
+    // the second polls too rather than ending the job, since the first may have lost its
+    // lease and die.
+    ledger.register(&order("IH-4", "f")).await.unwrap();
+    lease("IH-4", "stale", 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    lease("IH-4", "new", 30_000).await;
+    for _ in 0..2 {
+        assert_eq!(
+            ledger.accept_polling_in_hand("IH-4", "P5").await.unwrap(),
+            InHandAcceptance::Recorded
+        );
+    }
+    assert_eq!(
+        queue.stats().await.unwrap().delayed,
+        1,
+        "no poll job for IH-4"
+    );
+    assert_eq!(ticket("IH-4").await, in_hand(true));
 }
 
 #[tokio::test]

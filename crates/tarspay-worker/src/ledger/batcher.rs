@@ -18,7 +18,7 @@ use super::scripts::BATCH;
 use crate::queue::InlineAck;
 use crate::redis_conn::RedisConn;
 use redis::{RedisError, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most operations one script call applies.
@@ -87,6 +87,11 @@ pub(crate) struct Op {
     pub ack: Option<(InlineAck, &'static str)>,
     /// When the job this operation queues is due (server ms), if it delays one.
     pub delays_to: Option<u64>,
+    /// For a lease step: when its job's fetch loop found the pause flag clear. Its last
+    /// argument then says whether that reading is at most [`super::FRESH_PAUSE_READING`] old
+    /// when the batch is sent (judged then, not when the operation was made, so time spent
+    /// waiting for the batch counts).
+    pub pause_clear_read_at: Option<Instant>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -112,6 +117,7 @@ impl Op {
             list_ttl_ms: 0,
             ack: None,
             delays_to: None,
+            pause_clear_read_at: None,
         }
     }
 
@@ -258,7 +264,16 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     }
     evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
-        evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args);
+        evalsha.arg(op.kind).arg(op.args.len());
+        match (op.pause_clear_read_at, op.args.split_last()) {
+            (Some(read_at), Some((_, before))) => {
+                let fresh = read_at.elapsed() <= super::FRESH_PAUSE_READING;
+                evalsha.arg(before).arg(if fresh { "1" } else { "" });
+            }
+            _ => {
+                evalsha.arg(&op.args);
+            }
+        }
         evalsha.arg(op.events.len());
         if !op.events.is_empty() {
             evalsha.arg(op.list_ttl_ms).arg(&op.events);

@@ -854,3 +854,69 @@ async fn a_lease_relies_on_its_fetch_loops_fresh_pause_reading_and_reads_the_fla
         .unwrap();
     assert!(matches!(ticket, SubmitTicket::Paused), "{ticket:?}");
 }
+
+#[tokio::test]
+async fn an_adoptions_poll_job_that_cannot_be_written_leaves_the_poll_in_hand_unmarked() {
+    // The poll left in hand (by a run that may have lost its lease) is taken over by an
+    // adoption's poll job, marked `pollQueued`; if that job cannot be written the mark is
+    // not left behind, so a create job that finds the order later still becomes its poll
+    // job. Both ways the job can fail: its delayed set unreadable (the step raises before
+    // the mark), or its held `ZADD` refused at the end of the script (the mark is undone).
+    let s = setup().await;
+    let mut admin = s.conn.clone();
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "nozadd", "on", "nopass", "~*", "&*", "+@all", "-zadd",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let as_nozadd = s.redis.url().replacen("redis://", "redis://nozadd:any@", 1);
+    let limited = RedisClient::single(&as_nozadd)
+        .and_then(|client| client.connect(Default::default()))
+        .expect("client");
+    let refused = Ledger::new(limited, LedgerKeys::new("{t:payouts}", &s.queue));
+    let mut c = s.conn.clone();
+    for (id, broken_set) in [("UNMARK-1", true), ("UNMARK-2", false)] {
+        s.register(id).await;
+        assert_eq!(
+            s.ledger.accept_polling_in_hand(id, "P1").await.unwrap(),
+            InHandAcceptance::Recorded
+        );
+        let (job, _) = s.deliver(&s.queue.stream, "w2", None).await;
+        let result = if broken_set {
+            let () = c.set(&s.queue.delayed, "not a zset").await.unwrap();
+            let result = s
+                .ledger
+                .accept_finishing(id, Some("P1"), Some(&poll_job(id)), Some(&job))
+                .await;
+            let () = c.del(&s.queue.delayed).await.unwrap();
+            result
+        } else {
+            refused
+                .accept_finishing(id, Some("P1"), Some(&poll_job(id)), Some(&job))
+                .await
+        };
+        assert!(
+            result.is_err(),
+            "{id}: the caller sees the failure: {result:?}"
+        );
+        assert!(!job.is_settled(), "{id}: its retry is the settler's");
+        assert_eq!(s.delayed_jobs().await, 0, "{id}: no poll job");
+        let marked: Option<String> = c
+            .hget(s.ledger.keys().order(id), "pollQueued")
+            .await
+            .unwrap();
+        assert_eq!(marked, None, "{id}: no mark without its poll job");
+        let (ticket, _) = s
+            .ledger
+            .begin_submit_with_record(id, "later", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            ticket,
+            SubmitTicket::Accepted { poll_in_hand: true },
+            "{id}"
+        );
+    }
+}

@@ -51,9 +51,11 @@ pub enum LedgerError {
 /// The queue of webhook deliveries (its keys are nested in the ledger's partition).
 pub const WEBHOOK_QUEUE: &str = "webhooks";
 
-/// How recent the fetch loop's reading of the pause flag (clear) must be for a create's
-/// lease step to rely on it instead of reading the flag itself: a pause set meanwhile lets
-/// a create through at most this long after it, as one already in flight then would be.
+/// How recent the fetch loop's reading of the pause flag (clear, timed from when it was asked
+/// for) must be, when a create's lease step is sent to Redis, for the step to rely on it
+/// instead of reading the flag itself: a pause set meanwhile lets a create through at most
+/// about this long after it (plus the step's one-way trip), as one already in flight then
+/// would be.
 pub const FRESH_PAUSE_READING: Duration = Duration::from_millis(10);
 
 /// Prepares one webhook delivery job; the ledger's finalize tells it which outcome it carries.
@@ -271,9 +273,10 @@ pub enum SubmitTicket {
 /// What an acceptance that leaves the first poll in hand did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InHandAcceptance {
-    /// Recorded: the caller's create job polls the order.
+    /// Recorded: the caller's create job polls the order. Also the answer when another run
+    /// left the poll in hand before (it may have lost the lease and die): both poll.
     Recorded,
-    /// Already accepted (by an adoption, which queued the poll job): nothing written.
+    /// Already accepted the usual way, or its poll job queued by an adoption: nothing written.
     AlreadyAccepted,
 }
 
@@ -1029,9 +1032,9 @@ impl Ledger {
     }
 
     /// [`Ledger::begin_submit_with_record`] for the create job delivered as `job`. When that
-    /// delivery's fetch loop found the pause flag clear at most [`FRESH_PAUSE_READING`] ago,
-    /// the step does not read the flag again (a payout alone saves a command); otherwise it
-    /// reads it with the lease, as always.
+    /// delivery's fetch loop found the pause flag clear at most [`FRESH_PAUSE_READING`]
+    /// before the step's batch is sent, the step does not read the flag again (a payout alone
+    /// saves a command); otherwise it reads it with the lease, as always.
     pub async fn begin_submit_for(
         &self,
         mch_order_no: &str,
@@ -1039,14 +1042,13 @@ impl Ledger {
         lease: Duration,
         job: Option<&Delivery>,
     ) -> Result<(SubmitTicket, Option<OrderRecord>), LedgerError> {
-        let pause_read_just_now = job
-            .and_then(|job| job.pause_clear_for(self.keys.paused()))
-            .is_some_and(|age| age <= FRESH_PAUSE_READING);
-        let op = self
+        let mut op = self
             .op("B", mch_order_no)
             .arg(token)
             .arg(lease.as_millis() as u64)
-            .arg(if pause_read_just_now { "1" } else { "" });
+            // Whether the fetch loop's reading stands for the flag: set when the batch is sent.
+            .arg("");
+        op.pause_clear_read_at = job.and_then(|job| job.pause_clear_read_at(self.keys.paused()));
         let corrupt = |reason: String| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason,
@@ -1166,8 +1168,8 @@ impl Ledger {
     }
 
     /// The acceptance; `in_hand` for one that leaves the first poll to its create job. The
-    /// script's answer: 1 recorded (or, for an order accepted in hand by a run that lost its
-    /// lease, `poll` queued), 0 already accepted.
+    /// script's answer: 1 recorded (or, for an order another run accepted in hand: `poll`
+    /// queued, or the caller in hand too), 0 already accepted.
     async fn accept_as(
         &self,
         mch_order_no: &str,
@@ -1185,7 +1187,11 @@ impl Ledger {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let op = with_job(self.op("A", mch_order_no).arg(json), poll);
+        let op = with_job(self.op("A", mch_order_no).arg(json), poll).arg(if in_hand {
+            "1"
+        } else {
+            ""
+        });
         self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
             .await
     }

@@ -73,6 +73,9 @@ local function is_paused()
   return paused
 end
 local guard_cleared = false
+-- Orders whose acceptance marked `pollQueued`, by operation: unmarked if its poll job's held
+-- `ZADD` fails.
+local poll_queued_in = {}
 -- Registrations' time index entries (score, member, ...), added in one ZADD at the end.
 local indexed = {}
 local index_owners = {}
@@ -155,7 +158,8 @@ local function begin_submit(order, a)
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   if h.final then return {'final', h.final} end
   if h.accepted then return {'accepted', h.accepted, h.pollQueued or ''} end
-  if a[3] ~= '1' and is_paused() then return {'paused'} end
+  -- A flag this batch already read set counts, whatever the caller's reading said.
+  if (a[3] ~= '1' or paused) and is_paused() then return {'paused'} end
   local clock = lease_clock()
   local previous = h.phase or 'queued'
   if previous == 'submitting' then
@@ -187,11 +191,12 @@ local function begin_submit(order, a)
 end
 
 -- accepted_json, then the poll job (as in register; none for an acceptance that leaves the
--- first poll to the create job). 1 when recorded (and the poll job queued), 0 when already
--- accepted. An acceptance left in hand is written without a lease check (no read): should
--- its run have lost the lease to one adopting the order, that run's acceptance finds it and
--- queues its poll job all the same (below), so the order is polled even if the first run
--- dies.
+-- first poll to the create job), then '1' for such an acceptance. 1 when recorded (and the
+-- poll job queued), 0 when already accepted. An acceptance left in hand is written without a
+-- lease check (no read): its run may have lost the lease to one that took the order's create
+-- job over. Should that run find the order accepted in hand (below), it does not end the job
+-- as done: with a poll job (an adoption) it queues it, once; in hand itself, it polls too.
+-- Either way the order is polled even if the first run dies.
 local function accept(order, a)
   if not guard_cleared then
     -- An accepted create proves the merchant's key works: the guard's count starts over.
@@ -200,14 +205,17 @@ local function accept(order, a)
   end
   local value, embedded = with_carried(a[1])
   if redis.call('HSETNX', order, 'accepted', value) == 0 then
-    if a[5] == '' then return 0 end
-    -- Already accepted. One whose create job polls it in hand gets this poll job too, once
-    -- (`pollQueued`: a create job that finds the order later is told it is not the poll job).
+    if a[5] == '' and a[6] ~= '1' then return 0 end
     local held = redis.call('HMGET', order, 'accepted', 'pollQueued')
     local ok, was = pcall(cjson.decode, held[1])
     if held[2] or not ok or type(was) ~= 'table' or not was.pollInHand then return 0 end
-    redis.call('HSET', order, 'pollQueued', '1')
+    if a[6] == '1' then return 1 end
+    -- `pollQueued`: a create job that finds the order later is told it is not the poll job.
+    -- Written after the job (an error raised by it leaves nothing), and taken back if the
+    -- job's held `ZADD` fails at the end.
     enqueue(a, 2)
+    redis.call('HSET', order, 'pollQueued', '1')
+    poll_queued_in[current] = order
     return 1
   end
   if embedded then carried = nil end
@@ -495,7 +503,10 @@ end
 local ran, failure = pcall(run_ops)
 -- An acceptance whose poll job could not be added answers with the error, as when it was
 -- added in its own step (the acceptance stays: the lifeline finds the order).
-add_held(function(owner, err) out[owner] = {'!error', err} end)
+add_held(function(owner, err)
+  out[owner] = {'!error', err}
+  if poll_queued_in[owner] then redis.pcall('HDEL', poll_queued_in[owner], 'pollQueued') end
+end)
 -- The indexes are for people: a registration never fails for them; its reply says so. A
 -- call holds at most the batcher's 128 operations: one ZADD each.
 local function add_index(key, entries, owners)

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
@@ -91,11 +91,11 @@ impl Delivery {
         }))
     }
 
-    /// How long ago the fetch loop read `paused` (a pause flag) and found it clear before
-    /// handing this delivery out; `None` when it did not read that flag.
-    pub(crate) fn pause_clear_for(&self, paused: &str) -> Option<Duration> {
+    /// When the fetch loop read `paused` (a pause flag) and found it clear before handing
+    /// this delivery out (the instant it asked); `None` when it did not read that flag.
+    pub(crate) fn pause_clear_read_at(&self, paused: &str) -> Option<Instant> {
         let at = self.0.pause_clear_read_at?;
-        (self.0.holder.paused == paused).then(|| at.elapsed())
+        (self.0.holder.paused == paused).then_some(at)
     }
 
     /// The acknowledgement a ledger step on `stream` may write for this delivery, if it

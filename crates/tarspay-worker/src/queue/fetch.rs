@@ -7,7 +7,7 @@
 //! (every `claim_interval`), and no job is fetched for work more than that interval after a
 //! pause (jobs already prefetched still run; for payouts the ledger re-reads the flag before
 //! any create, unless this loop read it clear just before: each delivery keeps when that was,
-//! `Delivery::pause_clear_for`). Jobs that arrive to find the queue paused are given back to
+//! `Delivery::pause_clear_read_at`). Jobs that arrive to find the queue paused are given back to
 //! the stream at once (waiting, as if never fetched), and the worker fetches nothing more
 //! until it resumes; if the flag cannot be read they are held (renewed, so no attempt is
 //! spent) until a reading decides. Orphans are claimed only under a fresh "not paused"
@@ -242,11 +242,14 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
 
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
         let mut conn = self.shared.conn.clone();
+        // The reading's instant is when it was asked for: a reading is never taken for
+        // fresher than it is (see `Delivery::pause_clear_read_at`).
+        let asked = Instant::now();
         schedule.paused = redis::cmd("EXISTS")
             .arg(&self.shared.keys.paused)
             .query_async(&mut conn)
             .await?;
-        schedule.pause_checked = Some(Instant::now());
+        schedule.pause_checked = Some(asked);
         Ok(())
     }
 
@@ -305,7 +308,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     }
 
     /// `pause_clear_read_at`: when the pause flag was last read, and found clear, before
-    /// these entries were handed out (kept with each delivery: see `Delivery::pause_clear_for`).
+    /// these entries were handed out (kept with each delivery: see `Delivery::pause_clear_read_at`).
     fn decode_all(
         &self,
         entries: Vec<StreamId>,
