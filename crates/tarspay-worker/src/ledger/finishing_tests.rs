@@ -920,3 +920,38 @@ async fn an_adoptions_poll_job_that_cannot_be_written_leaves_the_poll_in_hand_un
         );
     }
 }
+
+#[tokio::test]
+async fn a_flag_its_batch_already_read_set_outweighs_a_fresh_clear_reading() {
+    // Two lease steps in one script call: the first (no reading of its own) reads the flag
+    // and finds it set; the second carries a fresh clear reading, taken before the pause,
+    // yet the batch knows better.
+    use std::time::Instant;
+    let s = setup().await;
+    for id in ["BATCH-1", "BATCH-2"] {
+        s.register(id).await;
+    }
+    let mut c = s.conn.clone();
+    let () = c.set(&s.queue.paused, 1).await.unwrap();
+    let (fresh, _, _) = s
+        .deliver_after_reading(
+            &s.queue.stream,
+            "w1",
+            None,
+            Some(Instant::now() + Duration::from_secs(3600)),
+        )
+        .await;
+    let lease = Duration::from_secs(60);
+    let scripts = s.command_calls("evalsha");
+    // Concurrent callers on this one-thread runtime: both reach the batcher before its task
+    // runs, in this order, and share one script call.
+    let (first, second) = tokio::join!(
+        s.ledger.begin_submit_for("BATCH-1", "tok-1", lease, None),
+        s.ledger
+            .begin_submit_for("BATCH-2", "tok-2", lease, Some(&fresh)),
+    );
+    assert_eq!(s.command_calls("evalsha") - scripts, 1, "one script call");
+    assert!(matches!(first.unwrap().0, SubmitTicket::Paused));
+    let (ticket, _) = second.unwrap();
+    assert!(matches!(ticket, SubmitTicket::Paused), "{ticket:?}");
+}
