@@ -210,6 +210,27 @@ impl Setup {
         !found.is_empty()
     }
 
+    /// This ledger as a Redis user refused `ZADD` (so a step's held `ZADD` fails at the end
+    /// of its script, after its other writes).
+    async fn ledger_without_zadd(&self) -> Ledger {
+        let mut admin = self.conn.clone();
+        let () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER", "nozadd", "on", "nopass", "~*", "&*", "+@all", "-zadd",
+            ])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let as_nozadd = self
+            .redis
+            .url()
+            .replacen("redis://", "redis://nozadd:any@", 1);
+        let limited = RedisClient::single(&as_nozadd)
+            .and_then(|client| client.connect(Default::default()))
+            .expect("client");
+        Ledger::new(limited, LedgerKeys::new("{t:payouts}", &self.queue))
+    }
+
     /// How many times Redis ran `command` (client and Lua calls alike).
     fn command_calls(&self, command: &str) -> u64 {
         self.redis.command_calls(command).unwrap()
@@ -474,19 +495,7 @@ async fn an_acceptance_that_fails_after_queueing_its_earliest_poll_wakes_a_worke
     // so its worker is told of nothing and the step writes the usual marker instead.
     let s = setup().await;
     s.register("REFUSED-1").await;
-    let mut admin = s.conn.clone();
-    let () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER", "nozadd", "on", "nopass", "~*", "&*", "+@all", "-zadd",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let as_nozadd = s.redis.url().replacen("redis://", "redis://nozadd:any@", 1);
-    let limited = RedisClient::single(&as_nozadd)
-        .and_then(|client| client.connect(Default::default()))
-        .expect("client");
-    let ledger = Ledger::new(limited, LedgerKeys::new("{t:payouts}", &s.queue));
+    let ledger = s.ledger_without_zadd().await;
     let (job, inflight, mut followed) = s.deliver_following(&s.queue.stream, "w1", None).await;
     let poll = poll_job_in("REFUSED-1", 60_000);
 
@@ -863,19 +872,7 @@ async fn an_adoptions_poll_job_that_cannot_be_written_leaves_the_poll_in_hand_un
     // job. Both ways the job can fail: its delayed set unreadable (the step raises before
     // the mark), or its held `ZADD` refused at the end of the script (the mark is undone).
     let s = setup().await;
-    let mut admin = s.conn.clone();
-    let () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER", "nozadd", "on", "nopass", "~*", "&*", "+@all", "-zadd",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let as_nozadd = s.redis.url().replacen("redis://", "redis://nozadd:any@", 1);
-    let limited = RedisClient::single(&as_nozadd)
-        .and_then(|client| client.connect(Default::default()))
-        .expect("client");
-    let refused = Ledger::new(limited, LedgerKeys::new("{t:payouts}", &s.queue));
+    let refused = s.ledger_without_zadd().await;
     let mut c = s.conn.clone();
     for (id, broken_set) in [("UNMARK-1", true), ("UNMARK-2", false)] {
         s.register(id).await;
