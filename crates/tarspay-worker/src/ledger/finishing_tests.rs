@@ -2,7 +2,9 @@
 //! against a private redis-server, with real stream entries held by real consumers.
 
 use super::*;
-use crate::queue::{Delivery, Envelope, Handover, Holder, InFlight, PreparedJob, SettleHandle};
+use crate::queue::{
+    Delivery, Envelope, Handover, Holder, InFlight, PauseReading, PreparedJob, SettleHandle,
+};
 use crate::redis_conn::RedisClient;
 use local_redis::{Durability, LocalRedis};
 
@@ -96,13 +98,34 @@ impl Setup {
     }
 
     /// [`Setup::deliver_following`], handed out after its fetch loop found the queue's pause
-    /// flag clear at `pause_clear_read_at`.
+    /// flag clear at `pause_clear_read_at` (and the ledger's guard count, read with it,
+    /// absent).
     async fn deliver_after_reading(
         &self,
         stream: &str,
         consumer: &str,
         unique: Option<&str>,
         pause_clear_read_at: Option<std::time::Instant>,
+    ) -> (
+        Delivery,
+        InFlight,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+    ) {
+        let reading = pause_clear_read_at.map(|at| PauseReading {
+            at,
+            others_absent: true,
+        });
+        self.deliver_under(stream, consumer, unique, reading).await
+    }
+
+    /// [`Setup::deliver_following`], handed out under `reading` (its fetch loop reads the
+    /// ledger's guard count with the pause flag).
+    async fn deliver_under(
+        &self,
+        stream: &str,
+        consumer: &str,
+        unique: Option<&str>,
+        reading: Option<PauseReading>,
     ) -> (
         Delivery,
         InFlight,
@@ -144,21 +167,14 @@ impl Setup {
             group: self.queue.group.clone(),
             consumer: consumer.to_owned(),
             paused: self.queue.paused.clone(),
+            read_with_pause: vec![self.ledger.keys().guard()],
             inflight: inflight.clone(),
             due_times,
             stop: self.stop.clone(),
             handover: Handover::new(self.conn.clone(), self.queue.wake.clone()),
         });
         let (settle, _rx) = SettleHandle::channel();
-        let delivery = Delivery::new(
-            entry_id,
-            envelope,
-            0,
-            10,
-            settle,
-            holder,
-            pause_clear_read_at,
-        );
+        let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder, reading);
         (delivery, inflight, followed)
     }
 

@@ -140,9 +140,22 @@ impl LedgerKeys {
 
     /// Orders whose creates failed with auth-class codes since the last accepted create.
     pub fn guard(&self) -> String {
-        match &self.lane {
-            None => format!("{}:guard", self.base),
-            Some(merchant) => format!("{}:guard:{merchant}", self.base),
+        Self::guard_in(&self.base, self.lane.as_ref())
+    }
+
+    /// [`LedgerKeys::guard`] of merchant `merchant`'s lane in the partition `tag`, before
+    /// its queue exists (the lane's queue reads it with its pause flag).
+    pub fn lane_guard(tag: &str, merchant: &MerchantName) -> String {
+        Self::guard_in(
+            tag,
+            Some(merchant).filter(|merchant| !merchant.is_default()),
+        )
+    }
+
+    fn guard_in(tag: &str, lane: Option<&MerchantName>) -> String {
+        match lane {
+            None => format!("{tag}:guard"),
+            Some(merchant) => format!("{tag}:guard:{merchant}"),
         }
     }
 
