@@ -7,7 +7,7 @@ use common::redis_server::RedisServer;
 use std::time::Duration;
 use tarspay_worker::ledger::history::OrderEvent;
 use tarspay_worker::ledger::{
-    FinalResult, Finalized, GuardSeen, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase,
+    FinalResult, Finalized, Ledger, LedgerKeys, NewOrder, OrderKind, OrderRecord, Phase,
     Registered, SubmitTicket,
 };
 use tarspay_worker::queue::QueueKeys;
@@ -591,10 +591,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     ledger.register(&order("IH-1", "f")).await.unwrap();
     lease("IH-1", "t1", 30_000).await;
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-1", "P1", GuardSeen::Unknown)
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-1", "P1").await.unwrap(),
         InHandAcceptance::Recorded
     );
     let stats = queue.stats().await.unwrap();
@@ -616,10 +613,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     lease("IH-2", "t1", 30_000).await;
     assert!(ledger.accept("IH-2", Some("P3"), None).await.unwrap());
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-2", "P3", GuardSeen::Unknown)
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-2", "P3").await.unwrap(),
         InHandAcceptance::AlreadyAccepted
     );
     assert_eq!(ticket("IH-2").await, in_hand(false));
@@ -645,10 +639,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     tokio::time::sleep(Duration::from_millis(50)).await;
     lease("IH-3", "new", 30_000).await;
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-3", "P4", GuardSeen::Unknown)
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-3", "P4").await.unwrap(),
         InHandAcceptance::Recorded
     );
     assert_eq!(queue.stats().await.unwrap().delayed, 0);
@@ -680,10 +671,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     // Nor does a run that holds the poll in hand too queue or hold anything once the
     // adoption's poll job is there.
     assert_eq!(
-        ledger
-            .accept_polling_in_hand("IH-3", "P4", GuardSeen::Unknown)
-            .await
-            .unwrap(),
+        ledger.accept_polling_in_hand("IH-3", "P4").await.unwrap(),
         InHandAcceptance::AlreadyAccepted
     );
 
@@ -696,10 +684,7 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
     lease("IH-4", "new", 30_000).await;
     for _ in 0..2 {
         assert_eq!(
-            ledger
-                .accept_polling_in_hand("IH-4", "P5", GuardSeen::Unknown)
-                .await
-                .unwrap(),
+            ledger.accept_polling_in_hand("IH-4", "P5").await.unwrap(),
             InHandAcceptance::Recorded
         );
     }
@@ -715,10 +700,8 @@ async fn an_acceptance_that_leaves_the_first_poll_in_hand_queues_nothing_and_say
 async fn an_accepted_create_resets_the_guard_even_for_failures_counted_during_its_call() {
     // A payroll's creates are leased together; a few rows refused with auth-class codes while
     // the others were in flight must not add up to a pause once those others are accepted
-    // (the count is of failures in a row). So an acceptance resets the count, whatever it
-    // was when its lease was taken, unless its create was its process' only call and sent
-    // just after a reading that found the count empty (`GuardSeen::EmptyJustBefore`, see
-    // `ledger::finishing_tests`); a create among others is accepted as here.
+    // (the count is of failures in a row). So every acceptance resets the count, whatever
+    // it was when its lease was taken.
     use redis::AsyncCommands;
     use tarspay_worker::ledger::InHandAcceptance;
     let server = RedisServer::start(false);
@@ -735,10 +718,7 @@ async fn an_accepted_create_resets_the_guard_even_for_failures_counted_during_it
         // Refusals of other rows, counted while this create was in flight.
         let _: i64 = conn.sadd(&guard, &["OTHER-1", "OTHER-2"]).await.unwrap();
         if in_hand {
-            let accepted = ledger
-                .accept_polling_in_hand(id, "P", GuardSeen::Unknown)
-                .await
-                .unwrap();
+            let accepted = ledger.accept_polling_in_hand(id, "P").await.unwrap();
             assert_eq!(accepted, InHandAcceptance::Recorded);
         } else {
             assert!(ledger.accept(id, Some("P"), None).await.unwrap());

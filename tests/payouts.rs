@@ -490,26 +490,6 @@ async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
     }
 }
 
-/// A lone payout's acceptance clears a guard count that its worker's fetch loop found present
-/// (it reads the count with the pause flag): refusals counted before it do not add up with
-/// later ones, and the count does not pause the queue by being there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_acceptance_clears_a_guard_count_its_fetch_loop_found_present() {
-    use redis::AsyncCommands;
-    let app = spawn_app(false, |_| {}).await;
-    let guard = app.partition("GP-1").ledger.keys().guard();
-    let mut conn = app.redis.conn().await;
-    let _: i64 = conn.sadd(&guard, "REFUSED-1").await.unwrap();
-    app.enqueue(inr("GP-1", "100")).await;
-    let pool = app.pool(1);
-    let outcomes = app.wait_outcomes(1).await;
-    pool.stop().await;
-    assert_eq!(outcomes["GP-1"].status, "succeeded");
-    let left: bool = conn.exists(&guard).await.unwrap();
-    assert!(!left, "the count starts over");
-    assert!(!app.deployment.is_paused().await.unwrap());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
     let app = app_refusing_auth("G", 5003008, None, "2").await;

@@ -10,7 +10,7 @@ use common::app::{TestApp, WorkerProcess, inr, spawn_app_with};
 use common::{eventually, gauge, violations, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
-use tarspay_worker::ledger::{GuardSeen, Phase};
+use tarspay_worker::ledger::Phase;
 
 /// `tarspay_jobs_total` for one kind and result (0 when the line is absent).
 fn jobs(text: &str, kind: &str, result: &str) -> u64 {
@@ -315,7 +315,7 @@ async fn an_adoption_that_finds_a_poll_left_in_hand_queues_the_poll_job_and_the_
     // The frozen run wakes with its create accepted and leaves the poll in hand.
     assert_eq!(
         ledger
-            .accept_polling_in_hand("ADOPT-1", "P-ADOPT-1", GuardSeen::Unknown)
+            .accept_polling_in_hand("ADOPT-1", "P-ADOPT-1")
             .await
             .unwrap(),
         InHandAcceptance::Recorded

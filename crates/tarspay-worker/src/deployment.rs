@@ -217,22 +217,17 @@ impl Deployment {
         let tag = format!("{{{}:{name}}}", settings.redis.queue_prefix);
         let mut lanes = Vec::with_capacity(merchants.len());
         for profile in merchants {
-            // The fetch loop reads the lane's guard count with its pause flag: a create sent
-            // just after a reading that found it empty need not clear it when accepted.
-            let guard = LedgerKeys::lane_guard(&tag, &profile.name);
             let queue = RedisQueue::with_connection(
                 client.clone(),
                 conn.clone(),
                 share(
-                    lane_queue_config(settings, name, &profile.name)
-                        .reading_with_pause(vec![guard.clone()]),
+                    lane_queue_config(settings, name, &profile.name),
                     count * merchants.len(),
                 ),
             )
             .await?;
             let keys = LedgerKeys::for_lane(&tag, queue.keys(), &profile.name);
             debug_assert_eq!(&keys.webhooks(), webhooks.keys());
-            debug_assert_eq!(keys.guard(), guard);
             let ledger = match waits {
                 None => Ledger::new(conn.clone(), keys),
                 Some(waits) => Ledger::with_replicas(

@@ -16,13 +16,11 @@ use super::calls::Calls;
 use super::in_hand::{HeldPoll, poll_in_hand};
 use super::reconcile::{Lookup, adopt, lookup};
 use super::trail;
-use super::{CallSlots, JobContext, JobError, Step, full_jitter};
+use super::{JobContext, JobError, Step, full_jitter};
 use crate::gateway::codes::{is_auth_class, refused_before_creating};
 use crate::gateway::{ErrorClass, GatewayError};
 use crate::ids::MchOrderNo;
-use crate::ledger::{
-    FinalResult, Finalized, GuardSeen, InHandAcceptance, OrderRecord, Phase, SubmitTicket,
-};
+use crate::ledger::{FinalResult, Finalized, InHandAcceptance, OrderRecord, Phase, SubmitTicket};
 use crate::payout::PayoutRequest;
 use crate::queue::Delivery;
 use std::time::{Duration, Instant};
@@ -182,10 +180,6 @@ async fn create(
     }
     tracing::debug!(mch_order_no, attempt, "sending create");
     let started = Instant::now();
-    // The process's only call: its acceptance may rely on the fetch loop's reading of the
-    // guard count (a create among others, say a payroll's, clears it whatever the reading:
-    // refusals of the others during its call must not add up to a pause after it).
-    let alone = ctx.call_slots.as_ref().is_some_and(CallSlots::one_in_use);
     let sent = ctx
         .client
         .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
@@ -212,10 +206,6 @@ async fn create(
         Ok(accepted) => {
             // No further call: the process's call slot goes to the next run now.
             calls.lock().await.calls_answered();
-            let guard = match alone {
-                true => ctx.ledger.guard_seen(job, started),
-                false => GuardSeen::Unknown,
-            };
             let hold = ctx
                 .polls_in_hand
                 .as_ref()
@@ -226,7 +216,7 @@ async fn create(
                 return Ok(
                     match ctx
                         .ledger
-                        .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id, guard)
+                        .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
                         .await?
                     {
                         InHandAcceptance::Recorded => {
@@ -239,13 +229,7 @@ async fn create(
             }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger
-                .accept_sent_finishing(
-                    mch_order_no,
-                    Some(&accepted.pay_order_id),
-                    Some(&poll),
-                    job,
-                    guard,
-                )
+                .accept_finishing(mch_order_no, Some(&accepted.pay_order_id), Some(&poll), job)
                 .await?;
             Ok(Step::Done)
         }

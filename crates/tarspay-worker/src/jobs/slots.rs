@@ -93,13 +93,6 @@ impl CallSlots {
         state.free * 2 >= state.capacity && state.waiting.iter().all(|(_, q)| q.is_empty())
     }
 
-    /// Exactly one slot in use (the caller's) and no run waiting for one: the caller's call
-    /// is the process's only one.
-    pub fn one_in_use(&self) -> bool {
-        let state = lock(&self.0);
-        state.free + 1 == state.capacity && state.waiting.iter().all(|(_, q)| q.is_empty())
-    }
-
     /// How many slots there are.
     pub fn capacity(&self) -> usize {
         lock(&self.0).capacity
@@ -283,27 +276,6 @@ mod tests {
         let _handed = waiting.await.unwrap();
         drop(fourth);
         assert!(slots.quiet(), "2 of 4 in use, none waiting");
-    }
-
-    #[tokio::test]
-    async fn one_in_use_only_while_a_single_run_holds_a_slot_and_none_waits() {
-        let slots = CallSlots::new(2);
-        assert!(!slots.one_in_use(), "none in use");
-        let first = slots.take(&merchant("a")).await.unwrap();
-        assert!(slots.one_in_use());
-        let second = slots.take(&merchant("a")).await.unwrap();
-        assert!(!slots.one_in_use(), "two in use");
-        let b = merchant("b");
-        let waiting = slots.take(&b);
-        tokio::pin!(waiting);
-        assert!(pending(&mut waiting).await);
-        drop(second);
-        // The freed slot went to the waiting run: two in use again.
-        assert!(!slots.one_in_use());
-        let handed = waiting.await.unwrap();
-        drop(handed);
-        assert!(slots.one_in_use(), "the first alone again");
-        drop(first);
     }
 
     #[tokio::test]

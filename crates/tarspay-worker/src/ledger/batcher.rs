@@ -1,8 +1,7 @@
 //! Group commit for ledger changes: operations from concurrent callers are applied by one
 //! `EVALSHA` of the batch script while the previous batch is in flight, so a busy worker pays
 //! one script call, one clock read and one pause check per batch instead of per operation. An
-//! idle one pays no extra latency: a lone operation is sent at once, and one that has a lone
-//! form (a bare write-once field, [`Op::lone_hsetnx`]) as that one command.
+//! idle one pays no extra latency: a lone operation is sent at once.
 //!
 //! Operations in a batch are independent (different orders or not); the batch runs atomically.
 //! An operation that raises an error (a key of the wrong type) answers its own caller with it,
@@ -93,11 +92,6 @@ pub(crate) struct Op {
     /// when the batch is sent (judged then, not when the operation was made, so time spent
     /// waiting for the batch counts).
     pub pause_clear_read_at: Option<Instant>,
-    /// The operation's lone form: a write-once field (name, value) whose `HSETNX` on
-    /// `order_key` has the script's effect when it answers 1. A batch of this operation alone
-    /// sends that one command instead of the script (a payout alone saves the script call);
-    /// any other answer sends the script after all, which gives the operation's answer.
-    pub lone_hsetnx: Option<(&'static str, String)>,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -124,7 +118,6 @@ impl Op {
             ack: None,
             delays_to: None,
             pause_clear_read_at: None,
-            lone_hsetnx: None,
         }
     }
 
@@ -189,21 +182,6 @@ async fn run(
                 .iter()
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
-        if wait.is_none()
-            && let [Pending { op, .. }] = batch.as_slice()
-            && let Some(field) = &op.lone_hsetnx
-            && op.ack.is_none()
-            && lone_write(&conn, &op.order_key, field).await
-            && let Some(pending) = batch.pop()
-        {
-            let _ = pending.reply.send(Ok(Reply {
-                value: Value::Int(1),
-                replicated: true,
-                job: JobAcked::No,
-                follow_due: None,
-            }));
-            continue;
-        }
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
             Ok(((replies, acked, stale, ack_error, followed), confirmed))
                 if replies.len() == batch.len() =>
@@ -251,18 +229,6 @@ async fn run(
             }
         }
     }
-}
-
-/// Sends an operation's lone form (see [`Op::lone_hsetnx`]): true when it answered 1 (the
-/// operation is done); false for any other answer or a failure, which the script then gives.
-async fn lone_write(conn: &RedisConn, key: &str, (field, value): &(&'static str, String)) -> bool {
-    let written: Result<i64, RedisError> = redis::cmd("HSETNX")
-        .arg(key)
-        .arg(*field)
-        .arg(value)
-        .query_async(&mut conn.clone())
-        .await;
-    matches!(written, Ok(1))
 }
 
 /// One operation's reply; `{'!error', message}` when it raised an error (its effects so far

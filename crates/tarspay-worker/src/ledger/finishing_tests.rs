@@ -2,9 +2,7 @@
 //! against a private redis-server, with real stream entries held by real consumers.
 
 use super::*;
-use crate::queue::{
-    Delivery, Envelope, Handover, Holder, InFlight, PauseReading, PreparedJob, SettleHandle,
-};
+use crate::queue::{Delivery, Envelope, Handover, Holder, InFlight, PreparedJob, SettleHandle};
 use crate::redis_conn::RedisClient;
 use local_redis::{Durability, LocalRedis};
 
@@ -98,34 +96,13 @@ impl Setup {
     }
 
     /// [`Setup::deliver_following`], handed out after its fetch loop found the queue's pause
-    /// flag clear at `pause_clear_read_at` (and the ledger's guard count, read with it,
-    /// absent).
+    /// flag clear at `pause_clear_read_at`.
     async fn deliver_after_reading(
         &self,
         stream: &str,
         consumer: &str,
         unique: Option<&str>,
         pause_clear_read_at: Option<std::time::Instant>,
-    ) -> (
-        Delivery,
-        InFlight,
-        tokio::sync::mpsc::UnboundedReceiver<u64>,
-    ) {
-        let reading = pause_clear_read_at.map(|at| PauseReading {
-            at,
-            others_absent: true,
-        });
-        self.deliver_under(stream, consumer, unique, reading).await
-    }
-
-    /// [`Setup::deliver_following`], handed out under `reading` (its fetch loop reads the
-    /// ledger's guard count with the pause flag).
-    async fn deliver_under(
-        &self,
-        stream: &str,
-        consumer: &str,
-        unique: Option<&str>,
-        reading: Option<PauseReading>,
     ) -> (
         Delivery,
         InFlight,
@@ -167,14 +144,21 @@ impl Setup {
             group: self.queue.group.clone(),
             consumer: consumer.to_owned(),
             paused: self.queue.paused.clone(),
-            read_with_pause: vec![self.ledger.keys().guard()],
             inflight: inflight.clone(),
             due_times,
             stop: self.stop.clone(),
             handover: Handover::new(self.conn.clone(), self.queue.wake.clone()),
         });
         let (settle, _rx) = SettleHandle::channel();
-        let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder, reading);
+        let delivery = Delivery::new(
+            entry_id,
+            envelope,
+            0,
+            10,
+            settle,
+            holder,
+            pause_clear_read_at,
+        );
         (delivery, inflight, followed)
     }
 
@@ -893,10 +877,7 @@ async fn an_adoptions_poll_job_that_cannot_be_written_leaves_the_poll_in_hand_un
     for (id, broken_set) in [("UNMARK-1", true), ("UNMARK-2", false)] {
         s.register(id).await;
         assert_eq!(
-            s.ledger
-                .accept_polling_in_hand(id, "P1", GuardSeen::Unknown)
-                .await
-                .unwrap(),
+            s.ledger.accept_polling_in_hand(id, "P1").await.unwrap(),
             InHandAcceptance::Recorded
         );
         let (job, _) = s.deliver(&s.queue.stream, "w2", None).await;
@@ -970,148 +951,4 @@ async fn a_flag_its_batch_already_read_set_outweighs_a_fresh_clear_reading() {
     assert!(matches!(first.unwrap().0, SubmitTicket::Paused));
     let (ticket, _) = second.unwrap();
     assert!(matches!(ticket, SubmitTicket::Paused), "{ticket:?}");
-}
-
-#[tokio::test]
-async fn a_guard_count_read_empty_just_before_the_create_is_left_alone_by_its_acceptance() {
-    use std::time::Instant;
-    let s = setup().await;
-    let guard = s.ledger.keys().guard();
-    let reading = |at, others_absent| Some(PauseReading { at, others_absent });
-    let read_at = Instant::now();
-    let deliver = |reading| s.deliver_under(&s.queue.stream, "w1", None, reading);
-
-    // What a create sent at `sent` knows of the count, from its delivery's reading.
-    let (read_empty, _, _) = deliver(reading(read_at, true)).await;
-    let (read_present, _, _) = deliver(reading(read_at, false)).await;
-    let (unread, _, _) = deliver(None).await;
-    let in_time = read_at + FRESH_PAUSE_READING;
-    let late = in_time + Duration::from_millis(1);
-    assert_eq!(
-        s.ledger.guard_seen(Some(&read_empty), in_time),
-        GuardSeen::EmptyJustBefore
-    );
-    for (what, job, sent) in [
-        ("sent too long after the reading", Some(&read_empty), late),
-        ("the count was present", Some(&read_present), in_time),
-        ("no reading", Some(&unread), in_time),
-        ("no delivery", None, in_time),
-    ] {
-        assert_eq!(s.ledger.guard_seen(job, sent), GuardSeen::Unknown, "{what}");
-    }
-    // A reading of this lane's count says nothing about another merchant's.
-    let acme: MerchantName = "acme".parse().unwrap();
-    let lane = Ledger::new(
-        s.conn.clone(),
-        LedgerKeys::for_lane("{t:payouts}", &s.queue, &acme),
-    );
-    assert_ne!(lane.keys().guard(), guard);
-    assert_eq!(
-        lane.guard_seen(Some(&read_empty), in_time),
-        GuardSeen::Unknown
-    );
-
-    // A refusal counted after the reading (its create was in flight with this one) stays
-    // counted when the acceptance relies on the reading; otherwise the count starts over.
-    let mut c = s.conn.clone();
-    let mut sent = history::OrderEvent::now(history::EventKind::Create);
-    sent.code = Some(0);
-    for (id, seen, left) in [
-        ("LEFT-1", GuardSeen::EmptyJustBefore, true),
-        ("CLEARED-1", GuardSeen::Unknown, false),
-    ] {
-        s.register(id).await;
-        let _: i64 = c.sadd(&guard, "LATE-1").await.unwrap();
-        s.ledger.note_soon(id, sent.clone());
-        let (scripts, writes) = (s.command_calls("evalsha"), s.command_calls("hsetnx"));
-        assert_eq!(
-            s.ledger
-                .accept_polling_in_hand(id, &format!("P-{id}"), seen)
-                .await
-                .unwrap(),
-            InHandAcceptance::Recorded,
-            "{id}"
-        );
-        let present: bool = c.exists(&guard).await.unwrap();
-        assert_eq!(present, left, "{id}");
-        if left {
-            // Nothing to write but the milestone: alone, one HSETNX and no script call.
-            assert_eq!(
-                (
-                    s.command_calls("evalsha") - scripts,
-                    s.command_calls("hsetnx") - writes
-                ),
-                (0, 1),
-                "{id}"
-            );
-        }
-    }
-    // So does an acceptance the script writes (it queues the poll job).
-    s.register("LEFT-2").await;
-    let _: i64 = c.sadd(&guard, "LATE-2").await.unwrap();
-    let poll = poll_job("LEFT-2");
-    let accepted = s
-        .ledger
-        .accept_sent_finishing(
-            "LEFT-2",
-            Some("P"),
-            Some(&poll),
-            None,
-            GuardSeen::EmptyJustBefore,
-        )
-        .await
-        .unwrap();
-    assert!(accepted);
-    assert_eq!(s.delayed_jobs().await, 1);
-    let counted: Vec<String> = c.smembers(&guard).await.unwrap();
-    assert_eq!(counted, vec!["LATE-2".to_owned()]);
-    let _: i64 = c.del(&guard).await.unwrap();
-
-    // Either way the milestone is the same, the create's answer inside it.
-    let milestone = |id: &'static str| {
-        let mut c = s.conn.clone();
-        let key = s.ledger.keys().order(id);
-        async move {
-            let text: String = c.hget(&key, "accepted").await.unwrap();
-            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let object = json.as_object_mut().unwrap();
-            object.remove("at");
-            object.remove("payOrderId");
-            json
-        }
-    };
-    let lone = milestone("LEFT-1").await;
-    assert_eq!(lone, milestone("CLEARED-1").await);
-    assert_eq!(lone["pollInHand"], true);
-    assert_eq!(lone["events"][0]["kind"], "create", "{lone}");
-    let listed: bool = c.exists(s.ledger.keys().events("LEFT-1")).await.unwrap();
-    assert!(
-        !listed,
-        "the answer is kept in the milestone, not the history list"
-    );
-
-    // An order found accepted: the script answers. Another run's acceptance in hand (it may
-    // have lost its lease): polled here too; one accepted the usual way: nothing.
-    s.register("USUAL-1").await;
-    assert!(s.ledger.accept("USUAL-1", Some("P"), None).await.unwrap());
-    let scripts = s.command_calls("evalsha");
-    assert_eq!(
-        s.ledger
-            .accept_polling_in_hand("LEFT-1", "P-LEFT-1", GuardSeen::EmptyJustBefore)
-            .await
-            .unwrap(),
-        InHandAcceptance::Recorded
-    );
-    assert_eq!(
-        s.ledger
-            .accept_polling_in_hand("USUAL-1", "P", GuardSeen::EmptyJustBefore)
-            .await
-            .unwrap(),
-        InHandAcceptance::AlreadyAccepted
-    );
-    assert_eq!(
-        s.command_calls("evalsha") - scripts,
-        2,
-        "each answered by the script"
-    );
 }

@@ -29,19 +29,6 @@ pub(crate) fn list_ttl_ms(retention_ms: u64) -> u64 {
     retention_ms.saturating_mul(2)
 }
 
-/// A milestone's JSON with the events that led to it (the last [`MAX_EVENTS`] of `events`,
-/// each one's JSON) in it, as the batch script's `with_carried` writes it: for an operation
-/// written without the script (`Op::lone_hsetnx`).
-pub(crate) fn milestone_with_events(json: &str, events: &[String]) -> String {
-    match json.strip_suffix('}') {
-        Some(open) if !events.is_empty() && json.len() >= 3 => {
-            let from = events.len().saturating_sub(MAX_EVENTS);
-            format!("{open},\"events\":[{}]}}", events[from..].join(","))
-        }
-        _ => json.to_owned(),
-    }
-}
-
 /// Events from before the order's current registration (a list kept after an earlier record
 /// of the number expired, until the index trim removes it) are not this order's: an event
 /// this much older than the registration is left out of the timeline.

@@ -31,7 +31,7 @@ use redis::Value;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -140,22 +140,9 @@ impl LedgerKeys {
 
     /// Orders whose creates failed with auth-class codes since the last accepted create.
     pub fn guard(&self) -> String {
-        Self::guard_in(&self.base, self.lane.as_ref())
-    }
-
-    /// [`LedgerKeys::guard`] of merchant `merchant`'s lane in the partition `tag`, before
-    /// its queue exists (the lane's queue reads it with its pause flag).
-    pub fn lane_guard(tag: &str, merchant: &MerchantName) -> String {
-        Self::guard_in(
-            tag,
-            Some(merchant).filter(|merchant| !merchant.is_default()),
-        )
-    }
-
-    fn guard_in(tag: &str, lane: Option<&MerchantName>) -> String {
-        match lane {
-            None => format!("{tag}:guard"),
-            Some(merchant) => format!("{tag}:guard:{merchant}"),
+        match &self.lane {
+            None => format!("{}:guard", self.base),
+            Some(merchant) => format!("{}:guard:{merchant}", self.base),
         }
     }
 
@@ -291,20 +278,6 @@ pub enum InHandAcceptance {
     Recorded,
     /// Already accepted the usual way, or its poll job queued by an adoption: nothing written.
     AlreadyAccepted,
-}
-
-/// What the acceptance of a create knows of its merchant's guard count (the auth-class
-/// refusals since the last accepted create, [`LedgerKeys::guard`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuardSeen {
-    /// Read empty (with the pause flag, by the create job's fetch loop) at most
-    /// [`FRESH_PAUSE_READING`] before the create was sent: the acceptance leaves the count
-    /// alone. The create job says so only for a create that was its process' only call. A
-    /// refusal counted meanwhile (of another process' create) stays counted until the next
-    /// acceptance that clears it; the guard errs towards pausing.
-    EmptyJustBefore,
-    /// Not known: the acceptance clears the count (an accepted create proves the key works).
-    Unknown,
 }
 
 /// What a final transition did.
@@ -1169,35 +1142,10 @@ impl Ledger {
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
-        self.accept_sent_finishing(mch_order_no, pay_order_id, poll, job, GuardSeen::Unknown)
-            .await
-    }
-
-    /// [`Ledger::accept_finishing`] for the create this run sent, knowing `guard` of the
-    /// guard count ([`Ledger::guard_seen`]).
-    pub async fn accept_sent_finishing(
-        &self,
-        mch_order_no: &str,
-        pay_order_id: Option<&str>,
-        poll: Option<&PreparedJob>,
-        job: Option<&Delivery>,
-        guard: GuardSeen,
-    ) -> Result<bool, LedgerError> {
         let accepted = self
-            .accept_as(mch_order_no, pay_order_id, poll, job, false, guard)
+            .accept_as(mch_order_no, pay_order_id, poll, job, false)
             .await?;
         Ok(accepted == 1)
-    }
-
-    /// What the create job delivered as `job`, whose create was sent at `sent`, knows of
-    /// the guard count: its fetch loop read the count with the pause flag.
-    pub fn guard_seen(&self, job: Option<&Delivery>, sent: Instant) -> GuardSeen {
-        match job.and_then(|job| job.read_absent_at(&self.keys.guard())) {
-            Some(read_at) if sent.saturating_duration_since(read_at) <= FRESH_PAUSE_READING => {
-                GuardSeen::EmptyJustBefore
-            }
-            _ => GuardSeen::Unknown,
-        }
     }
 
     /// [`Ledger::accept`] for a create job that polls the order in hand: no poll job is
@@ -1205,15 +1153,13 @@ impl Ledger {
     /// the order's poll job when it settles (see [`SubmitTicket::Accepted`]). Written without
     /// a lease check: should the caller's run have lost its lease to a run adopting the
     /// order, that run's acceptance finds this one and queues its poll job all the same.
-    /// `guard`: what the caller knows of the guard count ([`Ledger::guard_seen`]).
     pub async fn accept_polling_in_hand(
         &self,
         mch_order_no: &str,
         pay_order_id: &str,
-        guard: GuardSeen,
     ) -> Result<InHandAcceptance, LedgerError> {
         let reply = self
-            .accept_as(mch_order_no, Some(pay_order_id), None, None, true, guard)
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, true)
             .await?;
         Ok(match reply {
             1 => InHandAcceptance::Recorded,
@@ -1231,7 +1177,6 @@ impl Ledger {
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
         in_hand: bool,
-        guard: GuardSeen,
     ) -> Result<i64, LedgerError> {
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
@@ -1242,20 +1187,11 @@ impl Ledger {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let mut op = with_job(self.op("A", mch_order_no).arg(&json), poll)
-            .arg(if in_hand { "1" } else { "" })
-            .arg(match guard {
-                GuardSeen::EmptyJustBefore => "0",
-                GuardSeen::Unknown => "1",
-            });
-        if in_hand && poll.is_none() && guard == GuardSeen::EmptyJustBefore {
-            // Nothing but the milestone to write (no poll job, the guard count left alone, no
-            // job acknowledged): alone in its batch, a bare `HSETNX`.
-            op.lone_hsetnx = Some((
-                "accepted",
-                history::milestone_with_events(&json, &op.events),
-            ));
-        }
+        let op = with_job(self.op("A", mch_order_no).arg(json), poll).arg(if in_hand {
+            "1"
+        } else {
+            ""
+        });
         self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
             .await
     }

@@ -72,7 +72,6 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     group: shared.keys.group.clone(),
                     consumer: runtime.consumer.clone(),
                     paused: shared.keys.paused.clone(),
-                    read_with_pause: shared.config.read_with_pause.clone(),
                     inflight: runtime.inflight.clone(),
                     due_times,
                     stop: runtime.stop.clone(),

@@ -32,10 +32,6 @@ pub struct QueueConfig {
     /// How stale a worker's reading of the pause flag may be when jobs arrive (at most one
     /// second by contract); an idle worker does not read it.
     pub pause_check_interval: Duration,
-    /// Keys read with the pause flag, in the same `EXISTS` (so in its hash tag): a job may
-    /// rely on their absence at that reading (`Delivery::read_absent_at`). The payout queue
-    /// reads its guard count this way.
-    pub read_with_pause: Vec<String>,
     /// Heartbeat and renewal period of a worker.
     pub heartbeat_interval: Duration,
     /// A worker unseen for this long is not counted as alive.
@@ -72,7 +68,6 @@ impl QueueConfig {
             promote_interval: Duration::from_secs(1),
             promote_chunk: 500,
             pause_check_interval: Duration::from_millis(500),
-            read_with_pause: Vec::new(),
             heartbeat_interval: Duration::from_secs(5),
             worker_ttl: Duration::from_secs(30),
             max_attempts: 10,
@@ -101,12 +96,6 @@ impl QueueConfig {
     /// The name logs and spans show.
     pub fn label(&self) -> &str {
         self.label.as_deref().unwrap_or(&self.queue)
-    }
-
-    /// Sets the keys read with the pause flag (see [`QueueConfig::read_with_pause`]).
-    pub fn reading_with_pause(mut self, keys: Vec<String>) -> Self {
-        self.read_with_pause = keys;
-        self
     }
 
     /// Puts this queue's keys in the partition of the queue `partition`.

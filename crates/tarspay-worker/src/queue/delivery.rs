@@ -28,19 +28,9 @@ struct DeliveryInner {
     holder: Arc<Holder>,
     /// Acknowledged (or found taken over) by a ledger step: the settler has nothing to do.
     settled: AtomicBool,
-    /// The fetch loop's last reading of its queue's pause flag before it handed this
-    /// delivery out, which found the flag clear (`None`: no such reading, e.g. a test's
-    /// delivery).
-    reading: Option<PauseReading>,
-}
-
-/// A reading of a queue's pause flag that found it clear.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PauseReading {
-    /// When it was asked for: a reading is never taken for fresher than it is.
-    pub(crate) at: Instant,
-    /// The keys read with the flag (`QueueConfig::read_with_pause`) were all absent too.
-    pub(crate) others_absent: bool,
+    /// When the fetch loop last read its queue's pause flag, finding it clear, before it
+    /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
+    pause_clear_read_at: Option<Instant>,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -52,8 +42,6 @@ pub(crate) struct Holder {
     pub(crate) consumer: String,
     /// The queue's pause flag, which the fetch loop reads before handing deliveries out.
     pub(crate) paused: String,
-    /// The keys it reads with the flag (`QueueConfig::read_with_pause`).
-    pub(crate) read_with_pause: Vec<String>,
     pub(crate) inflight: InFlight,
     /// Due times for the worker's promoter loop to follow (as from a wake marker).
     pub(crate) due_times: DueTimes,
@@ -89,7 +77,7 @@ impl Delivery {
         max_attempts: u32,
         settle: SettleHandle,
         holder: Arc<Holder>,
-        reading: Option<PauseReading>,
+        pause_clear_read_at: Option<Instant>,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
@@ -99,28 +87,15 @@ impl Delivery {
             settle,
             holder,
             settled: AtomicBool::new(false),
-            reading,
+            pause_clear_read_at,
         }))
     }
 
     /// When the fetch loop read `paused` (a pause flag) and found it clear before handing
     /// this delivery out (the instant it asked); `None` when it did not read that flag.
     pub(crate) fn pause_clear_read_at(&self, paused: &str) -> Option<Instant> {
-        let reading = self.0.reading?;
-        (self.0.holder.paused == paused).then_some(reading.at)
-    }
-
-    /// When the fetch loop found `key`, one of the keys it reads with the pause flag, absent
-    /// (and the flag clear) before handing this delivery out; `None` when it did not read
-    /// `key`, or found it or another of those keys present.
-    pub(crate) fn read_absent_at(&self, key: &str) -> Option<Instant> {
-        let reading = self.0.reading.filter(|reading| reading.others_absent)?;
-        self.0
-            .holder
-            .read_with_pause
-            .iter()
-            .any(|read| read == key)
-            .then_some(reading.at)
+        let at = self.0.pause_clear_read_at?;
+        (self.0.holder.paused == paused).then_some(at)
     }
 
     /// The acknowledgement a ledger step on `stream` may write for this delivery, if it

@@ -11,9 +11,7 @@
 //! the stream at once (waiting, as if never fetched), and the worker fetches nothing more
 //! until it resumes; if the flag cannot be read they are held (renewed, so no attempt is
 //! spent) until a reading decides. Orphans are claimed only under a fresh "not paused"
-//! reading. The keys of `QueueConfig::read_with_pause` (the payout queue's guard count) are
-//! read in the same `EXISTS`; only when one of them is there is the flag read again alone.
-//! Each delivery keeps whether they were all absent (`Delivery::read_absent_at`).
+//! reading.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
 //! time; wake markers read here are acknowledged (not deleted: `MAXLEN ~ 64` bounds them) and
@@ -28,7 +26,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::PauseReading;
 use crate::queue::backend::release_unstarted;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
@@ -59,9 +56,6 @@ pub(crate) struct Fetcher<T> {
 struct Schedule {
     paused: bool,
     pause_checked: Option<Instant>,
-    /// The keys read with the flag (`QueueConfig::read_with_pause`) were all absent at that
-    /// reading.
-    others_absent: bool,
     /// Entries fetched when the pause flag could not be read: held (and renewed) until a
     /// reading decides, so a Redis blip costs them no attempt.
     held: Vec<StreamId>,
@@ -165,7 +159,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 return Ok(Vec::new());
             }
             let held = std::mem::take(&mut schedule.held);
-            return Ok(self.decode_all(held, Self::reading(schedule)));
+            return Ok(self.decode_all(held, schedule.pause_checked));
         }
         if due(schedule.claimed, config.claim_interval()) {
             // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
@@ -243,44 +237,20 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.give_back_held(schedule).await;
             return Ok(Vec::new());
         }
-        Ok(self.decode_all(entries, Self::reading(schedule)))
+        Ok(self.decode_all(entries, schedule.pause_checked))
     }
 
-    /// Reads the pause flag, and the keys read with it, in one `EXISTS`; only when one of
-    /// them is present is the flag read again alone (the keys read with it are then taken as
-    /// present).
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
         let mut conn = self.shared.conn.clone();
-        let others = &self.shared.config.read_with_pause;
         // The reading's instant is when it was asked for: a reading is never taken for
         // fresher than it is (see `Delivery::pause_clear_read_at`).
         let asked = Instant::now();
-        let present: u64 = redis::cmd("EXISTS")
+        schedule.paused = redis::cmd("EXISTS")
             .arg(&self.shared.keys.paused)
-            .arg(others)
             .query_async(&mut conn)
             .await?;
-        schedule.paused = match (present, others.is_empty()) {
-            (0, _) => false,
-            (_, true) => true,
-            (_, false) => {
-                redis::cmd("EXISTS")
-                    .arg(&self.shared.keys.paused)
-                    .query_async(&mut conn)
-                    .await?
-            }
-        };
-        schedule.others_absent = present == 0;
         schedule.pause_checked = Some(asked);
         Ok(())
-    }
-
-    /// The last reading, for the deliveries handed out under it (it found the flag clear).
-    fn reading(schedule: &Schedule) -> Option<PauseReading> {
-        schedule.pause_checked.map(|at| PauseReading {
-            at,
-            others_absent: schedule.others_absent,
-        })
     }
 
     /// Removes wake markers (entries of the wake stream: a `w` due time, no job) from
@@ -337,18 +307,22 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         parse_claimed(&reply)
     }
 
-    /// `reading`: the last reading of the pause flag, which found it clear, before these
-    /// entries were handed out (kept with each delivery: see `Delivery::pause_clear_read_at`).
-    fn decode_all(&self, entries: Vec<StreamId>, reading: Option<PauseReading>) -> Vec<Task<T>> {
+    /// `pause_clear_read_at`: when the pause flag was last read, and found clear, before
+    /// these entries were handed out (kept with each delivery: see `Delivery::pause_clear_read_at`).
+    fn decode_all(
+        &self,
+        entries: Vec<StreamId>,
+        pause_clear_read_at: Option<Instant>,
+    ) -> Vec<Task<T>> {
         entries
             .into_iter()
-            .filter_map(|entry| self.decode(entry, reading))
+            .filter_map(|entry| self.decode(entry, pause_clear_read_at))
             .collect()
     }
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(&self, mut entry: StreamId, reading: Option<PauseReading>) -> Option<Task<T>> {
+    fn decode(&self, mut entry: StreamId, pause_clear_read_at: Option<Instant>) -> Option<Task<T>> {
         // A fresh read is the first delivery; claimed entries carry their count.
         let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
         let Some(stored) = take_field(&mut entry.map, "e") else {
@@ -406,7 +380,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             max_attempts,
             self.settle.clone(),
             Arc::clone(&self.holder),
-            reading,
+            pause_clear_read_at,
         );
         Some(
             TaskBuilder::new(args)

@@ -118,7 +118,7 @@ pub fn server_now_ms() -> u64 {
 pub use config::QueueConfig;
 pub use dead::DeadJob;
 pub use delivery::Delivery;
-pub(crate) use delivery::{InlineAck, PauseReading};
+pub(crate) use delivery::InlineAck;
 pub(crate) use envelope::Envelope;
 pub use keys::QueueKeys;
 pub use layer::{ContinueAs, GiveBack, SettleLayer, SettleService, record_job};
