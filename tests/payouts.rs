@@ -490,6 +490,25 @@ async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
     }
 }
 
+/// A lone payout's acceptance (sent without the script: the guard's `DEL` and one `HSETNX`)
+/// clears the guard's count all the same: refusals counted before it do not add up with
+/// later ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_acceptance_clears_the_guard_count() {
+    use redis::AsyncCommands;
+    let app = spawn_app(false, |_| {}).await;
+    let guard = app.partition("GP-1").ledger.keys().guard();
+    let mut conn = app.redis.conn().await;
+    let _: i64 = conn.sadd(&guard, "REFUSED-1").await.unwrap();
+    app.enqueue(inr("GP-1", "100")).await;
+    let pool = app.pool(1);
+    let outcomes = app.wait_outcomes(1).await;
+    pool.stop().await;
+    assert_eq!(outcomes["GP-1"].status, "succeeded");
+    let left: bool = conn.exists(&guard).await.unwrap();
+    assert!(!left, "the count starts over");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_guard_pauses_again_at_once_if_resumed_too_early() {
     let app = app_refusing_auth("G", 5003008, None, "2").await;

@@ -1,7 +1,8 @@
 //! Group commit for ledger changes: operations from concurrent callers are applied by one
 //! `EVALSHA` of the batch script while the previous batch is in flight, so a busy worker pays
 //! one script call, one clock read and one pause check per batch instead of per operation. An
-//! idle one pays no extra latency: a lone operation is sent at once.
+//! idle one pays no extra latency: a lone operation is sent at once, and one that has a lone
+//! form (its whole effect as plain commands, [`LoneForm`]) as those commands.
 //!
 //! Operations in a batch are independent (different orders or not); the batch runs atomically.
 //! An operation that raises an error (a key of the wrong type) answers its own caller with it,
@@ -92,6 +93,22 @@ pub(crate) struct Op {
     /// when the batch is sent (judged then, not when the operation was made, so time spent
     /// waiting for the batch counts).
     pub pause_clear_read_at: Option<Instant>,
+    /// The operation's lone form, if it has one: sent instead of the script when the
+    /// operation is alone in its batch.
+    pub lone: Option<LoneForm>,
+}
+
+/// An operation's whole effect as plain commands, for a batch of that operation alone (a
+/// payout alone saves the script call): `DEL` of `clear` (if any), then `HSETNX` of a
+/// write-once field of the operation's order, in one pipeline (one round trip). Its answer 1
+/// is the operation's; any other answer sends the script after all, which answers (its own
+/// `DEL` repeats nothing, and its `HSETNX` finds the field written or not as the lone one did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LoneForm {
+    /// A key the operation deletes first (the guard count an acceptance clears).
+    pub clear: Option<String>,
+    pub field: &'static str,
+    pub value: String,
 }
 
 /// An operation waiting for its batch, and where its reply goes.
@@ -118,6 +135,7 @@ impl Op {
             ack: None,
             delays_to: None,
             pause_clear_read_at: None,
+            lone: None,
         }
     }
 
@@ -182,6 +200,21 @@ async fn run(
                 .iter()
                 .any(|pending| DURABLE_KINDS.contains(&pending.op.kind))
         });
+        if wait.is_none()
+            && let [Pending { op, .. }] = batch.as_slice()
+            && let Some(lone) = &op.lone
+            && op.ack.is_none()
+            && lone_write(&conn, &op.order_key, lone).await
+            && let Some(pending) = batch.pop()
+        {
+            let _ = pending.reply.send(Ok(Reply {
+                value: Value::Int(1),
+                replicated: true,
+                job: JobAcked::No,
+                follow_due: None,
+            }));
+            continue;
+        }
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
             Ok(((replies, acked, stale, ack_error, followed), confirmed))
                 if replies.len() == batch.len() =>
@@ -229,6 +262,18 @@ async fn run(
             }
         }
     }
+}
+
+/// Sends an operation's lone form (see [`LoneForm`]): true when its `HSETNX` answered 1 (the
+/// operation is done); false for any other answer or a failure, which the script then gives.
+async fn lone_write(conn: &RedisConn, key: &str, lone: &LoneForm) -> bool {
+    let mut pipe = redis::pipe();
+    if let Some(clear) = &lone.clear {
+        pipe.cmd("DEL").arg(clear).ignore();
+    }
+    pipe.cmd("HSETNX").arg(key).arg(lone.field).arg(&lone.value);
+    let written: Result<(i64,), RedisError> = pipe.query_async(&mut conn.clone()).await;
+    matches!(written, Ok((1,)))
 }
 
 /// One operation's reply; `{'!error', message}` when it raised an error (its effects so far

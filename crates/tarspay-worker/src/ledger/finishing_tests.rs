@@ -952,3 +952,91 @@ async fn a_flag_its_batch_already_read_set_outweighs_a_fresh_clear_reading() {
     let (ticket, _) = second.unwrap();
     assert!(matches!(ticket, SubmitTicket::Paused), "{ticket:?}");
 }
+
+#[tokio::test]
+async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_scripts_effect() {
+    let s = setup().await;
+    let guard = s.ledger.keys().guard();
+    let mut c = s.conn.clone();
+    let mut sent = history::OrderEvent::now(history::EventKind::Create);
+    sent.code = Some(0);
+    for id in ["LONE-1", "BATCHED-1", "BATCHED-2"] {
+        s.register(id).await;
+        s.ledger.note_soon(id, sent.clone());
+    }
+    let counts = |s: &Setup| ["evalsha", "del", "hsetnx"].map(|command| s.command_calls(command));
+
+    // Alone in its batch: no script call, the guard's count cleared as the script would.
+    let _: i64 = c.sadd(&guard, "REFUSED-1").await.unwrap();
+    let before = counts(&s);
+    assert_eq!(
+        s.ledger
+            .accept_polling_in_hand("LONE-1", "P-LONE-1")
+            .await
+            .unwrap(),
+        InHandAcceptance::Recorded
+    );
+    let after = counts(&s);
+    assert_eq!(
+        [0, 1, 2].map(|i| after[i] - before[i]),
+        [0, 1, 1],
+        "EVALSHA, DEL, HSETNX"
+    );
+    let counted: bool = c.exists(&guard).await.unwrap();
+    assert!(!counted, "an accepted create clears the guard's count");
+
+    // Two at once (this one-thread runtime: both reach the batcher before its task runs)
+    // share the script, which writes the same milestone.
+    let _: i64 = c.sadd(&guard, "REFUSED-2").await.unwrap();
+    let before = counts(&s);
+    let (first, second) = tokio::join!(
+        s.ledger.accept_polling_in_hand("BATCHED-1", "P-BATCHED-1"),
+        s.ledger.accept_polling_in_hand("BATCHED-2", "P-BATCHED-2"),
+    );
+    assert_eq!(first.unwrap(), InHandAcceptance::Recorded);
+    assert_eq!(second.unwrap(), InHandAcceptance::Recorded);
+    assert_eq!(counts(&s)[0] - before[0], 1, "one script call");
+    let counted: bool = c.exists(&guard).await.unwrap();
+    assert!(!counted);
+    let milestone = |id: &'static str| {
+        let mut c = s.conn.clone();
+        let key = s.ledger.keys().order(id);
+        async move {
+            let text: String = c.hget(&key, "accepted").await.unwrap();
+            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let object = json.as_object_mut().unwrap();
+            assert!(object.remove("at").is_some() && object.remove("payOrderId").is_some());
+            json
+        }
+    };
+    let lone = milestone("LONE-1").await;
+    assert_eq!(lone, milestone("BATCHED-1").await);
+    assert_eq!(lone["pollInHand"], true);
+    assert_eq!(lone["events"][0]["kind"], "create", "{lone}");
+    let listed: bool = c.exists(s.ledger.keys().events("LONE-1")).await.unwrap();
+    assert!(
+        !listed,
+        "the answer is kept in the milestone, not the history list"
+    );
+
+    // An order found accepted: the script answers. Another run's acceptance in hand (it may
+    // have lost its lease): polled here too; one accepted the usual way: nothing.
+    s.register("USUAL-1").await;
+    assert!(s.ledger.accept("USUAL-1", Some("P"), None).await.unwrap());
+    let before = counts(&s);
+    assert_eq!(
+        s.ledger
+            .accept_polling_in_hand("LONE-1", "P-LONE-1")
+            .await
+            .unwrap(),
+        InHandAcceptance::Recorded
+    );
+    assert_eq!(
+        s.ledger
+            .accept_polling_in_hand("USUAL-1", "P")
+            .await
+            .unwrap(),
+        InHandAcceptance::AlreadyAccepted
+    );
+    assert_eq!(counts(&s)[0] - before[0], 2, "each answered by the script");
+}

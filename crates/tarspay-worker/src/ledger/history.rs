@@ -29,6 +29,19 @@ pub(crate) fn list_ttl_ms(retention_ms: u64) -> u64 {
     retention_ms.saturating_mul(2)
 }
 
+/// A milestone's JSON with the events that led to it (the last [`MAX_EVENTS`] of `events`,
+/// each one's JSON) in it, as the batch script's `with_carried` writes it: for an operation
+/// written without the script (`Op::lone_hsetnx`).
+pub(crate) fn milestone_with_events(json: &str, events: &[String]) -> String {
+    match json.strip_suffix('}') {
+        Some(open) if !events.is_empty() && json.len() >= 3 => {
+            let from = events.len().saturating_sub(MAX_EVENTS);
+            format!("{open},\"events\":[{}]}}", events[from..].join(","))
+        }
+        _ => json.to_owned(),
+    }
+}
+
 /// Events from before the order's current registration (a list kept after an earlier record
 /// of the number expired, until the index trim removes it) are not this order's: an event
 /// this much older than the registration is left out of the timeline.
@@ -239,6 +252,31 @@ pub(crate) fn carried_events(milestone: &str) -> Vec<OrderEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_milestone_keeps_the_last_events_as_the_script_does() {
+        let json = r#"{"payOrderId":"P1"}"#;
+        assert_eq!(
+            milestone_with_events(json, &[]),
+            json,
+            "no events: as it was"
+        );
+        let events: Vec<String> = (0..MAX_EVENTS + 2)
+            .map(|i| format!("{{\"n\":{i}}}"))
+            .collect();
+        let with: serde_json::Value =
+            serde_json::from_str(&milestone_with_events(json, &events)).unwrap();
+        let kept = with["events"].as_array().unwrap();
+        assert_eq!(kept.len(), MAX_EVENTS);
+        assert_eq!(
+            (kept[0]["n"].clone(), with["payOrderId"].clone()),
+            (2.into(), "P1".into())
+        );
+        // Not an object (the script's checks): left as it is.
+        for odd in ["{}", "[1]", "\"x\""] {
+            assert_eq!(milestone_with_events(odd, &events), odd);
+        }
+    }
 
     #[test]
     fn events_round_trip_and_skip_unset_fields() {

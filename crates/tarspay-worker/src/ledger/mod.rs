@@ -25,7 +25,7 @@ pub use progress::BatchProgress;
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{Delivery, PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
-use batcher::{Batcher, JobAcked, Op};
+use batcher::{Batcher, JobAcked, LoneForm, Op};
 use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -1187,11 +1187,20 @@ impl Ledger {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let op = with_job(self.op("A", mch_order_no).arg(json), poll).arg(if in_hand {
+        let mut op = with_job(self.op("A", mch_order_no).arg(&json), poll).arg(if in_hand {
             "1"
         } else {
             ""
         });
+        if in_hand && poll.is_none() && job.is_none() {
+            // Nothing but the guard's reset and the milestone to write (no poll job, no job
+            // acknowledged): alone in its batch, `DEL` and `HSETNX` in one pipeline.
+            op.lone = Some(LoneForm {
+                clear: Some(self.keys.guard()),
+                field: "accepted",
+                value: history::milestone_with_events(&json, &op.events),
+            });
+        }
         self.apply_int_finishing(op, job, "0,1", "accept", mch_order_no)
             .await
     }
