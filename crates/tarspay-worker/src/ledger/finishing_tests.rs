@@ -1040,3 +1040,53 @@ async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_s
     );
     assert_eq!(counts(&s)[0] - before[0], 2, "each answered by the script");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_made() {
+    // A lease step made just after its fetch loop's reading waits behind a batch that holds
+    // the batcher's connection (a `WAIT` for a replica that does not exist): by the time its
+    // own batch is sent the reading is stale, so the script reads the flag itself.
+    use std::time::Instant;
+    let s = setup().await;
+    for id in ["WAITED-1", "BEHIND-1"] {
+        s.register(id).await;
+    }
+    let waits = RedisClient::single(s.redis.url())
+        .and_then(|client| client.connect(Default::default()))
+        .expect("client");
+    let waiting = Ledger::with_replicas(
+        s.conn.clone(),
+        waits,
+        s.ledger.keys().clone(),
+        Replication {
+            replicas: 1,
+            timeout: Duration::from_millis(500),
+        },
+    );
+    let lease = Duration::from_secs(60);
+    let first = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move { waiting.begin_submit("WAITED-1", "tok-1", lease).await })
+    };
+    // Its batch was sent once its lease is written; its `WAIT` holds the connection now.
+    let started = Instant::now();
+    while s.ledger.get("WAITED-1").await.unwrap().unwrap().phase != Phase::Submitting {
+        assert!(started.elapsed() < Duration::from_secs(10), "hang guard");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = s.conn.clone();
+    let () = c.set(&s.queue.paused, 1).await.unwrap();
+    let (job, _, _) = s
+        .deliver_after_reading(&s.queue.stream, "w1", None, Some(Instant::now()))
+        .await;
+    let (ticket, _) = waiting
+        .begin_submit_for("BEHIND-1", "tok-2", lease, Some(&job))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ticket, SubmitTicket::Paused),
+        "the reading was stale when its batch was sent: {ticket:?}"
+    );
+    let ticket = first.await.unwrap().unwrap();
+    assert!(matches!(ticket, SubmitTicket::Unreplicated), "{ticket:?}");
+}
