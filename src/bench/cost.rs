@@ -4,8 +4,9 @@
 //! * Redis commands per payout, from enqueue to outcome: commands sent by clients (read from
 //!   `MONITOR`, the bench's own observer connection excluded; one Lua script is one command)
 //!   and every command the server ran including those inside scripts (`INFO commandstats`).
-//!   No hot-path call uses MULTI or a pipeline, so each client command is one round trip;
-//!   batched calls (fetch, acknowledgement, promotion) serve many payouts per round trip.
+//!   No hot-path call uses MULTI, and one pipeline only (a lone in-hand acceptance's `DEL` and
+//!   `HSETNX`), so round trips are client commands less those `DEL`s; batched calls (fetch,
+//!   acknowledgement, promotion) serve many payouts per round trip.
 //! * Peak RSS of the worker process (`VmHWM`) and its RSS at the end (`VmRSS`).
 //! * CPU time per payout of the worker, the sandbox and Redis (`/proc/PID/stat`).
 //! * Redis memory per payout (`used_memory`, private server only): at the peak, with every
@@ -179,7 +180,10 @@ async fn measure(
         Some(counts) => {
             let client = counts.client_total() as f64;
             line.insert("redis_cmds_per_payout".into(), json!(per(client)));
-            line.insert("round_trips_per_payout".into(), json!(per(client)));
+            line.insert(
+                "round_trips_per_payout".into(),
+                json!(per(counts.round_trips() as f64)),
+            );
             let by_command: Map<String, Value> = counts
                 .client
                 .iter()
@@ -254,7 +258,7 @@ async fn measure(
         );
     }
     let note = if monitor.is_some() {
-        "redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip (no MULTI or pipelines on the hot path)"
+        "redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip but the DEL pipelined with a lone in-hand acceptance's HSETNX (round_trips_per_payout leaves it out)"
     } else if pipeline.target.is_cluster() {
         "no MONITOR on a cluster (client commands not measured); commands, memory and Redis CPU are added up over the masters"
     } else {

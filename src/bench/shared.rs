@@ -429,6 +429,13 @@ impl MonitorCounts {
     pub fn client_total(&self) -> u64 {
         self.client.values().sum()
     }
+
+    /// Round trips: client commands, less the `DEL`s. On the payout path a client `DEL` is
+    /// only sent in one pipeline with the `HSETNX` of a lone in-hand acceptance (the guard's
+    /// reset, `ledger::batcher::LoneForm`); every other hot-path command is its own round trip.
+    pub fn round_trips(&self) -> u64 {
+        self.client_total() - self.client.get("DEL").copied().unwrap_or(0)
+    }
 }
 
 /// `host:port` of a `redis://host:port[/db]` URL without credentials (MONITOR would need AUTH).

@@ -100,9 +100,11 @@ pub(crate) struct Op {
 
 /// An operation's whole effect as plain commands, for a batch of that operation alone (a
 /// payout alone saves the script call): `DEL` of `clear` (if any), then `HSETNX` of a
-/// write-once field of the operation's order, in one pipeline (one round trip). Its answer 1
-/// is the operation's; any other answer sends the script after all, which answers (its own
-/// `DEL` repeats nothing, and its `HSETNX` finds the field written or not as the lone one did).
+/// write-once field of the operation's order, in one pipeline (one round trip; not atomic,
+/// and need not be: the two are independent, and the script too clears the key whether or
+/// not its write succeeds). Its answer 1 is the operation's, and a failure its caller's (as a
+/// failed script call is); 0 sends the script, which answers as for a repeated operation
+/// (the field is there; its `DEL` runs again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LoneForm {
     /// A key the operation deletes first (the guard count an acceptance clears).
@@ -204,16 +206,21 @@ async fn run(
             && let [Pending { op, .. }] = batch.as_slice()
             && let Some(lone) = &op.lone
             && op.ack.is_none()
-            && lone_write(&conn, &op.order_key, lone).await
-            && let Some(pending) = batch.pop()
         {
-            let _ = pending.reply.send(Ok(Reply {
-                value: Value::Int(1),
-                replicated: true,
-                job: JobAcked::No,
-                follow_due: None,
-            }));
-            continue;
+            let written = lone_write(&conn, &op.order_key, lone).await;
+            // Written, or failed (a lost reply may have written it: the caller retries as
+            // after a failed script call); not written (0): the script answers.
+            if !matches!(written, Ok(false))
+                && let Some(pending) = batch.pop()
+            {
+                let _ = pending.reply.send(written.map(|_| Reply {
+                    value: Value::Int(1),
+                    replicated: true,
+                    job: JobAcked::No,
+                    follow_due: None,
+                }));
+                continue;
+            }
         }
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
             Ok(((replies, acked, stale, ack_error, followed), confirmed))
@@ -264,16 +271,15 @@ async fn run(
     }
 }
 
-/// Sends an operation's lone form (see [`LoneForm`]): true when its `HSETNX` answered 1 (the
-/// operation is done); false for any other answer or a failure, which the script then gives.
-async fn lone_write(conn: &RedisConn, key: &str, lone: &LoneForm) -> bool {
+/// Sends an operation's lone form (see [`LoneForm`]): whether its `HSETNX` wrote the field.
+async fn lone_write(conn: &RedisConn, key: &str, lone: &LoneForm) -> Result<bool, RedisError> {
     let mut pipe = redis::pipe();
     if let Some(clear) = &lone.clear {
         pipe.cmd("DEL").arg(clear).ignore();
     }
     pipe.cmd("HSETNX").arg(key).arg(lone.field).arg(&lone.value);
-    let written: Result<(i64,), RedisError> = pipe.query_async(&mut conn.clone()).await;
-    matches!(written, Ok((1,)))
+    let (written,): (i64,) = pipe.query_async(&mut conn.clone()).await?;
+    Ok(written == 1)
 }
 
 /// One operation's reply; `{'!error', message}` when it raised an error (its effects so far

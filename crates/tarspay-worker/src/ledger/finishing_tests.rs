@@ -1060,7 +1060,7 @@ async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_m
         s.ledger.keys().clone(),
         Replication {
             replicas: 1,
-            timeout: Duration::from_millis(500),
+            timeout: Duration::from_secs(3),
         },
     );
     let lease = Duration::from_secs(60);
@@ -1076,8 +1076,11 @@ async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_m
     }
     let mut c = s.conn.clone();
     let () = c.set(&s.queue.paused, 1).await.unwrap();
+    // A reading "taken" 300 ms ahead: 0 ms old when the step is made (however slow this
+    // machine), seconds old when its batch goes after the `WAIT`.
+    let read_at = Instant::now() + Duration::from_millis(300);
     let (job, _, _) = s
-        .deliver_after_reading(&s.queue.stream, "w1", None, Some(Instant::now()))
+        .deliver_after_reading(&s.queue.stream, "w1", None, Some(read_at))
         .await;
     let (ticket, _) = waiting
         .begin_submit_for("BEHIND-1", "tok-2", lease, Some(&job))

@@ -31,7 +31,7 @@ pub(crate) fn list_ttl_ms(retention_ms: u64) -> u64 {
 
 /// A milestone's JSON with the events that led to it (the last [`MAX_EVENTS`] of `events`,
 /// each one's JSON) in it, as the batch script's `with_carried` writes it: for an operation
-/// written without the script (`Op::lone_hsetnx`).
+/// written without the script (`batcher::LoneForm`).
 pub(crate) fn milestone_with_events(json: &str, events: &[String]) -> String {
     match json.strip_suffix('}') {
         Some(open) if !events.is_empty() && json.len() >= 3 => {

@@ -2,7 +2,8 @@
 //! stands, and the outcome stream applications consume. Every change is an atomic operation
 //! of the ledger's batch script (see `scripts` for the record's layout: write-once milestones
 //! and working fields); reaching a final phase appends the order's one outcome in the same
-//! step. Concurrent changes share one script call (`batcher`). Redis only: no HTTP here.
+//! step. Concurrent changes share one script call (`batcher`); an in-hand acceptance alone is
+//! sent as its two plain commands instead (`batcher::LoneForm`). Redis only: no HTTP here.
 //!
 //! Records are deleted only by expiry, set when an order becomes final (the retention, see
 //! [`Ledger::with_retention`]); callers that finalise pass the record they read, whose
