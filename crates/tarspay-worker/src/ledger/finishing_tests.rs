@@ -965,17 +965,20 @@ async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_s
         s.ledger.note_soon(id, sent.clone());
     }
     let counts = |s: &Setup| ["evalsha", "del", "hsetnx"].map(|command| s.command_calls(command));
+    let in_hand = |id: &'static str| {
+        let ledger = s.ledger.clone();
+        async move {
+            ledger
+                .accept_polling_in_hand(id, &format!("P-{id}"))
+                .await
+                .unwrap()
+        }
+    };
 
     // Alone in its batch: no script call, the guard's count cleared as the script would.
     let _: i64 = c.sadd(&guard, "REFUSED-1").await.unwrap();
     let before = counts(&s);
-    assert_eq!(
-        s.ledger
-            .accept_polling_in_hand("LONE-1", "P-LONE-1")
-            .await
-            .unwrap(),
-        InHandAcceptance::Recorded
-    );
+    assert_eq!(in_hand("LONE-1").await, InHandAcceptance::Recorded);
     let after = counts(&s);
     assert_eq!(
         [0, 1, 2].map(|i| after[i] - before[i]),
@@ -989,12 +992,9 @@ async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_s
     // share the script, which writes the same milestone.
     let _: i64 = c.sadd(&guard, "REFUSED-2").await.unwrap();
     let before = counts(&s);
-    let (first, second) = tokio::join!(
-        s.ledger.accept_polling_in_hand("BATCHED-1", "P-BATCHED-1"),
-        s.ledger.accept_polling_in_hand("BATCHED-2", "P-BATCHED-2"),
-    );
-    assert_eq!(first.unwrap(), InHandAcceptance::Recorded);
-    assert_eq!(second.unwrap(), InHandAcceptance::Recorded);
+    let (first, second) = tokio::join!(in_hand("BATCHED-1"), in_hand("BATCHED-2"));
+    assert_eq!(first, InHandAcceptance::Recorded);
+    assert_eq!(second, InHandAcceptance::Recorded);
     assert_eq!(counts(&s)[0] - before[0], 1, "one script call");
     let counted: bool = c.exists(&guard).await.unwrap();
     assert!(!counted);
@@ -1024,20 +1024,8 @@ async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_s
     s.register("USUAL-1").await;
     assert!(s.ledger.accept("USUAL-1", Some("P"), None).await.unwrap());
     let before = counts(&s);
-    assert_eq!(
-        s.ledger
-            .accept_polling_in_hand("LONE-1", "P-LONE-1")
-            .await
-            .unwrap(),
-        InHandAcceptance::Recorded
-    );
-    assert_eq!(
-        s.ledger
-            .accept_polling_in_hand("USUAL-1", "P")
-            .await
-            .unwrap(),
-        InHandAcceptance::AlreadyAccepted
-    );
+    assert_eq!(in_hand("LONE-1").await, InHandAcceptance::Recorded);
+    assert_eq!(in_hand("USUAL-1").await, InHandAcceptance::AlreadyAccepted);
     assert_eq!(counts(&s)[0] - before[0], 2, "each answered by the script");
 }
 
