@@ -490,9 +490,9 @@ async fn a_lone_auth_refusal_fails_after_one_recheck_without_pausing() {
     }
 }
 
-/// A lone payout's acceptance (sent without the script: the guard's `DEL` and one `HSETNX`)
-/// clears the guard's count all the same: refusals counted before it do not add up with
-/// later ones.
+/// A lone payout's acceptance (held in hand and alone in its batch, it is sent without the
+/// script, as the guard's `DEL` and one `HSETNX`) clears the guard's count all the same:
+/// refusals counted before it do not add up with later ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_acceptance_clears_the_guard_count() {
     use redis::AsyncCommands;
