@@ -1197,7 +1197,7 @@ impl Ledger {
             // Nothing but the guard's reset and the milestone to write (no poll job, no job
             // acknowledged): alone in its batch, `DEL` and `HSETNX` in one pipeline.
             op.lone = Some(LoneForm {
-                clear: Some(self.keys.guard()),
+                clear: self.keys.guard(),
                 field: "accepted",
                 value: history::milestone_with_events(&json, &op.events),
             });
