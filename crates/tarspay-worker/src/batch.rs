@@ -141,6 +141,13 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
             reason: err.to_string(),
         })?
         .clone();
+    // A column named twice ("amount" twice) must not pay whichever copy comes last.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(repeated) = headers.iter().find(|name| !seen.insert(*name)) {
+        return Err(BatchError::Unreadable {
+            reason: format!("the header names the column \"{repeated}\" twice"),
+        });
+    }
     let mut rows = Vec::new();
     for record in reader.records() {
         match record {
@@ -282,5 +289,14 @@ mod tests {
             parse_csv(&rules(), b"mchOrderNo,amount\n"),
             Err(BatchError::Empty)
         );
+    }
+
+    #[test]
+    fn a_csv_header_naming_a_column_twice_is_unreadable() {
+        let csv = "mchOrderNo,amount,currency,wayCode, amount\nP-1,100,MYR,CIMB,45000\n";
+        let Err(BatchError::Unreadable { reason }) = parse_csv(&rules(), csv.as_bytes()) else {
+            panic!("a repeated column must make the batch unreadable");
+        };
+        assert!(reason.contains(r#""amount" twice"#), "{reason}");
     }
 }
