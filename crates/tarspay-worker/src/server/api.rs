@@ -124,7 +124,8 @@ pub async fn get_payout(State(state): State<Arc<AppState>>, Path(id): Path<Strin
 #[serde(rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
 pub struct BatchQuery {
-    /// 1-64 characters of A-Z, a-z, 0-9, '-' or '_'; generated when absent.
+    /// 1-64 characters of A-Z, a-z, 0-9, '-' or '_'; when absent, `b-` and 16 hex digits of
+    /// the body's SHA-256 (the same body is the same batch).
     #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     batch_id: Option<String>,
 }
@@ -180,7 +181,9 @@ pub async fn create_batch(
             let refused = BatchRefused::request(format!("{} {err}", err.field));
             return (StatusCode::UNPROCESSABLE_ENTITY, Json(refused)).into_response();
         }
-        None => BatchId::random(),
+        // From the body, so a retry of the same body (after a 503, say) is the same batch
+        // and its rows are counted in it, not in a new, empty one.
+        None => BatchId::of_content("b", &body),
     };
     match state.producer.enqueue_batch(&requests, &batch_id).await {
         Ok(result) if result.conflicting.is_empty() => {
