@@ -1080,4 +1080,8 @@ async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_m
     );
     let ticket = first.await.unwrap().unwrap();
     assert!(matches!(ticket, SubmitTicket::Unreplicated), "{ticket:?}");
+    // The unconfirmed lease was given back with its attempt: nothing was sent.
+    let record = s.ledger.get("WAITED-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Queued);
+    assert_eq!(record.attempts, 0, "an unconfirmed lease costs no attempt");
 }

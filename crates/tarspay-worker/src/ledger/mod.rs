@@ -1060,10 +1060,12 @@ impl Ledger {
             .ok_or_else(|| corrupt("unexpected reply from begin_submit".into()))?;
         Ok(match reply.as_slice() {
             [verdict, previous, ..] if verdict == "go" && !replicated => {
-                // Give the lease back at once, so the retry need not wait for it to expire.
+                // Give the lease back at once, so the retry need not wait for it to expire,
+                // and its attempt with it: nothing was sent, and a replica that lags for a
+                // while must not use up the order's attempts.
                 let previous: Phase = previous.parse().map_err(corrupt)?;
                 let msg = "lease not confirmed by the replicas";
-                self.release(mch_order_no, token, previous, false, None, msg)
+                self.release_unsent(mch_order_no, token, previous, msg)
                     .await?;
                 metrics::counter!(crate::metrics::LEASES_UNREPLICATED).increment(1);
                 tracing::debug!(mch_order_no, "{msg}; the create waits");
