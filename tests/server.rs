@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::app::{TestApp, inr, spawn_app_with};
+use common::app::{MCH_NO, TestApp, inr, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -341,6 +341,42 @@ async fn a_batch_with_bad_rows_queues_nothing_and_names_every_bad_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_resent_without_an_id_is_the_same_batch() {
+    let s = served(|_| {}, &[]).await;
+    let csv = "mchOrderNo,amount,currency,wayCode,walletId\nR-1,500,BDT,EWALLET_BKASH,01712345678\nR-2,700,BDT,EWALLET_NAGAD,01712345678\n";
+    let post = || async {
+        let response = s
+            .post("/v1/batches")
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    let (status, first) = post().await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Resent (its answer lost, say): the same batch, whose rows are counted in it.
+    let (status, again) = post().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(again["batchId"], first["batchId"]);
+    assert_eq!(
+        (again["queued"].as_u64(), again["existing"].as_u64()),
+        (Some(0), Some(2))
+    );
+    let id = first["batchId"].as_str().unwrap();
+    let summary: Value = s
+        .get(&format!("/v1/batches/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["total"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_health_metrics_and_the_document() {
     let s = served(|_| {}, &[]).await;
     let paused: Value = s
@@ -611,6 +647,67 @@ async fn forged_and_unsigned_callbacks_only_schedule_a_query() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(s.app.deployment.order("NOT-OURS").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_callbacks_query_the_gateway_once_a_minute_per_order() {
+    let s = served(|c| c.final_after = Duration::from_secs(3600), &[]).await;
+    accepted_order(&s, "CB-6").await;
+    let body = callback_body("CB-6", "100", 2);
+    let waiting_before = s.app.deployment.queue_stats().await.unwrap().waiting;
+    let (status, _) = s.callback(&body, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let waiting = s.app.deployment.queue_stats().await.unwrap().waiting;
+    assert_eq!(waiting, waiting_before + 1, "a status query queued");
+    // The query runs (the gateway says "processing"), so a new one would no longer be
+    // shared with it.
+    let pool = s.app.pool(2);
+    let started = std::time::Instant::now();
+    loop {
+        let stats = s.app.deployment.queue_stats().await.unwrap();
+        if stats.waiting == 0 && stats.pending == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "hang guard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pool.stop().await;
+    // A flood of unsigned callbacks for the order within the minute queues nothing more.
+    for _ in 0..5 {
+        let (status, text) = s.callback(&body, None).await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
+    }
+    let stats = s.app.deployment.queue_stats().await.unwrap();
+    assert_eq!(stats.waiting, 0, "no second query within the window");
+    assert_eq!(s.phase("CB-6").await, Phase::Accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_for_a_number_the_gateway_holds_for_another_payout_change_nothing() {
+    let s = served(|c| c.final_after = Duration::from_secs(3600), &[]).await;
+    // The gateway already holds this number for 999 INR: our 100 INR payout is a conflict.
+    assert!(s.app.sandbox.insert_payout(MCH_NO, "CF-1", "999", "INR"));
+    s.app.enqueue(inr("CF-1", "100")).await;
+    let ctx = s
+        .app
+        .deployment
+        .job_context_for(&s.app.settings, "CF-1")
+        .unwrap();
+    tarspay_worker::jobs::run_create_payout(&ctx, "CF-1", None)
+        .await
+        .unwrap();
+    assert_eq!(s.phase("CF-1").await, Phase::Conflict);
+    let outcomes = s.app.deployment.outcome_count().await.unwrap();
+    // TarsPay's signed word on its own order, which names no amount: not about ours.
+    let body = sorted_compact_json(
+        &json!({"bizType": 2, "mchNo": "M1234567890", "mchOrderNo": "CF-1", "state": 2}),
+    );
+    let (status, text) = s.signed_callback(&body).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "OK"));
+    let record = s.app.deployment.order("CF-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Conflict);
+    assert!(record.corrections.is_empty(), "{:?}", record.corrections);
+    assert_eq!(s.app.deployment.outcome_count().await.unwrap(), outcomes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,8 +3,11 @@
 //!
 //! The exact bytes TarsPay signs are not proven by its docs, so verification tries, in order,
 //! the raw body, the body re-encoded as compact JSON with sorted keys, and the request-style
-//! PARAMS string of its top-level fields. Each is checked against the same system key, so
-//! trying several forms never lets an unsigned body through.
+//! PARAMS string of its top-level fields. Each is checked against the same system key. The
+//! first two say what the body means exactly; PARAMS does not always, since `&` and `=` are
+//! not escaped in it, so it is tried only for bodies with neither in any key or value: their
+//! PARAMS string reads back into the same fields, and a genuine signature over one body never
+//! verifies a different one (a value carrying `&mchOrderNo=…`, say).
 
 use super::codes::OrderState;
 use super::keys::{PrivateKey, PublicKey};
@@ -38,7 +41,10 @@ pub fn verify_callback(key: &PublicKey, body: &[u8], signature_hex: &str) -> Opt
         .as_object()
         .map(Params::from_json_object)
         .unwrap_or_default();
-    verify_message(key, params.to_params_string().as_bytes(), signature_hex)
+    let readable_back = params
+        .iter()
+        .all(|(key, value)| !key.contains(['&', '=']) && !value.contains(['&', '=']));
+    (readable_back && verify_message(key, params.to_params_string().as_bytes(), signature_hex))
         .then_some(SignedForm::Params)
 }
 
@@ -194,6 +200,25 @@ mod tests {
         assert_eq!(
             verify_callback(&public, BODY.as_bytes(), &params_sig),
             Some(SignedForm::Params)
+        );
+
+        // PARAMS does not escape `&` or `=`: a body hiding fields in a value must not take
+        // another body's PARAMS signature (a rival merchant's genuine callback, here).
+        let theirs = r#"{"bizType":2,"mchNo":"M2","mchOrderNo":"Z&mchNo=M1&mchOrderNo=VICTIM&state=2&zz=q","state":3}"#;
+        let their_params = Params::from_json_object(
+            serde_json::from_str::<Value>(theirs).unwrap().as_object().unwrap(),
+        )
+        .to_params_string();
+        let their_sig = sign_message(&system, their_params.as_bytes());
+        let smuggled = r#"{"bizType":"2&mchNo=M2&mchOrderNo=Z","mchNo":"M1","mchOrderNo":"VICTIM","state":"2","zz":"q&state=3"}"#;
+        let smuggled_params = Params::from_json_object(
+            serde_json::from_str::<Value>(smuggled).unwrap().as_object().unwrap(),
+        )
+        .to_params_string();
+        assert_eq!(smuggled_params, their_params, "the same PARAMS string");
+        assert_eq!(
+            verify_callback(&public, smuggled.as_bytes(), &their_sig),
+            None
         );
 
         let forged_body = BODY.replace("\"state\":2", "\"state\":3");

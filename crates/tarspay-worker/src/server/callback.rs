@@ -87,6 +87,13 @@ pub async fn receive(
         }
         Err(err) => return unavailable(err),
     };
+    if record.phase == Phase::Conflict {
+        // The gateway holds our number for a different payout (the conflict): its callbacks
+        // are about that order, never ours, as the poll's `finish_if_final` judges too.
+        tracing::warn!(mch_order_no = %id, verified, "callback for a number the gateway holds for a different payout: ignored");
+        metrics::counter!(crate::metrics::CALLBACKS, "result" => "conflict").increment(1);
+        return reply(StatusCode::OK, "OK");
+    }
     let trusted = verified && matches_record(&callback, &record, state.mch_no_of(&record.merchant));
     // An order never sent is not an outcome of ours (yet): the create run and a lookup decide.
     let query_instead = match (trusted, never_sent(&record)) {
@@ -95,11 +102,16 @@ pub async fn receive(
         (true, false) => None,
     };
     let ledger = state.deployment.ledger_of(&id);
-    // A forged callback is noted once a minute per order at most: a flood of them must not
-    // push the real timeline out of the capped history.
-    if query_instead != Some("untrusted") || state.untrusted_notes.allow(&id) {
-        ledger.note_soon(&id, history_line(&callback, verified, query_instead));
+    // An untrusted callback is noted and queries the gateway once a minute per order at
+    // most: anyone who knows an order's number can post them, and a flood must neither push
+    // the real timeline out of the capped history nor spend the merchant's call budget
+    // (polling still follows the order meanwhile).
+    if query_instead == Some("untrusted") && !state.untrusted_notes.allow(&id) {
+        tracing::debug!(mch_order_no = %id, verified, "untrusted callback within its order's window: ignored");
+        metrics::counter!(crate::metrics::CALLBACKS, "result" => "untrusted_ignored").increment(1);
+        return reply(StatusCode::OK, "OK");
     }
+    ledger.note_soon(&id, history_line(&callback, verified, query_instead));
     if let Some(result) = query_instead {
         note_now(ledger, &id).await;
         tracing::warn!(mch_order_no = %id, verified, result, "callback not applied: scheduling a status query");

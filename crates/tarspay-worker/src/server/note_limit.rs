@@ -1,7 +1,8 @@
-//! How often an untrusted callback may add a line to an order's history. Anyone who knows an
-//! order's number can post callbacks for it; the history keeps its last 64 lines, so a flood
-//! of forged ones would push the real timeline out. One untrusted line per order per window
-//! and process is kept; the rest are counted in metrics and logged, not written.
+//! How often an untrusted callback may act on an order: add a line to its history and queue
+//! a status query. Anyone who knows an order's number can post callbacks for it; the history
+//! keeps its last 64 lines, so a flood of forged ones would push the real timeline out, and
+//! each query spends the merchant's call budget. One untrusted callback per order per window
+//! and process acts; the rest are answered, counted in metrics and logged, nothing more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
