@@ -9,6 +9,7 @@ use common::{eventually, outcome_rule, poll};
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction, FaultRule};
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
+use tarspay_worker::ledger::history::EventKind;
 use tarspay_worker::ledger::{FinalResult, Finalized, OrderKind, Phase};
 use tarspay_worker::producer::Enqueued;
 
@@ -963,4 +964,66 @@ async fn an_acceptance_after_we_failed_the_order_raises_the_alarm_and_a_correcti
         );
     }
     assert_eq!(ledger.outcome_count().await.unwrap(), 2);
+}
+
+/// A query answer is read by what it says, not by the sandbox's shape: one without the order
+/// number (some gateways leave it out) finishes the order; one naming another order is not
+/// about ours, and the order waits for a better answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_answer_without_the_number_counts_and_one_about_another_order_does_not() {
+    let raw = |body: &str| FaultAction::Raw { body: body.into() };
+    let app = spawn_app(false, |c| {
+        c.faults = vec![
+            common::fault_rule(
+                "NONO-",
+                Endpoint::QueryPayout,
+                None,
+                raw(r#"{"code":0,"msg":"SUCCESS","data":{"payOrderId":"P1","state":2}}"#),
+            ),
+            common::fault_rule(
+                "ELSE-",
+                Endpoint::QueryPayout,
+                None,
+                raw(
+                    r#"{"code":0,"msg":"SUCCESS","data":{"mchOrderNo":"SOMEONE-ELSE","payOrderId":"P2","state":3}}"#,
+                ),
+            ),
+        ];
+    })
+    .await;
+    for id in ["NONO-1", "ELSE-1"] {
+        app.enqueue(inr(id, "100")).await;
+        let ctx = app.deployment.job_context_for(&app.settings, id).unwrap();
+        run_create_payout(&ctx, id, None).await.unwrap();
+        assert_eq!(
+            app.deployment.order(id).await.unwrap().unwrap().phase,
+            Phase::Accepted
+        );
+    }
+    let poll = |id: &'static str| {
+        let ctx = app.deployment.job_context_for(&app.settings, id).unwrap();
+        async move { run_poll_status(&ctx, id, 1, false, None).await.unwrap() }
+    };
+    assert_eq!(poll("NONO-1").await, Step::Done);
+    let record = app.deployment.order("NONO-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Succeeded);
+
+    assert_ne!(poll("ELSE-1").await, Step::Done);
+    let record = app.deployment.order("ELSE-1").await.unwrap().unwrap();
+    assert_eq!(
+        record.phase,
+        Phase::Accepted,
+        "another order's failure is not ours"
+    );
+    let ledger = app.deployment.ledger_of("ELSE-1");
+    ledger.flush_noted("ELSE-1").await.unwrap();
+    let events = ledger.events("ELSE-1").await.unwrap();
+    let query = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == EventKind::Query)
+        .unwrap();
+    let msg = query.msg.as_deref().unwrap_or_default();
+    assert!(msg.contains(r#"about order "SOMEONE-ELSE""#), "{msg}");
+    assert_eq!(app.deployment.outcome_count().await.unwrap(), 1);
 }

@@ -147,8 +147,10 @@ pub struct OrderInfo {
     pub pay_order_id: Option<String>,
     #[serde(default, deserialize_with = "optional_text")]
     pub mch_no: Option<String>,
-    #[serde(deserialize_with = "text")]
-    pub mch_order_no: String,
+    /// Not every gateway repeats the number it was asked about; when one does, the caller
+    /// checks it is the one asked about.
+    #[serde(default, deserialize_with = "optional_text")]
+    pub mch_order_no: Option<String>,
     #[serde(default, deserialize_with = "optional_text")]
     pub order_amount: Option<String>,
     #[serde(default, deserialize_with = "optional_text")]

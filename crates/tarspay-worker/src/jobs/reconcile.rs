@@ -48,6 +48,22 @@ pub(super) async fn lookup(
     };
     calls.lock().await.saw(result.as_ref().err()).await;
     let looked = match result {
+        // An answer about another order says nothing about this one: a failed query, retried.
+        Ok(info)
+            if info
+                .mch_order_no
+                .as_deref()
+                .is_some_and(|theirs| theirs != id) =>
+        {
+            Lookup::Failed(GatewayError::Decode {
+                endpoint: "query",
+                reason: format!(
+                    "the answer is about order {:?}, not {id:?}",
+                    info.mch_order_no.as_deref().unwrap_or_default()
+                ),
+                snippet: String::new(),
+            })
+        }
         Ok(info) => Lookup::Found(info),
         Err(err) if err.code() == Some(not_found) => Lookup::NotFound,
         Err(err) => Lookup::Failed(err),
