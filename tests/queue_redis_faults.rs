@@ -106,3 +106,78 @@ fn redis_pid(port: u16) -> String {
         .trim()
         .to_owned()
 }
+
+/// The consumer group vanishes mid-run (a Redis that came back empty loses it; so does an
+/// `XGROUP DESTROY`), taking every delivery with it, while the worker is full. The worker
+/// recreates the group (its fetch loop on `NOGROUP`, and its settler, whose writes of the
+/// jobs that finish meanwhile fail so; the settler's own recreation matters when the fetch
+/// loop waits for room and never reads) and every job still in the stream runs. This test
+/// does not isolate the settler's path: here the fetch loop saw the group gone first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_consumer_group_vanishes_recreates_it_and_goes_on() {
+    let server = RedisServer::start(true);
+    let name = "nogroup";
+    let queue = queue(&server, config(name)).await;
+    // 4 running and 100 prefetched (the worker's buffer) fill the worker; more wait behind,
+    // so its fetch loop waits for room, not on the stream.
+    let slow: Vec<TestJob> = (0..200).map(|n| TestJob { n, sleep_ms: 100 }).collect();
+    queue.enqueue_bulk(&slow).await.unwrap();
+    let mut worker = WorkerProcess::spawn(&server, name, 4, "30s");
+    let mut conn = server.conn().await;
+    // Every job place is busy, and the fetch loop has filled the buffer behind them.
+    wait_for_distinct(
+        &server.url(),
+        &started_key(name),
+        4,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let keys = queue.keys().clone();
+    let destroyed: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1);
+    // A quick job queued now runs once the slow ones are through (all of them again: the
+    // recreated group delivers the stream from its start).
+    let stream_len: u64 = redis::cmd("XLEN")
+        .arg(&keys.stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stream_len > 0);
+    queue
+        .enqueue_bulk(&[TestJob {
+            n: 1000,
+            sleep_ms: 0,
+        }])
+        .await
+        .unwrap();
+    let processed = processed_key(name);
+    wait_until(
+        "the job queued after the group vanished runs",
+        Duration::from_secs(90),
+        || {
+            let url = server.url();
+            let processed = processed.clone();
+            async move {
+                let client = redis::Client::open(url).unwrap();
+                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                let ran: Option<u64> = redis::cmd("HGET")
+                    .arg(&processed)
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                ran.is_some()
+            }
+        },
+    )
+    .await;
+    assert!(worker.terminate().success(), "the worker exits cleanly");
+}

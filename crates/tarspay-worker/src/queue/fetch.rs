@@ -126,7 +126,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 }
                 Err(e) => {
                     drop(permit);
-                    if matches!(&e, QueueError::Redis(r) if r.code() == Some("NOGROUP")) {
+                    if e.is_no_group() {
                         // The group vanished (e.g. Redis restarted without persistence).
                         let _ = self.shared.ensure_group().await;
                     }

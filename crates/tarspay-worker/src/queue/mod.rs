@@ -152,3 +152,12 @@ pub enum QueueError {
     #[error("worker settlement task stopped")]
     SettlerStopped,
 }
+
+impl QueueError {
+    /// Redis has no consumer group for the stream (it restarted empty, or the group was
+    /// destroyed): a command's own `NOGROUP`, or one raised inside a script.
+    pub(crate) fn is_no_group(&self) -> bool {
+        matches!(self, Self::Redis(e)
+            if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP"))
+    }
+}

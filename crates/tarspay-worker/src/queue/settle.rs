@@ -155,6 +155,21 @@ async fn write_until_done(shared: &Shared, consumer: &str, batch: &[Settlement])
     loop {
         match write_batch(shared, consumer, batch).await {
             Ok(()) => return,
+            Err(e) if e.is_no_group() => {
+                // The group vanished (Redis restarted empty, say), and with it every
+                // delivery: recreated, the next write finds these settlements stale and
+                // drops them. Retrying as it was would never succeed, and jobs waiting on it
+                // would keep the worker from fetching the group's recreation.
+                tracing::warn!(
+                    jobs = batch.len(),
+                    "settling jobs found no consumer group; recreating it"
+                );
+                if let Err(e) = shared.ensure_group().await {
+                    tracing::warn!(error = %e, "cannot recreate the consumer group");
+                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));
+                    tokio::time::sleep(wait).await;
+                }
+            }
             Err(e) => {
                 let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));
                 tracing::warn!(error = %e, ?wait, jobs = batch.len(), "settling jobs failed; retrying");
