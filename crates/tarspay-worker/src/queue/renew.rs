@@ -1,7 +1,6 @@
 //! Liveness of one worker: heartbeat (for "workers alive"), renewal of its own pending entries
 //! (so a busy worker is never taken for dead), and removal of consumers long gone.
 
-use redis::streams::StreamInfoConsumersReply;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -73,28 +72,22 @@ pub(crate) async fn renew_held_entries(
 }
 
 /// Deletes consumers with nothing pending that have been idle far longer than any live worker
-/// can be, and forgets their heartbeats; every process start adds a consumer, so without this
-/// the group's consumer list would grow for ever.
+/// can be (on the wake stream, any that idle: see the script), and forgets their heartbeats;
+/// every process start adds a consumer to both groups, so without this their consumer lists
+/// would grow for ever.
 async fn remove_stale_consumers(shared: &Shared, me: &str) -> Result<(), QueueError> {
     let stale_after = (shared.config.worker_ttl * 4).max(Duration::from_secs(60));
     let mut conn = shared.conn.clone();
-    let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(&shared.keys.stream)
+    let removed: u64 = scripts::REMOVE_STALE_CONSUMERS
+        .key(&shared.keys.stream)
+        .key(&shared.keys.wake)
         .arg(&shared.keys.group)
-        .query_async(&mut conn)
+        .arg(me)
+        .arg(stale_after.as_millis() as u64)
+        .invoke_async(&mut conn)
         .await?;
-    for consumer in reply.consumers {
-        let name = consumer.name;
-        if name != me && consumer.pending == 0 && consumer.idle as u128 > stale_after.as_millis() {
-            let _: i64 = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&shared.keys.stream)
-                .arg(&shared.keys.group)
-                .arg(&name)
-                .query_async(&mut conn)
-                .await?;
-        }
+    if removed > 0 {
+        tracing::debug!(removed, "stale consumers removed");
     }
     let forget_before = now_ms().saturating_sub(stale_after.as_millis() as u64);
     let _: i64 = redis::cmd("ZREMRANGEBYSCORE")

@@ -450,6 +450,37 @@ return 0
     )
 });
 
+/// Delete the group's consumers idle longer than `stale_ms`, other than `me`: on the job
+/// stream only those with nothing pending, on the wake stream any (its markers are only
+/// hints). Checked and deleted in one step, so a consumer that wakes (a frozen worker, a
+/// paused queue's) and reads entries meanwhile is never deleted with its pending entries,
+/// which no read or claim would ever find again. A stream without the group has nothing to
+/// delete. KEYS: stream, wake. ARGV: group, me, stale_ms. Returns the number deleted.
+pub static REMOVE_STALE_CONSUMERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local group, me, stale = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local removed = 0
+for i, stream in ipairs(KEYS) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, group)
+  if ok then
+    for _, fields in ipairs(consumers) do
+      local c = {}
+      for j = 1, #fields, 2 do c[fields[j]] = fields[j + 1] end
+      local idle_enough = tonumber(c['idle']) > stale
+      local free = i == 2 or tonumber(c['pending']) == 0
+      if c['name'] ~= me and idle_enough and free then
+        redis.call('XGROUP', 'DELCONSUMER', stream, group, c['name'])
+        removed = removed + 1
+      end
+    end
+  end
+end
+return removed
+"#,
+    )
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -919,5 +950,84 @@ return failed
             0,
             "nothing left to hand back"
         );
+    }
+
+    #[tokio::test]
+    async fn stale_consumers_go_unless_they_hold_jobs_and_wake_consumers_go_with_their_markers() {
+        let (_redis, mut conn) = setup().await;
+        let wake = "{t:q}:wake";
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(wake)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for stream in [STREAM, wake] {
+            let _: String = conn.xadd(stream, "*", &[("e", "x")]).await.unwrap();
+        }
+        let read = |stream: &'static str, consumer: &'static str, count: usize| {
+            let mut conn = conn.clone();
+            async move {
+                let opts = redis::streams::StreamReadOptions::default()
+                    .group("g", consumer)
+                    .count(count);
+                let _: redis::Value = conn.xread_options(&[stream], &[">"], &opts).await.unwrap();
+            }
+        };
+        let create = |stream: &'static str, consumer: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("CREATECONSUMER")
+                    .arg(stream)
+                    .arg("g")
+                    .arg(consumer)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        };
+        read(STREAM, "busy", 1).await; // holds the job
+        create(STREAM, "gone").await;
+        create(STREAM, "me").await;
+        read(wake, "gone", 1).await; // holds a marker
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        create(STREAM, "fresh").await;
+        let removed: i64 = REMOVE_STALE_CONSUMERS
+            .key(STREAM)
+            .key(wake)
+            .arg("g")
+            .arg("me")
+            .arg(100)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        let names = |stream: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let reply: redis::streams::StreamInfoConsumersReply =
+                    conn.xinfo_consumers(stream, "g").await.unwrap();
+                let mut names: Vec<String> = reply.consumers.into_iter().map(|c| c.name).collect();
+                names.sort();
+                names
+            }
+        };
+        assert_eq!(names(STREAM).await, ["busy", "fresh", "me"]);
+        assert!(names(wake).await.is_empty(), "its marker went with it");
+        // A stream without the group has nothing to remove.
+        let removed: i64 = REMOVE_STALE_CONSUMERS
+            .key("{t:q}:none")
+            .key("{t:q}:none2")
+            .arg("g")
+            .arg("me")
+            .arg(100)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 0);
     }
 }
