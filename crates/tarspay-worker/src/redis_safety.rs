@@ -29,6 +29,32 @@ pub enum RedisSafetyError {
         .0.join("; ")
     )]
     Unsafe(Vec<String>),
+    #[error(
+        "refusing to start: Redis {version} is too old; the ledger's scripts need Redis 7.0 or later (they use PEXPIRE with NX)"
+    )]
+    TooOld { version: String },
+}
+
+/// Whether a server reporting `redis_version` `version` is older than 7.0. A version that does
+/// not parse is let through (a fork may spell it its own way; its scripts will tell).
+pub fn too_old(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.trim().parse::<u32>().ok())
+        .is_some_and(|major| major < 7)
+}
+
+/// The server's `redis_version`, if its `INFO server` answers and says.
+async fn server_version<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> Option<String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(|version| version.trim().to_owned())
 }
 
 /// Judges the three settings (`None`: not reported by this server).
@@ -113,6 +139,11 @@ async fn inspect_url(url: &str) -> Result<RedisSafety, RedisSafetyError> {
         .get_multiplexed_async_connection()
         .await
         .map_err(RedisSafetyError::Connect)?;
+    if let Some(version) = server_version(&mut conn).await
+        && too_old(&version)
+    {
+        return Err(RedisSafetyError::TooOld { version });
+    }
     inspect(&mut conn).await
 }
 
@@ -193,6 +224,16 @@ pub async fn ensure(settings: &Settings) -> Result<RedisSafety, RedisSafetyError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_older_than_7_is_refused() {
+        for old in ["6.2.14", "5.0.7", "6"] {
+            assert!(too_old(old), "{old}");
+        }
+        for fine in ["7.0.15", "7.2.4", "8.2.1", "10.0", "unknown"] {
+            assert!(!too_old(fine), "{fine}");
+        }
+    }
 
     fn unsafe_of(safety: &RedisSafety) -> &[String] {
         match safety {

@@ -141,6 +141,10 @@ mod tests {
         assert!(!wrong_password.redis_not_ready());
         let unsafe_settings = StartError::Safety(RedisSafetyError::Unsafe(vec!["x".into()]));
         assert!(!unsafe_settings.redis_not_ready());
+        let too_old = StartError::Safety(RedisSafetyError::TooOld {
+            version: "6.2.14".into(),
+        });
+        assert!(!too_old.redis_not_ready());
         let mismatch = StartError::Deployment(DeploymentError::PartitionMismatch {
             prefix: "t".into(),
             stored: "2".into(),
