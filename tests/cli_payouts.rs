@@ -92,6 +92,7 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
             r#"{"mchOrderNo": "C-4", "amount": "#,
             r#"{"mchOrderNo":"C-1","amount":"100","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
             r#"{"mchOrderNo":"C-5","amount":"100","amount":"45000","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+            r#"{"mchOrderNo":"C-1","amount":"900","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
         ]
         .join("\n"),
     )
@@ -119,7 +120,30 @@ async fn enqueue_work_and_read_back_from_the_command_line() {
         "{}",
         lines[5]
     );
+    assert_eq!(
+        lines[6],
+        "line 8: conflict C-1: it exists with a different payout; this line was not queued"
+    );
+    assert_eq!(
+        app.deployment.order("C-1").await.unwrap().unwrap().amount,
+        "100"
+    );
     assert!(app.deployment.order("C-5").await.unwrap().is_none());
+    // Alone, a repeat is fine and a conflict is not.
+    for (line, expected) in [
+        (
+            r#"{"mchOrderNo":"C-1","amount":"100.00","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+            0,
+        ),
+        (
+            r#"{"mchOrderNo":"C-1","amount":"900","currency":"INR","wayCode":"UPI","customerName":"A","customerEmail":"a@x.in","customerContact":"9876543210"}"#,
+            1,
+        ),
+    ] {
+        std::fs::write(&file, line).unwrap();
+        let (code, out, err) = run(command(&app).args(["enqueue", "--file"]).arg(&file));
+        assert_eq!(code, expected, "{out} {err}");
+    }
     assert!(
         app.deployment.order("C-3").await.unwrap().is_none(),
         "the bad line queued nothing"

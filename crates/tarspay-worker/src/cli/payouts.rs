@@ -186,15 +186,16 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<ExitCode>
             ),
             Ok(Enqueued::Exists {
                 record,
-                same_request,
-            }) => {
-                println!("exists {}", record.mch_order_no);
-                if !same_request {
-                    eprintln!(
-                        "line {number}: {} exists with a different body; this line was not queued",
-                        record.mch_order_no
-                    );
-                }
+                same_request: true,
+            }) => println!("exists {}", record.mch_order_no),
+            // The number is taken by a different payout: this line was not queued, which a
+            // script must see in the exit code, as for a bad line.
+            Ok(Enqueued::Exists { record, .. }) => {
+                println!(
+                    "line {number}: conflict {}: it exists with a different payout; this line was not queued",
+                    record.mch_order_no
+                );
+                bad_lines += 1;
             }
             Err(ProducerError::Invalid(errors)) => {
                 println!("line {number}: {errors}");
