@@ -377,6 +377,58 @@ async fn a_batch_resent_without_an_id_is_the_same_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_other_methods_and_bad_queries_answer_with_a_json_error() {
+    let s = served(|_| {}, &[]).await;
+    for (method, path, status) in [
+        ("GET", "/v1/payouts", StatusCode::METHOD_NOT_ALLOWED),
+        ("POST", "/v1/payouts/", StatusCode::NOT_FOUND),
+        ("GET", "/v1/batches/", StatusCode::NOT_FOUND),
+        ("GET", "/v2/payouts", StatusCode::NOT_FOUND),
+        ("DELETE", "/v1/payouts/X-1", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let url = format!("{}{path}", s.url);
+        let request = match method {
+            "GET" => s.http.get(&url),
+            "POST" => s.http.post(&url),
+            _ => s.http.delete(&url),
+        };
+        let response = request.bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(response.headers().contains_key("allow"), "{method} {path}");
+        }
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
+    let csv =
+        "mchOrderNo,amount,currency,wayCode,walletId\nQ-1,500,BDT,EWALLET_BKASH,01712345678\n";
+    for query in ["batch_id=nov", "batchId=a&batchId=b"] {
+        let response = s
+            .post(&format!("/v1/batches?{query}"))
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("batchId"),
+            "{body}"
+        );
+    }
+    assert!(s.app.deployment.order("Q-1").await.unwrap().is_none());
+    // The callback path keeps its plain-text answers.
+    let (status, text) = s.callback("not json", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("not a JSON object"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_health_metrics_and_the_document() {
     let s = served(|_| {}, &[]).await;
     let paused: Value = s

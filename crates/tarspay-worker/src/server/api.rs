@@ -10,6 +10,7 @@ use crate::payout::PayoutRequest;
 use crate::producer::{BatchEnqueued, Enqueued, ProducerError};
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -121,7 +122,7 @@ pub async fn get_payout(State(state): State<Arc<AppState>>, Path(id): Path<Strin
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct BatchQuery {
     /// 1-64 characters of A-Z, a-z, 0-9, '-' or '_'; when absent, `b-` and 16 hex digits of
@@ -155,10 +156,15 @@ pub struct BatchQuery {
 )]
 pub async fn create_batch(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Ok(Query(query)) = query else {
+        // `?batch_id=` or a second `batchId`: refused, not taken as no id at all.
+        let refused = BatchRefused::request("the query takes only one batchId=<id>".to_owned());
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(refused)).into_response();
+    };
     let rules = state.producer.rules();
     let parsed = match media_type(&headers).as_deref() {
         Some("text/csv") => batch::parse_csv(rules, &body),

@@ -9,6 +9,7 @@ mod listener;
 mod note_limit;
 mod openapi;
 mod request_id;
+mod unmatched;
 
 pub use body::BodyLimit;
 pub use request_id::HEADER as REQUEST_ID_HEADER;
@@ -164,6 +165,7 @@ pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Rout
         .layer(Extension(openapi::Document::new(&document)))
         // Bodies are bounded per route by `body`; this is a backstop for the extractors.
         .layer(DefaultBodyLimit::max(limits.batch.max_bytes))
+        .layer(axum::middleware::map_response(unmatched::with_json_error))
         .layer(axum::middleware::from_fn(request_id::trace))
 }
 
