@@ -33,13 +33,19 @@ pub fn sign_message(key: &PrivateKey, message: &[u8]) -> String {
     hex::encode(signature.serialize_der())
 }
 
-/// True when `signature_hex` is a valid DER ECDSA signature of `message` by `key`. High-S
-/// signatures are accepted (TarsPay's Java stack does not normalise them).
+/// True when `signature_hex` is a valid ECDSA signature of `message` by `key`: DER as TarsPay
+/// sends it, or DER as other signers loosely write it (an integer without its `00` pad, extra
+/// padding, long-form lengths), or 64 bytes of `r‖s`. Each is the same pair of numbers, so
+/// reading more spellings never accepts a different signature. High-S signatures are
+/// accepted (TarsPay's Java stack does not normalise them).
 pub fn verify_message(key: &PublicKey, message: &[u8], signature_hex: &str) -> bool {
-    let Ok(der) = hex::decode(signature_hex.trim()) else {
+    let Ok(bytes) = hex::decode(signature_hex.trim()) else {
         return false;
     };
-    let Ok(mut signature) = Signature::from_der(&der) else {
+    let parsed = Signature::from_der(&bytes)
+        .or_else(|_| Signature::from_der_lax(&bytes))
+        .or_else(|_| Signature::from_compact(&bytes));
+    let Ok(mut signature) = parsed else {
         return false;
     };
     // libsecp256k1 verifies only low-S signatures; the high-S twin is equally valid ECDSA.
@@ -171,6 +177,37 @@ mod tests {
         );
         let high_hex = hex::encode(high.to_der().as_bytes());
         assert!(verify_message(&key.public_key(), message, &high_hex));
+    }
+
+    #[test]
+    fn loosely_encoded_and_compact_signatures_are_read_as_the_same_numbers() {
+        let key = PrivateKey::generate();
+        let message = b"POST|/api/balanceInfo|1|mchNo=M0000000001";
+        let signature: K256Signature = k256_key(&key).sign_prehash(&digest(message)).unwrap();
+        let (r, s) = signature.split_scalars();
+        let (r, s) = (r.to_bytes().to_vec(), s.to_bytes().to_vec());
+        // Each integer written with a leading 00 (two when its high bit is set), which
+        // strict DER refuses as needless padding.
+        let padded = |n: &[u8]| {
+            let pad = if n[0] >= 0x80 { 2 } else { 1 };
+            [vec![0; pad], n.to_vec()].concat()
+        };
+        let (pr, ps) = (padded(&r), padded(&s));
+        let mut loose = vec![0x30, (4 + pr.len() + ps.len()) as u8, 0x02, pr.len() as u8];
+        loose.extend(&pr);
+        loose.extend([0x02, ps.len() as u8]);
+        loose.extend(&ps);
+        assert!(
+            Signature::from_der(&loose).is_err(),
+            "strict DER refuses it"
+        );
+        let public = key.public_key();
+        assert!(verify_message(&public, message, &hex::encode(&loose)));
+        let compact = [r, s].concat();
+        assert!(verify_message(&public, message, &hex::encode(&compact)));
+        // The same numbers, and only they: another message does not verify.
+        assert!(!verify_message(&public, b"other", &hex::encode(&compact)));
+        assert!(!verify_message(&public, b"other", &hex::encode(&loose)));
     }
 
     #[test]
