@@ -1027,3 +1027,57 @@ async fn a_query_answer_without_the_number_counts_and_one_about_another_order_do
     assert!(msg.contains(r#"about order "SOMEONE-ELSE""#), "{msg}");
     assert_eq!(app.deployment.outcome_count().await.unwrap(), 1);
 }
+
+/// A query that fails before another create leaves the order's last error as the create's:
+/// that is what a `failed` outcome would report, and a busy query is not why a payout failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lookup_keeps_the_creates_error_on_the_order() {
+    let app = spawn_app(false, |c| {
+        c.faults = vec![
+            fault(
+                "LQ-",
+                Some(1),
+                FaultAction::Http {
+                    status: 502,
+                    commit: false,
+                    body: None,
+                },
+            ),
+            common::fault_rule(
+                "LQ-",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Code {
+                    code: -1,
+                    msg: Some("system busy".into()),
+                },
+            ),
+        ];
+    })
+    .await;
+    app.enqueue(inr("LQ-1", "100")).await;
+    let ctx = app
+        .deployment
+        .job_context_for(&app.settings, "LQ-1")
+        .unwrap();
+    assert_ne!(
+        run_create_payout(&ctx, "LQ-1", None).await.unwrap(),
+        Step::Done
+    );
+    let after_create = app.deployment.order("LQ-1").await.unwrap().unwrap();
+    assert_eq!(after_create.phase, Phase::Unknown, "a 502 may have landed");
+    let create_msg = after_create.last_msg.clone().unwrap();
+    assert!(create_msg.contains("502"), "{create_msg}");
+    // The next run asks the gateway first, and the query fails.
+    assert_ne!(
+        run_create_payout(&ctx, "LQ-1", None).await.unwrap(),
+        Step::Done
+    );
+    let record = app.deployment.order("LQ-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Unknown);
+    assert_eq!(
+        (record.last_code, record.last_msg.as_deref()),
+        (after_create.last_code, Some(create_msg.as_str()))
+    );
+    assert_eq!(app.sandbox.create_attempts("LQ-1"), 1, "no second create");
+}

@@ -160,7 +160,7 @@ async fn create(
                 let wait = full_jitter(ctx.retry.base_delay, ctx.retry.max_delay, attempt);
                 return run.not_sent(wait, &err.to_string()).await;
             }
-            Lookup::Failed(err) => return run.retry(&err, false).await,
+            Lookup::Failed(err) => return run.lookup_failed(&err).await,
         }
         if attempt > ctx.retry.max_attempts {
             // Attempts are used up: only the gateway's word settles it now, and no further
@@ -385,6 +385,23 @@ impl Run<'_, '_> {
             ctx.retry.max_delay,
             self.attempt,
         )))
+    }
+
+    /// The lookup before another create failed: the order stays `unknown` and is looked up
+    /// again after the retry's wait. The record keeps the create's last error (the query's
+    /// is in the history): that is what a `failed` outcome would report once absence is
+    /// proven, and a query's timeout is not why the payout failed.
+    async fn lookup_failed(&self, err: &GatewayError) -> Result<Step, JobError> {
+        let ctx = self.ctx;
+        let wait = if self.attempt >= ctx.retry.max_attempts {
+            ctx.retry.max_delay
+        } else {
+            full_jitter(ctx.retry.base_delay, ctx.retry.max_delay, self.attempt)
+        };
+        tracing::info!(mch_order_no = self.id(), error = %err, "lookup before another create failed");
+        let record = self.record;
+        let msg = record.last_msg.as_deref().unwrap_or_default();
+        self.hold(false, record.last_code, msg, wait).await
     }
 
     /// A refusal of a create of an order that may exist: wait for the gateway to settle it
