@@ -1081,3 +1081,71 @@ async fn a_failed_lookup_keeps_the_creates_error_on_the_order() {
     );
     assert_eq!(app.sandbox.create_attempts("LQ-1"), 1, "no second create");
 }
+
+/// The stream entry of `id`'s job, if its job is in the stream.
+async fn stream_entry_of(app: &TestApp, id: &str) -> Option<String> {
+    let queue = &app.partition(id).queue;
+    let mut conn = queue.connection();
+    let read: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&queue.keys().stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    read.ids.into_iter().find_map(|entry| {
+        let envelope: String = entry.get("e")?;
+        envelope
+            .contains(&format!("\"mchOrderNo\":\"{id}\""))
+            .then_some(entry.id)
+    })
+}
+
+/// A worker told to stop fetches nothing more while it finishes the jobs it has: a job queued
+/// during its drain stays where it was, never delivered (before, the fetch loop ran until the
+/// drain ended, took it, and gave it back at the end as a new entry; past the grace it would
+/// have waited for the orphan timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_fetches_nothing_during_its_drain() {
+    let app = spawn_app_with(
+        false,
+        |c| {
+            c.faults = vec![fault(
+                "DRAIN-SLOW",
+                None,
+                FaultAction::Latency { ms: 4_000 },
+            )]
+        },
+        &[
+            ("TARSPAY_SHUTDOWN_GRACE", "30s"),
+            ("TARSPAY_GATEWAY__REQUEST_TIMEOUT", "10s"),
+            ("TARSPAY_ORPHAN_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    app.enqueue(inr("DRAIN-SLOW-1", "100")).await;
+    let mut worker = app.worker_process(4);
+    eventually("the slow create in flight", || async {
+        let record = app.deployment.order("DRAIN-SLOW-1").await.unwrap()?;
+        (record.phase == Phase::Submitting).then_some(())
+    })
+    .await;
+    worker.signal("TERM");
+    // Longer than a blocking read (500 ms): one that was waiting when the drain began may
+    // still bring what arrives meanwhile, and gives it back at the end.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    app.enqueue(inr("DRAIN-LATE-1", "100")).await;
+    let entry = stream_entry_of(&app, "DRAIN-LATE-1").await.expect("queued");
+    let exit = eventually("the worker's exit", || std::future::ready(worker.exited())).await;
+    assert_eq!(exit, Some(0), "a clean exit");
+    // The slow job was finished in the drain; the late one was never taken.
+    assert_eq!(app.sandbox.create_attempts("DRAIN-SLOW-1"), 1);
+    assert_eq!(app.sandbox.create_attempts("DRAIN-LATE-1"), 0);
+    assert_eq!(
+        stream_entry_of(&app, "DRAIN-LATE-1").await.as_deref(),
+        Some(entry.as_str()),
+        "the same entry, never delivered and given back"
+    );
+    let stats = app.partition("DRAIN-LATE-1").queue.stats().await.unwrap();
+    assert_eq!((stats.waiting, stats.pending), (1, 0));
+}

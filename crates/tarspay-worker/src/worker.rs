@@ -193,6 +193,13 @@ pub async fn run(
         merchants = ?merchants,
         "payout worker starting"
     );
+    // Cancelled as shutdown starts: apalis then stops taking jobs, and the queues stop
+    // fetching (and claiming) at once rather than after the drain.
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let payout_queues = payout_queues
+        .into_iter()
+        .map(|queue| queue.stop_fetching_on(stop_workers.clone()))
+        .collect();
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared.clone())
@@ -204,7 +211,10 @@ pub async fn run(
             let ledgers: Vec<_> = partitions.iter().map(|p| &p.ledger).collect();
             let deliverer =
                 Deliverer::new(webhooks, &ledgers, partitions[0].webhooks.connection())?;
-            let webhook_queues = partitions.iter().map(|p| p.webhooks.clone()).collect();
+            let webhook_queues = partitions
+                .iter()
+                .map(|p| p.webhooks.clone().stop_fetching_on(stop_workers.clone()))
+                .collect();
             Some(
                 WorkerBuilder::new(WEBHOOK_QUEUE)
                     .backend(Partitioned::new(webhook_queues)?)
@@ -215,7 +225,6 @@ pub async fn run(
         }
         None => None,
     };
-    let stop_workers = tokio_util::sync::CancellationToken::new();
     let stopped = |token: tokio_util::sync::CancellationToken| async move {
         token.cancelled().await;
         Ok::<(), std::io::Error>(())

@@ -37,6 +37,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
 
     pub(crate) fn start(&mut self, worker: &WorkerContext) {
         let shared = Arc::clone(&self.shared);
+        let fetch_stop_on = self.fetch_stop.clone();
         let runtime = self.runtime(worker);
         if runtime.started {
             return;
@@ -59,13 +60,24 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
             runtime.stop.clone(),
         )));
         if let Some(tx) = runtime.tx.take() {
+            // The fetch loop ends with the runtime, or as soon as the pool starts to stop.
+            let fetch_stop = runtime.stop.child_token();
+            if let Some(pool_stopping) = fetch_stop_on.clone() {
+                let fetch_stop = fetch_stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = pool_stopping.cancelled() => fetch_stop.cancel(),
+                        () = fetch_stop.cancelled() => {}
+                    }
+                });
+            }
             let fetcher = Fetcher {
                 shared: Arc::clone(&shared),
                 consumer: runtime.consumer.clone(),
                 tx,
                 settle: runtime.settle.clone(),
                 inflight: runtime.inflight.clone(),
-                stop: runtime.stop.clone(),
+                stop: fetch_stop,
                 due_times: due_times.clone(),
                 holder: Arc::new(Holder {
                     stream: shared.keys.stream.clone(),

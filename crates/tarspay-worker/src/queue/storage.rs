@@ -6,6 +6,7 @@ use serde_json::value::RawValue;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::queue::clock;
 use crate::queue::envelope::{Envelope, new_job_id};
@@ -69,6 +70,9 @@ impl Enqueued {
 pub struct RedisQueue<T> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: Option<WorkerRuntime<T>>,
+    /// Cancelled when its worker starts to stop: fetching and claiming end then, not once
+    /// the jobs in flight are done ([`RedisQueue::stop_fetching_on`]).
+    pub(crate) fetch_stop: Option<CancellationToken>,
     pub(crate) _job: PhantomData<fn() -> T>,
 }
 
@@ -77,6 +81,7 @@ impl<T> Clone for RedisQueue<T> {
         Self {
             shared: Arc::clone(&self.shared),
             runtime: None,
+            fetch_stop: self.fetch_stop.clone(),
             _job: PhantomData,
         }
     }
@@ -133,8 +138,19 @@ impl<T> RedisQueue<T> {
         Ok(Self {
             shared,
             runtime: None,
+            fetch_stop: None,
             _job: PhantomData,
         })
+    }
+
+    /// Stops this queue's fetch loop when `token` is cancelled: a worker pool cancels it as
+    /// its shutdown starts, so that during the drain it fetches nothing it will not start
+    /// (left to the orphan timeout if the grace runs out) and claims no orphans (given back
+    /// at the end with a fresh delivery count, which would hide the crashes they count).
+    /// Without it, fetching ends when apalis closes the backend, after the drain.
+    pub fn stop_fetching_on(mut self, token: CancellationToken) -> Self {
+        self.fetch_stop = Some(token);
+        self
     }
 
     /// The keys of this queue.
