@@ -142,8 +142,11 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
         })?
         .clone();
     // A column named twice ("amount" twice) must not pay whichever copy comes last.
+    // Unnamed columns (a spreadsheet's trailing commas) are no repeat: their empty cells are
+    // dropped below, and a value under one is refused as a field without a name.
     let mut seen = std::collections::HashSet::new();
-    if let Some(repeated) = headers.iter().find(|name| !seen.insert(*name)) {
+    let mut named = headers.iter().filter(|name| !name.is_empty());
+    if let Some(repeated) = named.find(|name| !seen.insert(*name)) {
         return Err(BatchError::Unreadable {
             reason: format!("the header names the column \"{repeated}\" twice"),
         });
@@ -293,6 +296,9 @@ mod tests {
 
     #[test]
     fn a_csv_header_naming_a_column_twice_is_unreadable() {
+        // Unnamed trailing columns are no repeat.
+        let trailing = "mchOrderNo,amount,currency,wayCode,,\nP-1,100,MYR,CIMB,,\n";
+        assert_eq!(parse_csv(&rules(), trailing.as_bytes()).unwrap().len(), 1);
         let csv = "mchOrderNo,amount,currency,wayCode, amount\nP-1,100,MYR,CIMB,45000\n";
         let Err(BatchError::Unreadable { reason }) = parse_csv(&rules(), csv.as_bytes()) else {
             panic!("a repeated column must make the batch unreadable");
