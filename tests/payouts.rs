@@ -1033,16 +1033,19 @@ async fn a_query_answer_without_the_number_counts_and_one_about_another_order_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_lookup_keeps_the_creates_error_on_the_order() {
     let app = spawn_app(false, |c| {
-        c.faults = vec![
+        let create_502 = |prefix| {
             fault(
-                "LQ-",
+                prefix,
                 Some(1),
                 FaultAction::Http {
                     status: 502,
                     commit: false,
                     body: None,
                 },
-            ),
+            )
+        };
+        c.faults = vec![
+            create_502("LQ-"),
             common::fault_rule(
                 "LQ-",
                 Endpoint::QueryPayout,
@@ -1052,34 +1055,40 @@ async fn a_failed_lookup_keeps_the_creates_error_on_the_order() {
                     msg: Some("system busy".into()),
                 },
             ),
+            create_502("LR-"),
+            common::fault_rule(
+                "LR-",
+                Endpoint::QueryPayout,
+                None,
+                FaultAction::Http {
+                    status: 429,
+                    commit: false,
+                    body: None,
+                },
+            ),
         ];
     })
     .await;
-    app.enqueue(inr("LQ-1", "100")).await;
-    let ctx = app
-        .deployment
-        .job_context_for(&app.settings, "LQ-1")
-        .unwrap();
-    assert_ne!(
-        run_create_payout(&ctx, "LQ-1", None).await.unwrap(),
-        Step::Done
-    );
-    let after_create = app.deployment.order("LQ-1").await.unwrap().unwrap();
-    assert_eq!(after_create.phase, Phase::Unknown, "a 502 may have landed");
-    let create_msg = after_create.last_msg.clone().unwrap();
-    assert!(create_msg.contains("502"), "{create_msg}");
-    // The next run asks the gateway first, and the query fails.
-    assert_ne!(
-        run_create_payout(&ctx, "LQ-1", None).await.unwrap(),
-        Step::Done
-    );
-    let record = app.deployment.order("LQ-1").await.unwrap().unwrap();
-    assert_eq!(record.phase, Phase::Unknown);
-    assert_eq!(
-        (record.last_code, record.last_msg.as_deref()),
-        (after_create.last_code, Some(create_msg.as_str()))
-    );
-    assert_eq!(app.sandbox.create_attempts("LQ-1"), 1, "no second create");
+    // The next run asks the gateway first, and the query fails (LQ), or is refused for its
+    // rate before anything happened (LR: nothing sent, the attempt given back).
+    for id in ["LQ-1", "LR-1"] {
+        app.enqueue(inr(id, "100")).await;
+        let ctx = app.deployment.job_context_for(&app.settings, id).unwrap();
+        assert_ne!(run_create_payout(&ctx, id, None).await.unwrap(), Step::Done);
+        let after_create = app.deployment.order(id).await.unwrap().unwrap();
+        assert_eq!(after_create.phase, Phase::Unknown, "a 502 may have landed");
+        let create_msg = after_create.last_msg.clone().unwrap();
+        assert!(create_msg.contains("502"), "{create_msg}");
+        assert_ne!(run_create_payout(&ctx, id, None).await.unwrap(), Step::Done);
+        let record = app.deployment.order(id).await.unwrap().unwrap();
+        assert_eq!(record.phase, Phase::Unknown, "{id}");
+        assert_eq!(
+            (record.last_code, record.last_msg.as_deref()),
+            (after_create.last_code, Some(create_msg.as_str())),
+            "{id}"
+        );
+        assert_eq!(app.sandbox.create_attempts(id), 1, "{id}: no second create");
+    }
 }
 
 /// The stream entry of `id`'s job, if its job is in the stream.

@@ -327,7 +327,8 @@ impl Run<'_, '_> {
             return match lookup(ctx, self.calls, self.record, "the number exists").await {
                 Lookup::Found(info) => adopt(ctx, self.record, &info, self.job).await,
                 Lookup::NotFound => self.retry(&err, true).await,
-                Lookup::Failed(query_err) => self.retry(&query_err, true).await,
+                // The create's answer is the order's error; the query's is in its history.
+                Lookup::Failed(_) => self.retry(&err, true).await,
             };
         }
         if !created && err.code().is_some_and(refused_before_creating) {

@@ -1227,8 +1227,10 @@ impl Ledger {
     }
 
     /// Gives the lease back after a create that provably never reached the gateway's books
-    /// (held back by the merchant's rate limit, or refused with a 429): the attempt the
-    /// lease counted is taken back, so a busy gateway can never use up an order's attempts.
+    /// (held back by the merchant's rate limit, refused with a 429, or a lease the replicas
+    /// did not confirm): the attempt the lease counted is taken back, so a busy gateway can
+    /// never use up an order's attempts, and an earlier create's error stays the order's
+    /// (`msg` is recorded only on an order without one).
     pub async fn release_unsent(
         &self,
         mch_order_no: &str,

@@ -352,12 +352,20 @@ local function finalize(order, a, progress)
 end
 
 -- lease token, next phase (queued | unknown), code, msg, '1' when this run's create may
--- have created the order, '1' when nothing was sent (the attempt is taken back). Only the
--- lease holder may do this.
+-- have created the order, '1' when nothing was sent (the attempt is taken back, and an
+-- earlier create's error kept). Only the lease holder may do this.
 local function release(order, a)
-  local h = redis.call('HMGET', order, 'phase', 'leaseOwner')
+  local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'lastMsg')
   if h[1] ~= 'submitting' or h[2] ~= a[1] then return 0 end
-  local fields = {'phase', a[2], 'lastCode', a[3], 'lastMsg', a[4], 'updatedAt', now}
+  local fields = {'phase', a[2], 'updatedAt', now}
+  -- Why nothing was sent replaces no create's error: that error is what a failed outcome
+  -- reports (an order with none yet shows why it waits).
+  if a[6] ~= '1' or not h[3] or h[3] == '' then
+    fields[#fields + 1] = 'lastCode'
+    fields[#fields + 1] = a[3]
+    fields[#fields + 1] = 'lastMsg'
+    fields[#fields + 1] = a[4]
+  end
   if a[5] == '1' then
     -- Some create may have reached the gateway: never fail this order on a lookup alone,
     -- and any absence seen before this create proves nothing now.
