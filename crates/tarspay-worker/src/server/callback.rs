@@ -9,6 +9,7 @@
 //! it resend), but the body is strict JSON.
 
 use super::AppState;
+use super::note_limit::Admitted;
 use crate::gateway::callback::{
     BizType, Callback, CallbackError, HEADER_SIGNATURE, parse_callback, verify_callback,
 };
@@ -102,23 +103,35 @@ pub async fn receive(
         (true, false) => None,
     };
     let ledger = state.deployment.ledger_of(&id);
-    // An untrusted callback is noted and queries the gateway once a minute per order at
-    // most: anyone who knows an order's number can post them, and a flood must neither push
-    // the real timeline out of the capped history nor spend the merchant's call budget
-    // (polling still follows the order meanwhile).
-    if query_instead == Some("untrusted") && !state.untrusted_notes.allow(&id) {
+    // An untrusted callback (unverified, or verified but not matching the order) is noted
+    // and queries the gateway once a minute per order at most: anyone who knows an order's
+    // number can post them, and a flood must neither push the real timeline out of the
+    // capped history nor spend the merchant's call budget (polling still follows the order
+    // meanwhile).
+    let admitted = match query_instead {
+        Some("untrusted") => state.untrusted_notes.admit(&id),
+        _ => Admitted::Act,
+    };
+    if admitted == Admitted::Ignore {
         tracing::debug!(mch_order_no = %id, verified, "untrusted callback within its order's window: ignored");
         metrics::counter!(crate::metrics::CALLBACKS, "result" => "untrusted_ignored").increment(1);
         return reply(StatusCode::OK, "OK");
     }
-    ledger.note_soon(&id, history_line(&callback, verified, query_instead));
+    if admitted == Admitted::Act {
+        ledger.note_soon(&id, history_line(&callback, verified, query_instead));
+    }
     if let Some(result) = query_instead {
         note_now(ledger, &id).await;
         tracing::warn!(mch_order_no = %id, verified, result, "callback not applied: scheduling a status query");
         metrics::counter!(crate::metrics::CALLBACKS, "result" => result).increment(1);
         return match state.producer.queue_lookup(&record).await {
             Ok(()) => reply(StatusCode::OK, "OK"),
-            Err(err) => unavailable(err),
+            Err(err) => {
+                // Not queued: TarsPay resends on the 503, and the resend must not find the
+                // window already spent.
+                state.untrusted_notes.forget(&id);
+                unavailable(err)
+            }
         };
     }
     metrics::counter!(crate::metrics::CALLBACKS, "result" => "verified").increment(1);
