@@ -12,7 +12,7 @@
 use super::codes::OrderState;
 use super::keys::{PrivateKey, PublicKey};
 use super::params::Params;
-use super::signing::{sign_message, verify_message};
+use super::signing::{sign_message, verify_message_lenient};
 use serde_json::Value;
 
 pub const HEADER_SIGNATURE: &str = "X-RESP-SIGNATURE";
@@ -27,14 +27,14 @@ pub enum SignedForm {
 
 /// `Some(form)` when the signature is valid for the body under one of the candidate forms.
 pub fn verify_callback(key: &PublicKey, body: &[u8], signature_hex: &str) -> Option<SignedForm> {
-    if verify_message(key, body, signature_hex) {
+    if verify_message_lenient(key, body, signature_hex) {
         return Some(SignedForm::RawBody);
     }
     let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
     let value = Value::Object(map);
-    if verify_message(key, sorted_compact_json(&value).as_bytes(), signature_hex) {
+    if verify_message_lenient(key, sorted_compact_json(&value).as_bytes(), signature_hex) {
         return Some(SignedForm::SortedJson);
     }
     let params = value
@@ -44,8 +44,9 @@ pub fn verify_callback(key: &PublicKey, body: &[u8], signature_hex: &str) -> Opt
     let readable_back = params
         .iter()
         .all(|(key, value)| !key.contains(['&', '=']) && !value.contains(['&', '=']));
-    (readable_back && verify_message(key, params.to_params_string().as_bytes(), signature_hex))
-        .then_some(SignedForm::Params)
+    (readable_back
+        && verify_message_lenient(key, params.to_params_string().as_bytes(), signature_hex))
+    .then_some(SignedForm::Params)
 }
 
 /// Signs a callback body as the sandbox sends it: the raw bytes, which are themselves compact

@@ -33,19 +33,38 @@ pub fn sign_message(key: &PrivateKey, message: &[u8]) -> String {
     hex::encode(signature.serialize_der())
 }
 
-/// True when `signature_hex` is a valid ECDSA signature of `message` by `key`: DER as TarsPay
-/// sends it, or DER as other signers loosely write it (an integer without its `00` pad, extra
-/// padding, long-form lengths), or 64 bytes of `r‖s`. Each is the same pair of numbers, so
-/// reading more spellings never accepts a different signature. High-S signatures are
-/// accepted (TarsPay's Java stack does not normalise them).
+/// True when `signature_hex` is a valid DER ECDSA signature of `message` by `key`, as TarsPay's
+/// scheme writes it (the sandbox checks requests with this, as strictly as a gateway may).
+/// High-S signatures are accepted (TarsPay's Java stack does not normalise them).
 pub fn verify_message(key: &PublicKey, message: &[u8], signature_hex: &str) -> bool {
+    verify_parsed(key, message, signature_hex, |bytes| {
+        Signature::from_der(bytes).ok()
+    })
+}
+
+/// [`verify_message`], also reading DER as other signers loosely write it (needless padding,
+/// long-form lengths) and 64 bytes of `r‖s`: for callbacks, whose exact form TarsPay's docs do
+/// not prove. Each is the same pair of numbers, so reading more spellings never accepts a
+/// different signature.
+pub fn verify_message_lenient(key: &PublicKey, message: &[u8], signature_hex: &str) -> bool {
+    verify_parsed(key, message, signature_hex, |bytes| {
+        Signature::from_der(bytes)
+            .or_else(|_| Signature::from_der_lax(bytes))
+            .or_else(|_| Signature::from_compact(bytes))
+            .ok()
+    })
+}
+
+fn verify_parsed(
+    key: &PublicKey,
+    message: &[u8],
+    signature_hex: &str,
+    parse: impl Fn(&[u8]) -> Option<Signature>,
+) -> bool {
     let Ok(bytes) = hex::decode(signature_hex.trim()) else {
         return false;
     };
-    let parsed = Signature::from_der(&bytes)
-        .or_else(|_| Signature::from_der_lax(&bytes))
-        .or_else(|_| Signature::from_compact(&bytes));
-    let Ok(mut signature) = parsed else {
+    let Some(mut signature) = parse(&bytes) else {
         return false;
     };
     // libsecp256k1 verifies only low-S signatures; the high-S twin is equally valid ECDSA.
@@ -202,12 +221,16 @@ mod tests {
             "strict DER refuses it"
         );
         let public = key.public_key();
-        assert!(verify_message(&public, message, &hex::encode(&loose)));
-        let compact = [r, s].concat();
-        assert!(verify_message(&public, message, &hex::encode(&compact)));
-        // The same numbers, and only they: another message does not verify.
-        assert!(!verify_message(&public, b"other", &hex::encode(&compact)));
-        assert!(!verify_message(&public, b"other", &hex::encode(&loose)));
+        let (loose, compact) = (hex::encode(&loose), hex::encode([r, s].concat()));
+        for spelling in [&loose, &compact] {
+            assert!(
+                !verify_message(&public, message, spelling),
+                "strict: DER only"
+            );
+            assert!(verify_message_lenient(&public, message, spelling));
+            // The same numbers, and only they: another message does not verify.
+            assert!(!verify_message_lenient(&public, b"other", spelling));
+        }
     }
 
     #[test]
