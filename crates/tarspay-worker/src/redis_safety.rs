@@ -154,6 +154,8 @@ async fn inspect_seeds(urls: &str) -> Result<RedisSafety, RedisSafetyError> {
     for seed in crate::redis_conn::seeds(urls) {
         let safety = match inspect_url(seed).await {
             Ok(safety) => safety,
+            // One node too old is enough: its scripts would fail, whatever the others say.
+            Err(err @ RedisSafetyError::TooOld { .. }) => return Err(err),
             Err(err) => {
                 last_error = Some(err);
                 continue;

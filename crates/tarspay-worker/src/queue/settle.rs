@@ -166,9 +166,10 @@ async fn write_until_done(shared: &Shared, consumer: &str, batch: &[Settlement])
                 );
                 if let Err(e) = shared.ensure_group().await {
                     tracing::warn!(error = %e, "cannot recreate the consumer group");
-                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));
-                    tokio::time::sleep(wait).await;
                 }
+                // Backed off all the same: a group that keeps vanishing is no hot loop.
+                let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));
+                tokio::time::sleep(wait).await;
             }
             Err(e) => {
                 let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(2));

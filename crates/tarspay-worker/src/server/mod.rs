@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(
             committed.trim_end(),
             derived,
-            "src/server/openapi.json is stale: regenerate with UPDATE_OPENAPI=1 cargo test --lib openapi"
+            "src/server/openapi.json is stale: regenerate with UPDATE_OPENAPI=1 cargo test --lib the_committed_document"
         );
     }
 }

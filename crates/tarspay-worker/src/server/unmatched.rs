@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 pub async fn with_json_error(response: Response) -> Response {
     let status = response.status();
     let message = match status {
-        StatusCode::NOT_FOUND => "no such route",
+        StatusCode::NOT_FOUND => "not found",
         StatusCode::METHOD_NOT_ALLOWED => "this route does not take that method",
         _ => return response,
     };
