@@ -996,16 +996,22 @@ return failed
         read(wake, "gone", 1).await; // holds a marker
         tokio::time::sleep(std::time::Duration::from_millis(120)).await;
         create(STREAM, "fresh").await;
-        let removed: i64 = REMOVE_STALE_CONSUMERS
-            .key(STREAM)
-            .key(wake)
-            .arg("g")
-            .arg("me")
-            .arg(100)
-            .invoke_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(removed, 2);
+        let remove = |stream: &'static str, wake: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let removed: i64 = REMOVE_STALE_CONSUMERS
+                    .key(stream)
+                    .key(wake)
+                    .arg("g")
+                    .arg("me")
+                    .arg(100)
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                removed
+            }
+        };
+        assert_eq!(remove(STREAM, wake).await, 2);
         let names = |stream: &'static str| {
             let mut conn = conn.clone();
             async move {
@@ -1019,15 +1025,6 @@ return failed
         assert_eq!(names(STREAM).await, ["busy", "fresh", "me"]);
         assert!(names(wake).await.is_empty(), "its marker went with it");
         // A stream without the group has nothing to remove.
-        let removed: i64 = REMOVE_STALE_CONSUMERS
-            .key("{t:q}:none")
-            .key("{t:q}:none2")
-            .arg("g")
-            .arg("me")
-            .arg(100)
-            .invoke_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(removed, 0);
+        assert_eq!(remove("{t:q}:none", "{t:q}:none2").await, 0);
     }
 }
