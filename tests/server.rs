@@ -871,11 +871,11 @@ async fn outcomes_of_a_served_deployment_are_posted_as_signed_webhooks_by_worker
     }
 }
 
-/// Posts `body` as JSON to `path` with the token; the status and the parsed answer.
-async fn post_csv(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
+/// Posts `body` as `content_type` to `path` with the token; the status and the parsed answer.
+async fn post_as(s: &Served, path: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
     let response = s
         .post(path)
-        .header("content-type", "text/csv")
+        .header("content-type", content_type)
         .body(body.to_owned())
         .send()
         .await
@@ -884,16 +884,12 @@ async fn post_csv(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+async fn post_csv(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
+    post_as(s, path, "text/csv", body).await
+}
+
 async fn post_json(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
-    let response = s
-        .post(path)
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
+    post_as(s, path, "application/json", body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
