@@ -205,24 +205,15 @@ mod tests {
 
         // PARAMS does not escape `&` or `=`: a body hiding fields in a value must not take
         // another body's PARAMS signature (a rival merchant's genuine callback, here).
+        let params_of = |body: &str| {
+            let value: Value = serde_json::from_str(body).unwrap();
+            Params::from_json_object(value.as_object().unwrap()).to_params_string()
+        };
         let theirs = r#"{"bizType":2,"mchNo":"M2","mchOrderNo":"Z&mchNo=M1&mchOrderNo=VICTIM&state=2&zz=q","state":3}"#;
-        let their_params = Params::from_json_object(
-            serde_json::from_str::<Value>(theirs)
-                .unwrap()
-                .as_object()
-                .unwrap(),
-        )
-        .to_params_string();
+        let their_params = params_of(theirs);
         let their_sig = sign_message(&system, their_params.as_bytes());
         let smuggled = r#"{"bizType":"2&mchNo=M2&mchOrderNo=Z","mchNo":"M1","mchOrderNo":"VICTIM","state":"2","zz":"q&state=3"}"#;
-        let smuggled_params = Params::from_json_object(
-            serde_json::from_str::<Value>(smuggled)
-                .unwrap()
-                .as_object()
-                .unwrap(),
-        )
-        .to_params_string();
-        assert_eq!(smuggled_params, their_params, "the same PARAMS string");
+        assert_eq!(params_of(smuggled), their_params, "the same PARAMS string");
         assert_eq!(
             verify_callback(&public, smuggled.as_bytes(), &their_sig),
             None

@@ -527,16 +527,21 @@ mod tests {
         let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
         let client = redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        create_group(&mut conn, STREAM).await;
+        (redis, conn)
+    }
+
+    /// Group `g` on `stream`, created with the stream.
+    async fn create_group(conn: &mut MultiplexedConnection, stream: &str) {
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(STREAM)
+            .arg(stream)
             .arg("g")
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut conn)
+            .query_async(conn)
             .await
             .unwrap();
-        (redis, conn)
     }
 
     async fn read(conn: &mut MultiplexedConnection, consumer: &str) -> String {
@@ -956,15 +961,7 @@ return failed
     async fn stale_consumers_go_unless_they_hold_jobs_and_wake_consumers_go_with_their_markers() {
         let (_redis, mut conn) = setup().await;
         let wake = "{t:q}:wake";
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(wake)
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        create_group(&mut conn, wake).await;
         for stream in [STREAM, wake] {
             let _: String = conn.xadd(stream, "*", &[("e", "x")]).await.unwrap();
         }
