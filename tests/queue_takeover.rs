@@ -162,3 +162,56 @@ async fn a_woken_workers_done_does_not_drop_the_new_holders_burial() {
     assert_eq!(stats.depth(), 0, "{stats:?}");
     assert_eq!(attempts_started(&mut conn, name, 1).await, 2);
 }
+
+/// A worker that could not renew its entries for longer than the orphan timeout (Redis out of
+/// reach, the process frozen) finds its own running job among the orphans it claims: the job
+/// must not start a second time beside the run still going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_missed_its_renewals_does_not_start_its_own_running_job_again() {
+    let server = RedisServer::start(false);
+    let name = "self_claim";
+    let config = config(name).with_orphan_timeout(Duration::from_millis(400));
+    // The worker's renewals fail (its Redis user may not run `XCLAIM`; the orphan claim's
+    // `XAUTOCLAIM` works): its running job goes idle past the orphan timeout, as it would
+    // when the renewals could not reach Redis.
+    let mut admin = server.conn().await;
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "norenew", "on", "nopass", "~*", "&*", "+@all", "-xclaim",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let as_norenew = server.url().replacen("redis://", "redis://norenew:any@", 1);
+    let queue: RedisQueue<TestJob> = RedisQueue::connect(&as_norenew, config).await.unwrap();
+    let worker = recording_worker(name, queue.clone(), 4);
+    let job = TestJob {
+        n: 1,
+        sleep_ms: 2_500,
+    };
+    assert!(matches!(
+        queue.enqueue(&job).await.unwrap(),
+        Enqueued::Queued { .. }
+    ));
+    let mut conn = server.conn().await;
+    let q = queue.clone();
+    wait_until("the job is settled", Duration::from_secs(30), || {
+        let q = q.clone();
+        async move {
+            let s = q.stats().await.unwrap();
+            s.depth() == 0 && s.delayed == 0
+        }
+    })
+    .await;
+    // Several claim passes ran during the job's 2.5 s (one every 200 ms, each finding the
+    // entry idle, since it was never renewed): none started it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let processed = counts(&mut conn, &processed_key(name)).await;
+    assert_eq!(
+        processed.get(&1),
+        Some(&1),
+        "runs of the job: {processed:?}"
+    );
+    assert_eq!(queue.stats().await.unwrap().dead, 0);
+    worker.stop().await;
+}

@@ -22,6 +22,15 @@ impl InFlight {
         }
     }
 
+    /// Those of `ids` this worker holds.
+    pub(crate) fn holding<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.into_iter()
+            .filter(|id| set.contains(*id))
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<String> {
         let set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         set.iter().cloned().collect()
@@ -36,5 +45,9 @@ mod tests {
         inflight.add(["1-0", "2-0"]);
         inflight.remove(["1-0"]);
         assert_eq!(inflight.snapshot(), vec!["2-0".to_owned()]);
+        assert_eq!(
+            inflight.holding(["1-0", "2-0", "3-0"]),
+            vec!["2-0".to_owned()]
+        );
     }
 }

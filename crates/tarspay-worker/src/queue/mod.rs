@@ -19,7 +19,8 @@
 //!   worker renews the entries it holds (`XCLAIM … JUSTID`, which resets the idle time without
 //!   counting a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never
 //!   robbed. Entries assigned by a fetch whose reply was lost are not renewed, so they are
-//!   recovered like orphans.
+//!   recovered like orphans. A worker whose renewals failed past the timeout (Redis out of
+//!   reach, the process frozen) may claim its own running jobs: those are not started again.
 //! * **A settlement applies only while its worker still holds the entry.** An outcome (done,
 //!   retry, dead) and a shutdown give-back are written only if the entry is still pending *and*
 //!   owned by the settling consumer (`XPENDING id id 1`, checked inside the same script). A
