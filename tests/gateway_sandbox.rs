@@ -6,7 +6,7 @@ mod common;
 use common::{MCH_NO, client_for, eventually, outcome_rule, spawn_gateway};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tarspay_sandbox::{Endpoint, FaultAction};
+use tarspay_sandbox::{ContentEncoding, Endpoint, FaultAction};
 use tarspay_worker::gateway::client::{HEADER_API_KEY, HEADER_NONCE, HEADER_SIGNATURE};
 use tarspay_worker::gateway::params::Params;
 use tarspay_worker::gateway::signing::RequestSigner;
@@ -698,6 +698,81 @@ async fn http_errors_bad_envelopes_and_oversized_answers() {
     let big = gw.client.query_payout(&by_id("BIG-1")).await.unwrap_err();
     assert_eq!(
         big,
+        GatewayError::TooLarge {
+            endpoint: paths::QUERY_PAYOUT,
+            limit: 64 * 1024
+        }
+    );
+}
+
+/// A gateway (or a proxy before it) may compress its answers, asked or not: they are decoded,
+/// and the response size limit counts decoded bytes.
+#[tokio::test]
+async fn compressed_answers_are_decoded_and_limited_by_their_decoded_size() {
+    let compressed = |encoding, padding| FaultAction::Compressed { encoding, padding };
+    let gw = spawn_gateway(|c| {
+        c.faults = vec![
+            fault(
+                "GZ",
+                Endpoint::Any,
+                None,
+                compressed(ContentEncoding::Gzip, None),
+            ),
+            fault(
+                "DF",
+                Endpoint::Any,
+                None,
+                compressed(ContentEncoding::Deflate, None),
+            ),
+            fault(
+                "BOMB",
+                Endpoint::QueryPayout,
+                None,
+                compressed(ContentEncoding::Gzip, Some(5_000_000)),
+            ),
+        ];
+    })
+    .await;
+    for id in ["GZ-1", "DF-1"] {
+        let accepted = gw.client.create_payout(&payout(id, "100")).await.unwrap();
+        assert_eq!(accepted.mch_order_no, id);
+        let info = gw.client.query_payout(&by_id(id)).await.unwrap();
+        assert_eq!(info.mch_order_no.as_deref(), Some(id));
+        assert_eq!(info.order_amount.as_deref(), Some("100"));
+    }
+
+    // On the wire they are compressed, even to a client that does not take compression.
+    let plain = reqwest::Client::builder()
+        .no_gzip()
+        .no_deflate()
+        .build()
+        .unwrap();
+    let signer = RequestSigner::new(gw.key.clone());
+    for (id, encoding, magic) in [("GZ-1", "gzip", 0x1f), ("DF-1", "deflate", 0x78)] {
+        let mut params = Params::new();
+        params.insert("mchNo", MCH_NO);
+        params.insert("mchOrderNo", id);
+        let nonce = tarspay_worker::wall_clock::now_ms().to_string();
+        let signed = signer.sign(paths::QUERY_PAYOUT, &nonce, &params);
+        let response = plain
+            .post(format!("{}{}", gw.sandbox.url(), paths::QUERY_PAYOUT))
+            .header("content-type", "application/json;charset=utf-8")
+            .header(HEADER_API_KEY, signed.api_key)
+            .header(HEADER_NONCE, nonce)
+            .header(HEADER_SIGNATURE, signed.signature)
+            .body(params.to_json_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["content-encoding"], encoding, "{id}");
+        let body = response.bytes().await.unwrap();
+        assert_eq!(body.first(), Some(&magic), "{id}: not compressed");
+    }
+
+    // 5 MB decoded, a few KiB on the wire: refused at the 64 KiB limit.
+    let bomb = gw.client.query_payout(&by_id("BOMB-1")).await.unwrap_err();
+    assert_eq!(
+        bomb,
         GatewayError::TooLarge {
             endpoint: paths::QUERY_PAYOUT,
             limit: 64 * 1024

@@ -20,8 +20,8 @@ mod server;
 pub use book::{BalanceView, OrderKind, OrderView};
 pub use limits::{CallReport, MAX_RECORDED_CALLS, RATE_LIMITED_CODE};
 pub use rules::{
-    CurrencyBalance, Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit, SandboxConfig,
-    SandboxMerchant,
+    ContentEncoding, CurrencyBalance, Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit,
+    SandboxConfig, SandboxMerchant,
 };
 use rust_decimal::Decimal;
 

@@ -111,6 +111,15 @@ pub enum FaultAction {
     /// order" (5003020 for payouts, 5003018 for deposits), as a gateway whose reads lag its
     /// writes. After that the order is found. Unknown orders are answered as usual.
     LookupLag { ms: u64 },
+    /// Handle the call normally and send the answer compressed (`Content-Encoding`), whether
+    /// or not the client said it takes that encoding, as a gateway or a proxy in front of it
+    /// may. With `padding`, the answer is instead a valid-looking envelope of that many bytes
+    /// before compression (an answer small on the wire and large decoded).
+    Compressed {
+        encoding: ContentEncoding,
+        #[serde(default)]
+        padding: Option<usize>,
+    },
     /// Creates only: a create for an `mchOrderNo` the sandbox already holds is answered with
     /// this code (e.g. 5004006, 5003006, 5003007) instead of 5003011, as a gateway that checks
     /// balance or key before duplicates. The held order is unaffected; a first create is
@@ -120,6 +129,15 @@ pub enum FaultAction {
         #[serde(default)]
         msg: Option<String>,
     },
+}
+
+/// An HTTP content encoding the sandbox can answer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentEncoding {
+    Gzip,
+    /// zlib-wrapped deflate (RFC 1950), as HTTP's `deflate` is.
+    Deflate,
 }
 
 impl FaultAction {

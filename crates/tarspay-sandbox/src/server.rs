@@ -5,7 +5,9 @@
 use super::Shared;
 use super::book::{InsertError, NewOrder, OrderKind, insert_order};
 use super::limits::{RATE_LIMITED_CODE, retry_after_secs};
-use super::rules::{Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit, SandboxMerchant};
+use super::rules::{
+    ContentEncoding, Endpoint, FaultAction, FaultRule, OutcomeRule, RateLimit, SandboxMerchant,
+};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -237,6 +239,42 @@ fn pick_fault(
     })
 }
 
+/// `response` with its body compressed in `encoding`, headers kept (`Content-Length` follows
+/// the new body).
+async fn compressed(response: Response, encoding: ContentEncoding) -> Response {
+    use std::io::Write;
+    let (mut parts, body) = response.into_parts();
+    let Ok(plain) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let level = flate2::Compression::default();
+    let (name, encoded) = match encoding {
+        ContentEncoding::Gzip => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+            (
+                "gzip",
+                encoder.write_all(&plain).and_then(|()| encoder.finish()),
+            )
+        }
+        ContentEncoding::Deflate => {
+            let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            (
+                "deflate",
+                encoder.write_all(&plain).and_then(|()| encoder.finish()),
+            )
+        }
+    };
+    let Ok(encoded) = encoded else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_ENCODING,
+        header::HeaderValue::from_static(name),
+    );
+    Response::from_parts(parts, axum::body::Body::from(encoded))
+}
+
 const BAD_GATEWAY_PAGE: &str = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>";
 
 async fn api(
@@ -313,6 +351,13 @@ async fn api(
                     )
                         .into_response(),
                 )
+            }
+            FaultAction::Compressed { encoding, padding } => {
+                let plain = match padding {
+                    Some(bytes) => envelope_ok(json!({"padding": "x".repeat(bytes)})),
+                    None => handle(&shared, endpoint, &call),
+                };
+                Some(compressed(plain, encoding).await)
             }
             FaultAction::Raw { body } => Some((StatusCode::OK, body).into_response()),
             FaultAction::Oversize { bytes } => {
