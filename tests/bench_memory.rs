@@ -48,3 +48,72 @@ fn a_lone_payout_is_counted_alone() {
     assert!(number("idle_redis_calls_incl_lua_per_s") > 0.0, "{line}");
     assert!(number("window_s") > 0.0, "{line}");
 }
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // `pid (comm) state ppid …`: the name may hold spaces, so read after its ')'.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+fn running(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie is no longer running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .is_some_and(|at| !stat[at..].starts_with(") Z"))
+    })
+}
+
+/// A bench stopped by SIGTERM stops the processes it started (redis-server, sandbox, worker)
+/// rather than leaving them running beside the next measurement.
+#[test]
+fn a_bench_stopped_by_sigterm_stops_what_it_started() {
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_tarspay-dev"))
+        .args(["bench", "e2e", "-n", "1000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = bench.id();
+    // redis-server, the sandbox and the worker.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut started = children_of(pid);
+    while started.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench started {started:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        started = children_of(pid);
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = bench.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stopped by a signal"), "{stderr}");
+    let left: Vec<u32> = started
+        .into_iter()
+        .filter(|child| running(*child))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "still running after the bench ended: {left:?}"
+    );
+}

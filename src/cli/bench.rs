@@ -160,16 +160,26 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         let _ = writeln!(out, "{}", leading_keys_first(line));
         let _ = out.flush();
     };
-    match args.which {
-        Which::Queue => bench::queue::run(&options, &mut print).await?,
-        Which::E2e => bench::e2e::run(&options, &mut print).await?,
-        Which::Cost => bench::cost::run(&options, &mut print).await?,
-        Which::Backlog => bench::backlog::run(&options, &mut print).await?,
-        Which::Delay => bench::delay::run(&options, &mut print).await?,
-        Which::Latency => bench::latency::run(&options, &latency, &mut print).await?,
-        Which::Fairness => bench::fairness::run(&options, &fairness, &mut print).await?,
-        Which::Console => bench::console::run(&options, &console, &mut print).await?,
-        Which::DelayWorker => bench::delay::worker().await?,
+    // A bench stopped by SIGINT or SIGTERM drops its run, and with it the processes it
+    // started (sandbox, workers, redis-server: each is killed on drop), instead of leaving
+    // them running to skew the next measurement.
+    let stopped = tarspay_worker::shutdown::signal();
+    let bench = async {
+        match args.which {
+            Which::Queue => bench::queue::run(&options, &mut print).await,
+            Which::E2e => bench::e2e::run(&options, &mut print).await,
+            Which::Cost => bench::cost::run(&options, &mut print).await,
+            Which::Backlog => bench::backlog::run(&options, &mut print).await,
+            Which::Delay => bench::delay::run(&options, &mut print).await,
+            Which::Latency => bench::latency::run(&options, &latency, &mut print).await,
+            Which::Fairness => bench::fairness::run(&options, &fairness, &mut print).await,
+            Which::Console => bench::console::run(&options, &console, &mut print).await,
+            Which::DelayWorker => bench::delay::worker().await,
+        }
+    };
+    tokio::select! {
+        finished = bench => finished?,
+        () = stopped => anyhow::bail!("stopped by a signal; the processes it started are stopped too"),
     }
     Ok(ExitCode::SUCCESS)
 }
