@@ -81,7 +81,7 @@ fn running(pid: u32) -> bool {
 /// rather than leaving them running beside the next measurement.
 #[test]
 fn a_bench_stopped_by_sigterm_stops_what_it_started() {
-    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_tarspay-dev"))
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_tarspay-dev"))
         .args(["bench", "e2e", "-n", "1000000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -78,7 +78,8 @@ impl RedisServer {
         tarspay_worker::redis_conn::RedisConn::Single(
             redis::aio::ConnectionManager::new_with_config(client, config)
                 .await
-                .expect("connect"),
+                .expect("connect")
+                .into(),
         )
     }
 }

@@ -10,12 +10,22 @@
 //!   touches keys of one hash tag (one slot).
 //! * A blocking command (`XREADGROUP BLOCK`) shares a node's multiplexed connection on a
 //!   cluster too: callers that block open a connection of their own ([`RedisClient::connect`]).
+//! * On a single node, the connection is rebuilt (a new connection to the URL's host, its name
+//!   resolved again) when the node it reaches answers `READONLY` (demoted to a replica by a
+//!   failover) or leaves [`REBUILD_AFTER_TIMEOUTS`] commands in a row unanswered (frozen):
+//!   redis-rs reconnects only when a connection drops, so a demoted or frozen old primary
+//!   would otherwise hold every command after the name moved to the new one.
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
-use std::time::Duration;
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Whether the deployment's Redis is a cluster (`redis_cluster`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,7 +136,7 @@ impl RedisClient {
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(2))
                     .set_number_of_retries(3);
-                Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
+                Ok(RedisConn::Single(SingleConn::rebuilding(
                     client.clone(),
                     config,
                 )?))
@@ -177,8 +187,161 @@ async fn is_cluster_node(seeds: &[&str]) -> Result<bool, RedisError> {
 /// A connection to a single Redis or a cluster; clones share it.
 #[derive(Clone)]
 pub enum RedisConn {
-    Single(ConnectionManager),
+    Single(SingleConn),
     Cluster(ClusterConnection),
+}
+
+/// Response timeouts in a row after which a single node's connection is rebuilt.
+pub const REBUILD_AFTER_TIMEOUTS: u32 = 3;
+
+/// The shortest time between two rebuilds: a URL that really names a replica answers
+/// `READONLY` to every write, and must not make each one a new connection.
+const MIN_REBUILD_GAP: Duration = Duration::from_secs(1);
+
+/// A single node's reconnecting connection, rebuilt when the node it reaches stops serving
+/// (see the module docs). Clones share it, and a rebuild.
+#[derive(Clone)]
+pub struct SingleConn(Arc<SingleState>);
+
+struct SingleState {
+    current: ArcSwap<ConnectionManager>,
+    /// How to open a new connection; `None`: never rebuilt.
+    rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
+    timeouts_in_a_row: AtomicU32,
+    rebuilt_at: Mutex<Option<Instant>>,
+}
+
+impl From<ConnectionManager> for SingleConn {
+    /// A connection that is never rebuilt (it only reconnects, as redis-rs does).
+    fn from(manager: ConnectionManager) -> Self {
+        Self::with(manager, None)
+    }
+}
+
+impl SingleConn {
+    /// Opened lazily (the first command connects), and rebuilt with `client` and `config`.
+    fn rebuilding(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    ) -> Result<Self, RedisError> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Self::with(manager, Some((client, config))))
+    }
+
+    fn with(
+        manager: ConnectionManager,
+        rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
+    ) -> Self {
+        Self(Arc::new(SingleState {
+            current: ArcSwap::from_pointee(manager),
+            rebuild,
+            timeouts_in_a_row: AtomicU32::new(0),
+            rebuilt_at: Mutex::new(None),
+        }))
+    }
+
+    /// The connection in use now (a cheap clone of a shared handle).
+    fn manager(&self) -> (Arc<ConnectionManager>, ConnectionManager) {
+        let current = self.0.current.load_full();
+        let manager = ConnectionManager::clone(&current);
+        (current, manager)
+    }
+
+    /// Counts what a command through `used` answered; rebuilds the connection when it shows
+    /// the node stopped serving.
+    fn observe<T>(
+        &self,
+        used: &Arc<ConnectionManager>,
+        answer: &Result<T, RedisError>,
+        values: impl FnOnce(&T) -> bool,
+    ) {
+        let stopped_serving = match answer {
+            Ok(value) => {
+                self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                values(value)
+            }
+            Err(err) if err.is_timeout() => {
+                self.0.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+                    >= REBUILD_AFTER_TIMEOUTS
+            }
+            Err(err) => is_readonly(err),
+        };
+        if stopped_serving {
+            self.rebuild(used);
+        }
+    }
+
+    /// Replaces `used` with a new connection, unless another caller already did or the last
+    /// rebuild was less than [`MIN_REBUILD_GAP`] ago.
+    fn rebuild(&self, used: &Arc<ConnectionManager>) {
+        let Some((client, config)) = &self.0.rebuild else {
+            return;
+        };
+        let mut rebuilt_at = self
+            .0
+            .rebuilt_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&self.0.current.load(), used)
+            || rebuilt_at.is_some_and(|at| at.elapsed() < MIN_REBUILD_GAP)
+        {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    "the Redis node stopped serving (READONLY, or no answers); connecting again"
+                );
+                self.0.current.store(Arc::new(fresh));
+                self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                *rebuilt_at = Some(Instant::now());
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot rebuild the Redis connection"),
+        }
+    }
+}
+
+impl ConnectionLike for SingleConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (used, mut manager) = self.manager();
+            let answer = manager.req_packed_command(cmd).await;
+            self.observe(&used, &answer, |value| {
+                holds_readonly(std::slice::from_ref(value))
+            });
+            answer
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (used, mut manager) = self.manager();
+            let answer = manager.req_packed_commands(pipeline, offset, count).await;
+            self.observe(&used, &answer, |values| holds_readonly(values));
+            answer
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.current.load().get_db()
+    }
+}
+
+/// A `READONLY` refusal: the node is a replica now.
+fn is_readonly(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) || err.code() == Some("READONLY")
+}
+
+/// A `READONLY` refusal among a pipeline's answers.
+fn holds_readonly(values: &[Value]) -> bool {
+    values.iter().any(|value| {
+        matches!(value, Value::ServerError(err) if err.kind() == Some(ServerErrorKind::ReadOnly))
+    })
 }
 
 impl ConnectionLike for RedisConn {
@@ -210,6 +373,14 @@ impl ConnectionLike for RedisConn {
 }
 
 impl RedisConn {
+    /// A script answered `READONLY` as data (an error it caught, such as a ledger operation's
+    /// `{'!error', …}`): on a single node, the connection is rebuilt as for a `READONLY` reply.
+    pub fn readonly_reported(&self) {
+        if let Self::Single(conn) = self {
+            conn.rebuild(&conn.0.current.load_full());
+        }
+    }
+
     /// Sends `cmd`, which names no key (`SCAN`, `TIME`), to the node serving `key`'s slot: on a
     /// cluster a keyless command would go to a random node, and a scan of one partition's
     /// keys must run where they live.

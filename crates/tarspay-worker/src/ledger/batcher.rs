@@ -229,6 +229,11 @@ async fn run(
                 if !ack_error.is_empty() {
                     tracing::warn!(error = %ack_error, "jobs not acknowledged with their ledger step; their settlements will be");
                 }
+                if replies.iter().any(reports_readonly) {
+                    // The script ran on a replica (a failover demoted the node): its
+                    // operations caught the refusals, so the connection did not see them.
+                    conn.readonly_reported();
+                }
                 for (at, (pending, reply)) in batch.drain(..).zip(replies).enumerate() {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
                     let job = if acked.contains(&(at + 1)) {
@@ -294,6 +299,13 @@ fn operation_result(reply: Value) -> Result<Value, RedisError> {
         )));
     }
     Ok(reply)
+}
+
+/// An operation that failed with `READONLY`: the node is a replica.
+fn reports_readonly(reply: &Value) -> bool {
+    matches!(reply, Value::Array(items)
+        if matches!(items.as_slice(), [Value::BulkString(marker), Value::BulkString(message)]
+            if marker.as_slice() == b"!error" && message.starts_with(b"READONLY")))
 }
 
 /// The batch script's `EVALSHA`: the shared keys, then each operation's three keys; the
