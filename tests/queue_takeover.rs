@@ -184,7 +184,7 @@ async fn a_worker_that_missed_its_renewals_does_not_start_its_own_running_job_ag
         .unwrap();
     let as_norenew = server.url().replacen("redis://", "redis://norenew:any@", 1);
     let queue: RedisQueue<TestJob> = RedisQueue::connect(&as_norenew, config).await.unwrap();
-    let worker = recording_worker(name, queue.clone(), 4);
+    let worker = starts_counting_worker(name, queue.clone());
     let job = TestJob {
         n: 1,
         sleep_ms: 2_500,
@@ -205,13 +205,36 @@ async fn a_worker_that_missed_its_renewals_does_not_start_its_own_running_job_ag
     .await;
     // Several claim passes ran during the job's 2.5 s (one every 200 ms, each finding the
     // entry idle, since it was never renewed): none started it again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let processed = counts(&mut conn, &processed_key(name)).await;
-    assert_eq!(
-        processed.get(&1),
-        Some(&1),
-        "runs of the job: {processed:?}"
-    );
+    let started = counts(&mut conn, &started_key(name)).await;
+    assert_eq!(started.get(&1), Some(&1), "starts of the job: {started:?}");
     assert_eq!(queue.stats().await.unwrap().dead, 0);
     worker.stop().await;
+}
+
+/// An in-process worker (concurrency 4) whose handler counts each start of a job in
+/// `started_key(queue)` before it sleeps the job's `sleep_ms`.
+fn starts_counting_worker(name: &str, queue: RedisQueue<TestJob>) -> InProcessWorker {
+    use apalis::prelude::*;
+    #[derive(Clone)]
+    struct Starts {
+        conn: tarspay_worker::redis_conn::RedisConn,
+        key: String,
+    }
+    async fn handle(job: TestJob, starts: Data<Starts>) -> Result<(), BoxDynError> {
+        let mut conn = starts.conn.clone();
+        let _: i64 = conn.hincr(&starts.key, job.n, 1).await?;
+        tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
+        Ok(())
+    }
+    let starts = Starts {
+        conn: queue.connection(),
+        key: started_key(name),
+    };
+    let (stop, signal) = stop_signal();
+    let worker = WorkerBuilder::new(name)
+        .backend(queue)
+        .data(starts)
+        .concurrency(4)
+        .build(handle);
+    InProcessWorker::spawn(stop, tokio::spawn(worker.run_until(signal)))
 }

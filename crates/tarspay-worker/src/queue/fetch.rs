@@ -170,18 +170,19 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             if schedule.paused {
                 return Ok(Vec::new());
             }
+            // Our own jobs, still running here, go idle when this worker could not renew them
+            // for longer than the orphan timeout (Redis out of reach, this process frozen):
+            // the claim gives them back to us, and they must not start a second time. Read
+            // before the claim is sent: a job settled meanwhile leaves the set, yet the claim
+            // may have taken it before its settlement ran.
+            let held = self.inflight.held();
             let (mut claimed, cursor) = self
                 .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
                 .await?;
-            // Our own jobs, still running here, go idle when this worker could not renew them
-            // for longer than the orphan timeout (Redis out of reach, this process frozen):
-            // the claim gave them back to us, and they must not start a second time.
-            let own = self
-                .inflight
-                .holding(claimed.iter().map(|entry| entry.id.as_str()));
-            if !own.is_empty() {
-                tracing::warn!(jobs = own.len(), consumer = %self.consumer, "reclaimed jobs this worker still runs; not started again");
-                claimed.retain(|entry| !own.contains(&entry.id));
+            let before = claimed.len();
+            claimed.retain(|entry| !held.contains(&entry.id));
+            if claimed.len() < before {
+                tracing::warn!(jobs = before - claimed.len(), consumer = %self.consumer, "reclaimed jobs this worker still runs; not started again");
             }
             // A full scan ends when the cursor wraps to 0-0; until then keep scanning next step.
             if cursor == "0-0" {

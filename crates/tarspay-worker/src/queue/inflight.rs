@@ -22,13 +22,12 @@ impl InFlight {
         }
     }
 
-    /// Those of `ids` this worker holds.
-    pub(crate) fn holding<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        ids.into_iter()
-            .filter(|id| set.contains(*id))
-            .map(str::to_owned)
-            .collect()
+    /// The entries held now.
+    pub(crate) fn held(&self) -> HashSet<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn snapshot(&self) -> Vec<String> {
@@ -39,15 +38,14 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     #[test]
     fn add_remove_snapshot() {
         let inflight = super::InFlight::default();
         inflight.add(["1-0", "2-0"]);
         inflight.remove(["1-0"]);
         assert_eq!(inflight.snapshot(), vec!["2-0".to_owned()]);
-        assert_eq!(
-            inflight.holding(["1-0", "2-0", "3-0"]),
-            vec!["2-0".to_owned()]
-        );
+        assert_eq!(inflight.held(), HashSet::from(["2-0".to_owned()]));
     }
 }
