@@ -16,6 +16,11 @@ use std::time::Duration;
 use tarspay_worker::redis_conn::{RedisClient, RedisConn, Timeouts};
 use tokio::net::{TcpListener, TcpStream};
 
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    response: Duration::from_millis(500),
+};
+
 /// A TCP proxy whose target can be switched; returns its address.
 async fn switchable_proxy(target: Arc<Mutex<SocketAddr>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -51,6 +56,7 @@ struct Pair {
     primary: RedisServer,
     replica: RedisServer,
     target: Arc<Mutex<SocketAddr>>,
+    client: RedisClient,
     conn: RedisConn,
 }
 
@@ -61,12 +67,7 @@ async fn pair() -> Pair {
     let target = Arc::new(Mutex::new(address_of(&primary)));
     let proxy = switchable_proxy(Arc::clone(&target)).await;
     let client = RedisClient::single(&format!("redis://{proxy}")).unwrap();
-    let conn = client
-        .connect(Timeouts {
-            connect: Duration::from_secs(2),
-            response: Duration::from_millis(500),
-        })
-        .unwrap();
+    let conn = client.connect(TIMEOUTS).unwrap();
     let mut admin = primary.conn().await;
     let before: Result<(), _> = redis::cmd("SET")
         .arg("before")
@@ -97,6 +98,7 @@ async fn pair() -> Pair {
         primary,
         replica,
         target,
+        client,
         conn,
     }
 }
@@ -191,13 +193,37 @@ async fn a_connection_to_a_frozen_primary_moves_to_the_promoted_replica() {
 
 /// The ledger's batch script catches its operations' errors and answers them as data, so a
 /// batch run on a demoted node is no `READONLY` reply: the ledger reports it, and its
-/// connection moves too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ledger_moves_to_the_promoted_replica_after_a_readonly_operation() {
-    use tarspay_worker::ledger::{Ledger, LedgerKeys, NewOrder, OrderKind, Registered};
+/// connection moves too. With replicas to confirm its writes, the batch's `WAIT` is refused
+/// on the demoted node, which fails the whole pipeline: that refusal moves it as well.
+async fn the_ledger_follows_a_demotion(replicated: bool) {
+    use tarspay_worker::ledger::{
+        Ledger, LedgerKeys, NewOrder, OrderKind, Registered, Replication,
+    };
     let pair = pair().await;
     let keys = tarspay_worker::queue::QueueKeys::new("ftest", "payouts").unwrap();
-    let ledger = Ledger::new(pair.conn.clone(), LedgerKeys::new("{ftest:payouts}", &keys));
+    let ledger_keys = || LedgerKeys::new("{ftest:payouts}", &keys);
+    let mut probe: Option<RedisConn> = None;
+    let ledger = if replicated {
+        // Connected now, to the node that is still the primary.
+        let batcher_conn = pair.client.connect(TIMEOUTS).unwrap();
+        let () = redis::cmd("PING")
+            .query_async(&mut batcher_conn.clone())
+            .await
+            .map(|_: String| ())
+            .unwrap();
+        probe = Some(batcher_conn.clone());
+        Ledger::with_replicas(
+            pair.conn.clone(),
+            batcher_conn,
+            ledger_keys(),
+            Replication {
+                replicas: 1,
+                timeout: Duration::from_millis(200),
+            },
+        )
+    } else {
+        Ledger::new(pair.conn.clone(), ledger_keys())
+    };
     let id = "F-1".parse().unwrap();
     let currency = "INR".parse().unwrap();
     let merchant = "default".parse().unwrap();
@@ -230,17 +256,39 @@ async fn the_ledger_moves_to_the_promoted_replica_after_a_readonly_operation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(registered, Registered::Created);
-    assert!(
-        !refusals.is_empty() && refusals.len() <= 2,
-        "refused on the demoted node, then moved: {refusals:?}"
-    );
+    match &probe {
+        None => assert!(
+            refusals.len() == 1 && refusals[0].contains("replica"),
+            "refused once on the demoted node, then moved: {refusals:?}"
+        ),
+        // The demoted node's answer (its script cache emptied by its resync, and `WAIT`
+        // refused) moved the batcher's connection before the ledger sent the batch again.
+        Some(probe) => {
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query_async(&mut probe.clone())
+                .await
+                .unwrap();
+            assert_eq!(
+                role.first(),
+                Some(&redis::Value::BulkString(b"master".to_vec())),
+                "the batcher's connection reaches the new primary ({refusals:?})"
+            );
+        }
+    }
     // Read on the new primary (the old one follows it now, so it is there too).
-    let on_new = Ledger::new(
-        pair.replica.conn().await,
-        LedgerKeys::new("{ftest:payouts}", &keys),
-    );
+    let on_new = Ledger::new(pair.replica.conn().await, ledger_keys());
     assert!(
         on_new.get("F-1").await.unwrap().is_some(),
         "the order is on the new primary"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_moves_to_the_promoted_replica_after_a_readonly_operation() {
+    the_ledger_follows_a_demotion(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_ledger_moves_to_the_promoted_replica_after_its_wait_is_refused() {
+    the_ledger_follows_a_demotion(true).await;
 }

@@ -21,7 +21,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerError,
+    ServerErrorKind, Value,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -204,7 +205,8 @@ const MIN_REBUILD_GAP: Duration = Duration::from_secs(1);
 pub struct SingleConn(Arc<SingleState>);
 
 struct SingleState {
-    current: ArcSwap<ConnectionManager>,
+    /// The connection in use, and its generation (each rebuild adds one).
+    current: ArcSwap<(u64, ConnectionManager)>,
     /// How to open a new connection; `None`: never rebuilt.
     rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
     timeouts_in_a_row: AtomicU32,
@@ -233,47 +235,57 @@ impl SingleConn {
         rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
     ) -> Self {
         Self(Arc::new(SingleState {
-            current: ArcSwap::from_pointee(manager),
+            current: ArcSwap::from_pointee((0, manager)),
             rebuild,
             timeouts_in_a_row: AtomicU32::new(0),
             rebuilt_at: Mutex::new(None),
         }))
     }
 
-    /// The connection in use now (a cheap clone of a shared handle).
-    fn manager(&self) -> (Arc<ConnectionManager>, ConnectionManager) {
-        let current = self.0.current.load_full();
-        let manager = ConnectionManager::clone(&current);
-        (current, manager)
+    /// The generation of the connection in use now.
+    fn generation(&self) -> u64 {
+        self.0.current.load().0
     }
 
-    /// Counts what a command through `used` answered; rebuilds the connection when it shows
-    /// the node stopped serving.
+    /// The connection in use now (a cheap clone of a shared handle), with its generation.
+    fn manager(&self) -> (u64, ConnectionManager) {
+        let current = self.0.current.load();
+        (current.0, current.1.clone())
+    }
+
+    /// Counts what a command through the connection of `generation` answered; rebuilds the
+    /// connection when that shows the node stopped serving. The answers of a connection
+    /// already replaced say nothing of the one in use.
     fn observe<T>(
         &self,
-        used: &Arc<ConnectionManager>,
+        generation: u64,
         answer: &Result<T, RedisError>,
         values: impl FnOnce(&T) -> bool,
     ) {
+        if self.generation() != generation {
+            return;
+        }
         let stopped_serving = match answer {
             Ok(value) => {
-                self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                if self.0.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
+                    self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                }
                 values(value)
             }
             Err(err) if err.is_timeout() => {
                 self.0.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
                     >= REBUILD_AFTER_TIMEOUTS
             }
-            Err(err) => is_readonly(err),
+            Err(err) => says_replica(err),
         };
         if stopped_serving {
-            self.rebuild(used);
+            self.rebuild(generation);
         }
     }
 
-    /// Replaces `used` with a new connection, unless another caller already did or the last
-    /// rebuild was less than [`MIN_REBUILD_GAP`] ago.
-    fn rebuild(&self, used: &Arc<ConnectionManager>) {
+    /// Replaces the connection of `generation` with a new one, unless another caller already
+    /// did or the last rebuild was less than [`MIN_REBUILD_GAP`] ago.
+    fn rebuild(&self, generation: u64) {
         let Some((client, config)) = &self.0.rebuild else {
             return;
         };
@@ -282,7 +294,7 @@ impl SingleConn {
             .rebuilt_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if !Arc::ptr_eq(&self.0.current.load(), used)
+        if self.generation() != generation
             || rebuilt_at.is_some_and(|at| at.elapsed() < MIN_REBUILD_GAP)
         {
             return;
@@ -292,7 +304,7 @@ impl SingleConn {
                 tracing::warn!(
                     "the Redis node stopped serving (READONLY, or no answers); connecting again"
                 );
-                self.0.current.store(Arc::new(fresh));
+                self.0.current.store(Arc::new((generation + 1, fresh)));
                 self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
                 *rebuilt_at = Some(Instant::now());
             }
@@ -304,9 +316,9 @@ impl SingleConn {
 impl ConnectionLike for SingleConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (used, mut manager) = self.manager();
+            let (generation, mut manager) = self.manager();
             let answer = manager.req_packed_command(cmd).await;
-            self.observe(&used, &answer, |value| {
+            self.observe(generation, &answer, |value| {
                 holds_readonly(std::slice::from_ref(value))
             });
             answer
@@ -320,28 +332,43 @@ impl ConnectionLike for SingleConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (used, mut manager) = self.manager();
+            let (generation, mut manager) = self.manager();
             let answer = manager.req_packed_commands(pipeline, offset, count).await;
-            self.observe(&used, &answer, |values| holds_readonly(values));
+            self.observe(generation, &answer, |values| holds_readonly(values));
             answer
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.0.current.load().get_db()
+        self.0.current.load().1.get_db()
     }
 }
 
-/// A `READONLY` refusal: the node is a replica now.
-fn is_readonly(err: &RedisError) -> bool {
-    err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) || err.code() == Some("READONLY")
+/// A refusal that shows the node is a replica now: `READONLY`, or a command a replica refuses
+/// (`WAIT`, in a pipeline whose other answers a script may have caught as data).
+fn replica_refusal(server: &ServerError) -> bool {
+    server.kind() == Some(ServerErrorKind::ReadOnly)
+        || server.code() == "READONLY"
+        || server
+            .details()
+            .is_some_and(|text| text.contains("with replica instances"))
 }
 
-/// A `READONLY` refusal among a pipeline's answers.
+/// An error carrying such a refusal, alone or among a pipeline's errors.
+fn says_replica(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || err.code() == Some("READONLY")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, server)| replica_refusal(server)))
+}
+
+/// Such a refusal among a command's or a pipeline's answers.
 fn holds_readonly(values: &[Value]) -> bool {
-    values.iter().any(|value| {
-        matches!(value, Value::ServerError(err) if err.kind() == Some(ServerErrorKind::ReadOnly))
-    })
+    values
+        .iter()
+        .any(|value| matches!(value, Value::ServerError(err) if replica_refusal(err)))
 }
 
 impl ConnectionLike for RedisConn {
@@ -375,9 +402,19 @@ impl ConnectionLike for RedisConn {
 impl RedisConn {
     /// A script answered `READONLY` as data (an error it caught, such as a ledger operation's
     /// `{'!error', …}`): on a single node, the connection is rebuilt as for a `READONLY` reply.
-    pub fn readonly_reported(&self) {
+    /// `generation`: [`RedisConn::generation`] when the script was sent (a connection
+    /// rebuilt since is not rebuilt again for it).
+    pub fn readonly_reported(&self, generation: u64) {
         if let Self::Single(conn) = self {
-            conn.rebuild(&conn.0.current.load_full());
+            conn.rebuild(generation);
+        }
+    }
+
+    /// Which connection is in use: it changes when a single node's connection is rebuilt.
+    pub fn generation(&self) -> u64 {
+        match self {
+            Self::Single(conn) => conn.generation(),
+            Self::Cluster(_) => 0,
         }
     }
 

@@ -222,6 +222,7 @@ async fn run(
                 continue;
             }
         }
+        let generation = conn.generation();
         match apply_batch(&conn, &shared_keys, &batch, wait).await {
             Ok(((replies, acked, stale, ack_error, followed), confirmed))
                 if replies.len() == batch.len() =>
@@ -232,7 +233,7 @@ async fn run(
                 if replies.iter().any(reports_readonly) {
                     // The script ran on a replica (a failover demoted the node): its
                     // operations caught the refusals, so the connection did not see them.
-                    conn.readonly_reported();
+                    conn.readonly_reported(generation);
                 }
                 for (at, (pending, reply)) in batch.drain(..).zip(replies).enumerate() {
                     let replicated = confirmed || !DURABLE_KINDS.contains(&pending.op.kind);
