@@ -11,8 +11,9 @@
 //! * A blocking command (`XREADGROUP BLOCK`) shares a node's multiplexed connection on a
 //!   cluster too: callers that block open a connection of their own ([`RedisClient::connect`]).
 //! * On a single node, the connection is rebuilt (a new connection to the URL's host, its name
-//!   resolved again) when the node it reaches answers `READONLY` (demoted to a replica by a
-//!   failover) or leaves [`REBUILD_AFTER_TIMEOUTS`] commands in a row unanswered (frozen):
+//!   resolved again) when the node it reaches answers as a replica (`READONLY`, or a refused
+//!   `WAIT`: demoted by a failover) or leaves [`REBUILD_AFTER_TIMEOUTS`] commands in a row
+//!   unanswered (frozen):
 //!   redis-rs reconnects only when a connection drops, so a demoted or frozen old primary
 //!   would otherwise hold every command after the name moved to the new one.
 
