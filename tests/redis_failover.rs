@@ -75,18 +75,7 @@ async fn pair() -> Pair {
         .query_async(&mut conn.clone())
         .await;
     before.expect("the primary takes writes");
-    common::eventually("the replica in sync", || {
-        let mut admin = admin.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut admin)
-                .await
-                .ok()?;
-            info.contains("state=online").then_some(())
-        }
-    })
-    .await;
+    common::replica_in_sync(&admin).await;
     let _: () = redis::cmd("WAIT")
         .arg(1)
         .arg(5_000)
@@ -113,6 +102,18 @@ async fn promote_replica(pair: &Pair) {
         .await
         .unwrap();
     *pair.target.lock().unwrap() = address_of(&pair.replica);
+}
+
+/// Makes the old primary a replica of the promoted one: writes on connections still made to
+/// it answer `READONLY`.
+async fn demote_old_primary(pair: &Pair) {
+    let mut old = pair.primary.conn().await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(pair.replica.port)
+        .query_async(&mut old)
+        .await
+        .unwrap();
 }
 
 /// Writes through `conn` until one succeeds (at most 40 tries, 100 ms apart); the errors
@@ -147,14 +148,7 @@ async fn written_on(server: &RedisServer) -> Option<String> {
 async fn a_connection_to_a_demoted_primary_moves_to_the_promoted_replica() {
     let pair = pair().await;
     promote_replica(&pair).await;
-    // The old primary follows the new one: writes on the old connection answer READONLY.
-    let mut old = pair.primary.conn().await;
-    let () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(pair.replica.port)
-        .query_async(&mut old)
-        .await
-        .unwrap();
+    demote_old_primary(&pair).await;
 
     let errors = write_until_it_lands(&pair.conn).await;
     assert!(
@@ -238,13 +232,7 @@ async fn the_ledger_follows_a_demotion(replicated: bool) {
         merchant: &merchant,
     };
     promote_replica(&pair).await;
-    let mut old = pair.primary.conn().await;
-    let () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(pair.replica.port)
-        .query_async(&mut old)
-        .await
-        .unwrap();
+    demote_old_primary(&pair).await;
 
     let mut refusals = Vec::new();
     let registered = loop {

@@ -34,18 +34,7 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
     let port = app.redis.port().to_string();
     let replica = RedisServer::start_with(false, &["--replicaof", "127.0.0.1", &port]);
     let primary = app.redis.conn().await;
-    common::eventually("the replica in sync", || {
-        let mut primary = primary.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut primary)
-                .await
-                .ok()?;
-            info.contains("state=online").then_some(())
-        }
-    })
-    .await;
+    common::replica_in_sync(&primary).await;
 
     // Healthy replica: the pipeline runs as usual.
     let pool = app.pool(4);

@@ -128,6 +128,23 @@ where
     .await
 }
 
+/// Waits until the Redis behind `primary` reports a replica online.
+#[allow(dead_code)]
+pub async fn replica_in_sync(primary: &tarspay_worker::redis_conn::RedisConn) {
+    eventually("the replica in sync", || {
+        let mut primary = primary.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut primary)
+                .await
+                .ok()?;
+            info.contains("state=online").then_some(())
+        }
+    })
+    .await;
+}
+
 /// The one polling loop of the tests: runs `check` every `every` until it answers `Ok`; past
 /// `limit` panics naming `what` and what the last `Err` said (a hang guard, not a speed
 /// assertion).
