@@ -211,6 +211,97 @@ async fn a_worker_that_missed_its_renewals_does_not_start_its_own_running_job_ag
     worker.stop().await;
 }
 
+/// The pending entries of `queue`: (id, consumer, deliveries).
+async fn pending_entries(
+    conn: &mut tarspay_worker::redis_conn::RedisConn,
+    queue: &RedisQueue<TestJob>,
+) -> Vec<(String, String, u64)> {
+    let keys = queue.keys();
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(conn)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|(id, consumer, _idle, deliveries)| (id, consumer, deliveries))
+        .collect()
+}
+
+/// A job this worker still runs comes back to it from another consumer (one that took it
+/// over while this worker stalled, then went away): the claim does not start it again, and
+/// the delivery it counted is taken back, so a later takeover does not read it as one more
+/// lost worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_claimed_back_is_not_started_again_nor_counted_as_a_delivery() {
+    let server = RedisServer::start(false);
+    let name = "claimed_back";
+    let config = config(name).with_orphan_timeout(Duration::from_millis(400));
+    let queue = queue(&server, config).await;
+    let worker = starts_counting_worker(name, queue.clone());
+    let job = TestJob {
+        n: 1,
+        sleep_ms: 3_000,
+    };
+    assert!(matches!(
+        queue.enqueue(&job).await.unwrap(),
+        Enqueued::Queued { .. }
+    ));
+    let mut conn = server.conn().await;
+    let (id, ours) = {
+        let q = queue.clone();
+        let mut c = conn.clone();
+        wait_until("the job runs", Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move { counts(&mut c, &started_key(name)).await.get(&1) == Some(&1) }
+        })
+        .await;
+        let pending = pending_entries(&mut c, &q).await;
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        (pending[0].0.clone(), pending[0].1.clone())
+    };
+    // Another consumer holds it now (`JUSTID`: no delivery counted); this worker's renewals
+    // leave it alone, and after the orphan timeout its orphan scan takes it back.
+    let keys = queue.keys();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .arg("ghost")
+        .arg(0)
+        .arg(&id)
+        .arg("JUSTID")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Claimed back (the claim counts a second delivery), then the count taken back to 1.
+    wait_until(
+        "the job claimed back with one delivery",
+        Duration::from_secs(10),
+        || {
+            let mut c = conn.clone();
+            let q = queue.clone();
+            let expected = vec![(id.clone(), ours.clone(), 1)];
+            async move { pending_entries(&mut c, &q).await == expected }
+        },
+    )
+    .await;
+    let q = queue.clone();
+    wait_until("the job is settled", Duration::from_secs(30), || {
+        let q = q.clone();
+        async move {
+            let s = q.stats().await.unwrap();
+            s.depth() == 0 && s.delayed == 0
+        }
+    })
+    .await;
+    let started = counts(&mut conn, &started_key(name)).await;
+    assert_eq!(started.get(&1), Some(&1), "starts of the job: {started:?}");
+    worker.stop().await;
+}
+
 /// An in-process worker (concurrency 4) whose handler counts each start of a job in
 /// `started_key(queue)` before it sleeps the job's `sleep_ms`.
 fn starts_counting_worker(name: &str, queue: RedisQueue<TestJob>) -> InProcessWorker {

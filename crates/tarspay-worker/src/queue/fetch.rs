@@ -176,13 +176,15 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             // before the claim is sent: a job settled meanwhile leaves the set, yet the claim
             // may have taken it before its settlement ran.
             let held = self.inflight.held();
-            let (mut claimed, cursor) = self
+            let (claimed, cursor) = self
                 .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
                 .await?;
-            let before = claimed.len();
-            claimed.retain(|entry| !held.contains(&entry.id));
-            if claimed.len() < before {
-                tracing::warn!(jobs = before - claimed.len(), consumer = %self.consumer, "reclaimed jobs this worker still runs; not started again");
+            let (own, claimed): (Vec<StreamId>, Vec<StreamId>) = claimed
+                .into_iter()
+                .partition(|entry| held.contains(&entry.id));
+            if !own.is_empty() {
+                tracing::warn!(jobs = own.len(), consumer = %self.consumer, "reclaimed jobs this worker still runs; not started again");
+                self.uncount_own_claims(&own).await;
             }
             // A full scan ends when the cursor wraps to 0-0; until then keep scanning next step.
             if cursor == "0-0" {
@@ -316,6 +318,33 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .invoke_async(&mut conn)
             .await?;
         parse_claimed(&reply)
+    }
+
+    /// Takes back the delivery each claim of `own` (entries this worker still runs) counted:
+    /// a later takeover of such a job would read it as one more lost worker. Best effort: a
+    /// count left raised only brings a burial for lost workers nearer.
+    async fn uncount_own_claims(&self, own: &[StreamId]) {
+        let keys = &self.shared.keys;
+        let mut pipe = redis::pipe();
+        for entry in own {
+            let counted = entry.delivered_count.unwrap_or(1);
+            // `XCLAIM … JUSTID` sets the count without adding one; only an entry still
+            // pending is touched.
+            pipe.cmd("XCLAIM")
+                .arg(&keys.stream)
+                .arg(&keys.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&entry.id)
+                .arg("RETRYCOUNT")
+                .arg(counted.saturating_sub(1).max(1))
+                .arg("JUSTID")
+                .ignore();
+        }
+        let restored: Result<(), _> = pipe.query_async(&mut self.shared.conn.clone()).await;
+        if let Err(e) = restored {
+            tracing::debug!(error = %e, "delivery counts of reclaimed own jobs not restored");
+        }
     }
 
     /// `pause_clear_read_at`: when the pause flag was last read, and found clear, before

@@ -20,9 +20,9 @@
 //!   counting a delivery) every [`QueueConfig::heartbeat_interval`], so a busy worker is never
 //!   robbed. Entries assigned by a fetch whose reply was lost are not renewed, so they are
 //!   recovered like orphans. A worker whose renewals failed past the timeout (Redis out of
-//!   reach, the process frozen) may claim its own running jobs: those are not started again.
-//!   (The claim still counts a delivery, which a later takeover of the job reads as one more
-//!   lost worker.)
+//!   reach, the process frozen) may claim its own running jobs: those are not started again,
+//!   and the delivery the claim counted is taken back (`XCLAIM … RETRYCOUNT … JUSTID`), so a
+//!   later takeover does not read it as one more lost worker.
 //! * **A settlement applies only while its worker still holds the entry.** An outcome (done,
 //!   retry, dead) and a shutdown give-back are written only if the entry is still pending *and*
 //!   owned by the settling consumer (`XPENDING id id 1`, checked inside the same script). A
