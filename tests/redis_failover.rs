@@ -280,3 +280,45 @@ async fn the_ledger_moves_to_the_promoted_replica_after_a_readonly_operation() {
 async fn a_replicated_ledger_moves_to_the_promoted_replica_after_its_wait_is_refused() {
     the_ledger_follows_a_demotion(true).await;
 }
+
+/// Commands queued behind slow ones on a healthy primary (here `WAIT`s for a replica that does
+/// not exist, 300 ms each, as a batcher's `WAIT`s for lagging replicas queue one after
+/// another) time out while the node still answers the ones before them: the connection is
+/// kept. Only a node silent for a whole response timeout is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_behind_slow_commands_on_a_live_primary_keep_the_connection() {
+    let primary = RedisServer::start(false);
+    let client = RedisClient::single(&primary.url()).unwrap();
+    let conn = client
+        .connect(Timeouts {
+            connect: Duration::from_secs(2),
+            response: Duration::from_millis(1_000),
+        })
+        .unwrap();
+    let () = redis::cmd("PING")
+        .query_async(&mut conn.clone())
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    let waits = (0..8).map(|_| {
+        let mut conn = conn.clone();
+        async move {
+            let answered: Result<i64, _> = redis::cmd("WAIT")
+                .arg(1)
+                .arg(300)
+                .query_async(&mut conn)
+                .await;
+            answered
+        }
+    });
+    let answers = futures::future::join_all(waits).await;
+    let timed_out = answers
+        .iter()
+        .filter(|answer| answer.as_ref().is_err_and(|err| err.is_timeout()))
+        .count();
+    assert!(
+        timed_out >= 3,
+        "the later WAITs timed out behind the earlier ones: {answers:?}"
+    );
+    assert_eq!(conn.generation(), 0, "the connection was rebuilt");
+}

@@ -25,7 +25,7 @@ use redis::{
     Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerError,
     ServerErrorKind, Value,
 };
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,7 @@ impl RedisClient {
                 Ok(RedisConn::Single(SingleConn::rebuilding(
                     client.clone(),
                     config,
+                    timeouts.response,
                 )?))
             }
             Self::Cluster(client) => {
@@ -211,36 +212,53 @@ struct SingleState {
     /// How to open a new connection; `None`: never rebuilt.
     rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
     timeouts_in_a_row: AtomicU32,
+    /// When an answer last came (ms since `since`, updated at most every 100 ms), and how long
+    /// the node must have been silent before timeouts rebuild the connection: its response
+    /// timeout. Timeouts alone do not tell a frozen node from commands queued behind slow
+    /// ones (`WAIT`s for lagging replicas, one after another), which the node does answer.
+    last_answer_ms: AtomicU64,
+    silence: Duration,
+    since: Instant,
     rebuilt_at: Mutex<Option<Instant>>,
 }
 
 impl From<ConnectionManager> for SingleConn {
     /// A connection that is never rebuilt (it only reconnects, as redis-rs does).
     fn from(manager: ConnectionManager) -> Self {
-        Self::with(manager, None)
+        Self::with(manager, None, Duration::MAX)
     }
 }
 
 impl SingleConn {
     /// Opened lazily (the first command connects), and rebuilt with `client` and `config`.
+    /// `response`: the connection's response timeout.
     fn rebuilding(
         client: redis::Client,
         config: ConnectionManagerConfig,
+        response: Duration,
     ) -> Result<Self, RedisError> {
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        Ok(Self::with(manager, Some((client, config))))
+        Ok(Self::with(manager, Some((client, config)), response))
     }
 
     fn with(
         manager: ConnectionManager,
         rebuild: Option<(redis::Client, ConnectionManagerConfig)>,
+        silence: Duration,
     ) -> Self {
         Self(Arc::new(SingleState {
             current: ArcSwap::from_pointee((0, manager)),
             rebuild,
             timeouts_in_a_row: AtomicU32::new(0),
+            last_answer_ms: AtomicU64::new(0),
+            silence,
+            since: Instant::now(),
             rebuilt_at: Mutex::new(None),
         }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The generation of the connection in use now.
@@ -271,11 +289,19 @@ impl SingleConn {
                 if self.0.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
                     self.0.timeouts_in_a_row.store(0, Ordering::Relaxed);
                 }
+                let now = self.now_ms();
+                if now > self.0.last_answer_ms.load(Ordering::Relaxed) + 100 {
+                    self.0.last_answer_ms.store(now, Ordering::Relaxed);
+                }
                 values(value)
             }
             Err(err) if err.is_timeout() => {
+                let silent_ms = self
+                    .now_ms()
+                    .saturating_sub(self.0.last_answer_ms.load(Ordering::Relaxed));
                 self.0.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
                     >= REBUILD_AFTER_TIMEOUTS
+                    && Duration::from_millis(silent_ms) >= self.0.silence
             }
             Err(err) => says_replica(err),
         };
@@ -350,9 +376,10 @@ impl ConnectionLike for SingleConn {
 fn replica_refusal(server: &ServerError) -> bool {
     server.kind() == Some(ServerErrorKind::ReadOnly)
         || server.code() == "READONLY"
-        || server
-            .details()
-            .is_some_and(|text| text.contains("with replica instances"))
+        || server.details().is_some_and(|text| {
+            text.starts_with("WAIT cannot be used with replica instances")
+                || text.starts_with("WAITAOF cannot be used with replica instances")
+        })
 }
 
 /// An error carrying such a refusal, alone or among a pipeline's errors.
