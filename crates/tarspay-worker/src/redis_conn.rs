@@ -13,7 +13,7 @@
 //! * On a single node, the connection is rebuilt (a new connection to the URL's host, its name
 //!   resolved again) when the node it reaches answers as a replica (`READONLY`, or a refused
 //!   `WAIT`: demoted by a failover) or leaves [`REBUILD_AFTER_TIMEOUTS`] commands in a row
-//!   unanswered (frozen):
+//!   unanswered while answering nothing for a whole response timeout (frozen):
 //!   redis-rs reconnects only when a connection drops, so a demoted or frozen old primary
 //!   would otherwise hold every command after the name moved to the new one.
 
