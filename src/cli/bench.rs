@@ -163,7 +163,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     // A bench stopped by SIGINT or SIGTERM drops its run, and with it the processes it
     // started (sandbox, workers, redis-server: each is killed on drop), instead of leaving
     // them running to skew the next measurement.
-    let stopped = tarspay_worker::shutdown::signal();
+    let child_of_a_bench = matches!(args.which, Which::DelayWorker);
     let bench = async {
         match args.which {
             Which::Queue => bench::queue::run(&options, &mut print).await,
@@ -177,6 +177,12 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             Which::DelayWorker => bench::delay::worker().await,
         }
     };
+    if child_of_a_bench {
+        // Stopped by its parent; keeps the worker's own handling of signals.
+        bench.await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stopped = tarspay_worker::shutdown::signal();
     tokio::select! {
         finished = bench => finished?,
         () = stopped => anyhow::bail!("stopped by a signal; the processes it started are stopped too"),
