@@ -185,30 +185,36 @@ async fn a_worker_that_missed_its_renewals_does_not_start_its_own_running_job_ag
     let as_norenew = server.url().replacen("redis://", "redis://norenew:any@", 1);
     let queue: RedisQueue<TestJob> = RedisQueue::connect(&as_norenew, config).await.unwrap();
     let worker = starts_counting_worker(name, queue.clone());
-    let job = TestJob {
-        n: 1,
-        sleep_ms: 2_500,
-    };
-    assert!(matches!(
-        queue.enqueue(&job).await.unwrap(),
-        Enqueued::Queued { .. }
-    ));
+    enqueue_sleeping(&queue, 2_500).await;
     let mut conn = server.conn().await;
-    let q = queue.clone();
-    wait_until("the job is settled", Duration::from_secs(30), || {
-        let q = q.clone();
-        async move {
-            let s = q.stats().await.unwrap();
-            s.depth() == 0 && s.delayed == 0
-        }
-    })
-    .await;
+    settled(&queue).await;
     // Several claim passes ran during the job's 2.5 s (one every 200 ms, each finding the
     // entry idle, since it was never renewed): none started it again.
     let started = counts(&mut conn, &started_key(name)).await;
     assert_eq!(started.get(&1), Some(&1), "starts of the job: {started:?}");
     assert_eq!(queue.stats().await.unwrap().dead, 0);
     worker.stop().await;
+}
+
+/// Queues job 1, sleeping `sleep_ms` when it runs.
+async fn enqueue_sleeping(queue: &RedisQueue<TestJob>, sleep_ms: u64) {
+    let job = TestJob { n: 1, sleep_ms };
+    assert!(matches!(
+        queue.enqueue(&job).await.unwrap(),
+        Enqueued::Queued { .. }
+    ));
+}
+
+/// Waits until `queue` holds nothing, waiting or delayed.
+async fn settled(queue: &RedisQueue<TestJob>) {
+    wait_until("the job is settled", Duration::from_secs(30), || {
+        let q = queue.clone();
+        async move {
+            let s = q.stats().await.unwrap();
+            s.depth() == 0 && s.delayed == 0
+        }
+    })
+    .await;
 }
 
 /// The pending entries of `queue`: (id, consumer, deliveries).
@@ -242,14 +248,7 @@ async fn a_running_job_claimed_back_is_not_started_again_nor_counted_as_a_delive
     let config = config(name).with_orphan_timeout(Duration::from_millis(400));
     let queue = queue(&server, config).await;
     let worker = starts_counting_worker(name, queue.clone());
-    let job = TestJob {
-        n: 1,
-        sleep_ms: 3_000,
-    };
-    assert!(matches!(
-        queue.enqueue(&job).await.unwrap(),
-        Enqueued::Queued { .. }
-    ));
+    enqueue_sleeping(&queue, 3_000).await;
     let mut conn = server.conn().await;
     let (id, ours) = {
         let q = queue.clone();
@@ -288,15 +287,7 @@ async fn a_running_job_claimed_back_is_not_started_again_nor_counted_as_a_delive
         },
     )
     .await;
-    let q = queue.clone();
-    wait_until("the job is settled", Duration::from_secs(30), || {
-        let q = q.clone();
-        async move {
-            let s = q.stats().await.unwrap();
-            s.depth() == 0 && s.delayed == 0
-        }
-    })
-    .await;
+    settled(&queue).await;
     let started = counts(&mut conn, &started_key(name)).await;
     assert_eq!(started.get(&1), Some(&1), "starts of the job: {started:?}");
     worker.stop().await;

@@ -10,7 +10,6 @@ mod common;
 
 use common::redis_server::RedisServer;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tarspay_worker::redis_conn::{RedisClient, RedisConn, Timeouts};
@@ -40,14 +39,6 @@ async fn switchable_proxy(target: Arc<Mutex<SocketAddr>>) -> SocketAddr {
 
 fn address_of(server: &RedisServer) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], server.port))
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// A primary, its replica in sync, and a connection to the primary through a proxy the test
@@ -167,11 +158,11 @@ async fn a_connection_to_a_demoted_primary_moves_to_the_promoted_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_to_a_frozen_primary_moves_to_the_promoted_replica() {
     let pair = pair().await;
-    signal(pair.primary.pid(), "STOP");
+    pair.primary.signal("STOP");
     promote_replica(&pair).await;
 
     let errors = write_until_it_lands(&pair.conn).await;
-    signal(pair.primary.pid(), "CONT");
+    pair.primary.signal("CONT");
     assert!(
         errors.len() >= tarspay_worker::redis_conn::REBUILD_AFTER_TIMEOUTS as usize,
         "the writes timed out on the frozen node before the rebuild: {errors:?}"

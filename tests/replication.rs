@@ -8,17 +8,8 @@ mod common;
 use common::app::{inr, spawn_app_with};
 use common::redis_server::RedisServer;
 use redis::AsyncCommands;
-use std::process::Command;
 use tarspay_worker::ledger::LedgerError;
 use tarspay_worker::producer::{Enqueued, ProducerError};
-
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_count_only_once_a_replica_confirmed_them() {
@@ -42,7 +33,7 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
     app.wait_outcomes(1).await;
 
     // Frozen replica: the registration reaches the primary but is not confirmed.
-    signal(replica.pid(), "STOP");
+    replica.signal("STOP");
     let err = app
         .producer
         .enqueue_json(&inr("REP-2", "100.00"), None)
@@ -70,7 +61,7 @@ async fn writes_count_only_once_a_replica_confirmed_them() {
     assert_eq!(app.sandbox.create_attempts("REP-2"), 0, "nothing sent");
 
     // Thawed: the retried enqueue finds the order, and the create goes once.
-    signal(replica.pid(), "CONT");
+    replica.signal("CONT");
     let again = common::eventually("the enqueue confirmed", || async {
         app.producer
             .enqueue_json(&inr("REP-2", "100.00"), None)

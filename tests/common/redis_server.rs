@@ -35,6 +35,16 @@ impl RedisServer {
         self.server.pid()
     }
 
+    /// Sends a signal by name (`STOP` freezes it, `CONT` thaws it).
+    #[allow(dead_code)]
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}", self.pid());
+    }
+
     pub fn url(&self) -> String {
         self.server.url().to_owned()
     }
