@@ -500,3 +500,77 @@ async fn dead_jobs_can_be_listed_requeued_and_deleted() {
         assert!(matches!(again, Enqueued::Queued { .. }), "{key}: {again:?}");
     }
 }
+
+/// The dead stream is kept to its cap, the oldest entries dropped first; a dropped job's
+/// unique key is released (it would otherwise refuse its key for ever), while the jobs still
+/// in the dead list keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_stream_kept_to_its_cap_releases_the_unique_keys_of_jobs_it_drops() {
+    let server = RedisServer::start(false);
+    let name = "dead_cap";
+    let mut capped = config(name);
+    capped.dead_max_len = 2;
+    let queue: RedisQueue<Flaky> = RedisQueue::connect(&server.url(), capped).await.unwrap();
+    let worker = flaky_worker("dead-cap-1", queue.clone());
+    let once = |key: &str| JobOptions {
+        max_attempts: Some(1),
+        unique_key: Some(key.to_owned()),
+        ..JobOptions::default()
+    };
+    // One at a time, so they die in order.
+    for n in 1..=3u64 {
+        let job = Flaky {
+            n,
+            mode: Mode::Abort,
+        };
+        assert!(matches!(
+            queue
+                .enqueue_with(&job, once(&format!("order-{n}")))
+                .await
+                .unwrap(),
+            Enqueued::Queued { .. }
+        ));
+        let q = queue.clone();
+        wait_until("the job is dead", Duration::from_secs(60), || {
+            let q = q.clone();
+            async move {
+                q.list_dead(None, 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|dead| dead.payload.contains(&format!("\"n\":{n}")))
+            }
+        })
+        .await;
+    }
+    worker.stop().await;
+    let dead = queue.list_dead(None, 10).await.unwrap();
+    let kept: Vec<bool> = (1..=3u64)
+        .map(|n| {
+            dead.iter()
+                .any(|d| d.payload.contains(&format!("\"n\":{n}")))
+        })
+        .collect();
+    assert_eq!(kept, [false, true, true], "the oldest dropped: {dead:?}");
+    let again = |n: u64| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .enqueue_with(
+                    &Flaky {
+                        n: 10 + n,
+                        mode: Mode::Succeed,
+                    },
+                    JobOptions::unique(&format!("order-{n}")),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        matches!(again(1).await, Enqueued::Queued { .. }),
+        "the dropped job's key is free"
+    );
+    assert!(again(2).await.is_duplicate(), "a dead job keeps its key");
+    assert!(again(3).await.is_duplicate(), "a dead job keeps its key");
+}

@@ -42,7 +42,8 @@ pub struct QueueConfig {
     pub retry_base: Duration,
     /// Cap of that backoff.
     pub retry_max: Duration,
-    /// Approximate length cap of the dead stream (oldest dead entries are trimmed first).
+    /// Length cap of the dead stream: the oldest dead entries are dropped first, and their
+    /// unique keys released.
     pub dead_max_len: usize,
     /// Redis response timeout of non-blocking commands.
     pub response_timeout: Duration,

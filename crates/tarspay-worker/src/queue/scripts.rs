@@ -314,6 +314,26 @@ end
 local done = {}
 local stale = {}
 local settled = 0
+-- The dead stream is kept to `dead_max` entries, the oldest dropped first; a dropped job's
+-- unique key is released, as deleting it from the dead list does (else it would be held,
+-- and refuse its key's enqueues, for ever).
+local function trim_dead()
+  local over = redis.call('XLEN', KEYS[3]) - tonumber(dead_max)
+  if over <= 0 then return end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', over)) do
+    local fields = entry[2]
+    for j = 1, #fields - 1, 2 do
+      if fields[j] == 'e' then
+        local ok, job = pcall(cjson.decode, fields[j + 1])
+        if ok and type(job) == 'table' and type(job.u) == 'string' and job.u ~= ''
+          and redis.call('HGET', KEYS[4], job.u) == job.id then
+          redis.call('HDEL', KEYS[4], job.u)
+        end
+      end
+    end
+    redis.call('XDEL', KEYS[3], entry[1])
+  end
+end
 for i = 4, #ARGV, 5 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if not owned(id) then
@@ -339,8 +359,8 @@ for i = 4, #ARGV, 5 do
           redis.call('XADD', KEYS[1], '*', 'e', b)
         end
       else
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_max, '*',
-          'e', b, 'reason', a, 'worker', c, 'at', clock())
+        redis.call('XADD', KEYS[3], '*', 'e', b, 'reason', a, 'worker', c, 'at', clock())
+        trim_dead()
       end
     end
     redis.call('XDEL', KEYS[1], id)
