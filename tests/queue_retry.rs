@@ -561,7 +561,7 @@ async fn the_dead_stream_kept_to_its_cap_releases_the_unique_keys_of_jobs_it_dro
                         n: 10 + n,
                         mode: Mode::Succeed,
                     },
-                    JobOptions::unique(&format!("order-{n}")),
+                    JobOptions::unique(format!("order-{n}")),
                 )
                 .await
                 .unwrap()
