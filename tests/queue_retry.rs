@@ -574,3 +574,61 @@ async fn the_dead_stream_kept_to_its_cap_releases_the_unique_keys_of_jobs_it_dro
     assert!(again(2).await.is_duplicate(), "a dead job keeps its key");
     assert!(again(3).await.is_duplicate(), "a dead job keeps its key");
 }
+
+/// A dead stream far over its cap (the cap lowered) shrinks by at most 100 entries per
+/// burial, releasing the dropped jobs' keys, rather than in one long script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_stream_far_over_its_cap_shrinks_by_at_most_100_per_burial() {
+    let server = RedisServer::start(false);
+    let name = "dead_far_over";
+    let mut capped = config(name);
+    capped.dead_max_len = 2;
+    let queue: RedisQueue<Flaky> = RedisQueue::connect(&server.url(), capped).await.unwrap();
+    let keys = queue.keys().clone();
+    let mut conn = server.conn().await;
+    // 150 dead jobs from before the cap was lowered, each holding its unique key.
+    for n in 0..150 {
+        let envelope = format!(r#"{{"id":"old-{n}","u":"key-{n}","p":{{}}}}"#);
+        let _: String = conn
+            .xadd(
+                &keys.dead,
+                "*",
+                &[("e", envelope.as_str()), ("reason", "old")],
+            )
+            .await
+            .unwrap();
+        let _: i64 = conn
+            .hset(&keys.unique, format!("key-{n}"), format!("old-{n}"))
+            .await
+            .unwrap();
+    }
+    let worker = flaky_worker("dead-far-1", queue.clone());
+    let once = JobOptions {
+        max_attempts: Some(1),
+        ..JobOptions::default()
+    };
+    let job = Flaky {
+        n: 1,
+        mode: Mode::Abort,
+    };
+    queue.enqueue_with(&job, once).await.unwrap();
+    let dead_key = keys.dead.clone();
+    wait_until(
+        "one burial trimmed the stream",
+        Duration::from_secs(60),
+        || {
+            let mut c = conn.clone();
+            let dead_key = dead_key.clone();
+            async move { c.xlen::<_, u64>(&dead_key).await.unwrap() == 51 }
+        },
+    )
+    .await;
+    worker.stop().await;
+    let held: Vec<String> = conn.hkeys(&keys.unique).await.unwrap();
+    let held_old: Vec<u32> = held
+        .iter()
+        .filter_map(|key| key.strip_prefix("key-")?.parse().ok())
+        .collect();
+    assert_eq!(held_old.len(), 50, "the 100 oldest released: {held:?}");
+    assert!(held_old.iter().all(|n| *n >= 100), "{held_old:?}");
+}

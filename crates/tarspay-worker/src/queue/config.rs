@@ -42,8 +42,8 @@ pub struct QueueConfig {
     pub retry_base: Duration,
     /// Cap of that backoff.
     pub retry_max: Duration,
-    /// Length cap of the dead stream: the oldest dead entries are dropped first, and their
-    /// unique keys released.
+    /// Length cap of the dead stream: the oldest dead entries are dropped first (at most 100
+    /// per burial), and their unique keys released. 0: no cap.
     pub dead_max_len: usize,
     /// Redis response timeout of non-blocking commands.
     pub response_timeout: Duration,

@@ -324,24 +324,15 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     /// a later takeover of such a job would read it as one more lost worker. Best effort: a
     /// count left raised only brings a burial for lost workers nearer.
     async fn uncount_own_claims(&self, own: &[StreamId]) {
-        let keys = &self.shared.keys;
-        let mut pipe = redis::pipe();
+        let mut call = scripts::UNCOUNT_OWN.key(&self.shared.keys.stream);
+        call.arg(&self.shared.keys.group).arg(&self.consumer);
         for entry in own {
-            let counted = entry.delivered_count.unwrap_or(1);
-            // `XCLAIM … JUSTID` sets the count without adding one; only an entry still
-            // pending is touched.
-            pipe.cmd("XCLAIM")
-                .arg(&keys.stream)
-                .arg(&keys.group)
-                .arg(&self.consumer)
-                .arg(0)
-                .arg(&entry.id)
-                .arg("RETRYCOUNT")
-                .arg(counted.saturating_sub(1).max(1))
-                .arg("JUSTID")
-                .ignore();
+            let Some(counted) = entry.delivered_count else {
+                continue;
+            };
+            call.arg(&entry.id).arg(counted);
         }
-        let restored: Result<(), _> = pipe.query_async(&mut self.shared.conn.clone()).await;
+        let restored: Result<u64, _> = call.invoke_async(&mut self.shared.conn.clone()).await;
         if let Err(e) = restored {
             tracing::debug!(error = %e, "delivery counts of reclaimed own jobs not restored");
         }

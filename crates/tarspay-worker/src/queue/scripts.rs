@@ -317,10 +317,14 @@ local settled = 0
 -- The dead stream is kept to `dead_max` entries, the oldest dropped first; a dropped job's
 -- unique key is released, as deleting it from the dead list does (else it would be held,
 -- and refuse its key's enqueues, for ever).
+-- At most 100 entries per burial, so a stream far over its cap (the cap lowered) shrinks
+-- back over several burials instead of blocking Redis in one; a cap of 0 means none.
 local function trim_dead()
+  if tonumber(dead_max) <= 0 then return end
   local over = redis.call('XLEN', KEYS[3]) - tonumber(dead_max)
   if over <= 0 then return end
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', over)) do
+  local dropped = {}
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', math.min(over, 100))) do
     local fields = entry[2]
     for j = 1, #fields - 1, 2 do
       if fields[j] == 'e' then
@@ -331,8 +335,9 @@ local function trim_dead()
         end
       end
     end
-    redis.call('XDEL', KEYS[3], entry[1])
+    dropped[#dropped + 1] = entry[1]
   end
+  if #dropped > 0 then redis.call('XDEL', KEYS[3], unpack(dropped)) end
 end
 for i = 4, #ARGV, 5 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -373,6 +378,27 @@ end
 return {settled, stale}
 "#
     ))
+});
+
+/// Take back the delivery an orphan scan counted for entries its worker still runs. KEYS:
+/// stream. ARGV: group, consumer, then per entry its id and the count the scan reported.
+/// Only an entry still held by `consumer` with that count is touched (`XCLAIM … JUSTID` with
+/// the count less one); one another worker took meanwhile, or settled, is left alone.
+pub static UNCOUNT_OWN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local restored = 0
+for i = 3, #ARGV - 1, 2 do
+  local id, counted = ARGV[i], tonumber(ARGV[i + 1])
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if counted > 1 and p[1] and p[1][2] == ARGV[2] and tonumber(p[1][4]) == counted then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', counted - 1, 'JUSTID')
+    restored = restored + 1
+  end
+end
+return restored
+"#,
+    )
 });
 
 /// Claim orphaned entries and report their delivery counts. KEYS: stream.
