@@ -501,6 +501,13 @@ async fn dead_jobs_can_be_listed_requeued_and_deleted() {
     }
 }
 
+/// A queue whose dead stream is capped at `cap` entries.
+async fn dead_capped_queue(server: &RedisServer, name: &str, cap: usize) -> RedisQueue<Flaky> {
+    let mut capped = config(name);
+    capped.dead_max_len = cap;
+    RedisQueue::connect(&server.url(), capped).await.unwrap()
+}
+
 /// The dead stream is kept to its cap, the oldest entries dropped first; a dropped job's
 /// unique key is released (it would otherwise refuse its key for ever), while the jobs still
 /// in the dead list keep theirs.
@@ -508,9 +515,7 @@ async fn dead_jobs_can_be_listed_requeued_and_deleted() {
 async fn the_dead_stream_kept_to_its_cap_releases_the_unique_keys_of_jobs_it_drops() {
     let server = RedisServer::start(false);
     let name = "dead_cap";
-    let mut capped = config(name);
-    capped.dead_max_len = 2;
-    let queue: RedisQueue<Flaky> = RedisQueue::connect(&server.url(), capped).await.unwrap();
+    let queue = dead_capped_queue(&server, name, 2).await;
     let worker = flaky_worker("dead-cap-1", queue.clone());
     let once = |key: &str| JobOptions {
         max_attempts: Some(1),
@@ -581,9 +586,7 @@ async fn the_dead_stream_kept_to_its_cap_releases_the_unique_keys_of_jobs_it_dro
 async fn a_dead_stream_far_over_its_cap_shrinks_by_at_most_100_per_burial() {
     let server = RedisServer::start(false);
     let name = "dead_far_over";
-    let mut capped = config(name);
-    capped.dead_max_len = 2;
-    let queue: RedisQueue<Flaky> = RedisQueue::connect(&server.url(), capped).await.unwrap();
+    let queue = dead_capped_queue(&server, name, 2).await;
     let keys = queue.keys().clone();
     let mut conn = server.conn().await;
     // 150 dead jobs from before the cap was lowered, each holding its unique key.

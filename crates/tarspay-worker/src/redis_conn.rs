@@ -346,7 +346,7 @@ impl ConnectionLike for SingleConn {
             let (generation, mut manager) = self.manager();
             let answer = manager.req_packed_command(cmd).await;
             self.observe(generation, &answer, |value| {
-                holds_readonly(std::slice::from_ref(value))
+                holds_replica_refusal(std::slice::from_ref(value))
             });
             answer
         })
@@ -361,7 +361,7 @@ impl ConnectionLike for SingleConn {
         Box::pin(async move {
             let (generation, mut manager) = self.manager();
             let answer = manager.req_packed_commands(pipeline, offset, count).await;
-            self.observe(generation, &answer, |values| holds_readonly(values));
+            self.observe(generation, &answer, |values| holds_replica_refusal(values));
             answer
         })
     }
@@ -393,7 +393,7 @@ fn says_replica(err: &RedisError) -> bool {
 }
 
 /// Such a refusal among a command's or a pipeline's answers.
-fn holds_readonly(values: &[Value]) -> bool {
+fn holds_replica_refusal(values: &[Value]) -> bool {
     values
         .iter()
         .any(|value| matches!(value, Value::ServerError(err) if replica_refusal(err)))
