@@ -502,6 +502,50 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
 }
 
 #[tokio::test]
+async fn a_run_stalled_past_its_lease_neither_extends_the_absence_streak_nor_fails_the_order() {
+    // A run frozen between the gateway's "no such order" and recording it would otherwise
+    // count that lookup at the end of the freeze, and fail an order whose create may have
+    // become visible at the gateway meanwhile.
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    ledger.register(&order("LS-1", "f")).await.unwrap();
+    let lease = Duration::from_secs(2);
+    ledger.begin_submit("LS-1", "run", lease).await.unwrap();
+    assert!(
+        ledger
+            .release("LS-1", "run", Phase::Unknown, true, None, "timeout")
+            .await
+            .unwrap()
+    );
+    ledger.begin_submit("LS-1", "run-2", lease).await.unwrap();
+    let seen = record(&ledger, "LS-1").await;
+    assert!(seen.ambiguous);
+    for _ in 0..2 {
+        ledger.note_absent("LS-1", "run-2").await.unwrap().unwrap();
+    }
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    assert_eq!(
+        ledger.note_absent("LS-1", "run-2").await.unwrap(),
+        None,
+        "a lookup noted after the lease ran out"
+    );
+    let failed = FinalResult {
+        code: Some(5004006),
+        ..Default::default()
+    };
+    assert_eq!(
+        ledger
+            .finalize_leased(&seen, "run-2", Phase::Failed, &failed, Duration::ZERO)
+            .await
+            .unwrap(),
+        Finalized::LeaseLost,
+        "two lookups over the (zero) window, but the lease ran out"
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 0);
+    assert!(!ledger.get("LS-1").await.unwrap().unwrap().phase.is_final());
+}
+
+#[tokio::test]
 async fn acceptance_queues_the_one_poll_job_and_never_unfinalises() {
     use tarspay_worker::queue::JobOptions;
     let server = RedisServer::start(false);

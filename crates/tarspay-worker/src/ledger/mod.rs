@@ -290,7 +290,8 @@ pub enum Finalized {
     Unchanged,
     /// Already final with another status: one `correction` entry was appended.
     Corrected,
-    /// The caller no longer holds the submit lease (another run owns the order).
+    /// The caller no longer holds the submit lease: another run owns the order, or (when
+    /// failing an order that may exist) the lease ran out.
     LeaseLost,
     /// A create of the order may exist and the gateway's absence is not proven over the
     /// settle window: it may not be failed yet.
@@ -1267,7 +1268,8 @@ impl Ledger {
     }
 
     /// Records that the gateway said it has no such order (lease holder only); `None` when
-    /// `token` no longer holds the lease.
+    /// `token` no longer holds the lease or the lease ran out (a lookup answered before a
+    /// stall past the lease is no evidence for the time the stall took).
     pub async fn note_absent(
         &self,
         mch_order_no: &str,

@@ -273,15 +273,17 @@ end
 local function finalize(order, a, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
-      'ambiguous', 'absentSince', 'absentLookups')
+      'ambiguous', 'absentSince', 'absentLookups', 'leaseUntil')
     if h[3] then return 0 end
     if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
     if h[5] == '1' then
       -- Some create may exist: only the gateway's repeated "no such order" over the settle
-      -- window lets us fail it.
+      -- window lets us fail it, and only while the lease holds. A run that stalled past its
+      -- lease (frozen, say) brings evidence as old as the stall, judged on today's clock.
+      local clock = lease_clock()
+      if tonumber(h[8] or '0') <= clock then return 2 end
       local since = tonumber(h[6] or '')
-      if not since or tonumber(h[7] or '0') < 2
-        or lease_clock() - since < tonumber(a[7]) then
+      if not since or tonumber(h[7] or '0') < 2 or clock - since < tonumber(a[7]) then
         return 4
       end
     end
@@ -386,11 +388,14 @@ local function release(order, a)
 end
 
 -- lease token. The gateway said it has no such order: extend the absence streak.
--- {since_ms, lookups, server_now_ms} | {} when the caller no longer holds the lease.
+-- {since_ms, lookups, server_now_ms} | {} when the caller no longer holds the lease: another
+-- run holds it, or it ran out (a lookup answered before a stall past the lease would be
+-- counted at the stall's end, stretching the streak over time the gateway was not asked).
 local function note_absent(order, a)
-  local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'absentSince')
+  local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'absentSince', 'leaseUntil')
   if h[1] ~= 'submitting' or h[2] ~= a[1] then return {} end
   local clock = lease_clock()
+  if tonumber(h[4] or '0') <= clock then return {} end
   local since = h[3]
   if not since then
     since = tostring(clock)
