@@ -16,6 +16,47 @@ use std::str::FromStr;
 pub const MAX_FIELD_LEN: usize = 256;
 /// Fields a producer must not set: they come from the worker's settings.
 pub const RESERVED_FIELDS: &[&str] = &["mchNo", "notifyUrl"];
+/// The fields this module reads itself, and the reserved ones: no other field may differ
+/// from one of them only in case or `_`.
+const CORE_FIELDS: &[&str] = &[
+    "mchOrderNo",
+    "amount",
+    "currency",
+    "wayCode",
+    "merchant",
+    "mchNo",
+    "notifyUrl",
+];
+
+/// The core field `name` differs from only in case or `_`, if any (not `name` itself).
+fn lookalike_of_core_field(name: &str) -> Option<&'static str> {
+    let folded = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let key = folded(name);
+    CORE_FIELDS
+        .iter()
+        .copied()
+        .find(|core| *core != name && folded(core) == key)
+}
+
+/// A wayCode is passed through to the gateway when its currency publishes no closed list:
+/// at most `MAX_FIELD_LEN` bytes, no control characters, no surrounding whitespace.
+fn check_way_code(way_code: &str) -> Result<(), String> {
+    if way_code.len() > MAX_FIELD_LEN {
+        return Err(format!("is longer than {MAX_FIELD_LEN} bytes"));
+    }
+    if way_code.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    if way_code.trim() != way_code {
+        return Err("must not start or end with whitespace".into());
+    }
+    Ok(())
+}
 
 /// One currency's payout rules, as written in settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -180,7 +221,8 @@ impl PayoutRules {
                     .pattern
                     .as_deref()
                     .map(|p| {
-                        Regex::new(p)
+                        // The whole value must match, whether or not the pattern says so.
+                        Regex::new(&format!("^(?:{p})$"))
                             .map_err(|err| fail(format!("field {name}: bad pattern: {err}")))
                     })
                     .transpose()?;
@@ -320,12 +362,29 @@ impl PayoutRules {
                     }
                 });
 
+        if let Some(way_code) = &way_code
+            && let Err(rule) = check_way_code(way_code)
+        {
+            errors.push(FieldError::new("wayCode", rule));
+        }
+
         let mut extras = BTreeMap::new();
+        // Fields present but refused: not reported as missing too.
+        let mut refused = Vec::new();
         for (key, value) in fields {
             if RESERVED_FIELDS.contains(&key.as_str()) {
                 errors.push(FieldError::new(
                     &key,
                     "is set from the worker's settings; do not send it",
+                ));
+                continue;
+            }
+            if let Some(like) = lookalike_of_core_field(&key) {
+                // A gateway whose JSON binding matches names loosely (case, '_') could read
+                // it as the core field: a second amount, or another callback address.
+                errors.push(FieldError::new(
+                    &key,
+                    format!("differs from the field {like:?} only in case or '_'"),
                 ));
                 continue;
             }
@@ -343,6 +402,7 @@ impl PayoutRules {
                     &key,
                     format!("is longer than {MAX_FIELD_LEN} bytes"),
                 ));
+                refused.push(key);
                 continue;
             }
             // Empty optional fields are dropped: empty fields are never sent.
@@ -403,10 +463,9 @@ impl PayoutRules {
             }
             for (name, field) in &rule.fields {
                 match extras.get(name) {
-                    None if field.required => errors.push(FieldError::new(
-                        name,
-                        format!("is required for {currency} payouts"),
-                    )),
+                    None if field.required && !refused.contains(name) => errors.push(
+                        FieldError::new(name, format!("is required for {currency} payouts")),
+                    ),
                     Some(value) if field.pattern.as_ref().is_some_and(|p| !p.is_match(value)) => {
                         errors.push(FieldError::new(name, format!("must be {}", field.rule)))
                     }
@@ -615,6 +674,77 @@ mod tests {
                 .unwrap_or_else(|| panic!("{field}: {errors}"));
             assert!(hit.rule.contains(needle), "{field}: {}", hit.rule);
         }
+    }
+
+    #[test]
+    fn an_open_way_code_is_bounded_and_trimmed() {
+        let malaysia = |way_code: &str| json!({"mchOrderNo": "M1", "amount": "75", "currency": "MYR", "wayCode": way_code});
+        assert!(rules().validate_json(&malaysia("TOUCH 'N_GO")).is_ok());
+        for (way_code, needle) in [
+            ("x".repeat(MAX_FIELD_LEN + 1), "longer than 256 bytes"),
+            (" MAYBANK".to_owned(), "whitespace"),
+            ("MAYBANK\n".to_owned(), "control characters"),
+            ("MAY\u{0}BANK".to_owned(), "control characters"),
+        ] {
+            let errors = rules().validate_json(&malaysia(&way_code)).unwrap_err();
+            assert_eq!(fields_of(&errors), vec!["wayCode"], "{way_code:?}");
+            assert!(errors.0[0].rule.contains(needle), "{way_code:?}: {errors}");
+        }
+    }
+
+    #[test]
+    fn a_field_named_like_a_core_field_is_refused() {
+        // A loosely matching JSON binding at the gateway could read these as the amount or
+        // the callback address.
+        for name in [
+            "amount_",
+            "Amount",
+            "AMOUNT",
+            "NotifyUrl",
+            "notify_url",
+            "Currency",
+            "way_code",
+            "mch_order_no",
+            "MchNo",
+        ] {
+            let mut body = india();
+            body[name] = json!("45000");
+            let errors = rules().validate_json(&body).unwrap_err();
+            assert_eq!(fields_of(&errors), vec![name], "{name}: {errors}");
+            assert!(
+                errors.0[0].rule.contains("only in case or '_'"),
+                "{name}: {errors}"
+            );
+        }
+        let mut body = india();
+        body["amountNote"] = json!("salary");
+        assert!(
+            rules().validate_json(&body).is_ok(),
+            "a longer name is its own field"
+        );
+    }
+
+    #[test]
+    fn a_field_pattern_must_match_the_whole_value() {
+        let unanchored: BTreeMap<String, CurrencyRule> = Figment::from(Toml::string(
+            "[MYR]\ncountry = \"Malaysia\"\nfields.account = { pattern = \"[0-9]{10}\" }\n",
+        ))
+        .extract()
+        .unwrap();
+        let rules = PayoutRules::compile(&unanchored).unwrap();
+        let body = |account: &str| json!({"mchOrderNo": "M1", "amount": "75", "currency": "MYR", "wayCode": "CIMB", "account": account});
+        assert!(rules.validate_json(&body("0123456789")).is_ok());
+        let errors = rules.validate_json(&body("abc0123456789xyz")).unwrap_err();
+        assert_eq!(fields_of(&errors), vec!["account"]);
+    }
+
+    #[test]
+    fn a_required_field_too_long_is_reported_once() {
+        let bd = json!({"mchOrderNo": "B1", "amount": "500", "currency": "BDT", "wayCode": "EWALLET_BKASH",
+                        "walletId": "0".repeat(MAX_FIELD_LEN + 1)});
+        let errors = rules().validate_json(&bd).unwrap_err();
+        assert_eq!(fields_of(&errors), vec!["walletId"], "{errors}");
+        assert!(errors.0[0].rule.contains("longer than"), "{errors}");
     }
 
     #[test]
