@@ -943,6 +943,23 @@ mod tests {
             !format!("{on:?}").contains("12345678901234567890"),
             "Debug never shows the token"
         );
+        // A token no client could match (read with its newline), or one easily guessed.
+        for bad in [
+            "short-token",
+            "api-token-0123456789\n",
+            " api-token-0123456789",
+        ] {
+            let settings = Settings::load_with_env(None, [("TARSPAY_API_TOKEN", bad)]).unwrap();
+            let err = settings.server.api_token().unwrap_err().to_string();
+            assert!(
+                err.contains("TARSPAY_API_TOKEN") && err.contains("at least 16 characters"),
+                "{bad:?}: {err}"
+            );
+            assert!(
+                !err.contains(bad.trim()),
+                "the error never shows the token: {err}"
+            );
+        }
     }
 
     #[test]

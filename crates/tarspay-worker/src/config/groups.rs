@@ -245,7 +245,7 @@ pub struct WorkerSettings {
 }
 
 /// Shortest viewer token accepted.
-pub const MIN_VIEWER_TOKEN_LEN: usize = 16;
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// `serve`: where it listens, who may call the API, and how requests are bounded.
 #[derive(Debug, Clone)]
@@ -268,10 +268,23 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
-    /// The API token, or `None` when auth is explicitly disabled; an error when neither.
+    /// The API token, or `None` when auth is explicitly disabled; an error when neither, or
+    /// when it is shorter than [`MIN_TOKEN_LEN`] or has surrounding whitespace (a
+    /// token read from a file with its newline would refuse every client).
     pub fn api_token(&self) -> Result<Option<Secret>, ConfigError> {
         match (&self.api_token, self.auth_disabled) {
-            (Some(token), _) if !token.is_empty() => Ok(Some(token.clone())),
+            (Some(token), _) if !token.is_empty() => {
+                let value = token.expose();
+                if value.chars().count() < MIN_TOKEN_LEN || value.trim() != value {
+                    return Err(ConfigError::Invalid {
+                        key: "api_token".into(),
+                        env: env_name("api_token"),
+                        reason: "must be at least 16 characters, without surrounding spaces"
+                            .to_owned(),
+                    });
+                }
+                Ok(Some(token.clone()))
+            }
             (_, true) => Ok(None),
             _ => Err(ConfigError::Missing {
                 key: "api_token".into(),
@@ -282,7 +295,7 @@ impl ServerSettings {
     }
 
     /// The console's viewer token, `None` when not set (then only the admin token logs in).
-    /// Set but empty, shorter than [`MIN_VIEWER_TOKEN_LEN`] or equal to the API token (which
+    /// Set but empty, shorter than [`MIN_TOKEN_LEN`] or equal to the API token (which
     /// would make every viewer an admin) is an error.
     pub fn viewer_token(&self) -> Result<Option<Secret>, ConfigError> {
         let Some(token) = &self.viewer_token else {
@@ -299,7 +312,7 @@ impl ServerSettings {
                 "is set but empty: unset it, or give the console's read-only token",
             ));
         }
-        if value.chars().count() < MIN_VIEWER_TOKEN_LEN || value.trim() != value {
+        if value.chars().count() < MIN_TOKEN_LEN || value.trim() != value {
             return Err(invalid(
                 "must be at least 16 characters, without surrounding spaces",
             ));
