@@ -183,7 +183,9 @@ async fn the_balance_is_checked_per_currency_never_summed_across_currencies() {
     let (code, out) = payroll(&app, &["--detach"], &file).await;
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("covers each currency's new total: 600 BDT, 500 INR"),
+        out.contains(
+            "covers each currency's new total: 600 BDT (available 1000), 500 INR (available 1000)"
+        ),
         "{out}"
     );
     assert!(out.contains("2 queued"), "{out}");
@@ -201,11 +203,46 @@ async fn the_balance_is_checked_per_currency_never_summed_across_currencies() {
     let (code, out) = payroll(&app, &["--detach"], &over).await;
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("does not cover the batch total of 1400 BDT (each currency"),
+        out.contains("does not cover the batch total of 1400 BDT (available 1000) (each currency"),
         "{out}"
     );
     assert!(!out.contains("INR"), "INR is covered: {out}");
     assert!(app.deployment.order("OV-3").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_currency_with_an_account_of_its_own_is_checked_against_that_account() {
+    // The merchant's shared account would cover 6000 KES; its KES account (5000) does not.
+    let app = spawn_app(false, |c| {
+        let mch_no = c.merchants[0].mch_no.clone();
+        c.balances.push(tarspay_sandbox::CurrencyBalance {
+            mch_no,
+            currency: "KES".into(),
+            available: 5000u64.into(),
+        });
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kenya.csv");
+    std::fs::write(
+        &file,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         KE-1,4000,KES,EWALLET_MPESA,,Wanjiru,w@example.ke,254712345678\n\
+         KE-2,2000,KES,EWALLET_MPESA,,Otieno,o@example.ke,254712345679\n\
+         KI-1,500,INR,UPI,,Asha,asha@example.in,9876543210\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &file).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("batch total of 6000 KES (available 5000)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("INR"),
+        "INR draws on the shared account: {out}"
+    );
+    assert!(app.deployment.order("KE-1").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@ use crate::batch::{self, BatchError};
 use crate::config::{MerchantProfile, Settings};
 use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
+use crate::gateway::error::GatewayError;
+use crate::gateway::types::Balance;
 use crate::ids::{BatchId, MerchantName};
 use crate::ledger::{BatchProgress, BatchSummary, Phase};
 use crate::payout::PayoutRequest;
@@ -125,9 +127,11 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The balance answer is one available amount that names no currency (one merchant account
-/// at the gateway), so each currency's new total is compared with it on its own: amounts of
-/// different currencies are never added. Ok is the per-currency report.
+/// Each currency's new total is compared with the account its payouts draw on: the balance
+/// query names the currency (for a gateway with an account per currency); when that query is
+/// refused, or its answer names another currency, with the merchant's one account from the
+/// plain query. Amounts of different currencies are never added. Ok is the per-currency
+/// report.
 async fn check_balance(
     settings: &Settings,
     profile: &MerchantProfile,
@@ -140,15 +144,44 @@ async fn check_balance(
             .map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    let balance = client
-        .balance()
-        .await
-        .map_err(|err| format!("cannot read the balance ({err})"))?;
-    let available: Decimal = balance
+    let mut shared: Option<Decimal> = None;
+    let mut available = BTreeMap::new();
+    for currency in totals.keys() {
+        let own = match client.balance_in(currency).await {
+            Ok(balance) if balance.currency.as_deref().is_none_or(|c| c == currency) => {
+                Some(parse_available(&balance)?)
+            }
+            Ok(_) => None,
+            // The gateway answered but refused the query's `currency`: ask without it.
+            Err(err @ GatewayError::Gateway { .. }) => {
+                tracing::debug!(error = %err, currency, "balance query with a currency refused");
+                None
+            }
+            Err(err) => return Err(format!("cannot read the balance ({err})")),
+        };
+        let value = match own {
+            Some(value) => value,
+            None => match shared {
+                Some(value) => value,
+                None => {
+                    let balance = client
+                        .balance()
+                        .await
+                        .map_err(|err| format!("cannot read the balance ({err})"))?;
+                    *shared.insert(parse_available(&balance)?)
+                }
+            },
+        };
+        available.insert(currency.clone(), value);
+    }
+    balance_verdict(&available, totals)
+}
+
+fn parse_available(balance: &Balance) -> Result<Decimal, String> {
+    balance
         .available_amount
         .parse()
-        .map_err(|_| format!("unreadable balance {:?}", balance.available_amount))?;
-    balance_verdict(available, totals)
+        .map_err(|_| format!("unreadable balance {:?}", balance.available_amount))
 }
 
 /// The least time a merchant's call limit allows for its rows: every payout makes at least
@@ -179,24 +212,27 @@ fn print_limit_eta(settings: &Settings, requests: &[PayoutRequest]) {
 }
 
 fn balance_verdict(
-    available: Decimal,
+    available: &BTreeMap<String, Decimal>,
     totals: &BTreeMap<String, Decimal>,
 ) -> Result<String, String> {
-    let describe = |(currency, total): (&String, &Decimal)| format!("{total} {currency}");
+    let describe = |currency: &String, total: &Decimal| {
+        let has = available.get(currency).copied().unwrap_or_default();
+        format!("{total} {currency} (available {has})")
+    };
     let short: Vec<String> = totals
         .iter()
-        .filter(|(_, total)| **total > available)
-        .map(describe)
+        .filter(|(currency, total)| **total > available.get(*currency).copied().unwrap_or_default())
+        .map(|(currency, total)| describe(currency, total))
         .collect();
     if !short.is_empty() {
         return Err(format!(
-            "available balance {available} does not cover the batch total of {} (each currency compared on its own)",
+            "the available balance does not cover the batch total of {} (each currency compared on its own)",
             short.join(", ")
         ));
     }
-    let all: Vec<String> = totals.iter().map(describe).collect();
+    let all: Vec<String> = totals.iter().map(|(c, t)| describe(c, t)).collect();
     Ok(format!(
-        "balance: available {available} covers each currency's new total: {}",
+        "balance covers each currency's new total: {}",
         all.join(", ")
     ))
 }
@@ -365,13 +401,31 @@ mod tests {
 
     #[test]
     fn currencies_are_compared_one_by_one_never_added() {
-        let available = Decimal::from(1000);
+        let available = totals(&[("BDT", 1000), ("INR", 1000)]);
         // 600 BDT + 500 INR is not 1100 of anything.
-        let report = balance_verdict(available, &totals(&[("BDT", 600), ("INR", 500)])).unwrap();
-        assert!(report.contains("600 BDT, 500 INR"), "{report}");
+        let report = balance_verdict(&available, &totals(&[("BDT", 600), ("INR", 500)])).unwrap();
+        assert!(
+            report.contains("600 BDT (available 1000), 500 INR (available 1000)"),
+            "{report}"
+        );
         let refused =
-            balance_verdict(available, &totals(&[("BDT", 1500), ("INR", 500)])).unwrap_err();
-        assert!(refused.contains("batch total of 1500 BDT"), "{refused}");
+            balance_verdict(&available, &totals(&[("BDT", 1500), ("INR", 500)])).unwrap_err();
+        assert!(
+            refused.contains("batch total of 1500 BDT (available 1000)"),
+            "{refused}"
+        );
         assert!(!refused.contains("INR"), "INR is covered: {refused}");
+    }
+
+    #[test]
+    fn each_currency_is_compared_with_its_own_account() {
+        let available = totals(&[("KES", 5000), ("INR", 1_000_000)]);
+        let refused =
+            balance_verdict(&available, &totals(&[("KES", 6000), ("INR", 500)])).unwrap_err();
+        assert!(
+            refused.contains("batch total of 6000 KES (available 5000)"),
+            "{refused}"
+        );
+        assert!(!refused.contains("INR"), "{refused}");
     }
 }

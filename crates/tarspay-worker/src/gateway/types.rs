@@ -174,6 +174,10 @@ pub struct Balance {
     pub available_amount: String,
     #[serde(default, deserialize_with = "optional_text")]
     pub frozen_amount: Option<String>,
+    /// The account's currency, where the gateway names one (an answer to a query that named
+    /// a currency, see `TarsPayClient::balance_in`).
+    #[serde(default, deserialize_with = "optional_text")]
+    pub currency: Option<String>,
 }
 
 /// Payout proof (Brazil). Only the order ids are documented; everything else is kept as sent.
