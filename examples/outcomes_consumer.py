@@ -75,11 +75,16 @@ def main():
     while args.count == 0 or handled < args.count:
         read = 0
         for stream in streams:
+            if args.count and handled >= args.count:
+                break
             reply = client.xreadgroup(args.group, args.consumer, {stream: cursors[stream]}, count=100)
             entries = reply[0][1] if reply else []
             if cursors[stream] == "0" and not entries:
                 cursors[stream] = ">"
             for entry_id, fields in entries:
+                if args.count and handled >= args.count:
+                    # Read but not handled: left pending, re-read first by the next run.
+                    break
                 read += 1
                 key = (fields.get("mchOrderNo"), fields.get("event", "final"), fields.get("status"))
                 if key not in seen:
