@@ -61,7 +61,10 @@ fn run(args: DevCli) -> anyhow::Result<ExitCode> {
     }
     let telemetry = telemetry::init(&log)?;
     let runtime = match &args.command {
-        DevCommand::Product(command) => tarspay_worker::cli::runtime_for(&settings, command)?,
+        DevCommand::Product(command) => {
+            tarspay_worker::cli::end_quietly_on_closed_stdout(command);
+            tarspay_worker::cli::runtime_for(&settings, command)?
+        }
         _ => tokio::runtime::Runtime::new().context("cannot start the async runtime")?,
     };
     let result = runtime.block_on(async move {

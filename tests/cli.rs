@@ -64,6 +64,38 @@ fn verify_accepts_the_documented_example_and_rejects_changes() {
 }
 
 #[test]
+fn a_printing_command_whose_reader_is_gone_ends_without_a_panic() {
+    // `tarspay-worker verify … | head -0`: the pipe has no reader when the answer is written.
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body.json");
+    std::fs::write(&body, DOC_BODY).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = command()
+        .args(["verify", "--public-key", DOC_KEY, "--signature", DOC_SIG])
+        .args([
+            "--path",
+            "/api/pay/unifiedOrder",
+            "--nonce",
+            "1704180814988",
+            "--body",
+        ])
+        .arg(&body)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        output.status
+    );
+}
+
+#[test]
 fn sign_then_verify_round_trip_with_key_from_env_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body.json");

@@ -65,6 +65,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    end_quietly_on_closed_stdout(&cli.command);
     let settings = Settings::load(cli.config.as_deref())?;
     let telemetry = telemetry::init(&settings.log)?;
     let runtime = runtime_for(&settings, &cli.command)?;
@@ -73,6 +74,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     drop(runtime);
     telemetry.shutdown();
     result
+}
+
+/// A command that only reads and prints ends like other Unix tools when its reader goes
+/// (`tarspay-worker queue | head`): killed by SIGPIPE, instead of a panic in `println!`
+/// (Rust ignores SIGPIPE, so the write fails). Not for commands that change state midway
+/// (enqueues, payroll) or run services (`worker`, `serve`): they keep the failing write.
+pub fn end_quietly_on_closed_stdout(command: &Command) {
+    let reads_only = matches!(
+        command,
+        Command::Sign(_)
+            | Command::Verify(_)
+            | Command::Balance
+            | Command::Status(_)
+            | Command::Outcomes(_)
+            | Command::Queue
+            | Command::Audit(_)
+    );
+    #[cfg(unix)]
+    if reads_only {
+        // SAFETY: only SIGPIPE's disposition changes, back to the default; no handler runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
 }
 
 /// The async runtime `command` runs on. A `worker` gets `worker_threads` threads: with one
