@@ -5,7 +5,7 @@
 use crate::ids::MchOrderNo;
 use crate::payout::{FieldError, PayoutRequest, PayoutRules};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// The columns of a batch's results CSV (`payroll`'s file, the console's download).
 pub const RESULT_COLUMNS: [&str; 8] = [
@@ -91,9 +91,10 @@ pub enum BatchError {
 
 /// Validates rows given as (line, fields); collects every problem, including an mchOrderNo
 /// repeated within the batch.
-fn validate_rows(
-    rules: &PayoutRules,
-    rows: impl IntoIterator<Item = (u64, Result<BTreeMap<String, String>, Vec<FieldError>>)>,
+/// Rows checked one by one (line, the row's payout or its errors): every bad row is listed,
+/// and a number repeated within the batch is refused on each repeat.
+fn collect_rows(
+    rows: impl IntoIterator<Item = (u64, Result<PayoutRequest, Vec<FieldError>>)>,
 ) -> Result<Vec<PayoutRequest>, BatchError> {
     let mut valid = Vec::new();
     let mut bad = Vec::new();
@@ -102,8 +103,7 @@ fn validate_rows(
         if valid.len() + bad.len() >= MAX_ROWS {
             return Err(BatchError::TooLarge { max: MAX_ROWS });
         }
-        let result = fields.and_then(|fields| rules.validate_fields(fields).map_err(|e| e.0));
-        match result {
+        match fields {
             Ok(request) => match first_seen.get(&request.mch_order_no) {
                 Some(first) => bad.push(RowError {
                     line,
@@ -162,7 +162,7 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
                     .filter(|(_, value)| !value.is_empty())
                     .map(|(name, value)| (name.to_owned(), value.to_owned()))
                     .collect();
-                rows.push((line, Ok(fields)));
+                rows.push((line, rules.validate_fields(fields).map_err(|e| e.0)));
             }
             Err(err) => {
                 let line = err.position().map_or(0, |p| p.line());
@@ -176,7 +176,7 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
             }
         }
     }
-    validate_rows(rules, rows)
+    collect_rows(rows)
 }
 
 /// A JSON array of payout objects.
@@ -192,30 +192,14 @@ pub fn parse_json(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest
     };
     let rows = items.iter().enumerate().map(|(index, item)| {
         let line = index as u64 + 1;
-        let fields = match item {
-            serde_json::Value::Object(map) => {
-                let mut fields = BTreeMap::new();
-                let mut errors = Vec::new();
-                for (key, value) in map {
-                    match value {
-                        serde_json::Value::String(text) => {
-                            fields.insert(key.clone(), text.clone());
-                        }
-                        serde_json::Value::Null => {}
-                        _ => errors.push(FieldError::new(key, "must be a JSON string")),
-                    }
-                }
-                if errors.is_empty() {
-                    Ok(fields)
-                } else {
-                    Err(errors)
-                }
-            }
+        // Checked as `POST /v1/payouts` checks one payout: every field's errors at once.
+        let checked = match item {
+            serde_json::Value::Object(map) => rules.validate_object(map).map_err(|e| e.0),
             _ => Err(vec![FieldError::new("(row)", "must be a JSON object")]),
         };
-        (line, fields)
+        (line, checked)
     });
-    validate_rows(rules, rows)
+    collect_rows(rows)
 }
 
 #[cfg(test)]
@@ -274,6 +258,19 @@ mod tests {
             panic!("expected bad rows");
         };
         assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
+        // A JSON row is checked as one payout is: the amount's own message, and every other
+        // field's error with it.
+        let fields: Vec<(&str, &str)> = rows[0]
+            .errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.rule.as_str()))
+            .collect();
+        assert_eq!(
+            fields.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+            vec!["amount", "currency", "wayCode"],
+            "{fields:?}"
+        );
+        assert!(fields[0].1.contains("not a number"), "{fields:?}");
         assert!(matches!(
             parse_json(&rules(), b"{}"),
             Err(BatchError::Unreadable { .. })
