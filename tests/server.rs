@@ -1072,6 +1072,20 @@ async fn slow_and_oversized_requests_are_cut_off_over_raw_tcp() {
         "a half-sent head must not hold the connection"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    // A connection that sends nothing, or only HTTP/2's preface (`serve` speaks HTTP/1 only):
+    // closed once the header timeout passes too.
+    for (what, sent) in [
+        ("nothing", &b""[..]),
+        (
+            "an HTTP/2 preface",
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let answer = raw_exchange(&s.url, sent, within).await;
+        assert!(answer.is_some(), "{what}: the connection was held");
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+    }
     // 10 MB announced, 2 bytes sent: 413 at once, on the public callback path and the API.
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
     for (path, auth) in [("/tarspay/notify", ""), ("/v1/payouts", auth.as_str())] {
@@ -1095,6 +1109,12 @@ async fn slow_and_oversized_requests_are_cut_off_over_raw_tcp() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("x-request-id"), "{answer}");
+    // The same on the console's login form, which anyone may post to.
+    let request = "POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken=";
+    let answer = raw_exchange(&s.url, request.as_bytes(), within)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // The server still serves.
     let health = s.http.get(format!("{}/healthz", s.url)).send().await;
     assert_eq!(health.unwrap().status(), StatusCode::OK);

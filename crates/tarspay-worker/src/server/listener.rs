@@ -1,6 +1,11 @@
 //! The accept loop of `serve`. axum's own `serve` gives hyper no timer, so a client that sent
 //! half a request head kept its connection open for as long as it liked (150 s and counting);
 //! here hyper's header-read timeout is on, and shutdown lets requests in flight finish.
+//!
+//! HTTP/1 only: `serve` has no TLS, so nothing needs HTTP/2 (h2c), and the protocol sniff that
+//! serving both needs waits for a connection's first 24 bytes with no timer: a client that
+//! connected and sent nothing held its connection for ever. The header-read timeout starts
+//! when a connection is ready for a request head, bytes or not.
 
 use crate::console::PeerAddr;
 use axum::Router;
@@ -19,12 +24,11 @@ pub async fn run(
     header_read_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

@@ -156,7 +156,15 @@ pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Rout
         state.clone(),
         auth::require_token,
     ));
-    let console = crate::console::router(state.console.clone());
+    // The console's forms get the API's body read timeout, with the console's own size.
+    let console =
+        crate::console::router(state.console.clone()).layer(axum::middleware::from_fn_with_state(
+            BodyLimit {
+                max_bytes: crate::console::FORM_LIMIT,
+                read_timeout: limits.body.read_timeout,
+            },
+            body::read_within,
+        ));
     let (router, document) = assemble(api, public);
     router
         .with_state(state)
