@@ -200,9 +200,13 @@ pub async fn run(
         .into_iter()
         .map(|queue| queue.stop_fetching_on(stop_workers.clone()))
         .collect();
+    // A handler that panics (a bug) buries its job in the dead stream (`AbortError`) and the
+    // process goes on: uncaught, the panic ended the process, and the worker that took the
+    // job over next died the same way, every orphan timeout, with the jobs in hand it held.
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared.clone())
+        .catch_panic()
         .concurrency(jobs_in_hand)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
@@ -219,6 +223,7 @@ pub async fn run(
                 WorkerBuilder::new(WEBHOOK_QUEUE)
                     .backend(Partitioned::new(webhook_queues)?)
                     .data(Arc::new(deliverer))
+                    .catch_panic()
                     .concurrency(WEBHOOK_CONCURRENCY)
                     .build(crate::webhooks::handle),
             )
