@@ -61,10 +61,21 @@ struct Schedule {
     held: Vec<StreamId>,
     claimed: Option<Instant>,
     claim_cursor: Option<String>,
+    /// When a step last failed (Redis out of reach, frozen, restarting).
+    failed: Option<Instant>,
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
     last.is_none_or(|at| at.elapsed() >= every)
+}
+
+/// Whether orphans may be claimed, `failed` being when this loop last could not reach Redis.
+/// After an outage longer than the orphan timeout every worker's entries look orphaned (their
+/// idle time runs on the server's clock, and survives a restart or a failover), so a worker
+/// whose fetch loop came back first would take the running jobs of live workers and start
+/// them again. Claims wait until those workers' renewers have had two heartbeats since.
+fn may_claim(failed: Option<Instant>, heartbeat: Duration, now: Instant) -> bool {
+    failed.is_none_or(|at| now.saturating_duration_since(at) >= 2 * heartbeat)
 }
 
 impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
@@ -126,6 +137,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 }
                 Err(e) => {
                     drop(permit);
+                    schedule.failed = Some(Instant::now());
                     if e.is_no_group() {
                         // The group vanished (e.g. Redis restarted without persistence).
                         let _ = self.shared.ensure_group().await;
@@ -161,7 +173,9 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             let held = std::mem::take(&mut schedule.held);
             return Ok(self.decode_all(held, schedule.pause_checked));
         }
-        if due(schedule.claimed, config.claim_interval()) {
+        if due(schedule.claimed, config.claim_interval())
+            && may_claim(schedule.failed, config.heartbeat_interval, Instant::now())
+        {
             // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
             // would re-add it with a fresh delivery count, hiding the crashes it caused.
             if due(schedule.pause_checked, config.pause_check_interval) {
@@ -435,5 +449,24 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 "settler stopped; the job will be claimed again later"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphans_are_claimed_only_two_heartbeats_after_redis_came_back() {
+        let heartbeat = Duration::from_secs(5);
+        let now = Instant::now();
+        assert!(may_claim(None, heartbeat, now), "never failed");
+        let failed = now - Duration::from_secs(9);
+        assert!(!may_claim(Some(failed), heartbeat, now));
+        assert!(may_claim(
+            Some(failed),
+            heartbeat,
+            now + Duration::from_secs(1)
+        ));
     }
 }
