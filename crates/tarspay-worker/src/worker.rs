@@ -12,6 +12,7 @@ use crate::jobs::{
 use crate::ledger::WEBHOOK_QUEUE;
 use crate::queue::Partitioned;
 use crate::webhooks::{Deliverer, WebhookError, WebhookSettings};
+use apalis::layers::catch_panic::CatchPanicLayer;
 use apalis::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
@@ -206,7 +207,7 @@ pub async fn run(
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared.clone())
-        .catch_panic()
+        .layer(CatchPanicLayer::with_panic_handler(panic_to_abort))
         .concurrency(jobs_in_hand)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
@@ -223,7 +224,7 @@ pub async fn run(
                 WorkerBuilder::new(WEBHOOK_QUEUE)
                     .backend(Partitioned::new(webhook_queues)?)
                     .data(Arc::new(deliverer))
-                    .catch_panic()
+                    .layer(CatchPanicLayer::with_panic_handler(panic_to_abort))
                     .concurrency(WEBHOOK_CONCURRENCY)
                     .build(crate::webhooks::handle),
             )
@@ -301,4 +302,21 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// A handler's panic, as the job's `AbortError` (it goes to the dead stream with the panic's
+/// message). A fn item rather than apalis' `catch_panic()`, whose fn-pointer handler type
+/// makes the worker's future fail `tokio::spawn`'s `Send` check (a higher-ranked lifetime).
+#[allow(clippy::borrowed_box)] // the layer's handler signature
+fn panic_to_abort(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
+    let message = if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
+    };
+    AbortError::new(std::io::Error::other(format!(
+        "the handler panicked: {message}"
+    )))
 }
