@@ -320,3 +320,75 @@ fn starts_counting_worker(name: &str, queue: RedisQueue<TestJob>) -> InProcessWo
         .build(handle);
     InProcessWorker::spawn(stop, tokio::spawn(worker.run_until(signal)))
 }
+
+/// A job fetched into a worker's buffer, behind the one it runs, is taken over while that
+/// worker is frozen: after the thaw it is not started there (the new holder ran it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_taken_over_from_a_frozen_workers_buffer_is_not_started_there_after_the_thaw() {
+    let server = RedisServer::start(false);
+    let name = "takeover_buffered";
+    let queue: RedisQueue<TakeoverJob> = RedisQueue::connect(&server.url(), config(name))
+        .await
+        .unwrap();
+    let mut conn = server.conn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("frozen.log");
+    // One job place: the first job runs, the second waits in the fetch buffer.
+    let frozen = WorkerProcess::spawn_with_env(&server, name, 1, "2s", &[], Some(&log));
+    for (n, sleep_ms) in [(1, 4_000), (2, 50)] {
+        let job = TakeoverJob {
+            n,
+            sleep_ms,
+            takeover: 0,
+        };
+        assert!(matches!(
+            queue.enqueue(&job).await.unwrap(),
+            Enqueued::Queued { .. }
+        ));
+    }
+    wait_until(
+        "the first job runs and the second waits in the buffer",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            let q = queue.clone();
+            async move {
+                attempts_started(&mut conn, name, 1).await == 1
+                    && q.stats().await.unwrap().pending == 2
+            }
+        },
+    )
+    .await;
+    assert_eq!(attempts_started(&mut conn, name, 2).await, 0);
+    frozen.signal("STOP");
+
+    let _holder = WorkerProcess::spawn(&server, name, 2, "2s");
+    wait_until(
+        "the new holder ran the buffered job",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            async move { counts(&mut conn, &processed_key(name)).await.get(&2) == Some(&1) }
+        },
+    )
+    .await;
+    frozen.signal("CONT");
+    wait_until(
+        "the woken worker dropped the buffered job, or started it",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let dropped = text
+                .lines()
+                .any(|l| l.contains("stale settlement dropped") && l.contains("start"));
+            let mut conn = conn.clone();
+            async move { dropped || attempts_started(&mut conn, name, 2).await > 1 }
+        },
+    )
+    .await;
+    assert_eq!(
+        attempts_started(&mut conn, name, 2).await,
+        1,
+        "the buffered job started once, by its new holder"
+    );
+}

@@ -194,6 +194,15 @@ pub enum RedisConn {
     Cluster(ClusterConnection),
 }
 
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisConn::Single",
+            Self::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
 /// Response timeouts in a row after which a single node's connection is rebuilt.
 pub const REBUILD_AFTER_TIMEOUTS: u32 = 3;
 

@@ -148,6 +148,8 @@ impl Setup {
             due_times,
             stop: self.stop.clone(),
             handover: Handover::new(self.conn.clone(), self.queue.wake.clone()),
+            conn: self.conn.clone(),
+            orphan_timeout: std::time::Duration::from_secs(30),
         });
         let (settle, _rx) = SettleHandle::channel();
         let delivery = Delivery::new(

@@ -88,6 +88,8 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     due_times,
                     stop: runtime.stop.clone(),
                     handover: Handover::new(shared.conn.clone(), shared.keys.wake.clone()),
+                    conn: shared.conn.clone(),
+                    orphan_timeout: shared.config.orphan_timeout,
                 }),
             };
             runtime.fetcher = Some(tokio::spawn(fetcher.run()));

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::promoter::{DueTimes, Handover};
 use crate::queue::settle::SettleHandle;
+use crate::redis_conn::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 /// The stored delivery behind a task; handlers can read it with `Data<Delivery>`.
@@ -31,6 +32,8 @@ struct DeliveryInner {
     /// When the fetch loop last read its queue's pause flag, finding it clear, before it
     /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
     pause_clear_read_at: Option<Instant>,
+    /// When its fetch loop handed it out.
+    fetched_at: Instant,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -49,6 +52,9 @@ pub(crate) struct Holder {
     pub(crate) stop: CancellationToken,
     /// Where due times go that the worker's promoter can no longer follow.
     pub(crate) handover: Handover,
+    /// For the ownership check of a delivery that waited an orphan timeout to start.
+    pub(crate) conn: RedisConn,
+    pub(crate) orphan_timeout: Duration,
 }
 
 /// What a ledger script needs to acknowledge a delivery in the step that writes its job's
@@ -88,7 +94,54 @@ impl Delivery {
             holder,
             settled: AtomicBool::new(false),
             pause_clear_read_at,
+            fetched_at: Instant::now(),
         }))
+    }
+
+    /// Whether another worker took this delivery over while it waited here to start (this
+    /// process frozen, or Redis out of reach, past the orphan timeout, with the job still in
+    /// the fetch buffer): it must not start a second time. Its idle time was reset when it was
+    /// fetched, so only a delivery an orphan timeout old can have been claimed: only those are
+    /// asked (`XPENDING`, this entry). When Redis does not answer, it runs: its settlement is
+    /// judged on ownership anyway.
+    pub(crate) async fn taken_over_before_start(&self) -> bool {
+        let holder = Arc::clone(&self.0.holder);
+        if self.0.fetched_at.elapsed() < holder.orphan_timeout {
+            return false;
+        }
+        let id = self.entry_id().to_owned();
+        let mut conn = holder.conn.clone();
+        let mut command = redis::cmd("XPENDING");
+        command
+            .arg(&holder.stream)
+            .arg(&holder.group)
+            .arg(&id)
+            .arg(&id)
+            .arg(1);
+        let pending: Result<Vec<(String, String, u64, u64)>, redis::RedisError> =
+            command.query_async(&mut conn).await;
+        match pending {
+            Ok(pending) => match pending.first() {
+                Some((_, consumer, _, _)) => *consumer != holder.consumer,
+                None => true,
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, entry_id = %id, "cannot check who holds a job that waited to start; starting it");
+                false
+            }
+        }
+    }
+
+    /// Not started: another worker holds it now (see [`Self::taken_over_before_start`]).
+    pub(crate) fn dropped_before_start(&self) {
+        self.0.settled.store(true, Ordering::Release);
+        self.0.holder.inflight.remove([self.entry_id()]);
+        super::settle::report_stale(
+            &self.0.holder.consumer,
+            self.entry_id(),
+            self.job_id(),
+            "start",
+        );
     }
 
     /// When the fetch loop read `paused` (a pause flag) and found it clear before handing

@@ -18,6 +18,11 @@ use crate::queue::backoff::full_jitter;
 use crate::queue::delivery::Delivery;
 use crate::queue::settle::Settlement;
 
+/// A job that another worker took over while it waited in this worker's fetch buffer.
+#[derive(Debug, thiserror::Error)]
+#[error("taken over by another worker before it started here; not started")]
+struct TakenOverBeforeStart;
+
 /// Defaults for errors that carry no decision of their own.
 #[derive(Debug, Clone, Copy)]
 struct RetryDefaults {
@@ -87,6 +92,18 @@ where
         let span = job_span(&self.queue, delivery.as_ref());
         let fut = span.in_scope(|| self.inner.call(task));
         async move {
+            let taken_over = match delivery.clone() {
+                Some(delivery) => delivery.taken_over_before_start().await,
+                None => false,
+            };
+            if taken_over {
+                // Not polled, so never started: the job is its new holder's.
+                drop(fut);
+                if let Some(delivery) = &delivery {
+                    delivery.dropped_before_start();
+                }
+                return Err(TakenOverBeforeStart.into());
+            }
             let result = fut.await.map_err(Into::into);
             if let Some(delivery) = delivery.filter(|d| !settled_in_step(d, &result)) {
                 // The lifecycle layer has counted this attempt (and any in-process retries).
