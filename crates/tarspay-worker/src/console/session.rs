@@ -332,26 +332,75 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
     named.is_some_and(|named| hosts.iter().any(|host| named.eq_ignore_ascii_case(host)))
 }
 
-/// Wrong tokens per peer: after [`Throttle::MAX_FAILURES`] within [`Throttle::WINDOW`], the
-/// peer's logins are refused (429) until the window has passed.
+/// Wrong tokens per client: after [`Throttle::MAX_FAILURES`] within [`Throttle::WINDOW`], the
+/// client's logins are refused (429) until the window has passed. A client is an IPv4
+/// address or an IPv6 /64 (one host usually holds a whole /64, so counting single IPv6
+/// addresses would count nothing). Over all clients, [`Throttle::MAX_FAILURES_OVERALL`] wrong
+/// tokens within the window close every login until it passes (guesses spread over many
+/// addresses; the API and the CLI are not affected), which also bounds the memory and the
+/// work each attempt costs.
 #[derive(Default)]
 pub struct Throttle {
-    failures: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    by_client: HashMap<IpAddr, Vec<Instant>>,
+    /// Every counted failure in the window, oldest first.
+    overall: std::collections::VecDeque<Instant>,
+    /// Failures recorded in the audit log in the window, oldest first.
+    audited: std::collections::VecDeque<Instant>,
+}
+
+/// The address a client is counted under: IPv4 as is, IPv6 by its /64.
+fn client_of(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(network))
+        }
+    }
 }
 
 impl Throttle {
     pub const MAX_FAILURES: usize = 5;
     pub const WINDOW: Duration = Duration::from_secs(60);
+    pub const MAX_FAILURES_OVERALL: usize = 1_000;
+    /// Refused logins the audit log records per window: the rest are logged and counted only,
+    /// so anonymous guesses cannot push the operators' actions out of the capped log.
+    pub const MAX_AUDITED: usize = 100;
 
     fn recent(list: &mut Vec<Instant>, now: Instant) {
         list.retain(|at| now.duration_since(*at) < Self::WINDOW);
     }
 
+    fn expire(queue: &mut std::collections::VecDeque<Instant>, now: Instant) {
+        while queue
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= Self::WINDOW)
+        {
+            queue.pop_front();
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ThrottleState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether `peer` may try a token now.
     pub fn allows(&self, peer: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(&peer) {
+        self.allows_at(peer, Instant::now())
+    }
+
+    fn allows_at(&self, peer: IpAddr, now: Instant) -> bool {
+        let mut state = self.state();
+        Self::expire(&mut state.overall, now);
+        if state.overall.len() >= Self::MAX_FAILURES_OVERALL {
+            return false;
+        }
+        match state.by_client.get_mut(&client_of(peer)) {
             Some(list) => {
                 Self::recent(list, now);
                 list.len() < Self::MAX_FAILURES
@@ -360,20 +409,36 @@ impl Throttle {
         }
     }
 
-    /// Counts a wrong token from `peer`.
-    pub fn failed(&self, peer: IpAddr) {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded: peers whose failures are all old are dropped.
-        if map.len() > 10_000 {
-            map.retain(|_, list| {
+    /// Counts a wrong token from `peer`; true when the refusal is to be recorded in the audit
+    /// log (the client's first in the window, within [`Self::MAX_AUDITED`]).
+    pub fn failed(&self, peer: IpAddr) -> bool {
+        self.failed_at(peer, Instant::now())
+    }
+
+    fn failed_at(&self, peer: IpAddr, now: Instant) -> bool {
+        let mut state = self.state();
+        Self::expire(&mut state.overall, now);
+        Self::expire(&mut state.audited, now);
+        // Bounded: at most MAX_FAILURES_OVERALL clients have recent failures; the others
+        // are dropped once the map grows past that.
+        if state.by_client.len() > Self::MAX_FAILURES_OVERALL {
+            state.by_client.retain(|_, list| {
                 Self::recent(list, now);
                 !list.is_empty()
             });
         }
-        let list = map.entry(peer).or_default();
+        if state.overall.len() < Self::MAX_FAILURES_OVERALL {
+            state.overall.push_back(now);
+        }
+        let list = state.by_client.entry(client_of(peer)).or_default();
         Self::recent(list, now);
+        let first = list.is_empty();
         list.push(now);
+        let audit = first && state.audited.len() < Self::MAX_AUDITED;
+        if audit {
+            state.audited.push_back(now);
+        }
+        audit
     }
 }
 
@@ -537,5 +602,51 @@ mod tests {
         }
         assert!(!throttle.allows(peer));
         assert!(throttle.allows("10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let throttle = Throttle::default();
+        let now = Instant::now();
+        for n in 0..Throttle::MAX_FAILURES {
+            let peer: IpAddr = format!("2001:db8:1:2::{n:x}").parse().unwrap();
+            assert!(throttle.allows_at(peer, now));
+            throttle.failed_at(peer, now);
+        }
+        assert!(!throttle.allows_at("2001:db8:1:2:ffff::1".parse().unwrap(), now));
+        assert!(throttle.allows_at("2001:db8:1:3::1".parse().unwrap(), now));
+    }
+
+    #[test]
+    fn guesses_spread_over_many_clients_close_every_login_for_the_window() {
+        let throttle = Throttle::default();
+        let start = Instant::now();
+        let mut audited = 0;
+        for n in 0..Throttle::MAX_FAILURES_OVERALL {
+            let peer = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n as u32));
+            assert!(throttle.allows_at(peer, start), "client {n}");
+            if throttle.failed_at(peer, start) {
+                audited += 1;
+            }
+        }
+        assert_eq!(
+            audited,
+            Throttle::MAX_AUDITED,
+            "the audit log's share is capped"
+        );
+        let fresh: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(!throttle.allows_at(fresh, start + Duration::from_secs(1)));
+        assert!(throttle.allows_at(fresh, start + Throttle::WINDOW));
+        assert!(throttle.state().by_client.len() <= Throttle::MAX_FAILURES_OVERALL);
+    }
+
+    #[test]
+    fn only_a_clients_first_refusal_in_the_window_is_audited() {
+        let throttle = Throttle::default();
+        let now = Instant::now();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(throttle.failed_at(peer, now));
+        assert!(!throttle.failed_at(peer, now));
+        assert!(throttle.failed_at(peer, now + Throttle::WINDOW));
     }
 }

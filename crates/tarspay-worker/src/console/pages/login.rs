@@ -80,12 +80,14 @@ pub async fn login(
         );
     }
     let Some(role) = state.console.role_of(token) else {
-        state.console.throttle.failed(peer);
+        let audited = state.console.throttle.failed(peer);
         tracing::warn!(operator = ?operator, %peer, "console login refused: wrong token");
-        let _ = state
-            .console
-            .audit(operator, "none", "login", "", "refused")
-            .await;
+        if audited {
+            let _ = state
+                .console
+                .audit(operator, "none", "login", "", "refused")
+                .await;
+        }
         return login_refused(StatusCode::UNAUTHORIZED, "Wrong token.", operator);
     };
     let grant = state.console.grant(role).unwrap_or_default();
