@@ -48,7 +48,8 @@ pub fn result_row(
         status,
         amount.to_owned(),
         currency.to_owned(),
-        pay_order_id,
+        // The gateway's text too: its format is the gateway's to keep, not ours.
+        inert_cell(&pay_order_id),
         code,
         inert_cell(&msg),
         attempts,
