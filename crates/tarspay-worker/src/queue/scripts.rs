@@ -445,8 +445,10 @@ return #args - 6
 /// Give fetched but never started entries back to the queue (worker shutdown). Only entries
 /// still owned by `consumer` are given back: one taken over meanwhile (this worker stalled past
 /// the orphan timeout) belongs to its new owner, and re-adding it would run it twice and drop the
-/// owner's settlement. KEYS: stream. ARGV: group, consumer, entry ids... Returns how many were
-/// re-added.
+/// owner's settlement. The re-added entry starts with one delivery: the deliveries before the
+/// one given back (holders that died with it) are added to its envelope's attempts (`a`), so
+/// the crashes it caused still count. KEYS: stream. ARGV: group, consumer, entry ids...
+/// Returns how many were re-added.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -456,7 +458,18 @@ for i = 3, #ARGV do
   if p[1] and p[1][2] == ARGV[2] then
     local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
     if #e == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-      redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+      local fields = e[1][2]
+      local crashed = tonumber(p[1][4]) - 1
+      if crashed > 0 and fields[1] == 'e' then
+        -- The envelope's first field is its id (a JSON string, whose quotes are escaped),
+        -- then `a`: the first `,"a":` is that field.
+        local from, to, a = string.find(fields[2], ',"a":(%d+)')
+        if from then
+          fields[2] = string.sub(fields[2], 1, from - 1) .. ',"a":' .. (tonumber(a) + crashed)
+            .. string.sub(fields[2], to + 1)
+        end
+      end
+      redis.call('XADD', KEYS[1], '*', unpack(fields))
       redis.call('XDEL', KEYS[1], ARGV[i])
       n = n + 1
     end
@@ -640,6 +653,33 @@ mod tests {
 
     /// A run that lost its entry (claimed by another worker, retried as a new entry) and
     /// finishes late must not free the unique key the live copy still holds.
+    #[tokio::test]
+    async fn an_entry_given_back_keeps_the_crashes_it_caused_in_its_attempts() {
+        let (_redis, mut conn) = setup().await;
+        let envelope = r#"{"id":"J-\",\"a\":9","a":2,"t":1,"p":{"a":5}}"#;
+        let _: String = conn.xadd(STREAM, "*", &[("e", envelope)]).await.unwrap();
+        let entry = read(&mut conn, "dead-worker").await;
+        // Its first holder died: the next one claims it (its second delivery), then stops
+        // before starting it and gives it back.
+        autoclaim(&mut conn, "b").await;
+        let given_back: i64 = RELEASE
+            .key(STREAM)
+            .arg("g")
+            .arg("b")
+            .arg(&entry)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(given_back, 1);
+        let entries: redis::streams::StreamRangeReply = conn.xrange_all(STREAM).await.unwrap();
+        assert_eq!(entries.ids.len(), 1);
+        let stored: String = entries.ids[0].get("e").unwrap();
+        assert_eq!(
+            stored, r#"{"id":"J-\",\"a\":9","a":3,"t":1,"p":{"a":5}}"#,
+            "one crash added to the envelope's own attempts, nothing else touched"
+        );
+    }
+
     #[tokio::test]
     async fn a_stale_done_never_frees_the_live_copys_unique_key() {
         let (_redis, mut conn) = setup().await;
