@@ -76,10 +76,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     result
 }
 
-/// A command that only reads and prints ends like other Unix tools when its reader goes
-/// (`tarspay-worker queue | head`): killed by SIGPIPE, instead of a panic in `println!`
-/// (Rust ignores SIGPIPE, so the write fails). Not for commands that change state midway
-/// (enqueues, payroll) or run services (`worker`, `serve`): they keep the failing write.
+/// A command that only reads and prints ends quietly when its reader goes (`tarspay-worker
+/// queue | head`), with exit code 141 as a shell reports a process ended by SIGPIPE, instead
+/// of `println!`'s panic. SIGPIPE itself stays ignored (as Rust sets it): its default action
+/// would also end the process on a write to a reset Redis or HTTP connection, which tokio
+/// writes with `writev`, without `MSG_NOSIGNAL`. Not for commands that change state midway
+/// (enqueues, payroll) or run services (`worker`, `serve`).
 pub fn end_quietly_on_closed_stdout(command: &Command) {
     let reads_only = matches!(
         command,
@@ -91,14 +93,26 @@ pub fn end_quietly_on_closed_stdout(command: &Command) {
             | Command::Queue
             | Command::Audit(_)
     );
-    #[cfg(unix)]
-    if reads_only {
-        // SAFETY: only SIGPIPE's disposition changes, back to the default; no handler runs.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+    if !reads_only {
+        return;
     }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(CLOSED_STDOUT_EXIT);
+        }
+        default(info);
+    }));
 }
+
+/// The exit code of a printing command whose reader went away (128 + SIGPIPE).
+pub const CLOSED_STDOUT_EXIT: i32 = 141;
 
 /// The async runtime `command` runs on. A `worker` gets `worker_threads` threads: with one
 /// (the default) it is a single event loop, where a job's Redis reply and HTTP answer wake it
