@@ -76,8 +76,8 @@ async fn handle(
     };
     // The queue's `job` span (id, attempt) is current here; gateway calls nest under it.
     crate::queue::record_job(kind, Some(job.mch_order_no()));
-    let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
-    in_flight.increment(1.0);
+    // Taken back when the run ends, however it ends (a panic unwinds through it).
+    let _in_flight = InFlightGauge::enter();
     let result: Result<(), BoxDynError> = async move {
         let Some(ctx) = shared.context(&job) else {
             // Only a lane this process serves delivers jobs, so this is a job written into
@@ -129,7 +129,6 @@ async fn handle(
         }
     }
     .await;
-    in_flight.decrement(1.0);
     let label = match &result {
         Ok(()) => "done",
         Err(err) if err.is::<RetryAfterError>() => "retry",
@@ -201,13 +200,13 @@ pub async fn run(
         .into_iter()
         .map(|queue| queue.stop_fetching_on(stop_workers.clone()))
         .collect();
-    // A handler that panics (a bug) buries its job in the dead stream (`AbortError`) and the
-    // process goes on: uncaught, the panic ended the process, and the worker that took the
-    // job over next died the same way, every orphan timeout, with the jobs in hand it held.
+    // A handler that panics (a bug) fails its job, which is retried, and the process goes
+    // on: uncaught, the panic ended the process, and the worker that took the job over next
+    // died the same way, every orphan timeout, with the jobs in hand it held.
     let worker = WorkerBuilder::new(PAYOUT_QUEUE)
         .backend(Partitioned::new(payout_queues)?.with_gates(gates)?)
         .data(shared.clone())
-        .layer(CatchPanicLayer::with_panic_handler(panic_to_abort))
+        .layer(CatchPanicLayer::with_panic_handler(panic_as_error))
         .concurrency(jobs_in_hand)
         .build(handle);
     let deliveries = match WebhookSettings::from_settings(settings)? {
@@ -224,7 +223,7 @@ pub async fn run(
                 WorkerBuilder::new(WEBHOOK_QUEUE)
                     .backend(Partitioned::new(webhook_queues)?)
                     .data(Arc::new(deliverer))
-                    .layer(CatchPanicLayer::with_panic_handler(panic_to_abort))
+                    .layer(CatchPanicLayer::with_panic_handler(panic_as_error))
                     .concurrency(WEBHOOK_CONCURRENCY)
                     .build(crate::webhooks::handle),
             )
@@ -304,11 +303,30 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A handler's panic, as the job's `AbortError` (it goes to the dead stream with the panic's
-/// message). A fn item rather than apalis' `catch_panic()`, whose fn-pointer handler type
-/// makes the worker's future fail `tokio::spawn`'s `Send` check (a higher-ranked lifetime).
+/// One job run counted in the in-flight gauge while the guard lives.
+struct InFlightGauge(metrics::Gauge);
+
+impl InFlightGauge {
+    fn enter() -> Self {
+        let gauge = metrics::gauge!(crate::metrics::IN_FLIGHT);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// A handler's panic (a bug), as a plain error of its job: retried with backoff like any
+/// other failure, until its attempts run out and it goes to the dead stream. A payout's
+/// next run is safe (the ledger decides what it may do), and a rare panic then costs a
+/// retry, not an operator. A fn item rather than apalis' `catch_panic()`, whose fn-pointer
+/// handler type makes the worker's future fail `tokio::spawn`'s `Send` check.
 #[allow(clippy::borrowed_box)] // the layer's handler signature
-fn panic_to_abort(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
+fn panic_as_error(panic: &Box<dyn std::any::Any + Send>) -> std::io::Error {
     let message = if let Some(text) = panic.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = panic.downcast_ref::<String>() {
@@ -316,7 +334,6 @@ fn panic_to_abort(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
     } else {
         "a panic without a message".to_owned()
     };
-    AbortError::new(std::io::Error::other(format!(
-        "the handler panicked: {message}"
-    )))
+    tracing::error!(%message, "a job's handler panicked; the job is retried");
+    std::io::Error::other(format!("the handler panicked: {message}"))
 }

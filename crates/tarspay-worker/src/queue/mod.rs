@@ -60,7 +60,8 @@
 //! * `Ok(_)` — done: acknowledged and deleted; its unique key is released.
 //! * `Err(RetryAfterError::new(e, d))` — retried after `d`.
 //! * `Err(AbortError::new(e))` — given up: moved to the dead stream with the reason. A panic caught
-//!   by apalis' `catch_panic` becomes an `AbortError` too.
+//!   by apalis' `catch_panic` becomes an `AbortError` too (the service's own workers map a
+//!   handler's panic to a plain error instead, retried: see `worker`).
 //! * `Err(DeferredError)` — retried immediately.
 //! * `Err(GiveBack)` — not started: back in the queue at once, the attempt not counted.
 //! * `Err(ContinueAs { payload, attempts, delay })` — done as this job, and goes on as another
