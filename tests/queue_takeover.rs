@@ -335,7 +335,7 @@ async fn a_job_taken_over_from_a_frozen_workers_buffer_is_not_started_there_afte
     let log = dir.path().join("frozen.log");
     // One job place: the first job runs, the second waits in the fetch buffer.
     let frozen = WorkerProcess::spawn_with_env(&server, name, 1, "2s", &[], Some(&log));
-    for (n, sleep_ms) in [(1, 4_000), (2, 50)] {
+    for (n, sleep_ms) in [(1, 10_000), (2, 50)] {
         let job = TakeoverJob {
             n,
             sleep_ms,

@@ -160,6 +160,7 @@ impl Setup {
             settle,
             holder,
             pause_clear_read_at,
+            Some(std::time::Instant::now()),
         );
         (delivery, inflight, followed)
     }

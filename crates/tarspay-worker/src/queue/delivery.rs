@@ -32,8 +32,9 @@ struct DeliveryInner {
     /// When the fetch loop last read its queue's pause flag, finding it clear, before it
     /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
     pause_clear_read_at: Option<Instant>,
-    /// When its fetch loop handed it out.
-    fetched_at: Instant,
+    /// When its fetch loop read it from Redis (`None`: not known, e.g. held while the pause
+    /// flag could not be read).
+    fetched_at: Option<Instant>,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -84,6 +85,7 @@ impl Delivery {
         settle: SettleHandle,
         holder: Arc<Holder>,
         pause_clear_read_at: Option<Instant>,
+        fetched_at: Option<Instant>,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
@@ -94,19 +96,23 @@ impl Delivery {
             holder,
             settled: AtomicBool::new(false),
             pause_clear_read_at,
-            fetched_at: Instant::now(),
+            fetched_at,
         }))
     }
 
     /// Whether another worker took this delivery over while it waited here to start (this
     /// process frozen, or Redis out of reach, past the orphan timeout, with the job still in
     /// the fetch buffer): it must not start a second time. Its idle time was reset when it was
-    /// fetched, so only a delivery an orphan timeout old can have been claimed: only those are
-    /// asked (`XPENDING`, this entry). When Redis does not answer, it runs: its settlement is
+    /// fetched, so only a delivery an orphan timeout old (or of unknown age) can have been
+    /// claimed: only those are asked (`XPENDING`, this entry). When Redis does not answer, it runs: its settlement is
     /// judged on ownership anyway.
     pub(crate) async fn taken_over_before_start(&self) -> bool {
         let holder = Arc::clone(&self.0.holder);
-        if self.0.fetched_at.elapsed() < holder.orphan_timeout {
+        if self
+            .0
+            .fetched_at
+            .is_some_and(|at| at.elapsed() < holder.orphan_timeout)
+        {
             return false;
         }
         let id = self.entry_id().to_owned();

@@ -61,21 +61,27 @@ struct Schedule {
     held: Vec<StreamId>,
     claimed: Option<Instant>,
     claim_cursor: Option<String>,
-    /// When a step last failed (Redis out of reach, frozen, restarting).
-    failed: Option<Instant>,
+    /// The last step failed (Redis out of reach, frozen, restarting).
+    failing: bool,
+    /// Since when steps succeed again (or the loop started).
+    back_since: Option<Instant>,
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
     last.is_none_or(|at| at.elapsed() >= every)
 }
 
-/// Whether orphans may be claimed, `failed` being when this loop last could not reach Redis.
-/// After an outage longer than the orphan timeout every worker's entries look orphaned (their
-/// idle time runs on the server's clock, and survives a restart or a failover), so a worker
-/// whose fetch loop came back first would take the running jobs of live workers and start
-/// them again. Claims wait until those workers' renewers have had two heartbeats since.
-fn may_claim(failed: Option<Instant>, heartbeat: Duration, now: Instant) -> bool {
-    failed.is_none_or(|at| now.saturating_duration_since(at) >= 2 * heartbeat)
+/// Whether orphans may be claimed: not while this loop cannot reach Redis, and only two
+/// heartbeats after it reached it again (or started). After an outage longer than the orphan
+/// timeout every worker's entries look orphaned (their idle time runs on the server's clock,
+/// and survives a restart or a failover), so a worker whose fetch loop came back first (or a
+/// worker started meanwhile) would take the running jobs of live workers and start them
+/// again: claims wait until those workers' renewers have had two heartbeats.
+fn may_claim(schedule: &Schedule, heartbeat: Duration, now: Instant) -> bool {
+    !schedule.failing
+        && schedule
+            .back_since
+            .is_none_or(|at| now.saturating_duration_since(at) >= 2 * heartbeat)
 }
 
 impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
@@ -92,7 +98,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 return;
             }
         };
-        let mut schedule = Schedule::default();
+        let mut schedule = Schedule {
+            back_since: Some(Instant::now()),
+            ..Schedule::default()
+        };
         self.fetch_until_stopped(&mut blocking, &mut schedule).await;
         self.give_back_held(&mut schedule).await;
     }
@@ -123,6 +132,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             match self.step(blocking, schedule, room).await {
                 Ok(tasks) => {
                     backoff = redis_backoff();
+                    if schedule.failing {
+                        schedule.failing = false;
+                        schedule.back_since = Some(Instant::now());
+                    }
                     let mut tasks = tasks.into_iter();
                     if let Some(first) = tasks.next() {
                         permit.send(first);
@@ -137,7 +150,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 }
                 Err(e) => {
                     drop(permit);
-                    schedule.failed = Some(Instant::now());
+                    schedule.failing = true;
                     if e.is_no_group() {
                         // The group vanished (e.g. Redis restarted without persistence).
                         let _ = self.shared.ensure_group().await;
@@ -171,10 +184,11 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
                 return Ok(Vec::new());
             }
             let held = std::mem::take(&mut schedule.held);
-            return Ok(self.decode_all(held, schedule.pause_checked));
+            // Held since an unknown time: each is checked to be still ours before it starts.
+            return Ok(self.decode_all(held, schedule.pause_checked, None));
         }
         if due(schedule.claimed, config.claim_interval())
-            && may_claim(schedule.failed, config.heartbeat_interval, Instant::now())
+            && may_claim(schedule, config.heartbeat_interval, Instant::now())
         {
             // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
             // would re-add it with a fresh delivery count, hiding the crashes it caused.
@@ -264,7 +278,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.give_back_held(schedule).await;
             return Ok(Vec::new());
         }
-        Ok(self.decode_all(entries, schedule.pause_checked))
+        Ok(self.decode_all(entries, schedule.pause_checked, Some(Instant::now())))
     }
 
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
@@ -358,16 +372,22 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         &self,
         entries: Vec<StreamId>,
         pause_clear_read_at: Option<Instant>,
+        fetched_at: Option<Instant>,
     ) -> Vec<Task<T>> {
         entries
             .into_iter()
-            .filter_map(|entry| self.decode(entry, pause_clear_read_at))
+            .filter_map(|entry| self.decode(entry, pause_clear_read_at, fetched_at))
             .collect()
     }
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(&self, mut entry: StreamId, pause_clear_read_at: Option<Instant>) -> Option<Task<T>> {
+    fn decode(
+        &self,
+        mut entry: StreamId,
+        pause_clear_read_at: Option<Instant>,
+        fetched_at: Option<Instant>,
+    ) -> Option<Task<T>> {
         // A fresh read is the first delivery; claimed entries carry their count.
         let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
         let Some(stored) = take_field(&mut entry.map, "e") else {
@@ -426,6 +446,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.settle.clone(),
             Arc::clone(&self.holder),
             pause_clear_read_at,
+            fetched_at,
         );
         Some(
             TaskBuilder::new(args)
@@ -460,13 +481,20 @@ mod tests {
     fn orphans_are_claimed_only_two_heartbeats_after_redis_came_back() {
         let heartbeat = Duration::from_secs(5);
         let now = Instant::now();
-        assert!(may_claim(None, heartbeat, now), "never failed");
-        let failed = now - Duration::from_secs(9);
-        assert!(!may_claim(Some(failed), heartbeat, now));
-        assert!(may_claim(
-            Some(failed),
-            heartbeat,
-            now + Duration::from_secs(1)
-        ));
+        let mut schedule = Schedule {
+            back_since: Some(now),
+            ..Schedule::default()
+        };
+        assert!(!may_claim(&schedule, heartbeat, now), "just started");
+        assert!(may_claim(&schedule, heartbeat, now + 2 * heartbeat));
+        schedule.failing = true;
+        assert!(
+            !may_claim(&schedule, heartbeat, now + 10 * heartbeat),
+            "Redis out of reach"
+        );
+        schedule.failing = false;
+        schedule.back_since = Some(now + 10 * heartbeat);
+        assert!(!may_claim(&schedule, heartbeat, now + 11 * heartbeat));
+        assert!(may_claim(&schedule, heartbeat, now + 12 * heartbeat));
     }
 }
