@@ -521,6 +521,44 @@ pub struct PayoutRequest {
 }
 
 impl PayoutRequest {
+    /// The checks on what goes to the gateway unchanged (`wayCode`, the pass-through fields),
+    /// for a payout built in code rather than by [`PayoutRules::validate_fields`], whose
+    /// checks these repeat: a producer enqueues nothing that fails them.
+    pub fn check_pass_through(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        if let Err(rule) = check_way_code(&self.way_code) {
+            errors.push(FieldError::new("wayCode", rule));
+        }
+        for (key, value) in &self.fields {
+            let rule = if CORE_FIELDS.contains(&key.as_str()) {
+                Some(
+                    "is a core field (or set from the worker's settings), not a pass-through one"
+                        .to_owned(),
+                )
+            } else if let Some(like) = lookalike_of_core_field(key) {
+                Some(format!(
+                    "differs from the field {like:?} only in case or '_'"
+                ))
+            } else if !(key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                Some("is not a valid field name (a letter, then letters, digits or '_')".to_owned())
+            } else if value.len() > MAX_FIELD_LEN {
+                Some(format!("is longer than {MAX_FIELD_LEN} bytes"))
+            } else {
+                None
+            };
+            if let Some(rule) = rule {
+                errors.push(FieldError::new(key, rule));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(errors))
+        }
+    }
+
     pub fn to_create(&self, notify_url: &str) -> CreatePayout {
         CreatePayout {
             mch_order_no: self.mch_order_no.to_string(),
@@ -721,6 +759,27 @@ mod tests {
         assert!(
             rules().validate_json(&body).is_ok(),
             "a longer name is its own field"
+        );
+    }
+
+    #[test]
+    fn a_payout_built_in_code_is_checked_on_what_goes_through() {
+        let mut request = rules().validate_json(&india()).unwrap();
+        assert!(request.check_pass_through().is_ok());
+        request.way_code = " UPI\n".into();
+        request.fields.insert("Amount".into(), "45000".into());
+        request.fields.insert("amount".into(), "45000".into());
+        request.fields.insert("bad-name".into(), "x".into());
+        request
+            .fields
+            .insert("note".into(), "x".repeat(MAX_FIELD_LEN + 1));
+        let errors = request.check_pass_through().unwrap_err();
+        let mut fields = fields_of(&errors);
+        fields.sort();
+        assert_eq!(
+            fields,
+            vec!["Amount", "amount", "bad-name", "note", "wayCode"],
+            "{errors}"
         );
     }
 

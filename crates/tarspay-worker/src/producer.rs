@@ -173,6 +173,7 @@ impl Producer {
         request: &PayoutRequest,
         batch_id: Option<&BatchId>,
     ) -> Result<Enqueued, ProducerError> {
+        request.check_pass_through()?;
         let registered = PayoutOrder::new(request);
         let order = registered.order(request, batch_id);
         let job = PayoutJob::CreatePayout {
@@ -189,6 +190,10 @@ impl Producer {
         requests: &[PayoutRequest],
         batch_id: &BatchId,
     ) -> Result<BatchEnqueued, ProducerError> {
+        // Every row first: a batch with a bad one queues nothing.
+        for request in requests {
+            request.check_pass_through()?;
+        }
         let mut result = BatchEnqueued {
             batch_id: batch_id.clone(),
             conflicting: Vec::new(),
