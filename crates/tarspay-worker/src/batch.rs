@@ -90,10 +90,9 @@ pub enum BatchError {
     BadRows { rows: Vec<RowError> },
 }
 
-/// Validates rows given as (line, fields); collects every problem, including an mchOrderNo
-/// repeated within the batch.
-/// Rows checked one by one (line, the row's payout or its errors): every bad row is listed,
-/// and a number repeated within the batch is refused on each repeat.
+/// Rows checked one by one as they are read (line, the row's payout or its errors): every
+/// bad row is listed, and a number repeated within the batch is refused on each repeat. A
+/// batch past [`MAX_ROWS`] is refused before its further rows are checked.
 fn collect_rows(
     rows: impl IntoIterator<Item = (u64, Result<PayoutRequest, Vec<FieldError>>)>,
 ) -> Result<Vec<PayoutRequest>, BatchError> {
@@ -152,31 +151,23 @@ pub fn parse_csv(rules: &PayoutRules, bytes: &[u8]) -> Result<Vec<PayoutRequest>
             reason: format!("the header names the column \"{repeated}\" twice"),
         });
     }
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        match record {
-            Ok(record) => {
-                let line = record.position().map_or(0, |p| p.line());
-                let fields = headers
-                    .iter()
-                    .zip(record.iter())
-                    .filter(|(_, value)| !value.is_empty())
-                    .map(|(name, value)| (name.to_owned(), value.to_owned()))
-                    .collect();
-                rows.push((line, rules.validate_fields(fields).map_err(|e| e.0)));
-            }
-            Err(err) => {
-                let line = err.position().map_or(0, |p| p.line());
-                rows.push((
-                    line,
-                    Err(vec![FieldError::new(
-                        "(row)",
-                        format!("unreadable CSV: {err}"),
-                    )]),
-                ));
-            }
+    let rows = reader.records().map(|record| match record {
+        Ok(record) => {
+            let line = record.position().map_or(0, |p| p.line());
+            let fields = headers
+                .iter()
+                .zip(record.iter())
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect();
+            (line, rules.validate_fields(fields).map_err(|e| e.0))
         }
-    }
+        Err(err) => {
+            let line = err.position().map_or(0, |p| p.line());
+            let unreadable = FieldError::new("(row)", format!("unreadable CSV: {err}"));
+            (line, Err(vec![unreadable]))
+        }
+    });
     collect_rows(rows)
 }
 
