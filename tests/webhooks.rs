@@ -813,58 +813,6 @@ async fn an_outcome_gone_from_the_stream_is_a_dead_delivery_not_a_retry_loop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_outcome_is_a_dead_delivery_not_a_retry_loop() {
-    let receiver = Receiver::start(0, 0, None).await;
-    let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;
-    finalize(&app, "BAD-1").await;
-    let partition = app.partition("BAD-1");
-    let stream = partition.ledger.keys().outcomes();
-    let (entry, _) = partition
-        .ledger
-        .outcomes_after("0", 10)
-        .await
-        .unwrap()
-        .remove(0);
-    // The delivery's entry, replaced under the same id by one that is not an outcome (a
-    // tampered stream): the stream's last id is set back so that the id can be written again.
-    let mut conn = app.redis.conn().await;
-    let _: u64 = redis::cmd("XDEL")
-        .arg(&stream)
-        .arg(&entry)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("XSETID")
-        .arg(&stream)
-        .arg("0-1")
-        .arg("ENTRIESADDED")
-        .arg(1)
-        .arg("MAXDELETEDID")
-        .arg("0-0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg(&entry)
-        .arg("event")
-        .arg("nonsense")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let pool = app.pool(1);
-    eventually("dead", || async {
-        (app.deployment.webhook_dead_count().await.unwrap() == 1).then_some(())
-    })
-    .await;
-    pool.stop().await;
-    let dead = partition.webhooks.list_dead(None, 10).await.unwrap();
-    assert!(dead[0].reason.contains("is malformed"), "{dead:?}");
-    assert_eq!(dead[0].attempts, Some(1), "given up at once");
-    assert!(receiver.requests().is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_and_its_delivery_are_written_together_or_not_at_all() {
     let receiver = Receiver::start(0, 0, None).await;
     let app = app_with_webhooks(&receiver, WHSEC, false, &[]).await;

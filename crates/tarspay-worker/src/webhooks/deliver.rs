@@ -47,7 +47,6 @@ pub enum DeliveryError {
     Gone(String),
     #[error("cannot read the outcome: {0}")]
     Redis(#[from] redis::RedisError),
-    /// An outcome that parsed but cannot be encoded: retrying cannot help.
     #[error("cannot encode the outcome: {0}")]
     Encode(#[from] serde_json::Error),
     /// An outcome entry that does not parse: only our own script writes them, so this is a
@@ -176,12 +175,7 @@ pub async fn handle(
     metrics::counter!(crate::metrics::WEBHOOKS, "result" => label).increment(1);
     match result {
         Ok(()) => Ok(()),
-        // Retrying cannot help these: the entry is gone, or it (or the job) does not parse.
-        Err(
-            err @ (DeliveryError::Gone(_)
-            | DeliveryError::Corrupt { .. }
-            | DeliveryError::Encode(_)),
-        ) => {
+        Err(err @ DeliveryError::Gone(_)) => {
             tracing::error!(error = %err, "outcome webhook cannot be sent");
             Err(AbortError::new(err).into())
         }
