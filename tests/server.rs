@@ -1109,12 +1109,19 @@ async fn slow_and_oversized_requests_are_cut_off_over_raw_tcp() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("x-request-id"), "{answer}");
-    // The same on the console's login form, which anyone may post to.
+    // The same on the console's login form, which anyone may post to, with the console's
+    // headers.
     let request = "POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken=";
     let answer = raw_exchange(&s.url, request.as_bytes(), within)
         .await
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-frame-options: deny"),
+        "{answer}"
+    );
     // The server still serves.
     let health = s.http.get(format!("{}/healthz", s.url)).send().await;
     assert_eq!(health.unwrap().status(), StatusCode::OK);

@@ -227,7 +227,7 @@ async fn security_headers(mut response: Response) -> Response {
 }
 
 /// The console's routes (all under `/console`), merged into the server's router.
-pub fn router(state: Arc<ConsoleState>) -> Router {
+pub fn router(state: Arc<ConsoleState>, body_read_timeout: std::time::Duration) -> Router {
     Router::new()
         .route("/console", get(pages::to_overview))
         .route("/console/", get(pages::overview))
@@ -251,6 +251,15 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         // Forms are a few fields: a larger body is refused (413) before anyone reads it,
         // whatever limit the API's batch uploads have.
         .layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT))
+        // A form sent too slowly is 408 (with the API's body read timeout), and a larger one
+        // 413 before anyone reads it; these answers get the console's headers too.
+        .layer(axum::middleware::from_fn_with_state(
+            crate::server::BodyLimit {
+                max_bytes: FORM_LIMIT,
+                read_timeout: body_read_timeout,
+            },
+            crate::server::read_within,
+        ))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }

@@ -508,7 +508,7 @@ impl Run<'_, '_> {
                 // Not ours any more: look again soon rather than report the work as done.
                 tracing::warn!(
                     mch_order_no = self.id(),
-                    "not failed: another run owns the order now"
+                    "not failed: this run's lease is gone (another run took it, or it ran out)"
                 );
                 Ok(Step::RetryAfter(LEASE_LOST_RECHECK))
             }

@@ -651,8 +651,6 @@ mod tests {
         found.len() == 1
     }
 
-    /// A run that lost its entry (claimed by another worker, retried as a new entry) and
-    /// finishes late must not free the unique key the live copy still holds.
     #[tokio::test]
     async fn an_entry_given_back_keeps_the_crashes_it_caused_in_its_attempts() {
         let (_redis, mut conn) = setup().await;
@@ -680,6 +678,8 @@ mod tests {
         );
     }
 
+    /// A run that lost its entry (claimed by another worker, retried as a new entry) and
+    /// finishes late must not free the unique key the live copy still holds.
     #[tokio::test]
     async fn a_stale_done_never_frees_the_live_copys_unique_key() {
         let (_redis, mut conn) = setup().await;

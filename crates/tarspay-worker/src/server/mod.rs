@@ -11,7 +11,7 @@ mod openapi;
 mod request_id;
 mod unmatched;
 
-pub use body::BodyLimit;
+pub use body::{BodyLimit, read_within};
 pub use request_id::HEADER as REQUEST_ID_HEADER;
 
 use crate::config::{ConfigError, Settings};
@@ -156,15 +156,7 @@ pub fn router(state: Arc<AppState>, callback_path: &str, limits: Limits) -> Rout
         state.clone(),
         auth::require_token,
     ));
-    // The console's forms get the API's body read timeout, with the console's own size.
-    let console =
-        crate::console::router(state.console.clone()).layer(axum::middleware::from_fn_with_state(
-            BodyLimit {
-                max_bytes: crate::console::FORM_LIMIT,
-                read_timeout: limits.body.read_timeout,
-            },
-            body::read_within,
-        ));
+    let console = crate::console::router(state.console.clone(), limits.body.read_timeout);
     let (router, document) = assemble(api, public);
     router
         .with_state(state)
