@@ -159,8 +159,10 @@ impl Setup {
             10,
             settle,
             holder,
-            pause_clear_read_at,
-            Some(std::time::Instant::now()),
+            crate::queue::FetchTimes {
+                fetched_at: Some(std::time::Instant::now()),
+                pause_clear_read_at,
+            },
         );
         (delivery, inflight, followed)
     }

@@ -76,6 +76,14 @@ pub(crate) struct InlineAck {
     pub(crate) follows: bool,
 }
 
+/// When a delivery's fetch loop read it, and last read its queue's pause flag clear before
+/// handing it out (see `DeliveryInner`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FetchTimes {
+    pub(crate) fetched_at: Option<Instant>,
+    pub(crate) pause_clear_read_at: Option<Instant>,
+}
+
 impl Delivery {
     pub(crate) fn new(
         entry_id: String,
@@ -84,8 +92,7 @@ impl Delivery {
         max_attempts: u32,
         settle: SettleHandle,
         holder: Arc<Holder>,
-        pause_clear_read_at: Option<Instant>,
-        fetched_at: Option<Instant>,
+        times: FetchTimes,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
             entry_id,
@@ -95,8 +102,8 @@ impl Delivery {
             settle,
             holder,
             settled: AtomicBool::new(false),
-            pause_clear_read_at,
-            fetched_at,
+            pause_clear_read_at: times.pause_clear_read_at,
+            fetched_at: times.fetched_at,
         }))
     }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::queue::backend::release_unstarted;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
-use crate::queue::delivery::Holder;
+use crate::queue::delivery::{FetchTimes, Holder};
 use crate::queue::entries::{parse_claimed, parse_read, take_field};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
@@ -445,8 +445,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             max_attempts,
             self.settle.clone(),
             Arc::clone(&self.holder),
-            pause_clear_read_at,
-            fetched_at,
+            FetchTimes {
+                fetched_at,
+                pause_clear_read_at,
+            },
         );
         Some(
             TaskBuilder::new(args)

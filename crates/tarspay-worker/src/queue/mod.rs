@@ -135,7 +135,10 @@ pub use stats::QueueStats;
 pub use storage::{Enqueued, JobOptions, PreparedJob, RedisQueue};
 pub use worker_id::worker_identity;
 #[cfg(test)]
-pub(crate) use {delivery::Holder, inflight::InFlight, promoter::Handover, settle::SettleHandle};
+pub(crate) use {
+    delivery::FetchTimes, delivery::Holder, inflight::InFlight, promoter::Handover,
+    settle::SettleHandle,
+};
 
 /// Errors at the queue's boundary.
 #[derive(Debug, thiserror::Error)]
