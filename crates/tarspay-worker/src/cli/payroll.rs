@@ -5,6 +5,7 @@ use crate::batch::{self, BatchError};
 use crate::config::{MerchantProfile, Settings};
 use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
+use crate::gateway::error::GatewayError;
 use crate::gateway::types::Balance;
 use crate::ids::{BatchId, MerchantName};
 use crate::ledger::{BatchProgress, BatchSummary, Phase};
@@ -128,8 +129,8 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
 
 /// Each currency's new total is compared with the account its payouts draw on: the balance
 /// query names the currency (for a gateway with an account per currency); when that query
-/// fails in any way, or its answer names another currency, with the merchant's one account
-/// from the plain query (whose failure is the check's). Amounts of different currencies are
+/// is refused (a code, an HTTP 4xx, an answer that does not decode), or its answer names
+/// another currency, with the merchant's one account from the plain query. Amounts of different currencies are
 /// never added. Ok is the per-currency report.
 async fn check_balance(
     settings: &Settings,
@@ -151,12 +152,21 @@ async fn check_balance(
                 Some(parse_available(&balance)?)
             }
             Ok(_) => None,
-            // Refused in any way (TarsPay's docs name no `currency` here: a code, an HTTP
-            // 4xx, an answer that does not decode): the plain query decides, or fails.
-            Err(err) => {
-                tracing::debug!(error = %err, currency, "balance query with a currency failed");
+            // Refused (TarsPay's docs name no `currency` here: a code, an HTTP 4xx, an answer
+            // that does not decode): the plain query decides, or fails.
+            Err(
+                err @ (GatewayError::Gateway { .. }
+                | GatewayError::Decode { .. }
+                | GatewayError::Http {
+                    status: 400..=499, ..
+                }),
+            ) => {
+                tracing::debug!(error = %err, currency, "balance query with a currency refused");
                 None
             }
+            // Not an answer about the field (a timeout, a 5xx, a 429): the check cannot be
+            // made, as with the plain query.
+            Err(err) => return Err(format!("cannot read the balance ({err})")),
         };
         let value = match own {
             Some(value) => value,
