@@ -346,11 +346,19 @@ pub struct Throttle {
 
 #[derive(Default)]
 struct ThrottleState {
-    by_client: HashMap<IpAddr, Vec<Instant>>,
+    by_client: HashMap<IpAddr, ClientFailures>,
     /// Every counted failure in the window, oldest first.
     overall: std::collections::VecDeque<Instant>,
     /// Failures recorded in the audit log in the window, oldest first.
     audited: std::collections::VecDeque<Instant>,
+}
+
+#[derive(Default)]
+struct ClientFailures {
+    /// Within the window, oldest first.
+    at: Vec<Instant>,
+    /// When one of its refusals was last recorded in the audit log.
+    audited: Option<Instant>,
 }
 
 /// The address a client is counted under: IPv4 as is, IPv6 by its /64.
@@ -401,16 +409,16 @@ impl Throttle {
             return false;
         }
         match state.by_client.get_mut(&client_of(peer)) {
-            Some(list) => {
-                Self::recent(list, now);
-                list.len() < Self::MAX_FAILURES
+            Some(client) => {
+                Self::recent(&mut client.at, now);
+                client.at.len() < Self::MAX_FAILURES
             }
             None => true,
         }
     }
 
     /// Counts a wrong token from `peer`; true when the refusal is to be recorded in the audit
-    /// log (the client's first in the window, within [`Self::MAX_AUDITED`]).
+    /// log (at most one of a client's a window, within [`Self::MAX_AUDITED`] for all).
     pub fn failed(&self, peer: IpAddr) -> bool {
         self.failed_at(peer, Instant::now())
     }
@@ -422,20 +430,24 @@ impl Throttle {
         // Bounded: at most MAX_FAILURES_OVERALL clients have recent failures; the others
         // are dropped once the map grows past that.
         if state.by_client.len() > Self::MAX_FAILURES_OVERALL {
-            state.by_client.retain(|_, list| {
-                Self::recent(list, now);
-                !list.is_empty()
+            state.by_client.retain(|_, client| {
+                Self::recent(&mut client.at, now);
+                !client.at.is_empty()
             });
         }
         if state.overall.len() < Self::MAX_FAILURES_OVERALL {
             state.overall.push_back(now);
         }
-        let list = state.by_client.entry(client_of(peer)).or_default();
-        Self::recent(list, now);
-        let first = list.is_empty();
-        list.push(now);
-        let audit = first && state.audited.len() < Self::MAX_AUDITED;
+        let room = state.audited.len() < Self::MAX_AUDITED;
+        let client = state.by_client.entry(client_of(peer)).or_default();
+        Self::recent(&mut client.at, now);
+        client.at.push(now);
+        let due = client
+            .audited
+            .is_none_or(|at| now.duration_since(at) >= Self::WINDOW);
+        let audit = due && room;
         if audit {
+            client.audited = Some(now);
             state.audited.push_back(now);
         }
         audit
@@ -641,12 +653,16 @@ mod tests {
     }
 
     #[test]
-    fn only_a_clients_first_refusal_in_the_window_is_audited() {
+    fn a_clients_refusals_are_audited_once_a_window() {
         let throttle = Throttle::default();
         let now = Instant::now();
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         assert!(throttle.failed_at(peer, now));
         assert!(!throttle.failed_at(peer, now));
-        assert!(throttle.failed_at(peer, now + Throttle::WINDOW));
+        // A slow guesser, one try every 50 s: its failures never all age out, yet each
+        // window gets one row.
+        assert!(!throttle.failed_at(peer, now + Duration::from_secs(50)));
+        assert!(throttle.failed_at(peer, now + Duration::from_secs(100)));
+        assert!(!throttle.failed_at(peer, now + Duration::from_secs(150)));
     }
 }
