@@ -460,9 +460,10 @@ for i = 3, #ARGV do
     if #e == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
       local fields = e[1][2]
       local crashed = tonumber(p[1][4]) - 1
-      if crashed > 0 and fields[1] == 'e' then
-        -- The envelope's first field is its id (a JSON string, whose quotes are escaped),
-        -- then `a`: the first `,"a":` is that field.
+      -- Only an envelope Rust wrote (`{"id":…`): its first field is its id (a JSON string,
+      -- whose quotes are escaped), then `a`, so the first `,"a":` is that field. Others (a
+      -- script's cjson, in any key order) keep their text, and lose the count.
+      if crashed > 0 and fields[1] == 'e' and string.sub(fields[2], 1, 7) == '{"id":"' then
         local from, to, a = string.find(fields[2], ',"a":(%d+)')
         if from then
           fields[2] = string.sub(fields[2], 1, from - 1) .. ',"a":' .. (tonumber(a) + crashed)
@@ -676,6 +677,29 @@ mod tests {
             stored, r#"{"id":"J-\",\"a\":9","a":3,"t":1,"p":{"a":5}}"#,
             "one crash added to the envelope's own attempts, nothing else touched"
         );
+    }
+
+    #[tokio::test]
+    async fn an_envelope_a_script_wrote_is_given_back_as_it_was() {
+        // cjson writes keys in any order: the payload's own `a` must not be taken for the
+        // envelope's.
+        let (_redis, mut conn) = setup().await;
+        let envelope = r#"{"p":{"x":1,"a":5},"a":0,"id":"W-1"}"#;
+        let _: String = conn.xadd(STREAM, "*", &[("e", envelope)]).await.unwrap();
+        let entry = read(&mut conn, "dead-worker").await;
+        autoclaim(&mut conn, "b").await;
+        let given_back: i64 = RELEASE
+            .key(STREAM)
+            .arg("g")
+            .arg("b")
+            .arg(&entry)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(given_back, 1);
+        let entries: redis::streams::StreamRangeReply = conn.xrange_all(STREAM).await.unwrap();
+        let stored: String = entries.ids[0].get("e").unwrap();
+        assert_eq!(stored, envelope);
     }
 
     /// A run that lost its entry (claimed by another worker, retried as a new entry) and
