@@ -5,6 +5,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 pub const JOBS: &str = "tarspay_jobs_total";
+/// Job handler panics (a bug): each fails its job, which is retried.
+pub const JOB_PANICS: &str = "tarspay_job_panics_total";
 pub const GATEWAY_LATENCY: &str = "tarspay_gateway_latency_seconds";
 pub const GATEWAY_CODES: &str = "tarspay_gateway_codes_total";
 pub const CREATE_RETRIES: &str = "tarspay_create_retries_total";

@@ -321,9 +321,10 @@ impl Drop for InFlightGauge {
 }
 
 /// A handler's panic (a bug), as a plain error of its job: retried with backoff like any
-/// other failure, until its attempts run out and it goes to the dead stream. A payout's
-/// next run is safe (the ledger decides what it may do), and a rare panic then costs a
-/// retry, not an operator. A fn item rather than apalis' `catch_panic()`, whose fn-pointer
+/// other failure (a payout job's attempts are many: one that panics every time retries
+/// about every `retry_max` for days, so alert on `tarspay_job_panics_total`). A payout's next
+/// run is safe (the ledger decides what it may do), and a rare panic then costs a retry,
+/// not an operator. A fn item rather than apalis' `catch_panic()`, whose fn-pointer
 /// handler type makes the worker's future fail `tokio::spawn`'s `Send` check.
 #[allow(clippy::borrowed_box)] // the layer's handler signature
 fn panic_as_error(panic: &Box<dyn std::any::Any + Send>) -> std::io::Error {
@@ -335,5 +336,6 @@ fn panic_as_error(panic: &Box<dyn std::any::Any + Send>) -> std::io::Error {
         "a panic without a message".to_owned()
     };
     tracing::error!(%message, "a job's handler panicked; the job is retried");
+    metrics::counter!(crate::metrics::JOB_PANICS).increment(1);
     std::io::Error::other(format!("the handler panicked: {message}"))
 }
