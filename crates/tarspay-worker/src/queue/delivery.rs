@@ -77,7 +77,8 @@ pub(crate) struct InlineAck {
 }
 
 /// When a delivery's fetch loop read it, and last read its queue's pause flag clear before
-/// handing it out (see `DeliveryInner`).
+/// handing it out (see `DeliveryInner`). The default is "not known": such a delivery is
+/// checked to be still this worker's before it starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FetchTimes {
     pub(crate) fetched_at: Option<Instant>,

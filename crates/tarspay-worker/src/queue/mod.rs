@@ -24,8 +24,9 @@
 //!   and the delivery the claim counted is taken back (`XCLAIM … RETRYCOUNT … JUSTID`), so a
 //!   later takeover does not read it as one more lost worker. After Redis was out of reach (a
 //!   restart, a failover, a freeze) for longer than the orphan timeout every entry looks
-//!   orphaned: a fetch loop claims nothing until two heartbeats after its own last failure, so
-//!   live workers renew first. A worker frozen through that whole time still loses its jobs.
+//!   orphaned: a fetch loop claims nothing while its steps fail, nor for two heartbeats after
+//!   they succeed again or after it starts, so live workers renew first. A worker frozen
+//!   through that whole time still loses its jobs.
 //! * **A settlement applies only while its worker still holds the entry.** An outcome (done,
 //!   retry, dead) and a shutdown give-back are written only if the entry is still pending *and*
 //!   owned by the settling consumer (`XPENDING id id 1`, checked inside the same script). A

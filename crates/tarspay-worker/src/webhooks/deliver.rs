@@ -49,8 +49,9 @@ pub enum DeliveryError {
     Redis(#[from] redis::RedisError),
     #[error("cannot encode the outcome: {0}")]
     Encode(#[from] serde_json::Error),
-    /// An outcome entry that does not parse: only our own script writes them, so this is a
-    /// bug or a tampered stream; retrying cannot help.
+    /// An outcome entry that does not parse: a bug, a tampered stream, or one a newer
+    /// version wrote (a status this one does not know): retried, so that during a rolling
+    /// upgrade a newer worker can deliver it.
     #[error("outcome {id} is malformed: {reason}")]
     Corrupt { id: String, reason: String },
     /// The receiver answered something other than 2xx, or could not be reached.
