@@ -652,29 +652,33 @@ mod tests {
         found.len() == 1
     }
 
-    #[tokio::test]
-    async fn an_entry_given_back_keeps_the_crashes_it_caused_in_its_attempts() {
-        let (_redis, mut conn) = setup().await;
-        let envelope = r#"{"id":"J-\",\"a\":9","a":2,"t":1,"p":{"a":5}}"#;
+    /// Queues `envelope`; its first holder dies with it, the next one claims it (its second
+    /// delivery) and gives it back unstarted. Returns the envelope as re-added.
+    async fn given_back_after_a_crash(conn: &mut MultiplexedConnection, envelope: &str) -> String {
         let _: String = conn.xadd(STREAM, "*", &[("e", envelope)]).await.unwrap();
-        let entry = read(&mut conn, "dead-worker").await;
-        // Its first holder died: the next one claims it (its second delivery), then stops
-        // before starting it and gives it back.
-        autoclaim(&mut conn, "b").await;
+        let entry = read(conn, "dead-worker").await;
+        autoclaim(conn, "b").await;
         let given_back: i64 = RELEASE
             .key(STREAM)
             .arg("g")
             .arg("b")
             .arg(&entry)
-            .invoke_async(&mut conn)
+            .invoke_async(conn)
             .await
             .unwrap();
         assert_eq!(given_back, 1);
         let entries: redis::streams::StreamRangeReply = conn.xrange_all(STREAM).await.unwrap();
         assert_eq!(entries.ids.len(), 1);
-        let stored: String = entries.ids[0].get("e").unwrap();
+        entries.ids[0].get("e").unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_entry_given_back_keeps_the_crashes_it_caused_in_its_attempts() {
+        let (_redis, mut conn) = setup().await;
+        let envelope = r#"{"id":"J-\",\"a\":9","a":2,"t":1,"p":{"a":5}}"#;
         assert_eq!(
-            stored, r#"{"id":"J-\",\"a\":9","a":3,"t":1,"p":{"a":5}}"#,
+            given_back_after_a_crash(&mut conn, envelope).await,
+            r#"{"id":"J-\",\"a\":9","a":3,"t":1,"p":{"a":5}}"#,
             "one crash added to the envelope's own attempts, nothing else touched"
         );
     }
@@ -685,21 +689,10 @@ mod tests {
         // envelope's.
         let (_redis, mut conn) = setup().await;
         let envelope = r#"{"p":{"x":1,"a":5},"a":0,"id":"W-1"}"#;
-        let _: String = conn.xadd(STREAM, "*", &[("e", envelope)]).await.unwrap();
-        let entry = read(&mut conn, "dead-worker").await;
-        autoclaim(&mut conn, "b").await;
-        let given_back: i64 = RELEASE
-            .key(STREAM)
-            .arg("g")
-            .arg("b")
-            .arg(&entry)
-            .invoke_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(given_back, 1);
-        let entries: redis::streams::StreamRangeReply = conn.xrange_all(STREAM).await.unwrap();
-        let stored: String = entries.ids[0].get("e").unwrap();
-        assert_eq!(stored, envelope);
+        assert_eq!(
+            given_back_after_a_crash(&mut conn, envelope).await,
+            envelope
+        );
     }
 
     /// A run that lost its entry (claimed by another worker, retried as a new entry) and
