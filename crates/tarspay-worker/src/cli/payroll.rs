@@ -130,8 +130,8 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
 /// Each currency's new total is compared with the account its payouts draw on: the balance
 /// query names the currency (for a gateway with an account per currency); when that query
 /// is refused (a code, an HTTP 4xx, an answer that does not decode), or its answer names
-/// another currency, with the merchant's one account from the plain query. Amounts of different currencies are
-/// never added. Ok is the per-currency report.
+/// another currency, with the merchant's one account from the plain query. Amounts of
+/// different currencies are never added. Ok is the per-currency report.
 async fn check_balance(
     settings: &Settings,
     profile: &MerchantProfile,

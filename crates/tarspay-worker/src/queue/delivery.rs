@@ -112,8 +112,8 @@ impl Delivery {
     /// process frozen, or Redis out of reach, past the orphan timeout, with the job still in
     /// the fetch buffer): it must not start a second time. Its idle time was reset when it was
     /// fetched, so only a delivery an orphan timeout old (or of unknown age) can have been
-    /// claimed: only those are asked (`XPENDING`, this entry). When Redis does not answer, it runs: its settlement is
-    /// judged on ownership anyway.
+    /// claimed: only those are asked (`XPENDING`, this entry). When Redis does not answer, it
+    /// runs: its settlement is judged on ownership anyway.
     pub(crate) async fn taken_over_before_start(&self) -> bool {
         let holder = Arc::clone(&self.0.holder);
         if self
