@@ -5,6 +5,7 @@ use crate::batch::{self, BatchError};
 use crate::config::{MerchantProfile, Settings};
 use crate::deployment::Deployment;
 use crate::gateway::TarsPayClient;
+use crate::gateway::codes::{CodeTable, ErrorClass};
 use crate::gateway::error::GatewayError;
 use crate::gateway::types::Balance;
 use crate::ids::{BatchId, MerchantName};
@@ -129,8 +130,8 @@ pub async fn run(settings: &Settings, args: PayrollArgs) -> Result<ExitCode> {
 
 /// Each currency's new total is compared with the account its payouts draw on: the balance
 /// query names the currency (for a gateway with an account per currency); when that query
-/// is refused (a code, an HTTP 4xx, an answer that does not decode), or its answer names
-/// another currency, with the merchant's one account from the plain query. Amounts of
+/// is refused ([`refuses_the_field`]), or its answer names another currency, with the
+/// merchant's one account from the plain query. Amounts of
 /// different currencies are never added. Ok is the per-currency report.
 async fn check_balance(
     settings: &Settings,
@@ -152,20 +153,15 @@ async fn check_balance(
                 Some(parse_available(&balance)?)
             }
             Ok(_) => None,
-            // Refused (TarsPay's docs name no `currency` here: a code, an HTTP 4xx, an answer
-            // that does not decode): the plain query decides, or fails.
-            Err(
-                err @ (GatewayError::Gateway { .. }
-                | GatewayError::Decode { .. }
-                | GatewayError::Http {
-                    status: 400..=499, ..
-                }),
-            ) => {
+            // Refused (TarsPay's docs name no `currency` here: a code that is not a transient
+            // one, an HTTP 4xx but 408, an answer that does not decode): the plain query
+            // decides, or fails.
+            Err(err) if refuses_the_field(&err, &settings.gateway.codes) => {
                 tracing::debug!(error = %err, currency, "balance query with a currency refused");
                 None
             }
-            // Not an answer about the field (a timeout, a 5xx, a 429): the check cannot be
-            // made, as with the plain query.
+            // Not an answer about the field (a timeout, a 5xx, a 429, a busy code): the check
+            // cannot be made, as with the plain query.
             Err(err) => return Err(format!("cannot read the balance ({err})")),
         };
         let value = match own {
@@ -184,6 +180,17 @@ async fn check_balance(
         available.insert(currency.clone(), value);
     }
     balance_verdict(&available, totals)
+}
+
+/// Whether a balance query's failure is the gateway refusing what it was asked (so the
+/// plain query may answer), not a failure to answer at all.
+fn refuses_the_field(err: &GatewayError, codes: &CodeTable) -> bool {
+    match err {
+        GatewayError::Gateway { .. } => err.class(codes) != ErrorClass::Retryable,
+        GatewayError::Decode { .. } => true,
+        GatewayError::Http { status, .. } => (400..500).contains(status) && *status != 408,
+        _ => false,
+    }
 }
 
 fn parse_available(balance: &Balance) -> Result<Decimal, String> {
@@ -424,6 +431,45 @@ mod tests {
             "{refused}"
         );
         assert!(!refused.contains("INR"), "INR is covered: {refused}");
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_currency_query_falls_back_to_the_plain_one() {
+        let codes = CodeTable::default();
+        let gateway = |code| GatewayError::Gateway {
+            endpoint: "balance",
+            code,
+            msg: String::new(),
+        };
+        let http = |status| GatewayError::Http {
+            endpoint: "balance",
+            status,
+            snippet: String::new(),
+        };
+        let decode = GatewayError::Decode {
+            endpoint: "balance",
+            reason: String::new(),
+            snippet: String::new(),
+        };
+        assert!(
+            refuses_the_field(&gateway(5003001), &codes),
+            "missing parameter"
+        );
+        assert!(refuses_the_field(&http(400), &codes));
+        assert!(refuses_the_field(&decode, &codes));
+        // Failures to answer, not answers: the check fails as with the plain query.
+        assert!(
+            !refuses_the_field(&gateway(-1), &codes),
+            "system error, retryable"
+        );
+        assert!(!refuses_the_field(&http(408), &codes));
+        assert!(!refuses_the_field(&http(503), &codes));
+        let timeout = GatewayError::Ambiguous {
+            endpoint: "balance",
+            reason: String::new(),
+            timed_out: true,
+        };
+        assert!(!refuses_the_field(&timeout, &codes));
     }
 
     #[test]

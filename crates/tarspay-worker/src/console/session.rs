@@ -418,7 +418,7 @@ impl Throttle {
     }
 
     /// Counts a wrong token from `peer`; true when the refusal is to be recorded in the audit
-    /// log (at most one of a client's a window, within [`Self::MAX_AUDITED`] for all).
+    /// log (at most one per client per window, and [`Self::MAX_AUDITED`] per window in all).
     pub fn failed(&self, peer: IpAddr) -> bool {
         self.failed_at(peer, Instant::now())
     }

@@ -32,8 +32,8 @@ struct DeliveryInner {
     /// When the fetch loop last read its queue's pause flag, finding it clear, before it
     /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
     pause_clear_read_at: Option<Instant>,
-    /// When its fetch loop read it from Redis (`None`: not known, e.g. held while the pause
-    /// flag could not be read).
+    /// When its fetch loop sent the read (or claim) that returned it (`None`: not known, e.g.
+    /// held while the pause flag could not be read).
     fetched_at: Option<Instant>,
 }
 

@@ -204,6 +204,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             // before the claim is sent: a job settled meanwhile leaves the set, yet the claim
             // may have taken it before its settlement ran.
             let held = self.inflight.held();
+            // Taken before the claim is sent: a delivery's age is never understated.
+            let read_at = Instant::now();
             let (claimed, cursor) = self
                 .claim_orphans(schedule.claim_cursor.as_deref().unwrap_or("0-0"), room)
                 .await?;
@@ -223,10 +225,11 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             if !claimed.is_empty() {
                 tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
-                return self.admit(schedule, claimed).await;
+                return self.admit(schedule, claimed, read_at).await;
             }
         }
         let keys = &self.shared.keys;
+        let read_at = Instant::now();
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&keys.group)
@@ -243,7 +246,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .query_async(blocking)
             .await?;
         let entries = self.take_markers(parse_read(reply)?).await;
-        self.admit(schedule, entries).await
+        self.admit(schedule, entries, read_at).await
     }
 
     /// Takes fetched entries into this worker's hands (renewed from now on) and decodes them,
@@ -253,6 +256,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         &self,
         schedule: &mut Schedule,
         entries: Vec<StreamId>,
+        read_at: Instant,
     ) -> Result<Vec<Task<T>>, QueueError> {
         if entries.is_empty() {
             return Ok(Vec::new());
@@ -278,7 +282,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.give_back_held(schedule).await;
             return Ok(Vec::new());
         }
-        Ok(self.decode_all(entries, schedule.pause_checked, Some(Instant::now())))
+        Ok(self.decode_all(entries, schedule.pause_checked, Some(read_at)))
     }
 
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
