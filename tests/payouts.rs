@@ -1158,3 +1158,27 @@ async fn a_stopping_worker_fetches_nothing_during_its_drain() {
     let stats = app.partition("DRAIN-LATE-1").queue.stats().await.unwrap();
     assert_eq!((stats.waiting, stats.pending), (1, 0));
 }
+
+/// A run that stalled until too little of its submit lease was left for the call (frozen, a
+/// paused VM) does not send its create: that is not an attempt, so a worker's stalls alone
+/// never use a payout's attempts up and fail a payout that was never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_stopped_before_it_left_is_not_an_attempt() {
+    let app = spawn_app(false, |_| {}).await;
+    app.enqueue(inr("NS-1", "100")).await;
+    let mut ctx = app
+        .deployment
+        .job_context_for(&app.settings, "NS-1")
+        .unwrap();
+    // Shorter than any call: every create is stopped before it leaves, as after a stall.
+    ctx.lease = Duration::from_millis(1);
+    ctx.retry.max_attempts = 2;
+    for run in 0..4 {
+        let step = run_create_payout(&ctx, "NS-1", None).await.unwrap();
+        assert!(matches!(step, Step::RetryAfter(_)), "run {run}: {step:?}");
+    }
+    let record = app.deployment.order("NS-1").await.unwrap().unwrap();
+    assert_eq!(record.attempts, 0, "{record:?}");
+    assert!(!record.phase.is_final(), "{record:?}");
+    assert_eq!(app.sandbox.create_attempts("NS-1"), 0);
+}

@@ -233,6 +233,13 @@ async fn create(
                 .await?;
             Ok(Step::Done)
         }
+        // Stopped before it left (the run stalled, frozen say, until too little of its lease
+        // was left for the call): nothing reached the gateway, so it is not an attempt. Counted,
+        // a worker's stalls alone would use the attempts up and fail a payout never sent.
+        Err(err @ GatewayError::NotSent { .. }) => {
+            let wait = full_jitter(ctx.retry.base_delay, ctx.retry.max_delay, attempt);
+            run.not_sent(wait, &err.to_string()).await
+        }
         Err(err) => run.create_failed(err, absent_proven).await,
     }
 }
