@@ -115,14 +115,15 @@ impl Delivery {
     /// claimed: only those are asked (`XPENDING`, this entry). When Redis does not answer, it
     /// runs: its settlement is judged on ownership anyway.
     pub(crate) async fn taken_over_before_start(&self) -> bool {
-        let holder = Arc::clone(&self.0.holder);
+        // The common case, every job: no Redis call, no clone.
         if self
             .0
             .fetched_at
-            .is_some_and(|at| at.elapsed() < holder.orphan_timeout)
+            .is_some_and(|at| at.elapsed() < self.0.holder.orphan_timeout)
         {
             return false;
         }
+        let holder = Arc::clone(&self.0.holder);
         let id = self.entry_id().to_owned();
         let mut conn = holder.conn.clone();
         let mut command = redis::cmd("XPENDING");
@@ -148,13 +149,22 @@ impl Delivery {
 
     /// Not started: another worker holds it now (see [`Self::taken_over_before_start`]).
     pub(crate) fn dropped_before_start(&self) {
+        self.let_go();
+        self.report_stale("start");
+    }
+
+    /// Nothing is left for the settler, and the entry is no longer renewed.
+    fn let_go(&self) {
         self.0.settled.store(true, Ordering::Release);
         self.0.holder.inflight.remove([self.entry_id()]);
+    }
+
+    fn report_stale(&self, outcome: &str) {
         super::settle::report_stale(
             &self.0.holder.consumer,
             self.entry_id(),
             self.job_id(),
-            "start",
+            outcome,
         );
     }
 
@@ -183,17 +193,11 @@ impl Delivery {
     /// A ledger step acknowledged this delivery (or found it taken over by another worker,
     /// `stale`, which settles it): nothing is left for the settler, and the renewer lets it go.
     pub(crate) fn settled_in_step(&self, stale: bool) {
-        self.0.settled.store(true, Ordering::Release);
-        self.0.holder.inflight.remove([self.entry_id()]);
+        self.let_go();
         if !stale {
             metrics::counter!(crate::metrics::QUEUE_ACKED_IN_STEP).increment(1);
         } else {
-            super::settle::report_stale(
-                &self.0.holder.consumer,
-                self.entry_id(),
-                self.job_id(),
-                "done",
-            );
+            self.report_stale("done");
         }
     }
 

@@ -92,16 +92,12 @@ where
         let span = job_span(&self.queue, delivery.as_ref());
         let fut = span.in_scope(|| self.inner.call(task));
         async move {
-            let taken_over = match delivery.clone() {
-                Some(delivery) => delivery.taken_over_before_start().await,
-                None => false,
-            };
-            if taken_over {
+            if let Some(delivery) = &delivery
+                && delivery.taken_over_before_start().await
+            {
                 // Not polled, so never started: the job is its new holder's.
                 drop(fut);
-                if let Some(delivery) = &delivery {
-                    delivery.dropped_before_start();
-                }
+                delivery.dropped_before_start();
                 return Err(TakenOverBeforeStart.into());
             }
             let result = fut.await.map_err(Into::into);
