@@ -43,6 +43,34 @@ fn lookalike_of_core_field(name: &str) -> Option<&'static str> {
         .find(|core| *core != name && folded(core) == key)
 }
 
+/// Why a field may not go to the gateway unchanged, if it may not: reserved or core (a
+/// validated payout has taken its core fields out), named like a core field, not a field
+/// name, or too long.
+fn pass_through_problem(key: &str, value: &str) -> Option<String> {
+    if RESERVED_FIELDS.contains(&key) {
+        return Some("is set from the worker's settings; do not send it".into());
+    }
+    if CORE_FIELDS.contains(&key) {
+        return Some("is a core field, not a pass-through one".into());
+    }
+    if let Some(like) = lookalike_of_core_field(key) {
+        // A gateway whose JSON binding matches names loosely (case, '_') could read it as
+        // the core field: a second amount, or another callback address.
+        return Some(format!(
+            "differs from the field {like:?} only in case or '_'"
+        ));
+    }
+    let valid_name = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Some("is not a valid field name (a letter, then letters, digits or '_')".into());
+    }
+    if value.len() > MAX_FIELD_LEN {
+        return Some(format!("is longer than {MAX_FIELD_LEN} bytes"));
+    }
+    None
+}
+
 /// A wayCode is passed through to the gateway when its currency publishes no closed list:
 /// at most `MAX_FIELD_LEN` bytes, no control characters, no surrounding whitespace.
 fn check_way_code(way_code: &str) -> Result<(), String> {
@@ -372,36 +400,8 @@ impl PayoutRules {
         // Fields present but refused: not reported as missing too.
         let mut refused = Vec::new();
         for (key, value) in fields {
-            if RESERVED_FIELDS.contains(&key.as_str()) {
-                errors.push(FieldError::new(
-                    &key,
-                    "is set from the worker's settings; do not send it",
-                ));
-                continue;
-            }
-            if let Some(like) = lookalike_of_core_field(&key) {
-                // A gateway whose JSON binding matches names loosely (case, '_') could read
-                // it as the core field: a second amount, or another callback address.
-                errors.push(FieldError::new(
-                    &key,
-                    format!("differs from the field {like:?} only in case or '_'"),
-                ));
-                continue;
-            }
-            let valid_name = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_name {
-                errors.push(FieldError::new(
-                    &key,
-                    "is not a valid field name (a letter, then letters, digits or '_')",
-                ));
-                continue;
-            }
-            if value.len() > MAX_FIELD_LEN {
-                errors.push(FieldError::new(
-                    &key,
-                    format!("is longer than {MAX_FIELD_LEN} bytes"),
-                ));
+            if let Some(rule) = pass_through_problem(&key, &value) {
+                errors.push(FieldError::new(&key, rule));
                 refused.push(key);
                 continue;
             }
@@ -530,25 +530,7 @@ impl PayoutRequest {
             errors.push(FieldError::new("wayCode", rule));
         }
         for (key, value) in &self.fields {
-            let rule = if CORE_FIELDS.contains(&key.as_str()) {
-                Some(
-                    "is a core field (or set from the worker's settings), not a pass-through one"
-                        .to_owned(),
-                )
-            } else if let Some(like) = lookalike_of_core_field(key) {
-                Some(format!(
-                    "differs from the field {like:?} only in case or '_'"
-                ))
-            } else if !(key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            {
-                Some("is not a valid field name (a letter, then letters, digits or '_')".to_owned())
-            } else if value.len() > MAX_FIELD_LEN {
-                Some(format!("is longer than {MAX_FIELD_LEN} bytes"))
-            } else {
-                None
-            };
-            if let Some(rule) = rule {
+            if let Some(rule) = pass_through_problem(key, value) {
                 errors.push(FieldError::new(key, rule));
             }
         }
