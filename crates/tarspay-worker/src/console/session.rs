@@ -4,7 +4,7 @@
 use crate::redis_conn::RedisConn;
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -348,15 +348,15 @@ pub struct Throttle {
 struct ThrottleState {
     by_client: HashMap<IpAddr, ClientFailures>,
     /// Every counted failure in the window, oldest first.
-    overall: std::collections::VecDeque<Instant>,
+    overall: VecDeque<Instant>,
     /// Failures recorded in the audit log in the window, oldest first.
-    audited: std::collections::VecDeque<Instant>,
+    audited: VecDeque<Instant>,
 }
 
 #[derive(Default)]
 struct ClientFailures {
     /// Within the window, oldest first.
-    at: Vec<Instant>,
+    at: VecDeque<Instant>,
     /// When one of its refusals was last recorded in the audit log.
     audited: Option<Instant>,
 }
@@ -380,11 +380,8 @@ impl Throttle {
     /// so anonymous guesses cannot push the operators' actions out of the capped log.
     pub const MAX_AUDITED: usize = 100;
 
-    fn recent(list: &mut Vec<Instant>, now: Instant) {
-        list.retain(|at| now.duration_since(*at) < Self::WINDOW);
-    }
-
-    fn expire(queue: &mut std::collections::VecDeque<Instant>, now: Instant) {
+    /// Drops the instants older than the window (the queue is oldest first).
+    fn expire(queue: &mut VecDeque<Instant>, now: Instant) {
         while queue
             .front()
             .is_some_and(|at| now.duration_since(*at) >= Self::WINDOW)
@@ -410,7 +407,7 @@ impl Throttle {
         }
         match state.by_client.get_mut(&client_of(peer)) {
             Some(client) => {
-                Self::recent(&mut client.at, now);
+                Self::expire(&mut client.at, now);
                 client.at.len() < Self::MAX_FAILURES
             }
             None => true,
@@ -431,7 +428,7 @@ impl Throttle {
         // are dropped once the map grows past that.
         if state.by_client.len() > Self::MAX_FAILURES_OVERALL {
             state.by_client.retain(|_, client| {
-                Self::recent(&mut client.at, now);
+                Self::expire(&mut client.at, now);
                 !client.at.is_empty()
             });
         }
@@ -440,8 +437,8 @@ impl Throttle {
         }
         let room = state.audited.len() < Self::MAX_AUDITED;
         let client = state.by_client.entry(client_of(peer)).or_default();
-        Self::recent(&mut client.at, now);
-        client.at.push(now);
+        Self::expire(&mut client.at, now);
+        client.at.push_back(now);
         let due = client
             .audited
             .is_none_or(|at| now.duration_since(at) >= Self::WINDOW);
