@@ -328,14 +328,16 @@ impl Drop for InFlightGauge {
 /// handler type makes the worker's future fail `tokio::spawn`'s `Send` check.
 #[allow(clippy::borrowed_box)] // the layer's handler signature
 fn panic_as_error(panic: &Box<dyn std::any::Any + Send>) -> std::io::Error {
-    let message = if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without a message".to_owned()
-    };
+    let message = panic_text(panic.as_ref()).unwrap_or("a panic without a message");
     tracing::error!(%message, "a job's handler panicked; the job is retried");
     metrics::counter!(crate::metrics::JOB_PANICS).increment(1);
     std::io::Error::other(format!("the handler panicked: {message}"))
+}
+
+/// A panic's message, when it has one (`panic!` with a literal or with formatting).
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
 }

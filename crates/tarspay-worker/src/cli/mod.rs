@@ -98,12 +98,7 @@ pub fn end_quietly_on_closed_stdout(command: &Command) {
     }
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let text = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or_default();
+        let text = crate::worker::panic_text(info.payload()).unwrap_or_default();
         if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
             std::process::exit(CLOSED_STDOUT_EXIT);
         }
