@@ -185,12 +185,9 @@ async fn check_balance(
 /// Whether a balance query's failure is the gateway refusing what it was asked (so the
 /// plain query may answer), not a failure to answer at all.
 fn refuses_the_field(err: &GatewayError, codes: &CodeTable) -> bool {
-    match err {
-        GatewayError::Gateway { .. } => err.class(codes) != ErrorClass::Retryable,
-        GatewayError::Decode { .. } => true,
-        GatewayError::Http { status, .. } => (400..500).contains(status) && *status != 408,
-        _ => false,
-    }
+    // A terminal class is a refusal (a code, a 4xx); an answer that does not decode is one
+    // here too, though a create retries it.
+    matches!(err, GatewayError::Decode { .. }) || err.class(codes) != ErrorClass::Retryable
 }
 
 fn parse_available(balance: &Balance) -> Result<Decimal, String> {
