@@ -6,10 +6,12 @@
 
 mod common;
 
-use common::app::{TestApp, WorkerProcess, inr, spawn_app_with};
+use common::app::{MCH_NO, TestApp, WorkerProcess, inr, spawn_app_with};
 use common::{eventually, gauge, violations, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
+use tarspay_sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
+use tarspay_worker::gateway::PrivateKey;
 use tarspay_worker::ledger::Phase;
 
 /// `tarspay_jobs_total` for one kind and result (0 when the line is absent).
@@ -102,6 +104,66 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     drop(worker);
     assert_eq!(jobs(&text, "poll_status", "done"), 0, "{text}");
     assert_eq!(jobs(&text, "create_payout", "continued"), 0, "{text}");
+    // No callback made it final first: the held poll queried the gateway without reading the
+    // ledger before (the record its acceptance left was enough).
+    assert_eq!(gauge(&text, READ_FIRST), None, "{text}");
+    assert_eq!(gauge(&text, OVERTAKEN), None, "{text}");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+const READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
+const OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_before_querying() {
+    // Callbacks make orders final 200 ms after create; the first poll waits 5 s in hand.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let notify = format!("http://{}/tarspay/notify", listener.local_addr().unwrap());
+    let system = PrivateKey::from_hex(SANDBOX_SYSTEM_PRIVATE_KEY).unwrap();
+    let system_public = system.public_key().to_hex();
+    let app = spawn_app_with(
+        false,
+        |c| c.callbacks = true,
+        &[
+            ("TARSPAY_NOTIFY_URL", &notify),
+            ("TARSPAY_SYSTEM_PUBLIC_KEY", &system_public),
+            ("TARSPAY_API_TOKEN", "polls-in-hand-test-token"),
+            ("TARSPAY_POLL_FIRST_DELAY", "5s"),
+        ],
+    )
+    .await;
+    let _server = app.serve_on(listener);
+    let (worker, addr) = app.worker_process_with_metrics(4);
+    let calls = || app.sandbox.calls(MCH_NO).map_or(0, |report| report.total);
+
+    // The first held poll knows of no callback: it queries the gateway, and finds the order
+    // final already (the callback's outcome stands, written once).
+    app.enqueue(inr("CB-1", "100")).await;
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["CB-1"].status, "succeeded");
+    let text = worker_metrics(&addr, "the first held poll overtaken", |text| {
+        gauge(text, OVERTAKEN) == Some(1.0)
+    })
+    .await;
+    assert_eq!(gauge(&text, READ_FIRST), None, "{text}");
+    assert_eq!(calls(), 2, "a create and the held poll's query");
+
+    // The next one reads the ledger first, finds the callback's final state and asks the
+    // gateway nothing.
+    app.enqueue(inr("CB-2", "100")).await;
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["CB-2"].status, "succeeded");
+    let text = worker_metrics(&addr, "the second held poll overtaken", |text| {
+        gauge(text, OVERTAKEN) == Some(2.0)
+    })
+    .await;
+    drop(worker);
+    assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
+    assert_eq!(calls(), 3, "the second payout's create alone");
+    assert_eq!(jobs(&text, "create_payout", "done"), 2, "{text}");
+    assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
+    assert_eq!(app.sandbox.create_attempts("CB-1"), 1);
+    assert_eq!(app.sandbox.create_attempts("CB-2"), 1);
     no_job_left_and_audit_clean(&app).await;
 }
 
@@ -187,8 +249,9 @@ async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_poll_in_hand_that_redis_fails_goes_on_as_the_poll_job_after_the_first_delay() {
     let (app, holder, addr) = holding("FAILED-1", &[]).await;
-    // Redis fails the held poll's read: the order's record is a key of another type for a
-    // while (as a read that errors or times out would).
+    // Redis fails the held poll's ledger step (its final state's write, as no callback has
+    // made a read worth it): the order's record is a key of another type for a while (as a
+    // step that errors or times out would).
     let order = app.partition("FAILED-1").ledger.keys().order("FAILED-1");
     let aside = format!("{order}:aside");
     let mut conn = app.partition("FAILED-1").queue.connection();

@@ -22,6 +22,12 @@ pub const CALL_SLOTS_IN_USE: &str = "tarspay_call_slots_in_use";
 /// A worker process's first polls held in hand: accepted creates whose job waits out the
 /// first poll's delay and polls itself (at most a quarter of its `concurrency`).
 pub const POLLS_IN_HAND: &str = "tarspay_polls_in_hand";
+/// Held first polls that found their order final already, by another's hand (a callback
+/// that beat the first-poll delay, mostly). After one, a process's next held polls read the
+/// ledger before they query the gateway (`jobs::in_hand`).
+pub const POLLS_IN_HAND_OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
+/// Held first polls that read the order's record before querying the gateway.
+pub const POLLS_IN_HAND_READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
 pub const QUEUE_WAITING: &str = "tarspay_queue_waiting";
 pub const QUEUE_PENDING: &str = "tarspay_queue_pending";
 pub const QUEUE_DELAYED: &str = "tarspay_queue_delayed";

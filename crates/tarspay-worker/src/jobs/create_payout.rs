@@ -220,7 +220,10 @@ async fn create(
                         .await?
                     {
                         InHandAcceptance::Recorded => {
-                            *first_poll = Some((record.clone(), held));
+                            let as_accepted = record
+                                .clone()
+                                .accepted_in_hand(&accepted.pay_order_id, crate::queue::now_ms());
+                            *first_poll = Some((as_accepted, held));
                             Step::Done
                         }
                         InHandAcceptance::AlreadyAccepted => Step::Done,

@@ -18,9 +18,20 @@
 //! holds nothing: a waiting hold ends at once and its job goes on as the poll job, due when
 //! the hold would have ended.
 
-use super::{CallSlots, JobContext, JobError, PayoutJob, Step, run_poll_status};
+//! A held poll queries the gateway straight away, with the order as its own acceptance left
+//! it: the ledger is read first only while held polls have lately found their order final
+//! already (a callback beat them; [`READS_AFTER_OVERTAKEN`]). Read every time, the record
+//! cost a lone payout one Redis command, and found the order final only where callbacks
+//! arrive within the first-poll delay; skipped every time, such a callback would cost a
+//! gateway query per payout. A poll that queries an order made final meanwhile writes
+//! nothing twice: the final state is write-once, and a differing one is a correction.
+
+use super::poll_status::{Polled, poll_record};
+use super::{CallSlots, JobContext, JobError, PayoutJob, Step};
+use crate::ledger::OrderRecord;
 use crate::queue::Delivery;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +40,11 @@ use tokio_util::sync::CancellationToken;
 /// the worker too long for what it saves.
 pub const MAX_HOLD: Duration = Duration::from_secs(5);
 
+/// After a held poll found its order final already, how many of the process's next held polls
+/// read the ledger before they query the gateway (each one that finds it final again starts
+/// the count over).
+pub const READS_AFTER_OVERTAKEN: u32 = 32;
+
 /// A worker process's holds. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PollsInHand {
@@ -36,6 +52,8 @@ pub struct PollsInHand {
     /// The process's call slots, whose use says whether it is quiet.
     slots: CallSlots,
     stopping: CancellationToken,
+    /// Held polls left to read the ledger first (see the module documentation).
+    reads_left: Arc<AtomicU32>,
 }
 
 /// One held first poll: its permit, given back when dropped.
@@ -43,6 +61,7 @@ pub struct PollsInHand {
 pub struct HeldPoll {
     _permit: OwnedSemaphorePermit,
     stopping: CancellationToken,
+    reads_left: Arc<AtomicU32>,
 }
 
 impl PollsInHand {
@@ -53,6 +72,7 @@ impl PollsInHand {
             permits: Arc::new(Semaphore::new((slots.capacity() / 4).max(1))),
             slots,
             stopping: CancellationToken::new(),
+            reads_left: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -67,6 +87,7 @@ impl PollsInHand {
         Some(HeldPoll {
             _permit: permit,
             stopping: self.stopping.clone(),
+            reads_left: Arc::clone(&self.reads_left),
         })
     }
 
@@ -76,19 +97,48 @@ impl PollsInHand {
     }
 }
 
+impl HeldPoll {
+    /// Whether this poll reads the order's record before it queries the gateway.
+    fn reads_ledger_first(&self) -> bool {
+        let reads = self.reads_left.load(Ordering::Relaxed) > 0;
+        if reads {
+            metrics::counter!(crate::metrics::POLLS_IN_HAND_READ_FIRST).increment(1);
+        }
+        reads
+    }
+
+    /// What the poll found: an order final already (`overtaken`) makes the next
+    /// [`READS_AFTER_OVERTAKEN`] held polls read first; a read that found it still open counts
+    /// them down.
+    fn found(&self, read_first: bool, overtaken: bool) {
+        if overtaken {
+            metrics::counter!(crate::metrics::POLLS_IN_HAND_OVERTAKEN).increment(1);
+            self.reads_left
+                .store(READS_AFTER_OVERTAKEN, Ordering::Relaxed);
+        } else if read_first {
+            let _ = self
+                .reads_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(1)
+                });
+        }
+    }
+}
+
 impl Drop for HeldPoll {
     fn drop(&mut self) {
         metrics::gauge!(crate::metrics::POLLS_IN_HAND).decrement(1.0);
     }
 }
 
-/// Waits out the first poll's delay, then polls the accepted order with its create job's
-/// delivery `job` (a final state found acknowledges it in the same ledger step). An order
-/// still pending goes on as its poll job (second attempt); a stop during the wait, or a poll
-/// that could not start, hands the first poll over as the poll job, not yet attempted.
+/// Waits out the first poll's delay, then polls the order its create job's acceptance left as
+/// `record` (read again first while callbacks have lately beaten held polls), with that job's
+/// delivery `job` (a final state found acknowledges it in the same ledger step). An order still
+/// pending goes on as its poll job (second attempt); a stop during the wait, or a poll that
+/// could not start, hands the first poll over as the poll job, not yet attempted.
 pub(super) async fn poll_in_hand(
     ctx: &JobContext,
-    record: &crate::ledger::OrderRecord,
+    record: &OrderRecord,
     held: HeldPoll,
     job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
@@ -104,10 +154,20 @@ pub(super) async fn poll_in_hand(
             return Ok(goes_on(0, due.saturating_duration_since(Instant::now())));
         }
     }
-    let step = run_poll_status(ctx, &record.mch_order_no, 1, false, job).await;
-    drop(held);
-    let step = match step {
-        Ok(step) => step,
+    let read_first = held.reads_ledger_first();
+    let polled = match read_first {
+        true => match ctx.ledger.get(&record.mch_order_no).await {
+            Ok(Some(now)) => poll_record(ctx, &now, 1, false, job).await,
+            Ok(None) => Ok(Step::Done.into()),
+            Err(err) => Err(err.into()),
+        },
+        false => poll_record(ctx, record, 1, false, job).await,
+    };
+    let step = match polled {
+        Ok(Polled { step, overtaken }) => {
+            held.found(read_first, overtaken);
+            step
+        }
         // Redis failed the poll's read or write: the poll job takes over after the first
         // delay again, rather than the create job after its own backoff. (Should the
         // settlement fail too, whoever takes the job over turns it into the poll job.)
@@ -117,6 +177,7 @@ pub(super) async fn poll_in_hand(
         }
         Err(err) => return Err(err),
     };
+    drop(held);
     Ok(match step {
         Step::Done => Step::Done,
         Step::RetryAfter(after) => goes_on(1, after),
@@ -155,6 +216,41 @@ mod tests {
         assert!(holds.try_hold(MAX_HOLD).is_some());
         holds.stop();
         assert!(holds.try_hold(Duration::from_millis(1)).is_none());
+    }
+
+    #[test]
+    fn held_polls_read_the_ledger_first_only_after_one_found_its_order_final_already() {
+        let holds = PollsInHand::new(CallSlots::new(8));
+        let hold = || holds.try_hold(SHORT).unwrap();
+        // Nothing seen yet: straight to the gateway, and a poll that found the order open
+        // changes nothing.
+        let first = hold();
+        assert!(!first.reads_ledger_first());
+        first.found(false, false);
+        drop(first);
+        assert!(!hold().reads_ledger_first());
+        // Overtaken (a callback made the order final during the wait): the next held polls
+        // read first, READS_AFTER_OVERTAKEN of them while none finds the order final again.
+        hold().found(false, true);
+        for _ in 0..READS_AFTER_OVERTAKEN {
+            let next = hold();
+            assert!(next.reads_ledger_first());
+            next.found(true, false);
+        }
+        assert!(!hold().reads_ledger_first());
+        // One that reads and finds it final starts the count over.
+        hold().found(false, true);
+        for _ in 1..READS_AFTER_OVERTAKEN {
+            hold().found(true, false);
+        }
+        let last = hold();
+        assert!(last.reads_ledger_first());
+        last.found(true, true);
+        drop(last);
+        for _ in 0..READS_AFTER_OVERTAKEN {
+            hold().found(true, false);
+        }
+        assert!(!hold().reads_ledger_first());
     }
 
     #[tokio::test]

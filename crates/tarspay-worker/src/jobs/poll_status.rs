@@ -5,7 +5,7 @@
 use super::calls::Calls;
 use super::reconcile::{Lookup, finish_if_final, lookup};
 use super::{JobContext, JobError, Step};
-use crate::ledger::Phase;
+use crate::ledger::{Finalized, OrderRecord, Phase};
 use crate::queue::Delivery;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -23,6 +23,35 @@ pub async fn run_poll_status(
     let Some(record) = ctx.ledger.get(mch_order_no).await? else {
         return Ok(Step::Done);
     };
+    Ok(poll_record(ctx, &record, attempt, once, job).await?.step)
+}
+
+/// What one poll did.
+pub(super) struct Polled {
+    pub step: Step,
+    /// The order was final already, by another's hand (a callback's, mostly), when this poll
+    /// read it or wrote the gateway's final state.
+    pub overtaken: bool,
+}
+
+impl From<Step> for Polled {
+    fn from(step: Step) -> Self {
+        Self {
+            step,
+            overtaken: false,
+        }
+    }
+}
+
+/// A poll of the order as `record` has it (read just now, or known to its caller).
+pub(super) async fn poll_record(
+    ctx: &JobContext,
+    record: &OrderRecord,
+    attempt: u32,
+    once: bool,
+    job: Option<&Delivery>,
+) -> Result<Polled, JobError> {
+    let mch_order_no = record.mch_order_no.as_str();
     // We failed it ourselves, yet an acceptance was recorded (its poll job is this one): a
     // create outlived its lease. The outcome stands until the gateway says how the order
     // ended; then a correction tells the application.
@@ -41,12 +70,15 @@ pub async fn run_poll_status(
         || (once && record.phase.is_final() && record.phase != Phase::Conflict);
     // Otherwise a create still in flight owns the order, or it is settled.
     if !follow {
-        return Ok(Step::Done);
+        return Ok(Polled {
+            step: Step::Done,
+            overtaken: record.phase.is_final(),
+        });
     }
     let calls = match Calls::start(ctx).await {
         Ok(calls) => Mutex::new(calls),
         // Over the merchant's limit (look again when a slot may be free), or stopping.
-        Err(instead) => return Ok(instead),
+        Err(instead) => return Ok(instead.into()),
     };
     let looked = lookup(
         ctx,
@@ -58,8 +90,11 @@ pub async fn run_poll_status(
     calls.into_inner().finish().await;
     match looked {
         Lookup::Found(info) => {
-            if finish_if_final(ctx, &record, &info, job).await? {
-                return Ok(Step::Done);
+            if let Some(finalized) = finish_if_final(ctx, record, &info, job).await? {
+                return Ok(Polled {
+                    step: Step::Done,
+                    overtaken: !once && finalized != Finalized::Recorded,
+                });
             }
         }
         Lookup::NotFound => {
@@ -68,7 +103,7 @@ pub async fn run_poll_status(
         Lookup::Failed(err) => tracing::info!(mch_order_no, error = %err, "status query failed"),
     }
     if once {
-        return Ok(Step::Done);
+        return Ok(Step::Done.into());
     }
     let age = Duration::from_millis(crate::queue::now_ms().saturating_sub(record.created_at_ms));
     if age > ctx.poll.deadline && !record.stuck && !record.phase.is_final() {
@@ -79,7 +114,7 @@ pub async fn run_poll_status(
             "order stuck past the polling deadline"
         );
     }
-    Ok(Step::RetryAfter(poll_interval(ctx, attempt)))
+    Ok(Step::RetryAfter(poll_interval(ctx, attempt)).into())
 }
 
 /// first_delay × 2^(attempt-1), capped.

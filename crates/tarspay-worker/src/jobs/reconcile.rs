@@ -126,7 +126,7 @@ pub(super) async fn adopt(
             .await?;
         return Ok(Step::Done);
     }
-    if finish_if_final(ctx, record, info, job).await? {
+    if finish_if_final(ctx, record, info, job).await?.is_some() {
         return Ok(Step::Done);
     }
     let poll = ctx.poll_job(record)?;
@@ -137,23 +137,24 @@ pub(super) async fn adopt(
 }
 
 /// Applies a final gateway state through the one terminal transition (or, for an order
-/// already final with another status, as a correction). True when the state was final
-/// (whether or not this call was the one that recorded it). When true, the step acknowledged
-/// `job` too (where it could): its caller must then report the job done.
+/// already final with another status, as a correction). `Some` when the state was final,
+/// saying what the ledger made of it (whether or not this call was the one that recorded
+/// it). When `Some`, the step acknowledged `job` too (where it could): its caller must then
+/// report the job done.
 pub(super) async fn finish_if_final(
     ctx: &JobContext,
     record: &OrderRecord,
     info: &OrderInfo,
     job: Option<&Delivery>,
-) -> Result<bool, JobError> {
+) -> Result<Option<Finalized>, JobError> {
     let Some(phase) = Phase::from_gateway(info.state) else {
-        return Ok(false);
+        return Ok(None);
     };
     if record.phase == Phase::Conflict || !same_order(record, info) {
         // Another order holds our number: its state says nothing about this payout (an
         // accepted one is polled on, and flagged stuck past the deadline).
         tracing::warn!(mch_order_no = %record.mch_order_no, "gateway state of a different order under our number: ignored");
-        return Ok(false);
+        return Ok(None);
     }
     let applied = ctx
         .ledger
@@ -162,7 +163,7 @@ pub(super) async fn finish_if_final(
     if applied == Finalized::Recorded {
         tracing::info!(mch_order_no = %record.mch_order_no, status = %phase, "order final");
     }
-    Ok(true)
+    Ok(Some(applied))
 }
 
 /// What a final gateway answer says, as the outcome carries it.

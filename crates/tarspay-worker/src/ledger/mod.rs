@@ -378,6 +378,19 @@ pub struct OrderRecord {
     pub request: String,
 }
 
+impl OrderRecord {
+    /// The record as the in-hand acceptance of `pay_order_id` at `at_ms` leaves it, for the
+    /// run that wrote that acceptance onto this record.
+    pub fn accepted_in_hand(mut self, pay_order_id: &str, at_ms: u64) -> Self {
+        self.phase = Phase::Accepted;
+        self.accepted = true;
+        self.accepted_at_ms = Some(at_ms);
+        self.pay_order_id = Some(pay_order_id.to_owned());
+        self.updated_at_ms = at_ms;
+        self
+    }
+}
+
 /// Where a batch stands: per phase, how many orders and how much money per currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
