@@ -8,10 +8,11 @@ use common::app::{MCH_NO, TestApp, inr, spawn_app, spawn_app_with};
 use common::{eventually, outcome_rule, poll};
 use std::time::Duration;
 use tarspay_sandbox::{Endpoint, FaultAction, FaultRule};
+use tarspay_worker::ids::BatchId;
 use tarspay_worker::jobs::{Step, run_create_payout, run_poll_status};
 use tarspay_worker::ledger::history::EventKind;
 use tarspay_worker::ledger::{FinalResult, Finalized, OrderKind, Phase};
-use tarspay_worker::producer::Enqueued;
+use tarspay_worker::producer::{Enqueued, ProducerError};
 
 fn fault(prefix: &str, times: Option<u32>, action: FaultAction) -> FaultRule {
     common::fault_rule(prefix, Endpoint::CreatePayout, times, action)
@@ -63,6 +64,56 @@ async fn happy_path_one_order_one_outcome_each() {
     assert_eq!(app.sandbox.orders().len(), 30);
     let record = app.deployment.order("OK-0").await.unwrap().unwrap();
     assert_eq!(record.phase, Phase::Succeeded);
+}
+
+/// A payout built in code through the library, not validated from JSON: a pass-through field
+/// that looks like a core one, or an unsafe `wayCode`, is refused by `enqueue` and
+/// `enqueue_batch`, naming the field; nothing is registered or queued, not even a batch's good
+/// rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payout_built_in_code_that_fails_the_pass_through_checks_is_refused_and_nothing_is_queued()
+ {
+    let app = spawn_app(false, |_| {}).await;
+    let good = app
+        .producer
+        .rules()
+        .validate_json(&inr("CODE-1", "100"))
+        .unwrap();
+    let mut lookalike = app
+        .producer
+        .rules()
+        .validate_json(&inr("CODE-2", "100"))
+        .unwrap();
+    lookalike.fields.insert("Amount".into(), "999999".into());
+    let mut bad_way = app
+        .producer
+        .rules()
+        .validate_json(&inr("CODE-3", "100"))
+        .unwrap();
+    bad_way.way_code = "UPI\n".into();
+    for (request, field) in [(&lookalike, "Amount"), (&bad_way, "wayCode")] {
+        let refused = app.producer.enqueue(request, None).await.unwrap_err();
+        assert!(
+            matches!(refused, ProducerError::Invalid(_)) && refused.to_string().contains(field),
+            "{refused}"
+        );
+        let batch = BatchId::parse("CODE-BATCH").unwrap();
+        let refused = app
+            .producer
+            .enqueue_batch(&[good.clone(), request.clone()], &batch)
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains(field), "{refused}");
+    }
+    for id in ["CODE-1", "CODE-2", "CODE-3"] {
+        assert!(app.deployment.order(id).await.unwrap().is_none(), "{id}");
+    }
+    assert_eq!(app.deployment.queue_stats().await.unwrap().depth(), 0);
+    // The same payout without the lookalike goes through.
+    assert_eq!(
+        app.producer.enqueue(&good, None).await.unwrap(),
+        Enqueued::Queued
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
