@@ -245,6 +245,67 @@ async fn a_currency_with_an_account_of_its_own_is_checked_against_that_account()
     assert!(app.deployment.order("KE-1").await.unwrap().is_none());
 }
 
+/// A gateway that refuses the balance query's `currency` (TarsPay documents none): each
+/// currency's total is checked against the merchant's one account from the plain query. A
+/// transient code instead (500326, "balance query error") says nothing about the field: the
+/// check cannot be made, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_refuses_the_currency_field_is_asked_for_the_merchants_one_balance() {
+    let app = spawn_app(false, |c| {
+        c.refuse_balance_currency = Some(5003001);
+        c.merchants[0].balance = 7000u64.into();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let covered = dir.path().join("covered.csv");
+    std::fs::write(
+        &covered,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         DOC-1,4000,KES,EWALLET_MPESA,,Wanjiru,w@example.ke,254712345678\n\
+         DOC-2,500,INR,UPI,,Asha,asha@example.in,9876543210\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &covered).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("4000 KES (available 7000)") && out.contains("500 INR (available 7000)"),
+        "{out}"
+    );
+    let short = dir.path().join("short.csv");
+    std::fs::write(
+        &short,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         DOC-3,8000,KES,EWALLET_MPESA,,Otieno,o@example.ke,254712345679\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &short).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("batch total of 8000 KES (available 7000)"),
+        "{out}"
+    );
+    assert!(app.deployment.order("DOC-3").await.unwrap().is_none());
+    let calls = app.sandbox.calls(common::app::MCH_NO).unwrap();
+    // Per run: the refused query naming each currency, and the plain one once.
+    assert_eq!(calls.total, 5, "{calls:?}");
+
+    app.sandbox.set_refuse_balance_currency(Some(500326));
+    let small = dir.path().join("small.csv");
+    std::fs::write(
+        &small,
+        "mchOrderNo,amount,currency,wayCode,walletId,customerName,customerEmail,customerContact\n\
+         DOC-4,100,KES,EWALLET_MPESA,,Otieno,o@example.ke,254712345679\n",
+    )
+    .unwrap();
+    let (code, out) = payroll(&app, &["--detach"], &small).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cannot read the balance") && out.contains("500326"),
+        "{out}"
+    );
+    assert!(app.deployment.order("DOC-4").await.unwrap().is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_batch_id_with_more_members_than_the_file_is_followed_to_the_end() {
     let app = spawn_app(false, |_| {}).await;

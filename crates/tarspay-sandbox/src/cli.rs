@@ -47,6 +47,11 @@ pub struct SandboxArgs {
     /// Do not send callbacks.
     #[arg(long)]
     no_callbacks: bool,
+    /// Refuse a balance query that names a currency (this sandbox's extension, which
+    /// `payroll` tries first) with this gateway code, e.g. 5003001, as a gateway without the
+    /// field may answer.
+    #[arg(long, value_name = "CODE")]
+    refuse_balance_currency: Option<i64>,
     /// File with the sandbox's own system private key (hex) that signs its callbacks; the
     /// default is a published development key.
     #[arg(long, value_name = "FILE")]
@@ -117,6 +122,7 @@ pub async fn run(settings: &Settings, args: SandboxArgs) -> Result<ExitCode> {
     let mut config = SandboxConfig {
         final_after: args.final_after,
         callbacks: !args.no_callbacks,
+        refuse_balance_currency: args.refuse_balance_currency,
         ..SandboxConfig::default()
     };
     if let Some(path) = &args.system_key_file {

@@ -229,6 +229,12 @@ impl Sandbox {
         self.shared.book().clear_calls(mch_no)
     }
 
+    /// Refuses balance queries that name a currency with `code` from now on (`None`: answers
+    /// them), as [`SandboxConfig::refuse_balance_currency`].
+    pub fn set_refuse_balance_currency(&self, code: Option<i64>) {
+        self.shared.config().refuse_balance_currency = code;
+    }
+
     /// Replaces the fault rules (and resets their per-order counters).
     pub fn set_faults(&self, faults: Vec<FaultRule>) {
         self.shared.config().faults = faults;

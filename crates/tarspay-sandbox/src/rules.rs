@@ -229,6 +229,10 @@ pub struct SandboxConfig {
     pub nonce_window: Duration,
     /// Largest request body read.
     pub max_body_bytes: usize,
+    /// A balance query that names a `currency` (this sandbox's extension; TarsPay documents
+    /// no parameter there) is refused with this code, as a gateway that knows no such field
+    /// may answer (e.g. 5003001, a parameter refusal). `None` (the default) answers it.
+    pub refuse_balance_currency: Option<i64>,
 }
 
 impl Default for SandboxConfig {
@@ -251,6 +255,7 @@ impl Default for SandboxConfig {
             callback_timeout: Duration::from_secs(10),
             nonce_window: Duration::from_secs(300),
             max_body_bytes: 64 * 1024,
+            refuse_balance_currency: None,
         }
     }
 }

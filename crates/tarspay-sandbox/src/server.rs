@@ -534,6 +534,10 @@ fn query_order(shared: &Arc<Shared>, call: &SignedCall, kind: OrderKind) -> Resu
 /// names one (a sandbox extension), else of the account shared by every currency without its own.
 fn balance(shared: &Arc<Shared>, call: &SignedCall) -> Result<Value, Refusal> {
     let currency = call.text("currency");
+    let refusal = shared.config().refuse_balance_currency;
+    if let (Some(_), Some(code)) = (&currency, refusal) {
+        return Err(envelope_err(code, "unexpected parameter: currency"));
+    }
     let (available, frozen) = shared
         .book()
         .balance(&call.mch_no, currency.as_deref())
