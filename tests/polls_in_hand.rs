@@ -77,7 +77,7 @@ async fn held_in_hand(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_job() {
     // The first poll waits 5 s (held); the sandbox has the order final after 200 ms.
-    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "5s")]).await;
+    let mut app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "5s")]).await;
     app.enqueue(inr("HELD-1", "100")).await;
     let (create, _) = envelopes(&app, "HELD-1").await;
     let create_id = create[0]["id"].clone();
@@ -92,9 +92,17 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
     assert_eq!(report["polledInHand"], 1, "{report}");
+    // Records read from here on (the worker's, and this test's own until the outcome: none).
+    let reads_before = app.redis.server().command_calls("hgetall");
 
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["HELD-1"].status, "succeeded");
+    // The held poll queried the gateway without reading the order's record first.
+    assert_eq!(
+        app.redis.server().command_calls("hgetall"),
+        reads_before,
+        "the held poll read the record"
+    );
     assert_eq!(app.sandbox.create_attempts("HELD-1"), 1);
     // One job did it all: the create job, acknowledged by the step that wrote the final state.
     let text = worker_metrics(&addr, "the create job counted", |text| {

@@ -223,6 +223,12 @@ async fn create(
                             let as_accepted = record
                                 .clone()
                                 .accepted_in_hand(&accepted.pay_order_id, crate::queue::now_ms());
+                            // Past the lease, another run may have changed the order before
+                            // this acceptance: the held poll reads it rather than trust ours.
+                            let held = match Instant::now() >= lease_ends {
+                                true => held.after_lapsed_lease(),
+                                false => held,
+                            };
                             *first_poll = Some((as_accepted, held));
                             Step::Done
                         }

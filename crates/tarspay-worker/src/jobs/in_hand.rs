@@ -24,7 +24,11 @@
 //! cost a lone payout one Redis command, and found the order final only where callbacks
 //! arrive within the first-poll delay; skipped every time, such a callback would cost a
 //! gateway query per payout. A poll that queries an order made final meanwhile writes
-//! nothing twice: the final state is write-once, and a differing one is a correction.
+//! nothing twice: the final state is write-once, and a differing one is a correction. Nothing
+//! else can have changed the order before the acceptance while the run held its submit lease
+//! (only a lease holder fails an order or finds it a conflict); a run whose lease ran out
+//! before its acceptance was recorded (it stalled) reads first all the same, and so does one
+//! that wakes from the wait late (its job may have been taken over meanwhile).
 
 use super::poll_status::{Polled, poll_record};
 use super::{CallSlots, JobContext, JobError, PayoutJob, Step};
@@ -45,6 +49,10 @@ pub const MAX_HOLD: Duration = Duration::from_secs(5);
 /// the count over).
 pub const READS_AFTER_OVERTAKEN: u32 = 32;
 
+/// A held poll that wakes this much after its due time reads the ledger first: the process
+/// was frozen or starved, and its job may have been taken over meanwhile.
+const LATE_WAKE: Duration = Duration::from_secs(1);
+
 /// A worker process's holds. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PollsInHand {
@@ -62,6 +70,11 @@ pub struct HeldPoll {
     _permit: OwnedSemaphorePermit,
     stopping: CancellationToken,
     reads_left: Arc<AtomicU32>,
+    /// The record this run holds may be stale, so the poll reads the ledger first whatever the
+    /// process has seen: the run's submit lease ran out before its acceptance was recorded
+    /// (another run may have taken the order over meanwhile, and failed it, say), or it woke
+    /// from the wait late (its job may have been taken over during the wait).
+    must_read: bool,
 }
 
 impl PollsInHand {
@@ -88,6 +101,7 @@ impl PollsInHand {
             _permit: permit,
             stopping: self.stopping.clone(),
             reads_left: Arc::clone(&self.reads_left),
+            must_read: false,
         })
     }
 
@@ -98,9 +112,15 @@ impl PollsInHand {
 }
 
 impl HeldPoll {
+    /// Its run's lease ran out before the acceptance was recorded (see `must_read`).
+    pub(super) fn after_lapsed_lease(mut self) -> Self {
+        self.must_read = true;
+        self
+    }
+
     /// Whether this poll reads the order's record before it queries the gateway.
     fn reads_ledger_first(&self) -> bool {
-        let reads = self.reads_left.load(Ordering::Relaxed) > 0;
+        let reads = self.must_read || self.reads_left.load(Ordering::Relaxed) > 0;
         if reads {
             metrics::counter!(crate::metrics::POLLS_IN_HAND_READ_FIRST).increment(1);
         }
@@ -115,7 +135,7 @@ impl HeldPoll {
             metrics::counter!(crate::metrics::POLLS_IN_HAND_OVERTAKEN).increment(1);
             self.reads_left
                 .store(READS_AFTER_OVERTAKEN, Ordering::Relaxed);
-        } else if read_first {
+        } else if read_first && !self.must_read {
             let _ = self
                 .reads_left
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
@@ -139,7 +159,7 @@ impl Drop for HeldPoll {
 pub(super) async fn poll_in_hand(
     ctx: &JobContext,
     record: &OrderRecord,
-    held: HeldPoll,
+    mut held: HeldPoll,
     job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
     let due = Instant::now() + ctx.poll.first_delay;
@@ -153,6 +173,11 @@ pub(super) async fn poll_in_hand(
         () = held.stopping.cancelled() => {
             return Ok(goes_on(0, due.saturating_duration_since(Instant::now())));
         }
+    }
+    // Woken late (the process froze or starved): another worker may have taken the job over
+    // meanwhile and changed the order (its poll job flagged it stuck, say).
+    if Instant::now().saturating_duration_since(due) > LATE_WAKE {
+        held.must_read = true;
     }
     let read_first = held.reads_ledger_first();
     let polled = match read_first {
@@ -250,6 +275,21 @@ mod tests {
         for _ in 0..READS_AFTER_OVERTAKEN {
             hold().found(true, false);
         }
+        assert!(!hold().reads_ledger_first());
+        // A run whose lease ran out before its acceptance reads first whatever was seen, and
+        // that read uses up none of the reads left.
+        let lapsed = hold().after_lapsed_lease();
+        assert!(lapsed.reads_ledger_first());
+        lapsed.found(true, false);
+        drop(lapsed);
+        assert!(!hold().reads_ledger_first());
+        hold().found(false, true);
+        hold().after_lapsed_lease().found(true, false);
+        for _ in 1..READS_AFTER_OVERTAKEN {
+            hold().found(true, false);
+        }
+        assert!(hold().reads_ledger_first(), "one read left");
+        hold().found(true, false);
         assert!(!hold().reads_ledger_first());
     }
 

@@ -83,7 +83,7 @@ pub(super) async fn poll_record(
     let looked = lookup(
         ctx,
         &calls,
-        &record,
+        record,
         if once { "look once" } else { "poll" },
     )
     .await;

@@ -385,7 +385,8 @@ impl OrderRecord {
         self.phase = Phase::Accepted;
         self.accepted = true;
         self.accepted_at_ms = Some(at_ms);
-        self.pay_order_id = Some(pay_order_id.to_owned());
+        // As a record read back has it: an empty id is none.
+        self.pay_order_id = Some(pay_order_id.to_owned()).filter(|id| !id.is_empty());
         self.updated_at_ms = at_ms;
         self
     }
