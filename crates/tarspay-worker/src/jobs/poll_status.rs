@@ -80,13 +80,7 @@ pub(super) async fn poll_record(
         // Over the merchant's limit (look again when a slot may be free), or stopping.
         Err(instead) => return Ok(instead.into()),
     };
-    let looked = lookup(
-        ctx,
-        &calls,
-        record,
-        if once { "look once" } else { "poll" },
-    )
-    .await;
+    let looked = lookup(ctx, &calls, record, if once { "look once" } else { "poll" }).await;
     calls.into_inner().finish().await;
     match looked {
         Lookup::Found(info) => {
