@@ -77,7 +77,16 @@ async fn held_in_hand(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_job() {
     // The first poll waits 5 s (held); the sandbox has the order final after 200 ms.
-    let mut app = spawn_app_with(false, |_| {}, &[("TARSPAY_POLL_FIRST_DELAY", "5s")]).await;
+    // No lifeline sweep (its reads would be counted below).
+    let mut app = spawn_app_with(
+        false,
+        |_| {},
+        &[
+            ("TARSPAY_POLL_FIRST_DELAY", "5s"),
+            ("TARSPAY_LIFELINE_INTERVAL", "1h"),
+        ],
+    )
+    .await;
     app.enqueue(inr("HELD-1", "100")).await;
     let (create, _) = envelopes(&app, "HELD-1").await;
     let create_id = create[0]["id"].clone();
@@ -92,8 +101,14 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
     assert_eq!(report["polledInHand"], 1, "{report}");
-    // Records read from here on (the worker's, and this test's own until the outcome: none).
+    // Records read from here on (the worker's, and this test's own until the outcome: none),
+    // counted from before the held poll: the gateway has had the create alone so far.
     let reads_before = app.redis.server().command_calls("hgetall");
+    assert_eq!(
+        app.sandbox.calls(MCH_NO).map(|calls| calls.total),
+        Some(1),
+        "the held poll has not queried yet"
+    );
 
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["HELD-1"].status, "succeeded");
@@ -327,6 +342,8 @@ async fn a_worker_stopped_while_holding_a_first_poll_queues_it_unpolled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_while_holding_a_first_poll_is_overtaken_and_wakes_to_nothing() {
     let (app, holder, holder_metrics) = holding("FROZEN-1", &[]).await;
+    // The hold began before this instant (the order was accepted): it is due within 5 s.
+    let held_by = std::time::Instant::now();
     holder.signal("STOP");
     // Another worker takes the job over after the orphan timeout (3 s), turns it into the
     // poll job and pays the order.
@@ -338,8 +355,12 @@ async fn a_worker_frozen_while_holding_a_first_poll_is_overtaken_and_wakes_to_no
     })
     .await;
     assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
-    // The holder wakes, its hold long over: it polls, finds the order final, and its
-    // settlement finds the entry gone.
+    // The holder wakes, its hold long over (more than a second past due, however fast the
+    // rescue was): it reads the order first, finds it final and asks the gateway nothing, and
+    // its settlement finds the entry gone.
+    let late = held_by + Duration::from_millis(6_500);
+    tokio::time::sleep_until(late.into()).await;
+    let queried = app.sandbox.calls(MCH_NO).map(|calls| calls.total);
     holder.signal("CONT");
     let text = worker_metrics(
         &holder_metrics,
@@ -348,6 +369,12 @@ async fn a_worker_frozen_while_holding_a_first_poll_is_overtaken_and_wakes_to_no
     )
     .await;
     assert_eq!(jobs(&text, "create_payout", "done"), 1, "{text}");
+    assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
+    assert_eq!(
+        app.sandbox.calls(MCH_NO).map(|calls| calls.total),
+        queried,
+        "the woken holder queried the gateway"
+    );
     drop((holder, rescuer));
     assert_eq!(app.sandbox.create_attempts("FROZEN-1"), 1);
     let all = app.outcomes().await;

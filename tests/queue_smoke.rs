@@ -53,8 +53,14 @@ async fn graceful_stop_finishes_running_jobs_and_returns_prefetched_ones() {
         async move { q.stats().await.unwrap().pending == 10 }
     })
     .await;
-    worker.stop().await;
+    // One job running (fetched is not yet started: a stop then would give it back too).
     let mut conn = server.conn().await;
+    wait_until("a job started", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        async move { !counts(&mut conn, &started_key(name)).await.is_empty() }
+    })
+    .await;
+    worker.stop().await;
     let done = counts(&mut conn, &processed_key(name)).await.len() as u64;
     assert!(
         done >= 1,

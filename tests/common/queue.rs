@@ -278,18 +278,22 @@ pub fn recording_worker(
     struct Recorder {
         conn: RedisConn,
         key: String,
+        started_key: String,
     }
     async fn handle(job: TestJob, recorder: Data<Recorder>) -> Result<(), BoxDynError> {
+        let mut conn = recorder.conn.clone();
         if job.sleep_ms > 0 {
+            // A job that takes time says when it started (a test may wait for that).
+            let _: i64 = conn.hincr(&recorder.started_key, job.n, 1).await?;
             tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
         }
-        let mut conn = recorder.conn.clone();
         let _: i64 = conn.hincr(&recorder.key, job.n, 1).await?;
         Ok(())
     }
     let recorder = Recorder {
         conn: queue.connection(),
         key: processed_key(&queue.config().queue),
+        started_key: started_key(&queue.config().queue),
     };
     let (stop, signal) = stop_signal();
     let worker = WorkerBuilder::new(name)

@@ -50,7 +50,7 @@ pub struct SandboxArgs {
     /// Refuse a balance query that names a currency (this sandbox's extension, which
     /// `payroll` tries first) with this gateway code, e.g. 5003001, as a gateway without the
     /// field may answer.
-    #[arg(long, value_name = "CODE")]
+    #[arg(long, value_name = "CODE", value_parser = parse_refusal_code, allow_negative_numbers = true)]
     refuse_balance_currency: Option<i64>,
     /// File with the sandbox's own system private key (hex) that signs its callbacks; the
     /// default is a published development key.
@@ -111,6 +111,15 @@ fn parse_rate_limit(spec: &str) -> Result<(String, RateLimit)> {
         "--rate-limit {spec}: needs a merchant, PER_SECOND > 0 and BURST >= 1"
     );
     Ok((mch_no.to_owned(), limit))
+}
+
+/// A gateway error code: any number but 0, which is TarsPay's success.
+fn parse_refusal_code(text: &str) -> Result<i64, String> {
+    match text.trim().parse::<i64>() {
+        Ok(0) => Err("0 is the gateway's success code, not a refusal".into()),
+        Ok(code) => Ok(code),
+        Err(_) => Err(format!("{text:?} is not a gateway error code")),
+    }
 }
 
 fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -180,6 +189,10 @@ mod tests {
         assert_eq!(balance.available.to_string(), "5000.50");
         assert!(parse_balance("M1=INR").is_err());
         assert!(parse_balance("M1=INR:lots").is_err());
+        assert_eq!(parse_refusal_code("5003001"), Ok(5003001));
+        assert_eq!(parse_refusal_code("-1"), Ok(-1));
+        assert!(parse_refusal_code("0").is_err());
+        assert!(parse_refusal_code("none").is_err());
 
         let (mch_no, limit) = parse_rate_limit("M2=5:10").unwrap();
         assert_eq!(mch_no, "M2");

@@ -477,11 +477,16 @@ impl Run<'_, '_> {
         msg: &str,
         wait: Duration,
     ) -> Result<Step, JobError> {
-        self.ctx
+        let released = self
+            .ctx
             .ledger
             .release(self.id(), self.token, Phase::Unknown, created, code, msg)
             .await?;
-        self.flag_if_overdue().await?;
+        // A run that lost its lease leaves the order to the run that holds it now (which may
+        // be about to make it final, with its own view of the stuck flag).
+        if released {
+            self.flag_if_overdue().await?;
+        }
         Ok(Step::RetryAfter(wait))
     }
 

@@ -24,11 +24,20 @@
 //! cost a lone payout one Redis command, and found the order final only where callbacks
 //! arrive within the first-poll delay; skipped every time, such a callback would cost a
 //! gateway query per payout. A poll that queries an order made final meanwhile writes
-//! nothing twice: the final state is write-once, and a differing one is a correction. Nothing
-//! else can have changed the order before the acceptance while the run held its submit lease
-//! (only a lease holder fails an order or finds it a conflict); a run whose lease ran out
-//! before its acceptance was recorded (it stalled) reads first all the same, and so does one
-//! that wakes from the wait late (its job may have been taken over meanwhile).
+//! nothing twice: the final state is write-once, and a differing one is a correction.
+//!
+//! What the poll's outcome takes from the record (amount, currency, merchant, batch, attempts,
+//! the stuck flag) does not change while the run holds its submit lease: attempts are written
+//! by lease holders, the stuck flag by a run that holds or has just given back its lease (one
+//! that lost it writes neither), the rest at registration. Others may write a final state
+//! meanwhile (a callback, an adoption by a run that lost the lease), which the write-once
+//! final absorbs. A run whose lease ran out before its acceptance was recorded (it stalled)
+//! reads first all the same, and so does one that wakes more than [`LATE_WAKE`] after its
+//! due time (its job may have been taken over meanwhile, and its poll job have flagged the
+//! order stuck). Left unseen: a freeze longer than the orphan timeout that ends before then,
+//! and a stuck flag written just after the lease this run took was given back by another
+//! run. Either leaves a stale stuck flag in the record, and so a final order counted in the
+//! stuck set until the count prunes it; it needs an order past the polling deadline.
 
 use super::poll_status::{Polled, poll_record};
 use super::{CallSlots, JobContext, JobError, PayoutJob, Step};
@@ -51,7 +60,7 @@ pub const READS_AFTER_OVERTAKEN: u32 = 32;
 
 /// A held poll that wakes this much after its due time reads the ledger first: the process
 /// was frozen or starved, and its job may have been taken over meanwhile.
-const LATE_WAKE: Duration = Duration::from_secs(1);
+pub const LATE_WAKE: Duration = Duration::from_secs(1);
 
 /// A worker process's holds. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -68,6 +77,9 @@ pub struct PollsInHand {
 #[derive(Debug)]
 pub struct HeldPoll {
     _permit: OwnedSemaphorePermit,
+    /// When the hold was taken (the gateway had accepted the create): the first poll is due
+    /// `first_delay` after it.
+    taken_at: Instant,
     stopping: CancellationToken,
     reads_left: Arc<AtomicU32>,
     /// The record this run holds may be stale, so the poll reads the ledger first whatever the
@@ -99,6 +111,7 @@ impl PollsInHand {
         metrics::gauge!(crate::metrics::POLLS_IN_HAND).increment(1.0);
         Some(HeldPoll {
             _permit: permit,
+            taken_at: Instant::now(),
             stopping: self.stopping.clone(),
             reads_left: Arc::clone(&self.reads_left),
             must_read: false,
@@ -162,7 +175,8 @@ pub(super) async fn poll_in_hand(
     mut held: HeldPoll,
     job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
-    let due = Instant::now() + ctx.poll.first_delay;
+    // From the acceptance, so that a stall while it was recorded counts as lateness below.
+    let due = held.taken_at + ctx.poll.first_delay;
     let goes_on = |attempts: u32, after: Duration| Step::ContinueAs {
         job: PayoutJob::poll(record, false),
         attempts,
