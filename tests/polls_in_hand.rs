@@ -180,6 +180,13 @@ async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_b
         gauge(text, OVERTAKEN) == Some(2.0)
     })
     .await;
+    // Its job counts as done before its settlement is written (the settler batches them):
+    // killed before that, the worker would leave it pending, for another to take over.
+    eventually("the second create job acknowledged", || async {
+        let stats = app.deployment.queue_stats().await.unwrap();
+        (stats.pending == 0).then_some(())
+    })
+    .await;
     drop(worker);
     assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
     assert_eq!(calls(), 3, "the second payout's create alone");
