@@ -134,6 +134,40 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     no_job_left_and_audit_clean(&app).await;
 }
 
+/// A counter's value on the lines of `name` whose labels include `label` (0 when absent).
+fn counter_with(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payout_that_comes_to_an_idle_worker_takes_its_lease_on_the_clock_its_delivery_brings() {
+    // The job is added after the worker's fetch loop found its queue empty: the entry's id
+    // (the server's clock when it was added) and the time since that read bound the server's
+    // clock, so the lease step needs no `TIME`.
+    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1h")]).await;
+    let (worker, addr) = app.worker_process_with_metrics(4);
+    worker_metrics(&addr, "an empty read of the payout queue", |text| {
+        counter_with(text, EMPTY_READS, "queue=\"payouts\"") >= 1
+    })
+    .await;
+    app.enqueue(inr("IDLE-1", "100")).await;
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes["IDLE-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("IDLE-1"), 1);
+    let text = worker_metrics(&addr, "the lease counted", |text| {
+        gauge(text, ON_DELIVERY_CLOCK).is_some()
+    })
+    .await;
+    drop(worker);
+    assert_eq!(gauge(&text, ON_DELIVERY_CLOCK), Some(1.0), "{text}");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+const EMPTY_READS: &str = "tarspay_queue_empty_reads_total";
+const ON_DELIVERY_CLOCK: &str = "tarspay_leases_on_delivery_clock_total";
 const READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
 const OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
 

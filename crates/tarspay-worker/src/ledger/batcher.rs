@@ -16,6 +16,7 @@
 //! confirmed it. A write only the primary holds can vanish in a failover.
 
 use super::scripts::BATCH;
+use crate::queue::AddedAfter;
 use crate::queue::InlineAck;
 use crate::redis_conn::RedisConn;
 use redis::{RedisError, Value};
@@ -88,14 +89,45 @@ pub(crate) struct Op {
     pub ack: Option<(InlineAck, &'static str)>,
     /// When the job this operation queues is due (server ms), if it delays one.
     pub delays_to: Option<u64>,
-    /// For a lease step: when its job's fetch loop found the pause flag clear. Its last
-    /// argument then says whether that reading is at most [`super::FRESH_PAUSE_READING`] old
-    /// when the batch is sent (judged then, not when the operation was made, so time spent
-    /// waiting for the batch counts).
-    pub pause_clear_read_at: Option<Instant>,
+    /// For a lease step: what its job's fetch loop learned, judged when the batch is sent
+    /// (not when the operation was made, so time spent waiting for the batch counts): its last
+    /// two arguments.
+    pub at_send: Option<FetchReadings>,
     /// The operation's lone form, if it has one: sent instead of the script when the
     /// operation is alone in its batch.
     pub lone: Option<LoneForm>,
+}
+
+/// What a lease step's job delivery brings from its fetch loop, turned into the step's last
+/// two arguments when its batch is sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FetchReadings {
+    /// When the fetch loop found the pause flag clear: the first argument says whether that
+    /// reading is at most [`super::FRESH_PAUSE_READING`] old ('1') or not ('').
+    pub pause_clear_read_at: Option<Instant>,
+    /// The second: an upper bound of the server's clock (ms), '' for none (the script reads
+    /// `TIME`).
+    pub added_after: Option<AddedAfter>,
+}
+
+impl FetchReadings {
+    fn args(&self) -> [String; 2] {
+        let fresh = self
+            .pause_clear_read_at
+            .is_some_and(|read_at| read_at.elapsed() <= super::FRESH_PAUSE_READING);
+        let clock = self
+            .added_after
+            .and_then(|bound| bound.server_ms_at_most())
+            // Never below the process' estimate: a bound that says less is not believed.
+            .map(|bound| {
+                metrics::counter!(crate::metrics::LEASES_ON_DELIVERY_CLOCK).increment(1);
+                bound.max(crate::queue::now_ms()).to_string()
+            });
+        [
+            if fresh { "1" } else { "" }.to_owned(),
+            clock.unwrap_or_default(),
+        ]
+    }
 }
 
 /// An operation's whole effect as plain commands, for a batch of that operation alone (a
@@ -136,7 +168,7 @@ impl Op {
             list_ttl_ms: 0,
             ack: None,
             delays_to: None,
-            pause_clear_read_at: None,
+            at_send: None,
             lone: None,
         }
     }
@@ -326,16 +358,14 @@ fn batch_command(shared_keys: &[String], batch: &[Pending]) -> redis::Cmd {
     }
     evalsha.arg(crate::queue::now_ms());
     for Pending { op, .. } in batch {
-        evalsha.arg(op.kind).arg(op.args.len());
-        match (op.pause_clear_read_at, op.args.split_last()) {
-            (Some(read_at), Some((_, before))) => {
-                let fresh = read_at.elapsed() <= super::FRESH_PAUSE_READING;
-                evalsha.arg(before).arg(if fresh { "1" } else { "" });
-            }
-            _ => {
-                evalsha.arg(&op.args);
-            }
-        }
+        match &op.at_send {
+            Some(readings) => evalsha
+                .arg(op.kind)
+                .arg(op.args.len() + 2)
+                .arg(&op.args)
+                .arg(&readings.args()),
+            None => evalsha.arg(op.kind).arg(op.args.len()).arg(&op.args),
+        };
         evalsha.arg(op.events.len());
         if !op.events.is_empty() {
             evalsha.arg(op.list_ttl_ms).arg(&op.events);

@@ -108,6 +108,27 @@ impl Setup {
         InFlight,
         tokio::sync::mpsc::UnboundedReceiver<u64>,
     ) {
+        let times = crate::queue::FetchTimes {
+            fetched_at: Some(std::time::Instant::now()),
+            pause_clear_read_at,
+            after_empty_read: None,
+        };
+        self.deliver_with_times(stream, consumer, unique, times)
+            .await
+    }
+
+    /// [`Setup::deliver_following`], handed out with what its fetch loop knew (`times`).
+    async fn deliver_with_times(
+        &self,
+        stream: &str,
+        consumer: &str,
+        unique: Option<&str>,
+        times: crate::queue::FetchTimes,
+    ) -> (
+        Delivery,
+        InFlight,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+    ) {
         let mut c = self.conn.clone();
         let envelope = Envelope::new(
             format!("job-{consumer}-{}", rand::random::<u32>()),
@@ -152,18 +173,7 @@ impl Setup {
             orphan_timeout: std::time::Duration::from_secs(30),
         });
         let (settle, _rx) = SettleHandle::channel();
-        let delivery = Delivery::new(
-            entry_id,
-            envelope,
-            0,
-            10,
-            settle,
-            holder,
-            crate::queue::FetchTimes {
-                fetched_at: Some(std::time::Instant::now()),
-                pause_clear_read_at,
-            },
-        );
+        let delivery = Delivery::new(entry_id, envelope, 0, 10, settle, holder, times);
         (delivery, inflight, followed)
     }
 
@@ -1089,4 +1099,118 @@ async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_m
     let record = s.ledger.get("WAITED-1").await.unwrap().unwrap();
     assert_eq!(record.phase, Phase::Queued);
     assert_eq!(record.attempts, 0, "an unconfirmed lease costs no attempt");
+}
+
+/// The server's clock (ms), by `TIME`.
+async fn server_ms(conn: &RedisConn) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    secs * 1000 + micros / 1000
+}
+
+#[tokio::test]
+async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_one_is_judged_on_time()
+ {
+    use crate::queue::FetchTimes;
+    use std::time::Instant;
+    let s = setup().await;
+    for id in ["BOUND-1", "OTHER-1", "OLD-1", "NONE-1"] {
+        s.register(id).await;
+    }
+    let lease = Duration::from_secs(60);
+    let lease_until = |id: &'static str| {
+        let mut c = s.conn.clone();
+        let key = s.ledger.keys().order(id);
+        async move {
+            let until: String = c.hget(key, "leaseUntil").await.unwrap();
+            until.parse::<u64>().unwrap()
+        }
+    };
+    // Its fetch loop's empty read was sent before the job was added (as in the fetch loop).
+    let after_empty = |sent: Instant| FetchTimes {
+        fetched_at: Some(Instant::now()),
+        pause_clear_read_at: None,
+        after_empty_read: Some(sent),
+    };
+    let before = server_ms(&s.conn).await;
+    let sent = Instant::now();
+    let (job, _, _) = s
+        .deliver_with_times(&s.queue.stream, "w1", None, after_empty(sent))
+        .await;
+    let clock_reads = s.command_calls("time");
+    let (ticket, _) = s
+        .ledger
+        .begin_submit_for("BOUND-1", "tok-1", lease, Some(&job))
+        .await
+        .unwrap();
+    assert!(matches!(ticket, SubmitTicket::Go { .. }), "{ticket:?}");
+    assert_eq!(
+        s.command_calls("time"),
+        clock_reads,
+        "the lease step read no TIME"
+    );
+    let after = server_ms(&s.conn).await;
+    let until = lease_until("BOUND-1").await;
+    let lease_ms = lease.as_millis() as u64;
+    // Never shorter than asked from when it was taken; longer by the bound's allowances only
+    // (a generous hang guard above: the step ran between the two readings).
+    assert!(until >= before + lease_ms, "{until} < {before} + lease");
+    assert!(
+        until <= after + lease_ms + 5_000,
+        "{until} vs {after} + lease"
+    );
+
+    // Another run finds it held: judged on the server's own clock, whatever its bound.
+    let (second, _, _) = s
+        .deliver_with_times(&s.queue.stream, "w2", None, after_empty(Instant::now()))
+        .await;
+    let clock_reads = s.command_calls("time");
+    let (ticket, _) = s
+        .ledger
+        .begin_submit_for("BOUND-1", "tok-2", lease, Some(&second))
+        .await
+        .unwrap();
+    assert!(matches!(ticket, SubmitTicket::Busy { .. }), "{ticket:?}");
+    assert_eq!(
+        s.command_calls("time"),
+        clock_reads + 1,
+        "a held lease reads TIME"
+    );
+
+    // No bound: a delivery of another queue's stream, one whose empty read is too old, or
+    // none at all; each lease reads TIME.
+    let other = QueueKeys::new("t", "elsewhere").unwrap();
+    create_group(&s.conn, &other).await;
+    let (foreign, _, _) = s
+        .deliver_with_times(&other.stream, "w1", None, after_empty(Instant::now()))
+        .await;
+    let long_ago =
+        Instant::now().checked_sub(crate::queue::ADDED_AFTER_MAX_AGE + Duration::from_secs(1));
+    let old = match long_ago {
+        Some(at) => Some(
+            s.deliver_with_times(&s.queue.stream, "w1", None, after_empty(at))
+                .await
+                .0,
+        ),
+        None => None,
+    };
+    for (id, job) in [
+        ("OTHER-1", Some(&foreign)),
+        ("OLD-1", old.as_ref()),
+        ("NONE-1", None),
+    ] {
+        let clock_reads = s.command_calls("time");
+        let (ticket, _) = s
+            .ledger
+            .begin_submit_for(id, "tok-3", lease, job)
+            .await
+            .unwrap();
+        assert!(
+            matches!(ticket, SubmitTicket::Go { .. }),
+            "{id}: {ticket:?}"
+        );
+        assert_eq!(s.command_calls("time"), clock_reads + 1, "{id}: TIME read");
+    }
 }

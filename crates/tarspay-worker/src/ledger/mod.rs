@@ -26,7 +26,7 @@ pub use progress::BatchProgress;
 use crate::ids::{BatchId, Currency, MchOrderNo, MerchantName};
 use crate::queue::{Delivery, PreparedJob, QueueKeys};
 use crate::redis_conn::RedisConn;
-use batcher::{Batcher, JobAcked, LoneForm, Op};
+use batcher::{Batcher, FetchReadings, JobAcked, LoneForm, Op};
 use redis::AsyncCommands;
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -1061,10 +1061,13 @@ impl Ledger {
         let mut op = self
             .op("B", mch_order_no)
             .arg(token)
-            .arg(lease.as_millis() as u64)
-            // Whether the fetch loop's reading stands for the flag: set when the batch is sent.
-            .arg("");
-        op.pause_clear_read_at = job.and_then(|job| job.pause_clear_read_at(self.keys.paused()));
+            .arg(lease.as_millis() as u64);
+        // Whether the fetch loop's reading stands for the flag, and the server clock's bound:
+        // the last two arguments, set when the batch is sent.
+        op.at_send = Some(FetchReadings {
+            pause_clear_read_at: job.and_then(|job| job.pause_clear_read_at(self.keys.paused())),
+            added_after: job.and_then(|job| job.added_after_in(&self.keys.queue.stream)),
+        });
         let corrupt = |reason: String| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason,

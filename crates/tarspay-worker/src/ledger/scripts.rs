@@ -15,7 +15,11 @@
 //! write-once `corr:<status>` per new status plus the latest `status`.
 //!
 //! Leases and absence streaks use the Redis server's clock (`TIME`), so workers' clocks never
-//! decide who may create or when an order may fail; the other timestamps come from the
+//! decide who may create or when an order may fail; a lease on a free order may start instead
+//! from an upper bound of that clock its job's delivery brings (`queue::clock::AddedAfter`:
+//! the server's own stream id, plus local monotonic time since a read that found no job),
+//! which makes it longer by at most the time the job took to come after that read (the
+//! fetch's block time, 500 ms by default), never shorter. The other timestamps come from the
 //! caller's estimate of the server's clock (`queue::now_ms`).
 
 use redis::Script;
@@ -148,7 +152,10 @@ local function register(order, batch, a)
 end
 
 -- lease token, lease ms, '1' when the caller's fetch loop read the pause flag clear just
--- now (it is not read again). {'go', previous, attempts, field, value, ...} | {'busy', ms} |
+-- now (it is not read again), then an upper bound of the server's clock when the batch was
+-- sent ('' for none; see `queue::clock::AddedAfter`): a lease taken on a free order starts
+-- there, without `TIME` (it then lasts a little longer than asked, never shorter than its
+-- holder counts on). One held by another run is judged on `TIME`. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
 -- {'paused'} | {'accepted', accepted_json, '1' when an adoption queued the poll job of an
 -- acceptance left in hand (`pollQueued`) else ''} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
@@ -160,8 +167,13 @@ local function begin_submit(order, a)
   if h.accepted then return {'accepted', h.accepted, h.pollQueued or ''} end
   -- A flag this batch already read set counts, whatever the caller's reading said.
   if (a[3] ~= '1' or paused) and is_paused() then return {'paused'} end
-  local clock = lease_clock()
   local previous = h.phase or 'queued'
+  local clock
+  if previous == 'submitting' or server_now or (a[4] or '') == '' then
+    clock = lease_clock()
+  else
+    clock = tonumber(a[4])
+  end
   if previous == 'submitting' then
     local lease_until = tonumber(h.leaseUntil or '0')
     if lease_until > clock then return {'busy', tostring(lease_until - clock)} end

@@ -90,6 +90,52 @@ pub(crate) async fn sync(conn: &mut impl ConnectionLike) -> Result<Duration, Que
     Ok(rtt)
 }
 
+/// The longest wait between a fetch loop's empty read and the read that brings a job for
+/// which [`AddedAfter`] still bounds the server's clock: past it the drift allowance would
+/// grow, and the lease step reads `TIME` itself instead.
+pub const ADDED_AFTER_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// An upper bound of the Redis server's clock that a job's delivery brings, without a `TIME`
+/// call: the job's stream entry was added after its fetch loop sent the read before (which
+/// found no job), so the server's clock then was at most the entry id's time (ids are never
+/// behind the clock that stamps them, `*`), and it has run on since by at most the local
+/// monotonic time elapsed since that read was sent (plus a drift allowance). A lease started
+/// on this bound lasts at least as long as its holder counts on (see
+/// `ledger::Ledger::begin_submit_for`). Only for a single Redis: on a cluster a redirected
+/// read could bring an entry stamped by another node's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AddedAfter {
+    /// The entry id's time (ms since the epoch, the server's clock when it was added).
+    pub(crate) entry_ms: u64,
+    /// When the fetch loop sent the read before, which returned no job.
+    pub(crate) empty_read_sent: Instant,
+}
+
+impl AddedAfter {
+    /// For a stream entry id (`<ms>-<seq>`) delivered by a read sent after an empty one
+    /// (sent at `empty_read_sent`); `None` for an id of another form.
+    pub(crate) fn entry(entry_id: &str, empty_read_sent: Instant) -> Option<Self> {
+        let (ms, _) = entry_id.split_once('-')?;
+        Some(Self {
+            entry_ms: ms.parse().ok()?,
+            empty_read_sent,
+        })
+    }
+
+    /// The bound now: ms on the server's clock that it has not reached yet. `None` once the
+    /// empty read is more than [`ADDED_AFTER_MAX_AGE`] old.
+    pub(crate) fn server_ms_at_most(&self) -> Option<u64> {
+        let elapsed = Instant::now().saturating_duration_since(self.empty_read_sent);
+        if elapsed > ADDED_AFTER_MAX_AGE {
+            return None;
+        }
+        // Rounded up; +1 ms for the sub-millisecond part the id truncates, +1 ms and 100 ppm
+        // for the two clocks' drift (crystals: well under that).
+        let elapsed_ms = elapsed.as_micros().div_ceil(1000) as u64;
+        Some(self.entry_ms + elapsed_ms + elapsed_ms / 10_000 + 2)
+    }
+}
+
 /// The server's clock minus the local wall clock, in ms (for logs: how far off this host is).
 pub(crate) fn local_offset_ms() -> i64 {
     now_ms() as i64 - local_ms() as i64
@@ -99,6 +145,75 @@ pub(crate) fn local_offset_ms() -> i64 {
 mod tests {
     use super::*;
     use local_redis::LocalRedis;
+
+    async fn server_ms(conn: &mut impl ConnectionLike) -> u64 {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+        secs * 1000 + micros / 1000
+    }
+
+    #[tokio::test]
+    async fn a_job_added_after_an_empty_read_bounds_the_servers_clock_from_above() {
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("s")
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let sent = Instant::now();
+        let empty: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("STREAMS")
+            .arg("s")
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(empty, redis::Value::Nil, "no job yet");
+        let id: String = redis::cmd("XADD")
+            .arg("s")
+            .arg("*")
+            .arg("e")
+            .arg("{}")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let bound = AddedAfter::entry(&id, sent).expect("a stream id");
+        // The server's clock moves on while the job waits; the bound follows it (without the
+        // elapsed time it would fall 200 ms behind).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let at_most = bound.server_ms_at_most().expect("fresh");
+        let server = server_ms(&mut conn).await;
+        assert!(server <= at_most, "server {server}, bound {at_most}");
+        assert!(at_most >= bound.entry_ms + 200, "{at_most} vs {bound:?}");
+    }
+
+    #[test]
+    fn a_bound_is_only_taken_from_a_stream_id_and_only_while_its_empty_read_is_recent() {
+        let now = Instant::now();
+        assert_eq!(AddedAfter::entry("not-an-id", now), None);
+        assert_eq!(AddedAfter::entry("17", now), None);
+        let bound = AddedAfter::entry("1796639418435-7", now).unwrap();
+        assert_eq!(bound.entry_ms, 1_796_639_418_435);
+        // Its empty read just sent: the id's time, plus the allowances (2 ms and elapsed).
+        let at_most = bound.server_ms_at_most().unwrap();
+        assert!(
+            (bound.entry_ms + 2..bound.entry_ms + 1000).contains(&at_most),
+            "{at_most}"
+        );
+        let Some(long_ago) = now.checked_sub(ADDED_AFTER_MAX_AGE + Duration::from_secs(1)) else {
+            return; // a machine up for less than that: nothing to check
+        };
+        let old = AddedAfter::entry("1796639418435-7", long_ago).unwrap();
+        assert_eq!(old.server_ms_at_most(), None);
+    }
 
     #[tokio::test]
     async fn now_follows_the_servers_time() {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::queue::clock::AddedAfter;
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::promoter::{DueTimes, Handover};
@@ -35,6 +36,9 @@ struct DeliveryInner {
     /// When its fetch loop sent the read (or claim) that returned it (`None`: not known, e.g.
     /// held while the pause flag could not be read).
     fetched_at: Option<Instant>,
+    /// Its entry was added after a read its fetch loop sent found no job: a bound of the
+    /// server's clock (see [`AddedAfter`]).
+    added_after: Option<AddedAfter>,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -83,6 +87,9 @@ pub(crate) struct InlineAck {
 pub(crate) struct FetchTimes {
     pub(crate) fetched_at: Option<Instant>,
     pub(crate) pause_clear_read_at: Option<Instant>,
+    /// When its fetch loop sent the read before the one that returned it, if that read found
+    /// no job (and may stand for the server's clock: see [`AddedAfter`]).
+    pub(crate) after_empty_read: Option<Instant>,
 }
 
 impl Delivery {
@@ -96,7 +103,6 @@ impl Delivery {
         times: FetchTimes,
     ) -> Self {
         Self(Arc::new(DeliveryInner {
-            entry_id,
             envelope,
             attempts_before,
             max_attempts,
@@ -105,6 +111,10 @@ impl Delivery {
             settled: AtomicBool::new(false),
             pause_clear_read_at: times.pause_clear_read_at,
             fetched_at: times.fetched_at,
+            added_after: times
+                .after_empty_read
+                .and_then(|sent| AddedAfter::entry(&entry_id, sent)),
+            entry_id,
         }))
     }
 
@@ -173,6 +183,14 @@ impl Delivery {
     pub(crate) fn pause_clear_read_at(&self, paused: &str) -> Option<Instant> {
         let at = self.0.pause_clear_read_at?;
         (self.0.holder.paused == paused).then_some(at)
+    }
+
+    /// A bound of the server's clock this delivery brings, for a ledger step on `stream` (its
+    /// own queue's: the same server): see [`AddedAfter`].
+    pub(crate) fn added_after_in(&self, stream: &str) -> Option<AddedAfter> {
+        self.0
+            .added_after
+            .filter(|_| self.0.holder.stream == stream)
     }
 
     /// The acknowledgement a ledger step on `stream` may write for this delivery, if it

@@ -65,6 +65,10 @@ struct Schedule {
     failing: bool,
     /// Since when steps succeed again (or the loop started).
     back_since: Option<Instant>,
+    /// When the last read was sent, and on which generation of the blocking connection, if
+    /// it found no job and nothing failed since: jobs the next read on that connection brings
+    /// were added after then (see `queue::clock::AddedAfter`).
+    empty_read_sent: Option<(Instant, u64)>,
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
@@ -185,7 +189,11 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             let held = std::mem::take(&mut schedule.held);
             // Held since an unknown time: each is checked to be still ours before it starts.
-            return Ok(self.decode_all(held, schedule.pause_checked, None));
+            let times = FetchTimes {
+                pause_clear_read_at: schedule.pause_checked,
+                ..FetchTimes::default()
+            };
+            return Ok(self.decode_all(held, times));
         }
         if due(schedule.claimed, config.claim_interval())
             && may_claim(schedule, config.heartbeat_interval, Instant::now())
@@ -229,6 +237,14 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
         }
         let keys = &self.shared.keys;
+        // Taken here: a failed read leaves none for the next one. A connection rebuilt since
+        // may reach another server (a promoted replica, its own clock).
+        let generation = blocking.generation();
+        let after_empty_read = schedule
+            .empty_read_sent
+            .take()
+            .filter(|(_, on)| *on == generation)
+            .map(|(sent, _)| sent);
         let read_at = Instant::now();
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -246,7 +262,21 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             .query_async(blocking)
             .await?;
         let entries = self.take_markers(parse_read(reply)?).await;
-        self.admit(schedule, entries, read_at).await
+        if entries.is_empty() {
+            metrics::counter!(
+                crate::metrics::QUEUE_EMPTY_READS,
+                "queue" => self.shared.config.label().to_owned()
+            )
+            .increment(1);
+            // On a cluster a read redirected to another node could bring an entry stamped by
+            // that node's clock: no bound there.
+            if !blocking.is_cluster() && blocking.generation() == generation {
+                schedule.empty_read_sent = Some((read_at, generation));
+            }
+            return Ok(Vec::new());
+        }
+        self.admit_after(schedule, entries, read_at, after_empty_read)
+            .await
     }
 
     /// Takes fetched entries into this worker's hands (renewed from now on) and decodes them,
@@ -257,6 +287,17 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         schedule: &mut Schedule,
         entries: Vec<StreamId>,
         read_at: Instant,
+    ) -> Result<Vec<Task<T>>, QueueError> {
+        self.admit_after(schedule, entries, read_at, None).await
+    }
+
+    /// [`Self::admit`] for entries read after an empty read sent at `after_empty_read`.
+    async fn admit_after(
+        &self,
+        schedule: &mut Schedule,
+        entries: Vec<StreamId>,
+        read_at: Instant,
+        after_empty_read: Option<Instant>,
     ) -> Result<Vec<Task<T>>, QueueError> {
         if entries.is_empty() {
             return Ok(Vec::new());
@@ -282,7 +323,12 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             self.give_back_held(schedule).await;
             return Ok(Vec::new());
         }
-        Ok(self.decode_all(entries, schedule.pause_checked, Some(read_at)))
+        let times = FetchTimes {
+            fetched_at: Some(read_at),
+            pause_clear_read_at: schedule.pause_checked,
+            after_empty_read,
+        };
+        Ok(self.decode_all(entries, times))
     }
 
     async fn check_pause(&self, schedule: &mut Schedule) -> Result<(), QueueError> {
@@ -370,28 +416,19 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         }
     }
 
-    /// `pause_clear_read_at`: when the pause flag was last read, and found clear, before
-    /// these entries were handed out (kept with each delivery: see `Delivery::pause_clear_read_at`).
-    fn decode_all(
-        &self,
-        entries: Vec<StreamId>,
-        pause_clear_read_at: Option<Instant>,
-        fetched_at: Option<Instant>,
-    ) -> Vec<Task<T>> {
+    /// `times.pause_clear_read_at`: when the pause flag was last read, and found clear,
+    /// before these entries were handed out (kept with each delivery: see
+    /// `Delivery::pause_clear_read_at`).
+    fn decode_all(&self, entries: Vec<StreamId>, times: FetchTimes) -> Vec<Task<T>> {
         entries
             .into_iter()
-            .filter_map(|entry| self.decode(entry, pause_clear_read_at, fetched_at))
+            .filter_map(|entry| self.decode(entry, times))
             .collect()
     }
 
     /// Turns an entry into a task, or buries it (undecodable, or out of attempts after crash
     /// redeliveries) and returns `None`.
-    fn decode(
-        &self,
-        mut entry: StreamId,
-        pause_clear_read_at: Option<Instant>,
-        fetched_at: Option<Instant>,
-    ) -> Option<Task<T>> {
+    fn decode(&self, mut entry: StreamId, times: FetchTimes) -> Option<Task<T>> {
         // A fresh read is the first delivery; claimed entries carry their count.
         let deliveries = entry.delivered_count.map_or(1, |n| n as u32);
         let Some(stored) = take_field(&mut entry.map, "e") else {
@@ -449,10 +486,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             max_attempts,
             self.settle.clone(),
             Arc::clone(&self.holder),
-            FetchTimes {
-                fetched_at,
-                pause_clear_read_at,
-            },
+            times,
         );
         Some(
             TaskBuilder::new(args)

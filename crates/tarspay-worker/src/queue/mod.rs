@@ -117,7 +117,9 @@ mod storage;
 mod worker_id;
 
 pub use backoff::{full_jitter, random_up_to};
-pub(crate) use clock::now_ms;
+#[cfg(test)]
+pub(crate) use clock::ADDED_AFTER_MAX_AGE;
+pub(crate) use clock::{AddedAfter, now_ms};
 /// The Redis server's time (ms) as this process estimates it (see "Time" above); meaningful once a
 /// queue has connected.
 pub fn server_now_ms() -> u64 {
