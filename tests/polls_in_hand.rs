@@ -167,7 +167,7 @@ async fn a_payout_that_comes_to_an_idle_worker_takes_its_lease_on_the_clock_its_
 }
 
 const EMPTY_READS: &str = "tarspay_queue_empty_reads_total";
-const ON_DELIVERY_CLOCK: &str = "tarspay_leases_on_delivery_clock_total";
+const ON_DELIVERY_CLOCK: &str = "tarspay_lease_steps_on_delivery_clock_total";
 const READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
 const OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
 

@@ -51,12 +51,12 @@ pub const QUEUE_ACKED_IN_STEP: &str = "tarspay_queue_acked_in_step_total";
 /// for its periodic pass.
 pub const QUEUE_PROMOTION_LATENESS: &str = "tarspay_queue_promotion_lateness_seconds";
 /// Fetch reads that found no job (`queue` = the queue's name): an idle worker's blocking
-/// reads, one per block time per fetch loop.
+/// reads (one per block time per fetch loop) and reads that brought wake markers alone.
 pub const QUEUE_EMPTY_READS: &str = "tarspay_queue_empty_reads_total";
-/// Submit leases sent with the upper bound of the server's clock their job's delivery brings
-/// (`queue::clock::AddedAfter`: a job that came to an idle worker), so their step reads no
-/// `TIME` when the order is free.
-pub const LEASES_ON_DELIVERY_CLOCK: &str = "tarspay_leases_on_delivery_clock_total";
+/// Submit lease steps sent with the upper bound of the server's clock their job's delivery
+/// brings (`queue::clock::AddedAfter`: a job that came to an idle worker); the step reads no
+/// `TIME` if the order is free and no other step of its batch read it.
+pub const LEASE_STEPS_ON_DELIVERY_CLOCK: &str = "tarspay_lease_steps_on_delivery_clock_total";
 pub const ORDERS_STUCK: &str = "tarspay_orders_stuck";
 /// Orders we failed ourselves that the gateway accepted afterwards (a create run outlived its
 /// lease): money may move under a `failed` outcome. Should stay 0; alert on any increase.

@@ -447,12 +447,12 @@ impl RedisConn {
         }
     }
 
-    /// Which connection is in use: it changes when a single node's connection is rebuilt.
     /// A connection to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
 
+    /// Which connection is in use: it changes when a single node's connection is rebuilt.
     pub fn generation(&self) -> u64 {
         match self {
             Self::Single(conn) => conn.generation(),

@@ -111,7 +111,7 @@ impl Setup {
         let times = crate::queue::FetchTimes {
             fetched_at: Some(std::time::Instant::now()),
             pause_clear_read_at,
-            after_empty_read: None,
+            ..Default::default()
         };
         self.deliver_with_times(stream, consumer, unique, times)
             .await
@@ -165,6 +165,7 @@ impl Setup {
             group: self.queue.group.clone(),
             consumer: consumer.to_owned(),
             paused: self.queue.paused.clone(),
+            guard: Some(self.ledger.keys().guard()),
             inflight: inflight.clone(),
             due_times,
             stop: self.stop.clone(),
@@ -1116,10 +1117,13 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
     use crate::queue::FetchTimes;
     use std::time::Instant;
     let s = setup().await;
-    for id in ["BOUND-1", "OTHER-1", "OLD-1", "NONE-1"] {
+    // The process' estimate of the server's clock, against which a bound is checked.
+    crate::queue::sync_clock(&mut s.conn.clone()).await.unwrap();
+    for id in ["BOUND-1", "LOW-1", "OTHER-1", "OLD-1", "NONE-1"] {
         s.register(id).await;
     }
     let lease = Duration::from_secs(60);
+    let lease_ms = lease.as_millis() as u64;
     let lease_until = |id: &'static str| {
         let mut c = s.conn.clone();
         let key = s.ledger.keys().order(id);
@@ -1128,14 +1132,18 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
             until.parse::<u64>().unwrap()
         }
     };
-    // Its fetch loop's empty read was sent before the job was added (as in the fetch loop).
     let after_empty = |sent: Instant| FetchTimes {
         fetched_at: Some(Instant::now()),
-        pause_clear_read_at: None,
         after_empty_read: Some(sent),
+        ..FetchTimes::default()
     };
+    // Its fetch loop's empty read was sent 3 s before the job came (a bound that says so is
+    // 3 s ahead of the clock: that it was used shows in the lease's end).
+    let early = Duration::from_secs(3);
+    let sent = Instant::now()
+        .checked_sub(early)
+        .expect("a machine up for 3 s");
     let before = server_ms(&s.conn).await;
-    let sent = Instant::now();
     let (job, _, _) = s
         .deliver_with_times(&s.queue.stream, "w1", None, after_empty(sent))
         .await;
@@ -1153,13 +1161,16 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
     );
     let after = server_ms(&s.conn).await;
     let until = lease_until("BOUND-1").await;
-    let lease_ms = lease.as_millis() as u64;
-    // Never shorter than asked from when it was taken; longer by the bound's allowances only
-    // (a generous hang guard above: the step ran between the two readings).
-    assert!(until >= before + lease_ms, "{until} < {before} + lease");
+    let early_ms = early.as_millis() as u64;
+    // Started on the bound: the job's id plus the 3 s since the empty read (a generous hang
+    // guard above: the step ran between the two readings).
     assert!(
-        until <= after + lease_ms + 5_000,
-        "{until} vs {after} + lease"
+        until >= before + lease_ms + early_ms,
+        "{until} < {before} + lease + 3 s: not started on the bound"
+    );
+    assert!(
+        until <= after + lease_ms + early_ms + 5_000,
+        "{until} vs {after} + lease + 3 s"
     );
 
     // Another run finds it held: judged on the server's own clock, whatever its bound.
@@ -1179,8 +1190,19 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
         "a held lease reads TIME"
     );
 
-    // No bound: a delivery of another queue's stream, one whose empty read is too old, or
-    // none at all; each lease reads TIME.
+    // No bound: one below the process' estimate of the clock (its premise failed: its "empty
+    // read" was sent after the job was added, a second after this, and the job waited 100 ms
+    // since), one of another queue's stream, one whose empty read is too old, or no delivery;
+    // each lease reads TIME.
+    let (low, _, _) = s
+        .deliver_with_times(
+            &s.queue.stream,
+            "w1",
+            None,
+            after_empty(Instant::now() + Duration::from_secs(1)),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let other = QueueKeys::new("t", "elsewhere").unwrap();
     create_group(&s.conn, &other).await;
     let (foreign, _, _) = s
@@ -1197,6 +1219,7 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
         None => None,
     };
     for (id, job) in [
+        ("LOW-1", Some(&low)),
         ("OTHER-1", Some(&foreign)),
         ("OLD-1", old.as_ref()),
         ("NONE-1", None),
@@ -1213,4 +1236,56 @@ async fn a_lease_on_a_free_order_starts_on_its_deliverys_clock_bound_and_a_held_
         );
         assert_eq!(s.command_calls("time"), clock_reads + 1, "{id}: TIME read");
     }
+}
+
+#[tokio::test]
+async fn a_lone_acceptance_of_a_create_sent_just_after_an_empty_guard_reading_leaves_later_refusals_counted()
+ {
+    // Its create left just after the guard's count was read empty: refusals counted since
+    // came while it was in flight, and stay counted (no `DEL`); one that did not read the count
+    // so clears it as always.
+    let s = setup().await;
+    let guard = s.ledger.keys().guard();
+    let mut c = s.conn.clone();
+    for id in ["AFTER-1", "BEFORE-1"] {
+        s.register(id).await;
+    }
+    let counts = |s: &Setup| ["evalsha", "del", "hsetnx"].map(|command| s.command_calls(command));
+    // Another worker's refusal, counted while this create was in flight.
+    let _: i64 = c.sadd(&guard, "REFUSED-1").await.unwrap();
+    let before = counts(&s);
+    let accepted = s
+        .ledger
+        .accept_polling_in_hand_sent_after("AFTER-1", "P-AFTER-1", true)
+        .await
+        .unwrap();
+    assert_eq!(accepted, InHandAcceptance::Recorded);
+    let after = counts(&s);
+    assert_eq!(
+        [0, 1, 2].map(|i| after[i] - before[i]),
+        [0, 0, 1],
+        "EVALSHA, DEL, HSETNX: the milestone alone"
+    );
+    let counted: Vec<String> = c.smembers(&guard).await.unwrap();
+    assert_eq!(
+        counted,
+        vec!["REFUSED-1".to_owned()],
+        "the refusal stays counted"
+    );
+    let record = s.ledger.get("AFTER-1").await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Accepted);
+
+    let before = counts(&s);
+    let accepted = s
+        .ledger
+        .accept_polling_in_hand_sent_after("BEFORE-1", "P-BEFORE-1", false)
+        .await
+        .unwrap();
+    assert_eq!(accepted, InHandAcceptance::Recorded);
+    assert_eq!(counts(&s)[1] - before[1], 1, "DEL");
+    let counted: bool = c.exists(&guard).await.unwrap();
+    assert!(
+        !counted,
+        "an acceptance not known to follow the refusals clears them"
+    );
 }

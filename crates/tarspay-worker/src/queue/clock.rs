@@ -59,6 +59,15 @@ pub fn now_ms() -> u64 {
     }
 }
 
+/// A lower bound of the server's clock now: [`now_ms`] less its error bound (half the sample's
+/// round trip, drift since it at 100 ppm, 2 ms). `None` before the first sample.
+pub(crate) fn now_ms_at_least() -> Option<u64> {
+    let sample = current()?;
+    let elapsed = Instant::now().saturating_duration_since(sample.at);
+    let error_us = sample.rtt.as_micros() as u64 / 2 + elapsed.as_micros() as u64 / 10_000 + 2_000;
+    Some((sample.server_us + elapsed.as_micros() as u64).saturating_sub(error_us) / 1000)
+}
+
 /// Reads `TIME` and records it as the process' estimate of the server's clock (see the
 /// replacement rule in the module documentation). Returns the round trip of this reading.
 pub(crate) async fn sync(conn: &mut impl ConnectionLike) -> Result<Duration, QueueError> {
@@ -130,9 +139,20 @@ impl AddedAfter {
             return None;
         }
         // Rounded up; +1 ms for the sub-millisecond part the id truncates, +1 ms and 100 ppm
-        // for the two clocks' drift (crystals: well under that).
+        // for the two clocks' rates (a crystal's drift is far less; an NTP slew is at most 500
+        // ppm, and the same slew runs through a lease judged on `TIME`).
         let elapsed_ms = elapsed.as_micros().div_ceil(1000) as u64;
         Some(self.entry_ms + elapsed_ms + elapsed_ms / 10_000 + 2)
+    }
+
+    /// [`AddedAfter::server_ms_at_most`], unless the process' own estimate of the server's
+    /// clock says the bound is below the clock: then the premise failed (an entry delivered
+    /// again by another server after a failover, say, or a connection that reconnected
+    /// unseen), and `None` leaves the lease to `TIME`. A bound is never raised to the
+    /// estimate: only a true bound starts a lease.
+    pub(crate) fn checked_server_ms_at_most(&self) -> Option<u64> {
+        let bound = self.server_ms_at_most()?;
+        (bound >= now_ms_at_least()?).then_some(bound)
     }
 }
 

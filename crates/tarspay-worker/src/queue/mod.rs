@@ -118,7 +118,7 @@ mod worker_id;
 
 pub use backoff::{full_jitter, random_up_to};
 #[cfg(test)]
-pub(crate) use clock::ADDED_AFTER_MAX_AGE;
+pub(crate) use clock::{ADDED_AFTER_MAX_AGE, sync as sync_clock};
 pub(crate) use clock::{AddedAfter, now_ms};
 /// The Redis server's time (ms) as this process estimates it (see "Time" above); meaningful once a
 /// queue has connected.
