@@ -217,13 +217,13 @@ impl Deployment {
         let tag = format!("{{{}:{name}}}", settings.redis.queue_prefix);
         let mut lanes = Vec::with_capacity(merchants.len());
         for profile in merchants {
-            let config = lane_queue_config(settings, name, &profile.name);
-            // The fetch loops read the lane's guard count with its pause flag (one command).
-            let guard = LedgerKeys::for_lane(&tag, &config.keys()?, &profile.name).guard();
             let queue = RedisQueue::with_connection(
                 client.clone(),
                 conn.clone(),
-                share(config.with_guard_key(guard), count * merchants.len()),
+                share(
+                    lane_queue_config(settings, name, &profile.name),
+                    count * merchants.len(),
+                ),
             )
             .await?;
             let keys = LedgerKeys::for_lane(&tag, queue.keys(), &profile.name);

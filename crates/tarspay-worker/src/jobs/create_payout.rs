@@ -180,13 +180,6 @@ async fn create(
     }
     tracing::debug!(mch_order_no, attempt, "sending create");
     let started = Instant::now();
-    // The guard's count was read empty just before this create left: its acceptance has
-    // no refusal to clear (see `Ledger::accept_polling_in_hand_sent_after`).
-    let guard_was_clear = job
-        .and_then(|job| job.guard_clear_read_at(&ctx.ledger.keys().guard()))
-        .is_some_and(|read_at| {
-            started.saturating_duration_since(read_at) <= crate::ledger::FRESH_PAUSE_READING
-        });
     let sent = ctx
         .client
         .create_payout_within(&request.to_create(&ctx.notify_url), lease_ends)
@@ -223,11 +216,7 @@ async fn create(
                 return Ok(
                     match ctx
                         .ledger
-                        .accept_polling_in_hand_sent_after(
-                            mch_order_no,
-                            &accepted.pay_order_id,
-                            guard_was_clear,
-                        )
+                        .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
                         .await?
                     {
                         InHandAcceptance::Recorded => {

@@ -130,7 +130,7 @@ impl FetchReadings {
 }
 
 /// An operation's whole effect as plain commands, for a batch of that operation alone (a
-/// payout alone saves the script call): `DEL` of `clear` (if any), then `HSETNX` of a
+/// payout alone saves the script call): `DEL` of `clear`, then `HSETNX` of a
 /// write-once field of the operation's order, in one pipeline (one round trip; not atomic,
 /// and need not be: the two are independent, and the script too clears the key whether or
 /// not its write succeeds). Its answer 1 is the operation's, and a failure its caller's (as a
@@ -138,10 +138,8 @@ impl FetchReadings {
 /// (the field is there; its `DEL` runs again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LoneForm {
-    /// A key the operation deletes first (the guard count an acceptance clears); `None` when
-    /// the caller knows there is nothing of it to delete (see
-    /// `Ledger::accept_polling_in_hand_sent_after`).
-    pub clear: Option<String>,
+    /// A key the operation deletes first (the guard count an acceptance clears).
+    pub clear: String,
     pub field: &'static str,
     pub value: String,
 }
@@ -313,9 +311,7 @@ async fn run(
 /// Sends an operation's lone form (see [`LoneForm`]): whether its `HSETNX` wrote the field.
 async fn lone_write(conn: &RedisConn, key: &str, lone: &LoneForm) -> Result<bool, RedisError> {
     let mut pipe = redis::pipe();
-    if let Some(clear) = &lone.clear {
-        pipe.cmd("DEL").arg(clear).ignore();
-    }
+    pipe.cmd("DEL").arg(&lone.clear).ignore();
     pipe.cmd("HSETNX").arg(key).arg(lone.field).arg(&lone.value);
     let (written,): (i64,) = pipe.query_async(&mut conn.clone()).await?;
     Ok(written == 1)

@@ -1164,7 +1164,7 @@ impl Ledger {
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
         let accepted = self
-            .accept_as(mch_order_no, pay_order_id, poll, job, None)
+            .accept_as(mch_order_no, pay_order_id, poll, job, false)
             .await?;
         Ok(accepted == 1)
     }
@@ -1179,32 +1179,8 @@ impl Ledger {
         mch_order_no: &str,
         pay_order_id: &str,
     ) -> Result<InHandAcceptance, LedgerError> {
-        self.accept_polling_in_hand_sent_after(mch_order_no, pay_order_id, false)
-            .await
-    }
-
-    /// [`Ledger::accept_polling_in_hand`] for a create sent just after the systemic guard's
-    /// count was read empty (`guard_was_clear`: its job's fetch loop read it so at most
-    /// [`FRESH_PAUSE_READING`] before the create left). An acceptance clears the refusals
-    /// counted before its create left; that reading says there were none, so alone in its
-    /// batch it writes its milestone without the `DEL` (a payout alone saves a command).
-    /// Refusals counted since stay counted: they came while its create was in flight, and
-    /// say nothing its acceptance contradicts.
-    pub async fn accept_polling_in_hand_sent_after(
-        &self,
-        mch_order_no: &str,
-        pay_order_id: &str,
-        guard_was_clear: bool,
-    ) -> Result<InHandAcceptance, LedgerError> {
-        let clear_guard = !guard_was_clear;
         let reply = self
-            .accept_as(
-                mch_order_no,
-                Some(pay_order_id),
-                None,
-                None,
-                Some(clear_guard),
-            )
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, true)
             .await?;
         Ok(match reply {
             1 => InHandAcceptance::Recorded,
@@ -1212,20 +1188,17 @@ impl Ledger {
         })
     }
 
-    /// The acceptance; `in_hand` (`Some`) for one that leaves the first poll to its create
-    /// job, with whether its lone form clears the guard's count (see
-    /// [`Ledger::accept_polling_in_hand_sent_after`]; the script always does). The script's
-    /// answer: 1 recorded (or, for an order another run accepted in hand: `poll` queued, or
-    /// the caller in hand too), 0 already accepted.
+    /// The acceptance; `in_hand` for one that leaves the first poll to its create job. The
+    /// script's answer: 1 recorded (or, for an order another run accepted in hand: `poll`
+    /// queued, or the caller in hand too), 0 already accepted.
     async fn accept_as(
         &self,
         mch_order_no: &str,
         pay_order_id: Option<&str>,
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
-        in_hand: Option<bool>,
+        in_hand: bool,
     ) -> Result<i64, LedgerError> {
-        let (in_hand, clear_guard) = (in_hand.is_some(), in_hand.unwrap_or(true));
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
             at: crate::queue::now_ms(),
@@ -1244,7 +1217,7 @@ impl Ledger {
             // Nothing but the guard's reset and the milestone to write (no poll job, no job
             // acknowledged): alone in its batch, `DEL` and `HSETNX` in one pipeline.
             op.lone = Some(LoneForm {
-                clear: clear_guard.then(|| self.keys.guard()),
+                clear: self.keys.guard(),
                 field: "accepted",
                 value: history::milestone_with_events(&json, &op.events),
             });

@@ -84,7 +84,6 @@ impl<T: DeserializeOwned + Send + 'static> RedisQueue<T> {
                     group: shared.keys.group.clone(),
                     consumer: runtime.consumer.clone(),
                     paused: shared.keys.paused.clone(),
-                    guard: shared.config.guard_key.clone(),
                     inflight: runtime.inflight.clone(),
                     due_times,
                     stop: runtime.stop.clone(),

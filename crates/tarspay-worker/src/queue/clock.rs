@@ -59,14 +59,23 @@ pub fn now_ms() -> u64 {
     }
 }
 
-/// A lower bound of the server's clock now: [`now_ms`] less its error bound (half the sample's
-/// round trip, drift since it at 100 ppm, 2 ms). `None` before the first sample.
-pub(crate) fn now_ms_at_least() -> Option<u64> {
+/// Bounds of the server's clock now (ms): [`now_ms`] less and plus its error bound (half the
+/// sample's round trip, drift since it at 100 ppm, 2 ms). `None` before the first sample.
+pub(crate) fn now_ms_within() -> Option<(u64, u64)> {
     let sample = current()?;
     let elapsed = Instant::now().saturating_duration_since(sample.at);
     let error_us = sample.rtt.as_micros() as u64 / 2 + elapsed.as_micros() as u64 / 10_000 + 2_000;
-    Some((sample.server_us + elapsed.as_micros() as u64).saturating_sub(error_us) / 1000)
+    let now_us = sample.server_us + elapsed.as_micros() as u64;
+    Some((
+        now_us.saturating_sub(error_us) / 1000,
+        (now_us + error_us).div_ceil(1000),
+    ))
 }
+
+/// How far above the server's clock a true [`AddedAfter`] bound may be: the time from its
+/// empty read's sending to the job's arrival, two fetch blocks at most (500 ms each by
+/// default), with room to spare.
+pub(crate) const ADDED_AFTER_MAX_AHEAD: Duration = Duration::from_secs(2);
 
 /// Reads `TIME` and records it as the process' estimate of the server's clock (see the
 /// replacement rule in the module documentation). Returns the round trip of this reading.
@@ -146,13 +155,19 @@ impl AddedAfter {
     }
 
     /// [`AddedAfter::server_ms_at_most`], unless the process' own estimate of the server's
-    /// clock says the bound is below the clock: then the premise failed (an entry delivered
-    /// again by another server after a failover, say, or a connection that reconnected
-    /// unseen), and `None` leaves the lease to `TIME`. A bound is never raised to the
-    /// estimate: only a true bound starts a lease.
+    /// clock says the bound is below the clock (the premise failed: an entry delivered again
+    /// by another server after a failover, say, or a connection that reconnected unseen), or
+    /// more than [`ADDED_AFTER_MAX_AHEAD`] above it (an id stamped ahead of the clock: one
+    /// stepped back, or a former primary's that ran fast, would make the lease that much
+    /// longer); `None` leaves the lease to `TIME`. A bound is never moved to the estimate:
+    /// only a bound that can be true starts a lease.
     pub(crate) fn checked_server_ms_at_most(&self) -> Option<u64> {
         let bound = self.server_ms_at_most()?;
-        (bound >= now_ms_at_least()?).then_some(bound)
+        let (at_least, at_most) = now_ms_within()?;
+        let ahead = ADDED_AFTER_MAX_AHEAD.as_millis() as u64;
+        (at_least..=at_most + ahead)
+            .contains(&bound)
+            .then_some(bound)
     }
 }
 

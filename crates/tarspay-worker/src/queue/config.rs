@@ -53,10 +53,6 @@ pub struct QueueConfig {
     pub settle_batch: usize,
     /// Jobs per Lua call when enqueueing in bulk.
     pub enqueue_chunk: usize,
-    /// A key whose existence the fetch loop reads in the same command as the pause flag (the
-    /// ledger's systemic guard count, under this queue's hash tag): each delivery says whether
-    /// it was absent then (`Delivery::guard_clear_read_at`). `None`: only the flag is read.
-    pub guard_key: Option<String>,
 }
 
 impl QueueConfig {
@@ -83,7 +79,6 @@ impl QueueConfig {
             connection_timeout: Duration::from_secs(5),
             settle_batch: 256,
             enqueue_chunk: 500,
-            guard_key: None,
         }
     }
 
@@ -102,12 +97,6 @@ impl QueueConfig {
     /// The name logs and spans show.
     pub fn label(&self) -> &str {
         self.label.as_deref().unwrap_or(&self.queue)
-    }
-
-    /// Reads `key`'s existence with the pause flag (see [`QueueConfig::guard_key`]).
-    pub fn with_guard_key(mut self, key: impl Into<String>) -> Self {
-        self.guard_key = Some(key.into());
-        self
     }
 
     /// Puts this queue's keys in the partition of the queue `partition`.

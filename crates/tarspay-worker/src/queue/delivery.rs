@@ -39,9 +39,6 @@ struct DeliveryInner {
     /// Its entry was added after a read its fetch loop sent found no job: a bound of the
     /// server's clock (see [`AddedAfter`]).
     added_after: Option<AddedAfter>,
-    /// When the fetch loop's pause reading (`pause_clear_read_at`) also found the holder's
-    /// guard key absent.
-    guard_clear_read_at: Option<Instant>,
 }
 
 /// The stream, group and consumer a fetcher's deliveries are held in, its in-flight set, and
@@ -53,8 +50,6 @@ pub(crate) struct Holder {
     pub(crate) consumer: String,
     /// The queue's pause flag, which the fetch loop reads before handing deliveries out.
     pub(crate) paused: String,
-    /// The key it reads with the flag, if any (`QueueConfig::guard_key`).
-    pub(crate) guard: Option<String>,
     pub(crate) inflight: InFlight,
     /// Due times for the worker's promoter loop to follow (as from a wake marker).
     pub(crate) due_times: DueTimes,
@@ -92,8 +87,6 @@ pub(crate) struct InlineAck {
 pub(crate) struct FetchTimes {
     pub(crate) fetched_at: Option<Instant>,
     pub(crate) pause_clear_read_at: Option<Instant>,
-    /// That reading's instant, if it also found the guard key absent.
-    pub(crate) guard_clear_read_at: Option<Instant>,
     /// When its fetch loop sent the read before the one that returned it, if that read found
     /// no job (and may stand for the server's clock: see [`AddedAfter`]).
     pub(crate) after_empty_read: Option<Instant>,
@@ -117,7 +110,6 @@ impl Delivery {
             holder,
             settled: AtomicBool::new(false),
             pause_clear_read_at: times.pause_clear_read_at,
-            guard_clear_read_at: times.guard_clear_read_at,
             fetched_at: times.fetched_at,
             added_after: times
                 .after_empty_read
@@ -191,14 +183,6 @@ impl Delivery {
     pub(crate) fn pause_clear_read_at(&self, paused: &str) -> Option<Instant> {
         let at = self.0.pause_clear_read_at?;
         (self.0.holder.paused == paused).then_some(at)
-    }
-
-    /// When the fetch loop found `guard` (the systemic guard's count) absent, in the same
-    /// reading that found the pause flag clear before handing this delivery out; `None` when
-    /// it did not read that key.
-    pub(crate) fn guard_clear_read_at(&self, guard: &str) -> Option<Instant> {
-        let at = self.0.guard_clear_read_at?;
-        (self.0.holder.guard.as_deref() == Some(guard)).then_some(at)
     }
 
     /// A bound of the server's clock this delivery brings, for a ledger step on `stream` (its

@@ -56,8 +56,6 @@ pub(crate) struct Fetcher<T> {
 struct Schedule {
     paused: bool,
     pause_checked: Option<Instant>,
-    /// The guard key (`QueueConfig::guard_key`) was absent at that reading.
-    guard_clear: bool,
     /// Entries fetched when the pause flag could not be read: held (and renewed) until a
     /// reading decides, so a Redis blip costs them no attempt.
     held: Vec<StreamId>,
@@ -71,15 +69,6 @@ struct Schedule {
     /// it found no job and nothing failed since: jobs the next read on that connection brings
     /// were added after then (see `queue::clock::AddedAfter`).
     empty_read_sent: Option<(Instant, u64)>,
-}
-
-/// The pause reading's `EXISTS` answer: (paused, guard key known absent). With a guard key
-/// the flag is named twice, so the answer is 2 × paused + guard present.
-fn pause_reading(found: u64, with_guard: bool) -> (bool, bool) {
-    match with_guard {
-        true => (found >= 2, found.is_multiple_of(2)),
-        false => (found >= 1, false),
-    }
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
@@ -188,8 +177,9 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         room: usize,
     ) -> Result<Vec<Task<T>>, QueueError> {
         let config = &self.shared.config;
-        // Only the read right after an empty one stands for the server's clock: a step that
-        // does anything else (or fails) leaves none for the next.
+        // Only the read right after an empty one (an orphan scan that found nothing may come
+        // between) stands for the server's clock: a step that ends otherwise, or fails,
+        // leaves none for the next.
         let after_empty_read = schedule.empty_read_sent.take();
         if schedule.paused {
             tokio::select! {
@@ -338,7 +328,6 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         let times = FetchTimes {
             fetched_at: Some(read_at),
             pause_clear_read_at: schedule.pause_checked,
-            guard_clear_read_at: schedule.pause_checked.filter(|_| schedule.guard_clear),
             after_empty_read,
         };
         Ok(self.decode_all(entries, times))
@@ -349,17 +338,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         // The reading's instant is when it was asked for: a reading is never taken for
         // fresher than it is (see `Delivery::pause_clear_read_at`).
         let asked = Instant::now();
-        let paused = &self.shared.keys.paused;
-        let mut exists = redis::cmd("EXISTS");
-        exists.arg(paused);
-        // One command for both: the flag counted twice, so the answer is 2 × paused + guard.
-        if let Some(guard) = &self.shared.config.guard_key {
-            exists.arg(paused).arg(guard);
-        }
-        let found: u64 = exists.query_async(&mut conn).await?;
-        let (paused, guard_clear) = pause_reading(found, self.shared.config.guard_key.is_some());
-        schedule.paused = paused;
-        schedule.guard_clear = guard_clear;
+        schedule.paused = redis::cmd("EXISTS")
+            .arg(&self.shared.keys.paused)
+            .query_async(&mut conn)
+            .await?;
         schedule.pause_checked = Some(asked);
         Ok(())
     }
@@ -536,18 +518,6 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_exists_tells_the_pause_flag_and_the_guard_apart() {
-        // EXISTS paused paused guard: 0 neither, 1 the guard, 2 paused, 3 both.
-        assert_eq!(pause_reading(0, true), (false, true));
-        assert_eq!(pause_reading(1, true), (false, false));
-        assert_eq!(pause_reading(2, true), (true, true));
-        assert_eq!(pause_reading(3, true), (true, false));
-        // No guard key read: never known absent.
-        assert_eq!(pause_reading(0, false), (false, false));
-        assert_eq!(pause_reading(1, false), (true, false));
-    }
 
     #[test]
     fn orphans_are_claimed_only_two_heartbeats_after_redis_came_back() {
