@@ -1050,7 +1050,11 @@ impl Ledger {
     /// [`Ledger::begin_submit_with_record`] for the create job delivered as `job`. When that
     /// delivery's fetch loop found the pause flag clear at most [`FRESH_PAUSE_READING`]
     /// before the step's batch is sent, the step does not read the flag again (a payout alone
-    /// saves a command); otherwise it reads it with the lease, as always.
+    /// saves a command); otherwise it reads it with the lease, as always. When the delivery
+    /// brings a bound of the server's clock (`queue::clock::AddedAfter`, checked against the
+    /// process' estimate when the batch is sent), a lease on a free order starts there
+    /// instead of on `TIME`: the bound is at least the server's clock at the sending, after
+    /// the instant the caller's lease deadline counts from, so the lease outlasts it.
     pub async fn begin_submit_for(
         &self,
         mch_order_no: &str,

@@ -18,8 +18,9 @@
 //! decide who may create or when an order may fail; a lease on a free order may start instead
 //! from an upper bound of that clock its job's delivery brings (`queue::clock::AddedAfter`:
 //! the server's own stream id, plus local monotonic time since a read that found no job),
-//! which makes it longer by at most the time the job took to come after that read was sent
-//! (the fetch's block time, 500 ms by default), never shorter. The other timestamps come from the
+//! which makes it longer by the time the job took to come after that read was sent (one or
+//! two fetch blocks, 500 ms each by default; a bound more than 2 s above the process' estimate
+//! of the clock is refused), and, while that estimate holds, never shorter. The other timestamps come from the
 //! caller's estimate of the server's clock (`queue::now_ms`).
 
 use redis::Script;

@@ -147,25 +147,26 @@ impl AddedAfter {
         if elapsed > ADDED_AFTER_MAX_AGE {
             return None;
         }
-        // Rounded up; +1 ms for the sub-millisecond part the id truncates, +1 ms and 100 ppm
-        // for the two clocks' rates (a crystal's drift is far less; an NTP slew is at most 500
-        // ppm, and the same slew runs through a lease judged on `TIME`).
+        // Rounded up; +1 ms for the sub-millisecond part the id truncates; 100 ppm (at most
+        // 1 ms over the 10 s) and 1 ms more for the two clocks' rates (a crystal's drift is
+        // far less; an NTP slew can be more, and runs through a lease judged on `TIME` too).
         let elapsed_ms = elapsed.as_micros().div_ceil(1000) as u64;
         Some(self.entry_ms + elapsed_ms + elapsed_ms / 10_000 + 2)
     }
 
-    /// [`AddedAfter::server_ms_at_most`], unless the process' own estimate of the server's
-    /// clock says the bound is below the clock (the premise failed: an entry delivered again
-    /// by another server after a failover, say, or a connection that reconnected unseen), or
-    /// more than [`ADDED_AFTER_MAX_AHEAD`] above it (an id stamped ahead of the clock: one
-    /// stepped back, or a former primary's that ran fast, would make the lease that much
-    /// longer); `None` leaves the lease to `TIME`. A bound is never moved to the estimate:
-    /// only a bound that can be true starts a lease.
+    /// [`AddedAfter::server_ms_at_most`], only when the process' own estimate of the server's
+    /// clock puts the bound at or above the clock whatever the estimate's error (a true bound
+    /// of a job that came to an idle worker is a fetch block, 500 ms, above it), and not more
+    /// than [`ADDED_AFTER_MAX_AHEAD`] above (an id stamped ahead of the clock, one stepped
+    /// back or a former primary's that ran fast, would make the lease that much longer).
+    /// Otherwise the premise may have failed (an entry delivered again by another server
+    /// after a failover, say, or over a connection that reconnected unseen): `None` leaves the
+    /// lease to `TIME`. A bound is never moved to the estimate.
     pub(crate) fn checked_server_ms_at_most(&self) -> Option<u64> {
         let bound = self.server_ms_at_most()?;
-        let (at_least, at_most) = now_ms_within()?;
+        let (_, at_most) = now_ms_within()?;
         let ahead = ADDED_AFTER_MAX_AHEAD.as_millis() as u64;
-        (at_least..=at_most + ahead)
+        (at_most..=at_most + ahead)
             .contains(&bound)
             .then_some(bound)
     }
@@ -228,6 +229,52 @@ mod tests {
         let server = server_ms(&mut conn).await;
         assert!(server <= at_most, "server {server}, bound {at_most}");
         assert!(at_most >= bound.entry_ms + 200, "{at_most} vs {bound:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bound_whose_empty_read_is_over_ten_seconds_old_is_refused_though_it_would_hold() {
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        sync(&mut conn).await.unwrap();
+        // Bounds 100 ms above the clock (true, and near enough), after empty reads 9 s and 11 s
+        // ago: only the age tells them apart.
+        let bound_after = |ago: Duration| {
+            let sent = Instant::now().checked_sub(ago)?;
+            Some(AddedAfter {
+                entry_ms: now_ms() + 100 - ago.as_millis() as u64,
+                empty_read_sent: sent,
+            })
+        };
+        let Some(recent) = bound_after(Duration::from_secs(9)) else {
+            return; // a machine up for less than that: nothing to check
+        };
+        assert!(recent.checked_server_ms_at_most().is_some(), "{recent:?}");
+        let Some(old) = bound_after(ADDED_AFTER_MAX_AGE + Duration::from_secs(1)) else {
+            return;
+        };
+        assert_eq!(old.checked_server_ms_at_most(), None, "{old:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bound_the_estimate_does_not_put_above_the_clock_whatever_its_error_is_refused() {
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        sync(&mut conn).await.unwrap();
+        // A bound right at the estimate (its allowances cancel the 2 ms taken off): within the
+        // estimate's error of the clock, so it may be below it.
+        let at_estimate = AddedAfter {
+            entry_ms: now_ms() - 2,
+            empty_read_sent: Instant::now(),
+        };
+        assert_eq!(at_estimate.checked_server_ms_at_most(), None);
+        // 300 ms above: taken.
+        let above = AddedAfter {
+            entry_ms: now_ms() + 300,
+            empty_read_sent: Instant::now(),
+        };
+        assert!(above.checked_server_ms_at_most().is_some());
     }
 
     #[test]
