@@ -182,6 +182,14 @@ mod tests {
     use super::*;
     use local_redis::LocalRedis;
 
+    /// A private `redis-server` (kept running while the first value lives) and a connection.
+    async fn server() -> (LocalRedis, redis::aio::MultiplexedConnection) {
+        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let conn = client.get_multiplexed_async_connection().await.unwrap();
+        (redis, conn)
+    }
+
     async fn server_ms(conn: &mut impl ConnectionLike) -> u64 {
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
         secs * 1000 + micros / 1000
@@ -189,9 +197,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_added_after_an_empty_read_bounds_the_servers_clock_from_above() {
-        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut conn) = server().await;
         let () = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg("s")
@@ -233,9 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bound_whose_empty_read_is_over_ten_seconds_old_is_refused_though_it_would_hold() {
-        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut conn) = server().await;
         sync(&mut conn).await.unwrap();
         // Bounds 100 ms above the clock (true, and near enough), after empty reads 9 s and 11 s
         // ago: only the age tells them apart.
@@ -258,9 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bound_the_estimate_does_not_put_above_the_clock_whatever_its_error_is_refused() {
-        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut conn) = server().await;
         sync(&mut conn).await.unwrap();
         // A bound right at the estimate (its allowances cancel the 2 ms taken off): within the
         // estimate's error of the clock, so it may be below it.
@@ -299,9 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn now_follows_the_servers_time() {
-        let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut conn) = server().await;
         sync(&mut conn).await.unwrap();
         // The server runs on this machine, so its clock is the local one: the estimate is within
         // the round trips of two readings (a hang guard of 5 s, not a speed assertion).
