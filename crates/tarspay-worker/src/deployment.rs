@@ -25,7 +25,7 @@ use crate::ledger::{
     WEBHOOK_QUEUE,
 };
 use crate::producer::Producer;
-use crate::queue::{Gate, QueueConfig, QueueError, QueueStats, RedisQueue};
+use crate::queue::{Gate, QueueConfig, QueueError, QueueKeys, QueueStats, RedisQueue};
 use crate::ratelimit::{Limiter, RateLimit};
 use crate::redis_conn::{RedisClient, RedisConn, Timeouts};
 use crate::webhooks::DeliverWebhook;
@@ -658,9 +658,9 @@ impl Deployment {
         let limits = self.call_limits(settings, profile)?;
         // The guard counts this merchant's auth failures in every partition and pauses its
         // lanes there: another merchant's payouts go on.
-        let everywhere: Arc<[(String, String)]> = lanes
+        let everywhere: Arc<[(String, QueueKeys)]> = lanes
             .iter()
-            .map(|lane| (lane.ledger.keys().guard(), lane.queue.keys().paused.clone()))
+            .map(|lane| (lane.ledger.keys().guard(), lane.queue.keys().clone()))
             .collect();
         Ok(lanes
             .iter()

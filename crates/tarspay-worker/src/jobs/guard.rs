@@ -8,29 +8,35 @@
 //! pausing.
 
 use super::JobError;
+use crate::queue::{QueueKeys, park};
 use crate::redis_conn::RedisConn;
 use redis::Script;
 use std::sync::{Arc, LazyLock};
 
 static RECORD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{}{}",
+        crate::queue::park::PARKING,
         r#"
 -- No expiry: failures count until an accepted create clears the key, however far apart
 -- they are (an idle night between two failures does not make the key work again).
--- KEYS[1]: this partition's guard set; ARGV: the order, the threshold, and the failures the
--- other partitions hold (read just before). Returns 1 when the count reaches the threshold:
--- this partition is paused here, the others by the caller.
+-- KEYS[1]: this partition's guard set, then its queue's pause flag, parked position and
+-- stream; ARGV: the order, the threshold, the failures the other partitions hold (read just
+-- before), and the queue's consumer group. Returns 1 when the count reaches the threshold:
+-- this partition is paused here (its group parked, as `RedisQueue::pause` does), the others
+-- by the caller.
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('SCARD', KEYS[1]) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
   -- Pause. The count stays until a create is accepted (the ledger's accept clears it), so
   -- after a resume with the fault still there the first failure pauses again and burns no
   -- order.
+  park(KEYS[3], KEYS[4], ARGV[4])
   redis.call('SET', KEYS[2], '1')
   return 1
 end
 return 0
-"#,
-    )
+"#
+    ))
 });
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +52,9 @@ pub struct SystemicGuard {
     conn: RedisConn,
     /// This guard's partition.
     own: usize,
-    /// Each partition's guard set ([`crate::ledger::LedgerKeys::guard`]) and payout-queue
-    /// pause flag (same hash tag), in index order.
-    partitions: Arc<[(String, String)]>,
+    /// Each partition's guard set ([`crate::ledger::LedgerKeys::guard`]) and payout queue's
+    /// keys (same hash tag), in index order.
+    partitions: Arc<[(String, QueueKeys)]>,
     threshold: u32,
 }
 
@@ -56,7 +62,7 @@ impl SystemicGuard {
     pub fn new(
         conn: RedisConn,
         own: usize,
-        partitions: Arc<[(String, String)]>,
+        partitions: Arc<[(String, QueueKeys)]>,
         threshold: u32,
     ) -> Self {
         Self {
@@ -84,12 +90,10 @@ impl SystemicGuard {
 
     /// Pauses every other partition (the script paused this one).
     async fn pause_everywhere(&self) -> Result<(), redis::RedisError> {
-        for (index, (_, paused)) in self.partitions.iter().enumerate() {
+        for (index, (_, queue)) in self.partitions.iter().enumerate() {
             if index != self.own {
-                redis::cmd("SET")
-                    .arg(paused)
-                    .arg("1")
-                    .query_async::<()>(&mut self.conn.clone())
+                park::invocation(&park::PAUSE, queue)
+                    .invoke_async::<i64>(&mut self.conn.clone())
                     .await?;
             }
         }
@@ -106,13 +110,16 @@ impl SystemicGuard {
     ) -> Result<GuardVerdict, JobError> {
         let guard_error = |err: redis::RedisError| JobError::Guard(err.to_string());
         let elsewhere = self.failures_elsewhere().await.map_err(guard_error)?;
-        let (guard, paused) = &self.partitions[self.own];
+        let (guard, queue) = &self.partitions[self.own];
         let tripped: i64 = RECORD
             .key(guard)
-            .key(paused)
+            .key(&queue.paused)
+            .key(&queue.parked)
+            .key(&queue.stream)
             .arg(mch_order_no)
             .arg(self.threshold)
             .arg(elsewhere)
+            .arg(&queue.group)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(guard_error)?;
@@ -136,16 +143,32 @@ mod tests {
     use local_redis::LocalRedis;
 
     /// The count lasts until an accepted create clears it (no TTL on the key) and adds up
-    /// over partitions.
+    /// over partitions; a trip pauses every partition as `RedisQueue::pause` does, its
+    /// group parked.
     #[tokio::test]
     async fn the_count_survives_until_an_accept_clears_it() {
         let redis = LocalRedis::start(local_redis::Durability::Off).expect("redis-server on PATH");
         let conn = crate::redis_conn::RedisClient::single(redis.url())
             .and_then(|client| client.connect(Default::default()))
             .unwrap();
-        let partitions: Arc<[(String, String)]> = [
-            ("{t:p}:guard".to_owned(), "{t:p}:paused".to_owned()),
-            ("{t:q}:guard".to_owned(), "{t:q}:paused".to_owned()),
+        let queues = [
+            QueueKeys::new("t", "p").unwrap(),
+            QueueKeys::new("t", "q").unwrap(),
+        ];
+        for queue in &queues {
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&queue.stream)
+                .arg(&queue.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async::<()>(&mut conn.clone())
+                .await
+                .unwrap();
+        }
+        let partitions: Arc<[(String, QueueKeys)]> = [
+            ("{t:p}:guard".to_owned(), queues[0].clone()),
+            ("{t:q}:guard".to_owned(), queues[1].clone()),
         ]
         .into();
         let guard = SystemicGuard::new(conn.clone(), 0, partitions.clone(), 3);
@@ -174,13 +197,25 @@ mod tests {
             other.record_auth_failure("C", 5003007).await.unwrap(),
             GuardVerdict::Pause
         );
-        for key in ["{t:p}:paused", "{t:q}:paused"] {
+        for queue in &queues {
             let paused: Option<String> = redis::cmd("GET")
-                .arg(key)
+                .arg(&queue.paused)
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            assert_eq!(paused.as_deref(), Some("1"), "{key}");
+            assert_eq!(paused.as_deref(), Some("1"), "{}", queue.paused);
+            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&queue.stream)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(
+                groups.groups[0].last_delivered_id,
+                park::PARKED_ID,
+                "{} parked",
+                queue.stream
+            );
         }
     }
 }

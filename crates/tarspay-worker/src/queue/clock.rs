@@ -72,6 +72,18 @@ pub(crate) fn now_ms_within() -> Option<(u64, u64)> {
     ))
 }
 
+/// A local instant at which the server's clock had not passed `server_ms` yet, by the upper
+/// end of the estimate (so never later than the truth while the estimate holds). `None`
+/// before the first sample, and when `server_ms` is above that upper end (a time stamped
+/// ahead of the estimate: one of them is wrong).
+pub(crate) fn at_or_before_server_ms(server_ms: u64) -> Option<Instant> {
+    // Taken before the estimate: a later upper end only moves the answer earlier.
+    let now = Instant::now();
+    let (_, upper) = now_ms_within()?;
+    let ahead = upper.checked_sub(server_ms)?;
+    now.checked_sub(Duration::from_millis(ahead))
+}
+
 /// How far above the server's clock a true [`AddedAfter`] bound may be: the time from its
 /// empty read's sending to the job's arrival, two fetch blocks at most (500 ms each by
 /// default), with room to spare.

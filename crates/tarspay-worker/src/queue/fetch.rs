@@ -2,16 +2,19 @@
 //! buffer that apalis drains, and the pause check. Errors back off and retry; the loop only
 //! ends when the worker stops.
 //!
-//! The pause flag is read when jobs arrive and the last reading is older than
-//! `pause_check_interval`, not on a timer: an idle worker reads it only before its orphan scan
-//! (every `claim_interval`), and no job is fetched for work more than that interval after a
-//! pause (jobs already prefetched still run; for payouts the ledger re-reads the flag before
-//! any create, unless this loop read it clear just before: each delivery keeps when that was,
-//! `Delivery::pause_clear_read_at`). Jobs that arrive to find the queue paused are given back to
-//! the stream at once (waiting, as if never fetched), and the worker fetches nothing more
-//! until it resumes; if the flag cannot be read they are held (renewed, so no attempt is
-//! spent) until a reading decides. Orphans are claimed only under a fresh "not paused"
-//! reading.
+//! A pause parks the queue's consumer group (`queue::park`), so a read of new entries that
+//! delivers anything proves the queue was not paused when it ran: such a delivery is itself
+//! a reading of the flag, found clear, at the latest instant it can be placed at (the read's
+//! sending, or, on a single Redis, the moment the server's clock passed the newest entry's id,
+//! by the process' estimate of that clock). So a job that comes to an idle worker costs no
+//! read of the flag, and its lease step none either (`Delivery::pause_clear_read_at`). The
+//! flag itself is read (`park::CHECK`, which also parks or unparks a group a flag written by
+//! hand disagrees with) before each orphan scan, for the first jobs a loop fetches, for
+//! claimed entries without a fresh reading, and while paused: then nothing is fetched and
+//! jobs fetched before are given back to the stream at once (waiting, as if never fetched),
+//! to start after the resume; if the flag cannot be read they are held (renewed, so no
+//! attempt is spent) until a reading decides. Orphans are claimed only under a fresh "not
+//! paused" reading of the flag.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
 //! time; wake markers read here are acknowledged (not deleted: `MAXLEN ~ 64` bounds them) and
@@ -30,13 +33,13 @@ use crate::queue::backend::release_unstarted;
 use crate::queue::backoff::redis_backoff;
 use crate::queue::delivery::Delivery;
 use crate::queue::delivery::{FetchTimes, Holder};
-use crate::queue::entries::{parse_claimed, parse_read, take_field};
+use crate::queue::entries::{entry_id_ms, parse_claimed, parse_read, take_field};
 use crate::queue::envelope::Envelope;
 use crate::queue::inflight::InFlight;
 use crate::queue::promoter::DueTimes;
 use crate::queue::settle::{SettleHandle, Settlement};
 use crate::queue::shared::Shared;
-use crate::queue::{QueueError, scripts};
+use crate::queue::{QueueError, clock, park, scripts};
 use crate::redis_conn::RedisConn;
 
 pub(crate) struct Fetcher<T> {
@@ -55,7 +58,11 @@ pub(crate) struct Fetcher<T> {
 #[derive(Default)]
 struct Schedule {
     paused: bool,
+    /// The latest reading of the pause state found clear (or when the last reading that
+    /// found it set was asked): the flag's, or a delivery's (see the module documentation).
     pause_checked: Option<Instant>,
+    /// When the flag itself was last read (`park::CHECK`).
+    flag_checked: Option<Instant>,
     /// Entries fetched when the pause flag could not be read: held (and renewed) until a
     /// reading decides, so a Redis blip costs them no attempt.
     held: Vec<StreamId>,
@@ -69,6 +76,25 @@ struct Schedule {
     /// it found no job and nothing failed since: jobs the next read on that connection brings
     /// were added after then (see `queue::clock::AddedAfter`).
     empty_read_sent: Option<(Instant, u64)>,
+}
+
+/// The latest local instant a read of new entries (sent at `read_sent`) that delivered
+/// `entries` can be said to have run at, or after: its sending, or, on a single Redis, when the
+/// server's clock passed the newest entry's id (an entry is delivered after it is added, and
+/// its id is the server's clock then), placed by the upper end of the process' estimate of
+/// that clock so that it is never later than the truth while the estimate holds. On a
+/// cluster a read may be answered by another node than the one whose clock was sampled.
+fn delivered_not_before(entries: &[StreamId], read_sent: Instant, cluster: bool) -> Instant {
+    let newest = entries
+        .iter()
+        .filter_map(|entry| entry_id_ms(&entry.id))
+        .max();
+    match newest {
+        Some(ms) if !cluster => {
+            clock::at_or_before_server_ms(ms).map_or(read_sent, |at| at.max(read_sent))
+        }
+        _ => read_sent,
+    }
 }
 
 fn due(last: Option<Instant>, every: Duration) -> bool {
@@ -203,8 +229,10 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             && may_claim(schedule, config.heartbeat_interval, Instant::now())
         {
             // Orphans are claimed only under a fresh "not paused": giving a claimed entry back
-            // would re-add it with a fresh delivery count, hiding the crashes it caused.
-            if due(schedule.pause_checked, config.pause_check_interval) {
+            // would re-add it with a fresh delivery count, hiding the crashes it caused. The
+            // flag itself, not a delivery: this is also where a flag written by hand is
+            // followed up.
+            if due(schedule.flag_checked, config.pause_check_interval) {
                 self.check_pause(schedule).await?;
             }
             if schedule.paused {
@@ -277,6 +305,14 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             return Ok(Vec::new());
         }
+        // Once this loop has read the flag (and so brought the group in line with a flag
+        // written by hand), a delivery is a reading too.
+        if schedule.flag_checked.is_some() {
+            let delivered = delivered_not_before(&entries, read_at, blocking.is_cluster());
+            if schedule.pause_checked.is_none_or(|at| at < delivered) {
+                schedule.pause_checked = Some(delivered);
+            }
+        }
         self.admit_after(schedule, entries, read_at, after_empty_read)
             .await
     }
@@ -338,11 +374,12 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         // The reading's instant is when it was asked for: a reading is never taken for
         // fresher than it is (see `Delivery::pause_clear_read_at`).
         let asked = Instant::now();
-        schedule.paused = redis::cmd("EXISTS")
-            .arg(&self.shared.keys.paused)
-            .query_async(&mut conn)
+        let paused: i64 = park::invocation(&park::CHECK, &self.shared.keys)
+            .invoke_async(&mut conn)
             .await?;
+        schedule.paused = paused == 1;
         schedule.pause_checked = Some(asked);
+        schedule.flag_checked = Some(asked);
         Ok(())
     }
 

@@ -18,6 +18,9 @@ pub struct QueueKeys {
     pub unique: String,
     /// Exists while the queue is paused.
     pub paused: String,
+    /// While the queue is paused: where its consumer group's last delivered id (and entries
+    /// read) was before the pause parked the group past every id (see `queue::park`).
+    pub parked: String,
     /// Sorted set of worker heartbeats: member = consumer name, score = last seen (ms).
     pub workers: String,
     /// The promoter lease: the consumer that wakes on time for the next delayed job.
@@ -58,6 +61,7 @@ impl QueueKeys {
             dead: format!("{base}:dead"),
             unique: format!("{base}:unique"),
             paused: format!("{base}:paused"),
+            parked: format!("{base}:parked"),
             workers: format!("{base}:workers"),
             promoter: format!("{base}:promoter"),
             wake: format!("{base}:wake"),
@@ -90,6 +94,7 @@ mod tests {
             &keys.dead,
             &keys.unique,
             &keys.paused,
+            &keys.parked,
             &keys.workers,
             &keys.promoter,
             &keys.wake,

@@ -104,6 +104,7 @@ mod fetch;
 mod inflight;
 mod keys;
 mod layer;
+pub(crate) mod park;
 mod partitioned;
 mod pause;
 mod promoter;

@@ -4,8 +4,8 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use crate::queue::clock;
 use crate::queue::{QueueConfig, QueueError, QueueKeys};
+use crate::queue::{clock, park};
 use crate::redis_conn::{RedisClient, RedisConn, Timeouts};
 
 /// State shared by every clone of a queue handle.
@@ -47,26 +47,27 @@ impl Shared {
         invocation
     }
 
-    /// Creates the consumer group (from the start of the stream) if it is missing.
+    /// Creates the consumer groups (from the start of the streams) if they are missing; a
+    /// job stream's group created while the queue is paused is parked at once (see `park`).
     pub(crate) async fn ensure_group(&self) -> Result<(), QueueError> {
-        // The job stream, and the wake stream read with it.
-        for stream in [&self.keys.stream, &self.keys.wake] {
-            let mut conn = self.conn.clone();
-            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(&self.keys.group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
-                Ok(()) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e.into()),
-            }
+        let mut conn = self.conn.clone();
+        let _: i64 = park::invocation(&park::ENSURE_GROUP, &self.keys)
+            .invoke_async(&mut conn)
+            .await?;
+        // The wake stream, read with the job stream: never parked.
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.wake)
+            .arg(&self.keys.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::queue::clock::now_ms;
 use crate::queue::entries::entry_id_ms;
-use crate::queue::{QueueError, RedisQueue};
+use crate::queue::{QueueError, RedisQueue, park};
 
 /// A snapshot of one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -60,7 +60,7 @@ impl<T> RedisQueue<T> {
         let now = now_ms();
         let alive_since = now.saturating_sub(self.shared.config.worker_ttl.as_millis() as u64);
         let mut conn = self.shared.conn.clone();
-        let (stream_len, pending, delayed, dead, oldest, alive, paused, groups): (
+        let (stream_len, pending, delayed, dead, oldest, alive, paused, groups, parked): (
             u64,
             Value,
             u64,
@@ -69,6 +69,7 @@ impl<T> RedisQueue<T> {
             u64,
             bool,
             redis::streams::StreamInfoGroupsReply,
+            Option<String>,
         ) = redis::pipe()
             .cmd("XLEN")
             .arg(&keys.stream)
@@ -94,6 +95,8 @@ impl<T> RedisQueue<T> {
             .cmd("XINFO")
             .arg("GROUPS")
             .arg(&keys.stream)
+            .cmd("GET")
+            .arg(&keys.parked)
             .query_async(&mut conn)
             .await?;
         let pending = pending_count(&pending)?;
@@ -104,7 +107,14 @@ impl<T> RedisQueue<T> {
             .groups
             .iter()
             .find(|g| g.name == keys.group)
-            .map(|g| g.last_delivered_id.clone());
+            .map(|g| g.last_delivered_id.clone())
+            // A paused queue's group is parked past every id: where it stood is kept aside.
+            .map(
+                |id| match parked.as_deref().and_then(park::parked_position) {
+                    Some(saved) if id == park::PARKED_ID => saved.to_owned(),
+                    _ => id,
+                },
+            );
         let oldest_waiting_age = match last_delivered {
             Some(after) if waiting > 0 => {
                 let first: StreamRangeReply = redis::cmd("XRANGE")
