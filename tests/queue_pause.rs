@@ -26,8 +26,8 @@ async fn pause_stops_all_workers_and_resume_continues() {
     .await;
 
     queue.pause().await.unwrap();
-    // Workers read the flag when jobs arrive (at most 500 ms stale) and give back what they
-    // fetched while paused; give them more than a full period plus a fetch.
+    // The pause parks the group: the reads workers have in flight deliver nothing from here
+    // on; give them more than a fetch block.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let paused: Vec<TestJob> = (20..70).map(TestJob::new).collect();
     queue.enqueue_bulk(&paused).await.unwrap();

@@ -890,7 +890,7 @@ async fn webhook_deliveries_pause_and_resume_on_their_own_from_the_cli() {
 
     finalize(&app, "PAUSED-1").await;
     let pool = app.pool(2);
-    // Past several pause checks (every 500 ms): nothing was sent.
+    // Past several fetch blocks (a paused queue's group delivers nothing): nothing was sent.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(receiver.requests().is_empty());
     assert_eq!(undelivered(&app).await, 1);

@@ -110,9 +110,9 @@ async fn create(
         SubmitTicket::Busy { retry_in } => {
             return Ok(Step::RetryAfter(retry_in + Duration::from_millis(100)));
         }
-        // Checked in the same script as the lease (or read clear by the fetch loop just
-        // before, `ledger::FRESH_PAUSE_READING`), so jobs a worker fetched before the pause
-        // send nothing.
+        // Checked in the same script as the lease (or found clear by the fetch loop just
+        // before, by the flag or the job's own delivery, `ledger::FRESH_PAUSE_READING`), so
+        // jobs a worker fetched before the pause send nothing.
         SubmitTicket::Paused => return Ok(Step::RetryAfter(PAUSED_RECHECK)),
         // The replicas did not confirm the lease (one lagging or gone): nothing was sent, and
         // the lease is back. Not an attempt.

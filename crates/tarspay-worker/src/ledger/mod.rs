@@ -52,9 +52,10 @@ pub enum LedgerError {
 /// The queue of webhook deliveries (its keys are nested in the ledger's partition).
 pub const WEBHOOK_QUEUE: &str = "webhooks";
 
-/// How recent the fetch loop's reading of the pause flag (clear, timed from when it was asked
-/// for) must be, when a create's lease step is sent to Redis, for the step to rely on it
-/// instead of reading the flag itself: a pause set meanwhile lets a create through at most
+/// How recent the fetch loop's reading of the pause state (clear, timed from when it was asked
+/// for; the job's own delivery is such a reading, as a pause parks the queue's consumer group:
+/// see `queue::park`) must be, when a create's lease step is sent to Redis, for the step to
+/// rely on it instead of reading the flag itself: a pause set meanwhile lets a create through at most
 /// about this long after it (plus the step's one-way trip), as one already in flight then
 /// would be.
 pub const FRESH_PAUSE_READING: Duration = Duration::from_millis(10);
@@ -1048,7 +1049,8 @@ impl Ledger {
     }
 
     /// [`Ledger::begin_submit_with_record`] for the create job delivered as `job`. When that
-    /// delivery's fetch loop found the pause flag clear at most [`FRESH_PAUSE_READING`]
+    /// delivery's fetch loop found the queue not paused (by the flag, or by the delivery
+    /// itself: a paused queue's group delivers nothing) at most [`FRESH_PAUSE_READING`]
     /// before the step's batch is sent, the step does not read the flag again (a payout alone
     /// saves a command); otherwise it reads it with the lease, as always. When the delivery
     /// brings a bound of the server's clock (`queue::clock::AddedAfter`, checked against the

@@ -152,8 +152,8 @@ local function register(order, batch, a)
   return {'created'}
 end
 
--- lease token, lease ms, '1' when the caller's fetch loop read the pause flag clear just
--- now (it is not read again), then an upper bound of the server's clock when the batch was
+-- lease token, lease ms, '1' when the caller's fetch loop found the queue not paused just
+-- now, by the flag or by the job's delivery (it is not read again), then an upper bound of the server's clock when the batch was
 -- sent ('' for none; see `queue::clock::AddedAfter`): a lease taken on a free order starts
 -- there, without `TIME` (it then lasts a little longer than asked, never shorter than its
 -- holder counts on). One held by another run is judged on `TIME`. {'go', previous, attempts, field, value, ...} | {'busy', ms} |

@@ -29,8 +29,10 @@ pub struct QueueConfig {
     pub promote_interval: Duration,
     /// Delayed jobs moved per Lua call (bounded so 100,000 due jobs never make a huge reply).
     pub promote_chunk: usize,
-    /// How stale a worker's reading of the pause flag may be when jobs arrive (at most one
-    /// second by contract); an idle worker does not read it.
+    /// How often a paused worker reads the flag again, and how old a fetch loop's last
+    /// reading of the flag may be before an orphan scan (or jobs claimed or held) without a
+    /// read of its own. Jobs delivered by a read need none: a paused queue delivers nothing
+    /// (see `queue::park`).
     pub pause_check_interval: Duration,
     /// Heartbeat and renewal period of a worker.
     pub heartbeat_interval: Duration,

@@ -30,8 +30,9 @@ struct DeliveryInner {
     holder: Arc<Holder>,
     /// Acknowledged (or found taken over) by a ledger step: the settler has nothing to do.
     settled: AtomicBool,
-    /// When the fetch loop last read its queue's pause flag, finding it clear, before it
-    /// handed this delivery out (`None`: no such reading, e.g. a test's delivery).
+    /// When the fetch loop last found its queue not paused, before it handed this delivery
+    /// out: by the flag, or by a delivery (a paused queue's group delivers nothing; see
+    /// `queue::fetch`). `None`: no such reading, e.g. a test's delivery.
     pause_clear_read_at: Option<Instant>,
     /// When its fetch loop sent the read (or claim) that returned it (`None`: not known, e.g.
     /// held while the pause flag could not be read).
@@ -48,7 +49,8 @@ pub(crate) struct Holder {
     pub(crate) stream: String,
     pub(crate) group: String,
     pub(crate) consumer: String,
-    /// The queue's pause flag, which the fetch loop reads before handing deliveries out.
+    /// The queue's pause flag, which the fetch loop reads (or a delivery stands for) before
+    /// handing deliveries out.
     pub(crate) paused: String,
     pub(crate) inflight: InFlight,
     /// Due times for the worker's promoter loop to follow (as from a wake marker).
@@ -80,8 +82,8 @@ pub(crate) struct InlineAck {
     pub(crate) follows: bool,
 }
 
-/// When a delivery's fetch loop read it, and last read its queue's pause flag clear before
-/// handing it out (see `DeliveryInner`). The default is "not known": such a delivery is
+/// When a delivery's fetch loop read it, and last found its queue not paused before handing
+/// it out (see `DeliveryInner`). The default is "not known": such a delivery is
 /// checked to be still this worker's before it starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FetchTimes {
@@ -178,8 +180,9 @@ impl Delivery {
         );
     }
 
-    /// When the fetch loop read `paused` (a pause flag) and found it clear before handing
-    /// this delivery out (the instant it asked); `None` when it did not read that flag.
+    /// When the fetch loop found the queue of pause flag `paused` not paused before handing
+    /// this delivery out (the instant it asked, or an instant no later than the read that
+    /// delivered a job ran); `None` when it has no such reading of that queue.
     pub(crate) fn pause_clear_read_at(&self, paused: &str) -> Option<Instant> {
         let at = self.0.pause_clear_read_at?;
         (self.0.holder.paused == paused).then_some(at)

@@ -3,7 +3,8 @@
 //! ends when the worker stops.
 //!
 //! A pause parks the queue's consumer group (`queue::park`), so a read of new entries that
-//! delivers anything proves the queue was not paused when it ran: such a delivery is itself
+//! delivers anything proves the queue was not paused when it ran (by this version's pause,
+//! API, console or guard; a flag written otherwise is followed up at the next flag check): such a delivery is itself
 //! a reading of the flag, found clear, at the latest instant it can be placed at (the read's
 //! sending, or, on a single Redis, the moment the server's clock passed the newest entry's id,
 //! by the process' estimate of that clock). So a job that comes to an idle worker costs no
@@ -82,8 +83,12 @@ struct Schedule {
 /// `entries` can be said to have run at, or after: its sending, or, on a single Redis, when the
 /// server's clock passed the newest entry's id (an entry is delivered after it is added, and
 /// its id is the server's clock then), placed by the upper end of the process' estimate of
-/// that clock so that it is never later than the truth while the estimate holds. On a
-/// cluster a read may be answered by another node than the one whose clock was sampled.
+/// that clock so that it is never later than the truth while the estimate holds. An id is
+/// never ahead of real time: it follows the server's clock, or stands still (only its
+/// sequence grows) while the clock is behind the last id, after a step back or a failover to
+/// a host whose clock is behind; either way an entry's id time is no later than its adding,
+/// and an id above the estimate's upper end is not used. On a cluster a read may be answered
+/// by another node than the one whose clock was sampled.
 fn delivered_not_before(entries: &[StreamId], read_sent: Instant, cluster: bool) -> Instant {
     let newest = entries
         .iter()
@@ -455,8 +460,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
         }
     }
 
-    /// `times.pause_clear_read_at`: when the pause flag was last read, and found clear,
-    /// before these entries were handed out (kept with each delivery: see
+    /// `times.pause_clear_read_at`: when the queue was last found not paused (its flag, or a
+    /// delivery) before these entries were handed out (kept with each delivery: see
     /// `Delivery::pause_clear_read_at`).
     fn decode_all(&self, entries: Vec<StreamId>, times: FetchTimes) -> Vec<Task<T>> {
         entries

@@ -21,10 +21,15 @@ use crate::queue::QueueKeys;
 /// The id a parked group has delivered up to: the greatest a stream entry can have.
 pub(crate) const PARKED_ID: &str = "18446744073709551615-18446744073709551615";
 
-/// Lua functions `park(parked, stream, group)` and `unpark(parked, stream, group)`. A stream
-/// or group that does not exist has nothing to park (a group created later is parked by
-/// `ENSURE_GROUP`). Parking a parked group keeps the first position; unparking moves only a
-/// group still parked, so a group created again meanwhile is not sent back.
+/// Lua functions `park(parked, stream, group)` and `unpark(parked, saved, stream, group)`
+/// (`saved`: the parked key's value, or false). A stream or group that does not exist has
+/// nothing to park (a group created later is parked by `ENSURE_GROUP`). Parking a parked group
+/// keeps the first position; unparking moves only a group still parked, so a group created
+/// again meanwhile is not sent back. A parked group whose position is lost (the key deleted or
+/// evicted) or unreadable is put back after its greatest pending entry, or at the stream's
+/// start when none is pending: acknowledged entries are deleted, so every entry left in the
+/// stream up to the group's true position is pending, and none is skipped (an entry left by
+/// a failed delete would be delivered again: jobs are idempotent).
 pub(crate) const PARKING: &str = r#"
 local PARKED = '18446744073709551615-18446744073709551615'
 local function group_state(stream, group)
@@ -41,30 +46,34 @@ local function park(parked, stream, group)
   local g = group_state(stream, group)
   if g == nil or g['last-delivered-id'] == PARKED then return end
   local read = g['entries-read']
-  if type(read) ~= 'number' then read = '' end
-  -- The position first: should the move fail, nothing is parked without it.
+  if type(read) == 'number' then read = string.format('%d', read) else read = '' end
+  -- The position first: a failed move leaves the group where it was, and the next check
+  -- parks it (a check parks a flagged queue's group whatever this key says).
   redis.call('SET', parked, g['last-delivered-id'] .. ' ' .. read)
   redis.call('XGROUP', 'SETID', stream, group, PARKED)
 end
-local function unpark(parked, stream, group)
-  local saved = redis.call('GET', parked)
-  if not saved then return end
+local function unpark(parked, saved, stream, group)
   local g = group_state(stream, group)
   if g ~= nil and g['last-delivered-id'] == PARKED then
-    local id, read = string.match(saved, '^(%d+%-%d+) (%d*)$')
-    if id == nil then error('unreadable parked position: ' .. saved) end
+    local id, read = nil, ''
+    if saved then id, read = string.match(saved, '^(%d+%-%d+) (%d*)$') end
+    if id == nil then
+      local pending = redis.call('XPENDING', stream, group)
+      id, read = '0-0', ''
+      if tonumber(pending[1]) > 0 then id = pending[3] end
+    end
     if read ~= '' then
       redis.call('XGROUP', 'SETID', stream, group, id, 'ENTRIESREAD', read)
     else
       redis.call('XGROUP', 'SETID', stream, group, id)
     end
   end
-  redis.call('DEL', parked)
+  if saved then redis.call('DEL', parked) end
 end
 "#;
 
 /// KEYS: paused flag, parked position, stream. ARGV: group. Parks the group, then sets the
-/// flag (a failed park leaves no flag: the pause is refused, not half made).
+/// flag (a failed park leaves no flag: the pause is refused).
 pub(crate) static PAUSE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{PARKING}{}",
@@ -82,7 +91,7 @@ pub(crate) static RESUME: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{PARKING}{}",
         r#"
-unpark(KEYS[2], KEYS[3], ARGV[1])
+unpark(KEYS[2], redis.call('GET', KEYS[2]), KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[1])
 return 1
 "#
@@ -90,9 +99,9 @@ return 1
 });
 
 /// KEYS and ARGV as [`PAUSE`]. Reads the flag (1 paused, 0 not) and brings the group in line
-/// with it: a flag without a parked position (written by hand, or by an older version) parks
-/// the group; a parked position without a flag (the flag deleted by hand) unparks it. One
-/// `MGET` when both agree.
+/// with it, whatever wrote it: a flagged queue's group is parked (written by hand, by an
+/// older version, or a park that failed half way), and an unflagged queue's parked group put
+/// back (the flag deleted by hand). `MGET` and `XINFO` when both agree.
 pub(crate) static CHECK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{PARKING}{}",
@@ -100,31 +109,34 @@ pub(crate) static CHECK: LazyLock<Script> = LazyLock::new(|| {
 local v = redis.call('MGET', KEYS[1], KEYS[2])
 if v[1] then
   -- The reading stands even if the park fails (out of memory, say): the queue is paused.
-  if not v[2] then pcall(park, KEYS[2], KEYS[3], ARGV[1]) end
+  pcall(park, KEYS[2], KEYS[3], ARGV[1])
   return 1
 end
-if v[2] then unpark(KEYS[2], KEYS[3], ARGV[1]) end
+unpark(KEYS[2], v[2], KEYS[3], ARGV[1])
 return 0
 "#
     ))
 });
 
-/// KEYS as [`PAUSE`]; ARGV: group. Creates the group (from the stream's start) if missing;
-/// a group created here drops any parked position left from the stream's earlier life and
-/// is parked at once if the queue is paused. 1 when created, 0 when it was there.
+/// KEYS as [`PAUSE`]; ARGV: group. Creates the group (from the stream's start) if missing:
+/// a group created here drops any parked position left from the stream's earlier life. Either
+/// way the group is parked if the queue is paused (a queue paused by an older version, or
+/// before the group existed). 1 when created, 0 when it was there.
 pub(crate) static ENSURE_GROUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{PARKING}{}",
         r#"
 local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
+local created = 1
 if not ok then
   local text = type(err) == 'table' and err.err or tostring(err)
-  if string.find(text, 'BUSYGROUP', 1, true) then return 0 end
-  error(text)
+  if not string.find(text, 'BUSYGROUP', 1, true) then error(text) end
+  created = 0
+else
+  redis.call('DEL', KEYS[2])
 end
-redis.call('DEL', KEYS[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then park(KEYS[2], KEYS[3], ARGV[1]) end
-return 1
+return created
 "#
     ))
 });
@@ -140,9 +152,12 @@ pub(crate) fn invocation<'s>(script: &'s Script, keys: &QueueKeys) -> redis::Scr
 }
 
 /// Where a parked group stood before its pause (the `parked` key's value): its last
-/// delivered id.
+/// delivered id; `None` for a value of another form.
 pub(crate) fn parked_position(saved: &str) -> Option<&str> {
-    saved.split(' ').next().filter(|id| !id.is_empty())
+    let id = saved.split(' ').next()?;
+    let (ms, seq) = id.split_once('-')?;
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then_some(id)
 }
 
 #[cfg(test)]
@@ -293,6 +308,98 @@ mod tests {
         let () = conn.set(&keys.paused, "1").await.unwrap();
         run(&RESUME, &keys, &mut conn).await;
         assert!(!conn.exists::<_, bool>(&keys.paused).await.unwrap());
+    }
+
+    async fn ack_and_delete(keys: &QueueKeys, conn: &mut MultiplexedConnection, id: &str) {
+        let _: i64 = conn.xack(&keys.stream, &keys.group, &[id]).await.unwrap();
+        let _: i64 = conn.xdel(&keys.stream, &[id]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_parked_group_whose_position_is_lost_goes_back_after_its_greatest_pending_entry() {
+        let (_redis, mut conn, keys) = server().await;
+        run(&ENSURE_GROUP, &keys, &mut conn).await;
+        let first = add(&keys, &mut conn).await;
+        let second = add(&keys, &mut conn).await;
+        let third = add(&keys, &mut conn).await;
+        let opts = StreamReadOptions::default()
+            .group(&keys.group, "c")
+            .count(2);
+        let _: StreamReadReply = conn
+            .xread_options(&[&keys.stream], &[">"], &opts)
+            .await
+            .unwrap();
+        ack_and_delete(&keys, &mut conn, &first).await;
+        for lost in [None, Some("not a position")] {
+            run(&PAUSE, &keys, &mut conn).await;
+            match lost {
+                None => conn.del::<_, ()>(&keys.parked).await.unwrap(),
+                Some(value) => conn.set::<_, _, ()>(&keys.parked, value).await.unwrap(),
+            }
+            run(&RESUME, &keys, &mut conn).await;
+            assert_eq!(group(&keys, &mut conn).await.0, second, "{lost:?}");
+            assert!(!conn.exists::<_, bool>(&keys.parked).await.unwrap());
+        }
+        let fourth = add(&keys, &mut conn).await;
+        assert_eq!(
+            read_new(&keys, &mut conn).await,
+            [third.clone(), fourth.clone()]
+        );
+        // Nothing pending: back to the stream's start, and what is left there is delivered.
+        for id in [&second, &third, &fourth] {
+            ack_and_delete(&keys, &mut conn, id).await;
+        }
+        let fifth = add(&keys, &mut conn).await;
+        run(&PAUSE, &keys, &mut conn).await;
+        conn.del::<_, ()>(&keys.parked).await.unwrap();
+        // The flag deleted by hand with it: the next check puts the group back.
+        conn.del::<_, ()>(&keys.paused).await.unwrap();
+        assert_eq!(run(&CHECK, &keys, &mut conn).await, 0);
+        assert_eq!(group(&keys, &mut conn).await.0, "0-0");
+        assert_eq!(read_new(&keys, &mut conn).await, [fifth]);
+    }
+
+    #[tokio::test]
+    async fn a_check_parks_a_flagged_queues_group_whatever_its_parked_key_says() {
+        let (_redis, mut conn, keys) = server().await;
+        run(&ENSURE_GROUP, &keys, &mut conn).await;
+        let first = add(&keys, &mut conn).await;
+        assert_eq!(
+            read_new(&keys, &mut conn).await,
+            std::slice::from_ref(&first)
+        );
+        // A position left from a park that failed half way, or from the stream's earlier life.
+        let () = conn.set(&keys.parked, "1-1 1").await.unwrap();
+        let () = conn.set(&keys.paused, "1").await.unwrap();
+        assert_eq!(run(&CHECK, &keys, &mut conn).await, 1);
+        assert_eq!(group(&keys, &mut conn).await.0, PARKED_ID);
+        let saved: String = conn.get(&keys.parked).await.unwrap();
+        assert_eq!(saved, format!("{first} 1"));
+        // A queue paused before the group existed, or by an older version: parked when a
+        // worker makes sure of the group.
+        run(&RESUME, &keys, &mut conn).await;
+        let () = conn.set(&keys.paused, "1").await.unwrap();
+        assert_eq!(run(&ENSURE_GROUP, &keys, &mut conn).await, 0);
+        assert_eq!(group(&keys, &mut conn).await.0, PARKED_ID);
+        // A resume of a queue whose stream is gone clears both keys.
+        let () = conn.del(&keys.stream).await.unwrap();
+        run(&RESUME, &keys, &mut conn).await;
+        let left: (bool, bool) = redis::pipe()
+            .exists(&keys.paused)
+            .exists(&keys.parked)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, (false, false));
+    }
+
+    #[test]
+    fn a_parked_position_is_an_entry_id_or_nothing() {
+        assert_eq!(parked_position("17-0 3"), Some("17-0"));
+        assert_eq!(parked_position("17-0 "), Some("17-0"));
+        assert_eq!(parked_position("not a position"), None);
+        assert_eq!(parked_position("17- 3"), None);
+        assert_eq!(parked_position(""), None);
     }
 
     #[tokio::test]
