@@ -39,6 +39,10 @@ async fn pause_stops_all_workers_and_resume_continues() {
         (50, 0),
         "nothing fetched while paused: {stats:?}"
     );
+    assert!(
+        stats.oldest_waiting_age.is_some(),
+        "the parked group's saved position finds the oldest waiting job: {stats:?}"
+    );
     assert_eq!(counts(&mut conn, &processed_key(name)).await.len(), 20);
 
     queue.resume().await.unwrap();

@@ -623,7 +623,8 @@ if #acks > 0 then
           return
         end
         -- Acknowledged: done, whatever the delete does (an entry left in the stream is
-        -- only a stray entry, never delivered again).
+        -- only a stray entry, never delivered again, unless a paused queue's parked
+        -- position is lost and recovered before it: `queue::park`).
         for _, owner in ipairs(done_by) do acked[#acked + 1] = owner end
         local deleted = redis.pcall('XDEL', KEYS[5], unpack(done))
         if type(deleted) == 'table' and deleted.err then error(deleted.err) end

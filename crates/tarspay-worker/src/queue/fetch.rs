@@ -83,11 +83,11 @@ struct Schedule {
 /// `entries` can be said to have run at, or after: its sending, or, on a single Redis, when the
 /// server's clock passed the newest entry's id (an entry is delivered after it is added, and
 /// its id is the server's clock then), placed by the upper end of the process' estimate of
-/// that clock so that it is never later than the truth while the estimate holds. An id is
-/// never ahead of real time: it follows the server's clock, or stands still (only its
-/// sequence grows) while the clock is behind the last id, after a step back or a failover to
-/// a host whose clock is behind; either way an entry's id time is no later than its adding,
-/// and an id above the estimate's upper end is not used. On a cluster a read may be answered
+/// that clock so that it is never later than the truth while the estimate holds. An id runs
+/// with the server's clock, or stands still (only its sequence grows) while that clock is
+/// behind the last id (a step back, a failover to a host whose clock is behind): it never
+/// runs faster, so an estimate sampled before such a step only dates a delivery earlier, and
+/// an id above the estimate's upper end (sampled after it) is not used. On a cluster a read may be answered
 /// by another node than the one whose clock was sampled.
 fn delivered_not_before(entries: &[StreamId], read_sent: Instant, cluster: bool) -> Instant {
     let newest = entries

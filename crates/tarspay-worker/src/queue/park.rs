@@ -130,7 +130,8 @@ local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MK
 local created = 1
 if not ok then
   local text = type(err) == 'table' and err.err or tostring(err)
-  if not string.find(text, 'BUSYGROUP', 1, true) then error(text) end
+  -- Raised as it came (its code kept: OOM, READONLY, ...).
+  if not string.find(text, 'BUSYGROUP', 1, true) then error(err) end
   created = 0
 else
   redis.call('DEL', KEYS[2])

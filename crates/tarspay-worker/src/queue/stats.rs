@@ -109,12 +109,17 @@ impl<T> RedisQueue<T> {
             .find(|g| g.name == keys.group)
             .map(|g| g.last_delivered_id.clone())
             // A paused queue's group is parked past every id: where it stood is kept aside.
-            .map(
-                |id| match parked.as_deref().and_then(park::parked_position) {
-                    Some(saved) if id == park::PARKED_ID => saved.to_owned(),
-                    _ => id,
-                },
-            );
+            // Without a readable one (lost: a flag check recovers it) nothing is said about
+            // the oldest waiting job.
+            .and_then(|id| {
+                if id != park::PARKED_ID {
+                    return Some(id);
+                }
+                parked
+                    .as_deref()
+                    .and_then(park::parked_position)
+                    .map(str::to_owned)
+            });
         let oldest_waiting_age = match last_delivered {
             Some(after) if waiting > 0 => {
                 let first: StreamRangeReply = redis::cmd("XRANGE")
