@@ -102,8 +102,9 @@ pub(crate) struct Op {
 /// two arguments when its batch is sent.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FetchReadings {
-    /// When the fetch loop found the queue not paused (its flag, or the delivery itself): the
-    /// first argument says whether that reading is at most [`super::FRESH_PAUSE_READING`] old ('1') or not ('').
+    /// When the fetch loop found the queue not paused (its flag, or the delivery itself):
+    /// the first argument says whether that reading is at most
+    /// [`super::FRESH_PAUSE_READING`] old ('1') or not ('').
     pub pause_clear_read_at: Option<Instant>,
     /// The second: an upper bound of the server's clock (ms), '' for none (the script reads
     /// `TIME`).

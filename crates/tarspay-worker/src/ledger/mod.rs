@@ -52,12 +52,12 @@ pub enum LedgerError {
 /// The queue of webhook deliveries (its keys are nested in the ledger's partition).
 pub const WEBHOOK_QUEUE: &str = "webhooks";
 
-/// How recent the fetch loop's reading of the pause state (clear, timed from when it was asked
-/// for; the job's own delivery is such a reading, as a pause parks the queue's consumer group:
-/// see `queue::park`) must be, when a create's lease step is sent to Redis, for the step to
-/// rely on it instead of reading the flag itself: a pause set meanwhile lets a create through at most
-/// about this long after it (plus the step's one-way trip), as one already in flight then
-/// would be.
+/// How recent the fetch loop's reading of the pause state (clear, timed from when it was
+/// asked for; the job's own delivery is such a reading, as a pause parks the queue's
+/// consumer group: see `queue::park`) must be, when a create's lease step is sent to Redis,
+/// for the step to rely on it instead of reading the flag itself: a pause set meanwhile
+/// lets a create through at most about this long after it (plus the step's one-way trip),
+/// as one already in flight then would be.
 pub const FRESH_PAUSE_READING: Duration = Duration::from_millis(10);
 
 /// Prepares one webhook delivery job; the ledger's finalize tells it which outcome it carries.

@@ -153,12 +153,13 @@ local function register(order, batch, a)
 end
 
 -- lease token, lease ms, '1' when the caller's fetch loop found the queue not paused just
--- now, by the flag or by the job's delivery (it is not read again), then an upper bound of the server's clock when the batch was
--- sent ('' for none; see `queue::clock::AddedAfter`): a lease taken on a free order starts
--- there, without `TIME` (it then lasts a little longer than asked, never shorter than its
--- holder counts on). One held by another run is judged on `TIME`. {'go', previous, attempts, field, value, ...} | {'busy', ms} |
--- {'paused'} | {'accepted', accepted_json, '1' when an adoption queued the poll job of an
--- acceptance left in hand (`pollQueued`) else ''} | {'final', final_json} | {'missing'}
+-- now, by the flag or by the job's delivery (it is not read again), then an upper bound of
+-- the server's clock when the batch was sent ('' for none; see `queue::clock::AddedAfter`):
+-- a lease taken on a free order starts there, without `TIME` (it then lasts a little longer
+-- than asked, never shorter than its holder counts on). One held by another run is judged
+-- on `TIME`. {'go', previous, attempts, field, value, ...} | {'busy', ms} | {'paused'} |
+-- {'accepted', accepted_json, '1' when an adoption queued the poll job of an acceptance
+-- left in hand (`pollQueued`) else ''} | {'final', final_json} | {'missing'}
 local function begin_submit(order, a)
   local flat = redis.call('HGETALL', order)
   if #flat == 0 then return {'missing'} end

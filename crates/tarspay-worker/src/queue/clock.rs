@@ -166,15 +166,16 @@ impl AddedAfter {
         Some(self.entry_ms + elapsed_ms + elapsed_ms / 10_000 + 2)
     }
 
-    /// [`AddedAfter::server_ms_at_most`], only when the process' own estimate of the server's
-    /// clock puts the bound at or above the clock whatever the estimate's error (a true bound
-    /// of a job that came to an idle worker is a fetch block, 500 ms, above it), and not more
-    /// than [`ADDED_AFTER_MAX_AHEAD`] above (an id stamped ahead of the clock, one stepped
-    /// back or a former primary's that ran fast, would make the lease that much longer).
-    /// Otherwise the premise may have failed (an entry delivered again by another server
-    /// after a failover, say, or over a connection that reconnected unseen, or an entry added
-    /// while the queue was paused, delivered by the read after an empty one of the parked
-    /// group once a resume put it back: `queue::park`): `None` leaves the lease to `TIME`. A bound is never moved to the estimate.
+    /// [`AddedAfter::server_ms_at_most`], only when the process' own estimate of the
+    /// server's clock puts the bound at or above the clock whatever the estimate's error (a
+    /// true bound of a job that came to an idle worker is a fetch block, 500 ms, above it),
+    /// and not more than [`ADDED_AFTER_MAX_AHEAD`] above (an id stamped ahead of the clock,
+    /// one stepped back or a former primary's that ran fast, would make the lease that much
+    /// longer). Otherwise the premise may have failed (an entry delivered again by another
+    /// server after a failover, say, or over a connection that reconnected unseen, or an
+    /// entry added while the queue was paused, delivered by the read after an empty one of
+    /// the parked group once a resume put it back: `queue::park`): `None` leaves the lease
+    /// to `TIME`. A bound is never moved to the estimate.
     pub(crate) fn checked_server_ms_at_most(&self) -> Option<u64> {
         let bound = self.server_ms_at_most()?;
         let (_, at_most) = now_ms_within()?;

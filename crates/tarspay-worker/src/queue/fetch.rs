@@ -4,18 +4,18 @@
 //!
 //! A pause parks the queue's consumer group (`queue::park`), so a read of new entries that
 //! delivers anything proves the queue was not paused when it ran (by this version's pause,
-//! API, console or guard; a flag written otherwise is followed up at the next flag check): such a delivery is itself
-//! a reading of the flag, found clear, at the latest instant it can be placed at (the read's
-//! sending, or, on a single Redis, the moment the server's clock passed the newest entry's id,
-//! by the process' estimate of that clock). So a job that comes to an idle worker costs no
-//! read of the flag, and its lease step none either (`Delivery::pause_clear_read_at`). The
-//! flag itself is read (`park::CHECK`, which also parks or unparks a group a flag written by
-//! hand disagrees with) before each orphan scan, for the first jobs a loop fetches, for
-//! claimed entries without a fresh reading, and while paused: then nothing is fetched and
-//! jobs fetched before are given back to the stream at once (waiting, as if never fetched),
-//! to start after the resume; if the flag cannot be read they are held (renewed, so no
-//! attempt is spent) until a reading decides. Orphans are claimed only under a fresh "not
-//! paused" reading of the flag.
+//! API, console or guard; a flag written otherwise is followed up at the next flag check):
+//! such a delivery is itself a reading of the flag, found clear, at the latest instant it
+//! can be placed at (the read's sending, or, on a single Redis, the moment the server's
+//! clock passed the newest entry's id, by the process' estimate of that clock). So a job
+//! that comes to an idle worker costs no read of the flag, and its lease step none either
+//! (`Delivery::pause_clear_read_at`). The flag itself is read (`park::CHECK`, which also
+//! parks or unparks a group a flag written by hand disagrees with) before each orphan scan,
+//! for the first jobs a loop fetches, for claimed entries without a fresh reading, and
+//! while paused: then nothing is fetched and jobs fetched before are given back to the
+//! stream at once (waiting, as if never fetched), to start after the resume; if the flag
+//! cannot be read they are held (renewed, so no attempt is spent) until a reading decides.
+//! Orphans are claimed only under a fresh "not paused" reading of the flag.
 //!
 //! Promotion of delayed jobs is not here: the promoter loop (`queue::promoter`) does it, on
 //! time; wake markers read here are acknowledged (not deleted: `MAXLEN ~ 64` bounds them) and
@@ -80,15 +80,16 @@ struct Schedule {
 }
 
 /// The latest local instant a read of new entries (sent at `read_sent`) that delivered
-/// `entries` can be said to have run at, or after: its sending, or, on a single Redis, when the
-/// server's clock passed the newest entry's id (an entry is delivered after it is added, and
-/// its id is the server's clock then), placed by the upper end of the process' estimate of
-/// that clock so that it is never later than the truth while the estimate holds. An id runs
-/// with the server's clock, or stands still (only its sequence grows) while that clock is
-/// behind the last id (a step back, a failover to a host whose clock is behind): it never
-/// runs faster, so an estimate sampled before such a step only dates a delivery earlier, and
-/// an id above the estimate's upper end (sampled after it) is not used. On a cluster a read may be answered
-/// by another node than the one whose clock was sampled.
+/// `entries` can be said to have run at, or after: its sending, or, on a single Redis, when
+/// the server's clock passed the newest entry's id (an entry is delivered after it is
+/// added, and its id is the server's clock then), placed by the upper end of the process'
+/// estimate of that clock so that it is never later than the truth while the estimate
+/// holds. An id runs with the server's clock, or stands still (only its sequence grows)
+/// while that clock is behind the last id (a step back, a failover to a host whose clock is
+/// behind): it never runs faster, so an estimate sampled before such a step only dates a
+/// delivery earlier, and an id above the estimate's upper end (sampled after it) is not
+/// used. On a cluster a read may be answered by another node than the one whose clock was
+/// sampled.
 fn delivered_not_before(entries: &[StreamId], read_sent: Instant, cluster: bool) -> Instant {
     let newest = entries
         .iter()
