@@ -172,13 +172,16 @@ async fn a_payout_that_comes_to_an_idle_worker_reads_no_pause_flag_its_delivery_
     // A pause parks the queue's consumer group, so the job's delivery shows the queue was not
     // paused when the read ran: neither the fetch loop (`MGET` in its flag check) nor the
     // lease step (`EXISTS`) reads the flag for it.
-    // One partition: both payouts go through one fetch loop.
+    // One partition: both payouts go through one fetch loop. A long orphan timeout: the
+    // first orphan scan (and its flag check) comes 10 s after the worker starts, past this
+    // test's window on any machine that runs it in time.
     let mut app = spawn_app_with(
         false,
         |_| {},
         &[
             ("TARSPAY_LIFELINE_INTERVAL", "1h"),
             ("TARSPAY_PARTITIONS", "1"),
+            ("TARSPAY_ORPHAN_TIMEOUT", "60s"),
         ],
     )
     .await;

@@ -50,22 +50,24 @@ fn current() -> Option<Sample> {
 /// documentation for the error bound); the local wall clock until the first sample.
 pub fn now_ms() -> u64 {
     match current() {
-        Some(sample) => {
-            let elapsed = Instant::now().saturating_duration_since(sample.at);
-            (sample.server_us + elapsed.as_micros() as u64) / 1000
-        }
+        Some(sample) => project(sample).0 / 1000,
         // Only for the time before the first sample.
         None => local_ms(),
     }
+}
+
+/// The server's time now by `sample` (µs since the epoch), and the time since the sample.
+fn project(sample: Sample) -> (u64, Duration) {
+    let elapsed = Instant::now().saturating_duration_since(sample.at);
+    (sample.server_us + elapsed.as_micros() as u64, elapsed)
 }
 
 /// Bounds of the server's clock now (ms): [`now_ms`] less and plus its error bound (half the
 /// sample's round trip, drift since it at 100 ppm, 2 ms). `None` before the first sample.
 pub(crate) fn now_ms_within() -> Option<(u64, u64)> {
     let sample = current()?;
-    let elapsed = Instant::now().saturating_duration_since(sample.at);
+    let (now_us, elapsed) = project(sample);
     let error_us = sample.rtt.as_micros() as u64 / 2 + elapsed.as_micros() as u64 / 10_000 + 2_000;
-    let now_us = sample.server_us + elapsed.as_micros() as u64;
     Some((
         now_us.saturating_sub(error_us) / 1000,
         (now_us + error_us).div_ceil(1000),

@@ -271,7 +271,7 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
             }
             if !claimed.is_empty() {
                 tracing::info!(jobs = claimed.len(), consumer = %self.consumer, "claimed orphaned jobs");
-                return self.admit(schedule, claimed, read_at).await;
+                return self.admit_after(schedule, claimed, read_at, None).await;
             }
         }
         let keys = &self.shared.keys;
@@ -326,16 +326,8 @@ impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
     /// Takes fetched entries into this worker's hands (renewed from now on) and decodes them,
     /// unless the queue turns out to be paused: then they go back to the stream, to start after
     /// the resume. If the flag cannot be read they are held, renewed, until a reading decides.
-    async fn admit(
-        &self,
-        schedule: &mut Schedule,
-        entries: Vec<StreamId>,
-        read_at: Instant,
-    ) -> Result<Vec<Task<T>>, QueueError> {
-        self.admit_after(schedule, entries, read_at, None).await
-    }
-
-    /// [`Self::admit`] for entries read after an empty read sent at `after_empty_read`.
+    /// `after_empty_read`: when the read before the one that returned them was sent, if it
+    /// found no job (`None` for claimed entries).
     async fn admit_after(
         &self,
         schedule: &mut Schedule,
