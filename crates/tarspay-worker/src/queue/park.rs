@@ -216,9 +216,18 @@ mod tests {
 
     /// Ids a read of new entries delivers (up to 10).
     async fn read_new(keys: &QueueKeys, conn: &mut MultiplexedConnection) -> Vec<String> {
+        read_up_to(keys, conn, 10).await
+    }
+
+    /// Ids a read of up to `count` new entries delivers.
+    async fn read_up_to(
+        keys: &QueueKeys,
+        conn: &mut MultiplexedConnection,
+        count: usize,
+    ) -> Vec<String> {
         let opts = StreamReadOptions::default()
             .group(&keys.group, "c")
-            .count(10);
+            .count(count);
         let reply: RedisResult<Option<StreamReadReply>> =
             conn.xread_options(&[&keys.stream], &[">"], &opts).await;
         reply
@@ -243,13 +252,7 @@ mod tests {
         assert_eq!(run(&ENSURE_GROUP, &keys, &mut conn).await, 1);
         let first = add(&keys, &mut conn).await;
         let second = add(&keys, &mut conn).await;
-        let opts = StreamReadOptions::default()
-            .group(&keys.group, "c")
-            .count(1);
-        let _: StreamReadReply = conn
-            .xread_options(&[&keys.stream], &[">"], &opts)
-            .await
-            .unwrap();
+        read_up_to(&keys, &mut conn, 1).await;
         assert_eq!(
             group(&keys, &mut conn).await,
             (first.clone(), Some(1), Some(1))
@@ -323,13 +326,7 @@ mod tests {
         let first = add(&keys, &mut conn).await;
         let second = add(&keys, &mut conn).await;
         let third = add(&keys, &mut conn).await;
-        let opts = StreamReadOptions::default()
-            .group(&keys.group, "c")
-            .count(2);
-        let _: StreamReadReply = conn
-            .xread_options(&[&keys.stream], &[">"], &opts)
-            .await
-            .unwrap();
+        read_up_to(&keys, &mut conn, 2).await;
         ack_and_delete(&keys, &mut conn, &first).await;
         for lost in [None, Some("not a position")] {
             run(&PAUSE, &keys, &mut conn).await;
