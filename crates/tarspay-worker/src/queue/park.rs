@@ -242,6 +242,18 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// A server whose queue's group has delivered one entry (its id).
+    async fn one_delivered() -> (LocalRedis, MultiplexedConnection, QueueKeys, String) {
+        let (redis, mut conn, keys) = server().await;
+        run(&ENSURE_GROUP, &keys, &mut conn).await;
+        let first = add(&keys, &mut conn).await;
+        assert_eq!(
+            read_new(&keys, &mut conn).await,
+            std::slice::from_ref(&first)
+        );
+        (redis, conn, keys, first)
+    }
+
     async fn add(keys: &QueueKeys, conn: &mut MultiplexedConnection) -> String {
         conn.xadd(&keys.stream, "*", &[("e", "job")]).await.unwrap()
     }
@@ -288,13 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_brings_the_group_in_line_with_a_flag_written_by_hand() {
-        let (_redis, mut conn, keys) = server().await;
-        run(&ENSURE_GROUP, &keys, &mut conn).await;
-        let first = add(&keys, &mut conn).await;
-        assert_eq!(
-            read_new(&keys, &mut conn).await,
-            std::slice::from_ref(&first)
-        );
+        let (_redis, mut conn, keys, first) = one_delivered().await;
         assert_eq!(run(&CHECK, &keys, &mut conn).await, 0);
         assert_eq!(group(&keys, &mut conn).await.0, first, "nothing to change");
 
@@ -359,13 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_parks_a_flagged_queues_group_whatever_its_parked_key_says() {
-        let (_redis, mut conn, keys) = server().await;
-        run(&ENSURE_GROUP, &keys, &mut conn).await;
-        let first = add(&keys, &mut conn).await;
-        assert_eq!(
-            read_new(&keys, &mut conn).await,
-            std::slice::from_ref(&first)
-        );
+        let (_redis, mut conn, keys, first) = one_delivered().await;
         // A position left from a park that failed half way, or from the stream's earlier life.
         let () = conn.set(&keys.parked, "1-1 1").await.unwrap();
         let () = conn.set(&keys.paused, "1").await.unwrap();
