@@ -131,16 +131,17 @@ impl FetchReadings {
 }
 
 /// An operation's whole effect as plain commands, for a batch of that operation alone (a
-/// payout alone saves the script call): `DEL` of `clear`, then `HSETNX` of a
+/// payout alone saves the script call): `DEL` of `clear` (if any), then `HSETNX` of a
 /// write-once field of the operation's order, in one pipeline (one round trip; not atomic,
 /// and need not be: the two are independent, and the script too clears the key whether or
 /// not its write succeeds). Its answer 1 is the operation's, and a failure its caller's (as a
 /// failed script call is); 0 sends the script, which answers as for a repeated operation
-/// (the field is there; its `DEL` runs again).
+/// (the field is there; its `DEL`, if any, runs again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LoneForm {
-    /// A key the operation deletes first (the guard count an acceptance clears).
-    pub clear: String,
+    /// A key the operation deletes first (the guard count an acceptance clears), unless its
+    /// caller did already.
+    pub clear: Option<String>,
     pub field: &'static str,
     pub value: String,
 }
@@ -312,7 +313,9 @@ async fn run(
 /// Sends an operation's lone form (see [`LoneForm`]): whether its `HSETNX` wrote the field.
 async fn lone_write(conn: &RedisConn, key: &str, lone: &LoneForm) -> Result<bool, RedisError> {
     let mut pipe = redis::pipe();
-    pipe.cmd("DEL").arg(&lone.clear).ignore();
+    if let Some(clear) = &lone.clear {
+        pipe.cmd("DEL").arg(clear).ignore();
+    }
     pipe.cmd("HSETNX").arg(key).arg(lone.field).arg(&lone.value);
     let (written,): (i64,) = pipe.query_async(&mut conn.clone()).await?;
     Ok(written == 1)

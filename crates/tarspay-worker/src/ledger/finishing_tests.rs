@@ -1044,6 +1044,84 @@ async fn a_lone_in_hand_acceptance_is_the_guards_reset_and_one_hsetnx_with_the_s
     assert_eq!(counts(&s)[0] - before[0], 2, "each answered by the script");
 }
 
+#[tokio::test]
+async fn an_acceptance_written_after_its_guard_reset_leaves_the_count_alone_and_keeps_its_time() {
+    let s = setup().await;
+    let guard = s.ledger.keys().guard();
+    let mut c = s.conn.clone();
+    let mut sent = history::OrderEvent::now(history::EventKind::Create);
+    sent.code = Some(0);
+    for id in ["LATE-1", "LATE-2", "LATE-3"] {
+        s.register(id).await;
+        s.ledger.note_soon(id, sent.clone());
+    }
+    let counts = |s: &Setup| ["evalsha", "del", "hsetnx"].map(|command| s.command_calls(command));
+    let late = |id: &'static str, at_ms: u64| {
+        let ledger = s.ledger.clone();
+        async move {
+            ledger
+                .accept_in_hand_after_clearing(id, &format!("P-{id}"), at_ms)
+                .await
+                .unwrap()
+        }
+    };
+
+    // The reset alone, when the gateway accepted: one DEL.
+    let _: i64 = c.sadd(&guard, "REFUSED-1").await.unwrap();
+    let before = counts(&s);
+    s.ledger.clear_guard_for_acceptance().await.unwrap();
+    let after = counts(&s);
+    assert_eq!([0, 1, 2].map(|i| after[i] - before[i]), [0, 1, 0]);
+    let counted: bool = c.exists(&guard).await.unwrap();
+    assert!(!counted, "the reset clears the count");
+
+    // A refusal counted after it stays counted when the acceptance is written: alone in its
+    // batch, one HSETNX and no DEL.
+    let _: i64 = c.sadd(&guard, "REFUSED-2").await.unwrap();
+    let before = counts(&s);
+    assert_eq!(late("LATE-1", 1_000).await, InHandAcceptance::Recorded);
+    let after = counts(&s);
+    assert_eq!(
+        [0, 1, 2].map(|i| after[i] - before[i]),
+        [0, 0, 1],
+        "EVALSHA, DEL, HSETNX"
+    );
+    // Two at once share the script, which leaves the count alone too.
+    let (first, second) = tokio::join!(late("LATE-2", 2_000), late("LATE-3", 3_000));
+    assert_eq!(
+        (first, second),
+        (InHandAcceptance::Recorded, InHandAcceptance::Recorded)
+    );
+    assert_eq!(counts(&s)[0] - after[0], 1, "one script call");
+    assert_eq!(counts(&s)[1] - after[1], 0, "no DEL");
+    let left: Vec<String> = c.smembers(&guard).await.unwrap();
+    assert_eq!(left, vec!["REFUSED-2".to_owned()]);
+
+    // Each milestone is marked as polled in hand, dated when the gateway accepted, and keeps
+    // the create's history line.
+    for (id, at) in [("LATE-1", 1_000), ("LATE-2", 2_000), ("LATE-3", 3_000)] {
+        let text: String = c.hget(s.ledger.keys().order(id), "accepted").await.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["at"], at, "{json}");
+        assert_eq!(json["pollInHand"], true, "{json}");
+        assert_eq!(json["payOrderId"], format!("P-{id}"), "{json}");
+        assert_eq!(json["events"][0]["kind"], "create", "{json}");
+    }
+    // Written again (the milestone is there, held in hand): the lone form's HSETNX finds it
+    // and the script answers, still leaving the count alone.
+    let before = counts(&s);
+    assert_eq!(late("LATE-1", 4_000).await, InHandAcceptance::Recorded);
+    let after = counts(&s);
+    assert_eq!([0, 1].map(|i| after[i] - before[i]), [1, 0], "EVALSHA, DEL");
+    let left: Vec<String> = c.smembers(&guard).await.unwrap();
+    assert_eq!(left, vec!["REFUSED-2".to_owned()]);
+    let text: String = c
+        .hget(s.ledger.keys().order("LATE-1"), "accepted")
+        .await
+        .unwrap();
+    assert!(text.contains("\"at\":1000"), "the first one stands: {text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_reading_is_judged_when_its_batch_is_sent_not_when_its_step_is_made() {
     // A lease step made just after its fetch loop's reading waits behind a batch that holds

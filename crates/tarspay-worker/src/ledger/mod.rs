@@ -3,7 +3,8 @@
 //! of the ledger's batch script (see `scripts` for the record's layout: write-once milestones
 //! and working fields); reaching a final phase appends the order's one outcome in the same
 //! step. Concurrent changes share one script call (`batcher`); an in-hand acceptance alone is
-//! sent as its two plain commands instead (`batcher::LoneForm`). Redis only: no HTTP here.
+//! sent as plain commands instead (the guard's reset and its `HSETNX`, or the `HSETNX` alone:
+//! `batcher::LoneForm`). Redis only: no HTTP here.
 //!
 //! Records are deleted only by expiry, set when an order becomes final (the retention, see
 //! [`Ledger::with_retention`]); callers that finalise pass the record they read, whose
@@ -280,6 +281,23 @@ pub enum InHandAcceptance {
     Recorded,
     /// Already accepted the usual way, or its poll job queued by an adoption: nothing written.
     AlreadyAccepted,
+}
+
+/// Whether an acceptance leaves the first poll to its create job, and whether it clears the
+/// systemic guard's count (every acceptance does, unless its run did when the gateway
+/// accepted).
+#[derive(Debug, Clone, Copy)]
+enum InHand {
+    No,
+    Now,
+    GuardCleared { accepted_at_ms: u64 },
+}
+
+fn in_hand_answer(reply: i64) -> InHandAcceptance {
+    match reply {
+        1 => InHandAcceptance::Recorded,
+        _ => InHandAcceptance::AlreadyAccepted,
+    }
 }
 
 /// What a final transition did.
@@ -1170,7 +1188,7 @@ impl Ledger {
         job: Option<&Delivery>,
     ) -> Result<bool, LedgerError> {
         let accepted = self
-            .accept_as(mch_order_no, pay_order_id, poll, job, false)
+            .accept_as(mch_order_no, pay_order_id, poll, job, InHand::No)
             .await?;
         Ok(accepted == 1)
     }
@@ -1186,15 +1204,48 @@ impl Ledger {
         pay_order_id: &str,
     ) -> Result<InHandAcceptance, LedgerError> {
         let reply = self
-            .accept_as(mch_order_no, Some(pay_order_id), None, None, true)
+            .accept_as(mch_order_no, Some(pay_order_id), None, None, InHand::Now)
             .await?;
-        Ok(match reply {
-            1 => InHandAcceptance::Recorded,
-            _ => InHandAcceptance::AlreadyAccepted,
-        })
+        Ok(in_hand_answer(reply))
     }
 
-    /// The acceptance; `in_hand` for one that leaves the first poll to its create job. The
+    /// The systemic guard's reset that an accepted create makes, alone: for a run that
+    /// leaves its first poll in hand and writes the acceptance only if that poll does not
+    /// find the order final ([`Ledger::accept_in_hand_after_clearing`]). The count of
+    /// refusals in a row starts over when the gateway accepted, as with every acceptance;
+    /// the acceptance written later does not clear it again (refusals counted after this
+    /// reset stay counted).
+    pub async fn clear_guard_for_acceptance(&self) -> Result<(), LedgerError> {
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.keys.guard())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// [`Ledger::accept_polling_in_hand`] written after the fact by a run that cleared the
+    /// guard when the gateway accepted ([`Ledger::clear_guard_for_acceptance`]), with the
+    /// time it accepted (`accepted_at_ms`): the milestone alone (alone in its batch: one
+    /// `HSETNX`), the guard left as it is.
+    pub async fn accept_in_hand_after_clearing(
+        &self,
+        mch_order_no: &str,
+        pay_order_id: &str,
+        accepted_at_ms: u64,
+    ) -> Result<InHandAcceptance, LedgerError> {
+        let reply = self
+            .accept_as(
+                mch_order_no,
+                Some(pay_order_id),
+                None,
+                None,
+                InHand::GuardCleared { accepted_at_ms },
+            )
+            .await?;
+        Ok(in_hand_answer(reply))
+    }
+
+    /// The acceptance; `in_hand` says whether it leaves the first poll to its create job. The
     /// script's answer: 1 recorded (or, for an order another run accepted in hand: `poll`
     /// queued, or the caller in hand too), 0 already accepted.
     async fn accept_as(
@@ -1203,27 +1254,31 @@ impl Ledger {
         pay_order_id: Option<&str>,
         poll: Option<&PreparedJob>,
         job: Option<&Delivery>,
-        in_hand: bool,
+        in_hand: InHand,
     ) -> Result<i64, LedgerError> {
+        let (in_hand, at, clear_guard) = match in_hand {
+            InHand::No => (false, crate::queue::now_ms(), true),
+            InHand::Now => (true, crate::queue::now_ms(), true),
+            InHand::GuardCleared { accepted_at_ms } => (true, accepted_at_ms, false),
+        };
         let acceptance = Acceptance {
             pay_order_id: pay_order_id.unwrap_or_default().to_owned(),
-            at: crate::queue::now_ms(),
+            at,
             poll_in_hand: in_hand,
         };
         let json = serde_json::to_string(&acceptance).map_err(|e| LedgerError::Corrupt {
             id: mch_order_no.to_owned(),
             reason: e.to_string(),
         })?;
-        let mut op = with_job(self.op("A", mch_order_no).arg(&json), poll).arg(if in_hand {
-            "1"
-        } else {
-            ""
-        });
+        let mut op = with_job(self.op("A", mch_order_no).arg(&json), poll)
+            .arg(if in_hand { "1" } else { "" })
+            .arg(if clear_guard { "" } else { "1" });
         if in_hand && poll.is_none() && job.is_none() {
-            // Nothing but the guard's reset and the milestone to write (no poll job, no job
-            // acknowledged): alone in its batch, `DEL` and `HSETNX` in one pipeline.
+            // Nothing but the guard's reset (unless made already) and the milestone to write
+            // (no poll job, no job acknowledged): alone in its batch, `DEL` and `HSETNX` in one
+            // pipeline, or the `HSETNX` alone.
             op.lone = Some(LoneForm {
-                clear: self.keys.guard(),
+                clear: clear_guard.then(|| self.keys.guard()),
                 field: "accepted",
                 value: history::milestone_with_events(&json, &op.events),
             });

@@ -205,14 +205,16 @@ local function begin_submit(order, a)
 end
 
 -- accepted_json, then the poll job (as in register; none for an acceptance that leaves the
--- first poll to the create job), then '1' for such an acceptance. 1 when recorded (and the
+-- first poll to the create job), then '1' for such an acceptance, then '1' when its caller
+-- cleared the guard's count when the gateway accepted (written later, the acceptance leaves
+-- the refusals counted since then alone). 1 when recorded (and the
 -- poll job queued), 0 when already accepted. An acceptance left in hand is written without a
 -- lease check (no read): its run may have lost the lease to one that took the order's create
 -- job over. Should that run find the order accepted in hand (below), it does not end the job
 -- as done: with a poll job (an adoption) it queues it, once; in hand itself, it polls too.
 -- Either way the order is polled even if the first run dies.
 local function accept(order, a)
-  if not guard_cleared then
+  if not guard_cleared and a[7] ~= '1' then
     -- An accepted create proves the merchant's key works: the guard's count starts over.
     redis.call('DEL', KEYS[2])
     guard_cleared = true
