@@ -2,12 +2,14 @@
 //! waits out the first poll's delay in its worker and polls itself; an order still pending
 //! then goes on as its poll job (the same job id), and a holder that dies, freezes or stops
 //! leaves the poll to another worker, and one whose poll Redis fails hands it to the poll job.
+//! Once a held poll has found its order final, the next acceptance waits for its own first
+//! poll (written only if that poll does not find the order final): the tests at the end.
 //! Real redis-server, sandbox over loopback HTTP, worker processes.
 
 mod common;
 
 use common::app::{MCH_NO, TestApp, WorkerProcess, inr, spawn_app_with};
-use common::{eventually, gauge, violations, worker_metrics};
+use common::{eventually, gauge, no_job_left_and_audit_clean, violations, worker_metrics};
 use redis::AsyncCommands;
 use std::time::Duration;
 use tarspay_sandbox::rules::SANDBOX_SYSTEM_PRIVATE_KEY;
@@ -45,16 +47,44 @@ async fn envelopes(app: &TestApp, id: &str) -> (Vec<serde_json::Value>, Vec<serd
     (stream, delayed)
 }
 
-/// Nothing left in the queue (waiting, pending or delayed) and a clean audit.
-async fn no_job_left_and_audit_clean(app: &TestApp) {
-    let stats = app.deployment.queue_stats().await.unwrap();
-    assert_eq!(
-        (stats.waiting, stats.pending, stats.delayed),
-        (0, 0, 0),
-        "{stats:?}"
+/// Once the order's stream holds nothing and its delayed set one job (`what` it means), that
+/// job's envelope.
+async fn delayed_alone(app: &TestApp, id: &str, what: &str) -> serde_json::Value {
+    eventually(what, || async {
+        let (stream, delayed) = envelopes(app, id).await;
+        (stream.is_empty() && delayed.len() == 1).then(|| delayed[0].clone())
+    })
+    .await
+}
+
+/// Puts `key` aside (renamed, if it exists) and writes a string in its place, so that Redis
+/// fails the commands of its type on it; whether it existed.
+async fn stand_in_for(conn: &mut tarspay_worker::redis_conn::RedisConn, key: &str) -> bool {
+    let existed: bool = conn.exists(key).await.unwrap();
+    if existed {
+        let () = conn.rename(key, format!("{key}:aside")).await.unwrap();
+    }
+    let () = conn.set(key, "a stand-in").await.unwrap();
+    existed
+}
+
+/// Takes back what [`stand_in_for`] did.
+async fn put_back(conn: &mut tarspay_worker::redis_conn::RedisConn, key: &str, existed: bool) {
+    let _: i64 = conn.del(key).await.unwrap();
+    if existed {
+        let () = conn.rename(format!("{key}:aside"), key).await.unwrap();
+    }
+}
+
+/// The order's history keeps the line of its create (in a milestone or its list).
+async fn assert_create_line_kept(app: &TestApp, id: &str) {
+    let events = app.partition(id).ledger.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|event| event.kind == tarspay_worker::ledger::history::EventKind::Create),
+        "{events:?}"
     );
-    let (code, report) = app.audit();
-    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }
 
 async fn phase(app: &TestApp, id: &str) -> Phase {
@@ -134,97 +164,6 @@ async fn a_lone_payouts_first_poll_is_held_by_its_create_job_and_queues_no_poll_
     no_job_left_and_audit_clean(&app).await;
 }
 
-/// A counter's value on the lines of `name` whose labels include `label` (0 when absent).
-fn counter_with(text: &str, name: &str, label: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payout_that_comes_to_an_idle_worker_takes_its_lease_on_the_clock_its_delivery_brings() {
-    // The job is added after the worker's fetch loop found its queue empty: the entry's id
-    // (the server's clock when it was added) and the time since that read bound the server's
-    // clock, so the lease step needs no `TIME`.
-    let app = spawn_app_with(false, |_| {}, &[("TARSPAY_LIFELINE_INTERVAL", "1h")]).await;
-    let (worker, addr) = app.worker_process_with_metrics(4);
-    worker_metrics(&addr, "an empty read of the payout queue", |text| {
-        counter_with(text, EMPTY_READS, "queue=\"payouts\"") >= 1
-    })
-    .await;
-    app.enqueue(inr("IDLE-1", "100")).await;
-    let outcomes = app.wait_outcomes(1).await;
-    assert_eq!(outcomes["IDLE-1"].status, "succeeded");
-    assert_eq!(app.sandbox.create_attempts("IDLE-1"), 1);
-    let text = worker_metrics(&addr, "the lease counted", |text| {
-        gauge(text, ON_DELIVERY_CLOCK).is_some()
-    })
-    .await;
-    drop(worker);
-    assert_eq!(gauge(&text, ON_DELIVERY_CLOCK), Some(1.0), "{text}");
-    no_job_left_and_audit_clean(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payout_that_comes_to_an_idle_worker_reads_no_pause_flag_its_delivery_proves_the_queue_unpaused()
- {
-    // A pause parks the queue's consumer group, so the job's delivery shows the queue was not
-    // paused when the read ran: neither the fetch loop (`MGET` in its flag check) nor the
-    // lease step (`EXISTS`) reads the flag for it.
-    // One partition: both payouts go through one fetch loop. A long orphan timeout: the
-    // first orphan scan (and its flag check) comes 10 s after the worker starts, past this
-    // test's window on any machine that runs it in time.
-    let mut app = spawn_app_with(
-        false,
-        |_| {},
-        &[
-            ("TARSPAY_LIFELINE_INTERVAL", "1h"),
-            ("TARSPAY_PARTITIONS", "1"),
-            ("TARSPAY_ORPHAN_TIMEOUT", "60s"),
-        ],
-    )
-    .await;
-    let (worker, addr) = app.worker_process_with_metrics(4);
-    // The first job a fetch loop gets is checked against the flag itself.
-    app.enqueue(inr("IDLE-0", "100")).await;
-    app.wait_outcomes(1).await;
-    let empty_reads = |text: &str| counter_with(text, EMPTY_READS, "queue=\"payouts\"");
-    let reads = empty_reads(&worker_metrics(&addr, "the worker's metrics", |_| true).await);
-    worker_metrics(&addr, "an empty read after the first payout", |text| {
-        empty_reads(text) > reads
-    })
-    .await;
-    // Into the next read's block (500 ms): the job comes long after that read was sent, so
-    // only the server's clock (its entry id) places the delivery late enough to be fresh.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (exists, mget, scans) = (
-        app.redis.server().command_calls("exists"),
-        app.redis.server().command_calls("mget"),
-        app.redis.server().command_calls("xautoclaim"),
-    );
-    app.enqueue(inr("IDLE-1", "100")).await;
-    let outcomes = app.wait_outcomes(2).await;
-    assert_eq!(outcomes["IDLE-1"].status, "succeeded");
-    assert_eq!(
-        app.redis.server().command_calls("exists"),
-        exists,
-        "the lease step read the pause flag"
-    );
-    // An orphan scan reads the flag first: only those may have read it.
-    assert!(
-        app.redis.server().command_calls("mget") - mget
-            <= app.redis.server().command_calls("xautoclaim") - scans,
-        "the fetch loop read the pause flag for the delivery: {} reads, {} scans",
-        app.redis.server().command_calls("mget") - mget,
-        app.redis.server().command_calls("xautoclaim") - scans
-    );
-    drop(worker);
-    no_job_left_and_audit_clean(&app).await;
-}
-
-const EMPTY_READS: &str = "tarspay_queue_empty_reads_total";
-const ON_DELIVERY_CLOCK: &str = "tarspay_lease_steps_on_delivery_clock_total";
 const READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
 const OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
 
@@ -267,8 +206,9 @@ async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_b
     app.enqueue(inr("CB-2", "100")).await;
     let outcomes = app.wait_outcomes(2).await;
     assert_eq!(outcomes["CB-2"].status, "succeeded");
+    // Counted once its job is done too (the poll counts first).
     let text = worker_metrics(&addr, "the second held poll overtaken", |text| {
-        gauge(text, OVERTAKEN) == Some(2.0)
+        gauge(text, OVERTAKEN) == Some(2.0) && jobs(text, "create_payout", "done") == 2
     })
     .await;
     // Its job counts as done before its settlement is written (the settler batches them):
@@ -281,6 +221,11 @@ async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_b
     drop(worker);
     assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
     assert_eq!(calls(), 3, "the second payout's create alone");
+    // The first held poll found its order final, so the second's acceptance waited for its
+    // poll, which found the callback's final state: none was written.
+    assert_eq!(gauge(&text, DEFERRED), Some(1.0), "{text}");
+    assert!(acceptance(&app, "CB-1").await.is_some());
+    assert_eq!(acceptance(&app, "CB-2").await, None);
     assert_eq!(jobs(&text, "create_payout", "done"), 2, "{text}");
     assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
     assert_eq!(app.sandbox.create_attempts("CB-1"), 1);
@@ -306,16 +251,17 @@ async fn an_order_still_pending_at_its_first_poll_goes_on_as_its_poll_job() {
     let create_id = create[0]["id"].clone();
     let (worker, addr) = app.worker_process_with_metrics(4);
     // The same job, delayed as the order's poll job with one attempt made.
-    let poll = eventually("the create job gone on as the poll job", || async {
-        let (stream, delayed) = envelopes(&app, "ON-1").await;
-        (stream.is_empty() && delayed.len() == 1).then(|| delayed[0].clone())
-    })
-    .await;
+    let poll = delayed_alone(&app, "ON-1", "the create job gone on as the poll job").await;
     assert_eq!(poll["id"], create_id, "{poll}");
     assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
     assert_eq!(poll["p"]["mchOrderNo"], "ON-1", "{poll}");
     assert_eq!(poll["a"], 1, "{poll}");
+    // Accepted when the gateway accepted (no held poll had found its order final yet),
+    // marked as polled in hand, with the create's history line.
     assert_eq!(phase(&app, "ON-1").await, Phase::Accepted);
+    let accepted = acceptance(&app, "ON-1").await.expect("the acceptance");
+    assert_eq!(accepted["pollInHand"], true, "{accepted}");
+    assert_eq!(accepted["events"][0]["kind"], "create", "{accepted}");
 
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["ON-1"].status, "succeeded");
@@ -347,6 +293,14 @@ async fn holding(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess, S
     (app, holder, addr)
 }
 
+/// The order's acceptance milestone as written (JSON), if any.
+async fn acceptance(app: &TestApp, id: &str) -> Option<serde_json::Value> {
+    let key = app.partition(id).ledger.keys().order(id);
+    let mut conn = app.partition(id).queue.connection();
+    let text: Option<String> = conn.hget(&key, "accepted").await.unwrap();
+    text.map(|text| serde_json::from_str(&text).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_first_poll_leaves_it_to_another_worker() {
     let (app, mut holder, _) = holding("KILLED-1", &[]).await;
@@ -374,17 +328,11 @@ async fn a_first_poll_in_hand_that_redis_fails_goes_on_as_the_poll_job_after_the
     // made a read worth it): the order's record is a key of another type for a while (as a
     // step that errors or times out would).
     let order = app.partition("FAILED-1").ledger.keys().order("FAILED-1");
-    let aside = format!("{order}:aside");
     let mut conn = app.partition("FAILED-1").queue.connection();
-    let () = conn.rename(&order, &aside).await.unwrap();
-    let () = conn.set(&order, "unreadable").await.unwrap();
+    let existed = stand_in_for(&mut conn, &order).await;
     // The job goes on as the order's poll job, one attempt made, due after the first delay
     // again (5 s): not retried as a create job, not polled at once.
-    let poll = eventually("the held job gone on as the poll job", || async {
-        let (stream, delayed) = envelopes(&app, "FAILED-1").await;
-        (stream.is_empty() && delayed.len() == 1).then(|| delayed[0].clone())
-    })
-    .await;
+    let poll = delayed_alone(&app, "FAILED-1", "the held job gone on as the poll job").await;
     assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
     assert_eq!(poll["a"], 1, "{poll}");
     let scored: Vec<(String, f64)> = conn
@@ -400,8 +348,7 @@ async fn a_first_poll_in_hand_that_redis_fails_goes_on_as_the_poll_job_after_the
         due - now_ms
     );
     // Readable again before it is due: the poll job pays it, once.
-    let _: i64 = conn.del(&order).await.unwrap();
-    let () = conn.rename(&aside, &order).await.unwrap();
+    put_back(&mut conn, &order, existed).await;
     let outcomes = app.wait_outcomes(1).await;
     assert_eq!(outcomes["FAILED-1"].status, "succeeded");
     assert_eq!(app.sandbox.create_attempts("FAILED-1"), 1);
@@ -422,17 +369,25 @@ async fn a_worker_stopped_while_holding_a_first_poll_queues_it_unpolled() {
     assert_eq!(holder.terminate(), Some(0), "a clean exit");
     // The first poll is queued, not polled: still accepted, its job delayed and not
     // attempted.
-    assert_eq!(phase(&app, "STOP-1").await, Phase::Accepted);
-    let (stream, delayed) = envelopes(&app, "STOP-1").await;
+    handed_over_unpolled_then_paid(&app, "STOP-1", 1).await;
+}
+
+/// After a stop during `id`'s hold: accepted (marked as polled in hand), its poll job delayed
+/// and not attempted; a next worker then pays it (the `outcomes`th outcome), once.
+async fn handed_over_unpolled_then_paid(app: &TestApp, id: &str, outcomes: usize) {
+    assert_eq!(phase(app, id).await, Phase::Accepted);
+    let accepted = acceptance(app, id).await.expect("the acceptance");
+    assert_eq!(accepted["pollInHand"], true, "{accepted}");
+    let (stream, delayed) = envelopes(app, id).await;
     assert!(stream.is_empty(), "{stream:?}");
     assert_eq!(delayed.len(), 1, "{delayed:?}");
     assert_eq!(delayed[0]["p"]["job"], "poll_status", "{delayed:?}");
     assert_eq!(delayed[0]["a"], 0, "{delayed:?}");
 
     let _next = app.worker_process(4);
-    let outcomes = app.wait_outcomes(1).await;
-    assert_eq!(outcomes["STOP-1"].status, "succeeded");
-    assert_eq!(app.sandbox.create_attempts("STOP-1"), 1);
+    let paid = app.wait_outcomes(outcomes).await;
+    assert_eq!(paid[id].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts(id), 1);
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
 }
@@ -558,4 +513,256 @@ async fn an_adoption_that_finds_a_poll_left_in_hand_queues_the_poll_job_and_the_
     let (code, report) = app.audit();
     assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
     assert_eq!(report["polledInHand"], 0, "{report}");
+}
+
+/// The acceptance deferred by a worker whose last held poll found its order final (first
+/// polls held for 5 s): the first payout (`WARM-…`) is paid through a hold first.
+const DEFERRED: &str = "tarspay_polls_in_hand_acceptance_deferred_total";
+
+/// A worker holding `id`'s first poll for 5 s with its acceptance deferred (after one payout
+/// whose held poll found it final), with no lifeline sweep, and `extra` settings; the app, the
+/// worker and the address of its metrics, once `id` is held with no acceptance written (its
+/// create job pending, nothing delayed, the order still as its submit lease left it).
+async fn holding_deferred(id: &str, extra: &[(&str, &str)]) -> (TestApp, WorkerProcess, String) {
+    holding_deferred_on(id, |_| {}, extra).await
+}
+
+/// [`holding_deferred`] on a sandbox `configure`d so.
+async fn holding_deferred_on(
+    id: &str,
+    configure: impl FnOnce(&mut tarspay_sandbox::SandboxConfig),
+    extra: &[(&str, &str)],
+) -> (TestApp, WorkerProcess, String) {
+    let mut env = vec![
+        ("TARSPAY_POLL_FIRST_DELAY", "5s"),
+        ("TARSPAY_LIFELINE_INTERVAL", "1h"),
+    ];
+    env.extend_from_slice(extra);
+    let app = spawn_app_with(false, configure, &env).await;
+    let (holder, addr) = app.worker_process_with_metrics(4);
+    let warm = format!("WARM-{id}");
+    app.enqueue(inr(&warm, "100")).await;
+    let outcomes = app.wait_outcomes(1).await;
+    assert_eq!(outcomes[&warm].status, "succeeded");
+    // Its acceptance was written when the gateway accepted: no held poll had found its order
+    // final before.
+    assert!(
+        acceptance(&app, &warm).await.is_some(),
+        "{warm} accepted at once"
+    );
+    app.enqueue(inr(id, "100")).await;
+    let http = reqwest::Client::new();
+    eventually(
+        "the accepted order's create job held, its acceptance deferred",
+        || async {
+            let text = common::scrape_metrics(&http, &addr).await;
+            let deferred =
+                gauge(&text, DEFERRED) == Some(1.0) && gauge(&text, HOLDING) == Some(1.0);
+            let stats = app.deployment.queue_stats().await.unwrap();
+            let held = stats.pending == 1 && stats.waiting == 0 && stats.delayed == 0;
+            let leased = phase(&app, id).await == Phase::Submitting;
+            (deferred && held && leased && app.sandbox.create_attempts(id) == 1).then_some(())
+        },
+    )
+    .await;
+    (app, holder, addr)
+}
+
+/// The gauge of first polls a worker holds.
+const HOLDING: &str = "tarspay_polls_in_hand";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_held_poll_found_its_order_final_the_next_acceptance_waits_for_its_own_poll() {
+    // The first payout's held poll found it final (its acceptance was written when the
+    // gateway accepted); the second's acceptance waits for its poll.
+    let (mut app, worker, addr) = holding_deferred("LATE-1", &[]).await;
+    // Accepted by the gateway, yet nothing says so: the audit sees a create in flight (its
+    // job the create job), and counts the first payout's hold alone.
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+    assert_eq!(report["phases"]["submitting"], 1, "{report}");
+    assert_eq!(report["polledInHand"], 1, "{report}");
+    let milestones_before = app.redis.server().command_calls("hsetnx");
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["LATE-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("LATE-1"), 1);
+    // Its poll found the order final: the final state was the one milestone written after
+    // the create, and it keeps the create's history line (the acceptance would have).
+    assert_eq!(
+        app.redis.server().command_calls("hsetnx") - milestones_before,
+        1,
+        "the final state's HSETNX alone"
+    );
+    let ledger = &app.partition("LATE-1").ledger;
+    let record = ledger.get("LATE-1").await.unwrap().unwrap();
+    assert!(!record.accepted, "no acceptance written: {record:?}");
+    assert!(record.pay_order_id.is_some(), "{record:?}");
+    assert_create_line_kept(&app, "LATE-1").await;
+    let text = worker_metrics(&addr, "both create jobs counted", |text| {
+        jobs(text, "create_payout", "done") == 2
+    })
+    .await;
+    drop(worker);
+    assert_eq!(jobs(&text, "poll_status", "done"), 0, "{text}");
+    assert_eq!(gauge(&text, DEFERRED), Some(1.0), "{text}");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_its_acceptance_waits_leaves_the_order_to_a_lookup_after_its_lease() {
+    let (app, mut holder, _) = holding_deferred("LATE-KILLED-1", &[]).await;
+    holder.kill();
+    // The next worker takes the entry over after the orphan timeout (3 s here). No acceptance
+    // was written: the order shows the dead run's submit lease, so the job waits it out, then
+    // takes the order as one whose create may exist and looks it up first.
+    let rescuer = app.worker_process(4);
+    let outcomes = app.wait_outcomes(2).await;
+    drop(rescuer);
+    assert_eq!(outcomes["LATE-KILLED-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("LATE-KILLED-1"), 1);
+    let record = app
+        .deployment
+        .order("LATE-KILLED-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        record.ambiguous,
+        "taken as a create that may exist: {record:?}"
+    );
+    assert_eq!(
+        record.attempts, 2,
+        "the dead run's lease, then the rescuer's: {record:?}"
+    );
+    assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_poll_whose_final_write_redis_fails_writes_the_deferred_acceptance_and_goes_on() {
+    let (app, holder, addr) = holding_deferred("LATE-FAILED-1", &[]).await;
+    // Redis fails the held poll's ledger step (its final state's write): the partition's
+    // outcome stream is a key of another type for a while. The order's record stays writable.
+    let outcomes = app.partition("LATE-FAILED-1").ledger.keys().outcomes();
+    let mut conn = app.partition("LATE-FAILED-1").queue.connection();
+    let existed = stand_in_for(&mut conn, &outcomes).await;
+    // The job goes on as the order's poll job, one attempt made, after the deferred
+    // acceptance was written (the poll job follows accepted orders), marked as polled in hand
+    // and dated before the poll.
+    let poll = delayed_alone(
+        &app,
+        "LATE-FAILED-1",
+        "the held job gone on as the poll job",
+    )
+    .await;
+    assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
+    assert_eq!(poll["a"], 1, "{poll}");
+    assert_eq!(phase(&app, "LATE-FAILED-1").await, Phase::Accepted);
+    let accepted = acceptance(&app, "LATE-FAILED-1")
+        .await
+        .expect("the acceptance");
+    assert_eq!(accepted["pollInHand"], true, "{accepted}");
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let at_s = accepted["at"].as_u64().expect("at") / 1000;
+    assert!(
+        at_s + 4 <= secs,
+        "dated when the gateway accepted, 5 s before: {accepted}"
+    );
+    // Writable again: the poll job pays it, once.
+    put_back(&mut conn, &outcomes, existed).await;
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["LATE-FAILED-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("LATE-FAILED-1"), 1);
+    // The create's history line went to the order's list with the failed final write (a
+    // milestone not written leaves its lines to the list).
+    assert_create_line_kept(&app, "LATE-FAILED-1").await;
+    let text = worker_metrics(&addr, "the poll job counted", |text| {
+        jobs(text, "poll_status", "done") == 1
+    })
+    .await;
+    drop(holder);
+    assert_eq!(jobs(&text, "create_payout", "continued"), 1, "{text}");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_poll_whose_deferred_acceptance_redis_fails_too_is_tried_again_as_the_create_job() {
+    let (app, holder, _) = holding_deferred("LATE-FAILED-2", &[]).await;
+    // Redis fails every write to the order (its record is a key of another type for a
+    // while): the final state and the acceptance written instead. Nothing says the order is
+    // accepted, so the job cannot go on as the poll job: it is tried again as the create job.
+    let order = app
+        .partition("LATE-FAILED-2")
+        .ledger
+        .keys()
+        .order("LATE-FAILED-2");
+    let mut conn = app.partition("LATE-FAILED-2").queue.connection();
+    let existed = stand_in_for(&mut conn, &order).await;
+    let retried = delayed_alone(
+        &app,
+        "LATE-FAILED-2",
+        "the held job tried again as the create job",
+    )
+    .await;
+    assert_eq!(retried["p"]["job"], "create_payout", "{retried}");
+    // Readable again: the retried job waits out the held run's submit lease, takes the order
+    // as one whose create may exist and looks it up first (the sandbox knows it).
+    put_back(&mut conn, &order, existed).await;
+    let outcomes = app.wait_outcomes(2).await;
+    drop(holder);
+    assert_eq!(outcomes["LATE-FAILED-2"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("LATE-FAILED-2"), 1);
+    let record = app
+        .deployment
+        .order("LATE-FAILED-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(record.ambiguous, "{record:?}");
+    assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_acceptance_whose_poll_finds_the_order_pending_is_written_and_the_next_one_is_not_deferred()
+ {
+    // Orders numbered SLOW… are final 8 s after create: the held poll (after 5 s) finds this
+    // one pending.
+    let slow = |c: &mut tarspay_sandbox::SandboxConfig| {
+        let mut rule = common::outcome_rule("SLOW", 2);
+        rule.final_after_ms = Some(Duration::from_secs(8));
+        c.outcomes = vec![rule];
+    };
+    let (app, worker, addr) = holding_deferred_on("SLOW-1", slow, &[]).await;
+    // The job goes on as the order's poll job, one attempt made, after the acceptance was
+    // written, marked as polled in hand and dated when the gateway accepted.
+    let poll = delayed_alone(&app, "SLOW-1", "the held job gone on as the poll job").await;
+    assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
+    assert_eq!(poll["a"], 1, "{poll}");
+    assert_eq!(phase(&app, "SLOW-1").await, Phase::Accepted);
+    let accepted = acceptance(&app, "SLOW-1").await.expect("the acceptance");
+    assert_eq!(accepted["pollInHand"], true, "{accepted}");
+    assert_eq!(accepted["events"][0]["kind"], "create", "{accepted}");
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["SLOW-1"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("SLOW-1"), 1);
+    // A held poll found its order pending: the next acceptance is written at once.
+    app.enqueue(inr("SLOW-2", "100")).await;
+    held_in_hand(&app, "SLOW-2").await;
+    let text = worker_metrics(&addr, "the worker's metrics", |_| true).await;
+    assert_eq!(gauge(&text, DEFERRED), Some(1.0), "SLOW-1's alone: {text}");
+    let outcomes = app.wait_outcomes(3).await;
+    drop(worker);
+    assert_eq!(outcomes["SLOW-2"].status, "succeeded");
+    assert_eq!(app.sandbox.create_attempts("SLOW-2"), 1);
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_its_acceptance_waits_writes_it_and_queues_the_poll_unpolled() {
+    let (app, mut holder, _) =
+        holding_deferred("LATE-STOP-1", &[("TARSPAY_SHUTDOWN_GRACE", "30s")]).await;
+    assert_eq!(holder.terminate(), Some(0), "a clean exit");
+    // The first poll is queued, not polled, and the acceptance was written before it went on.
+    handed_over_unpolled_then_paid(&app, "LATE-STOP-1", 2).await;
 }

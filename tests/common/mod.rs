@@ -202,3 +202,23 @@ pub fn run(command: &mut std::process::Command) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Nothing left in the queue (waiting, pending or delayed) and a clean audit.
+pub async fn no_job_left_and_audit_clean(app: &app::TestApp) {
+    let stats = app.deployment.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats.waiting, stats.pending, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    let (code, report) = app.audit();
+    assert_eq!((code, violations(&report)), (0, vec![]), "{report}");
+}
+
+/// A counter's value on the lines of `name` whose labels include `label` (0 when absent).
+pub fn counter_with(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -28,6 +28,10 @@ pub const POLLS_IN_HAND: &str = "tarspay_polls_in_hand";
 pub const POLLS_IN_HAND_OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
 /// Held first polls that read the order's record before querying the gateway.
 pub const POLLS_IN_HAND_READ_FIRST: &str = "tarspay_polls_in_hand_read_first_total";
+/// Held first polls whose acceptance waited for what they found (written only if not final),
+/// as the process's last held poll had found its order final (`jobs::in_hand`).
+pub const POLLS_IN_HAND_ACCEPTANCE_DEFERRED: &str =
+    "tarspay_polls_in_hand_acceptance_deferred_total";
 pub const QUEUE_WAITING: &str = "tarspay_queue_waiting";
 pub const QUEUE_PENDING: &str = "tarspay_queue_pending";
 pub const QUEUE_DELAYED: &str = "tarspay_queue_delayed";

@@ -211,30 +211,39 @@ async fn create(
                 .as_ref()
                 .and_then(|holds| holds.try_hold(ctx.poll.first_delay));
             if let Some(held) = hold {
-                // The first poll stays with this job (see `in_hand`). An acceptance already
-                // recorded (by an adoption) queued its poll job.
-                return Ok(
-                    match ctx
+                // The first poll stays with this job (see `in_hand`). Past the lease, another
+                // run may have changed the order: the held poll reads it rather than trust
+                // ours.
+                let held = match Instant::now() >= lease_ends {
+                    true => held.after_lapsed_lease(),
+                    false => held,
+                };
+                let as_accepted = record
+                    .clone()
+                    .accepted_in_hand(&accepted.pay_order_id, crate::queue::now_ms());
+                // The acceptance waits for the poll (the guard's count starts over now), or,
+                // should that reset fail, is written now as usual.
+                let lease_left = lease_ends.saturating_duration_since(Instant::now());
+                let deferred = held.may_defer_acceptance(lease_left)
+                    && ctx.ledger.clear_guard_for_acceptance().await.is_ok();
+                if deferred {
+                    metrics::counter!(crate::metrics::POLLS_IN_HAND_ACCEPTANCE_DEFERRED)
+                        .increment(1);
+                }
+                let held = match deferred {
+                    true => held,
+                    false => match ctx
                         .ledger
                         .accept_polling_in_hand(mch_order_no, &accepted.pay_order_id)
                         .await?
                     {
-                        InHandAcceptance::Recorded => {
-                            let as_accepted = record
-                                .clone()
-                                .accepted_in_hand(&accepted.pay_order_id, crate::queue::now_ms());
-                            // Past the lease, another run may have changed the order before
-                            // this acceptance: the held poll reads it rather than trust ours.
-                            let held = match Instant::now() >= lease_ends {
-                                true => held.after_lapsed_lease(),
-                                false => held,
-                            };
-                            *first_poll = Some((as_accepted, held));
-                            Step::Done
-                        }
-                        InHandAcceptance::AlreadyAccepted => Step::Done,
+                        InHandAcceptance::Recorded => held.acceptance_written(),
+                        // Accepted by an adoption, which queued its poll job.
+                        InHandAcceptance::AlreadyAccepted => return Ok(Step::Done),
                     },
-                );
+                };
+                *first_poll = Some((as_accepted, held));
+                return Ok(Step::Done);
             }
             let poll = ctx.poll_job(&record)?;
             ctx.ledger

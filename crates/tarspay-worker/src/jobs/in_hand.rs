@@ -11,6 +11,13 @@
 //! submit lease; a run adopting the order meanwhile queues the poll job all the same
 //! (`Ledger::accept_polling_in_hand`).
 //!
+//! Where held polls find their orders final (the gateway settles within the first poll's
+//! delay), the acceptance waits for what the poll finds ([`LateAcceptance`]): a payout final
+//! at its first poll writes its final state alone (one command fewer), the guard's reset
+//! having gone when the gateway accepted. A worker that dies meanwhile leaves the order under
+//! its submit lease, which the next run waits out before it looks the order up (it may
+//! exist).
+//!
 //! Only a quiet process holds (at most half its call slots in use, none waited for), and at
 //! most a quarter of its call slots' worth at once: under load a poll job costs little more
 //! than a held poll (its Redis work shares batches with the other jobs'), while a held job
@@ -18,7 +25,7 @@
 //! holds nothing: a waiting hold ends at once and its job goes on as the poll job, due when
 //! the hold would have ended.
 
-//! A held poll queries the gateway straight away, with the order as its own acceptance left
+//! A held poll queries the gateway straight away, with the order as its own acceptance leaves
 //! it: the ledger is read first only while held polls have lately found their order final
 //! already (a callback beat them; [`READS_AFTER_OVERTAKEN`]). Read every time, the record
 //! cost a lone payout one Redis command, and found the order final only where callbacks
@@ -31,7 +38,7 @@
 //! by lease holders, the stuck flag by a run that holds or has just given back its lease (one
 //! that lost it writes neither), the rest at registration. Others may write a final state
 //! meanwhile (a callback, an adoption by a run that lost the lease), which the write-once
-//! final absorbs. A run whose lease ran out before its acceptance was recorded (it stalled)
+//! final absorbs. A run whose lease had run out when the gateway accepted (it stalled)
 //! reads first all the same, and so does one that wakes more than [`LATE_WAKE`] after its
 //! due time (its job may have been taken over meanwhile, and its poll job have flagged the
 //! order stuck). Left unseen: a freeze longer than the orphan timeout that ends before then,
@@ -41,10 +48,10 @@
 
 use super::poll_status::{Polled, poll_record};
 use super::{CallSlots, JobContext, JobError, PayoutJob, Step};
-use crate::ledger::OrderRecord;
+use crate::ledger::{InHandAcceptance, OrderRecord};
 use crate::queue::Delivery;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +78,11 @@ pub struct PollsInHand {
     stopping: CancellationToken,
     /// Held polls left to read the ledger first (see the module documentation).
     reads_left: Arc<AtomicU32>,
+    /// Whether the last held poll with a verdict found its order final (set) or not final
+    /// (cleared: the order pending, or the query failed); polls without one (the record gone,
+    /// the order adopted by another run, no call made) leave it. When set, the next
+    /// acceptance waits for its own poll (see [`LateAcceptance`]).
+    lately_final: Arc<AtomicBool>,
 }
 
 /// One held first poll: its permit, given back when dropped.
@@ -83,10 +95,15 @@ pub struct HeldPoll {
     stopping: CancellationToken,
     reads_left: Arc<AtomicU32>,
     /// The record this run holds may be stale, so the poll reads the ledger first whatever the
-    /// process has seen: the run's submit lease ran out before its acceptance was recorded
+    /// process has seen: the run's submit lease had run out when the gateway accepted
     /// (another run may have taken the order over meanwhile, and failed it, say), or it woke
     /// from the wait late (its job may have been taken over during the wait).
     must_read: bool,
+    lately_final: Arc<AtomicBool>,
+    /// The acceptance was written when the gateway accepted (not left to the poll).
+    acceptance_written: bool,
+    /// The first poll's delay this hold waits out.
+    delay: Duration,
 }
 
 impl PollsInHand {
@@ -98,6 +115,7 @@ impl PollsInHand {
             slots,
             stopping: CancellationToken::new(),
             reads_left: Arc::new(AtomicU32::new(0)),
+            lately_final: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -115,6 +133,9 @@ impl PollsInHand {
             stopping: self.stopping.clone(),
             reads_left: Arc::clone(&self.reads_left),
             must_read: false,
+            lately_final: Arc::clone(&self.lately_final),
+            acceptance_written: false,
+            delay,
         })
     }
 
@@ -125,9 +146,26 @@ impl PollsInHand {
 }
 
 impl HeldPoll {
-    /// Its run's lease ran out before the acceptance was recorded (see `must_read`).
+    /// Its run's lease had run out when the gateway accepted (see `must_read`).
     pub(super) fn after_lapsed_lease(mut self) -> Self {
         self.must_read = true;
+        self
+    }
+
+    /// Whether the acceptance may wait for this poll (written only if it does not find the
+    /// order final): when the process's last held poll with a verdict found its order final,
+    /// and this run's submit lease, `lease_left` now, outlasts the wait by more than
+    /// [`LATE_WAKE`] (it keeps other runs off the order meanwhile). Otherwise the caller
+    /// writes it now ([`HeldPoll::acceptance_written`]).
+    pub(super) fn may_defer_acceptance(&self, lease_left: Duration) -> bool {
+        !self.must_read
+            && lease_left > self.delay + LATE_WAKE
+            && self.lately_final.load(Ordering::Relaxed)
+    }
+
+    /// The acceptance was written when the gateway accepted.
+    pub(super) fn acceptance_written(mut self) -> Self {
+        self.acceptance_written = true;
         self
     }
 
@@ -143,7 +181,10 @@ impl HeldPoll {
     /// What the poll found: an order final already (`overtaken`) makes the next
     /// [`READS_AFTER_OVERTAKEN`] held polls read first; a read that found it still open counts
     /// them down.
-    fn found(&self, read_first: bool, overtaken: bool) {
+    fn found(&self, read_first: bool, overtaken: bool, verdict: Option<bool>) {
+        if let Some(final_found) = verdict {
+            self.lately_final.store(final_found, Ordering::Relaxed);
+        }
         if overtaken {
             metrics::counter!(crate::metrics::POLLS_IN_HAND_OVERTAKEN).increment(1);
             self.reads_left
@@ -164,28 +205,35 @@ impl Drop for HeldPoll {
     }
 }
 
-/// Waits out the first poll's delay, then polls the order its create job's acceptance left as
-/// `record` (read again first while callbacks have lately beaten held polls), with that job's
-/// delivery `job` (a final state found acknowledges it in the same ledger step). An order still
-/// pending goes on as its poll job (second attempt); a stop during the wait, or a poll that
-/// could not start, hands the first poll over as the poll job, not yet attempted.
+/// Waits out the first poll's delay, then polls the order its create job's accepted create
+/// left as `record` (read again first while callbacks have lately beaten held polls), with
+/// that job's delivery `job` (a final state found acknowledges it in the same ledger step).
+/// The acceptance may not be written yet (see [`LateAcceptance`]). An order still pending goes
+/// on as its poll job (second attempt); a stop during the wait, or a poll that could not start,
+/// hands the first poll over as the poll job, not yet attempted.
 pub(super) async fn poll_in_hand(
     ctx: &JobContext,
     record: &OrderRecord,
     mut held: HeldPoll,
     job: Option<&Delivery>,
 ) -> Result<Step, JobError> {
-    // From the acceptance, so that a stall while it was recorded counts as lateness below.
+    // From the acceptance, so that a stall since then counts as lateness below.
     let due = held.taken_at + ctx.poll.first_delay;
     let goes_on = |attempts: u32, after: Duration| Step::ContinueAs {
         job: PayoutJob::poll(record, false),
         attempts,
         after,
     };
+    let mut acceptance = LateAcceptance::new(ctx, record, held.acceptance_written);
     tokio::select! {
         () = tokio::time::sleep_until(due.into()) => {}
         () = held.stopping.cancelled() => {
-            return Ok(goes_on(0, due.saturating_duration_since(Instant::now())));
+            return Ok(match acceptance.write().await? {
+                InHandAcceptance::Recorded => {
+                    goes_on(0, due.saturating_duration_since(Instant::now()))
+                }
+                InHandAcceptance::AlreadyAccepted => Step::Done,
+            });
         }
     }
     // Woken late (the process froze or starved): another worker may have taken the job over
@@ -196,33 +244,150 @@ pub(super) async fn poll_in_hand(
     let read_first = held.reads_ledger_first();
     let polled = match read_first {
         true => match ctx.ledger.get(&record.mch_order_no).await {
-            Ok(Some(now)) => poll_record(ctx, &now, 1, false, job).await,
+            Ok(Some(now)) => poll_as_read(ctx, &mut acceptance, now, job).await,
             Ok(None) => Ok(Step::Done.into()),
             Err(err) => Err(err.into()),
         },
         false => poll_record(ctx, record, 1, false, job).await,
     };
     let step = match polled {
-        Ok(Polled { step, overtaken }) => {
-            held.found(read_first, overtaken);
+        Ok(Polled {
+            step,
+            overtaken,
+            final_found,
+        }) => {
+            // A verdict: final, or asked again later (pending, or the query failed).
+            let verdict = match (&step, final_found) {
+                (_, true) => Some(true),
+                (Step::RetryAfter(_), false) => Some(false),
+                _ => None,
+            };
+            held.found(read_first, overtaken, verdict);
             step
         }
         // Redis failed the poll's read or write: the poll job takes over after the first
         // delay again, rather than the create job after its own backoff. (Should the
-        // settlement fail too, whoever takes the job over turns it into the poll job.)
+        // acceptance or the settlement fail too, the create job is tried again: it finds the
+        // order accepted and goes on as the poll job, or, with no acceptance written, waits
+        // out this run's lease and looks the order up.)
         Err(JobError::Ledger(err)) => {
             tracing::warn!(mch_order_no = %record.mch_order_no, error = %err, "first poll in hand failed; it goes on as the poll job");
-            return Ok(goes_on(1, ctx.poll.first_delay));
+            return Ok(match acceptance.write().await? {
+                InHandAcceptance::Recorded => goes_on(1, ctx.poll.first_delay),
+                InHandAcceptance::AlreadyAccepted => Step::Done,
+            });
         }
-        Err(err) => return Err(err),
+        Err(err) => {
+            // The create job is tried again: with the acceptance written, it goes on as the
+            // poll job at once.
+            if let Err(unwritten) = acceptance.write().await {
+                tracing::warn!(mch_order_no = %record.mch_order_no, error = %unwritten, "acceptance of a create polled in hand not written");
+            }
+            return Err(err);
+        }
     };
     drop(held);
+    // Done: the order is final (written by this poll or found so) or gone, and needs no
+    // acceptance. Otherwise it is written before the job goes on.
+    if !matches!(step, Step::Done) && acceptance.write().await? == InHandAcceptance::AlreadyAccepted
+    {
+        return Ok(Step::Done);
+    }
     Ok(match step {
         Step::Done => Step::Done,
         Step::RetryAfter(after) => goes_on(1, after),
         Step::GiveBack => goes_on(0, Duration::ZERO),
         continued @ Step::ContinueAs { .. } => continued,
     })
+}
+
+/// The acceptance of a run that holds its first poll. Written when the gateway accepted,
+/// unless the process's last held poll found its order final: then the guard's count was
+/// cleared at once, and the milestone waits for what this poll finds. A final state found
+/// needs none (the final outranks it, and keeps the create's history line): a payout final at
+/// its first poll costs one Redis command fewer. Anything else writes it, once, marked as
+/// polled in hand and dated when the gateway accepted, before the job goes on as the poll job
+/// or is tried again: a run that takes the job over finds it and turns the job into the poll
+/// job. Until then the order shows its submit lease, which keeps other runs off it; a worker
+/// that dies holding leaves the order to the run after that lease, which looks it up (as
+/// after a death during the create call) and, should the gateway not know the order yet,
+/// creates it again under the same number (the gateway's duplicate answer settles it). That
+/// exposure is why only a process whose first polls find their orders final defers: where
+/// they do not, deferring would save nothing.
+struct LateAcceptance<'a> {
+    ctx: &'a JobContext,
+    ours: &'a OrderRecord,
+    written: Option<InHandAcceptance>,
+}
+
+impl<'a> LateAcceptance<'a> {
+    fn new(ctx: &'a JobContext, ours: &'a OrderRecord, written_already: bool) -> Self {
+        Self {
+            ctx,
+            ours,
+            written: written_already.then_some(InHandAcceptance::Recorded),
+        }
+    }
+
+    fn pay_order_id(&self) -> &str {
+        self.ours.pay_order_id.as_deref().unwrap_or_default()
+    }
+
+    fn accepted_at_ms(&self) -> u64 {
+        self.ours
+            .accepted_at_ms
+            .unwrap_or_else(crate::queue::now_ms)
+    }
+
+    /// Writes it (once). `AlreadyAccepted`: another run adopted the order meanwhile (this
+    /// run's lease ran out) and queued its poll job; this job is done.
+    async fn write(&mut self) -> Result<InHandAcceptance, JobError> {
+        if let Some(answer) = self.written {
+            return Ok(answer);
+        }
+        let answer = self
+            .ctx
+            .ledger
+            .accept_in_hand_after_clearing(
+                &self.ours.mch_order_no,
+                self.pay_order_id(),
+                self.accepted_at_ms(),
+            )
+            .await?;
+        self.written = Some(answer);
+        Ok(answer)
+    }
+}
+
+/// The held poll of the order as read just now (`now`). A state the gateway made final is
+/// done. Otherwise this run's create was accepted: an order another run changed (it accepted
+/// it, or failed it, after this run's lease ran out) gets the acceptance written first, which
+/// says whether this job still polls it (a failed one is followed for a correction); one as
+/// this run's lease left it is polled as the acceptance would leave it.
+async fn poll_as_read(
+    ctx: &JobContext,
+    acceptance: &mut LateAcceptance<'_>,
+    now: OrderRecord,
+    job: Option<&Delivery>,
+) -> Result<Polled, JobError> {
+    if now.phase.is_final() && now.gateway_state.is_some() {
+        return poll_record(ctx, &now, 1, false, job).await;
+    }
+    if now.accepted || now.phase.is_final() {
+        return match acceptance.write().await? {
+            InHandAcceptance::Recorded => {
+                let mut now = now;
+                if !now.accepted {
+                    now.accepted = true;
+                    now.accepted_at_ms = Some(acceptance.accepted_at_ms());
+                }
+                poll_record(ctx, &now, 1, false, job).await
+            }
+            InHandAcceptance::AlreadyAccepted => Ok(Step::Done.into()),
+        };
+    }
+    let as_accepted = now.accepted_in_hand(acceptance.pay_order_id(), acceptance.accepted_at_ms());
+    poll_record(ctx, &as_accepted, 1, false, job).await
 }
 
 #[cfg(test)]
@@ -265,46 +430,72 @@ mod tests {
         // changes nothing.
         let first = hold();
         assert!(!first.reads_ledger_first());
-        first.found(false, false);
+        first.found(false, false, None);
         drop(first);
         assert!(!hold().reads_ledger_first());
         // Overtaken (a callback made the order final during the wait): the next held polls
         // read first, READS_AFTER_OVERTAKEN of them while none finds the order final again.
-        hold().found(false, true);
+        hold().found(false, true, None);
         for _ in 0..READS_AFTER_OVERTAKEN {
             let next = hold();
             assert!(next.reads_ledger_first());
-            next.found(true, false);
+            next.found(true, false, None);
         }
         assert!(!hold().reads_ledger_first());
         // One that reads and finds it final starts the count over.
-        hold().found(false, true);
+        hold().found(false, true, None);
         for _ in 1..READS_AFTER_OVERTAKEN {
-            hold().found(true, false);
+            hold().found(true, false, None);
         }
         let last = hold();
         assert!(last.reads_ledger_first());
-        last.found(true, true);
+        last.found(true, true, None);
         drop(last);
         for _ in 0..READS_AFTER_OVERTAKEN {
-            hold().found(true, false);
+            hold().found(true, false, None);
         }
         assert!(!hold().reads_ledger_first());
-        // A run whose lease ran out before its acceptance reads first whatever was seen, and
+        // A run whose lease ran out before the gateway accepted reads first whatever was seen, and
         // that read uses up none of the reads left.
         let lapsed = hold().after_lapsed_lease();
         assert!(lapsed.reads_ledger_first());
-        lapsed.found(true, false);
+        lapsed.found(true, false, None);
         drop(lapsed);
         assert!(!hold().reads_ledger_first());
-        hold().found(false, true);
-        hold().after_lapsed_lease().found(true, false);
+        hold().found(false, true, None);
+        hold().after_lapsed_lease().found(true, false, None);
         for _ in 1..READS_AFTER_OVERTAKEN {
-            hold().found(true, false);
+            hold().found(true, false, None);
         }
         assert!(hold().reads_ledger_first(), "one read left");
-        hold().found(true, false);
+        hold().found(true, false, None);
         assert!(!hold().reads_ledger_first());
+    }
+
+    #[test]
+    fn the_acceptance_waits_for_the_poll_only_after_a_held_poll_found_its_order_final() {
+        let holds = PollsInHand::new(CallSlots::new(8));
+        let hold = || holds.try_hold(SHORT).unwrap();
+        let lease = Duration::from_secs(30);
+        // Nothing found yet: written at once.
+        assert!(!hold().may_defer_acceptance(lease));
+        // A held poll found its order final: the next acceptance waits for its poll.
+        hold().found(false, false, Some(true));
+        assert!(hold().may_defer_acceptance(lease));
+        // Unless its run's lease ran out before the gateway accepted, or would not outlast
+        // the wait by more than a late wake.
+        assert!(!hold().after_lapsed_lease().may_defer_acceptance(lease));
+        assert!(!hold().may_defer_acceptance(SHORT + LATE_WAKE));
+        assert!(hold().may_defer_acceptance(SHORT + LATE_WAKE + Duration::from_millis(1)));
+        // A poll without a verdict (the record gone, the order adopted) changes nothing.
+        hold().found(true, false, None);
+        assert!(hold().may_defer_acceptance(lease));
+        // One found its order pending: written at once again.
+        hold().found(false, false, Some(false));
+        assert!(!hold().may_defer_acceptance(lease));
+        // Found final again (by a read, overtaken): waits again.
+        hold().found(true, true, Some(true));
+        assert!(hold().may_defer_acceptance(lease));
     }
 
     #[tokio::test]

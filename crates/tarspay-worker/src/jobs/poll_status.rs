@@ -32,6 +32,8 @@ pub(super) struct Polled {
     /// The order was final already, by another's hand (a callback's, mostly), when this poll
     /// read it or wrote the gateway's final state.
     pub overtaken: bool,
+    /// The poll found the order final (it wrote the gateway's final state, or found one).
+    pub final_found: bool,
 }
 
 impl From<Step> for Polled {
@@ -39,6 +41,7 @@ impl From<Step> for Polled {
         Self {
             step,
             overtaken: false,
+            final_found: false,
         }
     }
 }
@@ -73,6 +76,7 @@ pub(super) async fn poll_record(
         return Ok(Polled {
             step: Step::Done,
             overtaken: record.phase.is_final(),
+            final_found: record.phase.is_final(),
         });
     }
     let calls = match Calls::start(ctx).await {
@@ -88,6 +92,7 @@ pub(super) async fn poll_record(
                 return Ok(Polled {
                     step: Step::Done,
                     overtaken: !once && finalized != Finalized::Recorded,
+                    final_found: true,
                 });
             }
         }
