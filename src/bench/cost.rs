@@ -258,7 +258,7 @@ async fn measure(
         );
     }
     let note = if monitor.is_some() {
-        "redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip but the DEL pipelined with a lone in-hand acceptance's HSETNX (round_trips_per_payout leaves it out)"
+        "redis_cmds_per_payout counts client commands (one Lua script = one command) from MONITOR, which also inflates Redis CPU; each is one round trip but a DEL pipelined with a lone in-hand acceptance's HSETNX (round_trips_per_payout takes min(DEL, HSETNX) of them for pipelined: one too many for each acceptance written after its held poll found the order pending)"
     } else if pipeline.target.is_cluster() {
         "no MONITOR on a cluster (client commands not measured); commands, memory and Redis CPU are added up over the masters"
     } else {

@@ -430,11 +430,17 @@ impl MonitorCounts {
         self.client.values().sum()
     }
 
-    /// Round trips: client commands, less the `DEL`s. On the payout path a client `DEL` is
-    /// only sent in one pipeline with the `HSETNX` of a lone in-hand acceptance (the guard's
-    /// reset, `ledger::batcher::LoneForm`); every other hot-path command is its own round trip.
+    /// Round trips: client commands, less the `DEL`s sent in one pipeline with an `HSETNX`.
+    /// On the payout path a client `DEL` is the guard's reset: pipelined with the `HSETNX` of a
+    /// lone in-hand acceptance (`ledger::batcher::LoneForm`), or alone when the acceptance
+    /// waits for the first poll (`jobs::in_hand`), and a client `HSETNX` is a lone acceptance
+    /// (with its `DEL`, or alone when written after such a poll found the order pending). So
+    /// at most min(`DEL`, `HSETNX`) of them shared a round trip: this counts one round trip too
+    /// few for each acceptance written after its poll. Every other hot-path command is its own
+    /// round trip.
     pub fn round_trips(&self) -> u64 {
-        self.client_total() - self.client.get("DEL").copied().unwrap_or(0)
+        let count = |name: &str| self.client.get(name).copied().unwrap_or(0);
+        self.client_total() - count("DEL").min(count("HSETNX"))
     }
 }
 
