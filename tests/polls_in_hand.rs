@@ -169,14 +169,20 @@ const OVERTAKEN: &str = "tarspay_polls_in_hand_overtaken_total";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_before_querying() {
-    // Callbacks make orders final 200 ms after create; the first poll waits 5 s in hand.
+    // Callbacks make orders final 200 ms after create (SLOW… ones after 8 s); the first poll
+    // waits 5 s in hand.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let notify = format!("http://{}/tarspay/notify", listener.local_addr().unwrap());
     let system = PrivateKey::from_hex(SANDBOX_SYSTEM_PRIVATE_KEY).unwrap();
     let system_public = system.public_key().to_hex();
     let app = spawn_app_with(
         false,
-        |c| c.callbacks = true,
+        |c| {
+            c.callbacks = true;
+            let mut slow = common::outcome_rule("SLOW", 2);
+            slow.final_after_ms = Some(Duration::from_secs(8));
+            c.outcomes = vec![slow];
+        },
         &[
             ("TARSPAY_NOTIFY_URL", &notify),
             ("TARSPAY_SYSTEM_PUBLIC_KEY", &system_public),
@@ -218,11 +224,10 @@ async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_b
         (stats.pending == 0).then_some(())
     })
     .await;
-    drop(worker);
     assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
     assert_eq!(calls(), 3, "the second payout's create alone");
-    // The first held poll found its order final, so the second's acceptance waited for its
-    // poll, which found the callback's final state: none was written.
+    // The first held poll's query found its order final, so the second's acceptance waited
+    // for its poll, which found the callback's final state: none was written.
     assert_eq!(gauge(&text, DEFERRED), Some(1.0), "{text}");
     assert!(acceptance(&app, "CB-1").await.is_some());
     assert_eq!(acceptance(&app, "CB-2").await, None);
@@ -230,6 +235,60 @@ async fn once_a_callback_beats_a_held_poll_the_next_held_polls_read_the_ledger_b
     assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
     assert_eq!(app.sandbox.create_attempts("CB-1"), 1);
     assert_eq!(app.sandbox.create_attempts("CB-2"), 1);
+
+    // A deferred acceptance whose held poll's query finds the order pending is written, and
+    // ends the deferral.
+    app.enqueue(inr("SLOW-3", "100")).await;
+    let poll = delayed_alone(&app, "SLOW-3", "SLOW-3's held job gone on as its poll job").await;
+    assert_eq!(poll["p"]["job"], "poll_status", "{poll}");
+    let accepted = acceptance(&app, "SLOW-3")
+        .await
+        .expect("SLOW-3's acceptance");
+    assert_eq!(accepted["pollInHand"], true, "{accepted}");
+    // A held poll that reads a callback's final state first asked the gateway nothing: it
+    // does not turn the deferral back on. CB-4's acceptance is written when the gateway
+    // accepts, and so is CB-5's after CB-4's poll found the callback's final state.
+    app.enqueue(inr("CB-4", "100")).await;
+    worker_metrics(&addr, "CB-4's create job done", |text| {
+        jobs(text, "create_payout", "done") == 3
+    })
+    .await;
+    app.enqueue(inr("CB-5", "100")).await;
+    let outcomes = app.wait_outcomes(5).await;
+    for id in ["SLOW-3", "CB-4", "CB-5"] {
+        assert_eq!(outcomes[id].status, "succeeded", "{id}");
+        assert_eq!(app.sandbox.create_attempts(id), 1, "{id}");
+    }
+    let text = worker_metrics(&addr, "every create job done", |text| {
+        jobs(text, "create_payout", "done") == 4
+    })
+    .await;
+    // SLOW-3's poll job ends when it finds the callback's final state, or with it.
+    eventually("no job left", || async {
+        let stats = app.deployment.queue_stats().await.unwrap();
+        (stats.waiting + stats.pending + stats.delayed == 0).then_some(())
+    })
+    .await;
+    drop(worker);
+    assert_eq!(
+        gauge(&text, DEFERRED),
+        Some(2.0),
+        "CB-2's and SLOW-3's: {text}"
+    );
+    assert_eq!(
+        gauge(&text, OVERTAKEN),
+        Some(4.0),
+        "CB-1, 2, 4 and 5: {text}"
+    );
+    assert!(
+        acceptance(&app, "CB-4").await.is_some(),
+        "CB-4 accepted at once"
+    );
+    assert!(
+        acceptance(&app, "CB-5").await.is_some(),
+        "CB-5 accepted at once"
+    );
+    assert_eq!(app.outcomes().await.len(), 5, "one outcome each");
     no_job_left_and_audit_clean(&app).await;
 }
 

@@ -11,8 +11,8 @@
 //! submit lease; a run adopting the order meanwhile queues the poll job all the same
 //! (`Ledger::accept_polling_in_hand`).
 //!
-//! Where held polls find their orders final (the gateway settles within the first poll's
-//! delay), the acceptance waits for what the poll finds ([`LateAcceptance`]): a payout final
+//! Where held polls' gateway lookups find their orders final (the gateway settles within the
+//! first poll's delay), the acceptance waits for what the poll finds ([`LateAcceptance`]): a payout final
 //! at its first poll writes its final state alone (one command fewer), the guard's reset
 //! having gone when the gateway accepted. A worker that dies meanwhile leaves the order under
 //! its submit lease, which the next run waits out before it looks the order up (it may
@@ -78,10 +78,12 @@ pub struct PollsInHand {
     stopping: CancellationToken,
     /// Held polls left to read the ledger first (see the module documentation).
     reads_left: Arc<AtomicU32>,
-    /// Whether the last held poll with a verdict found its order final (set) or not final
-    /// (cleared: the order pending, or the query failed); polls without one (the record gone,
-    /// the order adopted by another run, no call made) leave it. When set, the next
-    /// acceptance waits for its own poll (see [`LateAcceptance`]).
+    /// Whether the last held poll with a verdict had the gateway's lookup find its order final
+    /// (set) or not (cleared: the order pending or unknown, or the query failed); polls
+    /// without one (the order final in the ledger already, by a callback say, the record
+    /// gone, the order adopted by another run) leave it. When set, the next acceptance waits
+    /// for its own poll (see [`LateAcceptance`]): only lookups that find orders settled make
+    /// a lookup after a death during that wait likely to find the order.
     lately_final: Arc<AtomicBool>,
 }
 
@@ -153,7 +155,8 @@ impl HeldPoll {
     }
 
     /// Whether the acceptance may wait for this poll (written only if it does not find the
-    /// order final): when the process's last held poll with a verdict found its order final,
+    /// order final): when the process's last held poll with a verdict had the gateway's
+    /// lookup find its order final,
     /// and this run's submit lease, `lease_left` now, outlasts the wait by more than
     /// [`LATE_WAKE`] (it keeps other runs off the order meanwhile). Otherwise the caller
     /// writes it now ([`HeldPoll::acceptance_written`]).
@@ -254,10 +257,11 @@ pub(super) async fn poll_in_hand(
         Ok(Polled {
             step,
             overtaken,
-            final_found,
+            gateway_final,
         }) => {
-            // A verdict: final, or asked again later (pending, or the query failed).
-            let verdict = match (&step, final_found) {
+            // A verdict: the gateway said final, or the poll asks again later (pending,
+            // unknown, or the query failed).
+            let verdict = match (&step, gateway_final) {
                 (_, true) => Some(true),
                 (Step::RetryAfter(_), false) => Some(false),
                 _ => None,
@@ -302,7 +306,9 @@ pub(super) async fn poll_in_hand(
 }
 
 /// The acceptance of a run that holds its first poll. Written when the gateway accepted,
-/// unless the process's last held poll found its order final: then the guard's count was
+/// unless the process's last held poll had the gateway's lookup find its order final (a
+/// final state a callback wrote first does not count: it says nothing of lookups): then the
+/// guard's count was
 /// cleared at once, and the milestone waits for what this poll finds. A final state found
 /// needs none (the final outranks it, and keeps the create's history line): a payout final at
 /// its first poll costs one Redis command fewer. Anything else writes it, once, marked as
@@ -312,8 +318,9 @@ pub(super) async fn poll_in_hand(
 /// that dies holding leaves the order to the run after that lease, which looks it up (as
 /// after a death during the create call) and, should the gateway not know the order yet,
 /// creates it again under the same number (the gateway's duplicate answer settles it). That
-/// exposure is why only a process whose first polls find their orders final defers: where
-/// they do not, deferring would save nothing.
+/// exposure is why only a process whose first polls' lookups find their orders final
+/// defers: where they do not, deferring would save nothing, and the lookup after a death
+/// would more likely miss.
 struct LateAcceptance<'a> {
     ctx: &'a JobContext,
     ours: &'a OrderRecord,
@@ -479,7 +486,7 @@ mod tests {
         let lease = Duration::from_secs(30);
         // Nothing found yet: written at once.
         assert!(!hold().may_defer_acceptance(lease));
-        // A held poll found its order final: the next acceptance waits for its poll.
+        // A held poll's lookup found its order final: the next acceptance waits for its poll.
         hold().found(false, false, Some(true));
         assert!(hold().may_defer_acceptance(lease));
         // Unless its run's lease ran out before the gateway accepted, or would not outlast
@@ -487,13 +494,14 @@ mod tests {
         assert!(!hold().after_lapsed_lease().may_defer_acceptance(lease));
         assert!(!hold().may_defer_acceptance(SHORT + LATE_WAKE));
         assert!(hold().may_defer_acceptance(SHORT + LATE_WAKE + Duration::from_millis(1)));
-        // A poll without a verdict (the record gone, the order adopted) changes nothing.
+        // A poll without a verdict (the order final in the ledger already, the record gone,
+        // the order adopted) changes nothing.
         hold().found(true, false, None);
         assert!(hold().may_defer_acceptance(lease));
-        // One found its order pending: written at once again.
+        // One found its order pending (or unknown, or its query failed): written at once again.
         hold().found(false, false, Some(false));
         assert!(!hold().may_defer_acceptance(lease));
-        // Found final again (by a read, overtaken): waits again.
+        // Found final by the gateway again, after a callback wrote it (overtaken): waits again.
         hold().found(true, true, Some(true));
         assert!(hold().may_defer_acceptance(lease));
     }

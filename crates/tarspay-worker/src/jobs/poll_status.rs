@@ -32,8 +32,9 @@ pub(super) struct Polled {
     /// The order was final already, by another's hand (a callback's, mostly), when this poll
     /// read it or wrote the gateway's final state.
     pub overtaken: bool,
-    /// The poll found the order final (it wrote the gateway's final state, or found one).
-    pub final_found: bool,
+    /// The gateway's answer to this poll's query was final: a lookup that finds settled orders
+    /// (a final state found in the ledger, a callback's say, proves nothing about lookups).
+    pub gateway_final: bool,
 }
 
 impl From<Step> for Polled {
@@ -41,7 +42,7 @@ impl From<Step> for Polled {
         Self {
             step,
             overtaken: false,
-            final_found: false,
+            gateway_final: false,
         }
     }
 }
@@ -76,7 +77,7 @@ pub(super) async fn poll_record(
         return Ok(Polled {
             step: Step::Done,
             overtaken: record.phase.is_final(),
-            final_found: record.phase.is_final(),
+            gateway_final: false,
         });
     }
     let calls = match Calls::start(ctx).await {
@@ -92,7 +93,7 @@ pub(super) async fn poll_record(
                 return Ok(Polled {
                     step: Step::Done,
                     overtaken: !once && finalized != Finalized::Recorded,
-                    final_found: true,
+                    gateway_final: true,
                 });
             }
         }
