@@ -698,6 +698,83 @@ async fn a_worker_killed_while_its_acceptance_waits_leaves_the_order_to_a_lookup
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_while_its_acceptance_waits_wakes_to_an_adopted_order_and_leaves_it() {
+    // Orders numbered LATE-FROZEN… are final 25 s after create, after the rescue below.
+    let slow = |c: &mut tarspay_sandbox::SandboxConfig| {
+        let mut rule = common::outcome_rule("LATE-FROZEN", 2);
+        rule.final_after_ms = Some(Duration::from_secs(25));
+        c.outcomes = vec![rule];
+    };
+    let (app, holder, holder_metrics) = holding_deferred_on("LATE-FROZEN-1", slow, &[]).await;
+    holder.signal("STOP");
+    // Another worker takes the entry over after the orphan timeout (3 s), waits out the
+    // frozen run's submit lease (13 s here), looks the order up and adopts it: accepted, with
+    // its poll job queued rather than held.
+    let (rescuer, rescuer_metrics) = app.worker_process_with_metrics(4);
+    let adopted = eventually("the order adopted by the rescuer", || async {
+        acceptance(&app, "LATE-FROZEN-1").await
+    })
+    .await;
+    assert_eq!(adopted.get("pollInHand"), None, "{adopted}");
+    assert_eq!(phase(&app, "LATE-FROZEN-1").await, Phase::Accepted);
+    // The holder wakes long past its hold: it reads the order first, finds another run's
+    // acceptance, so its own (deferred) one is not written and it asks the gateway nothing;
+    // the poll job the adoption queued follows the order.
+    let queried = app.sandbox.calls(MCH_NO).map(|calls| calls.total);
+    holder.signal("CONT");
+    let text = worker_metrics(
+        &holder_metrics,
+        "the woken holder's stale settlement",
+        |text| gauge(text, "tarspay_queue_stale_settlements_total").is_some_and(|n| n >= 1.0),
+    )
+    .await;
+    assert_eq!(gauge(&text, READ_FIRST), Some(1.0), "{text}");
+    assert_eq!(
+        jobs(&text, "create_payout", "done"),
+        2,
+        "the warm-up's and this: {text}"
+    );
+    assert_eq!(
+        app.sandbox.calls(MCH_NO).map(|calls| calls.total),
+        queried,
+        "the woken holder queried the gateway"
+    );
+    let after_wake = acceptance(&app, "LATE-FROZEN-1").await;
+    assert_eq!(
+        after_wake.as_ref(),
+        Some(&adopted),
+        "the adoption's acceptance stands"
+    );
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["LATE-FROZEN-1"].status, "succeeded");
+    let text = worker_metrics(
+        &rescuer_metrics,
+        "the adoption's poll job counted",
+        |text| jobs(text, "poll_status", "done") == 1,
+    )
+    .await;
+    drop((holder, rescuer));
+    assert_eq!(
+        jobs(&text, "create_payout", "done"),
+        1,
+        "the adoption: {text}"
+    );
+    assert_eq!(app.sandbox.create_attempts("LATE-FROZEN-1"), 1);
+    let record = app
+        .deployment
+        .order("LATE-FROZEN-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        record.ambiguous,
+        "taken as a create that may exist: {record:?}"
+    );
+    assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_poll_whose_final_write_redis_fails_writes_the_deferred_acceptance_and_goes_on() {
     let (app, holder, addr) = holding_deferred("LATE-FAILED-1", &[]).await;
     // Redis fails the held poll's ledger step (its final state's write): the partition's
