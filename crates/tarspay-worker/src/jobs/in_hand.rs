@@ -79,7 +79,8 @@ pub struct PollsInHand {
     /// Held polls left to read the ledger first (see the module documentation).
     reads_left: Arc<AtomicU32>,
     /// Whether the last held poll with a verdict had the gateway's lookup find its order final
-    /// (set) or not (cleared: the order pending or unknown, or the query failed); polls
+    /// (set) or not (cleared: the order pending or unknown, the query failed, or no call
+    /// could be made, the merchant's limit reached); polls
     /// without one (the order final in the ledger already, by a callback say, the record
     /// gone, the order adopted by another run) leave it. When set, the next acceptance waits
     /// for its own poll (see [`LateAcceptance`]): only lookups that find orders settled make
@@ -260,7 +261,8 @@ pub(super) async fn poll_in_hand(
             gateway_final,
         }) => {
             // A verdict: the gateway said final, or the poll asks again later (pending,
-            // unknown, or the query failed).
+            // unknown, the query failed, or no call slot was free: that only turns the
+            // deferral off, the safe way).
             let verdict = match (&step, gateway_final) {
                 (_, true) => Some(true),
                 (Step::RetryAfter(_), false) => Some(false),
