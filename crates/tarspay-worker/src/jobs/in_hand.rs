@@ -12,11 +12,11 @@
 //! (`Ledger::accept_polling_in_hand`).
 //!
 //! Where held polls' gateway lookups find their orders final (the gateway settles within the
-//! first poll's delay), the acceptance waits for what the poll finds ([`LateAcceptance`]): a payout final
-//! at its first poll writes its final state alone (one command fewer), the guard's reset
-//! having gone when the gateway accepted. A worker that dies meanwhile leaves the order under
-//! its submit lease, which the next run waits out before it looks the order up (it may
-//! exist).
+//! first poll's delay), the acceptance waits for what the poll finds ([`LateAcceptance`]): a
+//! payout final at its first poll writes its final state alone (one command fewer), the
+//! guard's reset having gone when the gateway accepted. A worker that dies meanwhile leaves
+//! the order under its submit lease, which the next run waits out before it looks the order
+//! up (it may exist).
 //!
 //! Only a quiet process holds (at most half its call slots in use, none waited for), and at
 //! most a quarter of its call slots' worth at once: under load a poll job costs little more
@@ -307,22 +307,20 @@ pub(super) async fn poll_in_hand(
     })
 }
 
-/// The acceptance of a run that holds its first poll. Written when the gateway accepted,
-/// unless the process's last held poll had the gateway's lookup find its order final (a
-/// final state a callback wrote first does not count: it says nothing of lookups): then the
-/// guard's count was
-/// cleared at once, and the milestone waits for what this poll finds. A final state found
-/// needs none (the final outranks it, and keeps the create's history line): a payout final at
-/// its first poll costs one Redis command fewer. Anything else writes it, once, marked as
-/// polled in hand and dated when the gateway accepted, before the job goes on as the poll job
-/// or is tried again: a run that takes the job over finds it and turns the job into the poll
-/// job. Until then the order shows its submit lease, which keeps other runs off it; a worker
-/// that dies holding leaves the order to the run after that lease, which looks it up (as
-/// after a death during the create call) and, should the gateway not know the order yet,
-/// creates it again under the same number (the gateway's duplicate answer settles it). That
-/// exposure is why only a process whose first polls' lookups find their orders final
-/// defers: where they do not, deferring would save nothing, and the lookup after a death
-/// would more likely miss.
+/// The acceptance of a run that holds its first poll. Written when the gateway accepted, unless
+/// the process's last held poll had the gateway's lookup find its order final (a final state a
+/// callback wrote first does not count: it says nothing of lookups): then the guard's count was
+/// cleared at once, and the milestone waits for what this poll finds. A final state found needs
+/// none (the final outranks it, and keeps the create's history line): a payout final at its
+/// first poll costs one Redis command fewer. Anything else writes it, once, marked as polled in
+/// hand and dated when the gateway accepted, before the job goes on as the poll job or is tried
+/// again: a run that takes the job over finds it and turns the job into the poll job. Until
+/// then the order shows its submit lease, which keeps other runs off it; a worker that dies
+/// holding leaves the order to the run after that lease, which looks it up (as after a death
+/// during the create call) and, should the gateway not know the order yet, creates it again
+/// under the same number (the gateway's duplicate answer settles it). That exposure is why only
+/// a process whose first polls' lookups find their orders final defers: where they do not,
+/// deferring would save nothing, and the lookup after a death would more likely miss.
 struct LateAcceptance<'a> {
     ctx: &'a JobContext,
     ours: &'a OrderRecord,
