@@ -698,6 +698,54 @@ async fn a_worker_killed_while_its_acceptance_waits_leaves_the_order_to_a_lookup
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_its_acceptance_waits_under_lagging_lookups_leaves_one_order_and_one_outcome()
+ {
+    // The documented cost of the deferral: the gateway's lookups of LAGGED… orders miss for
+    // 16 s after create, past the dead run's submit lease (13 s here). The rescuer's lookup
+    // after the lease misses, so it sends the create again under the same `mchOrderNo`; the
+    // gateway answers it as a duplicate (5003011), whose lookup misses too, so each later
+    // attempt looks up and, missing, sends it again, until a lookup finds the order.
+    let lagging = |c: &mut tarspay_sandbox::SandboxConfig| {
+        c.faults = vec![common::fault_rule(
+            "LAGGED",
+            tarspay_sandbox::Endpoint::QueryPayout,
+            None,
+            tarspay_sandbox::FaultAction::LookupLag { ms: 16_000 },
+        )];
+    };
+    // The settle window is longer than the lag, as the README asks: with a shorter one the
+    // order could be failed while the gateway holds it.
+    let (app, mut holder, _) =
+        holding_deferred_on("LAGGED-1", lagging, &[("TARSPAY_SETTLE_WINDOW", "30s")]).await;
+    holder.kill();
+    let (rescuer, addr) = app.worker_process_with_metrics(4);
+    let outcomes = app.wait_outcomes(2).await;
+    assert_eq!(outcomes["LAGGED-1"].status, "succeeded");
+    // More create calls than one, every one after the first answered as a duplicate: one
+    // order at the gateway and one outcome, the one rule held by the gateway's duplicate
+    // check, which a written acceptance would not have needed. (How many depends on the
+    // retries' waits against the lag; the attempts allowed, 5, bound them.)
+    let creates = app.sandbox.create_attempts("LAGGED-1");
+    assert!((2..=5).contains(&creates), "{creates} create calls");
+    let text = worker_metrics(&addr, "the rescuer's metrics", |_| true).await;
+    drop(rescuer);
+    let duplicates = common::counter_with(&text, "tarspay_gateway_codes_total", "code=\"5003011\"");
+    assert_eq!(duplicates, u64::from(creates) - 1, "{text}");
+    let held = app.sandbox.order("LAGGED-1").expect("the gateway's order");
+    assert_eq!(
+        outcomes["LAGGED-1"].pay_order_id.as_deref(),
+        Some(held.pay_order_id.as_str())
+    );
+    let record = app.deployment.order("LAGGED-1").await.unwrap().unwrap();
+    assert!(
+        record.ambiguous,
+        "taken as a create that may exist: {record:?}"
+    );
+    assert_eq!(app.outcomes().await.len(), 2, "one outcome each");
+    no_job_left_and_audit_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_while_its_acceptance_waits_wakes_to_an_adopted_order_and_leaves_it() {
     // Orders numbered LATE-FROZEN… are final 25 s after create, after the rescue below.
     let slow = |c: &mut tarspay_sandbox::SandboxConfig| {
