@@ -502,6 +502,82 @@ async fn a_run_that_lost_its_lease_cannot_finalise_and_ambiguity_is_remembered()
 }
 
 #[tokio::test]
+async fn an_order_whose_number_the_gateway_said_exists_is_never_failed_on_absence() {
+    let server = RedisServer::start(false);
+    let ledger = ledger(&server).await;
+    let failed = FinalResult {
+        code: Some(5003011),
+        ..Default::default()
+    };
+    // DUP-1: a create answered "the number exists" (5003011); ANY-1: one that timed out.
+    for (id, code) in [("DUP-1", Some(5003011)), ("ANY-1", None)] {
+        ledger.register(&order(id, "f")).await.unwrap();
+        ledger
+            .begin_submit(id, "first", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            ledger
+                .release(id, "first", Phase::Unknown, true, code, "create answered")
+                .await
+                .unwrap()
+        );
+        // A later run whose create timed out (its own code none): the mark stays.
+        ledger
+            .begin_submit(id, "second", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            ledger
+                .release(id, "second", Phase::Unknown, true, None, "timeout")
+                .await
+                .unwrap()
+        );
+        // The gateway's "no such order", twice, over a window of zero: proven, by the streak.
+        ledger
+            .begin_submit(id, "third", Duration::from_secs(30))
+            .await
+            .unwrap();
+        ledger.note_absent(id, "third").await.unwrap();
+        let streak = ledger.note_absent(id, "third").await.unwrap().unwrap();
+        assert!(streak.proven(Duration::ZERO), "{id}");
+    }
+    let dup = record(&ledger, "DUP-1").await;
+    assert_eq!(
+        ledger
+            .finalize_leased(&dup, "third", Phase::Failed, &failed, Duration::ZERO)
+            .await
+            .unwrap(),
+        Finalized::MayExist,
+        "the gateway holds the number: its absence is lag"
+    );
+    // Without the gateway's word that the number exists, the same streak fails the order.
+    let any = record(&ledger, "ANY-1").await;
+    assert_eq!(
+        ledger
+            .finalize_leased(&any, "third", Phase::Failed, &failed, Duration::ZERO)
+            .await
+            .unwrap(),
+        Finalized::Recorded
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 1);
+    // The gateway's own state still settles it.
+    let found = FinalResult {
+        gateway_state: Some(2),
+        pay_order_id: Some("P-DUP-1".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ledger
+            .apply_gateway_final(&dup, Phase::Succeeded, &found)
+            .await
+            .unwrap(),
+        Finalized::Recorded
+    );
+    assert_eq!(ledger.outcome_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
 async fn a_run_stalled_past_its_lease_neither_extends_the_absence_streak_nor_fails_the_order() {
     // A run frozen between the gateway's "no such order" and recording it would otherwise
     // count that lookup at the end of the freeze, and fail an order whose create may have

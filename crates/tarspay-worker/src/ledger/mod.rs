@@ -293,6 +293,17 @@ enum InHand {
     GuardCleared { accepted_at_ms: u64 },
 }
 
+/// What a release says besides the order's next phase and its error.
+#[derive(Debug, Clone, Copy)]
+struct Release {
+    /// This run's create may have created the order (it becomes ambiguous).
+    may_exist: bool,
+    /// Nothing was sent: the attempt is taken back.
+    unsent: bool,
+    /// The gateway answered that the order's number exists.
+    number_exists: bool,
+}
+
 fn in_hand_answer(reply: i64) -> InHandAcceptance {
     match reply {
         1 => InHandAcceptance::Recorded,
@@ -1289,8 +1300,10 @@ impl Ledger {
 
     /// Gives the lease back: to `Queued` (retry the create) or `Unknown` (query first).
     /// `may_exist` when this run's create may have created the order: the order is marked
-    /// ambiguous for good and any absence streak starts over. False if `token` no longer
-    /// holds the lease.
+    /// ambiguous for good and any absence streak starts over. A `code` of 5003011 (the
+    /// gateway says the order's number exists) marks the order so for good: it is never
+    /// failed on the gateway's "no such order" after that, which can only be lag. False if
+    /// `token` no longer holds the lease.
     pub async fn release(
         &self,
         mch_order_no: &str,
@@ -1300,8 +1313,14 @@ impl Ledger {
         code: Option<i64>,
         msg: &str,
     ) -> Result<bool, LedgerError> {
+        let number_exists = code == Some(crate::gateway::codes::DUPLICATE_ORDER);
         let code = code.map(|c| c.to_string()).unwrap_or_default();
-        self.release_as(mch_order_no, token, next, may_exist, &code, msg, false)
+        let released = Release {
+            may_exist,
+            unsent: false,
+            number_exists,
+        };
+        self.release_as(mch_order_no, token, next, &code, msg, released)
             .await
     }
 
@@ -1317,21 +1336,24 @@ impl Ledger {
         next: Phase,
         msg: &str,
     ) -> Result<bool, LedgerError> {
-        self.release_as(mch_order_no, token, next, false, "", msg, true)
+        let released = Release {
+            may_exist: false,
+            unsent: true,
+            number_exists: false,
+        };
+        self.release_as(mch_order_no, token, next, "", msg, released)
             .await
     }
 
-    /// The release operation (see the script's `release`): `unsent` takes the attempt back.
-    #[allow(clippy::too_many_arguments)]
+    /// The release operation (see the script's `release`).
     async fn release_as(
         &self,
         mch_order_no: &str,
         token: &str,
         next: Phase,
-        may_exist: bool,
         code: &str,
         msg: &str,
-        unsent: bool,
+        released: Release,
     ) -> Result<bool, LedgerError> {
         let flag = |set: bool| if set { "1" } else { "" };
         let op = self
@@ -1340,8 +1362,9 @@ impl Ledger {
             .arg(next.as_str())
             .arg(code)
             .arg(msg)
-            .arg(flag(may_exist))
-            .arg(flag(unsent));
+            .arg(flag(released.may_exist))
+            .arg(flag(released.unsent))
+            .arg(flag(released.number_exists));
         Ok(self.apply_int(op, "release", mch_order_no).await? == 1)
     }
 

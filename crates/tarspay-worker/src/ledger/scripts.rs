@@ -9,9 +9,11 @@
 //! matter while neither milestone after `req` is set: `final` outranks `accepted`, which
 //! outranks `phase`.
 //!
-//! Besides: `ambiguous` (some create may have landed: set once, never cleared), the absence
-//! streak `absentSince`/`absentLookups` (the gateway's "no such order" since the last create
-//! that may have landed), and, for a final order the gateway later contradicts, one
+//! Besides: `ambiguous` (some create may have landed: set once, never cleared),
+//! `numberExists` (the gateway answered a create that its number exists, 5003011: set once,
+//! never cleared; such an order is never failed on absence), the absence streak
+//! `absentSince`/`absentLookups` (the gateway's "no such order" since the last create that
+//! may have landed), and, for a final order the gateway later contradicts, one
 //! write-once `corr:<status>` per new status plus the latest `status`.
 //!
 //! Leases and absence streaks use the Redis server's clock (`TIME`), so workers' clocks never
@@ -289,7 +291,7 @@ end
 local function finalize(order, a, progress)
   if a[2] ~= '' then
     local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'final', 'accepted',
-      'ambiguous', 'absentSince', 'absentLookups', 'leaseUntil')
+      'ambiguous', 'absentSince', 'absentLookups', 'leaseUntil', 'numberExists')
     if h[3] then return 0 end
     if h[1] ~= 'submitting' or h[2] ~= a[2] or h[4] then return 2 end
     if h[5] == '1' then
@@ -298,6 +300,8 @@ local function finalize(order, a, progress)
       -- lease (frozen, say) brings evidence as old as the stall, judged on today's clock.
       local clock = lease_clock()
       if tonumber(h[8] or '0') <= clock then return 2 end
+      -- The gateway said the number exists: its "no such order" since is lag, however long.
+      if h[9] == '1' then return 4 end
       local since = tonumber(h[6] or '')
       if not since or tonumber(h[7] or '0') < 2 or clock - since < tonumber(a[7]) then
         return 4
@@ -371,7 +375,8 @@ end
 
 -- lease token, next phase (queued | unknown), code, msg, '1' when this run's create may
 -- have created the order, '1' when nothing was sent (the attempt is taken back, and an
--- earlier create's error kept). Only the lease holder may do this.
+-- earlier create's error kept), '1' when the gateway answered that the order's number
+-- exists (marked for good: see finalize). Only the lease holder may do this.
 local function release(order, a)
   local h = redis.call('HMGET', order, 'phase', 'leaseOwner', 'lastMsg')
   if h[1] ~= 'submitting' or h[2] ~= a[1] then return 0 end
@@ -390,6 +395,10 @@ local function release(order, a)
     fields[#fields + 1] = 'ambiguous'
     fields[#fields + 1] = '1'
     redis.call('HDEL', order, 'absentSince', 'absentLookups')
+  end
+  if a[7] == '1' then
+    fields[#fields + 1] = 'numberExists'
+    fields[#fields + 1] = '1'
   end
   if a[6] == '1' then
     -- Nothing was sent (the merchant's rate limit, a 429): not an attempt.
